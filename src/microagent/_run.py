@@ -1,0 +1,159 @@
+"""The one subprocess runner.
+
+Every external program microagent uses goes through :func:`run` (or :func:`spawn` for
+long-lived children): argv lists only, a minimal environment, stdin closed unless data is
+given, and on failure an error that names the command and replays the tail of its stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from microagent.errors import ToolError
+
+# Which Debian package provides a tool, for the "not installed" hint.
+PACKAGES: Mapping[str, str] = {
+    "mke2fs": "e2fsprogs",
+    "debugfs": "e2fsprogs",
+    "e2fsck": "e2fsprogs",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-system-aarch64": "qemu-system-arm",
+    "qemu-img": "qemu-utils",
+    "slirp4netns": "slirp4netns",
+    "iptables": "iptables",
+    "ip": "iproute2",
+    "socat": "socat",
+    "docker-registry": "docker-registry",
+    "debootstrap": "debootstrap",
+    "skopeo": "skopeo",
+    "umoci": "umoci",
+    "busybox": "busybox-static",
+}
+
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+STDERR_TAIL_LINES = 20
+
+
+@dataclass(frozen=True)
+class Completed:
+    """The outcome of a finished command."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def minimal_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A small, predictable environment: PATH, locale, HOME, TMPDIR plus ``extra``."""
+    env = {
+        "PATH": os.environ.get("PATH", BASE_PATH) + ":" + BASE_PATH,
+        "LC_ALL": "C.UTF-8",
+        "HOME": os.environ.get("HOME", "/root"),
+    }
+    if "TMPDIR" in os.environ:
+        env["TMPDIR"] = os.environ["TMPDIR"]
+    if extra:
+        env.update(extra)
+    return env
+
+
+def find_tool(name: str) -> str:
+    """Absolute path of ``name`` on PATH (plus the sbin dirs), or a ToolError with a hint."""
+    found = shutil.which(name, path=minimal_env()["PATH"])
+    if found is None:
+        package = PACKAGES.get(name, name)
+        raise ToolError(
+            f"required program {name!r} is not installed",
+            hint=f"install it, e.g. `apt-get install {package}`",
+        )
+    return found
+
+
+def _tail(text: str, lines: int = STDERR_TAIL_LINES) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _resolve(argv: Sequence[str | os.PathLike[str]]) -> list[str]:
+    if not argv:
+        raise ValueError("empty argv")
+    words = [os.fspath(a) for a in argv]
+    if os.sep not in words[0]:
+        words[0] = find_tool(words[0])
+    return words
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    check: bool = True,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    cwd: Path | None = None,
+    input: bytes | None = None,
+) -> Completed:
+    """Run a command to completion and capture its output (decoded as UTF-8, replaced)."""
+    words = _resolve(argv)
+    shown = shlex.join(words)
+    try:
+        proc = subprocess.run(
+            words,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            env=minimal_env(env),
+            timeout=timeout,
+            cwd=cwd,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ToolError(f"command timed out after {timeout}s: {shown}") from exc
+    except OSError as exc:
+        raise ToolError(f"could not run {shown}: {exc.strerror or exc}") from exc
+    done = Completed(
+        argv=tuple(words),
+        returncode=proc.returncode,
+        stdout=proc.stdout.decode("utf-8", "replace"),
+        stderr=proc.stderr.decode("utf-8", "replace"),
+    )
+    if check and done.returncode != 0:
+        tail = _tail(done.stderr) or _tail(done.stdout)
+        detail = f":\n{tail}" if tail else ""
+        raise ToolError(f"command failed with exit code {done.returncode}: {shown}{detail}")
+    return done
+
+
+def spawn(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    stdout: Path | None = None,
+    cwd: Path | None = None,
+    new_session: bool = False,
+    pass_fds: Sequence[int] = (),
+) -> subprocess.Popen[bytes]:
+    """Start a long-lived child; its stdout+stderr go to ``stdout`` (a file) or are discarded."""
+    words = _resolve(argv)
+    sink = stdout.open("ab") if stdout is not None else subprocess.DEVNULL
+    try:
+        return subprocess.Popen(
+            words,
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=minimal_env(env),
+            cwd=cwd,
+            start_new_session=new_session,
+            pass_fds=tuple(pass_fds),
+        )
+    except OSError as exc:
+        raise ToolError(f"could not start {shlex.join(words)}: {exc.strerror or exc}") from exc
+    finally:
+        if stdout is not None and not isinstance(sink, int):
+            sink.close()

@@ -1,0 +1,1 @@
+"""cache stage of microagent (private implementation modules)."""

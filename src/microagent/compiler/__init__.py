@@ -1,0 +1,1 @@
+"""compiler stage of microagent (private implementation modules)."""
