@@ -1,0 +1,144 @@
+"""Small filesystem helpers for the store: durable writes, locks, removal, sizes."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import secrets
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+# Every in-progress write in the store starts with this; nothing else may.
+TEMP_PREFIX = ".tmp-"
+
+
+def temp_sibling(final: Path) -> Path:
+    """A fresh temp name in the same directory as ``final`` (so a rename is atomic)."""
+    return final.parent / f"{TEMP_PREFIX}{final.name}.{secrets.token_hex(6)}"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync a file, or every file and directory below a directory (symlinks skipped)."""
+    if not path.is_dir() or path.is_symlink():
+        if path.is_file() and not path.is_symlink():
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+        return
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            child = Path(dirpath, name)
+            if child.is_file() and not child.is_symlink():
+                with child.open("rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(Path(dirpath))
+
+
+@contextlib.contextmanager
+def temp_file(directory: Path, stem: str = "") -> Iterator[tuple[BinaryIO, Path]]:
+    """Open a new temp file in ``directory``; it is removed unless the caller renamed it."""
+    path = directory / f"{TEMP_PREFIX}{stem}{secrets.token_hex(8)}"
+    fh = path.open("xb")
+    try:
+        yield fh, path
+    finally:
+        fh.close()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` via temp + fsync + rename, replacing any old content."""
+    with temp_file(path.parent, path.name + ".") as (fh, tmp):
+        fh.write(data)
+        fh.flush()
+        os.fchmod(fh.fileno(), mode)
+        os.fsync(fh.fileno())
+        tmp.replace(path)
+    fsync_dir(path.parent)
+
+
+def link_no_replace(tmp: Path, final: Path) -> bool:
+    """Publish ``tmp`` as ``final`` unless ``final`` exists; True when we published it."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            raise
+        if final.exists():
+            return False
+        tmp.replace(final)
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def flocked(path: Path, *, blocking: bool = True) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed); yields False if busy."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def remove_any(path: Path) -> None:
+    """Remove a file, symlink or directory tree without following symlinks; missing is fine."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        _make_tree_writable(path)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _make_tree_writable(path: Path) -> None:
+    # Directories without u+w (read-only trees built by a tool) cannot be emptied otherwise.
+    with contextlib.suppress(OSError):
+        path.chmod(path.stat().st_mode | stat.S_IRWXU)
+    for dirpath, dirnames, _files in os.walk(path):
+        for name in dirnames:
+            child = Path(dirpath, name)
+            with contextlib.suppress(OSError):
+                if not child.is_symlink():
+                    child.chmod(child.stat().st_mode | stat.S_IRWXU)
+
+
+def usage(path: Path) -> tuple[int, int]:
+    """(apparent bytes, allocated bytes) of a file or a whole tree, symlinks not followed."""
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size, st.st_blocks * 512
+    size, alloc = st.st_size, st.st_blocks * 512
+    for dirpath, dirnames, files in os.walk(path):
+        for name in (*dirnames, *files):
+            with contextlib.suppress(FileNotFoundError):
+                child = Path(dirpath, name).lstat()
+                size += child.st_size
+                alloc += child.st_blocks * 512
+    return size, alloc
