@@ -100,9 +100,7 @@ class SpecError(InvalidInputError):
     kind = "invalid_spec"
 
     def __init__(self, diagnostics: Iterable[Diagnostic]) -> None:
-        self.diagnostics: Sequence[Diagnostic] = tuple(
-            sorted(diagnostics, key=Diagnostic.sort_key)
-        )
+        self.diagnostics: Sequence[Diagnostic] = tuple(sorted(diagnostics, key=Diagnostic.sort_key))
         count = len(self.diagnostics)
         first = self.diagnostics[0].render() if count else "invalid spec"
         summary = first if count == 1 else f"{count} problems in spec; first: {first}"

@@ -1,0 +1,115 @@
+"""The declared ``files`` as a flat, sorted list of guest entries with a tree digest.
+
+Each entry records guest path, type, mode, size and content sha256 — never mtime or owner —
+so touching a file or cloning the repo elsewhere changes nothing, while any content or mode
+edit changes the digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from microagent.compiler.canonical import canonical_json, sha256_digest
+from microagent.compiler.spec import FileEntry
+from microagent.errors import InvalidInputError
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileItem:
+    """One guest entry: a regular file, a folder or a symlink."""
+
+    dst: str
+    kind: str  # "file" | "dir" | "symlink"
+    mode: int
+    size: int = 0
+    sha256: str = ""
+    target: str = ""
+    src: Path | None = None
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"path": self.dst, "type": self.kind, "mode": f"{self.mode:04o}"}
+        if self.kind == "file":
+            out.update(size=self.size, sha256=self.sha256)
+        if self.kind == "symlink":
+            out["target"] = self.target
+        return out
+
+
+@dataclass(frozen=True)
+class FileTree:
+    items: tuple[FileItem, ...]
+    digest: str
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(item.size for item in self.items)
+
+
+def hash_file(path: Path) -> tuple[int, str]:
+    """Size and hex sha256 of a file's content."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def default_mode(st_mode: int) -> int:
+    """Folders and executables 0755, everything else 0644 (owner bits never widen)."""
+    if stat.S_ISDIR(st_mode) or st_mode & 0o111:
+        return 0o755
+    return 0o644
+
+
+def _item(src: Path, dst: str, mode: int | None) -> FileItem:
+    info = src.lstat()
+    if stat.S_ISLNK(info.st_mode):
+        return FileItem(dst, "symlink", 0o777, target=str(src.readlink()), src=src)
+    chosen = mode if mode is not None else default_mode(info.st_mode)
+    if stat.S_ISDIR(info.st_mode):
+        return FileItem(dst, "dir", chosen, src=src)
+    if not stat.S_ISREG(info.st_mode):
+        raise InvalidInputError(f"{src} is not a regular file, folder or symlink")
+    size, sha = hash_file(src)
+    return FileItem(dst, "file", chosen, size, sha, src=src)
+
+
+def _walk(entry: FileEntry) -> Iterator[FileItem]:
+    top = entry.src.stat()
+    if not stat.S_ISDIR(top.st_mode):
+        yield _item(entry.src.resolve(), entry.dst, entry.mode)
+        return
+    yield FileItem(entry.dst, "dir", entry.mode or 0o755, src=entry.src)
+    for root, dirs, names in os.walk(entry.src):
+        dirs.sort()
+        rel_root = Path(root).relative_to(entry.src).as_posix()
+        for name in sorted(dirs + names):
+            dst = posixpath.normpath(posixpath.join(entry.dst, rel_root, name))
+            yield _item(Path(root) / name, dst, None)
+
+
+def collect(entries: tuple[FileEntry, ...]) -> FileTree:
+    """Walk every declared file or folder; the result is sorted by guest path."""
+    items: dict[str, FileItem] = {}
+    try:
+        for entry in entries:
+            for item in _walk(entry):
+                items[item.dst] = item
+    except OSError as exc:
+        raise InvalidInputError(
+            f"cannot read declared file {exc.filename}: {exc.strerror}",
+            hint="check the `files` entries in the spec",
+        ) from exc
+    ordered = tuple(items[k] for k in sorted(items))
+    digest = sha256_digest(canonical_json([i.to_json() for i in ordered]))
+    return FileTree(ordered, digest)

@@ -1,0 +1,150 @@
+"""Image references: parsing, docker.io normalisation, digests and platforms (pure)."""
+
+from __future__ import annotations
+
+import platform as _platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from microagent.errors import InvalidInputError
+
+DEFAULT_REGISTRY = "docker.io"
+DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_COMPONENT_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9.-]+(?::[0-9]{1,5})?$|^\[[0-9a-fA-F:]+\](?::[0-9]{1,5})?$")
+_ARCH = {"x86_64": "amd64", "amd64": "amd64", "x64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+
+
+def host_platform() -> str:
+    """``linux/<arch>`` of this machine in OCI spelling (amd64, arm64)."""
+    machine = _platform.machine().lower()
+    return f"linux/{_ARCH.get(machine, machine)}"
+
+
+def check_digest(text: str, what: str = "digest") -> str:
+    if not DIGEST_RE.match(text):
+        raise InvalidInputError(
+            f"invalid {what} {text!r}", hint="a digest is sha256: followed by 64 hex digits"
+        )
+    return text
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """A registry image: ``registry/repository[:tag][@digest]``, normalised."""
+
+    registry: str
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.registry}/{self.repository}"
+
+    def __str__(self) -> str:
+        text = self.name
+        if self.tag:
+            text += f":{self.tag}"
+        if self.digest:
+            text += f"@{self.digest}"
+        return text
+
+    def with_digest(self, digest: str) -> ImageRef:
+        return ImageRef(self.registry, self.repository, self.tag, digest)
+
+    @property
+    def reference(self) -> str:
+        """What to ask the registry for: the digest when pinned, else the tag."""
+        return self.digest or self.tag or "latest"
+
+
+@dataclass(frozen=True)
+class LayoutRef:
+    """An OCI image layout folder on disk (``oci:PATH[:TAG]``), for air-gapped use."""
+
+    path: Path
+    tag: str | None = None
+    digest: str | None = None
+
+    def __str__(self) -> str:
+        text = f"oci:{self.path}"
+        if self.tag:
+            text += f":{self.tag}"
+        if self.digest:
+            text += f"@{self.digest}"
+        return text
+
+
+def _split_digest(text: str) -> tuple[str, str | None]:
+    if "@" not in text:
+        return text, None
+    rest, digest = text.rsplit("@", 1)
+    return rest, check_digest(digest)
+
+
+def _split_tag(text: str) -> tuple[str, str | None]:
+    slash = text.rfind("/")
+    colon = text.rfind(":")
+    if colon > slash:
+        return text[:colon], text[colon + 1 :]
+    return text, None
+
+
+def _split_registry(name: str) -> tuple[str, str]:
+    first, _, rest = name.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        return first, rest
+    return DEFAULT_REGISTRY, name
+
+
+def _invalid(text: str, why: str) -> InvalidInputError:
+    return InvalidInputError(
+        f"invalid image reference {text!r}: {why}",
+        hint="e.g. python:3.13-slim, ghcr.io/org/image:tag, name@sha256:<64 hex>, oci:./layout",
+    )
+
+
+def parse_image_ref(text: str) -> ImageRef:
+    """Parse and normalise a registry reference (``python`` -> ``docker.io/library/python``)."""
+    rest, digest = _split_digest(text.strip())
+    name, tag = _split_tag(rest)
+    registry, repository = _split_registry(name)
+    if registry in ("docker.io", "index.docker.io", "registry-1.docker.io"):
+        registry = DEFAULT_REGISTRY
+        if "/" not in repository:
+            repository = f"library/{repository}"
+    if not _HOST_RE.match(registry):
+        raise _invalid(text, f"bad registry host {registry!r}")
+    for part in repository.split("/"):
+        if not _COMPONENT_RE.match(part):
+            raise _invalid(
+                text, f"bad repository component {part!r} (lowercase letters, digits, . _ -)"
+            )
+    if tag is not None and not _TAG_RE.match(tag):
+        raise _invalid(text, f"bad tag {tag!r}")
+    if tag is None and digest is None:
+        tag = "latest"
+    return ImageRef(registry, repository, tag, digest)
+
+
+def parse_layout_ref(text: str, base: Path) -> LayoutRef:
+    """Parse ``oci:PATH[:TAG]`` or ``oci:PATH@sha256:...``; PATH is relative to ``base``."""
+    body, digest = _split_digest(text.removeprefix("oci:"))
+    path_text, tag = body, None
+    colon = body.rfind(":")
+    if colon > body.rfind("/"):
+        path_text, tag = body[:colon], body[colon + 1 :]
+    if not path_text:
+        raise _invalid(text, "missing layout path after 'oci:'")
+    path = Path(path_text).expanduser()
+    return LayoutRef(path if path.is_absolute() else base / path, tag or None, digest)
+
+
+def parse_any_ref(text: str, base: Path) -> ImageRef | LayoutRef:
+    """A registry reference or, with the ``oci:`` prefix, a local layout."""
+    if text.startswith("oci:"):
+        return parse_layout_ref(text, base)
+    return parse_image_ref(text)

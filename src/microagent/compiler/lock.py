@@ -1,0 +1,152 @@
+"""``microagent.lock``: the image digests a team pins, and the resolver interface.
+
+The lock sits beside the spec and records, for each image reference written in the spec, the
+digest the tag pointed at and the manifest digest per platform::
+
+    {
+      "lockVersion": 1,
+      "images": {
+        "python:3.13-slim": {
+          "reference": "docker.io/library/python:3.13-slim",
+          "digest": "sha256:...",
+          "platforms": {"linux/amd64": "sha256:...", "linux/arm64": "sha256:..."}
+        }
+      }
+    }
+
+``digest`` is what the tag resolved to (an index or a single manifest). Build keys use it
+together with the platform, so a pinned ``name@digest`` and a locked tag give the same key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from microagent.compiler.image import DIGEST_RE, ImageRef, LayoutRef
+from microagent.errors import InvalidInputError
+
+LOCK_NAME = "microagent.lock"
+LOCK_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """An image pinned to a digest for one platform."""
+
+    reference: str
+    digest: str
+    platform: str
+    platform_digest: str | None = None
+
+    def to_json(self) -> dict[str, str | None]:
+        return {
+            "reference": self.reference,
+            "digest": self.digest,
+            "platform": self.platform,
+            "platformDigest": self.platform_digest,
+        }
+
+
+class ImageResolver(Protocol):
+    """Turns a tag into a digest (a registry, a layout folder, or a lock file)."""
+
+    def resolve(self, ref: ImageRef | LayoutRef, platform: str) -> ResolvedImage: ...
+
+
+@dataclass(frozen=True)
+class LockEntry:
+    reference: str
+    digest: str
+    platforms: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "reference": self.reference,
+            "digest": self.digest,
+            "platforms": dict(sorted(self.platforms.items())),
+        }
+
+
+@dataclass(frozen=True)
+class LockFile:
+    """The parsed lock: image text as written in the spec -> entry."""
+
+    path: Path
+    images: Mapping[str, LockEntry] = field(default_factory=dict)
+
+    def lookup(self, image: str, platform: str) -> ResolvedImage | None:
+        entry = self.images.get(image)
+        if entry is None:
+            return None
+        return ResolvedImage(entry.reference, entry.digest, platform, entry.platforms.get(platform))
+
+    def with_entry(self, image: str, entry: LockEntry) -> LockFile:
+        images = dict(self.images)
+        images[image] = entry
+        return LockFile(self.path, images)
+
+    def to_json(self) -> dict[str, object]:
+        images = {k: v.to_json() for k, v in sorted(self.images.items())}
+        return {"lockVersion": LOCK_VERSION, "images": images}
+
+
+def lock_path_for(spec_source: Path) -> Path:
+    return spec_source.parent / LOCK_NAME
+
+
+def _bad_lock(path: Path, why: str) -> InvalidInputError:
+    return InvalidInputError(
+        f"{path}: invalid lock file: {why}",
+        hint="regenerate it with `microagent lock --update --file SPEC`",
+    )
+
+
+def _entry(path: Path, image: str, raw: object) -> LockEntry:
+    if not isinstance(raw, dict):
+        raise _bad_lock(path, f"entry for {image!r} is not an object")
+    digest = raw.get("digest")
+    platforms = raw.get("platforms", {})
+    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+        raise _bad_lock(path, f"entry for {image!r} has no valid digest")
+    if not isinstance(platforms, dict) or not all(
+        isinstance(v, str) and DIGEST_RE.match(v) for v in platforms.values()
+    ):
+        raise _bad_lock(path, f"platforms of {image!r} must map platform to digest")
+    return LockEntry(str(raw.get("reference", image)), digest, dict(platforms))
+
+
+def read_lock(path: Path) -> LockFile | None:
+    """The lock at ``path``, ``None`` when there is none; bad content is an error."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad_lock(path, str(exc)) from exc
+    if not isinstance(raw, dict) or raw.get("lockVersion") != LOCK_VERSION:
+        raise _bad_lock(path, f"expected lockVersion {LOCK_VERSION}")
+    images = raw.get("images", {})
+    if not isinstance(images, dict):
+        raise _bad_lock(path, "`images` must be an object")
+    return LockFile(path, {str(k): _entry(path, str(k), v) for k, v in images.items()})
+
+
+def write_lock(lock: LockFile) -> None:
+    """Write the lock atomically (temp file + rename), pretty and stable for diffs."""
+    text = json.dumps(lock.to_json(), indent=2, sort_keys=True) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=".microagent.lock.", dir=lock.path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        Path(tmp).replace(lock.path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

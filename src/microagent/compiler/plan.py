@@ -1,0 +1,212 @@
+"""Compile a spec into a content-addressed build plan.
+
+Steps, in order: ``base`` (image digest + platform), one ``setup`` per command, ``files``
+(tree digest of the declared files) and ``config`` (what each boot is told). Every key is
+``sha256(canonical_json({planner, parent, kind, inputs}))``: a change invalidates its own step
+and the steps after it, nothing before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+from microagent.compiler import files as _files
+from microagent.compiler.canonical import canonical_json, sha256_digest
+from microagent.compiler.lock import ResolvedImage
+from microagent.compiler.spec import Spec
+
+PLANNER_VERSION = 1
+SETUP_INTERPRETER = ("/bin/sh", "-eu", "-c")
+
+
+class StepKind(Enum):
+    BASE = "base"
+    SETUP = "setup"
+    FILES = "files"
+    CONFIG = "config"
+
+    @property
+    def in_rootfs(self) -> bool:
+        """Base and setup make the cached root filesystem; files and config never do."""
+        return self in (StepKind.BASE, StepKind.SETUP)
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: StepKind
+    key: str
+    parent: str | None
+    inputs: Mapping[str, Any]
+    label: str
+
+    @property
+    def short_key(self) -> str:
+        return self.key.removeprefix("sha256:")[:12]
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    image: ResolvedImage
+    steps: tuple[Step, ...]
+    files: _files.FileTree = field(repr=False)
+
+    def of_kind(self, kind: StepKind) -> tuple[Step, ...]:
+        return tuple(s for s in self.steps if s.kind is kind)
+
+    @property
+    def rootfs_step(self) -> Step:
+        """The last step that shapes the root filesystem (last setup, else base)."""
+        return [s for s in self.steps if s.kind.in_rootfs][-1]
+
+    @property
+    def config_step(self) -> Step:
+        return self.steps[-1]
+
+
+def step_key(parent: str | None, kind: StepKind, inputs: Mapping[str, Any]) -> str:
+    manifest = {"planner": PLANNER_VERSION, "parent": parent, "kind": kind.value, "inputs": inputs}
+    return sha256_digest(canonical_json(manifest))
+
+
+def _label(text: str, width: int = 60) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _config_inputs(spec: Spec, runtime_env_keys: Iterable[str]) -> dict[str, Any]:
+    net = spec.network
+    return {
+        "entrypoint": list(spec.command() or []),
+        "workdir": spec.workdir,
+        "hostname": spec.effective_hostname(),
+        "env": dict(spec.env),
+        "runtimeEnvKeys": sorted(set(runtime_env_keys)),
+        "outputs": [{"name": o.name, "path": o.path} for o in spec.outputs],
+        "resources": spec.effective_resources().to_json(),
+        "restart": spec.restart.value,
+        "network": {
+            "mode": net.mode.value,
+            "forwards": [
+                {
+                    "protocol": f.protocol,
+                    "host": f.host,
+                    "hostPort": f.host_port,
+                    "guestPort": f.guest_port,
+                }
+                for f in net.forwards
+            ],
+        },
+        "disks": [
+            {"name": d.name, "path": str(d.path), "mountpoint": d.mountpoint, "mode": d.mode.value}
+            for d in spec.disks + spec.bundles
+        ],
+    }
+
+
+def compile_plan(
+    spec: Spec, image: ResolvedImage, *, runtime_env_keys: Iterable[str] = ()
+) -> BuildPlan:
+    """The ordered, keyed steps for ``spec`` built on ``image``.
+
+    ``runtime_env_keys`` are the *names* of ``--env`` variables; their values never reach a
+    plan. Reads the declared files to hash them; touches nothing else.
+    """
+    steps: list[Step] = []
+
+    def add(kind: StepKind, inputs: Mapping[str, Any], label: str) -> None:
+        parent = steps[-1].key if steps else None
+        steps.append(Step(kind, step_key(parent, kind, inputs), parent, inputs, label))
+
+    add(StepKind.BASE, {"digest": image.digest, "platform": image.platform}, _label(spec.image))
+    for setup in spec.setup_steps:
+        add(
+            StepKind.SETUP,
+            {"run": setup.run, "interpreter": list(SETUP_INTERPRETER)},
+            _label(setup.run),
+        )
+    tree = _files.collect(spec.files)
+    add(
+        StepKind.FILES,
+        {"tree": tree.digest, "entries": [i.to_json() for i in tree.items]},
+        f"{len(tree.items)} entries, {tree.total_bytes} bytes",
+    )
+    config = _config_inputs(spec, runtime_env_keys)
+    add(StepKind.CONFIG, config, _label(" ".join(config["entrypoint"]) or "(no entrypoint)"))
+    return BuildPlan(image=image, steps=tuple(steps), files=tree)
+
+
+# -- cache status ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CachedStep:
+    """What a cache knows about a built step."""
+
+    key: str
+    kind: StepKind
+    parent: str | None
+    inputs: Mapping[str, Any]
+    where: str = "local"
+
+
+class StepCache(Protocol):
+    """Read-only view of the build cache that planning needs."""
+
+    def lookup(self, key: str) -> CachedStep | None: ...
+
+    def children(self, parent: str | None, kind: StepKind) -> Sequence[CachedStep]: ...
+
+
+@dataclass(frozen=True)
+class StepStatus:
+    step: Step
+    cached: bool
+    where: str | None
+    reason: str
+
+
+def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed in (["entries", "tree"], ["tree"]):
+        return _entries_diff(old.get("entries", []), new.get("entries", []))
+    if changed == ["run"]:
+        return f"command changed (was: {_label(str(old.get('run')), 40)})"
+    return "changed: " + ", ".join(changed) if changed else "inputs differ"
+
+
+def _entries_diff(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str:
+    before = {e["path"]: e for e in old}
+    after = {e["path"]: e for e in new}
+    notes = [f"added {p}" for p in sorted(set(after) - set(before))]
+    notes += [f"removed {p}" for p in sorted(set(before) - set(after))]
+    notes += [f"changed {p}" for p in sorted(set(before) & set(after)) if before[p] != after[p]]
+    shown = ", ".join(notes[:3]) + (f" (+{len(notes) - 3} more)" if len(notes) > 3 else "")
+    return f"files changed: {shown}" if notes else "files changed"
+
+
+def _miss_reason(step: Step, cache: StepCache, parent_hit: bool) -> str:
+    if not parent_hit:
+        return "an earlier step must be built first"
+    siblings = cache.children(step.parent, step.kind)
+    if siblings:
+        return _diff(siblings[-1].inputs, step.inputs)
+    if step.kind is StepKind.BASE:
+        return "base image not pulled yet"
+    return "not built yet"
+
+
+def plan_status(plan: BuildPlan, cache: StepCache) -> list[StepStatus]:
+    """For every step: cached (and where) or to build, and why it missed."""
+    out: list[StepStatus] = []
+    parent_hit = True
+    for step in plan.steps:
+        hit = cache.lookup(step.key)
+        if hit is not None:
+            out.append(StepStatus(step, True, hit.where, "cached"))
+        else:
+            out.append(StepStatus(step, False, None, _miss_reason(step, cache, parent_hit)))
+        parent_hit = hit is not None
+    return out

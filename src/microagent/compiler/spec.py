@@ -1,0 +1,234 @@
+"""The workspace spec as typed, immutable values.
+
+Only this module (through :mod:`._loader`) ever sees YAML dictionaries; everything after it works
+with these frozen dataclasses. Field names are the schema's keys in snake_case; a test keeps the
+two in step.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from types import MappingProxyType
+
+DEFAULT_IMAGE = "python:3.13-slim"
+DEFAULT_SHELL = "/bin/sh"
+RESERVED_NAMES = frozenset(
+    {
+        "build",
+        "host-workers",
+        "images",
+        "kernels",
+        "models",
+        "oci",
+        "runners",
+        "volumes",
+        "workspaces",
+        "cache",
+        "blobs",
+        "keys",
+        "locks",
+        "rootfs",
+        "tmp",
+    }
+)
+RESERVED_DISK_NAMES = frozenset({"rootfs", "state", "config"})
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class ProfileSize:
+    """The resources a profile stands for."""
+
+    memory_mib: int
+    cpu_count: int
+    size_mib: int
+
+
+class Profile(Enum):
+    """Resource presets; explicit ``resources`` values win over them."""
+
+    TINY = "tiny"
+    SMALL = "small"
+    MEDIUM = "medium"
+    LARGE = "large"
+
+    @property
+    def size(self) -> ProfileSize:
+        return _PROFILE_SIZES[self]
+
+
+_PROFILE_SIZES: Mapping[Profile, ProfileSize] = {
+    Profile.TINY: ProfileSize(256, 1, 512),
+    Profile.SMALL: ProfileSize(512, 2, 2048),
+    Profile.MEDIUM: ProfileSize(2048, 2, 8192),
+    Profile.LARGE: ProfileSize(4096, 4, 16384),
+}
+
+
+class RestartPolicy(Enum):
+    NEVER = "never"
+    ON_FAILURE = "on-failure"
+    ALWAYS = "always"
+
+
+class NetworkMode(Enum):
+    """``user``: outbound NAT, host unreachable except forwards. ``isolated``: no NIC."""
+
+    USER = "user"
+    ISOLATED = "isolated"
+
+    @property
+    def has_nic(self) -> bool:
+        return self is NetworkMode.USER
+
+
+class DiskMode(Enum):
+    RO = "ro"
+    RW = "rw"
+
+
+@dataclass(frozen=True)
+class SetupStep:
+    """One setup command. ``origin`` says where it came from, for messages."""
+
+    run: str
+    origin: str
+    file: Path | None = None
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A host file or folder delivered to ``dst`` in the guest on every boot."""
+
+    src: Path
+    dst: str
+    mode: int | None = None
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Explicitly requested resources; ``None`` means "from the profile"."""
+
+    memory_mib: int | None = None
+    cpu_count: int | None = None
+    size_mib: int | None = None
+    headroom_mib: int | None = None
+
+
+@dataclass(frozen=True)
+class EffectiveResources:
+    """Resources after applying the profile."""
+
+    memory_mib: int
+    cpu_count: int
+    size_mib: int
+    headroom_mib: int | None
+
+    def to_json(self) -> dict[str, int | None]:
+        return {
+            "memoryMiB": self.memory_mib,
+            "cpuCount": self.cpu_count,
+            "sizeMiB": self.size_mib,
+            "headroomMiB": self.headroom_mib,
+        }
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A host TCP port published into the guest."""
+
+    host_port: int
+    guest_port: int
+    host: str = "127.0.0.1"
+    protocol: str = "tcp"
+
+
+@dataclass(frozen=True)
+class Network:
+    mode: NetworkMode = NetworkMode.USER
+    forwards: tuple[Forward, ...] = ()
+
+
+@dataclass(frozen=True)
+class Output:
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Disk:
+    """An extra disk: an ext4 image (``disks``) or a tar archive made into one (``bundles``)."""
+
+    name: str
+    path: Path
+    mountpoint: str
+    mode: DiskMode = DiskMode.RO
+
+
+def _frozen_env() -> Mapping[str, str]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A validated ``microagent.yaml``."""
+
+    source: Path = field(metadata={"schema": False})
+    name: str | None = None
+    image: str = DEFAULT_IMAGE
+    profile: Profile = Profile.SMALL
+    restart: RestartPolicy = RestartPolicy.NEVER
+    entrypoint: str | tuple[str, ...] | None = None
+    workdir: str | None = None
+    shell: str = DEFAULT_SHELL
+    hostname: str | None = None
+    setup: tuple[SetupStep, ...] = ()
+    setup_files: tuple[SetupStep, ...] = ()
+    files: tuple[FileEntry, ...] = ()
+    env: Mapping[str, str] = field(default_factory=_frozen_env)
+    resources: Resources = Resources()
+    network: Network = Network()
+    outputs: tuple[Output, ...] = ()
+    disks: tuple[Disk, ...] = ()
+    bundles: tuple[Disk, ...] = ()
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative paths in the spec resolve against."""
+        return self.source.parent
+
+    @property
+    def setup_steps(self) -> tuple[SetupStep, ...]:
+        """Every setup command in order: ``setup`` then ``setupFiles``."""
+        return self.setup + self.setup_files
+
+    def command(self) -> tuple[str, ...] | None:
+        """The entrypoint as an argv: a string runs through ``<shell> -lc``."""
+        if self.entrypoint is None:
+            return None
+        if isinstance(self.entrypoint, str):
+            return (self.shell, "-lc", self.entrypoint)
+        return self.entrypoint
+
+    def effective_resources(self) -> EffectiveResources:
+        preset = self.profile.size
+        res = self.resources
+        return EffectiveResources(
+            memory_mib=res.memory_mib or preset.memory_mib,
+            cpu_count=res.cpu_count or preset.cpu_count,
+            size_mib=res.size_mib or preset.size_mib,
+            headroom_mib=res.headroom_mib,
+        )
+
+    def effective_hostname(self) -> str:
+        return self.hostname or default_hostname(self.name or "")
+
+
+def default_hostname(name: str) -> str:
+    """Lowercase, non-alphanumerics to ``-``, at most 63 characters, never empty."""
+    cleaned = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63].strip("-")
+    return cleaned or "microagent"
