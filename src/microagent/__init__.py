@@ -1,3 +1,54 @@
-"""microagent: AI-agent workspaces in Linux microVMs from one declarative file."""
+"""microagent: AI-agent workspaces in Linux microVMs from one declarative file.
+
+The short public API: load a spec, compile its content-addressed build plan, and the error
+types a caller may catch. Everything else lives in private modules and may change. Names are
+imported on first use so that `import microagent` (and the CLI's start-up) stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from microagent.compiler._loader import load_spec
+    from microagent.compiler.lock import ResolvedImage
+    from microagent.compiler.plan import BuildPlan, Step, StepKind, compile_plan
+    from microagent.compiler.spec import Spec
+    from microagent.errors import Diagnostic, MicroagentError, SpecError
 
 __version__ = "0.1.0"
+
+_HOMES = {
+    "load_spec": "microagent.compiler._loader",
+    "ResolvedImage": "microagent.compiler.lock",
+    "BuildPlan": "microagent.compiler.plan",
+    "Step": "microagent.compiler.plan",
+    "StepKind": "microagent.compiler.plan",
+    "compile_plan": "microagent.compiler.plan",
+    "Spec": "microagent.compiler.spec",
+    "Diagnostic": "microagent.errors",
+    "MicroagentError": "microagent.errors",
+    "SpecError": "microagent.errors",
+}
+
+__all__ = [
+    "BuildPlan",
+    "Diagnostic",
+    "MicroagentError",
+    "ResolvedImage",
+    "Spec",
+    "SpecError",
+    "Step",
+    "StepKind",
+    "__version__",
+    "compile_plan",
+    "load_spec",
+]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'microagent' has no attribute {name!r}")
+    return getattr(importlib.import_module(home), name)

@@ -79,7 +79,7 @@ def _describe(branches: Iterable[Mapping[str, Any]]) -> str:
 
 def _hint_for_value(value: object, expected: str) -> str:
     if expected == "string" and isinstance(value, (bool, int, float)):
-        return f"quote it: YAML reads {value!r} as {_TYPE_WORDS[_kind_of(value)]}"
+        return f"quote the value: unquoted, YAML reads it as {_TYPE_WORDS[_kind_of(value)]}"
     if expected == "string" and value is None:
         return "the value is empty; write it after the colon or remove the key"
     return ""
