@@ -19,6 +19,7 @@ CLI::
 
     python scripts/testenv/standin.py build [--which python|busybox|all] [--push HOST:PORT]
         [--layout-out DIR] [--cache DIR] [--mirror URL]
+    python scripts/testenv/standin.py prune [--cache DIR]    # drop layouts of older recipes
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from testenv.oci import ImageConfig, LayoutWriter, canonical_json, host_arch
 # Bump when anything about how an image is built changes: it re-keys every cached layout.
 RECIPE_VERSION = 1
 # Bump when the trimming list below changes.
-TRIM_VERSION = 1
+TRIM_VERSION = 2
 
 CACHE_ENV = "MICROAGENT_TESTENV_CACHE"
 MIRROR_ENV = "MICROAGENT_TESTENV_MIRROR"
@@ -78,7 +79,7 @@ TRIM_GLOBS = (
     "usr/share/man/*",
     "usr/share/info/*",
     "usr/share/lintian/*",
-    "usr/share/locale/*/LC_MESSAGES",
+    "usr/share/locale/*",
     "usr/lib/python3*/EXTERNALLY-MANAGED",
     # Host files debootstrap copies in; a real image carries neither (the runtime provides them).
     "etc/hostname",
@@ -307,6 +308,23 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path)
 
 
+def prune(cache: Path | None = None) -> list[Path]:
+    """Delete cached layouts (and locks) whose key is not one of the current recipes'."""
+    cache = cache or default_cache_dir()
+    current = {python_recipe().cache_name}
+    if BUSYBOX.is_file():
+        current.add(busybox_recipe(BUSYBOX, available_applets(BUSYBOX)).cache_name)
+    removed = []
+    for layout in sorted((cache / "layouts").glob("*")):
+        if layout.name in current:
+            continue
+        with _locked(cache / "locks" / f"{layout.name}.lock"):
+            remove_tree(layout)
+        (cache / "locks" / f"{layout.name}.lock").unlink(missing_ok=True)
+        removed.append(layout)
+    return removed
+
+
 # --- python stand-in --------------------------------------------------------------------------
 
 
@@ -505,15 +523,27 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--mirror", help=f"Debian mirror (default ${MIRROR_ENV} or {DEFAULT_MIRROR})"
     )
+    build.set_defaults(func=_cmd_build)
+    prune_cmd = sub.add_parser("prune", help="delete cached layouts of older recipes")
+    prune_cmd.add_argument("--cache", metavar="DIR", help=f"cache dir (default ${CACHE_ENV})")
+    prune_cmd.set_defaults(func=_cmd_prune)
     return parser
+
+
+def _cmd_build(args: argparse.Namespace) -> None:
+    for name in ("busybox", "python") if args.which == "all" else (args.which,):
+        _build_one(name, args)
+
+
+def _cmd_prune(args: argparse.Namespace) -> None:
+    for path in prune(Path(args.cache) if args.cache else None):
+        print(f"removed {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    names = ("busybox", "python") if args.which == "all" else (args.which,)
     try:
-        for name in names:
-            _build_one(name, args)
+        args.func(args)
     except MicroagentError as exc:
         print(exc.render(), file=sys.stderr)
         return exc.exit_code
