@@ -1,0 +1,37 @@
+# The two commands a newcomer needs:  `make demo`  and  `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint typecheck unit docs bench clean
+
+setup: $(VENV)/.bootstrapped
+
+$(VENV)/.bootstrapped: pyproject.toml scripts/bootstrap.sh
+	bash scripts/bootstrap.sh
+	touch $@
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup lint typecheck
+	$(BIN)/pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check src tests examples scripts bench
+	$(BIN)/ruff format --check src tests examples scripts bench
+
+typecheck: setup
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest -q tests/unit tests/examples
+
+docs: setup
+	$(PY) -m microagent.compiler._docs > docs/spec.md
+
+bench: setup
+	$(PY) bench/bench_plan.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

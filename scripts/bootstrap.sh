@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Install everything microagent's tests and demo need on a Debian/Ubuntu machine:
+# the host tools (apt, when run as root) and a Python virtualenv with the project in it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  e2fsprogs qemu-system-x86 qemu-utils busybox-static cpio kmod
+  docker-registry skopeo umoci debootstrap
+  slirp4netns iptables iproute2 socat ca-certificates
+)
+VENV=${VENV:-.venv}
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "bootstrap: installing ${missing[*]}"
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "bootstrap: missing host packages (run as root, or: sudo apt-get install ${missing[*]})" >&2
+  fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+log=$(mktemp)
+if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev,examples]' >"$log" 2>&1; then
+  cat "$log" >&2
+  echo "bootstrap: pip install failed" >&2
+  exit 1
+fi
+rm -f "$log"
+"$VENV/bin/python" -c "import microagent" && echo "bootstrap: ready ($VENV)"
