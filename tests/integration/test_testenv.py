@@ -14,6 +14,7 @@ import sys
 import tarfile
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from email.message import Message
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,16 @@ def test_busybox_build_is_reproducible_and_cached(
     assert again.cached
     assert again.digest == first.digest
     assert time.monotonic() - began < 1.0
+
+
+def test_concurrent_builders_build_once(tmp_path: Path) -> None:
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(
+            pool.map(lambda _: standin.build_busybox(tmp_path, log=lambda _: None), range(4))
+        )
+    assert sorted(r.cached for r in results) == [False, True, True, True]
+    assert len({r.digest for r in results}) == 1
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 def test_failed_build_publishes_nothing_and_stale_work_is_removed(tmp_path: Path) -> None:
