@@ -8,7 +8,14 @@ from pathlib import Path
 
 from microagent.compiler._loader import load_spec
 from microagent.compiler.image import ImageRef, LayoutRef, host_platform, parse_any_ref
-from microagent.compiler.lock import LockFile, ResolvedImage, lock_path_for, read_lock
+from microagent.compiler.lock import (
+    LockEntry,
+    LockFile,
+    ResolvedImage,
+    lock_path_for,
+    read_lock,
+    write_lock,
+)
 from microagent.compiler.overrides import Overrides, RuntimeEnv, apply_overrides
 from microagent.compiler.plan import (
     BuildPlan,
@@ -39,31 +46,67 @@ class EmptyCache:
         return ()
 
 
-@dataclass(frozen=True)
-class StaticResolver:
-    """Resolves what needs no network: pinned digests and ``microagent.lock`` entries."""
-
-    lock: LockFile | None
-
-    def resolve(self, image: str, ref: ImageRef | LayoutRef, platform: str) -> ResolvedImage:
-        if ref.digest:
-            return ResolvedImage(str(ref), ref.digest, platform)
-        locked = self.lock.lookup(image, platform) if self.lock else None
-        if locked is not None:
-            return locked
-        where = f" in {self.lock.path}" if self.lock else ""
-        raise InvalidInputError(
-            f"image {image!r} is a tag with no pinned digest{where}",
-            hint=f"pin it in the spec as {image}@sha256:<digest>, or add it to microagent.lock",
-        )
+def _pinned(
+    image: str, ref: ImageRef | LayoutRef, lock: LockFile | None, platform: str
+) -> ResolvedImage | None:
+    if ref.digest:
+        return ResolvedImage(str(ref), ref.digest, platform)
+    return lock.lookup(image, platform) if lock else None
 
 
-def resolve_image(spec: Spec, platform: str | None = None) -> ResolvedImage:
-    """Pin the spec's image to a digest without touching the network."""
+def _resolve_remote(ref: ImageRef | LayoutRef, platform: str) -> ResolvedImage:
+    if isinstance(ref, LayoutRef):
+        from microagent.cache.layout import Layout
+
+        return Layout(ref.path).resolve(ref, platform)
+    from microagent.cache.registry import RegistryClient
+
+    return RegistryClient().resolve(ref, platform)
+
+
+def resolve_image(
+    spec: Spec, platform: str | None = None, *, offline: bool = False
+) -> ResolvedImage:
+    """Pin the spec's image: a digest in the spec, else ``microagent.lock``, else the source.
+
+    With ``offline`` an unpinned tag is an error instead of a registry round trip.
+    """
     target = platform or host_platform()
     ref = parse_any_ref(spec.image, spec.base_dir)
     lock = read_lock(lock_path_for(spec.source))
-    return StaticResolver(lock).resolve(spec.image, ref, target)
+    pinned = _pinned(spec.image, ref, lock, target)
+    if pinned is not None:
+        return pinned
+    if offline:
+        raise InvalidInputError(
+            f"image {spec.image!r} is a tag with no pinned digest",
+            hint="pin it as NAME@sha256:<digest> or run `microagent lock --file SPEC`",
+        )
+    return _resolve_remote(ref, target)
+
+
+def lock(path: Path | str, *, update: bool = False) -> tuple[LockFile, bool]:
+    """Write (or refresh) ``microagent.lock`` beside the spec; return it and whether it changed."""
+    spec = load(path)
+    ref = parse_any_ref(spec.image, spec.base_dir)
+    lock_file = read_lock(lock_path_for(spec.source)) or LockFile(lock_path_for(spec.source))
+    if spec.image in lock_file.images and not update:
+        return lock_file, False
+    if ref.digest:
+        entry = LockEntry(str(ref), ref.digest, {})
+    elif isinstance(ref, LayoutRef):
+        from microagent.cache.layout import Layout
+
+        entry = Layout(ref.path).lock_entry(ref, host_platform())
+    else:
+        from microagent.cache.registry import RegistryClient
+
+        entry = RegistryClient().lock_entry(ref)
+    changed = lock_file.images.get(spec.image) != entry
+    updated = lock_file.with_entry(spec.image, entry)
+    if changed:
+        write_lock(updated)
+    return updated, changed
 
 
 @dataclass(frozen=True)
@@ -99,9 +142,11 @@ def plan(
     overrides: Overrides | None = None,
     env: RuntimeEnv | None = None,
     cache: StepCache | None = None,
+    *,
+    offline: bool = False,
 ) -> PlanReport:
     """Load, resolve and plan a spec, and look every step up in ``cache``."""
     spec = load(path, overrides)
-    image = resolve_image(spec)
+    image = resolve_image(spec, offline=offline)
     built = compile_plan(spec, image, runtime_env_keys=env.names if env else ())
     return PlanReport(spec, built, plan_status(built, cache or EmptyCache()))

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from testenv import standin
-from testenv.oci import MEDIA_CONFIG, MEDIA_LAYER, MEDIA_MANIFEST
-from testenv.registry import RegistryHandle, probe, start_registry
 
 from microagent._run import run
 from microagent.errors import BuildError, ToolError
+from testenv import standin
+from testenv.oci import MEDIA_CONFIG, MEDIA_LAYER, MEDIA_MANIFEST
+from testenv.registry import RegistryHandle, probe, start_registry
 
 pytestmark = pytest.mark.integration
 

@@ -35,14 +35,15 @@ def validate(ctx: Ctx, /, spec_file: Path, **kwargs: Any) -> None:
 @click.command()
 @spec_file_option
 @override_options
+@click.option("--offline", is_flag=True, help="Never contact a registry; tags must be locked.")
 @pass_ctx
-def plan(ctx: Ctx, /, spec_file: Path, **kwargs: Any) -> None:
+def plan(ctx: Ctx, /, spec_file: Path, offline: bool, **kwargs: Any) -> None:
     """Show the build steps, their keys, and what is cached or must be built (and why)."""
     from microagent import api
     from microagent.compiler.overrides import parse_env
 
     env = parse_env(kwargs.get("env") or ())
-    report = api.plan(spec_file, overrides_from(kwargs), env)
+    report = api.plan(spec_file, overrides_from(kwargs), env, offline=offline)
     ctx.emit(report.to_json(), _render_plan(report))
 
 
@@ -50,14 +51,34 @@ def _render_plan(report: Any) -> str:
     image = report.plan.image
     lines = [
         f"plan for {report.spec.name or '(unnamed)'} ({report.spec.source})",
-        f"image {image.reference} -> {image.digest[:19]}… ({image.platform})",
+        f"image {report.spec.image} -> {image.digest[:19]}… ({image.platform})",
     ]
     for status in report.status:
         step = status.step
         mark = "CACHED" if status.cached else "BUILD "
         why = status.where if status.cached else status.reason
-        lines.append(f"  {step.kind.value:<6} {step.short_key}  {mark}  {step.label:<44} {why}")
+        label = step.label if len(step.label) <= 40 else step.label[:39] + "…"
+        lines.append(f"  {step.kind.value:<6} {step.short_key}  {mark}  {label:<40}  {why}")
     return "\n".join(lines)
 
 
-COMMANDS = [validate, plan]
+@click.command()
+@spec_file_option
+@click.option("--update", is_flag=True, help="Resolve again even if the image is locked.")
+@pass_ctx
+def lock(ctx: Ctx, /, spec_file: Path, update: bool) -> None:
+    """Pin the spec's image tag to digests in microagent.lock beside the spec."""
+    from microagent import api
+
+    lock_file, changed = api.lock(spec_file, update=update)
+    spec = api.load(spec_file)
+    entry = lock_file.images[spec.image]
+    verb = "wrote" if changed else "unchanged"
+    text = f"{verb} {lock_file.path}: {spec.image} -> {entry.digest}"
+    for platform, digest in sorted(entry.platforms.items()):
+        text += f"\n  {platform:<14} {digest}"
+    data = {"ok": True, "lock": str(lock_file.path), "changed": changed, **lock_file.to_json()}
+    ctx.emit(data, text)
+
+
+COMMANDS = [validate, plan, lock]
