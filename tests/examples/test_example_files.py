@@ -150,8 +150,8 @@ def test_examples_hold_only_the_expected_files() -> None:
     for name in EXAMPLE_NAMES:
         root = EXAMPLES / name
         found = {
-            str(p.relative_to(root))
-            for p in root.rglob("*")
-            if p.is_file() and "__pycache__" not in p.parts
+            rel.as_posix()
+            for rel in (path.relative_to(root) for path in root.rglob("*") if path.is_file())
+            if not any(part == "__pycache__" or part.startswith(".") for part in rel.parts)
         }
         assert found == expected, name
