@@ -6,6 +6,7 @@ Layout under the root directory (which the caller chooses)::
     keys/<hex>.json        one record per build-step key
     <kind>/<name>          built entries such as rootfs/<key>.ext4 (see Store.build_once)
     locks/<kind>/<name>.lock
+    tmp/                   scratch directories (Store.scratch_dir)
 
 Everything is written under a temp name (starting with ``.tmp-``), fsync'd and renamed into
 place, so a crash leaves garbage for :meth:`Store.collect_garbage`, never a half-written
@@ -48,7 +49,8 @@ STALE_TEMP_SECONDS = 6 * 3600
 _HEX_LENGTHS = {"sha256": 64, "sha512": 128}
 _HEX = re.compile(r"[0-9a-f]+")
 _NAME_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
-_RESERVED_KINDS = frozenset({"blobs", "keys", "locks"})
+_RESERVED_KINDS = frozenset({"blobs", "keys", "locks", "tmp"})
+_UNLISTED_KINDS = frozenset({"locks", "tmp"})
 
 
 @dataclass(frozen=True, order=True)
@@ -308,6 +310,21 @@ class Store:
         self._mkdir(final.parent)
         return publish(final, build, lock=self.lock_path(name))
 
+    @contextlib.contextmanager
+    def scratch_dir(self) -> Iterator[Path]:
+        """A private working directory inside the store (same filesystem), removed afterwards.
+
+        If the process dies, :meth:`collect_garbage` removes it once it is stale.
+        """
+        parent = self.root / "tmp"
+        self._mkdir(parent)
+        path = temp_sibling(parent / "scratch")
+        path.mkdir(mode=0o700)
+        try:
+            yield path
+        finally:
+            remove_any(path)
+
     def touch(self, name: str) -> None:
         """Mark an entry (any store-relative name) as just used."""
         touch(self.root / name)
@@ -386,7 +403,7 @@ class Store:
     def _is_entry_name(self, name: str) -> bool:
         parts = name.split("/")
         depth = 3 if parts[0] == "blobs" else 2
-        if len(parts) != depth or parts[0] == "locks":
+        if len(parts) != depth or parts[0] in _UNLISTED_KINDS:
             return False
         if any(not p or p.startswith(".") for p in parts):
             return False
@@ -400,7 +417,7 @@ class Store:
 
     def _entry_names(self) -> Iterator[str]:
         for kind in _listdir(self.root):
-            if kind == "locks":
+            if kind in _UNLISTED_KINDS:
                 continue
             depth = 2 if kind == "blobs" else 1
             yield from (f"{kind}/{rel}" for rel in _names_at_depth(self.root / kind, depth))

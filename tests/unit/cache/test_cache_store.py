@@ -200,7 +200,8 @@ def test_failed_build_publishes_nothing(store: Store) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["single", "../x/y", "rootfs/../../x", "blobs/x", "locks/x", ".hidden/x", "a//b", ""]
+    "name",
+    ["single", "../x/y", "rootfs/../../x", "blobs/x", "locks/x", "tmp/x", ".hidden/x", "a//b", ""],
 )
 def test_bad_entry_names_are_refused(store: Store, name: str) -> None:
     with pytest.raises(InvalidInputError):
@@ -369,6 +370,18 @@ def test_prune_skips_entry_being_used_under_its_lock(store: Store) -> None:
     assert store.prune(all=True).removed[0].name == "rootfs/busy.ext4"
     assert store.entries() == []
     assert temps(store.root / "rootfs") == []
+
+
+def test_scratch_dirs_are_private_unlisted_and_collected(store: Store) -> None:
+    with store.scratch_dir() as work:
+        assert work.parent == store.root / "tmp" and work.name.startswith(TEMP_PREFIX)
+        (work / "stage").mkdir()
+        assert store.entries() == []
+        kept = work
+    assert not kept.exists()
+    with store.scratch_dir() as work:
+        os.utime(work, (1, 1))
+        assert store.collect_garbage() == [work]  # a crashed user's dir, long stale
 
 
 def test_remove_refuses_non_entries(store: Store) -> None:
