@@ -21,6 +21,16 @@ def home_dir(override: Path | str | None = None) -> Path:
     return Path(platformdirs.user_cache_dir("microagent"))
 
 
+def store_dir(home: Path) -> Path:
+    """The content-addressed store (blobs, step keys, root filesystems, guest kits)."""
+    return home / "store"
+
+
+def workspaces_dir(home: Path) -> Path:
+    """Workspace records and their disks (never pruned by the cache)."""
+    return home / "workspaces"
+
+
 def config_file() -> Path:
     """The user config (registries, mirrors): ``$MICROAGENT_CONFIG`` or the user config dir."""
     env = os.environ.get(CONFIG_ENV)

@@ -42,8 +42,13 @@ def plan(ctx: Ctx, /, spec_file: Path, offline: bool, **kwargs: Any) -> None:
     from microagent import api
     from microagent.compiler.overrides import parse_env
 
+    from microagent.cache.stepcache import StoreStepCache
+    from microagent.cache.store import Store
+    from microagent.config import home_dir, store_dir
+
     env = parse_env(kwargs.get("env") or ())
-    report = api.plan(spec_file, overrides_from(kwargs), env, offline=offline)
+    cache = StoreStepCache(Store(store_dir(home_dir(ctx.home))))
+    report = api.plan(spec_file, overrides_from(kwargs), env, cache, offline=offline)
     ctx.emit(report.to_json(), _render_plan(report))
 
 
