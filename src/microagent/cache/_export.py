@@ -71,33 +71,50 @@ def source_date_epoch() -> int:
         return 0
 
 
-def export_upper_as_layer(upper: Path, out: BinaryIO, *, mtime: int | None = None) -> Digest:
-    """Write ``upper`` as an uncompressed layer tar to ``out``; return its diff_id."""
-    writer = _HashingWriter(out)
-    _write_tar(upper, writer, source_date_epoch() if mtime is None else mtime)
+@contextlib.contextmanager
+def _opened(out: Path | BinaryIO) -> Iterator[BinaryIO]:
+    if isinstance(out, Path):
+        with out.open("wb") as fh:
+            yield fh
+    else:
+        yield out
+
+
+def export_upper_as_layer(upper: Path, out: Path | BinaryIO, *, mtime: int | None = None) -> Digest:
+    """Write ``upper`` as an uncompressed layer tar to ``out``; return its diff_id.
+
+    Every entry gets ``mtime`` (default: ``$SOURCE_DATE_EPOCH`` or 0).
+    """
+    with _opened(out) as fh:
+        writer = _HashingWriter(fh)
+        _write_tar(upper, writer, source_date_epoch() if mtime is None else mtime)
     return writer.digest()
 
 
 def export_upper_as_zstd_layer(
-    upper: Path, out: BinaryIO, *, mtime: int | None = None, level: int = ZSTD_LEVEL
+    upper: Path, out: Path | BinaryIO, *, mtime: int | None = None, level: int = ZSTD_LEVEL
 ) -> CompressedLayer:
     """Write ``upper`` as a zstd-compressed layer to ``out`` in one pass."""
-    compressed = _HashingWriter(out)
-    cctx = zstandard.ZstdCompressor(level=level)
-    with cctx.stream_writer(cast(BinaryIO, compressed), closefd=False) as zw:
-        tar_bytes = _HashingWriter(zw)
-        _write_tar(upper, tar_bytes, source_date_epoch() if mtime is None else mtime)
+    with _opened(out) as fh:
+        compressed = _HashingWriter(fh)
+        cctx = zstandard.ZstdCompressor(level=level)
+        with cctx.stream_writer(cast(BinaryIO, compressed), closefd=False) as zw:
+            tar_bytes = _HashingWriter(zw)
+            _write_tar(upper, tar_bytes, source_date_epoch() if mtime is None else mtime)
     return CompressedLayer(compressed.digest(), compressed.size, tar_bytes.digest())
 
 
-def compress_zstd(src: BinaryIO, out: BinaryIO, *, level: int = ZSTD_LEVEL) -> CompressedLayer:
+def compress_zstd(
+    src: BinaryIO, out: Path | BinaryIO, *, level: int = ZSTD_LEVEL
+) -> CompressedLayer:
     """zstd-compress an uncompressed layer tar from ``src`` into ``out``."""
-    compressed = _HashingWriter(out)
-    cctx = zstandard.ZstdCompressor(level=level)
-    with cctx.stream_writer(cast(BinaryIO, compressed), closefd=False) as zw:
-        plain = _HashingWriter(zw)
-        while chunk := src.read(CHUNK):
-            plain.write(chunk)
+    with _opened(out) as fh:
+        compressed = _HashingWriter(fh)
+        cctx = zstandard.ZstdCompressor(level=level)
+        with cctx.stream_writer(cast(BinaryIO, compressed), closefd=False) as zw:
+            plain = _HashingWriter(zw)
+            while chunk := src.read(CHUNK):
+                plain.write(chunk)
     return CompressedLayer(compressed.digest(), compressed.size, plain.digest())
 
 

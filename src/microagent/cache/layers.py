@@ -103,6 +103,7 @@ class LayerSource:
     def from_path(
         cls, path: Path, name: str | None = None, diff_id: Digest | None = None
     ) -> LayerSource:
+        """A layer stored in a file (e.g. a blob in the store)."""
         return cls(name or path.name, lambda: path.open("rb"), diff_id)
 
 
@@ -142,11 +143,10 @@ def apply_layer(
     root_fd = os.open(stage, _DIR_FLAGS)
     try:
         applier = _Applier(root_fd, layer_name, meta, limits)
-        stream = cast(BinaryIO, reader)  # tarfile's stream mode only calls read()
-        with tarfile.open(fileobj=stream, mode="r|", errors="surrogateescape") as tf:
-            while (member := tf.next()) is not None:
-                applier.apply(member, tf)
-                _forget_members(tf)
+        try:
+            _apply_members(reader, applier)
+        finally:
+            applier.drop_dirs()
         reader.finish()
     except (_CorruptStream, tarfile.TarError) as exc:
         raise IntegrityError(f"layer {layer_name}: corrupt or truncated layer: {exc}") from exc
@@ -157,6 +157,14 @@ def apply_layer(
             f"layer {layer_name}: uncompressed content is {reader.digest()}, "
             f"but the image says its diff_id is {diff_id}"
         )
+
+
+def _apply_members(reader: _LayerReader, applier: _Applier) -> None:
+    stream = cast(BinaryIO, reader)  # tarfile's stream mode only calls read()
+    with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK, errors="surrogateescape") as tf:
+        while (member := tf.next()) is not None:
+            applier.apply(member, tf)
+            _forget_members(tf)
 
 
 def _forget_members(tf: tarfile.TarFile) -> None:
@@ -274,7 +282,8 @@ class _Applier:
     limits: Limits
     touched: set[str] = field(default_factory=set)
     entries: int = 0
-    bytes: int = 0
+    content_bytes: int = 0
+    dirs: list[tuple[str, int]] = field(default_factory=list)  # cached walk: (name, fd)
     as_root: bool = field(default_factory=lambda: os.geteuid() == 0)
 
     def refuse(self, entry: str, reason: str) -> NoReturn:
@@ -347,21 +356,36 @@ class _Applier:
             self.refuse(entry, "whiteout name used as a directory")
 
     def open_dir(self, entry: str, parts: Sequence[str], *, create: bool) -> int | None:
-        """fd of the directory at ``parts`` without following any symlink; None if missing."""
-        fd = os.dup(self.root_fd)
-        try:
-            for i, comp in enumerate(parts):
-                nfd = self.open_child_dir(entry, fd, comp, parts[: i + 1], create=create)
-                os.close(fd)
-                fd = -1
-                if nfd is None:
-                    return None
-                fd = nfd
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            raise
-        return fd
+        """fd of the directory at ``parts`` without following any symlink; None if missing.
+
+        The fds of the last walk are kept (``dirs``) so siblings do not re-walk the path;
+        anything that removes an entry drops them (see :meth:`remove_at`).
+        """
+        common = 0
+        while common < min(len(parts), len(self.dirs)) and self.dirs[common][0] == parts[common]:
+            common += 1
+        self.drop_dirs(keep=common)
+        fd = self.dirs[-1][1] if self.dirs else self.root_fd
+        for i in range(common, len(parts)):
+            nfd = self.open_child_dir(entry, fd, parts[i], parts[: i + 1], create=create)
+            if nfd is None:
+                return None
+            self.dirs.append((parts[i], nfd))
+            fd = nfd
+        return os.dup(fd)
+
+    def drop_dirs(self, keep: int = 0) -> None:
+        """Close the cached directory fds beyond the first ``keep``."""
+        while len(self.dirs) > keep:
+            os.close(self.dirs.pop()[1])
+
+    def remove_at(self, dfd: int, name: str, st: os.stat_result) -> None:
+        """Remove an entry (a whole tree for a directory) without following symlinks."""
+        self.drop_dirs()
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=dfd)
+        else:
+            os.unlink(name, dir_fd=dfd)
 
     def open_child_dir(
         self, entry: str, fd: int, comp: str, parts: Sequence[str], *, create: bool
@@ -440,7 +464,7 @@ class _Applier:
             return False
         if keep_dir and stat.S_ISDIR(st.st_mode):
             return True
-        _remove_at(pfd, base, st)
+        self.remove_at(pfd, base, st)
         if stat.S_ISDIR(st.st_mode):
             self.meta.remove_tree(path)
         else:
@@ -450,8 +474,8 @@ class _Applier:
     def write_file(
         self, pfd: int, base: str, member: tarfile.TarInfo, meta: PathMeta, tf: tarfile.TarFile
     ) -> None:
-        self.bytes += member.size
-        if self.bytes > self.limits.max_bytes:
+        self.content_bytes += member.size
+        if self.content_bytes > self.limits.max_bytes:
             self.refuse(member.name, f"layer content exceeds {self.limits.max_bytes} bytes")
         src = tf.extractfile(member)
         fd = os.open(base, _NEW_FILE_FLAGS, 0o600, dir_fd=pfd)
@@ -558,7 +582,7 @@ class _Applier:
             child = _join(path, name)
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             if child not in self.touched:
-                _remove_at(dfd, name, st)
+                self.remove_at(dfd, name, st)
             elif stat.S_ISDIR(st.st_mode):
                 cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
                 try:
@@ -599,13 +623,6 @@ def _kind_of(member: tarfile.TarInfo) -> Kind | None:
         tarfile.CHRTYPE: Kind.CHAR,
         tarfile.BLKTYPE: Kind.BLOCK,
     }.get(member.type)
-
-
-def _remove_at(dfd: int, name: str, st: os.stat_result) -> None:
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(name, dir_fd=dfd)
-    else:
-        os.unlink(name, dir_fd=dfd)
 
 
 def _is_symlink(dfd: int, name: str) -> bool:

@@ -180,8 +180,10 @@ def test_zstd_export_matches_plain_export(tmp_path: Path) -> None:
     assert layer.diff_id == diff_id
     assert layer.size == len(blob) and str(layer.digest) == sha256(blob)
     assert zstandard.ZstdDecompressor().decompressobj().decompress(blob) == data
-    again = compress_zstd(io.BytesIO(data), io.BytesIO())
+    again = compress_zstd(io.BytesIO(data), tmp_path / "layer.tar.zst")
     assert again.diff_id == diff_id and again.digest == layer.digest
+    assert (tmp_path / "layer.tar.zst").read_bytes() == blob
+    assert export_upper_as_layer(tmp_path / "upper", tmp_path / "layer.tar") == diff_id
     got = apply_export(lower_stage(tmp_path / "lower"), data, tmp_path / "a")
     src = LayerSource("z", lambda: io.BytesIO(blob), diff_id)
     flatten(tmp_path / "b", [LayerSource("lower", lambda: io.BytesIO(LOWER)), src])
