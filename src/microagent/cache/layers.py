@@ -358,8 +358,9 @@ class _Applier:
     def open_dir(self, entry: str, parts: Sequence[str], *, create: bool) -> int | None:
         """fd of the directory at ``parts`` without following any symlink; None if missing.
 
-        The fds of the last walk are kept (``dirs``) so siblings do not re-walk the path;
-        anything that removes an entry drops them (see :meth:`remove_at`).
+        The fds of the last walk are kept (``dirs``) so siblings do not re-walk the path.
+        Removals only ever hit entries below the walked chain, but :meth:`remove_at` drops
+        the cache anyway so a removed directory can never be written through a stale fd.
         """
         common = 0
         while common < min(len(parts), len(self.dirs)) and self.dirs[common][0] == parts[common]:

@@ -134,6 +134,14 @@ def test_replacing_entries_of_another_type(tmp_path: Path) -> None:
     assert meta.get("/usr/bin/tool") == PathMeta(Kind.SYMLINK, 0o777, 0, 0, MTIME)
 
 
+def test_directory_removed_and_recreated_within_a_layer(tmp_path: Path) -> None:
+    entries = [file("d/x"), file("d/sub/z"), file("d", b"file now"), dir_("d"), file("d/sub/y")]
+    stage, meta = run(tmp_path, entries)
+    assert names(stage / "d") == ["sub"]
+    assert names(stage / "d" / "sub") == ["y"]
+    assert sorted(p for p, _ in meta if p.startswith("/d")) == ["/d", "/d/sub", "/d/sub/y"]
+
+
 def test_hardlinks_share_an_inode_within_and_across_layers(tmp_path: Path) -> None:
     upper = [hard("usr/bin/tool2", "/usr/bin/tool"), hard("./etc/pw2", "./etc/passwd")]
     layer0 = [*BASE, hard("opt/app/a2", "opt/app/a")]
