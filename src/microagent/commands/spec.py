@@ -40,10 +40,9 @@ def validate(ctx: Ctx, /, spec_file: Path, **kwargs: Any) -> None:
 def plan(ctx: Ctx, /, spec_file: Path, offline: bool, **kwargs: Any) -> None:
     """Show the build steps, their keys, and what is cached or must be built (and why)."""
     from microagent import api
-    from microagent.compiler.overrides import parse_env
-
     from microagent.cache.stepcache import StoreStepCache
     from microagent.cache.store import Store
+    from microagent.compiler.overrides import parse_env
     from microagent.config import home_dir, store_dir
 
     env = parse_env(kwargs.get("env") or ())
