@@ -5,6 +5,10 @@ directories (xattr ``trusted.overlay.opaque=y`` or ``user.overlay.opaque=y``) ge
 ``.wh..wh..opq`` entry. Entries are sorted, every mtime is the same fixed value, owners
 are numeric, and no pax header carries a time, so the same upper dir always gives the
 same bytes and the same diff_id.
+
+The tar writer itself (:func:`write_upper_tar`) takes :class:`UpperEntry` records, so an
+upper dir read from somewhere else (an ext4 image, see ``cache/upper.py``) gets the same
+normalised, sorted output.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ import hashlib
 import os
 import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, cast
 
 import zstandard
 
+from microagent.cache._stagemeta import Kind, PathMeta
 from microagent.cache.store import Digest
 from microagent.errors import BuildError
 
@@ -30,6 +35,8 @@ if TYPE_CHECKING:
 CHUNK = 1 << 20
 ZSTD_LEVEL = 3
 _OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.")
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
 
 
 @dataclass(frozen=True)
@@ -121,101 +128,152 @@ def compress_zstd(
 def _write_tar(upper: Path, sink: _HashingWriter, mtime: int) -> None:
     if not upper.is_dir():
         raise BuildError(f"overlay upper directory {upper} does not exist")
+    write_upper_tar(_dir_entries(upper, ()), sink, mtime=mtime)
+
+
+@dataclass(frozen=True)
+class UpperEntry:
+    """One path of an overlay upper dir, in the terms a layer tar needs.
+
+    Whiteouts are character devices 0/0 (see :attr:`whiteout`); regular files sharing a
+    ``link_key`` are hard links of one inode.
+    """
+
+    parts: tuple[str, ...]  # path components below the upper dir
+    meta: PathMeta  # type, permission bits, owner, mtime, device numbers
+    opaque: bool = False  # a directory hiding everything below it in lower layers
+    target: str = ""  # symlink target
+    content: Path | None = None  # where a regular file's bytes can be read
+    size: int = 0
+    link_key: Hashable = None
+
+    @property
+    def whiteout(self) -> bool:
+        m = self.meta
+        return m.kind is Kind.CHAR and m.major == 0 and m.minor == 0
+
+    def tar_parts(self) -> tuple[str, ...]:
+        """Components of the entry's tar name (a whiteout is named ``.wh.<name>``)."""
+        if self.whiteout:
+            return (*self.parts[:-1], WHITEOUT_PREFIX + self.parts[-1])
+        return self.parts
+
+
+def write_upper_tar(
+    entries: Iterable[UpperEntry], sink: BinaryIO | _HashingWriter, *, mtime: int | None = None
+) -> int:
+    """Write ``entries`` as a deterministic layer tar to ``sink``; return the member count.
+
+    Entries are sorted (parents first, siblings by tar name), owners are numeric, and no
+    pax header carries a time. ``mtime`` replaces every entry's own mtime when given.
+    """
     stream = cast(BinaryIO, sink)  # tarfile's stream mode only calls write()
+    count = 0
     with tarfile.open(
         fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT, errors="surrogateescape"
     ) as tf:
-        links: dict[tuple[int, int], str] = {}
-        for arcname, path, st in _walk(upper, ""):
-            _add(tf, arcname, path, st, mtime=mtime, links=links)
+        links: dict[Hashable, str] = {}
+        for entry in sorted(entries, key=UpperEntry.tar_parts):
+            count += _add(tf, entry, mtime, links)
+    return count
 
 
-def _walk(directory: Path, prefix: str) -> Iterator[tuple[str, Path, os.stat_result]]:
-    """(archive name, path, lstat) of everything below ``directory``, parents first.
-
-    Siblings are sorted by the name they get in the tar (a whiteout sorts as ``.wh.<name>``).
-    """
-    children = [(path, path.lstat()) for path in directory.iterdir()]
-    children.sort(key=lambda c: _tar_basename(c[0].name, c[1]))
-    for path, st in children:
-        yield prefix + path.name, path, st
+def _dir_entries(directory: Path, parts: tuple[str, ...]) -> Iterator[UpperEntry]:
+    """Entries of everything below ``directory`` (a real upper dir), parents first."""
+    for path in directory.iterdir():
+        st = path.lstat()
+        entry = _dir_entry(path, (*parts, path.name), st)
+        if entry is not None:
+            yield entry
         if stat.S_ISDIR(st.st_mode):
-            yield from _walk(path, f"{prefix}{path.name}/")
+            yield from _dir_entries(path, (*parts, path.name))
 
 
-def _is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
-def _tar_basename(name: str, st: os.stat_result) -> str:
-    return f".wh.{name}" if _is_whiteout(st) else name
+def _dir_entry(path: Path, parts: tuple[str, ...], st: os.stat_result) -> UpperEntry | None:
+    kind = _KINDS.get(stat.S_IFMT(st.st_mode))
+    if kind is None:
+        return None  # sockets cannot be represented in a tar; like other tools, leave them out
+    _refuse_overlay_features(path, st.st_mode)
+    major, minor = (os.major(st.st_rdev), os.minor(st.st_rdev)) if kind.is_device else (0, 0)
+    meta = PathMeta(kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, 0, major, minor)
+    if kind is Kind.DIR:
+        return UpperEntry(parts, meta, opaque=_xattr(path, "opaque") == b"y")
+    if kind is Kind.SYMLINK:
+        # os.readlink keeps the target verbatim; Path.readlink would normalise it
+        return UpperEntry(parts, meta, target=os.readlink(path))  # noqa: PTH115
+    if kind is Kind.FILE:
+        key = (st.st_dev, st.st_ino) if st.st_nlink > 1 else None
+        return UpperEntry(parts, meta, content=path, size=st.st_size, link_key=key)
+    return UpperEntry(parts, meta)
 
 
 def _add(
-    tf: tarfile.TarFile,
-    arcname: str,
-    path: Path,
-    st: os.stat_result,
-    *,
-    mtime: int,
-    links: dict[tuple[int, int], str],
-) -> None:
-    mode = st.st_mode
-    if _is_whiteout(st):
-        parent, _, name = arcname.rpartition("/")
-        tf.addfile(_info(f"{parent}/.wh.{name}" if parent else f".wh.{name}", st, mtime, 0o600))
-        return
-    _refuse_overlay_features(path, mode)
-    info = _info(arcname, st, mtime, stat.S_IMODE(mode))
-    if stat.S_ISDIR(mode):
+    tf: tarfile.TarFile, entry: UpperEntry, mtime: int | None, links: dict[Hashable, str]
+) -> int:
+    """Add one entry (plus its opaque marker); return how many members were written."""
+    m = entry.meta
+    when = m.mtime if mtime is None else mtime
+    name = "/".join(entry.tar_parts())
+    if entry.whiteout:
+        tf.addfile(_info(name, m, when, 0o600))
+        return 1
+    info = _info(name, m, when, m.mode)
+    if m.kind is Kind.DIR:
         info.type = tarfile.DIRTYPE
         tf.addfile(info)
-        if _xattr(path, "opaque") == b"y":
-            tf.addfile(_info(f"{arcname}/.wh..wh..opq", st, mtime, 0o600))
-    elif stat.S_ISREG(mode):
-        _add_file(tf, info, path, st, links)
-    elif stat.S_ISLNK(mode):
-        # os.readlink keeps the target verbatim; Path.readlink would normalise it
-        info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)  # noqa: PTH115
+        if entry.opaque:
+            tf.addfile(_info(f"{name}/{OPAQUE_MARKER}", m, when, 0o600))
+            return 2
+    elif m.kind is Kind.FILE:
+        _add_file(tf, info, entry, links)
+    elif m.kind is Kind.SYMLINK:
+        info.type, info.linkname = tarfile.SYMTYPE, entry.target
         tf.addfile(info)
-    elif stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        info.type = _special_type(mode)
-        info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    else:
+        info.type = _SPECIAL_TYPES[m.kind]
+        info.devmajor, info.devminor = m.major, m.minor
         tf.addfile(info)
-    # sockets cannot be represented in a tar; like other tools, leave them out
+    return 1
 
 
 def _add_file(
-    tf: tarfile.TarFile,
-    info: tarfile.TarInfo,
-    path: Path,
-    st: os.stat_result,
-    links: dict[tuple[int, int], str],
+    tf: tarfile.TarFile, info: tarfile.TarInfo, entry: UpperEntry, links: dict[Hashable, str]
 ) -> None:
-    key = (st.st_dev, st.st_ino)
-    if st.st_nlink > 1 and key in links:
-        info.type, info.linkname = tarfile.LNKTYPE, links[key]
-        tf.addfile(info)
-        return
-    links[key] = info.name
-    info.size = st.st_size
-    with path.open("rb") as fh:
+    if entry.link_key is not None:
+        first = links.setdefault(entry.link_key, info.name)
+        if first != info.name:
+            info.type, info.linkname = tarfile.LNKTYPE, first
+            tf.addfile(info)
+            return
+    if entry.content is None:
+        raise BuildError(f"{info.name}: no content to export")
+    info.size = entry.size
+    with entry.content.open("rb") as fh:
         tf.addfile(info, fh)
 
 
-def _info(name: str, st: os.stat_result, mtime: int, mode: int) -> tarfile.TarInfo:
+def _info(name: str, meta: PathMeta, mtime: int, mode: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.mode = mode
-    info.uid, info.gid = st.st_uid, st.st_gid
+    info.uid, info.gid = meta.uid, meta.gid
     info.uname = info.gname = ""
     info.mtime = mtime
     return info
 
 
-def _special_type(mode: int) -> bytes:
-    if stat.S_ISFIFO(mode):
-        return tarfile.FIFOTYPE
-    return tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
+_KINDS = {
+    stat.S_IFREG: Kind.FILE,
+    stat.S_IFDIR: Kind.DIR,
+    stat.S_IFLNK: Kind.SYMLINK,
+    stat.S_IFIFO: Kind.FIFO,
+    stat.S_IFCHR: Kind.CHAR,
+    stat.S_IFBLK: Kind.BLOCK,
+}
+_SPECIAL_TYPES = {
+    Kind.FIFO: tarfile.FIFOTYPE,
+    Kind.CHAR: tarfile.CHRTYPE,
+    Kind.BLOCK: tarfile.BLKTYPE,
+}
 
 
 def _xattr(path: Path, name: str) -> bytes | None:
