@@ -27,6 +27,7 @@ PACKAGES: Mapping[str, str] = {
     "qemu-img": "qemu-utils",
     "slirp4netns": "slirp4netns",
     "iptables": "iptables",
+    "iptables-restore": "iptables",
     "ip": "iproute2",
     "socat": "socat",
     "docker-registry": "docker-registry",

@@ -1,0 +1,215 @@
+"""The backend interface: what every VMM integration (QEMU, fake, later Firecracker/VZ) offers.
+
+A backend reports whether it can run here (``available()``) and boots a :class:`BootConfig`
+into a :class:`Machine`. A machine is a context manager whose exit always stops the VM with
+escalating force (ask the guest over the control channel, then SIGTERM, then SIGKILL) and
+releases everything the boot set up (network namespace, helpers).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, runtime_checkable
+
+from microagent.runtime.configdisk import NetworkMode
+
+
+class MachineType(enum.Enum):
+    """QEMU machine model: ``microvm`` (virtio-mmio, fastest) or ``q35`` (PCI, fallback)."""
+
+    MICROVM = "microvm"
+    Q35 = "q35"
+
+    @property
+    def transport(self) -> str:
+        """What the guest init loads: ``mmio`` or ``pci`` virtio transport modules."""
+        return "mmio" if self is MachineType.MICROVM else "pci"
+
+
+class Accel(enum.Enum):
+    """Accelerator choice; ``auto`` means KVM only when a real boot probe succeeded."""
+
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can boot VMs here, and why not."""
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A raw disk image attached in list order (/dev/vda, /dev/vdb, ...)."""
+
+    path: Path
+    readonly: bool = False
+    serial: str = ""
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A guest->host forward: guest TCP ``10.0.2.100:guest_port`` reaches a host service.
+
+    The target is a host TCP port on 127.0.0.1 or a unix socket path.
+    """
+
+    guest_port: int
+    host_port: int | None = None
+    unix_socket: Path | None = None
+
+    def describe(self) -> str:
+        target = f"unix:{self.unix_socket}" if self.unix_socket else f"127.0.0.1:{self.host_port}"
+        return f"10.0.2.100:{self.guest_port} -> {target}"
+
+
+FORWARD_ADDRESS = "10.0.2.100"
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Network mode and explicit forwards (forwards need ``user`` mode)."""
+
+    mode: NetworkMode = NetworkMode.ISOLATED
+    forwards: tuple[Forward, ...] = ()
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    """Everything a backend needs to boot one VM."""
+
+    kernel: Path
+    initrd: Path
+    disks: tuple[Disk, ...]
+    state_dir: Path
+    memory_mib: int = 1024
+    cpus: int = 1
+    network: NetworkConfig = NetworkConfig()
+    machine: MachineType = MachineType.MICROVM
+    accel: Accel = Accel.AUTO
+    timeout: float | None = None
+    cmdline_extra: tuple[str, ...] = ()
+    name: str = "microagent"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.state_dir / "control.sock"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.state_dir / "serial.log"
+
+    @property
+    def vmm_log(self) -> Path:
+        return self.state_dir / "vmm.log"
+
+
+@dataclass(frozen=True)
+class GuestResult:
+    """What the guest reported when its command ended (or why it did not run)."""
+
+    exit_code: int
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    started_at: str | None = None
+    finished_at: str | None = None
+    error: str | None = None
+    stopped: bool = False
+    outputs: Mapping[str, Any] = field(default_factory=dict)
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_event(cls, event: Mapping[str, Any], timings: Mapping[str, float]) -> GuestResult:
+        """Build from the guest's ``exited`` event plus host/guest timings."""
+        return cls(
+            exit_code=int(event.get("exit_code", 127)),
+            stdout=str(event.get("stdout", "")),
+            stderr=str(event.get("stderr", "")),
+            stdout_truncated=bool(event.get("stdout_truncated", False)),
+            stderr_truncated=bool(event.get("stderr_truncated", False)),
+            started_at=event.get("started_at"),
+            finished_at=event.get("finished_at"),
+            error=event.get("error"),
+            stopped=bool(event.get("stopped", False)),
+            outputs=dict(event.get("outputs") or {}),
+            timings=dict(timings),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "exitCode": self.exit_code,
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "stdoutTruncated": self.stdout_truncated,
+            "stderrTruncated": self.stderr_truncated,
+            "startedAt": self.started_at,
+            "finishedAt": self.finished_at,
+            "error": self.error,
+            "stopped": self.stopped,
+            "outputs": dict(self.outputs),
+            "timings": dict(self.timings),
+        }
+
+
+OutputSink = Callable[[bytes], None]
+
+
+@runtime_checkable
+class Machine(Protocol):
+    """A booted VM. Leaving the ``with`` block stops it (escalating) and cleans up."""
+
+    config: BootConfig
+
+    def __enter__(self) -> Machine: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def wait(
+        self, timeout: float | None = None, on_output: OutputSink | None = None
+    ) -> GuestResult:
+        """Block until the guest reports its command's end; VMError on timeout or crash."""
+        ...
+
+    def events(self) -> Sequence[Mapping[str, Any]]:
+        """Control-channel events received so far (booted, started, exited)."""
+        ...
+
+    def shutdown(self, grace: float = 10.0) -> None:
+        """Stop the VM: control-channel request, then SIGTERM, then SIGKILL."""
+        ...
+
+    def argv(self) -> Sequence[str]:
+        """The VMM command line (empty for a backend without one)."""
+        ...
+
+
+class Backend(Protocol):
+    """A way to boot VMs."""
+
+    name: str
+
+    def available(self) -> Availability: ...
+
+    def boot(self, config: BootConfig) -> Machine: ...
+
+    def command(self, config: BootConfig) -> Sequence[str]:
+        """The VMM argv for ``config`` without starting anything (``--print-command``)."""
+        ...

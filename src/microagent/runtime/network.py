@@ -1,0 +1,369 @@
+"""``user`` networking that keeps the host out of reach (measured recipe, feasibility §9.3).
+
+QEMU's own slirp (``-netdev user``) gives the guest outbound NAT but maps 10.0.2.2 to the host's
+loopback. So the VMM runs in a fresh network namespace whose only way out is
+``slirp4netns --disable-host-loopback``, and an iptables OUTPUT filter in that namespace
+rejects the host's own addresses and the private ranges (DNS to the host's resolver excepted).
+Explicit guest->host forwards use slirp ``guestfwd`` with a ``cmd:`` that connects to a unix
+socket (the filesystem is shared with the host, the netns loopback is not); a ``socat`` bridge
+on the host side connects that socket to ``127.0.0.1:PORT``.
+
+Everything here needs root (``ip netns add``, a tap device in the namespace). Argv and rules
+are built by pure functions; :class:`NetworkSandbox` runs them and always tears down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import secrets
+import select
+import shlex
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from microagent import _run
+from microagent.errors import ToolError, VMError
+from microagent.runtime.backend import FORWARD_ADDRESS, Forward, NetworkConfig
+from microagent.runtime.configdisk import NetworkMode
+from microagent.runtime.control import tail_text
+
+NETNS_DIR = Path("/run/netns")
+NETNS_PREFIX = "microagent-"
+SLIRP_CIDR = "10.9.0.0/24"
+SLIRP_DNS = "10.9.0.3"
+PRIVATE_RANGES = (
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "169.254.0.0/16",
+    "100.64.0.0/10",
+)
+READY_TIMEOUT = 10.0
+HOST_TOOLS = ("ip", "iptables-restore", "slirp4netns")
+
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    """What the namespace filter allows and rejects."""
+
+    resolvers: tuple[str, ...]
+    rejected: tuple[str, ...]
+    netns_resolv_conf: str | None = None  # written to /etc/netns/<name>/resolv.conf if set
+
+
+def parse_resolvers(resolv_conf: str) -> tuple[str, ...]:
+    """IPv4 nameserver addresses from resolv.conf text."""
+    found = []
+    for line in resolv_conf.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            with contextlib.suppress(ValueError):
+                if ipaddress.ip_address(parts[1]).version == 4:
+                    found.append(parts[1])
+    return tuple(found)
+
+
+def parse_host_addresses(ip_output: str) -> tuple[str, ...]:
+    """IPv4 addresses from ``ip -4 -o addr show`` output (loopback excluded)."""
+    found = []
+    for line in ip_output.splitlines():
+        parts = line.split()
+        if "inet" in parts:
+            addr = parts[parts.index("inet") + 1].split("/")[0]
+            if not ipaddress.ip_address(addr).is_loopback:
+                found.append(addr)
+    return tuple(dict.fromkeys(found))
+
+
+def egress_policy(resolvers: Sequence[str], host_addresses: Sequence[str]) -> EgressPolicy:
+    """Reject host addresses + private ranges; allow DNS to non-loopback resolvers.
+
+    With only loopback resolvers (systemd-resolved style) the namespace uses slirp4netns's
+    own DNS forwarder instead.
+    """
+    usable = tuple(r for r in resolvers if not ipaddress.ip_address(r).is_loopback)
+    resolv_conf = None
+    if not usable:
+        usable = (SLIRP_DNS,)
+        resolv_conf = f"nameserver {SLIRP_DNS}\n"
+    rejected = tuple(dict.fromkeys((*host_addresses, *PRIVATE_RANGES)))
+    return EgressPolicy(usable, rejected, resolv_conf)
+
+
+def iptables_rules(policy: EgressPolicy) -> str:
+    """An ``iptables-restore`` ruleset for the namespace's filter table."""
+    lines = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
+    lines.append("-A OUTPUT -o lo -j ACCEPT")
+    for resolver in policy.resolvers:
+        for proto in ("udp", "tcp"):
+            lines.append(f"-A OUTPUT -d {resolver}/32 -p {proto} --dport 53 -j ACCEPT")
+    for target in policy.rejected:
+        cidr = target if "/" in target else f"{target}/32"
+        lines.append(f"-A OUTPUT -d {cidr} -j REJECT")
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def slirp4netns_argv(binary: str, netns: str, ready_fd: int, exit_fd: int) -> list[str]:
+    """slirp4netns joining ``netns`` to the outside, host loopback disabled."""
+    return [
+        binary,
+        "--configure",
+        "--mtu=65520",
+        "--disable-host-loopback",
+        f"--cidr={SLIRP_CIDR}",
+        "--netns-type=path",
+        f"--ready-fd={ready_fd}",
+        f"--exit-fd={exit_fd}",
+        str(NETNS_DIR / netns),
+        "tap0",
+    ]
+
+
+def netns_exec(netns: str, argv: Sequence[str]) -> list[str]:
+    """``argv`` run inside ``netns`` (``ip netns exec`` execs it: same pid)."""
+    return ["ip", "netns", "exec", netns, *argv]
+
+
+def _qemu_escape(value: str) -> str:
+    return value.replace(",", ",,")
+
+
+def guestfwd_option(forward: Forward, socket_path: Path, socat: str) -> str:
+    """The ``guestfwd=`` part of ``-netdev user``: one helper per guest connection."""
+    cmd = f"{socat} STDIO UNIX-CONNECT:{socket_path}"
+    return f"guestfwd=tcp:{FORWARD_ADDRESS}:{forward.guest_port}-cmd:{_qemu_escape(cmd)}"
+
+
+def bridge_argv(socat: str, socket_path: Path, host_port: int) -> list[str]:
+    """A host-side socat that accepts on ``socket_path`` and connects to 127.0.0.1:PORT."""
+    return [
+        socat,
+        f"UNIX-LISTEN:{socket_path},fork,mode=600,unlink-early",
+        f"TCP:127.0.0.1:{host_port}",
+    ]
+
+
+def forward_socket(state_dir: Path, forward: Forward) -> Path:
+    """Where the guestfwd helper connects for ``forward``."""
+    return forward.unix_socket or state_dir / f"fwd-{forward.guest_port}.sock"
+
+
+def netns_name() -> str:
+    """A fresh namespace name that records our pid (for stale cleanup)."""
+    return f"{NETNS_PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_namespaces(names: Sequence[str]) -> list[str]:
+    """Our namespaces whose creating process is gone."""
+    stale = []
+    for name in names:
+        if not name.startswith(NETNS_PREFIX):
+            continue
+        pid = name.removeprefix(NETNS_PREFIX).split("-")[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            stale.append(name)
+    return stale
+
+
+def root_problem() -> str:
+    """Why ``user`` networking cannot be set up here ('' when it can)."""
+    if os.geteuid() != 0:
+        return "needs root (ip netns add, a tap device for slirp4netns)"
+    missing = []
+    for tool in (*HOST_TOOLS, "socat"):
+        try:
+            _run.find_tool(tool)
+        except ToolError:
+            missing.append(tool)
+    if missing:
+        return f"missing {', '.join(missing)}"
+    return ""
+
+
+class NetworkSandbox:
+    """The namespace, filter, slirp4netns and forward bridges of one VM (context manager)."""
+
+    def __init__(self, config: NetworkConfig, state_dir: Path) -> None:
+        self.config = config
+        self.state_dir = state_dir
+        self.name = netns_name()
+        self._slirp: subprocess.Popen[bytes] | None = None
+        self._exit_fd: int | None = None
+        self._bridges: list[subprocess.Popen[bytes]] = []
+        self._created = False
+        self._resolv_dir: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.mode is NetworkMode.USER
+
+    def __enter__(self) -> NetworkSandbox:
+        try:
+            self.setup()
+        except BaseException:
+            self.teardown()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.teardown()
+
+    def setup(self) -> None:
+        """Create everything; raises VMError (after undoing partial work in teardown)."""
+        if not self.enabled:
+            if self.config.forwards:
+                raise VMError("forwards need network mode 'user'")
+            return
+        problem = root_problem()
+        if problem:
+            raise VMError(
+                f"network mode 'user' is unavailable: {problem}",
+                hint="run as root with slirp4netns, iptables, iproute2 and socat installed, "
+                "or use --network isolated",
+            )
+        cleanup_stale()
+        self._create_netns()
+        self._start_slirp()
+        self._start_bridges()
+
+    def _create_netns(self) -> None:
+        _run.run(["ip", "netns", "add", self.name])
+        self._created = True
+        _run.run(["ip", "-n", self.name, "link", "set", "lo", "up"])
+        policy = self._policy()
+        if policy.netns_resolv_conf:
+            self._resolv_dir = Path("/etc/netns") / self.name
+            self._resolv_dir.mkdir(parents=True, exist_ok=True)
+            (self._resolv_dir / "resolv.conf").write_text(policy.netns_resolv_conf)
+        rules = iptables_rules(policy).encode()
+        _run.run(netns_exec(self.name, ["iptables-restore"]), input=rules)
+
+    def _policy(self) -> EgressPolicy:
+        try:
+            resolv = Path("/etc/resolv.conf").read_text()
+        except OSError:
+            resolv = ""
+        addrs = _run.run(["ip", "-4", "-o", "addr", "show"]).stdout
+        return egress_policy(parse_resolvers(resolv), parse_host_addresses(addrs))
+
+    def _start_slirp(self) -> None:
+        ready_r, ready_w = os.pipe()
+        exit_r, exit_w = os.pipe()
+        log = self.state_dir / "slirp4netns.log"
+        try:
+            argv = slirp4netns_argv(_run.find_tool("slirp4netns"), self.name, ready_w, exit_r)
+            self._slirp = _run.spawn(argv, stdout=log, pass_fds=(ready_w, exit_r))
+        finally:
+            os.close(ready_w)
+            os.close(exit_r)
+        self._exit_fd = exit_w
+        try:
+            byte = _read_ready(ready_r, READY_TIMEOUT)
+        finally:
+            os.close(ready_r)
+        if byte != b"1" or self._slirp.poll() is not None:
+            raise VMError(
+                f"slirp4netns did not become ready (got {byte!r})",
+                hint=f"its log: {tail_text(log, 10) or '(empty)'}",
+            )
+
+    def _start_bridges(self) -> None:
+        socat = _run.find_tool("socat")
+        for forward in self.config.forwards:
+            if forward.unix_socket is not None:
+                continue
+            if forward.host_port is None:
+                raise VMError(f"forward {forward.guest_port} has no host target")
+            path = forward_socket(self.state_dir, forward)
+            log = self.state_dir / f"fwd-{forward.guest_port}.log"
+            self._bridges.append(
+                _run.spawn(bridge_argv(socat, path, forward.host_port), stdout=log)
+            )
+            _wait_for_socket(path, self._bridges[-1], log)
+
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        """The VMM argv, run inside the namespace when networking is on."""
+        return netns_exec(self.name, argv) if self.enabled else list(argv)
+
+    def teardown(self) -> None:
+        """Stop helpers and delete the namespace; safe to call more than once."""
+        for proc in [*self._bridges, *([self._slirp] if self._slirp else [])]:
+            _stop(proc)
+        self._bridges = []
+        self._slirp = None
+        if self._exit_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._exit_fd)
+            self._exit_fd = None
+        if self._created:
+            _run.run(["ip", "netns", "del", self.name], check=False)
+            self._created = False
+        if self._resolv_dir is not None:
+            for child in self._resolv_dir.glob("*"):
+                child.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self._resolv_dir.rmdir()
+            self._resolv_dir = None
+
+    def describe(self) -> str:
+        return shlex.join(["ip", "netns", "add", self.name])
+
+
+def _read_ready(fd: int, timeout: float) -> bytes:
+    ready, _, _ = select.select([fd], [], [], timeout)
+    return os.read(fd, 1) if ready else b""
+
+
+def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 5.0
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise VMError(
+                f"forward bridge on {path} did not start",
+                hint=f"its log: {tail_text(log, 10) or '(empty)'}",
+            )
+        time.sleep(0.005)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(2.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def cleanup_stale() -> list[str]:
+    """Delete namespaces left by microagent processes that died without cleaning up."""
+    try:
+        names = [p.name for p in NETNS_DIR.iterdir()]
+    except OSError:
+        return []
+    stale = stale_namespaces(names)
+    for name in stale:
+        _run.run(["ip", "netns", "del", name], check=False)
+    return stale

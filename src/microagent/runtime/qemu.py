@@ -1,0 +1,509 @@
+"""The QEMU backend: ``-M microvm`` (or q35), KVM when a real probe boots, TCG otherwise.
+
+The argv is built by pure functions (golden-tested; ``--print-command`` shows it). A machine
+runs QEMU in its own session with the serial console in ``serial.log`` and QEMU's own output
+in ``vmm.log``; the guest's control port is a unix socket QEMU serves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from microagent import _run
+from microagent.errors import InvalidInputError, ToolError, VMError
+from microagent.runtime import hostclock
+from microagent.runtime.backend import (
+    Accel,
+    Availability,
+    BootConfig,
+    Disk,
+    Forward,
+    GuestResult,
+    MachineType,
+    OutputSink,
+)
+from microagent.runtime.configdisk import NetworkMode
+from microagent.runtime.control import ControlChannel, SerialStream, tail_text
+from microagent.runtime.guestkit import PORT_NAME, PROBE_MARKER
+from microagent.runtime.network import NetworkSandbox, forward_socket, guestfwd_option
+
+QEMU_BINARIES = {"x86_64": "qemu-system-x86_64", "amd64": "qemu-system-x86_64"}
+ACCEL_ENV = "MICROAGENT_ACCEL"
+BASE_CMDLINE = ("console=ttyS0", "quiet", "panic=-1")
+MICROVM_CMDLINE = ("pci=off",)
+BOOT_TIMEOUT = 120.0
+POWEROFF_GRACE = 15.0
+KVM_PROBE_TIMEOUT = 10.0
+TCG_CPU = "max"
+
+
+class GuestTimeout(VMError):
+    """The guest command did not finish in time; the VM was stopped."""
+
+    kind = "timeout"
+
+    def __init__(self, message: str, *, hint: str = "", result: GuestResult | None = None):
+        super().__init__(message, hint=hint)
+        self.result = result
+
+
+# -- pure argv construction ---------------------------------------------------------------------
+
+
+def _escape(value: str | Path) -> str:
+    """QEMU option values double their commas."""
+    return str(value).replace(",", ",,")
+
+
+def kernel_cmdline(config: BootConfig, tsc_khz: int | None = None) -> str:
+    """Kernel command line: console on ttyS0, quiet, panic ends the VM, transport for init.
+
+    ``tsc_khz`` (TCG only) spares the guest its flaky TSC calibration (see hostclock).
+    """
+    words = [*BASE_CMDLINE]
+    if config.machine is MachineType.MICROVM:
+        words += MICROVM_CMDLINE
+    if tsc_khz:
+        words.append(f"tsc_early_khz={tsc_khz}")
+    words.append(f"ma_transport={config.machine.transport}")
+    words += config.cmdline_extra
+    return " ".join(words)
+
+
+def machine_args(machine: MachineType, accel: Accel) -> list[str]:
+    """``-M``, ``-accel`` and ``-cpu`` (host CPU under KVM, the richest model under TCG)."""
+    if accel is Accel.AUTO:
+        raise ValueError("resolve Accel.AUTO before building argv")
+    cpu = "host" if accel is Accel.KVM else TCG_CPU
+    return ["-M", machine.value, "-accel", accel.value, "-cpu", cpu]
+
+
+def vcpus(requested: int, accel: Accel) -> int:
+    """``requested`` or, for 0, one vCPU under TCG (more only compete with QEMU's own threads
+    on small hosts) and two under KVM."""
+    if requested > 0:
+        return requested
+    return 2 if accel is Accel.KVM else 1
+
+
+def _device(machine: MachineType, kind: str) -> str:
+    return f"virtio-{kind}-{'device' if machine is MachineType.MICROVM else 'pci'}"
+
+
+def disk_args(disks: Sequence[Disk], machine: MachineType) -> list[str]:
+    """One ``-drive``/``-device`` pair per disk, in order (vda, vdb, ...)."""
+    args: list[str] = []
+    for index, disk in enumerate(disks):
+        drive = f"id=vd{index},file={_escape(disk.path)},format=raw,if=none"
+        if disk.readonly:
+            drive += ",readonly=on"
+        device = f"{_device(machine, 'blk')},drive=vd{index}"
+        if disk.serial:
+            device += f",serial={_escape(disk.serial)}"
+        args += ["-drive", drive, "-device", device]
+    return args
+
+
+def control_args(socket_path: Path, machine: MachineType) -> list[str]:
+    """A virtio-serial port named ``microagent.ctl`` backed by a unix socket QEMU serves."""
+    return [
+        "-device",
+        _device(machine, "serial"),
+        "-chardev",
+        f"socket,id=ctl,path={_escape(socket_path)},server=on,wait=off",
+        "-device",
+        f"virtserialport,chardev=ctl,name={PORT_NAME}",
+    ]
+
+
+def net_args(config: BootConfig, forwards: Sequence[tuple[Forward, Path]], socat: str) -> list[str]:
+    """No NIC when isolated; else slirp (inside our netns) with one guestfwd per forward."""
+    if config.network.mode is NetworkMode.ISOLATED:
+        return []
+    netdev = ["user", "id=n0", "ipv6=off"]
+    netdev += [guestfwd_option(fwd, path, socat) for fwd, path in forwards]
+    return ["-netdev", ",".join(netdev), "-device", f"{_device(config.machine, 'net')},netdev=n0"]
+
+
+def build_argv(
+    binary: str,
+    config: BootConfig,
+    accel: Accel,
+    *,
+    forwards: Sequence[tuple[Forward, Path]] = (),
+    socat: str = "socat",
+    tsc_khz: int | None = None,
+) -> list[str]:
+    """The complete QEMU command line for ``config`` (no network namespace wrapper)."""
+    return [
+        binary,
+        *machine_args(config.machine, accel),
+        *("-m", str(config.memory_mib), "-smp", str(vcpus(config.cpus, accel))),
+        *("-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"),
+        *("-serial", f"file:{config.serial_log}"),
+        *("-kernel", str(config.kernel), "-initrd", str(config.initrd)),
+        *("-append", kernel_cmdline(config, tsc_khz if accel is Accel.TCG else None)),
+        *disk_args(config.disks, config.machine),
+        *control_args(config.control_socket, config.machine),
+        *net_args(config, forwards, socat),
+    ]
+
+
+def probe_argv(binary: str, kernel: Path, initrd: Path, serial: Path) -> list[str]:
+    """A minimal KVM boot: the kit's init prints a marker and powers off."""
+    return [
+        binary,
+        *machine_args(MachineType.MICROVM, Accel.KVM),
+        *("-m", "256", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none"),
+        *("-no-reboot", "-serial", f"file:{serial}", "-kernel", str(kernel)),
+        *("-initrd", str(initrd), "-append", " ".join((*BASE_CMDLINE, "ma_mode=probe"))),
+    ]
+
+
+# -- tool discovery and the KVM probe ---------------------------------------------------------
+
+
+def qemu_binary(arch: str | None = None) -> str:
+    """Absolute path of the system emulator for ``arch`` (default: this host)."""
+    name = QEMU_BINARIES.get(arch or os.uname().machine)
+    if name is None:
+        raise ToolError(f"the QEMU backend does not support {arch or os.uname().machine} yet")
+    return _run.find_tool(name)
+
+
+@functools.lru_cache(maxsize=8)
+def qemu_version(binary: str) -> str:
+    """``7.2.22`` from ``qemu-system-x86_64 -version``."""
+    first = _run.run([binary, "-version"], timeout=30).stdout.splitlines()[0]
+    words = first.split()
+    return words[words.index("version") + 1] if "version" in words else first
+
+
+def kvm_device_problem(path: Path = Path("/dev/kvm")) -> str:
+    """Why /dev/kvm cannot be used ('' when it opens read-write)."""
+    if not path.exists():
+        return f"{path} does not exist (no hardware virtualisation exposed to this host)"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"cannot open {path}: {exc.strerror}"
+    os.close(fd)
+    return ""
+
+
+def _probe_boot(binary: str, kernel: Path, initrd: Path) -> Availability:
+    with tempfile.TemporaryDirectory(prefix="microagent-kvm-probe-") as tmp:
+        serial, log = Path(tmp) / "serial.log", Path(tmp) / "vmm.log"
+        proc = _run.spawn(probe_argv(binary, kernel, initrd, serial), stdout=log)
+        try:
+            code = proc.wait(KVM_PROBE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return Availability(False, f"a KVM test boot hung (killed after {KVM_PROBE_TIMEOUT}s)")
+        if PROBE_MARKER in tail_text(serial, 50):
+            return Availability(True, "a KVM test boot succeeded")
+        detail = tail_text(log, 3).replace("\n", " ") or f"exit code {code}"
+        return Availability(False, f"a KVM test boot failed: {detail}")
+
+
+def probe_kvm(binary: str, kernel: Path, initrd: Path, cache_dir: Path | None) -> Availability:
+    """Whether KVM really boots a guest here; cached per qemu/host-kernel/kit in ``cache_dir``."""
+    problem = kvm_device_problem()
+    if problem:
+        return Availability(False, problem)
+    ident = [binary, qemu_version(binary), os.uname().release, str(kernel), str(initrd)]
+    digest = hashlib.sha256("\0".join(ident).encode()).hexdigest()[:32]
+    cached = cache_dir / f"kvm-{digest}.json" if cache_dir else None
+    if cached is not None and cached.is_file():
+        data = json.loads(cached.read_text())
+        return Availability(bool(data["ok"]), str(data["reason"]) + " (cached)")
+    result = _probe_boot(binary, kernel, initrd)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"ok": result.ok, "reason": result.reason}))
+        tmp.replace(cached)
+    return result
+
+
+def choose_accel(requested: Accel, probe: Callable[[], Availability]) -> tuple[Accel, str]:
+    """Resolve ``auto`` (or ``$MICROAGENT_ACCEL``) to KVM or TCG, with the reason."""
+    env = os.environ.get(ACCEL_ENV, "").strip().lower()
+    if requested is Accel.AUTO and env:
+        try:
+            requested = Accel(env)
+        except ValueError:
+            raise InvalidInputError(
+                f"${ACCEL_ENV}={env!r} is not an accelerator", hint="use auto, kvm or tcg"
+            ) from None
+    if requested is not Accel.AUTO:
+        return requested, "requested"
+    kvm = probe()
+    if kvm.ok:
+        return Accel.KVM, kvm.reason
+    return Accel.TCG, f"KVM unusable: {kvm.reason}; using TCG (software emulation)"
+
+
+# -- the machine ----------------------------------------------------------------------------------
+
+
+def check_boot_files(config: BootConfig) -> None:
+    """Clear errors for a missing kernel, initrd or disk before anything starts."""
+    for what, path in (("kernel", config.kernel), ("initrd", config.initrd)):
+        if not path.is_file():
+            raise InvalidInputError(f"{what} {path} does not exist or is not a file")
+    for index, disk in enumerate(config.disks):
+        if not disk.path.is_file():
+            raise InvalidInputError(f"disk {index} ({disk.path}) does not exist")
+
+
+class QemuMachine:
+    """One running QEMU process and everything it depends on."""
+
+    def __init__(
+        self,
+        config: BootConfig,
+        argv: Sequence[str],
+        proc: subprocess.Popen[bytes],
+        sandbox: NetworkSandbox,
+    ) -> None:
+        self.config = config
+        self._argv = tuple(argv)
+        self._proc = proc
+        self._sandbox = sandbox
+        self._channel = ControlChannel(config.control_socket)
+        self._t0 = time.monotonic()
+        self._events: list[dict[str, Any]] = []
+        self._arrivals: dict[str, float] = {}
+        self._result: GuestResult | None = None
+        self._closed = False
+
+    # context manager -----------------------------------------------------------------------
+    def __enter__(self) -> QemuMachine:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown()
+
+    def argv(self) -> Sequence[str]:
+        return self._argv
+
+    def events(self) -> Sequence[Mapping[str, Any]]:
+        return tuple(self._events)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    # event pump ----------------------------------------------------------------------------
+    def _pump(self, timeout: float) -> None:
+        if not self._channel.connected and not self._channel.try_connect():
+            time.sleep(min(timeout, 0.01))
+            return
+        for event in self._channel.poll(timeout):
+            self._record(event)
+
+    def _record(self, event: dict[str, Any]) -> None:
+        self._events.append(event)
+        name = str(event.get("event"))
+        self._arrivals.setdefault(name, time.monotonic() - self._t0)
+        if name == "exited" and self._result is None:
+            self._result = GuestResult.from_event(event, self._timings(event))
+
+    def _timings(self, exited: Mapping[str, Any]) -> dict[str, float]:
+        timings = {f"host.{k}": round(v, 3) for k, v in self._arrivals.items()}
+        marks = exited.get("marks") or {}
+        if isinstance(marks, dict):
+            timings.update({f"guest.{k}": float(v) for k, v in marks.items()})
+        return timings
+
+    # waiting -------------------------------------------------------------------------------
+    def wait(
+        self, timeout: float | None = None, on_output: OutputSink | None = None
+    ) -> GuestResult:
+        """Wait for the guest's ``exited`` event, then for QEMU to exit (the guest powers off)."""
+        limit = timeout if timeout is not None else self.config.timeout
+        stream = SerialStream(self.config.serial_log, on_output) if on_output else None
+        while self._result is None:
+            self._pump(0.05)
+            if stream:
+                stream.pump()
+            if self._proc.poll() is not None:
+                self._pump(0.05)
+                break
+            self._check_deadlines(limit)
+        if self._result is None:
+            raise self._crash_error()
+        self._await_exit()
+        if stream:
+            stream.pump()
+        result = self._result
+        timings = {**result.timings, "host.vmmExit": round(time.monotonic() - self._t0, 3)}
+        return dataclasses.replace(result, timings=timings)
+
+    def _check_deadlines(self, limit: float | None) -> None:
+        elapsed = time.monotonic() - self._t0
+        if limit is not None and elapsed > limit:
+            self.shutdown()
+            raise GuestTimeout(
+                f"timed out after {limit:g}s: the guest command did not finish; the VM was stopped",
+                hint=self._log_hint(),
+                result=self._result,
+            )
+        if "booted" not in self._arrivals and elapsed > BOOT_TIMEOUT:
+            self.shutdown()
+            raise VMError(f"the guest did not boot within {BOOT_TIMEOUT:g}s", hint=self._log_hint())
+
+    def _await_exit(self) -> None:
+        try:
+            self._proc.wait(POWEROFF_GRACE)
+        except subprocess.TimeoutExpired:
+            pass
+        self.shutdown()
+
+    def _crash_error(self) -> VMError:
+        code = self._proc.returncode
+        serial = tail_text(self.config.serial_log, 200)
+        panic = [line for line in serial.splitlines() if "Kernel panic" in line]
+        if panic:
+            what = f"the guest kernel panicked: {panic[0].strip()}"
+        elif "booted" not in self._arrivals:
+            what = f"the VM exited before the guest booted (VMM exit code {code})"
+        else:
+            what = f"the VM stopped before the guest command finished (VMM exit code {code})"
+        self.shutdown()
+        return VMError(what, hint=self._log_hint())
+
+    def _log_hint(self) -> str:
+        parts = [f"command: {shlex.join(self._argv)}"]
+        vmm = tail_text(self.config.vmm_log, 10)
+        if vmm:
+            parts.append(f"VMM log ({self.config.vmm_log}):\n{vmm}")
+        serial = tail_text(self.config.serial_log, 15)
+        if serial:
+            parts.append(f"serial console ({self.config.serial_log}):\n{serial}")
+        return "\n".join(parts)
+
+    # stopping ------------------------------------------------------------------------------
+    def shutdown(self, grace: float = 10.0) -> None:
+        """Ask the guest to stop, then SIGTERM, then SIGKILL; then release the network."""
+        if self._closed:
+            return
+        try:
+            if self._proc.poll() is None and self._channel.send({"op": "shutdown"}):
+                self._drain_until_exit(grace)
+            _terminate(self._proc)
+        finally:
+            self._closed = True
+            self._channel.close()
+            self._sandbox.teardown()
+
+    def _drain_until_exit(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        while self._proc.poll() is None and time.monotonic() < deadline:
+            self._pump(0.05)
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    for signal_it, wait in ((proc.terminate, 3.0), (proc.kill, 5.0)):
+        if proc.poll() is not None:
+            return
+        signal_it()
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# -- the backend ----------------------------------------------------------------------------------
+
+
+class QemuBackend:
+    """Boots :class:`BootConfig` with QEMU."""
+
+    name = "qemu"
+
+    def __init__(self, cache_dir: Path | None = None, binary: str | None = None) -> None:
+        self.cache_dir = cache_dir
+        self._binary = binary
+        self.accel_reason = ""
+
+    def binary(self) -> str:
+        if self._binary is None:
+            self._binary = qemu_binary()
+        return self._binary
+
+    def available(self) -> Availability:
+        try:
+            binary = self.binary()
+            version = qemu_version(binary)
+        except ToolError as exc:
+            return Availability(False, f"{exc.message}; {exc.hint}".strip("; "))
+        return Availability(True, f"{binary} {version}")
+
+    def resolve_accel(self, config: BootConfig) -> Accel:
+        """KVM or TCG for ``config`` (probing KVM once per host/kit when asked for auto)."""
+        accel, self.accel_reason = choose_accel(
+            config.accel,
+            lambda: probe_kvm(self.binary(), config.kernel, config.initrd, self.cache_dir),
+        )
+        return accel
+
+    def _argv(self, config: BootConfig, sandbox: NetworkSandbox) -> list[str]:
+        forwards = [(f, forward_socket(config.state_dir, f)) for f in config.network.forwards]
+        socat = _run.find_tool("socat") if forwards else "socat"
+        accel = self.resolve_accel(config)
+        tsc = hostclock.tsc_khz(self.cache_dir) if accel is Accel.TCG else None
+        argv = build_argv(self.binary(), config, accel, forwards=forwards, socat=socat, tsc_khz=tsc)
+        return sandbox.wrap(argv)
+
+    def command(self, config: BootConfig) -> list[str]:
+        """The argv ``boot`` would run (the netns name is a fresh placeholder)."""
+        return self._argv(config, NetworkSandbox(config.network, config.state_dir))
+
+    def boot(self, config: BootConfig) -> QemuMachine:
+        """Start QEMU for ``config``; the network namespace is set up first and torn down on error."""
+        check_boot_files(config)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        config.control_socket.unlink(missing_ok=True)
+        sandbox = NetworkSandbox(config.network, config.state_dir)
+        with _undo_on_error(sandbox.teardown):
+            argv = self._argv(config, sandbox)
+            sandbox.setup()
+            proc = _run.spawn(argv, stdout=config.vmm_log, new_session=True)
+        return QemuMachine(config, argv, proc, sandbox)
+
+
+class _undo_on_error:  # noqa: N801 - used like a function
+    def __init__(self, undo: Callable[[], None]) -> None:
+        self.undo = undo
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.undo()
