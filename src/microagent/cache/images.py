@@ -188,12 +188,18 @@ def pull_base(
     platform: str | None = None,
     progress: Progress | None = None,
     client: RegistryClient | None = None,
+    resolved: ResolvedImage | None = None,
 ) -> BaseImage:
-    """Make sure ``image`` is in the store as a ready base rootfs; return what it is."""
+    """Make sure ``image`` is in the store as a ready base rootfs; return what it is.
+
+    ``resolved`` (from a lock or an earlier lookup) saves asking the source for the digest;
+    the source is then contacted only when something must be downloaded.
+    """
     say = progress or (lambda _msg: None)
     began = time.monotonic()
     source = source_for(image, base_dir, client)
-    resolved = source.resolve(platform or host_platform())
+    if resolved is None:
+        resolved = source.resolve(platform or host_platform())
     key = base_key(resolved)
     record = _record_of(store, key)
     cached = record is not None
@@ -202,8 +208,16 @@ def pull_base(
     rootfs = store.entry_path(str(record["rootfs"]))
     store.touch(str(record["rootfs"]))
     config = _config(store, str(record["config"]))
-    return BaseImage(key, resolved.reference, resolved.digest, resolved.platform, rootfs, config,
-                     cached, time.monotonic() - began)  # fmt: skip
+    return BaseImage(
+        key,
+        resolved.reference,
+        resolved.digest,
+        resolved.platform,
+        rootfs,
+        config,
+        cached,
+        time.monotonic() - began,
+    )
 
 
 def _pull(
@@ -237,6 +251,18 @@ def _pull(
     return record
 
 
+def base_env(store: Store, key: str) -> dict[str, str]:
+    """The ``Env`` of a pulled base image's config, as a mapping."""
+    record = _record_of(store, key)
+    if record is None:
+        raise NotFoundError(f"base image {key} is not in the store")
+    env: dict[str, str] = {}
+    for item in (_config(store, str(record["config"])).get("config") or {}).get("Env") or []:
+        name, _, value = str(item).partition("=")
+        env[name] = value
+    return env
+
+
 def list_bases(store: Store) -> list[dict[str, Any]]:
     """Key records of every pulled base image whose rootfs is present."""
     out = []
@@ -253,8 +279,12 @@ def remove_base(store: Store, what: str) -> list[str]:
     removed = []
     wanted = {what, _normalised(what)}
     for record in list_bases(store):
-        names = {record["key"], record["inputs"]["digest"], record["reference"],
-                 record["reference"].split("@")[0]}  # fmt: skip
+        names = {
+            record["key"],
+            record["inputs"]["digest"],
+            record["reference"],
+            record["reference"].split("@")[0],
+        }
         short = len(what) >= 6 and record["key"].removeprefix("sha256:").startswith(what)
         if wanted & names or short:
             store.remove(f"keys/{key_hex(record['key'])}.json")

@@ -113,10 +113,26 @@ def build_ext4(
     fs_uuid = key_uuid(key)
     env = {"E2FSPROGS_FAKE_TIME": str(FIXED_TIME), "SOURCE_DATE_EPOCH": str(FIXED_TIME)}
     argv = [
-        "mke2fs", "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-L", label, "-U", fs_uuid,
-        "-E", f"hash_seed={fs_uuid},root_owner=0:0,lazy_itable_init=0,nodiscard",
-        "-I", "256", "-d", str(stage), str(out), f"{size}M",
-    ]  # fmt: skip
+        "mke2fs",
+        "-q",
+        "-F",
+        "-t",
+        "ext4",
+        "-b",
+        str(BLOCK),
+        "-L",
+        label,
+        "-U",
+        fs_uuid,
+        "-E",
+        f"hash_seed={fs_uuid},root_owner=0:0,lazy_itable_init=0,nodiscard",
+        "-I",
+        "256",
+        "-d",
+        str(stage),
+        str(out),
+        f"{size}M",
+    ]
     try:
         run(argv, env=env)
     except ToolError as exc:

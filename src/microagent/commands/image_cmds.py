@@ -35,16 +35,29 @@ def image_pull(ctx: Ctx, /, ref: str, platform: str | None) -> None:
     """Fetch, verify and flatten REF into a base root filesystem (oci:PATH for a layout)."""
     from microagent.cache.images import pull_base, tty_progress
 
-    base = pull_base(_store(ctx), ref, base_dir=Path.cwd(), platform=platform,
-                     progress=None if ctx.json else tty_progress)  # fmt: skip
+    base = pull_base(
+        _store(ctx),
+        ref,
+        base_dir=Path.cwd(),
+        platform=platform,
+        progress=None if ctx.json else tty_progress,
+    )
     state = "cached" if base.cached else "pulled"
     data = {
-        "ok": True, "cached": base.cached, "key": base.key, "reference": base.reference,
-        "digest": base.digest, "platform": base.platform, "rootfs": str(base.rootfs),
+        "ok": True,
+        "cached": base.cached,
+        "key": base.key,
+        "reference": base.reference,
+        "digest": base.digest,
+        "platform": base.platform,
+        "rootfs": str(base.rootfs),
         "seconds": round(base.seconds, 3),
-    }  # fmt: skip
-    ctx.emit(data, f"{state} {ref} -> {base.digest} ({base.platform}) in {base.seconds:.2f}s\n"
-                   f"  rootfs {base.rootfs}")  # fmt: skip
+    }
+    ctx.emit(
+        data,
+        f"{state} {ref} -> {base.digest} ({base.platform}) in {base.seconds:.2f}s\n"
+        f"  rootfs {base.rootfs}",
+    )
 
 
 @image.command("ls")
@@ -57,12 +70,19 @@ def image_ls(ctx: Ctx, /) -> None:
     rows = []
     for record in list_bases(store):
         rootfs = store.entry_path(record["rootfs"])
-        rows.append({
-            "key": record["key"], "reference": record["reference"],
-            "digest": record["inputs"]["digest"], "platform": record["inputs"]["platform"],
-            "rootfs": str(rootfs), "size": rootfs.stat().st_blocks * 512,
-            "lastUsed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rootfs.stat().st_mtime)),
-        })  # fmt: skip
+        rows.append(
+            {
+                "key": record["key"],
+                "reference": record["reference"],
+                "digest": record["inputs"]["digest"],
+                "platform": record["inputs"]["platform"],
+                "rootfs": str(rootfs),
+                "size": rootfs.stat().st_blocks * 512,
+                "lastUsed": time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(rootfs.stat().st_mtime)
+                ),
+            }
+        )
     lines = [f"{'KEY':<14}{'PLATFORM':<14}{'SIZE':>10}  REFERENCE"]
     for r in rows:
         name = r["reference"].split("@")[0]
@@ -92,10 +112,15 @@ def cache_ls(ctx: Ctx, /) -> None:
     """Every cached entry: blobs, step keys, root filesystems, with size and last use."""
     entries = _store(ctx).entries()
     rows = [
-        {"name": e.name, "kind": e.kind, "size": e.size, "diskBytes": e.disk_bytes,
-         "lastUsed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e.last_used))}
+        {
+            "name": e.name,
+            "kind": e.kind,
+            "size": e.size,
+            "diskBytes": e.disk_bytes,
+            "lastUsed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e.last_used)),
+        }
         for e in entries
-    ]  # fmt: skip
+    ]
     lines = [f"{r['lastUsed']}  {_mb(r['diskBytes']):>10}  {r['name']}" for r in rows]
     ctx.emit({"ok": True, "entries": rows}, "\n".join(lines) or "(cache is empty)")
 
@@ -111,8 +136,9 @@ def cache_du(ctx: Ctx, /) -> None:
     total = sum(kinds.values())
     lines = [f"{_mb(size):>10}  {kind}" for kind, size in sorted(kinds.items())]
     lines.append(f"{_mb(total):>10}  total ({store.root})")
-    ctx.emit({"ok": True, "root": str(store.root), "total": total, "kinds": kinds},
-             "\n".join(lines))  # fmt: skip
+    ctx.emit(
+        {"ok": True, "root": str(store.root), "total": total, "kinds": kinds}, "\n".join(lines)
+    )
 
 
 def _parse_size(text: str) -> int:
@@ -135,7 +161,7 @@ def cache_prune(ctx: Ctx, /, max_size: str | None, everything: bool) -> None:
         raise click.UsageError("give --max-size SIZE or --all")
     store = _store(ctx)
     limit = _parse_size(max_size) if max_size else None
-    report = store.prune(limit, all=everything, keep=in_use_by_workspaces(ctx))
+    report = store.prune(limit, all=everything, keep=in_use_by_workspaces(ctx, store))
     data = {
         "ok": True,
         "removed": [e.name for e in report.removed],
@@ -145,9 +171,18 @@ def cache_prune(ctx: Ctx, /, max_size: str | None, everything: bool) -> None:
     ctx.emit(data, f"removed {len(report.removed)} entries, freed {_mb(report.freed_bytes)}")
 
 
-def in_use_by_workspaces(ctx: Ctx) -> Any:
-    """The hook that protects what workspaces use; there are no workspaces yet."""
-    return lambda _name: False
+def in_use_by_workspaces(ctx: Ctx, store: Any) -> Any:
+    """Protect every entry an existing workspace still needs (rootfs chain, layers, files)."""
+    from microagent.cache.retention import keeper, names_in_use
+    from microagent.config import home_dir, workspaces_dir
+    from microagent.runtime.workspace import Workspaces
+
+    keys, blobs = [], []
+    for ws in Workspaces(workspaces_dir(home_dir(ctx.home))):
+        record = ws.record()
+        keys.append(record.rootfs_key)
+        blobs += [f.blob for f in record.files]
+    return keeper(names_in_use(store, keys, blobs))
 
 
 COMMANDS = [image, cache]
