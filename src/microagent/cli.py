@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from microagent import __version__
-from microagent.commands import image_cmds, spec
+from microagent.commands import image_cmds, runtime_cmds, spec
 from microagent.commands._common import Ctx
 from microagent.errors import EXIT_FAILURE, EXIT_INVALID, MicroagentError
 
@@ -35,7 +35,7 @@ def cli(ctx: click.Context, as_json: bool, debug: bool, home: Path | None) -> No
     ctx.obj = Ctx(json=as_json, debug=debug, home=home)
 
 
-for _module in (spec, image_cmds):
+for _module in (spec, image_cmds, runtime_cmds):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     as_json = "--json" in args
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="microagent", standalone_mode=False)
+        code = cli.main(args=args, prog_name="microagent", standalone_mode=False)
     except MicroagentError as exc:
         if debug:
             traceback.print_exc()
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
-    return 0
+    return code if isinstance(code, int) else 0  # a command's Exit(code), e.g. `run`
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
+from microagent.errors import InvalidInputError, VMError
 from microagent.runtime.configdisk import NetworkMode
 
 
@@ -164,6 +165,19 @@ class GuestResult:
         }
 
 
+class GuestTimeout(VMError):
+    """The guest command did not finish in time; the VM was stopped.
+
+    ``result`` holds what the guest reported while stopping, if anything.
+    """
+
+    kind = "timeout"
+
+    def __init__(self, message: str, *, hint: str = "", result: GuestResult | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.result = result
+
+
 OutputSink = Callable[[bytes], None]
 
 
@@ -199,6 +213,16 @@ class Machine(Protocol):
     def argv(self) -> Sequence[str]:
         """The VMM command line (empty for a backend without one)."""
         ...
+
+
+def check_boot_files(config: BootConfig) -> None:
+    """Clear errors for a missing kernel, initrd or disk before anything starts."""
+    for what, path in (("kernel", config.kernel), ("initrd", config.initrd)):
+        if not path.is_file():
+            raise InvalidInputError(f"{what} {path} does not exist or is not a file")
+    for index, disk in enumerate(config.disks):
+        if not disk.path.is_file():
+            raise InvalidInputError(f"disk {index} ({disk.path}) does not exist")
 
 
 class Backend(Protocol):

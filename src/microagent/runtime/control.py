@@ -38,6 +38,8 @@ class ControlChannel:
         """Connect if the VMM has created the socket; False while it is not there yet."""
         if self._sock is not None:
             return True
+        if self.closed:
+            return False
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(str(self.path))
@@ -53,7 +55,10 @@ class ControlChannel:
         if self._sock is None or self.closed:
             time.sleep(timeout)
             return []
-        ready, _, _ = select.select([self._sock], [], [], timeout)
+        try:
+            ready, _, _ = select.select([self._sock], [], [], timeout)
+        except (OSError, ValueError):  # closed by another thread
+            return []
         if ready:
             self._read_available()
         return self._take_lines()
@@ -82,20 +87,28 @@ class ControlChannel:
                 events.append(event)
         return events
 
-    def send(self, message: Mapping[str, Any]) -> bool:
-        """Send one JSON line; False when the channel is not usable."""
+    def send(self, message: Mapping[str, Any], timeout: float = 2.0) -> bool:
+        """Send one JSON line; False when the channel is not usable.
+
+        The socket stays non-blocking (another thread may be polling it), so writes wait for
+        writability with select.
+        """
         if self._sock is None or self.closed:
             return False
         data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
-        try:
-            self._sock.setblocking(True)
-            self._sock.settimeout(2.0)
-            self._sock.sendall(data)
-        except OSError:
-            return False
-        finally:
-            with contextlib.suppress(OSError):
-                self._sock.setblocking(False)
+        deadline = time.monotonic() + timeout
+        while data:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                _, ready, _ = select.select([], [self._sock], [], remaining)
+                if ready:
+                    data = data[self._sock.send(data) :]
+            except BlockingIOError:
+                continue
+            except (OSError, ValueError):
+                return False
         return True
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ import os
 import shlex
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,8 +30,10 @@ from microagent.runtime.backend import (
     Availability,
     BootConfig,
     Disk,
+    check_boot_files,
     Forward,
     GuestResult,
+    GuestTimeout,
     MachineType,
     OutputSink,
 )
@@ -47,16 +50,6 @@ BOOT_TIMEOUT = 120.0
 POWEROFF_GRACE = 15.0
 KVM_PROBE_TIMEOUT = 10.0
 TCG_CPU = "max"
-
-
-class GuestTimeout(VMError):
-    """The guest command did not finish in time; the VM was stopped."""
-
-    kind = "timeout"
-
-    def __init__(self, message: str, *, hint: str = "", result: GuestResult | None = None):
-        super().__init__(message, hint=hint)
-        self.result = result
 
 
 # -- pure argv construction ---------------------------------------------------------------------
@@ -260,16 +253,6 @@ def choose_accel(requested: Accel, probe: Callable[[], Availability]) -> tuple[A
 # -- the machine ----------------------------------------------------------------------------------
 
 
-def check_boot_files(config: BootConfig) -> None:
-    """Clear errors for a missing kernel, initrd or disk before anything starts."""
-    for what, path in (("kernel", config.kernel), ("initrd", config.initrd)):
-        if not path.is_file():
-            raise InvalidInputError(f"{what} {path} does not exist or is not a file")
-    for index, disk in enumerate(config.disks):
-        if not disk.path.is_file():
-            raise InvalidInputError(f"disk {index} ({disk.path}) does not exist")
-
-
 class QemuMachine:
     """One running QEMU process and everything it depends on."""
 
@@ -290,6 +273,8 @@ class QemuMachine:
         self._arrivals: dict[str, float] = {}
         self._result: GuestResult | None = None
         self._closed = False
+        self._lock = threading.RLock()  # channel reads and the event list
+        self._stopping = threading.Lock()  # one shutdown at a time
 
     # context manager -----------------------------------------------------------------------
     def __enter__(self) -> QemuMachine:
@@ -307,7 +292,8 @@ class QemuMachine:
         return self._argv
 
     def events(self) -> Sequence[Mapping[str, Any]]:
-        return tuple(self._events)
+        with self._lock:
+            return tuple(self._events)
 
     @property
     def pid(self) -> int:
@@ -315,11 +301,13 @@ class QemuMachine:
 
     # event pump ----------------------------------------------------------------------------
     def _pump(self, timeout: float) -> None:
-        if not self._channel.connected and not self._channel.try_connect():
+        with self._lock:
+            connected = self._channel.connected or self._channel.try_connect()
+            if connected:
+                for event in self._channel.poll(timeout):
+                    self._record(event)
+        if not connected:
             time.sleep(min(timeout, 0.01))
-            return
-        for event in self._channel.poll(timeout):
-            self._record(event)
 
     def _record(self, event: dict[str, Any]) -> None:
         self._events.append(event)
@@ -404,17 +392,22 @@ class QemuMachine:
 
     # stopping ------------------------------------------------------------------------------
     def shutdown(self, grace: float = 10.0) -> None:
-        """Ask the guest to stop, then SIGTERM, then SIGKILL; then release the network."""
-        if self._closed:
-            return
-        try:
-            if self._proc.poll() is None and self._channel.send({"op": "shutdown"}):
-                self._drain_until_exit(grace)
-            _terminate(self._proc)
-        finally:
-            self._closed = True
-            self._channel.close()
-            self._sandbox.teardown()
+        """Ask the guest to stop, then SIGTERM, then SIGKILL; then release the network.
+
+        Safe to call from another thread while :meth:`wait` runs, and more than once.
+        """
+        with self._stopping:
+            if self._closed:
+                return
+            try:
+                if self._proc.poll() is None and self._channel.send({"op": "shutdown"}):
+                    self._drain_until_exit(grace)
+                _terminate(self._proc)
+            finally:
+                self._closed = True
+                with self._lock:
+                    self._channel.close()
+                self._sandbox.teardown()
 
     def _drain_until_exit(self, grace: float) -> None:
         deadline = time.monotonic() + grace

@@ -1,0 +1,201 @@
+"""A backend that boots nothing: it reads the config disk and plays back guest events.
+
+For fast tests of everything above the VMM (CLI, lifecycle, supervisor). What the "guest"
+does is decided by a handler ``RunConfig -> FakeOutcome``; the default answers from
+``$MICROAGENT_FAKE`` (JSON with the :class:`FakeOutcome` fields in camelCase) or exits 0.
+A hanging outcome stops only when the machine is shut down or the timeout passes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from microagent.errors import VMError
+from microagent.runtime.backend import (
+    Availability,
+    BootConfig,
+    GuestResult,
+    GuestTimeout,
+    OutputSink,
+    check_boot_files,
+)
+from microagent.runtime.configdisk import GuestNetwork, NetworkMode, Output, RunConfig
+
+FAKE_ENV = "MICROAGENT_FAKE"
+CONFIG_DISK_INDEX = 2
+
+
+@dataclass(frozen=True)
+class FakeOutcome:
+    """What the fake guest does with a command."""
+
+    exit_code: int = 0
+    stdout: str = ""
+    stderr: str = ""
+    error: str | None = None  # the command never ran (exit code 127 is used)
+    hang: bool = False  # runs until shutdown or timeout
+    crash: str | None = None  # the VM dies before booting, with this VMM message
+    outputs: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> FakeOutcome:
+        return cls(
+            exit_code=int(data.get("exitCode", 0)),
+            stdout=str(data.get("stdout", "")),
+            stderr=str(data.get("stderr", "")),
+            error=data.get("error"),
+            hang=bool(data.get("hang", False)),
+            crash=data.get("crash"),
+            outputs=dict(data.get("outputs") or {}),
+        )
+
+
+Handler = Callable[[RunConfig], FakeOutcome]
+
+
+def env_handler(config: RunConfig) -> FakeOutcome:
+    """The default: ``$MICROAGENT_FAKE`` if set, else exit 0 and echo the argv."""
+    raw = os.environ.get(FAKE_ENV)
+    if raw:
+        return FakeOutcome.from_json(json.loads(raw))
+    return FakeOutcome(stdout=" ".join(config.command) + "\n")
+
+
+def read_run_config(path: Path) -> RunConfig:
+    """Parse run.json from a config disk (the same bytes the guest init reads)."""
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            member = tar.extractfile("run.json")
+            data = json.loads(member.read()) if member else None
+    except (OSError, tarfile.TarError, KeyError, ValueError) as exc:
+        raise VMError(f"fake guest: cannot read run.json from {path}: {exc}") from exc
+    if not isinstance(data, dict) or data.get("version") != 1:
+        raise VMError(f"fake guest: {path} holds no version 1 run.json")
+    net = data.get("network") or {}
+    return RunConfig(
+        command=tuple(data["command"]),
+        env=dict(data.get("env") or {}),
+        workdir=data.get("workdir", "/"),
+        hostname=data.get("hostname", "microagent"),
+        network=GuestNetwork(mode=NetworkMode(net.get("mode", "isolated"))),
+        outputs=tuple(Output(o["name"], o["path"]) for o in data.get("outputs") or []),
+    )
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class FakeMachine:
+    """A pretend VM; records the shutdown escalation it was put through."""
+
+    def __init__(self, config: BootConfig, outcome: FakeOutcome, run: RunConfig) -> None:
+        self.config = config
+        self.outcome = outcome
+        self.run_config = run
+        self.shutdown_steps: list[str] = []
+        self._events: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._closed = False
+
+    def __enter__(self) -> FakeMachine:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown()
+
+    def argv(self) -> Sequence[str]:
+        return ("fake-vmm", *(str(d.path) for d in self.config.disks))
+
+    def events(self) -> Sequence[Mapping[str, Any]]:
+        return tuple(self._events)
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        self._events.append(event)
+
+    def wait(
+        self, timeout: float | None = None, on_output: OutputSink | None = None
+    ) -> GuestResult:
+        """Play back booted/started/exited; a hang lasts until shutdown or the timeout."""
+        out = self.outcome
+        if out.crash:
+            raise VMError(f"the VM exited before the guest booted: {out.crash}")
+        self._emit({"event": "booted", "uptime": 0.01, "kernel": "fake"})
+        started = _now()
+        self._emit({"event": "started", "at": started, "uptime": 0.02})
+        if on_output and not out.error:
+            on_output((out.stdout + out.stderr).encode())
+        limit = timeout if timeout is not None else self.config.timeout
+        if out.hang and not self._stop.wait(limit):
+            self.shutdown()
+            raise GuestTimeout(f"timed out after {limit:g}s: the guest command did not finish")
+        event = self._exited_event(started)
+        self._emit(event)
+        return GuestResult.from_event(event, {"host.booted": 0.01, "host.exited": 0.03})
+
+    def _exited_event(self, started: str) -> dict[str, Any]:
+        out = self.outcome
+        stopped = self._stop.is_set()
+        code = 127 if out.error else (143 if stopped else out.exit_code)
+        event: dict[str, Any] = {
+            "event": "exited",
+            "exit_code": code,
+            "stdout": "" if out.error else out.stdout,
+            "stderr": out.error or out.stderr,
+            "stdout_truncated": False,
+            "stderr_truncated": False,
+            "started_at": started,
+            "finished_at": _now(),
+            "outputs": dict(out.outputs),
+            "stopped": stopped,
+        }
+        if out.error:
+            event["error"] = out.error
+        return event
+
+    def shutdown(self, grace: float = 10.0) -> None:
+        """The fake guest always honours the control-channel request."""
+        if self._closed:
+            return
+        self._closed = True
+        self.shutdown_steps.append("control")
+        self._stop.set()
+
+
+class FakeBackend:
+    """Boots :class:`FakeMachine` objects; ``machines`` lists every boot."""
+
+    name = "fake"
+
+    def __init__(self, handler: Handler = env_handler) -> None:
+        self.handler = handler
+        self.machines: list[FakeMachine] = []
+
+    def available(self) -> Availability:
+        return Availability(True, "fake backend (no VM is booted)")
+
+    def command(self, config: BootConfig) -> list[str]:
+        return ["fake-vmm", *(str(d.path) for d in config.disks)]
+
+    def boot(self, config: BootConfig) -> FakeMachine:
+        check_boot_files(config)
+        if len(config.disks) <= CONFIG_DISK_INDEX:
+            raise VMError("fake guest: no config disk (/dev/vdc) attached")
+        run = read_run_config(config.disks[CONFIG_DISK_INDEX].path)
+        machine = FakeMachine(config, self.handler(run), run)
+        self.machines.append(machine)
+        return machine
