@@ -1,10 +1,17 @@
-"""Keep every test away from the developer's own microagent configuration."""
+"""Shared test set-up: the testenv fixtures, and isolation from the user's own config."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
+
+pytest_plugins = ["testenv.pytest_plugin"]
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,112 @@
+"""pytest plugin: a real local OCI registry and the stand-in images, for every test tier.
+
+- ``registry`` (session): ``docker-registry`` on 127.0.0.1:<free port>, data in a tmp dir;
+  ``registry.host`` is ``"127.0.0.1:PORT"``, ``registry.url`` is ``"http://127.0.0.1:PORT"``.
+- ``busybox_layout`` / ``python_layout`` (session): the stand-in OCI layouts from the testenv cache
+  (``$MICROAGENT_TESTENV_CACHE``, default ``~/.cache/microagent-testenv``), built if missing.
+- ``busybox_image`` / ``python_image`` (session): those pushed to ``registry`` as
+  ``HOST/library/busybox:latest`` and ``HOST/library/python:3.13-slim``; each has ``.ref``,
+  ``.ref_by_digest``, ``.digest`` (manifest), ``.layout``.
+
+A missing tool (or no root to run debootstrap for an uncached python stand-in) skips the test
+locally, but fails it when ``CI=true``: CI must never go green by skipping.
+Tests using the python stand-in are marked ``slow`` automatically (the first build takes ~45 s).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+from microagent._run import find_tool
+from microagent.errors import ToolError
+from testenv import standin
+from testenv.registry import RegistryHandle, start_registry
+
+PYTHON_FIXTURES = {"python_layout", "python_image"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: uses the python stand-in image (~45 s to build once, then cached)"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PYTHON_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in {"true", "1", "yes"}
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip locally; fail under CI=true (a skipped integration test hides a broken CI image)."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: failing instead of skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_tools(*names: str) -> None:
+    for name in names:
+        try:
+            find_tool(name)
+        except ToolError as exc:
+            unavailable(f"{exc.message}; {exc.hint}")
+
+
+@pytest.fixture(scope="session")
+def testenv_cache() -> Path:
+    return standin.default_cache_dir()
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryHandle]:
+    require_tools("docker-registry")
+    handle = start_registry(tmp_path_factory.mktemp("registry"))
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+@pytest.fixture(scope="session")
+def busybox_layout(testenv_cache: Path) -> standin.BuiltImage:
+    if not standin.BUSYBOX.is_file():
+        unavailable(
+            f"{standin.BUSYBOX} is missing; install it, e.g. `apt-get install busybox-static`"
+        )
+    return standin.build_busybox(testenv_cache)
+
+
+@pytest.fixture(scope="session")
+def python_layout(testenv_cache: Path) -> standin.BuiltImage:
+    if standin.cached_layout(standin.python_recipe(), testenv_cache) is None:
+        require_tools("debootstrap")
+        if os.geteuid() != 0:
+            unavailable(
+                "building the python stand-in needs root (debootstrap) and it is not cached"
+            )
+    return standin.build_python(testenv_cache)
+
+
+@pytest.fixture(scope="session")
+def busybox_image(
+    registry: RegistryHandle, busybox_layout: standin.BuiltImage
+) -> standin.PushedImage:
+    require_tools("skopeo")
+    return standin.push(busybox_layout, registry.host)
+
+
+@pytest.fixture(scope="session")
+def python_image(
+    registry: RegistryHandle, python_layout: standin.BuiltImage
+) -> standin.PushedImage:
+    require_tools("skopeo")
+    return standin.push(python_layout, registry.host)
