@@ -143,7 +143,9 @@ class UpperEntry:
     meta: PathMeta  # type, permission bits, owner, mtime, device numbers
     opaque: bool = False  # a directory hiding everything below it in lower layers
     target: str = ""  # symlink target
-    content: Path | None = None  # where a regular file's bytes can be read
+    # A regular file's bytes: a file to open, or a stream positioned at them (read in
+    # the order write_upper_tar writes entries; only the first name of a hard link reads)
+    content: Path | BinaryIO | None = None
     size: int = 0
     link_key: Hashable = None
 
@@ -176,6 +178,24 @@ def write_upper_tar(
         for entry in sorted(entries, key=UpperEntry.tar_parts):
             count += _add(tf, entry, mtime, links)
     return count
+
+
+@dataclass(frozen=True)
+class ExportedLayer:
+    """An uncompressed layer tar that was written: its diff_id, size and member count."""
+
+    diff_id: Digest
+    size: int
+    entries: int
+
+
+def export_entries(
+    entries: Iterable[UpperEntry], out: BinaryIO, *, mtime: int | None = None
+) -> ExportedLayer:
+    """Write ``entries`` as an uncompressed layer tar to ``out`` (see :func:`write_upper_tar`)."""
+    writer = _HashingWriter(out)
+    count = write_upper_tar(entries, writer, mtime=mtime)
+    return ExportedLayer(writer.digest(), writer.size, count)
 
 
 def _dir_entries(directory: Path, parts: tuple[str, ...]) -> Iterator[UpperEntry]:
@@ -248,8 +268,11 @@ def _add_file(
     if entry.content is None:
         raise BuildError(f"{info.name}: no content to export")
     info.size = entry.size
-    with entry.content.open("rb") as fh:
-        tf.addfile(info, fh)
+    if isinstance(entry.content, Path):
+        with entry.content.open("rb") as fh:
+            tf.addfile(info, fh)
+    else:
+        tf.addfile(info, entry.content)
 
 
 def _info(name: str, meta: PathMeta, mtime: int, mode: int) -> tarfile.TarInfo:
