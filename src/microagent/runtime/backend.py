@@ -95,7 +95,7 @@ class BootConfig:
     disks: tuple[Disk, ...]
     state_dir: Path
     memory_mib: int = 1024
-    cpus: int = 1
+    cpus: int = 0  # 0: the backend chooses
     network: NetworkConfig = NetworkConfig()
     machine: MachineType = MachineType.MICROVM
     accel: Accel = Accel.AUTO

@@ -90,7 +90,7 @@ def write_initramfs(path: Path, entries: Iterable[CpioEntry], *, level: int = 1)
     """Write a gzip-compressed newc archive (mtime 0 in the gzip header, so reproducible)."""
     with (
         path.open("wb") as raw,
-        gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level, mtime=0) as gz,
+        gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=level, mtime=0) as gz,
     ):
         write_cpio(gz, entries)  # type: ignore[arg-type]
 
