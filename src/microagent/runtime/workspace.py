@@ -5,7 +5,8 @@ Layout under ``<home>/workspaces/<name>/``::
     workspace.json   the record (mode 0600: it holds the --env values, nothing else does)
     state.ext4       the workspace's own writable disk (overlay upper), kept until delete
     runtime/         runtime.json (current state), events.jsonl, serial.log, result.json,
-                     config.tar (regenerated every start), supervisor.log
+                     config.tar (regenerated every start), supervisor.log, vm/ (the VMM's
+                     sockets and serial.log; elsewhere if the path is too long for sockets)
 
 The shared root filesystem lives in the store and is only referenced here. The runtime never
 sees YAML: a record is plain data written by ``create``.
@@ -183,7 +184,9 @@ class Workspace:
 
     @property
     def serial_log(self) -> Path:
-        return self.run_dir / "serial.log"
+        """The guest console log (in the VM directory recorded at start)."""
+        vm_dir = self.runtime().get("vmDir")
+        return Path(vm_dir) / "serial.log" if vm_dir else self.run_dir / "vm" / "serial.log"
 
     def record(self) -> Record:
         data = read_json(self.record_path)

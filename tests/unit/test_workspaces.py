@@ -1,0 +1,200 @@
+"""Workspaces end to end through the CLI with the fake backend (no VM, real supervisor).
+
+The base image is the busybox stand-in as a local OCI layout, so nothing needs a network; the
+guest kit is replaced by placeholder files (the fake backend boots nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from microagent.cli import main
+from testenv import standin
+
+SECRET = "sk-unit-secret-0042"
+
+
+@pytest.fixture
+def project(
+    tmp_path: Path, busybox_layout: standin.BuiltImage, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    home = tmp_path / "home"
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    (kit / "vmlinuz").write_bytes(b"kernel")
+    (kit / "initrd").write_bytes(b"initrd")
+    monkeypatch.setenv("MICROAGENT_HOME", str(home))
+    monkeypatch.setenv("MICROAGENT_BACKEND", "fake")
+    monkeypatch.setenv("MICROAGENT_KERNEL", str(kit / "vmlinuz"))
+    monkeypatch.setenv("MICROAGENT_INITRD", str(kit / "initrd"))
+    monkeypatch.delenv("MICROAGENT_FAKE", raising=False)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    shutil.copytree(busybox_layout.layout, proj / "layout")
+    (proj / "note.txt").write_text("hello\n")
+    (proj / "microagent.yaml").write_text(
+        "name: ws\n"
+        "image: oci:layout:latest\n"
+        "setup: [mkdir -p /workspace]\n"
+        "files: [{src: note.txt, dst: /app/note.txt}]\n"
+        "entrypoint: cat /app/note.txt\n"
+        "outputs: [{name: result, path: /workspace/result.json}]\n"
+    )
+    return proj
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str, code: int = 0) -> dict[str, Any]:
+    capsys.readouterr()
+    got = main(["--json", *args])
+    out = capsys.readouterr().out
+    assert got == code, out
+    return json.loads(out) if out.strip() else {}
+
+
+def outcome(monkeypatch: pytest.MonkeyPatch, **fields: Any) -> None:
+    monkeypatch.setenv("MICROAGENT_FAKE", json.dumps(fields))
+
+
+def wait_state(capsys: pytest.CaptureFixture[str], name: str, states: set[str]) -> str:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        state = str(run(capsys, "status", name)["event"]["state"])
+        if state in states:
+            return state
+        time.sleep(0.1)
+    pytest.fail(f"{name} never reached {states}")
+
+
+def test_create_start_result_delete(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = str(project / "microagent.yaml")
+    created = run(capsys, "create", "-f", spec, "-e", f"API_KEY={SECRET}")
+    assert (created["state"], created["setupBoots"], created["stepsBuilt"]) == ("prepared", 1, 1)
+    home = Path(os.environ["MICROAGENT_HOME"])
+    record = home / "workspaces" / "ws" / "workspace.json"
+    assert record.stat().st_mode & 0o777 == 0o600
+    assert SECRET in record.read_text()
+    for path in (home / "store").rglob("*"):
+        assert not path.is_file() or SECRET.encode() not in path.read_bytes(), path
+
+    result = {"request_id": "r1", "status": "completed"}
+    outcome(
+        monkeypatch,
+        stdout="hello\n",
+        outputs={"result": {"path": "/workspace/result.json", "content": json.dumps(result)}},
+    )
+    run(capsys, "start", "ws")
+    assert wait_state(capsys, "ws", {"stopped", "failed"}) == "stopped"
+    status = run(capsys, "status", "ws")
+    assert status["ok"] and status["readiness"]["resultReady"]["ready"]
+    assert status["result"]["workResult"] == result
+    assert run(capsys, "result", "ws")["result"]["stdout"] == "hello\n"
+    events = [e["event"] for e in run(capsys, "events", "ws")["events"]]
+    assert events[:1] == ["prepared"] and events[-2:] == ["stopped", "supervisor-exit"]
+
+    again = run(capsys, "create", "-f", spec, "--name", "ws2")
+    assert (again["setupBoots"], again["stepsCached"]) == (0, 1)
+    assert [w["name"] for w in run(capsys, "list")["workspaces"]] == ["ws", "ws2"]
+    assert run(capsys, "delete", "-y", "ws", "ws2")["results"][0]["deleted"]
+    assert run(capsys, "delete", "-y", "ws")["results"][0]["deleted"] is False
+    assert run(capsys, "list")["workspaces"] == []
+
+
+def test_name_clash_and_unknown_workspace(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = str(project / "microagent.yaml")
+    run(capsys, "create", "-f", spec)
+    clash = run(capsys, "create", "-f", spec, code=1)
+    assert clash["error"]["kind"] == "conflict"
+    missing = run(capsys, "status", "nope", code=1)
+    assert missing["error"]["kind"] == "not_found"
+    assert run(capsys, "result", "ws", code=1)["error"]["message"].startswith(
+        "workspace 'ws' has no result yet"
+    )
+
+
+def test_failed_setup_leaves_nothing(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outcome(monkeypatch, exitCode=3, stderr="boom\n")
+    failed = run(capsys, "create", "-f", str(project / "microagent.yaml"), code=1)
+    assert "setup step failed (exit code 3)" in failed["error"]["message"]
+    assert "boom" in failed["error"]["message"]
+    home = Path(os.environ["MICROAGENT_HOME"])
+    assert list((home / "workspaces").iterdir()) == []
+    kinds = [json.loads(p.read_text())["kind"] for p in (home / "store").glob("keys/*.json")]
+    assert kinds == ["base"], "nothing may be cached for the failed step"
+    assert len(list((home / "store").glob("rootfs/*.ext4"))) == 1
+    monkeypatch.delenv("MICROAGENT_FAKE")
+    assert run(capsys, "create", "-f", str(project / "microagent.yaml"))["stepsBuilt"] == 1
+
+
+def test_entrypoint_failure_and_wait_exit_code(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run(capsys, "create", "-f", str(project / "microagent.yaml"))
+    outcome(monkeypatch, exitCode=5, stderr="bad\n")
+    capsys.readouterr()
+    assert main(["start", "ws", "--wait"]) == 5
+    status = run(capsys, "status", "ws")
+    assert status["ok"] is False and status["event"]["state"] == "failed"
+    assert status["event"]["detail"] == "entrypoint exited with code 5"
+
+
+def test_running_workspace_refuses_start_cp_delete_then_halts(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    run(capsys, "create", "-f", str(project / "microagent.yaml"))
+    outcome(monkeypatch, hang=True)
+    run(capsys, "start", "ws")
+    assert wait_state(capsys, "ws", {"running"}) == "running"
+    assert run(capsys, "start", "ws", code=1)["error"]["kind"] == "conflict"
+    src = tmp_path / "f.txt"
+    src.write_text("x")
+    assert "halt" in run(capsys, "cp", str(src), "ws:/tmp/f.txt", code=1)["error"]["hint"]
+    assert run(capsys, "delete", "-y", "ws", code=1)["error"]["kind"] == "conflict"
+    assert run(capsys, "halt", "ws")["state"] == "halted"
+    assert run(capsys, "halt", "ws")["state"] == "halted"
+    run(capsys, "cp", str(src), "ws:/tmp/f.txt")
+    copied = tmp_path / "back.txt"
+    run(capsys, "cp", "ws:/tmp/f.txt", str(copied))
+    assert copied.read_text() == "x"
+
+
+def test_dead_supervisor_is_reported_as_failed(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run(capsys, "create", "-f", str(project / "microagent.yaml"))
+    outcome(monkeypatch, hang=True)
+    run(capsys, "start", "ws")
+    wait_state(capsys, "ws", {"running"})
+    runtime = json.loads(
+        (Path(os.environ["MICROAGENT_HOME"]) / "workspaces/ws/runtime/runtime.json").read_text()
+    )
+    os.killpg(runtime["supervisorPid"], signal.SIGKILL)
+    time.sleep(0.3)
+    status = run(capsys, "status", "ws")
+    assert status["event"]["state"] == "failed"
+    assert "supervisor process died" in status["event"]["detail"]
+    assert run(capsys, "delete", "-y", "ws")["results"][0]["deleted"]
+
+
+def test_force_delete_kills_a_running_workspace(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run(capsys, "create", "-f", str(project / "microagent.yaml"))
+    outcome(monkeypatch, hang=True)
+    run(capsys, "start", "ws")
+    wait_state(capsys, "ws", {"running"})
+    assert run(capsys, "delete", "--force", "ws")["results"][0]["deleted"]

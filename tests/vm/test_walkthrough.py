@@ -1,0 +1,123 @@
+"""The product page's walkthrough, for real: registry, setup VMs, the agent in a microVM.
+
+The model is a scripted stand-in for the Anthropic Messages API on the host; the guest reaches
+it only through the explicit guest->host forward (``--host-forward``) via
+``ANTHROPIC_BASE_URL``. Everything else is real: the python:3.13-slim stand-in pulled from a
+local registry through the mirror config, ``pip install pydantic anthropic`` in a setup VM, the
+agent's own ``pip install rich`` inside the workspace, the disk kept across halt/start.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from microagent.cli import main
+from testenv import standin
+from testenv.registry import RegistryHandle
+from testenv.scripted_model import ScriptedModel
+
+pytestmark = pytest.mark.vm
+ROOT = Path(__file__).parents[2]
+GUEST_PORT = 8080
+RUN_TIMEOUT = 900
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    """Run a command with --json, return its document; fail with its error otherwise."""
+    capsys.readouterr()
+    code = main(["--json", *args])
+    out = capsys.readouterr().out
+    data: dict[str, Any] = json.loads(out) if out.strip() else {}
+    assert code == 0, f"microagent {' '.join(args)} exited {code}: {out}"
+    return data
+
+
+@pytest.fixture
+def model() -> Iterator[ScriptedModel]:
+    with ScriptedModel() as server:
+        yield server
+
+
+@pytest.fixture
+def env(
+    vm_home: Path, registry: RegistryHandle, python_image: standin.PushedImage,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Path:  # fmt: skip
+    monkeypatch.setenv("MICROAGENT_HOME", str(vm_home))
+    monkeypatch.setenv("MICROAGENT_REGISTRY_MIRRORS", f"docker.io={registry.url}")
+    monkeypatch.setenv("MICROAGENT_EXTRA_CA", "host")
+    return vm_home
+
+
+def _wait_stopped(capsys: pytest.CaptureFixture[str], name: str) -> dict[str, Any]:
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while time.monotonic() < deadline:
+        status = cli(capsys, "status", name)
+        if status["event"]["state"] in ("stopped", "failed", "halted"):
+            return status
+        time.sleep(2)
+    pytest.fail(f"{name} did not finish within {RUN_TIMEOUT}s")
+
+
+def test_walkthrough(
+    env: Path, model: ScriptedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = tmp_path / "minimal-agent"
+    shutil.copytree(ROOT / "examples" / "minimal-agent", project)
+    spec = str(project / "microagent.yaml")
+    secret = "sk-ant-walkthrough-secret-4711"
+    created = cli(
+        capsys, "create", "--file", spec, "--env", f"ANTHROPIC_API_KEY={secret}",
+        "--env", f"ANTHROPIC_BASE_URL=http://10.0.2.100:{GUEST_PORT}",
+        "--host-forward", f"{GUEST_PORT}={model.port}",
+    )  # fmt: skip
+    assert created["workspace"] == "minimal-agent"
+
+    cli(capsys, "cp", str(project / "demo/input-001.json"), "minimal-agent:/workspace/input.json")
+    cli(capsys, "start", "minimal-agent")
+    status = _wait_stopped(capsys, "minimal-agent")
+    assert status["event"]["state"] == "stopped", status
+    first = cli(capsys, "result", "minimal-agent")["result"]["workResult"]
+    assert first["request_id"] == "req-001" and first["status"] == "completed", first
+    assert "Largest files under /usr" in first["content"]
+
+    script = tmp_path / "biggest.py"
+    cli(capsys, "cp", "minimal-agent:/workspace/biggest.py", str(script))
+    rendered = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, check=False
+    )
+    assert rendered.returncode == 0 and "Largest files under /usr" in rendered.stdout
+
+    cli(capsys, "halt", "minimal-agent")
+    cli(capsys, "cp", str(project / "demo/input-002.json"), "minimal-agent:/workspace/input.json")
+    cli(capsys, "start", "minimal-agent")
+    assert _wait_stopped(capsys, "minimal-agent")["event"]["state"] == "stopped"
+    second = cli(capsys, "result", "minimal-agent")["result"]["workResult"]
+    assert second["request_id"] == "req-002" and second["status"] == "completed"
+    assert "found the earlier script" in second["content"], second["content"]
+    assert "Modified" in second["content"]
+
+    again = cli(capsys, "create", "--file", spec, "--name", "minimal-agent-2")
+    assert again["setupBoots"] == 0 and again["stepsBuilt"] == 0
+
+    _assert_secret_kept_out(env, secret)
+    assert cli(capsys, "delete", "-y", "minimal-agent", "minimal-agent-2")["results"]
+
+
+def _assert_secret_kept_out(home: Path, secret: str) -> None:
+    """The --env value is only in the workspace record (mode 0600)."""
+    needle = secret.encode()
+    for path in (home / "store").rglob("*"):
+        if path.is_file():
+            assert needle not in path.read_bytes(), f"secret leaked into {path}"
+    record = home / "workspaces" / "minimal-agent" / "workspace.json"
+    assert record.stat().st_mode & 0o777 == 0o600
