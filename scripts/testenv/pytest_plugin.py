@@ -110,3 +110,10 @@ def python_image(
 ) -> standin.PushedImage:
     require_tools("skopeo")
     return standin.push(python_layout, registry.host)
+
+
+@pytest.fixture(scope="session")
+def vm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One MICROAGENT_HOME for a whole VM test session: the guest kit is fetched once."""
+    require_tools("qemu-system-x86_64", "mke2fs", "debugfs")
+    return tmp_path_factory.mktemp("vm-home")
