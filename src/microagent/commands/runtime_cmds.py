@@ -13,9 +13,9 @@ from microagent.commands._common import Ctx, pass_ctx
 
 def _store(ctx: Ctx) -> Any:
     from microagent.cache.store import Store
-    from microagent.config import home_dir
+    from microagent.config import home_dir, store_dir
 
-    return Store(home_dir(ctx.home))
+    return Store(store_dir(home_dir(ctx.home)))
 
 
 def _say(message: str) -> None:
@@ -37,6 +37,8 @@ def _parse_forward(text: str) -> Any:
 
 
 def _extra_ca(trust_host_ca: bool, ca_bundle: Path | None) -> bytes | None:
+    """Flags win; else the user's setting ($MICROAGENT_EXTRA_CA or guest.extraCA)."""
+    from microagent.config import extra_ca_bundle
     from microagent.runtime.oneshot import host_ca_bundle
 
     parts = []
@@ -44,7 +46,7 @@ def _extra_ca(trust_host_ca: bool, ca_bundle: Path | None) -> bytes | None:
         parts.append(host_ca_bundle())
     if ca_bundle is not None:
         parts.append(host_ca_bundle(ca_bundle))
-    return b"\n".join(parts) if parts else None
+    return b"\n".join(parts) if parts else extra_ca_bundle()
 
 
 @click.command(context_settings={"allow_interspersed_args": False})
