@@ -31,18 +31,68 @@ else
 fi
 export MICROAGENT_REGISTRY_MIRRORS="docker.io=http://$REGISTRY"
 
-say "validate the example agents"
+say "validate and plan the example agents"
 for spec in examples/*/microagent.yaml; do
   "$MA" validate --file "$spec"
 done
-
-say "plan examples/minimal-agent (the tag resolves through the mirror)"
-"$MA" plan --file examples/minimal-agent/microagent.yaml --env ANTHROPIC_API_KEY=never-shown
+"$MA" plan --file examples/minimal-agent/microagent.yaml
 
 say "a spec error is reported with file:line:col and a hint"
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+cleanup() { [ -n "${MODEL_PID:-}" ] && kill "$MODEL_PID" 2>/dev/null; rm -rf "$tmp"; }
+trap cleanup EXIT
 printf 'name: demo\nimage: python:3.13-slim\nentrypiont: python /app/agent.py\n' > "$tmp/microagent.yaml"
 "$MA" validate --file "$tmp/microagent.yaml" || echo "(exit code $? = invalid input)"
 
-say "next on the roadmap: image pull, then create/start/result in a microVM"
+# This machine reaches the internet through a TLS-intercepting proxy: guests trust the host's CA
+# bundle (runtime configuration, never baked into a layer).
+export MICROAGENT_EXTRA_CA=${MICROAGENT_EXTRA_CA:-host}
+if [ -n "${ANTHROPIC_API_KEY:-}" ]; then
+  say "model: the real Anthropic API (ANTHROPIC_API_KEY is set)"
+  MODEL_ARGS=(--env "ANTHROPIC_API_KEY=$ANTHROPIC_API_KEY")
+else
+  say "model: a scripted stand-in on the host (set ANTHROPIC_API_KEY to use Claude)"
+  MODEL_PORT=${MICROAGENT_DEMO_MODEL_PORT:-18089}
+  "$PY" scripts/testenv/scripted_model.py --port "$MODEL_PORT" & MODEL_PID=$!
+  MODEL_ARGS=(--env ANTHROPIC_API_KEY=scripted-demo-key
+              --env ANTHROPIC_BASE_URL=http://10.0.2.100:8080
+              --host-forward "8080=$MODEL_PORT")
+fi
+"$MA" delete -y minimal-agent minimal-agent-again >/dev/null 2>&1 || true
+
+say "microagent doctor"
+"$MA" doctor || true
+
+say "create (first time: pull, setup in a microVM, cache every step)"
+time "$MA" create --file examples/minimal-agent/microagent.yaml "${MODEL_ARGS[@]}"
+
+wait_for_result() {
+  until "$MA" --json status minimal-agent | "$PY" -c \
+      'import json,sys; s=json.load(sys.stdin)["event"]["state"]; sys.exit(s not in ("stopped","failed","halted"))'; do
+    sleep 3
+  done
+  "$MA" status minimal-agent
+  "$MA" result minimal-agent
+}
+
+say "request 1: install rich, write /workspace/biggest.py, run it"
+"$MA" cp examples/minimal-agent/demo/input-001.json minimal-agent:/workspace/input.json
+"$MA" start minimal-agent
+wait_for_result
+
+say "the script the agent wrote, copied out and run on the host"
+"$MA" cp minimal-agent:/workspace/biggest.py "$tmp/biggest.py"
+"$PY" "$tmp/biggest.py"
+
+say "halt, deliver request 2, start again: the disk kept biggest.py"
+"$MA" halt minimal-agent
+"$MA" cp examples/minimal-agent/demo/input-002.json minimal-agent:/workspace/input.json
+"$MA" start minimal-agent
+wait_for_result
+
+say "create the same spec again: a cache hit that boots nothing"
+time "$MA" create --file examples/minimal-agent/microagent.yaml --name minimal-agent-again "${MODEL_ARGS[@]}"
+
+say "clean up"
+"$MA" halt minimal-agent
+"$MA" delete -y minimal-agent minimal-agent-again

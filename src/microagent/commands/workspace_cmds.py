@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -146,9 +145,20 @@ def result(ctx: Ctx, /, name: str) -> None:
     from microagent.runtime import lifecycle
 
     payload = lifecycle.result(_workspaces(ctx).get(name))
+    ctx.emit({"ok": True, "workspace": name, "result": payload}, _result_text(payload))
+
+
+def _result_text(payload: dict[str, Any]) -> str:
     work = payload.get("workResult")
-    text = json.dumps(work, indent=2) if work is not None else json.dumps(payload, indent=2)
-    ctx.emit({"ok": True, "workspace": name, "result": payload}, text)
+    head = f"exit code {payload.get('exitCode')}"
+    if not isinstance(work, dict):
+        tail = payload.get("stderr") or payload.get("stdout") or ""
+        return f"{head}; no WorkResult (declared output `result`)\n{tail}".rstrip()
+    lines = [f"{work.get('request_id', '?')}: {work.get('status', '?')} ({head})"]
+    if work.get("error"):
+        lines.append(f"error: {work['error']}")
+    lines.append(str(work.get("content") or ""))
+    return "\n".join(lines)
 
 
 @click.command()
