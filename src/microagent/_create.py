@@ -11,21 +11,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from microagent import api
 from microagent.cache.builder import BuildContext, BuiltRootfs, ensure_rootfs
-from microagent.cache.images import pull_base
+from microagent.cache.images import BaseImage, pull_base
 from microagent.cache.store import Store
 from microagent.compiler.files import FileTree
+from microagent.compiler.image import host_platform
 from microagent.compiler.overrides import Overrides, RuntimeEnv
 from microagent.compiler.plan import BuildPlan, StepKind, compile_plan
 from microagent.compiler.spec import Spec
 from microagent.config import extra_ca_bundle, store_dir, workspaces_dir
 from microagent.errors import BuildError, InvalidInputError
 from microagent.runtime.diskcopy import make_state_disk
-from microagent.runtime.guestkit import resolve_kit
 from microagent.runtime.supervisor import get_backend
 from microagent.runtime.workspace import DeclaredFile, Record, Workspace, Workspaces
+
+if TYPE_CHECKING:
+    from microagent.runtime.guestkit import GuestKit
 
 Say = Callable[[str], None]
 HostForwards = tuple[tuple[int, int], ...]
@@ -55,8 +59,13 @@ class CreateReport:
     rootfs: BuiltRootfs
     seconds: float
     boots: int
+    remote: dict[str, object] | None = None
+    published: tuple[dict[str, object], ...] = ()
 
     def to_json(self) -> dict[str, object]:
+        extra: dict[str, object] = {"remote": self.remote} if self.remote else {}
+        if self.published:
+            extra["published"] = list(self.published)
         return {
             "ok": True,
             "workspace": self.workspace.name,
@@ -70,6 +79,7 @@ class CreateReport:
             "steps": [
                 {"kind": s.kind.value, "key": s.key, "label": s.label} for s in self.plan.steps
             ],
+            **extra,
         }
 
 
@@ -90,6 +100,31 @@ class _Parts:
     built: BuiltRootfs
     files: tuple[DeclaredFile, ...]
     base_env: dict[str, str]
+
+
+@dataclass(frozen=True)
+class BuildOutcome:
+    """What building a plan did: the plan, its rootfs, setup boots, and remote cache use."""
+
+    plan: BuildPlan
+    built: BuiltRootfs
+    boots: int
+    base: BaseImage
+    remote: dict[str, object] | None = None
+
+
+def _require_buildable(store: Store, plan: BuildPlan, platform: str) -> None:
+    """Setup steps only run on the host's platform; other platforms need cache hits."""
+    from microagent.cache.builder import setup_record
+
+    steps = plan.of_kind(StepKind.SETUP)
+    if platform == host_platform() or not steps or setup_record(store, steps[-1].key):
+        return
+    raise BuildError(
+        f"setup steps for {platform} cannot run on this {host_platform()} machine",
+        hint="build on a machine of that platform and push (`build --push`), then use "
+        "--cache-from here",
+    )
 
 
 def _record(spec: Spec, parts: _Parts, env: RuntimeEnv, forwards: HostForwards) -> Record:
@@ -131,26 +166,28 @@ class Creator:
     output: Callable[[bytes], None] | None = None
     backend_name: str = "qemu"
     timeout: float | None = None
+    cache_from: tuple[str, ...] = ()  # --cache-from flags; empty: the configured default
+    cache_to: str | None = None  # --cache-to flag; None: the configured default
+    platform: str | None = None
 
     def store(self) -> Store:
         return Store(store_dir(self.home))
 
     def build(self, spec: Spec, env: RuntimeEnv) -> tuple[BuildPlan, BuiltRootfs, int]:
+        outcome = self.build_all(spec, env)
+        return outcome.plan, outcome.built, outcome.boots
+
+    def build_all(self, spec: Spec, env: RuntimeEnv) -> BuildOutcome:
+        """Resolve, plan, take what remote caches have, pull and build the rest."""
         store = self.store()
-        image = api.resolve_image(spec)
+        image = api.resolve_image(spec, self.platform)
         plan = compile_plan(spec, image, runtime_env_keys=env.names)
-        base = pull_base(
-            store, spec.image, base_dir=spec.base_dir, resolved=image, progress=self.say
-        )
-        if base.key != plan.steps[0].key:
-            raise BuildError(
-                "pulled base image does not match the plan (the tag moved?)",
-                hint="run `microagent lock --update` and try again",
-            )
-        self.say(f"[base] {spec.image}  {'CACHED' if base.cached else 'PULLED'}")
+        remote = self._restore(store, plan)
+        base = self._base(store, spec, plan)
+        _require_buildable(store, plan, image.platform)
         ctx = BuildContext(
             store,
-            lambda: resolve_kit(store, progress=self.say),
+            lambda: _kit(store, self.say),
             lambda: get_backend(self.backend_name),
             extra_ca_bundle(),
             self.say,
@@ -158,7 +195,54 @@ class Creator:
             self.timeout,
         )
         built = ensure_rootfs(ctx, plan, base)
-        return plan, built, ctx.boots
+        return BuildOutcome(plan, built, ctx.boots, base, remote)
+
+    def _restore(self, store: Store, plan: BuildPlan) -> dict[str, object] | None:
+        from microagent.cache.remote import cache_from_refs, open_source
+        from microagent.cache.restore import Restorer
+
+        refs = cache_from_refs(self.cache_from)
+        restorer = Restorer(store, [open_source(ref) for ref in refs], self.say)
+        restorer.restore_plan(plan)
+        return {**restorer.stats.to_json(), "warnings": restorer.warnings} if refs else None
+
+    def _base(self, store: Store, spec: Spec, plan: BuildPlan) -> BaseImage:
+        from microagent.cache.restore import recorded_base
+
+        base = recorded_base(store, plan)
+        if base is None:
+            base = pull_base(
+                store, spec.image, base_dir=spec.base_dir, resolved=plan.image, progress=self.say
+            )
+        if base.key != plan.steps[0].key:
+            raise BuildError(
+                "pulled base image does not match the plan (the tag moved?)",
+                hint="run `microagent lock --update` and try again",
+            )
+        self.say(f"[base] {spec.image}  {'CACHED' if base.cached else 'PULLED'}")
+        return base
+
+    def publish(self, plan: BuildPlan, *, push: str | None = None) -> list[dict[str, object]]:
+        """Send the built steps to ``--cache-to`` (or its default) and the image to ``push``."""
+        from microagent.cache.publish import prepare, publish, record_files_and_config
+        from microagent.cache.remote import CacheRef, cache_to_ref, open_target, parse_cache_ref
+
+        targets: list[tuple[CacheRef, str | None]] = []
+        cache_to = cache_to_ref(self.cache_to)
+        if cache_to is not None:
+            targets.append((cache_to, None))
+        if push:
+            ref = parse_cache_ref(push)
+            targets = [t for t in targets if t[0].where != ref.where] + [(ref, ref.tag)]
+        if not targets:
+            return []
+        store = self.store()
+        record_files_and_config(store, plan)
+        reports = []
+        for ref, tag in targets:
+            publication = prepare(store, plan.config_step.key, image_tag=tag)
+            reports.append(publish(publication, open_target(ref), self.say).to_json())
+        return reports
 
     def create(
         self,
@@ -179,22 +263,35 @@ class Creator:
         spaces = Workspaces(workspaces_dir(self.home))
         tmp = spaces.reserve(spec.name)
         try:
-            plan, built, boots = self.build(spec, env)
-            base_env = _image_env(self.store(), plan)
+            outcome = self.build_all(spec, env)
+            plan, built = outcome.plan, outcome.built
+            published = self.publish(plan)
             files = _capture_files(self.store(), plan.files)
-            record = _record(spec, _Parts(plan, built, files, base_env), env, forwards)
+            parts = _Parts(plan, built, files, _image_env(outcome.base))
+            record = _record(spec, parts, env, forwards)
             ws = _write_workspace(Workspace(tmp), record)
             ws = spaces.publish(spec.name, tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return CreateReport(ws, plan, built, time.monotonic() - began, boots)
+        seconds = time.monotonic() - began
+        return CreateReport(
+            ws, plan, built, seconds, outcome.boots, outcome.remote, tuple(published)
+        )
 
 
-def _image_env(store: Store, plan: BuildPlan) -> dict[str, str]:
-    from microagent.cache.images import base_env
+def _kit(store: Store, say: Say) -> GuestKit:
+    from microagent.runtime.guestkit import resolve_kit
 
-    return base_env(store, plan.steps[0].key)
+    return resolve_kit(store, progress=say)
+
+
+def _image_env(base: BaseImage) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in base.env:
+        name, _, value = item.partition("=")
+        env[name] = value
+    return env
 
 
 def _write_workspace(ws: Workspace, record: Record) -> Workspace:

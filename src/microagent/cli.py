@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from microagent import __version__
-from microagent.commands import image_cmds, runtime_cmds, spec, workspace_cmds
+from microagent.commands import image_cmds, remote_cmds, runtime_cmds, spec, workspace_cmds
 from microagent.commands._common import Ctx
 from microagent.errors import EXIT_FAILURE, EXIT_INVALID, MicroagentError
 
@@ -35,7 +35,7 @@ def cli(ctx: click.Context, as_json: bool, debug: bool, home: Path | None) -> No
     ctx.obj = Ctx(json=as_json, debug=debug, home=home)
 
 
-for _module in (spec, image_cmds, workspace_cmds, runtime_cmds):
+for _module in (spec, image_cmds, workspace_cmds, runtime_cmds, remote_cmds):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microagent._run import run
 from microagent.cache.images import BaseImage, rootfs_entry
@@ -29,7 +29,9 @@ from microagent.errors import BuildError
 from microagent.runtime.backend import Backend, BootConfig, Disk, GuestResult, NetworkConfig
 from microagent.runtime.configdisk import GuestNetwork, NetworkMode, RunConfig, write_config_disk
 from microagent.runtime.diskcopy import make_state_disk
-from microagent.runtime.guestkit import GuestKit
+
+if TYPE_CHECKING:
+    from microagent.runtime.guestkit import GuestKit
 
 SETUP_DISK_MIB = 16384
 SETUP_MEMORY_MIB = 2048
@@ -90,15 +92,28 @@ def setup_record(store: Store, key: str) -> dict[str, Any] | None:
     return record if store.has_entry(str(record.get("rootfs", ""))) else None
 
 
+def _resume_point(store: Store, steps: Sequence[Step]) -> int:
+    """How many leading setup steps the deepest cached one covers (its record holds the
+    whole layer chain, so earlier steps need no record or rootfs of their own)."""
+    for index in range(len(steps), 0, -1):
+        if setup_record(store, steps[index - 1].key) is not None:
+            return index
+    return 0
+
+
 def ensure_rootfs(ctx: BuildContext, plan: BuildPlan, base: BaseImage) -> BuiltRootfs:
-    """The plan's root filesystem, building the setup steps that are not cached."""
+    """The plan's root filesystem, building the setup steps after the deepest cached one."""
     base_record = ctx.store.get_key(base.key) or {}
     layers: list[Mapping[str, Any]] = list(base_record.get("layers") or [])  # type: ignore[call-overload]
-    rootfs, built, cached = base.rootfs, 0, 0
+    rootfs, built = base.rootfs, 0
     steps = plan.of_kind(StepKind.SETUP)
     env = image_env(base)
+    cached = _resume_point(ctx.store, steps)
     for index, step in enumerate(steps, start=1):
         label = f"[{index}/{len(steps)}] setup {step.label}"
+        if index < cached:
+            ctx.say(f"{label}  CACHED")
+            continue
         record = setup_record(ctx.store, step.key)
         if record is None:
             ctx.say(f"{label}")
@@ -108,7 +123,6 @@ def ensure_rootfs(ctx: BuildContext, plan: BuildPlan, base: BaseImage) -> BuiltR
             built += 1
         else:
             ctx.say(f"{label}  CACHED")
-            cached += 1
         layers = list(record["layers"])
         rootfs = ctx.store.entry_path(str(record["rootfs"]))
     key = steps[-1].key if steps else base.key

@@ -52,6 +52,10 @@ class Layout:
         with handle:
             yield handle
 
+    def entries(self) -> tuple[oci.Descriptor, ...]:
+        """Every entry of index.json (tags in their ``org.opencontainers.image.ref.name``)."""
+        return self._index().manifests
+
     def _index(self) -> oci.Index:
         try:
             doc = oci.load_document((self.path / "index.json").read_bytes(), "index.json")

@@ -24,6 +24,7 @@ from microagent.compiler.lock import LockEntry, ResolvedImage
 from microagent.errors import IntegrityError, NotFoundError, RegistryError
 
 TIMEOUT = (5.0, 60.0)  # connect, read
+PUSH_CHUNK = 64 << 20  # larger blobs are uploaded in PATCH chunks of this size
 
 
 @dataclass(frozen=True)
@@ -89,15 +90,38 @@ class _Session:
         self.registry.session.request = request
 
     def get(self, url: str, headers: dict[str, str], stream: bool = False) -> Any:
+        return self.request("GET", url, headers, stream=stream)
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        *,
+        data: bytes | BinaryIO | None = None,
+        stream: bool = False,
+    ) -> Any:
+        """One request through oras (auth, token), errors translated; never logs credentials."""
         import requests
 
+        where = _redacted(url)
         try:
-            return self.registry.do_request(url, "GET", headers=dict(headers), stream=stream)
+            return self.registry.do_request(
+                url, method, data=data, headers=dict(headers), stream=stream
+            )
         except requests.RequestException as exc:
             base = url.split("/v2/", maxsplit=1)[0]
             raise RegistryError(f"cannot reach {base}: {_short(exc)}") from exc
         except ValueError as exc:  # oras: "Cannot respond to request for authentication."
-            raise RegistryError(f"authentication failed for {url}: {exc}") from exc
+            raise RegistryError(f"authentication failed for {where}: {exc}") from exc
+
+
+def _redacted(url: str) -> str:
+    """A URL fit for messages: no query (upload state tokens), no userinfo."""
+    scheme, sep, rest = url.partition("://")
+    rest = rest.split("?", 1)[0]
+    rest = rest.rsplit("@", 1)[-1] if "@" in rest.split("/", 1)[0] else rest
+    return f"{scheme}{sep}{rest}"
 
 
 def _short(exc: BaseException) -> str:
@@ -213,6 +237,136 @@ class RegistryClient:
                 response.close()
             return
         raise RegistryError(f"cannot fetch blob {digest} of {ref.name}: " + "; ".join(problems))
+
+    def find_manifest(self, ref: ImageRef, reference: str) -> Fetched | None:
+        """Like :meth:`manifest`, but None when every endpoint says 404 (a cache miss)."""
+        problems: list[str] = []
+        for endpoint in self.config.endpoints(ref.registry):
+            url = endpoint.url(ref.repository, "manifests", reference)
+            try:
+                response = self._session(endpoint).get(url, {"Accept": oci.ACCEPT})
+            except RegistryError as exc:
+                problems.append(f"{endpoint}: {exc.message}")
+                continue
+            if response.status_code == 200:
+                return _verified(response.content, reference, response.headers, endpoint)
+            if response.status_code != 404:
+                problems.append(f"{endpoint}: {_status_error(response, 'manifest').message}")
+        if problems:
+            raise RegistryError(f"cannot look up {ref.name}:{reference}: " + "; ".join(problems))
+        return None
+
+    # -- push (to the registry itself, never to a mirror) ----------------------------------
+
+    def _origin(self, ref: ImageRef) -> tuple[Endpoint, _Session]:
+        endpoint = self.config.endpoints(ref.registry)[-1]
+        return endpoint, self._session(endpoint)
+
+    def blob_exists(self, ref: ImageRef, digest: str) -> bool:
+        """One HEAD: does the repository already hold this blob?"""
+        endpoint, session = self._origin(ref)
+        response = session.request("HEAD", endpoint.url(ref.repository, "blobs", digest), {})
+        if response.status_code in (200, 404):
+            return bool(response.status_code == 200)
+        raise _status_error(response, f"blob {digest[:19]} of {ref.name}")
+
+    def push_blob(
+        self, ref: ImageRef, digest: str, size: int, path: Path, *, chunk_size: int = PUSH_CHUNK
+    ) -> bool:
+        """Upload a verified local blob unless the repository has it; True when uploaded.
+
+        Blobs up to ``chunk_size`` go in one PUT (streamed from the file); larger ones in
+        PATCH chunks of ``chunk_size`` and a closing PUT.
+        """
+        if self.blob_exists(ref, digest):
+            return False
+        endpoint, session = self._origin(ref)
+        what = f"uploading blob {digest[:19]} to {ref.name}"
+        start = endpoint.url(ref.repository, "blobs", "uploads/")
+        response = session.request("POST", start, {"Content-Length": "0"})
+        location = _location(response, endpoint, what)
+        with path.open("rb") as fh:
+            if size > chunk_size:
+                location = _patch_chunks(
+                    session, endpoint, location, fh, size=chunk_size, what=what
+                )
+                body: BinaryIO | bytes = b""
+            else:
+                body = fh
+            headers = {"Content-Type": "application/octet-stream"}
+            headers["Content-Length"] = str(0 if size > chunk_size else size)
+            done = session.request("PUT", _with_digest(location, digest), headers, data=body)
+        if done.status_code not in (201, 204):
+            raise _push_error(done, what)
+        _check_digest_header(done.headers, digest, what)
+        return True
+
+    def push_manifest(self, ref: ImageRef, reference: str, data: bytes, media_type: str) -> str:
+        """PUT a manifest under a tag (or its digest); returns the digest the registry kept."""
+        endpoint, session = self._origin(ref)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        what = f"pushing manifest {ref.name}:{reference}"
+        url = endpoint.url(ref.repository, "manifests", reference)
+        response = session.request("PUT", url, {"Content-Type": media_type}, data=data)
+        if response.status_code not in (200, 201):
+            raise _push_error(response, what)
+        _check_digest_header(response.headers, digest, what)
+        return digest
+
+
+def _location(response: Any, endpoint: Endpoint, what: str) -> str:
+    if response.status_code != 202:
+        raise _push_error(response, what)
+    location = str(response.headers.get("Location", ""))
+    if not location:
+        raise RegistryError(f"{what}: the registry gave no upload location")
+    if location.startswith("/"):
+        location = f"{endpoint.scheme}://{endpoint.host}{location}"
+    return location
+
+
+def _with_digest(location: str, digest: str) -> str:
+    return location + ("&" if "?" in location else "?") + f"digest={digest}"
+
+
+def _patch_chunks(
+    session: _Session, endpoint: Endpoint, location: str, fh: BinaryIO, *, size: int, what: str
+) -> str:
+    offset = 0
+    while chunk := fh.read(size):
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(len(chunk)),
+            "Content-Range": f"{offset}-{offset + len(chunk) - 1}",
+        }
+        response = session.request("PATCH", location, headers, data=chunk)
+        location = _location(response, endpoint, what)
+        offset += len(chunk)
+    return location
+
+
+def _push_error(response: Any, what: str) -> RegistryError | NotFoundError:
+    code = response.status_code
+    detail = ""
+    try:
+        errors = response.json().get("errors") or []
+        detail = "; ".join(str(e.get("message", e.get("code", ""))) for e in errors)
+    except (ValueError, AttributeError):
+        pass
+    if code in (401, 403):
+        return RegistryError(
+            f"{what}: access denied (HTTP {code})",
+            hint="pushing needs write access: `docker login` for the registry "
+            "(credentials are read from the Docker config, never printed)",
+        )
+    suffix = f": {detail}" if detail else ""
+    return RegistryError(f"{what}: HTTP {code} {response.reason}{suffix}")
+
+
+def _check_digest_header(headers: Mapping[str, str], digest: str, what: str) -> None:
+    claimed = headers.get("Docker-Content-Digest")
+    if claimed and claimed != digest:
+        raise IntegrityError(f"{what}: the registry stored {claimed}, expected {digest}")
 
 
 def _verified(data: bytes, reference: str, headers: Mapping[str, str], where: Endpoint) -> Fetched:

@@ -36,8 +36,13 @@ def validate(ctx: Ctx, /, spec_file: Path, **kwargs: Any) -> None:
 @spec_file_option
 @override_options
 @click.option("--offline", is_flag=True, help="Never contact a registry; tags must be locked.")
+@click.option("--cache-from", "cache_from", multiple=True, metavar="REF",
+              help="Also look steps up in this remote cache (registry repository or oci:DIR; "
+              "repeatable; default $MICROAGENT_CACHE_FROM / `cache.from`).")  # fmt: skip
 @pass_ctx
-def plan(ctx: Ctx, /, spec_file: Path, offline: bool, **kwargs: Any) -> None:
+def plan(
+    ctx: Ctx, /, spec_file: Path, offline: bool, cache_from: tuple[str, ...], **kwargs: Any
+) -> None:
     """Show the build steps, their keys, and what is cached or must be built (and why)."""
     from microagent import api
     from microagent.cache.stepcache import StoreStepCache
@@ -46,9 +51,30 @@ def plan(ctx: Ctx, /, spec_file: Path, offline: bool, **kwargs: Any) -> None:
     from microagent.config import home_dir, store_dir
 
     env = parse_env(kwargs.get("env") or ())
-    cache = StoreStepCache(Store(store_dir(home_dir(ctx.home))))
+    cache: Any = StoreStepCache(Store(store_dir(home_dir(ctx.home))))
+    restorer = None if offline else _remote_lookup(ctx, cache, cache_from)
+    if restorer is not None:
+        from microagent.cache.restore import RemoteStepCache
+
+        cache = RemoteStepCache(cache, restorer)
     report = api.plan(spec_file, overrides_from(kwargs), env, cache, offline=offline)
-    ctx.emit(report.to_json(), _render_plan(report))
+    data = report.to_json()
+    if restorer is not None:
+        data["cacheFrom"] = [source.where for source in restorer.sources]
+        data["warnings"] = list(restorer.warnings)
+    ctx.emit(data, _render_plan(report))
+
+
+def _remote_lookup(ctx: Ctx, local: Any, flags: tuple[str, ...]) -> Any:
+    """A restorer for ``--cache-from`` (or the configured default), else None."""
+    from microagent.cache.remote import cache_from_refs, open_source
+    from microagent.cache.restore import Restorer
+
+    refs = cache_from_refs(flags)
+    if not refs:
+        return None
+    say = (lambda _m: None) if ctx.json else (lambda m: click.echo(m, err=True))
+    return Restorer(local.store, [open_source(ref) for ref in refs], say)
 
 
 def _render_plan(report: Any) -> str:
@@ -59,7 +85,9 @@ def _render_plan(report: Any) -> str:
     ]
     for status in report.status:
         step = status.step
-        mark = "CACHED" if status.cached else "BUILD "
+        mark = "BUILD "
+        if status.cached:
+            mark = "CACHED" if status.where == "local" else "REMOTE"
         why = status.where if status.cached else status.reason
         label = step.label if len(step.label) <= 40 else step.label[:39] + "…"
         lines.append(f"  {step.kind.value:<6} {step.short_key}  {mark}  {label:<40}  {why}")

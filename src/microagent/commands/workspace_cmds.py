@@ -61,6 +61,11 @@ def _err(message: str) -> None:
     help="GUEST_PORT=HOST_PORT: the guest reaches host 127.0.0.1:HOST_PORT at "
     "10.0.2.100:GUEST_PORT (e.g. a model proxy). Nothing else on the host is reachable.",
 )
+@click.option("--cache-from", "cache_from", multiple=True, metavar="REF",
+              help="Remote cache (registry repository or oci:DIR) to take built steps from; "
+              "repeatable (default $MICROAGENT_CACHE_FROM / `cache.from`).")  # fmt: skip
+@click.option("--cache-to", "cache_to", metavar="REF",
+              help="Publish the built steps to this registry repository or oci:DIR.")  # fmt: skip
 @pass_ctx
 def create(
     ctx: Ctx,
@@ -78,7 +83,8 @@ def create(
     quiet = ctx.json
     say = (lambda _m: None) if quiet else _err
     output = None if quiet else _stream_to_stderr
-    creator = Creator(_home(ctx), say, output, _backend_name(), timeout)
+    remote = {"cache_from": kwargs["cache_from"], "cache_to": kwargs["cache_to"]}
+    creator = Creator(_home(ctx), say, output, _backend_name(), timeout, **remote)
     forwards = parse_host_forwards(host_forward)
     report = creator.create(spec_file, overrides_from(kwargs), env, forwards)
     text = (

@@ -1,0 +1,315 @@
+"""Remote build cache through a real local OCI registry: two machines (two MICROAGENT_HOMEs),
+the fake VM backend (a setup step "runs" instantly, yields an empty layer, counts a boot)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from microagent._run import run as run_tool
+from microagent.cache.images import pull_base
+from microagent.cache.regconfig import RegistryConfig
+from microagent.cache.registry import RegistryClient
+from microagent.cache.steprecord import step_tag
+from microagent.cache.store import Store
+from microagent.cli import main
+from microagent.compiler.image import parse_image_ref
+from testenv import standin
+from testenv.pytest_plugin import require_tools
+from testenv.registry import RegistryHandle, start_registry
+
+pytestmark = pytest.mark.integration
+
+SECRET = "sk-remote-secret-7731"
+SPEC_ENV_VALUE = "spec-only-value-5521"
+SETUP = ["mkdir -p /workspace", "echo one > /workspace/one", "echo two > /workspace/two"]
+
+
+@dataclass
+class Machines:
+    """Two homes on one host, and the project both check out."""
+
+    a: Path
+    b: Path
+    project: Path
+    monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str]
+
+    @property
+    def spec(self) -> str:
+        return str(self.project / "microagent.yaml")
+
+    def cli(self, home: Path, *args: str, code: int = 0) -> dict[str, Any]:
+        self.monkeypatch.setenv("MICROAGENT_HOME", str(home))
+        self.capsys.readouterr()
+        got = main(["--json", *args])
+        captured = self.capsys.readouterr()
+        assert got == code, captured.out + captured.err
+        return json.loads(captured.out) if captured.out.strip() else {}
+
+    def write_spec(self, setup: list[str]) -> None:
+        (self.project / "microagent.yaml").write_text(
+            "name: ws\n"
+            "image: oci:layout:latest\n"
+            f"setup: {json.dumps(setup)}\n"
+            "files: [{src: note.txt, dst: /app/note.txt}]\n"
+            f"env: {{LOG_LEVEL: {SPEC_ENV_VALUE}}}\n"
+            "entrypoint: cat /app/note.txt\n"
+            "outputs: [{name: result, path: /workspace/result.json}]\n"
+        )
+
+
+@pytest.fixture
+def machines(
+    tmp_path: Path,
+    busybox_layout: standin.BuiltImage,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> Machines:
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    (kit / "vmlinuz").write_bytes(b"kernel")
+    (kit / "initrd").write_bytes(b"initrd")
+    monkeypatch.setenv("MICROAGENT_BACKEND", "fake")
+    monkeypatch.setenv("MICROAGENT_KERNEL", str(kit / "vmlinuz"))
+    monkeypatch.setenv("MICROAGENT_INITRD", str(kit / "initrd"))
+    for name in ("MICROAGENT_FAKE", "MICROAGENT_CACHE_FROM", "MICROAGENT_CACHE_TO"):
+        monkeypatch.delenv(name, raising=False)
+    project = tmp_path / "proj"
+    project.mkdir()
+    shutil.copytree(busybox_layout.layout, project / "layout")
+    (project / "note.txt").write_text("hello\n")
+    found = Machines(tmp_path / "a", tmp_path / "b", project, monkeypatch, capsys)
+    found.write_spec(SETUP)
+    return found
+
+
+def _repo(registry: RegistryHandle, request: pytest.FixtureRequest) -> str:
+    name = request.node.name.lower().replace("_", "-").strip("-")[:60]
+    return f"{registry.host}/team/{name}"
+
+
+def _wait_stopped(machines: Machines, home: Path, name: str) -> str:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        state = str(machines.cli(home, "status", name)["event"]["state"])
+        if state in ("stopped", "failed"):
+            return state
+        time.sleep(0.1)
+    pytest.fail(f"{name} never stopped")
+
+
+def _blob_data(registry: RegistryHandle, digest: str) -> Path:
+    hexd = digest.removeprefix("sha256:")
+    return next(registry.data_dir.rglob(f"blobs/sha256/{hexd[:2]}/{hexd}/data"))
+
+
+def _client(registry: RegistryHandle) -> RegistryClient:
+    return RegistryClient(RegistryConfig())
+
+
+def test_machine_b_creates_from_machine_a_push_without_setup_boots(
+    machines: Machines, registry: RegistryHandle, request: pytest.FixtureRequest
+) -> None:
+    repo = _repo(registry, request)
+    built = machines.cli(machines.a, "build", "-f", machines.spec, "--push", f"{repo}:v1",
+                         "-e", f"API_KEY={SECRET}")  # fmt: skip
+    assert built["setupBoots"] == 3
+    pushed = built["published"][0]
+    assert pushed["tags"][-1] == "v1" and len(pushed["tags"]) == 7  # 6 steps + image
+
+    planned = machines.cli(machines.b, "plan", "-f", machines.spec, "--cache-from", repo,
+                           "-e", "API_KEY=x")  # fmt: skip
+    assert [s["where"] for s in planned["steps"]] == [repo] * 6
+    assert all(s["cached"] for s in planned["steps"])
+
+    created = machines.cli(machines.b, "create", "-f", machines.spec, "--cache-from", repo,
+                           "-e", "API_KEY=another-value")  # fmt: skip
+    assert created["setupBoots"] == 0 and created["stepsBuilt"] == 0
+    assert created["rootfsKey"] == built["rootfsKey"]
+    assert created["remote"]["steps"] == [
+        {"key": built["rootfsKey"], "kind": "setup", "where": repo}
+    ]
+    store_b = machines.b / "store"
+    base_key = built["steps"][0]["key"].removeprefix("sha256:")
+    assert not (store_b / "rootfs" / f"{base_key}.ext4").exists(), "base rootfs is not needed"
+
+    machines.cli(machines.b, "start", "ws")
+    assert _wait_stopped(machines, machines.b, "ws") == "stopped"
+
+    again = machines.cli(machines.b, "create", "-f", machines.spec, "--name", "ws2")
+    assert (again["setupBoots"], again["rootfsKey"]) == (0, built["rootfsKey"])
+    local = machines.cli(machines.b, "plan", "-f", machines.spec)
+    assert local["steps"][3]["where"] == "local"
+
+
+def test_changed_setup_step_rebuilds_from_that_step_only(
+    machines: Machines, registry: RegistryHandle, request: pytest.FixtureRequest
+) -> None:
+    repo = _repo(registry, request)
+    machines.cli(machines.a, "build", "-f", machines.spec, "--push", repo)
+    machines.write_spec([SETUP[0], "echo changed > /workspace/one", SETUP[2]])
+
+    planned = machines.cli(machines.b, "plan", "-f", machines.spec, "--cache-from", repo)
+    marks = [(s["kind"], s["cached"], s["where"]) for s in planned["steps"]]
+    assert marks[:4] == [
+        ("base", True, repo),
+        ("setup", True, repo),
+        ("setup", False, None),
+        ("setup", False, None),
+    ]
+    created = machines.cli(machines.b, "create", "-f", machines.spec, "--cache-from", repo)
+    assert (created["setupBoots"], created["stepsBuilt"], created["stepsCached"]) == (2, 2, 1)
+    assert [s["kind"] for s in created["remote"]["steps"]] == ["setup"]
+    assert created["remote"]["steps"][0]["key"] == planned["steps"][1]["key"]
+
+
+def test_push_is_idempotent_and_a_normal_oci_image(
+    machines: Machines, registry: RegistryHandle, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    require_tools("skopeo")
+    repo = _repo(registry, request)
+    first = machines.cli(machines.a, "build", "-f", machines.spec, "--push", repo)
+    again = machines.cli(machines.a, "build", "-f", machines.spec, "--push", repo)
+    assert first["published"][0]["blobsUploaded"] > 0
+    assert again["published"][0]["blobsUploaded"] == 0
+    assert again["published"][0]["blobsSkipped"] == first["published"][0]["blobsUploaded"]
+
+    raw = run_tool(["skopeo", "inspect", "--tls-verify=false", f"docker://{repo}:latest"])
+    info = json.loads(raw.stdout)
+    labels = info["Labels"]
+    assert json.loads(labels["io.microagent.outputs"]) == [
+        {"name": "result", "path": "/workspace/result.json"}
+    ]
+    assert labels["io.microagent.env-keys"] == "LOG_LEVEL"
+    assert len(info["Layers"]) == 5  # busybox + 3 setup + files
+    copy = tmp_path / "copy"
+    run_tool(["skopeo", "copy", "--src-tls-verify=false", f"docker://{repo}:latest",
+              f"oci:{copy}:x"])  # fmt: skip
+    base = pull_base(Store(tmp_path / "c"), f"oci:{copy}:x")
+    listing = run_tool(["debugfs", "-R", "ls /app", str(base.rootfs)]).stdout
+    assert "note.txt" in listing, "the files layer is part of the image"
+
+
+def test_nothing_pushed_contains_env_values(
+    machines: Machines, registry: RegistryHandle, request: pytest.FixtureRequest
+) -> None:
+    repo = _repo(registry, request)
+    machines.cli(machines.a, "build", "-f", machines.spec, "--push", repo, "-e",
+                 f"API_KEY={SECRET}", "--cache-to", f"{repo}-cache")  # fmt: skip
+    machines.cli(machines.b, "create", "-f", machines.spec, "--cache-from", repo,
+                 "--cache-to", f"{repo}-dev", "-e", f"API_KEY={SECRET}")  # fmt: skip
+    checked = 0
+    for path in registry.data_dir.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert SECRET.encode() not in data, path
+            assert SPEC_ENV_VALUE.encode() not in data, path
+            checked += 1
+    assert checked > 10
+    planned = machines.cli(machines.b, "plan", "-f", machines.spec, "-e", "API_KEY=x")
+    config_key = planned["steps"][-1]["key"]
+    config = _client(registry).manifest(parse_image_ref(f"{repo}-dev"), step_tag(config_key))
+    assert b"API_KEY" in config.data, "env names are published, values are not"
+
+
+@pytest.fixture
+def own_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryHandle]:
+    """A registry of its own: tampering with shared blobs would break other tests."""
+    require_tools("docker-registry")
+    handle = start_registry(tmp_path_factory.mktemp("own-registry"))
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+def _store_is_clean(home: Path, key: str) -> None:
+    hexd = key.removeprefix("sha256:")
+    assert not (home / "store" / "keys" / f"{hexd}.json").exists()
+    assert not (home / "store" / "rootfs" / f"{hexd}.ext4").exists()
+    assert not (home / "workspaces" / "ws").exists()
+
+
+def test_tampered_layer_is_refused_and_nothing_is_stored(
+    machines: Machines, own_registry: RegistryHandle
+) -> None:
+    repo = f"{own_registry.host}/team/tamper"
+    built = machines.cli(machines.a, "build", "-f", machines.spec, "--push", repo)
+    manifest = _client(own_registry).manifest(parse_image_ref(repo), step_tag(built["rootfsKey"]))
+    layer = json.loads(manifest.data)["layers"][-1]
+    data = _blob_data(own_registry, layer["digest"])
+    original = data.read_bytes()
+    data.write_bytes(original[:-8] + bytes(8 * [0x41]))
+
+    failed = machines.cli(machines.b, "create", "-f", machines.spec, "--cache-from", repo, code=1)
+    error = failed["error"]
+    assert error["kind"] == "integrity"
+    assert "corrupt" in error["message"] and repo in error["message"]
+    assert "digest mismatch" in error["message"]
+    _store_is_clean(machines.b, built["rootfsKey"])
+    assert not list((machines.b / "store").glob(f"blobs/sha256/{layer['digest'][7:]}"))
+
+
+def test_tampered_or_relabelled_manifest_is_refused(
+    machines: Machines, own_registry: RegistryHandle
+) -> None:
+    repo = f"{own_registry.host}/team/relabel"
+    built = machines.cli(machines.a, "build", "-f", machines.spec, "--push", repo)
+    client = _client(own_registry)
+    image = parse_image_ref(repo)
+    keys = [s["key"] for s in built["steps"]]
+    # Poisoning by relabelling: step 1's (valid) manifest pushed under step 3's tag.
+    first = client.manifest(image, step_tag(keys[1]))
+    client.push_manifest(image, step_tag(keys[3]), first.data, first.media_type)
+    failed = machines.cli(machines.b, "create", "-f", machines.spec, "--cache-from", repo, code=1)
+    assert failed["error"]["kind"] == "integrity"
+    assert "the record is for" in failed["error"]["message"]
+    _store_is_clean(machines.b, keys[3])
+
+    # Bytes changed in the registry's storage: the content no longer matches its digest.
+    second = client.manifest(image, step_tag(keys[2]))
+    path = _blob_data(own_registry, second.digest)
+    content = path.read_bytes()
+    assert b"echo one" in content
+    path.write_bytes(content.replace(b"echo one", b"echo ONE"))
+    machines.write_spec(SETUP[:2])
+    failed = machines.cli(machines.b, "create", "-f", machines.spec, "--cache-from", repo, code=1)
+    assert failed["error"]["kind"] == "integrity"
+    assert "header says" in failed["error"]["message"]
+    _store_is_clean(machines.b, keys[2])
+
+
+def test_unreachable_cache_is_a_warning_and_builds_locally(machines: Machines) -> None:
+    created = machines.cli(machines.b, "create", "-f", machines.spec,
+                           "--cache-from", "127.0.0.1:9/none")  # fmt: skip
+    assert created["setupBoots"] == 3
+    assert "not usable" in created["remote"]["warnings"][0]
+
+
+def test_export_import_round_trip_and_layout_as_base(machines: Machines, tmp_path: Path) -> None:
+    carried = tmp_path / "usb" / "cache"
+    exported = machines.cli(machines.a, "cache", "export", "-f", machines.spec, str(carried))
+    assert "latest" in exported["tags"]
+    imported = machines.cli(machines.b, "cache", "import", str(carried))
+    assert len(imported["restored"]) == 5 and len(imported["skipped"]) == 1
+    created = machines.cli(machines.b, "create", "-f", machines.spec)
+    assert created["setupBoots"] == 0
+
+    third = tmp_path / "c"
+    via_layout = machines.cli(third, "create", "-f", machines.spec, "--cache-from",
+                              f"oci:{carried}")  # fmt: skip
+    assert (via_layout["setupBoots"], via_layout["rootfsKey"]) == (0, created["rootfsKey"])
+
+    base = pull_base(Store(tmp_path / "d"), f"oci:{carried}:latest")
+    assert "note.txt" in run_tool(["debugfs", "-R", "ls /app", str(base.rootfs)]).stdout
+    key = created["rootfsKey"]
+    again = machines.cli(machines.a, "cache", "export", key[7:19], str(tmp_path / "by-key"))
+    assert again["tags"][-1] == "latest" and len(again["tags"]) == 5
