@@ -234,6 +234,13 @@ class Restorer:
                 self.store.put_blob_file(stream, digest, expected_size=size)
         except IntegrityError as exc:
             raise _corrupt(exc, f"{what} {digest[:19]}…", source.where) from exc
+        except MicroagentError:
+            raise
+        except Exception as exc:  # the transport broke mid-stream (urllib3, OSError)
+            raise RegistryError(
+                f"downloading {what} {digest[:19]}… from {source.where} failed: {exc}",
+                hint="nothing was stored; retry",
+            ) from exc
         with self._lock:
             self.stats.blobs += 1
             self.stats.bytes += size

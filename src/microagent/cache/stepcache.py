@@ -8,6 +8,7 @@ from typing import Any
 
 from microagent.cache.store import Store
 from microagent.compiler.plan import CachedStep, StepKind
+from microagent.errors import IntegrityError
 
 
 def _step(record: dict[str, Any]) -> CachedStep | None:
@@ -29,8 +30,18 @@ class StoreStepCache:
         self.store = store
 
     def _present(self, record: dict[str, Any]) -> bool:
+        """Its root filesystem exists, or can be flattened from stored layers (no VM)."""
         artifact = record.get("rootfs")
-        return artifact is None or self.store.has_entry(str(artifact))
+        if artifact is None or self.store.has_entry(str(artifact)):
+            return True
+        layers = record.get("layers")
+        return isinstance(layers, list) and all(self._stored(layer) for layer in layers)
+
+    def _stored(self, layer: object) -> bool:
+        try:
+            return isinstance(layer, dict) and self.store.has_blob(str(layer.get("digest")))
+        except IntegrityError:
+            return False
 
     def lookup(self, key: str) -> CachedStep | None:
         record = self.store.get_key(key)

@@ -1,0 +1,145 @@
+"""Restoring from a layout cache with the fake backend: broken chains, pruned root
+filesystems, and layout folders that are extended rather than overwritten."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from microagent.cli import main
+from microagent.errors import InvalidInputError
+from testenv import standin
+
+
+@pytest.fixture
+def project(
+    tmp_path: Path, busybox_layout: standin.BuiltImage, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    (kit / "vmlinuz").write_bytes(b"kernel")
+    (kit / "initrd").write_bytes(b"initrd")
+    monkeypatch.setenv("MICROAGENT_BACKEND", "fake")
+    monkeypatch.setenv("MICROAGENT_KERNEL", str(kit / "vmlinuz"))
+    monkeypatch.setenv("MICROAGENT_INITRD", str(kit / "initrd"))
+    for name in ("MICROAGENT_FAKE", "MICROAGENT_CACHE_FROM", "MICROAGENT_CACHE_TO"):
+        monkeypatch.delenv(name, raising=False)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    shutil.copytree(busybox_layout.layout, proj / "layout")
+    (proj / "note.txt").write_text("hello\n")
+    (proj / "microagent.yaml").write_text(
+        "name: ws\nimage: oci:layout:latest\nsetup: [mkdir -p /w, touch /w/x]\n"
+        "files: [{src: note.txt, dst: /app/note.txt}]\nentrypoint: cat /app/note.txt\n"
+    )
+    return proj
+
+
+def cli(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    home: Path,
+    *args: str,
+    code: int = 0,
+) -> dict[str, Any]:
+    monkeypatch.setenv("MICROAGENT_HOME", str(home))
+    capsys.readouterr()
+    got = main(["--json", *args])
+    out = capsys.readouterr().out
+    assert got == code, out
+    return json.loads(out)
+
+
+def _drop_tag(layout: Path, key: str) -> None:
+    index = json.loads((layout / "index.json").read_text())
+    tag = "step-" + key.removeprefix("sha256:")
+    kept = [
+        m
+        for m in index["manifests"]
+        if m["annotations"]["org.opencontainers.image.ref.name"] != tag
+    ]
+    assert len(kept) == len(index["manifests"]) - 1
+    index["manifests"] = kept
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+def test_a_published_step_without_its_parent_is_a_miss(
+    project: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    spec, cache = str(project / "microagent.yaml"), tmp_path / "cache"
+    exported = cli(monkeypatch, capsys, tmp_path / "a", "cache", "export", "-f", spec, str(cache))
+    plan = cli(monkeypatch, capsys, tmp_path / "a", "plan", "-f", spec)
+    keys = [s["key"] for s in plan["steps"]]
+    assert all(s["cached"] for s in plan["steps"]), "build records files and config steps too"
+    assert len(exported["tags"]) == 6
+    _drop_tag(cache, keys[1])
+    created = cli(
+        monkeypatch, capsys, tmp_path / "b", "create", "-f", spec, "--cache-from", f"oci:{cache}"
+    )
+    assert "not its parent" in created["remote"]["warnings"][0]
+    assert [s["kind"] for s in created["remote"]["steps"]] == ["base"]
+    assert created["setupBoots"] == 2
+
+
+def test_pruned_rootfs_is_rebuilt_from_stored_layers_without_a_vm(
+    project: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    spec, cache, home = str(project / "microagent.yaml"), tmp_path / "cache", tmp_path / "b"
+    cli(monkeypatch, capsys, tmp_path / "a", "cache", "export", "-f", spec, str(cache))
+    first = cli(monkeypatch, capsys, home, "create", "-f", spec, "--cache-from", f"oci:{cache}")
+    assert first["setupBoots"] == 0
+    keys = json.loads((home / "store" / "keys" / (first["rootfsKey"][7:] + ".json")).read_text())
+    assert keys["source"] == f"oci:{cache}"
+    intermediate = first["steps"][1]["key"][7:]
+    assert (home / "store" / "keys" / f"{intermediate}.json").is_file()
+    assert not (home / "store" / "rootfs" / f"{intermediate}.ext4").exists()
+    (home / "store" / "rootfs" / (first["rootfsKey"][7:] + ".ext4")).unlink()
+    again = cli(monkeypatch, capsys, home, "create", "-f", spec, "--name", "ws2")
+    assert (again["setupBoots"], again["rootfsKey"]) == (0, first["rootfsKey"])
+
+
+def test_layout_folders_are_extended_and_foreign_folders_refused(
+    project: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    spec, cache = str(project / "microagent.yaml"), tmp_path / "cache"
+    cli(monkeypatch, capsys, tmp_path / "a", "cache", "export", "-f", spec, str(cache))
+    cli(
+        monkeypatch,
+        capsys,
+        tmp_path / "a",
+        "cache",
+        "export",
+        "-f",
+        spec,
+        "--tag",
+        "v2",
+        str(cache),
+    )
+    index = json.loads((cache / "index.json").read_text())
+    names = {m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]}
+    assert {"latest", "v2"} <= names and len(names) == 7
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    failed = cli(
+        monkeypatch, capsys, tmp_path / "a", "cache", "export", "-f", spec, str(foreign), code=2
+    )
+    assert "not an OCI image layout" in failed["error"]["message"]
+    assert InvalidInputError.kind == failed["error"]["kind"]
+    empty = cli(
+        monkeypatch, capsys, tmp_path / "a", "cache", "import", str(project / "layout"), code=2
+    )
+    assert "no published steps" in empty["error"]["message"]

@@ -1,0 +1,69 @@
+"""Cache references and where their defaults come from (flags > env > user config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from microagent.cache.remote import cache_from_refs, cache_to_ref, parse_cache_ref
+from microagent.errors import InvalidInputError
+
+
+def test_registry_and_layout_references(tmp_path: Path) -> None:
+    ref = parse_cache_ref("registry.example.com:5000/team/agent:v2")
+    assert (ref.where, ref.tag) == ("registry.example.com:5000/team/agent", "v2")
+    assert parse_cache_ref("ghcr.io/acme/cache").tag == "latest"
+    layout = parse_cache_ref("oci:cache:nightly", tmp_path)
+    assert (layout.layout, layout.tag, layout.where) == (
+        tmp_path / "cache",
+        "nightly",
+        f"oci:{tmp_path / 'cache'}",
+    )
+    with pytest.raises(InvalidInputError, match="must not name a digest"):
+        parse_cache_ref("ghcr.io/acme/cache@sha256:" + "0" * 64)
+    with pytest.raises(InvalidInputError, match="empty"):
+        parse_cache_ref("  ")
+
+
+@pytest.fixture
+def user_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "registries: {}\ncache:\n  from: [cfg.example/a, cfg.example/b]\n  to: cfg.example/ci\n"
+    )
+    monkeypatch.setenv("MICROAGENT_CONFIG", str(config))
+    monkeypatch.delenv("MICROAGENT_CACHE_FROM", raising=False)
+    monkeypatch.delenv("MICROAGENT_CACHE_TO", raising=False)
+    return config
+
+
+def test_defaults_come_from_the_user_config(user_config: Path) -> None:
+    assert [r.where for r in cache_from_refs()] == ["cfg.example/a", "cfg.example/b"]
+    to = cache_to_ref()
+    assert to is not None and to.where == "cfg.example/ci"
+
+
+def test_environment_wins_over_the_config_even_when_empty(
+    user_config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MICROAGENT_CACHE_FROM", "env.example/x, env.example/y")
+    assert [r.where for r in cache_from_refs()] == ["env.example/x", "env.example/y"]
+    monkeypatch.setenv("MICROAGENT_CACHE_FROM", "")
+    monkeypatch.setenv("MICROAGENT_CACHE_TO", "")
+    assert cache_from_refs() == () and cache_to_ref() is None
+
+
+def test_flags_win_over_everything(user_config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MICROAGENT_CACHE_FROM", "env.example/x")
+    refs = cache_from_refs(("flag.example/one", "flag.example/two,oci:/tmp/c"))
+    assert [r.where for r in refs] == ["flag.example/one", "flag.example/two", "oci:/tmp/c"]
+    to = cache_to_ref("flag.example/push")
+    assert to is not None and to.where == "flag.example/push"
+
+
+def test_no_defaults_means_no_remote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MICROAGENT_CONFIG", str(tmp_path / "missing.yaml"))
+    monkeypatch.delenv("MICROAGENT_CACHE_FROM", raising=False)
+    monkeypatch.delenv("MICROAGENT_CACHE_TO", raising=False)
+    assert cache_from_refs() == () and cache_to_ref() is None
