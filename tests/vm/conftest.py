@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -132,17 +131,19 @@ def run_vm(rootfs: Path, kit: GuestKit, backend: QemuBackend) -> RunVM:
     return go
 
 
-def qemu_pids() -> set[int]:
-    """PIDs of every running qemu-system process."""
+def our_children() -> set[int]:
+    """PIDs of live (non-zombie) child processes of this test process (QEMU, helpers)."""
     found = set()
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"qemu-system" in cmdline.split(b"\0")[0]:
-                found.add(int(entry.name))
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[1]) == os.getpid():
+            found.add(int(entry.name))
     return found
 
 
@@ -156,11 +157,10 @@ def our_namespaces() -> list[str]:
 
 @pytest.fixture
 def no_leftovers() -> Iterator[None]:
-    """Fail the test if it leaves a qemu process or one of our network namespaces behind."""
-    before = qemu_pids()
+    """Fail the test if it leaves a child process (QEMU, slirp4netns, socat) or one of our
+    network namespaces behind. Other users' VMs on the same host are not looked at."""
+    before = our_children()
     yield
-    leaked = qemu_pids() - before
-    for pid in leaked:
-        os.kill(pid, signal.SIGKILL)
-    assert not leaked, f"qemu processes left running: {sorted(leaked)}"
+    leaked = our_children() - before
+    assert not leaked, f"processes left running: {sorted(leaked)}"
     assert our_namespaces() == []

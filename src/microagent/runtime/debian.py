@@ -248,7 +248,7 @@ def _tar_stream(member: ArMember, raw: BinaryIO) -> tarfile.TarFile:
     modes = {"": "r|", ".xz": "r|xz", ".gz": "r|gz", ".bz2": "r|bz2"}
     if suffix not in modes:
         raise BuildError(f"unsupported Debian data member {member.name!r}")
-    opened = tarfile.open(fileobj=raw, mode=modes[suffix])  # type: ignore[call-overload]
+    opened = tarfile.open(fileobj=raw, mode=modes[suffix])  # type: ignore[call-overload]  # noqa: SIM115
     return cast(tarfile.TarFile, opened)
 
 

@@ -18,6 +18,7 @@ from microagent import _run
 from microagent.cache.store import Store
 from microagent.errors import MicroagentError, ToolError
 from microagent.runtime import guestkit, network, qemu
+from microagent.runtime.backend import Availability
 
 
 class Status(enum.Enum):
@@ -113,7 +114,7 @@ def check_accel(store: Store) -> list[Check]:
                 qemu.qemu_binary(), kit.kernel, kit.initrd, store.root / "probes"
             )
         except ToolError as exc:
-            result = qemu.Availability(False, exc.message)
+            result = Availability(False, exc.message)
         problem = "" if result.ok else result.reason
     elif not problem:
         problem = "/dev/kvm opens, but no guest kit to test-boot yet (not probed)"

@@ -23,10 +23,10 @@ import jinja2
 from microagent.cache.store import Store
 from microagent.compiler.canonical import canonical_json
 from microagent.errors import BuildError, InvalidInputError
-from microagent.runtime import debian, kmod
+from microagent.runtime import debian, kernelimage, kmod
 from microagent.runtime.initramfs import CpioEntry, with_parents, write_initramfs
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: boot the uncompressed vmlinux (PVH) when the kernel has the note
 KERNEL_ENV = "MICROAGENT_KERNEL"
 INITRD_ENV = "MICROAGENT_INITRD"
 BUSYBOX_PACKAGE = "busybox-static"
@@ -38,20 +38,39 @@ STREAM_CAP = 64 * 1024
 OUTPUT_CAP = 256 * 1024
 STOP_GRACE_SECONDS = 3
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-TEMPLATES = ("init.sh.j2", "json.awk")
+TEMPLATES = ("init.sh.j2", "json.awk", "fstab.early", "fstab.disks", "fstab.root")
+DEV_LINKS = {
+    "fd": "/proc/self/fd",
+    "stdin": "/proc/self/fd/0",
+    "stdout": "/proc/self/fd/1",
+    "stderr": "/proc/self/fd/2",
+}
+# Shipped as-is under /lib/microagent in the initramfs.
+STATIC_FILES = ("json.awk", "fstab.early", "fstab.disks", "fstab.root")
 
 # Modules the init loads, by group; each group brings its dependencies (from .modinfo).
 MODULE_ROOTS: Mapping[str, tuple[str, ...]] = {
     "mmio": ("virtio_mmio",),
     "pci": ("virtio_pci",),
-    "base": ("virtio_blk", "virtio_console", "overlay"),
+    "disk": ("virtio_blk",),
+    "late": ("virtio_console", "overlay"),
     "net": ("virtio_net",),
 }
 # Tie-break order for modules with no dependency between them (measured to work).
 PREFERRED_ORDER = (
-    "virtio_ring virtio virtio_mmio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci "
-    "virtio_blk virtio_console failover net_failover virtio_net overlay"
-).split()
+    "virtio_ring",
+    "virtio",
+    "virtio_mmio",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_console",
+    "failover",
+    "net_failover",
+    "virtio_net",
+    "overlay",
+)
 
 Progress = Callable[[str], None]
 
@@ -169,7 +188,7 @@ def _read_kernel_deb(deb: Path) -> _KernelParts:
             parts.vmlinuz = fh.read()
             parts.version = name.removeprefix("boot/vmlinuz-")
         elif name.startswith("lib/modules/") and ".ko" in name.rsplit("/", 1)[-1]:
-            elf = kmod.decompress_module(name, fh.read())
+            elf = kmod.strip_signature(kmod.decompress_module(name, fh.read()))
             mod = kmod.read_modinfo(name, elf)
             parts.modules[mod.name] = (mod, elf)
     if not parts.vmlinuz:
@@ -191,24 +210,54 @@ def module_groups(infos: Mapping[str, kmod.ModuleInfo]) -> dict[str, list[str]]:
     mmio = order(MODULE_ROOTS["mmio"], infos, preferred=PREFERRED_ORDER)
     pci = order(MODULE_ROOTS["pci"], infos, preferred=PREFERRED_ORDER)
     shared = set(mmio) & set(pci)
-    base = order(MODULE_ROOTS["base"], infos, preferred=PREFERRED_ORDER, exclude=shared)
-    net = order(MODULE_ROOTS["net"], infos, preferred=PREFERRED_ORDER, exclude=shared | set(base))
-    return {"mmio": mmio, "pci": pci, "base": base, "net": net}
+    disk = order(MODULE_ROOTS["disk"], infos, preferred=PREFERRED_ORDER, exclude=shared)
+    loaded = shared | set(disk)
+    late = order(MODULE_ROOTS["late"], infos, preferred=PREFERRED_ORDER, exclude=loaded)
+    loaded |= set(late)
+    net = order(MODULE_ROOTS["net"], infos, preferred=PREFERRED_ORDER, exclude=loaded)
+    return {"mmio": mmio, "pci": pci, "disk": disk, "late": late, "net": net}
+
+
+def busybox_applets(binary: bytes) -> list[str]:
+    """Applet names from busybox's packed name table (starts ``[\\0[[\\0``), or [] if the
+    table is not found (the init then runs ``busybox --install`` itself)."""
+    start = binary.find(b"[\0[[\0")
+    if start < 0:
+        return []
+    names = []
+    for raw in binary[start : start + 64 * 1024].split(b"\0"):
+        if not raw or not all(33 <= c < 127 and c != ord("/") for c in raw):
+            break
+        names.append(raw.decode())
+    return names if len(names) > 10 else []
 
 
 def initramfs_entries(busybox: bytes, init: str, modules: Mapping[str, bytes]) -> list[CpioEntry]:
     """The initramfs tree: busybox, /init, json.awk, the module files and a console node."""
-    entries = [
-        CpioEntry.directory(d)
-        for d in ("bin", "dev", "proc", "sys", "run", "tmp", "lib/modules", "lib/microagent")
-    ]
+    dirs = ("bin", "dev", "proc", "sys", "run", "tmp", "ma", "lower", "state", "cfg", "newroot")
+    entries = [CpioEntry.directory(d) for d in (*dirs, "lib/modules", "lib/microagent")]
     entries += [
         CpioEntry.chardev("dev/console", 5, 1),
         CpioEntry.file("bin/busybox", busybox, 0o755),
-        CpioEntry.symlink("bin/sh", "busybox"),
         CpioEntry.file("init", init.encode(), 0o755),
-        CpioEntry.file("lib/microagent/json.awk", _template_text("json.awk").encode()),
     ]
+    entries += [
+        CpioEntry.file(f"lib/microagent/{name}", _template_text(name).encode())
+        for name in STATIC_FILES
+    ]
+    # Copied onto the guest's devtmpfs at boot (the same instance the new root mounts).
+    entries += [
+        CpioEntry.directory("lib/microagent/dev/pts"),
+        CpioEntry.directory("lib/microagent/dev/shm", 0o1777),
+    ]
+    entries += [
+        CpioEntry.symlink(f"lib/microagent/dev/{name}", target)
+        for name, target in DEV_LINKS.items()
+    ]
+    # Copied (dereferenced) into the new root's /run: the helper that starts the command.
+    entries.append(CpioEntry.symlink("lib/microagent/run/microagent/busybox", "/bin/busybox"))
+    applets = sorted({"sh", *busybox_applets(busybox)} - {"busybox"})
+    entries += [CpioEntry.symlink(f"bin/{a}", "busybox") for a in applets]
     entries += [CpioEntry.file(f"lib/modules/{n}.ko", data) for n, data in sorted(modules.items())]
     return with_parents(entries)
 
@@ -232,15 +281,30 @@ def _build(store: Store, src: _Sources, key: str, progress: Progress) -> Callabl
         groups = module_groups({n: info for n, (info, _) in kernel.modules.items()})
         needed = {n for names in groups.values() for n in names}
         tmp.mkdir()
-        (tmp / "vmlinuz").write_bytes(kernel.vmlinuz)
+        kernel_name = _write_kernel(tmp, kernel.vmlinuz, progress)
         entries = initramfs_entries(
             busybox, render_init(groups), {n: kernel.modules[n][1] for n in needed}
         )
         write_initramfs(tmp / "initrd.img", entries)
         manifest = _manifest(src, key, kernel.version, groups)
+        manifest["kernelFile"] = kernel_name
         (tmp / "kit.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
     return build
+
+
+def _write_kernel(directory: Path, bzimage: bytes, progress: Progress) -> str:
+    """Write ``vmlinux`` (ELF with a PVH entry, boots faster) if the image has one, else
+    the bzImage as ``vmlinuz``; return the file name."""
+    progress("extracting the uncompressed kernel")
+    try:
+        elf = kernelimage.vmlinux_from_bzimage(bzimage)
+    except BuildError as exc:
+        progress(f"keeping the compressed kernel ({exc.message})")
+        elf = None
+    name = "vmlinux" if elf is not None else "vmlinuz"
+    (directory / name).write_bytes(elf if elf is not None else bzimage)
+    return name
 
 
 def _manifest(
@@ -306,7 +370,7 @@ def install_kit(
 def _load(path: Path) -> GuestKit:
     manifest = json.loads((path / "kit.json").read_text())
     return GuestKit(
-        kernel=path / "vmlinuz",
+        kernel=path / str(manifest.get("kernelFile", "vmlinuz")),
         initrd=path / "initrd.img",
         key=str(manifest.get("key", path.name)),
         kernel_version=str(manifest.get("kernelVersion", "")),

@@ -50,6 +50,22 @@ def decompress_module(filename: str, data: bytes) -> bytes:
     return data
 
 
+_SIG_MAGIC = b"~Module signature appended~\n"
+
+
+def strip_signature(module: bytes) -> bytes:
+    """Drop an appended module signature: unsigned modules load without the in-guest
+    hash and RSA check (slow under emulation); the kernel does not enforce signatures."""
+    if not module.endswith(_SIG_MAGIC):
+        return module
+    info_end = len(module) - len(_SIG_MAGIC)
+    sig_len = struct.unpack(">I", module[info_end - 4 : info_end])[0]
+    cut = info_end - 12 - sig_len
+    if cut <= 0:
+        raise BuildError("corrupt module signature trailer")
+    return module[:cut]
+
+
 def _section(elf: bytes, wanted: str) -> bytes | None:
     """The contents of the named section of a 64-bit ELF file, or None."""
     if elf[:4] != _ELF_MAGIC or elf[4] != 2:

@@ -7,8 +7,10 @@ command, env, files and certificates. The temp dir is removed afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +47,7 @@ class RunRequest:
     rootfs: Path
     command: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
-    network: NetworkConfig = NetworkConfig()
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     timeout: float | None = None
     memory_mib: int = 1024
     cpus: int = 0  # 0: the backend chooses (1 under TCG)
@@ -70,10 +72,12 @@ class RunRequest:
 
 
 def make_state_disk(path: Path, size_mib: int) -> Path:
-    """A sparse, empty ext4 file system (the overlay upper lives on it)."""
+    """A sparse, empty ext4 file system for the overlay upper. It is thrown away after the
+    run, so it has no journal (faster to mount, nothing to replay, nothing written up front)."""
     with path.open("wb") as fh:
         fh.truncate(size_mib << 20)
-    _run.run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "state", str(path)], timeout=60)
+    argv = ["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-L", "state", str(path)]
+    _run.run(argv, timeout=60)
     return path
 
 
@@ -128,10 +132,14 @@ def run_once(
     on_output: OutputSink | None = None,
 ) -> GuestResult:
     """Boot, run the command, power off; the guest's result (VMError on failure)."""
+    began = time.monotonic()
     with _temp_dir() as tmp:
         config = prepare(request, kit, Path(tmp))
         with backend.boot(config) as machine:
-            return machine.wait(on_output=on_output)
+            prepared = time.monotonic() - began
+            result = machine.wait(on_output=on_output)
+    timings = {"host.prepare": round(prepared, 3), **result.timings}
+    return dataclasses.replace(result, timings=timings)
 
 
 def print_command(request: RunRequest, *, backend: Backend, kit: GuestKit) -> list[str]:

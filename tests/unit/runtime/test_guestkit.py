@@ -18,7 +18,8 @@ from microagent.runtime.guestkit import MODULE_ROOTS
 GROUPS = {
     "mmio": ["virtio_ring", "virtio", "virtio_mmio"],
     "pci": ["virtio_ring", "virtio", "virtio_pci"],
-    "base": ["virtio_blk", "virtio_console", "overlay"],
+    "disk": ["virtio_blk"],
+    "late": ["virtio_console", "overlay"],
     "net": ["failover", "net_failover", "virtio_net"],
 }
 
@@ -62,7 +63,8 @@ def test_module_groups_share_transport_dependencies() -> None:
         "virtio_pci_modern_dev",
         "virtio_pci",
     ]
-    assert groups["base"] == ["virtio_blk", "virtio_console", "overlay"]
+    assert groups["disk"] == ["virtio_blk"]
+    assert groups["late"] == ["virtio_console", "overlay"]
     assert groups["net"] == ["failover", "net_failover", "virtio_net"]
 
 
@@ -206,3 +208,13 @@ def test_cpio_reader_helper_sanity(tmp_path: Path) -> None:
     path = tmp_path / "i.gz"
     write_initramfs(path, [CpioEntry.file("a", b"xyz")])
     assert cpio_names(path) == {"a": b"xyz"}
+
+
+def test_busybox_applets_from_the_name_table() -> None:
+    binary = b"\x7fELF junk\0" + b"\0".join(
+        [b"[", b"[[", b"acpid", *[b"a%d" % i for i in range(20)]]
+    )
+    binary += b"\0\0\xff\xfe"
+    assert guestkit.busybox_applets(binary)[:3] == ["[", "[[", "acpid"]
+    assert len(guestkit.busybox_applets(binary)) == 23
+    assert guestkit.busybox_applets(b"no table here") == []

@@ -68,3 +68,14 @@ def test_cycle_is_reported() -> None:
     table = {"a": kmod.ModuleInfo("a", ("b",)), "b": kmod.ModuleInfo("b", ("a",))}
     with pytest.raises(BuildError, match="cycle: a -> b -> a"):
         kmod.load_order(["a"], table)
+
+
+def test_strip_signature() -> None:
+    import struct
+
+    raw = make_ko("a")
+    signature = b"S" * 681
+    info = bytes([0, 0, 2, 0, 0, 0, 0, 0]) + struct.pack(">I", len(signature))
+    signed = raw + signature + info + b"~Module signature appended~\n"
+    assert kmod.strip_signature(signed) == raw
+    assert kmod.strip_signature(raw) == raw

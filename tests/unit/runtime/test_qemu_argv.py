@@ -52,7 +52,7 @@ COMMON_TAIL = [
     "-device", "virtio-blk-device,drive=vd1,serial=state",
     "-drive", "id=vd2,file=/run/ma/s1/config.tar,format=raw,if=none,readonly=on",
     "-device", "virtio-blk-device,drive=vd2,serial=config",
-    "-device", "virtio-serial-device",
+    "-device", "virtio-serial-device,max_ports=2",
     "-chardev", "socket,id=ctl,path=/run/ma/s1/control.sock,server=on,wait=off",
     "-device", "virtserialport,chardev=ctl,name=microagent.ctl",
 ]  # fmt: skip
@@ -102,7 +102,7 @@ def test_golden_q35_kvm() -> None:
         "virtio-blk-pci,drive=vd0,serial=rootfs",
         "virtio-blk-pci,drive=vd1,serial=state",
         "virtio-blk-pci,drive=vd2,serial=config",
-        "virtio-serial-pci",
+        "virtio-serial-pci,max_ports=2",
     ]
 
 
