@@ -3,7 +3,9 @@ the fake VM backend (a setup step "runs" instantly, yields an empty layer, count
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ from microagent.cache.steprecord import step_tag
 from microagent.cache.store import Store
 from microagent.cli import main
 from microagent.compiler.image import parse_image_ref
+from microagent.errors import RegistryError
 from testenv import standin
 from testenv.pytest_plugin import require_tools
 from testenv.registry import RegistryHandle, start_registry
@@ -313,3 +316,25 @@ def test_export_import_round_trip_and_layout_as_base(machines: Machines, tmp_pat
     key = created["rootfsKey"]
     again = machines.cli(machines.a, "cache", "export", key[7:19], str(tmp_path / "by-key"))
     assert again["tags"][-1] == "latest" and len(again["tags"]) == 5
+
+
+def test_blob_push_chunked_monolithic_and_refused(registry: RegistryHandle, tmp_path: Path) -> None:
+    client = _client(registry)
+    image = parse_image_ref(f"{registry.host}/team/push-modes")
+    data = os.urandom(3 << 20)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    assert client.push_blob(image, digest, len(data), path, chunk_size=1 << 20)
+    assert client.blob_exists(image, digest)
+    assert not client.push_blob(image, digest, len(data), path), "HEAD first, skip"
+    with client.blob(image, digest) as stream:
+        assert stream.read() == data
+    small = tmp_path / "small"
+    small.write_bytes(b"small blob")
+    small_digest = "sha256:" + hashlib.sha256(b"small blob").hexdigest()
+    assert client.push_blob(image, small_digest, 10, small)
+    wrong = "sha256:" + hashlib.sha256(b"other").hexdigest()
+    with pytest.raises(RegistryError, match="HTTP 400"):
+        client.push_blob(image, wrong, 10, small)
+    assert not client.blob_exists(image, wrong)

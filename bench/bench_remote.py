@@ -1,0 +1,223 @@
+"""Benchmark the remote cache (issue 8), all measured in one run on this machine.
+
+Two machines (two MICROAGENT_HOMEs) and a real local registry standing in for Docker Hub
+(python:3.13-slim stand-in) and for the team's cache repository:
+
+1. machine A: cold ``create`` of examples/minimal-agent (empty store but for the guest kit:
+   pull, setup VMs running the real ``pip install``, rootfs), then ``build --push``;
+2. machine B (fresh store): ``create --cache-from`` of the same spec — no setup VM boots;
+   target >= 10x faster than (1);
+3. effective layer throughput of a remote hit, in-process on a third fresh store: bytes of
+   layers / (fetch + verify + decompress + flatten); target >= 200 MB/s. The ext4 image build
+   after the flatten is reported separately, and so is what else a remote-hit create spends.
+
+Times in (1) and (2) are whole CLI processes. ``--base busybox`` swaps in the busybox stand-in
+and trivial setup steps (no network in the guest) when PyPI is out of reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from microagent.cache.regconfig import RegistryConfig  # noqa: E402
+from microagent.cache.registry import RegistryClient  # noqa: E402
+from microagent.cache.remote import RegistryCacheSource  # noqa: E402
+from microagent.cache.restore import Restorer  # noqa: E402
+from microagent.cache.store import Store  # noqa: E402
+from microagent.compiler.image import parse_image_ref  # noqa: E402
+from testenv import standin  # noqa: E402
+from testenv.registry import start_registry  # noqa: E402
+
+MA = [sys.executable, "-m", "microagent.cli"]
+BUSYBOX_SPEC = """name: bench-busybox
+image: busybox:latest
+setup:
+  - mkdir -p /app /workspace
+  - dd if=/dev/urandom of=/app/blob bs=1M count=16
+files: [{src: agent.sh, dst: /app/agent.sh}]
+entrypoint: sh /app/agent.sh
+"""
+
+
+def cli(env: dict[str, str], *args: str) -> tuple[float, dict[str, Any]]:
+    began = time.perf_counter()
+    done = subprocess.run(
+        [*MA, "--json", *args], env=env, capture_output=True, text=True, check=False
+    )
+    seconds = time.perf_counter() - began
+    if done.returncode != 0:
+        raise SystemExit(f"microagent {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return seconds, json.loads(done.stdout) if done.stdout.strip() else {}
+
+
+def _project(tmp: Path, base: str) -> Path:
+    if base == "python":
+        project = tmp / "minimal-agent"
+        shutil.copytree(ROOT / "examples" / "minimal-agent", project)
+        return project / "microagent.yaml"
+    project = tmp / "busybox-agent"
+    project.mkdir()
+    (project / "agent.sh").write_text("echo hello\n")
+    (project / "microagent.yaml").write_text(BUSYBOX_SPEC)
+    return project / "microagent.yaml"
+
+
+def _env(tmp: Path, home: str, registry_url: str) -> dict[str, str]:
+    env = dict(os.environ, MICROAGENT_HOME=str(tmp / home))
+    env.update(
+        MICROAGENT_REGISTRY_MIRRORS=f"docker.io={registry_url}",
+        MICROAGENT_CONFIG=str(tmp / "none.yaml"),
+        MICROAGENT_EXTRA_CA="host",
+    )
+    for name in ("MICROAGENT_CACHE_FROM", "MICROAGENT_CACHE_TO", "MICROAGENT_BACKEND"):
+        env.pop(name, None)
+    return env
+
+
+def _uncompressed(store: Store, digests: list[str]) -> int:
+    total = 0
+    for digest in digests:
+        with store.open_blob(digest) as fh:
+            head = fh.read(4)
+            fh.seek(0)
+            if head == b"\x28\xb5\x2f\xfd":
+                reader: Any = zstandard.ZstdDecompressor().stream_reader(fh)
+            else:
+                import gzip
+
+                reader = gzip.GzipFile(fileobj=fh)
+            while chunk := reader.read(1 << 20):
+                total += len(chunk)
+    return total
+
+
+def breakdown(tmp: Path, repo: str, key: str) -> dict[str, float]:
+    """A remote hit in-process with each phase timed on its own (no overlap)."""
+    store = Store(tmp / "c" / "store")
+    client = RegistryClient(RegistryConfig())
+    restorer = Restorer(store, [RegistryCacheSource(client, parse_image_ref(repo))])
+    began = time.perf_counter()
+    hit = restorer.probe(key)
+    assert hit is not None, "the step must be published"
+    restorer._chain(hit)
+    lookup = time.perf_counter() - began
+    began = time.perf_counter()
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        for future in restorer._fetch_layers(pool, hit).values():
+            future.result()
+    fetch = time.perf_counter() - began
+    began = time.perf_counter()
+    restorer._build_rootfs(hit.step.key, hit.step.layers, {})
+    build = time.perf_counter() - began
+    digests = [layer.digest for layer in hit.step.layers]
+    return {
+        "lookup": lookup,
+        "fetch": fetch,
+        "flatten": build - restorer.stats.ext4_seconds,
+        "ext4": restorer.stats.ext4_seconds,
+        "compressed": float(sum(layer.size for layer in hit.step.layers)),
+        "uncompressed": float(_uncompressed(store, digests)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", choices=["python", "busybox"], default="python")
+    args = parser.parse_args()
+    image = standin.build_python(None) if args.base == "python" else standin.build_busybox(None)
+    with tempfile.TemporaryDirectory() as tmp_text, start_registry(Path(tmp_text) / "r") as reg:
+        tmp = Path(tmp_text)
+        standin.push(image, reg.host)
+        spec = str(_project(tmp, args.base))
+        repo = f"{reg.host}/team/agent-cache"
+        env_a, env_b = _env(tmp, "a", reg.url), _env(tmp, "b", reg.url)
+        kit_s, _ = cli(env_a, "kernel", "install")
+        cold_s, cold = cli(env_a, "create", "-f", spec)
+        push_s, pushed = cli(env_a, "build", "-f", spec, "--push", repo)
+        hit_s, hit = cli(env_b, "create", "-f", spec, "--cache-from", repo)
+        local_s, _ = cli(env_b, "create", "-f", spec, "--name", "again")
+        assert hit["setupBoots"] == 0 and hit["rootfsKey"] == cold["rootfsKey"], hit
+        parts = breakdown(tmp, repo, cold["rootfsKey"])
+    _report(
+        args.base,
+        kit_s,
+        cold=(cold_s, cold),
+        pushed=(push_s, pushed),
+        hit=(hit_s, hit),
+        local_s=local_s,
+        parts=parts,
+    )
+
+
+def _report(
+    base: str,
+    kit_s: float,
+    *,
+    cold: tuple[float, dict[str, Any]],
+    pushed: tuple[float, dict[str, Any]],
+    hit: tuple[float, dict[str, Any]],
+    local_s: float,
+    parts: dict[str, float],
+) -> None:
+    remote = hit[1]["remote"]
+    published = pushed[1]["published"][0]
+    moved = parts["fetch"] + parts["flatten"]
+    print(f"base image: {base} stand-in; spec setup steps run for real in QEMU on machine A")
+    print(f"guest kit install on A (once, untimed)  {kit_s:7.2f} s")
+    print(
+        f"A: cold create                          {cold[0]:7.2f} s  "
+        f"({cold[1]['setupBoots']} setup boots)"
+    )
+    print(
+        f"A: build --push                         {pushed[0]:7.2f} s  "
+        f"({published['blobsUploaded']} blobs, {published['bytesUploaded'] / 1e6:.1f} MB sent)"
+    )
+    print(
+        f"B: create --cache-from (fresh store)    {hit[0]:7.2f} s  "
+        f"({hit[1]['setupBoots']} setup boots, {remote['bytesFetched'] / 1e6:.1f} MB fetched)"
+    )
+    print(f"   speed-up vs cold create              {cold[0] / hit[0]:7.1f}x  target 10x")
+    print(
+        f"   of which restore (fetch..ext4)       {remote['seconds']:7.2f} s, "
+        f"ext4 {remote['ext4Seconds']:.2f} s; the rest is CLI start, resolve, plan, workspace"
+    )
+    print(f"B: create again (local hit)             {local_s:7.2f} s")
+    print("remote hit, in-process, phases timed separately:")
+    print(f"   lookup (step tag + chain, verified)  {parts['lookup'] * 1000:7.0f} ms")
+    print(
+        f"   fetch + verify {parts['compressed'] / 1e6:6.1f} MB compressed  "
+        f"{parts['fetch']:7.2f} s  {parts['compressed'] / 1e6 / parts['fetch']:7.0f} MB/s"
+    )
+    print(
+        f"   decompress + flatten {parts['uncompressed'] / 1e6:6.1f} MB      "
+        f"{parts['flatten']:7.2f} s  {parts['uncompressed'] / 1e6 / parts['flatten']:7.0f} MB/s"
+    )
+    print(f"   ext4 image (mke2fs -d + debugfs)     {parts['ext4']:7.2f} s")
+    print(
+        f"effective layer throughput (compressed bytes / fetch+verify+decompress+flatten) "
+        f"{parts['compressed'] / 1e6 / moved:7.0f} MB/s  target 200 MB/s"
+    )
+    print(
+        f"  same, uncompressed bytes                                                      "
+        f"{parts['uncompressed'] / 1e6 / moved:7.0f} MB/s"
+    )
+
+
+if __name__ == "__main__":
+    main()
