@@ -169,3 +169,43 @@ def test_bad_kernel_path_and_garbage_kernel(
         run_vm("true", kit=dataclasses.replace(kit, kernel=garbage))
     assert time.monotonic() - began < 10
     assert "qemu" in raised.value.hint  # the argv and the VMM's own message
+
+
+def test_shutdown_from_another_thread_stops_the_workload(
+    kit: GuestKit, rootfs: Path, backend: QemuBackend, no_leftovers: None
+) -> None:
+    """What a supervisor does on `halt`: shutdown() while another thread is in wait()."""
+    import threading
+
+    request = RunRequest(
+        rootfs=rootfs,
+        command=(
+            "sh",
+            "-c",
+            "trap 'echo got TERM; exit 143' TERM; echo up; while :; do sleep 1; done",
+        ),
+        state_size_mib=64,
+        timeout=90,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        config = prepare(request, kit, Path(tmp))
+        with backend.boot(config) as machine:
+
+            def halt_when_started() -> None:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    if any(e.get("event") == "started" for e in machine.events()):
+                        time.sleep(0.5)
+                        machine.shutdown()
+                        return
+                    time.sleep(0.05)
+
+            helper = threading.Thread(target=halt_when_started)
+            helper.start()
+            began = time.monotonic()
+            result = machine.wait()
+            helper.join()
+    assert result.stopped
+    assert result.stdout == "up\ngot TERM\n"  # TERM first: the workload could clean up
+    assert result.exit_code == 143
+    assert time.monotonic() - began < 30

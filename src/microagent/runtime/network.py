@@ -19,7 +19,6 @@ import ipaddress
 import os
 import secrets
 import select
-import shlex
 import subprocess
 import time
 from collections.abc import Sequence
@@ -326,9 +325,6 @@ class NetworkSandbox:
             with contextlib.suppress(OSError):
                 self._resolv_dir.rmdir()
             self._resolv_dir = None
-
-    def describe(self) -> str:
-        return shlex.join(["ip", "netns", "add", self.name])
 
 
 def _read_ready(fd: int, timeout: float) -> bytes:

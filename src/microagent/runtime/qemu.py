@@ -364,9 +364,10 @@ class QemuMachine:
             raise VMError(f"the guest did not boot within {BOOT_TIMEOUT:g}s", hint=self._log_hint())
 
     def _await_exit(self) -> None:
+        # The command is over; if the guest does not power off, skip asking and signal QEMU.
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(POWEROFF_GRACE)
-        self.shutdown()
+        self.shutdown(grace=0.0)
 
     def _crash_error(self) -> VMError:
         code = self._proc.returncode
