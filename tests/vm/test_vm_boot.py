@@ -189,21 +189,19 @@ def test_shutdown_from_another_thread_stops_the_workload(
     )
     with tempfile.TemporaryDirectory() as tmp:
         config = prepare(request, kit, Path(tmp))
+        streamed: list[bytes] = []
         with backend.boot(config) as machine:
 
-            def halt_when_started() -> None:
+            def halt_when_up() -> None:
                 deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    if any(e.get("event") == "started" for e in machine.events()):
-                        time.sleep(0.5)
-                        machine.shutdown()
-                        return
+                while time.monotonic() < deadline and b"up\n" not in b"".join(streamed):
                     time.sleep(0.05)
+                machine.shutdown()
 
-            helper = threading.Thread(target=halt_when_started)
+            helper = threading.Thread(target=halt_when_up)
             helper.start()
             began = time.monotonic()
-            result = machine.wait()
+            result = machine.wait(on_output=streamed.append)
             helper.join()
     assert result.stopped
     assert result.stdout == "up\ngot TERM\n"  # TERM first: the workload could clean up
