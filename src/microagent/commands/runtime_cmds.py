@@ -115,7 +115,9 @@ def _extra_ca(trust_host_ca: bool, ca_bundle: Path | None) -> bytes | None:
 def run(ctx: Ctx, /, command: tuple[str, ...], **opts: Any) -> None:
     """Boot ROOTFS in a fresh microVM, run COMMAND, exit with its exit code.
 
-    Writes go to a throwaway state disk; the image itself is never modified.
+    Writes go to a throwaway state disk; the image itself is never modified. On a terminal the
+    output streams live (stdout and stderr interleaved, from the serial console); otherwise
+    the captured stdout and stderr (last 64 KiB each) go to the matching streams at the end.
     """
     from microagent.runtime import oneshot
     from microagent.runtime.guestkit import resolve_kit
@@ -230,6 +232,17 @@ def kernel_install(ctx: Ctx, mirror: str | None, suite: str | None) -> None:
         {"ok": True, "kit": kit.to_json()},
         f"{kit.key[:12]}  {kit.kernel_version}  {kit.kernel.parent}",
     )
+
+
+@kernel.command("prune")
+@pass_ctx
+def kernel_prune(ctx: Ctx) -> None:
+    """Remove guest kits built by an older microagent (the current ones stay)."""
+    from microagent.runtime.guestkit import prune_kits
+
+    gone = prune_kits(_store(ctx))
+    lines = [f"removed {k.key[:12]}  {k.kernel_version}" for k in gone] or ["nothing to remove"]
+    ctx.emit({"ok": True, "removed": [k.key for k in gone]}, "\n".join(lines))
 
 
 COMMANDS = [run, doctor, kernel]

@@ -407,6 +407,19 @@ def find_kit(store: Store, arch: str | None = None) -> GuestKit | None:
     return None
 
 
+def prune_kits(store: Store) -> list[GuestKit]:
+    """Remove kits the current code would not boot (older recipe); return what went.
+
+    A running VM is unaffected: QEMU reads the kernel and initrd when it starts.
+    """
+    removed = []
+    for kit in list_kits(store):
+        outdated = kit.manifest.get("recipeDigest") != recipe_digest()
+        if outdated and store.remove(f"kits/{kit.key}"):
+            removed.append(kit)
+    return removed
+
+
 def _rebuild_offline(store: Store, arch: str, progress: Progress) -> GuestKit | None:
     """Rebuild a kit with the current recipe from packages an older kit left in the store."""
     for old in list_kits(store):

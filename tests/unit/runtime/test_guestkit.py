@@ -218,3 +218,14 @@ def test_busybox_applets_from_the_name_table() -> None:
     assert guestkit.busybox_applets(binary)[:3] == ["[", "[[", "acpid"]
     assert len(guestkit.busybox_applets(binary)) == 23
     assert guestkit.busybox_applets(b"no table here") == []
+
+
+def test_prune_keeps_the_current_kit(
+    tmp_path: Path, mirror: debian.Mirror, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path / "store")
+    old = guestkit.install_kit(store, mirror, arch="amd64")
+    monkeypatch.setattr(guestkit, "STREAM_CAP", guestkit.STREAM_CAP + 1)
+    new = guestkit.install_kit(store, mirror, arch="amd64")
+    assert [k.key for k in guestkit.prune_kits(store)] == [old.key]
+    assert [k.key for k in guestkit.list_kits(store)] == [new.key]
