@@ -35,6 +35,7 @@ PACKAGES: Mapping[str, str] = {
     "skopeo": "skopeo",
     "umoci": "umoci",
     "busybox": "busybox-static",
+    "setpriv": "util-linux",
 }
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -134,9 +135,12 @@ def run(ctx: Ctx, /, command: tuple[str, ...], **opts: Any) -> None:
         ctx.emit({"ok": True, "argv": argv}, shlex.join(argv))
         return
     stream = not ctx.json and sys.stdout.isatty()
-    result = oneshot.run_once(
-        request, backend=backend, kit=kit, on_output=_echo if stream else None
-    )
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # clean up the VM and netns on TERM
+    try:
+        sink = _echo if stream else None
+        result = oneshot.run_once(request, backend=backend, kit=kit, on_output=sink)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     _report(ctx, result, streamed=stream)
     raise click.exceptions.Exit(result.exit_code)
 
@@ -163,6 +167,10 @@ def _request(command: tuple[str, ...], opts: dict[str, Any]) -> Any:
         machine=MachineType(opts["machine"]),
         accel=Accel(opts["accel"]),
     )
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _echo(data: bytes) -> None:

@@ -102,6 +102,8 @@ class BootConfig:
     timeout: float | None = None
     cmdline_extra: tuple[str, ...] = ()
     name: str = "microagent"
+    # The VMM is killed when the process that booted it dies (one-shot runs: no orphan VMs).
+    die_with_parent: bool = False
 
     @property
     def control_socket(self) -> Path:

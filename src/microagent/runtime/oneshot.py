@@ -115,6 +115,7 @@ def prepare(request: RunRequest, kit: GuestKit, state_dir: Path) -> BootConfig:
         machine=request.machine,
         accel=request.accel,
         timeout=request.timeout,
+        die_with_parent=True,
     )
 
 

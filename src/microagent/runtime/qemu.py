@@ -157,6 +157,11 @@ def build_argv(
     ]
 
 
+def parent_death_prefix(setpriv: str) -> list[str]:
+    """Run the VMM with SIGKILL as its parent-death signal (util-linux setpriv)."""
+    return [setpriv, "--pdeathsig", "KILL"]
+
+
 def probe_argv(binary: str, kernel: Path, initrd: Path, serial: Path) -> list[str]:
     """A minimal KVM boot: the kit's init prints a marker and powers off."""
     return [
@@ -468,6 +473,8 @@ class QemuBackend:
         accel = self.resolve_accel(config)
         tsc = hostclock.tsc_khz(self.cache_dir) if accel is Accel.TCG else None
         argv = build_argv(self.binary(), config, accel, forwards=forwards, socat=socat, tsc_khz=tsc)
+        if config.die_with_parent:
+            argv = [*parent_death_prefix(_run.find_tool("setpriv")), *argv]
         return sandbox.wrap(argv)
 
     def command(self, config: BootConfig) -> list[str]:

@@ -30,10 +30,11 @@ def test_print_command_isolated(env: Path, capsys: pytest.CaptureFixture[str]) -
     )  # fmt: skip
     assert code == 0
     argv = shlex.split(capsys.readouterr().out)
-    assert argv[0].endswith("qemu-system-x86_64")
+    assert argv[3].endswith("qemu-system-x86_64")
     assert argv[argv.index("-kernel") + 1] == str(env / "vmlinuz")
     assert f"id=vd0,file={env / 'root.ext4'},format=raw,if=none,readonly=on" in argv
     assert "-netdev" not in argv
+    assert argv[1:3] == ["--pdeathsig", "KILL"] and argv[0].endswith("setpriv")
 
 
 def test_print_command_json_user(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
