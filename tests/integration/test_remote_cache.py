@@ -19,7 +19,7 @@ from microagent._run import run as run_tool
 from microagent.cache.images import pull_base
 from microagent.cache.regconfig import RegistryConfig
 from microagent.cache.registry import RegistryClient
-from microagent.cache.steprecord import step_tag
+from microagent.cache.steprecord import rootfs_tag, step_tag
 from microagent.cache.store import Store
 from microagent.cli import main
 from microagent.compiler.image import parse_image_ref
@@ -126,7 +126,7 @@ def test_machine_b_creates_from_machine_a_push_without_setup_boots(
                          "-e", f"API_KEY={SECRET}")  # fmt: skip
     assert built["setupBoots"] == 3
     pushed = built["published"][0]
-    assert pushed["tags"][-1] == "v1" and len(pushed["tags"]) == 7  # 6 steps + image
+    assert pushed["tags"][-1] == "v1" and len(pushed["tags"]) == 8  # 6 steps, rootfs, image
 
     planned = machines.cli(machines.b, "plan", "-f", machines.spec, "--cache-from", repo,
                            "-e", "API_KEY=x")  # fmt: skip
@@ -140,6 +140,7 @@ def test_machine_b_creates_from_machine_a_push_without_setup_boots(
     assert created["remote"]["steps"] == [
         {"key": built["rootfsKey"], "kind": "setup", "where": repo}
     ]
+    assert created["remote"]["rootfsImages"] == 1, "the built image is taken, not re-flattened"
     store_b = machines.b / "store"
     base_key = built["steps"][0]["key"].removeprefix("sha256:")
     assert not (store_b / "rootfs" / f"{base_key}.ext4").exists(), "base rootfs is not needed"
@@ -159,6 +160,7 @@ def test_changed_setup_step_rebuilds_from_that_step_only(
     repo = _repo(registry, request)
     machines.cli(machines.a, "build", "-f", machines.spec, "--push", repo)
     machines.write_spec([SETUP[0], "echo changed > /workspace/one", SETUP[2]])
+    machines.monkeypatch.setenv("MICROAGENT_CACHE_ROOTFS", "0")  # the flatten path
 
     planned = machines.cli(machines.b, "plan", "-f", machines.spec, "--cache-from", repo)
     marks = [(s["kind"], s["cached"], s["where"]) for s in planned["steps"]]
@@ -171,6 +173,7 @@ def test_changed_setup_step_rebuilds_from_that_step_only(
     created = machines.cli(machines.b, "create", "-f", machines.spec, "--cache-from", repo)
     assert (created["setupBoots"], created["stepsBuilt"], created["stepsCached"]) == (2, 2, 1)
     assert [s["kind"] for s in created["remote"]["steps"]] == ["setup"]
+    assert created["remote"]["rootfsImages"] == 0
     assert created["remote"]["steps"][0]["key"] == planned["steps"][1]["key"]
 
 
@@ -260,6 +263,16 @@ def test_tampered_layer_is_refused_and_nothing_is_stored(
     _store_is_clean(machines.b, built["rootfsKey"])
     assert not list((machines.b / "store").glob(f"blobs/sha256/{layer['digest'][7:]}"))
 
+    data.write_bytes(original)
+    image = _client(own_registry).manifest(parse_image_ref(repo), rootfs_tag(built["rootfsKey"]))
+    blob = _blob_data(own_registry, json.loads(image.data)["layers"][0]["digest"])
+    packed = blob.read_bytes()
+    blob.write_bytes(packed[:100] + bytes(a ^ 1 for a in packed[100:110]) + packed[110:])
+    failed = machines.cli(machines.b, "create", "-f", machines.spec, "--cache-from", repo, code=1)
+    assert failed["error"]["kind"] == "integrity"
+    assert "rootfs image" in failed["error"]["message"] and repo in failed["error"]["message"]
+    _store_is_clean(machines.b, built["rootfsKey"])
+
 
 def test_tampered_or_relabelled_manifest_is_refused(
     machines: Machines, own_registry: RegistryHandle
@@ -315,7 +328,7 @@ def test_export_import_round_trip_and_layout_as_base(machines: Machines, tmp_pat
     assert "note.txt" in run_tool(["debugfs", "-R", "ls /app", str(base.rootfs)]).stdout
     key = created["rootfsKey"]
     again = machines.cli(machines.a, "cache", "export", key[7:19], str(tmp_path / "by-key"))
-    assert again["tags"][-1] == "latest" and len(again["tags"]) == 5
+    assert again["tags"][-1] == "latest" and len(again["tags"]) == 6
 
 
 def test_blob_push_chunked_monolithic_and_refused(registry: RegistryHandle, tmp_path: Path) -> None:

@@ -71,6 +71,11 @@ def _platform(raw: object) -> str | None:
     return f"{text}/{raw['variant']}" if raw.get("variant") else text
 
 
+def descriptor(raw: object, what: str) -> Descriptor:
+    """Parse one descriptor (digest, size, type, platform, annotations), strictly."""
+    return _descriptor(raw, what)
+
+
 def _descriptor(raw: object, what: str) -> Descriptor:
     if not isinstance(raw, Mapping):
         raise IntegrityError(f"malformed {what}: not an object")

@@ -26,19 +26,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from microagent.cache import oci
+from microagent.cache import oci, rootfsimage
 from microagent.cache._export import source_date_epoch
 from microagent.cache.fileslayer import store_files_layer
+from microagent.cache.rootfsimage import Packed
 from microagent.cache.steprecord import (
     ARTIFACT_TYPE,
     EMPTY_JSON,
     EMPTY_MEDIA_TYPE,
+    ROOTFS_ANNOTATION,
     STEP_ANNOTATION,
     BaseDocs,
     LayerRef,
     PublishedStep,
     inputs_digest,
     layers_of,
+    rootfs_tag,
     step_tag,
 )
 from microagent.cache.store import Store
@@ -48,6 +51,7 @@ from microagent.errors import IntegrityError, MicroagentError, NotFoundError
 
 Say = Callable[[str], None]
 LABEL = "io.microagent."
+ROOTFS_ARTIFACT_TYPE = "application/vnd.microagent.rootfs.v1"
 UPLOAD_WORKERS = 4
 
 
@@ -143,7 +147,7 @@ class Publication:
         config: dict[str, Any],
         layers: Sequence[LayerRef],
         annotations: Mapping[str, str],
-        artifact: bool = False,
+        artifact: str | None = None,
     ) -> None:
         for layer in layers:
             self.blob(layer.digest, layer.descriptor()["mediaType"])
@@ -155,7 +159,7 @@ class Publication:
             "annotations": dict(annotations),
         }
         if artifact:
-            doc["artifactType"] = ARTIFACT_TYPE
+            doc["artifactType"] = artifact
         self.manifests.append(ManifestOut(tag, canonical_json(doc)))
 
 
@@ -187,6 +191,10 @@ def prepare(store: Store, leaf: str, *, image_tag: str | None = None) -> Publica
     builder = _ManifestBuilder(pub, _base_config(store, chain[0]))
     for record in chain:
         builder.add_step(record)
+    rootfs = [r for r in chain if r["kind"] in (StepKind.BASE.value, StepKind.SETUP.value)][-1]
+    packed = ensure_rootfs_image(store, rootfs)
+    if packed is not None:
+        builder.add_rootfs_image(str(rootfs["key"]), packed)
     if image_tag:
         if chain[-1]["kind"] == StepKind.CONFIG.value:
             builder.add_image(image_tag, chain)
@@ -194,6 +202,27 @@ def prepare(store: Store, leaf: str, *, image_tag: str | None = None) -> Publica
             last = pub.manifests[-1]
             pub.manifests.append(ManifestOut(image_tag, last.data, last.media_type))
     return pub
+
+
+def ensure_rootfs_image(store: Store, record: Mapping[str, Any]) -> Packed | None:
+    """The zstd image of a setup step's built rootfs (made once, kept as a blob)."""
+    if not rootfsimage.enabled() or record.get("kind") != StepKind.SETUP.value:
+        return None
+    known = record.get("rootfsImage")
+    if isinstance(known, Mapping) and store.has_blob(str(known.get("blob"))):
+        return Packed(
+            str(known["blob"]), int(known["blobSize"]), str(known["digest"]), int(known["size"])
+        )
+    rootfs = record.get("rootfs")
+    if not isinstance(rootfs, str) or not store.has_entry(rootfs):
+        return None
+    with store.scratch_dir() as work:
+        path = work / "rootfs.ext4.zst"
+        with path.open("wb") as fh:
+            packed = rootfsimage.pack(store.entry_path(rootfs), fh)
+        store.put_blob_file(path, packed.blob, expected_size=packed.blob_size)
+    store.put_key(str(record["key"]), {**record, "rootfsImage": packed.to_json()})
+    return packed
 
 
 def _base_config(store: Store, record: Mapping[str, Any]) -> dict[str, Any]:
@@ -253,7 +282,7 @@ class _ManifestBuilder:
                 summary = _summary(record["inputs"])
         step = self._published(record, kind, layers, summary)
         annotations = {STEP_ANNOTATION: canonical_json(step.to_json()).decode()}
-        artifact = kind in (StepKind.FILES, StepKind.CONFIG)
+        artifact = ARTIFACT_TYPE if kind in (StepKind.FILES, StepKind.CONFIG) else None
         self.pub.manifest(step_tag(step.key), config, layers, annotations, artifact)
         self.pub.keys.append(step.key)
 
@@ -299,6 +328,14 @@ class _ManifestBuilder:
             labels = {**dict(runtime.get("Labels") or {}), **dict(extra.get("Labels") or {})}
             config["config"] = {**runtime, **extra, "Labels": labels}
         return canonical_json(config)
+
+    def add_rootfs_image(self, key: str, packed: Packed) -> None:
+        """An artifact ``rootfs-<hex>`` holding the step's built ext4 (zstd)."""
+        blob = LayerRef(rootfsimage.MEDIA_TYPE, packed.blob, packed.blob_size, packed.digest)
+        info = {"key": key, "digest": packed.digest, "size": packed.size}
+        config = self.pub.data(EMPTY_JSON, EMPTY_MEDIA_TYPE)
+        annotations = {ROOTFS_ANNOTATION: canonical_json(info).decode()}
+        self.pub.manifest(rootfs_tag(key), config, [blob], annotations, ROOTFS_ARTIFACT_TYPE)
 
     def add_image(self, tag: str, chain: Sequence[Mapping[str, Any]]) -> None:
         """The complete image: rootfs layers + files layer, config from the config step."""

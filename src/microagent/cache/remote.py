@@ -31,7 +31,7 @@ from microagent.cache import oci
 from microagent.cache.layout import REF_NAME, Layout
 from microagent.cache.publish import Blob, ManifestOut, Target
 from microagent.cache.registry import RegistryClient
-from microagent.cache.steprecord import step_tag
+from microagent.cache.steprecord import rootfs_tag, step_tag
 from microagent.compiler.image import ImageRef, parse_image_ref, parse_layout_ref
 from microagent.config import _user_setting
 from microagent.errors import InvalidInputError
@@ -123,6 +123,10 @@ class CacheSource(Protocol):
         """The (transport-verified) manifest of ``step-<key>``, or None on a miss."""
         ...
 
+    def rootfs(self, key: str) -> bytes | None:
+        """The manifest of ``rootfs-<key>`` (a setup step's built image), or None."""
+        ...
+
     def blob(self, digest: str) -> AbstractContextManager[BinaryIO]: ...
 
 
@@ -133,7 +137,13 @@ class RegistryCacheSource:
         self.where = image.name
 
     def step(self, key: str) -> bytes | None:
-        found = self.client.find_manifest(self.image, step_tag(key))
+        return self._manifest(step_tag(key))
+
+    def rootfs(self, key: str) -> bytes | None:
+        return self._manifest(rootfs_tag(key))
+
+    def _manifest(self, tag: str) -> bytes | None:
+        found = self.client.find_manifest(self.image, tag)
         return None if found is None else found.data
 
     def blob(self, digest: str) -> AbstractContextManager[BinaryIO]:
@@ -155,7 +165,13 @@ class LayoutCacheSource:
         yield from sorted(self._tags)
 
     def step(self, key: str) -> bytes | None:
-        entry = self._tags.get(step_tag(key))
+        return self._manifest(step_tag(key))
+
+    def rootfs(self, key: str) -> bytes | None:
+        return self._manifest(rootfs_tag(key))
+
+    def _manifest(self, tag: str) -> bytes | None:
+        entry = self._tags.get(tag)
         return None if entry is None else self.layout.read_verified(entry.digest)
 
     def blob(self, digest: str) -> AbstractContextManager[BinaryIO]:

@@ -25,15 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from microagent.cache import oci
+from microagent.cache import oci, rootfsimage
 from microagent.cache.images import BaseImage, rootfs_entry
 from microagent.cache.layers import LayerSource, flatten
+from microagent.cache.ramstage import stage_dir
 from microagent.cache.remote import CacheSource
 from microagent.cache.rootfs import build_ext4
 from microagent.cache.steprecord import (
     LayerRef,
     PublishedStep,
     layers_of,
+    parse_rootfs_manifest,
     parse_step_manifest,
     verify_base,
     verify_chain,
@@ -68,6 +70,7 @@ class RestoreStats:
     bytes: int = 0
     seconds: float = 0.0
     ext4_seconds: float = 0.0
+    images: int = 0  # rootfs images used instead of a flatten
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +79,7 @@ class RestoreStats:
             "bytesFetched": self.bytes,
             "seconds": round(self.seconds, 3),
             "ext4Seconds": round(self.ext4_seconds, 3),
+            "rootfsImages": self.images,
         }
 
 
@@ -166,31 +170,49 @@ class Restorer:
         return None
 
     def restore(self, hit: Hit) -> None:
-        """Download, verify, flatten and record one hit (and the base record it needs)."""
+        """Download, verify, materialise and record one hit (and the base record it needs)."""
         began = time.monotonic()
         chain = self._chain(hit)
-        with ThreadPoolExecutor(FETCH_WORKERS) as pool:
-            pending = self._fetch_layers(pool, hit)
-            base = chain[0] if chain and chain[0].kind is StepKind.BASE else None
-            if base is not None:
-                self._fetch_base_documents(hit.source, base)
-            if hit.step.kind.in_rootfs:
-                self._build_rootfs(hit.step.key, hit.step.layers, pending)
-            for future in pending.values():
-                future.result()
+        base = chain[0] if chain and chain[0].kind is StepKind.BASE else None
+        entry = rootfs_entry(hit.step.key)
+        existed = self.store.has_entry(entry)
+        try:
+            how = self._materialise(hit, base)
+        except BaseException:
+            if not existed:  # e.g. the image unpacked but a layer was refused
+                self.store.remove(entry)
+            raise
         if base is not None:
             self._record_base(base, hit.source.where, with_rootfs=hit.step is base)
         for step in chain:  # intermediate steps too (verified; no rootfs of their own)
             if step.kind is not StepKind.BASE:
                 self._record_step(step, hit.source.where)
-        seconds = time.monotonic() - began
+        self._done(hit, how, time.monotonic() - began)
+
+    def _materialise(self, hit: Hit, base: PublishedStep | None) -> str:
+        """Fetch every missing blob (in parallel) and make the hit's rootfs; say how."""
+        how = "records only"
+        with ThreadPoolExecutor(FETCH_WORKERS) as pool:
+            pending = self._fetch_layers(pool, hit)
+            if base is not None:
+                self._fetch_base_documents(hit.source, base)
+            if hit.step.kind.in_rootfs:
+                how = "rootfs image" if self._unpack_image(hit) else "flattened"
+                if how == "flattened":
+                    self._build_rootfs(hit.step.key, hit.step.layers, pending)
+            for future in pending.values():
+                future.result()
+        return how
+
+    def _done(self, hit: Hit, how: str, seconds: float) -> None:
         self.stats.seconds += seconds
+        step = hit.step
         self.stats.steps.append(
-            {"key": hit.step.key, "kind": hit.step.kind.value, "where": hit.source.where}
+            {"key": step.key, "kind": step.kind.value, "where": hit.source.where}
         )
         self.say(
-            f"[{hit.step.kind.value}] {hit.step.key[7:19]}  REMOTE HIT from {hit.source.where}: "
-            f"{len(hit.step.layers)} layers, {self.stats.bytes / 1e6:.1f} MB fetched, "
+            f"[{step.kind.value}] {step.key[7:19]}  REMOTE HIT from {hit.source.where}: "
+            f"{len(step.layers)} layers ({how}), {self.stats.bytes / 1e6:.1f} MB fetched, "
             f"{seconds:.2f}s (no setup VM)"
         )
 
@@ -260,6 +282,35 @@ class Restorer:
                 IntegrityError("config diff_ids differ from the layers"), "base step", source.where
             )
 
+    def _unpack_image(self, hit: Hit) -> bool:
+        """Take a setup step's published rootfs image instead of flattening; False if none."""
+        if hit.step.kind is not StepKind.SETUP or not rootfsimage.enabled():
+            return False
+        where, key = hit.source.where, hit.step.key
+        try:
+            data = hit.source.rootfs(key)
+            packed = None if data is None else parse_rootfs_manifest(data, key)
+        except IntegrityError as exc:
+            raise _corrupt(exc, f"rootfs manifest {key[:19]}…", where) from exc
+        except (RegistryError, NotFoundError):
+            return False
+        if packed is None:
+            return False
+
+        def unpack(tmp: Path) -> None:
+            try:
+                with hit.source.blob(packed.blob) as stream:
+                    rootfsimage.unpack(stream, tmp, packed)
+            except IntegrityError as exc:
+                raise _corrupt(exc, f"rootfs image {packed.blob[:19]}…", where) from exc
+
+        self.store.build_once(rootfs_entry(key), unpack)
+        with self._lock:
+            self.stats.blobs += 1
+            self.stats.bytes += packed.blob_size
+            self.stats.images += 1
+        return True
+
     def _rebuild_local(self, key: str) -> bool:
         """Flatten a recorded step from stored layers; False if something is missing."""
         record = self.store.get_key(key)
@@ -288,10 +339,10 @@ class Restorer:
         ]
 
         def build(tmp: Path) -> None:
-            with self.store.scratch_dir() as scratch:
-                meta = flatten(scratch / "stage", sources)
+            with stage_dir(self.store, sum(layer.size for layer in layers)) as stage:
+                meta = flatten(stage, sources)
                 began = time.monotonic()
-                build_ext4(scratch / "stage", meta, tmp, key=key)
+                build_ext4(stage, meta, tmp, key=key)
                 self.stats.ext4_seconds += time.monotonic() - began
 
         self.store.build_once(rootfs_entry(key), build)

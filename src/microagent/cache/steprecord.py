@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from microagent.cache import oci
+from microagent.cache.rootfsimage import MEDIA_TYPE as ROOTFS_MEDIA_TYPE
+from microagent.cache.rootfsimage import Packed
 from microagent.cache.store import key_hex
 from microagent.compiler.canonical import canonical_json, sha256_digest
 from microagent.compiler.image import DIGEST_RE
@@ -293,3 +295,36 @@ def verify_base(step: PublishedStep) -> oci.Manifest:
     if [layer.digest for layer in manifest.layers] != [layer.digest for layer in step.layers]:
         raise _bad("the base layers differ from the image manifest")
     return manifest
+
+
+# -- rootfs images (a setup step's built ext4, zstd) ------------------------------------------
+
+ROOTFS_TAG_PREFIX = "rootfs-"
+ROOTFS_ANNOTATION = "io.microagent.rootfs.v1"
+
+
+def rootfs_tag(key: str) -> str:
+    """The tag of a step's rootfs image artifact: ``rootfs-<64 hex>``."""
+    return ROOTFS_TAG_PREFIX + key_hex(key)
+
+
+def parse_rootfs_manifest(data: bytes, key: str) -> Packed:
+    """The image a ``rootfs-<hex>`` artifact describes, after checking it is for ``key``."""
+    doc = oci.load_document(data, f"rootfs manifest {rootfs_tag(key)}")
+    annotations = doc.get("annotations")
+    raw = annotations.get(ROOTFS_ANNOTATION) if isinstance(annotations, Mapping) else None
+    if not isinstance(raw, str):
+        raise _bad(f"manifest {rootfs_tag(key)} has no {ROOTFS_ANNOTATION} annotation")
+    info = oci.load_document(raw.encode(), "rootfs image record")
+    if info.get("key") != key:
+        raise _bad(f"rootfs image for {str(info.get('key'))[:19]}… under the tag of {key[:19]}…")
+    layers = doc.get("layers")
+    if not isinstance(layers, list) or len(layers) != 1:
+        raise _bad("a rootfs manifest has exactly one blob")
+    blob = oci.descriptor(layers[0], "rootfs blob")
+    if blob.media_type != ROOTFS_MEDIA_TYPE:
+        raise _bad(f"unexpected rootfs media type {blob.media_type!r}")
+    digest, size = info.get("digest"), info.get("size")
+    if not (isinstance(digest, str) and DIGEST_RE.match(digest)) or not isinstance(size, int):
+        raise _bad("the rootfs image record needs digest and size")
+    return Packed(blob.digest, blob.size, digest, size)

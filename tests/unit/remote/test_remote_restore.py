@@ -78,7 +78,7 @@ def test_a_published_step_without_its_parent_is_a_miss(
     plan = cli(monkeypatch, capsys, tmp_path / "a", "plan", "-f", spec)
     keys = [s["key"] for s in plan["steps"]]
     assert all(s["cached"] for s in plan["steps"]), "build records files and config steps too"
-    assert len(exported["tags"]) == 6
+    assert len(exported["tags"]) == 7  # 5 steps, the rootfs image, latest
     _drop_tag(cache, keys[1])
     created = cli(
         monkeypatch, capsys, tmp_path / "b", "create", "-f", spec, "--cache-from", f"oci:{cache}"
@@ -130,7 +130,7 @@ def test_layout_folders_are_extended_and_foreign_folders_refused(
     )
     index = json.loads((cache / "index.json").read_text())
     names = {m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]}
-    assert {"latest", "v2"} <= names and len(names) == 7
+    assert {"latest", "v2"} <= names and len(names) == 8
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
@@ -143,3 +143,32 @@ def test_layout_folders_are_extended_and_foreign_folders_refused(
         monkeypatch, capsys, tmp_path / "a", "cache", "import", str(project / "layout"), code=2
     )
     assert "no published steps" in empty["error"]["message"]
+
+
+def test_plan_text_marks_remote_hits_and_other_platforms_need_hits(
+    project: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from microagent import api
+    from microagent._create import _require_buildable
+    from microagent.cache.store import Store
+    from microagent.compiler.plan import compile_plan
+    from microagent.errors import BuildError
+
+    spec, cache = str(project / "microagent.yaml"), tmp_path / "cache"
+    cli(monkeypatch, capsys, tmp_path / "a", "cache", "export", "-f", spec, str(cache))
+    monkeypatch.setenv("MICROAGENT_HOME", str(tmp_path / "b"))
+    capsys.readouterr()
+    assert main(["plan", "-f", spec, "--cache-from", f"oci:{cache}"]) == 0
+    lines = capsys.readouterr().out.splitlines()[2:]
+    assert [line.split()[2] for line in lines] == ["REMOTE"] * 5
+    assert all(line.endswith(f"oci:{cache}") for line in lines)
+
+    loaded = api.load(spec)
+    plan = compile_plan(loaded, api.resolve_image(loaded))
+    store = Store(tmp_path / "b" / "store")
+    with pytest.raises(BuildError, match="cannot run on this"):
+        _require_buildable(store, plan, "linux/riscv64")
+    _require_buildable(store, plan, plan.image.platform)

@@ -1,0 +1,139 @@
+"""The built root filesystem of a setup step as one zstd blob, for remote cache hits that need
+no flatten and no ``mke2fs``.
+
+``pack`` compresses ``rootfs/<key>.ext4`` (hashing the image as it goes); ``unpack`` streams a
+blob back into a sparse file, checking the compressed bytes against the blob digest and the
+image against its own digest and size. Both checks must pass before the caller publishes the
+file (``Store.build_once``), so a damaged or truncated download never becomes a rootfs.
+
+Trust: the image is what the publisher built for the key, like its setup layers; the same
+holds for the layers (a pusher can publish any layer for a key). Only setup steps publish an
+image; a base step is always rebuilt from layers verified against the image digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, cast
+
+import zstandard
+
+from microagent.errors import IntegrityError
+
+MEDIA_TYPE = "application/vnd.microagent.rootfs.ext4+zstd"
+LEVEL = 3
+CHUNK = 1 << 20
+ENV = "MICROAGENT_CACHE_ROOTFS"
+_ZEROS = bytes(CHUNK)
+
+
+def enabled() -> bool:
+    """Rootfs images are published and used unless ``MICROAGENT_CACHE_ROOTFS=0``."""
+    return os.environ.get(ENV, "1").lower() not in ("0", "no", "false", "off")
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A compressed image blob (``blob``, ``blob_size``) of an image (``digest``, ``size``)."""
+
+    blob: str
+    blob_size: int
+    digest: str
+    size: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "blob": self.blob,
+            "blobSize": self.blob_size,
+            "digest": self.digest,
+            "size": self.size,
+        }
+
+
+class _Hashing:
+    def __init__(self, sink: BinaryIO) -> None:
+        self.sink = sink
+        self.hasher = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.hasher.update(data)
+        self.size += len(data)
+        return self.sink.write(data)
+
+
+def pack(image: Path, out: BinaryIO) -> Packed:
+    """Compress ``image`` into ``out``."""
+    plain = hashlib.sha256()
+    size = 0
+    sink = _Hashing(out)
+    cctx = zstandard.ZstdCompressor(level=LEVEL)
+    with image.open("rb") as src, cctx.stream_writer(cast(BinaryIO, sink), closefd=False) as zw:
+        while chunk := src.read(CHUNK):
+            plain.update(chunk)
+            size += len(chunk)
+            zw.write(chunk)
+    return Packed(
+        "sha256:" + sink.hasher.hexdigest(), sink.size, "sha256:" + plain.hexdigest(), size
+    )
+
+
+class _Counted:
+    """Reads the compressed stream, hashing it and refusing more than expected."""
+
+    def __init__(self, raw: BinaryIO, limit: int) -> None:
+        self.raw = raw
+        self.limit = limit
+        self.hasher = hashlib.sha256()
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.size += len(data)
+        if self.size > self.limit:
+            raise IntegrityError(
+                f"rootfs image blob is larger than the expected {self.limit} bytes"
+            )
+        self.hasher.update(data)
+        return data
+
+
+def unpack(stream: BinaryIO, out: Path, expected: Packed) -> None:
+    """Decompress ``stream`` into a new sparse file ``out``, verifying both digests."""
+    counted = _Counted(stream, expected.blob_size)
+    plain = hashlib.sha256()
+    size = 0
+    reader = zstandard.ZstdDecompressor().stream_reader(cast(BinaryIO, counted))
+    with out.open("xb") as fh:
+        try:
+            while chunk := reader.read(CHUNK):
+                size += len(chunk)
+                if size > expected.size:
+                    raise IntegrityError(f"rootfs image is larger than {expected.size} bytes")
+                plain.update(chunk)
+                _write_sparse(fh, chunk)
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"rootfs image blob is not valid zstd: {exc}") from exc
+        fh.truncate(size)
+    _check(counted, expected, plain.hexdigest(), size)
+
+
+def _write_sparse(fh: BinaryIO, chunk: bytes) -> None:
+    if chunk == _ZEROS[: len(chunk)]:
+        fh.seek(len(chunk), os.SEEK_CUR)
+    else:
+        fh.write(chunk)
+
+
+def _check(counted: _Counted, expected: Packed, digest_hex: str, size: int) -> None:
+    blob = "sha256:" + counted.hasher.hexdigest()
+    if counted.size != expected.blob_size or blob != expected.blob:
+        raise IntegrityError(
+            f"digest mismatch: expected {expected.blob}, content hashes to {blob}",
+            hint="the rootfs image is corrupt or was changed; nothing was stored",
+        )
+    if size != expected.size or "sha256:" + digest_hex != expected.digest:
+        raise IntegrityError(f"rootfs image does not match its digest {expected.digest}")
