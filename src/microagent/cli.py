@@ -6,6 +6,7 @@ envelope and a process exit code. Heavy imports happen inside commands.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import traceback
@@ -16,7 +17,7 @@ import click
 from microagent import __version__
 from microagent.commands import image_cmds, remote_cmds, runtime_cmds, spec, workspace_cmds
 from microagent.commands._common import Ctx
-from microagent.errors import EXIT_FAILURE, EXIT_INVALID, MicroagentError
+from microagent.errors import EXIT_FAILURE, MicroagentError, UsageError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,30 +51,46 @@ def _print_error(exc: MicroagentError, as_json: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and map errors to exit codes (0 ok, 2 invalid, 1 other)."""
     args = sys.argv[1:] if argv is None else argv
-    as_json = "--json" in args
-    debug = "--debug" in args
+    as_json, debug = "--json" in args, "--debug" in args
     try:
         code = cli.main(args=args, prog_name="microagent", standalone_mode=False)
-    except MicroagentError as exc:
-        if debug:
-            traceback.print_exc()
-        _print_error(exc, as_json)
-        return exc.exit_code
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
-    except click.ClickException as exc:
-        if as_json:
-            error = {"kind": "usage", "message": exc.format_message()}
-            click.echo(json.dumps({"ok": False, "error": error}, indent=2))
-        else:
-            exc.show()
-        return EXIT_INVALID
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # every failure ends here: one message, traceback only with --debug
+        return _report(exc, as_json, debug)
     return code if isinstance(code, int) else 0  # a command's Exit(code), e.g. `run`
+
+
+def _as_error(exc: Exception) -> MicroagentError:
+    if isinstance(exc, MicroagentError):
+        return exc
+    if isinstance(exc, click.ClickException):
+        return UsageError(exc.format_message())
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        if exc.errno == errno.ENOSPC:
+            return MicroagentError(
+                f"no space left on device{where}",
+                hint="free disk space, e.g. `microagent cache prune --max-size 10G`, then retry",
+            )
+        return MicroagentError(f"{exc.strerror or exc}{where}")
+    return MicroagentError(f"internal error: {exc!r}", hint="rerun with --debug and report it")
+
+
+def _report(exc: Exception, as_json: bool, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(exc)
+    error = _as_error(exc)
+    if isinstance(exc, click.ClickException) and not as_json:
+        exc.show()
+    else:
+        _print_error(error, as_json)
+    return error.exit_code
 
 
 if __name__ == "__main__":

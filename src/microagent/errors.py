@@ -94,6 +94,12 @@ class InvalidInputError(MicroagentError):
     kind = "invalid_input"
 
 
+class UsageError(InvalidInputError):
+    """The command line itself is wrong (unknown flag, missing argument)."""
+
+    kind = "usage"
+
+
 class SpecError(InvalidInputError):
     """A spec file has one or more problems; all of them are carried, sorted."""
 

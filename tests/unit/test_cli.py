@@ -133,3 +133,32 @@ def test_lock_file_pins_the_tag(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_debug_shows_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--debug", "plan", "-f", str(tmp_path / "none.yaml")]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_disk_full_is_a_clear_error(
+    spec: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    def full(*_a: object, **_k: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "/store/blobs")
+
+    monkeypatch.setattr("microagent.api.plan", full)
+    assert main(["plan", "-f", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert "no space left on device (/store/blobs)" in err and "cache prune" in err
+    assert "Traceback" not in err
+
+
+def test_unexpected_bug_has_no_traceback_without_debug(
+    spec: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def bug(*_a: object, **_k: object) -> None:
+        raise KeyError("oops")
+
+    monkeypatch.setattr("microagent.api.plan", bug)
+    assert main(["plan", "-f", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert "internal error: KeyError('oops')" in err and "Traceback" not in err
+    assert main(["--debug", "plan", "-f", str(spec)]) == 1
+    assert "Traceback" in capsys.readouterr().err
