@@ -66,7 +66,9 @@ def main() -> None:
         kit_s, _ = cli(env, "kernel", "install")
         cold_s, cold = cli(env, "create", "-f", spec)
         hit_s, hit = cli(env, "create", "-f", spec, "--name", "hit-1")
-        hit_best = min(hit_s, best(env, 3, "create", "-f", spec, "--name", f"hit-{time.time_ns()}"))
+        hit_best = min(
+            [hit_s] + [cli(env, "create", "-f", spec, "--name", f"hit-{i}")[0] for i in (2, 3, 4)]
+        )
         (project / "agent.py").write_text((project / "agent.py").read_text() + "\n# edited\n")
         edit_s, edit = cli(env, "create", "-f", spec, "--name", "edited")
         blob = tmp / "one-mb.bin"
