@@ -26,7 +26,7 @@ from microagent.errors import BuildError, InvalidInputError
 from microagent.runtime import debian, kernelimage, kmod
 from microagent.runtime.initramfs import CpioEntry, with_parents, write_initramfs
 
-RECIPE_VERSION = 2  # 2: boot the uncompressed vmlinux (PVH) when the kernel has the note
+RECIPE_VERSION = 3  # 2: uncompressed vmlinux (PVH) when possible; 3: uncompressed initramfs
 KERNEL_ENV = "MICROAGENT_KERNEL"
 INITRD_ENV = "MICROAGENT_INITRD"
 BUSYBOX_PACKAGE = "busybox-static"

@@ -86,13 +86,21 @@ def write_cpio(out: BinaryIO, entries: Iterable[CpioEntry]) -> None:
     _write_entry(out, CpioEntry(_TRAILER, 0), ino + 1)
 
 
-def write_initramfs(path: Path, entries: Iterable[CpioEntry], *, level: int = 1) -> None:
-    """Write a gzip-compressed newc archive (mtime 0 in the gzip header, so reproducible)."""
-    with (
-        path.open("wb") as raw,
-        gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=level, mtime=0) as gz,
-    ):
-        write_cpio(gz, entries)  # type: ignore[arg-type]
+def write_initramfs(path: Path, entries: Iterable[CpioEntry], *, gzip_level: int = 0) -> None:
+    """Write a newc archive, plain (the default) or gzip-compressed at ``gzip_level``.
+
+    Plain is faster to boot under emulation: the kernel's inflate of a ~3 MB archive costs
+    ~0.3-0.4 s under TCG (measured), far more than QEMU copying 1.6 MB more into RAM.
+    The gzip header carries no name or mtime, so either form is reproducible.
+    """
+    with path.open("wb") as raw:
+        if not gzip_level:
+            write_cpio(raw, entries)
+            return
+        with gzip.GzipFile(
+            filename="", fileobj=raw, mode="wb", compresslevel=gzip_level, mtime=0
+        ) as gz:
+            write_cpio(gz, entries)  # type: ignore[arg-type]
 
 
 def with_parents(entries: Iterable[CpioEntry]) -> list[CpioEntry]:

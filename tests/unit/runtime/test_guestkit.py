@@ -38,7 +38,9 @@ def mirror(tmp_path: Path) -> debian.Mirror:
 
 def cpio_names(initrd: Path) -> dict[str, bytes]:
     """name -> data of a newc archive (enough of a reader for our own output)."""
-    data = gzip.decompress(initrd.read_bytes())
+    data = initrd.read_bytes()
+    if data.startswith(b"\x1f\x8b"):
+        data = gzip.decompress(data)
     out, pos = {}, 0
     while True:
         fields = [int(data[pos + 6 + i * 8 : pos + 14 + i * 8], 16) for i in range(13)]

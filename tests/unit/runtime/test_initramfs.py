@@ -70,10 +70,13 @@ def test_alignment_and_trailer() -> None:
 
 def test_reproducible(tmp_path: Path) -> None:
     a, b = tmp_path / "a.gz", tmp_path / "b.gz"
-    write_initramfs(a, with_parents(ENTRIES))
-    write_initramfs(b, with_parents(ENTRIES))
+    write_initramfs(a, with_parents(ENTRIES), gzip_level=1)
+    write_initramfs(b, with_parents(ENTRIES), gzip_level=1)
     assert a.read_bytes() == b.read_bytes()
     assert gzip.decompress(a.read_bytes()) == cpio_bytes(with_parents(ENTRIES))
+    plain = tmp_path / "plain.cpio"
+    write_initramfs(plain, with_parents(ENTRIES))
+    assert plain.read_bytes() == cpio_bytes(with_parents(ENTRIES))
 
 
 def test_with_parents_adds_each_directory_once() -> None:
