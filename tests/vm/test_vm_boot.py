@@ -203,7 +203,14 @@ def test_shutdown_from_another_thread_stops_the_workload(
             began = time.monotonic()
             result = machine.wait(on_output=streamed.append)
             helper.join()
-    assert result.stopped
-    assert result.stdout == "up\ngot TERM\n"  # TERM first: the workload could clean up
-    assert result.exit_code == 143
+    assert result.stopped, result
+    assert result.stdout == "up\ngot TERM\n", result  # TERM first: the workload cleans up
+    assert result.exit_code == 143, result
+    assert time.monotonic() - began < 30
+
+
+def test_background_children_do_not_hold_the_run_open(run_vm: RunVM) -> None:
+    began = time.monotonic()
+    result = run_vm("sh", "-c", "sleep 300 & echo started-bg")
+    assert result.exit_code == 0 and result.stdout == "started-bg\n"
     assert time.monotonic() - began < 30
