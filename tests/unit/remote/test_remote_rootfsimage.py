@@ -1,0 +1,55 @@
+"""Rootfs images: a sparse round trip, and every way a blob can be wrong."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from microagent.cache.rootfsimage import Packed, pack, unpack
+from microagent.errors import IntegrityError
+
+
+def _image(tmp_path: Path) -> Path:
+    image = tmp_path / "rootfs.ext4"
+    with image.open("wb") as fh:
+        fh.write(os.urandom(3000))
+        fh.seek(8 << 20)
+        fh.write(b"tail data")
+        fh.truncate(16 << 20)
+    return image
+
+
+def test_round_trip_is_exact_and_sparse(tmp_path: Path) -> None:
+    image = _image(tmp_path)
+    blob = io.BytesIO()
+    packed = pack(image, blob)
+    assert packed.size == 16 << 20 and packed.blob_size == len(blob.getvalue()) < 100_000
+    out = tmp_path / "out.ext4"
+    unpack(io.BytesIO(blob.getvalue()), out, packed)
+    assert out.read_bytes() == image.read_bytes()
+    assert out.stat().st_blocks * 512 < 2 << 20, "zero runs become holes"
+
+
+@pytest.mark.parametrize("what", ["flipped", "truncated", "trailing", "blob", "size"])
+def test_a_wrong_blob_or_image_is_refused(tmp_path: Path, what: str) -> None:
+    blob = io.BytesIO()
+    packed = pack(_image(tmp_path), blob)
+    data = blob.getvalue()
+    expected: Packed = packed
+    if what == "flipped":
+        data = data[:50] + bytes([data[50] ^ 1]) + data[51:]
+    elif what == "truncated":
+        data = data[:-20]
+    elif what == "trailing":
+        data += b"junk"
+        expected = dataclasses.replace(packed, blob_size=len(data))
+    elif what == "blob":
+        expected = dataclasses.replace(packed, blob="sha256:" + "0" * 64)
+    else:
+        expected = dataclasses.replace(packed, size=packed.size - 1)
+    with pytest.raises(IntegrityError):
+        unpack(io.BytesIO(data), tmp_path / "out.ext4", expected)
