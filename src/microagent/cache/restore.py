@@ -304,7 +304,11 @@ class Restorer:
             except IntegrityError as exc:
                 raise _corrupt(exc, f"rootfs image {packed.blob[:19]}…", where) from exc
 
-        self.store.build_once(rootfs_entry(key), unpack)
+        try:
+            self.store.build_once(rootfs_entry(key), unpack)
+        except (RegistryError, NotFoundError) as exc:  # e.g. the blob was garbage-collected
+            self._warn(f"rootfs image of {key[:19]}… not usable ({exc.message}); flattening")
+            return False
         with self._lock:
             self.stats.blobs += 1
             self.stats.bytes += packed.blob_size

@@ -172,3 +172,26 @@ def test_plan_text_marks_remote_hits_and_other_platforms_need_hits(
     with pytest.raises(BuildError, match="cannot run on this"):
         _require_buildable(store, plan, "linux/riscv64")
     _require_buildable(store, plan, plan.image.platform)
+
+
+def test_a_missing_rootfs_image_blob_falls_back_to_flattening(
+    project: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    spec, cache = str(project / "microagent.yaml"), tmp_path / "cache"
+    cli(monkeypatch, capsys, tmp_path / "a", "cache", "export", "-f", spec, str(cache))
+    index = json.loads((cache / "index.json").read_text())
+    rootfs = next(
+        m
+        for m in index["manifests"]
+        if m["annotations"]["org.opencontainers.image.ref.name"].startswith("rootfs-")
+    )
+    manifest = json.loads((cache / "blobs" / "sha256" / rootfs["digest"][7:]).read_text())
+    (cache / "blobs" / "sha256" / manifest["layers"][0]["digest"][7:]).unlink()
+    created = cli(
+        monkeypatch, capsys, tmp_path / "b", "create", "-f", spec, "--cache-from", f"oci:{cache}"
+    )
+    assert (created["setupBoots"], created["remote"]["rootfsImages"]) == (0, 0)
+    assert "flattening" in created["remote"]["warnings"][0]
