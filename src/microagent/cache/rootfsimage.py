@@ -14,8 +14,11 @@ image; a base step is always rebuilt from layers verified against the image dige
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
@@ -103,7 +106,58 @@ class _Counted:
         return data
 
 
+class _Prefetch:
+    """Reads a stream in a background thread so the download overlaps decompression."""
+
+    def __init__(self, raw: BinaryIO, depth: int = 16) -> None:
+        self.chunks: queue.Queue[bytes | BaseException] = queue.Queue(depth)
+        self.pending = b""
+        self.offset = 0
+        self.done = False
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._pump, args=(raw,), daemon=True)
+        self.thread.start()
+
+    def _pump(self, raw: BinaryIO) -> None:
+        try:
+            while not self.stop.is_set() and (chunk := raw.read(CHUNK)):
+                self.chunks.put(chunk)
+            self.chunks.put(b"")
+        except BaseException as exc:  # handed to the reader, re-raised there
+            self.chunks.put(exc)
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes of the current chunk (short reads are fine for zstd)."""
+        if self.offset >= len(self.pending):
+            if self.done:
+                return b""
+            item = self.chunks.get()
+            if isinstance(item, BaseException):
+                raise item
+            self.pending, self.offset, self.done = item, 0, not item
+        end = len(self.pending) if size < 0 else self.offset + size
+        data = self.pending[self.offset : end]
+        self.offset += len(data)
+        return data
+
+    def close(self) -> None:
+        self.stop.set()
+        while self.thread.is_alive():  # drain so a blocked put can finish
+            with contextlib.suppress(queue.Empty):
+                self.chunks.get(timeout=0.1)
+        self.thread.join()
+
+
 def unpack(stream: BinaryIO, out: Path, expected: Packed) -> None:
+    """Decompress ``stream`` into a new sparse file ``out`` (see :func:`_unpack`)."""
+    prefetch = _Prefetch(stream)
+    try:
+        _unpack(cast(BinaryIO, prefetch), out, expected)
+    finally:
+        prefetch.close()
+
+
+def _unpack(stream: BinaryIO, out: Path, expected: Packed) -> None:
     """Decompress ``stream`` into a new sparse file ``out``, verifying the blob's digest and
     the image's size (decoding is deterministic: the blob digest pins the image bytes)."""
     counted = _Counted(stream, expected.blob_size)
