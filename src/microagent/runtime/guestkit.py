@@ -254,8 +254,7 @@ def initramfs_entries(busybox: bytes, init: str, modules: Mapping[str, bytes]) -
         CpioEntry.symlink(f"lib/microagent/dev/{name}", target)
         for name, target in DEV_LINKS.items()
     ]
-    # Copied (dereferenced) into the new root's /run: the helper that starts the command.
-    entries.append(CpioEntry.symlink("lib/microagent/run/microagent/busybox", "/bin/busybox"))
+
     applets = sorted({"sh", *busybox_applets(busybox)} - {"busybox"})
     entries += [CpioEntry.symlink(f"bin/{a}", "busybox") for a in applets]
     entries += [CpioEntry.file(f"lib/modules/{n}.ko", data) for n, data in sorted(modules.items())]

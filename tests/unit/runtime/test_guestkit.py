@@ -231,3 +231,16 @@ def test_prune_keeps_the_current_kit(
     new = guestkit.install_kit(store, mirror, arch="amd64")
     assert [k.key for k in guestkit.prune_kits(store)] == [old.key]
     assert [k.key for k in guestkit.list_kits(store)] == [new.key]
+
+
+@pytest.mark.parametrize("epoch", [0, 951782400, 1709251199, 1795624549, 4102444799])
+def test_init_now_is_rfc3339_utc(epoch: int) -> None:
+    import datetime
+
+    text = guestkit.render_init(GROUPS)
+    start = text.index("now() {")
+    body = text[start : text.index("\n}\n", start) + 3]
+    body = body.replace("read -r s </sys/class/rtc/rtc0/since_epoch 2>/dev/null", "s=$EPOCH")
+    got = run([busybox(), "sh", "-c", body + 'now; echo "$NOW"'], env={"EPOCH": str(epoch)})
+    want = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
+    assert got.stdout.strip() == want.strftime("%Y-%m-%dT%H:%M:%SZ")
