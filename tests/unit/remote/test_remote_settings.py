@@ -67,3 +67,13 @@ def test_no_defaults_means_no_remote(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.delenv("MICROAGENT_CACHE_FROM", raising=False)
     monkeypatch.delenv("MICROAGENT_CACHE_TO", raising=False)
     assert cache_from_refs() == () and cache_to_ref() is None
+
+
+def test_urls_in_messages_carry_no_credentials_or_upload_state() -> None:
+    from microagent.cache.registry import _redacted
+
+    url = "https://ci:s3cret@ghcr.io/v2/acme/cache/blobs/uploads/u1?_state=tok&digest=sha256:1"
+    assert _redacted(url) == "https://ghcr.io/v2/acme/cache/blobs/uploads/u1"
+    assert _redacted("http://127.0.0.1:5000/v2/x/manifests/y") == (
+        "http://127.0.0.1:5000/v2/x/manifests/y"
+    )
