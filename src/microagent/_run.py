@@ -159,3 +159,20 @@ def spawn(
     finally:
         if stdout is not None and not isinstance(sink, int):
             sink.close()
+
+
+def pid_alive(pid: object) -> bool:
+    """Whether ``pid`` names a running (not zombie) process."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"

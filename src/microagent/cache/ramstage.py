@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from microagent._run import pid_alive
 from microagent.cache.store import Store
 
 RAM_DIR = Path("/dev/shm")
@@ -28,22 +29,12 @@ PREFIX = "microagent-stage-"
 EXPANSION = 5  # uncompressed / compressed, a generous guess for OS layers
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def collect_stale(directory: Path = RAM_DIR) -> None:
     """Remove stage directories whose process is gone."""
     with contextlib.suppress(OSError):
         for path in directory.glob(PREFIX + "*"):
             pid = path.name.removeprefix(PREFIX).split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
 
 

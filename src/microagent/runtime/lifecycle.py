@@ -53,22 +53,6 @@ class Runtime:
 # -- liveness ----------------------------------------------------------------------------------
 
 
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
 def reconcile(ws: Workspace) -> State:
     """The true state: a live-looking state whose supervisor is gone becomes ``failed``."""
     state = ws.state()
@@ -76,7 +60,7 @@ def reconcile(ws: Workspace) -> State:
     pid = runtime.get("supervisorPid")
     if state is State.STARTING and pid is None:
         return state  # the launcher records the pid right after spawning
-    if state.live and not _alive(pid):
+    if state.live and not _run.pid_alive(pid):
         ws.set_state(State.FAILED, "the supervisor process died unexpectedly")
         return State.FAILED
     return state
