@@ -67,7 +67,9 @@ def test_golden_microvm_tcg_isolated() -> None:
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-serial", "file:/run/ma/s1/serial.log",
         "-kernel", "/kit/vmlinuz", "-initrd", "/kit/initrd.img",
-        "-append", "console=ttyS0 quiet panic=-1 pci=off tsc_early_khz=2596152 ma_transport=mmio",
+        "-append",
+        "console=ttyS0 quiet panic=-1 rcupdate.rcu_expedited=1 pci=off tsc_early_khz=2596152"
+        " ma_transport=mmio",
         *COMMON_TAIL,
     ]  # fmt: skip
 
@@ -96,7 +98,8 @@ def test_golden_q35_kvm() -> None:
     argv = build_argv("qemu", config(machine=MachineType.Q35, memory_mib=512), Accel.KVM, tsc_khz=1)
     assert argv[:9] == ["qemu", "-M", "q35", "-accel", "kvm", "-cpu", "host", "-m", "512"]
     assert argv[argv.index("-smp") + 1] == "2"
-    assert argv[argv.index("-append") + 1] == "console=ttyS0 quiet panic=-1 ma_transport=pci"
+    append = argv[argv.index("-append") + 1]
+    assert append == "console=ttyS0 quiet panic=-1 rcupdate.rcu_expedited=1 ma_transport=pci"
     devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
     assert devices[:4] == [
         "virtio-blk-pci,drive=vd0,serial=rootfs",
