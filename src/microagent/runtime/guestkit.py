@@ -218,20 +218,6 @@ def module_groups(infos: Mapping[str, kmod.ModuleInfo]) -> dict[str, list[str]]:
     return {"mmio": mmio, "pci": pci, "disk": disk, "late": late, "net": net}
 
 
-def busybox_applets(binary: bytes) -> list[str]:
-    """Applet names from busybox's packed name table (starts ``[\\0[[\\0``), or [] if the
-    table is not found (the init then runs ``busybox --install`` itself)."""
-    start = binary.find(b"[\0[[\0")
-    if start < 0:
-        return []
-    names = []
-    for raw in binary[start : start + 64 * 1024].split(b"\0"):
-        if not raw or not all(33 <= c < 127 and c != ord("/") for c in raw):
-            break
-        names.append(raw.decode())
-    return names if len(names) > 10 else []
-
-
 def initramfs_entries(busybox: bytes, init: str, modules: Mapping[str, bytes]) -> list[CpioEntry]:
     """The initramfs tree: busybox, /init, json.awk, the module files and a console node."""
     dirs = ("bin", "dev", "proc", "sys", "run", "tmp", "ma", "lower", "state", "cfg", "newroot")
@@ -255,8 +241,7 @@ def initramfs_entries(busybox: bytes, init: str, modules: Mapping[str, bytes]) -
         for name, target in DEV_LINKS.items()
     ]
 
-    applets = sorted({"sh", *busybox_applets(busybox)} - {"busybox"})
-    entries += [CpioEntry.symlink(f"bin/{a}", "busybox") for a in applets]
+    entries.append(CpioEntry.symlink("bin/sh", "busybox"))
     entries += [CpioEntry.file(f"lib/modules/{n}.ko", data) for n, data in sorted(modules.items())]
     return with_parents(entries)
 

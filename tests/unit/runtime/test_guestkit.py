@@ -212,16 +212,6 @@ def test_cpio_reader_helper_sanity(tmp_path: Path) -> None:
     assert cpio_names(path) == {"a": b"xyz"}
 
 
-def test_busybox_applets_from_the_name_table() -> None:
-    binary = b"\x7fELF junk\0" + b"\0".join(
-        [b"[", b"[[", b"acpid", *[b"a%d" % i for i in range(20)]]
-    )
-    binary += b"\0\0\xff\xfe"
-    assert guestkit.busybox_applets(binary)[:3] == ["[", "[[", "acpid"]
-    assert len(guestkit.busybox_applets(binary)) == 23
-    assert guestkit.busybox_applets(b"no table here") == []
-
-
 def test_prune_keeps_the_current_kit(
     tmp_path: Path, mirror: debian.Mirror, monkeypatch: pytest.MonkeyPatch
 ) -> None:
