@@ -3,8 +3,9 @@
 Floor: bare QEMU with the same kernel, machine and flags, booting a busybox-only initramfs whose
 /init prints a marker (no modules, no disks, no control channel). Ours: the full one-shot run
 (state disk, config disk, modules, overlay root, chroot) up to the moment the guest reports the
-command started, and until the VM is gone. Runs alternate; medians are printed, with the ratio
-(goal <= 1.2x) and where the guest's time goes (from its /proc/uptime marks).
+command started, and until the VM is gone. Runs alternate with a settle pause before each;
+medians are printed, with the ratio (goal <= 1.2x) and where the guest's time goes (from its
+/proc/uptime marks).
 
     .venv/bin/python bench/bench_boot.py [--runs N] [--network user]
 """
@@ -39,6 +40,7 @@ read -r up _ </proc/uptime
 echo "{FLOOR_MARKER} $up"
 /bin/busybox poweroff -f
 """
+SETTLE_SECONDS = 1.0
 MARKER_LINE = re.compile(FLOOR_MARKER + r" ([0-9.]+)\r?\n")
 STAGES = ("kernel", "init", "modules", "port", "disks", "overlay", "mounts", "config", "exec")
 
@@ -157,7 +159,11 @@ def main() -> None:
         print("floor:", shlex.join(argv))
         floor, ours, marks = [], [], []
         for _ in range(args.runs):
+            # Same host state before each boot: this host (itself a VM) boots a guest faster
+            # right after another one finished than after a pause, which skewed alternation.
+            time.sleep(SETTLE_SECONDS)
             floor.append(run_floor(argv, serial))
+            time.sleep(SETTLE_SECONDS)
             started, total, guest = run_ours(rootfs, kit, backend, NetworkMode(args.network))
             ours.append((started, total))
             marks.append(guest)

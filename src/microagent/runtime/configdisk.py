@@ -223,6 +223,14 @@ def write_config_disk(
     files: Sequence[GuestFile] = (),
     extra_ca: bytes | None = None,
 ) -> Path:
-    """Write the config disk image to ``path`` and return it."""
-    path.write_bytes(build_archive(config, files, extra_ca))
+    """Write the config disk image to ``path`` and return it.
+
+    The zero padding is left as a hole (sparse file): nothing to write back while the VM boots.
+    """
+    data = build_archive(config, files, extra_ca)
+    used = len(data.rstrip(b"\0"))
+    used += -used % 512
+    with path.open("wb") as fh:
+        fh.write(data[:used])
+        fh.truncate(len(data))
     return path
