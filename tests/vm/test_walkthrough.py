@@ -121,3 +121,10 @@ def _assert_secret_kept_out(home: Path, secret: str) -> None:
             assert needle not in path.read_bytes(), f"secret leaked into {path}"
     record = home / "workspaces" / "minimal-agent" / "workspace.json"
     assert record.stat().st_mode & 0o777 == 0o600
+
+
+def test_run_an_image_reference(env: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """`microagent run IMAGE -- CMD`: pull through the mirror, boot, exit with CMD's code."""
+    assert main(["run", "python:3.13-slim", "--", "python3", "-c", "print(6*7)"]) == 0
+    assert capfd.readouterr().out.strip().endswith("42")
+    assert main(["run", "python:3.13-slim", "--", "sh", "-c", "exit 7"]) == 7

@@ -54,8 +54,7 @@ def _extra_ca(trust_host_ca: bool, ca_bundle: Path | None) -> bytes | None:
 @click.option(
     "--rootfs",
     type=click.Path(path_type=Path),
-    required=True,
-    help="The root file system image (ext4), attached read-only.",
+    help="Boot this root file system image (ext4) instead of an image reference.",
 )
 @click.option(
     "--network",
@@ -114,7 +113,10 @@ def _extra_ca(trust_host_ca: bool, ca_bundle: Path | None) -> bytes | None:
 @click.argument("command", nargs=-1, required=True)
 @pass_ctx
 def run(ctx: Ctx, /, command: tuple[str, ...], **opts: Any) -> None:
-    """Boot ROOTFS in a fresh microVM, run COMMAND, exit with its exit code.
+    """Run a command in a fresh microVM: `run IMAGE -- CMD...` or `run --rootfs FILE -- CMD...`.
+
+    IMAGE is pulled (or reused from the cache) like a spec's base image. The guest command's exit
+    code is the exit code.
 
     Writes go to a throwaway state disk; the image itself is never modified. On a terminal the
     output streams live (stdout and stderr interleaved, from the serial console); otherwise
@@ -125,6 +127,8 @@ def run(ctx: Ctx, /, command: tuple[str, ...], **opts: Any) -> None:
     from microagent.runtime.qemu import QemuBackend
 
     store = _store(ctx)
+    if opts["rootfs"] is None:
+        opts["rootfs"], command = _image_rootfs(store, command, quiet=ctx.json)
     request = _request(command, opts)
     kit = resolve_kit(store, kernel=opts["kernel"], initrd=opts["initrd"], progress=_say)
     backend = QemuBackend(cache_dir=store.root / "probes")
@@ -143,6 +147,23 @@ def run(ctx: Ctx, /, command: tuple[str, ...], **opts: Any) -> None:
         signal.signal(signal.SIGTERM, previous)
     _report(ctx, result, streamed=stream)
     raise click.exceptions.Exit(result.exit_code)
+
+
+def _image_rootfs(
+    store: Any, words: tuple[str, ...], *, quiet: bool
+) -> tuple[Path, tuple[str, ...]]:
+    """``IMAGE CMD...``: pull IMAGE (or reuse the cached base) and boot its rootfs."""
+    from microagent.cache.images import pull_base
+    from microagent.errors import InvalidInputError
+
+    rest = words[2:] if words[1:2] == ("--",) else words[1:]
+    if not words or not rest:
+        raise InvalidInputError(
+            "give an image and a command, or --rootfs FILE and a command",
+            hint="e.g. microagent run python:3.13-slim -- python3 -c 'print(6*7)'",
+        )
+    base = pull_base(store, words[0], base_dir=Path.cwd(), progress=None if quiet else _say)
+    return base.rootfs, rest
 
 
 def _request(command: tuple[str, ...], opts: dict[str, Any]) -> Any:
