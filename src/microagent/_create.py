@@ -267,7 +267,7 @@ class Creator:
             plan, built = outcome.plan, outcome.built
             published = self.publish(plan)
             files = _capture_files(self.store(), plan.files)
-            parts = _Parts(plan, built, files, _image_env(outcome.base))
+            parts = _Parts(plan, built, files, outcome.base.env_map())
             record = _record(spec, parts, env, forwards)
             ws = _write_workspace(Workspace(tmp), record)
             ws = spaces.publish(spec.name, tmp)
@@ -284,14 +284,6 @@ def _kit(store: Store, say: Say) -> GuestKit:
     from microagent.runtime.guestkit import resolve_kit
 
     return resolve_kit(store, progress=say)
-
-
-def _image_env(base: BaseImage) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for item in base.env:
-        name, _, value = item.partition("=")
-        env[name] = value
-    return env
 
 
 def _write_workspace(ws: Workspace, record: Record) -> Workspace:

@@ -76,11 +76,8 @@ class BuiltRootfs:
 
 
 def image_env(base: BaseImage) -> dict[str, str]:
-    """The base image's configured environment (``Env``) as a mapping."""
-    env: dict[str, str] = {}
-    for item in base.env:
-        name, _, value = item.partition("=")
-        env[name] = value
+    """What setup commands see: the base image's ``Env`` (plus HOME)."""
+    env = base.env_map()
     env.setdefault("HOME", "/root")
     return env
 

@@ -102,6 +102,10 @@ class BaseImage:
     def env(self) -> list[str]:
         return list((self.config.get("config") or {}).get("Env") or [])
 
+    def env_map(self) -> dict[str, str]:
+        """The image's ``Env`` as a mapping (later entries win)."""
+        return dict(str(item).partition("=")[::2] for item in self.env)
+
 
 def _record_of(store: Store, key: str) -> dict[str, Any] | None:
     record = store.get_key(key)
@@ -249,18 +253,6 @@ def _pull(
     }
     store.put_key(key, record)
     return record
-
-
-def base_env(store: Store, key: str) -> dict[str, str]:
-    """The ``Env`` of a pulled base image's config, as a mapping."""
-    record = _record_of(store, key)
-    if record is None:
-        raise NotFoundError(f"base image {key} is not in the store")
-    env: dict[str, str] = {}
-    for item in (_config(store, str(record["config"])).get("config") or {}).get("Env") or []:
-        name, _, value = str(item).partition("=")
-        env[name] = value
-    return env
 
 
 def list_bases(store: Store) -> list[dict[str, Any]]:
