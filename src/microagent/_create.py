@@ -173,10 +173,6 @@ class Creator:
     def store(self) -> Store:
         return Store(store_dir(self.home))
 
-    def build(self, spec: Spec, env: RuntimeEnv) -> tuple[BuildPlan, BuiltRootfs, int]:
-        outcome = self.build_all(spec, env)
-        return outcome.plan, outcome.built, outcome.boots
-
     def build_all(self, spec: Spec, env: RuntimeEnv) -> BuildOutcome:
         """Resolve, plan, take what remote caches have, pull and build the rest."""
         store = self.store()
@@ -269,7 +265,7 @@ class Creator:
             files = _capture_files(self.store(), plan.files)
             parts = _Parts(plan, built, files, outcome.base.env_map())
             record = _record(spec, parts, env, forwards)
-            ws = _write_workspace(Workspace(tmp), record)
+            _write_workspace(Workspace(tmp), record)
             ws = spaces.publish(spec.name, tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
