@@ -117,3 +117,18 @@ def vm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One MICROAGENT_HOME for a whole VM test session: the guest kit is fetched once."""
     require_tools("qemu-system-x86_64", "mke2fs", "debugfs")
     return tmp_path_factory.mktemp("vm-home")
+
+
+@pytest.fixture
+def fake_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Boot nothing: the fake VM backend, with placeholder kernel/initrd (no kit download),
+    and no fake outcome or cache settings inherited from the environment."""
+    kit = tmp_path / "fake-kit"
+    kit.mkdir()
+    (kit / "vmlinuz").write_bytes(b"kernel")
+    (kit / "initrd").write_bytes(b"initrd")
+    monkeypatch.setenv("MICROAGENT_BACKEND", "fake")
+    monkeypatch.setenv("MICROAGENT_KERNEL", str(kit / "vmlinuz"))
+    monkeypatch.setenv("MICROAGENT_INITRD", str(kit / "initrd"))
+    for name in ("MICROAGENT_FAKE", "MICROAGENT_CACHE_FROM", "MICROAGENT_CACHE_TO"):
+        monkeypatch.delenv(name, raising=False)

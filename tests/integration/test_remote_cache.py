@@ -71,20 +71,12 @@ class Machines:
 
 @pytest.fixture
 def machines(
+    fake_backend: None,
     tmp_path: Path,
     busybox_layout: standin.BuiltImage,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> Machines:
-    kit = tmp_path / "kit"
-    kit.mkdir()
-    (kit / "vmlinuz").write_bytes(b"kernel")
-    (kit / "initrd").write_bytes(b"initrd")
-    monkeypatch.setenv("MICROAGENT_BACKEND", "fake")
-    monkeypatch.setenv("MICROAGENT_KERNEL", str(kit / "vmlinuz"))
-    monkeypatch.setenv("MICROAGENT_INITRD", str(kit / "initrd"))
-    for name in ("MICROAGENT_FAKE", "MICROAGENT_CACHE_FROM", "MICROAGENT_CACHE_TO"):
-        monkeypatch.delenv(name, raising=False)
     project = tmp_path / "proj"
     project.mkdir()
     shutil.copytree(busybox_layout.layout, project / "layout")

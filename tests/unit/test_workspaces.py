@@ -24,18 +24,12 @@ SECRET = "sk-unit-secret-0042"
 
 @pytest.fixture
 def project(
-    tmp_path: Path, busybox_layout: standin.BuiltImage, monkeypatch: pytest.MonkeyPatch
+    fake_backend: None,
+    tmp_path: Path,
+    busybox_layout: standin.BuiltImage,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Path:
-    home = tmp_path / "home"
-    kit = tmp_path / "kit"
-    kit.mkdir()
-    (kit / "vmlinuz").write_bytes(b"kernel")
-    (kit / "initrd").write_bytes(b"initrd")
-    monkeypatch.setenv("MICROAGENT_HOME", str(home))
-    monkeypatch.setenv("MICROAGENT_BACKEND", "fake")
-    monkeypatch.setenv("MICROAGENT_KERNEL", str(kit / "vmlinuz"))
-    monkeypatch.setenv("MICROAGENT_INITRD", str(kit / "initrd"))
-    monkeypatch.delenv("MICROAGENT_FAKE", raising=False)
+    monkeypatch.setenv("MICROAGENT_HOME", str(tmp_path / "home"))
     proj = tmp_path / "proj"
     proj.mkdir()
     shutil.copytree(busybox_layout.layout, proj / "layout")

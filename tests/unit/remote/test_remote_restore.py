@@ -16,18 +16,7 @@ from testenv import standin
 
 
 @pytest.fixture
-def project(
-    tmp_path: Path, busybox_layout: standin.BuiltImage, monkeypatch: pytest.MonkeyPatch
-) -> Path:
-    kit = tmp_path / "kit"
-    kit.mkdir()
-    (kit / "vmlinuz").write_bytes(b"kernel")
-    (kit / "initrd").write_bytes(b"initrd")
-    monkeypatch.setenv("MICROAGENT_BACKEND", "fake")
-    monkeypatch.setenv("MICROAGENT_KERNEL", str(kit / "vmlinuz"))
-    monkeypatch.setenv("MICROAGENT_INITRD", str(kit / "initrd"))
-    for name in ("MICROAGENT_FAKE", "MICROAGENT_CACHE_FROM", "MICROAGENT_CACHE_TO"):
-        monkeypatch.delenv(name, raising=False)
+def project(fake_backend: None, tmp_path: Path, busybox_layout: standin.BuiltImage) -> Path:
     proj = tmp_path / "proj"
     proj.mkdir()
     shutil.copytree(busybox_layout.layout, proj / "layout")
