@@ -28,7 +28,7 @@ unit: setup
 	$(BIN)/pytest -q tests/unit tests/examples
 
 docs: setup
-	$(PY) -m microagent.compiler._docs > docs/spec.md
+	$(PY) -m microagent.compiler.specdoc > docs/spec.md
 
 bench: setup
 	$(PY) bench/bench_plan.py

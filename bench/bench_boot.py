@@ -23,15 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from microagent import _run
-from microagent.cache.store import Store
-from microagent.config import home_dir, store_dir
-from microagent.runtime import guestkit, hostclock
+from microagent import runner
+from microagent.kit import guestkit
+from microagent.kit.initramfs import CpioEntry, with_parents, write_initramfs
+from microagent.runtime import hostclock
 from microagent.runtime.backend import Accel, BootConfig, NetworkConfig
 from microagent.runtime.configdisk import NetworkMode
-from microagent.runtime.initramfs import CpioEntry, with_parents, write_initramfs
 from microagent.runtime.oneshot import RunRequest, run_once
 from microagent.runtime.qemu import QemuBackend, build_argv
+from microagent.settings import home_dir, store_dir
+from microagent.store.content import Store
 
 FLOOR_MARKER = "FLOOR-USERSPACE"
 FLOOR_INIT = f"""#!/bin/sh
@@ -47,7 +48,7 @@ STAGES = ("kernel", "init", "modules", "port", "disks", "overlay", "mounts", "co
 
 def floor_initrd(directory: Path) -> Path:
     """busybox + a marker /init, written with the same cpio/gzip code as the kit."""
-    busybox = Path(_run.find_tool("busybox")).resolve().read_bytes()
+    busybox = Path(runner.find_tool("busybox")).resolve().read_bytes()
     entries = [
         CpioEntry.chardev("dev/console", 5, 1),
         CpioEntry.file("bin/busybox", busybox, 0o755),
@@ -64,23 +65,23 @@ def busybox_rootfs(directory: Path) -> Path:
     tree = directory / "tree"
     for sub in ("bin", "etc", "root", "tmp", "proc", "sys", "dev", "run"):
         (tree / sub).mkdir(parents=True)
-    busybox = Path(_run.find_tool("busybox")).resolve()
+    busybox = Path(runner.find_tool("busybox")).resolve()
     (tree / "bin/busybox").write_bytes(busybox.read_bytes())
     (tree / "bin/busybox").chmod(0o755)
-    for applet in _run.run([str(busybox), "--list"]).stdout.split():
+    for applet in runner.run([str(busybox), "--list"]).stdout.split():
         if applet != "busybox":
             (tree / "bin" / applet).symlink_to("busybox")
     image = directory / "busybox.ext4"
     with image.open("wb") as fh:
         fh.truncate(64 << 20)
-    _run.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tree), str(image)])
+    runner.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tree), str(image)])
     return image
 
 
 def floor_argv(kit: guestkit.GuestKit, initrd: Path, serial: Path, tsc: int | None) -> list[str]:
     """Exactly our QEMU flags (same kernel cmdline), minus disks and the control port."""
     config = BootConfig(kernel=kit.kernel, initrd=initrd, disks=(), state_dir=serial.parent)
-    argv = build_argv(_run.find_tool("qemu-system-x86_64"), config, Accel.TCG, tsc_khz=tsc)
+    argv = build_argv(runner.find_tool("qemu-system-x86_64"), config, Accel.TCG, tsc_khz=tsc)
     argv[argv.index("-serial") + 1] = f"file:{serial}"
     cut = argv.index("-device")  # drop the virtio-serial control port
     return argv[:cut]
@@ -90,7 +91,7 @@ def run_floor(argv: list[str], serial: Path) -> tuple[float, float, float]:
     """(seconds to the marker, seconds to QEMU exit, guest uptime at the marker)."""
     serial.unlink(missing_ok=True)
     began = time.monotonic()
-    proc = _run.spawn(argv)
+    proc = runner.spawn(argv)
     marker_at, uptime = 0.0, 0.0
     while proc.poll() is None:
         text = serial.read_text(errors="replace") if serial.exists() else ""

@@ -15,10 +15,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from microagent.cache.images import pull_base  # noqa: E402
-from microagent.cache.regconfig import RegistryConfig  # noqa: E402
-from microagent.cache.registry import RegistryClient  # noqa: E402
-from microagent.cache.store import Store  # noqa: E402
+from microagent.build.base import pull_base  # noqa: E402
+from microagent.oci.endpoints import RegistryConfig  # noqa: E402
+from microagent.oci.registry import RegistryClient  # noqa: E402
+from microagent.store.content import Store  # noqa: E402
 from testenv import standin  # noqa: E402
 from testenv.registry import start_registry  # noqa: E402
 

@@ -35,12 +35,12 @@ import zstandard
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from microagent.cache.regconfig import RegistryConfig  # noqa: E402
-from microagent.cache.registry import RegistryClient  # noqa: E402
-from microagent.cache.remote import RegistryCacheSource  # noqa: E402
-from microagent.cache.restore import Restorer  # noqa: E402
-from microagent.cache.store import Store  # noqa: E402
-from microagent.compiler.image import parse_image_ref  # noqa: E402
+from microagent.compiler.refs import parse_image_ref  # noqa: E402
+from microagent.oci.endpoints import RegistryConfig  # noqa: E402
+from microagent.oci.registry import RegistryClient  # noqa: E402
+from microagent.remotecache.refs import RegistryCacheSource  # noqa: E402
+from microagent.remotecache.restore import Restorer  # noqa: E402
+from microagent.store.content import Store  # noqa: E402
 from testenv import standin  # noqa: E402
 from testenv.registry import start_registry  # noqa: E402
 

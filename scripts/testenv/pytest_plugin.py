@@ -22,8 +22,8 @@ from typing import NoReturn
 
 import pytest
 
-from microagent._run import find_tool
 from microagent.errors import ToolError
+from microagent.runner import find_tool
 from testenv import standin
 from testenv.registry import RegistryHandle, start_registry
 

@@ -34,8 +34,8 @@ from types import TracebackType
 if __name__ == "__main__" and not __package__:  # run as a script: make src/ importable
     sys.path.insert(1, str(Path(__file__).resolve().parents[2] / "src"))
 
-from microagent._run import find_tool, spawn
 from microagent.errors import MicroagentError, ToolError
+from microagent.runner import find_tool, spawn
 
 LOOPBACK = "127.0.0.1"
 HTTP_SECRET = "microagent-testenv-not-a-secret"

@@ -43,8 +43,8 @@ if __name__ == "__main__" and not __package__:  # run as a script: make siblings
     _parents = Path(__file__).resolve().parents
     sys.path[1:1] = [str(_parents[1]), str(_parents[2] / "src")]
 
-from microagent._run import run
 from microagent.errors import BuildError, MicroagentError, ToolError
+from microagent.runner import run
 from testenv.oci import ImageConfig, LayoutWriter, canonical_json, host_arch
 
 # Bump when anything about how an image is built changes: it re-keys every cached layout.

@@ -11,7 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from microagent.compiler._loader import load_spec
+    from microagent.compiler.loader import load_spec
     from microagent.compiler.lock import ResolvedImage
     from microagent.compiler.plan import BuildPlan, Step, StepKind, compile_plan
     from microagent.compiler.spec import Spec
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _HOMES = {
-    "load_spec": "microagent.compiler._loader",
+    "load_spec": "microagent.compiler.loader",
     "ResolvedImage": "microagent.compiler.lock",
     "BuildPlan": "microagent.compiler.plan",
     "Step": "microagent.compiler.plan",

@@ -6,8 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from microagent.compiler._loader import load_spec
-from microagent.compiler.image import ImageRef, LayoutRef, host_platform, parse_any_ref
+from microagent.compiler.loader import load_spec
 from microagent.compiler.lock import (
     LockEntry,
     LockFile,
@@ -26,6 +25,7 @@ from microagent.compiler.plan import (
     compile_plan,
     plan_status,
 )
+from microagent.compiler.refs import ImageRef, LayoutRef, host_platform, parse_any_ref
 from microagent.compiler.spec import Spec
 from microagent.errors import InvalidInputError
 
@@ -56,10 +56,10 @@ def _pinned(
 
 def _resolve_remote(ref: ImageRef | LayoutRef, platform: str) -> ResolvedImage:
     if isinstance(ref, LayoutRef):
-        from microagent.cache.layout import Layout
+        from microagent.oci.layout import Layout
 
         return Layout(ref.path).resolve(ref, platform)
-    from microagent.cache.registry import RegistryClient
+    from microagent.oci.registry import RegistryClient
 
     return RegistryClient().resolve(ref, platform)
 
@@ -95,11 +95,11 @@ def lock(path: Path | str, *, update: bool = False) -> tuple[LockFile, bool]:
     if ref.digest:
         entry = LockEntry(str(ref), ref.digest, {})
     elif isinstance(ref, LayoutRef):
-        from microagent.cache.layout import Layout
+        from microagent.oci.layout import Layout
 
         entry = Layout(ref.path).lock_entry(ref, host_platform())
     else:
-        from microagent.cache.registry import RegistryClient
+        from microagent.oci.registry import RegistryClient
 
         entry = RegistryClient().lock_entry(ref)
     changed = lock_file.images.get(spec.image) != entry

@@ -16,7 +16,7 @@ import click
 
 from microagent import __version__
 from microagent.commands import image_cmds, remote_cmds, runtime_cmds, spec, workspace_cmds
-from microagent.commands._common import Ctx
+from microagent.commands.context import Ctx
 from microagent.errors import EXIT_FAILURE, MicroagentError, UsageError
 
 

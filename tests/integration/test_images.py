@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from microagent._run import run
-from microagent.cache.images import list_bases, pull_base, remove_base
-from microagent.cache.regconfig import RegistryConfig
-from microagent.cache.registry import RegistryClient
-from microagent.cache.store import Store
+from microagent.build.base import list_bases, pull_base, remove_base
 from microagent.cli import main
 from microagent.errors import IntegrityError, NotFoundError, RegistryError
+from microagent.oci.endpoints import RegistryConfig
+from microagent.oci.registry import RegistryClient
+from microagent.runner import run
+from microagent.store.content import Store
 from testenv import standin
 from testenv.registry import RegistryHandle
 

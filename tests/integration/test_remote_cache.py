@@ -15,15 +15,15 @@ from typing import Any
 
 import pytest
 
-from microagent._run import run as run_tool
-from microagent.cache.images import pull_base
-from microagent.cache.regconfig import RegistryConfig
-from microagent.cache.registry import RegistryClient
-from microagent.cache.steprecord import rootfs_tag, step_tag
-from microagent.cache.store import Store
+from microagent.build.base import pull_base
 from microagent.cli import main
-from microagent.compiler.image import parse_image_ref
+from microagent.compiler.refs import parse_image_ref
 from microagent.errors import RegistryError
+from microagent.oci.endpoints import RegistryConfig
+from microagent.oci.registry import RegistryClient
+from microagent.remotecache.records import rootfs_tag, step_tag
+from microagent.runner import run as run_tool
+from microagent.store.content import Store
 from testenv import standin
 from testenv.pytest_plugin import require_tools
 from testenv.registry import RegistryHandle, start_registry

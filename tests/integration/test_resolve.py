@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from microagent.cache.layout import Layout
-from microagent.cache.regconfig import RegistryConfig
-from microagent.cache.registry import RegistryClient
 from microagent.cli import main
-from microagent.compiler.image import LayoutRef, parse_image_ref
+from microagent.compiler.refs import LayoutRef, parse_image_ref
 from microagent.errors import IntegrityError, NotFoundError, RegistryError
+from microagent.oci.endpoints import RegistryConfig
+from microagent.oci.layout import Layout
+from microagent.oci.registry import RegistryClient
 from testenv import standin
 from testenv.registry import RegistryHandle, free_port
 

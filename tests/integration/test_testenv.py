@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from microagent._run import run
 from microagent.errors import BuildError, ToolError
+from microagent.runner import run
 from testenv import standin
 from testenv.oci import MEDIA_CONFIG, MEDIA_LAYER, MEDIA_MANIFEST
 from testenv.registry import RegistryHandle, probe, start_registry

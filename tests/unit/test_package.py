@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import microagent
-from microagent.compiler import _docs
+from microagent.compiler import specdoc as _docs
 
 ROOT = Path(__file__).parents[2]
 
@@ -33,7 +33,7 @@ def test_public_api() -> None:
 def test_docs_spec_md_is_current() -> None:
     expected = _docs.render()
     actual = (ROOT / "docs" / "spec.md").read_text()
-    assert actual == expected, "regenerate: python -m microagent.compiler._docs > docs/spec.md"
+    assert actual == expected, "regenerate: python -m microagent.compiler.specdoc > docs/spec.md"
 
 
 def test_py_typed_is_shipped() -> None:

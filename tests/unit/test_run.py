@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from microagent._run import find_tool, run
 from microagent.errors import ToolError
+from microagent.runner import find_tool, run
 
 
 def test_captures_output() -> None:
@@ -31,7 +31,7 @@ def test_missing_tool_names_the_package() -> None:
 
 
 def test_known_tool_hint_names_debian_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("microagent._run.shutil.which", lambda *a, **k: None)
+    monkeypatch.setattr("microagent.runner.shutil.which", lambda *a, **k: None)
     with pytest.raises(ToolError) as raised:
         find_tool("mke2fs")
     assert raised.value.hint == "install it, e.g. `apt-get install e2fsprogs`"

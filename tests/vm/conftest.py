@@ -19,15 +19,16 @@ from typing import Any, NoReturn
 
 import pytest
 
-from microagent._run import find_tool, run
-from microagent.cache.store import Store
-from microagent.config import store_dir
 from microagent.errors import MicroagentError, ToolError
-from microagent.runtime import guestkit, network
+from microagent.kit import guestkit
+from microagent.kit.guestkit import GuestKit
+from microagent.runner import find_tool, run
+from microagent.runtime import network
 from microagent.runtime.backend import GuestResult
-from microagent.runtime.guestkit import GuestKit
 from microagent.runtime.oneshot import RunRequest, run_once
 from microagent.runtime.qemu import QemuBackend
+from microagent.settings import store_dir
+from microagent.store.content import Store
 
 DEFAULT_HOME = Path("/var/cache/microagent-test-home")
 HOST_CA = b"-----BEGIN CERTIFICATE-----\nORIGINAL-GUEST-BUNDLE\n-----END CERTIFICATE-----\n"

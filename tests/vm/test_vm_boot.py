@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 from conftest import RunVM
 
-from microagent.cache.store import Store
 from microagent.cli import main
 from microagent.errors import InvalidInputError, VMError
-from microagent.runtime import guestkit
+from microagent.kit import guestkit
+from microagent.kit.guestkit import GuestKit
 from microagent.runtime.backend import MachineType
 from microagent.runtime.configdisk import GuestFile, Output
-from microagent.runtime.guestkit import GuestKit
 from microagent.runtime.oneshot import RunRequest, prepare
 from microagent.runtime.qemu import QemuBackend
+from microagent.store.content import Store
 
 pytestmark = pytest.mark.vm
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import RunVM, our_namespaces, require_user_network
 
-from microagent._run import run
 from microagent.errors import VMError
+from microagent.runner import run
 from microagent.runtime.backend import Forward, GuestTimeout, NetworkConfig
 from microagent.runtime.configdisk import NetworkMode
 from microagent.runtime.network import parse_host_addresses

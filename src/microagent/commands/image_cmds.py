@@ -8,12 +8,12 @@ from typing import Any
 
 import click
 
-from microagent.commands._common import Ctx, pass_ctx
+from microagent.commands.context import Ctx, pass_ctx
 
 
 def _store(ctx: Ctx) -> Any:
-    from microagent.cache.store import Store
-    from microagent.config import home_dir, store_dir
+    from microagent.settings import home_dir, store_dir
+    from microagent.store.content import Store
 
     return Store(store_dir(home_dir(ctx.home)))
 
@@ -33,7 +33,7 @@ def image() -> None:
 @pass_ctx
 def image_pull(ctx: Ctx, /, ref: str, platform: str | None) -> None:
     """Fetch, verify and flatten REF into a base root filesystem (oci:PATH for a layout)."""
-    from microagent.cache.images import pull_base, tty_progress
+    from microagent.build.base import pull_base, tty_progress
 
     base = pull_base(
         _store(ctx),
@@ -64,7 +64,7 @@ def image_pull(ctx: Ctx, /, ref: str, platform: str | None) -> None:
 @pass_ctx
 def image_ls(ctx: Ctx, /) -> None:
     """List pulled base images."""
-    from microagent.cache.images import list_bases
+    from microagent.build.base import list_bases
 
     store = _store(ctx)
     rows = []
@@ -95,7 +95,7 @@ def image_ls(ctx: Ctx, /) -> None:
 @pass_ctx
 def image_rm(ctx: Ctx, /, what: str) -> None:
     """Remove a pulled image by reference, digest or key (blobs go with `cache prune`)."""
-    from microagent.cache.images import remove_base
+    from microagent.build.base import remove_base
 
     removed = remove_base(_store(ctx), what)
     ctx.emit({"ok": True, "removed": removed}, "\n".join(f"removed {k}" for k in removed))
@@ -173,9 +173,9 @@ def cache_prune(ctx: Ctx, /, max_size: str | None, everything: bool) -> None:
 
 def in_use_by_workspaces(ctx: Ctx, store: Any) -> Any:
     """Protect every entry an existing workspace still needs (rootfs chain, layers, files)."""
-    from microagent.cache.retention import keeper, names_in_use
-    from microagent.config import home_dir, workspaces_dir
-    from microagent.runtime.workspace import Workspaces
+    from microagent.settings import home_dir, workspaces_dir
+    from microagent.store.retention import keeper, names_in_use
+    from microagent.workspace.records import Workspaces
 
     keys, blobs = [], []
     for ws in Workspaces(workspaces_dir(home_dir(ctx.home))):

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from microagent.commands._common import (
+from microagent.commands.context import (
     Ctx,
     override_options,
     overrides_from,
@@ -22,7 +22,7 @@ from microagent.commands.image_cmds import cache
 
 
 def _home(ctx: Ctx) -> Path:
-    from microagent.config import home_dir
+    from microagent.settings import home_dir
 
     return home_dir(ctx.home)
 
@@ -40,7 +40,7 @@ def _output(ctx: Ctx) -> Any:
 
 
 def _creator(ctx: Ctx, timeout: float | None, **remote: Any) -> Any:
-    from microagent._create import Creator
+    from microagent.build.pipeline import Creator
     from microagent.commands.workspace_cmds import _backend_name
 
     return Creator(_home(ctx), _say(ctx), _output(ctx), _backend_name(), timeout, **remote)
@@ -97,8 +97,8 @@ def build(
     import time
 
     from microagent import api
-    from microagent.cache.publish import record_files_and_config
     from microagent.compiler.overrides import parse_env
+    from microagent.remotecache.publish import record_files_and_config
 
     began = time.monotonic()
     env = parse_env(kwargs.get("env") or ())
@@ -159,8 +159,8 @@ def cache_export(
     cache_from: tuple[str, ...],
 ) -> None:  # fmt: skip
     """Write built steps (and the image) into an OCI image layout folder DIR."""
-    from microagent.cache.publish import prepare, publish
-    from microagent.cache.remote import open_target, parse_cache_ref
+    from microagent.remotecache.publish import prepare, publish
+    from microagent.remotecache.refs import open_target, parse_cache_ref
 
     key, directory = _export_args(args, spec_file)
     if spec_file is not None:
@@ -184,8 +184,8 @@ def _export_args(args: tuple[str, ...], spec_file: Path | None) -> tuple[str | N
 
 def _build_for_export(ctx: Ctx, spec_file: Path, cache_from: tuple[str, ...]) -> str:
     from microagent import api
-    from microagent.cache.publish import record_files_and_config
     from microagent.compiler.overrides import RuntimeEnv
+    from microagent.remotecache.publish import record_files_and_config
 
     creator = _creator(ctx, None, cache_from=cache_from)
     outcome = creator.build_all(api.load(spec_file), RuntimeEnv({}))
@@ -216,7 +216,7 @@ def _full_key(store: Any, text: str) -> str:
 @pass_ctx
 def cache_import(ctx: Ctx, /, directory: Path) -> None:
     """Load the published steps of an OCI image layout (from `cache export`) into the store."""
-    from microagent.cache.export import import_layout
+    from microagent.remotecache.exchange import import_layout
 
     store = _creator(ctx, None).store()
     report = import_layout(store, directory, _say(ctx))

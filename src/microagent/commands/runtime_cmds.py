@@ -9,12 +9,12 @@ from typing import Any
 
 import click
 
-from microagent.commands._common import Ctx, pass_ctx
+from microagent.commands.context import Ctx, pass_ctx
 
 
 def _store(ctx: Ctx) -> Any:
-    from microagent.cache.store import Store
-    from microagent.config import home_dir, store_dir
+    from microagent.settings import home_dir, store_dir
+    from microagent.store.content import Store
 
     return Store(store_dir(home_dir(ctx.home)))
 
@@ -39,8 +39,8 @@ def _parse_forward(text: str) -> Any:
 
 def _extra_ca(trust_host_ca: bool, ca_bundle: Path | None) -> bytes | None:
     """Flags win; else the user's setting ($MICROAGENT_EXTRA_CA or guest.extraCA)."""
-    from microagent.config import extra_ca_bundle
     from microagent.runtime.oneshot import host_ca_bundle
+    from microagent.settings import extra_ca_bundle
 
     parts = []
     if trust_host_ca:
@@ -122,8 +122,8 @@ def run(ctx: Ctx, /, command: tuple[str, ...], **opts: Any) -> None:
     output streams live (stdout and stderr interleaved, from the serial console); otherwise
     the captured stdout and stderr (last 64 KiB each) go to the matching streams at the end.
     """
+    from microagent.kit.guestkit import resolve_kit
     from microagent.runtime import oneshot
-    from microagent.runtime.guestkit import resolve_kit
     from microagent.runtime.qemu import QemuBackend
 
     store = _store(ctx)
@@ -153,7 +153,7 @@ def _image_rootfs(
     store: Any, words: tuple[str, ...], *, quiet: bool
 ) -> tuple[Path, tuple[str, ...]]:
     """``IMAGE CMD...``: pull IMAGE (or reuse the cached base) and boot its rootfs."""
-    from microagent.cache.images import pull_base
+    from microagent.build.base import pull_base
     from microagent.errors import InvalidInputError
 
     rest = words[2:] if words[1:2] == ("--",) else words[1:]
@@ -217,7 +217,7 @@ def _report(ctx: Ctx, result: Any, *, streamed: bool) -> None:
 @pass_ctx
 def doctor(ctx: Ctx) -> None:
     """Check this host: QEMU, KVM/TCG, networking tools, the guest kit, the store."""
-    from microagent.runtime.doctor import diagnose
+    from microagent.workspace.doctor import diagnose
 
     report = diagnose(_store(ctx))
     ctx.emit(report.to_json(), report.render())
@@ -234,7 +234,7 @@ def kernel() -> None:
 @pass_ctx
 def kernel_ls(ctx: Ctx) -> None:
     """List the guest kits in the store (newest first)."""
-    from microagent.runtime.guestkit import list_kits
+    from microagent.kit.guestkit import list_kits
 
     kits = list_kits(_store(ctx))
     lines = [
@@ -253,8 +253,8 @@ def kernel_ls(ctx: Ctx) -> None:
 @pass_ctx
 def kernel_install(ctx: Ctx, mirror: str | None, suite: str | None) -> None:
     """Download the newest Debian cloud kernel and busybox and build a guest kit."""
-    from microagent.runtime.debian import Mirror
-    from microagent.runtime.guestkit import install_kit
+    from microagent.kit.debian import Mirror
+    from microagent.kit.guestkit import install_kit
 
     kit = install_kit(_store(ctx), Mirror.from_env(mirror, suite), progress=_say)
     ctx.emit(
@@ -267,7 +267,7 @@ def kernel_install(ctx: Ctx, mirror: str | None, suite: str | None) -> None:
 @pass_ctx
 def kernel_prune(ctx: Ctx) -> None:
     """Remove guest kits built by an older microagent (the current ones stay)."""
-    from microagent.runtime.guestkit import prune_kits
+    from microagent.kit.guestkit import prune_kits
 
     gone = prune_kits(_store(ctx))
     lines = [f"removed {k.key[:12]}  {k.kernel_version}" for k in gone] or ["nothing to remove"]

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from microagent.commands._common import (
+from microagent.commands.context import (
     Ctx,
     override_options,
     overrides_from,
@@ -45,16 +45,16 @@ def plan(
 ) -> None:
     """Show the build steps, their keys, and what is cached or must be built (and why)."""
     from microagent import api
-    from microagent.cache.stepcache import StoreStepCache
-    from microagent.cache.store import Store
     from microagent.compiler.overrides import parse_env
-    from microagent.config import home_dir, store_dir
+    from microagent.settings import home_dir, store_dir
+    from microagent.store.content import Store
+    from microagent.store.stepcache import StoreStepCache
 
     env = parse_env(kwargs.get("env") or ())
     cache: Any = StoreStepCache(Store(store_dir(home_dir(ctx.home))))
     restorer = None if offline else _remote_lookup(ctx, cache, cache_from)
     if restorer is not None:
-        from microagent.cache.restore import RemoteStepCache
+        from microagent.remotecache.restore import RemoteStepCache
 
         cache = RemoteStepCache(cache, restorer)
     report = api.plan(spec_file, overrides_from(kwargs), env, cache, offline=offline)
@@ -67,8 +67,8 @@ def plan(
 
 def _remote_lookup(ctx: Ctx, local: Any, flags: tuple[str, ...]) -> Any:
     """A restorer for ``--cache-from`` (or the configured default), else None."""
-    from microagent.cache.remote import cache_from_refs, open_source
-    from microagent.cache.restore import Restorer
+    from microagent.remotecache.refs import cache_from_refs, open_source
+    from microagent.remotecache.restore import Restorer
 
     refs = cache_from_refs(flags)
     if not refs:

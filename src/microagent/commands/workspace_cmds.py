@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from microagent.commands._common import (
+from microagent.commands.context import (
     Ctx,
     override_options,
     overrides_from,
@@ -19,7 +19,7 @@ from microagent.commands._common import (
 
 
 def _home(ctx: Ctx) -> Path:
-    from microagent.config import home_dir
+    from microagent.settings import home_dir
 
     return home_dir(ctx.home)
 
@@ -31,16 +31,16 @@ def _backend_name() -> str:
 
 
 def _workspaces(ctx: Ctx) -> Any:
-    from microagent.config import workspaces_dir
-    from microagent.runtime.workspace import Workspaces
+    from microagent.settings import workspaces_dir
+    from microagent.workspace.records import Workspaces
 
     return Workspaces(workspaces_dir(_home(ctx)))
 
 
 def _runtime(ctx: Ctx) -> Any:
-    from microagent.cache.store import Store
-    from microagent.config import extra_ca_bundle, store_dir
-    from microagent.runtime.lifecycle import Runtime
+    from microagent.settings import extra_ca_bundle, store_dir
+    from microagent.store.content import Store
+    from microagent.workspace.lifecycle import Runtime
 
     say = (lambda m: click.echo(m, err=True)) if not ctx.json else (lambda _m: None)
     return Runtime(Store(store_dir(_home(ctx))), _backend_name(), extra_ca_bundle(), say)
@@ -76,7 +76,7 @@ def create(
     **kwargs: Any,
 ) -> None:
     """Build (or reuse) the spec's steps and make a persistent workspace."""
-    from microagent._create import Creator, parse_host_forwards
+    from microagent.build.pipeline import Creator, parse_host_forwards
     from microagent.compiler.overrides import parse_env
 
     env = parse_env(kwargs.get("env") or ())
@@ -107,7 +107,7 @@ def _stream_to_stderr(data: bytes) -> None:
 @pass_ctx
 def start(ctx: Ctx, /, name: str, wait_: bool, timeout: float | None) -> None:
     """Boot a workspace; its disk is kept from earlier runs."""
-    from microagent.runtime import lifecycle
+    from microagent.workspace import lifecycle
 
     ws = _workspaces(ctx).get(name)
     runtime = lifecycle.start(_runtime(ctx), ws)
@@ -133,7 +133,7 @@ def start(ctx: Ctx, /, name: str, wait_: bool, timeout: float | None) -> None:
 @pass_ctx
 def status(ctx: Ctx, /, name: str) -> None:
     """State, readiness and (once ready) the result of a workspace."""
-    from microagent.runtime import lifecycle
+    from microagent.workspace import lifecycle
 
     data = lifecycle.status(_workspaces(ctx).get(name), _backend_name())
     event = data["event"]
@@ -148,7 +148,7 @@ def status(ctx: Ctx, /, name: str) -> None:
 @pass_ctx
 def result(ctx: Ctx, /, name: str) -> None:
     """The guest's report and the declared outputs (the agent's WorkResult)."""
-    from microagent.runtime import lifecycle
+    from microagent.workspace import lifecycle
 
     payload = lifecycle.result(_workspaces(ctx).get(name))
     ctx.emit({"ok": True, "workspace": name, "result": payload}, _result_text(payload))
@@ -173,7 +173,7 @@ def _result_text(payload: dict[str, Any]) -> str:
 @pass_ctx
 def halt(ctx: Ctx, /, name: str, timeout: float) -> None:
     """Shut the VM down cleanly (the disk is kept)."""
-    from microagent.runtime import lifecycle
+    from microagent.workspace import lifecycle
 
     state = lifecycle.halt(_workspaces(ctx).get(name), timeout=timeout)
     ctx.emit({"ok": True, "workspace": name, "state": state.value}, f"{name}: {state.value}")
@@ -186,7 +186,7 @@ def halt(ctx: Ctx, /, name: str, timeout: float) -> None:
 @pass_ctx
 def delete(ctx: Ctx, /, names: tuple[str, ...], yes: bool, force: bool) -> None:
     """Remove workspaces: record, disk and logs (idempotent)."""
-    from microagent.runtime import lifecycle
+    from microagent.workspace import lifecycle
 
     if not (yes or force or ctx.json) and sys.stdin.isatty():
         click.confirm(f"delete {', '.join(names)}?", abort=True)
@@ -202,7 +202,7 @@ def delete(ctx: Ctx, /, names: tuple[str, ...], yes: bool, force: bool) -> None:
 @pass_ctx
 def list_(ctx: Ctx, /) -> None:
     """All workspaces and their states."""
-    from microagent.runtime.lifecycle import reconcile
+    from microagent.workspace.lifecycle import reconcile
 
     rows = []
     for ws in _workspaces(ctx):
@@ -221,7 +221,7 @@ def list_(ctx: Ctx, /) -> None:
 @pass_ctx
 def logs(ctx: Ctx, /, name: str, follow: bool) -> None:
     """The serial console: guest boot messages and the entrypoint's output."""
-    from microagent.runtime.lifecycle import reconcile
+    from microagent.workspace.lifecycle import reconcile
 
     ws = _workspaces(ctx).get(name)
     offset = 0
@@ -264,7 +264,8 @@ def _remote(text: str) -> tuple[str, str] | None:
 def cp(ctx: Ctx, /, source: str, target: str) -> None:
     """Copy a file between the host and a stopped workspace: NAME:/path on one side."""
     from microagent.errors import InvalidInputError
-    from microagent.runtime import diskcopy, lifecycle
+    from microagent.ext4 import overlay as diskcopy
+    from microagent.workspace import lifecycle
 
     src, dst = _remote(source), _remote(target)
     if (src is None) == (dst is None):

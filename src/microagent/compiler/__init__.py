@@ -1,1 +1,1 @@
-"""compiler stage of microagent (private implementation modules)."""
+"""The compiler: spec loading and validation, image references, locks, build plans (pure)."""

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from microagent.compiler.canonical import canonical_json, sha256_digest
 from microagent.compiler.spec import FileEntry
+from microagent.digests import canonical_json, sha256_digest
 from microagent.errors import InvalidInputError
 
 CHUNK = 1 << 20

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from microagent.compiler.image import DIGEST_RE, ImageRef, LayoutRef
+from microagent.compiler.refs import DIGEST_RE, ImageRef, LayoutRef
 from microagent.errors import InvalidInputError
 
 LOCK_NAME = "microagent.lock"

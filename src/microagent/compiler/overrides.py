@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from microagent.compiler._schema import check_value
+from microagent.compiler.schema import check_value
 from microagent.compiler.spec import (
     NetworkMode,
     Profile,

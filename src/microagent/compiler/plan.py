@@ -14,9 +14,9 @@ from enum import Enum
 from typing import Any, Protocol
 
 from microagent.compiler import files as _files
-from microagent.compiler.canonical import canonical_json, sha256_digest
 from microagent.compiler.lock import ResolvedImage
 from microagent.compiler.spec import Spec
+from microagent.digests import canonical_json, sha256_digest
 
 PLANNER_VERSION = 1
 SETUP_INTERPRETER = ("/bin/sh", "-eu", "-c")

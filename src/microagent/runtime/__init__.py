@@ -1,1 +1,1 @@
-"""runtime stage of microagent (private implementation modules)."""
+"""The runtime: VM backends, networking, the guest channels, config disks, the supervisor."""

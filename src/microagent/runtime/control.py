@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from microagent.runtime.guestkit import BEGIN_MARKER, END_MARKER
+from microagent.kit.guestkit import BEGIN_MARKER, END_MARKER
 
 MAX_LINE = 16 << 20
 

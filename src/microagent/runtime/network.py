@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from microagent import _run
+from microagent import runner
 from microagent.errors import ToolError, VMError
 from microagent.runtime.backend import FORWARD_ADDRESS, Forward, NetworkConfig
 from microagent.runtime.configdisk import NetworkMode
@@ -188,7 +188,7 @@ def root_problem() -> str:
     missing = []
     for tool in (*HOST_TOOLS, "socat"):
         try:
-            _run.find_tool(tool)
+            runner.find_tool(tool)
         except ToolError:
             missing.append(tool)
     if missing:
@@ -248,23 +248,23 @@ class NetworkSandbox:
         self._start_bridges()
 
     def _create_netns(self) -> None:
-        _run.run(["ip", "netns", "add", self.name])
+        runner.run(["ip", "netns", "add", self.name])
         self._created = True
-        _run.run(["ip", "-n", self.name, "link", "set", "lo", "up"])
+        runner.run(["ip", "-n", self.name, "link", "set", "lo", "up"])
         policy = self._policy()
         if policy.netns_resolv_conf:
             self._resolv_dir = Path("/etc/netns") / self.name
             self._resolv_dir.mkdir(parents=True, exist_ok=True)
             (self._resolv_dir / "resolv.conf").write_text(policy.netns_resolv_conf)
         rules = iptables_rules(policy).encode()
-        _run.run(netns_exec(self.name, ["iptables-restore"]), input=rules)
+        runner.run(netns_exec(self.name, ["iptables-restore"]), input=rules)
 
     def _policy(self) -> EgressPolicy:
         try:
             resolv = Path("/etc/resolv.conf").read_text()
         except OSError:
             resolv = ""
-        addrs = _run.run(["ip", "-4", "-o", "addr", "show"]).stdout
+        addrs = runner.run(["ip", "-4", "-o", "addr", "show"]).stdout
         return egress_policy(parse_resolvers(resolv), parse_host_addresses(addrs))
 
     def _start_slirp(self) -> None:
@@ -272,8 +272,8 @@ class NetworkSandbox:
         exit_r, exit_w = os.pipe()
         log = self.state_dir / "slirp4netns.log"
         try:
-            argv = slirp4netns_argv(_run.find_tool("slirp4netns"), self.name, ready_w, exit_r)
-            self._slirp = _run.spawn(argv, stdout=log, pass_fds=(ready_w, exit_r))
+            argv = slirp4netns_argv(runner.find_tool("slirp4netns"), self.name, ready_w, exit_r)
+            self._slirp = runner.spawn(argv, stdout=log, pass_fds=(ready_w, exit_r))
         finally:
             os.close(ready_w)
             os.close(exit_r)
@@ -289,7 +289,7 @@ class NetworkSandbox:
             )
 
     def _start_bridges(self) -> None:
-        socat = _run.find_tool("socat")
+        socat = runner.find_tool("socat")
         for forward in self.config.forwards:
             if forward.unix_socket is not None:
                 continue
@@ -298,7 +298,7 @@ class NetworkSandbox:
             path = forward_socket(self.state_dir, forward)
             log = self.state_dir / f"fwd-{forward.guest_port}.log"
             self._bridges.append(
-                _run.spawn(bridge_argv(socat, path, forward.host_port), stdout=log)
+                runner.spawn(bridge_argv(socat, path, forward.host_port), stdout=log)
             )
             _wait_for_socket(path, self._bridges[-1], log)
 
@@ -317,7 +317,7 @@ class NetworkSandbox:
                 os.close(self._exit_fd)
             self._exit_fd = None
         if self._created:
-            _run.run(["ip", "netns", "del", self.name], check=False)
+            runner.run(["ip", "netns", "del", self.name], check=False)
             self._created = False
         if self._resolv_dir is not None:
             for child in self._resolv_dir.glob("*"):
@@ -361,5 +361,5 @@ def cleanup_stale() -> list[str]:
         return []
     stale = stale_namespaces(names)
     for name in stale:
-        _run.run(["ip", "netns", "del", name], check=False)
+        runner.run(["ip", "netns", "del", name], check=False)
     return stale

@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from microagent import _run
+from microagent import runner
 from microagent.errors import InvalidInputError
+from microagent.kit.guestkit import GuestKit
 from microagent.runtime.backend import (
     Accel,
     Backend,
@@ -34,7 +35,6 @@ from microagent.runtime.configdisk import (
     RunConfig,
     write_config_disk,
 )
-from microagent.runtime.guestkit import GuestKit
 
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 DEFAULT_STATE_MIB = 4096
@@ -77,7 +77,7 @@ def make_state_disk(path: Path, size_mib: int) -> Path:
     with path.open("wb") as fh:
         fh.truncate(size_mib << 20)
     argv = ["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-L", "state", str(path)]
-    _run.run(argv, timeout=60)
+    runner.run(argv, timeout=60)
     return path
 
 

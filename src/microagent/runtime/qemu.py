@@ -23,8 +23,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from microagent import _run
+from microagent import runner
 from microagent.errors import InvalidInputError, ToolError, VMError
+from microagent.kit.guestkit import PORT_NAME, PROBE_MARKER
 from microagent.runtime import hostclock
 from microagent.runtime.backend import (
     Accel,
@@ -40,7 +41,6 @@ from microagent.runtime.backend import (
 )
 from microagent.runtime.configdisk import NetworkMode
 from microagent.runtime.control import ControlChannel, SerialStream, tail_text
-from microagent.runtime.guestkit import PORT_NAME, PROBE_MARKER
 from microagent.runtime.network import NetworkSandbox, forward_socket, guestfwd_option
 
 QEMU_BINARIES = {"x86_64": "qemu-system-x86_64", "amd64": "qemu-system-x86_64"}
@@ -183,13 +183,13 @@ def qemu_binary(arch: str | None = None) -> str:
     name = QEMU_BINARIES.get(arch or os.uname().machine)
     if name is None:
         raise ToolError(f"the QEMU backend does not support {arch or os.uname().machine} yet")
-    return _run.find_tool(name)
+    return runner.find_tool(name)
 
 
 @functools.lru_cache(maxsize=8)
 def qemu_version(binary: str) -> str:
     """``7.2.22`` from ``qemu-system-x86_64 -version``."""
-    first = _run.run([binary, "-version"], timeout=30).stdout.splitlines()[0]
+    first = runner.run([binary, "-version"], timeout=30).stdout.splitlines()[0]
     words = first.split()
     return words[words.index("version") + 1] if "version" in words else first
 
@@ -209,7 +209,7 @@ def kvm_device_problem(path: Path = Path("/dev/kvm")) -> str:
 def _probe_boot(binary: str, kernel: Path, initrd: Path) -> Availability:
     with tempfile.TemporaryDirectory(prefix="microagent-kvm-probe-") as tmp:
         serial, log = Path(tmp) / "serial.log", Path(tmp) / "vmm.log"
-        proc = _run.spawn(probe_argv(binary, kernel, initrd, serial), stdout=log)
+        proc = runner.spawn(probe_argv(binary, kernel, initrd, serial), stdout=log)
         try:
             code = proc.wait(KVM_PROBE_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -471,12 +471,12 @@ class QemuBackend:
 
     def _argv(self, config: BootConfig, sandbox: NetworkSandbox) -> list[str]:
         forwards = [(f, forward_socket(config.state_dir, f)) for f in config.network.forwards]
-        socat = _run.find_tool("socat") if forwards else "socat"
+        socat = runner.find_tool("socat") if forwards else "socat"
         accel = self.resolve_accel(config)
         tsc = hostclock.tsc_khz(self.cache_dir) if accel is Accel.TCG else None
         argv = build_argv(self.binary(), config, accel, forwards=forwards, socat=socat, tsc_khz=tsc)
         if config.die_with_parent:
-            argv = [*parent_death_prefix(_run.find_tool("setpriv")), *argv]
+            argv = [*parent_death_prefix(runner.find_tool("setpriv")), *argv]
         return sandbox.wrap(argv)
 
     def command(self, config: BootConfig) -> list[str]:
@@ -492,7 +492,7 @@ class QemuBackend:
         with _undo_on_error(sandbox.teardown):
             argv = self._argv(config, sandbox)
             sandbox.setup()
-            proc = _run.spawn(argv, stdout=config.vmm_log, new_session=True)
+            proc = runner.spawn(argv, stdout=config.vmm_log, new_session=True)
         return QemuMachine(config, argv, proc, sandbox)
 
 

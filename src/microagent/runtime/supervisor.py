@@ -31,7 +31,7 @@ from microagent.runtime.backend import (
     NetworkConfig,
 )
 from microagent.runtime.configdisk import NetworkMode
-from microagent.runtime.workspace import State, Workspace, now, write_json_atomic
+from microagent.workspace.records import State, Workspace, now, write_json_atomic
 
 SHUTDOWN_GRACE = 15.0
 EVENT_POLL = 0.5

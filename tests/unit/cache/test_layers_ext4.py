@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from cache_tarkit import chardev, dir_, file, hard, sym, tar_bytes
 
-from microagent._run import run
-from microagent.cache.layers import (
+from microagent.errors import IntegrityError
+from microagent.layers.apply import (
     Kind,
     LayerSource,
     PathMeta,
@@ -24,7 +24,7 @@ from microagent.cache.layers import (
     fix_ownership_script,
     flatten,
 )
-from microagent.errors import IntegrityError
+from microagent.runner import run
 
 pytestmark = pytest.mark.skipif(shutil.which("debugfs") is None, reason="needs e2fsprogs")
 

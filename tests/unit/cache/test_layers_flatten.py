@@ -27,7 +27,7 @@ from cache_tarkit import (
     zstd_bytes,
 )
 
-from microagent.cache.layers import (
+from microagent.layers.apply import (
     Kind,
     LayerSource,
     PathMeta,
@@ -35,7 +35,7 @@ from microagent.cache.layers import (
     apply_layer,
     flatten,
 )
-from microagent.cache.store import Digest
+from microagent.store.content import Digest
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="stage ownership needs root")
 

@@ -31,9 +31,9 @@ from cache_tarkit import (
     whiteout,
 )
 
-from microagent.cache.layers import LayerSource, Limits, StageMetadata, flatten
-from microagent.cache.store import Digest
 from microagent.errors import IntegrityError
+from microagent.layers.apply import LayerSource, Limits, StageMetadata, flatten
+from microagent.store.content import Digest
 
 SENTINEL = "@SENTINEL@"  # replaced by the absolute path of the sentinel directory
 

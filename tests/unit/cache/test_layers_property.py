@@ -12,8 +12,8 @@ from cache_tarkit import E, chardev, dir_, fifo, file, hard, snapshot, sym, tar_
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from microagent.cache.layers import LayerSource, StageMetadata, flatten
 from microagent.errors import IntegrityError
+from microagent.layers.apply import LayerSource, StageMetadata, flatten
 
 ABS = "@ABS@"  # the sentinel's absolute path
 # Weighted towards names that apply, so sequences get far enough to interact.

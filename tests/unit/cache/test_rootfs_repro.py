@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from microagent._run import run
-from microagent.cache.layers import LayerSource, flatten
-from microagent.cache.rootfs import build_ext4, image_size_mib
 from microagent.errors import BuildError
+from microagent.ext4.mkfs import build_ext4, image_size_mib
+from microagent.layers.apply import LayerSource, flatten
+from microagent.runner import run
 
 
 def _layer() -> bytes:

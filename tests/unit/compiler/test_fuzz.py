@@ -9,7 +9,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from microagent.compiler._loader import parse_spec
+from microagent.compiler.loader import parse_spec
 from microagent.compiler.spec import Spec
 from microagent.errors import MicroagentError
 

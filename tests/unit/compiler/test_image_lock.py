@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from microagent.compiler.image import parse_any_ref, parse_image_ref, parse_layout_ref
 from microagent.compiler.lock import LockEntry, LockFile, read_lock, write_lock
+from microagent.compiler.refs import parse_any_ref, parse_image_ref, parse_layout_ref
 from microagent.errors import InvalidInputError
 
 D = "sha256:" + "a1" * 32

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from microagent.compiler._loader import load_spec
+from microagent.compiler.loader import load_spec
 from microagent.errors import SpecError
 
 CORPUS = Path(__file__).parents[2] / "specs" / "invalid"

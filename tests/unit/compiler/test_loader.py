@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from microagent.compiler._loader import load_spec, parse_spec
-from microagent.compiler._schema import load_schema
+from microagent.compiler.loader import load_spec, parse_spec
+from microagent.compiler.schema import load_schema
 from microagent.compiler.spec import (
     DiskMode,
     NetworkMode,

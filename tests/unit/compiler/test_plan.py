@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from microagent.compiler._loader import load_spec
+from microagent.compiler.loader import load_spec
 from microagent.compiler.lock import ResolvedImage
 from microagent.compiler.plan import (
     BuildPlan,

@@ -24,11 +24,11 @@ from disk_kit import (
     whiteout,
 )
 
-from microagent.cache.layers import LayerSource, flatten
-from microagent.cache.store import Digest
-from microagent.cache.upper import export_upper_image
 from microagent.errors import BuildError, IntegrityError, NotFoundError
-from microagent.runtime.diskcopy import copy_in, make_state_disk
+from microagent.ext4.debugfs import export_upper_image
+from microagent.ext4.overlay import copy_in, make_state_disk
+from microagent.layers.apply import LayerSource, flatten
+from microagent.store.content import Digest
 
 LONG_TARGET = "/" + "x" * 100 + "/target"  # too long to live inside the inode
 ODD_NAMES = ['we ird "q" é', "-dash", "back\\slash", " lead", "#h;$x*", "日本"]

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from microagent.cache.fileslayer import write_files_layer
 from microagent.compiler import files as files_mod
 from microagent.compiler.spec import FileEntry
 from microagent.errors import BuildError
+from microagent.layers.fileslayer import write_files_layer
 
 
 def _tree(tmp_path: Path) -> files_mod.FileTree:

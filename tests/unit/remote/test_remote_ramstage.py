@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from microagent.cache import ramstage
-from microagent.cache.store import Store
+from microagent.ext4 import ramstage
+from microagent.store.content import Store
 
 
 def test_stage_in_ram_when_there_is_room(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -141,10 +141,10 @@ def test_plan_text_marks_remote_hits_and_other_platforms_need_hits(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from microagent import api
-    from microagent._create import _require_buildable
-    from microagent.cache.store import Store
+    from microagent.build.pipeline import _require_buildable
     from microagent.compiler.plan import compile_plan
     from microagent.errors import BuildError
+    from microagent.store.content import Store
 
     spec, cache = str(project / "microagent.yaml"), tmp_path / "cache"
     cli(monkeypatch, capsys, tmp_path / "a", "cache", "export", "-f", spec, str(cache))

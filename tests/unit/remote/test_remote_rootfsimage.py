@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from microagent.cache.rootfsimage import Packed, pack, unpack
 from microagent.errors import IntegrityError
+from microagent.ext4.packed import Packed, pack, unpack
 
 
 def _image(tmp_path: Path) -> Path:

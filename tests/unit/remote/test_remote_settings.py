@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from microagent.cache.remote import cache_from_refs, cache_to_ref, parse_cache_ref
 from microagent.errors import InvalidInputError
+from microagent.remotecache.refs import cache_from_refs, cache_to_ref, parse_cache_ref
 
 
 def test_registry_and_layout_references(tmp_path: Path) -> None:
@@ -70,7 +70,7 @@ def test_no_defaults_means_no_remote(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_urls_in_messages_carry_no_credentials_or_upload_state() -> None:
-    from microagent.cache.registry import _redacted
+    from microagent.oci.registry import _redacted
 
     url = "https://ci:s3cret@ghcr.io/v2/acme/cache/blobs/uploads/u1?_state=tok&digest=sha256:1"
     assert _redacted(url) == "https://ghcr.io/v2/acme/cache/blobs/uploads/u1"

@@ -10,8 +10,11 @@ from typing import Any
 
 import pytest
 
-from microagent.cache import oci
-from microagent.cache.steprecord import (
+from microagent.compiler.plan import Step, StepKind, step_key
+from microagent.digests import canonical_json
+from microagent.errors import IntegrityError
+from microagent.oci import documents as oci
+from microagent.remotecache.records import (
     STEP_ANNOTATION,
     BaseDocs,
     LayerRef,
@@ -23,9 +26,6 @@ from microagent.cache.steprecord import (
     verify_base,
     verify_chain,
 )
-from microagent.compiler.canonical import canonical_json
-from microagent.compiler.plan import Step, StepKind, step_key
-from microagent.errors import IntegrityError
 
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 PLATFORM = "linux/amd64"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from microagent._run import run
 from microagent.errors import InvalidInputError
+from microagent.runner import run
 from microagent.runtime.configdisk import (
     EXTRA_CA_MEMBER,
     MIN_DISK_BYTES,

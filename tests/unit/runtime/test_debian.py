@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from runtime_kit import make_deb, make_mirror
 
-from microagent.cache.store import Store
 from microagent.errors import BuildError, IntegrityError
-from microagent.runtime import debian
+from microagent.kit import debian
+from microagent.store.content import Store
 
 
 def test_parse_depends_drops_versions_and_alternatives() -> None:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from microagent.cache.store import Store
-from microagent.runtime import doctor
-from microagent.runtime.doctor import Check, Report, Status
+from microagent.store.content import Store
+from microagent.workspace import doctor
+from microagent.workspace.doctor import Check, Report, Status
 
 
 def test_verdicts() -> None:
@@ -32,7 +32,7 @@ def test_store_check(tmp_path: Path) -> None:
 
 
 def test_missing_qemu_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("microagent._run.shutil.which", lambda *a, **k: None)
+    monkeypatch.setattr("microagent.runner.shutil.which", lambda *a, **k: None)
     check = doctor.check_qemu()
     assert check.status is Status.FAIL and "apt-get install qemu-system-x86" in check.hint
 

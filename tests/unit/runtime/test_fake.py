@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from microagent.errors import InvalidInputError, VMError
+from microagent.kit.guestkit import GuestKit
 from microagent.runtime.backend import GuestTimeout, Machine
 from microagent.runtime.configdisk import GuestFile, Output, RunConfig
 from microagent.runtime.fake import FAKE_ENV, FakeBackend, FakeOutcome
-from microagent.runtime.guestkit import GuestKit
 from microagent.runtime.oneshot import RunRequest, print_command, run_once
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from runtime_kit import KERNEL_VERSION, MODULE_DEPS, make_ko, make_mirror
 
-from microagent._run import find_tool, run
-from microagent.cache.store import Store
 from microagent.errors import BuildError, InvalidInputError, ToolError
-from microagent.runtime import debian, guestkit, kmod
-from microagent.runtime.guestkit import MODULE_ROOTS
+from microagent.kit import debian, guestkit, kmod
+from microagent.kit.guestkit import MODULE_ROOTS
+from microagent.runner import find_tool, run
+from microagent.store.content import Store
 
 GROUPS = {
     "mmio": ["virtio_ring", "virtio", "virtio_mmio"],
@@ -205,7 +205,7 @@ def test_module_roots_cover_the_contract() -> None:
 
 
 def test_cpio_reader_helper_sanity(tmp_path: Path) -> None:
-    from microagent.runtime.initramfs import CpioEntry, write_initramfs
+    from microagent.kit.initramfs import CpioEntry, write_initramfs
 
     path = tmp_path / "i.gz"
     write_initramfs(path, [CpioEntry.file("a", b"xyz")])

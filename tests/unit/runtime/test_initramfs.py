@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from microagent._run import find_tool, run
 from microagent.errors import ToolError
-from microagent.runtime.initramfs import CpioEntry, with_parents, write_cpio, write_initramfs
+from microagent.kit.initramfs import CpioEntry, with_parents, write_cpio, write_initramfs
+from microagent.runner import find_tool, run
 
 ENTRIES = [
     CpioEntry.directory("bin"),

@@ -11,7 +11,7 @@ import pytest
 import zstandard
 
 from microagent.errors import BuildError
-from microagent.runtime import kernelimage
+from microagent.kit import kernelimage
 
 
 def elf_with_note(name: bytes, kind: int) -> bytes:

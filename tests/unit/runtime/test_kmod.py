@@ -9,8 +9,8 @@ import zstandard
 from runtime_kit import MODULE_DEPS, make_ko
 
 from microagent.errors import BuildError
-from microagent.runtime import kmod
-from microagent.runtime.guestkit import PREFERRED_ORDER
+from microagent.kit import kmod
+from microagent.kit.guestkit import PREFERRED_ORDER
 
 
 def infos() -> dict[str, kmod.ModuleInfo]:

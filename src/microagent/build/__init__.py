@@ -1,0 +1,1 @@
+"""Building a plan's root filesystem: base images, setup steps, the shared pipeline."""

@@ -1,1 +1,0 @@
-"""cache stage of microagent (private implementation modules)."""

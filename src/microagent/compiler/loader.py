@@ -1,0 +1,337 @@
+"""Turn a schema-valid YAML document into a :class:`Spec`, checking what a schema cannot.
+
+Checks that need the file system or the whole document (files exist, no duplicate targets,
+reserved names, forwards with an isolated network) are collected, never raised one by one, so
+the user sees every problem at once.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from microagent.compiler import _yaml
+from microagent.compiler import schema as _schema
+from microagent.compiler._yaml import Document, JsonPath, format_path
+from microagent.compiler.spec import (
+    RESERVED_DISK_NAMES,
+    RESERVED_NAMES,
+    Disk,
+    DiskMode,
+    FileEntry,
+    Forward,
+    Network,
+    NetworkMode,
+    Output,
+    Profile,
+    Resources,
+    RestartPolicy,
+    SetupStep,
+    Spec,
+)
+from microagent.errors import Diagnostic, InvalidInputError, SpecError
+
+MAX_SPEC_BYTES = 1 << 20
+MAX_SETUP_FILE_BYTES = 1 << 20
+SPEC_NAMES = ("microagent.yaml", "microagent.yml")
+
+
+class _Builder:
+    """Reads fields out of the document, recording problems instead of stopping."""
+
+    def __init__(self, doc: Document, source: Path) -> None:
+        self.doc = doc
+        self.source = source
+        self.base = source.parent
+        self.problems: list[Diagnostic] = []
+
+    def problem(self, path: JsonPath, message: str, hint: str = "") -> None:
+        self.problems.append(
+            Diagnostic(message, self.doc.location(path), format_path(path) or "(top level)", hint)
+        )
+
+    def local_path(self, raw: str, path: JsonPath) -> Path:
+        """Resolve a host path from the spec against the spec's folder."""
+        candidate = Path(raw).expanduser()
+        return candidate if candidate.is_absolute() else self.base / candidate
+
+    def guest_path(self, raw: str, path: JsonPath) -> str:
+        """A clean absolute guest path; ``..`` segments and NUL are refused."""
+        if "\x00" in raw or "\n" in raw:
+            self.problem(path, "guest paths must not contain NUL or newline characters")
+        if ".." in raw.split("/"):
+            self.problem(path, f"guest path {raw!r} contains '..'", "write the path it means")
+        clean = posixpath.normpath(raw)
+        if clean == "/":
+            self.problem(path, "the guest path must not be '/'")
+        return clean
+
+    # -- fields -------------------------------------------------------------------------
+
+    def name(self, value: str | None) -> str | None:
+        if value is not None and value.lower() in RESERVED_NAMES:
+            self.problem(("name",), f"{value!r} is a reserved name", "pick another workspace name")
+        return value
+
+    def setup(self, value: Any) -> tuple[SetupStep, ...]:
+        entries = [value] if isinstance(value, str) else list(value or [])
+        steps: list[SetupStep] = []
+        for i, entry in enumerate(entries):
+            path: JsonPath = ("setup",) if isinstance(value, str) else ("setup", i)
+            step = self._setup_entry(entry, path)
+            if step is not None:
+                steps.append(step)
+        return tuple(steps)
+
+    def _setup_entry(self, entry: Any, path: JsonPath) -> SetupStep | None:
+        if isinstance(entry, str):
+            return SetupStep(entry, format_path(path))
+        if "run" in entry:
+            return SetupStep(entry["run"], format_path(path))
+        return self._setup_from_file(entry["file"], (*path, "file"))
+
+    def setup_files(self, value: list[str] | None) -> tuple[SetupStep, ...]:
+        steps = [self._setup_from_file(raw, ("setupFiles", i)) for i, raw in enumerate(value or [])]
+        return tuple(s for s in steps if s is not None)
+
+    def _setup_from_file(self, raw: str, path: JsonPath) -> SetupStep | None:
+        file = self.local_path(raw, path)
+        text = self._read_script(file, raw, path)
+        if text is None:
+            return None
+        return SetupStep(text, f"{format_path(path)} ({raw})", file)
+
+    def _read_script(self, file: Path, raw: str, path: JsonPath) -> str | None:
+        try:
+            info = file.stat()
+            if not stat.S_ISREG(info.st_mode):
+                self.problem(path, f"{raw!r} is not a regular file")
+                return None
+            if info.st_size > MAX_SETUP_FILE_BYTES:
+                self.problem(path, f"{raw!r} is larger than 1 MiB")
+                return None
+            text = file.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            self.problem(path, f"file {raw!r} does not exist", f"looked for {file}")
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            self.problem(path, f"cannot read {raw!r}: {exc}")
+            return None
+        if not text:
+            self.problem(path, f"setup script {raw!r} is empty")
+            return None
+        return text
+
+    def files(self, value: list[Mapping[str, str]] | None) -> tuple[FileEntry, ...]:
+        out: list[FileEntry] = []
+        seen: dict[str, int] = {}
+        for i, item in enumerate(value or []):
+            entry = self._file_entry(item, ("files", i))
+            if entry is None:
+                continue
+            if entry.dst in seen:
+                self.problem(
+                    ("files", i, "dst"),
+                    f"{entry.dst} is already the target of files[{seen[entry.dst]}]",
+                )
+            seen.setdefault(entry.dst, i)
+            out.append(entry)
+        return tuple(out)
+
+    def _file_entry(self, item: Mapping[str, str], path: JsonPath) -> FileEntry | None:
+        src = self.local_path(item["src"], (*path, "src"))
+        dst = self.guest_path(item["dst"], (*path, "dst"))
+        mode = int(item["mode"], 8) if "mode" in item else None
+        try:
+            info = src.stat()
+        except FileNotFoundError:
+            self.problem((*path, "src"), f"{item['src']!r} does not exist", f"looked for {src}")
+            return None
+        except OSError as exc:
+            self.problem((*path, "src"), f"cannot read {item['src']!r}: {exc.strerror}")
+            return None
+        if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+            self.problem((*path, "src"), f"{item['src']!r} is not a regular file or folder")
+            return None
+        return FileEntry(src=src, dst=dst, mode=mode)
+
+    def env(self, value: Mapping[str, str] | None) -> Mapping[str, str]:
+        return MappingProxyType(dict(sorted((value or {}).items())))
+
+    def resources(self, value: Mapping[str, int] | None) -> Resources:
+        raw = value or {}
+        return Resources(
+            memory_mib=raw.get("memoryMiB"),
+            cpu_count=raw.get("cpuCount"),
+            size_mib=raw.get("sizeMiB") or None,
+            headroom_mib=raw.get("headroomMiB"),
+        )
+
+    def network(self, value: Mapping[str, Any] | None) -> Network:
+        raw = value or {}
+        mode = NetworkMode(raw.get("mode", "user"))
+        forwards = tuple(
+            Forward(
+                host_port=f["hostPort"],
+                guest_port=f["guestPort"],
+                host=f.get("host", "127.0.0.1"),
+                protocol=f.get("protocol", "tcp"),
+            )
+            for f in raw.get("forwards", [])
+        )
+        if forwards and mode is NetworkMode.ISOLATED:
+            self.problem(
+                ("network", "forwards"),
+                "forwards need a network, but network.mode is isolated",
+                "remove the forwards or use mode: user",
+            )
+        self._unique_binds(forwards)
+        return Network(mode=mode, forwards=forwards)
+
+    def _unique_binds(self, forwards: tuple[Forward, ...]) -> None:
+        seen: set[tuple[str, int]] = set()
+        for i, fwd in enumerate(forwards):
+            bind = (fwd.host, fwd.host_port)
+            if bind in seen:
+                self.problem(
+                    ("network", "forwards", i), f"{fwd.host}:{fwd.host_port} is forwarded twice"
+                )
+            seen.add(bind)
+
+    def outputs(self, value: list[Mapping[str, str]] | None) -> tuple[Output, ...]:
+        out: list[Output] = []
+        names: set[str] = set()
+        for i, item in enumerate(value or []):
+            if item["name"] in names:
+                self.problem(("outputs", i, "name"), f"output {item['name']!r} is declared twice")
+            names.add(item["name"])
+            out.append(Output(item["name"], self.guest_path(item["path"], ("outputs", i, "path"))))
+        return tuple(out)
+
+    def disks(self, value: list[Mapping[str, str]] | None, key: str) -> tuple[Disk, ...]:
+        out: list[Disk] = []
+        for i, item in enumerate(value or []):
+            path: JsonPath = (key, i)
+            if item["name"].lower() in RESERVED_DISK_NAMES:
+                self.problem((*path, "name"), f"disk name {item['name']!r} is reserved")
+            host = self.local_path(item["path"], (*path, "path"))
+            if not host.is_file():
+                self.problem((*path, "path"), f"{item['path']!r} is not an existing file")
+            if key == "bundles" and not item["path"].endswith((".tar", ".tar.gz", ".tgz")):
+                self.problem((*path, "path"), "a bundle must be a .tar, .tar.gz or .tgz archive")
+            mount = self.guest_path(item["mountpoint"], (*path, "mountpoint"))
+            out.append(Disk(item["name"], host, mount, DiskMode(item.get("mode", "ro"))))
+        return tuple(out)
+
+    def unique_disks(self, disks: tuple[Disk, ...]) -> None:
+        names: set[str] = set()
+        mounts: set[str] = set()
+        for disk in disks:
+            if disk.name in names:
+                self.problem(("disks",), f"disk name {disk.name!r} is used twice")
+            if disk.mountpoint in mounts:
+                self.problem(("disks",), f"mount point {disk.mountpoint} is used twice")
+            names.add(disk.name)
+            mounts.add(disk.mountpoint)
+
+
+def _entrypoint(value: Any) -> str | tuple[str, ...] | None:
+    if value is None or isinstance(value, str):
+        return value
+    return tuple(value)
+
+
+def build_spec(doc: Document, source: Path) -> Spec:
+    """Build the dataclasses from a schema-valid document, or raise every problem found."""
+    raw: Mapping[str, Any] = doc.value
+    b = _Builder(doc, source)
+    disks = b.disks(raw.get("disks"), "disks")
+    bundles = b.disks(raw.get("bundles"), "bundles")
+    b.unique_disks(disks + bundles)
+    spec = Spec(
+        source=source,
+        name=b.name(raw.get("name")),
+        image=raw.get("image", Spec.image),
+        profile=Profile(raw.get("profile", "small")),
+        restart=RestartPolicy(raw.get("restart", "never")),
+        entrypoint=_entrypoint(raw.get("entrypoint")),
+        workdir=raw.get("workdir"),
+        shell=raw.get("shell", Spec.shell),
+        hostname=raw.get("hostname"),
+        setup=b.setup(raw.get("setup")),
+        setup_files=b.setup_files(raw.get("setupFiles")),
+        files=b.files(raw.get("files")),
+        env=b.env(raw.get("env")),
+        resources=b.resources(raw.get("resources")),
+        network=b.network(raw.get("network")),
+        outputs=b.outputs(raw.get("outputs")),
+        disks=disks,
+        bundles=bundles,
+    )
+    if b.problems:
+        raise SpecError(b.problems)
+    return spec
+
+
+def find_spec_file(path: Path) -> Path:
+    """``path`` itself, or the spec inside it when it is a folder."""
+    if path.is_dir():
+        for name in SPEC_NAMES:
+            if (path / name).is_file():
+                return path / name
+        raise InvalidInputError(
+            f"no microagent.yaml in {path}", hint="pass the spec file with --file PATH"
+        )
+    if not path.exists():
+        raise InvalidInputError(
+            f"spec file not found: {path}", hint="pass an existing file with --file PATH"
+        )
+    return path
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read spec {path}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_SPEC_BYTES:
+        raise InvalidInputError(f"spec {path} is larger than 1 MiB", hint="is this the right file?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"spec {path} is not UTF-8 text") from exc
+
+
+def load_spec(path: Path | str, *, display: str | None = None) -> Spec:
+    """Load, validate and type a spec file; raise :class:`SpecError` listing every problem.
+
+    ``display`` is the file name used in messages (default: the path as given).
+    """
+    source = find_spec_file(Path(path))
+    shown = display or str(source)
+    return parse_spec(_read_text(source), source.resolve(), shown)
+
+
+def parse_spec(text: str, source: Path, shown: str) -> Spec:
+    """Validate ``text`` as if read from ``source`` (messages name the file ``shown``)."""
+    doc, problems = _yaml.parse_or_diagnose(text, shown)
+    if doc is None:
+        raise SpecError(problems)
+    if not isinstance(doc.value, dict):
+        problems.append(
+            Diagnostic(
+                "the spec must be a mapping of keys to values",
+                doc.location(()),
+                "(top level)",
+                "start with `name: my-agent` on the first line",
+            )
+        )
+        raise SpecError(problems)
+    problems.extend(_schema.validate(doc))
+    if problems:
+        raise SpecError(problems)
+    return build_spec(doc, source)

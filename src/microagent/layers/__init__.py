@@ -1,0 +1,1 @@
+"""Layer tarballs: applying them safely into a stage, writing them deterministically."""

@@ -1,0 +1,1 @@
+"""OCI content: documents, registry and layout repositories behind one transport protocol."""

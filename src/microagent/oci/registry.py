@@ -1,0 +1,379 @@
+"""Talk to OCI registries through oras-py, verifying every byte against its digest ourselves.
+
+oras-py brings the HTTP session and the token dance (anonymous or with credentials from the
+Docker config); this module adds mirrors and plain-HTTP hosts, short timeouts with one quick
+retry instead of oras' minutes of back-off, and digest checks on manifests and blobs.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from microagent.compiler.lock import LockEntry, ResolvedImage
+from microagent.compiler.refs import ImageRef, host_platform
+from microagent.errors import IntegrityError, NotFoundError, RegistryError
+from microagent.oci import documents as oci
+from microagent.oci.endpoints import Endpoint, RegistryConfig, load_registry_config
+
+TIMEOUT = (5.0, 60.0)  # connect, read
+PUSH_CHUNK = 64 << 20  # larger blobs are uploaded in PATCH chunks of this size
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A manifest or index exactly as the registry sent it, with its verified digest."""
+
+    data: bytes
+    digest: str
+    media_type: str
+    endpoint: Endpoint
+
+    def document(self) -> Mapping[str, Any]:
+        return oci.load_document(self.data, f"manifest {self.digest}")
+
+
+def _docker_auths() -> dict[str, str]:
+    """``host -> base64(user:password)`` from $REGISTRY_AUTH_FILE and the Docker config."""
+    files = [os.environ.get("REGISTRY_AUTH_FILE", "")]
+    docker_dir = os.environ.get("DOCKER_CONFIG") or str(Path.home() / ".docker")
+    files.append(str(Path(docker_dir) / "config.json"))
+    auths: dict[str, str] = {}
+    for name in filter(None, files):
+        try:
+            raw = json.loads(Path(name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for host, entry in (raw.get("auths") or {}).items():
+            if isinstance(entry, dict) and isinstance(entry.get("auth"), str):
+                auths.setdefault(host.removeprefix("https://").split("/")[0], entry["auth"])
+    return auths
+
+
+def _credentials(host: str, auths: Mapping[str, str]) -> tuple[str, str] | None:
+    aliases = [host] + (["index.docker.io", "docker.io"] if "docker.io" in host else [])
+    for alias in aliases:
+        if alias in auths:
+            user, _, password = base64.b64decode(auths[alias]).decode().partition(":")
+            return user, password
+    return None
+
+
+class _Session:
+    """One oras Registry per endpoint, with timeouts and without oras' slow retries."""
+
+    def __init__(self, endpoint: Endpoint, auths: Mapping[str, str]) -> None:
+        import oras.provider
+        import requests
+
+        class Quick(oras.provider.Registry):  # type: ignore[misc]
+            do_request = oras.provider.Registry.do_request.__wrapped__
+
+        self.registry = Quick(hostname=endpoint.host, insecure=endpoint.insecure)
+        creds = _credentials(endpoint.host, auths)
+        if creds:
+            self.registry.auth.set_basic_auth(*creds)
+        original = self.registry.session.request
+
+        def request(*args: Any, **kwargs: Any) -> requests.Response:
+            kwargs.setdefault("timeout", TIMEOUT)
+            response: requests.Response = original(*args, **kwargs)
+            return response
+
+        self.registry.session.request = request
+
+    def get(self, url: str, headers: dict[str, str], stream: bool = False) -> Any:
+        return self.request("GET", url, headers, stream=stream)
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        *,
+        data: bytes | BinaryIO | None = None,
+        stream: bool = False,
+    ) -> Any:
+        """One request through oras (auth, token), errors translated; never logs credentials."""
+        import requests
+
+        where = _redacted(url)
+        try:
+            return self.registry.do_request(
+                url, method, data=data, headers=dict(headers), stream=stream
+            )
+        except requests.RequestException as exc:
+            base = url.split("/v2/", maxsplit=1)[0]
+            raise RegistryError(f"cannot reach {base}: {_short(exc)}") from exc
+        except ValueError as exc:  # oras: "Cannot respond to request for authentication."
+            raise RegistryError(f"authentication failed for {where}: {exc}") from exc
+
+
+def _redacted(url: str) -> str:
+    """A URL fit for messages: no query (upload state tokens), no userinfo."""
+    scheme, sep, rest = url.partition("://")
+    rest = rest.split("?", 1)[0]
+    rest = rest.rsplit("@", 1)[-1] if "@" in rest.split("/", 1)[0] else rest
+    return f"{scheme}{sep}{rest}"
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    for marker in (
+        "Connection refused",
+        "Name or service not known",
+        "timed out",
+        "No route to host",
+        "Temporary failure in name resolution",
+    ):
+        if marker in text:
+            return marker.lower()
+    return text.splitlines()[0][:160]
+
+
+def _status_error(response: Any, what: str) -> RegistryError | NotFoundError:
+    code = response.status_code
+    if code == 404:
+        return NotFoundError(f"{what}: not found")
+    if code in (401, 403):
+        return RegistryError(
+            f"{what}: access denied (HTTP {code})",
+            hint="log in with `docker login` (credentials are read from the Docker config)",
+        )
+    return RegistryError(f"{what}: HTTP {code} {response.reason}")
+
+
+class RegistryClient:
+    """Fetch manifests and blobs of one image name across its mirrors and registry."""
+
+    def __init__(self, config: RegistryConfig | None = None) -> None:
+        self.config = config or load_registry_config()
+        self._auths = _docker_auths()
+        self._sessions: dict[Endpoint, _Session] = {}
+
+    def _session(self, endpoint: Endpoint) -> _Session:
+        if endpoint not in self._sessions:
+            self._sessions[endpoint] = _Session(endpoint, self._auths)
+        return self._sessions[endpoint]
+
+    def _first(self, ref: ImageRef, attempt: Callable[[Endpoint], Fetched]) -> Fetched:
+        problems: list[str] = []
+        for endpoint in self.config.endpoints(ref.registry):
+            try:
+                return attempt(endpoint)
+            except (RegistryError, NotFoundError) as exc:
+                problems.append(f"{endpoint}: {exc.message}")
+        raise RegistryError(
+            f"cannot fetch {ref}: " + "; ".join(problems),
+            hint="check the image name and tag, the network, or the mirrors in the "
+            "registry config (MICROAGENT_REGISTRY_MIRRORS)",
+        )
+
+    def manifest(self, ref: ImageRef, reference: str) -> Fetched:
+        """The manifest or index named by a tag or digest, digest-verified."""
+
+        def attempt(endpoint: Endpoint) -> Fetched:
+            url = endpoint.url(ref.repository, "manifests", reference)
+            response = self._session(endpoint).get(url, {"Accept": oci.ACCEPT})
+            if response.status_code != 200:
+                raise _status_error(response, f"manifest {ref.repository}:{reference}")
+            data = response.content
+            return _verified(data, reference, response.headers, endpoint)
+
+        return self._first(ref, attempt)
+
+    def resolve(self, ref: ImageRef, platform: str) -> ResolvedImage:
+        """Pin ``ref`` to the digest its tag points at, and to the platform's manifest."""
+        top = self.manifest(ref, ref.reference)
+        kind = oci.media_type_of(top.document(), top.media_type)
+        platform_digest = top.digest
+        if kind in oci.INDEX_TYPES:
+            index = oci.parse_index(top.document(), kind)
+            platform_digest = oci.select_platform(index, platform).digest
+        return ResolvedImage(
+            str(ref.with_digest(top.digest)), top.digest, platform, platform_digest
+        )
+
+    def lock_entry(self, ref: ImageRef) -> LockEntry:
+        """What ``microagent.lock`` records for ``ref``: its digest and each platform's."""
+        top = self.manifest(ref, ref.reference)
+        kind = oci.media_type_of(top.document(), top.media_type)
+        if kind in oci.INDEX_TYPES:
+            index = oci.parse_index(top.document(), kind)
+            platforms = {
+                m.platform: m.digest
+                for m in index.manifests
+                if m.platform and not m.platform.startswith("unknown")
+            }
+        else:
+            platforms = {host_platform(): top.digest}
+        return LockEntry(str(ref), top.digest, platforms)
+
+    @contextmanager
+    def blob(self, ref: ImageRef, digest: str) -> Iterator[BinaryIO]:
+        """A raw (undecoded) stream of a blob; the caller verifies while consuming."""
+        problems: list[str] = []
+        for endpoint in self.config.endpoints(ref.registry):
+            url = endpoint.url(ref.repository, "blobs", digest)
+            try:
+                response = self._session(endpoint).get(url, {}, stream=True)
+            except RegistryError as exc:
+                problems.append(f"{endpoint}: {exc.message}")
+                continue
+            if response.status_code != 200:
+                problems.append(f"{endpoint}: {_status_error(response, 'blob').message}")
+                response.close()
+                continue
+            try:
+                yield response.raw
+            finally:
+                response.close()
+            return
+        raise RegistryError(f"cannot fetch blob {digest} of {ref.name}: " + "; ".join(problems))
+
+    def find_manifest(self, ref: ImageRef, reference: str) -> Fetched | None:
+        """Like :meth:`manifest`, but None when every endpoint says 404 (a cache miss)."""
+        problems: list[str] = []
+        for endpoint in self.config.endpoints(ref.registry):
+            url = endpoint.url(ref.repository, "manifests", reference)
+            try:
+                response = self._session(endpoint).get(url, {"Accept": oci.ACCEPT})
+            except RegistryError as exc:
+                problems.append(f"{endpoint}: {exc.message}")
+                continue
+            if response.status_code == 200:
+                return _verified(response.content, reference, response.headers, endpoint)
+            if response.status_code != 404:
+                problems.append(f"{endpoint}: {_status_error(response, 'manifest').message}")
+        if problems:
+            raise RegistryError(f"cannot look up {ref.name}:{reference}: " + "; ".join(problems))
+        return None
+
+    # -- push (to the registry itself, never to a mirror) ----------------------------------
+
+    def _origin(self, ref: ImageRef) -> tuple[Endpoint, _Session]:
+        endpoint = self.config.endpoints(ref.registry)[-1]
+        return endpoint, self._session(endpoint)
+
+    def blob_exists(self, ref: ImageRef, digest: str) -> bool:
+        """One HEAD: does the repository already hold this blob?"""
+        endpoint, session = self._origin(ref)
+        response = session.request("HEAD", endpoint.url(ref.repository, "blobs", digest), {})
+        if response.status_code in (200, 404):
+            return bool(response.status_code == 200)
+        raise _status_error(response, f"blob {digest[:19]} of {ref.name}")
+
+    def push_blob(
+        self, ref: ImageRef, digest: str, size: int, path: Path, *, chunk_size: int = PUSH_CHUNK
+    ) -> bool:
+        """Upload a verified local blob unless the repository has it; True when uploaded.
+
+        Blobs up to ``chunk_size`` go in one PUT (streamed from the file); larger ones in
+        PATCH chunks of ``chunk_size`` and a closing PUT.
+        """
+        if self.blob_exists(ref, digest):
+            return False
+        endpoint, session = self._origin(ref)
+        what = f"uploading blob {digest[:19]} to {ref.name}"
+        start = endpoint.url(ref.repository, "blobs", "uploads/")
+        response = session.request("POST", start, {"Content-Length": "0"})
+        location = _location(response, endpoint, what)
+        with path.open("rb") as fh:
+            if size > chunk_size:
+                location = _patch_chunks(
+                    session, endpoint, location, fh, size=chunk_size, what=what
+                )
+                body: BinaryIO | bytes = b""
+            else:
+                body = fh
+            headers = {"Content-Type": "application/octet-stream"}
+            headers["Content-Length"] = str(0 if size > chunk_size else size)
+            done = session.request("PUT", _with_digest(location, digest), headers, data=body)
+        if done.status_code not in (201, 204):
+            raise _push_error(done, what)
+        _check_digest_header(done.headers, digest, what)
+        return True
+
+    def push_manifest(self, ref: ImageRef, reference: str, data: bytes, media_type: str) -> str:
+        """PUT a manifest under a tag (or its digest); returns the digest the registry kept."""
+        endpoint, session = self._origin(ref)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        what = f"pushing manifest {ref.name}:{reference}"
+        url = endpoint.url(ref.repository, "manifests", reference)
+        response = session.request("PUT", url, {"Content-Type": media_type}, data=data)
+        if response.status_code not in (200, 201):
+            raise _push_error(response, what)
+        _check_digest_header(response.headers, digest, what)
+        return digest
+
+
+def _location(response: Any, endpoint: Endpoint, what: str) -> str:
+    if response.status_code != 202:
+        raise _push_error(response, what)
+    location = str(response.headers.get("Location", ""))
+    if not location:
+        raise RegistryError(f"{what}: the registry gave no upload location")
+    if location.startswith("/"):
+        location = f"{endpoint.scheme}://{endpoint.host}{location}"
+    return location
+
+
+def _with_digest(location: str, digest: str) -> str:
+    return location + ("&" if "?" in location else "?") + f"digest={digest}"
+
+
+def _patch_chunks(
+    session: _Session, endpoint: Endpoint, location: str, fh: BinaryIO, *, size: int, what: str
+) -> str:
+    offset = 0
+    while chunk := fh.read(size):
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(len(chunk)),
+            "Content-Range": f"{offset}-{offset + len(chunk) - 1}",
+        }
+        response = session.request("PATCH", location, headers, data=chunk)
+        location = _location(response, endpoint, what)
+        offset += len(chunk)
+    return location
+
+
+def _push_error(response: Any, what: str) -> RegistryError | NotFoundError:
+    code = response.status_code
+    detail = ""
+    try:
+        errors = response.json().get("errors") or []
+        detail = "; ".join(str(e.get("message", e.get("code", ""))) for e in errors)
+    except (ValueError, AttributeError):
+        pass
+    if code in (401, 403):
+        return RegistryError(
+            f"{what}: access denied (HTTP {code})",
+            hint="pushing needs write access: `docker login` for the registry "
+            "(credentials are read from the Docker config, never printed)",
+        )
+    suffix = f": {detail}" if detail else ""
+    return RegistryError(f"{what}: HTTP {code} {response.reason}{suffix}")
+
+
+def _check_digest_header(headers: Mapping[str, str], digest: str, what: str) -> None:
+    claimed = headers.get("Docker-Content-Digest")
+    if claimed and claimed != digest:
+        raise IntegrityError(f"{what}: the registry stored {claimed}, expected {digest}")
+
+
+def _verified(data: bytes, reference: str, headers: Mapping[str, str], where: Endpoint) -> Fetched:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    claimed = headers.get("Docker-Content-Digest")
+    if reference.startswith("sha256:") and reference != digest:
+        raise IntegrityError(f"manifest from {where} does not match {reference} (got {digest})")
+    if claimed and claimed.startswith("sha256:") and claimed != digest:
+        raise IntegrityError(f"manifest from {where}: header says {claimed}, content is {digest}")
+    return Fetched(data, digest, headers.get("Content-Type", "").split(";")[0], where)

@@ -1,0 +1,1 @@
+"""Remote build caches: published step records, restore, publish, offline exchange."""

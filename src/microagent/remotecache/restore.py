@@ -1,0 +1,461 @@
+"""Cache hits from remote caches: find the deepest published step a plan can use, download
+its missing layers (verified, in parallel), flatten them once, and record it locally.
+
+No setup VM boots for a remote hit. Only the deepest hit is materialised: for a plan whose
+last setup step is published, the store ends up with that step's record and root filesystem,
+and the records (not the root filesystems) of the steps before it, base included — enough to
+publish the chain again and to read the image environment, without flattening anything
+twice. Layers are flattened in order as soon as each download finishes, while the later ones
+are still downloading.
+
+Integrity: every record is verified against its key before anything is downloaded (see
+``steprecord``), the chain is verified back to a local step or to the base image's own
+documents, every blob against its digest as it is stored, every layer against its diff_id as
+it is flattened. Records are written last, so an interrupted or refused restore leaves
+nothing that counts as cached (verified blobs may stay; they are valid content).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from microagent.build.base import BaseImage, rootfs_entry
+from microagent.compiler.plan import BuildPlan, CachedStep, Step, StepCache, StepKind
+from microagent.errors import IntegrityError, MicroagentError, NotFoundError, RegistryError
+from microagent.ext4 import packed as rootfsimage
+from microagent.ext4.mkfs import build_ext4
+from microagent.ext4.ramstage import stage_dir
+from microagent.layers.apply import LayerSource, flatten
+from microagent.oci import documents as oci
+from microagent.remotecache.records import (
+    LayerRef,
+    PublishedStep,
+    layers_of,
+    parse_rootfs_manifest,
+    parse_step_manifest,
+    verify_base,
+    verify_chain,
+)
+from microagent.remotecache.refs import CacheSource
+from microagent.store.content import Digest, Store
+
+Say = Callable[[str], None]
+FETCH_WORKERS = 4
+_ROOTFS_KINDS = (StepKind.BASE.value, StepKind.SETUP.value)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A verified published step and where it was found."""
+
+    source: CacheSource
+    step: PublishedStep
+
+
+@dataclass
+class RestoreStats:
+    """What restoring cost: for the JSON report and the benchmark."""
+
+    steps: list[dict[str, str]] = field(default_factory=list)
+    blobs: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    ext4_seconds: float = 0.0
+    images: int = 0  # rootfs images used instead of a flatten
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "steps": list(self.steps),
+            "blobsFetched": self.blobs,
+            "bytesFetched": self.bytes,
+            "seconds": round(self.seconds, 3),
+            "ext4Seconds": round(self.ext4_seconds, 3),
+            "rootfsImages": self.images,
+        }
+
+
+def rootfs_ready(store: Store, key: str) -> dict[str, Any] | None:
+    """The local record of a base/setup step whose root filesystem exists, else None."""
+    record = store.get_key(key)
+    if record is None or record.get("kind") not in _ROOTFS_KINDS:
+        return None
+    rootfs = record.get("rootfs")
+    return record if isinstance(rootfs, str) and store.has_entry(rootfs) else None
+
+
+def _corrupt(exc: MicroagentError, what: str, where: str) -> IntegrityError:
+    return IntegrityError(
+        f"{what} from {where} is corrupt: {exc.message}",
+        hint="the remote cache entry was damaged or tampered with; nothing was stored. "
+        "Re-publish it (`microagent build --push`) or build without --cache-from",
+    )
+
+
+class BrokenChainError(NotFoundError):
+    """A published step's parent is missing from its cache (a partly pruned repository)."""
+
+
+class Restorer:
+    """Looks steps up in remote caches (first hit wins) and restores them into the store."""
+
+    def __init__(self, store: Store, sources: Sequence[CacheSource], say: Say | None = None):
+        self.store = store
+        self.sources = tuple(sources)
+        self.say: Say = say or (lambda _m: None)
+        self.warnings: list[str] = []
+        self.stats = RestoreStats()
+        self._hits: dict[str, Hit | None] = {}
+        self._lock = threading.Lock()
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    def probe(self, key: str, expected: Step | None = None) -> Hit | None:
+        """One request per source until a verified hit; unreachable sources are warnings."""
+        if key not in self._hits:
+            self._hits[key] = None
+            for source in self.sources:
+                hit = self._probe_in(source, key, expected)
+                if hit is not None:
+                    self._hits[key] = hit
+                    break
+        return self._hits[key]
+
+    def _probe_in(self, source: CacheSource, key: str, expected: Step | None) -> Hit | None:
+        try:
+            data = source.step(key)
+            return None if data is None else Hit(source, parse_step_manifest(data, key, expected))
+        except IntegrityError as exc:
+            raise _corrupt(exc, f"step manifest {key[:19]}…", source.where) from exc
+        except (RegistryError, NotFoundError) as exc:
+            self._warn(f"remote cache {source.where} not usable: {exc.message}")
+            return None
+
+    def _warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+            self.say(f"warning: {message}")
+
+    # -- restoring ----------------------------------------------------------------------------
+
+    def restore_plan(self, plan: BuildPlan) -> Hit | None:
+        """Make the deepest base/setup step of ``plan`` that any cache has local.
+
+        A step recorded locally whose layers are all stored (an intermediate step of an
+        earlier hit, or a root filesystem that was pruned) is flattened without a download.
+        """
+        steps = [s for s in plan.steps if s.kind.in_rootfs]
+        for step in reversed(steps):
+            if rootfs_ready(self.store, step.key) is not None:
+                return None
+            if self._rebuild_local(step.key):
+                return None
+            hit = self.probe(step.key, step) if self.sources else None
+            if hit is None:
+                continue
+            try:
+                self.restore(hit)
+            except BrokenChainError as exc:
+                self._warn(exc.message)
+                continue
+            return hit
+        return None
+
+    def restore(self, hit: Hit) -> None:
+        """Download, verify, materialise and record one hit (and the base record it needs)."""
+        began = time.monotonic()
+        chain = self._chain(hit)
+        base = chain[0] if chain and chain[0].kind is StepKind.BASE else None
+        entry = rootfs_entry(hit.step.key)
+        existed = self.store.has_entry(entry)
+        try:
+            how = self._materialise(hit, base)
+        except BaseException:
+            if not existed:  # e.g. the image unpacked but a layer was refused
+                self.store.remove(entry)
+            raise
+        if base is not None:
+            self._record_base(base, hit.source.where, with_rootfs=hit.step is base)
+        for step in chain:  # intermediate steps too (verified; no rootfs of their own)
+            if step.kind is not StepKind.BASE:
+                self._record_step(step, hit.source.where)
+        self._done(hit, how, time.monotonic() - began)
+
+    def _materialise(self, hit: Hit, base: PublishedStep | None) -> str:
+        """Fetch every missing blob (in parallel) and make the hit's rootfs; say how."""
+        how = "records only"
+        with ThreadPoolExecutor(FETCH_WORKERS) as pool:
+            pending = self._fetch_layers(pool, hit)
+            if base is not None:
+                self._fetch_base_documents(hit.source, base)
+            if hit.step.kind.in_rootfs:
+                how = "rootfs image" if self._unpack_image(hit) else "flattened"
+                if how == "flattened":
+                    self._build_rootfs(hit.step.key, hit.step.layers, pending)
+            for future in pending.values():
+                future.result()
+        return how
+
+    def _done(self, hit: Hit, how: str, seconds: float) -> None:
+        self.stats.seconds += seconds
+        step = hit.step
+        self.stats.steps.append(
+            {"key": step.key, "kind": step.kind.value, "where": hit.source.where}
+        )
+        self.say(
+            f"[{step.kind.value}] {step.key[7:19]}  REMOTE HIT from {hit.source.where}: "
+            f"{len(step.layers)} layers ({how}), {self.stats.bytes / 1e6:.1f} MB fetched, "
+            f"{seconds:.2f}s (no setup VM)"
+        )
+
+    def _chain(self, hit: Hit) -> list[PublishedStep]:
+        """The published steps from the first one missing locally down to ``hit``, verified."""
+        chain = [hit.step]
+        while chain[-1].kind is StepKind.SETUP:
+            step = chain[-1]
+            assert step.parent is not None
+            local = self.store.get_key(step.parent)
+            if local is not None and local.get("kind") in _ROOTFS_KINDS:
+                verify_chain(step, layers_of(local))
+                break
+            parent = self._probe_in(hit.source, step.parent, None)
+            if parent is None or not parent.step.kind.in_rootfs:
+                raise BrokenChainError(
+                    f"{hit.source.where} has step {step.key[:19]}… but not its parent"
+                )
+            verify_chain(step, parent.step.layers)
+            chain.append(parent.step)
+        if chain[-1].kind is StepKind.BASE:
+            try:
+                verify_base(chain[-1])
+            except MicroagentError as exc:
+                raise _corrupt(exc, "base step", hit.source.where) from exc
+        chain.reverse()
+        return chain
+
+    def _fetch_layers(self, pool: ThreadPoolExecutor, hit: Hit) -> dict[str, Future[None]]:
+        pending: dict[str, Future[None]] = {}
+        for layer in hit.step.layers:
+            if not self.store.has_blob(layer.digest) and layer.digest not in pending:
+                pending[layer.digest] = pool.submit(
+                    self._fetch_blob, hit.source, layer.digest, layer.size, "layer"
+                )
+        return pending
+
+    def _fetch_blob(self, source: CacheSource, digest: str, size: int, what: str) -> None:
+        try:
+            with source.blob(digest) as stream:
+                self.store.put_blob_file(stream, digest, expected_size=size)
+        except IntegrityError as exc:
+            raise _corrupt(exc, f"{what} {digest[:19]}…", source.where) from exc
+        except MicroagentError:
+            raise
+        except Exception as exc:  # the transport broke mid-stream (urllib3, OSError)
+            raise RegistryError(
+                f"downloading {what} {digest[:19]}… from {source.where} failed: {exc}",
+                hint="nothing was stored; retry",
+            ) from exc
+        with self._lock:
+            self.stats.blobs += 1
+            self.stats.bytes += size
+
+    def _fetch_base_documents(self, source: CacheSource, base: PublishedStep) -> None:
+        assert base.base is not None
+        for digest, data in base.base.documents.items():
+            self.store.put_blob_bytes(data, digest)
+        manifest = verify_base(base)
+        if not self.store.has_blob(manifest.config.digest):
+            self._fetch_blob(source, manifest.config.digest, manifest.config.size, "config")
+        with self.store.open_blob(manifest.config.digest) as fh:
+            config = oci.load_document(fh.read(), "base image config")
+        diff_ids = (config.get("rootfs") or {}).get("diff_ids")
+        if diff_ids != [layer.diff_id for layer in base.layers]:
+            raise _corrupt(
+                IntegrityError("config diff_ids differ from the layers"), "base step", source.where
+            )
+
+    def _unpack_image(self, hit: Hit) -> bool:
+        """Take a setup step's published rootfs image instead of flattening; False if none."""
+        if hit.step.kind is not StepKind.SETUP or not rootfsimage.enabled():
+            return False
+        where, key = hit.source.where, hit.step.key
+        try:
+            data = hit.source.rootfs(key)
+            packed = None if data is None else parse_rootfs_manifest(data, key)
+        except IntegrityError as exc:
+            raise _corrupt(exc, f"rootfs manifest {key[:19]}…", where) from exc
+        except (RegistryError, NotFoundError):
+            return False
+        if packed is None:
+            return False
+
+        def unpack(tmp: Path) -> None:
+            try:
+                with hit.source.blob(packed.blob) as stream:
+                    rootfsimage.unpack(stream, tmp, packed)
+            except IntegrityError as exc:
+                raise _corrupt(exc, f"rootfs image {packed.blob[:19]}…", where) from exc
+
+        try:
+            self.store.build_once(rootfs_entry(key), unpack)
+        except (RegistryError, NotFoundError) as exc:  # e.g. the blob was garbage-collected
+            self._warn(f"rootfs image of {key[:19]}… not usable ({exc.message}); flattening")
+            return False
+        with self._lock:
+            self.stats.blobs += 1
+            self.stats.bytes += packed.blob_size
+            self.stats.images += 1
+        return True
+
+    def _rebuild_local(self, key: str) -> bool:
+        """Flatten a recorded step from stored layers; False if something is missing."""
+        record = self.store.get_key(key)
+        if record is None or record.get("kind") not in _ROOTFS_KINDS:
+            return False
+        layers = layers_of(record)
+        if not all(self.store.has_blob(layer.digest) for layer in layers):
+            return False
+        began = time.monotonic()
+        self._build_rootfs(key, layers, {})
+        self.say(f"[{record['kind']}] {key[7:19]}  rebuilt from stored layers "
+                 f"in {time.monotonic() - began:.2f}s (no setup VM)")  # fmt: skip
+        return True
+
+    def _build_rootfs(
+        self, key: str, layers: Sequence[LayerRef], pending: Mapping[str, Future[None]]
+    ) -> None:
+        """Flatten ``layers`` in order, each as soon as its download is done."""
+        sources = [
+            LayerSource(
+                f"layer {i} ({layer.digest[:19]})",
+                self._opener(layer, pending),
+                Digest.parse(layer.diff_id),
+            )
+            for i, layer in enumerate(layers)
+        ]
+
+        def build(tmp: Path) -> None:
+            with stage_dir(self.store, sum(layer.size for layer in layers)) as stage:
+                meta = flatten(stage, sources)
+                began = time.monotonic()
+                build_ext4(stage, meta, tmp, key=key)
+                self.stats.ext4_seconds += time.monotonic() - began
+
+        self.store.build_once(rootfs_entry(key), build)
+
+    def _opener(
+        self, layer: LayerRef, pending: Mapping[str, Future[None]]
+    ) -> Callable[[], BinaryIO]:
+        def open_layer() -> BinaryIO:
+            if layer.digest in pending:
+                pending[layer.digest].result()
+            return self.store.blob_path(layer.digest).open("rb")
+
+        return open_layer
+
+    def _record_base(self, base: PublishedStep, where: str, *, with_rootfs: bool) -> None:
+        assert base.base is not None and base.inputs is not None
+        if rootfs_ready(self.store, base.key) is not None:
+            return
+        self.store.put_key(
+            base.key,
+            {
+                "kind": "base",
+                "key": base.key,
+                "parent": None,
+                "inputs": dict(base.inputs),
+                "reference": base.base.reference,
+                "manifest": base.base.manifest,
+                "config": base.base.config,
+                "layers": [layer.to_json() for layer in base.layers],
+                "rootfs": rootfs_entry(base.key),
+                "createdAt": _now(),
+                "source": where,
+            },
+        )
+
+    def _record_step(self, step: PublishedStep, where: str) -> None:
+        assert step.inputs is not None
+        layer = step.layer
+        record: dict[str, Any] = {
+            "kind": step.kind.value,
+            "key": step.key,
+            "parent": step.parent,
+            "inputs": dict(step.inputs),
+            "layer": layer.to_json() if layer else None,
+            "layers": [item.to_json() for item in step.layers],
+            "createdAt": _now(),
+            "source": where,
+        }
+        if step.kind is StepKind.SETUP:
+            record["rootfs"] = rootfs_entry(step.key)
+        self.store.put_key(step.key, record)
+
+
+# -- planning with remote caches ---------------------------------------------------------------
+
+
+class RemoteStepCache:
+    """The local cache first, then the remote ones (``where`` names the cache of a hit)."""
+
+    def __init__(self, local: StepCache, restorer: Restorer) -> None:
+        self.local = local
+        self.restorer = restorer
+
+    def lookup(self, key: str) -> CachedStep | None:
+        found = self.local.lookup(key)
+        if found is not None:
+            return found
+        hit = self.restorer.probe(key)
+        if hit is None:
+            return None
+        step = hit.step
+        return CachedStep(
+            step.key, step.kind, step.parent, dict(step.inputs or {}), hit.source.where
+        )
+
+    def children(self, parent: str | None, kind: StepKind) -> Sequence[CachedStep]:
+        return self.local.children(parent, kind)
+
+
+# -- a base image known only by its record ------------------------------------------------------
+
+
+def recorded_base(store: Store, plan: BuildPlan) -> BaseImage | None:
+    """The plan's base image from its record when its root filesystem is not needed.
+
+    After a remote hit on a setup step the base record exists (for its config and
+    environment) but its root filesystem was never built; nothing boots from it as long as a
+    later setup step is ready. Returns None whenever the normal pull should run instead.
+    """
+    base_step = plan.steps[0]
+    record = store.get_key(base_step.key)
+    if record is None or record.get("kind") != "base" or store.has_entry(str(record["rootfs"])):
+        return None
+    if not any(rootfs_ready(store, s.key) for s in plan.of_kind(StepKind.SETUP)):
+        return None
+    config_digest = str(record["config"])
+    if not store.has_blob(config_digest):
+        return None
+    with store.open_blob(config_digest) as fh:
+        config = oci.load_document(fh.read(), "base image config")
+    inputs: dict[str, Any] = dict(record["inputs"])  # type: ignore[call-overload]
+    return BaseImage(
+        base_step.key,
+        str(record.get("reference", "")),
+        str(inputs["digest"]),
+        str(inputs["platform"]),
+        store.entry_path(str(record["rootfs"])),
+        config,
+        True,
+        0.0,
+    )

@@ -1,0 +1,1 @@
+"""The content-addressed store: verified blobs, typed step records, built entries, retention."""

@@ -1,0 +1,1 @@
+"""Workspaces: records, lifecycle, create, one-shot runs, host checks."""

@@ -1,0 +1,196 @@
+"""``microagent doctor``: can this host run microVMs, and how well?
+
+Each check has a status (ok, warn, fail), a detail and an install hint. A failed *required*
+check makes the verdict ``failed`` (non-zero exit); warnings make it ``degraded``.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from microagent import runner
+from microagent.errors import MicroagentError, ToolError
+from microagent.kit import guestkit
+from microagent.runtime import network, qemu
+from microagent.runtime.backend import Availability
+from microagent.store.content import Store
+
+
+class Status(enum.Enum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report."""
+
+    name: str
+    status: Status
+    detail: str
+    hint: str = ""
+    required: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status.value,
+            "detail": self.detail,
+            "hint": self.hint,
+            "required": self.required,
+        }
+
+
+@dataclass(frozen=True)
+class Report:
+    checks: tuple[Check, ...]
+
+    @property
+    def verdict(self) -> str:
+        if any(c.status is Status.FAIL and c.required for c in self.checks):
+            return "failed"
+        if any(c.status is not Status.OK for c in self.checks):
+            return "degraded"
+        return "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.verdict != "failed",
+            "verdict": self.verdict,
+            "checks": [c.to_json() for c in self.checks],
+        }
+
+    def render(self) -> str:
+        marks = {Status.OK: "ok  ", Status.WARN: "warn", Status.FAIL: "FAIL"}
+        lines = []
+        for c in self.checks:
+            lines.append(f"{marks[c.status]}  {c.name:<14} {c.detail}")
+            if c.hint and c.status is not Status.OK:
+                lines.append(f"{'':20}hint: {c.hint}")
+        lines.append(f"verdict: {self.verdict}")
+        return "\n".join(lines)
+
+
+def _tool(name: str, what: str, *, required: bool) -> Check:
+    try:
+        path = runner.find_tool(name)
+    except ToolError as exc:
+        status = Status.FAIL if required else Status.WARN
+        return Check(what, status, exc.message, exc.hint, required)
+    return Check(what, Status.OK, path, required=required)
+
+
+def check_qemu() -> Check:
+    try:
+        binary = qemu.qemu_binary()
+        version = qemu.qemu_version(binary)
+        machines = runner.run([binary, "-M", "help"], timeout=30).stdout
+    except ToolError as exc:
+        return Check("qemu", Status.FAIL, exc.message, exc.hint, required=True)
+    if "microvm" not in machines:
+        return Check(
+            "qemu",
+            Status.WARN,
+            f"{binary} {version} has no microvm machine",
+            "use --machine q35, or install a QEMU with microvm",
+            required=True,
+        )
+    return Check("qemu", Status.OK, f"{binary} {version} (microvm, q35)", required=True)
+
+
+def check_accel(store: Store) -> list[Check]:
+    """KVM usable (really booting, when a kit exists to boot) or TCG fallback."""
+    problem = qemu.kvm_device_problem()
+    kit = guestkit.find_kit(store)
+    if not problem and kit is not None:
+        try:
+            result = qemu.probe_kvm(
+                qemu.qemu_binary(), kit.kernel, kit.initrd, store.root / "probes"
+            )
+        except ToolError as exc:
+            result = Availability(False, exc.message)
+        problem = "" if result.ok else result.reason
+    elif not problem:
+        problem = "/dev/kvm opens, but no guest kit to test-boot yet (not probed)"
+    kvm = Check(
+        "kvm",
+        Status.OK if not problem else Status.WARN,
+        problem or "usable",
+        "" if not problem else "guests run under TCG, several times slower",
+    )
+    tcg = Check("tcg", Status.OK, "software emulation available (fallback)")
+    return [kvm, tcg]
+
+
+def check_network() -> list[Check]:
+    checks = [
+        _tool(t, t, required=False) for t in ("slirp4netns", "iptables-restore", "ip", "socat")
+    ]
+    problem = network.root_problem()
+    hint = "run as root with slirp4netns, iptables, iproute2 and socat installed"
+    if problem:
+        detail = f"network 'user' unavailable: {problem}; 'isolated' works"
+        checks.append(Check("network", Status.WARN, detail, hint))
+    else:
+        checks.append(
+            Check("network", Status.OK, "user (netns + slirp4netns + egress filter), isolated")
+        )
+    return checks
+
+
+def check_kit(store: Store) -> Check:
+    kit = guestkit.find_kit(store)
+    if kit is None:
+        return Check(
+            "guest kit",
+            Status.WARN,
+            "not installed (built on first run, ~30 MB download)",
+            "microagent kernel install",
+        )
+    return Check("guest kit", Status.OK, f"{kit.kernel_version} ({kit.key[:12]})")
+
+
+def check_store(root: Path) -> Check:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".tmp-doctor-"):
+            pass
+    except OSError as exc:
+        return Check(
+            "store",
+            Status.FAIL,
+            f"{root} is not writable: {exc.strerror}",
+            "set MICROAGENT_HOME to a writable directory",
+            required=True,
+        )
+    return Check("store", Status.OK, f"{root} writable", required=True)
+
+
+def diagnose(store: Store) -> Report:
+    """Run every check (cheap; a KVM test boot only when /dev/kvm opens and a kit exists)."""
+    steps: list[Callable[[], Check | list[Check]]] = [
+        check_qemu,
+        lambda: check_accel(store),
+        lambda: _tool("mke2fs", "mke2fs", required=True),
+        lambda: _tool("debugfs", "debugfs", required=False),
+        check_network,
+        lambda: check_kit(store),
+        lambda: check_store(store.root),
+    ]
+    checks: list[Check] = []
+    for step in steps:
+        try:
+            got = step()
+        except MicroagentError as exc:
+            got = Check(step.__name__, Status.FAIL, exc.message, exc.hint)
+        checks.extend(got if isinstance(got, list) else [got])
+    if os.geteuid() != 0:
+        checks.append(Check("user", Status.WARN, "not root", "user networking needs root"))
+    return Report(tuple(checks))

@@ -1,0 +1,334 @@
+"""Workspace lifecycle verbs: start, status, result, halt, delete, cp, logs, events, list.
+
+Everything here works from workspace records and the store; the VM itself is owned by the
+detached supervisor (see :mod:`microagent.runtime.supervisor`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from microagent import runner
+from microagent.errors import ConflictError, NotFoundError, VMError
+from microagent.kit.guestkit import resolve_kit
+from microagent.runtime.backend import BootConfig, Disk, Forward, NetworkConfig
+from microagent.runtime.configdisk import (
+    GuestFile,
+    GuestNetwork,
+    NetworkMode,
+    Output,
+    RunConfig,
+    write_config_disk,
+)
+from microagent.runtime.supervisor import boot_to_json
+from microagent.store.content import Store
+from microagent.workspace.records import Record, State, Workspace, read_json, write_json_atomic
+
+START_TIMEOUT = 60.0
+HALT_TIMEOUT = 30.0
+POLL = 0.2
+
+
+@dataclass
+class Runtime:
+    """Where things are: the store (rootfs, blobs, guest kit) and the backend to use."""
+
+    store: Store
+    backend: str = "qemu"
+    extra_ca: bytes | None = None
+    say: Callable[[str], None] = lambda _m: None
+
+
+# -- liveness ----------------------------------------------------------------------------------
+
+
+def reconcile(ws: Workspace) -> State:
+    """The true state: a live-looking state whose supervisor is gone becomes ``failed``."""
+    state = ws.state()
+    runtime = ws.runtime()
+    pid = runtime.get("supervisorPid")
+    if state is State.STARTING and pid is None:
+        return state  # the launcher records the pid right after spawning
+    if state.live and not runner.pid_alive(pid):
+        ws.set_state(State.FAILED, "the supervisor process died unexpectedly")
+        return State.FAILED
+    return state
+
+
+# -- start -------------------------------------------------------------------------------------
+
+
+def _guest_files(store: Store, record: Record) -> tuple[GuestFile, ...]:
+    files = []
+    for item in record.files:
+        if item.kind != "file":
+            continue
+        with store.open_blob(item.blob) as fh:
+            files.append(GuestFile(item.path, fh.read(), item.mode))
+    return tuple(files)
+
+
+def _run_config(record: Record) -> RunConfig:
+    env = {**record.env, **record.runtime_env}
+    mode = NetworkMode(record.network)
+    return RunConfig(
+        command=record.command,
+        env=env,
+        workdir=record.workdir,
+        hostname=record.hostname,
+        network=GuestNetwork(mode=mode),
+        outputs=tuple(Output(n, p) for n, p in record.outputs),
+    )
+
+
+def _boot(rt: Runtime, ws: Workspace, record: Record) -> BootConfig:
+    kit = resolve_kit(rt.store, progress=rt.say)
+    config_disk = ws.run_dir / "config.tar"
+    files = _guest_files(rt.store, record)
+    write_config_disk(config_disk, _run_config(record), files, rt.extra_ca)
+    config_disk.chmod(0o600)
+    return BootConfig(
+        kernel=kit.kernel,
+        initrd=kit.initrd,
+        disks=(
+            Disk(Path(record.rootfs), readonly=True, serial="rootfs"),
+            Disk(ws.state_disk, serial="state"),
+            Disk(config_disk, readonly=True, serial="config"),
+        ),
+        state_dir=_vm_dir(ws),
+        memory_mib=record.memory_mib,
+        cpus=record.cpus,
+        network=NetworkConfig(
+            NetworkMode(record.network),
+            tuple(Forward(guest, host_port=host) for guest, host in record.host_forwards),
+        ),
+        name=record.name,
+    )
+
+
+def _vm_dir(ws: Workspace) -> Path:
+    """A short directory for sockets (unix socket paths are limited to ~107 bytes)."""
+    path = ws.run_dir / "vm"
+    if len(str(path / "control.sock")) < 100:
+        return path
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / "microagent"
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    digest = hashlib.sha256(str(ws.root).encode()).hexdigest()[:12]
+    link = base / f"{ws.name[:40]}-{digest}"
+    shutil.rmtree(link, ignore_errors=True)
+    link.mkdir(mode=0o700)
+    return link
+
+
+def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict[str, Any]:
+    """Boot the workspace in a detached supervisor; return once it is running (or failed)."""
+    state = reconcile(ws)
+    if state.live:
+        raise ConflictError(
+            f"workspace {ws.name!r} is already {state.value}",
+            hint="`microagent halt` it first, or wait for it to finish",
+        )
+    record = ws.record()
+    if not Path(record.rootfs).is_file():
+        raise NotFoundError(
+            f"the root filesystem of {ws.name!r} is gone from the cache",
+            hint="create the workspace again (a `cache prune` removed it)",
+        )
+    ws.result_path.unlink(missing_ok=True)
+    boot = _boot(rt, ws, record)
+    write_json_atomic(ws.run_dir / "boot.json", boot_to_json(boot, rt.backend), mode=0o600)
+    ws.set_state(State.STARTING, "starting the VM", supervisorPid=None, vmDir=str(boot.state_dir))
+    proc = runner.spawn(
+        [sys.executable, "-m", "microagent.runtime.supervisor", str(ws.root)],
+        stdout=ws.run_dir / "supervisor.log",
+        new_session=True,
+        env=_supervisor_env(),
+    )
+    ws.update(supervisorPid=proc.pid)
+    return _await_running(ws, timeout)
+
+
+def _supervisor_env() -> dict[str, str]:
+    keep = (
+        "PYTHONPATH",
+        "MICROAGENT_HOME",
+        "MICROAGENT_KERNEL",
+        "MICROAGENT_INITRD",
+        "MICROAGENT_DEBIAN_MIRROR",
+        "MICROAGENT_FAKE",
+        "XDG_RUNTIME_DIR",
+        "VIRTUAL_ENV",
+    )
+    return {k: os.environ[k] for k in keep if k in os.environ}
+
+
+def _await_running(ws: Workspace, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = reconcile(ws)
+        if state is State.RUNNING or state.terminal:
+            return ws.runtime()
+        time.sleep(POLL)
+    raise VMError(
+        f"workspace {ws.name!r} did not start within {timeout:.0f}s",
+        hint=f"see {ws.run_dir / 'supervisor.log'}",
+    )
+
+
+def wait(ws: Workspace, timeout: float | None = None) -> State:
+    """Block until the workspace reaches a terminal state."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        state = reconcile(ws)
+        if state.terminal or state is State.PREPARED:
+            return state
+        if deadline is not None and time.monotonic() > deadline:
+            raise VMError(f"workspace {ws.name!r} is still {state.value} after {timeout:.0f}s")
+        time.sleep(POLL)
+
+
+# -- halt / delete -----------------------------------------------------------------------------
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def halt(ws: Workspace, *, timeout: float = HALT_TIMEOUT) -> State:
+    """Graceful stop (guest shutdown over the control port), then escalate. Disk is kept."""
+    state = reconcile(ws)
+    if not state.live:
+        return state
+    pid = ws.runtime().get("supervisorPid")
+    ws.set_state(State.STOPPING, "halt requested")
+    if isinstance(pid, int):
+        _signal_group(pid, signal.SIGTERM)
+    try:
+        return wait(ws, timeout)
+    except VMError:
+        if isinstance(pid, int):
+            _signal_group(pid, signal.SIGKILL)
+        ws.set_state(State.HALTED, f"killed after {timeout:.0f}s without a clean shutdown")
+        return State.HALTED
+
+
+def delete(ws: Workspace, *, force: bool = False) -> bool:
+    """Remove the workspace (record, disks, logs). A live one needs ``force``."""
+    if not ws.root.exists():
+        return False
+    state = reconcile(ws)
+    if state.live:
+        if not force:
+            raise ConflictError(
+                f"workspace {ws.name!r} is {state.value}",
+                hint="halt it first, or pass --force to kill it",
+            )
+        pid = ws.runtime().get("supervisorPid")
+        if isinstance(pid, int):
+            _signal_group(pid, signal.SIGKILL)
+            time.sleep(0.2)
+    shutil.rmtree(ws.root)
+    return True
+
+
+# -- status / result ---------------------------------------------------------------------------
+
+
+def _readiness(ws: Workspace, state: State, runtime: Mapping[str, Any]) -> dict[str, Any]:
+    live = state.live
+    guest = bool(runtime.get("guestReadyAt")) and live
+    return {
+        "guestReady": {"ready": guest, "observedAt": runtime.get("guestReadyAt")},
+        "execReady": {"ready": False, "detail": "structured exec is not available yet"},
+        "resultReady": {"ready": ws.result_path.is_file()},
+    }
+
+
+def _parse_output(name: str, entry: Any) -> dict[str, Any]:
+    if not isinstance(entry, Mapping):
+        return {"name": name, "present": False}
+    out: dict[str, Any] = {
+        "name": name,
+        "path": entry.get("path"),
+        "present": True,
+        "truncated": bool(entry.get("truncated")),
+    }
+    content = str(entry.get("content", ""))
+    try:
+        out["value"] = json.loads(content)
+    except ValueError:
+        out["content"] = content
+        if name == "result":
+            out["error"] = "the result file is not valid JSON"
+    return out
+
+
+def result_payload(ws: Workspace) -> dict[str, Any] | None:
+    """The guest's report plus the declared outputs (``result`` parsed as JSON)."""
+    data = read_json(ws.result_path)
+    if data is None:
+        return None
+    outputs = data.get("outputs") or {}
+    record = ws.record()
+    parsed = [_parse_output(name, outputs.get(name)) for name, _path in record.outputs]
+    payload = {k: v for k, v in data.items() if k != "outputs"}
+    payload["outputs"] = parsed
+    for item in parsed:
+        if item["name"] == "result" and "value" in item:
+            payload["workResult"] = item["value"]
+    return payload
+
+
+def status(ws: Workspace, backend: str) -> dict[str, Any]:
+    """The JSON envelope for ``status``."""
+    state = reconcile(ws)
+    runtime = ws.runtime()
+    record = ws.record()
+    failed = state is State.FAILED
+    return {
+        "ok": not failed,
+        "backend": backend,
+        "event": {
+            "identity": {"name": ws.name, "rootfsKey": record.rootfs_key},
+            "state": state.value,
+            "detail": runtime.get("detail", ""),
+            "observedAt": runtime.get("observedAt"),
+        },
+        "readiness": _readiness(ws, state, runtime),
+        "artifacts": {"outputs": [{"name": n, "path": p} for n, p in record.outputs]},
+        "result": result_payload(ws),
+        "error": {"message": runtime.get("detail", "")} if failed else None,
+    }
+
+
+def result(ws: Workspace) -> dict[str, Any]:
+    payload = result_payload(ws)
+    if payload is None:
+        state = reconcile(ws)
+        raise NotFoundError(
+            f"workspace {ws.name!r} has no result yet (state: {state.value})",
+            hint="start it and wait until it stops (`microagent start --wait`)",
+        )
+    return payload
+
+
+def ensure_offline(ws: Workspace, verb: str) -> Record:
+    state = reconcile(ws)
+    if state.live:
+        raise ConflictError(
+            f"cannot {verb} while workspace {ws.name!r} is {state.value}",
+            hint=f"`microagent halt {ws.name}` first",
+        )
+    return ws.record()
