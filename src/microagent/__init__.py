@@ -11,9 +11,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from microagent.compiler.keys import StepKind
     from microagent.compiler.loader import load_spec
     from microagent.compiler.lock import ResolvedImage
-    from microagent.compiler.plan import BuildPlan, Step, StepKind, compile_plan
+    from microagent.compiler.plan import BuildPlan, Step, compile_plan
     from microagent.compiler.spec import Spec
     from microagent.errors import Diagnostic, MicroagentError, SpecError
 
@@ -24,7 +25,7 @@ _HOMES = {
     "ResolvedImage": "microagent.compiler.lock",
     "BuildPlan": "microagent.compiler.plan",
     "Step": "microagent.compiler.plan",
-    "StepKind": "microagent.compiler.plan",
+    "StepKind": "microagent.compiler.keys",
     "compile_plan": "microagent.compiler.plan",
     "Spec": "microagent.compiler.spec",
     "Diagnostic": "microagent.errors",

@@ -1,33 +1,64 @@
-"""The library API the CLI is a thin layer over: load, resolve, plan."""
+"""The library: every operation the CLI offers, as typed calls.
+
+``Microagent(settings)`` is the entry point; the CLI is flag parsing over it. Collaborators are
+resolved from the settings unless given: the registry client (mirrors, credentials), the
+backend (``qemu``, ``fake`` ...) and the guest kit. Progress lines go to ``say``; a setup
+step's or a one-shot run's live output to ``output``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
+from microagent.build.base import BaseImage, list_bases, pull_base, remove_base
+from microagent.build.pipeline import BuildOutcome, Pipeline, resolve_image
 from microagent.compiler.loader import load_spec
-from microagent.compiler.lock import (
-    LockEntry,
-    LockFile,
-    ResolvedImage,
-    lock_path_for,
-    read_lock,
-    write_lock,
-)
+from microagent.compiler.lock import LockEntry, LockFile, lock_path_for, read_lock, write_lock
 from microagent.compiler.overrides import Overrides, RuntimeEnv, apply_overrides
-from microagent.compiler.plan import (
-    BuildPlan,
-    CachedStep,
-    StepCache,
-    StepKind,
-    StepStatus,
-    compile_plan,
-    plan_status,
-)
-from microagent.compiler.refs import ImageRef, LayoutRef, host_platform, parse_any_ref
+from microagent.compiler.plan import BuildPlan, StepCache, StepStatus, compile_plan, plan_status
+from microagent.compiler.refs import parse_any_ref
 from microagent.compiler.spec import Spec
-from microagent.errors import InvalidInputError
+from microagent.digests import key_hex
+from microagent.errors import InvalidInputError, NotFoundError
+from microagent.ext4 import overlay
+from microagent.kit import guestkit
+from microagent.kit.debian import Mirror
+from microagent.kit.guestkit import GuestKit
+from microagent.oci.registry import RegistryClient
+from microagent.oci.transport import lock_entry, open_repository
+from microagent.remotecache.exchange import ImportReport, import_layout
+from microagent.remotecache.publish import (
+    PublishReport,
+    prepare,
+    publish,
+    record_files_and_config,
+)
+from microagent.remotecache.refs import open_cache, parse_cache_ref
+from microagent.remotecache.restore import RemoteStepCache
+from microagent.runtime.backend import Backend, Forward, GuestResult, OutputSink
+from microagent.runtime.backends import get_backend
+from microagent.runtime.boot import RunRequest, print_command, run_once
+from microagent.runtime.rundir import State
+from microagent.settings import Settings
+from microagent.store.content import Entry, PruneReport, Store
+from microagent.store.retention import keeper, names_in_use
+from microagent.store.stepcache import StoreStepCache
+from microagent.workspace import doctor, lifecycle
+from microagent.workspace.create import CreateReport, port_forwards
+from microagent.workspace.create import create as create_workspace
+from microagent.workspace.records import Workspace, Workspaces
+from microagent.workspace.run import OneShot, one_shot_request
+
+Say = Callable[[str], None]
+
+
+def _quiet(_message: str) -> None:
+    return None
 
 
 def load(path: Path | str, overrides: Overrides | None = None) -> Spec:
@@ -36,87 +67,16 @@ def load(path: Path | str, overrides: Overrides | None = None) -> Spec:
     return apply_overrides(spec, overrides) if overrides else spec
 
 
-class EmptyCache:
-    """A cache with nothing in it (no store yet, or a dry look)."""
-
-    def lookup(self, key: str) -> CachedStep | None:
-        return None
-
-    def children(self, parent: str | None, kind: StepKind) -> Sequence[CachedStep]:
-        return ()
-
-
-def _pinned(
-    image: str, ref: ImageRef | LayoutRef, lock: LockFile | None, platform: str
-) -> ResolvedImage | None:
-    if ref.digest:
-        return ResolvedImage(str(ref), ref.digest, platform)
-    return lock.lookup(image, platform) if lock else None
-
-
-def _resolve_remote(ref: ImageRef | LayoutRef, platform: str) -> ResolvedImage:
-    if isinstance(ref, LayoutRef):
-        from microagent.oci.layout import Layout
-
-        return Layout(ref.path).resolve(ref, platform)
-    from microagent.oci.registry import RegistryClient
-
-    return RegistryClient().resolve(ref, platform)
-
-
-def resolve_image(
-    spec: Spec, platform: str | None = None, *, offline: bool = False
-) -> ResolvedImage:
-    """Pin the spec's image: a digest in the spec, else ``microagent.lock``, else the source.
-
-    With ``offline`` an unpinned tag is an error instead of a registry round trip.
-    """
-    target = platform or host_platform()
-    ref = parse_any_ref(spec.image, spec.base_dir)
-    lock = read_lock(lock_path_for(spec.source))
-    pinned = _pinned(spec.image, ref, lock, target)
-    if pinned is not None:
-        return pinned
-    if offline:
-        raise InvalidInputError(
-            f"image {spec.image!r} is a tag with no pinned digest",
-            hint="pin it as NAME@sha256:<digest> or run `microagent lock --file SPEC`",
-        )
-    return _resolve_remote(ref, target)
-
-
-def lock(path: Path | str, *, update: bool = False) -> tuple[LockFile, bool]:
-    """Write (or refresh) ``microagent.lock`` beside the spec; return it and whether it changed."""
-    spec = load(path)
-    ref = parse_any_ref(spec.image, spec.base_dir)
-    lock_file = read_lock(lock_path_for(spec.source)) or LockFile(lock_path_for(spec.source))
-    if spec.image in lock_file.images and not update:
-        return lock_file, False
-    if ref.digest:
-        entry = LockEntry(str(ref), ref.digest, {})
-    elif isinstance(ref, LayoutRef):
-        from microagent.oci.layout import Layout
-
-        entry = Layout(ref.path).lock_entry(ref, host_platform())
-    else:
-        from microagent.oci.registry import RegistryClient
-
-        entry = RegistryClient().lock_entry(ref)
-    changed = lock_file.images.get(spec.image) != entry
-    updated = lock_file.with_entry(spec.image, entry)
-    if changed:
-        write_lock(updated)
-    return updated, changed
-
-
 @dataclass(frozen=True)
 class PlanReport:
     spec: Spec
     plan: BuildPlan
     status: list[StepStatus]
+    cache_from: tuple[str, ...] | None = None  # remote caches asked (None: none configured)
+    warnings: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "ok": True,
             "name": self.spec.name,
             "spec": str(self.spec.source),
@@ -135,18 +95,447 @@ class PlanReport:
                 for s in self.status
             ],
         }
+        if self.cache_from is not None:
+            out["cacheFrom"] = list(self.cache_from)
+            out["warnings"] = list(self.warnings)
+        return out
 
 
-def plan(
-    path: Path | str,
-    overrides: Overrides | None = None,
-    env: RuntimeEnv | None = None,
-    cache: StepCache | None = None,
-    *,
-    offline: bool = False,
-) -> PlanReport:
-    """Load, resolve and plan a spec, and look every step up in ``cache``."""
-    spec = load(path, overrides)
-    image = resolve_image(spec, offline=offline)
-    built = compile_plan(spec, image, runtime_env_keys=env.names if env else ())
-    return PlanReport(spec, built, plan_status(built, cache or EmptyCache()))
+@dataclass(frozen=True)
+class LockReport:
+    lock: LockFile
+    image: str
+    changed: bool
+
+    @property
+    def entry(self) -> LockEntry:
+        return self.lock.images[self.image]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ok": True,
+            "lock": str(self.lock.path),
+            "changed": self.changed,
+            **self.lock.to_json(),
+        }
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    outcome: BuildOutcome
+    published: list[dict[str, Any]]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        plan, built = self.outcome.plan, self.outcome.built
+        return {
+            "ok": True,
+            "image": plan.image.to_json(),
+            "rootfsKey": built.key,
+            "configKey": plan.config_step.key,
+            "stepsBuilt": built.built,
+            "stepsCached": built.cached,
+            "setupBoots": self.outcome.boots,
+            "steps": [{"kind": s.kind.value, "key": s.key, "label": s.label} for s in plan.steps],
+            "remote": self.outcome.remote,
+            "published": self.published,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass(frozen=True)
+class StartReport:
+    workspace: str
+    state: str
+    exit_code: int | None = None  # set when the start waited for the entrypoint
+
+    def to_json(self) -> dict[str, Any]:
+        if self.exit_code is None:
+            return {"ok": True, "workspace": self.workspace, "state": self.state}
+        return {
+            "ok": self.state != State.FAILED.value,
+            "workspace": self.workspace,
+            "state": self.state,
+            "exitCode": self.exit_code,
+        }
+
+
+@dataclass(frozen=True)
+class CopyReport:
+    workspace: str
+    direction: str  # "to-workspace" | "from-workspace"
+    source: str
+    target: str
+    guest_path: str
+    bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "workspace": self.workspace,
+            "direction": self.direction,
+            "source": self.source,
+            "target": self.target,
+            "guestPath": self.guest_path,
+            "bytes": self.bytes,
+        }
+
+
+def parse_remote_path(text: str) -> tuple[str, str] | None:
+    """``NAME:/absolute/path`` -> (NAME, path); None for a host path."""
+    name, sep, path = text.partition(":")
+    if sep and path.startswith("/") and name and "/" not in name:
+        return name, path
+    return None
+
+
+@dataclass
+class Microagent:
+    """Every operation of the CLI over one store, registry client, backend and guest kit."""
+
+    settings: Settings
+    say: Say = _quiet
+    output: OutputSink | None = None
+    injected_backend: Backend | None = field(default=None, repr=False)
+
+    # -- collaborators ----------------------------------------------------------------------
+
+    @cached_property
+    def store(self) -> Store:
+        return Store(self.settings.store_dir)
+
+    @cached_property
+    def workspaces(self) -> Workspaces:
+        return Workspaces(self.settings.workspaces_dir)
+
+    @cached_property
+    def client(self) -> RegistryClient:
+        return RegistryClient.from_settings(self.settings)
+
+    def backend(self) -> Backend:
+        if self.injected_backend is not None:
+            return self.injected_backend
+        settings = self.settings
+        return get_backend(
+            settings.backend, probes_dir=settings.probes_dir, fake_outcome=settings.fake_outcome
+        )
+
+    def kit(self) -> GuestKit:
+        return guestkit.kit_for(self.settings, self.store, self.say)
+
+    def pipeline(
+        self,
+        *,
+        timeout: float | None = None,
+        cache_from: Sequence[str] = (),
+        cache_to: str | None = None,
+        platform: str | None = None,
+    ) -> Pipeline:
+        return Pipeline(
+            self.settings,
+            self.client,
+            self.backend,
+            self.kit,
+            self.say,
+            self.output,
+            timeout,
+            tuple(cache_from),
+            cache_to,
+            platform,
+        )
+
+    # -- specs ------------------------------------------------------------------------------
+
+    def validate(self, path: Path, overrides: Overrides | None = None) -> Spec:
+        return load(path, overrides)
+
+    def plan(
+        self,
+        path: Path,
+        overrides: Overrides | None = None,
+        env: RuntimeEnv | None = None,
+        *,
+        offline: bool = False,
+        cache_from: Sequence[str] = (),
+    ) -> PlanReport:
+        """Load, resolve and plan a spec, and look every step up (locally, then remotely)."""
+        spec = load(path, overrides)
+        image = resolve_image(spec, self.client, offline=offline)
+        built = compile_plan(spec, image, runtime_env_keys=env.names if env else ())
+        cache: StepCache = StoreStepCache(self.store)
+        restorer = None if offline else self.pipeline(cache_from=cache_from).restorer(self.store)
+        if restorer is None or not restorer.sources:
+            return PlanReport(spec, built, plan_status(built, cache))
+        status = plan_status(built, RemoteStepCache(cache, restorer))
+        sources = tuple(source.where for source in restorer.sources)
+        return PlanReport(spec, built, status, sources, tuple(restorer.warnings))
+
+    def lock(self, path: Path, *, update: bool = False) -> LockReport:
+        """Write (or refresh) ``microagent.lock`` beside the spec."""
+        spec = load(path)
+        lock_file = read_lock(lock_path_for(spec.source)) or LockFile(lock_path_for(spec.source))
+        if spec.image in lock_file.images and not update:
+            return LockReport(lock_file, spec.image, False)
+        ref = parse_any_ref(spec.image, spec.base_dir)
+        if ref.digest:
+            entry = LockEntry(str(ref), ref.digest, {})
+        else:
+            entry = lock_entry(open_repository(ref, self.client), ref)
+        changed = lock_file.images.get(spec.image) != entry
+        updated = lock_file.with_entry(spec.image, entry)
+        if changed:
+            write_lock(updated)
+        return LockReport(updated, spec.image, changed)
+
+    # -- building ---------------------------------------------------------------------------
+
+    def build(
+        self,
+        path: Path,
+        overrides: Overrides | None = None,
+        env: RuntimeEnv | None = None,
+        *,
+        push: str | None = None,
+        cache_from: Sequence[str] = (),
+        cache_to: str | None = None,
+        platform: str | None = None,
+        timeout: float | None = None,
+    ) -> BuildReport:
+        """Build every step of a spec (no workspace); with ``push`` publish it."""
+        began = time.monotonic()
+        pipeline = self.pipeline(
+            timeout=timeout, cache_from=cache_from, cache_to=cache_to, platform=platform
+        )
+        outcome = pipeline.build(load(path, overrides), env or RuntimeEnv())
+        record_files_and_config(self.store, outcome.plan)
+        published = pipeline.publish(outcome.plan, push=push)
+        return BuildReport(outcome, published, time.monotonic() - began)
+
+    def create(
+        self,
+        path: Path,
+        overrides: Overrides | None = None,
+        env: RuntimeEnv | None = None,
+        *,
+        forwards: Sequence[str] = (),
+        timeout: float | None = None,
+        cache_from: Sequence[str] = (),
+        cache_to: str | None = None,
+    ) -> CreateReport:
+        """Build (or reuse) the spec's steps and make a persistent workspace."""
+        parsed = port_forwards(tuple(Forward.parse(item) for item in forwards))
+        pipeline = self.pipeline(timeout=timeout, cache_from=cache_from, cache_to=cache_to)
+        spec = load(path, overrides)
+        return create_workspace(pipeline, self.workspaces, spec, env or RuntimeEnv(), parsed)
+
+    # -- workspaces -------------------------------------------------------------------------
+
+    def workspace(self, name: str) -> Workspace:
+        return self.workspaces.get(name)
+
+    def _runtime(self) -> lifecycle.Runtime:
+        return lifecycle.Runtime(self.settings, self.kit, self.say)
+
+    def start(self, name: str, *, wait: bool = False, timeout: float | None = None) -> StartReport:
+        """Boot a workspace; with ``wait`` block until its entrypoint exits."""
+        ws = self.workspace(name)
+        runtime = lifecycle.start(self._runtime(), ws)
+        if not wait:
+            return StartReport(name, str(runtime.get("state")))
+        state = lifecycle.wait(ws, timeout)
+        payload = lifecycle.result_payload(ws) or {}
+        code = int(payload.get("exitCode", 0 if state is not State.FAILED else 1))
+        return StartReport(name, state.value, code)
+
+    def status(self, name: str) -> dict[str, Any]:
+        return lifecycle.status(self.workspace(name), self.settings.backend)
+
+    def result(self, name: str) -> dict[str, Any]:
+        return lifecycle.result(self.workspace(name))
+
+    def halt(self, name: str, *, timeout: float = lifecycle.HALT_TIMEOUT) -> State:
+        return lifecycle.halt(self.workspace(name), timeout=timeout)
+
+    def delete(self, names: Sequence[str], *, force: bool = False) -> list[dict[str, Any]]:
+        """Remove workspaces (idempotent): one ``{workspace, deleted}`` per name."""
+        return [
+            {"workspace": n, "deleted": lifecycle.delete(self.workspaces.path(n), force=force)}
+            for n in names
+        ]
+
+    def list_workspaces(self) -> list[dict[str, Any]]:
+        rows = []
+        for ws in self.workspaces:
+            state = lifecycle.reconcile(ws)
+            observed = ws.run.runtime().get("observedAt")
+            rows.append({"name": ws.name, "state": state.value, "observedAt": observed})
+        return rows
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return self.workspace(name).run.events()
+
+    def logs(self, name: str, *, follow: bool = False, poll: float = 0.3) -> Iterator[bytes]:
+        """The serial console, in chunks; with ``follow`` until the workspace stops."""
+        ws = self.workspace(name)
+        offset = 0
+        while True:
+            try:
+                with ws.run.serial_log.open("rb") as fh:
+                    fh.seek(offset)
+                    chunk = fh.read()
+            except FileNotFoundError:
+                chunk = b""
+            offset += len(chunk)
+            if chunk:
+                yield chunk
+            if not follow or lifecycle.reconcile(ws).terminal:
+                return
+            time.sleep(poll)
+
+    def cp(self, source: str, target: str) -> CopyReport:
+        """Copy a file between the host and a stopped workspace (``NAME:/path`` on one side)."""
+        src, dst = parse_remote_path(source), parse_remote_path(target)
+        if (src is None) == (dst is None):
+            raise InvalidInputError("exactly one of SOURCE and TARGET must be NAME:/absolute/path")
+        name = (src or dst)[0]  # type: ignore[index]
+        ws = self.workspace(name)
+        rootfs = Path(lifecycle.ensure_offline(ws, "copy files").rootfs)
+        if dst is not None:
+            size = overlay.copy_in(ws.state_disk, rootfs, Path(source), dst[1])
+            return CopyReport(name, "to-workspace", source, target, dst[1], size)
+        assert src is not None
+        size = overlay.copy_out(ws.state_disk, rootfs, src[1], Path(target))
+        return CopyReport(name, "from-workspace", source, target, src[1], size)
+
+    # -- one-shot runs ----------------------------------------------------------------------
+
+    def _one_shot(self, job: OneShot) -> RunRequest:
+        rootfs = job.rootfs
+        if rootfs is None:
+            assert job.image is not None
+            rootfs = self.image_pull(job.image).rootfs
+        return one_shot_request(job, rootfs, self.settings)
+
+    def run(self, job: OneShot) -> GuestResult:
+        """Run a command in a fresh microVM (an image's rootfs, or an ext4 file)."""
+        kit = self.one_shot_kit(job)
+        request = self._one_shot(job)
+        return run_once(request, backend=self.backend(), kit=kit, on_output=self.output)
+
+    def run_command(self, job: OneShot) -> list[str]:
+        """The VMM argv ``run`` would use (``--print-command``)."""
+        kit = self.one_shot_kit(job)
+        return print_command(self._one_shot(job), backend=self.backend(), kit=kit)
+
+    def one_shot_kit(self, job: OneShot) -> GuestKit:
+        settings = self.settings.with_changes(
+            kernel=job.kernel or self.settings.kernel, initrd=job.initrd or self.settings.initrd
+        )
+        return guestkit.kit_for(settings, self.store, self.say)
+
+    # -- images, cache, kernels -------------------------------------------------------------
+
+    def image_pull(self, ref: str, *, platform: str | None = None) -> BaseImage:
+        return pull_base(
+            self.store,
+            ref,
+            client=self.client,
+            base_dir=Path.cwd(),
+            platform=platform,
+            progress=self.say,
+            ram=self.settings.ram_stage,
+        )
+
+    def image_list(self) -> list[dict[str, Any]]:
+        rows = []
+        for record in list_bases(self.store):
+            assert record.origin is not None and record.rootfs is not None
+            rootfs = self.store.entry_path(record.rootfs)
+            st = rootfs.stat()
+            rows.append(
+                {
+                    "key": record.key,
+                    "reference": record.origin.reference,
+                    "digest": record.inputs["digest"],
+                    "platform": record.inputs["platform"],
+                    "rootfs": str(rootfs),
+                    "size": st.st_blocks * 512,
+                    "lastUsed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.st_mtime)),
+                }
+            )
+        return rows
+
+    def image_remove(self, what: str) -> list[str]:
+        return remove_base(self.store, what)
+
+    def cache_entries(self) -> list[Entry]:
+        return self.store.entries()
+
+    def cache_prune(self, max_bytes: int | None = None, *, everything: bool = False) -> PruneReport:
+        """Least recently used first; never what a workspace still boots from."""
+        keys, blobs = [], []
+        for ws in self.workspaces:
+            record = ws.record()
+            keys.append(record.rootfs_key)
+            blobs += [f.blob for f in record.files]
+        keep = keeper(names_in_use(self.store, keys, blobs))
+        return self.store.prune(max_bytes, all=everything, keep=keep)
+
+    def cache_export(
+        self,
+        directory: Path,
+        *,
+        key: str | None = None,
+        spec: Path | None = None,
+        tag: str = "latest",
+        cache_from: Sequence[str] = (),
+    ) -> tuple[str, PublishReport]:
+        """Write built steps (and the image) into an OCI layout; return the key and report."""
+        if spec is not None:
+            pipeline = self.pipeline(cache_from=cache_from)
+            outcome = pipeline.build(load(spec), RuntimeEnv())
+            record_files_and_config(self.store, outcome.plan)
+            key = outcome.plan.config_step.key
+        if key is None:
+            raise InvalidInputError("give a step key or a spec to export")
+        full = self.full_key(key)
+        publication = prepare(
+            self.store,
+            full,
+            image_tag=tag,
+            client=self.client,
+            packed_images=self.settings.cache_rootfs,
+        )
+        target = open_cache(parse_cache_ref(f"oci:{directory.resolve()}"), self.client, write=True)
+        return full, publish(publication, target, self.say)
+
+    def full_key(self, text: str) -> str:
+        """A step key from ``sha256:<hex>``, bare hex, or a unique prefix of 12+ hex digits."""
+        hexpart = text.removeprefix("sha256:").lower()
+        if len(hexpart) < 12 or hexpart.strip("0123456789abcdef"):
+            raise InvalidInputError(
+                f"bad key {text!r}", hint="give at least 12 hex digits of a key"
+            )
+        keys = self.store.root / "keys"
+        found = sorted(p.stem for p in keys.glob(f"{hexpart}*.json")) if keys.is_dir() else []
+        if len(found) != 1:
+            why = "matches no step" if not found else f"matches {len(found)} steps"
+            raise NotFoundError(f"key {text!r} {why} in the local store", hint="see `cache ls`")
+        return "sha256:" + key_hex(found[0])
+
+    def cache_import(self, directory: Path) -> ImportReport:
+        return import_layout(self.store, directory, self.say, ram=self.settings.ram_stage)
+
+    def kernel_list(self) -> list[GuestKit]:
+        return guestkit.list_kits(self.store)
+
+    def kernel_install(self, mirror: str | None = None, suite: str | None = None) -> GuestKit:
+        settings = self.settings
+        chosen = Mirror.of(mirror or settings.debian_mirror, suite or settings.debian_suite)
+        return guestkit.install_kit(self.store, chosen, progress=self.say)
+
+    def kernel_prune(self) -> list[GuestKit]:
+        return guestkit.prune_kits(self.store)
+
+    def doctor(self) -> doctor.Report:
+        return doctor.diagnose(self.store)

@@ -1,9 +1,26 @@
-"""Canonical JSON and sha256 digests: the only way keys are computed."""
+"""Digests and canonical JSON: the only way content and build keys are named.
+
+A digest is ``<algorithm>:<hex>`` (``sha256`` everywhere except where a registry hands us
+``sha512``). Canonical JSON gives one byte string per value, so a key computed from it is the
+same on every machine.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, TypeGuard
+
+from microagent.errors import IntegrityError, InvalidInputError
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
+
+DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
+_HEX = re.compile(r"[0-9a-f]+")
 
 
 def canonical_json(value: object) -> bytes:
@@ -14,3 +31,93 @@ def canonical_json(value: object) -> bytes:
 def sha256_digest(data: bytes) -> str:
     """``sha256:<hex>`` of ``data``."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def is_digest(value: object) -> TypeGuard[str]:
+    """Whether ``value`` is a string of the form ``sha256:<64 lowercase hex>``."""
+    return isinstance(value, str) and DIGEST_RE.match(value) is not None
+
+
+def check_digest(text: str, what: str = "digest") -> str:
+    """``text`` if it is a sha256 digest, else an InvalidInputError naming ``what``."""
+    if not is_digest(text):
+        raise InvalidInputError(
+            f"invalid {what} {text!r}", hint="a digest is sha256: followed by 64 hex digits"
+        )
+    return text
+
+
+@dataclass(frozen=True, order=True)
+class Digest:
+    """A content digest such as ``sha256:<64 hex>``."""
+
+    algorithm: str
+    hex: str
+
+    def __post_init__(self) -> None:
+        length = _HEX_LENGTHS.get(self.algorithm)
+        if length is None:
+            raise IntegrityError(f"unsupported digest algorithm {self.algorithm!r}")
+        if len(self.hex) != length or not _HEX.fullmatch(self.hex):
+            raise IntegrityError(f"malformed {self.algorithm} digest {self.hex!r}")
+
+    @classmethod
+    def parse(cls, text: str | Digest) -> Digest:
+        """Parse ``"<alg>:<hex>"``; raises IntegrityError when malformed."""
+        if isinstance(text, Digest):
+            return text
+        algorithm, sep, hexpart = text.partition(":")
+        if not sep:
+            raise IntegrityError(f"malformed digest {text!r}: expected '<algorithm>:<hex>'")
+        return cls(algorithm, hexpart)
+
+    @classmethod
+    def from_hasher(cls, hasher: _Hash) -> Digest:
+        """The digest a finished hashlib object stands for."""
+        return cls(hasher.name, hasher.hexdigest())
+
+    @classmethod
+    def of_bytes(cls, data: bytes, algorithm: str = "sha256") -> Digest:
+        """Digest of an in-memory value."""
+        return cls.from_hasher(hashlib.new(algorithm, data))
+
+    def hasher(self) -> _Hash:
+        """A fresh hashlib object of this digest's algorithm."""
+        return hashlib.new(self.algorithm)
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hex}"
+
+
+def key_hex(key: str | Digest) -> str:
+    """Normalise a step key (``sha256:<hex>`` or bare hex) to its hex part."""
+    text = str(key)
+    if ":" not in text:
+        text = "sha256:" + text
+    return Digest.parse(text).hex
+
+
+class Writable(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+
+
+class HashingWriter:
+    """Passes bytes on to ``sink`` (if any) while hashing (sha256) and counting them."""
+
+    def __init__(self, sink: Writable | None = None) -> None:
+        self.sink = sink
+        self.hasher: _Hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.hasher.update(data)
+        self.size += len(data)
+        if self.sink is not None:
+            self.sink.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        return None
+
+    def digest(self) -> Digest:
+        return Digest.from_hasher(self.hasher)

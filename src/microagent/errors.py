@@ -104,12 +104,13 @@ class SpecError(InvalidInputError):
     """A spec file has one or more problems; all of them are carried, sorted."""
 
     kind = "invalid_spec"
+    subject = "spec"
 
     def __init__(self, diagnostics: Iterable[Diagnostic]) -> None:
         self.diagnostics: Sequence[Diagnostic] = tuple(sorted(diagnostics, key=Diagnostic.sort_key))
         count = len(self.diagnostics)
-        first = self.diagnostics[0].render() if count else "invalid spec"
-        summary = first if count == 1 else f"{count} problems in spec; first: {first}"
+        first = self.diagnostics[0].render() if count else f"invalid {self.subject}"
+        summary = first if count == 1 else f"{count} problems in {self.subject}; first: {first}"
         super().__init__(summary)
 
     def render(self) -> str:
@@ -124,6 +125,13 @@ class SpecError(InvalidInputError):
         if self.diagnostics and self.diagnostics[0].location:
             out["location"] = str(self.diagnostics[0].location)
         return out
+
+
+class ConfigError(SpecError):
+    """The user config file has problems (reported like a spec's: file, line, column)."""
+
+    kind = "invalid_config"
+    subject = "config file"
 
 
 class NotFoundError(MicroagentError):

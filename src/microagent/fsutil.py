@@ -1,17 +1,18 @@
-"""Small filesystem helpers for the store: durable writes, locks, removal, sizes."""
+"""Small filesystem helpers: durable (atomic) writes, JSON files, locks, removal, sizes."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 # Every in-progress write in the store starts with this; nothing else may.
 TEMP_PREFIX = ".tmp-"
@@ -69,6 +70,21 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.fsync(fh.fileno())
         tmp.replace(path)
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any], mode: int = 0o644) -> None:
+    """Write ``data`` as indented, key-sorted JSON, atomically (readers never see half)."""
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, text.encode(), mode)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``; None when missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def link_no_replace(tmp: Path, final: Path) -> bool:

@@ -143,7 +143,7 @@ def test_disk_full_is_a_clear_error(
     def full(*_a: object, **_k: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", "/store/blobs")
 
-    monkeypatch.setattr("microagent.api.plan", full)
+    monkeypatch.setattr("microagent.api.Microagent.plan", full)
     assert main(["plan", "-f", str(spec)]) == 1
     err = capsys.readouterr().err
     assert "no space left on device (/store/blobs)" in err and "cache prune" in err
@@ -156,7 +156,7 @@ def test_unexpected_bug_has_no_traceback_without_debug(
     def bug(*_a: object, **_k: object) -> None:
         raise KeyError("oops")
 
-    monkeypatch.setattr("microagent.api.plan", bug)
+    monkeypatch.setattr("microagent.api.Microagent.plan", bug)
     assert main(["plan", "-f", str(spec)]) == 1
     err = capsys.readouterr().err
     assert "internal error: KeyError('oops')" in err and "Traceback" not in err

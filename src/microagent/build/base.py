@@ -1,90 +1,43 @@
-"""Base images: pull from a registry or an OCI layout into the store, flatten, build the rootfs.
+"""Base images: pull from a registry or an OCI layout into the store and build their rootfs.
 
-The result of a pull is the ``base`` step of every plan built on that image: a key record
+The result of a pull is the ``base`` step of every plan built on that image: a record
 ``keys/<base key>.json`` (written last — it is what makes the entry count as present) pointing
 at verified blobs and at ``rootfs/<base key>.ext4``.
 """
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any
 
+from microagent.compiler.keys import BaseInputs, StepKind
 from microagent.compiler.lock import ResolvedImage
-from microagent.compiler.plan import StepKind, step_key
-from microagent.compiler.refs import ImageRef, LayoutRef, host_platform, parse_any_ref
+from microagent.compiler.plan import BuildPlan
+from microagent.compiler.refs import host_platform, parse_any_ref
+from microagent.digests import key_hex
 from microagent.errors import IntegrityError, MicroagentError, NotFoundError
-from microagent.ext4.mkfs import build_ext4
-from microagent.layers.apply import LayerSource, flatten
+from microagent.ext4.rootfs import build_rootfs
+from microagent.layers.apply import stored_layers
 from microagent.oci import documents as oci
-from microagent.oci.layout import Layout
 from microagent.oci.registry import RegistryClient
-from microagent.store.content import Digest, Store, key_hex
+from microagent.oci.transport import Repository, open_repository, platform_manifest, resolve
+from microagent.store.content import Store
+from microagent.store.records import (
+    BaseOrigin,
+    LayerRef,
+    StepRecord,
+    all_records,
+    read_record,
+    rootfs_entry,
+    rootfs_ready,
+    write_record,
+)
 
 Progress = Callable[[str], None]
-
-
-class ImageSource(Protocol):
-    """Where an image's documents and blobs come from."""
-
-    def resolve(self, platform: str) -> ResolvedImage: ...
-
-    def document(self, digest: str) -> bytes: ...
-
-    def blob(self, digest: str) -> AbstractContextManager[BinaryIO]: ...
-
-
-@dataclass
-class RegistrySource:
-    client: RegistryClient
-    ref: ImageRef
-
-    def resolve(self, platform: str) -> ResolvedImage:
-        return self.client.resolve(self.ref, platform)
-
-    def document(self, digest: str) -> bytes:
-        return self.client.manifest(self.ref, digest).data
-
-    def blob(self, digest: str) -> AbstractContextManager[BinaryIO]:
-        return self.client.blob(self.ref, digest)
-
-
-@dataclass
-class LayoutSource:
-    layout: Layout
-    ref: LayoutRef
-
-    def resolve(self, platform: str) -> ResolvedImage:
-        return self.layout.resolve(self.ref, platform)
-
-    def document(self, digest: str) -> bytes:
-        return self.layout.read_verified(digest)
-
-    def blob(self, digest: str) -> AbstractContextManager[BinaryIO]:
-        return self.layout.blob(digest)
-
-
-def source_for(image: str, base_dir: Path, client: RegistryClient | None = None) -> ImageSource:
-    ref = parse_any_ref(image, base_dir)
-    if isinstance(ref, LayoutRef):
-        return LayoutSource(Layout(ref.path), ref)
-    return RegistrySource(client or RegistryClient(), ref)
-
-
-def base_key(resolved: ResolvedImage) -> str:
-    """The plan's ``base`` step key for this image (see compiler.plan)."""
-    return step_key(None, StepKind.BASE, {"digest": resolved.digest, "platform": resolved.platform})
-
-
-def rootfs_entry(key: str) -> str:
-    return f"rootfs/{key_hex(key)}.ext4"
 
 
 @dataclass(frozen=True)
@@ -107,41 +60,34 @@ class BaseImage:
         return dict(str(item).partition("=")[::2] for item in self.env)
 
 
-def _record_of(store: Store, key: str) -> dict[str, Any] | None:
-    record = store.get_key(key)
-    if record is None or record.get("kind") != "base":
-        return None
-    if not store.has_entry(str(record.get("rootfs", ""))):
-        return None
-    return record
-
-
-def _platform_manifest(source: ImageSource, resolved: ResolvedImage) -> tuple[bytes, oci.Manifest]:
-    digest = resolved.platform_digest or resolved.digest
-    data = source.document(digest)
-    doc = oci.load_document(data, f"manifest {digest}")
-    kind = oci.media_type_of(doc, None)
-    if kind in oci.INDEX_TYPES:
-        entry = oci.select_platform(oci.parse_index(doc, kind), resolved.platform)
-        data = source.document(entry.digest)
-        doc = oci.load_document(data, f"manifest {entry.digest}")
-        kind = oci.media_type_of(doc, None)
-    return data, oci.parse_manifest(doc, kind)
-
-
-def _fetch_blob(store: Store, source: ImageSource, desc: oci.Descriptor, say: Progress) -> None:
-    if store.has_blob(desc.digest):
-        return
-    began = time.monotonic()
-    with source.blob(desc.digest) as stream:
-        store.put_blob_file(stream, desc.digest, expected_size=desc.size)
-    seconds = max(time.monotonic() - began, 1e-6)
-    say(f"  {desc.digest[7:19]}  {desc.size / 1e6:8.1f} MB  {desc.size / 1e6 / seconds:7.0f} MB/s")
-
-
 def _config(store: Store, digest: str) -> Mapping[str, Any]:
     with store.open_blob(digest) as fh:
         return oci.load_document(fh.read(), "image config")
+
+
+def _image(store: Store, record: StepRecord, cached: bool, seconds: float) -> BaseImage:
+    assert record.origin is not None and record.rootfs is not None
+    inputs = BaseInputs.of(record.inputs)
+    return BaseImage(
+        record.key,
+        record.origin.reference,
+        inputs.digest,
+        inputs.platform,
+        store.entry_path(record.rootfs),
+        _config(store, record.origin.config),
+        cached,
+        seconds,
+    )
+
+
+def _fetch_blob(store: Store, repo: Repository, desc: oci.Descriptor, say: Progress) -> None:
+    if store.has_blob(desc.digest):
+        return
+    began = time.monotonic()
+    with repo.blob(desc.digest) as stream:
+        store.put_blob_file(stream, desc.digest, expected_size=desc.size)
+    seconds = max(time.monotonic() - began, 1e-6)
+    say(f"  {desc.digest[7:19]}  {desc.size / 1e6:8.1f} MB  {desc.size / 1e6 / seconds:7.0f} MB/s")
 
 
 def _diff_ids(config: Mapping[str, Any], layers: int) -> list[str]:
@@ -151,48 +97,16 @@ def _diff_ids(config: Mapping[str, Any], layers: int) -> list[str]:
     return [str(d) for d in diff_ids]
 
 
-def _layer_sources(store: Store, manifest: oci.Manifest, diff_ids: list[str]) -> list[LayerSource]:
-    return [
-        LayerSource.from_path(
-            store.blob_path(layer.digest), f"layer {i} ({layer.digest[:19]})", Digest.parse(diff)
-        )
-        for i, (layer, diff) in enumerate(zip(manifest.layers, diff_ids, strict=True))
-    ]
-
-
-@contextmanager
-def _scratch(store: Store) -> Iterator[Path]:
-    parent = store.root / "tmp"
-    parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=".tmp-stage-", dir=parent))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _build_rootfs(store: Store, key: str, layers: list[LayerSource], say: Progress) -> Path:
-    def build(tmp: Path) -> None:
-        with _scratch(store) as work:
-            began = time.monotonic()
-            meta = flatten(work / "stage", layers)
-            say(f"  flattened {len(layers)} layer(s) in {time.monotonic() - began:.1f}s")
-            began = time.monotonic()
-            build_ext4(work / "stage", meta, tmp, key=key)
-            say(f"  built ext4 in {time.monotonic() - began:.1f}s")
-
-    return store.build_once(rootfs_entry(key), build)
-
-
 def pull_base(
     store: Store,
     image: str,
     *,
+    client: RegistryClient | None = None,
     base_dir: Path = Path(),
     platform: str | None = None,
     progress: Progress | None = None,
-    client: RegistryClient | None = None,
     resolved: ResolvedImage | None = None,
+    ram: bool = True,
 ) -> BaseImage:
     """Make sure ``image`` is in the store as a ready base rootfs; return what it is.
 
@@ -201,87 +115,95 @@ def pull_base(
     """
     say = progress or (lambda _msg: None)
     began = time.monotonic()
-    source = source_for(image, base_dir, client)
+    ref = parse_any_ref(image, base_dir)
+    repo = open_repository(ref, client or RegistryClient())
     if resolved is None:
-        resolved = source.resolve(platform or host_platform())
-    key = base_key(resolved)
-    record = _record_of(store, key)
+        resolved = resolve(repo, ref, platform or host_platform())
+    key = BaseInputs(resolved.digest, resolved.platform).key
+    record = rootfs_ready(store, key, (StepKind.BASE,))
     cached = record is not None
     if record is None:
-        record = _pull(store, source, resolved, key, say)
-    rootfs = store.entry_path(str(record["rootfs"]))
-    store.touch(str(record["rootfs"]))
-    config = _config(store, str(record["config"]))
-    return BaseImage(
-        key,
-        resolved.reference,
-        resolved.digest,
-        resolved.platform,
-        rootfs,
-        config,
-        cached,
-        time.monotonic() - began,
-    )
+        record = _pull(store, repo, resolved, key, say, ram=ram)
+    assert record.rootfs is not None
+    store.touch(record.rootfs)
+    return _image(store, record, cached, time.monotonic() - began)
 
 
 def _pull(
-    store: Store, source: ImageSource, resolved: ResolvedImage, key: str, say: Progress
-) -> dict[str, Any]:
+    store: Store, repo: Repository, resolved: ResolvedImage, key: str, say: Progress, *, ram: bool
+) -> StepRecord:
     say(f"pulling {resolved.reference} ({resolved.platform})")
-    data, manifest = _platform_manifest(source, resolved)
+    data, manifest = platform_manifest(repo, resolved)
     manifest_digest = store.put_blob_bytes(data)
-    _fetch_blob(store, source, manifest.config, say)
+    _fetch_blob(store, repo, manifest.config, say)
     for layer in manifest.layers:
-        _fetch_blob(store, source, layer, say)
-    config = _config(store, manifest.config.digest)
-    diff_ids = _diff_ids(config, len(manifest.layers))
-    _build_rootfs(store, key, _layer_sources(store, manifest, diff_ids), say)
-    record: dict[str, Any] = {
-        "kind": "base",
-        "key": key,
-        "parent": None,
-        "inputs": {"digest": resolved.digest, "platform": resolved.platform},
-        "reference": resolved.reference,
-        "manifest": str(manifest_digest),
-        "config": manifest.config.digest,
-        "layers": [
-            {**layer.to_json(), "diffId": diff}
-            for layer, diff in zip(manifest.layers, diff_ids, strict=True)
-        ],
-        "rootfs": rootfs_entry(key),
-        "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    store.put_key(key, record)
+        _fetch_blob(store, repo, layer, say)
+    diff_ids = _diff_ids(_config(store, manifest.config.digest), len(manifest.layers))
+    layers = tuple(
+        LayerRef(layer.media_type, layer.digest, layer.size, diff)
+        for layer, diff in zip(manifest.layers, diff_ids, strict=True)
+    )
+    compressed = sum(layer.size for layer in layers)
+    build_rootfs(
+        store, key, stored_layers(store, layers), compressed_bytes=compressed, ram=ram, say=say
+    )
+    record = StepRecord(
+        StepKind.BASE,
+        key,
+        None,
+        BaseInputs(resolved.digest, resolved.platform).to_json(),
+        layers,
+        rootfs=rootfs_entry(key),
+        origin=BaseOrigin(resolved.reference, str(manifest_digest), manifest.config.digest),
+    )
+    write_record(store, record)
     return record
 
 
-def list_bases(store: Store) -> list[dict[str, Any]]:
-    """Key records of every pulled base image whose rootfs is present."""
-    out = []
-    keys_dir = store.root / "keys"
-    for path in sorted(keys_dir.glob("*.json")) if keys_dir.is_dir() else []:
-        record = _record_of(store, "sha256:" + path.stem)
-        if record is not None:
-            out.append(record)
-    return out
+def recorded_base(store: Store, plan: BuildPlan) -> BaseImage | None:
+    """The plan's base image from its record when its root filesystem is not needed.
+
+    After a remote hit on a setup step the base record exists (for its config and
+    environment) but its root filesystem was never built; nothing boots from it as long as a
+    later setup step is ready. Returns None whenever the normal pull should run instead.
+    """
+    record = read_record(store, plan.steps[0].key)
+    if record is None or record.kind is not StepKind.BASE or record.origin is None:
+        return None
+    if record.rootfs is None or store.has_entry(record.rootfs):
+        return None
+    if not any(rootfs_ready(store, s.key) for s in plan.of_kind(StepKind.SETUP)):
+        return None
+    if not store.has_blob(record.origin.config):
+        return None
+    return _image(store, record, True, 0.0)
+
+
+def list_bases(store: Store) -> Iterator[StepRecord]:
+    """Records of every pulled base image whose rootfs is present."""
+    for record in all_records(store):
+        if record.kind is StepKind.BASE and rootfs_ready(store, record.key) is not None:
+            yield record
 
 
 def remove_base(store: Store, what: str) -> list[str]:
     """Forget base images matching a key, digest or reference; return their keys."""
     removed = []
     wanted = {what, _normalised(what)}
-    for record in list_bases(store):
+    for record in list(list_bases(store)):
+        assert record.origin is not None and record.rootfs is not None
+        reference = record.origin.reference
         names = {
-            record["key"],
-            record["inputs"]["digest"],
-            record["reference"],
-            record["reference"].split("@")[0],
+            record.key,
+            BaseInputs.of(record.inputs).digest,
+            reference,
+            reference.split("@")[0],
         }
-        short = len(what) >= 6 and record["key"].removeprefix("sha256:").startswith(what)
+        short = len(what) >= 6 and record.key.removeprefix("sha256:").startswith(what)
         if wanted & names or short:
-            store.remove(f"keys/{key_hex(record['key'])}.json")
-            store.remove(str(record["rootfs"]))
-            removed.append(str(record["key"]))
+            store.remove(f"keys/{key_hex(record.key)}.json")
+            store.remove(record.rootfs)
+            removed.append(record.key)
     if not removed:
         raise NotFoundError(f"no pulled image matches {what!r}", hint="see `microagent image ls`")
     return removed

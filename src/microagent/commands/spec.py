@@ -1,19 +1,23 @@
-"""Commands that read a spec: validate and plan."""
+"""Commands that read a spec: validate, plan, lock."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from microagent.commands.context import (
     Ctx,
+    cache_from_option,
     override_options,
     overrides_from,
     pass_ctx,
     spec_file_option,
 )
+
+if TYPE_CHECKING:
+    from microagent.api import PlanReport
 
 
 @click.command()
@@ -22,11 +26,10 @@ from microagent.commands.context import (
 @pass_ctx
 def validate(ctx: Ctx, /, spec_file: Path, **kwargs: Any) -> None:
     """Check a spec and report every problem with file:line:col."""
-    from microagent import api
-    from microagent.compiler.overrides import parse_env
+    from microagent.compiler.overrides import parse_env  # deferred: imports the schema
 
     parse_env(kwargs.get("env") or ())
-    spec = api.load(spec_file, overrides_from(kwargs))
+    spec = ctx.api().validate(spec_file, overrides_from(kwargs))
     text = f"{spec_file}: ok ({spec.name or 'unnamed'}, {len(spec.setup_steps)} setup steps, "
     text += f"{len(spec.files)} files)"
     ctx.emit({"ok": True, "name": spec.name, "spec": str(spec.source)}, text)
@@ -36,48 +39,22 @@ def validate(ctx: Ctx, /, spec_file: Path, **kwargs: Any) -> None:
 @spec_file_option
 @override_options
 @click.option("--offline", is_flag=True, help="Never contact a registry; tags must be locked.")
-@click.option("--cache-from", "cache_from", multiple=True, metavar="REF",
-              help="Also look steps up in this remote cache (registry repository or oci:DIR; "
-              "repeatable; default $MICROAGENT_CACHE_FROM / `cache.from`).")  # fmt: skip
+@cache_from_option
 @pass_ctx
 def plan(
     ctx: Ctx, /, spec_file: Path, offline: bool, cache_from: tuple[str, ...], **kwargs: Any
 ) -> None:
     """Show the build steps, their keys, and what is cached or must be built (and why)."""
-    from microagent import api
-    from microagent.compiler.overrides import parse_env
-    from microagent.settings import home_dir, store_dir
-    from microagent.store.content import Store
-    from microagent.store.stepcache import StoreStepCache
+    from microagent.compiler.overrides import parse_env  # deferred: imports the schema
 
     env = parse_env(kwargs.get("env") or ())
-    cache: Any = StoreStepCache(Store(store_dir(home_dir(ctx.home))))
-    restorer = None if offline else _remote_lookup(ctx, cache, cache_from)
-    if restorer is not None:
-        from microagent.remotecache.restore import RemoteStepCache
-
-        cache = RemoteStepCache(cache, restorer)
-    report = api.plan(spec_file, overrides_from(kwargs), env, cache, offline=offline)
-    data = report.to_json()
-    if restorer is not None:
-        data["cacheFrom"] = [source.where for source in restorer.sources]
-        data["warnings"] = list(restorer.warnings)
-    ctx.emit(data, _render_plan(report))
+    report = ctx.api().plan(
+        spec_file, overrides_from(kwargs), env, offline=offline, cache_from=cache_from
+    )
+    ctx.emit(report.to_json(), _render_plan(report))
 
 
-def _remote_lookup(ctx: Ctx, local: Any, flags: tuple[str, ...]) -> Any:
-    """A restorer for ``--cache-from`` (or the configured default), else None."""
-    from microagent.remotecache.refs import cache_from_refs, open_source
-    from microagent.remotecache.restore import Restorer
-
-    refs = cache_from_refs(flags)
-    if not refs:
-        return None
-    say = (lambda _m: None) if ctx.json else (lambda m: click.echo(m, err=True))
-    return Restorer(local.store, [open_source(ref) for ref in refs], say)
-
-
-def _render_plan(report: Any) -> str:
+def _render_plan(report: PlanReport) -> str:
     image = report.plan.image
     lines = [
         f"plan for {report.spec.name or '(unnamed)'} ({report.spec.source})",
@@ -100,17 +77,13 @@ def _render_plan(report: Any) -> str:
 @pass_ctx
 def lock(ctx: Ctx, /, spec_file: Path, update: bool) -> None:
     """Pin the spec's image tag to digests in microagent.lock beside the spec."""
-    from microagent import api
-
-    lock_file, changed = api.lock(spec_file, update=update)
-    spec = api.load(spec_file)
-    entry = lock_file.images[spec.image]
-    verb = "wrote" if changed else "unchanged"
-    text = f"{verb} {lock_file.path}: {spec.image} -> {entry.digest}"
+    report = ctx.api().lock(spec_file, update=update)
+    entry = report.entry
+    verb = "wrote" if report.changed else "unchanged"
+    text = f"{verb} {report.lock.path}: {report.image} -> {entry.digest}"
     for platform, digest in sorted(entry.platforms.items()):
         text += f"\n  {platform:<14} {digest}"
-    data = {"ok": True, "lock": str(lock_file.path), "changed": changed, **lock_file.to_json()}
-    ctx.emit(data, text)
+    ctx.emit(report.to_json(), text)
 
 
 COMMANDS = [validate, plan, lock]

@@ -21,15 +21,15 @@ together with the platform, so a pinned ``name@digest`` and a locked tag give th
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from microagent.compiler.refs import DIGEST_RE, ImageRef, LayoutRef
+from microagent.compiler.refs import ImageRef, LayoutRef
+from microagent.digests import is_digest
 from microagent.errors import InvalidInputError
+from microagent.fsutil import write_json_atomic
 
 LOCK_NAME = "microagent.lock"
 LOCK_VERSION = 1
@@ -112,11 +112,9 @@ def _entry(path: Path, image: str, raw: object) -> LockEntry:
         raise _bad_lock(path, f"entry for {image!r} is not an object")
     digest = raw.get("digest")
     platforms = raw.get("platforms", {})
-    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+    if not is_digest(digest):
         raise _bad_lock(path, f"entry for {image!r} has no valid digest")
-    if not isinstance(platforms, dict) or not all(
-        isinstance(v, str) and DIGEST_RE.match(v) for v in platforms.values()
-    ):
+    if not isinstance(platforms, dict) or not all(is_digest(v) for v in platforms.values()):
         raise _bad_lock(path, f"platforms of {image!r} must map platform to digest")
     return LockEntry(str(raw.get("reference", image)), digest, dict(platforms))
 
@@ -139,14 +137,4 @@ def read_lock(path: Path) -> LockFile | None:
 
 def write_lock(lock: LockFile) -> None:
     """Write the lock atomically (temp file + rename), pretty and stable for diffs."""
-    text = json.dumps(lock.to_json(), indent=2, sort_keys=True) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=".microagent.lock.", dir=lock.path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        Path(tmp).replace(lock.path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(lock.path, lock.to_json())

@@ -10,28 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Protocol
 
 from microagent.compiler import files as _files
+from microagent.compiler.keys import BaseInputs, SetupInputs, StepKind, step_key
 from microagent.compiler.lock import ResolvedImage
 from microagent.compiler.spec import Spec
-from microagent.digests import canonical_json, sha256_digest
-
-PLANNER_VERSION = 1
-SETUP_INTERPRETER = ("/bin/sh", "-eu", "-c")
-
-
-class StepKind(Enum):
-    BASE = "base"
-    SETUP = "setup"
-    FILES = "files"
-    CONFIG = "config"
-
-    @property
-    def in_rootfs(self) -> bool:
-        """Base and setup make the cached root filesystem; files and config never do."""
-        return self in (StepKind.BASE, StepKind.SETUP)
 
 
 @dataclass(frozen=True)
@@ -64,11 +48,6 @@ class BuildPlan:
     @property
     def config_step(self) -> Step:
         return self.steps[-1]
-
-
-def step_key(parent: str | None, kind: StepKind, inputs: Mapping[str, Any]) -> str:
-    manifest = {"planner": PLANNER_VERSION, "parent": parent, "kind": kind.value, "inputs": inputs}
-    return sha256_digest(canonical_json(manifest))
 
 
 def _label(text: str, width: int = 60) -> str:
@@ -120,13 +99,9 @@ def compile_plan(
         parent = steps[-1].key if steps else None
         steps.append(Step(kind, step_key(parent, kind, inputs), parent, inputs, label))
 
-    add(StepKind.BASE, {"digest": image.digest, "platform": image.platform}, _label(spec.image))
+    add(StepKind.BASE, BaseInputs(image.digest, image.platform).to_json(), _label(spec.image))
     for setup in spec.setup_steps:
-        add(
-            StepKind.SETUP,
-            {"run": setup.run, "interpreter": list(SETUP_INTERPRETER)},
-            _label(setup.run),
-        )
+        add(StepKind.SETUP, SetupInputs(setup.run).to_json(), _label(setup.run))
     tree = _files.collect(spec.files)
     add(
         StepKind.FILES,

@@ -7,10 +7,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from microagent.digests import check_digest
 from microagent.errors import InvalidInputError
 
 DEFAULT_REGISTRY = "docker.io"
-DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _COMPONENT_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9.-]+(?::[0-9]{1,5})?$|^\[[0-9a-fA-F:]+\](?::[0-9]{1,5})?$")
@@ -21,14 +21,6 @@ def host_platform() -> str:
     """``linux/<arch>`` of this machine in OCI spelling (amd64, arm64)."""
     machine = _platform.machine().lower()
     return f"linux/{_ARCH.get(machine, machine)}"
-
-
-def check_digest(text: str, what: str = "digest") -> str:
-    if not DIGEST_RE.match(text):
-        raise InvalidInputError(
-            f"invalid {what} {text!r}", hint="a digest is sha256: followed by 64 hex digits"
-        )
-    return text
 
 
 @dataclass(frozen=True)
@@ -60,6 +52,10 @@ class ImageRef:
         """What to ask the registry for: the digest when pinned, else the tag."""
         return self.digest or self.tag or "latest"
 
+    def pinned(self, digest: str) -> str:
+        """The reference as resolved: name, tag and the digest it pointed at."""
+        return str(self.with_digest(digest))
+
 
 @dataclass(frozen=True)
 class LayoutRef:
@@ -68,6 +64,16 @@ class LayoutRef:
     path: Path
     tag: str | None = None
     digest: str | None = None
+
+    @property
+    def reference(self) -> str | None:
+        """The digest or tag to look up; None: the layout's only image."""
+        return self.digest or self.tag
+
+    def pinned(self, digest: str) -> str:
+        """The reference as resolved (a layout folder names itself; the digest is recorded
+        separately)."""
+        return str(self)
 
     def __str__(self) -> str:
         text = f"oci:{self.path}"

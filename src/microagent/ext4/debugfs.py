@@ -1,58 +1,32 @@
-"""Read an overlay upper dir straight out of an unmounted ext4 image, and export it as a layer.
+"""The one way microagent drives ``debugfs``: batches of commands, parsers, streaming.
 
-No mount, no FUSE: ``debugfs`` does the reading. The tree is listed level by level with
-batched ``ls -p`` scripts (one debugfs run per directory depth), every inode is ``stat``ed
-once in one more batch (type, mode with setuid/setgid/sticky, owner, mtime, device numbers,
-xattrs such as the opaque marker), and file contents stream through a pipe from one last
-debugfs run straight into the tar — nothing is unpacked on the host. Whiteouts (character
-devices 0/0) become ``.wh.<name>`` entries, opaque directories a ``.wh..wh..opq`` entry, and
-the tar is written by the same normaliser as
-:func:`~microagent.layers.apply.export_upper_as_layer`.
-
-The small debugfs toolkit here (running batches, parsing ``ls -p``/``stat``/``ea_list``,
-streaming inodes, replaying a journal) is shared with ``runtime/diskcopy.py``.
+``debugfs`` reads and writes unmounted ext4 images without root. Everything that talks to it
+goes through :func:`run_debugfs` (a script on stdin, output split per command) or
+:class:`InodeStream` (file contents through a pipe); paths are quoted by :func:`quote`.
+debugfs exits 0 after most failures, so callers look at :attr:`Script.errors`. Also here: the
+parsers of what debugfs prints (``ls -p``, ``stat``, ``ea_list``), journal replay, and the
+script that gives an ``mke2fs -d`` image the owners and modes a layer recorded.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import stat
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, cast
 
 from microagent.errors import (
-    BuildError,
     IntegrityError,
     InvalidInputError,
-    NotFoundError,
     ToolError,
 )
-from microagent.layers.stagemeta import Kind, PathMeta, debugfs_quote
-from microagent.layers.tarwrite import CHUNK, ExportedLayer, UpperEntry, export_entries
+from microagent.layers.stagemeta import Kind, PathMeta, StageMetadata
 from microagent.runner import run, spawn
 
-__all__ = [
-    "DirEntry",
-    "ExportedLayer",
-    "Inode",
-    "InodeStream",
-    "Script",
-    "export_upper_image",
-    "needs_fsck",
-    "overlay_xattr",
-    "parse_ls",
-    "parse_stat",
-    "parse_xattrs",
-    "quote",
-    "replay_journal",
-    "run_debugfs",
-]
-
+CHUNK = 1 << 20
 # stderr lines of a lookup that simply found nothing
 MISSING = ("File not found by ext2_lookup", "Ext2 inode is not a directory")
 _NOISE = ("debugfs ", "Allocated inode:")  # the version banner; write's chatter
@@ -72,15 +46,20 @@ _OVERLAY_NS = ("trusted.overlay.", "user.overlay.")
 # -- running debugfs -----------------------------------------------------------------------
 
 
-def quote(path: str) -> str:
-    """A path as one debugfs argument, or IntegrityError if debugfs cannot express it."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise IntegrityError(
-            f"path {path!r} is not valid UTF-8; debugfs output cannot express it"
-        ) from exc
-    return debugfs_quote(path)
+def quote(path: str, *, raw_bytes: bool = False) -> str:
+    """A path as one debugfs argument (double quotes, ``""`` for a literal quote), or
+    IntegrityError if debugfs cannot express it. ``raw_bytes`` allows names that are not
+    UTF-8 (kept as surrogate escapes) for scripts whose output is not parsed."""
+    if any(ord(c) < 0x20 or c == "\x7f" for c in path):
+        raise IntegrityError(f"path {path!r} has control characters; debugfs cannot express it")
+    if not raw_bytes:
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise IntegrityError(
+                f"path {path!r} is not valid UTF-8; debugfs output cannot express it"
+            ) from exc
+    return '"' + path.replace('"', '""') + '"'
 
 
 @dataclass(frozen=True)
@@ -96,19 +75,28 @@ class Script:
 
 
 def run_debugfs(
-    image: Path, commands: Sequence[str], *, write: bool = False, cwd: Path | None = None
+    image: Path,
+    commands: Sequence[str],
+    *,
+    write: bool = False,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    split: bool = True,
 ) -> Script:
     """Run ``commands`` as one ``debugfs -f -`` script and split its output per command.
 
+    Commands are encoded keeping surrogate escapes (names that are not UTF-8); with
+    ``split=False`` the output is not followed per command (scripts with such names).
     debugfs exits 0 after most failures, so callers must look at :attr:`Script.errors`.
     """
     argv = ["debugfs", *(["-w"] if write else []), "-f", "-", str(image)]
-    script = "".join(c + "\n" for c in commands).encode("utf-8")
-    done = run(argv, input=script, cwd=cwd)
+    script = "".join(c + "\n" for c in commands).encode("utf-8", "surrogateescape")
+    done = run(argv, input=script, cwd=cwd, env=env)
     errors = tuple(
         line for line in done.stderr.splitlines() if line.strip() and not line.startswith(_NOISE)
     )
-    return Script(_split_outputs(done.stdout, commands, image), errors)
+    outputs = _split_outputs(done.stdout, commands, image) if split else ()
+    return Script(outputs, errors)
 
 
 def _split_outputs(stdout: str, commands: Sequence[str], image: Path) -> tuple[str, ...]:
@@ -358,185 +346,47 @@ class InodeStream:
             raise ToolError(f"debugfs could not dump inodes of {self.image}: {detail}")
 
 
-# -- exporting an upper dir -------------------------------------------------------------------
+# -- ownership and modes of an mke2fs -d image -------------------------------------------
 
 
-def export_upper_image(
-    state_image: Path, out_tar: Path, *, upper: str = "/upper", mtime: int | None = None
-) -> ExportedLayer:
-    """Write the overlay upper dir ``upper`` of an ext4 image as an OCI layer tar.
+def fix_ownership_script(meta: StageMetadata, *, stage: Path | None = None) -> str:
+    """``debugfs -w -f -`` commands giving an ``mke2fs -d`` image the recorded metadata.
 
-    Owners, modes (setuid/setgid/sticky too), mtimes, symlinks, hard links and device
-    nodes are kept; whiteouts and opaque dirs become ``.wh.`` entries. The same image
-    contents give the same bytes; ``mtime`` (e.g. ``$SOURCE_DATE_EPOCH``) replaces every
-    entry's time. A pending journal is replayed first, so the image is modified then.
+    Sets uid, gid and mode (with type bits) of every path, and creates recorded device
+    nodes with ``mknod``. With ``stage`` given, paths whose stage copy already has the
+    right owner and mode are skipped (the common case when flattening ran as root). Encode
+    the result with ``errors="surrogateescape"`` (non-UTF-8 names are kept as bytes).
     """
-    root = _clean_abs(upper)
-    if not state_image.is_file():
-        raise NotFoundError(f"disk image {state_image} does not exist")
-    replay_journal(state_image)
-    reader = _UpperReader(state_image, root)
-    entries = reader.entries()
-    out_tar.parent.mkdir(parents=True, exist_ok=True)
-    part = out_tar.with_name(f".{out_tar.name}.{os.getpid()}.part")
+    lines: list[str] = []
+    for path, m in meta:
+        if m.kind.is_device:
+            lines += _mknod_lines(path, m)
+        elif stage is None or not _stage_matches(stage, path, m):
+            lines += _sif_lines(path, m)
+    return "".join(line + "\n" for line in lines)
+
+
+def _sif_lines(path: str, m: PathMeta) -> list[str]:
+    q = quote(path, raw_bytes=True)
+    return [f"sif {q} uid {m.uid}", f"sif {q} gid {m.gid}", f"sif {q} mode 0{m.st_mode:o}"]
+
+
+def _mknod_lines(path: str, m: PathMeta) -> list[str]:
+    # debugfs' mknod takes a bare name in the current directory, not a path.
+    parent, _, name = path.rpartition("/")
+    kind = "c" if m.kind is Kind.CHAR else "b"
+    return [
+        f"cd {quote(parent or '/', raw_bytes=True)}",
+        f"mknod {quote(name, raw_bytes=True)} {kind} {m.major} {m.minor}",
+        "cd /",
+        *_sif_lines(path, m),
+        f"sif {quote(path, raw_bytes=True)} mtime @{m.mtime}",
+    ]
+
+
+def _stage_matches(stage: Path, path: str, m: PathMeta) -> bool:
     try:
-        with InodeStream(state_image, _content_inodes(entries)) as stream, part.open("wb") as fh:
-            layer = export_entries(_with_content(entries, stream), fh, mtime=mtime)
-        part.replace(out_tar)
-    finally:
-        part.unlink(missing_ok=True)
-    return layer
-
-
-def _clean_abs(path: str) -> str:
-    parts = path.split("/")
-    if not path.startswith("/") or path == "/" or any(p in ("", ".", "..") for p in parts[1:]):
-        raise InvalidInputError(f"upper dir {path!r} must be a clean absolute path below /")
-    return path
-
-
-def _content_inodes(entries: list[UpperEntry]) -> list[int]:
-    """Inodes whose bytes the tar writer reads, in the order it reads them."""
-    seen: set[object] = set()
-    out: list[int] = []
-    for e in entries:  # already in tar order
-        if e.meta.kind is Kind.FILE and e.link_key not in seen:
-            seen.add(e.link_key)
-            if e.size > 0 and isinstance(e.link_key, int):
-                out.append(e.link_key)
-    return out
-
-
-def _with_content(entries: list[UpperEntry], stream: InodeStream) -> Iterator[UpperEntry]:
-    for e in entries:
-        if e.meta.kind is Kind.FILE:
-            yield dataclasses.replace(e, content=cast(BinaryIO, stream))
-        else:
-            yield e
-
-
-Listing = dict[tuple[str, ...], dict[str, DirEntry]]
-
-
-@dataclass
-class _UpperReader:
-    """Lists an upper dir level by level (``ls -p``), then ``stat``s every inode once."""
-
-    image: Path
-    root: str
-    max_depth: int = 256
-
-    def path(self, parts: tuple[str, ...]) -> str:
-        return "/".join((self.root, *parts))
-
-    def entries(self) -> list[UpperEntry]:
-        """Every entry below the root, in tar order (content not attached yet)."""
-        listing = self._list()
-        inodes = self._stat({e.ino for kids in listing.values() for e in kids.values()})
-        targets = self._slow_targets(listing, inodes)
-        out: list[UpperEntry] = []
-        for parts, kids in listing.items():
-            for name, ent in kids.items():
-                entry = self._entry((*parts, name), ent, inodes[ent.ino], targets)
-                if entry is not None:
-                    out.append(entry)
-        return sorted(out, key=UpperEntry.tar_parts)
-
-    def _list(self) -> Listing:
-        first = run_debugfs(self.image, [f"stat {quote(self.root)}", f"ls -p {quote(self.root)}"])
-        top = parse_stat(first.outputs[0])
-        if top is None or top.kind is not Kind.DIR:
-            raise NotFoundError(f"{self.image} has no directory {self.root}")
-        listing: Listing = {(): self._parse((), first.outputs[1])}
-        level, seen = listing.copy(), {top.ino}
-        for _depth in range(self.max_depth):
-            subdirs = [
-                ((*p, n), e.ino) for p, kids in level.items() for n, e in kids.items()
-                if e.kind is Kind.DIR
-            ]  # fmt: skip
-            if not subdirs:
-                return listing
-            if seen.intersection(ino for _, ino in subdirs):
-                raise IntegrityError(f"{self.image}: directory loop below {self.root}")
-            seen.update(ino for _, ino in subdirs)
-            done = run_debugfs(self.image, [f"ls -p <{ino}>" for _, ino in subdirs])
-            if done.errors:
-                raise ToolError(f"debugfs could not list {self.image}: {done.errors[0]}")
-            level = {
-                p: self._parse(p, out) for (p, _), out in zip(subdirs, done.outputs, strict=True)
-            }
-            listing.update(level)
-        raise IntegrityError(f"{self.image}: {self.root} is nested deeper than {self.max_depth}")
-
-    def _parse(self, parts: tuple[str, ...], output: str) -> dict[str, DirEntry]:
-        kids = parse_ls(output, self.path(parts))
-        for name in kids:
-            if "\ufffd" in name or any(ord(c) < 0x20 or c == "\x7f" for c in name):
-                raise IntegrityError(
-                    f"{self.image}: {self.path(parts)}: the name {name!r} cannot be exported",
-                    hint="names must be valid UTF-8 without control characters",
-                )
-        return kids
-
-    def _stat(self, inos: set[int]) -> dict[int, tuple[Inode, dict[str, str]]]:
-        order = sorted(inos)
-        done = run_debugfs(self.image, [f"stat <{ino}>" for ino in order])
-        if done.errors:
-            raise ToolError(f"debugfs stat failed in {self.image}: {done.errors[0]}")
-        out: dict[int, tuple[Inode, dict[str, str]]] = {}
-        for ino, text in zip(order, done.outputs, strict=True):
-            inode = parse_stat(text)
-            if inode is None:
-                raise ToolError(f"debugfs printed nothing for inode {ino} of {self.image}")
-            out[ino] = (inode, parse_xattrs(text))
-        return out
-
-    def _slow_targets(
-        self, listing: Listing, inodes: dict[int, tuple[Inode, dict[str, str]]]
-    ) -> dict[int, str]:
-        """Targets of symlinks too long to live in the inode (``stat`` does not show them)."""
-        slow = sorted(
-            {
-                e.ino for kids in listing.values() for e in kids.values()
-                if e.kind is Kind.SYMLINK and inodes[e.ino][0].target is None
-            }
-        )  # fmt: skip
-        out: dict[int, str] = {}
-        with InodeStream(self.image, slow) as stream:
-            for ino in slow:
-                raw = stream.read_exact(inodes[ino][0].size, f"symlink inode {ino}")
-                out[ino] = raw.decode("utf-8", "surrogateescape")
-        return out
-
-    def _entry(
-        self,
-        parts: tuple[str, ...],
-        ent: DirEntry,
-        found: tuple[Inode, dict[str, str]],
-        targets: dict[int, str],
-    ) -> UpperEntry | None:
-        inode, xattrs = found
-        if inode.kind is None:
-            return None  # sockets cannot be represented in a tar
-        self._refuse_overlay_features(parts, inode.kind, xattrs)
-        meta = inode.meta()
-        if inode.kind is Kind.DIR:
-            return UpperEntry(parts, meta, opaque=overlay_xattr(xattrs, "opaque") == '"y"')
-        if inode.kind is Kind.SYMLINK:
-            target = inode.target if inode.target is not None else targets[ent.ino]
-            return UpperEntry(parts, meta, target=target)
-        if inode.kind is Kind.FILE:
-            return UpperEntry(parts, meta, size=inode.size, link_key=ent.ino)
-        return UpperEntry(parts, meta)
-
-    def _refuse_overlay_features(
-        self, parts: tuple[str, ...], kind: Kind, xattrs: dict[str, str]
-    ) -> None:
-        # With redirect_dir or metacopy the upper dir alone does not hold the content.
-        for feature, applies in (("redirect", kind is Kind.DIR), ("metacopy", kind is Kind.FILE)):
-            if applies and overlay_xattr(xattrs, feature) is not None:
-                raise BuildError(
-                    f"{self.path(parts)}: overlay {feature} is in use; the upper dir "
-                    "cannot be exported",
-                    hint="mount the overlay with redirect_dir=off,metacopy=off",
-                )
+        st = os.lstat(stage / path.lstrip("/"))
+    except OSError:
+        return False
+    return (st.st_uid, st.st_gid, st.st_mode) == (m.uid, m.gid, m.st_mode)

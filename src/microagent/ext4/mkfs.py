@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from microagent.errors import BuildError, ToolError
-from microagent.layers.stagemeta import StageMetadata, debugfs_quote, fix_ownership_script
+from microagent.errors import BuildError, ConflictError, InvalidInputError, ToolError
+from microagent.ext4.debugfs import fix_ownership_script, quote, run_debugfs
+from microagent.layers.stagemeta import StageMetadata
 from microagent.runner import run
 
 MIB = 1 << 20
@@ -72,7 +74,7 @@ def _times_script(meta: StageMetadata) -> str:
     """debugfs commands that date every inode from the layer metadata."""
     lines = []
     for path, m in meta:
-        q = debugfs_quote(path)
+        q = quote(path, raw_bytes=True)
         for field in ("mtime", "atime", "ctime", "crtime"):
             lines.append(f"sif {q} {field} @{m.mtime}")
     for field in ("mkfs_time", "lastcheck", "mtime", "wtime"):
@@ -83,18 +85,9 @@ def _times_script(meta: StageMetadata) -> str:
 def _debugfs(image: Path, script: str, env: dict[str, str]) -> None:
     if not script:
         return
-    done = run(
-        ["debugfs", "-w", "-f", "-", str(image)],
-        input=script.encode("utf-8", "surrogateescape"),
-        env=env,
-    )
-    problems = [
-        line
-        for line in done.stderr.splitlines()
-        if line.strip() and not line.startswith("debugfs ") and "Allocated inode" not in line
-    ]
-    if problems:
-        raise BuildError("fixing owners in the image failed:\n" + "\n".join(problems[:10]))
+    done = run_debugfs(image, script.splitlines(), write=True, env=env, split=False)
+    if done.errors:
+        raise BuildError("fixing owners in the image failed:\n" + "\n".join(done.errors[:10]))
 
 
 def build_ext4(
@@ -139,3 +132,51 @@ def build_ext4(
         raise BuildError(f"mke2fs could not build the root filesystem: {exc.message}") from exc
     _debugfs(out, fix_ownership_script(meta, stage=stage) + _times_script(meta), env)
     return RootfsInfo(out, size * MIB, data, fs_uuid)
+
+
+# -- state disks (overlay upper) ----------------------------------------------------------
+
+UPPER = "/upper"
+WORK = "/work"
+MIN_STATE_MIB = 16
+
+
+def make_state_disk(path: Path, size_mib: int, *, journal: bool = True) -> Path:
+    """Create a sparse ext4 state image with empty, root-owned ``/upper`` and ``/work``.
+
+    Workspace disks keep a journal (they live across many boots); a throwaway disk (one-shot
+    runs) has none: faster to mount, nothing to replay, nothing written up front.
+    """
+    if size_mib < MIN_STATE_MIB:
+        raise InvalidInputError(f"state disk size {size_mib} MiB is below {MIN_STATE_MIB} MiB")
+    if path.exists():
+        raise ConflictError(f"{path} already exists; refusing to overwrite a state disk")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".state-") as tmp:
+        skel, image = Path(tmp) / "skel", Path(tmp) / "state.ext4"
+        skel.mkdir()
+        skel.chmod(0o755)
+        for name in (UPPER, WORK):
+            (skel / name.lstrip("/")).mkdir(parents=True)
+            (skel / name.lstrip("/")).chmod(0o755)
+        with image.open("wb") as fh:
+            # A sized sparse file lets mke2fs punch it and skip zeroing inode tables.
+            fh.truncate(size_mib << 20)
+        features = [] if journal else ["-O", "^has_journal"]
+        run(
+            ["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-L", "state",
+             *features, "-E", "root_owner=0:0,lazy_journal_init=1", "-d", str(skel), str(image)],
+            timeout=120,
+        )  # fmt: skip
+        if os.geteuid() != 0 or os.getegid() != 0:
+            _chown_skeleton(image)
+        image.replace(path)
+    return path
+
+
+def _chown_skeleton(image: Path) -> None:
+    """Make /upper and /work root-owned when mke2fs copied a non-root owner."""
+    cmds = [f"sif {d} {field} 0" for d in (UPPER, WORK) for field in ("uid", "gid")]
+    done = run_debugfs(image, cmds, write=True)
+    if done.errors:
+        raise ToolError(f"could not set owners in {image}: {done.errors[0]}")

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import NoReturn
 
 from microagent.errors import (
-    ConflictError,
     IntegrityError,
     InvalidInputError,
     NotFoundError,
@@ -44,16 +43,13 @@ from microagent.ext4.debugfs import (
     replay_journal,
     run_debugfs,
 )
+from microagent.ext4.mkfs import UPPER
 from microagent.layers.stagemeta import Kind, PathMeta
-from microagent.runner import run
 
-__all__ = ["copy_in", "copy_out", "exists", "make_state_disk", "read_bytes"]
+__all__ = ["copy_in", "copy_out", "exists", "guest_parts", "read_bytes"]
 
-UPPER = "/upper"
-WORK = "/work"
 MAX_SYMLINKS = 40
 READ_LIMIT = 16 << 20
-MIN_STATE_MIB = 16
 NEW_FILE_MODE = 0o644
 _TMP_PREFIX = ".microagent-cp-"
 
@@ -103,32 +99,6 @@ class _Symlink:
 
 
 # -- public API ------------------------------------------------------------------------------
-
-
-def make_state_disk(path: Path, size_mib: int) -> None:
-    """Create a sparse ext4 state image with empty ``/upper`` and ``/work`` directories."""
-    if size_mib < MIN_STATE_MIB:
-        raise InvalidInputError(f"state disk size {size_mib} MiB is below {MIN_STATE_MIB} MiB")
-    if path.exists():
-        raise ConflictError(f"{path} already exists; refusing to overwrite a state disk")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".state-") as tmp:
-        skel, image = Path(tmp) / "skel", Path(tmp) / "state.ext4"
-        skel.mkdir()
-        skel.chmod(0o755)
-        for name in (UPPER, WORK):
-            (skel / name.lstrip("/")).mkdir(parents=True)
-            (skel / name.lstrip("/")).chmod(0o755)
-        with image.open("wb") as fh:
-            # A sized sparse file lets mke2fs punch it and skip zeroing inode tables.
-            fh.truncate(size_mib << 20)
-        run(
-            ["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-L", "state",
-             "-E", "root_owner=0:0,lazy_journal_init=1", "-d", str(skel), str(image)]
-        )  # fmt: skip
-        if os.geteuid() != 0 or os.getegid() != 0:
-            _chown_skeleton(image)
-        image.replace(path)
 
 
 def copy_in(state_image: Path, rootfs_image: Path, host_src: Path, guest_path: str) -> int:
@@ -423,14 +393,6 @@ def _write_cmds(dest: str, meta: PathMeta) -> list[str]:
 
 def _sif(q: str, meta: PathMeta) -> list[str]:
     return [f"sif {q} uid {meta.uid}", f"sif {q} gid {meta.gid}", f"sif {q} mode 0{meta.st_mode:o}"]
-
-
-def _chown_skeleton(image: Path) -> None:
-    """Make /upper and /work root-owned when mke2fs copied a non-root owner."""
-    cmds = [f"sif {d} {field} 0" for d in (UPPER, WORK) for field in ("uid", "gid")]
-    done = run_debugfs(image, cmds, write=True)
-    if done.errors:
-        raise ToolError(f"could not set owners in {image}: {done.errors[0]}")
 
 
 # -- copy out --------------------------------------------------------------------------------

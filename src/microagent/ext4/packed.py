@@ -10,6 +10,7 @@ becomes a rootfs.
 Trust: the image is what the publisher built for the key, like its setup layers; the same
 holds for the layers (a pusher can publish any layer for a key). Only setup steps publish an
 image; a base step is always rebuilt from layers verified against the image digest.
+``MICROAGENT_CACHE_ROOTFS=0`` (``Settings.cache_rootfs``) turns packed images off.
 """
 
 from __future__ import annotations
@@ -19,71 +20,34 @@ import hashlib
 import os
 import queue
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
 import zstandard
 
+from microagent.digests import HashingWriter
 from microagent.errors import IntegrityError
+from microagent.store.records import PackedImage
 
 MEDIA_TYPE = "application/vnd.microagent.rootfs.ext4+zstd"
 LEVEL = 3
 CHUNK = 1 << 20
-ENV = "MICROAGENT_CACHE_ROOTFS"
 SPARSE_BLOCK = 64 << 10
 _ZEROS = bytes(SPARSE_BLOCK)
 
 
-def enabled() -> bool:
-    """Rootfs images are published and used unless ``MICROAGENT_CACHE_ROOTFS=0``."""
-    return os.environ.get(ENV, "1").lower() not in ("0", "no", "false", "off")
-
-
-@dataclass(frozen=True)
-class Packed:
-    """A compressed image blob (``blob``, ``blob_size``) of an image (``digest``, ``size``)."""
-
-    blob: str
-    blob_size: int
-    digest: str
-    size: int
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "blob": self.blob,
-            "blobSize": self.blob_size,
-            "digest": self.digest,
-            "size": self.size,
-        }
-
-
-class _Hashing:
-    def __init__(self, sink: BinaryIO) -> None:
-        self.sink = sink
-        self.hasher = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.hasher.update(data)
-        self.size += len(data)
-        return self.sink.write(data)
-
-
-def pack(image: Path, out: BinaryIO) -> Packed:
+def pack(image: Path, out: BinaryIO) -> PackedImage:
     """Compress ``image`` into ``out``."""
     plain = hashlib.sha256()
     size = 0
-    sink = _Hashing(out)
+    sink = HashingWriter(out)
     cctx = zstandard.ZstdCompressor(level=LEVEL)
     with image.open("rb") as src, cctx.stream_writer(cast(BinaryIO, sink), closefd=False) as zw:
         while chunk := src.read(CHUNK):
             plain.update(chunk)
             size += len(chunk)
             zw.write(chunk)
-    return Packed(
-        "sha256:" + sink.hasher.hexdigest(), sink.size, "sha256:" + plain.hexdigest(), size
-    )
+    return PackedImage(str(sink.digest()), sink.size, "sha256:" + plain.hexdigest(), size)
 
 
 class _Counted:
@@ -148,7 +112,7 @@ class _Prefetch:
         self.thread.join()
 
 
-def unpack(stream: BinaryIO, out: Path, expected: Packed) -> None:
+def unpack(stream: BinaryIO, out: Path, expected: PackedImage) -> None:
     """Decompress ``stream`` into a new sparse file ``out`` (see :func:`_unpack`)."""
     prefetch = _Prefetch(stream)
     try:
@@ -157,7 +121,7 @@ def unpack(stream: BinaryIO, out: Path, expected: Packed) -> None:
         prefetch.close()
 
 
-def _unpack(stream: BinaryIO, out: Path, expected: Packed) -> None:
+def _unpack(stream: BinaryIO, out: Path, expected: PackedImage) -> None:
     """Decompress ``stream`` into a new sparse file ``out``, verifying the blob's digest and
     the image's size (decoding is deterministic: the blob digest pins the image bytes)."""
     counted = _Counted(stream, expected.blob_size)
@@ -186,7 +150,7 @@ def _write_sparse(fh: BinaryIO, chunk: bytes) -> None:
             fh.write(block)
 
 
-def _check(counted: _Counted, expected: Packed, size: int) -> None:
+def _check(counted: _Counted, expected: PackedImage, size: int) -> None:
     blob = "sha256:" + counted.hasher.hexdigest()
     if counted.size != expected.blob_size or blob != expected.blob:
         raise IntegrityError(

@@ -6,7 +6,8 @@ is only input to ``mke2fs -d`` — the finished ext4 is still written into the s
 renamed into place — so nothing durable lives in RAM.
 
 A stage needs roughly the uncompressed size of the layers; RAM is used only when the tmpfs
-has at least twice a conservative estimate free. ``MICROAGENT_RAM_STAGE=0`` turns it off.
+has at least twice a conservative estimate free (and the settings allow it:
+``MICROAGENT_RAM_STAGE=0`` turns it off).
 Stage directories are private (0700) and named after the owning process, so one left by a
 crashed process is removed by the next restore.
 """
@@ -24,7 +25,6 @@ from microagent.runner import pid_alive
 from microagent.store.content import Store
 
 RAM_DIR = Path("/dev/shm")
-RAM_ENV = "MICROAGENT_RAM_STAGE"
 PREFIX = "microagent-stage-"
 EXPANSION = 5  # uncompressed / compressed, a generous guess for OS layers
 
@@ -39,8 +39,6 @@ def collect_stale(directory: Path = RAM_DIR) -> None:
 
 
 def _ram_has_room(compressed: int, directory: Path) -> bool:
-    if os.environ.get(RAM_ENV, "1").lower() in ("0", "no", "false", "off"):
-        return False
     try:
         free = shutil.disk_usage(directory).free
     except OSError:
@@ -49,9 +47,12 @@ def _ram_has_room(compressed: int, directory: Path) -> bool:
 
 
 @contextlib.contextmanager
-def stage_dir(store: Store, compressed: int, directory: Path = RAM_DIR) -> Iterator[Path]:
-    """A fresh, private, empty directory for a stage of layers of ``compressed`` bytes."""
-    if not _ram_has_room(compressed, directory):
+def stage_dir(
+    store: Store, compressed: int, *, ram: bool = True, directory: Path = RAM_DIR
+) -> Iterator[Path]:
+    """A fresh, private, empty directory for a stage of layers of ``compressed`` bytes:
+    in RAM when ``ram`` allows it and there is room, else in the store's scratch space."""
+    if not ram or not _ram_has_room(compressed, directory):
         with store.scratch_dir() as scratch:
             yield scratch / "stage"
         return

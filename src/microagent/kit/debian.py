@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import lzma
-import os
 import platform
 import tarfile
 import urllib.error
@@ -21,13 +20,12 @@ from typing import BinaryIO, cast
 
 import zstandard
 
+from microagent.digests import Digest
 from microagent.errors import BuildError, IntegrityError
-from microagent.store.content import Digest, Store
+from microagent.store.content import Store
 
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_SUITE = "bookworm"
-MIRROR_ENV = "MICROAGENT_DEBIAN_MIRROR"
-SUITE_ENV = "MICROAGENT_DEBIAN_SUITE"
 HTTP_TIMEOUT = 60.0
 
 _ARCHES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
@@ -53,12 +51,9 @@ class Mirror:
     component: str = "main"
 
     @classmethod
-    def from_env(cls, url: str | None = None, suite: str | None = None) -> Mirror:
-        """Explicit values win, then ``$MICROAGENT_DEBIAN_MIRROR``/``_SUITE``, then defaults."""
-        return cls(
-            url=(url or os.environ.get(MIRROR_ENV) or DEFAULT_MIRROR).rstrip("/"),
-            suite=suite or os.environ.get(SUITE_ENV) or DEFAULT_SUITE,
-        )
+    def of(cls, url: str | None = None, suite: str | None = None) -> Mirror:
+        """The given URL and suite (a flag, else the settings), else Debian's defaults."""
+        return cls(url=(url or DEFAULT_MIRROR).rstrip("/"), suite=suite or DEFAULT_SUITE)
 
     def index_url(self, arch: str) -> str:
         """URL of the xz-compressed package index for ``arch``."""
@@ -136,7 +131,8 @@ def _open_url(url: str) -> BinaryIO:
         reason = getattr(exc, "reason", None) or exc
         raise BuildError(
             f"cannot download {url}: {reason}",
-            hint=f"check the network or set ${MIRROR_ENV} (or --mirror) to a reachable mirror",
+            hint="check the network or set $MICROAGENT_DEBIAN_MIRROR (or --mirror) to a "
+            "reachable mirror",
         ) from exc
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -24,16 +23,12 @@ from microagent.digests import canonical_json
 from microagent.errors import BuildError, InvalidInputError
 from microagent.kit import debian, kernelimage, kmod
 from microagent.kit.initramfs import CpioEntry, with_parents, write_initramfs
+from microagent.runtime.control import BEGIN_MARKER, END_MARKER, PORT_NAME, PROBE_MARKER
+from microagent.settings import Settings
 from microagent.store.content import Store
 
 RECIPE_VERSION = 3  # 2: uncompressed vmlinux (PVH) when possible; 3: uncompressed initramfs
-KERNEL_ENV = "MICROAGENT_KERNEL"
-INITRD_ENV = "MICROAGENT_INITRD"
 BUSYBOX_PACKAGE = "busybox-static"
-PORT_NAME = "microagent.ctl"
-BEGIN_MARKER = "--- microagent: command started ---"
-END_MARKER = "--- microagent: command exited"
-PROBE_MARKER = "microagent-probe-ok"
 STREAM_CAP = 64 * 1024
 OUTPUT_CAP = 256 * 1024
 STOP_GRACE_SECONDS = 3
@@ -338,7 +333,7 @@ def install_kit(
     progress: Progress = _quiet,
 ) -> GuestKit:
     """Fetch the newest kernel and busybox packages from the mirror and build (or reuse) a kit."""
-    mirror = mirror or debian.Mirror.from_env()
+    mirror = mirror or debian.Mirror()
     arch = arch or debian.debian_arch()
     progress(f"reading {mirror.index_url(arch)}")
     index = debian.fetch_index(mirror, arch)
@@ -431,7 +426,13 @@ def _package(data: Mapping[str, Any]) -> debian.DebPackage:
     )
 
 
-def ensure_kit(store: Store, *, arch: str | None = None, progress: Progress = _quiet) -> GuestKit:
+def ensure_kit(
+    store: Store,
+    *,
+    mirror: debian.Mirror | None = None,
+    arch: str | None = None,
+    progress: Progress = _quiet,
+) -> GuestKit:
     """A usable kit: the current one, else rebuilt from cached packages, else installed."""
     arch = arch or debian.debian_arch()
     found = find_kit(store, arch)
@@ -441,18 +442,17 @@ def ensure_kit(store: Store, *, arch: str | None = None, progress: Progress = _q
     if rebuilt is not None:
         return rebuilt
     progress("no guest kit yet: building one (first use downloads ~30 MB from Debian)")
-    return install_kit(store, arch=arch, progress=progress)
+    return install_kit(store, mirror, arch=arch, progress=progress)
 
 
-def _user_path(value: Path | str | None, env: str, what: str) -> Path | None:
-    raw = value if value is not None else os.environ.get(env) or None
-    if raw is None:
+def _user_path(value: Path | None, what: str) -> Path | None:
+    if value is None:
         return None
-    path = Path(raw).expanduser()
+    path = value.expanduser()
     if not path.is_file():
         raise InvalidInputError(
             f"{what} {path} does not exist or is not a file",
-            hint=f"pass an existing file (or unset ${env})",
+            hint=f"pass an existing file (--{what} or $MICROAGENT_{what.upper()})",
         )
     return path.resolve()
 
@@ -460,20 +460,21 @@ def _user_path(value: Path | str | None, env: str, what: str) -> Path | None:
 def resolve_kit(
     store: Store,
     *,
-    kernel: Path | str | None = None,
-    initrd: Path | str | None = None,
+    kernel: Path | None = None,
+    initrd: Path | None = None,
+    mirror: debian.Mirror | None = None,
     progress: Progress = _quiet,
 ) -> GuestKit:
-    """The kit to boot: ``--kernel``/``--initrd`` (or $MICROAGENT_KERNEL/_INITRD), else the store's.
+    """The kit to boot: the user's ``kernel``/``initrd`` (flags or settings), else the store's.
 
     A user kernel without an initrd gets the store kit's initramfs: such a kernel must have
     virtio and overlayfs built in or match the kit's modules.
     """
-    user_kernel = _user_path(kernel, KERNEL_ENV, "kernel")
-    user_initrd = _user_path(initrd, INITRD_ENV, "initrd")
+    user_kernel = _user_path(kernel, "kernel")
+    user_initrd = _user_path(initrd, "initrd")
     if user_kernel and user_initrd:
         return GuestKit(user_kernel, user_initrd, source="user")
-    kit = ensure_kit(store, progress=progress)
+    kit = ensure_kit(store, mirror=mirror, progress=progress)
     if user_kernel or user_initrd:
         return GuestKit(
             user_kernel or kit.kernel,
@@ -484,3 +485,11 @@ def resolve_kit(
             manifest=kit.manifest,
         )
     return kit
+
+
+def kit_for(settings: Settings, store: Store, progress: Progress = _quiet) -> GuestKit:
+    """The kit the settings ask for (their kernel, initrd and Debian mirror)."""
+    mirror = debian.Mirror.of(settings.debian_mirror, settings.debian_suite)
+    return resolve_kit(
+        store, kernel=settings.kernel, initrd=settings.initrd, mirror=mirror, progress=progress
+    )

@@ -13,7 +13,7 @@ OCI whiteouts are honoured: ``.wh.<name>`` deletes ``<name>`` from lower layers 
 survive both, in whatever order they come. Whiteout files never appear in the stage.
 
 Ownership, modes and device nodes are recorded in a :class:`StageMetadata` (kept outside
-the stage) because an unprivileged user cannot apply them; see ``fix_ownership_script``.
+the stage) because an unprivileged user cannot apply them; see ``ext4.debugfs``.
 As root, owners and modes are applied to the stage too. Device nodes are never created on
 the host: they are recorded (or refused, with ``Limits(allow_devices=False)``).
 """
@@ -35,38 +35,13 @@ from typing import BinaryIO, NoReturn, Protocol, cast
 
 import zstandard
 
+from microagent.digests import Digest
 from microagent.errors import BuildError, IntegrityError
-from microagent.layers.stagemeta import (
-    Kind,
-    PathMeta,
-    StageMetadata,
-    debugfs_quote,
-    fix_ownership_script,
-)
-from microagent.layers.tarwrite import (
-    CompressedLayer,
-    compress_zstd,
-    export_upper_as_layer,
-    export_upper_as_zstd_layer,
-)
-from microagent.store.content import Digest
+from microagent.layers.stagemeta import Kind, PathMeta, StageMetadata
+from microagent.store.content import Store
+from microagent.store.records import LayerRef
 
-__all__ = [
-    "CompressedLayer",
-    "Kind",
-    "LayerSource",
-    "Limits",
-    "PathMeta",
-    "StageMetadata",
-    "apply_layer",
-    "compress_zstd",
-    "debugfs_quote",
-    "export_upper_as_layer",
-    "export_upper_as_zstd_layer",
-    "finish_stage",
-    "fix_ownership_script",
-    "flatten",
-]
+__all__ = ["LayerSource", "Limits", "apply_layer", "finish_stage", "flatten", "stored_layers"]
 
 CHUNK = 1 << 20
 WHITEOUT = ".wh."
@@ -105,6 +80,17 @@ class LayerSource:
     ) -> LayerSource:
         """A layer stored in a file (e.g. a blob in the store)."""
         return cls(name or path.name, lambda: path.open("rb"), diff_id)
+
+    @classmethod
+    def stored(cls, store: Store, layer: LayerRef, index: int) -> LayerSource:
+        """Layer ``index`` of a step, from its blob in the store (diff_id checked)."""
+        name = f"layer {index} ({layer.digest[:19]})"
+        return cls.from_path(store.blob_path(layer.digest), name, Digest.parse(layer.diff_id))
+
+
+def stored_layers(store: Store, layers: Sequence[LayerRef]) -> list[LayerSource]:
+    """A step's layer chain, in order, from the store."""
+    return [LayerSource.stored(store, layer, i) for i, layer in enumerate(layers)]
 
 
 def flatten(

@@ -15,18 +15,18 @@ from typing import BinaryIO, cast
 import zstandard
 
 from microagent.compiler.files import FileItem, FileTree
+from microagent.digests import HashingWriter
 from microagent.errors import BuildError
 from microagent.layers.stagemeta import Kind, PathMeta
 from microagent.layers.tarwrite import (
     ZSTD_LEVEL,
     UpperEntry,
-    _HashingWriter,
     source_date_epoch,
     write_upper_tar,
 )
-from microagent.oci import documents as oci
-from microagent.remotecache.records import LayerRef
+from microagent.oci.documents import OCI_LAYER_ZSTD
 from microagent.store.content import Store
+from microagent.store.records import LayerRef
 
 _KINDS = {"file": Kind.FILE, "dir": Kind.DIR, "symlink": Kind.SYMLINK}
 
@@ -70,20 +70,18 @@ def write_files_layer(tree: FileTree, out: BinaryIO) -> LayerRef:
     """Write the files of ``tree`` as a zstd layer to ``out``; return its descriptor."""
     mtime = source_date_epoch()
     pairs = [_entry(item, mtime) for item in tree.items]
-    compressed = _HashingWriter(out)
+    compressed = HashingWriter(out)
     cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
     try:
         with cctx.stream_writer(cast(BinaryIO, compressed), closefd=False) as zw:
-            plain = _HashingWriter(zw)
+            plain = HashingWriter(zw)
             write_upper_tar((entry for entry, _ in pairs), plain, mtime=mtime)
     except OSError as exc:
         raise BuildError(f"cannot read a declared file: {exc}") from exc
     for _, reader in pairs:
         if reader is not None:
             reader.check()
-    return LayerRef(
-        oci.OCI_LAYER_ZSTD, str(compressed.digest()), compressed.size, str(plain.digest())
-    )
+    return LayerRef(OCI_LAYER_ZSTD, str(compressed.digest()), compressed.size, str(plain.digest()))
 
 
 def store_files_layer(store: Store, tree: FileTree) -> LayerRef:

@@ -1,9 +1,9 @@
-"""Per-path ownership and mode records of a flattened stage, and the debugfs fix-up script.
+"""Per-path ownership and mode records of a flattened stage.
 
 The stage directory on the host cannot always carry the truth: an unprivileged user cannot
 chown, and device nodes are never created on the host. So every path's intended type, mode
 (including setuid/setgid/sticky), owner and mtime is recorded here, and
-:func:`fix_ownership_script` turns the record into ``debugfs -w -f -`` commands that make an
+``ext4.debugfs.fix_ownership_script`` turns the record into ``debugfs`` commands that make an
 ext4 image built with ``mke2fs -d STAGE`` match it.
 """
 
@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import enum
 import json
-import os
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-from microagent.errors import IntegrityError
 
 
 class Kind(enum.Enum):
@@ -141,53 +138,3 @@ class StageMetadata:
 
 def _parent(path: str) -> str:
     return path.rsplit("/", 1)[0] or "/"
-
-
-def debugfs_quote(path: str) -> str:
-    """Quote a path for debugfs' command parser: double quotes, ``""`` for a literal quote."""
-    if any(ord(c) < 0x20 or c == "\x7f" for c in path):
-        raise IntegrityError(f"path {path!r} has control characters; debugfs cannot express it")
-    return '"' + path.replace('"', '""') + '"'
-
-
-def fix_ownership_script(meta: StageMetadata, *, stage: Path | None = None) -> str:
-    """``debugfs -w -f -`` commands giving an ``mke2fs -d`` image the recorded metadata.
-
-    Sets uid, gid and mode (with type bits) of every path, and creates recorded device
-    nodes with ``mknod``. With ``stage`` given, paths whose stage copy already has the
-    right owner and mode are skipped (the common case when flattening ran as root). Encode
-    the result with ``errors="surrogateescape"`` (non-UTF-8 names are kept as bytes).
-    """
-    lines: list[str] = []
-    for path, m in meta:
-        if m.kind.is_device:
-            lines += _mknod_lines(path, m)
-        elif stage is None or not _stage_matches(stage, path, m):
-            lines += _sif_lines(path, m)
-    return "".join(line + "\n" for line in lines)
-
-
-def _sif_lines(path: str, m: PathMeta) -> list[str]:
-    q = debugfs_quote(path)
-    return [f"sif {q} uid {m.uid}", f"sif {q} gid {m.gid}", f"sif {q} mode 0{m.st_mode:o}"]
-
-
-def _mknod_lines(path: str, m: PathMeta) -> list[str]:
-    # debugfs' mknod takes a bare name in the current directory, not a path.
-    parent, _, name = path.rpartition("/")
-    kind = "c" if m.kind is Kind.CHAR else "b"
-    return [
-        f"cd {debugfs_quote(parent or '/')}",
-        f"mknod {debugfs_quote(name)} {kind} {m.major} {m.minor}",
-        "cd /",
-        *_sif_lines(path, m),
-        f"sif {debugfs_quote(path)} mtime @{m.mtime}",
-    ]
-
-
-def _stage_matches(stage: Path, path: str, m: PathMeta) -> bool:
-    try:
-        st = os.lstat(stage / path.lstrip("/"))
-    except OSError:
-        return False
-    return (st.st_uid, st.st_gid, st.st_mode) == (m.uid, m.gid, m.st_mode)

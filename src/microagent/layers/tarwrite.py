@@ -7,14 +7,13 @@ are numeric, and no pax header carries a time, so the same upper dir always give
 same bytes and the same diff_id.
 
 The tar writer itself (:func:`write_upper_tar`) takes :class:`UpperEntry` records, so an
-upper dir read from somewhere else (an ext4 image, see ``cache/upper.py``) gets the same
+upper dir read from somewhere else (an ext4 image, see ``ext4/upper.py``) gets the same
 normalised, sorted output.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import stat
 import tarfile
@@ -25,12 +24,12 @@ from typing import TYPE_CHECKING, BinaryIO, cast
 
 import zstandard
 
+from microagent.digests import Digest, HashingWriter
 from microagent.errors import BuildError
 from microagent.layers.stagemeta import Kind, PathMeta
-from microagent.store.content import Digest
 
 if TYPE_CHECKING:
-    from hashlib import _Hash
+    pass
 
 CHUNK = 1 << 20
 ZSTD_LEVEL = 3
@@ -46,28 +45,6 @@ class CompressedLayer:
     digest: Digest
     size: int
     diff_id: Digest
-
-
-class _HashingWriter:
-    """Passes bytes to ``sink`` (if any) while hashing and counting them."""
-
-    def __init__(self, sink: BinaryIO | _HashingWriter | None) -> None:
-        self.sink = sink
-        self.hasher: _Hash = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.hasher.update(data)
-        self.size += len(data)
-        if self.sink is not None:
-            self.sink.write(data)
-        return len(data)
-
-    def flush(self) -> None:
-        return None
-
-    def digest(self) -> Digest:
-        return Digest.from_hasher(self.hasher)
 
 
 def source_date_epoch() -> int:
@@ -93,7 +70,7 @@ def export_upper_as_layer(upper: Path, out: Path | BinaryIO, *, mtime: int | Non
     Every entry gets ``mtime`` (default: ``$SOURCE_DATE_EPOCH`` or 0).
     """
     with _opened(out) as fh:
-        writer = _HashingWriter(fh)
+        writer = HashingWriter(fh)
         _write_tar(upper, writer, source_date_epoch() if mtime is None else mtime)
     return writer.digest()
 
@@ -103,10 +80,10 @@ def export_upper_as_zstd_layer(
 ) -> CompressedLayer:
     """Write ``upper`` as a zstd-compressed layer to ``out`` in one pass."""
     with _opened(out) as fh:
-        compressed = _HashingWriter(fh)
+        compressed = HashingWriter(fh)
         cctx = zstandard.ZstdCompressor(level=level)
         with cctx.stream_writer(cast(BinaryIO, compressed), closefd=False) as zw:
-            tar_bytes = _HashingWriter(zw)
+            tar_bytes = HashingWriter(zw)
             _write_tar(upper, tar_bytes, source_date_epoch() if mtime is None else mtime)
     return CompressedLayer(compressed.digest(), compressed.size, tar_bytes.digest())
 
@@ -116,16 +93,16 @@ def compress_zstd(
 ) -> CompressedLayer:
     """zstd-compress an uncompressed layer tar from ``src`` into ``out``."""
     with _opened(out) as fh:
-        compressed = _HashingWriter(fh)
+        compressed = HashingWriter(fh)
         cctx = zstandard.ZstdCompressor(level=level)
         with cctx.stream_writer(cast(BinaryIO, compressed), closefd=False) as zw:
-            plain = _HashingWriter(zw)
+            plain = HashingWriter(zw)
             while chunk := src.read(CHUNK):
                 plain.write(chunk)
     return CompressedLayer(compressed.digest(), compressed.size, plain.digest())
 
 
-def _write_tar(upper: Path, sink: _HashingWriter, mtime: int) -> None:
+def _write_tar(upper: Path, sink: HashingWriter, mtime: int) -> None:
     if not upper.is_dir():
         raise BuildError(f"overlay upper directory {upper} does not exist")
     write_upper_tar(_dir_entries(upper, ()), sink, mtime=mtime)
@@ -162,7 +139,7 @@ class UpperEntry:
 
 
 def write_upper_tar(
-    entries: Iterable[UpperEntry], sink: BinaryIO | _HashingWriter, *, mtime: int | None = None
+    entries: Iterable[UpperEntry], sink: BinaryIO | HashingWriter, *, mtime: int | None = None
 ) -> int:
     """Write ``entries`` as a deterministic layer tar to ``sink``; return the member count.
 
@@ -193,7 +170,7 @@ def export_entries(
     entries: Iterable[UpperEntry], out: BinaryIO, *, mtime: int | None = None
 ) -> ExportedLayer:
     """Write ``entries`` as an uncompressed layer tar to ``out`` (see :func:`write_upper_tar`)."""
-    writer = _HashingWriter(out)
+    writer = HashingWriter(out)
     count = write_upper_tar(entries, writer, mtime=mtime)
     return ExportedLayer(writer.digest(), writer.size, count)
 

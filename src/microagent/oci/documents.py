@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from microagent.compiler.refs import DIGEST_RE
+from microagent.digests import is_digest
 from microagent.errors import IntegrityError, RegistryError
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -48,6 +48,23 @@ class Descriptor:
 
 
 @dataclass(frozen=True)
+class Fetched:
+    """A manifest or index exactly as its source sent it, with its verified digest."""
+
+    data: bytes
+    digest: str
+    media_type: str  # from the transport (HTTP header, index entry); may be ""
+    where: str
+
+    def document(self) -> Mapping[str, Any]:
+        return load_document(self.data, f"manifest {self.digest}")
+
+    def kind(self) -> str:
+        """The media type, from the document itself first (see :func:`media_type_of`)."""
+        return media_type_of(self.document(), self.media_type or None)
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A single-platform image manifest."""
 
@@ -80,7 +97,7 @@ def _descriptor(raw: object, what: str) -> Descriptor:
     if not isinstance(raw, Mapping):
         raise IntegrityError(f"malformed {what}: not an object")
     digest, size = raw.get("digest"), raw.get("size")
-    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+    if not is_digest(digest):
         raise IntegrityError(f"malformed {what}: bad digest {digest!r}")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise IntegrityError(f"malformed {what}: bad size {size!r}")

@@ -1,33 +1,17 @@
-"""Registry settings: mirrors and plain-HTTP (insecure) hosts, from the user config and env.
+"""Where a registry's content is fetched from: mirrors first, then the registry itself.
 
-The user config (``$MICROAGENT_CONFIG`` or ``<config dir>/microagent/config.yaml``)::
-
-    registries:
-      docker.io:
-        mirrors: ["http://127.0.0.1:5000"]    # tried in order before the registry itself
-      registry.internal:5000:
-        insecure: true                       # plain HTTP
-
-Environment (wins over the file): ``MICROAGENT_REGISTRY_MIRRORS="docker.io=http://h:5000,
-ghcr.io=https://m.example"`` and ``MICROAGENT_INSECURE_REGISTRIES="h:5000,other:80"``.
+Mirrors and plain-HTTP (insecure) hosts come from :class:`~microagent.settings.Settings`
+(the user config and ``MICROAGENT_REGISTRY_MIRRORS`` / ``MICROAGENT_INSECURE_REGISTRIES``).
 Loopback registries (localhost, 127.x, [::1]) always use plain HTTP.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import yaml
+from microagent.settings import Settings
 
-from microagent.errors import InvalidInputError
-from microagent.settings import config_file
-
-MIRRORS_ENV = "MICROAGENT_REGISTRY_MIRRORS"
-INSECURE_ENV = "MICROAGENT_INSECURE_REGISTRIES"
 DOCKER_HUB_HOST = "registry-1.docker.io"
 
 
@@ -62,6 +46,10 @@ class RegistryConfig:
     mirrors: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     insecure: frozenset[str] = frozenset()
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RegistryConfig:
+        return cls(dict(settings.registry_mirrors), settings.insecure_registries)
+
     def _scheme(self, host: str) -> str:
         return "http" if host in self.insecure or is_loopback(host) else "https"
 
@@ -77,52 +65,3 @@ class RegistryConfig:
         host = DOCKER_HUB_HOST if registry == "docker.io" else registry
         found.append(Endpoint(host, self._scheme(host)))
         return found
-
-
-def _bad(where: str, why: str) -> InvalidInputError:
-    return InvalidInputError(f"{where}: {why}", hint="see the registry section of the README")
-
-
-def _from_file(path: Path) -> tuple[dict[str, tuple[str, ...]], set[str]]:
-    try:
-        raw: Any = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        return {}, set()
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise _bad(str(path), f"cannot read config: {exc}") from exc
-    registries = raw.get("registries", {}) if isinstance(raw, dict) else None
-    if not isinstance(registries, dict):
-        raise _bad(str(path), "`registries` must be a mapping of registry host to settings")
-    mirrors: dict[str, tuple[str, ...]] = {}
-    insecure: set[str] = set()
-    for host, settings in registries.items():
-        if not isinstance(settings, dict):
-            raise _bad(str(path), f"settings of {host!r} must be a mapping")
-        listed = settings.get("mirrors", [])
-        if not isinstance(listed, list) or not all(isinstance(m, str) for m in listed):
-            raise _bad(str(path), f"registries.{host}.mirrors must be a list of strings")
-        mirrors[str(host)] = tuple(listed)
-        if settings.get("insecure") is True:
-            insecure.add(str(host))
-    return mirrors, insecure
-
-
-def _pairs(text: str, env: str) -> dict[str, tuple[str, ...]]:
-    out: dict[str, list[str]] = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        registry, sep, mirror = item.partition("=")
-        if not sep or not registry or not mirror:
-            raise _bad(env, f"expected REGISTRY=MIRROR, got {item!r}")
-        out.setdefault(registry, []).append(mirror)
-    return {k: tuple(v) for k, v in out.items()}
-
-
-def load_registry_config(
-    path: Path | None = None, env: Mapping[str, str] | None = None
-) -> RegistryConfig:
-    """Settings from the config file, overridden per registry by the environment."""
-    source = os.environ if env is None else env
-    mirrors, insecure = _from_file(path or config_file())
-    mirrors.update(_pairs(source.get(MIRRORS_ENV, ""), MIRRORS_ENV))
-    insecure |= {h.strip() for h in source.get(INSECURE_ENV, "").split(",") if h.strip()}
-    return RegistryConfig(mirrors, frozenset(insecure))

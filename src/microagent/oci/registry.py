@@ -8,50 +8,34 @@ retry instead of oras' minutes of back-off, and digest checks on manifests and b
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
-import os
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from microagent.compiler.lock import LockEntry, ResolvedImage
-from microagent.compiler.refs import ImageRef, host_platform
+from microagent.compiler.refs import ImageRef
+from microagent.digests import sha256_digest
 from microagent.errors import IntegrityError, NotFoundError, RegistryError
 from microagent.oci import documents as oci
-from microagent.oci.endpoints import Endpoint, RegistryConfig, load_registry_config
+from microagent.oci.documents import Fetched
+from microagent.oci.endpoints import Endpoint, RegistryConfig
+from microagent.settings import Settings
 
 TIMEOUT = (5.0, 60.0)  # connect, read
 PUSH_CHUNK = 64 << 20  # larger blobs are uploaded in PATCH chunks of this size
 
 
-@dataclass(frozen=True)
-class Fetched:
-    """A manifest or index exactly as the registry sent it, with its verified digest."""
-
-    data: bytes
-    digest: str
-    media_type: str
-    endpoint: Endpoint
-
-    def document(self) -> Mapping[str, Any]:
-        return oci.load_document(self.data, f"manifest {self.digest}")
-
-
-def _docker_auths() -> dict[str, str]:
-    """``host -> base64(user:password)`` from $REGISTRY_AUTH_FILE and the Docker config."""
-    files = [os.environ.get("REGISTRY_AUTH_FILE", "")]
-    docker_dir = os.environ.get("DOCKER_CONFIG") or str(Path.home() / ".docker")
-    files.append(str(Path(docker_dir) / "config.json"))
+def read_auths(files: Sequence[Path]) -> dict[str, str]:
+    """``host -> base64(user:password)`` from Docker-style auth files (first file wins)."""
     auths: dict[str, str] = {}
-    for name in filter(None, files):
+    for name in files:
         try:
-            raw = json.loads(Path(name).read_text(encoding="utf-8"))
+            raw = json.loads(name.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        for host, entry in (raw.get("auths") or {}).items():
+        entries = raw.get("auths") if isinstance(raw, dict) else None
+        for host, entry in (entries if isinstance(entries, dict) else {}).items():
             if isinstance(entry, dict) and isinstance(entry.get("auth"), str):
                 auths.setdefault(host.removeprefix("https://").split("/")[0], entry["auth"])
     return auths
@@ -153,68 +137,65 @@ def _status_error(response: Any, what: str) -> RegistryError | NotFoundError:
 class RegistryClient:
     """Fetch manifests and blobs of one image name across its mirrors and registry."""
 
-    def __init__(self, config: RegistryConfig | None = None) -> None:
-        self.config = config or load_registry_config()
-        self._auths = _docker_auths()
+    def __init__(
+        self, config: RegistryConfig | None = None, auths: Mapping[str, str] | None = None
+    ) -> None:
+        self.config = config or RegistryConfig()
+        self._auths = dict(auths or {})
         self._sessions: dict[Endpoint, _Session] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RegistryClient:
+        """Mirrors, plain-HTTP hosts and credentials as the settings say."""
+        return cls(RegistryConfig.from_settings(settings), read_auths(settings.auth_files))
 
     def _session(self, endpoint: Endpoint) -> _Session:
         if endpoint not in self._sessions:
             self._sessions[endpoint] = _Session(endpoint, self._auths)
         return self._sessions[endpoint]
 
-    def _first(self, ref: ImageRef, attempt: Callable[[Endpoint], Fetched]) -> Fetched:
+    def manifest(self, ref: ImageRef, reference: str) -> Fetched:
+        """The manifest or index named by a tag or digest, digest-verified."""
         problems: list[str] = []
         for endpoint in self.config.endpoints(ref.registry):
             try:
-                return attempt(endpoint)
+                found = self._get_manifest(endpoint, ref, reference)
             except (RegistryError, NotFoundError) as exc:
                 problems.append(f"{endpoint}: {exc.message}")
+                continue
+            if found is not None:
+                return found
+            problems.append(f"{endpoint}: manifest {ref.repository}:{reference}: not found")
         raise RegistryError(
             f"cannot fetch {ref}: " + "; ".join(problems),
             hint="check the image name and tag, the network, or the mirrors in the "
             "registry config (MICROAGENT_REGISTRY_MIRRORS)",
         )
 
-    def manifest(self, ref: ImageRef, reference: str) -> Fetched:
-        """The manifest or index named by a tag or digest, digest-verified."""
+    def find_manifest(self, ref: ImageRef, reference: str) -> Fetched | None:
+        """Like :meth:`manifest`, but None when every endpoint says 404 (a cache miss)."""
+        problems: list[str] = []
+        for endpoint in self.config.endpoints(ref.registry):
+            try:
+                found = self._get_manifest(endpoint, ref, reference)
+            except RegistryError as exc:
+                problems.append(f"{endpoint}: {exc.message}")
+                continue
+            if found is not None:
+                return found
+        if problems:
+            raise RegistryError(f"cannot look up {ref.name}:{reference}: " + "; ".join(problems))
+        return None
 
-        def attempt(endpoint: Endpoint) -> Fetched:
-            url = endpoint.url(ref.repository, "manifests", reference)
-            response = self._session(endpoint).get(url, {"Accept": oci.ACCEPT})
-            if response.status_code != 200:
-                raise _status_error(response, f"manifest {ref.repository}:{reference}")
-            data = response.content
-            return _verified(data, reference, response.headers, endpoint)
-
-        return self._first(ref, attempt)
-
-    def resolve(self, ref: ImageRef, platform: str) -> ResolvedImage:
-        """Pin ``ref`` to the digest its tag points at, and to the platform's manifest."""
-        top = self.manifest(ref, ref.reference)
-        kind = oci.media_type_of(top.document(), top.media_type)
-        platform_digest = top.digest
-        if kind in oci.INDEX_TYPES:
-            index = oci.parse_index(top.document(), kind)
-            platform_digest = oci.select_platform(index, platform).digest
-        return ResolvedImage(
-            str(ref.with_digest(top.digest)), top.digest, platform, platform_digest
-        )
-
-    def lock_entry(self, ref: ImageRef) -> LockEntry:
-        """What ``microagent.lock`` records for ``ref``: its digest and each platform's."""
-        top = self.manifest(ref, ref.reference)
-        kind = oci.media_type_of(top.document(), top.media_type)
-        if kind in oci.INDEX_TYPES:
-            index = oci.parse_index(top.document(), kind)
-            platforms = {
-                m.platform: m.digest
-                for m in index.manifests
-                if m.platform and not m.platform.startswith("unknown")
-            }
-        else:
-            platforms = {host_platform(): top.digest}
-        return LockEntry(str(ref), top.digest, platforms)
+    def _get_manifest(self, endpoint: Endpoint, ref: ImageRef, reference: str) -> Fetched | None:
+        """One GET: the verified manifest, None on 404, RegistryError otherwise."""
+        url = endpoint.url(ref.repository, "manifests", reference)
+        response = self._session(endpoint).get(url, {"Accept": oci.ACCEPT})
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise _status_error(response, f"manifest {ref.repository}:{reference}")
+        return _verified(response.content, reference, response.headers, endpoint)
 
     @contextmanager
     def blob(self, ref: ImageRef, digest: str) -> Iterator[BinaryIO]:
@@ -237,24 +218,6 @@ class RegistryClient:
                 response.close()
             return
         raise RegistryError(f"cannot fetch blob {digest} of {ref.name}: " + "; ".join(problems))
-
-    def find_manifest(self, ref: ImageRef, reference: str) -> Fetched | None:
-        """Like :meth:`manifest`, but None when every endpoint says 404 (a cache miss)."""
-        problems: list[str] = []
-        for endpoint in self.config.endpoints(ref.registry):
-            url = endpoint.url(ref.repository, "manifests", reference)
-            try:
-                response = self._session(endpoint).get(url, {"Accept": oci.ACCEPT})
-            except RegistryError as exc:
-                problems.append(f"{endpoint}: {exc.message}")
-                continue
-            if response.status_code == 200:
-                return _verified(response.content, reference, response.headers, endpoint)
-            if response.status_code != 404:
-                problems.append(f"{endpoint}: {_status_error(response, 'manifest').message}")
-        if problems:
-            raise RegistryError(f"cannot look up {ref.name}:{reference}: " + "; ".join(problems))
-        return None
 
     # -- push (to the registry itself, never to a mirror) ----------------------------------
 
@@ -304,7 +267,7 @@ class RegistryClient:
     def push_manifest(self, ref: ImageRef, reference: str, data: bytes, media_type: str) -> str:
         """PUT a manifest under a tag (or its digest); returns the digest the registry kept."""
         endpoint, session = self._origin(ref)
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = sha256_digest(data)
         what = f"pushing manifest {ref.name}:{reference}"
         url = endpoint.url(ref.repository, "manifests", reference)
         response = session.request("PUT", url, {"Content-Type": media_type}, data=data)
@@ -370,10 +333,38 @@ def _check_digest_header(headers: Mapping[str, str], digest: str, what: str) -> 
 
 
 def _verified(data: bytes, reference: str, headers: Mapping[str, str], where: Endpoint) -> Fetched:
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    digest = sha256_digest(data)
     claimed = headers.get("Docker-Content-Digest")
     if reference.startswith("sha256:") and reference != digest:
         raise IntegrityError(f"manifest from {where} does not match {reference} (got {digest})")
     if claimed and claimed.startswith("sha256:") and claimed != digest:
         raise IntegrityError(f"manifest from {where}: header says {claimed}, content is {digest}")
-    return Fetched(data, digest, headers.get("Content-Type", "").split(";")[0], where)
+    return Fetched(data, digest, headers.get("Content-Type", "").split(";")[0], str(where))
+
+
+class RegistryRepository:
+    """One registry repository as a :class:`~microagent.oci.transport.Repository`: reads go
+    through the mirrors, writes to the registry itself."""
+
+    def __init__(self, client: RegistryClient, image: ImageRef) -> None:
+        self.client = client
+        self.image = ImageRef(image.registry, image.repository)
+        self.where = image.name
+
+    def manifest(self, reference: str | None) -> Fetched:
+        return self.client.manifest(self.image, reference or "latest")
+
+    def find_manifest(self, reference: str) -> Fetched | None:
+        return self.client.find_manifest(self.image, reference)
+
+    def blob(self, digest: str) -> AbstractContextManager[BinaryIO]:
+        return self.client.blob(self.image, digest)
+
+    def put_blob(self, digest: str, size: int, path: Path) -> bool:
+        return self.client.push_blob(self.image, digest, size, path)
+
+    def put_manifest(self, tag: str, data: bytes, media_type: str) -> None:
+        self.client.push_manifest(self.image, tag, data, media_type)
+
+    def close(self) -> None:
+        return None

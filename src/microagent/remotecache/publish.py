@@ -24,16 +24,19 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from microagent.compiler.plan import BuildPlan, StepKind
+from microagent.compiler.keys import BaseInputs, SetupInputs, StepKind, inputs_digest
+from microagent.compiler.plan import BuildPlan
+from microagent.compiler.refs import parse_any_ref
 from microagent.digests import canonical_json
 from microagent.errors import IntegrityError, MicroagentError, NotFoundError
-from microagent.ext4 import packed as rootfsimage
-from microagent.ext4.packed import Packed
+from microagent.ext4 import packed as packing
 from microagent.layers.fileslayer import store_files_layer
 from microagent.layers.tarwrite import source_date_epoch
 from microagent.oci import documents as oci
+from microagent.oci.registry import RegistryClient
+from microagent.oci.transport import Repository, open_repository
 from microagent.remotecache.records import (
     ARTIFACT_TYPE,
     EMPTY_JSON,
@@ -41,23 +44,26 @@ from microagent.remotecache.records import (
     ROOTFS_ANNOTATION,
     STEP_ANNOTATION,
     BaseDocs,
-    LayerRef,
     PublishedStep,
-    inputs_digest,
-    layers_of,
+    layer_descriptor,
+    oci_layers,
     rootfs_tag,
     step_tag,
 )
 from microagent.store.content import Store
+from microagent.store.records import (
+    LayerRef,
+    PackedImage,
+    StepRecord,
+    layers_stored,
+    read_record,
+    write_record,
+)
 
 Say = Callable[[str], None]
 LABEL = "io.microagent."
 ROOTFS_ARTIFACT_TYPE = "application/vnd.microagent.rootfs.v1"
 UPLOAD_WORKERS = 4
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _epoch_iso() -> str:
@@ -70,36 +76,14 @@ def _epoch_iso() -> str:
 def record_files_and_config(store: Store, plan: BuildPlan) -> None:
     """Write the files layer and the ``files``/``config`` step records if they are missing."""
     files, config = plan.of_kind(StepKind.FILES)[0], plan.config_step
-    record = store.get_key(files.key)
-    if record is None or not _layers_present(store, record):
+    record = read_record(store, files.key)
+    if record is None or not layers_stored(store, record):
         layer = store_files_layer(store, plan.files)
-        store.put_key(
-            files.key,
-            {
-                "kind": "files",
-                "key": files.key,
-                "parent": files.parent,
-                "inputs": dict(files.inputs),
-                "layer": layer.to_json(),
-                "layers": [layer.to_json()],
-                "createdAt": _now(),
-            },
+        write_record(
+            store, StepRecord(StepKind.FILES, files.key, files.parent, files.inputs, (layer,))
         )
-    if store.get_key(config.key) is None:
-        store.put_key(
-            config.key,
-            {
-                "kind": "config",
-                "key": config.key,
-                "parent": config.parent,
-                "inputs": dict(config.inputs),
-                "createdAt": _now(),
-            },
-        )
-
-
-def _layers_present(store: Store, record: Mapping[str, Any]) -> bool:
-    return all(store.has_blob(layer.digest) for layer in layers_of(record))
+    if read_record(store, config.key) is None:
+        write_record(store, StepRecord(StepKind.CONFIG, config.key, config.parent, config.inputs))
 
 
 # -- what to publish ------------------------------------------------------------------------
@@ -150,13 +134,14 @@ class Publication:
         annotations: Mapping[str, str],
         artifact: str | None = None,
     ) -> None:
-        for layer in layers:
-            self.blob(layer.digest, layer.descriptor()["mediaType"])
+        descriptors = [layer_descriptor(layer) for layer in layers]
+        for descriptor in descriptors:
+            self.blob(descriptor["digest"], descriptor["mediaType"])
         doc: dict[str, Any] = {
             "schemaVersion": 2,
             "mediaType": oci.OCI_MANIFEST,
             "config": config,
-            "layers": [layer.descriptor() for layer in layers],
+            "layers": descriptors,
             "annotations": dict(annotations),
         }
         if artifact:
@@ -164,40 +149,49 @@ class Publication:
         self.manifests.append(ManifestOut(tag, canonical_json(doc)))
 
 
-def local_chain(store: Store, leaf: str) -> list[dict[str, Any]]:
+def local_chain(store: Store, leaf: str) -> list[StepRecord]:
     """The local records from the base step down to ``leaf``."""
-    chain: list[dict[str, Any]] = []
+    chain: list[StepRecord] = []
     current: str | None = leaf
     while current:
-        record = store.get_key(current)
+        record = read_record(store, current)
         if record is None:
             raise NotFoundError(
                 f"step {current[:19]}… is not built in the local store",
                 hint="run `microagent build --file SPEC` first",
             )
         chain.append(record)
-        parent = record.get("parent")
-        current = str(parent) if parent else None
+        current = record.parent
     chain.reverse()
-    if chain[0].get("kind") != StepKind.BASE.value:
+    if chain[0].kind is not StepKind.BASE:
         raise IntegrityError(f"the chain of {leaf[:19]}… does not start at a base step")
     return chain
 
 
-def prepare(store: Store, leaf: str, *, image_tag: str | None = None) -> Publication:
+def prepare(
+    store: Store,
+    leaf: str,
+    *,
+    image_tag: str | None = None,
+    client: RegistryClient | None = None,
+    packed_images: bool = True,
+) -> Publication:
     """Manifests for every step from the base down to ``leaf``; with ``image_tag`` (and a
-    ``config`` leaf) the image as well, otherwise the leaf's own manifest under that tag."""
+    ``config`` leaf) the image as well, otherwise the leaf's own manifest under that tag.
+
+    ``client`` fetches a base image document the store lacks (an index); ``packed_images``
+    adds the packed rootfs of the last setup step (see ``ext4.packed``)."""
     chain = local_chain(store, leaf)
     pub = Publication(store)
-    builder = _ManifestBuilder(pub, _base_config(store, chain[0]))
+    builder = _ManifestBuilder(pub, _base_config(store, chain[0]), client or RegistryClient())
     for record in chain:
         builder.add_step(record)
-    rootfs = [r for r in chain if r["kind"] in (StepKind.BASE.value, StepKind.SETUP.value)][-1]
-    packed = ensure_rootfs_image(store, rootfs)
-    if packed is not None:
-        builder.add_rootfs_image(str(rootfs["key"]), packed)
+    rootfs = [r for r in chain if r.kind.in_rootfs][-1]
+    image = ensure_rootfs_image(store, rootfs) if packed_images else None
+    if image is not None:
+        builder.add_rootfs_image(rootfs.key, image)
     if image_tag:
-        if chain[-1]["kind"] == StepKind.CONFIG.value:
+        if chain[-1].kind is StepKind.CONFIG:
             builder.add_image(image_tag, chain)
         else:
             last = pub.manifests[-1]
@@ -205,49 +199,46 @@ def prepare(store: Store, leaf: str, *, image_tag: str | None = None) -> Publica
     return pub
 
 
-def ensure_rootfs_image(store: Store, record: Mapping[str, Any]) -> Packed | None:
+def ensure_rootfs_image(store: Store, record: StepRecord) -> PackedImage | None:
     """The zstd image of a setup step's built rootfs (made once, kept as a blob)."""
-    if not rootfsimage.enabled() or record.get("kind") != StepKind.SETUP.value:
+    if record.kind is not StepKind.SETUP:
         return None
-    known = record.get("rootfsImage")
-    if isinstance(known, Mapping) and store.has_blob(str(known.get("blob"))):
-        return Packed(
-            str(known["blob"]), int(known["blobSize"]), str(known["digest"]), int(known["size"])
-        )
-    rootfs = record.get("rootfs")
-    if not isinstance(rootfs, str) or not store.has_entry(rootfs):
+    if record.packed is not None and store.has_blob(record.packed.blob):
+        return record.packed
+    if record.rootfs is None or not store.has_entry(record.rootfs):
         return None
     with store.scratch_dir() as work:
         path = work / "rootfs.ext4.zst"
         with path.open("wb") as fh:
-            packed = rootfsimage.pack(store.entry_path(rootfs), fh)
-        store.put_blob_file(path, packed.blob, expected_size=packed.blob_size)
-    store.put_key(str(record["key"]), {**record, "rootfsImage": packed.to_json()})
-    return packed
+            image = packing.pack(store.entry_path(record.rootfs), fh)
+        store.put_blob_file(path, image.blob, expected_size=image.blob_size)
+    write_record(store, record.with_packed(image))
+    return image
 
 
-def _base_config(store: Store, record: Mapping[str, Any]) -> dict[str, Any]:
-    with store.open_blob(str(record["config"])) as fh:
+def _base_config(store: Store, record: StepRecord) -> dict[str, Any]:
+    assert record.origin is not None
+    with store.open_blob(record.origin.config) as fh:
         return dict(oci.load_document(fh.read(), "base image config"))
 
 
-def _base_documents(store: Store, record: Mapping[str, Any]) -> dict[str, bytes]:
+def _base_documents(store: Store, record: StepRecord, client: RegistryClient) -> dict[str, bytes]:
     """The platform manifest and, when the key names an index, the index itself."""
-    wanted = {str(record["manifest"]), str(record["inputs"]["digest"])}
+    assert record.origin is not None
+    wanted = {record.origin.manifest, BaseInputs.of(record.inputs).digest}
     docs: dict[str, bytes] = {}
     for digest in sorted(wanted):
         if not store.has_blob(digest):
-            _fetch_document(store, str(record["reference"]), digest)
+            _fetch_document(store, record.origin.reference, digest, client)
         with store.open_blob(digest) as fh:
             docs[digest] = fh.read()
     return docs
 
 
-def _fetch_document(store: Store, reference: str, digest: str) -> None:
-    from microagent.build.base import source_for
-
+def _fetch_document(store: Store, reference: str, digest: str, client: RegistryClient) -> None:
     try:
-        data = source_for(reference, Path.cwd()).document(digest)
+        repo = open_repository(parse_any_ref(reference, Path.cwd()), client)
+        data = repo.manifest(digest).data
     except MicroagentError as exc:
         raise NotFoundError(
             f"the base image index {digest[:19]}… is needed to publish, but: {exc.message}",
@@ -257,22 +248,24 @@ def _fetch_document(store: Store, reference: str, digest: str) -> None:
 
 
 class _ManifestBuilder:
-    def __init__(self, pub: Publication, base_config: dict[str, Any]) -> None:
+    def __init__(self, pub: Publication, base_config: dict[str, Any], client: RegistryClient):
         self.pub = pub
+        self.client = client
         self.base_config = base_config
         self.history: list[dict[str, Any]] | None = _history(base_config)
         self.files_layer: LayerRef | None = None
         self.rootfs_layers: tuple[LayerRef, ...] = ()
 
-    def add_step(self, record: Mapping[str, Any]) -> None:
-        kind = StepKind(record["kind"])
-        layers = layers_of(record)
+    def add_step(self, record: StepRecord) -> None:
+        kind = record.kind
+        layers = oci_layers(record.layers)
         summary = None
         if kind is StepKind.BASE:
-            config = self.pub.blob(str(record["config"]), oci.OCI_CONFIG)
+            assert record.origin is not None
+            config = self.pub.blob(record.origin.config, oci.OCI_CONFIG)
             self.rootfs_layers = layers
         elif kind is StepKind.SETUP:
-            self._note_history(f"microagent setup: {record['inputs'].get('run', '')}")
+            self._note_history(f"microagent setup: {SetupInputs.of(record.inputs).run}")
             config = self.pub.data(self._image_config(layers, {}), oci.OCI_CONFIG)
             self.rootfs_layers = layers
         else:
@@ -280,8 +273,8 @@ class _ManifestBuilder:
             if kind is StepKind.FILES:
                 self.files_layer = layers[-1]
             else:
-                summary = _summary(record["inputs"])
-        step = self._published(record, kind, layers, summary)
+                summary = _summary(record.inputs)
+        step = self._published(record, layers, summary)
         annotations = {STEP_ANNOTATION: canonical_json(step.to_json()).decode()}
         artifact = ARTIFACT_TYPE if kind in (StepKind.FILES, StepKind.CONFIG) else None
         self.pub.manifest(step_tag(step.key), config, layers, annotations, artifact)
@@ -289,24 +282,21 @@ class _ManifestBuilder:
 
     def _published(
         self,
-        record: Mapping[str, Any],
-        kind: StepKind,
+        record: StepRecord,
         layers: tuple[LayerRef, ...],
         summary: Mapping[str, Any] | None,
     ) -> PublishedStep:
-        inputs = dict(record["inputs"])
         base = None
-        if kind is StepKind.BASE:
-            docs = _base_documents(self.pub.store, record)
-            base = BaseDocs(
-                str(record["reference"]), str(record["manifest"]), str(record["config"]), docs
-            )
+        if record.origin is not None:
+            docs = _base_documents(self.pub.store, record, self.client)
+            origin = record.origin
+            base = BaseDocs(origin.reference, origin.manifest, origin.config, docs)
         return PublishedStep(
-            key=str(record["key"]),
-            kind=kind,
-            parent=record.get("parent"),
-            inputs=None if kind is StepKind.CONFIG else inputs,
-            inputs_digest=inputs_digest(inputs),
+            key=record.key,
+            kind=record.kind,
+            parent=record.parent,
+            inputs=None if record.kind is StepKind.CONFIG else dict(record.inputs),
+            inputs_digest=inputs_digest(record.inputs),
             layers=layers,
             base=base,
             summary=summary,
@@ -330,19 +320,19 @@ class _ManifestBuilder:
             config["config"] = {**runtime, **extra, "Labels": labels}
         return canonical_json(config)
 
-    def add_rootfs_image(self, key: str, packed: Packed) -> None:
+    def add_rootfs_image(self, key: str, image: PackedImage) -> None:
         """An artifact ``rootfs-<hex>`` holding the step's built ext4 (zstd)."""
-        blob = LayerRef(rootfsimage.MEDIA_TYPE, packed.blob, packed.blob_size, packed.digest)
-        info = {"key": key, "digest": packed.digest, "size": packed.size}
+        blob = LayerRef(packing.MEDIA_TYPE, image.blob, image.blob_size, image.digest)
+        info = {"key": key, "digest": image.digest, "size": image.size}
         config = self.pub.data(EMPTY_JSON, EMPTY_MEDIA_TYPE)
         annotations = {ROOTFS_ANNOTATION: canonical_json(info).decode()}
         self.pub.manifest(rootfs_tag(key), config, [blob], annotations, ROOTFS_ARTIFACT_TYPE)
 
-    def add_image(self, tag: str, chain: Sequence[Mapping[str, Any]]) -> None:
+    def add_image(self, tag: str, chain: Sequence[StepRecord]) -> None:
         """The complete image: rootfs layers + files layer, config from the config step."""
         if self.files_layer is None:
             raise IntegrityError("the chain has no files step")
-        inputs = chain[-1]["inputs"]
+        inputs = chain[-1].inputs
         layers = (*self.rootfs_layers, self.files_layer)
         self._note_history("microagent files")
         config = self.pub.data(
@@ -350,7 +340,7 @@ class _ManifestBuilder:
         )
         annotations = {
             "org.opencontainers.image.title": str(inputs.get("hostname", "")),
-            LABEL + "config-key": str(chain[-1]["key"]),
+            LABEL + "config-key": chain[-1].key,
         }
         self.pub.manifest(tag, config, layers, annotations)
 
@@ -375,14 +365,12 @@ def _summary(inputs: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _runtime_config(
-    inputs: Mapping[str, Any], chain: Sequence[Mapping[str, Any]]
-) -> dict[str, Any]:
+def _runtime_config(inputs: Mapping[str, Any], chain: Sequence[StepRecord]) -> dict[str, Any]:
     summary = _summary(inputs)
-    rootfs = [r for r in chain if r["kind"] in (StepKind.BASE.value, StepKind.SETUP.value)][-1]
+    rootfs = [r for r in chain if r.kind.in_rootfs][-1]
     labels = {
-        LABEL + "rootfs-key": str(rootfs["key"]),
-        LABEL + "config-key": str(chain[-1]["key"]),
+        LABEL + "rootfs-key": rootfs.key,
+        LABEL + "config-key": chain[-1].key,
         LABEL + "env-keys": ",".join(summary["envKeys"]),
         LABEL + "runtime-env-keys": ",".join(summary["runtimeEnvKeys"]),
         LABEL + "outputs": json.dumps(summary["outputs"], sort_keys=True),
@@ -398,19 +386,7 @@ def _runtime_config(
     }
 
 
-# -- where to publish -----------------------------------------------------------------------
-
-
-class Target(Protocol):
-    """A registry repository or an OCI layout folder."""
-
-    where: str
-
-    def put_blob(self, blob: Blob) -> bool: ...  # True when it had to be sent
-
-    def put_manifest(self, manifest: ManifestOut) -> None: ...
-
-    def close(self) -> None: ...
+# -- sending --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -433,14 +409,14 @@ class PublishReport:
         }
 
 
-def publish(pub: Publication, target: Target, say: Say | None = None) -> PublishReport:
+def publish(pub: Publication, target: Repository, say: Say | None = None) -> PublishReport:
     """Send every blob the target lacks (in parallel), then the manifests in order."""
     began = time.monotonic()
     blobs = sorted(pub.blobs.values(), key=lambda b: b.digest)
     with ThreadPoolExecutor(UPLOAD_WORKERS) as pool:
-        sent = list(pool.map(target.put_blob, blobs))
+        sent = list(pool.map(lambda b: target.put_blob(b.digest, b.size, b.path), blobs))
     for manifest in pub.manifests:
-        target.put_manifest(manifest)
+        target.put_manifest(manifest.tag, manifest.data, manifest.media_type)
     target.close()
     uploaded = [b for b, was_sent in zip(blobs, sent, strict=True) if was_sent]
     report = PublishReport(

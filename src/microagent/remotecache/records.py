@@ -6,7 +6,7 @@ JSON) and whose layers are the step's layer chain. "Is K built?" is one GET of t
 
 Nothing in a record is trusted until it is verified here (pure, no I/O):
 
-* the record names ``K`` and, with its inputs, hashes back to ``K`` (``compiler.plan.step_key``);
+* the record names ``K`` and, with its inputs, hashes back to ``K`` (``compiler.keys.step_key``);
   against a local plan step, kind, parent and the digest of the inputs must match as well;
 * the manifest's layers are the record's layers, and a setup step's chain is its parent's
   chain plus one layer;
@@ -23,19 +23,24 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from microagent.compiler.plan import Step, StepKind, step_key
-from microagent.compiler.refs import DIGEST_RE
-from microagent.digests import canonical_json, sha256_digest
+from microagent.compiler.keys import StepKind, inputs_digest, step_key
+from microagent.compiler.plan import Step
+from microagent.digests import is_digest, key_hex, sha256_digest
 from microagent.errors import IntegrityError
 from microagent.ext4.packed import MEDIA_TYPE as ROOTFS_MEDIA_TYPE
-from microagent.ext4.packed import Packed
 from microagent.oci import documents as oci
-from microagent.store.content import key_hex
+from microagent.store.records import (
+    BaseOrigin,
+    LayerRef,
+    PackedImage,
+    StepRecord,
+    layers_from_json,
+    rootfs_entry,
+)
 
 STEP_ANNOTATION = "io.microagent.step.v1"
 STEP_TAG_PREFIX = "step-"
@@ -56,11 +61,7 @@ def key_of_tag(tag: str) -> str | None:
     if not tag.startswith(STEP_TAG_PREFIX):
         return None
     key = "sha256:" + tag.removeprefix(STEP_TAG_PREFIX)
-    return key if DIGEST_RE.match(key) else None
-
-
-def inputs_digest(inputs: Mapping[str, Any]) -> str:
-    return sha256_digest(canonical_json(dict(inputs)))
+    return key if is_digest(key) else None
 
 
 def oci_layer_type(media_type: str) -> str:
@@ -75,52 +76,26 @@ def _bad(what: str) -> IntegrityError:
     )
 
 
-@dataclass(frozen=True)
-class LayerRef:
-    """One layer of a step: the blob (digest, size, type) and its diff_id."""
-
-    media_type: str
-    digest: str
-    size: int
-    diff_id: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "mediaType": self.media_type,
-            "digest": self.digest,
-            "size": self.size,
-            "diffId": self.diff_id,
-        }
-
-    def descriptor(self) -> dict[str, Any]:
-        return {
-            "mediaType": oci_layer_type(self.media_type),
-            "digest": self.digest,
-            "size": self.size,
-        }
-
-    @classmethod
-    def from_json(cls, raw: object) -> LayerRef:
-        if not isinstance(raw, Mapping):
-            raise _bad("a layer is not an object")
-        digest, diff, size = raw.get("digest"), raw.get("diffId"), raw.get("size")
-        if not (isinstance(digest, str) and DIGEST_RE.match(digest)):
-            raise _bad(f"bad layer digest {digest!r}")
-        if not (isinstance(diff, str) and DIGEST_RE.match(diff)):
-            raise _bad(f"bad layer diffId {diff!r}")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise _bad(f"bad layer size {size!r}")
-        return cls(
-            oci_layer_type(str(raw.get("mediaType", oci.OCI_LAYER_ZSTD))), digest, size, diff
-        )
+def layer_descriptor(layer: LayerRef) -> dict[str, Any]:
+    """The OCI descriptor of a layer (Docker's gzip type spelled the OCI way)."""
+    return {
+        "mediaType": oci_layer_type(layer.media_type),
+        "digest": layer.digest,
+        "size": layer.size,
+    }
 
 
-def layers_of(record: Mapping[str, Any]) -> tuple[LayerRef, ...]:
-    """The ``layers`` of a local or published record."""
-    raw = record.get("layers") or []
-    if not isinstance(raw, list):
-        raise _bad("`layers` is not a list")
-    return tuple(LayerRef.from_json(item) for item in raw)
+def oci_layers(layers: Sequence[LayerRef]) -> tuple[LayerRef, ...]:
+    """Layers as they are published: media types in OCI spelling."""
+    return tuple(replace(layer, media_type=oci_layer_type(layer.media_type)) for layer in layers)
+
+
+def layers_of(raw: object) -> tuple[LayerRef, ...]:
+    """The ``layers`` of a published record, media types in OCI spelling."""
+    try:
+        return oci_layers(layers_from_json(raw))
+    except IntegrityError as exc:
+        raise _bad(exc.message) from exc
 
 
 @dataclass(frozen=True)
@@ -151,11 +126,11 @@ class BaseDocs:
                 data = base64.b64decode(str(text), validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise _bad(f"document {digest} is not base64") from exc
-            if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            if sha256_digest(data) != digest:
                 raise _bad(f"document {str(digest)[:19]}… does not match its digest")
             docs[str(digest)] = data
         manifest, config = raw.get("manifest"), raw.get("config")
-        if not all(isinstance(d, str) and DIGEST_RE.match(d) for d in (manifest, config)):
+        if not all(is_digest(d) for d in (manifest, config)):
             raise _bad("`base` needs manifest and config digests")
         return cls(str(raw.get("reference", "")), str(manifest), str(config), docs)
 
@@ -199,11 +174,11 @@ class PublishedStep:
         except ValueError:
             raise _bad(f"unknown step kind {raw.get('kind')!r}") from None
         key, parent, digest = raw.get("key"), raw.get("parent"), raw.get("inputsDigest")
-        if not (isinstance(key, str) and DIGEST_RE.match(key)):
+        if not (is_digest(key)):
             raise _bad(f"bad key {key!r}")
-        if parent is not None and not (isinstance(parent, str) and DIGEST_RE.match(parent)):
+        if parent is not None and not (is_digest(parent)):
             raise _bad(f"bad parent {parent!r}")
-        if not (isinstance(digest, str) and DIGEST_RE.match(digest)):
+        if not (is_digest(digest)):
             raise _bad(f"bad inputsDigest {digest!r}")
         inputs = raw.get("inputs")
         if inputs is not None and not isinstance(inputs, Mapping):
@@ -211,7 +186,7 @@ class PublishedStep:
         base = BaseDocs.from_json(raw["base"]) if kind is StepKind.BASE else None
         summary = raw.get("summary")
         summary = summary if isinstance(summary, Mapping) else None
-        return cls(key, kind, parent, inputs, digest, layers_of(raw), base, summary)
+        return cls(key, kind, parent, inputs, digest, layers_of(raw.get("layers")), base, summary)
 
     def verify(self, key: str, expected: Step | None = None) -> None:
         """The record is for ``key`` (and for the local plan step ``expected``, if given)."""
@@ -230,8 +205,23 @@ class PublishedStep:
     @property
     def layer(self) -> LayerRef | None:
         """The layer this step added (setup, files), else None."""
-        adds = self.kind in (StepKind.SETUP, StepKind.FILES)
-        return self.layers[-1] if adds and self.layers else None
+        return self.layers[-1] if self.kind.adds_layer and self.layers else None
+
+    def to_local(self, where: str, *, origin: BaseOrigin | None = None) -> StepRecord:
+        """The local record of this (verified) step, restored from ``where``."""
+        if self.inputs is None:
+            raise _bad(f"a {self.kind.value} step without inputs cannot be recorded locally")
+        rootfs = rootfs_entry(self.key) if self.kind.in_rootfs else None
+        return StepRecord(
+            self.kind,
+            self.key,
+            self.parent,
+            dict(self.inputs),
+            self.layers,
+            rootfs=rootfs,
+            origin=origin,
+            source=where,
+        )
 
 
 def _match_plan_step(step: PublishedStep, expected: Step) -> None:
@@ -308,7 +298,7 @@ def rootfs_tag(key: str) -> str:
     return ROOTFS_TAG_PREFIX + key_hex(key)
 
 
-def parse_rootfs_manifest(data: bytes, key: str) -> Packed:
+def parse_rootfs_manifest(data: bytes, key: str) -> PackedImage:
     """The image a ``rootfs-<hex>`` artifact describes, after checking it is for ``key``."""
     doc = oci.load_document(data, f"rootfs manifest {rootfs_tag(key)}")
     annotations = doc.get("annotations")
@@ -325,6 +315,6 @@ def parse_rootfs_manifest(data: bytes, key: str) -> Packed:
     if blob.media_type != ROOTFS_MEDIA_TYPE:
         raise _bad(f"unexpected rootfs media type {blob.media_type!r}")
     digest, size = info.get("digest"), info.get("size")
-    if not (isinstance(digest, str) and DIGEST_RE.match(digest)) or not isinstance(size, int):
+    if not (is_digest(digest)) or not isinstance(size, int):
         raise _bad("the rootfs image record needs digest and size")
-    return Packed(blob.digest, blob.size, digest, size)
+    return PackedImage(blob.digest, blob.size, digest, size)

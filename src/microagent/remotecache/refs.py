@@ -1,43 +1,25 @@
-"""Remote build caches: where they are, the defaults, and how to read and write them.
+"""Remote build caches: where they are, the defaults, and how to open them.
 
 A cache reference is a registry repository (``registry.example.com/team/agent``, a tag is
 ignored for lookups and names the image on push) or an OCI layout folder (``oci:DIR``).
-Defaults, when no ``--cache-from``/``--cache-to`` flag is given::
-
-    MICROAGENT_CACHE_FROM="ghcr.io/acme/agent-cache,oci:/mnt/usb/cache"   # comma separated
-    MICROAGENT_CACHE_TO="ghcr.io/acme/agent-cache"
-
-or in the user config (``$MICROAGENT_CONFIG``)::
-
-    cache:
-      from: [ghcr.io/acme/agent-cache]
-      to: ghcr.io/acme/agent-cache        # usually only in CI
-
-An environment variable that is set (even empty) wins over the file. Registry hosts use the
-mirror, plain-HTTP and credential settings of ``cache/regconfig.py``.
+Without ``--cache-from``/``--cache-to`` flags the settings decide
+(``$MICROAGENT_CACHE_FROM``/``_TO`` or ``cache.from``/``cache.to`` in the user config, see
+:mod:`microagent.settings`). Registry hosts use the mirror, plain-HTTP and credential
+settings like base images do.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
-from typing import BinaryIO, Protocol
 
-from microagent.compiler.refs import ImageRef, parse_image_ref, parse_layout_ref
+from microagent.compiler.refs import ImageRef, LayoutRef, parse_image_ref, parse_layout_ref
 from microagent.errors import InvalidInputError
-from microagent.oci import documents as oci
-from microagent.oci.layout import REF_NAME, Layout
 from microagent.oci.registry import RegistryClient
-from microagent.remotecache.publish import Blob, ManifestOut, Target
-from microagent.remotecache.records import rootfs_tag, step_tag
-from microagent.settings import _user_setting
+from microagent.oci.transport import Repository, open_repository
+from microagent.settings import Settings
 
-CACHE_FROM_ENV = "MICROAGENT_CACHE_FROM"
-CACHE_TO_ENV = "MICROAGENT_CACHE_TO"
 DEFAULT_TAG = "latest"
 
 
@@ -79,137 +61,25 @@ def parse_cache_ref(text: str, base: Path | None = None) -> CacheRef:
     return CacheRef(image=ImageRef(image.registry, image.repository), tag=image.tag or DEFAULT_TAG)
 
 
-def _split(text: str) -> list[str]:
-    return [part.strip() for part in text.replace("\n", ",").split(",") if part.strip()]
+def _split(texts: Sequence[str]) -> list[str]:
+    return [p.strip() for text in texts for p in text.replace("\n", ",").split(",") if p.strip()]
 
 
-def _setting(name: str) -> list[str]:
-    value = _user_setting("cache", name)
-    if isinstance(value, str):
-        return _split(value)
-    if isinstance(value, list):
-        return [str(v) for v in value if str(v).strip()]
-    return []
-
-
-def cache_from_refs(flags: Sequence[str] = ()) -> tuple[CacheRef, ...]:
-    """``--cache-from`` flags, else ``$MICROAGENT_CACHE_FROM``, else ``cache.from``."""
-    if flags:
-        texts = [t for flag in flags for t in _split(flag)]
-    elif CACHE_FROM_ENV in os.environ:
-        texts = _split(os.environ[CACHE_FROM_ENV])
-    else:
-        texts = _setting("from")
+def cache_from_refs(flags: Sequence[str], settings: Settings) -> tuple[CacheRef, ...]:
+    """``--cache-from`` flags (comma lists allowed), else the settings' ``cache_from``."""
+    texts = _split(flags) if flags else list(settings.cache_from)
     return tuple(parse_cache_ref(t) for t in texts)
 
 
-def cache_to_ref(flag: str | None = None) -> CacheRef | None:
-    """``--cache-to``, else ``$MICROAGENT_CACHE_TO``, else ``cache.to``."""
-    if flag:
-        return parse_cache_ref(flag)
-    texts = _split(os.environ[CACHE_TO_ENV]) if CACHE_TO_ENV in os.environ else _setting("to")
-    return parse_cache_ref(texts[0]) if texts else None
+def cache_to_ref(flag: str | None, settings: Settings) -> CacheRef | None:
+    """``--cache-to``, else the settings' ``cache_to``."""
+    text = flag or settings.cache_to
+    return parse_cache_ref(text) if text else None
 
 
-# -- reading ---------------------------------------------------------------------------------
-
-
-class CacheSource(Protocol):
-    """Where published steps are read from."""
-
-    where: str
-
-    def step(self, key: str) -> bytes | None:
-        """The (transport-verified) manifest of ``step-<key>``, or None on a miss."""
-        ...
-
-    def rootfs(self, key: str) -> bytes | None:
-        """The manifest of ``rootfs-<key>`` (a setup step's built image), or None."""
-        ...
-
-    def blob(self, digest: str) -> AbstractContextManager[BinaryIO]: ...
-
-
-class RegistryCacheSource:
-    def __init__(self, client: RegistryClient, image: ImageRef) -> None:
-        self.client = client
-        self.image = image
-        self.where = image.name
-
-    def step(self, key: str) -> bytes | None:
-        return self._manifest(step_tag(key))
-
-    def rootfs(self, key: str) -> bytes | None:
-        return self._manifest(rootfs_tag(key))
-
-    def _manifest(self, tag: str) -> bytes | None:
-        found = self.client.find_manifest(self.image, tag)
-        return None if found is None else found.data
-
-    def blob(self, digest: str) -> AbstractContextManager[BinaryIO]:
-        return self.client.blob(self.image, digest)
-
-
-class LayoutCacheSource:
-    def __init__(self, path: Path) -> None:
-        self.layout = Layout(path)
-        self.where = f"oci:{path}"
-
-    @cached_property
-    def _tags(self) -> dict[str, oci.Descriptor]:
-        return {
-            (entry.annotations or {}).get(REF_NAME, ""): entry for entry in self.layout.entries()
-        }
-
-    def tags(self) -> Iterator[str]:
-        yield from sorted(self._tags)
-
-    def step(self, key: str) -> bytes | None:
-        return self._manifest(step_tag(key))
-
-    def rootfs(self, key: str) -> bytes | None:
-        return self._manifest(rootfs_tag(key))
-
-    def _manifest(self, tag: str) -> bytes | None:
-        entry = self._tags.get(tag)
-        return None if entry is None else self.layout.read_verified(entry.digest)
-
-    def blob(self, digest: str) -> AbstractContextManager[BinaryIO]:
-        return self.layout.blob(digest)
-
-
-def open_source(ref: CacheRef, client: RegistryClient | None = None) -> CacheSource:
+def open_cache(ref: CacheRef, client: RegistryClient, *, write: bool = False) -> Repository:
+    """The repository behind a cache reference (a layout is created when writing)."""
     if ref.layout is not None:
-        return LayoutCacheSource(ref.layout)
+        return open_repository(LayoutRef(ref.layout), client, create=write)
     assert ref.image is not None
-    return RegistryCacheSource(client or RegistryClient(), ref.image)
-
-
-# -- writing ---------------------------------------------------------------------------------
-
-
-class RegistryTarget:
-    """Publish into a registry repository (blobs: HEAD first, skip what exists)."""
-
-    def __init__(self, client: RegistryClient, image: ImageRef) -> None:
-        self.client = client
-        self.image = image
-        self.where = image.name
-
-    def put_blob(self, blob: Blob) -> bool:
-        return self.client.push_blob(self.image, blob.digest, blob.size, blob.path)
-
-    def put_manifest(self, manifest: ManifestOut) -> None:
-        self.client.push_manifest(self.image, manifest.tag, manifest.data, manifest.media_type)
-
-    def close(self) -> None:
-        return None
-
-
-def open_target(ref: CacheRef, client: RegistryClient | None = None) -> Target:
-    if ref.layout is not None:
-        from microagent.remotecache.exchange import LayoutTarget
-
-        return LayoutTarget(ref.layout)
-    assert ref.image is not None
-    return RegistryTarget(client or RegistryClient(), ref.image)
+    return open_repository(ref.image, client)

@@ -9,7 +9,7 @@ twice. Layers are flattened in order as soon as each download finishes, while th
 are still downloading.
 
 Integrity: every record is verified against its key before anything is downloaded (see
-``steprecord``), the chain is verified back to a local step or to the base image's own
+``records``), the chain is verified back to a local step or to the base image's own
 documents, every blob against its digest as it is stored, every layer against its diff_id as
 it is flattened. Records are written last, so an interrupted or refused restore leaves
 nothing that counts as cached (verified blobs may stay; they are valid content).
@@ -25,40 +25,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from microagent.build.base import BaseImage, rootfs_entry
-from microagent.compiler.plan import BuildPlan, CachedStep, Step, StepCache, StepKind
+from microagent.compiler.keys import StepKind
+from microagent.compiler.plan import BuildPlan, CachedStep, Step, StepCache
+from microagent.digests import Digest
 from microagent.errors import IntegrityError, MicroagentError, NotFoundError, RegistryError
-from microagent.ext4 import packed as rootfsimage
-from microagent.ext4.mkfs import build_ext4
-from microagent.ext4.ramstage import stage_dir
-from microagent.layers.apply import LayerSource, flatten
+from microagent.ext4 import packed
+from microagent.ext4.rootfs import build_rootfs
+from microagent.layers.apply import LayerSource
 from microagent.oci import documents as oci
+from microagent.oci.transport import Repository
 from microagent.remotecache.records import (
-    LayerRef,
     PublishedStep,
-    layers_of,
     parse_rootfs_manifest,
     parse_step_manifest,
+    rootfs_tag,
+    step_tag,
     verify_base,
     verify_chain,
 )
-from microagent.remotecache.refs import CacheSource
-from microagent.store.content import Digest, Store
+from microagent.store.content import Store
+from microagent.store.records import (
+    BaseOrigin,
+    LayerRef,
+    layers_stored,
+    read_record,
+    rootfs_entry,
+    rootfs_ready,
+    write_record,
+)
 
 Say = Callable[[str], None]
 FETCH_WORKERS = 4
-_ROOTFS_KINDS = (StepKind.BASE.value, StepKind.SETUP.value)
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 @dataclass(frozen=True)
 class Hit:
     """A verified published step and where it was found."""
 
-    source: CacheSource
+    source: Repository
     step: PublishedStep
 
 
@@ -84,15 +88,6 @@ class RestoreStats:
         }
 
 
-def rootfs_ready(store: Store, key: str) -> dict[str, Any] | None:
-    """The local record of a base/setup step whose root filesystem exists, else None."""
-    record = store.get_key(key)
-    if record is None or record.get("kind") not in _ROOTFS_KINDS:
-        return None
-    rootfs = record.get("rootfs")
-    return record if isinstance(rootfs, str) and store.has_entry(rootfs) else None
-
-
 def _corrupt(exc: MicroagentError, what: str, where: str) -> IntegrityError:
     return IntegrityError(
         f"{what} from {where} is corrupt: {exc.message}",
@@ -106,12 +101,26 @@ class BrokenChainError(NotFoundError):
 
 
 class Restorer:
-    """Looks steps up in remote caches (first hit wins) and restores them into the store."""
+    """Looks steps up in remote caches (first hit wins) and restores them into the store.
 
-    def __init__(self, store: Store, sources: Sequence[CacheSource], say: Say | None = None):
+    ``ram`` lets flattening stage in RAM; ``packed_images`` lets a setup step's published
+    rootfs image stand in for a flatten (``Settings.ram_stage`` / ``cache_rootfs``).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        sources: Sequence[Repository],
+        say: Say | None = None,
+        *,
+        ram: bool = True,
+        packed_images: bool = True,
+    ) -> None:
         self.store = store
         self.sources = tuple(sources)
         self.say: Say = say or (lambda _m: None)
+        self.ram = ram
+        self.packed_images = packed_images
         self.warnings: list[str] = []
         self.stats = RestoreStats()
         self._hits: dict[str, Hit | None] = {}
@@ -130,10 +139,12 @@ class Restorer:
                     break
         return self._hits[key]
 
-    def _probe_in(self, source: CacheSource, key: str, expected: Step | None) -> Hit | None:
+    def _probe_in(self, source: Repository, key: str, expected: Step | None) -> Hit | None:
         try:
-            data = source.step(key)
-            return None if data is None else Hit(source, parse_step_manifest(data, key, expected))
+            found = source.find_manifest(step_tag(key))
+            if found is None:
+                return None
+            return Hit(source, parse_step_manifest(found.data, key, expected))
         except IntegrityError as exc:
             raise _corrupt(exc, f"step manifest {key[:19]}…", source.where) from exc
         except (RegistryError, NotFoundError) as exc:
@@ -184,7 +195,7 @@ class Restorer:
                 self.store.remove(entry)
             raise
         if base is not None:
-            self._record_base(base, hit.source.where, with_rootfs=hit.step is base)
+            self._record_base(base, hit.source.where)
         for step in chain:  # intermediate steps too (verified; no rootfs of their own)
             if step.kind is not StepKind.BASE:
                 self._record_step(step, hit.source.where)
@@ -223,9 +234,9 @@ class Restorer:
         while chain[-1].kind is StepKind.SETUP:
             step = chain[-1]
             assert step.parent is not None
-            local = self.store.get_key(step.parent)
-            if local is not None and local.get("kind") in _ROOTFS_KINDS:
-                verify_chain(step, layers_of(local))
+            local = read_record(self.store, step.parent)
+            if local is not None and local.kind.in_rootfs:
+                verify_chain(step, local.layers)
                 break
             parent = self._probe_in(hit.source, step.parent, None)
             if parent is None or not parent.step.kind.in_rootfs:
@@ -251,7 +262,7 @@ class Restorer:
                 )
         return pending
 
-    def _fetch_blob(self, source: CacheSource, digest: str, size: int, what: str) -> None:
+    def _fetch_blob(self, source: Repository, digest: str, size: int, what: str) -> None:
         try:
             with source.blob(digest) as stream:
                 self.store.put_blob_file(stream, digest, expected_size=size)
@@ -268,7 +279,7 @@ class Restorer:
             self.stats.blobs += 1
             self.stats.bytes += size
 
-    def _fetch_base_documents(self, source: CacheSource, base: PublishedStep) -> None:
+    def _fetch_base_documents(self, source: Repository, base: PublishedStep) -> None:
         assert base.base is not None
         for digest, data in base.base.documents.items():
             self.store.put_blob_bytes(data, digest)
@@ -285,25 +296,25 @@ class Restorer:
 
     def _unpack_image(self, hit: Hit) -> bool:
         """Take a setup step's published rootfs image instead of flattening; False if none."""
-        if hit.step.kind is not StepKind.SETUP or not rootfsimage.enabled():
+        if hit.step.kind is not StepKind.SETUP or not self.packed_images:
             return False
         where, key = hit.source.where, hit.step.key
         try:
-            data = hit.source.rootfs(key)
-            packed = None if data is None else parse_rootfs_manifest(data, key)
+            found = hit.source.find_manifest(rootfs_tag(key))
+            image = None if found is None else parse_rootfs_manifest(found.data, key)
         except IntegrityError as exc:
             raise _corrupt(exc, f"rootfs manifest {key[:19]}…", where) from exc
         except (RegistryError, NotFoundError):
             return False
-        if packed is None:
+        if image is None:
             return False
 
         def unpack(tmp: Path) -> None:
             try:
-                with hit.source.blob(packed.blob) as stream:
-                    rootfsimage.unpack(stream, tmp, packed)
+                with hit.source.blob(image.blob) as stream:
+                    packed.unpack(stream, tmp, image)
             except IntegrityError as exc:
-                raise _corrupt(exc, f"rootfs image {packed.blob[:19]}…", where) from exc
+                raise _corrupt(exc, f"rootfs image {image.blob[:19]}…", where) from exc
 
         try:
             self.store.build_once(rootfs_entry(key), unpack)
@@ -312,21 +323,18 @@ class Restorer:
             return False
         with self._lock:
             self.stats.blobs += 1
-            self.stats.bytes += packed.blob_size
+            self.stats.bytes += image.blob_size
             self.stats.images += 1
         return True
 
     def _rebuild_local(self, key: str) -> bool:
         """Flatten a recorded step from stored layers; False if something is missing."""
-        record = self.store.get_key(key)
-        if record is None or record.get("kind") not in _ROOTFS_KINDS:
-            return False
-        layers = layers_of(record)
-        if not all(self.store.has_blob(layer.digest) for layer in layers):
+        record = read_record(self.store, key)
+        if record is None or not record.kind.in_rootfs or not layers_stored(self.store, record):
             return False
         began = time.monotonic()
-        self._build_rootfs(key, layers, {})
-        self.say(f"[{record['kind']}] {key[7:19]}  rebuilt from stored layers "
+        self._build_rootfs(key, record.layers, {})
+        self.say(f"[{record.kind.value}] {key[7:19]}  rebuilt from stored layers "
                  f"in {time.monotonic() - began:.2f}s (no setup VM)")  # fmt: skip
         return True
 
@@ -342,15 +350,11 @@ class Restorer:
             )
             for i, layer in enumerate(layers)
         ]
-
-        def build(tmp: Path) -> None:
-            with stage_dir(self.store, sum(layer.size for layer in layers)) as stage:
-                meta = flatten(stage, sources)
-                began = time.monotonic()
-                build_ext4(stage, meta, tmp, key=key)
-                self.stats.ext4_seconds += time.monotonic() - began
-
-        self.store.build_once(rootfs_entry(key), build)
+        compressed = sum(layer.size for layer in layers)
+        _path, timings = build_rootfs(
+            self.store, key, sources, compressed_bytes=compressed, ram=self.ram
+        )
+        self.stats.ext4_seconds += timings.ext4_seconds
 
     def _opener(
         self, layer: LayerRef, pending: Mapping[str, Future[None]]
@@ -362,43 +366,15 @@ class Restorer:
 
         return open_layer
 
-    def _record_base(self, base: PublishedStep, where: str, *, with_rootfs: bool) -> None:
+    def _record_base(self, base: PublishedStep, where: str) -> None:
         assert base.base is not None and base.inputs is not None
         if rootfs_ready(self.store, base.key) is not None:
             return
-        self.store.put_key(
-            base.key,
-            {
-                "kind": "base",
-                "key": base.key,
-                "parent": None,
-                "inputs": dict(base.inputs),
-                "reference": base.base.reference,
-                "manifest": base.base.manifest,
-                "config": base.base.config,
-                "layers": [layer.to_json() for layer in base.layers],
-                "rootfs": rootfs_entry(base.key),
-                "createdAt": _now(),
-                "source": where,
-            },
-        )
+        origin = BaseOrigin(base.base.reference, base.base.manifest, base.base.config)
+        write_record(self.store, base.to_local(where, origin=origin))
 
     def _record_step(self, step: PublishedStep, where: str) -> None:
-        assert step.inputs is not None
-        layer = step.layer
-        record: dict[str, Any] = {
-            "kind": step.kind.value,
-            "key": step.key,
-            "parent": step.parent,
-            "inputs": dict(step.inputs),
-            "layer": layer.to_json() if layer else None,
-            "layers": [item.to_json() for item in step.layers],
-            "createdAt": _now(),
-            "source": where,
-        }
-        if step.kind is StepKind.SETUP:
-            record["rootfs"] = rootfs_entry(step.key)
-        self.store.put_key(step.key, record)
+        write_record(self.store, step.to_local(where))
 
 
 # -- planning with remote caches ---------------------------------------------------------------
@@ -427,35 +403,9 @@ class RemoteStepCache:
         return self.local.children(parent, kind)
 
 
-# -- a base image known only by its record ------------------------------------------------------
-
-
-def recorded_base(store: Store, plan: BuildPlan) -> BaseImage | None:
-    """The plan's base image from its record when its root filesystem is not needed.
-
-    After a remote hit on a setup step the base record exists (for its config and
-    environment) but its root filesystem was never built; nothing boots from it as long as a
-    later setup step is ready. Returns None whenever the normal pull should run instead.
-    """
-    base_step = plan.steps[0]
-    record = store.get_key(base_step.key)
-    if record is None or record.get("kind") != "base" or store.has_entry(str(record["rootfs"])):
-        return None
-    if not any(rootfs_ready(store, s.key) for s in plan.of_kind(StepKind.SETUP)):
-        return None
-    config_digest = str(record["config"])
-    if not store.has_blob(config_digest):
-        return None
-    with store.open_blob(config_digest) as fh:
-        config = oci.load_document(fh.read(), "base image config")
-    inputs: dict[str, Any] = dict(record["inputs"])  # type: ignore[call-overload]
-    return BaseImage(
-        base_step.key,
-        str(record.get("reference", "")),
-        str(inputs["digest"]),
-        str(inputs["platform"]),
-        store.entry_path(str(record["rootfs"])),
-        config,
-        True,
-        0.0,
-    )
+def is_local(store: Store, step: PublishedStep) -> bool:
+    """Whether a published step is already usable from the local store."""
+    if step.kind.in_rootfs:
+        return rootfs_ready(store, step.key) is not None
+    record = read_record(store, step.key)
+    return record is not None and layers_stored(store, record)

@@ -38,6 +38,17 @@ class Accel(enum.Enum):
     KVM = "kvm"
     TCG = "tcg"
 
+    @classmethod
+    def parse(cls, value: str) -> Accel:
+        """An accelerator from a flag or ``MICROAGENT_ACCEL``, or a clear error."""
+        try:
+            return cls(value.strip().lower())
+        except ValueError:
+            raise InvalidInputError(
+                f"{value!r} is not an accelerator",
+                hint="use auto, kvm or tcg (--accel or MICROAGENT_ACCEL)",
+            ) from None
+
 
 @dataclass(frozen=True)
 class Availability:
@@ -73,6 +84,22 @@ class Forward:
     def describe(self) -> str:
         target = f"unix:{self.unix_socket}" if self.unix_socket else f"127.0.0.1:{self.host_port}"
         return f"10.0.2.100:{self.guest_port} -> {target}"
+
+    @classmethod
+    def parse(cls, text: str, *, flag: str = "--host-forward", sep: str = "=") -> Forward:
+        """``GUESTPORT=HOSTPORT`` or ``GUESTPORT=/path/to.sock`` (``sep`` for old spellings)."""
+        guest, found, target = text.partition(sep)
+        if not (found and guest.isdigit() and 0 < int(guest) < 65536 and target):
+            raise InvalidInputError(
+                f"{flag} {text!r}: expected GUESTPORT{sep}HOSTPORT or GUESTPORT{sep}/path/to.sock",
+                hint=f"e.g. {flag} 8080{sep}18080 lets the guest reach 127.0.0.1:18080 on the "
+                "host at http://10.0.2.100:8080",
+            )
+        if target.isdigit():
+            if not 0 < int(target) < 65536:
+                raise InvalidInputError(f"{flag} {text!r}: host port must be 1-65535")
+            return cls(int(guest), host_port=int(target))
+        return cls(int(guest), unix_socket=Path(target).expanduser().resolve())
 
 
 FORWARD_ADDRESS = "10.0.2.100"

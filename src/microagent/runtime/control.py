@@ -16,8 +16,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from microagent.kit.guestkit import BEGIN_MARKER, END_MARKER
-
+# The contract with the guest init (kit/templates/init.sh.j2 renders the same values).
+PORT_NAME = "microagent.ctl"  # the virtio-serial port carrying JSON-lines events
+BEGIN_MARKER = "--- microagent: command started ---"  # serial console: command output follows
+END_MARKER = "--- microagent: command exited"  # serial console: command output ended
+PROBE_MARKER = "microagent-probe-ok"  # printed by ma_mode=probe boots (the KVM probe)
 MAX_LINE = 16 << 20
 
 

@@ -1,15 +1,15 @@
 """A backend that boots nothing: it reads the config disk and plays back guest events.
 
 For fast tests of everything above the VMM (CLI, lifecycle, supervisor). What the "guest"
-does is decided by a handler ``RunConfig -> FakeOutcome``; the default answers from
-``$MICROAGENT_FAKE`` (JSON with the :class:`FakeOutcome` fields in camelCase) or exits 0.
+does is decided by a handler ``RunConfig -> FakeOutcome``; :func:`outcome_handler` answers
+with one outcome given as JSON (``$MICROAGENT_FAKE``: the :class:`FakeOutcome` fields in
+camelCase), or exits 0 echoing the argv.
 A hanging outcome stops only when the machine is shut down or the timeout passes.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 import threading
 import time
@@ -30,7 +30,6 @@ from microagent.runtime.backend import (
 )
 from microagent.runtime.configdisk import GuestNetwork, NetworkMode, Output, RunConfig
 
-FAKE_ENV = "MICROAGENT_FAKE"
 CONFIG_DISK_INDEX = 2
 
 
@@ -62,12 +61,21 @@ class FakeOutcome:
 Handler = Callable[[RunConfig], FakeOutcome]
 
 
-def env_handler(config: RunConfig) -> FakeOutcome:
-    """The default: ``$MICROAGENT_FAKE`` if set, else exit 0 and echo the argv."""
-    raw = os.environ.get(FAKE_ENV)
-    if raw:
-        return FakeOutcome.from_json(json.loads(raw))
+def echo_handler(config: RunConfig) -> FakeOutcome:
+    """The default: exit 0 and echo the argv."""
     return FakeOutcome(stdout=" ".join(config.command) + "\n")
+
+
+def outcome_handler(raw: str | None) -> Handler:
+    """A handler answering every boot with the outcome ``raw`` (JSON), else echoing."""
+    if not raw:
+        return echo_handler
+    try:
+        data = json.loads(raw)
+        outcome = FakeOutcome.from_json(data)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise VMError(f"fake guest: the outcome is not valid JSON: {exc}") from exc
+    return lambda _config: outcome
 
 
 def read_run_config(path: Path) -> RunConfig:
@@ -181,7 +189,7 @@ class FakeBackend:
 
     name = "fake"
 
-    def __init__(self, handler: Handler = env_handler) -> None:
+    def __init__(self, handler: Handler = echo_handler) -> None:
         self.handler = handler
         self.machines: list[FakeMachine] = []
 

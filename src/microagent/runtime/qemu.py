@@ -24,8 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from microagent import runner
-from microagent.errors import InvalidInputError, ToolError, VMError
-from microagent.kit.guestkit import PORT_NAME, PROBE_MARKER
+from microagent.errors import ToolError, VMError
 from microagent.runtime import hostclock
 from microagent.runtime.backend import (
     Accel,
@@ -40,11 +39,16 @@ from microagent.runtime.backend import (
     check_boot_files,
 )
 from microagent.runtime.configdisk import NetworkMode
-from microagent.runtime.control import ControlChannel, SerialStream, tail_text
+from microagent.runtime.control import (
+    PORT_NAME,
+    PROBE_MARKER,
+    ControlChannel,
+    SerialStream,
+    tail_text,
+)
 from microagent.runtime.network import NetworkSandbox, forward_socket, guestfwd_option
 
 QEMU_BINARIES = {"x86_64": "qemu-system-x86_64", "amd64": "qemu-system-x86_64"}
-ACCEL_ENV = "MICROAGENT_ACCEL"
 # rcu_expedited: module loading and mounts wait on RCU grace periods; expedited ones cut
 # ~50 ms of guest module/mount time and ~0.1 s of kernel boot under TCG (measured).
 BASE_CMDLINE = ("console=ttyS0", "quiet", "panic=-1", "rcupdate.rcu_expedited=1")
@@ -243,15 +247,7 @@ def probe_kvm(binary: str, kernel: Path, initrd: Path, cache_dir: Path | None) -
 
 
 def choose_accel(requested: Accel, probe: Callable[[], Availability]) -> tuple[Accel, str]:
-    """Resolve ``auto`` (or ``$MICROAGENT_ACCEL``) to KVM or TCG, with the reason."""
-    env = os.environ.get(ACCEL_ENV, "").strip().lower()
-    if requested is Accel.AUTO and env:
-        try:
-            requested = Accel(env)
-        except ValueError:
-            raise InvalidInputError(
-                f"${ACCEL_ENV}={env!r} is not an accelerator", hint="use auto, kvm or tcg"
-            ) from None
+    """Resolve ``auto`` to KVM (when a test boot works) or TCG, with the reason."""
     if requested is not Accel.AUTO:
         return requested, "requested"
     kvm = probe()

@@ -1,15 +1,16 @@
-"""The detached per-VM supervisor: boots one workspace VM and records what happens.
+"""The detached per-VM supervisor: boots one VM and records what happens in its run dir.
 
-``start`` prepares the disks and writes ``runtime/boot.json``, then runs
-``python -m microagent.runtime.supervisor WORKSPACE_DIR`` in a new session. This process owns
-the VMM: it moves the state machine (starting -> running -> stopped | halted | failed), writes
-``result.json`` from the guest's report, and turns SIGTERM into a graceful guest shutdown.
+``start`` prepares the disks and writes ``boot.json`` into the run directory (see
+:mod:`~microagent.runtime.rundir`), then runs ``python -m microagent.runtime.supervisor
+RUN_DIR`` in a new session. This process owns the VMM: it moves the state machine (starting
+-> running -> stopped | halted | failed), writes ``result.json`` from the guest's report, and
+turns SIGTERM into a graceful guest shutdown. Everything it needs is in ``boot.json``; it
+reads no environment variables.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import threading
@@ -19,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from microagent.errors import MicroagentError
+from microagent.fsutil import write_json_atomic
 from microagent.runtime.backend import (
     Accel,
-    Backend,
     BootConfig,
     Disk,
     Forward,
@@ -30,16 +31,25 @@ from microagent.runtime.backend import (
     MachineType,
     NetworkConfig,
 )
+from microagent.runtime.backends import get_backend
 from microagent.runtime.configdisk import NetworkMode
-from microagent.workspace.records import State, Workspace, now, write_json_atomic
+from microagent.runtime.rundir import RunDir, State, now
 
 SHUTDOWN_GRACE = 15.0
 EVENT_POLL = 0.5
 
 
-def boot_to_json(config: BootConfig, backend: str) -> dict[str, Any]:
+def boot_to_json(
+    config: BootConfig,
+    backend: str,
+    *,
+    probes_dir: Path | None = None,
+    fake_outcome: str | None = None,
+) -> dict[str, Any]:
     return {
         "backend": backend,
+        "probesDir": str(probes_dir) if probes_dir else None,
+        "fakeOutcome": fake_outcome,
         "kernel": str(config.kernel),
         "initrd": str(config.initrd),
         "disks": [
@@ -93,25 +103,12 @@ def boot_from_json(data: Mapping[str, Any]) -> BootConfig:
     )
 
 
-def get_backend(name: str) -> Backend:
-    """The backend called ``name`` (``qemu``, or ``fake`` for tests)."""
-    if name == "fake":
-        from microagent.runtime.fake import FakeBackend
-
-        return FakeBackend()
-    if name == "qemu":
-        from microagent.runtime.qemu import QemuBackend
-
-        return QemuBackend()
-    raise MicroagentError(f"unknown backend {name!r}", hint="use qemu (or fake in tests)")
-
-
 class _Watcher(threading.Thread):
     """Copies guest readiness (booted, started) from the control channel into runtime.json."""
 
-    def __init__(self, ws: Workspace, machine: Machine) -> None:
+    def __init__(self, run: RunDir, machine: Machine) -> None:
         super().__init__(daemon=True)
-        self.ws, self.machine = ws, machine
+        self.run_dir, self.machine = run, machine
         self.stop = threading.Event()
         self.seen: set[str] = set()
 
@@ -122,12 +119,12 @@ class _Watcher(threading.Thread):
                 if kind in ("booted", "started") and kind not in self.seen:
                     self.seen.add(kind)
                     field = "guestReadyAt" if kind == "booted" else "commandStartedAt"
-                    self.ws.set_state(State.RUNNING, f"guest {kind}", **{field: now()})
+                    self.run_dir.set_state(State.RUNNING, f"guest {kind}", **{field: now()})
 
 
 class Supervisor:
-    def __init__(self, ws: Workspace) -> None:
-        self.ws = ws
+    def __init__(self, run: RunDir) -> None:
+        self.run_dir = run
         self.halt_requested = threading.Event()
         self.machine: Machine | None = None
 
@@ -140,13 +137,16 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
-        boot = json.loads((self.ws.run_dir / "boot.json").read_text())
+        boot = json.loads(self.run_dir.boot_path.read_text())
         config = boot_from_json(boot)
-        backend = get_backend(boot["backend"])
+        probes = Path(boot["probesDir"]) if boot.get("probesDir") else None
+        backend = get_backend(
+            boot["backend"], probes_dir=probes, fake_outcome=boot.get("fakeOutcome")
+        )
         try:
             with backend.boot(config) as machine:
                 self.machine = machine
-                self.ws.set_state(State.RUNNING, "vm started", vmmArgv=list(machine.argv()))
+                self.run_dir.set_state(State.RUNNING, "vm started", vmmArgv=list(machine.argv()))
                 result = self._wait(machine)
         except MicroagentError as exc:
             return self._failed(exc.message)
@@ -155,7 +155,7 @@ class Supervisor:
         return self._finished(result)
 
     def _wait(self, machine: Machine) -> GuestResult:
-        watcher = _Watcher(self.ws, machine)
+        watcher = _Watcher(self.run_dir, machine)
         watcher.start()
         try:
             return machine.wait(timeout=None)
@@ -165,31 +165,30 @@ class Supervisor:
 
     def _finished(self, result: GuestResult) -> int:
         data = {"observedAt": now(), **result.to_json()}
-        write_json_atomic(self.ws.result_path, data)
+        write_json_atomic(self.run_dir.result_path, data)
         if self.halt_requested.is_set():
-            self.ws.set_state(State.HALTED, "halted on request", exitCode=result.exit_code)
+            self.run_dir.set_state(State.HALTED, "halted on request", exitCode=result.exit_code)
             return 0
         if result.exit_code == 0:
-            self.ws.set_state(State.STOPPED, "entrypoint exited 0", exitCode=0)
+            self.run_dir.set_state(State.STOPPED, "entrypoint exited 0", exitCode=0)
             return 0
         why = result.error or f"entrypoint exited with code {result.exit_code}"
-        self.ws.set_state(State.FAILED, why, exitCode=result.exit_code)
+        self.run_dir.set_state(State.FAILED, why, exitCode=result.exit_code)
         return 1
 
     def _failed(self, message: str) -> int:
         if self.halt_requested.is_set():
-            self.ws.set_state(State.HALTED, f"halted on request ({message})")
+            self.run_dir.set_state(State.HALTED, f"halted on request ({message})")
             return 0
-        self.ws.set_state(State.FAILED, message)
+        self.run_dir.set_state(State.FAILED, message)
         return 1
 
 
 def main(argv: list[str]) -> int:
-    ws = Workspace(Path(argv[0]))
-    os.environ.setdefault("MICROAGENT_SUPERVISED", "1")
+    run = RunDir(Path(argv[0]))
     began = time.monotonic()
-    code = Supervisor(ws).run()
-    ws.event("supervisor-exit", f"after {time.monotonic() - began:.1f}s", code=code)
+    code = Supervisor(run).run()
+    run.event("supervisor-exit", f"after {time.monotonic() - began:.1f}s", code=code)
     return code
 
 

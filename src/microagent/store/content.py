@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from microagent.digests import Digest, key_hex
 from microagent.errors import BuildError, IntegrityError, InvalidInputError, NotFoundError
 from microagent.fsutil import (
     TEMP_PREFIX,
@@ -46,53 +47,9 @@ if TYPE_CHECKING:
 
 CHUNK = 1 << 20
 STALE_TEMP_SECONDS = 6 * 3600
-_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
-_HEX = re.compile(r"[0-9a-f]+")
 _NAME_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 _RESERVED_KINDS = frozenset({"blobs", "keys", "locks", "tmp"})
 _UNLISTED_KINDS = frozenset({"locks", "tmp"})
-
-
-@dataclass(frozen=True, order=True)
-class Digest:
-    """A content digest such as ``sha256:<64 hex>``."""
-
-    algorithm: str
-    hex: str
-
-    def __post_init__(self) -> None:
-        length = _HEX_LENGTHS.get(self.algorithm)
-        if length is None:
-            raise IntegrityError(f"unsupported digest algorithm {self.algorithm!r}")
-        if len(self.hex) != length or not _HEX.fullmatch(self.hex):
-            raise IntegrityError(f"malformed {self.algorithm} digest {self.hex!r}")
-
-    @classmethod
-    def parse(cls, text: str | Digest) -> Digest:
-        """Parse ``"<alg>:<hex>"``; raises IntegrityError when malformed."""
-        if isinstance(text, Digest):
-            return text
-        algorithm, sep, hexpart = text.partition(":")
-        if not sep:
-            raise IntegrityError(f"malformed digest {text!r}: expected '<algorithm>:<hex>'")
-        return cls(algorithm, hexpart)
-
-    @classmethod
-    def from_hasher(cls, hasher: _Hash) -> Digest:
-        """The digest a finished hashlib object stands for."""
-        return cls(hasher.name, hasher.hexdigest())
-
-    @classmethod
-    def of_bytes(cls, data: bytes, algorithm: str = "sha256") -> Digest:
-        """Digest of an in-memory value."""
-        return cls.from_hasher(hashlib.new(algorithm, data))
-
-    def hasher(self) -> _Hash:
-        """A fresh hashlib object of this digest's algorithm."""
-        return hashlib.new(self.algorithm)
-
-    def __str__(self) -> str:
-        return f"{self.algorithm}:{self.hex}"
 
 
 @dataclass(frozen=True)
@@ -121,14 +78,6 @@ class PruneReport:
     @property
     def freed_bytes(self) -> int:
         return sum(e.disk_bytes for e in self.removed)
-
-
-def key_hex(key: str | Digest) -> str:
-    """Normalise a step key (``sha256:<hex>`` or bare hex) to its hex part."""
-    text = str(key)
-    if ":" not in text:
-        text = "sha256:" + text
-    return Digest.parse(text).hex
 
 
 def check_name(name: str) -> tuple[str, ...]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from microagent.store.content import Store, key_hex
+from microagent.digests import key_hex
+from microagent.store.content import Store
+from microagent.store.records import read_record
 
 
 def _blob_name(digest: str) -> str:
@@ -20,17 +22,15 @@ def names_in_use(store: Store, rootfs_keys: Iterable[str], blobs: Iterable[str])
         current: str | None = key
         while current:
             keep.add(f"keys/{key_hex(current)}.json")
-            record = store.get_key(current) or {}
-            if record.get("rootfs"):
-                keep.add(str(record["rootfs"]))
-            layers = record.get("layers")
-            for layer in layers if isinstance(layers, list) else []:
-                keep.add(_blob_name(str(layer.get("digest", ""))))
-            for field in ("manifest", "config"):
-                if record.get(field):
-                    keep.add(_blob_name(str(record[field])))
-            parent = record.get("parent")
-            current = str(parent) if parent else None
+            record = read_record(store, current)
+            if record is None:
+                break
+            if record.rootfs:
+                keep.add(record.rootfs)
+            keep.update(_blob_name(layer.digest) for layer in record.layers)
+            if record.origin is not None:
+                keep.update(_blob_name(d) for d in (record.origin.manifest, record.origin.config))
+            current = record.parent
     return keep
 
 

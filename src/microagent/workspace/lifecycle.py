@@ -1,13 +1,13 @@
-"""Workspace lifecycle verbs: start, status, result, halt, delete, cp, logs, events, list.
+"""Workspace lifecycle verbs: start, wait, status, result, halt, delete.
 
 Everything here works from workspace records and the store; the VM itself is owned by the
-detached supervisor (see :mod:`microagent.runtime.supervisor`).
+detached supervisor (see :mod:`microagent.runtime.supervisor`), which records the state
+machine in the workspace's run directory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -21,19 +21,15 @@ from typing import Any
 
 from microagent import runner
 from microagent.errors import ConflictError, NotFoundError, VMError
-from microagent.kit.guestkit import resolve_kit
-from microagent.runtime.backend import BootConfig, Disk, Forward, NetworkConfig
-from microagent.runtime.configdisk import (
-    GuestFile,
-    GuestNetwork,
-    NetworkMode,
-    Output,
-    RunConfig,
-    write_config_disk,
-)
+from microagent.fsutil import read_json, write_json_atomic
+from microagent.runtime.backend import Accel, Forward, NetworkConfig
+from microagent.runtime.boot import BootFiles, RunRequest, prepare, vm_dir_for
+from microagent.runtime.configdisk import GuestFile, NetworkMode, Output
+from microagent.runtime.rundir import State
 from microagent.runtime.supervisor import boot_to_json
+from microagent.settings import Settings
 from microagent.store.content import Store
-from microagent.workspace.records import Record, State, Workspace, read_json, write_json_atomic
+from microagent.workspace.records import Record, Workspace
 
 START_TIMEOUT = 60.0
 HALT_TIMEOUT = 30.0
@@ -42,12 +38,15 @@ POLL = 0.2
 
 @dataclass
 class Runtime:
-    """Where things are: the store (rootfs, blobs, guest kit) and the backend to use."""
+    """What starting a workspace needs: the settings, the guest kit and the backend name."""
 
-    store: Store
-    backend: str = "qemu"
-    extra_ca: bytes | None = None
+    settings: Settings
+    kit: Callable[[], BootFiles]
     say: Callable[[str], None] = lambda _m: None
+
+    @property
+    def store(self) -> Store:
+        return Store(self.settings.store_dir)
 
 
 # -- liveness ----------------------------------------------------------------------------------
@@ -55,13 +54,13 @@ class Runtime:
 
 def reconcile(ws: Workspace) -> State:
     """The true state: a live-looking state whose supervisor is gone becomes ``failed``."""
-    state = ws.state()
-    runtime = ws.runtime()
-    pid = runtime.get("supervisorPid")
+    run = ws.run
+    state = run.state()
+    pid = run.runtime().get("supervisorPid")
     if state is State.STARTING and pid is None:
         return state  # the launcher records the pid right after spawning
     if state.live and not runner.pid_alive(pid):
-        ws.set_state(State.FAILED, "the supervisor process died unexpectedly")
+        run.set_state(State.FAILED, "the supervisor process died unexpectedly")
         return State.FAILED
     return state
 
@@ -79,56 +78,26 @@ def _guest_files(store: Store, record: Record) -> tuple[GuestFile, ...]:
     return tuple(files)
 
 
-def _run_config(record: Record) -> RunConfig:
-    env = {**record.env, **record.runtime_env}
+def run_request(rt: Runtime, ws: Workspace, record: Record) -> RunRequest:
+    """What a start of the workspace boots: its entrypoint on its own state disk."""
     mode = NetworkMode(record.network)
-    return RunConfig(
+    forwards = tuple(Forward(guest, host_port=host) for guest, host in record.host_forwards)
+    return RunRequest(
+        rootfs=Path(record.rootfs),
         command=record.command,
-        env=env,
-        workdir=record.workdir,
-        hostname=record.hostname,
-        network=GuestNetwork(mode=mode),
-        outputs=tuple(Output(n, p) for n, p in record.outputs),
-    )
-
-
-def _boot(rt: Runtime, ws: Workspace, record: Record) -> BootConfig:
-    kit = resolve_kit(rt.store, progress=rt.say)
-    config_disk = ws.run_dir / "config.tar"
-    files = _guest_files(rt.store, record)
-    write_config_disk(config_disk, _run_config(record), files, rt.extra_ca)
-    config_disk.chmod(0o600)
-    return BootConfig(
-        kernel=kit.kernel,
-        initrd=kit.initrd,
-        disks=(
-            Disk(Path(record.rootfs), readonly=True, serial="rootfs"),
-            Disk(ws.state_disk, serial="state"),
-            Disk(config_disk, readonly=True, serial="config"),
-        ),
-        state_dir=_vm_dir(ws),
+        env={**record.env, **record.runtime_env},
+        network=NetworkConfig(mode, forwards),
         memory_mib=record.memory_mib,
         cpus=record.cpus,
-        network=NetworkConfig(
-            NetworkMode(record.network),
-            tuple(Forward(guest, host_port=host) for guest, host in record.host_forwards),
-        ),
+        files=_guest_files(rt.store, record),
+        outputs=tuple(Output(n, p) for n, p in record.outputs),
+        hostname=record.hostname,
+        workdir=record.workdir,
+        extra_ca=rt.settings.extra_ca_bundle(),
+        state_disk=ws.state_disk,
+        accel=Accel.parse(rt.settings.accel),
         name=record.name,
     )
-
-
-def _vm_dir(ws: Workspace) -> Path:
-    """A short directory for sockets (unix socket paths are limited to ~107 bytes)."""
-    path = ws.run_dir / "vm"
-    if len(str(path / "control.sock")) < 100:
-        return path
-    base = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / "microagent"
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    digest = hashlib.sha256(str(ws.root).encode()).hexdigest()[:12]
-    link = base / f"{ws.name[:40]}-{digest}"
-    shutil.rmtree(link, ignore_errors=True)
-    link.mkdir(mode=0o700)
-    return link
 
 
 def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict[str, Any]:
@@ -145,31 +114,30 @@ def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict
             f"the root filesystem of {ws.name!r} is gone from the cache",
             hint="create the workspace again (a `cache prune` removed it)",
         )
-    ws.result_path.unlink(missing_ok=True)
-    boot = _boot(rt, ws, record)
-    write_json_atomic(ws.run_dir / "boot.json", boot_to_json(boot, rt.backend), mode=0o600)
-    ws.set_state(State.STARTING, "starting the VM", supervisorPid=None, vmDir=str(boot.state_dir))
+    run = ws.run
+    run.result_path.unlink(missing_ok=True)
+    run.path.mkdir(parents=True, exist_ok=True)
+    vm_dir = vm_dir_for(run.path, ws.name)
+    boot = prepare(run_request(rt, ws, record), rt.kit(), vm_dir, work_dir=run.path)
+    settings = rt.settings
+    document = boot_to_json(
+        boot, settings.backend, probes_dir=settings.probes_dir, fake_outcome=settings.fake_outcome
+    )
+    write_json_atomic(run.boot_path, document, mode=0o600)
+    run.set_state(State.STARTING, "starting the VM", supervisorPid=None, vmDir=str(vm_dir))
     proc = runner.spawn(
-        [sys.executable, "-m", "microagent.runtime.supervisor", str(ws.root)],
-        stdout=ws.run_dir / "supervisor.log",
+        [sys.executable, "-m", "microagent.runtime.supervisor", str(run.path)],
+        stdout=run.supervisor_log,
         new_session=True,
         env=_supervisor_env(),
     )
-    ws.update(supervisorPid=proc.pid)
+    run.update(supervisorPid=proc.pid)
     return _await_running(ws, timeout)
 
 
 def _supervisor_env() -> dict[str, str]:
-    keep = (
-        "PYTHONPATH",
-        "MICROAGENT_HOME",
-        "MICROAGENT_KERNEL",
-        "MICROAGENT_INITRD",
-        "MICROAGENT_DEBIAN_MIRROR",
-        "MICROAGENT_FAKE",
-        "XDG_RUNTIME_DIR",
-        "VIRTUAL_ENV",
-    )
+    """What the supervisor's Python needs to import microagent (it reads no settings)."""
+    keep = ("PYTHONPATH", "VIRTUAL_ENV", "XDG_RUNTIME_DIR", "TMPDIR")
     return {k: os.environ[k] for k in keep if k in os.environ}
 
 
@@ -178,11 +146,11 @@ def _await_running(ws: Workspace, timeout: float) -> dict[str, Any]:
     while time.monotonic() < deadline:
         state = reconcile(ws)
         if state is State.RUNNING or state.terminal:
-            return ws.runtime()
+            return ws.run.runtime()
         time.sleep(POLL)
     raise VMError(
         f"workspace {ws.name!r} did not start within {timeout:.0f}s",
-        hint=f"see {ws.run_dir / 'supervisor.log'}",
+        hint=f"see {ws.run.supervisor_log}",
     )
 
 
@@ -211,8 +179,8 @@ def halt(ws: Workspace, *, timeout: float = HALT_TIMEOUT) -> State:
     state = reconcile(ws)
     if not state.live:
         return state
-    pid = ws.runtime().get("supervisorPid")
-    ws.set_state(State.STOPPING, "halt requested")
+    pid = ws.run.runtime().get("supervisorPid")
+    ws.run.set_state(State.STOPPING, "halt requested")
     if isinstance(pid, int):
         _signal_group(pid, signal.SIGTERM)
     try:
@@ -220,7 +188,7 @@ def halt(ws: Workspace, *, timeout: float = HALT_TIMEOUT) -> State:
     except VMError:
         if isinstance(pid, int):
             _signal_group(pid, signal.SIGKILL)
-        ws.set_state(State.HALTED, f"killed after {timeout:.0f}s without a clean shutdown")
+        ws.run.set_state(State.HALTED, f"killed after {timeout:.0f}s without a clean shutdown")
         return State.HALTED
 
 
@@ -235,7 +203,7 @@ def delete(ws: Workspace, *, force: bool = False) -> bool:
                 f"workspace {ws.name!r} is {state.value}",
                 hint="halt it first, or pass --force to kill it",
             )
-        pid = ws.runtime().get("supervisorPid")
+        pid = ws.run.runtime().get("supervisorPid")
         if isinstance(pid, int):
             _signal_group(pid, signal.SIGKILL)
             time.sleep(0.2)
@@ -252,7 +220,7 @@ def _readiness(ws: Workspace, state: State, runtime: Mapping[str, Any]) -> dict[
     return {
         "guestReady": {"ready": guest, "observedAt": runtime.get("guestReadyAt")},
         "execReady": {"ready": False, "detail": "structured exec is not available yet"},
-        "resultReady": {"ready": ws.result_path.is_file()},
+        "resultReady": {"ready": ws.run.result_path.is_file()},
     }
 
 
@@ -277,7 +245,7 @@ def _parse_output(name: str, entry: Any) -> dict[str, Any]:
 
 def result_payload(ws: Workspace) -> dict[str, Any] | None:
     """The guest's report plus the declared outputs (``result`` parsed as JSON)."""
-    data = read_json(ws.result_path)
+    data = read_json(ws.run.result_path)
     if data is None:
         return None
     outputs = data.get("outputs") or {}
@@ -294,7 +262,7 @@ def result_payload(ws: Workspace) -> dict[str, Any] | None:
 def status(ws: Workspace, backend: str) -> dict[str, Any]:
     """The JSON envelope for ``status``."""
     state = reconcile(ws)
-    runtime = ws.runtime()
+    runtime = ws.run.runtime()
     record = ws.record()
     failed = state is State.FAILED
     return {

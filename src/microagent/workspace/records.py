@@ -14,45 +14,19 @@ sees YAML: a record is plain data written by ``create``.
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
 import re
 import tempfile
-import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from microagent.errors import ConflictError, InvalidInputError, NotFoundError
+from microagent.fsutil import read_json
+from microagent.runtime.rundir import RunDir, now
 
 RECORD_VERSION = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-
-
-class State(Enum):
-    PREPARED = "prepared"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    HALTED = "halted"
-    FAILED = "failed"
-
-    @property
-    def live(self) -> bool:
-        return self in (State.STARTING, State.RUNNING, State.STOPPING)
-
-    @property
-    def terminal(self) -> bool:
-        return self in (State.STOPPED, State.HALTED, State.FAILED)
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 @dataclass(frozen=True)
@@ -124,33 +98,9 @@ def check_name(name: str) -> str:
     return name
 
 
-def write_json_atomic(path: Path, data: Mapping[str, Any], mode: int = 0o644) -> None:
-    """Temp file + fsync + rename, so readers never see half a document."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 @dataclass(frozen=True)
 class Workspace:
-    """Paths and state of one workspace directory."""
+    """Paths of one workspace directory; its run state lives in :attr:`run`."""
 
     root: Path
 
@@ -167,84 +117,14 @@ class Workspace:
         return self.root / "state.ext4"
 
     @property
-    def run_dir(self) -> Path:
-        return self.root / "runtime"
-
-    @property
-    def runtime_path(self) -> Path:
-        return self.run_dir / "runtime.json"
-
-    @property
-    def events_path(self) -> Path:
-        return self.run_dir / "events.jsonl"
-
-    @property
-    def result_path(self) -> Path:
-        return self.run_dir / "result.json"
-
-    @property
-    def serial_log(self) -> Path:
-        """The guest console log (in the VM directory recorded at start)."""
-        vm_dir = self.runtime().get("vmDir")
-        return Path(vm_dir) / "serial.log" if vm_dir else self.run_dir / "vm" / "serial.log"
+    def run(self) -> RunDir:
+        return RunDir(self.root / "runtime")
 
     def record(self) -> Record:
         data = read_json(self.record_path)
         if data is None:
             raise NotFoundError(f"workspace {self.name!r} has no readable record")
         return Record.from_json(data)
-
-    def runtime(self) -> dict[str, Any]:
-        return read_json(self.runtime_path) or {"state": State.PREPARED.value}
-
-    def state(self) -> State:
-        try:
-            return State(self.runtime().get("state", "prepared"))
-        except ValueError:
-            return State.FAILED
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with (self.run_dir / ".lock").open("a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            yield
-
-    def set_state(self, state: State, detail: str = "", **extra: Any) -> dict[str, Any]:
-        """Record a transition in runtime.json and append it to events.jsonl."""
-        with self._locked():
-            current = self.runtime()
-            current.update(extra)
-            current.update(state=state.value, detail=detail, observedAt=now())
-            write_json_atomic(self.runtime_path, current)
-            self.event(state.value, detail)
-        return current
-
-    def update(self, **fields: Any) -> None:
-        """Add fields to runtime.json without changing the state."""
-        with self._locked():
-            current = self.runtime()
-            current.update(fields)
-            write_json_atomic(self.runtime_path, current)
-
-    def event(self, kind: str, detail: str = "", **extra: Any) -> None:
-        line = {"observedAt": now(), "event": kind, "detail": detail, **extra}
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with self.events_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(line, sort_keys=True) + "\n")
-
-    def events(self) -> list[dict[str, Any]]:
-        try:
-            lines = self.events_path.read_text(encoding="utf-8").splitlines()
-        except OSError:
-            return []
-        out = []
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
 
 
 class Workspaces:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from microagent.digests import Digest, key_hex
 from microagent.errors import BuildError, IntegrityError, InvalidInputError, NotFoundError
 from microagent.fsutil import TEMP_PREFIX, flocked
-from microagent.store.content import Digest, Store, key_hex
+from microagent.store.content import Store
 
 HELLO = b"hello, store\n"
 HELLO_HEX = hashlib.sha256(HELLO).hexdigest()

@@ -14,16 +14,15 @@ import pytest
 import zstandard
 from cache_tarkit import dir_, file, sha256, sym, tar_bytes, tree
 
+from microagent.digests import Digest
 from microagent.errors import BuildError, ToolError
-from microagent.layers.apply import (
-    LayerSource,
+from microagent.layers.apply import LayerSource, flatten
+from microagent.layers.tarwrite import (
     compress_zstd,
     export_upper_as_layer,
     export_upper_as_zstd_layer,
-    flatten,
 )
 from microagent.runner import run
-from microagent.store.content import Digest
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="whiteout devices need root")
 

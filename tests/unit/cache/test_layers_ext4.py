@@ -15,15 +15,10 @@ import pytest
 from cache_tarkit import chardev, dir_, file, hard, sym, tar_bytes
 
 from microagent.errors import IntegrityError
-from microagent.layers.apply import (
-    Kind,
-    LayerSource,
-    PathMeta,
-    StageMetadata,
-    debugfs_quote,
-    fix_ownership_script,
-    flatten,
-)
+from microagent.ext4.debugfs import fix_ownership_script
+from microagent.ext4.debugfs import quote as debugfs_quote
+from microagent.layers.apply import LayerSource, flatten
+from microagent.layers.stagemeta import Kind, PathMeta, StageMetadata
 from microagent.runner import run
 
 pytestmark = pytest.mark.skipif(shutil.which("debugfs") is None, reason="needs e2fsprogs")

@@ -27,15 +27,9 @@ from cache_tarkit import (
     zstd_bytes,
 )
 
-from microagent.layers.apply import (
-    Kind,
-    LayerSource,
-    PathMeta,
-    StageMetadata,
-    apply_layer,
-    flatten,
-)
-from microagent.store.content import Digest
+from microagent.digests import Digest
+from microagent.layers.apply import LayerSource, apply_layer, flatten
+from microagent.layers.stagemeta import Kind, PathMeta, StageMetadata
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="stage ownership needs root")
 

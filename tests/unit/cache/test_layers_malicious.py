@@ -31,9 +31,10 @@ from cache_tarkit import (
     whiteout,
 )
 
+from microagent.digests import Digest
 from microagent.errors import IntegrityError
-from microagent.layers.apply import LayerSource, Limits, StageMetadata, flatten
-from microagent.store.content import Digest
+from microagent.layers.apply import LayerSource, Limits, flatten
+from microagent.layers.stagemeta import StageMetadata
 
 SENTINEL = "@SENTINEL@"  # replaced by the absolute path of the sentinel directory
 

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from microagent.errors import IntegrityError
-from microagent.layers.apply import LayerSource, StageMetadata, flatten
+from microagent.layers.apply import LayerSource, flatten
+from microagent.layers.stagemeta import StageMetadata
 
 ABS = "@ABS@"  # the sentinel's absolute path
 # Weighted towards names that apply, so sequences get far enough to interact.

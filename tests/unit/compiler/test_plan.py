@@ -8,15 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from microagent.compiler.keys import StepKind
 from microagent.compiler.loader import load_spec
 from microagent.compiler.lock import ResolvedImage
-from microagent.compiler.plan import (
-    BuildPlan,
-    CachedStep,
-    StepKind,
-    compile_plan,
-    plan_status,
-)
+from microagent.compiler.plan import BuildPlan, CachedStep, compile_plan, plan_status
 
 ROOT = Path(__file__).parents[3]
 GOLDEN = Path(__file__).parent / "golden"

@@ -10,7 +10,8 @@ import pytest
 from disk_kit import debugfs, debugfs_w, fsck_clean, inode_of, read_image_file
 
 from microagent.errors import ConflictError, InvalidInputError, NotFoundError, ToolError
-from microagent.ext4.overlay import copy_in, copy_out, exists, make_state_disk, read_bytes
+from microagent.ext4.mkfs import make_state_disk
+from microagent.ext4.overlay import copy_in, copy_out, exists, read_bytes
 
 
 def host_file(tmp_path: Path, data: bytes, name: str = "src.bin") -> Path:

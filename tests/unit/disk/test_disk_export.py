@@ -24,11 +24,12 @@ from disk_kit import (
     whiteout,
 )
 
+from microagent.digests import Digest
 from microagent.errors import BuildError, IntegrityError, NotFoundError
-from microagent.ext4.debugfs import export_upper_image
-from microagent.ext4.overlay import copy_in, make_state_disk
+from microagent.ext4.mkfs import make_state_disk
+from microagent.ext4.overlay import copy_in
+from microagent.ext4.upper import export_upper_image
 from microagent.layers.apply import LayerSource, flatten
-from microagent.store.content import Digest
 
 LONG_TARGET = "/" + "x" * 100 + "/target"  # too long to live inside the inode
 ODD_NAMES = ['we ird "q" é', "-dash", "back\\slash", " lead", "#h;$x*", "日本"]

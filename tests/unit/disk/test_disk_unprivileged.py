@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from disk_kit import as_nobody, inode_of
 
-from microagent.ext4.debugfs import export_upper_image
-from microagent.ext4.overlay import copy_in, copy_out, make_state_disk, read_bytes
+from microagent.ext4.mkfs import make_state_disk
+from microagent.ext4.overlay import copy_in, copy_out, read_bytes
+from microagent.ext4.upper import export_upper_image
 
 
 @pytest.fixture

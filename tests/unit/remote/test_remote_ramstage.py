@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from microagent.ext4 import ramstage
+from microagent.settings import Settings
 from microagent.store.content import Store
 
 
-def test_stage_in_ram_when_there_is_room(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ramstage.RAM_ENV, raising=False)
+def test_stage_in_ram_when_there_is_room(tmp_path: Path) -> None:
     ram = tmp_path / "shm"
     ram.mkdir()
-    with ramstage.stage_dir(Store(tmp_path / "store"), 1000, ram) as stage:
+    with ramstage.stage_dir(Store(tmp_path / "store"), 1000, directory=ram) as stage:
         assert stage.parent.parent == ram and stage.parent.name.startswith(ramstage.PREFIX)
         assert stage.parent.stat().st_mode & 0o777 == 0o700
         stage.mkdir()
@@ -28,11 +28,11 @@ def test_stage_in_the_store_when_ram_is_off_or_full(
 ) -> None:
     ram, store = tmp_path / "shm", Store(tmp_path / "store")
     ram.mkdir()
-    monkeypatch.setenv(ramstage.RAM_ENV, "0")
-    with ramstage.stage_dir(store, 1000, ram) as stage:
-        assert store.root in stage.parents
-    monkeypatch.delenv(ramstage.RAM_ENV)
-    with ramstage.stage_dir(store, 1 << 60, ram) as stage:
+    monkeypatch.setenv("MICROAGENT_RAM_STAGE", "0")
+    off = Settings.from_environ().ram_stage
+    with ramstage.stage_dir(store, 1000, ram=off, directory=ram) as stage:
+        assert not off and store.root in stage.parents
+    with ramstage.stage_dir(store, 1 << 60, directory=ram) as stage:
         assert store.root in stage.parents
 
 

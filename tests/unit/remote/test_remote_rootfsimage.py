@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from microagent.errors import IntegrityError
-from microagent.ext4.packed import Packed, pack, unpack
+from microagent.ext4.packed import pack, unpack
+from microagent.store.records import PackedImage
 
 
 def _image(tmp_path: Path) -> Path:
@@ -39,7 +40,7 @@ def test_a_wrong_blob_or_image_is_refused(tmp_path: Path, what: str) -> None:
     blob = io.BytesIO()
     packed = pack(_image(tmp_path), blob)
     data = blob.getvalue()
-    expected: Packed = packed
+    expected: PackedImage = packed
     if what == "flipped":
         data = data[:50] + bytes([data[50] ^ 1]) + data[51:]
     elif what == "truncated":

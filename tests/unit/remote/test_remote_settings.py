@@ -8,6 +8,7 @@ import pytest
 
 from microagent.errors import InvalidInputError
 from microagent.remotecache.refs import cache_from_refs, cache_to_ref, parse_cache_ref
+from microagent.settings import Settings
 
 
 def test_registry_and_layout_references(tmp_path: Path) -> None:
@@ -39,8 +40,9 @@ def user_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_defaults_come_from_the_user_config(user_config: Path) -> None:
-    assert [r.where for r in cache_from_refs()] == ["cfg.example/a", "cfg.example/b"]
-    to = cache_to_ref()
+    settings = Settings.from_environ()
+    assert [r.where for r in cache_from_refs((), settings)] == ["cfg.example/a", "cfg.example/b"]
+    to = cache_to_ref(None, settings)
     assert to is not None and to.where == "cfg.example/ci"
 
 
@@ -48,17 +50,20 @@ def test_environment_wins_over_the_config_even_when_empty(
     user_config: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MICROAGENT_CACHE_FROM", "env.example/x, env.example/y")
-    assert [r.where for r in cache_from_refs()] == ["env.example/x", "env.example/y"]
+    settings = Settings.from_environ()
+    assert [r.where for r in cache_from_refs((), settings)] == ["env.example/x", "env.example/y"]
     monkeypatch.setenv("MICROAGENT_CACHE_FROM", "")
     monkeypatch.setenv("MICROAGENT_CACHE_TO", "")
-    assert cache_from_refs() == () and cache_to_ref() is None
+    settings = Settings.from_environ()
+    assert cache_from_refs((), settings) == () and cache_to_ref(None, settings) is None
 
 
 def test_flags_win_over_everything(user_config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MICROAGENT_CACHE_FROM", "env.example/x")
-    refs = cache_from_refs(("flag.example/one", "flag.example/two,oci:/tmp/c"))
+    settings = Settings.from_environ()
+    refs = cache_from_refs(("flag.example/one", "flag.example/two,oci:/tmp/c"), settings)
     assert [r.where for r in refs] == ["flag.example/one", "flag.example/two", "oci:/tmp/c"]
-    to = cache_to_ref("flag.example/push")
+    to = cache_to_ref("flag.example/push", settings)
     assert to is not None and to.where == "flag.example/push"
 
 
@@ -66,7 +71,8 @@ def test_no_defaults_means_no_remote(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("MICROAGENT_CONFIG", str(tmp_path / "missing.yaml"))
     monkeypatch.delenv("MICROAGENT_CACHE_FROM", raising=False)
     monkeypatch.delenv("MICROAGENT_CACHE_TO", raising=False)
-    assert cache_from_refs() == () and cache_to_ref() is None
+    settings = Settings.from_environ()
+    assert cache_from_refs((), settings) == () and cache_to_ref(None, settings) is None
 
 
 def test_urls_in_messages_carry_no_credentials_or_upload_state() -> None:

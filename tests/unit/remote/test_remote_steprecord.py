@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from microagent.compiler.plan import Step, StepKind, step_key
+from microagent.compiler.keys import StepKind, step_key
+from microagent.compiler.plan import Step
 from microagent.digests import canonical_json
 from microagent.errors import IntegrityError
 from microagent.oci import documents as oci
@@ -21,6 +22,7 @@ from microagent.remotecache.records import (
     PublishedStep,
     inputs_digest,
     key_of_tag,
+    layer_descriptor,
     parse_step_manifest,
     step_tag,
     verify_base,
@@ -54,7 +56,7 @@ def _manifest(step: PublishedStep, layers: list[dict[str, Any]] | None = None) -
             "digest": _digest(b"{}"),
             "size": 2,
         },
-        "layers": layers if layers is not None else [x.descriptor() for x in step.layers],
+        "layers": layers if layers is not None else [layer_descriptor(x) for x in step.layers],
         "annotations": {STEP_ANNOTATION: canonical_json(step.to_json()).decode()},
     }
     return canonical_json(doc)
@@ -111,7 +113,7 @@ def test_edited_inputs_are_refused() -> None:
 def test_manifest_layers_must_match_the_record() -> None:
     step = _setup(PARENT, "a", (_layer(0), _layer(1)))
     with pytest.raises(IntegrityError, match="other layers"):
-        parse_step_manifest(_manifest(step, [_layer(0).descriptor()]), step.key)
+        parse_step_manifest(_manifest(step, [layer_descriptor(_layer(0))]), step.key)
 
 
 def test_missing_annotation_and_bad_json_are_refused() -> None:
@@ -158,7 +160,7 @@ def _base(*, index: bool, layers: tuple[LayerRef, ...] | None = None) -> Publish
             "schemaVersion": 2,
             "mediaType": oci.OCI_MANIFEST,
             "config": {"mediaType": oci.OCI_CONFIG, "digest": config, "size": 6},
-            "layers": [x.descriptor() for x in (_layer(0), _layer(1))],
+            "layers": [layer_descriptor(x) for x in (_layer(0), _layer(1))],
         }
     )
     docs = {_digest(manifest): manifest}
@@ -232,6 +234,6 @@ def test_docker_gzip_layers_are_published_with_the_oci_type() -> None:
             "diffId": _digest(b"b"),
         }
     )
-    assert layer.descriptor()["mediaType"] == oci.OCI_LAYER_GZIP
+    assert layer_descriptor(layer)["mediaType"] == oci.OCI_LAYER_GZIP
     with pytest.raises(IntegrityError, match="bad layer size"):
         LayerRef.from_json({"digest": _digest(b"a"), "size": -1, "diffId": _digest(b"b")})

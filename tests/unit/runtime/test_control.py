@@ -6,8 +6,14 @@ import socket
 import threading
 from pathlib import Path
 
-from microagent.kit.guestkit import BEGIN_MARKER, END_MARKER
-from microagent.runtime.control import ControlChannel, SerialStream, parse_event, tail_text
+from microagent.runtime.control import (
+    BEGIN_MARKER,
+    END_MARKER,
+    ControlChannel,
+    SerialStream,
+    parse_event,
+    tail_text,
+)
 
 
 def test_parse_event() -> None:

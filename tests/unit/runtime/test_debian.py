@@ -9,6 +9,7 @@ from runtime_kit import make_deb, make_mirror
 
 from microagent.errors import BuildError, IntegrityError
 from microagent.kit import debian
+from microagent.settings import Settings
 from microagent.store.content import Store
 
 
@@ -31,17 +32,15 @@ def test_parse_packages_first_stanza_wins_and_continuations() -> None:
     assert found["a"].size == 3
 
 
-def test_mirror_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(debian.MIRROR_ENV, "http://mirror.example/debian/")
-    monkeypatch.delenv(debian.SUITE_ENV, raising=False)
-    mirror = debian.Mirror.from_env()
+def test_mirror_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MICROAGENT_DEBIAN_MIRROR", "http://mirror.example/debian/")
+    monkeypatch.delenv("MICROAGENT_DEBIAN_SUITE", raising=False)
+    settings = Settings.from_environ()
+    mirror = debian.Mirror.of(settings.debian_mirror, settings.debian_suite)
     assert mirror.index_url("amd64") == (
         "http://mirror.example/debian/dists/bookworm/main/binary-amd64/Packages.xz"
     )
-    assert (
-        debian.Mirror.from_env("http://x", "trixie").file_url("/pool/p.deb")
-        == "http://x/pool/p.deb"
-    )
+    assert debian.Mirror.of("http://x", "trixie").file_url("/pool/p.deb") == "http://x/pool/p.deb"
 
 
 def test_debian_arch() -> None:

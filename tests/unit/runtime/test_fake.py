@@ -10,9 +10,10 @@ import pytest
 from microagent.errors import InvalidInputError, VMError
 from microagent.kit.guestkit import GuestKit
 from microagent.runtime.backend import GuestTimeout, Machine
+from microagent.runtime.backends import get_backend
+from microagent.runtime.boot import RunRequest, print_command, run_once
 from microagent.runtime.configdisk import GuestFile, Output, RunConfig
-from microagent.runtime.fake import FAKE_ENV, FakeBackend, FakeOutcome
-from microagent.runtime.oneshot import RunRequest, print_command, run_once
+from microagent.runtime.fake import FakeBackend, FakeOutcome
 
 
 @pytest.fixture
@@ -78,12 +79,16 @@ def test_crash_and_never_ran(kit: GuestKit, rootfs: Path) -> None:
     assert (result.exit_code, result.error) == (127, "x: not found")
 
 
-def test_env_handler(kit: GuestKit, rootfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_outcome_handler(kit: GuestKit, rootfs: Path) -> None:
     request = RunRequest(rootfs=rootfs, command=("echo", "hi"))
     assert run_once(request, backend=FakeBackend(), kit=kit).stdout == "echo hi\n"
-    monkeypatch.setenv(FAKE_ENV, json.dumps({"exitCode": 9, "stdout": "s"}))
-    result = run_once(request, backend=FakeBackend(), kit=kit)
+    backend = get_backend("fake", fake_outcome=json.dumps({"exitCode": 9, "stdout": "s"}))
+    result = run_once(request, backend=backend, kit=kit)
     assert (result.exit_code, result.stdout) == (9, "s")
+    with pytest.raises(VMError, match="not valid JSON"):
+        get_backend("fake", fake_outcome="{nope")
+    with pytest.raises(InvalidInputError, match="unknown backend 'warp'"):
+        get_backend("warp")
 
 
 def test_missing_rootfs_and_kernel(kit: GuestKit, tmp_path: Path, rootfs: Path) -> None:

@@ -13,6 +13,8 @@ from microagent.errors import BuildError, InvalidInputError, ToolError
 from microagent.kit import debian, guestkit, kmod
 from microagent.kit.guestkit import MODULE_ROOTS
 from microagent.runner import find_tool, run
+from microagent.runtime import control
+from microagent.settings import Settings
 from microagent.store.content import Store
 
 GROUPS = {
@@ -75,7 +77,7 @@ def test_render_init_lists_modules_and_markers() -> None:
     assert text.startswith("#!/bin/sh\n")
     assert "insmod_all virtio_ring virtio virtio_mmio" in text
     assert "insmod_all failover net_failover virtio_net" in text
-    assert guestkit.BEGIN_MARKER in text and guestkit.PORT_NAME in text
+    assert control.BEGIN_MARKER in text and control.PORT_NAME in text
     assert "{{" not in text and "<%" not in text
 
 
@@ -171,9 +173,9 @@ def test_user_kernel_and_initrd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     initrd.write_bytes(b"i")
     kit = guestkit.resolve_kit(Store(tmp_path / "s"), kernel=kernel, initrd=initrd)
     assert (kit.kernel, kit.initrd, kit.source) == (kernel, initrd, "user")
-    monkeypatch.setenv(guestkit.KERNEL_ENV, str(kernel))
-    monkeypatch.setenv(guestkit.INITRD_ENV, str(initrd))
-    assert guestkit.resolve_kit(Store(tmp_path / "s")).source == "user"
+    monkeypatch.setenv("MICROAGENT_KERNEL", str(kernel))
+    monkeypatch.setenv("MICROAGENT_INITRD", str(initrd))
+    assert guestkit.kit_for(Settings.from_environ(), Store(tmp_path / "s")).source == "user"
 
 
 def test_user_kernel_alone_uses_the_store_initramfs(

@@ -18,7 +18,6 @@ from microagent.runtime.backend import (
 )
 from microagent.runtime.configdisk import NetworkMode
 from microagent.runtime.qemu import (
-    ACCEL_ENV,
     build_argv,
     choose_accel,
     kernel_cmdline,
@@ -136,8 +135,7 @@ def test_probe_argv_boots_the_kit_in_probe_mode() -> None:
     assert argv[-1].endswith("ma_mode=probe")
 
 
-def test_choose_accel(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ACCEL_ENV, raising=False)
+def test_choose_accel() -> None:
     calls: list[int] = []
 
     def probe_ok() -> Availability:
@@ -152,8 +150,6 @@ def test_choose_accel(monkeypatch: pytest.MonkeyPatch) -> None:
     assert choose_accel(Accel.AUTO, probe_ok)[0] is Accel.KVM
     accel, why = choose_accel(Accel.AUTO, probe_bad)
     assert accel is Accel.TCG and "MSR assertion" in why
-    monkeypatch.setenv(ACCEL_ENV, "tcg")
-    assert choose_accel(Accel.AUTO, probe_ok) == (Accel.TCG, "requested")
-    monkeypatch.setenv(ACCEL_ENV, "warp")
-    with pytest.raises(InvalidInputError):
-        choose_accel(Accel.AUTO, probe_ok)
+    assert choose_accel(Accel.parse(" TCG "), probe_ok) == (Accel.TCG, "requested")
+    with pytest.raises(InvalidInputError, match="'warp' is not an accelerator"):
+        Accel.parse("warp")

@@ -1,0 +1,166 @@
+"""``run``: one command in a fresh microVM, from an image or an ext4 root filesystem."""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from microagent.commands.context import Ctx, pass_ctx, stream_to_stdout
+
+
+@click.command(context_settings={"allow_interspersed_args": False})
+@click.option(
+    "--rootfs",
+    type=click.Path(path_type=Path),
+    help="Boot this root file system image (ext4) instead of an image reference.",
+)
+@click.option(
+    "--network",
+    type=click.Choice(["user", "isolated"]),
+    default="user",
+    show_default=True,
+    help="user: outbound NAT, host unreachable; isolated: no NIC.",
+)
+@click.option(
+    "--env",
+    "-e",
+    "env",
+    multiple=True,
+    help="Variable NAME=VALUE (or NAME from this shell) for the command.",
+)
+@click.option("--timeout", type=float, help="Stop the VM after this many seconds.")
+@click.option(
+    "--memory", "memory_mib", type=int, default=1024, show_default=True, help="Guest memory in MiB."
+)
+@click.option("--cpus", type=int, default=0, help="vCPUs (default: 1 under TCG, 2 under KVM).")
+@click.option(
+    "--host-forward",
+    "host_forward",
+    multiple=True,
+    metavar="GUEST=HOST",
+    help="Let the guest reach host 127.0.0.1:HOST (or a unix socket path) at 10.0.2.100:GUEST.",
+)
+@click.option("--forward", "forward", multiple=True, hidden=True)  # old spelling: GUEST:HOST
+@click.option(
+    "--trust-host-ca",
+    is_flag=True,
+    help="Add this host's CA bundle to the guest's trusted certificates.",
+)
+@click.option(
+    "--ca-bundle",
+    type=click.Path(path_type=Path),
+    help="Add the certificates in this PEM file to the guest's trusted set.",
+)
+@click.option("--workdir", default="/", show_default=True, help="Guest working directory.")
+@click.option("--kernel", type=click.Path(path_type=Path), help="Boot this kernel instead.")
+@click.option("--initrd", type=click.Path(path_type=Path), help="Boot this initramfs instead.")
+@click.option(
+    "--machine",
+    type=click.Choice(["microvm", "q35"]),
+    default="microvm",
+    show_default=True,
+    help="QEMU machine model.",
+)
+@click.option(
+    "--accel",
+    type=click.Choice(["auto", "kvm", "tcg"]),
+    help="auto: KVM if a test boot works, else TCG (default: $MICROAGENT_ACCEL or auto).",
+)
+@click.option("--print-command", is_flag=True, help="Print the VMM command line and exit.")
+@click.argument("command", nargs=-1, required=True)
+@pass_ctx
+def run(ctx: Ctx, /, command: tuple[str, ...], **opts: Any) -> None:
+    """Run a command in a fresh microVM: `run IMAGE -- CMD...` or `run --rootfs FILE -- CMD...`.
+
+    IMAGE is pulled (or reused from the cache) like a spec's base image. The guest command's exit
+    code is the exit code.
+
+    Writes go to a throwaway state disk; the image itself is never modified. On a terminal the
+    output streams live (stdout and stderr interleaved, from the serial console); otherwise
+    the captured stdout and stderr (last 64 KiB each) go to the matching streams at the end.
+    """
+    stream = not ctx.json and sys.stdout.isatty()
+    api = ctx.api(output=stream_to_stdout if stream else None)
+    job = _job(command, opts)
+    if opts["print_command"]:
+        argv = api.run_command(job)
+        ctx.emit({"ok": True, "argv": argv}, shlex.join(argv))
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # clean up the VM and netns on TERM
+    try:
+        result = api.run(job)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    _report(ctx, result, streamed=stream)
+    raise click.exceptions.Exit(result.exit_code)
+
+
+def _job(words: tuple[str, ...], opts: dict[str, Any]) -> Any:
+    """The one-shot run the flags describe (``IMAGE [--] CMD...`` without --rootfs)."""
+    # deferred: the library stays off the path of --help and usage errors
+    from microagent.compiler.overrides import parse_env
+    from microagent.runtime.backend import Accel, Forward, MachineType, NetworkConfig
+    from microagent.runtime.configdisk import NetworkMode
+    from microagent.workspace.run import OneShot
+
+    image, command = None, words
+    if opts["rootfs"] is None:
+        rest = words[2:] if words[1:2] == ("--",) else words[1:]
+        image, command = (words[0] if words else None), rest
+    forwards = [Forward.parse(f) for f in opts["host_forward"]]
+    forwards += [Forward.parse(f, flag="--forward", sep=":") for f in opts["forward"]]
+    return OneShot(
+        command=command,
+        image=image,
+        rootfs=opts["rootfs"],
+        env=dict(parse_env(opts["env"]).values),
+        network=NetworkConfig(NetworkMode.parse(opts["network"]), tuple(forwards)),
+        timeout=opts["timeout"],
+        memory_mib=opts["memory_mib"],
+        cpus=opts["cpus"],
+        workdir=opts["workdir"],
+        extra_ca=_extra_ca(opts["trust_host_ca"], opts["ca_bundle"]),
+        machine=MachineType(opts["machine"]),
+        accel=Accel.parse(opts["accel"]) if opts["accel"] else None,
+        kernel=opts["kernel"],
+        initrd=opts["initrd"],
+    )
+
+
+def _extra_ca(trust_host_ca: bool, ca_bundle: Path | None) -> bytes | None:
+    """Flags win; None leaves it to the settings ($MICROAGENT_EXTRA_CA or guest.extraCA)."""
+    from microagent.settings import read_ca_bundle  # deferred: see context.Ctx.settings
+
+    parts = []
+    if trust_host_ca:
+        parts.append(read_ca_bundle())
+    if ca_bundle is not None:
+        parts.append(read_ca_bundle(ca_bundle))
+    return b"\n".join(parts) if parts else None
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _report(ctx: Ctx, result: Any, *, streamed: bool) -> None:
+    if ctx.json:
+        data = {"ok": result.error is None, "backend": ctx.settings.backend}
+        ctx.emit({**data, "result": result.to_json()}, "")
+        return
+    if not streamed:
+        sys.stdout.write(result.stdout)
+        sys.stdout.flush()
+        sys.stderr.write(result.stderr)
+    if result.stdout_truncated or result.stderr_truncated:
+        ctx.say("microagent: output was longer than the captured tail (see the serial log)")
+    if result.error:
+        ctx.say(f"microagent: {result.error}")
+
+
+COMMANDS = [run]

@@ -1,0 +1,182 @@
+"""Workspace commands: create, start, status, result, halt, delete, list, logs, events, cp."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from microagent.commands.context import (
+    Ctx,
+    cache_from_option,
+    cache_to_option,
+    host_forward_option,
+    override_options,
+    overrides_from,
+    pass_ctx,
+    spec_file_option,
+    stream_to_stderr,
+    timeout_option,
+)
+
+
+@click.command()
+@spec_file_option
+@override_options
+@timeout_option
+@host_forward_option
+@cache_from_option
+@cache_to_option
+@pass_ctx
+def create(
+    ctx: Ctx,
+    /,
+    *,
+    spec_file: Path,
+    timeout: float | None,
+    host_forward: tuple[str, ...],
+    cache_from: tuple[str, ...],
+    cache_to: str | None,
+    **kwargs: Any,
+) -> None:
+    """Build (or reuse) the spec's steps and make a persistent workspace."""
+    from microagent.compiler.overrides import parse_env  # deferred: imports the schema
+
+    env = parse_env(kwargs.get("env") or ())
+    report = ctx.api(output=stream_to_stderr).create(
+        spec_file,
+        overrides_from(kwargs),
+        env,
+        forwards=host_forward,
+        timeout=timeout,
+        cache_from=cache_from,
+        cache_to=cache_to,
+    )
+    text = (
+        f"created {report.workspace.name} in {report.seconds:.2f}s "
+        f"({report.rootfs.built} setup steps built, {report.rootfs.cached} cached, "
+        f"{report.boots} setup boots)"
+    )
+    ctx.emit(report.to_json(), text)
+
+
+@click.command()
+@click.argument("name")
+@click.option("--wait", "wait_", is_flag=True, help="Block until the entrypoint exits.")
+@click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
+@pass_ctx
+def start(ctx: Ctx, /, name: str, wait_: bool, timeout: float | None) -> None:
+    """Boot a workspace; its disk is kept from earlier runs."""
+    report = ctx.api().start(name, wait=wait_, timeout=timeout)
+    text = f"{name}: {report.state}"
+    if report.exit_code is not None:
+        text += f" (exit code {report.exit_code})"
+    ctx.emit(report.to_json(), text)
+    if report.exit_code:
+        raise click.exceptions.Exit(report.exit_code)
+
+
+@click.command()
+@click.argument("name")
+@pass_ctx
+def status(ctx: Ctx, /, name: str) -> None:
+    """State, readiness and (once ready) the result of a workspace."""
+    data = ctx.api().status(name)
+    event = data["event"]
+    text = f"{name}: {event['state']}" + (f" ({event['detail']})" if event["detail"] else "")
+    if data["result"] is not None:
+        text += f"\nresult: exit code {data['result'].get('exitCode')}"
+    ctx.emit(data, text)
+
+
+@click.command()
+@click.argument("name")
+@pass_ctx
+def result(ctx: Ctx, /, name: str) -> None:
+    """The guest's report and the declared outputs (the agent's WorkResult)."""
+    payload = ctx.api().result(name)
+    ctx.emit({"ok": True, "workspace": name, "result": payload}, _result_text(payload))
+
+
+def _result_text(payload: dict[str, Any]) -> str:
+    work = payload.get("workResult")
+    head = f"exit code {payload.get('exitCode')}"
+    if not isinstance(work, dict):
+        tail = payload.get("stderr") or payload.get("stdout") or ""
+        return f"{head}; no WorkResult (declared output `result`)\n{tail}".rstrip()
+    lines = [f"{work.get('request_id', '?')}: {work.get('status', '?')} ({head})"]
+    if work.get("error"):
+        lines.append(f"error: {work['error']}")
+    lines.append(str(work.get("content") or ""))
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("name")
+@click.option("--timeout", type=float, default=30.0, show_default=True)
+@pass_ctx
+def halt(ctx: Ctx, /, name: str, timeout: float) -> None:
+    """Shut the VM down cleanly (the disk is kept)."""
+    state = ctx.api().halt(name, timeout=timeout)
+    ctx.emit({"ok": True, "workspace": name, "state": state.value}, f"{name}: {state.value}")
+
+
+@click.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask.")
+@click.option("--force", "-f", is_flag=True, help="Kill a running workspace first.")
+@pass_ctx
+def delete(ctx: Ctx, /, names: tuple[str, ...], yes: bool, force: bool) -> None:
+    """Remove workspaces: record, disk and logs (idempotent)."""
+    if not (yes or force or ctx.json) and sys.stdin.isatty():
+        click.confirm(f"delete {', '.join(names)}?", abort=True)
+    results = ctx.api().delete(names, force=force)
+    lines = [f"{r['workspace']}: {'deleted' if r['deleted'] else 'not found'}" for r in results]
+    ctx.emit({"ok": True, "results": results}, "\n".join(lines))
+
+
+@click.command("list")
+@pass_ctx
+def list_(ctx: Ctx, /) -> None:
+    """All workspaces and their states."""
+    rows = ctx.api().list_workspaces()
+    lines = [f"{'NAME':<28}{'STATE':<10}OBSERVED"]
+    lines += [f"{r['name']:<28}{r['state']:<10}{r['observedAt'] or ''}" for r in rows]
+    ctx.emit({"ok": True, "workspaces": rows}, "\n".join(lines))
+
+
+@click.command()
+@click.argument("name")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the workspace stops.")
+@pass_ctx
+def logs(ctx: Ctx, /, name: str, follow: bool) -> None:
+    """The serial console: guest boot messages and the entrypoint's output."""
+    for chunk in ctx.api().logs(name, follow=follow):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+
+
+@click.command()
+@click.argument("name")
+@pass_ctx
+def events(ctx: Ctx, /, name: str) -> None:
+    """The workspace's lifecycle history."""
+    items = ctx.api().events(name)
+    lines = [f"{e.get('observedAt')}  {e.get('event'):<10} {e.get('detail', '')}" for e in items]
+    ctx.emit({"ok": True, "events": items}, "\n".join(lines))
+
+
+@click.command()
+@click.argument("source")
+@click.argument("target")
+@pass_ctx
+def cp(ctx: Ctx, /, source: str, target: str) -> None:
+    """Copy a file between the host and a stopped workspace: NAME:/path on one side."""
+    report = ctx.api().cp(source, target)
+    text = f"copied {report.bytes} bytes {report.direction.replace('-', ' ')}"
+    ctx.emit(report.to_json(), text)
+
+
+COMMANDS = [create, start, status, result, halt, delete, list_, logs, events, cp]

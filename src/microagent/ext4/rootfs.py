@@ -1,0 +1,58 @@
+"""A step's root filesystem from its layer chain: flatten, then one reproducible ext4.
+
+The one place layers become a bootable image, for every caller (a pulled base, a built setup
+step, a remote-cache hit, a pruned rootfs rebuilt from stored layers). The stage goes to RAM
+when there is room (see ``ramstage``); the image is built once per key under the store's lock
+and published atomically, so concurrent builders build it once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from microagent.ext4.mkfs import build_ext4
+from microagent.ext4.ramstage import stage_dir
+from microagent.layers.apply import LayerSource, flatten
+from microagent.store.content import Store
+from microagent.store.records import rootfs_entry
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class RootfsTimings:
+    """Where building the image went (zero when it was already there)."""
+
+    flatten_seconds: float = 0.0
+    ext4_seconds: float = 0.0
+
+
+def build_rootfs(
+    store: Store,
+    key: str,
+    layers: Sequence[LayerSource],
+    *,
+    compressed_bytes: int,
+    ram: bool = True,
+    say: Say | None = None,
+) -> tuple[Path, RootfsTimings]:
+    """``rootfs/<key>.ext4`` from ``layers`` (applied in order), built unless it exists."""
+    timings = RootfsTimings()
+
+    def build(tmp: Path) -> None:
+        with stage_dir(store, compressed_bytes, ram=ram) as stage:
+            began = time.monotonic()
+            meta = flatten(stage, layers)
+            timings.flatten_seconds = time.monotonic() - began
+            if say is not None:
+                say(f"  flattened {len(layers)} layer(s) in {timings.flatten_seconds:.1f}s")
+            began = time.monotonic()
+            build_ext4(stage, meta, tmp, key=key)
+            timings.ext4_seconds = time.monotonic() - began
+            if say is not None:
+                say(f"  built ext4 in {timings.ext4_seconds:.1f}s")
+
+    return store.build_once(rootfs_entry(key), build), timings

@@ -1,0 +1,174 @@
+"""The one way a boot is put together: a request to run a command becomes disks and a
+:class:`~microagent.runtime.backend.BootConfig`.
+
+Every boot has three disks in this order: the shared root filesystem read-only (overlay
+lower), a state disk (overlay upper: the workspace's own, a setup step's scratch, or a
+throwaway one made here) and the per-boot config disk (command, env, files, certificates).
+Setup steps, one-shot runs and workspace starts all go through :func:`prepare`;
+:func:`run_once` boots, waits for the command and stops the VM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from microagent.errors import InvalidInputError
+from microagent.ext4.mkfs import make_state_disk
+from microagent.runtime.backend import (
+    Accel,
+    Backend,
+    BootConfig,
+    Disk,
+    GuestResult,
+    MachineType,
+    NetworkConfig,
+    OutputSink,
+)
+from microagent.runtime.configdisk import (
+    GuestFile,
+    GuestNetwork,
+    Output,
+    RunConfig,
+    write_config_disk,
+)
+
+DEFAULT_STATE_MIB = 4096
+SOCKET_PATH_MAX = 100  # unix socket paths are limited to ~107 bytes
+
+
+class BootFiles(Protocol):
+    """The kernel and initramfs to boot (a guest kit, or the user's own)."""
+
+    @property
+    def kernel(self) -> Path: ...
+
+    @property
+    def initrd(self) -> Path: ...
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One command to run in a VM, and the VM to run it in."""
+
+    rootfs: Path
+    command: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    timeout: float | None = None
+    memory_mib: int = 1024
+    cpus: int = 0  # 0: the backend chooses (1 under TCG)
+    files: tuple[GuestFile, ...] = ()
+    outputs: tuple[Output, ...] = ()
+    hostname: str = "microagent"
+    workdir: str = "/"
+    extra_ca: bytes | None = None
+    state_disk: Path | None = None  # None: a throwaway disk of state_size_mib
+    state_size_mib: int = DEFAULT_STATE_MIB
+    machine: MachineType = MachineType.MICROVM
+    accel: Accel = Accel.AUTO
+    name: str = "microagent"
+    die_with_parent: bool = False  # the VMM dies with the process that booted it
+
+    def run_config(self) -> RunConfig:
+        return RunConfig(
+            command=self.command,
+            env=dict(self.env),
+            workdir=self.workdir,
+            hostname=self.hostname,
+            network=GuestNetwork(mode=self.network.mode),
+            outputs=self.outputs,
+        )
+
+
+def prepare(
+    request: RunRequest, kit: BootFiles, vm_dir: Path, *, work_dir: Path | None = None
+) -> BootConfig:
+    """Write the config disk (and a throwaway state disk) and describe the boot.
+
+    The VMM's sockets and logs go to ``vm_dir``; disks made here to ``work_dir`` (default
+    ``vm_dir``). The config disk is private (0600): it carries the environment.
+    """
+    rootfs = request.rootfs.resolve()
+    if not rootfs.is_file():
+        raise InvalidInputError(
+            f"rootfs {request.rootfs} does not exist", hint="pass an ext4 image file"
+        )
+    work = work_dir or vm_dir
+    state = request.state_disk
+    if state is None:
+        state = make_state_disk(work / "state.ext4", request.state_size_mib, journal=False)
+    config_disk = work / "config.tar"
+    config_disk.unlink(missing_ok=True)
+    write_config_disk(config_disk, request.run_config(), request.files, request.extra_ca)
+    config_disk.chmod(0o600)
+    return BootConfig(
+        kernel=kit.kernel,
+        initrd=kit.initrd,
+        disks=(
+            Disk(rootfs, readonly=True, serial="rootfs"),
+            Disk(state, serial="state"),
+            Disk(config_disk, readonly=True, serial="config"),
+        ),
+        state_dir=vm_dir,
+        memory_mib=request.memory_mib,
+        cpus=request.cpus,
+        network=request.network,
+        machine=request.machine,
+        accel=request.accel,
+        timeout=request.timeout,
+        name=request.name,
+        die_with_parent=request.die_with_parent,
+    )
+
+
+def scratch_vm_dir(prefix: str = "microagent-run-") -> tempfile.TemporaryDirectory[str]:
+    """A temporary directory short enough for the VMM's unix sockets."""
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=os.environ.get("TMPDIR") or "/tmp")
+
+
+def vm_dir_for(run_dir: Path, name: str) -> Path:
+    """``run_dir/vm`` when socket paths fit, else a private directory under the runtime
+    dir ($XDG_RUNTIME_DIR or /tmp) named after ``run_dir`` (emptied first)."""
+    path = run_dir / "vm"
+    if len(str(path / "control.sock")) < SOCKET_PATH_MAX:
+        return path
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / "microagent"
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    digest = hashlib.sha256(str(run_dir).encode()).hexdigest()[:12]
+    link = base / f"{name[:40]}-{digest}"
+    shutil.rmtree(link, ignore_errors=True)
+    link.mkdir(mode=0o700)
+    return link
+
+
+def run_once(
+    request: RunRequest,
+    *,
+    backend: Backend,
+    kit: BootFiles,
+    on_output: OutputSink | None = None,
+) -> GuestResult:
+    """Boot, run the command, power off; the guest's result (VMError on failure)."""
+    began = time.monotonic()
+    with scratch_vm_dir() as tmp:
+        config = prepare(request, kit, Path(tmp))
+        with backend.boot(config) as machine:
+            prepared = time.monotonic() - began
+            result = machine.wait(on_output=on_output)
+    timings = {"host.prepare": round(prepared, 3), **result.timings}
+    return dataclasses.replace(result, timings=timings)
+
+
+def print_command(request: RunRequest, *, backend: Backend, kit: BootFiles) -> list[str]:
+    """The VMM argv the run would use (disks are prepared in a temp dir, then removed)."""
+    with scratch_vm_dir() as tmp:
+        return list(backend.command(prepare(request, kit, Path(tmp))))

@@ -1,0 +1,166 @@
+"""``create``: build (or reuse) every step of a spec, then write the workspace.
+
+On a cache hit this boots nothing: the pipeline looks every step up, and creating the
+workspace is writing its record and an empty state disk. The workspace is assembled in a
+private temp folder and renamed into place, so a failure at any point leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+
+from microagent.build.pipeline import Pipeline
+from microagent.build.setup import BuiltRootfs
+from microagent.compiler.keys import StepKind
+from microagent.compiler.overrides import RuntimeEnv
+from microagent.compiler.plan import BuildPlan
+from microagent.compiler.spec import Spec
+from microagent.errors import InvalidInputError
+from microagent.ext4.mkfs import make_state_disk
+from microagent.fsutil import write_json_atomic
+from microagent.runtime.backend import Forward
+from microagent.runtime.rundir import State
+from microagent.store.content import Store
+from microagent.workspace.records import DeclaredFile, Record, Workspace, Workspaces
+
+HostForwards = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class CreateReport:
+    workspace: Workspace
+    plan: BuildPlan
+    rootfs: BuiltRootfs
+    seconds: float
+    boots: int
+    remote: dict[str, object] | None = None
+    published: tuple[dict[str, object], ...] = ()
+
+    def to_json(self) -> dict[str, object]:
+        extra: dict[str, object] = {"remote": self.remote} if self.remote else {}
+        if self.published:
+            extra["published"] = list(self.published)
+        return {
+            "ok": True,
+            "workspace": self.workspace.name,
+            "state": self.workspace.run.state().value,
+            "rootfsKey": self.rootfs.key,
+            "rootfs": str(self.rootfs.path),
+            "stepsBuilt": self.rootfs.built,
+            "stepsCached": self.rootfs.cached,
+            "setupBoots": self.boots,
+            "seconds": round(self.seconds, 3),
+            "steps": [
+                {"kind": s.kind.value, "key": s.key, "label": s.label} for s in self.plan.steps
+            ],
+            **extra,
+        }
+
+
+def port_forwards(forwards: tuple[Forward, ...]) -> HostForwards:
+    """Guest->host forwards a workspace keeps: host TCP ports (unix sockets are for `run`)."""
+    out = []
+    for forward in forwards:
+        if forward.host_port is None:
+            raise InvalidInputError(
+                f"--host-forward {forward.describe()}: a workspace forwards to a host TCP port",
+                hint="use GUEST_PORT=HOST_PORT, e.g. --host-forward 8080=18080",
+            )
+        out.append((forward.guest_port, forward.host_port))
+    return tuple(out)
+
+
+def _capture_files(store: Store, plan: BuildPlan) -> tuple[DeclaredFile, ...]:
+    """Declared files go into the store (by content), so later host edits need a new create."""
+    out = []
+    for item in plan.files.items:
+        blob = ""
+        if item.kind == "file" and item.src is not None:
+            blob = str(store.put_blob_file(item.src, "sha256:" + item.sha256))
+        out.append(DeclaredFile(item.dst, item.mode, blob, item.kind, item.target))
+    return tuple(out)
+
+
+def _record(
+    spec: Spec,
+    *,
+    plan: BuildPlan,
+    built: BuiltRootfs,
+    files: tuple[DeclaredFile, ...],
+    base_env: dict[str, str],
+    env: RuntimeEnv,
+    forwards: HostForwards,
+) -> Record:
+    res = spec.effective_resources()
+    return Record(
+        name=spec.name or "",
+        rootfs=str(built.path),
+        rootfs_key=built.key,
+        image={
+            "reference": plan.image.reference,
+            "digest": plan.image.digest,
+            "platform": plan.image.platform,
+        },
+        command=spec.command() or (),
+        workdir=spec.workdir or "/",
+        hostname=spec.effective_hostname(),
+        env={**base_env, **spec.env},
+        outputs=tuple((o.name, o.path) for o in spec.outputs),
+        memory_mib=res.memory_mib,
+        cpus=res.cpu_count,
+        state_size_mib=res.size_mib,
+        network=spec.network.mode.value,
+        restart=spec.restart.value,
+        files=files,
+        spec=str(spec.source),
+        files_key=plan.of_kind(StepKind.FILES)[0].key,
+        config_key=plan.config_step.key,
+        runtime_env=dict(env.values),
+        host_forwards=forwards,
+    )
+
+
+def create(
+    pipeline: Pipeline, spaces: Workspaces, spec: Spec, env: RuntimeEnv, forwards: HostForwards
+) -> CreateReport:
+    """Build the spec's steps and make the workspace ``spec.name`` (nothing left on failure)."""
+    began = time.monotonic()
+    if not spec.name:
+        raise InvalidInputError("the workspace needs a name", hint="set `name:` or --name")
+    if forwards and not spec.network.mode.has_nic:
+        raise InvalidInputError(
+            "--host-forward needs a network, but the workspace is isolated",
+            hint="drop --host-forward or use --network user",
+        )
+    tmp = spaces.reserve(spec.name)
+    try:
+        outcome = pipeline.build(spec, env)
+        published = pipeline.publish(outcome.plan)
+        files = _capture_files(pipeline.store, outcome.plan)
+        base_env = outcome.base.env_map()
+        record = _record(
+            spec,
+            plan=outcome.plan,
+            built=outcome.built,
+            files=files,
+            base_env=base_env,
+            env=env,
+            forwards=forwards,
+        )
+        _write_workspace(Workspace(tmp), record)
+        ws = spaces.publish(spec.name, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.monotonic() - began
+    return CreateReport(
+        ws, outcome.plan, outcome.built, seconds, outcome.boots, outcome.remote, tuple(published)
+    )
+
+
+def _write_workspace(ws: Workspace, record: Record) -> None:
+    make_state_disk(ws.state_disk, record.state_size_mib)
+    write_json_atomic(ws.record_path, record.to_json(), mode=0o600)
+    ws.run.set_state(State.PREPARED, f"created from {record.spec}")
