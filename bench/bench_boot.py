@@ -28,10 +28,10 @@ from microagent.kit import guestkit
 from microagent.kit.initramfs import CpioEntry, with_parents, write_initramfs
 from microagent.runtime import hostclock
 from microagent.runtime.backend import Accel, BootConfig, NetworkConfig
+from microagent.runtime.boot import RunRequest, run_once
 from microagent.runtime.configdisk import NetworkMode
-from microagent.runtime.oneshot import RunRequest, run_once
 from microagent.runtime.qemu import QemuBackend, build_argv
-from microagent.settings import home_dir, store_dir
+from microagent.settings import Settings
 from microagent.store.content import Store
 
 FLOOR_MARKER = "FLOOR-USERSPACE"
@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--network", choices=["isolated", "user"], default="isolated")
     args = parser.parse_args()
-    store = Store(store_dir(home_dir()))
+    store = Store(Settings.from_environ().store_dir)
     kit = guestkit.ensure_kit(store, progress=print)
     backend = QemuBackend(cache_dir=store.root / "probes")
     tsc = hostclock.tsc_khz(store.root / "probes")

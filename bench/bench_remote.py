@@ -37,8 +37,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from microagent.compiler.refs import parse_image_ref  # noqa: E402
 from microagent.oci.endpoints import RegistryConfig  # noqa: E402
-from microagent.oci.registry import RegistryClient  # noqa: E402
-from microagent.remotecache.refs import RegistryCacheSource  # noqa: E402
+from microagent.oci.registry import RegistryClient, RegistryRepository  # noqa: E402
 from microagent.remotecache.restore import Restorer  # noqa: E402
 from microagent.store.content import Store  # noqa: E402
 from testenv import standin  # noqa: E402
@@ -149,7 +148,7 @@ def breakdown(tmp: Path, repo: str, key: str) -> dict[str, float]:
 
 def _restorer(home: Path, repo: str) -> Restorer:
     client = RegistryClient(RegistryConfig())
-    return Restorer(Store(home / "store"), [RegistryCacheSource(client, parse_image_ref(repo))])
+    return Restorer(Store(home / "store"), [RegistryRepository(client, parse_image_ref(repo))])
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ say "python:3.13-slim stand-in (built once, then cached)"
 "$PY" scripts/testenv/standin.py build --which python --push "$REGISTRY"
 
 say "registry mirror: docker.io -> http://$REGISTRY"
-config=$("$PY" -c 'from microagent.config import config_file; print(config_file())')
+config=$("$PY" -c 'from microagent.settings import config_path; print(config_path())')
 if [ ! -e "$config" ]; then
   mkdir -p "$(dirname "$config")"
   printf 'registries:\n  docker.io:\n    mirrors: ["http://%s"]\n' "$REGISTRY" > "$config"

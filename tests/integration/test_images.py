@@ -43,7 +43,7 @@ def test_pull_builds_a_bootable_looking_rootfs_then_hits_the_cache(
     assert "Mode:  01777" in tmp_stat
     second = pull_base(store, "busybox", client=_client(registry))
     assert second.cached and second.rootfs == first.rootfs
-    assert [b["key"] for b in list_bases(store)] == [first.key]
+    assert [b.key for b in list_bases(store)] == [first.key]
 
 
 def test_layout_source_gives_the_same_key(

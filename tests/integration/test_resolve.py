@@ -10,17 +10,22 @@ from pathlib import Path
 import pytest
 
 from microagent.cli import main
-from microagent.compiler.refs import LayoutRef, parse_image_ref
+from microagent.compiler.lock import ResolvedImage
+from microagent.compiler.refs import ImageRef, LayoutRef, parse_image_ref
 from microagent.errors import IntegrityError, NotFoundError, RegistryError
 from microagent.oci.endpoints import RegistryConfig
-from microagent.oci.layout import Layout
 from microagent.oci.registry import RegistryClient
+from microagent.oci.transport import open_repository, resolve
 from testenv import standin
 from testenv.registry import RegistryHandle, free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
 PLATFORM = "linux/amd64"
+
+
+def _resolve(client: RegistryClient, ref: ImageRef | LayoutRef) -> ResolvedImage:
+    return resolve(open_repository(ref, client), ref, PLATFORM)
 
 
 def _mirrored(registry: RegistryHandle) -> RegistryClient:
@@ -30,7 +35,7 @@ def _mirrored(registry: RegistryHandle) -> RegistryClient:
 def test_docker_hub_name_resolves_through_the_mirror(
     registry: RegistryHandle, busybox_image: standin.PushedImage
 ) -> None:
-    resolved = _mirrored(registry).resolve(parse_image_ref("busybox"), PLATFORM)
+    resolved = _resolve(_mirrored(registry), parse_image_ref("busybox"))
     assert resolved.digest == busybox_image.digest
     assert resolved.platform_digest == busybox_image.digest
     assert resolved.reference == f"docker.io/library/busybox:latest@{busybox_image.digest}"
@@ -39,9 +44,7 @@ def test_docker_hub_name_resolves_through_the_mirror(
 def test_loopback_registry_is_plain_http(
     registry: RegistryHandle, busybox_image: standin.PushedImage
 ) -> None:
-    resolved = RegistryClient(RegistryConfig()).resolve(
-        parse_image_ref(busybox_image.ref), PLATFORM
-    )
+    resolved = _resolve(RegistryClient(RegistryConfig()), parse_image_ref(busybox_image.ref))
     assert resolved.digest == busybox_image.digest
 
 
@@ -49,7 +52,7 @@ def test_unknown_tag_is_a_clear_error(
     registry: RegistryHandle, busybox_image: standin.PushedImage
 ) -> None:
     with pytest.raises(RegistryError) as raised:
-        RegistryClient().resolve(parse_image_ref(f"{registry.host}/library/busybox:nope"), PLATFORM)
+        _resolve(RegistryClient(), parse_image_ref(f"{registry.host}/library/busybox:nope"))
     assert "not found" in raised.value.message
     assert raised.value.hint
 
@@ -57,7 +60,7 @@ def test_unknown_tag_is_a_clear_error(
 def test_unreachable_registry_fails_fast() -> None:
     began = time.monotonic()
     with pytest.raises(RegistryError, match="connection refused"):
-        RegistryClient().resolve(parse_image_ref(f"127.0.0.1:{free_port()}/x/y:1"), PLATFORM)
+        _resolve(RegistryClient(), parse_image_ref(f"127.0.0.1:{free_port()}/x/y:1"))
     assert time.monotonic() - began < 10
 
 
@@ -76,7 +79,7 @@ def test_tampered_manifest_is_refused(
     try:
         blob.write_bytes(original.replace(b'"schemaVersion":2', b'"schemaVersion": 2'))
         with pytest.raises(IntegrityError, match="content is sha256:"):
-            RegistryClient().resolve(parse_image_ref(busybox_image.ref), PLATFORM)
+            _resolve(RegistryClient(), parse_image_ref(busybox_image.ref))
     finally:
         blob.write_bytes(original)
 
@@ -84,16 +87,16 @@ def test_tampered_manifest_is_refused(
 def test_layout_resolves_by_tag(busybox_layout: standin.BuiltImage, tmp_path: Path) -> None:
     layout = tmp_path / "layout"
     shutil.copytree(busybox_layout.layout, layout)
-    resolved = Layout(layout).resolve(LayoutRef(layout, "latest"), PLATFORM)
+    resolved = _resolve(RegistryClient(), LayoutRef(layout, "latest"))
     assert resolved.digest == busybox_layout.digest
     with pytest.raises(NotFoundError) as raised:
-        Layout(layout).resolve(LayoutRef(layout, "other"), PLATFORM)
+        _resolve(RegistryClient(), LayoutRef(layout, "other"))
     assert raised.value.hint == "tags in it: latest"
     manifest = layout / "blobs" / "sha256" / busybox_layout.digest.removeprefix("sha256:")
     manifest.chmod(0o644)
     manifest.write_bytes(manifest.read_bytes() + b" ")
     with pytest.raises(IntegrityError, match="does not match"):
-        Layout(layout).resolve(LayoutRef(layout, "latest"), PLATFORM)
+        _resolve(RegistryClient(), LayoutRef(layout, "latest"))
 
 
 def test_lock_then_offline_plan(

@@ -25,9 +25,9 @@ from microagent.kit.guestkit import GuestKit
 from microagent.runner import find_tool, run
 from microagent.runtime import network
 from microagent.runtime.backend import GuestResult
-from microagent.runtime.oneshot import RunRequest, run_once
+from microagent.runtime.boot import RunRequest, run_once
 from microagent.runtime.qemu import QemuBackend
-from microagent.settings import store_dir
+from microagent.settings import Settings
 from microagent.store.content import Store
 
 DEFAULT_HOME = Path("/var/cache/microagent-test-home")
@@ -72,7 +72,7 @@ def runtime_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def store(runtime_home: Path) -> Store:
-    return Store(store_dir(runtime_home))
+    return Store(Settings(home=runtime_home).store_dir)
 
 
 @pytest.fixture(scope="session")

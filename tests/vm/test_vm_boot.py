@@ -17,8 +17,8 @@ from microagent.errors import InvalidInputError, VMError
 from microagent.kit import guestkit
 from microagent.kit.guestkit import GuestKit
 from microagent.runtime.backend import MachineType
+from microagent.runtime.boot import RunRequest, prepare
 from microagent.runtime.configdisk import GuestFile, Output
-from microagent.runtime.oneshot import RunRequest, prepare
 from microagent.runtime.qemu import QemuBackend
 from microagent.store.content import Store
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,18 +179,20 @@ def recorded_base(store: Store, plan: BuildPlan) -> BaseImage | None:
     return _image(store, record, True, 0.0)
 
 
-def list_bases(store: Store) -> Iterator[StepRecord]:
+def list_bases(store: Store) -> list[StepRecord]:
     """Records of every pulled base image whose rootfs is present."""
-    for record in all_records(store):
-        if record.kind is StepKind.BASE and rootfs_ready(store, record.key) is not None:
-            yield record
+    return [
+        record
+        for record in all_records(store)
+        if record.kind is StepKind.BASE and rootfs_ready(store, record.key) is not None
+    ]
 
 
 def remove_base(store: Store, what: str) -> list[str]:
     """Forget base images matching a key, digest or reference; return their keys."""
     removed = []
     wanted = {what, _normalised(what)}
-    for record in list(list_bases(store)):
+    for record in list_bases(store):
         assert record.origin is not None and record.rootfs is not None
         reference = record.origin.reference
         names = {

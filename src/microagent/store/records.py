@@ -38,14 +38,14 @@ def _bad(what: str) -> IntegrityError:
 def _digest(raw: Mapping[str, Any], name: str, what: str) -> str:
     value = raw.get(name)
     if not is_digest(value):
-        raise _bad(f"{what}: bad {name} {value!r}")
+        raise _bad(f"bad {what} {name} {value!r}")
     return value
 
 
 def _size(raw: Mapping[str, Any], name: str, what: str) -> int:
     value = raw.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise _bad(f"{what}: bad {name} {value!r}")
+        raise _bad(f"bad {what} {name} {value!r}")
     return value
 
 
