@@ -1,8 +1,9 @@
 """microagent: AI-agent workspaces in Linux microVMs from one declarative file.
 
-The short public API: load a spec, compile its content-addressed build plan, and the error
-types a caller may catch. Everything else lives in private modules and may change. Names are
-imported on first use so that `import microagent` (and the CLI's start-up) stays cheap.
+The short public API: :class:`Microagent` (every operation the CLI offers, over one
+:class:`Settings`), loading a spec and compiling its content-addressed build plan, and the
+error types a caller may catch. Names are imported on first use so that `import microagent`
+(and the CLI's start-up) stays cheap.
 """
 
 from __future__ import annotations
@@ -11,16 +12,20 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from microagent.api import Microagent
     from microagent.compiler.keys import StepKind
     from microagent.compiler.loader import load_spec
     from microagent.compiler.lock import ResolvedImage
     from microagent.compiler.plan import BuildPlan, Step, compile_plan
     from microagent.compiler.spec import Spec
     from microagent.errors import Diagnostic, MicroagentError, SpecError
+    from microagent.settings import Settings
 
 __version__ = "0.1.0"
 
 _HOMES = {
+    "Microagent": "microagent.api",
+    "Settings": "microagent.settings",
     "load_spec": "microagent.compiler.loader",
     "ResolvedImage": "microagent.compiler.lock",
     "BuildPlan": "microagent.compiler.plan",
@@ -36,8 +41,10 @@ _HOMES = {
 __all__ = [
     "BuildPlan",
     "Diagnostic",
+    "Microagent",
     "MicroagentError",
     "ResolvedImage",
+    "Settings",
     "Spec",
     "SpecError",
     "Step",

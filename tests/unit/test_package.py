@@ -15,8 +15,10 @@ def test_public_api() -> None:
         [
             "BuildPlan",
             "Diagnostic",
+            "Microagent",
             "MicroagentError",
             "ResolvedImage",
+            "Settings",
             "Spec",
             "SpecError",
             "Step",

@@ -7,7 +7,6 @@ at verified blobs and at ``rootfs/<base key>.ext4``.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -216,9 +215,3 @@ def _normalised(text: str) -> str:
         return str(parse_any_ref(text, Path.cwd()))
     except MicroagentError:
         return text
-
-
-def tty_progress(message: str) -> None:
-    """Progress lines on stderr, only for humans at a terminal."""
-    if sys.stderr.isatty():
-        print(message, file=sys.stderr, flush=True)

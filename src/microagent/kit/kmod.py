@@ -6,6 +6,7 @@ Debian ships no ``modules.dep`` in the kernel package, so dependencies come from
 
 from __future__ import annotations
 
+import gzip
 import lzma
 import struct
 from collections.abc import Iterable, Mapping, Sequence
@@ -44,8 +45,6 @@ def decompress_module(filename: str, data: bytes) -> bytes:
     except (lzma.LZMAError, zstandard.ZstdError) as exc:
         raise BuildError(f"cannot decompress kernel module {filename}: {exc}") from exc
     if filename.endswith(".gz"):
-        import gzip
-
         return gzip.decompress(data)
     return data
 

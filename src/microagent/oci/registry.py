@@ -54,6 +54,7 @@ class _Session:
     """One oras Registry per endpoint, with timeouts and without oras' slow retries."""
 
     def __init__(self, endpoint: Endpoint, auths: Mapping[str, str]) -> None:
+        # deferred: oras and requests take ~0.1 s to import; only registry traffic needs them
         import oras.provider
         import requests
 
@@ -86,7 +87,7 @@ class _Session:
         stream: bool = False,
     ) -> Any:
         """One request through oras (auth, token), errors translated; never logs credentials."""
-        import requests
+        import requests  # deferred: see __init__
 
         where = _redacted(url)
         try:
