@@ -26,7 +26,6 @@ from microagent.errors import EXIT_FAILURE, MicroagentError, UsageError
 @click.option(
     "--home",
     type=click.Path(file_okay=False, path_type=Path),
-    envvar="MICROAGENT_HOME",
     help="Store root (default: $MICROAGENT_HOME or the user cache dir).",
 )
 @click.version_option(__version__, prog_name="microagent")

@@ -231,14 +231,19 @@ def _match_plan_step(step: PublishedStep, expected: Step) -> None:
         raise _bad("inputs differ from the local plan")
 
 
+def _annotated(data: bytes, tag: str, annotation: str) -> tuple[Mapping[str, Any], Any]:
+    """A manifest and the JSON document in its ``annotation`` (which it must carry)."""
+    doc = oci.load_document(data, f"manifest {tag}")
+    annotations = doc.get("annotations")
+    raw = annotations.get(annotation) if isinstance(annotations, Mapping) else None
+    if not isinstance(raw, str):
+        raise _bad(f"manifest {tag} has no {annotation} annotation")
+    return doc, oci.load_document(raw.encode(), f"{annotation} of {tag}")
+
+
 def parse_step_manifest(data: bytes, key: str, expected: Step | None = None) -> PublishedStep:
     """Parse and verify the manifest a ``step-<hex>`` tag points at."""
-    doc = oci.load_document(data, f"step manifest {step_tag(key)}")
-    annotations = doc.get("annotations")
-    raw = annotations.get(STEP_ANNOTATION) if isinstance(annotations, Mapping) else None
-    if not isinstance(raw, str):
-        raise _bad(f"manifest {step_tag(key)} has no {STEP_ANNOTATION} annotation")
-    record = oci.load_document(raw.encode(), "step record")
+    doc, record = _annotated(data, step_tag(key), STEP_ANNOTATION)
     step = PublishedStep.from_json(record)
     step.verify(key, expected)
     layers = doc.get("layers")
@@ -300,12 +305,7 @@ def rootfs_tag(key: str) -> str:
 
 def parse_rootfs_manifest(data: bytes, key: str) -> PackedImage:
     """The image a ``rootfs-<hex>`` artifact describes, after checking it is for ``key``."""
-    doc = oci.load_document(data, f"rootfs manifest {rootfs_tag(key)}")
-    annotations = doc.get("annotations")
-    raw = annotations.get(ROOTFS_ANNOTATION) if isinstance(annotations, Mapping) else None
-    if not isinstance(raw, str):
-        raise _bad(f"manifest {rootfs_tag(key)} has no {ROOTFS_ANNOTATION} annotation")
-    info = oci.load_document(raw.encode(), "rootfs image record")
+    doc, info = _annotated(data, rootfs_tag(key), ROOTFS_ANNOTATION)
     if info.get("key") != key:
         raise _bad(f"rootfs image for {str(info.get('key'))[:19]}… under the tag of {key[:19]}…")
     layers = doc.get("layers")

@@ -159,16 +159,6 @@ def netns_name() -> str:
     return f"{NETNS_PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stale_namespaces(names: Sequence[str]) -> list[str]:
     """Our namespaces whose creating process is gone."""
     stale = []
@@ -176,7 +166,7 @@ def stale_namespaces(names: Sequence[str]) -> list[str]:
         if not name.startswith(NETNS_PREFIX):
             continue
         pid = name.removeprefix(NETNS_PREFIX).split("-")[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not runner.pid_alive(int(pid)):
             stale.append(name)
     return stale
 

@@ -485,25 +485,11 @@ class QemuBackend:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         config.control_socket.unlink(missing_ok=True)
         sandbox = NetworkSandbox(config.network, config.state_dir)
-        with _undo_on_error(sandbox.teardown):
+        try:
             argv = self._argv(config, sandbox)
             sandbox.setup()
             proc = runner.spawn(argv, stdout=config.vmm_log, new_session=True)
+        except BaseException:
+            sandbox.teardown()
+            raise
         return QemuMachine(config, argv, proc, sandbox)
-
-
-class _undo_on_error:
-    def __init__(self, undo: Callable[[], None]) -> None:
-        self.undo = undo
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is not None:
-            self.undo()

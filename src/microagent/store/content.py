@@ -96,7 +96,7 @@ def touch(path: Path) -> None:
         os.utime(path, follow_symlinks=False)
 
 
-def publish(final: Path, build: Callable[[Path], None], *, lock: Path) -> Path:
+def create_once(final: Path, build: Callable[[Path], None], *, lock: Path) -> Path:
     """Create ``final`` once: ``build(tmp)`` makes a file or directory at ``tmp``.
 
     Holds an exclusive flock on ``lock`` while building, re-checks ``final`` after getting
@@ -257,7 +257,7 @@ class Store:
         """
         final = self.entry_path(name)
         self._mkdir(final.parent)
-        return publish(final, build, lock=self.lock_path(name))
+        return create_once(final, build, lock=self.lock_path(name))
 
     @contextlib.contextmanager
     def scratch_dir(self) -> Iterator[Path]:

@@ -150,7 +150,7 @@ def create(
             forwards=forwards,
         )
         _write_workspace(Workspace(tmp), record)
-        ws = spaces.publish(spec.name, tmp)
+        ws = spaces.install(spec.name, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

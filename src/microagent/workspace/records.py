@@ -161,7 +161,7 @@ class Workspaces:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         return Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.root))
 
-    def publish(self, name: str, tmp: Path) -> Workspace:
+    def install(self, name: str, tmp: Path) -> Workspace:
         """Make a fully written temp folder the workspace (atomic rename)."""
         final = self.path(name).root
         try:
