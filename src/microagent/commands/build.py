@@ -12,9 +12,9 @@ from microagent.commands.context import (
     cache_from_option,
     cache_to_option,
     override_options,
-    overrides_from,
     pass_ctx,
     spec_file_option,
+    spec_inputs,
     stream_to_stderr,
     timeout_option,
 )
@@ -47,12 +47,10 @@ def build(
     **kwargs: Any,
 ) -> None:
     """Build every step of a spec (no workspace); with --push publish it to a registry."""
-    from microagent.compiler.overrides import parse_env  # deferred: imports the schema
-
-    env = parse_env(kwargs.get("env") or ())
+    overrides, env = spec_inputs(kwargs)
     report = ctx.api(output=stream_to_stderr).build(
         spec_file,
-        overrides_from(kwargs),
+        overrides,
         env,
         push=push,
         cache_from=cache_from,

@@ -18,7 +18,7 @@ import click
 
 if TYPE_CHECKING:
     from microagent.api import Microagent
-    from microagent.compiler.overrides import Overrides
+    from microagent.compiler.overrides import Overrides, RuntimeEnv
     from microagent.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -126,6 +126,13 @@ def override_options(func: F) -> F:
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def spec_inputs(kwargs: dict[str, Any]) -> tuple[Overrides, RuntimeEnv]:
+    """The override flags and the ``--env`` variables of a command that reads a spec."""
+    from microagent.compiler.overrides import parse_env  # deferred: imports the schema
+
+    return overrides_from(kwargs), parse_env(kwargs.get("env") or ())
 
 
 def overrides_from(kwargs: dict[str, Any]) -> Overrides:

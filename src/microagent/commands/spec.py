@@ -11,9 +11,9 @@ from microagent.commands.context import (
     Ctx,
     cache_from_option,
     override_options,
-    overrides_from,
     pass_ctx,
     spec_file_option,
+    spec_inputs,
 )
 
 if TYPE_CHECKING:
@@ -26,10 +26,8 @@ if TYPE_CHECKING:
 @pass_ctx
 def validate(ctx: Ctx, /, spec_file: Path, **kwargs: Any) -> None:
     """Check a spec and report every problem with file:line:col."""
-    from microagent.compiler.overrides import parse_env  # deferred: imports the schema
-
-    parse_env(kwargs.get("env") or ())
-    spec = ctx.api().validate(spec_file, overrides_from(kwargs))
+    overrides, _env = spec_inputs(kwargs)  # --env is checked too
+    spec = ctx.api().validate(spec_file, overrides)
     text = f"{spec_file}: ok ({spec.name or 'unnamed'}, {len(spec.setup_steps)} setup steps, "
     text += f"{len(spec.files)} files)"
     ctx.emit({"ok": True, "name": spec.name, "spec": str(spec.source)}, text)
@@ -45,12 +43,8 @@ def plan(
     ctx: Ctx, /, spec_file: Path, offline: bool, cache_from: tuple[str, ...], **kwargs: Any
 ) -> None:
     """Show the build steps, their keys, and what is cached or must be built (and why)."""
-    from microagent.compiler.overrides import parse_env  # deferred: imports the schema
-
-    env = parse_env(kwargs.get("env") or ())
-    report = ctx.api().plan(
-        spec_file, overrides_from(kwargs), env, offline=offline, cache_from=cache_from
-    )
+    overrides, env = spec_inputs(kwargs)
+    report = ctx.api().plan(spec_file, overrides, env, offline=offline, cache_from=cache_from)
     ctx.emit(report.to_json(), _render_plan(report))
 
 

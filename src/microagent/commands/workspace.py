@@ -14,9 +14,9 @@ from microagent.commands.context import (
     cache_to_option,
     host_forward_option,
     override_options,
-    overrides_from,
     pass_ctx,
     spec_file_option,
+    spec_inputs,
     stream_to_stderr,
     timeout_option,
 )
@@ -42,12 +42,10 @@ def create(
     **kwargs: Any,
 ) -> None:
     """Build (or reuse) the spec's steps and make a persistent workspace."""
-    from microagent.compiler.overrides import parse_env  # deferred: imports the schema
-
-    env = parse_env(kwargs.get("env") or ())
+    overrides, env = spec_inputs(kwargs)
     report = ctx.api(output=stream_to_stderr).create(
         spec_file,
-        overrides_from(kwargs),
+        overrides,
         env,
         forwards=host_forward,
         timeout=timeout,
