@@ -334,7 +334,7 @@ class Microagent:
         return self.workspaces.get(name)
 
     def _runtime(self) -> lifecycle.Runtime:
-        return lifecycle.Runtime(self.settings, self.kit, self.say)
+        return lifecycle.Runtime(self.settings, self.kit)
 
     def start(self, name: str, *, wait: bool = False, timeout: float | None = None) -> StartReport:
         """Boot a workspace; with ``wait`` block until its entrypoint exits."""

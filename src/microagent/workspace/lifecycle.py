@@ -38,11 +38,11 @@ POLL = 0.2
 
 @dataclass
 class Runtime:
-    """What starting a workspace needs: the settings, the guest kit and the backend name."""
+    """What starting a workspace needs: the settings (store, backend, accelerator, extra CA)
+    and a way to get the guest kit (fetched only when a start needs it)."""
 
     settings: Settings
     kit: Callable[[], BootFiles]
-    say: Callable[[str], None] = lambda _m: None
 
     @property
     def store(self) -> Store:
