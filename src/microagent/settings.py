@@ -115,13 +115,14 @@ class Settings:
         env = os.environ if environ is None else environ
         path = config_path(env)
         config = read_config(path)
+        cache_from = split_list(env[CACHE_FROM_ENV]) if CACHE_FROM_ENV in env else None
         return cls(
             home=_home(home or env.get(HOME_ENV)),
             config_file=path,
             registry_mirrors=_mirrors(config, env),
             insecure_registries=_insecure(config, env),
             auth_files=_auth_files(env),
-            cache_from=_split(env[CACHE_FROM_ENV]) if CACHE_FROM_ENV in env else config.cache_from,
+            cache_from=config.cache_from if cache_from is None else cache_from,
             cache_to=_first(env[CACHE_TO_ENV]) if CACHE_TO_ENV in env else config.cache_to,
             extra_ca=env.get(EXTRA_CA_ENV, config.extra_ca),
             backend=env.get(BACKEND_ENV) or "qemu",
@@ -168,12 +169,13 @@ def _flag(value: str | None) -> bool:
     return (value or "1").strip().lower() not in _OFF
 
 
-def _split(text: str) -> tuple[str, ...]:
+def split_list(text: str) -> tuple[str, ...]:
+    """A comma (or newline) separated list, trimmed, without empty items."""
     return tuple(part.strip() for part in text.replace("\n", ",").split(",") if part.strip())
 
 
 def _first(text: str) -> str | None:
-    parts = _split(text)
+    parts = split_list(text)
     return parts[0] if parts else None
 
 
@@ -188,7 +190,7 @@ def _auth_files(env: Mapping[str, str]) -> tuple[Path, ...]:
 def _mirrors(config: UserConfig, env: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
     mirrors = dict(config.mirrors)
     pairs: dict[str, list[str]] = {}
-    for item in _split(env.get(MIRRORS_ENV, "")):
+    for item in split_list(env.get(MIRRORS_ENV, "")):
         registry, sep, mirror = item.partition("=")
         if not sep or not registry or not mirror:
             raise InvalidInputError(
@@ -201,7 +203,7 @@ def _mirrors(config: UserConfig, env: Mapping[str, str]) -> dict[str, tuple[str,
 
 
 def _insecure(config: UserConfig, env: Mapping[str, str]) -> frozenset[str]:
-    return frozenset(config.insecure) | frozenset(_split(env.get(INSECURE_ENV, "")))
+    return frozenset(config.insecure) | frozenset(split_list(env.get(INSECURE_ENV, "")))
 
 
 # -- the user config file ---------------------------------------------------------------------
@@ -273,7 +275,7 @@ class _ConfigReader:
             items = [self.string(n, f"{path}[{i}]") for i, n in enumerate(node.value)]
             return tuple(item for item in items if item)
         one = self.string(node, path)
-        return _split(one) if one else ()
+        return split_list(one) if one else ()
 
     def _top(self, root: Any) -> UserConfig:
         top = self.mapping(root, "(top level)")

@@ -18,7 +18,7 @@ from microagent.compiler.refs import ImageRef, LayoutRef, parse_image_ref, parse
 from microagent.errors import InvalidInputError
 from microagent.oci.registry import RegistryClient
 from microagent.oci.transport import Repository, open_repository
-from microagent.settings import Settings
+from microagent.settings import Settings, split_list
 
 DEFAULT_TAG = "latest"
 
@@ -61,13 +61,9 @@ def parse_cache_ref(text: str, base: Path | None = None) -> CacheRef:
     return CacheRef(image=ImageRef(image.registry, image.repository), tag=image.tag or DEFAULT_TAG)
 
 
-def _split(texts: Sequence[str]) -> list[str]:
-    return [p.strip() for text in texts for p in text.replace("\n", ",").split(",") if p.strip()]
-
-
 def cache_from_refs(flags: Sequence[str], settings: Settings) -> tuple[CacheRef, ...]:
     """``--cache-from`` flags (comma lists allowed), else the settings' ``cache_from``."""
-    texts = _split(flags) if flags else list(settings.cache_from)
+    texts = [t for flag in flags for t in split_list(flag)] if flags else settings.cache_from
     return tuple(parse_cache_ref(t) for t in texts)
 
 
