@@ -77,3 +77,16 @@ def test_doctor_json(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert data["verdict"] in {"ok", "degraded", "failed"}
     assert code == (1 if data["verdict"] == "failed" else 0)
     assert all({"name", "status", "detail", "hint", "required"} <= set(c) for c in data["checks"])
+
+
+def test_run_reaches_the_configured_backend(
+    env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MICROAGENT_BACKEND", "fake")
+    monkeypatch.setenv("MICROAGENT_FAKE", json.dumps({"exitCode": 3, "stdout": "from fake\n"}))
+    assert main(["--json", "run", "--rootfs", str(env / "root.ext4"), "--", "true"]) == 3
+    data = json.loads(capsys.readouterr().out)
+    assert (data["backend"], data["result"]["stdout"]) == ("fake", "from fake\n")
+    argv = ["run", "--rootfs", str(env / "root.ext4"), "--host-forward", "x=1", "--", "true"]
+    assert main(argv) == 2
+    assert "GUESTPORT=HOSTPORT" in capsys.readouterr().err
