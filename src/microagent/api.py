@@ -4,6 +4,10 @@
 resolved from the settings unless given: the registry client (mirrors, credentials), the
 backend (``qemu``, ``fake`` ...) and the guest kit. Progress lines go to ``say``; a setup
 step's or a one-shot run's live output to ``output``.
+
+Imports are deferred by operation: ``validate``, ``plan`` and ``lock`` load only the compiler,
+the store and the registry client (they are what a CLI start-up waits for); building, booting,
+workspaces and the guest kit load their packages on first use.
 """
 
 from __future__ import annotations
@@ -13,10 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from microagent.build.base import BaseImage, list_bases, pull_base, remove_base
-from microagent.build.pipeline import BuildOutcome, Pipeline, resolve_image
 from microagent.compiler.loader import load_spec
 from microagent.compiler.lock import LockEntry, LockFile, lock_path_for, read_lock, write_lock
 from microagent.compiler.overrides import Overrides, RuntimeEnv, apply_overrides
@@ -25,34 +27,28 @@ from microagent.compiler.refs import parse_any_ref
 from microagent.compiler.spec import Spec
 from microagent.digests import key_hex
 from microagent.errors import InvalidInputError, NotFoundError
-from microagent.ext4 import overlay
-from microagent.kit import guestkit
-from microagent.kit.debian import Mirror
-from microagent.kit.guestkit import GuestKit
 from microagent.oci.registry import RegistryClient
+from microagent.oci.resolve import resolve_image
 from microagent.oci.transport import lock_entry, open_repository
-from microagent.remotecache.exchange import ImportReport, import_layout
-from microagent.remotecache.publish import (
-    PublishReport,
-    prepare,
-    publish,
-    record_files_and_config,
-)
-from microagent.remotecache.refs import open_cache, parse_cache_ref
-from microagent.remotecache.restore import RemoteStepCache
+from microagent.remotecache.refs import remote_sources
 from microagent.runtime.backend import Backend, Forward, GuestResult, OutputSink
-from microagent.runtime.backends import get_backend
-from microagent.runtime.boot import RunRequest, print_command, run_once
 from microagent.runtime.rundir import State
 from microagent.settings import Settings
 from microagent.store.content import Entry, PruneReport, Store
-from microagent.store.retention import keeper, names_in_use
 from microagent.store.stepcache import StoreStepCache
-from microagent.workspace import doctor, lifecycle
-from microagent.workspace.create import CreateReport, port_forwards
-from microagent.workspace.create import create as create_workspace
 from microagent.workspace.records import Workspace, Workspaces
-from microagent.workspace.run import OneShot, one_shot_request
+
+if TYPE_CHECKING:
+    from microagent.build.base import BaseImage
+    from microagent.build.pipeline import BuildOutcome, Pipeline
+    from microagent.kit.guestkit import GuestKit
+    from microagent.remotecache.exchange import ImportReport
+    from microagent.remotecache.publish import PublishReport
+    from microagent.runtime.boot import RunRequest
+    from microagent.workspace.create import CreateReport
+    from microagent.workspace.doctor import Report
+    from microagent.workspace.lifecycle import Runtime
+    from microagent.workspace.run import OneShot
 
 Say = Callable[[str], None]
 
@@ -213,6 +209,8 @@ class Microagent:
         return RegistryClient.from_settings(self.settings)
 
     def backend(self) -> Backend:
+        from microagent.runtime.backends import get_backend  # deferred: see the module docstring
+
         if self.injected_backend is not None:
             return self.injected_backend
         settings = self.settings
@@ -221,7 +219,9 @@ class Microagent:
         )
 
     def kit(self) -> GuestKit:
-        return guestkit.kit_for(self.settings, self.store, self.say)
+        from microagent.kit.guestkit import kit_for  # deferred: see the module docstring
+
+        return kit_for(self.settings, self.store, self.say)
 
     def pipeline(
         self,
@@ -231,6 +231,8 @@ class Microagent:
         cache_to: str | None = None,
         platform: str | None = None,
     ) -> Pipeline:
+        from microagent.build.pipeline import Pipeline  # deferred: see the module docstring
+
         return Pipeline(
             self.settings,
             self.client,
@@ -263,12 +265,18 @@ class Microagent:
         image = resolve_image(spec, self.client, offline=offline)
         built = compile_plan(spec, image, runtime_env_keys=env.names if env else ())
         cache: StepCache = StoreStepCache(self.store)
-        restorer = None if offline else self.pipeline(cache_from=cache_from).restorer(self.store)
-        if restorer is None or not restorer.sources:
+        sources = [] if offline else remote_sources(cache_from, self.settings, self.client)
+        if not sources:
             return PlanReport(spec, built, plan_status(built, cache))
+        from microagent.remotecache.restore import (  # deferred: see the module docstring
+            RemoteStepCache,
+            Restorer,
+        )
+
+        restorer = Restorer(self.store, sources, self.say)
         status = plan_status(built, RemoteStepCache(cache, restorer))
-        sources = tuple(source.where for source in restorer.sources)
-        return PlanReport(spec, built, status, sources, tuple(restorer.warnings))
+        asked = tuple(source.where for source in sources)
+        return PlanReport(spec, built, status, asked, tuple(restorer.warnings))
 
     def lock(self, path: Path, *, update: bool = False) -> LockReport:
         """Write (or refresh) ``microagent.lock`` beside the spec."""
@@ -302,6 +310,10 @@ class Microagent:
         timeout: float | None = None,
     ) -> BuildReport:
         """Build every step of a spec (no workspace); with ``push`` publish it."""
+        from microagent.remotecache.publish import (
+            record_files_and_config,  # deferred: see the module docstring
+        )
+
         began = time.monotonic()
         pipeline = self.pipeline(
             timeout=timeout, cache_from=cache_from, cache_to=cache_to, platform=platform
@@ -323,21 +335,30 @@ class Microagent:
         cache_to: str | None = None,
     ) -> CreateReport:
         """Build (or reuse) the spec's steps and make a persistent workspace."""
+        from microagent.workspace.create import (  # deferred: see the module docstring
+            create,
+            port_forwards,
+        )
+
         parsed = port_forwards(tuple(Forward.parse(item) for item in forwards))
         pipeline = self.pipeline(timeout=timeout, cache_from=cache_from, cache_to=cache_to)
         spec = load(path, overrides)
-        return create_workspace(pipeline, self.workspaces, spec, env or RuntimeEnv(), parsed)
+        return create(pipeline, self.workspaces, spec, env or RuntimeEnv(), parsed)
 
     # -- workspaces -------------------------------------------------------------------------
 
     def workspace(self, name: str) -> Workspace:
         return self.workspaces.get(name)
 
-    def _runtime(self) -> lifecycle.Runtime:
-        return lifecycle.Runtime(self.settings, self.kit)
+    def _runtime(self) -> Runtime:
+        from microagent.workspace.lifecycle import Runtime  # deferred: see the module docstring
+
+        return Runtime(self.settings, self.kit)
 
     def start(self, name: str, *, wait: bool = False, timeout: float | None = None) -> StartReport:
         """Boot a workspace; with ``wait`` block until its entrypoint exits."""
+        from microagent.workspace import lifecycle  # deferred: see the module docstring
+
         ws = self.workspace(name)
         runtime = lifecycle.start(self._runtime(), ws)
         if not wait:
@@ -348,22 +369,32 @@ class Microagent:
         return StartReport(name, state.value, code)
 
     def status(self, name: str) -> dict[str, Any]:
+        from microagent.workspace import lifecycle  # deferred: see the module docstring
+
         return lifecycle.status(self.workspace(name), self.settings.backend)
 
     def result(self, name: str) -> dict[str, Any]:
+        from microagent.workspace import lifecycle  # deferred: see the module docstring
+
         return lifecycle.result(self.workspace(name))
 
-    def halt(self, name: str, *, timeout: float = lifecycle.HALT_TIMEOUT) -> State:
+    def halt(self, name: str, *, timeout: float = 30.0) -> State:
+        from microagent.workspace import lifecycle  # deferred: see the module docstring
+
         return lifecycle.halt(self.workspace(name), timeout=timeout)
 
     def delete(self, names: Sequence[str], *, force: bool = False) -> list[dict[str, Any]]:
         """Remove workspaces (idempotent): one ``{workspace, deleted}`` per name."""
+        from microagent.workspace import lifecycle  # deferred: see the module docstring
+
         return [
             {"workspace": n, "deleted": lifecycle.delete(self.workspaces.path(n), force=force)}
             for n in names
         ]
 
     def list_workspaces(self) -> list[dict[str, Any]]:
+        from microagent.workspace import lifecycle  # deferred: see the module docstring
+
         rows = []
         for ws in self.workspaces:
             state = lifecycle.reconcile(ws)
@@ -376,6 +407,8 @@ class Microagent:
 
     def logs(self, name: str, *, follow: bool = False, poll: float = 0.3) -> Iterator[bytes]:
         """The serial console, in chunks; with ``follow`` until the workspace stops."""
+        from microagent.workspace import lifecycle  # deferred: see the module docstring
+
         ws = self.workspace(name)
         offset = 0
         while True:
@@ -394,6 +427,9 @@ class Microagent:
 
     def cp(self, source: str, target: str) -> CopyReport:
         """Copy a file between the host and a stopped workspace (``NAME:/path`` on one side)."""
+        from microagent.ext4 import overlay  # deferred: see the module docstring
+        from microagent.workspace import lifecycle
+
         src, dst = parse_remote_path(source), parse_remote_path(target)
         if (src is None) == (dst is None):
             raise InvalidInputError("exactly one of SOURCE and TARGET must be NAME:/absolute/path")
@@ -410,6 +446,8 @@ class Microagent:
     # -- one-shot runs ----------------------------------------------------------------------
 
     def _one_shot(self, job: OneShot) -> RunRequest:
+        from microagent.workspace.run import one_shot_request  # deferred: see the module docstring
+
         rootfs = job.rootfs
         if rootfs is None:
             assert job.image is not None
@@ -418,12 +456,16 @@ class Microagent:
 
     def run(self, job: OneShot) -> GuestResult:
         """Run a command in a fresh microVM (an image's rootfs, or an ext4 file)."""
+        from microagent.runtime.boot import run_once  # deferred: see the module docstring
+
         kit = self.one_shot_kit(job)
         request = self._one_shot(job)
         return run_once(request, backend=self.backend(), kit=kit, on_output=self.output)
 
     def run_command(self, job: OneShot) -> list[str]:
         """The VMM argv ``run`` would use (``--print-command``)."""
+        from microagent.runtime.boot import print_command  # deferred: see the module docstring
+
         kit = self.one_shot_kit(job)
         return print_command(self._one_shot(job), backend=self.backend(), kit=kit)
 
@@ -431,11 +473,15 @@ class Microagent:
         settings = self.settings.with_changes(
             kernel=job.kernel or self.settings.kernel, initrd=job.initrd or self.settings.initrd
         )
-        return guestkit.kit_for(settings, self.store, self.say)
+        from microagent.kit.guestkit import kit_for  # deferred: see the module docstring
+
+        return kit_for(settings, self.store, self.say)
 
     # -- images, cache, kernels -------------------------------------------------------------
 
     def image_pull(self, ref: str, *, platform: str | None = None) -> BaseImage:
+        from microagent.build.base import pull_base  # deferred: see the module docstring
+
         return pull_base(
             self.store,
             ref,
@@ -447,6 +493,8 @@ class Microagent:
         )
 
     def image_list(self) -> list[dict[str, Any]]:
+        from microagent.build.base import list_bases  # deferred: see the module docstring
+
         rows = []
         for record in list_bases(self.store):
             assert record.origin is not None and record.rootfs is not None
@@ -466,6 +514,8 @@ class Microagent:
         return rows
 
     def image_remove(self, what: str) -> list[str]:
+        from microagent.build.base import remove_base  # deferred: see the module docstring
+
         return remove_base(self.store, what)
 
     def cache_entries(self) -> list[Entry]:
@@ -473,6 +523,11 @@ class Microagent:
 
     def cache_prune(self, max_bytes: int | None = None, *, everything: bool = False) -> PruneReport:
         """Least recently used first; never what a workspace still boots from."""
+        from microagent.store.retention import (  # deferred: see the module docstring
+            keeper,
+            names_in_use,
+        )
+
         keys, blobs = [], []
         for ws in self.workspaces:
             record = ws.record()
@@ -491,6 +546,10 @@ class Microagent:
         cache_from: Sequence[str] = (),
     ) -> tuple[str, PublishReport]:
         """Write built steps (and the image) into an OCI layout; return the key and report."""
+        # deferred: see the module docstring
+        from microagent.remotecache.publish import prepare, publish, record_files_and_config
+        from microagent.remotecache.refs import open_cache, parse_cache_ref
+
         if spec is not None:
             pipeline = self.pipeline(cache_from=cache_from)
             outcome = pipeline.build(load(spec), RuntimeEnv())
@@ -524,18 +583,31 @@ class Microagent:
         return "sha256:" + key_hex(found[0])
 
     def cache_import(self, directory: Path) -> ImportReport:
+        from microagent.remotecache.exchange import (
+            import_layout,  # deferred: see the module docstring
+        )
+
         return import_layout(self.store, directory, self.say, ram=self.settings.ram_stage)
 
     def kernel_list(self) -> list[GuestKit]:
-        return guestkit.list_kits(self.store)
+        from microagent.kit.guestkit import list_kits  # deferred: see the module docstring
+
+        return list_kits(self.store)
 
     def kernel_install(self, mirror: str | None = None, suite: str | None = None) -> GuestKit:
+        from microagent.kit.debian import Mirror  # deferred: see the module docstring
+        from microagent.kit.guestkit import install_kit
+
         settings = self.settings
         chosen = Mirror.of(mirror or settings.debian_mirror, suite or settings.debian_suite)
-        return guestkit.install_kit(self.store, chosen, progress=self.say)
+        return install_kit(self.store, chosen, progress=self.say)
 
     def kernel_prune(self) -> list[GuestKit]:
-        return guestkit.prune_kits(self.store)
+        from microagent.kit.guestkit import prune_kits  # deferred: see the module docstring
 
-    def doctor(self) -> doctor.Report:
-        return doctor.diagnose(self.store)
+        return prune_kits(self.store)
+
+    def doctor(self) -> Report:
+        from microagent.workspace.doctor import diagnose  # deferred: see the module docstring
+
+        return diagnose(self.store)

@@ -15,22 +15,21 @@ from typing import Any
 from microagent.build.base import BaseImage, pull_base, recorded_base
 from microagent.build.setup import BuildContext, BuiltRootfs, ensure_rootfs, setup_ready
 from microagent.compiler.keys import StepKind
-from microagent.compiler.lock import ResolvedImage, lock_path_for, read_lock
 from microagent.compiler.overrides import RuntimeEnv
 from microagent.compiler.plan import BuildPlan, compile_plan
-from microagent.compiler.refs import host_platform, parse_any_ref
+from microagent.compiler.refs import host_platform
 from microagent.compiler.spec import Spec
-from microagent.errors import BuildError, InvalidInputError
+from microagent.errors import BuildError
 from microagent.kit.guestkit import GuestKit
 from microagent.oci.registry import RegistryClient
-from microagent.oci.transport import open_repository, resolve
+from microagent.oci.resolve import resolve_image
 from microagent.remotecache.publish import prepare, publish, record_files_and_config
 from microagent.remotecache.refs import (
     CacheRef,
-    cache_from_refs,
     cache_to_ref,
     open_cache,
     parse_cache_ref,
+    remote_sources,
 )
 from microagent.remotecache.restore import Restorer
 from microagent.runtime.backend import Accel, Backend
@@ -39,29 +38,6 @@ from microagent.store.content import Store
 
 Say = Callable[[str], None]
 Sink = Callable[[bytes], None]
-
-
-def resolve_image(
-    spec: Spec, client: RegistryClient, platform: str | None = None, *, offline: bool = False
-) -> ResolvedImage:
-    """Pin the spec's image: a digest in the spec, else ``microagent.lock``, else the source.
-
-    With ``offline`` an unpinned tag is an error instead of a registry round trip.
-    """
-    target = platform or host_platform()
-    ref = parse_any_ref(spec.image, spec.base_dir)
-    if ref.digest:
-        return ResolvedImage(str(ref), ref.digest, target)
-    lock = read_lock(lock_path_for(spec.source))
-    pinned = lock.lookup(spec.image, target) if lock else None
-    if pinned is not None:
-        return pinned
-    if offline:
-        raise InvalidInputError(
-            f"image {spec.image!r} is a tag with no pinned digest",
-            hint="pin it as NAME@sha256:<digest> or run `microagent lock --file SPEC`",
-        )
-    return resolve(open_repository(ref, client), ref, target)
 
 
 @dataclass(frozen=True)
@@ -118,8 +94,7 @@ class Pipeline:
 
     def restorer(self, store: Store) -> Restorer:
         """A restorer over the remote caches (flags, else settings; maybe none at all)."""
-        refs = cache_from_refs(self.cache_from, self.settings)
-        sources = [open_cache(ref, self.client) for ref in refs]
+        sources = remote_sources(self.cache_from, self.settings, self.client)
         return Restorer(
             store,
             sources,

@@ -79,3 +79,10 @@ def open_cache(ref: CacheRef, client: RegistryClient, *, write: bool = False) ->
         return open_repository(LayoutRef(ref.layout), client, create=write)
     assert ref.image is not None
     return open_repository(ref.image, client)
+
+
+def remote_sources(
+    flags: Sequence[str], settings: Settings, client: RegistryClient
+) -> list[Repository]:
+    """The remote caches to read from: ``--cache-from`` flags, else the settings."""
+    return [open_cache(ref, client) for ref in cache_from_refs(flags, settings)]

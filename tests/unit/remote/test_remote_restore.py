@@ -141,7 +141,8 @@ def test_plan_text_marks_remote_hits_and_other_platforms_need_hits(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from microagent import api
-    from microagent.build.pipeline import _require_buildable, resolve_image
+    from microagent.build.pipeline import _require_buildable
+    from microagent.oci.resolve import resolve_image
     from microagent.compiler.plan import compile_plan
     from microagent.errors import BuildError
     from microagent.oci.registry import RegistryClient

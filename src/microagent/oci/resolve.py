@@ -1,0 +1,33 @@
+"""Pinning a spec's image to a digest: the spec itself, ``microagent.lock``, or the source."""
+
+from __future__ import annotations
+
+from microagent.compiler.lock import ResolvedImage, lock_path_for, read_lock
+from microagent.compiler.refs import host_platform, parse_any_ref
+from microagent.compiler.spec import Spec
+from microagent.errors import InvalidInputError
+from microagent.oci.registry import RegistryClient
+from microagent.oci.transport import open_repository, resolve
+
+
+def resolve_image(
+    spec: Spec, client: RegistryClient, platform: str | None = None, *, offline: bool = False
+) -> ResolvedImage:
+    """Pin the spec's image: a digest in the spec, else ``microagent.lock``, else the source.
+
+    With ``offline`` an unpinned tag is an error instead of a registry round trip.
+    """
+    target = platform or host_platform()
+    ref = parse_any_ref(spec.image, spec.base_dir)
+    if ref.digest:
+        return ResolvedImage(str(ref), ref.digest, target)
+    lock = read_lock(lock_path_for(spec.source))
+    pinned = lock.lookup(spec.image, target) if lock else None
+    if pinned is not None:
+        return pinned
+    if offline:
+        raise InvalidInputError(
+            f"image {spec.image!r} is a tag with no pinned digest",
+            hint="pin it as NAME@sha256:<digest> or run `microagent lock --file SPEC`",
+        )
+    return resolve(open_repository(ref, client), ref, target)
