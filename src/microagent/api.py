@@ -209,7 +209,8 @@ class Microagent:
         return RegistryClient.from_settings(self.settings)
 
     def backend(self) -> Backend:
-        from microagent.runtime.backends import get_backend  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.runtime.backends import get_backend
 
         if self.injected_backend is not None:
             return self.injected_backend
@@ -219,7 +220,8 @@ class Microagent:
         )
 
     def kit(self) -> GuestKit:
-        from microagent.kit.guestkit import kit_for  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.kit.guestkit import kit_for
 
         return kit_for(self.settings, self.store, self.say)
 
@@ -231,7 +233,8 @@ class Microagent:
         cache_to: str | None = None,
         platform: str | None = None,
     ) -> Pipeline:
-        from microagent.build.pipeline import Pipeline  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.build.pipeline import Pipeline
 
         return Pipeline(
             self.settings,
@@ -310,9 +313,8 @@ class Microagent:
         timeout: float | None = None,
     ) -> BuildReport:
         """Build every step of a spec (no workspace); with ``push`` publish it."""
-        from microagent.remotecache.publish import (
-            record_files_and_config,  # deferred: see the module docstring
-        )
+        # deferred: see the module docstring
+        from microagent.remotecache.publish import record_files_and_config
 
         began = time.monotonic()
         pipeline = self.pipeline(
@@ -351,13 +353,15 @@ class Microagent:
         return self.workspaces.get(name)
 
     def _runtime(self) -> Runtime:
-        from microagent.workspace.lifecycle import Runtime  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.workspace.lifecycle import Runtime
 
         return Runtime(self.settings, self.kit)
 
     def start(self, name: str, *, wait: bool = False, timeout: float | None = None) -> StartReport:
         """Boot a workspace; with ``wait`` block until its entrypoint exits."""
-        from microagent.workspace import lifecycle  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.workspace import lifecycle
 
         ws = self.workspace(name)
         runtime = lifecycle.start(self._runtime(), ws)
@@ -369,23 +373,27 @@ class Microagent:
         return StartReport(name, state.value, code)
 
     def status(self, name: str) -> dict[str, Any]:
-        from microagent.workspace import lifecycle  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.workspace import lifecycle
 
         return lifecycle.status(self.workspace(name), self.settings.backend)
 
     def result(self, name: str) -> dict[str, Any]:
-        from microagent.workspace import lifecycle  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.workspace import lifecycle
 
         return lifecycle.result(self.workspace(name))
 
     def halt(self, name: str, *, timeout: float = 30.0) -> State:
-        from microagent.workspace import lifecycle  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.workspace import lifecycle
 
         return lifecycle.halt(self.workspace(name), timeout=timeout)
 
     def delete(self, names: Sequence[str], *, force: bool = False) -> list[dict[str, Any]]:
         """Remove workspaces (idempotent): one ``{workspace, deleted}`` per name."""
-        from microagent.workspace import lifecycle  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.workspace import lifecycle
 
         return [
             {"workspace": n, "deleted": lifecycle.delete(self.workspaces.path(n), force=force)}
@@ -393,7 +401,8 @@ class Microagent:
         ]
 
     def list_workspaces(self) -> list[dict[str, Any]]:
-        from microagent.workspace import lifecycle  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.workspace import lifecycle
 
         rows = []
         for ws in self.workspaces:
@@ -407,7 +416,8 @@ class Microagent:
 
     def logs(self, name: str, *, follow: bool = False, poll: float = 0.3) -> Iterator[bytes]:
         """The serial console, in chunks; with ``follow`` until the workspace stops."""
-        from microagent.workspace import lifecycle  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.workspace import lifecycle
 
         ws = self.workspace(name)
         offset = 0
@@ -427,7 +437,8 @@ class Microagent:
 
     def cp(self, source: str, target: str) -> CopyReport:
         """Copy a file between the host and a stopped workspace (``NAME:/path`` on one side)."""
-        from microagent.ext4 import overlay  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.ext4 import overlay
         from microagent.workspace import lifecycle
 
         src, dst = parse_remote_path(source), parse_remote_path(target)
@@ -446,7 +457,8 @@ class Microagent:
     # -- one-shot runs ----------------------------------------------------------------------
 
     def _one_shot(self, job: OneShot) -> RunRequest:
-        from microagent.workspace.run import one_shot_request  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.workspace.run import one_shot_request
 
         rootfs = job.rootfs
         if rootfs is None:
@@ -456,7 +468,8 @@ class Microagent:
 
     def run(self, job: OneShot) -> GuestResult:
         """Run a command in a fresh microVM (an image's rootfs, or an ext4 file)."""
-        from microagent.runtime.boot import run_once  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.runtime.boot import run_once
 
         kit = self.one_shot_kit(job)
         request = self._one_shot(job)
@@ -464,7 +477,8 @@ class Microagent:
 
     def run_command(self, job: OneShot) -> list[str]:
         """The VMM argv ``run`` would use (``--print-command``)."""
-        from microagent.runtime.boot import print_command  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.runtime.boot import print_command
 
         kit = self.one_shot_kit(job)
         return print_command(self._one_shot(job), backend=self.backend(), kit=kit)
@@ -473,14 +487,16 @@ class Microagent:
         settings = self.settings.with_changes(
             kernel=job.kernel or self.settings.kernel, initrd=job.initrd or self.settings.initrd
         )
-        from microagent.kit.guestkit import kit_for  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.kit.guestkit import kit_for
 
         return kit_for(settings, self.store, self.say)
 
     # -- images, cache, kernels -------------------------------------------------------------
 
     def image_pull(self, ref: str, *, platform: str | None = None) -> BaseImage:
-        from microagent.build.base import pull_base  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.build.base import pull_base
 
         return pull_base(
             self.store,
@@ -493,7 +509,8 @@ class Microagent:
         )
 
     def image_list(self) -> list[dict[str, Any]]:
-        from microagent.build.base import list_bases  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.build.base import list_bases
 
         rows = []
         for record in list_bases(self.store):
@@ -514,7 +531,8 @@ class Microagent:
         return rows
 
     def image_remove(self, what: str) -> list[str]:
-        from microagent.build.base import remove_base  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.build.base import remove_base
 
         return remove_base(self.store, what)
 
@@ -583,19 +601,20 @@ class Microagent:
         return "sha256:" + key_hex(found[0])
 
     def cache_import(self, directory: Path) -> ImportReport:
-        from microagent.remotecache.exchange import (
-            import_layout,  # deferred: see the module docstring
-        )
+        # deferred: see the module docstring
+        from microagent.remotecache.exchange import import_layout
 
         return import_layout(self.store, directory, self.say, ram=self.settings.ram_stage)
 
     def kernel_list(self) -> list[GuestKit]:
-        from microagent.kit.guestkit import list_kits  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.kit.guestkit import list_kits
 
         return list_kits(self.store)
 
     def kernel_install(self, mirror: str | None = None, suite: str | None = None) -> GuestKit:
-        from microagent.kit.debian import Mirror  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.kit.debian import Mirror
         from microagent.kit.guestkit import install_kit
 
         settings = self.settings
@@ -603,11 +622,13 @@ class Microagent:
         return install_kit(self.store, chosen, progress=self.say)
 
     def kernel_prune(self) -> list[GuestKit]:
-        from microagent.kit.guestkit import prune_kits  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.kit.guestkit import prune_kits
 
         return prune_kits(self.store)
 
     def doctor(self) -> Report:
-        from microagent.workspace.doctor import diagnose  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.workspace.doctor import diagnose
 
         return diagnose(self.store)
