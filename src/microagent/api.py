@@ -27,27 +27,26 @@ from microagent.compiler.refs import parse_any_ref
 from microagent.compiler.spec import Spec
 from microagent.digests import key_hex
 from microagent.errors import InvalidInputError, NotFoundError
-from microagent.oci.registry import RegistryClient
 from microagent.oci.resolve import resolve_image
-from microagent.oci.transport import lock_entry, open_repository
-from microagent.remotecache.refs import remote_sources
-from microagent.runtime.backend import Backend, Forward, GuestResult, OutputSink
-from microagent.runtime.rundir import State
 from microagent.settings import Settings
 from microagent.store.content import Entry, PruneReport, Store
 from microagent.store.stepcache import StoreStepCache
-from microagent.workspace.records import Workspace, Workspaces
 
 if TYPE_CHECKING:
     from microagent.build.base import BaseImage
     from microagent.build.pipeline import BuildOutcome, Pipeline
     from microagent.kit.guestkit import GuestKit
+    from microagent.oci.registry import RegistryClient
+    from microagent.oci.transport import Repository
     from microagent.remotecache.exchange import ImportReport
     from microagent.remotecache.publish import PublishReport
+    from microagent.runtime.backend import Backend, GuestResult, OutputSink
     from microagent.runtime.boot import RunRequest
+    from microagent.runtime.rundir import State
     from microagent.workspace.create import CreateReport
     from microagent.workspace.doctor import Report
     from microagent.workspace.lifecycle import Runtime
+    from microagent.workspace.records import Workspace, Workspaces
     from microagent.workspace.run import OneShot
 
 Say = Callable[[str], None]
@@ -149,7 +148,7 @@ class StartReport:
         if self.exit_code is None:
             return {"ok": True, "workspace": self.workspace, "state": self.state}
         return {
-            "ok": self.state != State.FAILED.value,
+            "ok": self.state != "failed",
             "workspace": self.workspace,
             "state": self.state,
             "exitCode": self.exit_code,
@@ -202,10 +201,16 @@ class Microagent:
 
     @cached_property
     def workspaces(self) -> Workspaces:
+        # deferred: see the module docstring
+        from microagent.workspace.records import Workspaces
+
         return Workspaces(self.settings.workspaces_dir)
 
     @cached_property
     def client(self) -> RegistryClient:
+        # deferred: see the module docstring
+        from microagent.oci.registry import RegistryClient
+
         return RegistryClient.from_settings(self.settings)
 
     def backend(self) -> Backend:
@@ -268,7 +273,7 @@ class Microagent:
         image = resolve_image(spec, self.client, offline=offline)
         built = compile_plan(spec, image, runtime_env_keys=env.names if env else ())
         cache: StepCache = StoreStepCache(self.store)
-        sources = [] if offline else remote_sources(cache_from, self.settings, self.client)
+        sources = [] if offline else self._remote_sources(cache_from)
         if not sources:
             return PlanReport(spec, built, plan_status(built, cache))
         from microagent.remotecache.restore import (  # deferred: see the module docstring
@@ -281,6 +286,12 @@ class Microagent:
         asked = tuple(source.where for source in sources)
         return PlanReport(spec, built, status, asked, tuple(restorer.warnings))
 
+    def _remote_sources(self, cache_from: Sequence[str]) -> list[Repository]:
+        # deferred: see the module docstring
+        from microagent.remotecache.refs import remote_sources
+
+        return remote_sources(cache_from, self.settings, self.client)
+
     def lock(self, path: Path, *, update: bool = False) -> LockReport:
         """Write (or refresh) ``microagent.lock`` beside the spec."""
         spec = load(path)
@@ -291,6 +302,9 @@ class Microagent:
         if ref.digest:
             entry = LockEntry(str(ref), ref.digest, {})
         else:
+            # deferred: see the module docstring
+            from microagent.oci.transport import lock_entry, open_repository
+
             entry = lock_entry(open_repository(ref, self.client), ref)
         changed = lock_file.images.get(spec.image) != entry
         updated = lock_file.with_entry(spec.image, entry)
@@ -337,6 +351,7 @@ class Microagent:
         cache_to: str | None = None,
     ) -> CreateReport:
         """Build (or reuse) the spec's steps and make a persistent workspace."""
+        from microagent.runtime.backend import Forward  # deferred: see the module docstring
         from microagent.workspace.create import (  # deferred: see the module docstring
             create,
             port_forwards,
@@ -369,7 +384,7 @@ class Microagent:
             return StartReport(name, str(runtime.get("state")))
         state = lifecycle.wait(ws, timeout)
         payload = lifecycle.result_payload(ws) or {}
-        code = int(payload.get("exitCode", 0 if state is not State.FAILED else 1))
+        code = int(payload.get("exitCode", 1 if state.value == "failed" else 0))
         return StartReport(name, state.value, code)
 
     def status(self, name: str) -> dict[str, Any]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from microagent.compiler.lock import ResolvedImage, lock_path_for, read_lock
 from microagent.compiler.refs import host_platform, parse_any_ref
 from microagent.compiler.spec import Spec
 from microagent.errors import InvalidInputError
-from microagent.oci.registry import RegistryClient
-from microagent.oci.transport import open_repository, resolve
+
+if TYPE_CHECKING:
+    from microagent.oci.registry import RegistryClient
 
 
 def resolve_image(
@@ -30,4 +33,7 @@ def resolve_image(
             f"image {spec.image!r} is a tag with no pinned digest",
             hint="pin it as NAME@sha256:<digest> or run `microagent lock --file SPEC`",
         )
+    # deferred: a pinned image (the common case) needs no registry code at all
+    from microagent.oci.transport import open_repository, resolve
+
     return resolve(open_repository(ref, client), ref, target)
