@@ -11,13 +11,14 @@ import json
 from collections.abc import Iterable, Iterator, Mapping
 from functools import cache
 from importlib import resources
-from typing import Any
-
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError
+from typing import TYPE_CHECKING, Any
 
 from microagent.compiler._yaml import Document, JsonPath, format_path
 from microagent.errors import Diagnostic
+
+if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import ValidationError
 
 _TYPE_WORDS = {
     "string": "a string",
@@ -40,6 +41,9 @@ def load_schema() -> Mapping[str, Any]:
 
 @cache
 def _validator() -> Draft202012Validator:
+    # deferred: jsonschema costs ~60 ms to import; only commands that read a spec need it
+    from jsonschema import Draft202012Validator
+
     return Draft202012Validator(load_schema())
 
 
@@ -259,6 +263,8 @@ def _subschema(dotted: str) -> Mapping[str, Any]:
 def check_value(dotted: str, value: object) -> list[str]:
     """Problems of one field's value (``"network.mode"``), using the spec's own schema."""
     sub = dict(_subschema(dotted))
+    from jsonschema import Draft202012Validator  # deferred: see _validator
+
     validator = Draft202012Validator(sub)
     translator = _Translator(Document(file="<flag>", value=value))
     messages: list[str] = []

@@ -18,7 +18,7 @@ from __future__ import annotations
 import fcntl
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -26,6 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from microagent.fsutil import read_json, write_json_atomic
+from microagent.runtime.backend import (
+    Accel,
+    BootConfig,
+    Disk,
+    Forward,
+    MachineType,
+    NetworkConfig,
+)
+from microagent.runtime.configdisk import NetworkMode
 
 
 class State(Enum):
@@ -48,6 +57,89 @@ class State(Enum):
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass(frozen=True)
+class BootDocument:
+    """``boot.json``: the VM the supervisor boots and the backend it boots it with."""
+
+    config: BootConfig
+    backend: str
+    probes_dir: Path | None = None  # host probes cached across boots (KVM, TSC)
+    fake_outcome: str | None = None  # the fake backend's guest (tests)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "probesDir": str(self.probes_dir) if self.probes_dir else None,
+            "fakeOutcome": self.fake_outcome,
+            **_config_to_json(self.config),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BootDocument:
+        probes = data.get("probesDir")
+        return cls(
+            _config_from_json(data),
+            str(data["backend"]),
+            Path(probes) if probes else None,
+            data.get("fakeOutcome"),
+        )
+
+
+def _config_to_json(config: BootConfig) -> dict[str, Any]:
+    return {
+        "kernel": str(config.kernel),
+        "initrd": str(config.initrd),
+        "disks": [
+            {"path": str(d.path), "readonly": d.readonly, "serial": d.serial} for d in config.disks
+        ],
+        "stateDir": str(config.state_dir),
+        "memoryMiB": config.memory_mib,
+        "cpus": config.cpus,
+        "network": {
+            "mode": config.network.mode.value,
+            "forwards": [
+                {
+                    "guestPort": f.guest_port,
+                    "hostPort": f.host_port,
+                    "unixSocket": str(f.unix_socket) if f.unix_socket else None,
+                }
+                for f in config.network.forwards
+            ],
+        },
+        "machine": config.machine.value,
+        "accel": config.accel.value,
+        "timeout": config.timeout,
+        "name": config.name,
+    }
+
+
+def _config_from_json(data: Mapping[str, Any]) -> BootConfig:
+    net = data.get("network") or {}
+    forwards = tuple(
+        Forward(
+            f["guestPort"],
+            f.get("hostPort"),
+            Path(f["unixSocket"]) if f.get("unixSocket") else None,
+        )
+        for f in net.get("forwards") or []
+    )
+    return BootConfig(
+        kernel=Path(data["kernel"]),
+        initrd=Path(data["initrd"]),
+        disks=tuple(
+            Disk(Path(d["path"]), d["readonly"], d.get("serial", "")) for d in data["disks"]
+        ),
+        state_dir=Path(data["stateDir"]),
+        memory_mib=int(data["memoryMiB"]),
+        cpus=int(data["cpus"]),
+        network=NetworkConfig(NetworkMode(net.get("mode", "isolated")), forwards),
+        machine=MachineType(data.get("machine", "microvm")),
+        accel=Accel(data.get("accel", "auto")),
+        timeout=data.get("timeout"),
+        name=str(data.get("name", "microagent")),
+    )
 
 
 @dataclass(frozen=True)
@@ -85,6 +177,14 @@ class RunDir:
         """The guest console log (in the VM directory recorded at start)."""
         vm_dir = self.runtime().get("vmDir")
         return Path(vm_dir) / "serial.log" if vm_dir else self.path / "vm" / "serial.log"
+
+    def write_boot(self, boot: BootDocument) -> None:
+        """Write ``boot.json`` (private: it names the config disk that carries the env)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.boot_path, boot.to_json(), mode=0o600)
+
+    def read_boot(self) -> BootDocument:
+        return BootDocument.from_json(json.loads(self.boot_path.read_text()))
 
     def runtime(self) -> dict[str, Any]:
         return read_json(self.runtime_path) or {"state": State.PREPARED.value}

@@ -10,97 +10,20 @@ reads no environment variables.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from microagent.errors import MicroagentError
 from microagent.fsutil import write_json_atomic
-from microagent.runtime.backend import (
-    Accel,
-    BootConfig,
-    Disk,
-    Forward,
-    GuestResult,
-    Machine,
-    MachineType,
-    NetworkConfig,
-)
+from microagent.runtime.backend import GuestResult, Machine
 from microagent.runtime.backends import get_backend
-from microagent.runtime.configdisk import NetworkMode
 from microagent.runtime.rundir import RunDir, State, now
 
 SHUTDOWN_GRACE = 15.0
 EVENT_POLL = 0.5
-
-
-def boot_to_json(
-    config: BootConfig,
-    backend: str,
-    *,
-    probes_dir: Path | None = None,
-    fake_outcome: str | None = None,
-) -> dict[str, Any]:
-    return {
-        "backend": backend,
-        "probesDir": str(probes_dir) if probes_dir else None,
-        "fakeOutcome": fake_outcome,
-        "kernel": str(config.kernel),
-        "initrd": str(config.initrd),
-        "disks": [
-            {"path": str(d.path), "readonly": d.readonly, "serial": d.serial} for d in config.disks
-        ],
-        "stateDir": str(config.state_dir),
-        "memoryMiB": config.memory_mib,
-        "cpus": config.cpus,
-        "network": {
-            "mode": config.network.mode.value,
-            "forwards": [
-                {
-                    "guestPort": f.guest_port,
-                    "hostPort": f.host_port,
-                    "unixSocket": str(f.unix_socket) if f.unix_socket else None,
-                }
-                for f in config.network.forwards
-            ],
-        },
-        "machine": config.machine.value,
-        "accel": config.accel.value,
-        "timeout": config.timeout,
-        "name": config.name,
-    }
-
-
-def boot_from_json(data: Mapping[str, Any]) -> BootConfig:
-    net = data.get("network") or {}
-    forwards = tuple(
-        Forward(
-            f["guestPort"],
-            f.get("hostPort"),
-            Path(f["unixSocket"]) if f.get("unixSocket") else None,
-        )
-        for f in net.get("forwards") or []
-    )
-    return BootConfig(
-        kernel=Path(data["kernel"]),
-        initrd=Path(data["initrd"]),
-        disks=tuple(
-            Disk(Path(d["path"]), d["readonly"], d.get("serial", "")) for d in data["disks"]
-        ),
-        state_dir=Path(data["stateDir"]),
-        memory_mib=int(data["memoryMiB"]),
-        cpus=int(data["cpus"]),
-        network=NetworkConfig(NetworkMode(net.get("mode", "isolated")), forwards),
-        machine=MachineType(data.get("machine", "microvm")),
-        accel=Accel(data.get("accel", "auto")),
-        timeout=data.get("timeout"),
-        name=str(data.get("name", "microagent")),
-    )
 
 
 class _Watcher(threading.Thread):
@@ -137,11 +60,10 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
-        boot = json.loads(self.run_dir.boot_path.read_text())
-        config = boot_from_json(boot)
-        probes = Path(boot["probesDir"]) if boot.get("probesDir") else None
+        boot = self.run_dir.read_boot()
+        config = boot.config
         backend = get_backend(
-            boot["backend"], probes_dir=probes, fake_outcome=boot.get("fakeOutcome")
+            boot.backend, probes_dir=boot.probes_dir, fake_outcome=boot.fake_outcome
         )
         try:
             with backend.boot(config) as machine:

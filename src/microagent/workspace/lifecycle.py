@@ -21,12 +21,11 @@ from typing import Any
 
 from microagent import runner
 from microagent.errors import ConflictError, NotFoundError, VMError
-from microagent.fsutil import read_json, write_json_atomic
+from microagent.fsutil import read_json
 from microagent.runtime.backend import Accel, Forward, NetworkConfig
 from microagent.runtime.boot import BootFiles, RunRequest, prepare, vm_dir_for
 from microagent.runtime.configdisk import GuestFile, NetworkMode, Output
-from microagent.runtime.rundir import State
-from microagent.runtime.supervisor import boot_to_json
+from microagent.runtime.rundir import BootDocument, State
 from microagent.settings import Settings
 from microagent.store.content import Store
 from microagent.workspace.records import Record, Workspace
@@ -120,10 +119,7 @@ def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict
     vm_dir = vm_dir_for(run.path, ws.name)
     boot = prepare(run_request(rt, ws, record), rt.kit(), vm_dir, work_dir=run.path)
     settings = rt.settings
-    document = boot_to_json(
-        boot, settings.backend, probes_dir=settings.probes_dir, fake_outcome=settings.fake_outcome
-    )
-    write_json_atomic(run.boot_path, document, mode=0o600)
+    run.write_boot(BootDocument(boot, settings.backend, settings.probes_dir, settings.fake_outcome))
     run.set_state(State.STARTING, "starting the VM", supervisorPid=None, vmDir=str(vm_dir))
     proc = runner.spawn(
         [sys.executable, "-m", "microagent.runtime.supervisor", str(run.path)],
