@@ -270,7 +270,7 @@ class Microagent:
     ) -> PlanReport:
         """Load, resolve and plan a spec, and look every step up (locally, then remotely)."""
         spec = load(path, overrides)
-        image = resolve_image(spec, self.client, offline=offline)
+        image = resolve_image(spec, lambda: self.client, offline=offline)
         built = compile_plan(spec, image, runtime_env_keys=env.names if env else ())
         cache: StepCache = StoreStepCache(self.store)
         sources = [] if offline else self._remote_sources(cache_from)

@@ -73,7 +73,7 @@ class Pipeline:
     def build(self, spec: Spec, env: RuntimeEnv) -> BuildOutcome:
         """Resolve, plan, take what remote caches have, pull and build the rest."""
         store = self.store
-        image = resolve_image(spec, self.client, self.platform)
+        image = resolve_image(spec, lambda: self.client, self.platform)
         plan = compile_plan(spec, image, runtime_env_keys=env.names)
         remote = self._restore(store, plan)
         base = self._base(store, spec, plan)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from microagent.compiler.lock import ResolvedImage, lock_path_for, read_lock
@@ -14,11 +15,16 @@ if TYPE_CHECKING:
 
 
 def resolve_image(
-    spec: Spec, client: RegistryClient, platform: str | None = None, *, offline: bool = False
+    spec: Spec,
+    client: Callable[[], RegistryClient],
+    platform: str | None = None,
+    *,
+    offline: bool = False,
 ) -> ResolvedImage:
     """Pin the spec's image: a digest in the spec, else ``microagent.lock``, else the source.
 
-    With ``offline`` an unpinned tag is an error instead of a registry round trip.
+    ``client`` is called only when the source must be asked. With ``offline`` an unpinned
+    tag is an error instead of a registry round trip.
     """
     target = platform or host_platform()
     ref = parse_any_ref(spec.image, spec.base_dir)
@@ -36,4 +42,4 @@ def resolve_image(
     # deferred: a pinned image (the common case) needs no registry code at all
     from microagent.oci.transport import open_repository, resolve
 
-    return resolve(open_repository(ref, client), ref, target)
+    return resolve(open_repository(ref, client()), ref, target)

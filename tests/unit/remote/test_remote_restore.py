@@ -142,10 +142,10 @@ def test_plan_text_marks_remote_hits_and_other_platforms_need_hits(
 ) -> None:
     from microagent import api
     from microagent.build.pipeline import _require_buildable
-    from microagent.oci.resolve import resolve_image
     from microagent.compiler.plan import compile_plan
     from microagent.errors import BuildError
     from microagent.oci.registry import RegistryClient
+    from microagent.oci.resolve import resolve_image
     from microagent.store.content import Store
 
     spec, cache = str(project / "microagent.yaml"), tmp_path / "cache"
@@ -158,7 +158,7 @@ def test_plan_text_marks_remote_hits_and_other_platforms_need_hits(
     assert all(line.endswith(f"oci:{cache}") for line in lines)
 
     loaded = api.load(spec)
-    plan = compile_plan(loaded, resolve_image(loaded, RegistryClient()))
+    plan = compile_plan(loaded, resolve_image(loaded, RegistryClient))
     store = Store(tmp_path / "b" / "store")
     with pytest.raises(BuildError, match="cannot run on this"):
         _require_buildable(store, plan, "linux/riscv64")
