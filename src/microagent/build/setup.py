@@ -19,7 +19,7 @@ from microagent.build.base import BaseImage
 from microagent.compiler.keys import SetupInputs, StepKind
 from microagent.compiler.plan import BuildPlan, Step
 from microagent.errors import BuildError
-from microagent.ext4.debugfs import quote, replay_journal, run_debugfs
+from microagent.ext4.debugfs import check_guest_image, quote, run_debugfs
 from microagent.ext4.mkfs import make_state_disk
 from microagent.ext4.rootfs import build_rootfs
 from microagent.ext4.upper import export_upper_image
@@ -165,7 +165,7 @@ def _failure(step: Step, result: GuestResult) -> BuildError:
 
 
 def _drop_runtime_files(state_disk: Path) -> None:
-    replay_journal(state_disk)
+    check_guest_image(state_disk, "setup step disk")  # the guest wrote it: check before debugfs
     run_debugfs(state_disk, [f"rm {quote(p)}" for p in RUNTIME_FILES], write=True)
 
 

@@ -4,8 +4,16 @@
 goes through :func:`run_debugfs` (a script on stdin, output split per command) or
 :class:`InodeStream` (file contents through a pipe); paths are quoted by :func:`quote`.
 debugfs exits 0 after most failures, so callers look at :attr:`Script.errors`. Also here: the
-parsers of what debugfs prints (``ls -p``, ``stat``, ``ea_list``), journal replay, and the
-script that gives an ``mke2fs -d`` image the owners and modes a layer recorded.
+parsers of what debugfs prints (``ls -p``, ``stat``, ``ea_list``), symlink targets, journal
+replay and file system checks, and the script that gives an ``mke2fs -d`` image the owners and
+modes a layer recorded.
+
+Untrusted images: debugfs reads its script with ``fgets`` into an 8 KiB buffer, so a line of
+8192 bytes or more is cut and *the rest runs as a command of its own* (``dump``, ``rdump`` and
+``write`` read and write host files). Every script line is therefore refused from
+:data:`MAX_COMMAND` bytes on, whoever built it; callers walk images by inode or one directory
+at a time so that honest paths never come near it. An image a guest wrote (or one downloaded)
+is checked by ``e2fsck`` (:func:`check_guest_image`, :func:`check_image`) before it is read.
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ from microagent.layers.stagemeta import Kind, PathMeta, StageMetadata
 from microagent.runner import run, spawn
 
 CHUNK = 1 << 20
+MAX_COMMAND = 4096  # script lines are refused from this many bytes on (debugfs cuts at 8191)
+MAX_SYMLINK = 4095  # longest symlink target: one block minus one (the kernel's limit)
+FSCK_TIMEOUT = 600.0
 # stderr lines of a lookup that simply found nothing
 MISSING = ("File not found by ext2_lookup", "Ext2 inode is not a directory")
 _NOISE = ("debugfs ", "Allocated inode:")  # the version banner; write's chatter
@@ -90,19 +101,34 @@ def run_debugfs(
     debugfs exits 0 after most failures, so callers must look at :attr:`Script.errors`.
     """
     argv = ["debugfs", *(["-w"] if write else []), "-f", "-", str(image)]
-    script = "".join(c + "\n" for c in commands).encode("utf-8", "surrogateescape")
-    done = run(argv, input=script, cwd=cwd, env=env)
+    done = run(argv, input=encode_script(image, commands), cwd=cwd, env=env)
     errors = tuple(
-        line for line in done.stderr.splitlines() if line.strip() and not line.startswith(_NOISE)
+        line for line in done.stderr.split("\n") if line.strip() and not line.startswith(_NOISE)
     )
     outputs = _split_outputs(done.stdout, commands, image) if split else ()
     return Script(outputs, errors)
 
 
+def encode_script(image: Path, commands: Sequence[str]) -> bytes:
+    """``commands`` as a debugfs script, one per line, or IntegrityError naming ``image``
+    if a line could be cut (:data:`MAX_COMMAND` bytes or more) or split (a line break)."""
+    lines = [c.encode("utf-8", "surrogateescape") for c in commands]
+    for line in lines:
+        if len(line) >= MAX_COMMAND or any(b in line for b in (b"\n", b"\r", b"\0")):
+            shown = line[:60].decode("utf-8", "replace")
+            raise IntegrityError(
+                f"{image}: refusing a debugfs command of {len(line)} bytes "
+                f"(limit {MAX_COMMAND - 1}, no line breaks): {shown!r}…",
+                hint="debugfs would cut the line and run the rest as a command of its own; "
+                "a path this long comes from a damaged or hostile image",
+            )
+    return b"".join(line + b"\n" for line in lines)
+
+
 def _split_outputs(stdout: str, commands: Sequence[str], image: Path) -> tuple[str, ...]:
     # With -f, debugfs echoes each command as "debugfs: <command>" before its output.
     blocks: list[list[str]] = []
-    for line in stdout.splitlines():
+    for line in stdout.split("\n"):  # not splitlines(): names may hold U+2028
         if len(blocks) < len(commands) and line == f"debugfs: {commands[len(blocks)]}":
             blocks.append([])
         elif blocks:
@@ -138,7 +164,7 @@ _LS_LINE = re.compile(r"/(\d+)/(\d+)/(\d+)/(\d+)/([^/]*)/(\d*)/")
 def parse_ls(output: str, where: str) -> dict[str, DirEntry]:
     """Entries (without ``.`` and ``..``) of an ``ls -p`` listing of directory ``where``."""
     out: dict[str, DirEntry] = {}
-    for line in output.splitlines():
+    for line in output.split("\n"):
         if not line:
             continue
         m = _LS_LINE.fullmatch(line)
@@ -221,7 +247,7 @@ def _seconds(low: str, extra: str | None) -> int:
 
 
 def _fast_link(output: str) -> str | None:
-    for line in output.splitlines():
+    for line in output.split("\n"):
         if line.startswith(_FAST_LINK) and line.endswith('"'):
             return line[len(_FAST_LINK) : -1]
     return None
@@ -233,7 +259,7 @@ _XATTR_LINE = re.compile(r"  (\S+) \((\d+)\)(?: = (.*))?")
 def parse_xattrs(output: str) -> dict[str, str]:
     """Extended attributes from ``ea_list``: name → value as printed (``"y"`` or hex bytes)."""
     out: dict[str, str] = {}
-    for line in output.splitlines():
+    for line in output.split("\n"):
         m = _XATTR_LINE.fullmatch(line)
         if m is not None:
             out[m[1]] = m[3] or ""
@@ -248,7 +274,27 @@ def overlay_xattr(xattrs: dict[str, str], name: str) -> str | None:
     return None
 
 
-# -- journal -------------------------------------------------------------------------------
+def link_targets(image: Path, links: Sequence[Inode]) -> dict[int, str]:
+    """The destinations of symlink inodes by inode number: fast ones as ``stat`` printed them,
+    the rest streamed from their data block. A target that does not fit one block cannot be
+    a real symlink and is refused (a crafted inode could make it any length)."""
+    for inode in links:
+        if inode.size > MAX_SYMLINK:
+            raise IntegrityError(
+                f"{image}: symlink inode {inode.ino} claims a {inode.size}-byte target "
+                f"(at most {MAX_SYMLINK})",
+                hint="the image is damaged or was crafted; its content cannot be trusted",
+            )
+    out = {i.ino: i.target for i in links if i.target is not None}
+    slow = sorted({i.ino: i for i in links if i.target is None}.values(), key=lambda i: i.ino)
+    with InodeStream(image, [i.ino for i in slow]) as stream:
+        for inode in slow:
+            raw = stream.read_exact(inode.size, f"symlink inode {inode.ino}")
+            out[inode.ino] = raw.decode("utf-8", "surrogateescape")
+    return out
+
+
+# -- journal and checks ----------------------------------------------------------------------
 
 
 def replay_journal(image: Path, *, force: bool = False) -> None:
@@ -267,6 +313,47 @@ def replay_journal(image: Path, *, force: bool = False) -> None:
             f"(exit code {done.returncode}):\n{tail}",
             hint=f"repair it with `e2fsck -fy {image}` (may lose damaged files)",
         )
+
+
+def check_image(image: Path, what: str = "disk image") -> None:
+    """Refuse ``image`` unless a read-only full check (``e2fsck -fn``) finds nothing wrong.
+
+    debugfs trusts what it reads; this is what stands between a crafted image (a symlink
+    inode with a huge target, a directory loop, overlapping blocks) and the host tools.
+    """
+    done = run(["e2fsck", "-fn", str(image)], check=False, timeout=FSCK_TIMEOUT)
+    if done.returncode != 0:
+        found = "\n".join(_fsck_problems(done.stdout + "\n" + done.stderr))
+        raise IntegrityError(
+            f"{what} {image} has file system errors (e2fsck -fn exit code "
+            f"{done.returncode}); refusing to read it:\n{found}",
+            hint=f"its content cannot be trusted; `e2fsck -fy {image}` repairs it "
+            "(damaged files may be lost)",
+        )
+
+
+_FSCK_QUESTION = re.compile(r"(?:^|\s+)[A-Z][^.?]*\? no$")  # "Fix? no", "Clear? no"
+_FSCK_NOISE = ("Pass ", "e2fsck ", "WARNING: Filesystem still has errors", "non-contiguous")
+
+
+def _fsck_problems(output: str, limit: int = 8) -> list[str]:
+    """What ``e2fsck -n`` found, without its banners, summary and unanswered questions."""
+    lines = [_FSCK_QUESTION.sub("", ln).strip() for ln in output.splitlines()]
+    return [ln for ln in lines if ln and not any(n in ln for n in _FSCK_NOISE)][:limit]
+
+
+def check_guest_image(image: Path, what: str = "disk image") -> None:
+    """Make an image a guest wrote safe to read with debugfs.
+
+    A pending journal (or a file system not marked clean) is replayed and repaired by
+    :func:`replay_journal` (a full ``e2fsck -fp``); one marked clean still gets
+    :func:`check_image`: a root process in the guest can write its disk raw and leave the
+    clean flag set.
+    """
+    if needs_fsck(image):
+        replay_journal(image, force=True)
+    else:
+        check_image(image, what)
 
 
 def needs_fsck(image: Path) -> bool:
@@ -302,7 +389,7 @@ class InodeStream:
         try:
             script = Path(self._tmp.name) / "script"
             target = f'"/proc/self/fd/{write_fd}"'
-            script.write_text("".join(f"dump <{ino}> {target}\n" for ino in inodes))
+            script.write_bytes(encode_script(image, [f"dump <{ino}> {target}" for ino in inodes]))
             argv = ["debugfs", "-f", str(script), str(image)]
             self._proc = spawn(argv, stdout=self._log, pass_fds=(write_fd,)) if inodes else None
         except BaseException:

@@ -85,7 +85,9 @@ def _times_script(meta: StageMetadata) -> str:
 def _debugfs(image: Path, script: str, env: dict[str, str]) -> None:
     if not script:
         return
-    done = run_debugfs(image, script.splitlines(), write=True, env=env, split=False)
+    # Lines end at "\n" only: splitlines() would also break a name at U+0085 or U+2028.
+    lines = script.removesuffix("\n").split("\n")
+    done = run_debugfs(image, lines, write=True, env=env, split=False)
     if done.errors:
         raise BuildError("fixing owners in the image failed:\n" + "\n".join(done.errors[:10]))
 

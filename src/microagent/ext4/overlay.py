@@ -10,6 +10,14 @@ and mtime kept). Symlinks along the way are followed inside the merged view.
 
 The caller guarantees no VM is using the disks; a per-image ``flock`` keeps two copies
 from racing each other. The rootfs image is only ever opened read-only.
+
+The state disk is the guest's: a root process in it can write any bytes, leave the file
+system marked clean, and plant symlinks meant to steer this code. So the state disk is
+checked by ``e2fsck`` before every copy (a repairing one before writes, a read-only one
+before reads); symlinks are followed with the kernel's bounds (:data:`PATH_MAX` bytes per
+path, :data:`NAME_MAX` per component, :data:`MAX_SYMLINKS` links, targets within a block);
+and debugfs is driven one directory at a time (``cd``, then one name per command, or
+``<inode>``), so no command line grows with the path.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ from microagent.ext4.debugfs import (
     MISSING,
     Inode,
     InodeStream,
+    check_image,
+    link_targets,
     needs_fsck,
     overlay_xattr,
     parse_stat,
@@ -48,7 +58,9 @@ from microagent.layers.stagemeta import Kind, PathMeta
 
 __all__ = ["copy_in", "copy_out", "exists", "guest_parts", "read_bytes"]
 
-MAX_SYMLINKS = 40
+MAX_SYMLINKS = 40  # links followed in one lookup, as Linux (ELOOP beyond)
+PATH_MAX = 4096  # a path has fewer bytes than this, as on Linux (ENAMETOOLONG)
+NAME_MAX = 255  # bytes per component
 READ_LIMIT = 16 << 20
 NEW_FILE_MODE = 0o644
 _TMP_PREFIX = ".microagent-cp-"
@@ -171,7 +183,8 @@ class _Disks:
 
     @contextlib.contextmanager
     def locked(self, *, write: bool) -> Iterator[None]:
-        """Hold a lock on the state image; make its journal replayed and the fs checked."""
+        """Hold a lock on the state image and check it: before a write (or when a journal is
+        pending) a repairing ``e2fsck -fp``, before a read of a clean one ``e2fsck -fn``."""
         for image, what in ((self.state, "state disk"), (self.rootfs, "root filesystem")):
             if not image.is_file():
                 raise NotFoundError(f"workspace {what} {image} does not exist")
@@ -181,25 +194,28 @@ class _Disks:
             if write or needs_fsck(self.state):
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 replay_journal(self.state, force=True)
+            else:
+                check_image(self.state, "workspace state disk")
             yield
         finally:
             os.close(fd)
 
     def resolve(self, guest_path: str, *, follow_last: bool) -> _View:
-        """Find ``guest_path`` in the merged view, following symlinks like the guest would."""
+        """Find ``guest_path`` in the merged view, following symlinks like the guest would
+        (and within the same bounds: path and name lengths, number of links)."""
         parts = guest_parts(guest_path)
         for _hop in range(MAX_SYMLINKS + 1):
             step = _walk(parts, self.probe(parts), follow_last=follow_last)
             if isinstance(step, _View):
                 return step
             parts = _follow(parts, step.index, self.link_target(step.hit))
+            _check_bounds(parts, f"{guest_path}: following symbolic links")
         raise InvalidInputError(f"{guest_path}: too many levels of symbolic links")
 
     def probe(self, parts: tuple[str, ...]) -> _Probe:
         """``stat`` every prefix of ``parts`` in the upper dir and in the rootfs."""
-        prefixes = [parts[:i] for i in range(len(parts) + 1)]
-        up = self._stats(self.state, [_upper_path(p) for p in prefixes])
-        low = self._stats(self.rootfs, [_guest_path(p) for p in prefixes])
+        up = self._stats(self.state, UPPER, parts)
+        low = self._stats(self.rootfs, "/", parts)
         top = up[0][0]
         if top is None or top.kind is not Kind.DIR:
             raise IntegrityError(
@@ -209,21 +225,27 @@ class _Disks:
         return _Probe(tuple(i for i, _ in up), opaque, tuple(i for i, _ in low))
 
     def _stats(
-        self, image: Path, paths: Sequence[str]
+        self, image: Path, top: str, parts: tuple[str, ...]
     ) -> list[tuple[Inode | None, dict[str, str]]]:
-        done = run_debugfs(image, [f"stat {quote(p)}" for p in paths])
+        """``stat`` the directory ``top``, then each component of ``parts`` from inside its
+        parent (``cd`` one name at a time), so no command names more than one component.
+
+        When a ``cd`` fails (the name is missing or not a directory) the later ``stat``s run
+        in the wrong directory; :func:`_walk` never looks at them, as it only goes on below
+        a directory — exactly the entries ``cd`` could enter.
+        """
+        cmds = [f"stat {quote(top)}", f"cd {quote(top)}"]
+        for name in parts:
+            cmds += [f"stat {_here(name)}", f"cd {_here(name)}"]
+        done = run_debugfs(image, cmds[:-1])
         problems = done.unexpected(MISSING)
         if problems:
             raise ToolError(f"debugfs could not read {image}: {problems[0]}")
-        return [(parse_stat(out), parse_xattrs(out)) for out in done.outputs]
+        return [(parse_stat(out), parse_xattrs(out)) for out in done.outputs[::2]]
 
     def link_target(self, hit: _Hit) -> str:
         """The destination of a symlink inode (long ones are stored in a data block)."""
-        if hit.inode.target is not None:
-            return hit.inode.target
-        with InodeStream(self.image_of(hit.layer), [hit.inode.ino]) as stream:
-            raw = stream.read_exact(hit.inode.size, f"symlink inode {hit.inode.ino}")
-        return raw.decode("utf-8", "surrogateescape")
+        return link_targets(self.image_of(hit.layer), [hit.inode])[hit.inode.ino]
 
 
 # -- walking the merged view -------------------------------------------------------------------
@@ -238,7 +260,20 @@ def guest_parts(path: str) -> tuple[str, ...]:
             f"guest path {path!r} must be absolute and clean",
             hint="e.g. /workspace/input.json (no '.', '..', '//', trailing '/' or control chars)",
         )
+    _check_bounds(tuple(parts), f"guest path {path[:80]!r}")
     return tuple(parts)
+
+
+def _check_bounds(parts: tuple[str, ...], what: str) -> None:
+    """Linux's limits: a path under :data:`PATH_MAX` bytes, components of :data:`NAME_MAX`."""
+    sizes = [len(p.encode("utf-8", "surrogateescape")) for p in parts]
+    total = sum(sizes) + len(sizes)
+    if total >= PATH_MAX or any(size > NAME_MAX for size in sizes):
+        raise InvalidInputError(
+            f"{what}: file name too long ({total} bytes, longest component {max(sizes)}; "
+            f"the limits are {PATH_MAX - 1} and {NAME_MAX})",
+            hint="the guest would get ENAMETOOLONG for this path too",
+        )
 
 
 def _walk(parts: tuple[str, ...], probe: _Probe, *, follow_last: bool) -> _View | _Symlink:
@@ -297,8 +332,9 @@ def _guest_path(parts: Sequence[str]) -> str:
     return "/" + "/".join(parts)
 
 
-def _upper_path(parts: Sequence[str]) -> str:
-    return UPPER + "".join("/" + p for p in parts)
+def _here(name: str) -> str:
+    """One name in debugfs' current directory as an argument (``./``: never ``<inode>``)."""
+    return quote("./" + name)
 
 
 # -- copy in ---------------------------------------------------------------------------------
@@ -337,20 +373,24 @@ def _check_writable(view: _View, guest_path: str) -> None:
 
 
 def _write_upper(state: Path, view: _View, host_src: Path, size: int) -> None:
-    """Stage the file under a temporary name, then swap it in (old file kept on failure)."""
-    parent = _upper_path(view.parts[:-1])
-    tmp = f"{parent}/{_TMP_PREFIX}{secrets.token_hex(6)}"
-    final = _upper_path(view.parts)
+    """Stage the file under a temporary name, then swap it in (old file kept on failure).
+
+    Every script first enters the parent's upper directory (:func:`_enter_parent`) and then
+    names single entries, so no line grows with the depth of the path.
+    """
+    tmp = _here(f"{_TMP_PREFIX}{secrets.token_hex(6)}")
+    final = _here(view.parts[-1])
     with tempfile.TemporaryDirectory(prefix="microagent-cp-") as hostdir:
         (Path(hostdir) / "src").symlink_to(host_src.absolute())
-        cmds = [*_copy_up_dirs(view), *_write_cmds(tmp, _new_meta(view)), f"stat {quote(tmp)}"]
-        done = run_debugfs(state, cmds, write=True, cwd=Path(hostdir))
+        cmds = [*_enter_parent(view, copy_up=True), *_write_cmds(tmp, _new_meta(view))]
+        done = run_debugfs(state, [*cmds, f"stat {tmp}"], write=True, cwd=Path(hostdir))
     written = parse_stat(done.outputs[-1])
     if done.errors or written is None or written.size != size:
-        run_debugfs(state, [f"rm {quote(tmp)}"], write=True)
+        run_debugfs(state, [*_enter_parent(view, copy_up=False), f"rm {tmp}"], write=True)
         _raise_write_failed(state, view, done.errors, written)
-    swap = [*([f"rm {quote(final)}"] if view.upper_entry is not None else [])]
-    swap += [f"ln {quote(tmp)} {quote(final)}", f"unlink {quote(tmp)}"]
+    swap = _enter_parent(view, copy_up=False)
+    swap += [f"rm {final}"] if view.upper_entry is not None else []
+    swap += [f"ln {tmp} {final}", f"unlink {tmp}"]
     done = run_debugfs(state, swap, write=True)
     if done.errors:
         raise ToolError(f"could not put {_guest_path(view.parts)} in place: {done.errors[0]}")
@@ -368,13 +408,19 @@ def _raise_write_failed(
     raise ToolError(f"could not write {_guest_path(view.parts)} into {state}: {detail}")
 
 
-def _copy_up_dirs(view: _View) -> list[str]:
-    """Create in the upper the parents that only the lower has, like overlay's copy-up."""
-    cmds: list[str] = []
-    for i, hit in enumerate(view.parents, start=1):
-        if hit.layer is Layer.LOWER:
-            q = quote(_upper_path(view.parts[:i]))
+def _enter_parent(view: _View, *, copy_up: bool) -> list[str]:
+    """Commands that make the parent's directory in the upper debugfs' current one: by inode
+    where the upper has it, by name below that; with ``copy_up`` the directories only the
+    lower has are created first, like overlay's copy-up (owner, mode and mtime kept)."""
+    cmds = [f"cd {quote(UPPER)}"]
+    for name, hit in zip(view.parts, view.parents, strict=False):
+        if hit.layer is Layer.UPPER:
+            cmds.append(f"cd <{hit.inode.ino}>")
+            continue
+        q = _here(name)
+        if copy_up:
             cmds += [f"mkdir {q}", *_sif(q, hit.inode.meta()), f"sif {q} mtime @{hit.inode.mtime}"]
+        cmds.append(f"cd {q}")
     return cmds
 
 
@@ -386,8 +432,7 @@ def _new_meta(view: _View) -> PathMeta:
     return PathMeta(Kind.FILE, NEW_FILE_MODE, 0, 0, 0)
 
 
-def _write_cmds(dest: str, meta: PathMeta) -> list[str]:
-    q = quote(dest)
+def _write_cmds(q: str, meta: PathMeta) -> list[str]:
     return [f'write "src" {q}', *_sif(q, meta)]
 
 

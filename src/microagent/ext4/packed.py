@@ -2,15 +2,17 @@
 no flatten and no ``mke2fs``.
 
 ``pack`` compresses ``rootfs/<key>.ext4`` (hashing the image as it goes, for the record);
-``unpack`` streams a blob back into a sparse file, checking the compressed bytes against the
-blob digest (which pins the decoded bytes) and the image size. Both checks must pass before
-the caller publishes the file (``Store.build_once``), so a damaged or truncated download never
-becomes a rootfs.
+``unpack`` streams a blob back into a sparse file and accepts it only if the compressed bytes
+match the blob digest and size, the decoded bytes match the image digest and size, and
+``e2fsck -fn`` finds the file system clean. All of that happens before the caller publishes
+the file (``Store.build_once``), so a damaged, truncated or crafted download never becomes a
+rootfs that the host's debugfs reads (``microagent cp``) or a VM boots.
 
-Trust: the image is what the publisher built for the key, like its setup layers; the same
-holds for the layers (a pusher can publish any layer for a key). Only setup steps publish an
-image; a base step is always rebuilt from layers verified against the image digest.
-``MICROAGENT_CACHE_ROOTFS=0`` (``Settings.cache_rootfs``) turns packed images off.
+Trust: the image is what the publisher built for the key, like its setup layers: whoever can
+push to the cache chooses it. ``remotecache`` ties it to the verified step record and bounds
+its size; only setup steps publish an image, and a base step is always rebuilt from layers
+verified against the image digest. ``MICROAGENT_CACHE_ROOTFS=0`` (``Settings.cache_rootfs``)
+turns packed images off.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import zstandard
 
 from microagent.digests import HashingWriter
 from microagent.errors import IntegrityError
+from microagent.ext4.debugfs import check_image
 from microagent.store.records import PackedImage
 
 MEDIA_TYPE = "application/vnd.microagent.rootfs.ext4+zstd"
@@ -113,18 +116,21 @@ class _Prefetch:
 
 
 def unpack(stream: BinaryIO, out: Path, expected: PackedImage) -> None:
-    """Decompress ``stream`` into a new sparse file ``out`` (see :func:`_unpack`)."""
+    """Decompress ``stream`` into a new sparse file ``out`` (see :func:`_unpack`), then refuse
+    it unless ``e2fsck -fn`` finds a clean file system."""
     prefetch = _Prefetch(stream)
     try:
         _unpack(cast(BinaryIO, prefetch), out, expected)
     finally:
         prefetch.close()
+    check_image(out, "rootfs image")
 
 
 def _unpack(stream: BinaryIO, out: Path, expected: PackedImage) -> None:
     """Decompress ``stream`` into a new sparse file ``out``, verifying the blob's digest and
-    the image's size (decoding is deterministic: the blob digest pins the image bytes)."""
+    size and the decoded image's digest and size."""
     counted = _Counted(stream, expected.blob_size)
+    plain = hashlib.sha256()
     size = 0
     reader = zstandard.ZstdDecompressor().stream_reader(cast(BinaryIO, counted))
     with out.open("xb") as fh:
@@ -133,11 +139,12 @@ def _unpack(stream: BinaryIO, out: Path, expected: PackedImage) -> None:
                 size += len(chunk)
                 if size > expected.size:
                     raise IntegrityError(f"rootfs image is larger than {expected.size} bytes")
+                plain.update(chunk)
                 _write_sparse(fh, chunk)
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"rootfs image blob is not valid zstd: {exc}") from exc
         fh.truncate(size)
-    _check(counted, expected, size)
+    _check(counted, expected, size, "sha256:" + plain.hexdigest())
 
 
 def _write_sparse(fh: BinaryIO, chunk: bytes) -> None:
@@ -150,7 +157,7 @@ def _write_sparse(fh: BinaryIO, chunk: bytes) -> None:
             fh.write(block)
 
 
-def _check(counted: _Counted, expected: PackedImage, size: int) -> None:
+def _check(counted: _Counted, expected: PackedImage, size: int, decoded: str) -> None:
     blob = "sha256:" + counted.hasher.hexdigest()
     if counted.size != expected.blob_size or blob != expected.blob:
         raise IntegrityError(
@@ -159,3 +166,9 @@ def _check(counted: _Counted, expected: PackedImage, size: int) -> None:
         )
     if size != expected.size:
         raise IntegrityError(f"rootfs image has {size} bytes, expected {expected.size}")
+    if decoded != expected.digest:
+        raise IntegrityError(
+            f"digest mismatch: the decoded rootfs image hashes to {decoded}, "
+            f"its record says {expected.digest}",
+            hint="the image record does not describe this blob; nothing was stored",
+        )

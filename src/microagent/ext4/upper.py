@@ -7,6 +7,10 @@ xattrs such as the opaque marker), and file contents stream through a pipe from 
 debugfs run straight into the tar — nothing is unpacked on the host. Whiteouts (character
 devices 0/0) become ``.wh.<name>`` entries, opaque directories a ``.wh..wh..opq`` entry, and
 the tar is written by the same normaliser as ``layers.tarwrite``.
+
+The image is the guest's (a setup step's upper): it is checked by ``e2fsck`` first (see
+``debugfs.check_guest_image``), directories are listed by inode, and symlink targets are
+bounded to one block.
 """
 
 from __future__ import annotations
@@ -29,12 +33,13 @@ from microagent.ext4.debugfs import (
     DirEntry,
     Inode,
     InodeStream,
+    check_guest_image,
+    link_targets,
     overlay_xattr,
     parse_ls,
     parse_stat,
     parse_xattrs,
     quote,
-    replay_journal,
     run_debugfs,
 )
 from microagent.layers.stagemeta import Kind
@@ -49,12 +54,13 @@ def export_upper_image(
     Owners, modes (setuid/setgid/sticky too), mtimes, symlinks, hard links and device
     nodes are kept; whiteouts and opaque dirs become ``.wh.`` entries. The same image
     contents give the same bytes; ``mtime`` (e.g. ``$SOURCE_DATE_EPOCH``) replaces every
-    entry's time. A pending journal is replayed first, so the image is modified then.
+    entry's time. A pending journal is replayed first (so the image is modified then); an
+    image with file system errors is refused.
     """
     root = _clean_abs(upper)
     if not state_image.is_file():
         raise NotFoundError(f"disk image {state_image} does not exist")
-    replay_journal(state_image)
+    check_guest_image(state_image, "setup step disk")
     reader = _UpperReader(state_image, root)
     entries = reader.entries()
     out_tar.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +119,7 @@ class _UpperReader:
         """Every entry below the root, in tar order (content not attached yet)."""
         listing = self._list()
         inodes = self._stat({e.ino for kids in listing.values() for e in kids.values()})
-        targets = self._slow_targets(listing, inodes)
+        targets = self._link_targets(listing, inodes)
         out: list[UpperEntry] = []
         for parts, kids in listing.items():
             for name, ent in kids.items():
@@ -171,22 +177,15 @@ class _UpperReader:
             out[ino] = (inode, parse_xattrs(text))
         return out
 
-    def _slow_targets(
+    def _link_targets(
         self, listing: Listing, inodes: dict[int, tuple[Inode, dict[str, str]]]
     ) -> dict[int, str]:
-        """Targets of symlinks too long to live in the inode (``stat`` does not show them)."""
-        slow = sorted(
-            {
-                e.ino for kids in listing.values() for e in kids.values()
-                if e.kind is Kind.SYMLINK and inodes[e.ino][0].target is None
-            }
-        )  # fmt: skip
-        out: dict[int, str] = {}
-        with InodeStream(self.image, slow) as stream:
-            for ino in slow:
-                raw = stream.read_exact(inodes[ino][0].size, f"symlink inode {ino}")
-                out[ino] = raw.decode("utf-8", "surrogateescape")
-        return out
+        """Targets of every symlink (at most one block each)."""
+        links = {
+            e.ino: inodes[e.ino][0] for kids in listing.values() for e in kids.values()
+            if e.kind is Kind.SYMLINK
+        }  # fmt: skip
+        return link_targets(self.image, [links[ino] for ino in sorted(links)])
 
     def _entry(
         self,

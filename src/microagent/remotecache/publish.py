@@ -6,7 +6,9 @@ serves ``build --push``, ``--cache-to`` and ``cache export``. Per step (see ``st
 
 * ``base``  — the image's own config and layers; the record carries the image documents;
 * ``setup`` — a runnable image of that step's root filesystem (base config, diff_ids and
-  history extended): ``skopeo copy docker://REF:step-<hex> ...`` works;
+  history extended): ``skopeo copy docker://REF:step-<hex> ...`` works; the last one also
+  sends its packed rootfs (``rootfs-<hex>``), named in its record — unless the step was
+  restored from a cache, whose image is never passed on;
 * ``files`` — an artifact with the files layer; ``config`` — an artifact with no layers whose
   record holds only the digest of the inputs and the *names* of environment variables.
 
@@ -22,7 +24,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -184,10 +186,10 @@ def prepare(
     chain = local_chain(store, leaf)
     pub = Publication(store)
     builder = _ManifestBuilder(pub, _base_config(store, chain[0]), client or RegistryClient())
-    for record in chain:
-        builder.add_step(record)
     rootfs = [r for r in chain if r.kind.in_rootfs][-1]
     image = ensure_rootfs_image(store, rootfs) if packed_images else None
+    for record in chain:  # the step record names the image it is published with
+        builder.add_step(record, image if record.key == rootfs.key else None)
     if image is not None:
         builder.add_rootfs_image(rootfs.key, image)
     if image_tag:
@@ -200,8 +202,14 @@ def prepare(
 
 
 def ensure_rootfs_image(store: Store, record: StepRecord) -> PackedImage | None:
-    """The zstd image of a setup step's built rootfs (made once, kept as a blob)."""
-    if record.kind is not StepKind.SETUP:
+    """The zstd image of a setup step's built rootfs (made once, kept as a blob).
+
+    None for a step restored from a remote cache (``source`` set): its rootfs may be the
+    image another publisher pushed, and passing that on would let one cache's pusher choose
+    what boots from every cache this machine publishes to. Its layers are published as
+    usual, so consumers flatten them (verified against their digests and diff_ids).
+    """
+    if record.kind is not StepKind.SETUP or record.source is not None:
         return None
     if record.packed is not None and store.has_blob(record.packed.blob):
         return record.packed
@@ -256,7 +264,7 @@ class _ManifestBuilder:
         self.files_layer: LayerRef | None = None
         self.rootfs_layers: tuple[LayerRef, ...] = ()
 
-    def add_step(self, record: StepRecord) -> None:
+    def add_step(self, record: StepRecord, image: PackedImage | None = None) -> None:
         kind = record.kind
         layers = oci_layers(record.layers)
         summary = None
@@ -274,7 +282,7 @@ class _ManifestBuilder:
                 self.files_layer = layers[-1]
             else:
                 summary = _summary(record.inputs)
-        step = self._published(record, layers, summary)
+        step = replace(self._published(record, layers, summary), rootfs_image=image)
         annotations = {STEP_ANNOTATION: canonical_json(step.to_json()).decode()}
         artifact = ARTIFACT_TYPE if kind in (StepKind.FILES, StepKind.CONFIG) else None
         self.pub.manifest(step_tag(step.key), config, layers, annotations, artifact)

@@ -17,6 +17,11 @@ Nothing in a record is trusted until it is verified here (pure, no I/O):
 Layer *contents* are verified later, by digest as they are stored and by diff_id as they are
 flattened. ``config`` steps publish only the digest of their inputs and a summary with the
 *names* of environment variables: values never leave the machine.
+
+A setup step's record may name its packed root filesystem (``rootfsImage``: blob digest and
+size, image digest and size). A ``rootfs-<hex>`` artifact stands in for flattening only if it
+describes exactly that image and the image is within :func:`image_size_limit` of the step's
+layers (:func:`rootfs_image_problem`); its bytes are checked as they are unpacked.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ ARTIFACT_TYPE = "application/vnd.microagent.step.v1"
 EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
 EMPTY_JSON = b"{}"
 RECORD_VERSION = 1
+# A rootfs image may decode to at most IMAGE_SLACK + IMAGE_EXPANSION x the compressed layers.
+IMAGE_SLACK = 256 << 20
+IMAGE_EXPANSION = 16
 _OCI_LAYER_TYPE = {oci.DOCKER_LAYER_GZIP: oci.OCI_LAYER_GZIP}
 
 
@@ -147,6 +155,7 @@ class PublishedStep:
     layers: tuple[LayerRef, ...]
     base: BaseDocs | None = None
     summary: Mapping[str, Any] | None = None
+    rootfs_image: PackedImage | None = None  # setup steps: the packed rootfs published with it
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -163,6 +172,8 @@ class PublishedStep:
             out["base"] = self.base.to_json()
         if self.summary is not None:
             out["summary"] = dict(self.summary)
+        if self.rootfs_image is not None:
+            out["rootfsImage"] = self.rootfs_image.to_json()
         return out
 
     @classmethod
@@ -186,7 +197,8 @@ class PublishedStep:
         base = BaseDocs.from_json(raw["base"]) if kind is StepKind.BASE else None
         summary = raw.get("summary")
         summary = summary if isinstance(summary, Mapping) else None
-        return cls(key, kind, parent, inputs, digest, layers_of(raw.get("layers")), base, summary)
+        layers, image = layers_of(raw.get("layers")), _rootfs_image(raw.get("rootfsImage"), kind)
+        return cls(key, kind, parent, inputs, digest, layers, base, summary, image)
 
     def verify(self, key: str, expected: Step | None = None) -> None:
         """The record is for ``key`` (and for the local plan step ``expected``, if given)."""
@@ -222,6 +234,18 @@ class PublishedStep:
             origin=origin,
             source=where,
         )
+
+
+def _rootfs_image(raw: object, kind: StepKind) -> PackedImage | None:
+    """The ``rootfsImage`` of a record (setup steps only); None when absent (older records)."""
+    if raw is None:
+        return None
+    if kind is not StepKind.SETUP or not isinstance(raw, Mapping):
+        raise _bad(f"a {kind.value} step cannot name a rootfs image like {str(raw)[:40]!r}")
+    try:
+        return PackedImage.from_json(raw)
+    except IntegrityError as exc:
+        raise _bad(exc.message) from exc
 
 
 def _match_plan_step(step: PublishedStep, expected: Step) -> None:
@@ -318,3 +342,31 @@ def parse_rootfs_manifest(data: bytes, key: str) -> PackedImage:
     if not (is_digest(digest)) or not isinstance(size, int):
         raise _bad("the rootfs image record needs digest and size")
     return PackedImage(blob.digest, blob.size, digest, size)
+
+
+def image_size_limit(layers: Sequence[LayerRef]) -> int:
+    """The largest decoded rootfs image accepted in place of flattening ``layers``.
+
+    An honest image is ``mke2fs`` of the flattened tree: the content (≈ the uncompressed
+    layers, files rounded up to 4 KiB blocks) plus 5 % and 64 MiB of headroom, mostly
+    holes. The bound is what a hostile record may make the host decode and hash: a constant
+    plus :data:`IMAGE_EXPANSION` times the layer bytes it makes the host download anyway.
+    An honest image above it (a tree of tiny or zero-filled files) is flattened instead.
+    """
+    return IMAGE_SLACK + IMAGE_EXPANSION * sum(layer.size for layer in layers)
+
+
+def rootfs_image_problem(step: PublishedStep, published: PackedImage) -> str | None:
+    """Why the ``rootfs-<hex>`` artifact ``published`` cannot stand in for flattening the
+    verified ``step``'s layers, or None if it can (its bytes are checked when unpacked)."""
+    named = step.rootfs_image
+    if named is None:
+        return "the step record names no rootfs image"
+    if published != named:
+        return "the rootfs artifact differs from the image the step record names"
+    limit = image_size_limit(step.layers)
+    if named.size > limit:
+        return f"the image claims {named.size} bytes, more than the {limit} allowed for its layers"
+    if named.blob_size > named.size + named.size // 128 + (64 << 10):
+        return f"the blob claims {named.blob_size} bytes, more than zstd needs for the image"
+    return None

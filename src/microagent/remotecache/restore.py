@@ -11,8 +11,11 @@ are still downloading.
 Integrity: every record is verified against its key before anything is downloaded (see
 ``records``), the chain is verified back to a local step or to the base image's own
 documents, every blob against its digest as it is stored, every layer against its diff_id as
-it is flattened. Records are written last, so an interrupted or refused restore leaves
-nothing that counts as cached (verified blobs may stay; they are valid content).
+it is flattened. A setup step's packed rootfs image is used only when the verified step
+record names it (and its artifact agrees, within a size bound); it is checked against its
+blob digest, its decoded digest and by ``e2fsck -fn`` before it enters the store. Records
+are written last, so an interrupted or refused restore leaves nothing that counts as cached
+(verified blobs may stay; they are valid content).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from microagent.remotecache.records import (
     PublishedStep,
     parse_rootfs_manifest,
     parse_step_manifest,
+    rootfs_image_problem,
     rootfs_tag,
     step_tag,
     verify_base,
@@ -47,6 +51,7 @@ from microagent.store.content import Store
 from microagent.store.records import (
     BaseOrigin,
     LayerRef,
+    PackedImage,
     layers_stored,
     read_record,
     rootfs_entry,
@@ -296,18 +301,10 @@ class Restorer:
 
     def _unpack_image(self, hit: Hit) -> bool:
         """Take a setup step's published rootfs image instead of flattening; False if none."""
-        if hit.step.kind is not StepKind.SETUP or not self.packed_images:
-            return False
-        where, key = hit.source.where, hit.step.key
-        try:
-            found = hit.source.find_manifest(rootfs_tag(key))
-            image = None if found is None else parse_rootfs_manifest(found.data, key)
-        except IntegrityError as exc:
-            raise _corrupt(exc, f"rootfs manifest {key[:19]}…", where) from exc
-        except (RegistryError, NotFoundError):
-            return False
+        image = self._usable_image(hit)
         if image is None:
             return False
+        where, key = hit.source.where, hit.step.key
 
         def unpack(tmp: Path) -> None:
             try:
@@ -326,6 +323,28 @@ class Restorer:
             self.stats.bytes += image.blob_size
             self.stats.images += 1
         return True
+
+    def _usable_image(self, hit: Hit) -> PackedImage | None:
+        """The image the verified step record names, if its ``rootfs-<hex>`` artifact is
+        published, matches it and is within bounds (else the layers are flattened)."""
+        step = hit.step
+        if step.kind is not StepKind.SETUP or not self.packed_images or not step.rootfs_image:
+            return None  # an older record without image fields: flatten
+        where, key = hit.source.where, step.key
+        try:
+            found = hit.source.find_manifest(rootfs_tag(key))
+            published = None if found is None else parse_rootfs_manifest(found.data, key)
+        except IntegrityError as exc:
+            raise _corrupt(exc, f"rootfs manifest {key[:19]}…", where) from exc
+        except (RegistryError, NotFoundError):
+            return None
+        if published is None:
+            return None
+        problem = rootfs_image_problem(step, published)
+        if problem is not None:
+            self._warn(f"rootfs image of {key[:19]}… from {where} not used ({problem}); flattening")
+            return None
+        return step.rootfs_image
 
     def _rebuild_local(self, key: str) -> bool:
         """Flatten a recorded step from stored layers; False if something is missing."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,16 @@ from microagent.store.records import PackedImage
 
 
 def _image(tmp_path: Path) -> Path:
+    """A real (sparse) ext4 image: unpack refuses anything ``e2fsck -fn`` does not accept."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "random").write_bytes(os.urandom(3000))
     image = tmp_path / "rootfs.ext4"
-    with image.open("wb") as fh:
-        fh.write(os.urandom(3000))
-        fh.seek(8 << 20)
-        fh.write(b"tail data")
-        fh.truncate(16 << 20)
+    subprocess.run(
+        ["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tree), str(image), "16M"],
+        check=True,
+        capture_output=True,
+    )
     return image
 
 
