@@ -8,6 +8,7 @@ APT_PACKAGES=(
   e2fsprogs qemu-system-x86 qemu-utils busybox-static cpio kmod
   docker-registry skopeo umoci debootstrap
   slirp4netns iptables iproute2 socat ca-certificates
+  gpgv debian-archive-keyring gnupg
 )
 VENV=${VENV:-.venv}
 

@@ -50,6 +50,7 @@ KERNEL_ENV = "MICROAGENT_KERNEL"
 INITRD_ENV = "MICROAGENT_INITRD"
 DEBIAN_MIRROR_ENV = "MICROAGENT_DEBIAN_MIRROR"
 DEBIAN_SUITE_ENV = "MICROAGENT_DEBIAN_SUITE"
+DEBIAN_KEYRING_ENV = "MICROAGENT_DEBIAN_KEYRING"
 RAM_STAGE_ENV = "MICROAGENT_RAM_STAGE"
 CACHE_ROOTFS_ENV = "MICROAGENT_CACHE_ROOTFS"
 FAKE_ENV = "MICROAGENT_FAKE"
@@ -77,6 +78,7 @@ class Settings:
     initrd: Path | None = None
     debian_mirror: str | None = None
     debian_suite: str | None = None
+    debian_keyring: Path | None = None  # keys the mirror's InRelease must be signed by
     ram_stage: bool = True  # flatten layers in /dev/shm when there is room
     cache_rootfs: bool = True  # publish and use packed rootfs images in remote caches
     fake_outcome: str | None = None  # tests: what the fake backend's guest does (JSON)
@@ -131,6 +133,7 @@ class Settings:
             initrd=_path(env.get(INITRD_ENV)),
             debian_mirror=env.get(DEBIAN_MIRROR_ENV) or None,
             debian_suite=env.get(DEBIAN_SUITE_ENV) or None,
+            debian_keyring=_path(env.get(DEBIAN_KEYRING_ENV)),
             ram_stage=_flag(env.get(RAM_STAGE_ENV)),
             cache_rootfs=_flag(env.get(CACHE_ROOTFS_ENV)),
             fake_outcome=env.get(FAKE_ENV) or None,

@@ -1,20 +1,25 @@
 """Debian packages without dpkg: read a mirror's index, download verified .debs, unpack them.
 
-Only what the guest kit needs: plain HTTP(S) from one mirror, the ``Packages.xz`` index of one
-suite/component/architecture, SHA256 checks against that index, and a pure-Python reader for
-the ``ar`` container and its ``data.tar.{xz,zst,gz}`` member.
+Only what the guest kit needs, trusted the way apt trusts a mirror: the suite's ``InRelease``
+must carry a good signature from a key in the Debian archive keyring (checked by ``gpgv``)
+and name this suite; the ``Packages.xz`` index of one component/architecture must have the
+size and SHA256 that signed file lists; every .deb the size and SHA256 the index lists. The
+transport (HTTPS by default, plain HTTP or file:// when asked) is not trusted at all. Plus a
+pure-Python reader for the ``ar`` container and its ``data.tar.{xz,zst,gz}`` member.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import lzma
 import platform
 import tarfile
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, cast
 
@@ -22,11 +27,17 @@ import zstandard
 
 from microagent.digests import Digest
 from microagent.errors import BuildError, IntegrityError
+from microagent.runner import find_tool, run
 from microagent.store.content import Store
 
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
+DEFAULT_MIRROR = "https://deb.debian.org/debian"
 DEFAULT_SUITE = "bookworm"
+DEFAULT_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 HTTP_TIMEOUT = 60.0
+GPGV_TIMEOUT = 60.0
+MAX_RELEASE_BYTES = 16 << 20  # Debian's InRelease is ~150 KB
+_SIGNED_BEGIN = b"-----BEGIN PGP SIGNED MESSAGE-----"
+_SIGNATURE_END = b"-----END PGP SIGNATURE-----"
 
 _ARCHES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 _AR_MAGIC = b"!<arch>\n"
@@ -44,20 +55,35 @@ def debian_arch(machine: str | None = None) -> str:
 
 @dataclass(frozen=True)
 class Mirror:
-    """One Debian archive: base URL, suite and component."""
+    """One Debian archive: base URL, suite, component, and the keys its suite is signed by."""
 
     url: str = DEFAULT_MIRROR
     suite: str = DEFAULT_SUITE
     component: str = "main"
+    keyring: Path = DEFAULT_KEYRING
 
     @classmethod
-    def of(cls, url: str | None = None, suite: str | None = None) -> Mirror:
-        """The given URL and suite (a flag, else the settings), else Debian's defaults."""
-        return cls(url=(url or DEFAULT_MIRROR).rstrip("/"), suite=suite or DEFAULT_SUITE)
+    def of(
+        cls, url: str | None = None, suite: str | None = None, keyring: Path | None = None
+    ) -> Mirror:
+        """The given URL, suite and keyring (a flag, else the settings), else Debian's."""
+        return cls(
+            url=(url or DEFAULT_MIRROR).rstrip("/"),
+            suite=suite or DEFAULT_SUITE,
+            keyring=keyring or DEFAULT_KEYRING,
+        )
+
+    def release_url(self) -> str:
+        """URL of the suite's signed ``InRelease`` file."""
+        return f"{self.url}/dists/{self.suite}/InRelease"
+
+    def index_path(self, arch: str) -> str:
+        """The xz-compressed package index for ``arch``, as ``InRelease`` names it."""
+        return f"{self.component}/binary-{arch}/Packages.xz"
 
     def index_url(self, arch: str) -> str:
         """URL of the xz-compressed package index for ``arch``."""
-        return f"{self.url}/dists/{self.suite}/{self.component}/binary-{arch}/Packages.xz"
+        return f"{self.url}/dists/{self.suite}/{self.index_path(arch)}"
 
     def file_url(self, filename: str) -> str:
         """URL of a pool file named by an index's ``Filename`` field."""
@@ -136,18 +162,156 @@ def _open_url(url: str) -> BinaryIO:
         ) from exc
 
 
-def fetch_index(mirror: Mirror, arch: str) -> dict[str, DebPackage]:
-    """Download and parse the package index of ``mirror`` for ``arch``."""
-    url = mirror.index_url(arch)
+def _download(url: str, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of ``url`` (so the caller can tell it is too big)."""
     with _open_url(url) as resp:
         try:
-            data = resp.read()
+            return resp.read(limit + 1)
         except OSError as exc:
             raise BuildError(f"download of {url} failed: {exc}") from exc
+
+
+# -- the signed InRelease ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IndexFile:
+    """An index file as a signed ``InRelease`` lists it."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Release:
+    """What a suite's verified ``InRelease`` says."""
+
+    suite: str = ""
+    codename: str = ""
+    files: Mapping[str, IndexFile] = field(default_factory=dict)
+
+
+def parse_release(text: str) -> Release:
+    """Parse the (already verified) text of a ``Release`` file: names and SHA256 entries."""
+    fields = _stanza_fields(text.split("\n\n", 1)[0])
+    files = {}
+    for line in fields.get("SHA256", "").splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1].isdigit():
+            files[parts[2]] = IndexFile(parts[2], int(parts[1]), parts[0].lower())
+    return Release(fields.get("Suite", ""), fields.get("Codename", ""), files)
+
+
+def _gpg_status(stdout: str) -> dict[str, int]:
+    """How often each ``[GNUPG:] KEYWORD`` status line occurs."""
+    counts: dict[str, int] = {}
+    for line in stdout.splitlines():
+        if line.startswith("[GNUPG:] "):
+            word = line.split()[1]
+            counts[word] = counts.get(word, 0) + 1
+    return counts
+
+
+def _good_signature(status: Mapping[str, int]) -> bool:
+    """apt's rule: at least one good, valid signature and no bad one; signatures by keys
+    not in the keyring (NO_PUBKEY) or expired/revoked keys count for nothing. And exactly
+    one signed text, read without error."""
+    good = status.get("GOODSIG") and status.get("VALIDSIG")
+    clean = not status.get("BADSIG") and not status.get("ERROR")
+    return bool(good and clean and status.get("PLAINTEXT") == 1)
+
+
+def _one_clearsigned_message(data: bytes) -> bool:
+    """Nothing before the signed message, nothing after its signature, and only one
+    (unsigned text around it, or a second message, is how forged fields get slipped in)."""
+    body = data.strip()
+    return (
+        body.startswith(_SIGNED_BEGIN)
+        and body.endswith(_SIGNATURE_END)
+        and body.count(_SIGNED_BEGIN) == 1
+        and body.count(_SIGNATURE_END) == 1
+    )
+
+
+def verify_signed(data: bytes, keyring: Path, what: str) -> bytes:
+    """The signed text of a clearsigned file with a good signature by a key in ``keyring``.
+
+    The file must be exactly one clearsigned message; only the text its signature covers
+    comes back.
+    """
+    keyring = keyring.expanduser().resolve()
+    if not keyring.is_file():
+        raise BuildError(
+            f"the Debian archive keyring {keyring} does not exist",
+            hint="install debian-archive-keyring, or set $MICROAGENT_DEBIAN_KEYRING to the "
+            "keyring that signs your mirror",
+        )
+    if _SIGNED_BEGIN not in data:
+        raise _forged(f"{what} is not signed")
+    if not _one_clearsigned_message(data):
+        raise _forged(f"{what} is not one clearsigned message (extra text around it)")
+    gpgv = find_tool("gpgv")
+    with tempfile.TemporaryDirectory(prefix="microagent-gpgv-") as tmp:
+        signed, text = Path(tmp) / "InRelease", Path(tmp) / "Release"
+        signed.write_bytes(data)
+        argv = [gpgv, "--homedir", tmp, "--status-fd", "1", "--keyring", str(keyring)]
+        done = run([*argv, "--output", str(text), str(signed)], check=False, timeout=GPGV_TIMEOUT)
+        if not _good_signature(_gpg_status(done.stdout)) or not text.is_file():
+            raise _forged(f"{what} is not signed by a key in {keyring}")
+        return text.read_bytes()
+
+
+def _forged(message: str) -> IntegrityError:
+    return IntegrityError(
+        message,
+        hint="the mirror (or something between) serves an unsigned or forged suite; use "
+        "another mirror, or set $MICROAGENT_DEBIAN_KEYRING if your mirror is signed by your "
+        "own key",
+    )
+
+
+def fetch_release(mirror: Mirror) -> Release:
+    """Download the suite's ``InRelease``, check its signature and that it names the suite."""
+    url = mirror.release_url()
+    data = _download(url, MAX_RELEASE_BYTES)
+    if len(data) > MAX_RELEASE_BYTES:
+        raise IntegrityError(f"{url} is larger than {MAX_RELEASE_BYTES >> 20} MiB")
+    release = parse_release(verify_signed(data, mirror.keyring, url).decode("utf-8", "replace"))
+    if mirror.suite not in (release.suite, release.codename):
+        raise IntegrityError(
+            f"{url} is signed for suite {release.suite!r} ({release.codename!r}), "
+            f"not {mirror.suite!r}"
+        )
+    return release
+
+
+def _verified_index(mirror: Mirror, release: Release, arch: str) -> bytes:
+    """The index file's bytes, checked against the size and SHA256 the release lists."""
+    url, path = mirror.index_url(arch), mirror.index_path(arch)
+    entry = release.files.get(path)
+    if entry is None:
+        raise BuildError(
+            f"{mirror.release_url()} lists no {path}",
+            hint="choose a mirror/suite that carries this architecture",
+        )
+    data = _download(url, entry.size)
+    got = hashlib.sha256(data).hexdigest()
+    if len(data) != entry.size or got != entry.sha256:
+        raise IntegrityError(
+            f"{url} does not match the signed InRelease (expected {entry.size} bytes, "
+            f"sha256:{entry.sha256}; got {len(data)} bytes, sha256:{got})"
+        )
+    return data
+
+
+def fetch_index(mirror: Mirror, arch: str) -> dict[str, DebPackage]:
+    """The package index of ``mirror`` for ``arch``, verified through the signed InRelease."""
+    data = _verified_index(mirror, fetch_release(mirror), arch)
     try:
         text = lzma.decompress(data).decode("utf-8", "replace")
     except lzma.LZMAError as exc:
-        raise BuildError(f"{url} is not a valid xz file: {exc}") from exc
+        raise BuildError(f"{mirror.index_url(arch)} is not a valid xz file: {exc}") from exc
     return parse_packages(text)
 
 

@@ -1,8 +1,10 @@
 """The guest kit: a Linux kernel plus an initramfs (busybox, a few modules, our /init).
 
-Built from Debian's ``linux-image-cloud-<arch>`` and ``busybox-static`` packages and kept in the
-store as ``kits/<key>/{vmlinuz,initrd.img,kit.json}``. The key is the sha256 of a canonical
-manifest: both package digests, the module roots, the init templates and the recipe version.
+Built from Debian's ``linux-image-cloud-<arch>`` and ``busybox-static`` packages (found through
+the suite's signed ``InRelease``, each verified against the signed index; see
+:mod:`microagent.kit.debian`) and kept in the store as
+``kits/<key>/{vmlinuz,initrd.img,kit.json}``. The key is the sha256 of a canonical manifest:
+both package digests, the module roots, the init templates and the recipe version.
 A user's own kernel (and initrd) can stand in for the Debian one.
 """
 
@@ -332,10 +334,13 @@ def install_kit(
     arch: str | None = None,
     progress: Progress = _quiet,
 ) -> GuestKit:
-    """Fetch the newest kernel and busybox packages from the mirror and build (or reuse) a kit."""
+    """Fetch the newest kernel and busybox packages from the mirror and build (or reuse) a kit.
+
+    The mirror is not trusted: the suite must be signed by a key in ``mirror.keyring``.
+    """
     mirror = mirror or debian.Mirror()
     arch = arch or debian.debian_arch()
-    progress(f"reading {mirror.index_url(arch)}")
+    progress(f"reading {mirror.release_url()} and {mirror.index_path(arch)}")
     index = debian.fetch_index(mirror, arch)
     meta = debian.require(index, f"linux-image-cloud-{arch}", mirror)
     image_names = [d for d in meta.depends if d.startswith("linux-image-")]
@@ -400,7 +405,8 @@ def prune_kits(store: Store) -> list[GuestKit]:
 
 
 def _rebuild_offline(store: Store, arch: str, progress: Progress) -> GuestKit | None:
-    """Rebuild a kit with the current recipe from packages an older kit left in the store."""
+    """Rebuild a kit with the current recipe from packages an older kit left in the store
+    (their blobs were verified against a signed index when they were downloaded)."""
     for old in list_kits(store):
         packages = old.manifest.get("packages", {})
         if old.manifest.get("arch") != arch or not isinstance(packages, dict):
@@ -488,8 +494,10 @@ def resolve_kit(
 
 
 def kit_for(settings: Settings, store: Store, progress: Progress = _quiet) -> GuestKit:
-    """The kit the settings ask for (their kernel, initrd and Debian mirror)."""
-    mirror = debian.Mirror.of(settings.debian_mirror, settings.debian_suite)
+    """The kit the settings ask for (their kernel, initrd, Debian mirror and keyring)."""
+    mirror = debian.Mirror.of(
+        settings.debian_mirror, settings.debian_suite, settings.debian_keyring
+    )
     return resolve_kit(
         store, kernel=settings.kernel, initrd=settings.initrd, mirror=mirror, progress=progress
     )

@@ -1,29 +1,42 @@
 """Talk to OCI registries through oras-py, verifying every byte against its digest ourselves.
 
-oras-py brings the HTTP session and the token dance (anonymous or with credentials from the
-Docker config); this module adds mirrors and plain-HTTP hosts, short timeouts with one quick
-retry instead of oras' minutes of back-off, and digest checks on manifests and blobs.
+oras-py brings the HTTP session and the retry on 401; this module does the token dance itself
+(anonymous, or with credentials from the Docker config), adds mirrors and plain-HTTP hosts,
+short timeouts with one quick retry instead of oras' minutes of back-off, size caps, and digest
+checks on manifests and blobs.
+
+Credentials go to as few places as possible: they are looked up under the exact host being
+talked to (Docker Hub's three names count as one), never under the image's registry when a
+mirror serves it, and are sent only as Basic auth to a token service on that same host (for
+Docker Hub also ``auth.docker.io``), over HTTPS unless the host is loopback or explicitly
+listed as insecure. Anywhere else the token is asked for anonymously.
 """
 
 from __future__ import annotations
 
-import base64
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import urlsplit
 
 from microagent.compiler.refs import ImageRef
 from microagent.digests import sha256_digest
 from microagent.errors import IntegrityError, NotFoundError, RegistryError
 from microagent.oci import documents as oci
 from microagent.oci.documents import Fetched
-from microagent.oci.endpoints import Endpoint, RegistryConfig
+from microagent.oci.endpoints import DOCKER_HUB_HOST, Endpoint, RegistryConfig, is_loopback
 from microagent.settings import Settings
 
 TIMEOUT = (5.0, 60.0)  # connect, read
 PUSH_CHUNK = 64 << 20  # larger blobs are uploaded in PATCH chunks of this size
+MAX_TOKEN_BYTES = 1 << 20  # a token service's JSON answer
+READ_CHUNK = 64 << 10
+DOCKER_HUB_ALIASES = ("docker.io", "index.docker.io", DOCKER_HUB_HOST)
+DOCKER_HUB_REALMS = ("auth.docker.io",)  # Hub's token service, the one foreign realm trusted
 
 
 def read_auths(files: Sequence[Path]) -> dict[str, str]:
@@ -37,34 +50,98 @@ def read_auths(files: Sequence[Path]) -> dict[str, str]:
         entries = raw.get("auths") if isinstance(raw, dict) else None
         for host, entry in (entries if isinstance(entries, dict) else {}).items():
             if isinstance(entry, dict) and isinstance(entry.get("auth"), str):
-                auths.setdefault(host.removeprefix("https://").split("/")[0], entry["auth"])
+                auths.setdefault(_auth_host(host), entry["auth"])
     return auths
 
 
-def _credentials(host: str, auths: Mapping[str, str]) -> tuple[str, str] | None:
-    aliases = [host] + (["index.docker.io", "docker.io"] if "docker.io" in host else [])
-    for alias in aliases:
+def _auth_host(key: str) -> str:
+    """The host an auth file entry names: ``https://index.docker.io/v1/`` -> index.docker.io."""
+    return key.split("://", 1)[-1].split("/", 1)[0].lower()
+
+
+def _credentials(host: str, auths: Mapping[str, str]) -> str | None:
+    """The base64 ``user:password`` stored for exactly this host (Hub: any of its names)."""
+    host = host.lower()
+    aliases = DOCKER_HUB_ALIASES if host in DOCKER_HUB_ALIASES else (host,)
+    for alias in (host, *aliases):
         if alias in auths:
-            user, _, password = base64.b64decode(auths[alias]).decode().partition(":")
-            return user, password
+            return auths[alias]
     return None
 
 
-class _Session:
-    """One oras Registry per endpoint, with timeouts and without oras' slow retries."""
+def _authority(scheme: str, netloc: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a URL's netloc, the port defaulted by scheme; None if odd."""
+    default = {"https": 443, "http": 80}.get(scheme)
+    if default is None or "@" in netloc:
+        return None
+    try:
+        parts = urlsplit(f"{scheme}://{netloc}")
+        port = parts.port or default
+    except ValueError:
+        return None
+    return ((parts.hostname or "").lower(), port) if parts.hostname else None
 
-    def __init__(self, endpoint: Endpoint, auths: Mapping[str, str]) -> None:
+
+@dataclass(frozen=True)
+class CredentialScope:
+    """Where one endpoint's Basic credentials may be sent: its token service, if that is on
+    the endpoint's own host (Docker Hub: also auth.docker.io) and, unless ``plain_http`` is
+    allowed (an explicitly insecure or a loopback host), reached over HTTPS."""
+
+    endpoint: Endpoint
+    plain_http: bool = False
+
+    @classmethod
+    def of(cls, endpoint: Endpoint, insecure: frozenset[str]) -> CredentialScope:
+        plain = endpoint.host.lower() in {h.lower() for h in insecure}
+        return cls(endpoint, plain_http=plain or is_loopback(endpoint.host))
+
+    def allows(self, realm: str) -> bool:
+        """May Basic credentials be sent to the token service at ``realm``?"""
+        try:
+            parts = urlsplit(realm)
+        except ValueError:
+            return False
+        if parts.scheme != "https" and not (parts.scheme == "http" and self.plain_http):
+            return False
+        return _authority(parts.scheme, parts.netloc) in self._hosts()
+
+    def _hosts(self) -> set[tuple[str, int] | None]:
+        hosts = {_authority(self.endpoint.scheme, self.endpoint.host)}
+        if self.endpoint.host.lower() in DOCKER_HUB_ALIASES:
+            hosts |= {(realm, 443) for realm in DOCKER_HUB_REALMS}
+        return hosts
+
+
+class _Session:
+    """One oras Registry per endpoint, with timeouts, without oras' slow retries, and with
+    our own token dance (see :class:`CredentialScope`)."""
+
+    def __init__(
+        self, endpoint: Endpoint, auths: Mapping[str, str], scope: CredentialScope
+    ) -> None:
         # deferred: oras and requests take ~0.1 s to import; only registry traffic needs them
+        import oras.auth
         import oras.provider
         import requests
+
+        session = self
 
         class Quick(oras.provider.Registry):  # type: ignore[misc]
             do_request = oras.provider.Registry.do_request.__wrapped__
 
+        class Guarded(oras.auth.TokenAuth):  # type: ignore[misc]
+            def authenticate_request(
+                self, original: requests.Response, headers: dict[str, str], refresh: bool = False
+            ) -> tuple[dict[str, str], bool]:
+                return session.authenticate(self, original, headers, refresh)
+
+        self.scope = scope
+        self.basic = _credentials(endpoint.host, auths)
+        self.withheld: str | None = None  # a token service credentials were kept from
         self.registry = Quick(hostname=endpoint.host, insecure=endpoint.insecure)
-        creds = _credentials(endpoint.host, auths)
-        if creds:
-            self.registry.auth.set_basic_auth(*creds)
+        self.registry.auth = Guarded()
+        self.registry.auth.session = self.registry.session
         original = self.registry.session.request
 
         def request(*args: Any, **kwargs: Any) -> requests.Response:
@@ -73,6 +150,46 @@ class _Session:
             return response
 
         self.registry.session.request = request
+
+    def authenticate(
+        self, auth: Any, original: Any, headers: dict[str, str], refresh: bool
+    ) -> tuple[dict[str, str], bool]:
+        """oras' hook on a 401/403: get a bearer token and retry with it (a new token when
+        the one held was refused, e.g. scoped to another repository)."""
+        headers = dict(headers or {})
+        sent = original.request.headers.get("Authorization") if original.request else None
+        if refresh or (auth.token is not None and sent == f"Bearer {auth.token}"):
+            auth.token = None
+        if auth.token is None:
+            challenge = _bearer_challenge(original.headers.get("WWW-Authenticate", ""))
+            auth.token = self._token(challenge) if challenge else None
+        if auth.token is None:
+            return headers, False
+        headers["Authorization"] = f"Bearer {auth.token}"
+        return headers, True
+
+    def _token(self, challenge: Mapping[str, str]) -> str | None:
+        """A token from the challenge's realm: with credentials only where the scope allows."""
+        realm = challenge.get("realm", "")
+        if not realm.startswith(("https://", "http://")):
+            return None
+        basic = self.basic if self.basic and self.scope.allows(realm) else None
+        if self.basic and basic is None:
+            self.withheld = _redacted(realm)
+        headers = {"Accept": "application/json"}
+        if basic:
+            headers["Authorization"] = f"Basic {basic}"
+        params = {k: challenge[k] for k in ("service", "scope") if challenge.get(k)}
+        response = self.registry.session.get(
+            realm, headers=headers, params=params, stream=True, allow_redirects=basic is None
+        )
+        try:
+            if response.status_code != 200:
+                return None
+            data = read_capped(response, MAX_TOKEN_BYTES, "the token service's answer")
+        finally:
+            response.close()
+        return _token_of(data)
 
     def get(self, url: str, headers: dict[str, str], stream: bool = False) -> Any:
         return self.request("GET", url, headers, stream=stream)
@@ -98,7 +215,52 @@ class _Session:
             base = url.split("/v2/", maxsplit=1)[0]
             raise RegistryError(f"cannot reach {base}: {_short(exc)}") from exc
         except ValueError as exc:  # oras: "Cannot respond to request for authentication."
-            raise RegistryError(f"authentication failed for {where}: {exc}") from exc
+            note = f"; {self.note()}" if self.note() else ""
+            raise RegistryError(f"authentication failed for {where}: {exc}{note}") from exc
+
+    def note(self) -> str:
+        """Why credentials were not used, for an access-denied message ('' if they were)."""
+        if self.withheld is None:
+            return ""
+        return (
+            f"credentials were not sent to the token service {self.withheld}: it is not on "
+            "the registry's own host, or not HTTPS (list the registry as insecure to allow "
+            "plain HTTP)"
+        )
+
+
+def _bearer_challenge(header: str) -> dict[str, str]:
+    """The parameters of a ``Bearer`` challenge (empty for any other scheme)."""
+    scheme, _, rest = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return {}
+    return {k.lower(): v for k, v in re.findall(r'([A-Za-z]+)="([^"]*)"', rest)}
+
+
+def _token_of(data: bytes) -> str | None:
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
+    return token if isinstance(token, str) and token else None
+
+
+def read_capped(response: Any, limit: int, what: str) -> bytes:
+    """A streamed response's body, refused (IntegrityError) once it exceeds ``limit`` bytes."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise IntegrityError(f"{what} is larger than {_size(limit)} ({declared} bytes announced)")
+    body = bytearray()
+    for chunk in response.iter_content(READ_CHUNK):
+        body += chunk
+        if len(body) > limit:
+            raise IntegrityError(f"{what} is larger than {_size(limit)}")
+    return bytes(body)
+
+
+def _size(limit: int) -> str:
+    return f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit} bytes"
 
 
 def _redacted(url: str) -> str:
@@ -123,13 +285,13 @@ def _short(exc: BaseException) -> str:
     return text.splitlines()[0][:160]
 
 
-def _status_error(response: Any, what: str) -> RegistryError | NotFoundError:
+def _status_error(response: Any, what: str, note: str = "") -> RegistryError | NotFoundError:
     code = response.status_code
     if code == 404:
         return NotFoundError(f"{what}: not found")
     if code in (401, 403):
         return RegistryError(
-            f"{what}: access denied (HTTP {code})",
+            f"{what}: access denied (HTTP {code})" + (f"; {note}" if note else ""),
             hint="log in with `docker login` (credentials are read from the Docker config)",
         )
     return RegistryError(f"{what}: HTTP {code} {response.reason}")
@@ -152,7 +314,8 @@ class RegistryClient:
 
     def _session(self, endpoint: Endpoint) -> _Session:
         if endpoint not in self._sessions:
-            self._sessions[endpoint] = _Session(endpoint, self._auths)
+            scope = CredentialScope.of(endpoint, self.config.insecure)
+            self._sessions[endpoint] = _Session(endpoint, self._auths, scope)
         return self._sessions[endpoint]
 
     def manifest(self, ref: ImageRef, reference: str) -> Fetched:
@@ -191,12 +354,18 @@ class RegistryClient:
     def _get_manifest(self, endpoint: Endpoint, ref: ImageRef, reference: str) -> Fetched | None:
         """One GET: the verified manifest, None on 404, RegistryError otherwise."""
         url = endpoint.url(ref.repository, "manifests", reference)
-        response = self._session(endpoint).get(url, {"Accept": oci.ACCEPT})
-        if response.status_code == 404:
-            return None
-        if response.status_code != 200:
-            raise _status_error(response, f"manifest {ref.repository}:{reference}")
-        return _verified(response.content, reference, response.headers, endpoint)
+        session = self._session(endpoint)
+        what = f"manifest {ref.repository}:{reference}"
+        response = session.get(url, {"Accept": oci.ACCEPT}, stream=True)
+        try:
+            if response.status_code == 404:
+                return None
+            if response.status_code != 200:
+                raise _status_error(response, what, session.note())
+            data = read_capped(response, oci.MAX_DOCUMENT_BYTES, f"{what} from {endpoint}")
+        finally:
+            response.close()
+        return _verified(data, reference, response.headers, endpoint)
 
     @contextmanager
     def blob(self, ref: ImageRef, digest: str) -> Iterator[BinaryIO]:
@@ -204,13 +373,15 @@ class RegistryClient:
         problems: list[str] = []
         for endpoint in self.config.endpoints(ref.registry):
             url = endpoint.url(ref.repository, "blobs", digest)
+            session = self._session(endpoint)
             try:
-                response = self._session(endpoint).get(url, {}, stream=True)
+                response = session.get(url, {}, stream=True)
             except RegistryError as exc:
                 problems.append(f"{endpoint}: {exc.message}")
                 continue
             if response.status_code != 200:
-                problems.append(f"{endpoint}: {_status_error(response, 'blob').message}")
+                error = _status_error(response, "blob", session.note())
+                problems.append(f"{endpoint}: {error.message}")
                 response.close()
                 continue
             try:
@@ -232,7 +403,7 @@ class RegistryClient:
         response = session.request("HEAD", endpoint.url(ref.repository, "blobs", digest), {})
         if response.status_code in (200, 404):
             return bool(response.status_code == 200)
-        raise _status_error(response, f"blob {digest[:19]} of {ref.name}")
+        raise _status_error(response, f"blob {digest[:19]} of {ref.name}", session.note())
 
     def push_blob(
         self, ref: ImageRef, digest: str, size: int, path: Path, *, chunk_size: int = PUSH_CHUNK

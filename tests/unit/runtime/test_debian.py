@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from runtime_kit import make_deb, make_mirror
+from runtime_kit import archive_key, make_deb, make_mirror, mirror_of
 
 from microagent.errors import BuildError, IntegrityError
 from microagent.kit import debian
@@ -34,13 +34,53 @@ def test_parse_packages_first_stanza_wins_and_continuations() -> None:
 
 def test_mirror_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MICROAGENT_DEBIAN_MIRROR", "http://mirror.example/debian/")
+    monkeypatch.setenv("MICROAGENT_DEBIAN_KEYRING", "/keys/mine.gpg")
     monkeypatch.delenv("MICROAGENT_DEBIAN_SUITE", raising=False)
     settings = Settings.from_environ()
-    mirror = debian.Mirror.of(settings.debian_mirror, settings.debian_suite)
+    mirror = debian.Mirror.of(
+        settings.debian_mirror, settings.debian_suite, settings.debian_keyring
+    )
     assert mirror.index_url("amd64") == (
         "http://mirror.example/debian/dists/bookworm/main/binary-amd64/Packages.xz"
     )
+    assert mirror.release_url() == "http://mirror.example/debian/dists/bookworm/InRelease"
+    assert mirror.keyring == Path("/keys/mine.gpg")
     assert debian.Mirror.of("http://x", "trixie").file_url("/pool/p.deb") == "http://x/pool/p.deb"
+
+
+def test_defaults_are_https_and_debians_keyring() -> None:
+    mirror = debian.Mirror.of()
+    assert mirror.url == "https://deb.debian.org/debian"
+    assert mirror.keyring == Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+
+
+def test_parse_release_reads_only_sha256_entries() -> None:
+    text = (
+        "Suite: stable\nCodename: bookworm\nMD5Sum:\n " + "0" * 32 + " 1 main/x\n"
+        "SHA256:\n " + "AB" * 32 + " 12 main/binary-amd64/Packages.xz\n"
+        " " + "cd" * 32 + " nope main/odd\n"
+    )
+    release = debian.parse_release(text)
+    assert (release.suite, release.codename) == ("stable", "bookworm")
+    assert list(release.files) == ["main/binary-amd64/Packages.xz"]
+    assert release.files["main/binary-amd64/Packages.xz"].sha256 == "ab" * 32
+    assert release.files["main/binary-amd64/Packages.xz"].size == 12
+
+
+def test_missing_keyring_is_a_clear_error(tmp_path: Path) -> None:
+    root = make_mirror(tmp_path / "m")
+    mirror = debian.Mirror(url=root.as_uri(), keyring=tmp_path / "none.gpg")
+    with pytest.raises(BuildError, match=r"keyring .*none.gpg does not exist") as raised:
+        debian.fetch_index(mirror, "amd64")
+    assert "MICROAGENT_DEBIAN_KEYRING" in raised.value.hint
+
+
+def test_suite_must_match_the_signed_release(tmp_path: Path) -> None:
+    root = make_mirror(tmp_path / "m")
+    (root / "dists/trixie").symlink_to(root / "dists/bookworm")
+    mirror = debian.Mirror(url=root.as_uri(), suite="trixie", keyring=archive_key().keyring)
+    with pytest.raises(IntegrityError, match=r"signed for suite 'stable' \('bookworm'\)"):
+        debian.fetch_index(mirror, "amd64")
 
 
 def test_debian_arch() -> None:
@@ -74,7 +114,7 @@ def test_not_a_deb(tmp_path: Path) -> None:
 
 
 def test_fetch_index_and_verified_download(tmp_path: Path) -> None:
-    mirror = debian.Mirror(url=make_mirror(tmp_path / "m").as_uri())
+    mirror = mirror_of(make_mirror(tmp_path / "m"))
     index = debian.fetch_index(mirror, "amd64")
     assert set(index) == {
         "linux-image-cloud-amd64",
@@ -88,7 +128,7 @@ def test_fetch_index_and_verified_download(tmp_path: Path) -> None:
 
 
 def test_download_rejects_wrong_digest(tmp_path: Path) -> None:
-    mirror = debian.Mirror(url=make_mirror(tmp_path / "m").as_uri())
+    mirror = mirror_of(make_mirror(tmp_path / "m"))
     index = debian.fetch_index(mirror, "amd64")
     (tmp_path / "m/pool/main/busybox.deb").write_bytes(b"tampered")
     with pytest.raises(IntegrityError):

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from runtime_kit import KERNEL_VERSION, MODULE_DEPS, make_ko, make_mirror
+from runtime_kit import KERNEL_VERSION, MODULE_DEPS, make_ko, make_mirror, mirror_of, sign_mirror
 
 from microagent.errors import BuildError, InvalidInputError, ToolError
 from microagent.kit import debian, guestkit, kmod
@@ -35,7 +35,7 @@ def busybox() -> str:
 
 @pytest.fixture
 def mirror(tmp_path: Path) -> debian.Mirror:
-    return debian.Mirror(url=make_mirror(tmp_path / "mirror", busybox=b"BUSYBOX").as_uri())
+    return mirror_of(make_mirror(tmp_path / "mirror", busybox=b"BUSYBOX"))
 
 
 def cpio_names(initrd: Path) -> dict[str, bytes]:
@@ -163,8 +163,9 @@ def test_missing_kernel_package_is_clear(tmp_path: Path) -> None:
 
     text = lzma.decompress(index.read_bytes()).decode().replace("busybox-static", "busybox-x")
     index.write_bytes(lzma.compress(text.encode()))
+    sign_mirror(root)
     with pytest.raises(BuildError, match="'busybox-static' is not in"):
-        guestkit.install_kit(Store(tmp_path / "s"), debian.Mirror(url=root.as_uri()), arch="amd64")
+        guestkit.install_kit(Store(tmp_path / "s"), mirror_of(root), arch="amd64")
 
 
 def test_user_kernel_and_initrd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
