@@ -49,12 +49,15 @@ printf 'name: demo\nimage: python:3.13-slim\nentrypiont: python /app/agent.py\n'
 export MICROAGENT_EXTRA_CA=${MICROAGENT_EXTRA_CA:-host}
 if [ -n "${ANTHROPIC_API_KEY:-}" ]; then
   say "model: the real Anthropic API (ANTHROPIC_API_KEY is set)"
-  MODEL_ARGS=(--env "ANTHROPIC_API_KEY=$ANTHROPIC_API_KEY")
+  # The name only: microagent reads the value from its environment, so the key never shows in ps.
+  export ANTHROPIC_API_KEY
+  MODEL_ARGS=(--env ANTHROPIC_API_KEY)
 else
   say "model: a scripted stand-in on the host (set ANTHROPIC_API_KEY to use Claude)"
   MODEL_PORT=${MICROAGENT_DEMO_MODEL_PORT:-18089}
   "$PY" scripts/testenv/scripted_model.py --port "$MODEL_PORT" & MODEL_PID=$!
-  MODEL_ARGS=(--env ANTHROPIC_API_KEY=scripted-demo-key
+  export ANTHROPIC_API_KEY=scripted-demo-key
+  MODEL_ARGS=(--env ANTHROPIC_API_KEY
               --env ANTHROPIC_BASE_URL=http://10.0.2.100:8080
               --host-forward "8080=$MODEL_PORT")
 fi

@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from microagent.errors import ToolError
+from microagent.errors import ToolError, VMError
 
 # Which Debian package provides a tool, for the "not installed" hint.
 PACKAGES: Mapping[str, str] = {
@@ -28,6 +30,7 @@ PACKAGES: Mapping[str, str] = {
     "slirp4netns": "slirp4netns",
     "iptables": "iptables",
     "iptables-restore": "iptables",
+    "ip6tables-restore": "iptables",
     "ip": "iproute2",
     "socat": "socat",
     "docker-registry": "docker-registry",
@@ -36,6 +39,8 @@ PACKAGES: Mapping[str, str] = {
     "umoci": "umoci",
     "busybox": "busybox-static",
     "setpriv": "util-linux",
+    "gpgv": "gpgv",
+    "gpg": "gpg",
 }
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -176,3 +181,85 @@ def pid_alive(pid: object) -> bool:
     except OSError:
         return True
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+# -- process identity ---------------------------------------------------------------------------
+
+KILL_WAIT = 5.0
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """A process as the kernel knows it: pid plus start time (clock ticks after boot), so a
+    recorded pid is never mistaken for a later process that reuses the number."""
+
+    pid: int
+    start_time: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"pid": self.pid, "startTime": self.start_time}
+
+    @classmethod
+    def from_json(cls, data: object) -> ProcessIdentity | None:
+        """The identity recorded as :meth:`to_json`, or None for anything else."""
+        if not isinstance(data, Mapping):
+            return None
+        pid, start = data.get("pid"), data.get("startTime")
+        if type(pid) is not int or type(start) is not int or pid <= 0:
+            return None
+        return cls(pid, start)
+
+
+def process_identity(pid: int) -> ProcessIdentity | None:
+    """The identity of the running (not zombie) process ``pid``, or None if there is none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()  # fields[0] is field 3 (state) of proc_pid_stat(5)
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return ProcessIdentity(pid, int(fields[19]))  # field 22: starttime
+
+
+def is_running(identity: ProcessIdentity) -> bool:
+    """Whether the process ``identity`` names is still running (a reused pid is not it)."""
+    return process_identity(identity.pid) == identity
+
+
+def kill_process(identity: ProcessIdentity, *, timeout: float = KILL_WAIT) -> bool:
+    """SIGKILL the process ``identity`` names, if it still runs, and wait until it is gone.
+
+    The pid is pinned with a pidfd before its start time is checked, so a pid reused in
+    between is never signalled. True if it was killed; VMError if it survives ``timeout``.
+    """
+    try:
+        pidfd = os.pidfd_open(identity.pid)
+    except ProcessLookupError:
+        return False
+    except OSError:  # no pidfd (old kernel): check, then signal by pid
+        pidfd = -1
+    try:
+        if not is_running(identity):
+            return False
+        if pidfd >= 0:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        else:
+            os.kill(identity.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    except PermissionError as exc:
+        raise VMError(f"not allowed to stop process {identity.pid}: {exc.strerror}") from exc
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+    return _await_gone(identity, timeout)
+
+
+def _await_gone(identity: ProcessIdentity, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while is_running(identity):
+        if time.monotonic() > deadline:
+            raise VMError(f"process {identity.pid} survived SIGKILL for {timeout:g}s")
+        time.sleep(0.01)
+    return True

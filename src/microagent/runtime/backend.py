@@ -243,6 +243,12 @@ class Machine(Protocol):
         """The VMM command line (empty for a backend without one)."""
         ...
 
+    @property
+    def pid(self) -> int | None:
+        """The VMM's process id (None for a backend that runs no process), so its owner can
+        record it and the lifecycle can make sure no VMM outlives its supervisor."""
+        ...
+
 
 def check_boot_files(config: BootConfig) -> None:
     """Clear errors for a missing kernel, initrd or disk before anything starts."""

@@ -10,10 +10,12 @@ Setup steps, one-shot runs and workspace starts all go through :func:`prepare`;
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Mapping
@@ -130,21 +132,65 @@ def prepare(
     )
 
 
+def _temp_root() -> Path:
+    return Path(os.environ.get("TMPDIR") or "/tmp")
+
+
 def scratch_vm_dir(prefix: str = "microagent-run-") -> tempfile.TemporaryDirectory[str]:
-    """A temporary directory short enough for the VMM's unix sockets."""
-    return tempfile.TemporaryDirectory(prefix=prefix, dir=os.environ.get("TMPDIR") or "/tmp")
+    """A temporary directory short enough for the VMM's unix sockets (``mkdtemp``: a fresh
+    name, mode 0700, so nobody else can have made it or write into it)."""
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=_temp_root())
+
+
+def is_private_dir(path: Path) -> bool:
+    """Whether ``path`` is a real directory (not a symlink) of ours that nobody else may
+    write to or look into: owned by this user, no group or other permission bits."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o077
+
+
+def _trusted_parent(path: Path) -> bool:
+    """Nobody but us (or root) can rename entries of ``path``: owned by us or root, and
+    not writable by others unless sticky (like /tmp)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    shared = info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX
+    return info.st_uid in (0, os.geteuid()) and not shared
+
+
+def private_runtime_dir() -> Path:
+    """A directory for VMM sockets and logs that only this user can reach.
+
+    ``$XDG_RUNTIME_DIR/microagent``, else ``$TMPDIR/microagent-<uid>`` (``/tmp`` when
+    TMPDIR is unset): created 0700, or, when it exists, used only if it is a directory of
+    ours that nobody else may enter, in a parent nobody else can rename entries of. A name
+    another user planted (their directory, a symlink, loose permissions) is left alone and
+    a fresh ``mkdtemp`` directory is used instead.
+    """
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    uid = os.geteuid()
+    base = Path(runtime) / "microagent" if runtime else _temp_root() / f"microagent-{uid}"
+    if _trusted_parent(base.parent):
+        with contextlib.suppress(OSError):  # exists (checked next) or cannot be made
+            base.mkdir(mode=0o700)
+        if is_private_dir(base):
+            return base
+    return Path(tempfile.mkdtemp(prefix=f"microagent-{uid}-", dir=_temp_root()))
 
 
 def vm_dir_for(run_dir: Path, name: str) -> Path:
-    """``run_dir/vm`` when socket paths fit, else a private directory under the runtime
-    dir ($XDG_RUNTIME_DIR or /tmp) named after ``run_dir`` (emptied first)."""
+    """``run_dir/vm`` when socket paths fit, else a directory named after ``run_dir``
+    (emptied first) in :func:`private_runtime_dir`."""
     path = run_dir / "vm"
     if len(str(path / "control.sock")) < SOCKET_PATH_MAX:
         return path
-    base = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / "microagent"
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
     digest = hashlib.sha256(str(run_dir).encode()).hexdigest()[:12]
-    link = base / f"{name[:40]}-{digest}"
+    link = private_runtime_dir() / f"{name[:40]}-{digest}"
     shutil.rmtree(link, ignore_errors=True)
     link.mkdir(mode=0o700)
     return link

@@ -4,12 +4,16 @@ For fast tests of everything above the VMM (CLI, lifecycle, supervisor). What th
 does is decided by a handler ``RunConfig -> FakeOutcome``; :func:`outcome_handler` answers
 with one outcome given as JSON (``$MICROAGENT_FAKE``: the :class:`FakeOutcome` fields in
 camelCase), or exits 0 echoing the argv.
-A hanging outcome stops only when the machine is shut down or the timeout passes.
+A hanging outcome stops only when the machine is shut down or the timeout passes. An outcome
+with a ``process`` runs that argv as a stand-in VMM process, started like QEMU (own session,
+the parent-death signal when the boot asks for it) and stopped with the machine, so process
+ownership (pids recorded, nothing outliving its supervisor) is testable without a VM.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import tarfile
 import threading
 import time
@@ -19,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from microagent import runner
 from microagent.errors import VMError
 from microagent.runtime.backend import (
     Availability,
@@ -29,6 +34,7 @@ from microagent.runtime.backend import (
     check_boot_files,
 )
 from microagent.runtime.configdisk import GuestNetwork, NetworkMode, Output, RunConfig
+from microagent.runtime.qemu import parent_death_prefix
 
 CONFIG_DISK_INDEX = 2
 
@@ -44,6 +50,7 @@ class FakeOutcome:
     hang: bool = False  # runs until shutdown or timeout
     crash: str | None = None  # the VM dies before booting, with this VMM message
     outputs: Mapping[str, Any] = field(default_factory=dict)
+    process: tuple[str, ...] = ()  # a stand-in VMM process run while the machine is up
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> FakeOutcome:
@@ -55,6 +62,7 @@ class FakeOutcome:
             hang=bool(data.get("hang", False)),
             crash=data.get("crash"),
             outputs=dict(data.get("outputs") or {}),
+            process=tuple(str(word) for word in data.get("process") or ()),
         )
 
 
@@ -106,10 +114,17 @@ def _now() -> str:
 class FakeMachine:
     """A pretend VM; records the shutdown escalation it was put through."""
 
-    def __init__(self, config: BootConfig, outcome: FakeOutcome, run: RunConfig) -> None:
+    def __init__(
+        self,
+        config: BootConfig,
+        outcome: FakeOutcome,
+        run: RunConfig,
+        process: subprocess.Popen[bytes] | None = None,
+    ) -> None:
         self.config = config
         self.outcome = outcome
         self.run_config = run
+        self._process = process
         self.shutdown_steps: list[str] = []
         self._events: list[dict[str, Any]] = []
         self._stop = threading.Event()
@@ -128,6 +143,11 @@ class FakeMachine:
 
     def argv(self) -> Sequence[str]:
         return ("fake-vmm", *(str(d.path) for d in self.config.disks))
+
+    @property
+    def pid(self) -> int | None:
+        """The stand-in VMM process (None when the outcome names none)."""
+        return self._process.pid if self._process is not None else None
 
     def events(self) -> Sequence[Mapping[str, Any]]:
         return tuple(self._events)
@@ -182,6 +202,25 @@ class FakeMachine:
         self._closed = True
         self.shutdown_steps.append("control")
         self._stop.set()
+        if self._process is not None:
+            _stop_process(self._process)
+
+
+def _stop_process(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(3.0)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _spawn_stand_in(config: BootConfig, argv: Sequence[str]) -> subprocess.Popen[bytes] | None:
+    """The outcome's stand-in VMM, started the way the QEMU backend starts QEMU."""
+    if not argv:
+        return None
+    prefix = parent_death_prefix(runner.find_tool("setpriv")) if config.die_with_parent else []
+    return runner.spawn([*prefix, *argv], new_session=True)
 
 
 class FakeBackend:
@@ -204,6 +243,7 @@ class FakeBackend:
         if len(config.disks) <= CONFIG_DISK_INDEX:
             raise VMError("fake guest: no config disk (/dev/vdc) attached")
         run = read_run_config(config.disks[CONFIG_DISK_INDEX].path)
-        machine = FakeMachine(config, self.handler(run), run)
+        outcome = self.handler(run)
+        machine = FakeMachine(config, outcome, run, _spawn_stand_in(config, outcome.process))
         self.machines.append(machine)
         return machine

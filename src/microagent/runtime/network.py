@@ -2,8 +2,12 @@
 
 QEMU's own slirp (``-netdev user``) gives the guest outbound NAT but maps 10.0.2.2 to the host's
 loopback. So the VMM runs in a fresh network namespace whose only way out is
-``slirp4netns --disable-host-loopback``, and an iptables OUTPUT filter in that namespace
-rejects the host's own addresses and the private ranges (DNS to the host's resolver excepted).
+``slirp4netns --disable-host-loopback``, and an iptables OUTPUT filter in that namespace lets
+only global unicast IPv4 out: it rejects the host's own addresses, every range that is not
+globally routable (private, CGNAT, link-local, loopback, "this network", documentation,
+benchmarking, multicast, reserved, broadcast) and the cloud metadata/agent addresses, with DNS to
+the host's resolvers excepted. IPv6 is off in QEMU and slirp4netns, and an ip6tables filter in
+the namespace rejects all of it besides.
 Explicit guest->host forwards use slirp ``guestfwd`` with a ``cmd:`` that connects to a unix
 socket (the filesystem is shared with the host, the netns loopback is not); a ``socat`` bridge
 on the host side connects that socket to ``127.0.0.1:PORT``.
@@ -19,6 +23,7 @@ import ipaddress
 import os
 import secrets
 import select
+import shlex
 import subprocess
 import time
 from collections.abc import Sequence
@@ -27,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 
 from microagent import runner
-from microagent.errors import ToolError, VMError
+from microagent.errors import InvalidInputError, ToolError, VMError
 from microagent.runtime.backend import FORWARD_ADDRESS, Forward, NetworkConfig
 from microagent.runtime.configdisk import NetworkMode
 from microagent.runtime.control import tail_text
@@ -36,15 +41,35 @@ NETNS_DIR = Path("/run/netns")
 NETNS_PREFIX = "microagent-"
 SLIRP_CIDR = "10.9.0.0/24"
 SLIRP_DNS = "10.9.0.3"
-PRIVATE_RANGES = (
-    "10.0.0.0/8",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "169.254.0.0/16",
-    "100.64.0.0/10",
+# Every IPv4 range that is not global unicast (IANA special-purpose registry, multicast and
+# the reserved block, which holds the broadcast address): a superset of what `ipaddress` calls
+# non-global (192.0.0.0/24 is rejected whole, multicast too). Tests check it against ipaddress.
+NON_GLOBAL_RANGES = (
+    "0.0.0.0/8",  # "this network"
+    "10.0.0.0/8",  # private
+    "100.64.0.0/10",  # carrier-grade NAT (also Alibaba's metadata at 100.100.100.200)
+    "127.0.0.0/8",  # loopback on any interface but lo
+    "169.254.0.0/16",  # link-local (the 169.254.169.254 metadata services)
+    "172.16.0.0/12",  # private
+    "192.0.0.0/24",  # IETF protocol assignments
+    "192.168.0.0/16",  # private
+    "198.18.0.0/15",  # benchmarking
+    "224.0.0.0/4",  # multicast
+    "240.0.0.0/4",  # reserved, and 255.255.255.255
 )
+# The documentation ranges (TEST-NET-1/2/3) are not routed on the internet, so a guest reaches
+# there only what its local network deliberately put there: sandboxed networks (this project's
+# CI among them) resolve every public name to an egress proxy in 203.0.113.0/24. They stay
+# allowed; the host's own addresses are rejected one by one whatever range they are in.
+DOCUMENTATION_RANGES = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")
+# Global addresses that answer as the cloud host itself (Azure's wire server and DNS). A guest
+# would reach fd00:ec2::254 (AWS IMDS over IPv6) only with IPv6, which is rejected whole.
+METADATA_ADDRESSES = ("168.63.129.16",)
 READY_TIMEOUT = 10.0
-HOST_TOOLS = ("ip", "iptables-restore", "slirp4netns")
+HOST_TOOLS = ("ip", "iptables-restore", "ip6tables-restore", "slirp4netns")
+HOST_IPV6 = Path("/proc/net/if_inet6")  # absent when the kernel has no IPv6
+# Characters socat parses in an address (1.7: , : ! ' " and 1.8 adds \ and brackets).
+SOCAT_SPECIAL = frozenset(",:!'\"\\()[]{}")
 
 
 @dataclass(frozen=True)
@@ -80,18 +105,24 @@ def parse_host_addresses(ip_output: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(found))
 
 
+def _usable_resolver(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return not (ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_reserved)
+
+
 def egress_policy(resolvers: Sequence[str], host_addresses: Sequence[str]) -> EgressPolicy:
-    """Reject host addresses + private ranges; allow DNS to non-loopback resolvers.
+    """Global unicast only: reject the host's addresses, every non-global range and the
+    metadata addresses; allow DNS (port 53) to the host's unicast, non-loopback resolvers.
 
     With only loopback resolvers (systemd-resolved style) the namespace uses slirp4netns's
     own DNS forwarder instead.
     """
-    usable = tuple(r for r in resolvers if not ipaddress.ip_address(r).is_loopback)
+    usable = tuple(r for r in resolvers if _usable_resolver(r))
     resolv_conf = None
     if not usable:
         usable = (SLIRP_DNS,)
         resolv_conf = f"nameserver {SLIRP_DNS}\n"
-    rejected = tuple(dict.fromkeys((*host_addresses, *PRIVATE_RANGES)))
+    rejected = tuple(dict.fromkeys((*host_addresses, *NON_GLOBAL_RANGES, *METADATA_ADDRESSES)))
     return EgressPolicy(usable, rejected, resolv_conf)
 
 
@@ -107,6 +138,23 @@ def iptables_rules(policy: EgressPolicy) -> str:
         lines.append(f"-A OUTPUT -d {cidr} -j REJECT")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
+
+
+def ip6tables_rules() -> str:
+    """An ``ip6tables-restore`` ruleset rejecting all IPv6 output but the namespace's own
+    loopback (the guest has no IPv6; this keeps it so if anything in the namespace does)."""
+    return "\n".join(
+        [
+            "*filter",
+            ":INPUT ACCEPT [0:0]",
+            ":FORWARD ACCEPT [0:0]",
+            ":OUTPUT ACCEPT [0:0]",
+            "-A OUTPUT -o lo -j ACCEPT",
+            "-A OUTPUT -j REJECT",
+            "COMMIT",
+            "",
+        ]
+    )
 
 
 def slirp4netns_argv(binary: str, netns: str, ready_fd: int, exit_fd: int) -> list[str]:
@@ -134,9 +182,28 @@ def _qemu_escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
+def check_socket_path(path: Path) -> Path:
+    """``path`` if socat can take it as an address and QEMU's option syntax can carry it:
+    no socat syntax characters, nothing unprintable (a newline would end the option)."""
+    text = str(path)
+    bad = sorted({c for c in text if c in SOCAT_SPECIAL or not c.isprintable()})
+    if bad:
+        raise InvalidInputError(
+            f"forward socket path {text!r} contains {''.join(bad)!r}, which socat cannot "
+            "take in an address",
+            hint="use a socket path without , : ! ' \" \\ ( ) [ ] { } or control characters",
+        )
+    return path
+
+
 def guestfwd_option(forward: Forward, socket_path: Path, socat: str) -> str:
-    """The ``guestfwd=`` part of ``-netdev user``: one helper per guest connection."""
-    cmd = f"{socat} STDIO UNIX-CONNECT:{socket_path}"
+    """The ``guestfwd=`` part of ``-netdev user``: one helper per guest connection.
+
+    The ``cmd:`` is a command line (split shell-style): every word is shell-quoted, then
+    QEMU's commas are doubled; the socket path is checked for what socat would misparse.
+    """
+    address = f"UNIX-CONNECT:{check_socket_path(socket_path)}"
+    cmd = shlex.join((socat, "STDIO", address))
     return f"guestfwd=tcp:{FORWARD_ADDRESS}:{forward.guest_port}-cmd:{_qemu_escape(cmd)}"
 
 
@@ -144,7 +211,7 @@ def bridge_argv(socat: str, socket_path: Path, host_port: int) -> list[str]:
     """A host-side socat that accepts on ``socket_path`` and connects to 127.0.0.1:PORT."""
     return [
         socat,
-        f"UNIX-LISTEN:{socket_path},fork,mode=600,unlink-early",
+        f"UNIX-LISTEN:{check_socket_path(socket_path)},fork,mode=600,unlink-early",
         f"TCP:127.0.0.1:{host_port}",
     ]
 
@@ -248,6 +315,9 @@ class NetworkSandbox:
             (self._resolv_dir / "resolv.conf").write_text(policy.netns_resolv_conf)
         rules = iptables_rules(policy).encode()
         runner.run(netns_exec(self.name, ["iptables-restore"]), input=rules)
+        if HOST_IPV6.exists():  # no IPv6 in the kernel: nothing to filter
+            v6 = ip6tables_rules().encode()
+            runner.run(netns_exec(self.name, ["ip6tables-restore"]), input=v6)
 
     def _policy(self) -> EgressPolicy:
         try:

@@ -2,7 +2,9 @@
 
 The argv is built by pure functions (golden-tested; ``--print-command`` shows it). A machine
 runs QEMU in its own session with the serial console in ``serial.log`` and QEMU's own output
-in ``vmm.log``; the guest's control port is a unix socket QEMU serves.
+in ``vmm.log``; the guest's control port is a unix socket QEMU serves. What the guest sends is
+bounded on the host: the events kept (:class:`~microagent.runtime.control.EventLog`) and the
+serial log, which QEMU appends to and the machine cuts back (``rotate_log``) while it runs.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ from microagent.runtime.control import (
     PORT_NAME,
     PROBE_MARKER,
     ControlChannel,
+    EventLog,
     SerialStream,
+    rotate_log,
     tail_text,
 )
 from microagent.runtime.network import NetworkSandbox, forward_socket, guestfwd_option
@@ -116,6 +120,16 @@ def disk_args(disks: Sequence[Disk], machine: MachineType) -> list[str]:
     return args
 
 
+def serial_args(log: Path) -> list[str]:
+    """The serial console appended to ``log``: ``append=on`` opens it ``O_APPEND`` (and does
+    not truncate it: the backend removes it before a boot), so the host can cut the log back
+    while QEMU writes (see ``control.rotate_log``) without QEMU leaving a hole."""
+    return [
+        *("-chardev", f"file,id=serial0,path={_escape(log)},append=on"),
+        *("-serial", "chardev:serial0"),
+    ]
+
+
 def control_args(socket_path: Path, machine: MachineType) -> list[str]:
     """A virtio-serial port named ``microagent.ctl`` backed by a unix socket QEMU serves."""
     return [
@@ -154,7 +168,7 @@ def build_argv(
         *machine_args(config.machine, accel),
         *("-m", str(config.memory_mib), "-smp", str(vcpus(config.cpus, accel))),
         *("-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"),
-        *("-serial", f"file:{config.serial_log}"),
+        *serial_args(config.serial_log),
         *("-kernel", str(config.kernel), "-initrd", str(config.initrd)),
         *("-append", kernel_cmdline(config, tsc_khz if accel is Accel.TCG else None)),
         *disk_args(config.disks, config.machine),
@@ -275,8 +289,8 @@ class QemuMachine:
         self._sandbox = sandbox
         self._channel = ControlChannel(config.control_socket)
         self._t0 = time.monotonic()
-        self._events: list[dict[str, Any]] = []
-        self._arrivals: dict[str, float] = {}
+        self._events = EventLog()
+        self._arrivals: dict[str, float] = {}  # first arrival of each kept event's kind
         self._result: GuestResult | None = None
         self._closed = False
         self._lock = threading.RLock()  # channel reads and the event list
@@ -299,7 +313,7 @@ class QemuMachine:
 
     def events(self) -> Sequence[Mapping[str, Any]]:
         with self._lock:
-            return tuple(self._events)
+            return self._events.snapshot()
 
     @property
     def pid(self) -> int:
@@ -308,6 +322,7 @@ class QemuMachine:
     # event pump ----------------------------------------------------------------------------
     def _pump(self, timeout: float) -> None:
         with self._lock:
+            rotate_log(self.config.serial_log)
             connected = self._channel.connected or self._channel.try_connect()
             if connected:
                 for event in self._channel.poll(timeout):
@@ -316,9 +331,9 @@ class QemuMachine:
             time.sleep(min(timeout, 0.01))
 
     def _record(self, event: dict[str, Any]) -> None:
-        self._events.append(event)
         name = str(event.get("event"))
-        self._arrivals.setdefault(name, time.monotonic() - self._t0)
+        if self._events.add(event):  # bounded, and so are the arrivals (one per kept event)
+            self._arrivals.setdefault(name, time.monotonic() - self._t0)
         if name == "exited" and self._result is None:
             self._result = GuestResult.from_event(event, self._timings(event))
 
@@ -368,8 +383,11 @@ class QemuMachine:
 
     def _await_exit(self) -> None:
         # The command is over; if the guest does not power off, skip asking and signal QEMU.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._proc.wait(POWEROFF_GRACE)
+        deadline = time.monotonic() + POWEROFF_GRACE
+        while self._proc.poll() is None and time.monotonic() < deadline:
+            rotate_log(self.config.serial_log)  # the guest may still be writing
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(0.1)
         self.shutdown(grace=0.0)
 
     def _crash_error(self) -> VMError:
@@ -484,6 +502,7 @@ class QemuBackend:
         check_boot_files(config)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         config.control_socket.unlink(missing_ok=True)
+        config.serial_log.unlink(missing_ok=True)  # QEMU appends to it (see serial_args)
         sandbox = NetworkSandbox(config.network, config.state_dir)
         try:
             argv = self._argv(config, sandbox)

@@ -3,10 +3,12 @@
 ``<run dir>/``::
 
     boot.json        what the supervisor boots (written by ``start``, mode 0600)
-    runtime.json     the current state and facts about the run (pids, readiness times)
+    runtime.json     the current state and facts about the run (the supervisor's pid, the
+                     VMM's identity ``vmm: {pid, startTime}``, readiness times)
     events.jsonl     every transition and event, appended
     result.json      the guest's report once its command ended
-    config.tar       the per-boot config disk (mode 0600: it carries the environment)
+    config.tar       the per-boot config disk (mode 0600: it carries the environment); removed
+                     once the VMM is gone
     supervisor.log   the supervisor's own output
 
 States: prepared -> starting -> running -> stopping -> stopped | halted | failed. Writers hold a
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from microagent.fsutil import read_json, write_json_atomic
+from microagent.runner import ProcessIdentity
 from microagent.runtime.backend import (
     Accel,
     BootConfig,
@@ -112,6 +115,7 @@ def _config_to_json(config: BootConfig) -> dict[str, Any]:
         "accel": config.accel.value,
         "timeout": config.timeout,
         "name": config.name,
+        "dieWithParent": config.die_with_parent,
     }
 
 
@@ -139,6 +143,7 @@ def _config_from_json(data: Mapping[str, Any]) -> BootConfig:
         accel=Accel(data.get("accel", "auto")),
         timeout=data.get("timeout"),
         name=str(data.get("name", "microagent")),
+        die_with_parent=bool(data.get("dieWithParent", False)),
     )
 
 
@@ -188,6 +193,10 @@ class RunDir:
 
     def runtime(self) -> dict[str, Any]:
         return read_json(self.runtime_path) or {"state": State.PREPARED.value}
+
+    def vmm(self) -> ProcessIdentity | None:
+        """The VMM process the supervisor recorded (None before it booted one)."""
+        return ProcessIdentity.from_json(self.runtime().get("vmm"))
 
     def state(self) -> State:
         try:

@@ -1,11 +1,14 @@
 """The detached per-VM supervisor: boots one VM and records what happens in its run dir.
 
 ``start`` prepares the disks and writes ``boot.json`` into the run directory (see
-:mod:`~microagent.runtime.rundir`), then runs ``python -m microagent.runtime.supervisor
-RUN_DIR`` in a new session. This process owns the VMM: it moves the state machine (starting
--> running -> stopped | halted | failed), writes ``result.json`` from the guest's report, and
-turns SIGTERM into a graceful guest shutdown. Everything it needs is in ``boot.json``; it
-reads no environment variables.
+:mod:`~microagent.runtime.rundir`), then runs :func:`main` with ``RUN_DIR`` in an isolated
+Python (``python -I``: no current directory, user site or ``PYTHON*`` variables on the import
+path; see ``workspace.lifecycle.supervisor_argv``), in a new session, from the run directory.
+This process owns the VMM: it records its identity (``vmm`` in runtime.json, so the lifecycle
+can make sure no VMM outlives its owner), moves the state machine (starting -> running ->
+stopped | halted | failed), writes ``result.json`` from the guest's report, turns SIGTERM into
+a graceful guest shutdown, and removes the config disk (it carries the environment) once the
+VMM is gone. Everything it needs is in ``boot.json``; it reads no environment variables.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+from microagent import runner
 from microagent.errors import MicroagentError
 from microagent.fsutil import write_json_atomic
 from microagent.runtime.backend import GuestResult, Machine
@@ -68,13 +72,25 @@ class Supervisor:
         try:
             with backend.boot(config) as machine:
                 self.machine = machine
-                self.run_dir.set_state(State.RUNNING, "vm started", vmmArgv=list(machine.argv()))
+                self._started(machine)
                 result = self._wait(machine)
         except MicroagentError as exc:
             return self._failed(exc.message)
         except Exception as exc:  # the supervisor must always leave a final state
             return self._failed(f"supervisor error: {exc!r}")
+        finally:  # the VMM is gone: the environment it was given leaves the disk too
+            self.run_dir.config_disk.unlink(missing_ok=True)
         return self._finished(result)
+
+    def _started(self, machine: Machine) -> None:
+        pid = machine.pid
+        vmm = runner.process_identity(pid) if pid is not None else None
+        self.run_dir.set_state(
+            State.RUNNING,
+            "vm started",
+            vmmArgv=list(machine.argv()),
+            vmm=vmm.to_json() if vmm else None,
+        )
 
     def _wait(self, machine: Machine) -> GuestResult:
         watcher = _Watcher(self.run_dir, machine)

@@ -2,13 +2,15 @@
 
 Everything here works from workspace records and the store; the VM itself is owned by the
 detached supervisor (see :mod:`microagent.runtime.supervisor`), which records the state
-machine in the workspace's run directory.
+machine in the workspace's run directory, and the VMM's identity. The VMM gets SIGKILL when its
+supervisor dies (parent-death signal); on top of that, killing a supervisor here kills its
+recorded VMM too, and nothing touches the disks (``start``, ``cp``) while a VMM of the
+workspace still runs, whatever the recorded state says.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -20,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from microagent import runner
-from microagent.errors import ConflictError, NotFoundError, VMError
+from microagent.errors import ConflictError, InvalidInputError, NotFoundError, VMError
 from microagent.fsutil import read_json
 from microagent.runtime.backend import Accel, Forward, NetworkConfig
 from microagent.runtime.boot import BootFiles, RunRequest, prepare, vm_dir_for
 from microagent.runtime.configdisk import GuestFile, NetworkMode, Output
+from microagent.runtime.control import parse_output
 from microagent.runtime.rundir import BootDocument, State
 from microagent.settings import Settings
 from microagent.store.content import Store
@@ -60,8 +63,39 @@ def reconcile(ws: Workspace) -> State:
         return state  # the launcher records the pid right after spawning
     if state.live and not runner.pid_alive(pid):
         run.set_state(State.FAILED, "the supervisor process died unexpectedly")
+        run.config_disk.unlink(missing_ok=True)  # its environment outlives no boot
         return State.FAILED
     return state
+
+
+def vmm_running(ws: Workspace) -> bool:
+    """Whether the VMM the supervisor recorded still runs (a reused pid does not count)."""
+    vmm = ws.run.vmm()
+    return vmm is not None and runner.is_running(vmm)
+
+
+def _refuse_running_vmm(ws: Workspace, verb: str) -> None:
+    vmm = ws.run.vmm()
+    if vmm is not None and runner.is_running(vmm):
+        raise ConflictError(
+            f"cannot {verb}: a VM of workspace {ws.name!r} is still running (pid {vmm.pid}) "
+            "although its supervisor is gone",
+            hint=f"`microagent halt {ws.name}` stops it",
+        )
+
+
+def _kill_vmm(ws: Workspace) -> bool:
+    """SIGKILL the recorded VMM if it is still that process; True if one was killed."""
+    vmm = ws.run.vmm()
+    return vmm is not None and runner.kill_process(vmm)
+
+
+def _kill(ws: Workspace, supervisor: object) -> None:
+    """The last resort: SIGKILL the supervisor's process group and the VMM it recorded."""
+    if isinstance(supervisor, int):
+        _signal_group(supervisor, signal.SIGKILL)
+    _kill_vmm(ws)
+    ws.run.config_disk.unlink(missing_ok=True)
 
 
 # -- start -------------------------------------------------------------------------------------
@@ -96,6 +130,7 @@ def run_request(rt: Runtime, ws: Workspace, record: Record) -> RunRequest:
         state_disk=ws.state_disk,
         accel=Accel.parse(rt.settings.accel),
         name=record.name,
+        die_with_parent=True,  # the supervisor owns the VMM: no VM outlives it
     )
 
 
@@ -107,6 +142,7 @@ def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict
             f"workspace {ws.name!r} is already {state.value}",
             hint="`microagent halt` it first, or wait for it to finish",
         )
+    _refuse_running_vmm(ws, "start")
     record = ws.record()
     if not Path(record.rootfs).is_file():
         raise NotFoundError(
@@ -120,10 +156,13 @@ def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict
     boot = prepare(run_request(rt, ws, record), rt.kit(), vm_dir, work_dir=run.path)
     settings = rt.settings
     run.write_boot(BootDocument(boot, settings.backend, settings.probes_dir, settings.fake_outcome))
-    run.set_state(State.STARTING, "starting the VM", supervisorPid=None, vmDir=str(vm_dir))
+    run.set_state(
+        State.STARTING, "starting the VM", supervisorPid=None, vmm=None, vmDir=str(vm_dir)
+    )
     proc = runner.spawn(
-        [sys.executable, "-m", "microagent.runtime.supervisor", str(run.path)],
+        supervisor_argv(run.path),
         stdout=run.supervisor_log,
+        cwd=run.path,
         new_session=True,
         env=_supervisor_env(),
     )
@@ -131,9 +170,25 @@ def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict
     return _await_running(ws, timeout)
 
 
+# Runs the supervisor of the microagent this process runs. The package root is put on the path
+# only when the interpreter's own path (site-packages and its .pth files) lacks it.
+SUPERVISOR_BOOTSTRAP = (
+    "import sys; root = sys.argv[1]; root in sys.path or sys.path.insert(0, root); "
+    "from microagent.runtime.supervisor import main; sys.exit(main(sys.argv[2:]))"
+)
+
+
+def supervisor_argv(run_dir: Path) -> list[str]:
+    """The supervisor's command line: an isolated Python (``-I``: neither the current
+    directory nor the user site nor ``PYTHON*`` variables reach its import path), so a
+    ``microagent/`` folder where the caller stands is never imported in its place."""
+    package_root = Path(__file__).resolve().parents[2]
+    return [sys.executable, "-I", "-c", SUPERVISOR_BOOTSTRAP, str(package_root), str(run_dir)]
+
+
 def _supervisor_env() -> dict[str, str]:
-    """What the supervisor's Python needs to import microagent (it reads no settings)."""
-    keep = ("PYTHONPATH", "VIRTUAL_ENV", "XDG_RUNTIME_DIR", "TMPDIR")
+    """What the supervisor passes on (it reads no settings; Python ignores PYTHON* under -I)."""
+    keep = ("XDG_RUNTIME_DIR", "TMPDIR")
     return {k: os.environ[k] for k in keep if k in os.environ}
 
 
@@ -171,9 +226,14 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 def halt(ws: Workspace, *, timeout: float = HALT_TIMEOUT) -> State:
-    """Graceful stop (guest shutdown over the control port), then escalate. Disk is kept."""
+    """Graceful stop (guest shutdown over the control port), then escalate. Disk is kept.
+
+    A VMM left running by a supervisor that died is killed.
+    """
     state = reconcile(ws)
     if not state.live:
+        if _kill_vmm(ws):
+            ws.run.event("vmm-killed", "the VM of a dead supervisor was killed")
         return state
     pid = ws.run.runtime().get("supervisorPid")
     ws.run.set_state(State.STOPPING, "halt requested")
@@ -182,8 +242,7 @@ def halt(ws: Workspace, *, timeout: float = HALT_TIMEOUT) -> State:
     try:
         return wait(ws, timeout)
     except VMError:
-        if isinstance(pid, int):
-            _signal_group(pid, signal.SIGKILL)
+        _kill(ws, pid)
         ws.run.set_state(State.HALTED, f"killed after {timeout:.0f}s without a clean shutdown")
         return State.HALTED
 
@@ -193,16 +252,15 @@ def delete(ws: Workspace, *, force: bool = False) -> bool:
     if not ws.root.exists():
         return False
     state = reconcile(ws)
-    if state.live:
+    if state.live or vmm_running(ws):
         if not force:
+            what = state.value if state.live else "running a VM without its supervisor"
             raise ConflictError(
-                f"workspace {ws.name!r} is {state.value}",
+                f"workspace {ws.name!r} is {what}",
                 hint="halt it first, or pass --force to kill it",
             )
-        pid = ws.run.runtime().get("supervisorPid")
-        if isinstance(pid, int):
-            _signal_group(pid, signal.SIGKILL)
-            time.sleep(0.2)
+        _kill(ws, ws.run.runtime().get("supervisorPid"))
+        time.sleep(0.2)
     shutil.rmtree(ws.root)
     return True
 
@@ -231,11 +289,11 @@ def _parse_output(name: str, entry: Any) -> dict[str, Any]:
     }
     content = str(entry.get("content", ""))
     try:
-        out["value"] = json.loads(content)
-    except ValueError:
+        out["value"] = parse_output(content)  # bounded: size and depth checked first
+    except InvalidInputError as exc:
         out["content"] = content
         if name == "result":
-            out["error"] = "the result file is not valid JSON"
+            out["error"] = f"the result file is not valid JSON: {exc.message}"
     return out
 
 
@@ -295,4 +353,5 @@ def ensure_offline(ws: Workspace, verb: str) -> Record:
             f"cannot {verb} while workspace {ws.name!r} is {state.value}",
             hint=f"`microagent halt {ws.name}` first",
         )
+    _refuse_running_vmm(ws, verb)
     return ws.record()

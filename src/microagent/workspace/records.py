@@ -26,7 +26,7 @@ from microagent.fsutil import read_json
 from microagent.runtime.rundir import RunDir, now
 
 RECORD_VERSION = 1
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # fullmatch: ``$`` accepts "x\n"
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class Record:
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise InvalidInputError(
             f"invalid workspace name {name!r}",
             hint="letters, digits, '.', '_' and '-', starting with a letter or digit",

@@ -1,16 +1,24 @@
-"""Test helpers: tiny ELF kernel modules, .deb packages and a file:// Debian mirror."""
+"""Test helpers: tiny ELF kernel modules, .deb packages and a signed file:// Debian mirror."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import io
 import lzma
+import shutil
 import struct
 import tarfile
+import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
+
+from microagent.kit import debian
+from microagent.runner import find_tool, run
 
 
 def make_ko(name: str, depends: Sequence[str] = (), *, with_name: bool = True) -> bytes:
@@ -121,10 +129,68 @@ def stanza(name: str, version: str, filename: str, data: bytes, depends: str = "
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class ArchiveKey:
+    """A throwaway OpenPGP signing key standing in for Debian's archive key."""
+
+    home: Path  # GNUPGHOME with the secret key
+    keyring: Path  # the public key, exported as gpgv reads it
+
+    def gpg(self, *args: str, data: bytes | None = None) -> str:
+        base = [find_tool("gpg"), "--batch", "--homedir", str(self.home), "--pinentry-mode"]
+        return run([*base, "loopback", "--passphrase", "", *args], input=data).stdout
+
+    def clearsign(self, text: bytes) -> bytes:
+        return self.gpg("--clearsign", "--output", "-", data=text).encode()
+
+    def stop(self) -> None:
+        run(["gpgconf", "--homedir", str(self.home), "--kill", "gpg-agent"], check=False)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+@functools.cache
+def archive_key(name: str = "archive") -> ArchiveKey:
+    """A signing key made once per test process (its gpg-agent is stopped at exit)."""
+    home = Path(tempfile.mkdtemp(prefix="ma-gpg-"))  # short: the agent's socket lives here
+    home.chmod(0o700)
+    key = ArchiveKey(home, home / "keyring.gpg")
+    atexit.register(key.stop)
+    uid = f"microagent test {name} <{name}@example.invalid>"
+    key.gpg("--quick-gen-key", uid, "ed25519", "sign", "never")
+    key.gpg("--output", str(key.keyring), "--export")
+    return key
+
+
+def release_text(root: Path, suite: str = "bookworm") -> bytes:
+    """A ``Release`` for the suite listing every Packages.xz under it (SHA256 and size)."""
+    dists = root / "dists" / suite
+    lines = []
+    for index in sorted(dists.glob("*/binary-*/Packages.xz")):
+        data = index.read_bytes()
+        rel = index.relative_to(dists).as_posix()
+        lines.append(f" {hashlib.sha256(data).hexdigest()} {len(data)} {rel}")
+    head = f"Origin: Test\nSuite: stable\nCodename: {suite}\nComponents: main\n"
+    md5 = " 00000000000000000000000000000000 1 main/binary-amd64/Packages.xz\n"
+    return (head + "MD5Sum:\n" + md5 + "SHA256:\n" + "\n".join(lines) + "\n").encode()
+
+
+def sign_mirror(root: Path, key: ArchiveKey | None = None, suite: str = "bookworm") -> Path:
+    """(Re)write the suite's ``InRelease``, clearsigned by ``key`` (default: archive_key())."""
+    signed = (key or archive_key()).clearsign(release_text(root, suite))
+    (root / "dists" / suite / "InRelease").write_bytes(signed)
+    return root
+
+
+def mirror_of(root: Path, key: ArchiveKey | None = None) -> debian.Mirror:
+    """The file:// mirror at ``root``, trusting ``key`` (default: archive_key())."""
+    return debian.Mirror(url=root.as_uri(), keyring=(key or archive_key()).keyring)
+
+
 def make_mirror(
     root: Path, *, kernel_version: str = KERNEL_VERSION, busybox: bytes = b"BB"
 ) -> Path:
-    """A file:// Debian mirror with a cloud kernel meta package, the kernel and busybox-static."""
+    """A signed file:// Debian mirror with a cloud kernel meta package, the kernel and
+    busybox-static (trusted through :func:`mirror_of`)."""
     pool = root / "pool/main"
     pool.mkdir(parents=True, exist_ok=True)
     kernel = make_deb(kernel_files(kernel_version))
@@ -142,4 +208,4 @@ def make_mirror(
     index = root / "dists/bookworm/main/binary-amd64"
     index.mkdir(parents=True, exist_ok=True)
     (index / "Packages.xz").write_bytes(lzma.compress("\n".join(text).encode()))
-    return root
+    return sign_mirror(root)

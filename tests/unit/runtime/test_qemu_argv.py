@@ -64,7 +64,8 @@ def test_golden_microvm_tcg_isolated() -> None:
         "-M", "microvm", "-accel", "tcg", "-cpu", "max",
         "-m", "1024", "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-serial", "file:/run/ma/s1/serial.log",
+        "-chardev", "file,id=serial0,path=/run/ma/s1/serial.log,append=on",
+        "-serial", "chardev:serial0",
         "-kernel", "/kit/vmlinuz", "-initrd", "/kit/initrd.img",
         "-append",
         "console=ttyS0 quiet panic=-1 rcupdate.rcu_expedited=1 pci=off tsc_early_khz=2596152"
@@ -76,7 +77,7 @@ def test_golden_microvm_tcg_isolated() -> None:
 def test_golden_microvm_user_network_with_forwards() -> None:
     net = NetworkConfig(
         NetworkMode.USER,
-        (Forward(80, host_port=18080), Forward(8443, unix_socket=Path("/run/proxy,1.sock"))),
+        (Forward(80, host_port=18080), Forward(8443, unix_socket=Path("/run/my proxy;1.sock"))),
     )
     forwards = [(f, f.unix_socket or STATE / f"fwd-{f.guest_port}.sock") for f in net.forwards]
     argv = build_argv(
@@ -87,7 +88,7 @@ def test_golden_microvm_user_network_with_forwards() -> None:
         "-netdev",
         "user,id=n0,ipv6=off,"
         "guestfwd=tcp:10.0.2.100:80-cmd:/usr/bin/socat STDIO UNIX-CONNECT:/run/ma/s1/fwd-80.sock,"
-        "guestfwd=tcp:10.0.2.100:8443-cmd:/usr/bin/socat STDIO UNIX-CONNECT:/run/proxy,,1.sock",
+        "guestfwd=tcp:10.0.2.100:8443-cmd:/usr/bin/socat STDIO 'UNIX-CONNECT:/run/my proxy;1.sock'",
         "-device",
         "virtio-net-device,netdev=n0",
     ]
