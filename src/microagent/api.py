@@ -439,6 +439,8 @@ class Microagent:
         while True:
             try:
                 with ws.run.serial_log.open("rb") as fh:
+                    if fh.seek(0, 2) < offset:  # rotated (see runtime.control.rotate_log)
+                        offset = 0
                     fh.seek(offset)
                     chunk = fh.read()
             except FileNotFoundError:
@@ -633,7 +635,11 @@ class Microagent:
         from microagent.kit.guestkit import install_kit
 
         settings = self.settings
-        chosen = Mirror.of(mirror or settings.debian_mirror, suite or settings.debian_suite)
+        chosen = Mirror.of(
+            mirror or settings.debian_mirror,
+            suite or settings.debian_suite,
+            settings.debian_keyring,
+        )
         return install_kit(self.store, chosen, progress=self.say)
 
     def kernel_prune(self) -> list[GuestKit]:

@@ -16,7 +16,7 @@ import click
 
 from microagent import __version__
 from microagent.commands import build, cache, doctor, image, kernel, run, spec, workspace
-from microagent.commands.context import Ctx
+from microagent.commands.context import Ctx, sanitize_for_terminal
 from microagent.errors import EXIT_FAILURE, MicroagentError, UsageError
 
 
@@ -43,6 +43,8 @@ for _module in (spec, build, workspace, run, image, cache, kernel, doctor):
 def _print_error(exc: MicroagentError, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"ok": False, "error": exc.to_json()}, indent=2))
+    elif sys.stderr.isatty():  # messages can carry guest output (a failed setup step)
+        click.echo(sanitize_for_terminal(exc.render()), err=True)
     else:
         click.echo(exc.render(), err=True)
 

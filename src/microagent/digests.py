@@ -35,7 +35,7 @@ def sha256_digest(data: bytes) -> str:
 
 def is_digest(value: object) -> TypeGuard[str]:
     """Whether ``value`` is a string of the form ``sha256:<64 lowercase hex>``."""
-    return isinstance(value, str) and DIGEST_RE.match(value) is not None
+    return isinstance(value, str) and DIGEST_RE.fullmatch(value) is not None
 
 
 def check_digest(text: str, what: str = "digest") -> str:

@@ -1,18 +1,23 @@
-"""Small filesystem helpers: durable (atomic) writes, JSON files, locks, removal, sizes."""
+"""Small filesystem helpers: durable (atomic) writes, JSON files, locks, removal, sizes, and
+bounded JSON parsing for documents that come from outside (a guest)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from microagent.errors import InvalidInputError
 
 # Every in-progress write in the store starts with this; nothing else may.
 TEMP_PREFIX = ".tmp-"
@@ -82,9 +87,44 @@ def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object from ``path``; None when missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deeply
         return None
     return data if isinstance(data, dict) else None
+
+
+# A JSON string (escapes included); a run of anything but brackets; brackets as +1 / -1 steps.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_DEPTH_STEPS = bytes.maketrans(b"[]{}", b"\x01\xff\x01\xff")
+
+
+def json_too_deep(text: str, max_depth: int) -> bool:
+    """Whether arrays and objects in ``text`` nest deeper than ``max_depth``, judged without
+    parsing (in linear time, at C speed): strings are cut out, and the running sum of the
+    brackets left (+1 opening, -1 closing) is the nesting depth at each point."""
+    if text.count("[") + text.count("{") <= max_depth:
+        return False
+    brackets = _NOT_BRACKETS.sub("", _JSON_STRING.sub("", text)).encode("ascii")
+    steps = memoryview(brackets.translate(_DEPTH_STEPS)).cast("b")
+    return max(itertools.accumulate(steps), default=0) > max_depth
+
+
+def load_json_bounded(data: str | bytes, *, max_bytes: int, max_depth: int) -> Any:
+    """Parse untrusted JSON no longer than ``max_bytes`` (characters for text) and nested no
+    deeper than ``max_depth``; the limits are checked before parsing, so a hostile document
+    costs linear time and never exhausts the stack. InvalidInputError says what is wrong."""
+    if len(data) > max_bytes:
+        raise InvalidInputError(f"larger than {max_bytes} bytes")
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError("not UTF-8 text") from exc
+    if json_too_deep(text, max_depth):
+        raise InvalidInputError(f"nested deeper than {max_depth} levels")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInputError(f"not valid JSON ({exc})") from exc
 
 
 def link_no_replace(tmp: Path, final: Path) -> bool:

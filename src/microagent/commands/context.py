@@ -3,16 +3,23 @@
 Commands parse flags, call the library (:class:`microagent.api.Microagent`) and render text or
 ``--json``. The settings are read once, on first use, from the environment and the user
 config file.
+
+What a guest wrote (its console, its output, its result) never reaches a terminal as control
+or escape sequences: text meant for people goes through :func:`sanitize_for_terminal`, and a
+guest's raw bytes through :class:`GuestOutput`, which keeps them exact only for a file or a
+pipe. ``--json`` is exact: JSON escapes every control character.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import click
 
@@ -37,15 +44,59 @@ def _tty_only(message: str) -> None:
         click.echo(message, err=True)
 
 
-def stream_to_stderr(data: bytes) -> None:
-    """A guest's live output (setup steps) goes to stderr, keeping stdout for results."""
-    sys.stderr.buffer.write(data)
-    sys.stderr.flush()
+# C0 controls but newline and tab (ESC starts every escape sequence; a lone CR rewrites the
+# line), DEL, C1 controls (8-bit CSI, OSC), and the bidi overrides that reorder what is shown.
+_TERMINAL_UNSAFE = re.compile(
+    r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
 
 
-def stream_to_stdout(data: bytes) -> None:
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
+def _visible(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def sanitize_for_terminal(text: str) -> str:
+    """``text`` safe to print on a terminal: every control character it could act on (escape
+    sequences such as colours, screen clears or OSC 52 clipboard writes; C1 controls; bidi
+    overrides) is shown as a visible escape (``\\x1b``); newlines and tabs stay, a CR before a
+    newline is dropped."""
+    return _TERMINAL_UNSAFE.sub(_visible, text.replace("\r\n", "\n"))
+
+
+class GuestOutput:
+    """Writes a guest's raw bytes to a stream: exactly as they are for a file or a pipe, and
+    decoded (invalid UTF-8 replaced) and put through :func:`sanitize_for_terminal` for a
+    terminal, so a guest can never drive the user's terminal."""
+
+    def __init__(self, stream: Callable[[], TextIO]) -> None:
+        self._stream = stream  # looked up on each write: tests swap sys.stdout
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._cr = ""  # a CR that ended the last piece: the start of a CRLF, or a lone one
+
+    def __call__(self, data: bytes) -> None:
+        stream = self._stream()
+        if stream.isatty():
+            text = self._cr + self._decoder.decode(data)
+            self._cr = "\r" if text.endswith("\r") else ""
+            stream.write(sanitize_for_terminal(text.removesuffix("\r")))
+        else:
+            stream.flush()
+            stream.buffer.write(data)
+        stream.flush()
+
+
+def _stderr() -> TextIO:
+    return sys.stderr
+
+
+def _stdout() -> TextIO:
+    return sys.stdout
+
+
+# A guest's live output: setup steps to stderr (stdout is for results), `run` to stdout.
+stream_to_stderr = GuestOutput(_stderr)
+stream_to_stdout = GuestOutput(_stdout)
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""Workspace commands: create, start, status, result, halt, delete, list, logs, events, cp."""
+"""Workspace commands: create, start, status, result, halt, delete, list, logs, events, cp.
+
+What the guest wrote is shown inert: ``status``, ``result`` and ``events`` text goes through
+``sanitize_for_terminal`` always (``--json`` is the exact form); ``logs`` passes the console's
+bytes on exactly to a file or pipe, and sanitized to a terminal.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,13 @@ import click
 
 from microagent.commands.context import (
     Ctx,
+    GuestOutput,
     cache_from_option,
     cache_to_option,
     host_forward_option,
     override_options,
     pass_ctx,
+    sanitize_for_terminal,
     spec_file_option,
     spec_inputs,
     stream_to_stderr,
@@ -86,7 +93,7 @@ def status(ctx: Ctx, /, name: str) -> None:
     text = f"{name}: {event['state']}" + (f" ({event['detail']})" if event["detail"] else "")
     if data["result"] is not None:
         text += f"\nresult: exit code {data['result'].get('exitCode')}"
-    ctx.emit(data, text)
+    ctx.emit(data, sanitize_for_terminal(text))
 
 
 @click.command()
@@ -95,7 +102,8 @@ def status(ctx: Ctx, /, name: str) -> None:
 def result(ctx: Ctx, /, name: str) -> None:
     """The guest's report and the declared outputs (the agent's WorkResult)."""
     payload = ctx.api().result(name)
-    ctx.emit({"ok": True, "workspace": name, "result": payload}, _result_text(payload))
+    text = sanitize_for_terminal(_result_text(payload))
+    ctx.emit({"ok": True, "workspace": name, "result": payload}, text)
 
 
 def _result_text(payload: dict[str, Any]) -> str:
@@ -151,9 +159,9 @@ def list_(ctx: Ctx, /) -> None:
 @pass_ctx
 def logs(ctx: Ctx, /, name: str, follow: bool) -> None:
     """The serial console: guest boot messages and the entrypoint's output."""
+    write = GuestOutput(lambda: sys.stdout)  # exact to a pipe, sanitized to a terminal
     for chunk in ctx.api().logs(name, follow=follow):
-        sys.stdout.buffer.write(chunk)
-        sys.stdout.flush()
+        write(chunk)
 
 
 @click.command()
@@ -163,7 +171,7 @@ def events(ctx: Ctx, /, name: str) -> None:
     """The workspace's lifecycle history."""
     items = ctx.api().events(name)
     lines = [f"{e.get('observedAt')}  {e.get('event'):<10} {e.get('detail', '')}" for e in items]
-    ctx.emit({"ok": True, "events": items}, "\n".join(lines))
+    ctx.emit({"ok": True, "events": items}, sanitize_for_terminal("\n".join(lines)))
 
 
 @click.command()

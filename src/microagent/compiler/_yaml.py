@@ -54,11 +54,14 @@ class _Abort(Exception):
 
 
 def format_path(path: JsonPath) -> str:
-    """``("setup", 2, "run")`` -> ``setup[2].run``."""
+    """``("setup", 2, "run")`` -> ``setup[2].run``; a key with a control character in it
+    (a newline) is quoted: ``env['KEY\\n']``, so a message stays on one line."""
     text = ""
     for part in path:
         if isinstance(part, int):
             text += f"[{part}]"
+        elif not part.isprintable():
+            text += f"[{part!r}]"
         else:
             text += f".{part}" if text else part
     return text

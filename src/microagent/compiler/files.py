@@ -1,8 +1,14 @@
-"""The declared ``files`` as a flat, sorted list of guest entries with a tree digest.
+"""The declared ``files`` as a flat, sorted list of guest entries with a tree digest, and the
+rule for every host path a spec names.
 
 Each entry records guest path, type, mode, size and content sha256 — never mtime or owner —
 so touching a file or cloning the repo elsewhere changes nothing, while any content or mode
 edit changes the digest.
+
+A spec travels with a repository, and what it names goes into the guest and into layers
+``build --push`` publishes, so a host path in it is relative to the spec's folder and, with
+every symlink followed, stays inside it (:func:`resolve_inside`). Inside a declared folder a
+symlink is delivered as a symlink: its target is recorded, never followed or read.
 """
 
 from __future__ import annotations
@@ -13,13 +19,39 @@ import posixpath
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from microagent.compiler.spec import FileEntry
 from microagent.digests import canonical_json, sha256_digest
 from microagent.errors import InvalidInputError
 
 CHUNK = 1 << 20
+INSIDE_HINT = (
+    "paths in a spec are relative to its folder and stay inside it: "
+    "copy or move the file next to microagent.yaml"
+)
+
+
+def resolve_inside(raw: str, base: Path) -> Path:
+    """``raw``, relative to ``base``, with every symlink followed; InvalidInputError when it
+    is absolute, home-relative (``~``) or ends up outside ``base`` (``..``, or a symlink that
+    points out)."""
+    if "\x00" in raw:
+        raise InvalidInputError(f"{raw!r} contains a NUL character")
+    if raw.startswith("~"):
+        raise InvalidInputError(f"{raw!r} is relative to a home folder", hint=INSIDE_HINT)
+    if PurePosixPath(raw).is_absolute():
+        raise InvalidInputError(f"{raw!r} is an absolute path", hint=INSIDE_HINT)
+    root = base.resolve()
+    try:
+        resolved = (root / raw).resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise InvalidInputError(f"cannot resolve {raw!r}: {exc}") from exc
+    if not resolved.is_relative_to(root):
+        raise InvalidInputError(
+            f"{raw!r} leads outside the spec's folder (to {resolved})", hint=INSIDE_HINT
+        )
+    return resolved
 
 
 @dataclass(frozen=True)
@@ -84,26 +116,40 @@ def _item(src: Path, dst: str, mode: int | None) -> FileItem:
     return FileItem(dst, "file", chosen, size, sha, src=src)
 
 
-def _walk(entry: FileEntry) -> Iterator[FileItem]:
-    top = entry.src.stat()
-    if not stat.S_ISDIR(top.st_mode):
-        yield _item(entry.src.resolve(), entry.dst, entry.mode)
+def _top(entry: FileEntry, root: Path | None) -> Path:
+    """The entry's source with symlinks followed, checked to be inside ``root`` when given."""
+    src = entry.src.resolve()
+    if root is not None and not src.is_relative_to(root.resolve()):
+        raise InvalidInputError(
+            f"declared file {entry.src} leads outside the spec's folder (to {src})",
+            hint=INSIDE_HINT,
+        )
+    return src
+
+
+def _walk(entry: FileEntry, root: Path | None) -> Iterator[FileItem]:
+    src = _top(entry, root)
+    if not stat.S_ISDIR(src.stat().st_mode):
+        yield _item(src, entry.dst, entry.mode)
         return
-    yield FileItem(entry.dst, "dir", entry.mode or 0o755, src=entry.src)
-    for root, dirs, names in os.walk(entry.src):
+    yield FileItem(entry.dst, "dir", entry.mode or 0o755, src=src)
+    for folder, dirs, names in os.walk(src):  # symlinks inside are items, never followed
         dirs.sort()
-        rel_root = Path(root).relative_to(entry.src).as_posix()
+        rel_root = Path(folder).relative_to(src).as_posix()
         for name in sorted(dirs + names):
             dst = posixpath.normpath(posixpath.join(entry.dst, rel_root, name))
-            yield _item(Path(root) / name, dst, None)
+            yield _item(Path(folder) / name, dst, None)
 
 
-def collect(entries: tuple[FileEntry, ...]) -> FileTree:
-    """Walk every declared file or folder; the result is sorted by guest path."""
+def collect(entries: tuple[FileEntry, ...], root: Path | None = None) -> FileTree:
+    """Walk every declared file or folder; the result is sorted by guest path.
+
+    With ``root`` (the spec's folder), an entry whose source leads outside it is refused.
+    """
     items: dict[str, FileItem] = {}
     try:
         for entry in entries:
-            for item in _walk(entry):
+            for item in _walk(entry, root):
                 items[item.dst] = item
     except OSError as exc:
         raise InvalidInputError(

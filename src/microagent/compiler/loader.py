@@ -1,8 +1,9 @@
 """Turn a schema-valid YAML document into a :class:`Spec`, checking what a schema cannot.
 
-Checks that need the file system or the whole document (files exist, no duplicate targets,
-reserved names, forwards with an isolated network) are collected, never raised one by one, so
-the user sees every problem at once.
+Checks that need the file system or the whole document (files exist and stay inside the
+spec's folder, no duplicate targets, reserved names, forwards with an isolated network, the
+image reference) are collected, never raised one by one, so the user sees every problem at
+once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 from microagent.compiler import _yaml
 from microagent.compiler import schema as _schema
 from microagent.compiler._yaml import Document, JsonPath, format_path
+from microagent.compiler.files import resolve_inside
+from microagent.compiler.refs import parse_any_ref
 from microagent.compiler.spec import (
     RESERVED_DISK_NAMES,
     RESERVED_NAMES,
@@ -54,10 +57,14 @@ class _Builder:
             Diagnostic(message, self.doc.location(path), format_path(path) or "(top level)", hint)
         )
 
-    def local_path(self, raw: str, path: JsonPath) -> Path:
-        """Resolve a host path from the spec against the spec's folder."""
-        candidate = Path(raw).expanduser()
-        return candidate if candidate.is_absolute() else self.base / candidate
+    def local_path(self, raw: str, path: JsonPath) -> Path | None:
+        """A host path from the spec, resolved against the spec's folder with symlinks
+        followed; None (and a problem) when it is absolute, ``~`` or leads outside it."""
+        try:
+            return resolve_inside(raw, self.base)
+        except InvalidInputError as exc:
+            self.problem(path, exc.message, exc.hint)
+            return None
 
     def guest_path(self, raw: str, path: JsonPath) -> str:
         """A clean absolute guest path; ``..`` segments and NUL are refused."""
@@ -75,6 +82,14 @@ class _Builder:
     def name(self, value: str | None) -> str | None:
         if value is not None and value.lower() in RESERVED_NAMES:
             self.problem(("name",), f"{value!r} is a reserved name", "pick another workspace name")
+        return value
+
+    def image(self, value: str) -> str:
+        """The image reference as written, once it parses (nothing is looked up here)."""
+        try:
+            parse_any_ref(value, self.base)
+        except InvalidInputError as exc:
+            self.problem(("image",), exc.message, exc.hint)
         return value
 
     def setup(self, value: Any) -> tuple[SetupStep, ...]:
@@ -100,6 +115,8 @@ class _Builder:
 
     def _setup_from_file(self, raw: str, path: JsonPath) -> SetupStep | None:
         file = self.local_path(raw, path)
+        if file is None:
+            return None
         text = self._read_script(file, raw, path)
         if text is None:
             return None
@@ -146,6 +163,8 @@ class _Builder:
         src = self.local_path(item["src"], (*path, "src"))
         dst = self.guest_path(item["dst"], (*path, "dst"))
         mode = int(item["mode"], 8) if "mode" in item else None
+        if src is None:
+            return None
         try:
             info = src.stat()
         except FileNotFoundError:
@@ -219,12 +238,13 @@ class _Builder:
             if item["name"].lower() in RESERVED_DISK_NAMES:
                 self.problem((*path, "name"), f"disk name {item['name']!r} is reserved")
             host = self.local_path(item["path"], (*path, "path"))
-            if not host.is_file():
+            if host is not None and not host.is_file():
                 self.problem((*path, "path"), f"{item['path']!r} is not an existing file")
             if key == "bundles" and not item["path"].endswith((".tar", ".tar.gz", ".tgz")):
                 self.problem((*path, "path"), "a bundle must be a .tar, .tar.gz or .tgz archive")
             mount = self.guest_path(item["mountpoint"], (*path, "mountpoint"))
-            out.append(Disk(item["name"], host, mount, DiskMode(item.get("mode", "ro"))))
+            if host is not None:
+                out.append(Disk(item["name"], host, mount, DiskMode(item.get("mode", "ro"))))
         return tuple(out)
 
     def unique_disks(self, disks: tuple[Disk, ...]) -> None:
@@ -255,7 +275,7 @@ def build_spec(doc: Document, source: Path) -> Spec:
     spec = Spec(
         source=source,
         name=b.name(raw.get("name")),
-        image=raw.get("image", Spec.image),
+        image=b.image(raw.get("image", Spec.image)),
         profile=Profile(raw.get("profile", "small")),
         restart=RestartPolicy(raw.get("restart", "never")),
         entrypoint=_entrypoint(raw.get("entrypoint")),

@@ -22,7 +22,7 @@ from microagent.compiler.spec import (
 )
 from microagent.errors import InvalidInputError
 
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: ``$`` accepts "NAME\n"
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def parse_env(items: Iterable[str], host_env: Mapping[str, str] | None = None) -
     values: dict[str, str] = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not ENV_NAME_RE.match(name):
+        if not ENV_NAME_RE.fullmatch(name):
             raise InvalidInputError(
                 f"--env {name!r}: invalid variable name",
                 hint="use NAME=VALUE with letters, digits and _, not starting with a digit",

@@ -102,7 +102,7 @@ def compile_plan(
     add(StepKind.BASE, BaseInputs(image.digest, image.platform).to_json(), _label(spec.image))
     for setup in spec.setup_steps:
         add(StepKind.SETUP, SetupInputs(setup.run).to_json(), _label(setup.run))
-    tree = _files.collect(spec.files)
+    tree = _files.collect(spec.files, root=spec.base_dir)
     add(
         StepKind.FILES,
         {"tree": tree.digest, "entries": [i.to_json() for i in tree.items]},

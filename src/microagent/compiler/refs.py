@@ -11,9 +11,12 @@ from microagent.digests import check_digest
 from microagent.errors import InvalidInputError
 
 DEFAULT_REGISTRY = "docker.io"
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_COMPONENT_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
-_HOST_RE = re.compile(r"^[A-Za-z0-9.-]+(?::[0-9]{1,5})?$|^\[[0-9a-fA-F:]+\](?::[0-9]{1,5})?$")
+# Whole-string patterns: always used with fullmatch (``$`` would accept a trailing newline).
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_HOST_RE = re.compile(r"[A-Za-z0-9.-]+(?::[0-9]{1,5})?|\[[0-9a-fA-F:]+\](?::[0-9]{1,5})?")
+# An image layout's org.opencontainers.image.ref.name component (the OCI spec's grammar).
+_LAYOUT_TAG_RE = re.compile(r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*")
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "x64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
 
@@ -113,24 +116,30 @@ def _invalid(text: str, why: str) -> InvalidInputError:
     )
 
 
+def _check_tag(text: str, tag: str | None, pattern: re.Pattern[str] = _TAG_RE) -> None:
+    if tag is not None and not pattern.fullmatch(tag):
+        raise _invalid(text, f"bad tag {tag!r}")
+
+
 def parse_image_ref(text: str) -> ImageRef:
     """Parse and normalise a registry reference (``python`` -> ``docker.io/library/python``)."""
-    rest, digest = _split_digest(text.strip())
+    if text != text.strip():
+        raise _invalid(text, "leading or trailing whitespace")
+    rest, digest = _split_digest(text)
     name, tag = _split_tag(rest)
     registry, repository = _split_registry(name)
     if registry in ("docker.io", "index.docker.io", "registry-1.docker.io"):
         registry = DEFAULT_REGISTRY
         if "/" not in repository:
             repository = f"library/{repository}"
-    if not _HOST_RE.match(registry):
+    if not _HOST_RE.fullmatch(registry):
         raise _invalid(text, f"bad registry host {registry!r}")
     for part in repository.split("/"):
-        if not _COMPONENT_RE.match(part):
+        if not _COMPONENT_RE.fullmatch(part):
             raise _invalid(
                 text, f"bad repository component {part!r} (lowercase letters, digits, . _ -)"
             )
-    if tag is not None and not _TAG_RE.match(tag):
-        raise _invalid(text, f"bad tag {tag!r}")
+    _check_tag(text, tag)
     if tag is None and digest is None:
         tag = "latest"
     return ImageRef(registry, repository, tag, digest)
@@ -145,7 +154,13 @@ def parse_layout_ref(text: str, base: Path) -> LayoutRef:
         path_text, tag = body[:colon], body[colon + 1 :]
     if not path_text:
         raise _invalid(text, "missing layout path after 'oci:'")
-    path = Path(path_text).expanduser()
+    if "\x00" in path_text or "\n" in path_text:
+        raise _invalid(text, "the layout path contains a NUL or newline character")
+    _check_tag(text, tag or None, _LAYOUT_TAG_RE)
+    try:
+        path = Path(path_text).expanduser()
+    except RuntimeError as exc:  # ~user of a user that does not exist
+        raise _invalid(text, str(exc)) from exc
     return LayoutRef(path if path.is_absolute() else base / path, tag or None, digest)
 
 

@@ -2,12 +2,17 @@
 
 jsonschema's own messages ("... is not valid under any of the given schemas") are replaced
 by messages that name the field, point at the YAML position, and suggest the likely fix.
+
+A ``pattern`` is matched as JSON Schema means it (ECMA-262): ``$`` is the end of the string.
+jsonschema hands the pattern to Python's ``re.search``, whose ``$`` also matches before a final
+newline, so ``name: "agent\n"`` would pass ``^[A-Za-z0-9]...$``; see :func:`ecma_regex`.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from functools import cache
 from importlib import resources
@@ -19,6 +24,7 @@ from microagent.errors import Diagnostic
 if TYPE_CHECKING:
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import ValidationError
+    from jsonschema.protocols import Validator
 
 _TYPE_WORDS = {
     "string": "a string",
@@ -40,11 +46,48 @@ def load_schema() -> Mapping[str, Any]:
 
 
 @cache
-def _validator() -> Draft202012Validator:
-    # deferred: jsonschema costs ~60 ms to import; only commands that read a spec need it
-    from jsonschema import Draft202012Validator
+def ecma_regex(pattern: str) -> re.Pattern[str]:
+    """A schema ``pattern`` compiled with ECMA-262's meaning of ``$`` (the end of the string,
+    ``\\Z`` in Python) wherever it is an anchor: not escaped, not in a character class."""
+    out: list[str] = []
+    escaped = in_class = False
+    for char in pattern:
+        anchor = char == "$" and not (escaped or in_class)
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char in "[]":
+            in_class = char == "["
+        out.append(r"\Z" if anchor else char)
+    return re.compile("".join(out))
 
-    return Draft202012Validator(load_schema())
+
+def _pattern_keyword(
+    validator: Validator, pattern: str, instance: object, schema: Mapping[str, Any]
+) -> Iterator[ValidationError]:
+    """jsonschema's ``pattern`` keyword, matching with :func:`ecma_regex`."""
+    # deferred: jsonschema is imported only once a spec is validated (see _validator)
+    from jsonschema.exceptions import ValidationError
+
+    if isinstance(instance, str) and not ecma_regex(pattern).search(instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+@cache
+def _validator_class() -> type[Draft202012Validator]:
+    # deferred: jsonschema costs ~60 ms to import; only commands that read a spec need it
+    from jsonschema import Draft202012Validator, validators
+
+    extended: type[Draft202012Validator] = validators.extend(  # type: ignore[no-untyped-call]
+        Draft202012Validator, {"pattern": _pattern_keyword}
+    )
+    return extended
+
+
+@cache
+def _validator() -> Draft202012Validator:
+    return _validator_class()(load_schema())
 
 
 def _kind_of(value: object) -> str:
@@ -263,9 +306,7 @@ def _subschema(dotted: str) -> Mapping[str, Any]:
 def check_value(dotted: str, value: object) -> list[str]:
     """Problems of one field's value (``"network.mode"``), using the spec's own schema."""
     sub = dict(_subschema(dotted))
-    from jsonschema import Draft202012Validator  # deferred: see _validator
-
-    validator = Draft202012Validator(sub)
+    validator = _validator_class()(sub)
     translator = _Translator(Document(file="<flag>", value=value))
     messages: list[str] = []
     for error in validator.iter_errors(value):

@@ -36,7 +36,7 @@ RESERVED_NAMES = frozenset(
     }
 )
 RESERVED_DISK_NAMES = frozenset({"rootfs", "state", "config"})
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # fullmatch, never match/search
 
 
 @dataclass(frozen=True)

@@ -3,25 +3,41 @@
 The VMM exposes the guest's ``microagent.ctl`` virtio-serial port as a unix socket (the VMM is
 the server). Guest writes made before we connect are kept by the port, so connecting a little
 late loses nothing.
+
+Everything here comes from the guest and is bounded before the host acts on it: a control line
+(:data:`MAX_LINE`, nested at most :data:`MAX_EVENT_DEPTH` deep), the events a machine keeps
+(:class:`EventLog`), a serial line waiting for its newline (:data:`MAX_SERIAL_LINE`) and the
+serial log on disk (:func:`rotate_log`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import select
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from microagent.errors import InvalidInputError
+from microagent.fsutil import atomic_write, load_json_bounded
 
 # The contract with the guest init (kit/templates/init.sh.j2 renders the same values).
 PORT_NAME = "microagent.ctl"  # the virtio-serial port carrying JSON-lines events
 BEGIN_MARKER = "--- microagent: command started ---"  # serial console: command output follows
 END_MARKER = "--- microagent: command exited"  # serial console: command output ended
 PROBE_MARKER = "microagent-probe-ok"  # printed by ma_mode=probe boots (the KVM probe)
-MAX_LINE = 16 << 20
+MAX_LINE = 16 << 20  # one control-channel line (an event with output tails and outputs)
+MAX_EVENT_DEPTH = 16  # events nest three levels (outputs.NAME.content); leave room, no more
+MAX_OUTPUT_DEPTH = 64  # a declared output parsed as JSON on the host (the agent's WorkResult)
+MAX_EVENTS = 256  # events a machine keeps (the first ones: booted, started); later are counted
+MAX_SERIAL_LINE = 64 << 10  # a console line longer than this is passed on in pieces
+SERIAL_READ = 1 << 20  # the serial log is read in pieces of this size
+SERIAL_LOG_MAX = 8 << 20  # serial.log beyond this moves to serial.log.1 and starts again
+TAIL_BYTES = 64 << 10  # how much of a log tail_text looks at
 
 
 class ControlChannel:
@@ -31,6 +47,7 @@ class ControlChannel:
         self.path = path
         self._sock: socket.socket | None = None
         self._buf = b""
+        self._skipping = False  # inside a line longer than MAX_LINE: drop it up to its newline
         self.closed = False
 
     @property
@@ -77,9 +94,13 @@ class ControlChannel:
         if not chunk:
             self.closed = True
             return
+        if self._skipping:
+            _, newline, chunk = chunk.partition(b"\n")
+            self._skipping = not newline
         self._buf += chunk
         if len(self._buf) > MAX_LINE and b"\n" not in self._buf:
-            self._buf = b""  # a runaway line: drop it rather than grow without bound
+            self._buf = b""  # a runaway line: dropped whole, its tail is not read as a line
+            self._skipping = True
 
     def _take_lines(self) -> list[dict[str, Any]]:
         events = []
@@ -123,22 +144,57 @@ class ControlChannel:
 
 
 def parse_event(line: bytes) -> dict[str, Any] | None:
-    """A guest event from one line (invalid UTF-8 replaced); None for anything not an object."""
+    """A guest event from one line (invalid UTF-8 replaced); None for anything not an event
+    object, and for a line longer than MAX_LINE or nested deeper than MAX_EVENT_DEPTH."""
     text = line.decode("utf-8", "replace").strip()
     if not text:
         return None
     try:
-        value = json.loads(text)
-    except ValueError:
+        value = load_json_bounded(text, max_bytes=MAX_LINE, max_depth=MAX_EVENT_DEPTH)
+    except InvalidInputError:
         return None
     return value if isinstance(value, dict) and "event" in value else None
+
+
+def parse_output(content: str) -> Any:
+    """A declared output's content as JSON, bounded like everything else from the guest
+    (MAX_LINE, MAX_OUTPUT_DEPTH); InvalidInputError says what is wrong with it."""
+    return load_json_bounded(content, max_bytes=MAX_LINE, max_depth=MAX_OUTPUT_DEPTH)
+
+
+class EventLog:
+    """The events of one boot, in order, at most ``limit`` of them: the first ones are kept
+    (``booted`` and ``started`` are what readers look for), later ones are only counted, so a
+    guest flooding the control channel cannot grow the host's memory."""
+
+    def __init__(self, limit: int = MAX_EVENTS) -> None:
+        self.limit = limit
+        self._events: list[dict[str, Any]] = []
+        self.dropped = 0
+
+    def add(self, event: dict[str, Any]) -> bool:
+        """Keep ``event`` if there is room; False when it was only counted."""
+        if len(self._events) >= self.limit:
+            self.dropped += 1
+            return False
+        self._events.append(event)
+        return True
+
+    def snapshot(self) -> Sequence[Mapping[str, Any]]:
+        return tuple(self._events)
+
+    def __len__(self) -> int:
+        return len(self._events)
 
 
 class SerialStream:
     """Follows the serial log and passes on what the guest command printed.
 
     Output between the init's begin and end markers is forwarded line by line (CR dropped),
-    so boot and shutdown messages stay in the log only.
+    so boot and shutdown messages stay in the log only. The log is read in pieces; a line
+    without a newline is held back up to MAX_SERIAL_LINE bytes, then passed on as it is (boot
+    messages that long are dropped); a log that shrank (see :func:`rotate_log`) is read again
+    from its start.
     """
 
     def __init__(self, path: Path, sink: Callable[[bytes], None]) -> None:
@@ -152,15 +208,24 @@ class SerialStream:
         """Forward whatever the log gained since the last call."""
         try:
             with self.path.open("rb") as fh:
+                if os.fstat(fh.fileno()).st_size < self._offset:
+                    self._offset = 0  # rotated: what was written before the cut is gone
                 fh.seek(self._offset)
-                data = fh.read()
+                while self._state != "done" and (data := fh.read(SERIAL_READ)):
+                    self._offset += len(data)
+                    self._feed(data)
         except FileNotFoundError:
             return
-        self._offset += len(data)
+
+    def _feed(self, data: bytes) -> None:
         self._pending += data
         while b"\n" in self._pending and self._state != "done":
             line, _, self._pending = self._pending.partition(b"\n")
             self._line(line.rstrip(b"\r"))
+        if len(self._pending) > MAX_SERIAL_LINE:
+            piece, self._pending = self._pending, b""
+            if self._state == "command":
+                self.sink(piece)
 
     def _line(self, line: bytes) -> None:
         if self._state == "boot":
@@ -177,10 +242,34 @@ class SerialStream:
 
 
 def tail_text(path: Path, lines: int = 20) -> str:
-    """The last ``lines`` lines of a log file ('' when missing)."""
+    """The last ``lines`` lines of a log file ('' when missing); reads its last TAIL_BYTES."""
     try:
-        data = path.read_bytes()[-64 * 1024 :]
+        with path.open("rb") as fh:
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - TAIL_BYTES))
+            data = fh.read(TAIL_BYTES)
     except OSError:
         return ""
     text = data.decode("utf-8", "replace").replace("\r", "")
     return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def rotate_log(path: Path, limit: int = SERIAL_LOG_MAX) -> bool:
+    """Keep a log the VMM appends to under ``limit`` bytes; True when it was cut.
+
+    Once ``path`` is larger, its last ``limit`` bytes replace ``<name>.1`` and ``path`` is
+    truncated, so the two never hold much more than twice ``limit``. The writer must have
+    opened it with ``O_APPEND`` (QEMU's ``append=on``): its next write then lands at the new
+    end instead of leaving a hole. What it writes between the copy and the cut is lost; the
+    log is a mirror of the console, and the guest keeps its command's output itself.
+    """
+    try:
+        if path.stat().st_size <= limit:  # the common case: one stat
+            return False
+        with path.open("rb") as fh:
+            fh.seek(-limit, os.SEEK_END)
+            tail = fh.read(limit)
+    except FileNotFoundError:
+        return False
+    atomic_write(path.with_name(path.name + ".1"), tail, mode=0o600)
+    os.truncate(path, 0)
+    return True
