@@ -156,6 +156,37 @@ class StartReport:
 
 
 @dataclass(frozen=True)
+class WaitReport:
+    workspace: str
+    state: str
+    timed_out: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        """0 stopped, halted (or never started), 1 failed, 124 still live at the timeout."""
+        if self.timed_out:
+            return 124
+        return 1 if self.state == "failed" else 0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ok": self.exit_code == 0, "workspace": self.workspace}
+        out["state"] = self.state
+        if self.timed_out:
+            out["timedOut"] = True
+        return out
+
+
+@dataclass(frozen=True)
+class KillReport:
+    workspace: str
+    state: str
+    killed: bool  # False: nothing of the workspace was running
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": True, "workspace": self.workspace, "state": self.state, "killed": self.killed}
+
+
+@dataclass(frozen=True)
 class CopyReport:
     workspace: str
     direction: str  # "to-workspace" | "from-workspace"
@@ -404,6 +435,31 @@ class Microagent:
         from microagent.workspace import lifecycle
 
         return lifecycle.halt(self.workspace(name), timeout=timeout)
+
+    def kill(self, name: str) -> KillReport:
+        """Stop a workspace now (SIGKILL, no guest shutdown); its disk is checked next start."""
+        # deferred: see the module docstring
+        from microagent.workspace import lifecycle
+
+        ws = self.workspace(name)
+        killed = lifecycle.kill(ws)
+        return KillReport(name, lifecycle.reconcile(ws).value, killed)
+
+    def wait(self, name: str, *, timeout: float | None = None) -> WaitReport:
+        """Block until a workspace is stopped, halted or failed (or ``timeout`` passes)."""
+        # deferred: see the module docstring
+        from microagent.workspace import lifecycle
+
+        state, done = lifecycle.wait_until(self.workspace(name), timeout)
+        return WaitReport(name, state.value, timed_out=not done)
+
+    def ps(self) -> list[dict[str, Any]]:
+        """The live workspaces (starting, running, stopping), dead supervisors reconciled."""
+        # deferred: see the module docstring
+        from microagent.workspace import lifecycle
+
+        rows = (lifecycle.live_row(ws) for ws in self.workspaces)
+        return [row for row in rows if row is not None]
 
     def delete(self, names: Sequence[str], *, force: bool = False) -> list[dict[str, Any]]:
         """Remove workspaces (idempotent): one ``{workspace, deleted}`` per name."""

@@ -54,6 +54,7 @@ DEBIAN_KEYRING_ENV = "MICROAGENT_DEBIAN_KEYRING"
 RAM_STAGE_ENV = "MICROAGENT_RAM_STAGE"
 CACHE_ROOTFS_ENV = "MICROAGENT_CACHE_ROOTFS"
 FAKE_ENV = "MICROAGENT_FAKE"
+RESTART_BACKOFF_ENV = "MICROAGENT_RESTART_BACKOFF"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 MAX_CONFIG_BYTES = 1 << 20
 _OFF = ("0", "no", "false", "off")
@@ -82,6 +83,7 @@ class Settings:
     ram_stage: bool = True  # flatten layers in /dev/shm when there is room
     cache_rootfs: bool = True  # publish and use packed rootfs images in remote caches
     fake_outcome: str | None = None  # tests: what the fake backend's guest does (JSON)
+    restart_backoff: float = 1.0  # seconds before the first automatic restart (doubling)
 
     @property
     def store_dir(self) -> Path:
@@ -137,6 +139,7 @@ class Settings:
             ram_stage=_flag(env.get(RAM_STAGE_ENV)),
             cache_rootfs=_flag(env.get(CACHE_ROOTFS_ENV)),
             fake_outcome=env.get(FAKE_ENV) or None,
+            restart_backoff=_seconds(RESTART_BACKOFF_ENV, env.get(RESTART_BACKOFF_ENV), 1.0),
         )
 
 
@@ -166,6 +169,21 @@ def config_path(environ: Mapping[str, str] | None = None) -> Path:
 
 def _path(value: str | None) -> Path | None:
     return Path(value).expanduser() if value else None
+
+
+def _seconds(name: str, value: str | None, default: float) -> float:
+    """A positive number of seconds, at most an hour (``default`` when unset)."""
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= 3600:
+        raise InvalidInputError(
+            f"{name}={value!r}: not a number of seconds", hint="e.g. 1 or 0.5 (at most 3600)"
+        )
+    return seconds
 
 
 def _flag(value: str | None) -> bool:

@@ -1,4 +1,5 @@
-"""Workspace commands: create, start, status, result, halt, delete, list, logs, events, cp.
+"""Workspace commands: create, start, status, result, halt/stop, kill, wait, delete, list, ps,
+logs, events, cp.
 
 What the guest wrote is shown inert: ``status``, ``result`` and ``events`` text goes through
 ``sanitize_for_terminal`` always (``--json`` is the exact form); ``logs`` passes the console's
@@ -91,6 +92,8 @@ def status(ctx: Ctx, /, name: str) -> None:
     data = ctx.api().status(name)
     event = data["event"]
     text = f"{name}: {event['state']}" + (f" ({event['detail']})" if event["detail"] else "")
+    if data.get("restarts"):
+        text += f"\nrestarts: {data['restarts']} (policy {data['restartPolicy']})"
     if data["result"] is not None:
         text += f"\nresult: exit code {data['result'].get('exitCode')}"
     ctx.emit(data, sanitize_for_terminal(text))
@@ -119,14 +122,48 @@ def _result_text(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _halt_command(verb: str, about: str) -> click.Command:
+    @click.command(verb, help=about)
+    @click.argument("name")
+    @click.option("--timeout", type=float, default=30.0, show_default=True)
+    @pass_ctx
+    def command(ctx: Ctx, /, name: str, timeout: float) -> None:
+        state = ctx.api().halt(name, timeout=timeout)
+        ctx.emit({"ok": True, "workspace": name, "state": state.value}, f"{name}: {state.value}")
+
+    return command
+
+
+halt = _halt_command("halt", "Shut the VM down cleanly (the disk is kept).")
+stop = _halt_command("stop", "Alias of halt: shut the VM down cleanly (the disk is kept).")
+
+
 @click.command()
 @click.argument("name")
-@click.option("--timeout", type=float, default=30.0, show_default=True)
 @pass_ctx
-def halt(ctx: Ctx, /, name: str, timeout: float) -> None:
-    """Shut the VM down cleanly (the disk is kept)."""
-    state = ctx.api().halt(name, timeout=timeout)
-    ctx.emit({"ok": True, "workspace": name, "state": state.value}, f"{name}: {state.value}")
+def kill(ctx: Ctx, /, name: str) -> None:
+    """Stop the VM now (SIGKILL, no clean shutdown); the next start checks the disk."""
+    report = ctx.api().kill(name)
+    if report.killed:
+        text = f"{name}: killed ({report.state})"
+    else:
+        text = f"{name}: nothing to kill (already {report.state})"
+    ctx.emit(report.to_json(), text)
+
+
+@click.command()
+@click.argument("name")
+@click.option("--timeout", type=float, help="Give up after this many seconds (exit code 124).")
+@pass_ctx
+def wait(ctx: Ctx, /, name: str, timeout: float | None) -> None:
+    """Block until the workspace is stopped or halted (exit 0) or failed (exit 1)."""
+    report = ctx.api().wait(name, timeout=timeout)
+    text = f"{name}: {report.state}"
+    if report.timed_out:
+        text = f"{name}: still {report.state} after {timeout:g}s"
+    ctx.emit(report.to_json(), text)
+    if report.exit_code:
+        raise click.exceptions.Exit(report.exit_code)
 
 
 @click.command()
@@ -150,6 +187,26 @@ def list_(ctx: Ctx, /) -> None:
     rows = ctx.api().list_workspaces()
     lines = [f"{'NAME':<28}{'STATE':<10}OBSERVED"]
     lines += [f"{r['name']:<28}{r['state']:<10}{r['observedAt'] or ''}" for r in rows]
+    ctx.emit({"ok": True, "workspaces": rows}, "\n".join(lines))
+
+
+def _uptime(seconds: int | None) -> str:
+    if seconds is None:
+        return "-"
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+@click.command()
+@pass_ctx
+def ps(ctx: Ctx, /) -> None:
+    """Live workspaces (starting, running, stopping): VMM pid, uptime, restarts."""
+    rows = ctx.api().ps()
+    lines = [f"{'NAME':<28}{'STATE':<10}{'PID':<9}{'UPTIME':<9}RESTARTS"]
+    for r in rows:
+        pid = r["pid"] if r["pid"] is not None else "-"
+        uptime = _uptime(r["uptimeSeconds"])
+        lines.append(f"{r['name']:<28}{r['state']:<10}{pid!s:<9}{uptime:<9}{r['restarts']}")
     ctx.emit({"ok": True, "workspaces": rows}, "\n".join(lines))
 
 
@@ -185,4 +242,19 @@ def cp(ctx: Ctx, /, source: str, target: str) -> None:
     ctx.emit(report.to_json(), text)
 
 
-COMMANDS = [create, start, status, result, halt, delete, list_, logs, events, cp]
+COMMANDS = [
+    create,
+    start,
+    status,
+    result,
+    halt,
+    stop,
+    kill,
+    wait,
+    delete,
+    list_,
+    ps,
+    logs,
+    events,
+    cp,
+]

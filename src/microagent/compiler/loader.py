@@ -32,7 +32,7 @@ from microagent.compiler.spec import (
     Output,
     Profile,
     Resources,
-    RestartPolicy,
+    Restart,
     SetupStep,
     Spec,
 )
@@ -277,7 +277,7 @@ def build_spec(doc: Document, source: Path) -> Spec:
         name=b.name(raw.get("name")),
         image=b.image(raw.get("image", Spec.image)),
         profile=Profile(raw.get("profile", "small")),
-        restart=RestartPolicy(raw.get("restart", "never")),
+        restart=Restart.parse(raw.get("restart", "never")),
         entrypoint=_entrypoint(raw.get("entrypoint")),
         workdir=raw.get("workdir"),
         shell=raw.get("shell", Spec.shell),

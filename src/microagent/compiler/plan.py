@@ -65,7 +65,7 @@ def _config_inputs(spec: Spec, runtime_env_keys: Iterable[str]) -> dict[str, Any
         "runtimeEnvKeys": sorted(set(runtime_env_keys)),
         "outputs": [{"name": o.name, "path": o.path} for o in spec.outputs],
         "resources": spec.effective_resources().to_json(),
-        "restart": spec.restart.value,
+        "restart": spec.restart.text,
         "network": {
             "mode": net.mode.value,
             "forwards": [

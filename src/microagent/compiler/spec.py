@@ -70,9 +70,56 @@ _PROFILE_SIZES: Mapping[Profile, ProfileSize] = {
 
 
 class RestartPolicy(Enum):
-    NEVER = "never"
+    NEVER = "never"  # also spelled `no`
     ON_FAILURE = "on-failure"
     ALWAYS = "always"
+
+    def restarts_after(self, *, failed: bool) -> bool:
+        """Whether a run that ended this way (``failed``: non-zero exit or no boot) is
+        followed by another boot."""
+        return self is RestartPolicy.ALWAYS or (failed and self is RestartPolicy.ON_FAILURE)
+
+
+DEFAULT_MAX_RESTARTS = 5  # plain `on-failure`
+_ON_FAILURE_COUNT = re.compile(r"[1-9][0-9]{0,2}")  # the schema's bound: 1 to 999
+
+
+@dataclass(frozen=True)
+class Restart:
+    """``restart``: what the supervisor does when the entrypoint exits and no halt was asked
+    for. ``max_restarts`` bounds the restarts of one ``start`` (None: no bound)."""
+
+    policy: RestartPolicy = RestartPolicy.NEVER
+    max_restarts: int | None = None
+
+    @classmethod
+    def parse(cls, value: object) -> Restart:
+        """``no``/``never`` (or ``false``: YAML's reading of an unquoted ``no``), ``always``,
+        ``on-failure`` (at most :data:`DEFAULT_MAX_RESTARTS`) or ``on-failure:N``.
+        ValueError for anything else."""
+        if value is False or value in ("no", "never"):
+            return cls()
+        if value == "always":
+            return cls(RestartPolicy.ALWAYS)
+        word, sep, count = str(value).partition(":")
+        if word == "on-failure" and not sep:
+            return cls(RestartPolicy.ON_FAILURE, DEFAULT_MAX_RESTARTS)
+        if word == "on-failure" and _ON_FAILURE_COUNT.fullmatch(count):
+            return cls(RestartPolicy.ON_FAILURE, int(count))
+        raise ValueError(f"invalid restart policy {value!r}")
+
+    @property
+    def text(self) -> str:
+        """The canonical spelling: ``never``, ``always`` or ``on-failure:N``."""
+        if self.policy is RestartPolicy.ON_FAILURE:
+            return f"on-failure:{self.max_restarts}"
+        return str(self.policy.value)
+
+    def allows(self, *, failed: bool, restarts: int) -> bool:
+        """Whether a run that ended this way, after ``restarts`` restarts, boots again."""
+        if not self.policy.restarts_after(failed=failed):
+            return False
+        return self.max_restarts is None or restarts < self.max_restarts
 
 
 class NetworkMode(Enum):
@@ -181,7 +228,7 @@ class Spec:
     name: str | None = None
     image: str = DEFAULT_IMAGE
     profile: Profile = Profile.SMALL
-    restart: RestartPolicy = RestartPolicy.NEVER
+    restart: Restart = Restart()
     entrypoint: str | tuple[str, ...] | None = None
     workdir: str | None = None
     shell: str = DEFAULT_SHELL

@@ -38,6 +38,8 @@ def _type_of(node: Mapping[str, Any], root: Mapping[str, Any]) -> str:
     node = _resolve(node, root)
     if "enum" in node:
         return " | ".join(f"`{v}`" for v in node["enum"])
+    if "const" in node:
+        return f"`{json.dumps(node['const'])}`"
     if "oneOf" in node:
         return " or ".join(_type_of(branch, root) for branch in node["oneOf"])
     kind = node.get("type", "any")

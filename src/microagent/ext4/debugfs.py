@@ -315,6 +315,21 @@ def replay_journal(image: Path, *, force: bool = False) -> None:
         )
 
 
+def repair_image(image: Path, what: str = "disk image") -> int:
+    """A full check that accepts every fix (``e2fsck -fy``), for an image a VM may have left
+    mid-write (its VMM was killed). Returns e2fsck's exit code: 0 clean, 1 or 2 repaired;
+    4 and up (errors left, or e2fsck failed) raise with its findings."""
+    done = run(["e2fsck", "-fy", str(image)], check=False, timeout=FSCK_TIMEOUT)
+    if done.returncode >= 4:
+        found = "\n".join(_fsck_problems(done.stdout + "\n" + done.stderr))
+        raise IntegrityError(
+            f"{what} {image} has errors e2fsck -fy could not repair "
+            f"(exit code {done.returncode}):\n{found}",
+            hint="copy out what is still readable (`microagent cp`), then recreate the workspace",
+        )
+    return done.returncode
+
+
 def check_image(image: Path, what: str = "disk image") -> None:
     """Refuse ``image`` unless a read-only full check (``e2fsck -fn``) finds nothing wrong.
 

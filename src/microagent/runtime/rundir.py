@@ -4,7 +4,8 @@
 
     boot.json        what the supervisor boots (written by ``start``, mode 0600)
     runtime.json     the current state and facts about the run (the supervisor's pid, the
-                     VMM's identity ``vmm: {pid, startTime}``, readiness times)
+                     VMM's identity ``vmm: {pid, startTime}``, readiness times, ``startedAt``
+                     of the ``start``, ``restarts`` since then, ``stateDiskDirty`` after a kill)
     events.jsonl     every transition and event, appended
     result.json      the guest's report once its command ended
     config.tar       the per-boot config disk (mode 0600: it carries the environment); removed
@@ -22,11 +23,12 @@ import json
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from microagent.compiler.spec import Restart
 from microagent.fsutil import read_json, write_json_atomic
 from microagent.runner import ProcessIdentity
 from microagent.runtime.backend import (
@@ -70,12 +72,16 @@ class BootDocument:
     backend: str
     probes_dir: Path | None = None  # host probes cached across boots (KVM, TSC)
     fake_outcome: str | None = None  # the fake backend's guest (tests)
+    restart: Restart = field(default_factory=Restart)  # boots again after the entrypoint exits?
+    restart_backoff: float = 1.0  # seconds before the first restart (then doubling)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "backend": self.backend,
             "probesDir": str(self.probes_dir) if self.probes_dir else None,
             "fakeOutcome": self.fake_outcome,
+            "restart": self.restart.text,
+            "restartBackoff": self.restart_backoff,
             **_config_to_json(self.config),
         }
 
@@ -87,6 +93,8 @@ class BootDocument:
             str(data["backend"]),
             Path(probes) if probes else None,
             data.get("fakeOutcome"),
+            Restart.parse(data.get("restart", "never")),
+            float(data.get("restartBackoff", 1.0)),
         )
 
 

@@ -9,6 +9,12 @@ can make sure no VMM outlives its owner), moves the state machine (starting -> r
 stopped | halted | failed), writes ``result.json`` from the guest's report, turns SIGTERM into
 a graceful guest shutdown, and removes the config disk (it carries the environment) once the
 VMM is gone. Everything it needs is in ``boot.json``; it reads no environment variables.
+
+The restart policy (``restart`` in boot.json) is applied here: when a boot ends and no halt
+was asked for, the policy may boot the VM again after a back-off (:class:`Backoff`), in state
+``starting``; each restart is an event (``restart``) and counted in runtime.json
+(``restarts``). The config disk is kept in this process's memory meanwhile and written back
+(mode 0600) for the next boot only. A halt during the back-off ends it: ``halted``.
 """
 
 from __future__ import annotations
@@ -17,17 +23,59 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from microagent import runner
+from microagent.compiler.spec import RestartPolicy
 from microagent.errors import MicroagentError
-from microagent.fsutil import write_json_atomic
-from microagent.runtime.backend import GuestResult, Machine
+from microagent.fsutil import atomic_write, write_json_atomic
+from microagent.runtime.backend import Backend, BootConfig, GuestResult, Machine
 from microagent.runtime.backends import get_backend
-from microagent.runtime.rundir import RunDir, State, now
+from microagent.runtime.rundir import BootDocument, RunDir, State, now
 
 SHUTDOWN_GRACE = 15.0
 EVENT_POLL = 0.5
+BACKOFF_CAP = 30.0  # seconds: the longest wait before a restart
+STABLE_RUN = 60.0  # seconds: a run at least this long starts the back-off over
+
+
+class Backoff:
+    """Waits before restarts: ``first``, doubling up to :data:`BACKOFF_CAP`; after a run of
+    :data:`STABLE_RUN` seconds or more it starts over at ``first``."""
+
+    def __init__(self, first: float) -> None:
+        self.first = first
+        self._next = first
+
+    def after(self, ran: float) -> float:
+        """The wait before the next boot, after a run of ``ran`` seconds."""
+        if ran >= STABLE_RUN:
+            self._next = self.first
+        delay = self._next
+        self._next = min(self._next * 2, max(BACKOFF_CAP, self.first))
+        return delay
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How one boot ended: the guest's report, or why there is none."""
+
+    result: GuestResult | None
+    error: str = ""
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self.result is None or self.result.exit_code != 0
+
+    @property
+    def reason(self) -> str:
+        if self.result is None:
+            return self.error
+        if self.result.exit_code == 0:
+            return "entrypoint exited 0"
+        return self.result.error or f"entrypoint exited with code {self.result.exit_code}"
 
 
 class _Watcher(threading.Thread):
@@ -62,25 +110,73 @@ class Supervisor:
             threading.Thread(target=machine.shutdown, args=(SHUTDOWN_GRACE,), daemon=True).start()
 
     def run(self) -> int:
+        """Boot, and boot again while the restart policy says so; return the exit code."""
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         boot = self.run_dir.read_boot()
-        config = boot.config
         backend = get_backend(
             boot.backend, probes_dir=boot.probes_dir, fake_outcome=boot.fake_outcome
         )
+        config_disk = self._keep_config_disk(boot)
+        backoff = Backoff(boot.restart_backoff)
+        restarts = 0
+        while True:
+            ended = self._boot_once(backend, boot.config)
+            if self.halt_requested.is_set():
+                return self._halted(ended)
+            if not boot.restart.allows(failed=ended.failed, restarts=restarts):
+                return self._finished(ended, restarts)
+            restarts += 1
+            if not self._back_off(ended, restarts, backoff.after(ended.seconds)):
+                return self._halted(ended, "during the restart back-off")
+            if config_disk is not None and not self._restore_config_disk(config_disk):
+                return self._finished(Ended(None, "cannot write the config disk again"), restarts)
+
+    def _keep_config_disk(self, boot: BootDocument) -> bytes | None:
+        """The config disk's bytes, for restarts (None when the policy never restarts)."""
+        if boot.restart.policy is RestartPolicy.NEVER:
+            return None
+        try:
+            return self.run_dir.config_disk.read_bytes()
+        except OSError:
+            return None  # the boot reports the missing disk
+
+    def _restore_config_disk(self, data: bytes) -> bool:
+        try:
+            atomic_write(self.run_dir.config_disk, data, mode=0o600)
+        except OSError as exc:
+            self.run_dir.event("restart-failed", f"config disk: {exc.strerror or exc}")
+            return False
+        return True
+
+    def _boot_once(self, backend: Backend, config: BootConfig) -> Ended:
+        """One boot, until the VMM is gone; the guest's report goes to result.json."""
+        began = time.monotonic()
         try:
             with backend.boot(config) as machine:
                 self.machine = machine
+                if self.halt_requested.is_set():  # asked before there was a machine to stop
+                    self._on_term(signal.SIGTERM, None)
                 self._started(machine)
                 result = self._wait(machine)
         except MicroagentError as exc:
-            return self._failed(exc.message)
+            return Ended(None, exc.message, time.monotonic() - began)
         except Exception as exc:  # the supervisor must always leave a final state
-            return self._failed(f"supervisor error: {exc!r}")
+            return Ended(None, f"supervisor error: {exc!r}", time.monotonic() - began)
         finally:  # the VMM is gone: the environment it was given leaves the disk too
+            self.machine = None
             self.run_dir.config_disk.unlink(missing_ok=True)
-        return self._finished(result)
+        write_json_atomic(self.run_dir.result_path, {"observedAt": now(), **result.to_json()})
+        return Ended(result, "", time.monotonic() - began)
+
+    def _back_off(self, ended: Ended, attempt: int, delay: float) -> bool:
+        """Record restart ``attempt`` and wait ``delay``; False when a halt came meanwhile."""
+        why = ended.reason
+        self.run_dir.event("restart", why, attempt=attempt, reason=why, delaySeconds=delay)
+        self.run_dir.set_state(
+            State.STARTING, f"restart {attempt} in {delay:g}s ({why})", restarts=attempt
+        )
+        return not self.halt_requested.wait(delay)
 
     def _started(self, machine: Machine) -> None:
         pid = machine.pid
@@ -101,24 +197,22 @@ class Supervisor:
             watcher.stop.set()
             watcher.join(timeout=5)
 
-    def _finished(self, result: GuestResult) -> int:
-        data = {"observedAt": now(), **result.to_json()}
-        write_json_atomic(self.run_dir.result_path, data)
-        if self.halt_requested.is_set():
-            self.run_dir.set_state(State.HALTED, "halted on request", exitCode=result.exit_code)
-            return 0
-        if result.exit_code == 0:
-            self.run_dir.set_state(State.STOPPED, "entrypoint exited 0", exitCode=0)
-            return 0
-        why = result.error or f"entrypoint exited with code {result.exit_code}"
-        self.run_dir.set_state(State.FAILED, why, exitCode=result.exit_code)
-        return 1
+    def _halted(self, ended: Ended, when: str = "") -> int:
+        detail = "halted on request" + (f" {when}" if when else "")
+        if ended.result is not None:
+            self.run_dir.set_state(State.HALTED, detail, exitCode=ended.result.exit_code)
+        else:
+            self.run_dir.set_state(State.HALTED, f"{detail} ({ended.error})")
+        return 0
 
-    def _failed(self, message: str) -> int:
-        if self.halt_requested.is_set():
-            self.run_dir.set_state(State.HALTED, f"halted on request ({message})")
+    def _finished(self, ended: Ended, restarts: int) -> int:
+        """The final state once the policy boots no more: stopped, or failed."""
+        code = {"exitCode": ended.result.exit_code} if ended.result is not None else {}
+        if not ended.failed:
+            self.run_dir.set_state(State.STOPPED, ended.reason, **code)
             return 0
-        self.run_dir.set_state(State.FAILED, message)
+        gave_up = f" (after {restarts} restarts)" if restarts else ""
+        self.run_dir.set_state(State.FAILED, ended.reason + gave_up, **code)
         return 1
 
 

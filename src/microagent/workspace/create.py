@@ -112,7 +112,7 @@ def _record(
         cpus=res.cpu_count,
         state_size_mib=res.size_mib,
         network=spec.network.mode.value,
-        restart=spec.restart.value,
+        restart=spec.restart.text,
         files=files,
         spec=str(spec.source),
         files_key=plan.of_kind(StepKind.FILES)[0].key,

@@ -1,4 +1,4 @@
-"""Workspace lifecycle verbs: start, wait, status, result, halt, delete.
+"""Workspace lifecycle verbs: start, wait, status, result, halt, kill, delete, ps.
 
 Everything here works from workspace records and the store; the VM itself is owned by the
 detached supervisor (see :mod:`microagent.runtime.supervisor`), which records the state
@@ -6,10 +6,15 @@ machine in the workspace's run directory, and the VMM's identity. The VMM gets S
 supervisor dies (parent-death signal); on top of that, killing a supervisor here kills its
 recorded VMM too, and nothing touches the disks (``start``, ``cp``) while a VMM of the
 workspace still runs, whatever the recorded state says.
+
+A VMM that was killed (``kill``, a halt that had to escalate, a supervisor that died) may
+have left the state disk mid-write: runtime.json then says ``stateDiskDirty`` (why), and the
+next ``start`` or ``cp`` first runs a repairing ``e2fsck -fy`` on it (event ``fsck``).
 """
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import os
 import shutil
@@ -22,13 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from microagent import runner
+from microagent.compiler.spec import Restart
 from microagent.errors import ConflictError, InvalidInputError, NotFoundError, VMError
-from microagent.fsutil import read_json
+from microagent.ext4.debugfs import repair_image
+from microagent.fsutil import flocked, read_json
 from microagent.runtime.backend import Accel, Forward, NetworkConfig
 from microagent.runtime.boot import BootFiles, RunRequest, prepare, vm_dir_for
 from microagent.runtime.configdisk import GuestFile, NetworkMode, Output
 from microagent.runtime.control import parse_output
-from microagent.runtime.rundir import BootDocument, State
+from microagent.runtime.rundir import BootDocument, State, now
 from microagent.settings import Settings
 from microagent.store.content import Store
 from microagent.workspace.records import Record, Workspace
@@ -62,7 +69,8 @@ def reconcile(ws: Workspace) -> State:
     if state is State.STARTING and pid is None:
         return state  # the launcher records the pid right after spawning
     if state.live and not runner.pid_alive(pid):
-        run.set_state(State.FAILED, "the supervisor process died unexpectedly")
+        detail = "the supervisor process died unexpectedly"
+        run.set_state(State.FAILED, detail, stateDiskDirty="its supervisor died")
         run.config_disk.unlink(missing_ok=True)  # its environment outlives no boot
         return State.FAILED
     return state
@@ -96,6 +104,30 @@ def _kill(ws: Workspace, supervisor: object) -> None:
         _signal_group(supervisor, signal.SIGKILL)
     _kill_vmm(ws)
     ws.run.config_disk.unlink(missing_ok=True)
+
+
+def _await_dead(pid: object, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while runner.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+# -- the state disk after a kill ---------------------------------------------------------------
+
+
+def repair_state_disk(ws: Workspace) -> int | None:
+    """Run a repairing ``e2fsck -fy`` on a state disk marked as possibly dirty (a killed VMM)
+    and clear the mark; e2fsck's exit code (0 clean, 1-2 repaired), None when not marked.
+    IntegrityError (the mark kept) when it cannot be repaired."""
+    why = ws.run.runtime().get("stateDiskDirty")
+    if not why or not ws.state_disk.is_file():
+        return None
+    with flocked(ws.state_disk):  # the lock `cp` holds on the image
+        code = repair_image(ws.state_disk, "workspace state disk")
+    outcome = "clean" if code == 0 else "repaired"
+    ws.run.event("fsck", f"state disk checked after {why}: {outcome}", exitCode=code)
+    ws.run.update(stateDiskDirty=None)
+    return code
 
 
 # -- start -------------------------------------------------------------------------------------
@@ -134,6 +166,15 @@ def run_request(rt: Runtime, ws: Workspace, record: Record) -> RunRequest:
     )
 
 
+def _restart_policy(ws: Workspace, record: Record) -> Restart:
+    try:
+        return Restart.parse(record.restart)
+    except ValueError as exc:
+        raise InvalidInputError(
+            f"workspace {ws.name!r}: {exc}", hint="create the workspace again"
+        ) from exc
+
+
 def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict[str, Any]:
     """Boot the workspace in a detached supervisor; return once it is running (or failed)."""
     state = reconcile(ws)
@@ -149,15 +190,24 @@ def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict
             f"the root filesystem of {ws.name!r} is gone from the cache",
             hint="create the workspace again (a `cache prune` removed it)",
         )
+    restart = _restart_policy(ws, record)
+    repair_state_disk(ws)
     run = ws.run
     run.result_path.unlink(missing_ok=True)
     run.path.mkdir(parents=True, exist_ok=True)
     vm_dir = vm_dir_for(run.path, ws.name)
     boot = prepare(run_request(rt, ws, record), rt.kit(), vm_dir, work_dir=run.path)
     settings = rt.settings
-    run.write_boot(BootDocument(boot, settings.backend, settings.probes_dir, settings.fake_outcome))
+    backend, probes, fake = settings.backend, settings.probes_dir, settings.fake_outcome
+    run.write_boot(BootDocument(boot, backend, probes, fake, restart, settings.restart_backoff))
     run.set_state(
-        State.STARTING, "starting the VM", supervisorPid=None, vmm=None, vmDir=str(vm_dir)
+        State.STARTING,
+        "starting the VM",
+        supervisorPid=None,
+        vmm=None,
+        vmDir=str(vm_dir),
+        startedAt=now(),
+        restarts=0,
     )
     proc = runner.spawn(
         supervisor_argv(run.path),
@@ -196,8 +246,9 @@ def _await_running(ws: Workspace, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = reconcile(ws)
-        if state is State.RUNNING or state.terminal:
-            return ws.run.runtime()
+        runtime = ws.run.runtime()
+        if state is State.RUNNING or state.terminal or runtime.get("restarts"):
+            return runtime  # a restart's back-off: it ran, and is about to run again
         time.sleep(POLL)
     raise VMError(
         f"workspace {ws.name!r} did not start within {timeout:.0f}s",
@@ -205,16 +256,25 @@ def _await_running(ws: Workspace, timeout: float) -> dict[str, Any]:
     )
 
 
-def wait(ws: Workspace, timeout: float | None = None) -> State:
-    """Block until the workspace reaches a terminal state."""
+def wait_until(ws: Workspace, timeout: float | None = None) -> tuple[State, bool]:
+    """Block until the workspace is stopped, halted, failed (or was never started); return
+    that state and True, or its state and False once ``timeout`` seconds passed."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         state = reconcile(ws)
         if state.terminal or state is State.PREPARED:
-            return state
+            return state, True
         if deadline is not None and time.monotonic() > deadline:
-            raise VMError(f"workspace {ws.name!r} is still {state.value} after {timeout:.0f}s")
+            return state, False
         time.sleep(POLL)
+
+
+def wait(ws: Workspace, timeout: float | None = None) -> State:
+    """Block until the workspace reaches a terminal state; VMError after ``timeout``."""
+    state, done = wait_until(ws, timeout)
+    if not done:
+        raise VMError(f"workspace {ws.name!r} is still {state.value} after {timeout:.0f}s")
+    return state
 
 
 # -- halt / delete -----------------------------------------------------------------------------
@@ -234,6 +294,7 @@ def halt(ws: Workspace, *, timeout: float = HALT_TIMEOUT) -> State:
     if not state.live:
         if _kill_vmm(ws):
             ws.run.event("vmm-killed", "the VM of a dead supervisor was killed")
+            ws.run.update(stateDiskDirty="a kill of a VM its supervisor left")
         return state
     pid = ws.run.runtime().get("supervisorPid")
     ws.run.set_state(State.STOPPING, "halt requested")
@@ -243,8 +304,31 @@ def halt(ws: Workspace, *, timeout: float = HALT_TIMEOUT) -> State:
         return wait(ws, timeout)
     except VMError:
         _kill(ws, pid)
-        ws.run.set_state(State.HALTED, f"killed after {timeout:.0f}s without a clean shutdown")
+        detail = f"killed after {timeout:.0f}s without a clean shutdown"
+        ws.run.set_state(State.HALTED, detail, stateDiskDirty="a halt that had to kill the VM")
         return State.HALTED
+
+
+def kill(ws: Workspace) -> bool:
+    """Stop the workspace now: SIGKILL its supervisor and the VMM it recorded, no guest
+    shutdown. The state becomes ``stopped`` (detail ``killed``) and the state disk is marked
+    for a repairing check on the next start. False when nothing of it was running."""
+    state = reconcile(ws)
+    runtime = ws.run.runtime()
+    if not state.live:
+        if not _kill_vmm(ws):
+            return False
+        ws.run.event("killed", "the VM of a dead supervisor was killed", vmm=runtime.get("vmm"))
+        ws.run.update(stateDiskDirty="a kill")
+        return True
+    pid = runtime.get("supervisorPid")
+    _kill(ws, pid)
+    _await_dead(pid)
+    ws.run.event(
+        "killed", f"SIGKILL while {state.value}", supervisorPid=pid, vmm=runtime.get("vmm")
+    )
+    ws.run.set_state(State.STOPPED, "killed", stateDiskDirty="a kill")
+    return True
 
 
 def delete(ws: Workspace, *, force: bool = False) -> bool:
@@ -329,6 +413,8 @@ def status(ws: Workspace, backend: str) -> dict[str, Any]:
             "observedAt": runtime.get("observedAt"),
         },
         "readiness": _readiness(ws, state, runtime),
+        "restartPolicy": record.restart,
+        "restarts": int(runtime.get("restarts") or 0),
         "artifacts": {"outputs": [{"name": n, "path": p} for n, p in record.outputs]},
         "result": result_payload(ws),
         "error": {"message": runtime.get("detail", "")} if failed else None,
@@ -354,4 +440,38 @@ def ensure_offline(ws: Workspace, verb: str) -> Record:
             hint=f"`microagent halt {ws.name}` first",
         )
     _refuse_running_vmm(ws, verb)
+    repair_state_disk(ws)
     return ws.record()
+
+
+# -- ps ----------------------------------------------------------------------------------------
+
+
+def _seconds_since(stamp: object) -> int | None:
+    """Whole seconds since a ``now()`` timestamp (None when there is none)."""
+    if not isinstance(stamp, str):
+        return None
+    try:
+        then = calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return None
+    return max(0, int(time.time()) - then)
+
+
+def live_row(ws: Workspace) -> dict[str, Any] | None:
+    """The ``ps`` row of a live workspace (starting, running, stopping), after reconciling;
+    None for any other. ``pid`` is the VMM's while it runs (None between boots)."""
+    state = reconcile(ws)
+    if not state.live:
+        return None
+    runtime = ws.run.runtime()
+    vmm = ws.run.vmm()
+    return {
+        "name": ws.name,
+        "state": state.value,
+        "pid": vmm.pid if vmm is not None and runner.is_running(vmm) else None,
+        "supervisorPid": runtime.get("supervisorPid"),
+        "startedAt": runtime.get("startedAt"),
+        "uptimeSeconds": _seconds_since(runtime.get("startedAt")),
+        "restarts": int(runtime.get("restarts") or 0),
+    }

@@ -14,6 +14,7 @@ from microagent.compiler.spec import (
     DiskMode,
     NetworkMode,
     Profile,
+    Restart,
     RestartPolicy,
     Spec,
     default_hostname,
@@ -67,7 +68,7 @@ def test_full_spec_loads_into_typed_values(project: Path) -> None:
     spec = load_spec(project)
     assert spec.name == "full-agent"
     assert spec.profile is Profile.MEDIUM
-    assert spec.restart is RestartPolicy.ON_FAILURE
+    assert spec.restart == Restart(RestartPolicy.ON_FAILURE, 5)
     assert spec.command() == ("python", "/app/agent.py")
     assert [s.run for s in spec.setup_steps] == [
         "pip install rich",
@@ -101,6 +102,47 @@ def test_defaults(tmp_path: Path) -> None:
     assert spec.command() is None
     assert spec.effective_hostname() == "tiny-agent-1"
     assert spec.effective_resources().memory_mib == 512
+
+
+@pytest.mark.parametrize(
+    ("text", "policy", "limit", "canonical"),
+    [
+        ("name: a\n", RestartPolicy.NEVER, None, "never"),
+        ("restart: no\n", RestartPolicy.NEVER, None, "never"),  # YAML's false
+        ("restart: 'no'\n", RestartPolicy.NEVER, None, "never"),
+        ("restart: never\n", RestartPolicy.NEVER, None, "never"),
+        ("restart: always\n", RestartPolicy.ALWAYS, None, "always"),
+        ("restart: on-failure\n", RestartPolicy.ON_FAILURE, 5, "on-failure:5"),
+        ("restart: on-failure:2\n", RestartPolicy.ON_FAILURE, 2, "on-failure:2"),
+        ("restart: on-failure:999\n", RestartPolicy.ON_FAILURE, 999, "on-failure:999"),
+    ],
+)
+def test_restart_policies(
+    tmp_path: Path, text: str, policy: RestartPolicy, limit: int | None, canonical: str
+) -> None:
+    restart = parse_spec(text, tmp_path / "s.yaml", "s.yaml").restart
+    assert (restart.policy, restart.max_restarts, restart.text) == (policy, limit, canonical)
+    assert Restart.parse(canonical) == restart
+
+
+@pytest.mark.parametrize("text", ["on-failure:1000", "on-failure:-1", "on-failure:", "No", "0"])
+def test_bad_restart_policies_are_located(tmp_path: Path, text: str) -> None:
+    with pytest.raises(SpecError) as raised:
+        parse_spec(f"name: a\nrestart: '{text}'\n", tmp_path / "s.yaml", "s.yaml")
+    (problem,) = raised.value.diagnostics
+    assert (problem.path, str(problem.location)) == ("restart", "s.yaml:2:10")
+    assert "on-failure:N" in problem.hint
+    with pytest.raises(ValueError, match="invalid restart policy"):
+        Restart.parse(text)
+
+
+def test_restart_decisions() -> None:
+    never, always = Restart(), Restart(RestartPolicy.ALWAYS)
+    twice = Restart(RestartPolicy.ON_FAILURE, 2)
+    assert not never.allows(failed=True, restarts=0)
+    assert always.allows(failed=False, restarts=1000) and always.allows(failed=True, restarts=0)
+    assert not twice.allows(failed=False, restarts=0)
+    assert [twice.allows(failed=True, restarts=n) for n in range(3)] == [True, True, False]
 
 
 def test_string_entrypoint_runs_through_the_shell(tmp_path: Path) -> None:
