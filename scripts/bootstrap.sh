@@ -9,6 +9,7 @@ APT_PACKAGES=(
   docker-registry skopeo umoci debootstrap
   slirp4netns iptables iproute2 socat ca-certificates
   gpgv debian-archive-keyring gnupg
+  gcc libc6-dev
 )
 VENV=${VENV:-.venv}
 

@@ -4,7 +4,9 @@ Built from Debian's ``linux-image-cloud-<arch>`` and ``busybox-static`` packages
 the suite's signed ``InRelease``, each verified against the signed index; see
 :mod:`microagent.kit.debian`) and kept in the store as
 ``kits/<key>/{vmlinuz,initrd.img,kit.json}``. The key is the sha256 of a canonical manifest:
-both package digests, the module roots, the init templates and the recipe version.
+both package digests, the module roots, the init templates, the guest agent's source and the
+recipe version. The guest agent (:mod:`microagent.kit.agentbin`) is compiled on the host and
+shipped as ``/lib/microagent/ma-agent``.
 A user's own kernel (and initrd) can stand in for the Debian one.
 """
 
@@ -23,8 +25,9 @@ import jinja2
 
 from microagent.digests import canonical_json
 from microagent.errors import BuildError, InvalidInputError
-from microagent.kit import debian, kernelimage, kmod
+from microagent.kit import agentbin, debian, kernelimage, kmod
 from microagent.kit.initramfs import CpioEntry, with_parents, write_initramfs
+from microagent.runtime import agentproto
 from microagent.runtime.control import BEGIN_MARKER, END_MARKER, PORT_NAME, PROBE_MARKER
 from microagent.settings import Settings
 from microagent.store.content import Store
@@ -44,6 +47,7 @@ DEV_LINKS = {
 }
 # Shipped as-is under /lib/microagent in the initramfs.
 STATIC_FILES = ("json.awk", "fstab.early", "fstab.disks", "fstab.root")
+AGENT_PATH = "lib/microagent/ma-agent"  # the guest agent in the initramfs
 
 # Modules the init loads, by group; each group brings its dependencies (from .modinfo).
 MODULE_ROOTS: Mapping[str, tuple[str, ...]] = {
@@ -114,6 +118,7 @@ def recipe() -> dict[str, Any]:
         "preferredOrder": PREFERRED_ORDER,
         "templates": {n: hashlib.sha256(_template_text(n).encode()).hexdigest() for n in TEMPLATES},
         "params": _render_params_static(),
+        "agentSource": agentbin.source_digest(),
     }
 
 
@@ -143,6 +148,8 @@ def _render_params_static() -> dict[str, Any]:
         "begin_marker": BEGIN_MARKER,
         "end_marker": END_MARKER,
         "probe_marker": PROBE_MARKER,
+        "agent_port": agentproto.PORT_NAME,
+        "agent_path": "/" + AGENT_PATH,
     }
 
 
@@ -215,14 +222,18 @@ def module_groups(infos: Mapping[str, kmod.ModuleInfo]) -> dict[str, list[str]]:
     return {"mmio": mmio, "pci": pci, "disk": disk, "late": late, "net": net}
 
 
-def initramfs_entries(busybox: bytes, init: str, modules: Mapping[str, bytes]) -> list[CpioEntry]:
-    """The initramfs tree: busybox, /init, json.awk, the module files and a console node."""
+def initramfs_entries(
+    busybox: bytes, init: str, modules: Mapping[str, bytes], *, agent: bytes
+) -> list[CpioEntry]:
+    """The initramfs tree: busybox, /init, the guest agent, json.awk, the module files and a
+    console node."""
     dirs = ("bin", "dev", "proc", "sys", "run", "tmp", "ma", "lower", "state", "cfg", "newroot")
     entries = [CpioEntry.directory(d) for d in (*dirs, "lib/modules", "lib/microagent")]
     entries += [
         CpioEntry.chardev("dev/console", 5, 1),
         CpioEntry.file("bin/busybox", busybox, 0o755),
         CpioEntry.file("init", init.encode(), 0o755),
+        CpioEntry.file(AGENT_PATH, agent, 0o755),
     ]
     entries += [
         CpioEntry.file(f"lib/microagent/{name}", _template_text(name).encode())
@@ -261,14 +272,15 @@ def _build(store: Store, src: _Sources, key: str, progress: Progress) -> Callabl
         busybox = _read_busybox_deb(store.blob_path(src.busybox.digest))
         groups = module_groups({n: info for n, (info, _) in kernel.modules.items()})
         needed = {n for names in groups.values() for n in names}
+        agent = agentbin.agent_binary(store, src.arch, progress=progress).read_bytes()
         tmp.mkdir()
         kernel_name = _write_kernel(tmp, kernel.vmlinuz, progress)
-        entries = initramfs_entries(
-            busybox, render_init(groups), {n: kernel.modules[n][1] for n in needed}
-        )
+        modules = {n: kernel.modules[n][1] for n in needed}
+        entries = initramfs_entries(busybox, render_init(groups), modules, agent=agent)
         write_initramfs(tmp / "initrd.img", entries)
         manifest = _manifest(src, key, kernel.version, groups)
         manifest["kernelFile"] = kernel_name
+        manifest["agentSha256"] = hashlib.sha256(agent).hexdigest()
         (tmp / "kit.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
     return build
