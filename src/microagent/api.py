@@ -618,13 +618,15 @@ class Microagent:
             keeper,
             names_in_use,
         )
+        from microagent.workspace.disks import store_entries  # deferred: see the docstring
 
-        keys, blobs = [], []
+        keys, blobs, disks = [], [], set()
         for ws in self.workspaces:
             record = ws.record()
             keys.append(record.rootfs_key)
             blobs += [f.blob for f in record.files]
-        keep = keeper(names_in_use(self.store, keys, blobs))
+            disks |= store_entries(record)
+        keep = keeper(names_in_use(self.store, keys, blobs) | disks)
         return self.store.prune(max_bytes, all=everything, keep=keep)
 
     def cache_export(

@@ -54,6 +54,21 @@ def resolve_inside(raw: str, base: Path) -> Path:
     return resolved
 
 
+EXT_MAGIC_OFFSET = 1024 + 0x38  # s_magic in the superblock, 1 KiB into the image
+EXT_MAGIC = b"\x53\xef"  # 0xEF53, little-endian: ext2, ext3 and ext4 alike
+
+
+def has_ext_superblock(path: Path) -> bool:
+    """Whether ``path`` starts like an ext2/3/4 file system image (the superblock magic).
+
+    A quick look for messages, not a check: the image's content is checked by ``e2fsck``
+    before anything uses it. OSError when the file cannot be read.
+    """
+    with path.open("rb") as fh:
+        fh.seek(EXT_MAGIC_OFFSET)
+        return fh.read(len(EXT_MAGIC)) == EXT_MAGIC
+
+
 @dataclass(frozen=True)
 class FileItem:
     """One guest entry: a regular file, a folder or a symlink."""

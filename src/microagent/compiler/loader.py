@@ -18,7 +18,7 @@ from typing import Any
 from microagent.compiler import _yaml
 from microagent.compiler import schema as _schema
 from microagent.compiler._yaml import Document, JsonPath, format_path
-from microagent.compiler.files import resolve_inside
+from microagent.compiler.files import has_ext_superblock, resolve_inside
 from microagent.compiler.refs import parse_any_ref
 from microagent.compiler.spec import (
     RESERVED_DISK_NAMES,
@@ -40,6 +40,8 @@ from microagent.errors import Diagnostic, InvalidInputError, SpecError
 
 MAX_SPEC_BYTES = 1 << 20
 MAX_SETUP_FILE_BYTES = 1 << 20
+# Guest folders the init mounts or fills itself: no disk may be mounted on or under them.
+GUEST_SYSTEM_DIRS = frozenset({"/proc", "/sys", "/dev", "/run"})
 SPEC_NAMES = ("microagent.yaml", "microagent.yml")
 
 
@@ -232,20 +234,59 @@ class _Builder:
         return tuple(out)
 
     def disks(self, value: list[Mapping[str, str]] | None, key: str) -> tuple[Disk, ...]:
-        out: list[Disk] = []
-        for i, item in enumerate(value or []):
-            path: JsonPath = (key, i)
-            if item["name"].lower() in RESERVED_DISK_NAMES:
-                self.problem((*path, "name"), f"disk name {item['name']!r} is reserved")
-            host = self.local_path(item["path"], (*path, "path"))
-            if host is not None and not host.is_file():
-                self.problem((*path, "path"), f"{item['path']!r} is not an existing file")
-            if key == "bundles" and not item["path"].endswith((".tar", ".tar.gz", ".tgz")):
-                self.problem((*path, "path"), "a bundle must be a .tar, .tar.gz or .tgz archive")
-            mount = self.guest_path(item["mountpoint"], (*path, "mountpoint"))
-            if host is not None:
-                out.append(Disk(item["name"], host, mount, DiskMode(item.get("mode", "ro"))))
-        return tuple(out)
+        out = [self._disk(item, (key, i)) for i, item in enumerate(value or [])]
+        return tuple(d for d in out if d is not None)
+
+    def _disk(self, item: Mapping[str, str], path: JsonPath) -> Disk | None:
+        if item["name"].lower() in RESERVED_DISK_NAMES:
+            self.problem((*path, "name"), f"disk name {item['name']!r} is reserved")
+        bundle = path[0] == "bundles"
+        if bundle and not item["path"].endswith((".tar", ".tar.gz", ".tgz")):
+            self.problem((*path, "path"), "a bundle must be a .tar, .tar.gz or .tgz archive")
+        mount = self.mountpoint(item["mountpoint"], (*path, "mountpoint"))
+        host = self.local_path(item["path"], (*path, "path"))
+        if host is None or not self._disk_source(host, item["path"], (*path, "path"), bundle):
+            return None
+        mode = DiskMode(item.get("mode", "ro"))
+        where = self.doc.location((*path, "path"))
+        return Disk(item["name"], host, mount, mode, format_path(path), where)
+
+    def mountpoint(self, raw: str, path: JsonPath) -> str:
+        """A guest path a disk can be mounted on: not in what the guest init manages."""
+        mount = self.guest_path(raw, path)
+        top = "/" + mount.split("/")[1]
+        if top in GUEST_SYSTEM_DIRS:
+            self.problem(
+                path,
+                f"cannot mount a disk on {mount}: {top} belongs to the guest system",
+                "pick a mount point such as /data or /mnt/corpus",
+            )
+        return mount
+
+    def _disk_source(self, host: Path, raw: str, path: JsonPath, bundle: bool) -> bool:
+        """Whether the disk's source is a readable regular file (an ext2/3/4 image for a
+        disk); otherwise a problem says what it is instead."""
+        try:
+            info = host.stat()
+            if not stat.S_ISREG(info.st_mode):
+                self.problem(path, f"{raw!r} is not a regular file")
+                return False
+            is_ext = has_ext_superblock(host)
+        except FileNotFoundError:
+            self.problem(path, f"{raw!r} does not exist", f"looked for {host}")
+            return False
+        except OSError as exc:
+            self.problem(path, f"cannot read {raw!r}: {exc.strerror or exc}")
+            return False
+        if not bundle and not is_ext:
+            self.problem(
+                path,
+                f"{raw!r} is not an ext4 file system image (no ext2/3/4 superblock)",
+                "make one with `mke2fs -t ext4 -d DIR IMAGE 256M`, "
+                "or list a .tar archive under `bundles:` instead",
+            )
+            return False
+        return True
 
     def unique_disks(self, disks: tuple[Disk, ...]) -> None:
         names: set[str] = set()

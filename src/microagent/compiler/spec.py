@@ -14,6 +14,8 @@ from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
 
+from microagent.errors import Location
+
 DEFAULT_IMAGE = "python:3.13-slim"
 DEFAULT_SHELL = "/bin/sh"
 RESERVED_NAMES = frozenset(
@@ -214,6 +216,8 @@ class Disk:
     path: Path
     mountpoint: str
     mode: DiskMode = DiskMode.RO
+    origin: str = ""  # the spec field, e.g. ``disks[0]``, for messages
+    location: Location | None = None  # where ``path`` is written in the spec
 
 
 def _frozen_env() -> Mapping[str, str]:

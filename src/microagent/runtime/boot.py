@@ -3,7 +3,9 @@
 
 Every boot has three disks in this order: the shared root filesystem read-only (overlay
 lower), a state disk (overlay upper: the workspace's own, a setup step's scratch, or a
-throwaway one made here) and the per-boot config disk (command, env, files, certificates).
+throwaway one made here) and the per-boot config disk (command, env, files, certificates);
+then any extra disks (a spec's ``disks`` and ``bundles``) as /dev/vdd, /dev/vde, ..., which
+the guest init mounts as run.sh's ``MA_MOUNTS`` says.
 Setup steps, one-shot runs and workspace starts all go through :func:`prepare`;
 :func:`run_once` boots, waits for the command and stops the VM.
 """
@@ -36,6 +38,7 @@ from microagent.runtime.backend import (
     OutputSink,
 )
 from microagent.runtime.configdisk import (
+    ExtraMount,
     GuestFile,
     GuestNetwork,
     Output,
@@ -45,6 +48,28 @@ from microagent.runtime.configdisk import (
 
 DEFAULT_STATE_MIB = 4096
 SOCKET_PATH_MAX = 100  # unix socket paths are limited to ~107 bytes
+SYSTEM_DISKS = 3  # rootfs, state, config: /dev/vda, /dev/vdb, /dev/vdc
+# QEMU's microvm machine has 24 virtio-mmio transports (7.2, measured: the 25th device is
+# refused). The system disks, the control port and the NIC take 5; 16 extra disks
+# (/dev/vdd../dev/vds) leave room for a few more devices.
+MAX_EXTRA_DISKS = 16
+
+
+@dataclass(frozen=True)
+class ExtraDisk:
+    """A disk attached after the system disks (``/dev/vdd``, ``/dev/vde``, ... in order) and
+    mounted at ``mountpoint``; a read-only one is read-only to the VMM too."""
+
+    path: Path
+    mountpoint: str
+    readonly: bool = True
+    name: str = ""
+
+
+def extra_device(index: int) -> str:
+    """The guest's name of the ``index``-th extra disk (``vdd`` for 0): virtio-blk disks are
+    named in the order they are attached."""
+    return "vd" + chr(ord("a") + SYSTEM_DISKS + index)
 
 
 class BootFiles(Protocol):
@@ -79,6 +104,7 @@ class RunRequest:
     accel: Accel = Accel.AUTO
     name: str = "microagent"
     die_with_parent: bool = False  # the VMM dies with the process that booted it
+    disks: tuple[ExtraDisk, ...] = ()
 
     def run_config(self) -> RunConfig:
         return RunConfig(
@@ -88,7 +114,33 @@ class RunRequest:
             hostname=self.hostname,
             network=GuestNetwork(mode=self.network.mode),
             outputs=self.outputs,
+            mounts=self.mounts(),
         )
+
+    def mounts(self) -> tuple[ExtraMount, ...]:
+        """The extra disks' mounts, a parent folder's before what is mounted inside it."""
+        mounts = [
+            ExtraMount(extra_device(i), d.mountpoint, readonly=d.readonly)
+            for i, d in enumerate(self.disks)
+        ]
+        return tuple(sorted(mounts, key=lambda m: m.path.rstrip("/").count("/")))
+
+    def extra_disks(self) -> tuple[Disk, ...]:
+        """The extra disks as the VMM attaches them; InvalidInputError when there are more
+        than fit or one is missing."""
+        if len(self.disks) > MAX_EXTRA_DISKS:
+            raise InvalidInputError(
+                f"{len(self.disks)} extra disks, but a VM takes at most {MAX_EXTRA_DISKS}",
+                hint="merge some disks or bundles into one",
+            )
+        for disk in self.disks:
+            if not disk.path.is_file():
+                raise InvalidInputError(
+                    f"disk {disk.name or disk.mountpoint}: image {disk.path} does not exist",
+                    hint="recreate the workspace to rebuild its disks",
+                )
+        serials = (f"disk-{d.name}"[:20] for d in self.disks)  # virtio-blk serials: 20 bytes
+        return tuple(Disk(d.path, d.readonly, s) for d, s in zip(self.disks, serials, strict=True))
 
 
 def prepare(
@@ -104,6 +156,7 @@ def prepare(
         raise InvalidInputError(
             f"rootfs {request.rootfs} does not exist", hint="pass an ext4 image file"
         )
+    extra = request.extra_disks()
     work = work_dir or vm_dir
     state = request.state_disk
     if state is None:
@@ -119,6 +172,7 @@ def prepare(
             Disk(rootfs, readonly=True, serial="rootfs"),
             Disk(state, serial="state"),
             Disk(config_disk, readonly=True, serial="config"),
+            *extra,
         ),
         state_dir=vm_dir,
         memory_mib=request.memory_mib,

@@ -85,6 +85,12 @@ class ExtraMount:
     fstype: str = "ext4"
     readonly: bool = False
 
+    @property
+    def options(self) -> str:
+        """Mount options: a read-only disk is also read-only to the VMM, so ext4 must not
+        replay its journal (``noload``)."""
+        return "ro,noload" if self.readonly else "rw"
+
     def to_json(self) -> dict[str, Any]:
         return {
             "device": self.device,
@@ -168,7 +174,7 @@ def render_run_sh(config: RunConfig, extra_ca: bool = False) -> str:
     net = config.network
     mounts: list[str] = []
     for m in config.mounts:
-        mounts += [m.device, m.path, "ro" if m.readonly else "rw", m.fstype]
+        mounts += [m.device, m.path, m.options, m.fstype]
     assignments = {
         "MA_ARGV": _words(config.command),
         "MA_ENV": _words([f"{k}={v}" for k, v in config.env.items()]),

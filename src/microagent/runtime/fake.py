@@ -33,7 +33,13 @@ from microagent.runtime.backend import (
     OutputSink,
     check_boot_files,
 )
-from microagent.runtime.configdisk import GuestNetwork, NetworkMode, Output, RunConfig
+from microagent.runtime.configdisk import (
+    ExtraMount,
+    GuestNetwork,
+    NetworkMode,
+    Output,
+    RunConfig,
+)
 from microagent.runtime.qemu import parent_death_prefix
 
 CONFIG_DISK_INDEX = 2
@@ -104,7 +110,22 @@ def read_run_config(path: Path) -> RunConfig:
         hostname=data.get("hostname", "microagent"),
         network=GuestNetwork(mode=NetworkMode(net.get("mode", "isolated"))),
         outputs=tuple(Output(o["name"], o["path"]) for o in data.get("outputs") or []),
+        mounts=tuple(
+            ExtraMount(m["device"], m["path"], m.get("fstype", "ext4"), bool(m["readonly"]))
+            for m in data.get("mounts") or []
+        ),
     )
+
+
+def check_mounts(config: BootConfig, run: RunConfig) -> None:
+    """Fail like the guest init would when a mount names a disk that is not attached (disks
+    are named vda, vdb, ... in attach order), or would write a disk the VMM made read-only."""
+    for mount in run.mounts:
+        index = ord(mount.device[-1]) - ord("a")
+        if not 0 <= index < len(config.disks):
+            raise VMError(f"fake guest: cannot mount /dev/{mount.device} on {mount.path}")
+        if config.disks[index].readonly and not mount.readonly:
+            raise VMError(f"fake guest: /dev/{mount.device} is read-only, mounted rw")
 
 
 def _now() -> str:
@@ -243,6 +264,7 @@ class FakeBackend:
         if len(config.disks) <= CONFIG_DISK_INDEX:
             raise VMError("fake guest: no config disk (/dev/vdc) attached")
         run = read_run_config(config.disks[CONFIG_DISK_INDEX].path)
+        check_mounts(config, run)
         outcome = self.handler(run)
         machine = FakeMachine(config, outcome, run, _spawn_stand_in(config, outcome.process))
         self.machines.append(machine)

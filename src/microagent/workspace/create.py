@@ -23,7 +23,14 @@ from microagent.fsutil import write_json_atomic
 from microagent.runtime.backend import Forward
 from microagent.runtime.rundir import State
 from microagent.store.content import Store
-from microagent.workspace.records import DeclaredFile, Record, Workspace, Workspaces
+from microagent.workspace.disks import capture_disks
+from microagent.workspace.records import (
+    AttachedDisk,
+    DeclaredFile,
+    Record,
+    Workspace,
+    Workspaces,
+)
 
 HostForwards = tuple[tuple[int, int], ...]
 
@@ -92,6 +99,7 @@ def _record(
     base_env: dict[str, str],
     env: RuntimeEnv,
     forwards: HostForwards,
+    disks: tuple[AttachedDisk, ...] = (),
 ) -> Record:
     res = spec.effective_resources()
     return Record(
@@ -119,6 +127,7 @@ def _record(
         config_key=plan.config_step.key,
         runtime_env=dict(env.values),
         host_forwards=forwards,
+        disks=disks,
     )
 
 
@@ -136,6 +145,7 @@ def create(
         )
     tmp = spaces.reserve(spec.name)
     try:
+        disks = capture_disks(pipeline.store, spec, Workspace(tmp))  # a bad one fails fast
         outcome = pipeline.build(spec, env)
         published = pipeline.publish(outcome.plan)
         files = _capture_files(pipeline.store, outcome.plan)
@@ -148,6 +158,7 @@ def create(
             base_env=base_env,
             env=env,
             forwards=forwards,
+            disks=disks,
         )
         _write_workspace(Workspace(tmp), record)
         ws = spaces.install(spec.name, tmp)

@@ -38,6 +38,7 @@ from microagent.runtime.control import parse_output
 from microagent.runtime.rundir import BootDocument, State, now
 from microagent.settings import Settings
 from microagent.store.content import Store
+from microagent.workspace.disks import boot_disks
 from microagent.workspace.records import Record, Workspace
 
 START_TIMEOUT = 60.0
@@ -160,6 +161,7 @@ def run_request(rt: Runtime, ws: Workspace, record: Record) -> RunRequest:
         workdir=record.workdir,
         extra_ca=rt.settings.extra_ca_bundle(),
         state_disk=ws.state_disk,
+        disks=boot_disks(rt.store, ws, record),
         accel=Accel.parse(rt.settings.accel),
         name=record.name,
         die_with_parent=True,  # the supervisor owns the VMM: no VM outlives it

@@ -4,6 +4,7 @@ Layout under ``<home>/workspaces/<name>/``::
 
     workspace.json   the record (mode 0600: it holds the --env values, nothing else does)
     state.ext4       the workspace's own writable disk (overlay upper), kept until delete
+    disks/<name>.ext4  its own copy of each rw disk or bundle (ro ones are shared in the store)
     runtime/         runtime.json (current state), events.jsonl, serial.log, result.json,
                      config.tar (regenerated every start), supervisor.log, vm/ (the VMM's
                      sockets and serial.log; elsewhere if the path is too long for sockets)
@@ -41,6 +42,28 @@ class DeclaredFile:
 
 
 @dataclass(frozen=True)
+class AttachedDisk:
+    """A spec disk or bundle as the workspace keeps it.
+
+    ``entry`` names the shared, read-only image in the store (a ro disk or bundle, reused by
+    every workspace with the same content); empty for the workspace's own copy in
+    ``disks/<name>.ext4`` (every rw disk or bundle). ``digest`` is the source's sha256.
+    """
+
+    name: str
+    mountpoint: str
+    mode: str  # "ro" | "rw"
+    kind: str  # "disk" | "bundle"
+    source: str
+    digest: str
+    entry: str = ""
+
+    @property
+    def readonly(self) -> bool:
+        return self.mode == "ro"
+
+
+@dataclass(frozen=True)
 class Record:
     """Everything ``start`` needs, captured at create time."""
 
@@ -60,6 +83,7 @@ class Record:
     restart: str
     files: tuple[DeclaredFile, ...] = ()
     host_forwards: tuple[tuple[int, int], ...] = ()
+    disks: tuple[AttachedDisk, ...] = ()
     spec: str = ""
     files_key: str = ""
     config_key: str = ""
@@ -80,6 +104,7 @@ class Record:
         values["command"] = tuple(data.get("command") or ())
         values["outputs"] = tuple(tuple(o) for o in data.get("outputs") or ())
         values["files"] = tuple(DeclaredFile(**f) for f in data.get("files") or ())
+        values["disks"] = tuple(AttachedDisk(**d) for d in data.get("disks") or ())
         values["host_forwards"] = tuple(
             (int(g), int(h)) for g, h in data.get("host_forwards") or ()
         )
@@ -115,6 +140,10 @@ class Workspace:
     @property
     def state_disk(self) -> Path:
         return self.root / "state.ext4"
+
+    def disk_copy(self, name: str) -> Path:
+        """The workspace's own copy of disk ``name`` (rw disks and bundles)."""
+        return self.root / "disks" / f"{name}.ext4"
 
     @property
     def run(self) -> RunDir:

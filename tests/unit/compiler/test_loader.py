@@ -57,7 +57,7 @@ def project(tmp_path: Path) -> Path:
     (tmp_path / "agent.py").write_text("print('hi')\n")
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "mod.py").write_text("X = 1\n")
-    (tmp_path / "data.ext4").write_bytes(b"\0" * 10)
+    (tmp_path / "data.ext4").write_bytes(b"\0" * 1080 + b"\x53\xef")  # an ext superblock magic
     (tmp_path / "corpus.tar.gz").write_bytes(b"\0" * 10)
     spec = tmp_path / "microagent.yaml"
     spec.write_text(FULL)

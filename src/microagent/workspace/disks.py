@@ -1,0 +1,169 @@
+"""A spec's ``disks`` and ``bundles``: captured at ``create``, attached at every ``start``.
+
+What a user gets (docs/spec.md, "Disks and bundles"):
+
+- A disk is captured when the workspace is created, like ``files``: later edits to the
+  image in the spec's folder change nothing until the next ``create``, and the workspace
+  never writes the user's file.
+- ``ro``: one shared, read-only copy in the store per distinct content (by sha256), reused
+  by every workspace; attached read-only to the VMM and mounted ``ro,noload``.
+- ``rw``: the workspace's own copy (``disks/<name>.ext4`` in its folder): writes persist
+  across halt/start until ``delete``, and two workspaces never share one.
+- A bundle (a tar archive) is unpacked by the layer extractor's rules into an ext4 image
+  once per archive content, cached in the store, then attached like a disk (a ``rw`` bundle
+  is copied into the workspace).
+
+Every image is checked with ``e2fsck -fn`` after it is copied (what boots is what was
+checked). A bad disk or bundle is reported at its line in the spec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from microagent.compiler.files import hash_file
+from microagent.compiler.spec import Disk, DiskMode, Spec
+from microagent.digests import canonical_json, key_hex, sha256_digest
+from microagent.errors import Diagnostic, IntegrityError, InvalidInputError, SpecError
+from microagent.ext4.images import archive_to_ext4, copy_checked, copy_sparse
+from microagent.fsutil import write_json_atomic
+from microagent.runtime.boot import MAX_EXTRA_DISKS, ExtraDisk
+from microagent.store.content import Store
+from microagent.workspace.records import AttachedDisk, Record, Workspace
+
+IMAGE_FORMAT = 1  # bump when how a stored disk or bundle image is made changes
+IMAGE_FILE = "disk.ext4"
+MANIFEST_FILE = "manifest.json"
+BAD_IMAGE_HINT = "fix the image or archive, or remove it from the spec"
+
+
+def capture_disks(store: Store, spec: Spec, ws: Workspace) -> tuple[AttachedDisk, ...]:
+    """Check and capture every disk and bundle of ``spec`` for ``ws`` (the workspace folder
+    being made); SpecError, located at the spec field, for a bad one."""
+    wanted = [(d, "disk") for d in spec.disks] + [(b, "bundle") for b in spec.bundles]
+    if len(wanted) > MAX_EXTRA_DISKS:
+        extra = wanted[MAX_EXTRA_DISKS][0]
+        raise _located(
+            extra,
+            InvalidInputError(
+                f"{len(wanted)} disks and bundles, but a VM takes at most {MAX_EXTRA_DISKS}",
+                hint="merge some of them into one image or archive",
+            ),
+        )
+    return tuple(_capture(store, ws, disk, kind) for disk, kind in wanted)
+
+
+def _capture(store: Store, ws: Workspace, disk: Disk, kind: str) -> AttachedDisk:
+    try:
+        if kind == "bundle":
+            return _bundle(store, ws, disk)
+        if disk.mode is DiskMode.RW:
+            return _own_disk(ws, disk)
+        return _shared_disk(store, disk)
+    except (IntegrityError, InvalidInputError) as exc:
+        raise _located(disk, exc) from exc
+    except OSError as exc:
+        problem = InvalidInputError(f"cannot read {disk.path}: {exc.strerror or exc}")
+        raise _located(disk, problem) from exc
+
+
+def _located(disk: Disk, exc: InvalidInputError | IntegrityError) -> SpecError:
+    where = f"{disk.origin}.path" if disk.origin else ""
+    hint = exc.hint or BAD_IMAGE_HINT
+    return SpecError([Diagnostic(exc.message, disk.location, where, hint)])
+
+
+def _attached(disk: Disk, kind: str, digest: str, entry: str = "") -> AttachedDisk:
+    return AttachedDisk(
+        disk.name, disk.mountpoint, disk.mode.value, kind, str(disk.path), digest, entry
+    )
+
+
+def _own_disk(ws: Workspace, disk: Disk) -> AttachedDisk:
+    """A rw disk: the workspace's own checked copy."""
+    target = ws.disk_copy(disk.name)
+    target.parent.mkdir(mode=0o700, exist_ok=True)
+    digest = copy_checked(disk.path, target, what=f"disk {disk.name!r}")
+    return _attached(disk, "disk", "sha256:" + digest)
+
+
+def _shared_disk(store: Store, disk: Disk) -> AttachedDisk:
+    """A ro disk: the store's copy for its content, made (and checked) once."""
+    _, digest = hash_file(disk.path)
+    entry = f"disks/{_image_key('disk', digest)}"
+
+    def build(tmp: Path) -> None:
+        tmp.mkdir(mode=0o700)
+        copy_checked(disk.path, tmp / IMAGE_FILE, expect=digest, what=f"disk {disk.name!r}")
+        _write_manifest(tmp, "disk", digest)
+
+    store.build_once(entry, build)
+    return _attached(disk, "disk", "sha256:" + digest, entry)
+
+
+def _bundle(store: Store, ws: Workspace, disk: Disk) -> AttachedDisk:
+    """A bundle: the store's image for its archive's content, built once; a rw bundle is
+    copied into the workspace."""
+    _, digest = hash_file(disk.path)
+    key = _image_key("bundle", digest)
+    entry = f"bundles/{key}"
+    path = store.build_once(entry, _bundle_builder(disk, key, digest))
+    if disk.mode is DiskMode.RO:
+        return _attached(disk, "bundle", "sha256:" + digest, entry)
+    target = ws.disk_copy(disk.name)
+    target.parent.mkdir(mode=0o700, exist_ok=True)
+    copy_sparse(path / IMAGE_FILE, target)
+    return _attached(disk, "bundle", "sha256:" + digest)
+
+
+def _bundle_builder(disk: Disk, key: str, digest: str) -> Callable[[Path], None]:
+    def build(tmp: Path) -> None:
+        tmp.mkdir(mode=0o700)
+        made = archive_to_ext4(disk.path, tmp / IMAGE_FILE, key=key, name=disk.name)
+        if made.archive_sha256 != digest:
+            raise IntegrityError(
+                f"{disk.path} changed while it was being unpacked",
+                hint="run create again once nothing is writing to the archive",
+            )
+        _write_manifest(tmp, "bundle", digest)
+
+    return build
+
+
+def _image_key(kind: str, digest: str) -> str:
+    """The store name of the image made from content ``digest`` (hex): the sha256 of a
+    canonical manifest, so a change in how images are made never reuses an old one."""
+    manifest = {"kind": kind, "format": IMAGE_FORMAT, "source": "sha256:" + digest}
+    return key_hex(sha256_digest(canonical_json(manifest)))
+
+
+def _write_manifest(folder: Path, kind: str, digest: str) -> None:
+    image = folder / IMAGE_FILE
+    write_json_atomic(
+        folder / MANIFEST_FILE,
+        {
+            "kind": kind,
+            "format": IMAGE_FORMAT,
+            "source": "sha256:" + digest,
+            "sizeBytes": image.stat().st_size,
+        },
+    )
+
+
+def store_entries(record: Record) -> set[str]:
+    """The store entries a workspace's disks boot from (kept by cache pruning)."""
+    return {d.entry for d in record.disks if d.entry}
+
+
+def boot_disks(store: Store, ws: Workspace, record: Record) -> tuple[ExtraDisk, ...]:
+    """The workspace's disks as a boot attaches them, in the spec's order."""
+    out = []
+    for disk in record.disks:
+        if disk.entry:
+            store.touch(disk.entry)
+            path = store.entry_path(disk.entry) / IMAGE_FILE
+        else:
+            path = ws.disk_copy(disk.name)
+        out.append(ExtraDisk(path, disk.mountpoint, disk.readonly, disk.name))
+    return tuple(out)
