@@ -13,7 +13,7 @@ workspaces and the guest kit load their packages on first use.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from microagent.remotecache.publish import PublishReport
     from microagent.runtime.backend import Backend, GuestResult, OutputSink
     from microagent.runtime.boot import RunRequest
+    from microagent.runtime.execclient import ExecIO, ExecResult
     from microagent.runtime.rundir import State
     from microagent.workspace.create import CreateReport
     from microagent.workspace.doctor import Report
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from microagent.workspace.run import OneShot
 
 Say = Callable[[str], None]
+MAX_EXEC_TIMEOUT = 30 * 86400  # seconds: exec --timeout (the guest counts milliseconds)
 
 
 def _quiet(_message: str) -> None:
@@ -526,6 +528,49 @@ class Microagent:
         assert src is not None
         size = overlay.copy_out(ws.state_disk, rootfs, src[1], Path(target))
         return CopyReport(name, "from-workspace", source, target, src[1], size)
+
+    def exec(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        tty: bool = False,
+        stdin: int | bytes | None = None,
+        timeout: float | None = None,
+        io: ExecIO | None = None,
+        size: tuple[int, int] = (24, 80),
+    ) -> ExecResult:
+        """Run a command in a running workspace through its guest agent.
+
+        It gets the workspace's runtime environment plus ``env``; ``stdin`` is a file
+        descriptor read until end of file, or bytes (None: /dev/null); ``tty`` gives it a
+        terminal of ``size`` (rows, cols). With ``io`` its output streams there, else it is
+        collected (the first 16 MiB of each stream). ``timeout`` seconds end it (exit code
+        124). A workspace still starting is waited for (30 s); one that is not running is a
+        ConflictError.
+        """
+        # deferred: see the module docstring
+        from microagent.runtime.agentproto import ExecRequest
+        from microagent.workspace.execs import run_exec
+
+        if not argv:
+            raise InvalidInputError("exec: give the command to run")
+        if timeout is not None and not 0 < timeout <= MAX_EXEC_TIMEOUT:
+            raise InvalidInputError(f"exec: the timeout must be in (0, {MAX_EXEC_TIMEOUT}] s")
+        request = ExecRequest(
+            tuple(argv),
+            env=dict(env or {}),
+            cwd=cwd,
+            user=user,
+            tty=tty,
+            rows=size[0],
+            cols=size[1],
+            timeout_ms=None if timeout is None else max(1, round(timeout * 1000)),
+        )
+        return run_exec(self.workspace(name), request, io=io, stdin=stdin, timeout=timeout)
 
     # -- one-shot runs ----------------------------------------------------------------------
 

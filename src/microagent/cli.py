@@ -15,7 +15,17 @@ from pathlib import Path
 import click
 
 from microagent import __version__
-from microagent.commands import build, cache, doctor, image, kernel, run, spec, workspace
+from microagent.commands import (
+    build,
+    cache,
+    doctor,
+    guest,
+    image,
+    kernel,
+    run,
+    spec,
+    workspace,
+)
 from microagent.commands.context import Ctx, sanitize_for_terminal
 from microagent.errors import EXIT_FAILURE, MicroagentError, UsageError
 
@@ -35,7 +45,7 @@ def cli(ctx: click.Context, as_json: bool, debug: bool, home: Path | None) -> No
     ctx.obj = Ctx(json=as_json, debug=debug, home=home)
 
 
-for _module in (spec, build, workspace, run, image, cache, kernel, doctor):
+for _module in (spec, build, workspace, guest, run, image, cache, kernel, doctor):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 

@@ -2,8 +2,9 @@
 
 The guest agent (``kit/agent/ma-agent.c``, started by the guest init beside the entrypoint)
 and the supervisor speak it over the port :data:`PORT_NAME`; CLI clients (``exec``) speak the
-same frames to the supervisor's ``agent.sock``, which relays them with the channel ids
-rewritten. The full description is ``docs/agent-protocol.md``; in short:
+same frames to the supervisor's ``exec.sock`` (:mod:`~microagent.runtime.agentlink`),
+which relays them with the channel ids rewritten. The full description is
+``docs/agent-protocol.md``; in short:
 
 A frame is a 9-byte header -- payload length (u32, big-endian), channel (u32), type (u8) --
 and then the payload. Payloads are at most :data:`MAX_PAYLOAD` bytes; a peer that sends a

@@ -7,12 +7,17 @@ camelCase), or exits 0 echoing the argv.
 A hanging outcome stops only when the machine is shut down or the timeout passes. An outcome
 with a ``process`` runs that argv as a stand-in VMM process, started like QEMU (own session,
 the parent-death signal when the boot asks for it) and stopped with the machine, so process
-ownership (pids recorded, nothing outliving its supervisor) is testable without a VM.
+ownership (pids recorded, nothing outliving its supervisor) is testable without a VM. An
+outcome with an ``agent`` serves the guest agent's port (``agent.sock``) the way QEMU does and
+hands each connection to that argv plus ``--fd N`` (the real ``ma-agent --root /`` or a
+stand-in, run on the host with the boot's environment), so ``exec`` works without a VM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import subprocess
 import tarfile
 import threading
@@ -57,6 +62,7 @@ class FakeOutcome:
     crash: str | None = None  # the VM dies before booting, with this VMM message
     outputs: Mapping[str, Any] = field(default_factory=dict)
     process: tuple[str, ...] = ()  # a stand-in VMM process run while the machine is up
+    agent: tuple[str, ...] = ()  # the guest agent, run per agent-port connection (+ --fd N)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> FakeOutcome:
@@ -69,6 +75,7 @@ class FakeOutcome:
             crash=data.get("crash"),
             outputs=dict(data.get("outputs") or {}),
             process=tuple(str(word) for word in data.get("process") or ()),
+            agent=tuple(str(word) for word in data.get("agent") or ()),
         )
 
 
@@ -146,6 +153,7 @@ class FakeMachine:
         self.outcome = outcome
         self.run_config = run
         self._process = process
+        self._agent = agent_port(config, outcome.agent, run.env) if outcome.agent else None
         self.shutdown_steps: list[str] = []
         self._events: list[dict[str, Any]] = []
         self._stop = threading.Event()
@@ -223,6 +231,8 @@ class FakeMachine:
         self._closed = True
         self.shutdown_steps.append("control")
         self._stop.set()
+        if self._agent is not None:
+            self._agent.close()
         if self._process is not None:
             _stop_process(self._process)
 
@@ -234,6 +244,54 @@ def _stop_process(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+class AgentPort(threading.Thread):
+    """The guest agent's port as the VMM serves it: a unix socket at ``path`` taking one
+    connection at a time, each handed to a fresh agent process (``argv --fd N``, with the
+    environment ``env``; its output appended to ``log``)."""
+
+    def __init__(self, path: Path, argv: Sequence[str], env: Mapping[str, str], log: Path) -> None:
+        super().__init__(name="fake-agent-port", daemon=True)
+        self.path, self.argv, self.env, self.log = path, tuple(argv), dict(env), log
+        self.path.unlink(missing_ok=True)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(self.path))
+        self.listener.listen(1)
+        self.listener.settimeout(0.1)
+        self.stopped = threading.Event()
+        self.agent: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                fd = conn.fileno()
+                argv = [*self.argv, "--fd", str(fd)]
+                self.agent = runner.spawn(argv, env=self.env, stdout=self.log, pass_fds=(fd,))
+            while self.agent.poll() is None and not self.stopped.wait(0.05):
+                pass
+
+    def close(self) -> None:
+        self.stopped.set()
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        self.join(timeout=2.0)
+        if self.agent is not None and self.agent.poll() is None:
+            _stop_process(self.agent)
+        self.path.unlink(missing_ok=True)
+
+
+def agent_port(config: BootConfig, argv: Sequence[str], env: Mapping[str, str]) -> AgentPort:
+    """The agent port of a fake machine, where QEMU would serve it (agent.log beside it)."""
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    return AgentPort(config.agent_socket, argv, env, config.state_dir / "agent.log")
 
 
 def _spawn_stand_in(config: BootConfig, argv: Sequence[str]) -> subprocess.Popen[bytes] | None:

@@ -30,6 +30,7 @@ from microagent import runner
 from microagent.compiler.spec import RestartPolicy
 from microagent.errors import MicroagentError
 from microagent.fsutil import atomic_write, write_json_atomic
+from microagent.runtime.agentlink import AgentHello, AgentLink, exec_socket_path
 from microagent.runtime.backend import Backend, BootConfig, GuestResult, Machine
 from microagent.runtime.backends import get_backend
 from microagent.runtime.rundir import BootDocument, RunDir, State, now
@@ -97,11 +98,37 @@ class _Watcher(threading.Thread):
                     self.run_dir.set_state(State.RUNNING, f"guest {kind}", **{field: now()})
 
 
+def _start_link(run: RunDir, config: BootConfig) -> AgentLink | None:
+    """Relay exec clients to the guest agent while the machine runs (see agentlink); its
+    socket goes into runtime.json (``execSocket``), its readiness too (``execReadyAt``).
+    A link that cannot start costs exec only, never the boot."""
+
+    def ready(hello: AgentHello) -> None:
+        run.update(execReadyAt=now())
+        run.event("exec-ready", f"guest agent {hello.agent} {hello.version}".strip())
+
+    def lost(why: str) -> None:
+        run.update(execReadyAt=None)
+        run.event("exec-lost", why)
+
+    link = AgentLink(
+        config.agent_socket, exec_socket_path(config.state_dir), on_ready=ready, on_lost=lost
+    )
+    try:
+        link.start()
+    except MicroagentError as exc:
+        run.event("exec-unavailable", exc.message)
+        return None
+    run.update(execSocket=str(link.exec_socket), execReadyAt=None)
+    return link
+
+
 class Supervisor:
     def __init__(self, run: RunDir) -> None:
         self.run_dir = run
         self.halt_requested = threading.Event()
         self.machine: Machine | None = None
+        self.link: AgentLink | None = None  # the guest agent while a machine runs (exec)
 
     def _on_term(self, _signum: int, _frame: object) -> None:
         self.halt_requested.set()
@@ -191,11 +218,16 @@ class Supervisor:
     def _wait(self, machine: Machine) -> GuestResult:
         watcher = _Watcher(self.run_dir, machine)
         watcher.start()
+        self.link = _start_link(self.run_dir, machine.config)
         try:
             return machine.wait(timeout=None)
         finally:
             watcher.stop.set()
             watcher.join(timeout=5)
+            if self.link is not None:
+                self.link.stop()
+                self.link = None
+                self.run_dir.update(execReadyAt=None)
 
     def _halted(self, ended: Ended, when: str = "") -> int:
         detail = "halted on request" + (f" {when}" if when else "")
