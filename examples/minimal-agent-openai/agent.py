@@ -1,15 +1,26 @@
 """minimal-agent-openai: a small tool-using agent backed by OpenAI Chat Completions.
 
-One request per boot:
+Two ways to drive it, chosen by the environment; the work on one request is the same in both:
   1. load the operator's constraints and system prompt from the agent dir; signal `ready`;
-  2. load the WorkRequest from <workspace>/input.json, refuse it unless the principal is
-     verified; signal `accepting`, then `working`;
+  2. take a WorkRequest and refuse it unless the principal is verified; signal `accepting`,
+     then `working`;
   3. let the model drive the bash / read_file / write_file function tools until it gives a
      final answer or a limit is hit;
-  4. write the WorkResult to <workspace>/result.json (atomically); signal `completed` or
-     `failed`. Exit status 0 when completed, 1 otherwise; a result file is written either way.
+  4. hand back the WorkResult; signal `completed` or `failed`.
 
-Signals are JSON lines on stderr. Only this file and protocol.py are copied into the VM.
+File mode (the default) handles one request per boot: it reads <workspace>/input.json, writes
+the WorkResult to <workspace>/result.json (atomically, on failure too) and prints the signals
+as JSON lines on stderr. Exit status 0 when the work completed, 1 otherwise.
+
+Serve mode (MICROAGENT_MEDIATION_ADDR=HOST:PORT is set, as it is when the workspace declares a
+mediation channel) connects to that address, retrying briefly, signals `ready` and then answers
+WorkRequests, one JSON line each, one after another: each gets its signals, then its WorkResult,
+as JSON lines on the same connection (a signal has a `signal` key, a result does not). The SDK
+is imported once, at start; stderr says how long that took and how long each request took. A
+line that is not a valid request, or is longer than 1 MiB, gets a `failed` result and the agent
+carries on. When the host closes the connection the agent exits 0.
+
+Only this file and protocol.py are copied into the VM.
 
 Environment:
   OPENAI_API_KEY          the key (or a placeholder when a proxy at OPENAI_BASE_URL adds it)
@@ -20,11 +31,13 @@ Environment:
   MICROAGENT_MAX_TURNS    model calls allowed per request (default 30)
   MICROAGENT_MAX_RETRIES  SDK retries per model call (default 2)
   MICROAGENT_AGENT_ID     agent id used in signals (default: the hostname)
+  MICROAGENT_MEDIATION_ADDR  HOST:PORT to serve requests from (serve mode); unset: file mode
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -38,6 +51,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+
+# pydantic, the protocol models and the SDK are most of the agent's start-up time (seconds
+# under emulation). Serve mode pays it once and reports it; timing it needs a statement
+# before the imports:
+# ruff: noqa: E402
+IMPORTS_STARTED = time.perf_counter()
 
 import openai
 from openai.types import CompletionUsage
@@ -53,6 +72,8 @@ from protocol import (
 )
 from pydantic import BaseModel, ValidationError
 
+IMPORT_SECONDS = time.perf_counter() - IMPORTS_STARTED
+
 # >>> shared agent core >>>
 # Everything between these markers is identical in the three example agents
 # (tests/examples checks it). Edit one copy, then paste it into the other two.
@@ -66,6 +87,11 @@ MAX_OUTPUT_CHARS = 20_000
 MAX_READ_BYTES = 10_000_000
 DEFAULT_MAX_TURNS = 30
 DEFAULT_MAX_RETRIES = 2
+MEDIATION_ENV = "MICROAGENT_MEDIATION_ADDR"
+MAX_LINE_BYTES = 1 << 20  # one request line in serve mode; a longer one is refused
+READ_CHUNK = 1 << 16
+CONNECT_WINDOW_SECONDS = 30.0  # how long serve mode keeps trying to reach the channel
+CONNECT_TIMEOUT_SECONDS = 5.0
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -89,6 +115,7 @@ class Settings:
     workspace: Path
     agent_dir: Path
     agent_id: str
+    mediation_addr: str  # HOST:PORT of the mediation channel; empty means file mode
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -96,6 +123,7 @@ class Settings:
             workspace=Path(os.environ.get("MICROAGENT_WORKSPACE") or "/workspace").resolve(),
             agent_dir=Path(os.environ.get("MICROAGENT_AGENT_DIR") or "/agent"),
             agent_id=os.environ.get("MICROAGENT_AGENT_ID") or socket.gethostname() or "agent",
+            mediation_addr=os.environ.get(MEDIATION_ENV, "").strip(),
         )
 
 
@@ -116,10 +144,25 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def emit(settings: Settings, kind: SignalKind, **fields: str | None) -> None:
-    """Print one lifecycle signal as a JSON line on stderr."""
-    sig = LifecycleSignal(signal=kind, agent_id=settings.agent_id, observed_at=now(), **fields)
-    print(sig.model_dump_json(exclude_none=True), file=sys.stderr, flush=True)
+def stderr_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def log(message: str) -> None:
+    """A line for whoever reads the agent's stderr (serve mode sends its signals elsewhere)."""
+    stderr_line(f"agent: {message}")
+
+
+@dataclass(frozen=True)
+class Signals:
+    """Lifecycle signals as JSON lines: on stderr in file mode, on the channel in serve mode."""
+
+    agent_id: str
+    write_line: Callable[[str], None] = stderr_line
+
+    def emit(self, kind: SignalKind, **fields: str | None) -> None:
+        sig = LifecycleSignal(signal=kind, agent_id=self.agent_id, observed_at=now(), **fields)
+        self.write_line(sig.model_dump_json(exclude_none=True))
 
 
 # --- tools -----------------------------------------------------------------------------
@@ -393,16 +436,22 @@ class Session:
 Converse = Callable[[Session, WorkRequest, str], str]
 
 
-def load_model(path: Path, model: type[ModelT]) -> ModelT:
+def parse_model(raw: bytes, model: type[ModelT], source: str) -> ModelT:
     try:
-        return model.model_validate_json(path.read_bytes())
-    except OSError as exc:
-        raise AgentFailure(f"cannot read {path}: {exc.strerror}") from None
+        return model.model_validate_json(raw)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in exc.errors()
         )
-        raise AgentFailure(f"{path} is not a valid {model.__name__}: {problems}") from None
+        raise AgentFailure(f"{source} is not a valid {model.__name__}: {problems}") from None
+
+
+def load_model(path: Path, model: type[ModelT]) -> ModelT:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise AgentFailure(f"cannot read {path}: {exc.strerror}") from None
+    return parse_model(raw, model, str(path))
 
 
 def read_system_prompt(agent_dir: Path) -> str:
@@ -416,16 +465,32 @@ def read_system_prompt(agent_dir: Path) -> str:
     return text
 
 
-def peek_request_ids(path: Path) -> tuple[str, str | None]:
+@dataclass(frozen=True)
+class Operator:
+    """What the operator baked in at the agent dir: the constraints and the system prompt."""
+
+    constraints: Constraints
+    system_prompt: str
+
+    @classmethod
+    def load(cls, agent_dir: Path) -> Operator:
+        constraints = load_model(agent_dir / "constraints.json", Constraints)
+        return cls(constraints, read_system_prompt(agent_dir))
+
+    def describe(self) -> str:
+        return f"constraints v{self.constraints.version} ({self.constraints.hash})"
+
+
+def peek_request_ids(raw: bytes) -> tuple[str, str | None]:
     """Best-effort request_id/audit_ref from a request that may not validate."""
     try:
-        raw = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+        parsed = json.loads(raw)
+    except ValueError:
         return "unknown", None
-    if not isinstance(raw, dict):
+    if not isinstance(parsed, dict):
         return "unknown", None
-    request_id = raw.get("request_id")
-    audit_ref = raw.get("audit_ref")
+    request_id = parsed.get("request_id")
+    audit_ref = parsed.get("audit_ref")
     return (
         request_id if isinstance(request_id, str) and request_id else "unknown",
         audit_ref if isinstance(audit_ref, str) else None,
@@ -444,6 +509,58 @@ def admit(request: WorkRequest, constraints: Constraints) -> None:
         )
 
 
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, AgentFailure):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass(frozen=True)
+class Worker:
+    """The provider's tool loop and where the signals about its work go."""
+
+    provider: str
+    converse: Converse
+    signals: Signals
+
+    def work(self, operator: Operator, session: Session, request: WorkRequest) -> str:
+        """Admit one request and run the tool loop on it; returns the final answer."""
+        session.adopt(request, env_int("MICROAGENT_MAX_TURNS", DEFAULT_MAX_TURNS, minimum=1))
+        admit(request, operator.constraints)
+        self.signals.emit("accepting", request_id=request.request_id)
+        self.signals.emit("working", request_id=request.request_id, detail=self.provider)
+        return self.converse(session, request, operator.system_prompt)
+
+    def report(self, result: WorkResult, detail: str) -> int:
+        """Signal how a request ended; 0 when it completed, else 1."""
+        if result.status == "completed":
+            self.signals.emit("completed", request_id=result.request_id, detail=detail)
+            return 0
+        self.signals.emit("failed", request_id=result.request_id, error=result.error)
+        return 1
+
+
+def settle(session: Session, attempt: Callable[[], str]) -> WorkResult:
+    """Run the attempt; whatever goes wrong, the caller still gets a WorkResult."""
+    try:
+        return session.result("completed", content=attempt())
+    except RequestDenied as exc:
+        return session.result("denied", error=str(exc))
+    except Exception as exc:
+        return session.result("failed", error=describe(exc))
+
+
+def serve(provider: str, converse: Converse) -> int:
+    """Serve mode when a mediation address is set, else file mode; returns the exit status."""
+    settings = Settings.from_env()
+    if settings.mediation_addr:
+        return serve_channel(settings, provider, converse)
+    return serve_file(settings, provider, converse)
+
+
+# --- file mode: <workspace>/input.json in, <workspace>/result.json out, signals on stderr --
+
+
 def write_result(path: Path, result: WorkResult) -> None:
     """Write the result next to its final name, then rename: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".result-", suffix=".tmp")
@@ -460,53 +577,157 @@ def write_result(path: Path, result: WorkResult) -> None:
         raise
 
 
-def describe(exc: BaseException) -> str:
-    if isinstance(exc, AgentFailure):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+def read_or_empty(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
 
 
-def _handle(settings: Settings, session: Session, provider: str, converse: Converse) -> str:
-    constraints = load_model(settings.agent_dir / "constraints.json", Constraints)
-    system_prompt = read_system_prompt(settings.agent_dir)
-    emit(settings, "ready", detail=f"constraints v{constraints.version} ({constraints.hash})")
+def _handle_file(settings: Settings, worker: Worker, session: Session) -> str:
+    operator = Operator.load(settings.agent_dir)
+    worker.signals.emit("ready", detail=operator.describe())
     request = load_model(settings.workspace / INPUT_NAME, WorkRequest)
-    session.adopt(request, env_int("MICROAGENT_MAX_TURNS", DEFAULT_MAX_TURNS, minimum=1))
-    admit(request, constraints)
-    emit(settings, "accepting", request_id=request.request_id)
-    emit(settings, "working", request_id=request.request_id, detail=provider)
-    return converse(session, request, system_prompt)
+    return worker.work(operator, session, request)
 
 
-def _finish(settings: Settings, result: WorkResult) -> int:
+def _finish_file(settings: Settings, worker: Worker, result: WorkResult) -> int:
     path = settings.workspace / RESULT_NAME
     try:
         write_result(path, result)
     except OSError as exc:
-        emit(settings, "failed", request_id=result.request_id, error=f"cannot write {path}: {exc}")
+        error = f"cannot write {path}: {exc}"
+        worker.signals.emit("failed", request_id=result.request_id, error=error)
         return 1
-    if result.status == "completed":
-        emit(settings, "completed", request_id=result.request_id, detail=str(path))
-        return 0
-    emit(settings, "failed", request_id=result.request_id, error=result.error)
-    return 1
+    return worker.report(result, detail=str(path))
 
 
-def serve(provider: str, converse: Converse) -> int:
-    """Handle the one request waiting in the workspace; returns the process exit status."""
-    settings = Settings.from_env()
+def serve_file(settings: Settings, provider: str, converse: Converse) -> int:
+    """Handle the one request waiting in the workspace; exit status 0 when it completed."""
+    worker = Worker(provider, converse, Signals(settings.agent_id))
     with contextlib.suppress(OSError):  # an earlier run's result must not pass for this one's
         (settings.workspace / RESULT_NAME).unlink(missing_ok=True)
     session = Session(settings.workspace)
-    session.request_id, session.audit_ref = peek_request_ids(settings.workspace / INPUT_NAME)
+    raw = read_or_empty(settings.workspace / INPUT_NAME)
+    session.request_id, session.audit_ref = peek_request_ids(raw)
+    result = settle(session, lambda: _handle_file(settings, worker, session))
+    return _finish_file(settings, worker, result)
+
+
+# --- serve mode: WorkRequests in, signals and WorkResults out, as JSON lines on one TCP -----
+# connection over the mediation channel, one request after another until the host closes it.
+
+
+class Channel:
+    """JSON lines both ways over one connection; a read never holds more than one bounded line."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._reader = sock.makefile("rb")
+
+    def write_line(self, line: str) -> None:
+        self._sock.sendall(line.encode("utf-8") + b"\n")
+
+    def read_line(self) -> bytes | None:
+        """The next line without its newline, or None once the host has closed its side.
+
+        A line longer than MAX_LINE_BYTES is read to its end and dropped; what comes back is
+        its first MAX_LINE_BYTES + 1 bytes, so the caller can refuse it by its length.
+        """
+        line = self._reader.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return None
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while (rest := self._reader.readline(READ_CHUNK)) and not rest.endswith(b"\n"):
+                pass
+        return line.removesuffix(b"\n")
+
+    def close(self) -> None:
+        self._reader.close()
+        self._sock.close()
+
+
+def parse_address(raw: str) -> tuple[str, int]:
+    host, _, port = raw.rpartition(":")
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise AgentFailure(f"{MEDIATION_ENV} must be HOST:PORT, got {raw!r}")
+    return host.strip("[]"), int(port)
+
+
+def connect(address: str, window: float = CONNECT_WINDOW_SECONDS) -> socket.socket:
+    """Connect to the mediation address, retrying for a while: the channel may come up late."""
+    host, port = parse_address(address)
+    deadline = time.monotonic() + window
+    delay = 0.05
+    while True:
+        try:
+            sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS)
+        except OSError as exc:
+            if time.monotonic() + delay > deadline:
+                raise AgentFailure(f"cannot connect to {address}: {exc}") from None
+            log(f"cannot connect to {address} yet ({exc}); retrying in {delay:g} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        else:
+            sock.settimeout(None)  # requests may be a long time apart
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each line goes at once
+            return sock
+
+
+def _work_on_line(worker: Worker, operator: Operator, session: Session, line: bytes) -> str:
+    if len(line) > MAX_LINE_BYTES:
+        raise AgentFailure(
+            f"request line longer than {MAX_LINE_BYTES} bytes; refused without parsing it"
+        )
+    session.request_id, session.audit_ref = peek_request_ids(line)
+    request = parse_model(line, WorkRequest, "the request line")
+    return worker.work(operator, session, request)
+
+
+def answer(settings: Settings, worker: Worker, operator: Operator, line: bytes) -> WorkResult:
+    """One request line in; its signals go out as it runs, its WorkResult is returned."""
+    started = time.perf_counter()
+    session = Session(settings.workspace)
+    result = settle(session, lambda: _work_on_line(worker, operator, session, line))
+    took = f"{time.perf_counter() - started:.3f} s"
+    worker.report(result, detail=f"took {took}")
+    log(f"{result.request_id}: {result.status}, took {took}")
+    return result
+
+
+def _serve_lines(settings: Settings, worker: Worker, channel: Channel) -> int:
     try:
-        content = _handle(settings, session, provider, converse)
-        result = session.result("completed", content=content)
-    except RequestDenied as exc:
-        result = session.result("denied", error=str(exc))
-    except Exception as exc:  # whatever goes wrong, the caller still gets a WorkResult
-        result = session.result("failed", error=describe(exc))
-    return _finish(settings, result)
+        operator = Operator.load(settings.agent_dir)
+    except AgentFailure as exc:
+        worker.signals.emit("failed", error=str(exc))
+        log(str(exc))
+        return 1
+    imports = f"imports took {IMPORT_SECONDS:.3f} s"
+    log(f"serving requests from {settings.mediation_addr}; {imports}")
+    worker.signals.emit("ready", detail=f"{operator.describe()}; {imports}")
+    while (line := channel.read_line()) is not None:
+        if line.strip():
+            result = answer(settings, worker, operator, line)
+            channel.write_line(result.model_dump_json())
+    log("the host closed the channel; exiting")
+    return 0
+
+
+def serve_channel(settings: Settings, provider: str, converse: Converse) -> int:
+    """Answer requests from the mediation channel until the host closes it (exit status 0)."""
+    try:
+        channel = Channel(connect(settings.mediation_addr))
+    except AgentFailure as exc:
+        log(str(exc))
+        return 1
+    worker = Worker(provider, converse, Signals(settings.agent_id, channel.write_line))
+    try:
+        return _serve_lines(settings, worker, channel)
+    except OSError as exc:  # the connection broke under us
+        log(f"channel {settings.mediation_addr} failed: {exc}")
+        return 1
+    finally:
+        channel.close()
 
 
 # <<< shared agent core <<<
@@ -516,6 +737,7 @@ def serve(provider: str, converse: Converse) -> int:
 DEFAULT_MODEL = "gpt-5-mini"
 
 
+@functools.cache  # one client per process: serve mode reuses it for every request
 def make_client() -> openai.OpenAI:
     api_key = os.environ.get("OPENAI_API_KEY")
     if not api_key:

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 pytest.register_assert_rewrite("example_harness", "example_providers")
 
-from example_harness import AgentHarness, FakeModelAPI  # noqa: E402
-from example_providers import LoopRuns, Provider  # noqa: E402
+from example_harness import AgentHarness, FakeModelAPI, load_agent  # noqa: E402
+from example_providers import LoopRuns, Provider, cheapest_installed  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def core() -> ModuleType:
+    """The agents' shared core, imported in-process from one agent.py (the copies are equal)."""
+    return load_agent(cheapest_installed().example)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +23,8 @@ from types import ModuleType
 from typing import Any
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+MEDIATION_ENV = "MICROAGENT_MEDIATION_ADDR"
 EXAMPLE_NAMES = ("minimal-agent", "minimal-agent-openai", "minimal-agent-gemini")
 FAKE_KEY = "fake-key-9f8e7d6c5b4a-never-show-me"
 FAKE_TOKEN = "fake-token-1234-also-secret"
@@ -37,6 +40,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: Any
+    client: tuple[str, int] = ("", 0)  # the agent's end of the HTTP connection
 
 
 class FakeModelAPI:
@@ -89,13 +93,15 @@ class FakeModelAPI:
 def _handler_for(api: FakeModelAPI) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body are separate writes; no 40 ms stall
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length)
             body = json.loads(raw) if raw else None
             headers = {key.lower(): value for key, value in self.headers.items()}
-            status, reply = api.take(Recorded(self.path, headers, body))
+            client = (str(self.client_address[0]), int(self.client_address[1]))
+            status, reply = api.take(Recorded(self.path, headers, body, client))
             payload = json.dumps(reply).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -182,6 +188,35 @@ class AgentHarness:
         )
         return AgentRun(proc.returncode, proc.stdout, proc.stderr, self.workspace)
 
+    @property
+    def log_path(self) -> Path:
+        return self.root / "agent-output.txt"
+
+    def start_serving(self, address: str, **extra_env: str) -> subprocess.Popen[bytes]:
+        """Start the agent in serve mode; its stdout and stderr go to `log_path`.
+
+        A file rather than a pipe: nothing has to drain it while the test talks to the agent.
+        """
+        with self.log_path.open("wb") as log:
+            return subprocess.Popen(
+                [sys.executable, str(self.example_dir / "agent.py")],
+                env=self.env | {MEDIATION_ENV: address} | extra_env,
+                cwd=self.root,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_output(self, text: str, timeout: float = 60) -> None:
+        """Poll the agent's output until `text` shows up (a condition, not a fixed sleep)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            assert time.monotonic() < deadline, f"{text!r} not in agent output:\n{self.output()}"
+            time.sleep(0.02)
+
 
 # --- loading example modules in-process ----------------------------------------------------
 
@@ -198,6 +233,11 @@ def load_module(path: Path, name: str) -> ModuleType:
 
 def load_protocol(example: str) -> ModuleType:
     return load_module(EXAMPLES / example / "protocol.py", f"protocol_{example.replace('-', '_')}")
+
+
+def load_dispatch() -> ModuleType:
+    """scripts/dispatch.py, the host end of serve mode."""
+    return load_module(SCRIPTS / "dispatch.py", "dispatch")
 
 
 def load_agent(example: str) -> ModuleType:

@@ -298,6 +298,15 @@ PROVIDER_PARAMS = [
 ]
 
 
+def cheapest_installed() -> Provider:
+    """The provider whose SDK imports fastest, for tests that do not care which one runs."""
+    for name in ("openai", "gemini", "anthropic"):
+        provider = next(p for p in PROVIDERS if p.name == name)
+        if provider.installed():
+            return provider
+    pytest.skip("no provider SDK installed")
+
+
 def provider_named(name: str) -> Provider:
     provider = next(p for p in PROVIDERS if p.name == name)
     if not provider.installed():

@@ -15,18 +15,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from example_harness import EXAMPLES, load_agent
-from example_providers import PROVIDERS
-
-
-@pytest.fixture(scope="module")
-def core() -> ModuleType:
-    # Cheapest SDK import first: the core does not care which provider it sits beside.
-    for name in ("openai", "gemini", "anthropic"):
-        provider = next(p for p in PROVIDERS if p.name == name)
-        if provider.installed():
-            return load_agent(provider.example)
-    pytest.skip("no provider SDK installed")
+from example_harness import EXAMPLES, MEDIATION_ENV
 
 
 @pytest.fixture
@@ -207,6 +196,7 @@ class Served:
         monkeypatch.setenv("MICROAGENT_AGENT_DIR", str(self.agent_dir))
         monkeypatch.setenv("MICROAGENT_AGENT_ID", "core-test")
         monkeypatch.delenv("MICROAGENT_MAX_TURNS", raising=False)
+        monkeypatch.delenv(MEDIATION_ENV, raising=False)  # file mode
         self.calls: list[str] = []
 
     def write_request(self, **overrides: Any) -> None:
