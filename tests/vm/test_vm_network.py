@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import http.server
+import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from conftest import RunVM, our_namespaces, require_user_network
 
 from microagent.errors import VMError
+from microagent.kit.guestkit import GuestKit
 from microagent.runner import run
-from microagent.runtime.backend import Forward, GuestTimeout, NetworkConfig
+from microagent.runtime.backend import Forward, GuestTimeout, NetworkConfig, PublishedPort
+from microagent.runtime.boot import RunRequest, prepare, scratch_vm_dir
 from microagent.runtime.configdisk import NetworkMode
-from microagent.runtime.network import parse_host_addresses
+from microagent.runtime.network import api_socket_path, live_published, parse_host_addresses
+from microagent.runtime.qemu import QemuBackend
 
 pytestmark = pytest.mark.vm
 USER = NetworkConfig(NetworkMode.USER)
@@ -101,3 +107,77 @@ def test_user_network_without_root_is_refused(
     monkeypatch.setattr("microagent.runtime.network.os.geteuid", lambda: 1000)
     with pytest.raises(VMError, match="needs root"):
         run_vm("true", network=USER)
+
+
+# The guest serves a page on 8000 (busybox httpd) and, on 9000, records what one connection
+# sent and when its peer closed it (nc's stdin is a fifo opened read-write: it never ends).
+SERVE_SCRIPT = (
+    "mkdir -p /tmp/www && echo GUEST-PAGE > /tmp/www/index.html && httpd -p 8000 -h /tmp/www && "
+    "mkfifo /tmp/f && nc -l -p 9000 <>/tmp/f >/tmp/www/got; echo closed >/tmp/www/closed; "
+    "sleep 600"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get(port: int, path: str = "/", timeout: float = 10.0) -> tuple[int, bytes]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as reply:
+        return reply.status, reply.read()
+
+
+def _await_page(port: int, path: str, deadline: float) -> bytes:
+    """The page once the guest serves it (before, slirp4netns accepts and the namespace
+    refuses: the client sees a reset or an empty reply)."""
+    while True:
+        try:
+            status, body = _get(port, path, timeout=5.0)
+            if status == 200:
+                return body
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"127.0.0.1:{port}{path} never answered")
+        time.sleep(0.5)
+
+
+def _read_to_eof(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10.0) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):  # b"": the guest's close reached the host
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_published_ports_reach_the_guest(
+    rootfs: Path, kit: GuestKit, backend: QemuBackend, no_leftovers: None
+) -> None:
+    require_user_network()
+    web = PublishedPort("127.0.0.1", _free_port(), 8000)
+    sink = PublishedPort("127.0.0.1", _free_port(), 9000)
+    net = NetworkConfig(NetworkMode.USER, published=(web, sink))
+    request = RunRequest(rootfs=rootfs, command=("sh", "-c", SERVE_SCRIPT), network=net)
+    with scratch_vm_dir() as tmp:
+        config = prepare(request, kit, Path(tmp))
+        with backend.boot(config) as machine, ThreadPoolExecutor(1) as owner:
+            waited = owner.submit(machine.wait)  # reads the guest's events, as a supervisor does
+            assert _await_page(web.host_port, "/", time.monotonic() + 120) == b"GUEST-PAGE\n"
+            assert set(live_published(api_socket_path(config.state_dir))) == {web, sink}
+            with ThreadPoolExecutor(12) as pool:
+                pages = list(pool.map(lambda _: _get(web.host_port), range(24)))
+            assert pages == [(200, b"GUEST-PAGE\n")] * 24
+            reply = _read_to_eof(web.host_port, b"GET / HTTP/1.0\r\n\r\n")
+            assert reply.startswith(b"HTTP/1.") and reply.endswith(b"GUEST-PAGE\n")
+            with socket.create_connection(("127.0.0.1", sink.host_port), timeout=10.0) as sock:
+                sock.sendall(b"bye from the host\n")
+            deadline = time.monotonic() + 60
+            assert _await_page(web.host_port, "/closed", deadline) == b"closed\n"
+            assert _get(web.host_port, "/got")[1] == b"bye from the host\n"
+            machine.shutdown()
+            assert waited.result(timeout=30).stopped
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", web.host_port), timeout=5.0)

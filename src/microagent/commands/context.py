@@ -153,6 +153,21 @@ def spec_file_option(func: F) -> F:
     )(func)
 
 
+PUBLISH_HELP = (
+    "Publish a guest port: [HOST:]HOSTPORT:GUESTPORT[/tcp] listens on the host's HOST "
+    "(default 127.0.0.1) while the VM runs and reaches the guest's GUESTPORT (repeatable; "
+    "user network only)."
+)
+publish_option = click.option(
+    "--publish",
+    "-p",
+    "publish",
+    multiple=True,
+    metavar="[HOST:]HOSTPORT:GUESTPORT",
+    help=PUBLISH_HELP,
+)
+
+
 def override_options(func: F) -> F:
     """Flags that override the spec: the same on validate, plan, build and create."""
     options = [
@@ -165,7 +180,14 @@ def override_options(func: F) -> F:
         click.option("--entrypoint", help="Command every start runs (shell string)."),
         click.option("--hostname", help="Guest hostname."),
         click.option("--network", help="Network mode: user or isolated."),
+        publish_option,
         click.option("--setup", multiple=True, help="Extra setup command (repeatable, appended)."),
+        click.option(
+            "--mediation",
+            metavar="PORT=HOST:PORT",
+            help="Mediation channel: guest 127.0.0.1:PORT reaches host HOST:PORT (required: "
+            "start fails while the target is unreachable).",
+        ),
         click.option(
             "--env",
             "-e",
@@ -199,7 +221,9 @@ def overrides_from(kwargs: dict[str, Any]) -> Overrides:
         entrypoint=kwargs.get("entrypoint"),
         hostname=kwargs.get("hostname"),
         network=kwargs.get("network"),
+        publish=tuple(kwargs.get("publish") or ()),
         setup=tuple(kwargs.get("setup") or ()),
+        mediation=kwargs.get("mediation"),
     )
 
 

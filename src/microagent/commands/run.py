@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from microagent.commands.context import Ctx, pass_ctx, stream_to_stdout
+from microagent.commands.context import Ctx, pass_ctx, publish_option, stream_to_stdout
 
 
 @click.command(context_settings={"allow_interspersed_args": False})
@@ -46,6 +46,7 @@ from microagent.commands.context import Ctx, pass_ctx, stream_to_stdout
     help="Let the guest reach host 127.0.0.1:HOST (or a unix socket path) at 10.0.2.100:GUEST.",
 )
 @click.option("--forward", "forward", multiple=True, hidden=True)  # old spelling: GUEST:HOST
+@publish_option
 @click.option(
     "--trust-host-ca",
     is_flag=True,
@@ -103,9 +104,10 @@ def run(ctx: Ctx, /, command: tuple[str, ...], **opts: Any) -> None:
 def _job(words: tuple[str, ...], opts: dict[str, Any]) -> Any:
     """The one-shot run the flags describe (``IMAGE [--] CMD...`` without --rootfs)."""
     # deferred: the library stays off the path of --help and usage errors
-    from microagent.compiler.overrides import parse_env
+    from microagent.compiler.overrides import parse_env, parse_publishes
     from microagent.runtime.backend import Accel, Forward, MachineType, NetworkConfig
     from microagent.runtime.configdisk import NetworkMode
+    from microagent.workspace.records import published_ports
     from microagent.workspace.run import OneShot
 
     image, command = None, words
@@ -114,12 +116,14 @@ def _job(words: tuple[str, ...], opts: dict[str, Any]) -> Any:
         image, command = (words[0] if words else None), rest
     forwards = [Forward.parse(f) for f in opts["host_forward"]]
     forwards += [Forward.parse(f, flag="--forward", sep=":") for f in opts["forward"]]
+    published = published_ports(parse_publishes(opts["publish"]))
+    mode = NetworkMode.parse(opts["network"])
     return OneShot(
         command=command,
         image=image,
         rootfs=opts["rootfs"],
         env=dict(parse_env(opts["env"]).values),
-        network=NetworkConfig(NetworkMode.parse(opts["network"]), tuple(forwards)),
+        network=NetworkConfig(mode, tuple(forwards), published),
         timeout=opts["timeout"],
         memory_mib=opts["memory_mib"],
         cpus=opts["cpus"],

@@ -92,6 +92,9 @@ def status(ctx: Ctx, /, name: str) -> None:
     data = ctx.api().status(name)
     event = data["event"]
     text = f"{name}: {event['state']}" + (f" ({event['detail']})" if event["detail"] else "")
+    for port in data.get("network", {}).get("ports", []):
+        where = f"{port['host']}:{port['hostPort']} -> guest {port['guestPort']}/{port['protocol']}"
+        text += f"\npublished: {where}" + (" (listening)" if port["live"] else "")
     if data.get("restarts"):
         text += f"\nrestarts: {data['restarts']} (policy {data['restartPolicy']})"
     if data["result"] is not None:

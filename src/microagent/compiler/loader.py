@@ -27,6 +27,8 @@ from microagent.compiler.spec import (
     DiskMode,
     FileEntry,
     Forward,
+    Health,
+    Mediation,
     Network,
     NetworkMode,
     Output,
@@ -35,6 +37,8 @@ from microagent.compiler.spec import (
     Restart,
     SetupStep,
     Spec,
+    parse_target,
+    publish_host_problem,
 )
 from microagent.errors import Diagnostic, InvalidInputError, SpecError
 
@@ -213,15 +217,40 @@ class _Builder:
         self._unique_binds(forwards)
         return Network(mode=mode, forwards=forwards)
 
+    def mediation(self, value: Mapping[str, Any] | None) -> Mediation | None:
+        if value is None:
+            return None
+        try:
+            host, port = parse_target(value["target"])
+        except InvalidInputError as exc:
+            self.problem(("mediation", "target"), exc.message, exc.hint)
+            return None
+        return Mediation(value["port"], host, port, value.get("required", False))
+
+    def health(self, value: Mapping[str, Any] | None) -> Health | None:
+        if value is None:
+            return None
+        return Health(
+            exec=tuple(value["exec"]),
+            interval_seconds=value.get("intervalSeconds", 30),
+            timeout_seconds=value.get("timeoutSeconds", 5),
+            retries=value.get("retries", 3),
+            start_period_seconds=value.get("startPeriodSeconds", 0),
+        )
+
     def _unique_binds(self, forwards: tuple[Forward, ...]) -> None:
-        seen: set[tuple[str, int]] = set()
         for i, fwd in enumerate(forwards):
-            bind = (fwd.host, fwd.host_port)
-            if bind in seen:
+            problem = publish_host_problem(fwd.host)
+            if problem:
+                self.problem(("network", "forwards", i, "host"), problem, "e.g. 127.0.0.1")
+            clash = next((f for f in forwards[:i] if f.conflicts_with(fwd)), None)
+            if clash is not None:
                 self.problem(
-                    ("network", "forwards", i), f"{fwd.host}:{fwd.host_port} is forwarded twice"
+                    ("network", "forwards", i),
+                    f"{fwd.bind} is forwarded twice"
+                    + ("" if clash.bind == fwd.bind else f" (with {clash.bind})"),
+                    "each host address and port is published once; 0.0.0.0 takes every address",
                 )
-            seen.add(bind)
 
     def outputs(self, value: list[Mapping[str, str]] | None) -> tuple[Output, ...]:
         out: list[Output] = []
@@ -329,6 +358,8 @@ def build_spec(doc: Document, source: Path) -> Spec:
         env=b.env(raw.get("env")),
         resources=b.resources(raw.get("resources")),
         network=b.network(raw.get("network")),
+        mediation=b.mediation(raw.get("mediation")),
+        health=b.health(raw.get("health")),
         outputs=b.outputs(raw.get("outputs")),
         disks=disks,
         bundles=bundles,

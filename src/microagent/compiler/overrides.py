@@ -14,15 +14,22 @@ from dataclasses import dataclass
 
 from microagent.compiler.schema import check_value
 from microagent.compiler.spec import (
+    Forward,
+    Mediation,
+    Network,
     NetworkMode,
     Profile,
     Resources,
     SetupStep,
     Spec,
+    parse_target,
+    publish_host_problem,
 )
 from microagent.errors import InvalidInputError
 
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: ``$`` accepts "NAME\n"
+PORT_RE = re.compile(r"0|[1-9][0-9]{0,4}")  # ASCII digits only (str.isdigit takes "²" too)
+PUBLISH_FORM = "[HOST:]HOSTPORT:GUESTPORT[/tcp]"
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,8 @@ class Overrides:
     hostname: str | None = None
     network: str | None = None
     setup: tuple[str, ...] = ()
+    mediation: str | None = None  # --mediation PORT=HOST:PORT (required, fails closed)
+    publish: tuple[str, ...] = ()  # --publish [HOST:]HOSTPORT:GUESTPORT[/tcp], added
 
 
 def _checked(flag: str, field: str, value: object) -> None:
@@ -80,12 +89,103 @@ def apply_overrides(spec: Spec, o: Overrides) -> Spec:
         changes["entrypoint"] = o.entrypoint
     if o.hostname is not None:
         changes["hostname"] = o.hostname
-    if o.network is not None:
-        changes["network"] = dataclasses.replace(spec.network, mode=NetworkMode(o.network))
+    changes["network"] = _network(spec.network, o)
     if o.setup:
         extra = tuple(SetupStep(cmd, f"--setup[{i}]") for i, cmd in enumerate(o.setup))
         changes["setup"] = spec.setup + extra
+    if o.mediation is not None:
+        changes["mediation"] = parse_mediation_flag(o.mediation)
     return dataclasses.replace(spec, **changes)  # type: ignore[arg-type]
+
+
+def parse_mediation_flag(text: str) -> Mediation:
+    """``--mediation PORT=HOST:PORT``: the command-line form is required (fails closed)."""
+    port, sep, target = text.partition("=")
+    if not sep or not port.isdigit() or len(port) > 5 or not 1 <= int(port) <= 65535:
+        raise InvalidInputError(
+            f"--mediation {text!r}: expected GUESTPORT=HOST:PORT", hint="e.g. 2048=127.0.0.1:9900"
+        )
+    try:
+        host, target_port = parse_target(target)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"--mediation: {exc.message}", hint=exc.hint) from None
+    return Mediation(int(port), host, target_port, required=True)
+
+
+def _network(network: Network, o: Overrides) -> Network:
+    """``--network`` sets the mode, ``--publish`` adds ports (a flag replaces a spec entry
+    on the same host address and port); published ports need mode ``user``."""
+    if o.network is not None:
+        network = dataclasses.replace(network, mode=NetworkMode(o.network))
+    if o.publish:
+        flags = parse_publishes(o.publish)
+        kept = tuple(f for f in network.forwards if not any(f.conflicts_with(g) for g in flags))
+        network = dataclasses.replace(network, forwards=kept + flags)
+    if network.forwards and not network.mode.has_nic:
+        if o.publish:
+            raise InvalidInputError(
+                "--publish needs network mode 'user', but the workspace is isolated",
+                hint="drop --publish or use --network user",
+            )
+        raise InvalidInputError(
+            "--network isolated: the spec publishes ports (network.forwards), which need "
+            "mode 'user'",
+            hint="keep mode user, or remove network.forwards from the spec",
+        )
+    return network
+
+
+def _publish_error(text: str, message: str, hint: str = "") -> InvalidInputError:
+    return InvalidInputError(
+        f"--publish {text[:80]!r}: {message}", hint=hint or f"expected {PUBLISH_FORM}"
+    )
+
+
+def parse_publish(text: str) -> Forward:
+    """``[HOST:]HOSTPORT:GUESTPORT[/tcp]`` (HOST defaults to 127.0.0.1), checked as strictly
+    as a spec's ``network.forwards`` entry: by the same schema, then the same host check."""
+    body, slash, protocol = text.partition("/")
+    if slash and protocol.lower() == "udp":
+        raise _publish_error(text, "UDP is not supported: published ports are TCP only")
+    if slash and protocol != "tcp":
+        raise _publish_error(text, f"unknown protocol {protocol[:20]!r}", "only /tcp (the default)")
+    if body.startswith("[") or body.count(":") > 2:
+        raise _publish_error(
+            text, "IPv6 host addresses are not supported", "e.g. 127.0.0.1:8080:80"
+        )
+    parts = body.split(":")
+    if len(parts) < 2 or not all(PORT_RE.fullmatch(p) for p in parts[-2:]):
+        raise _publish_error(text, f"expected {PUBLISH_FORM}", "e.g. 8080:80 or 127.0.0.1:8080:80")
+    host = parts[0] if len(parts) == 3 else "127.0.0.1"
+    host_port, guest_port = int(parts[-2]), int(parts[-1])
+    for what, port in (("host port", host_port), ("guest port", guest_port)):
+        if not 1 <= port <= 65535:
+            raise _publish_error(text, f"{what} {port} is not 1-65535")
+    item = {"protocol": "tcp", "host": host, "hostPort": host_port, "guestPort": guest_port}
+    problems = check_value("network.forwards", [item])  # the spec's own rules, whole
+    problem = problems[0] if problems else publish_host_problem(host)
+    if problem:
+        raise _publish_error(text, problem)
+    return Forward(host_port, guest_port, host)
+
+
+def parse_publishes(items: Iterable[str]) -> tuple[Forward, ...]:
+    """Every ``--publish`` flag; two that listen on one host port are refused."""
+    out: list[Forward] = []
+    for text in items:
+        forward = parse_publish(text)
+        clash = next((f for f in out if f.conflicts_with(forward)), None)
+        if clash is not None:
+            same = clash.bind == forward.bind
+            raise _publish_error(
+                text,
+                f"{forward.bind} is published twice"
+                if same
+                else f"{forward.bind} overlaps {clash.bind} (0.0.0.0 takes every address)",
+                "publish each host address and port once",
+            )
+        out.append(forward)
+    return tuple(out)
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,24 @@ def _label(text: str, width: int = 60) -> str:
 
 
 def _config_inputs(spec: Spec, runtime_env_keys: Iterable[str]) -> dict[str, Any]:
+    inputs = _base_config_inputs(spec, runtime_env_keys)
+    # Added only when declared, so the keys of specs without them stay what they were.
+    if spec.mediation is not None:
+        m = spec.mediation
+        inputs["mediation"] = {"port": m.port, "target": m.target, "required": m.required}
+    if spec.health is not None:
+        h = spec.health
+        inputs["health"] = {
+            "exec": list(h.exec),
+            "intervalSeconds": h.interval_seconds,
+            "timeoutSeconds": h.timeout_seconds,
+            "retries": h.retries,
+            "startPeriodSeconds": h.start_period_seconds,
+        }
+    return inputs
+
+
+def _base_config_inputs(spec: Spec, runtime_env_keys: Iterable[str]) -> dict[str, Any]:
     net = spec.network
     return {
         "entrypoint": list(spec.command() or []),

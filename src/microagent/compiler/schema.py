@@ -184,8 +184,8 @@ class _Translator:
 
     def _enum(self, error: ValidationError, path: JsonPath) -> Iterator[Diagnostic]:
         options = [str(o) for o in _value_of(error)]
-        hint = ""
-        if isinstance(error.instance, str):
+        hint = str(_schema_of(error).get("x-hint", ""))
+        if isinstance(error.instance, str) and not hint:
             close = difflib.get_close_matches(error.instance.lower(), options, n=1)
             hint = f"did you mean {close[0]!r}?" if close else ""
         yield self._make(path, f"must be one of: {', '.join(options)}", hint)

@@ -7,6 +7,7 @@ two in step.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
 
-from microagent.errors import Location
+from microagent.errors import InvalidInputError, Location
 
 DEFAULT_IMAGE = "python:3.13-slim"
 DEFAULT_SHELL = "/bin/sh"
@@ -186,6 +187,9 @@ class EffectiveResources:
         }
 
 
+ANY_ADDRESS = "0.0.0.0"
+
+
 @dataclass(frozen=True)
 class Forward:
     """A host TCP port published into the guest."""
@@ -195,11 +199,87 @@ class Forward:
     host: str = "127.0.0.1"
     protocol: str = "tcp"
 
+    @property
+    def bind(self) -> str:
+        return f"{self.host}:{self.host_port}"
+
+    def conflicts_with(self, other: Forward) -> bool:
+        """Both would listen on one host port (0.0.0.0 takes it on every address)."""
+        same_host = self.host == other.host or ANY_ADDRESS in (self.host, other.host)
+        return self.host_port == other.host_port and same_host
+
+
+def publish_host_problem(host: str) -> str:
+    """What the schema's pattern cannot say about a published port's IPv4 address."""
+    address = ipaddress.IPv4Address(host)
+    if address.is_multicast or address.is_reserved:
+        return f"{host} is not an address a listener can bind"
+    return ""
+
 
 @dataclass(frozen=True)
 class Network:
     mode: NetworkMode = NetworkMode.USER
     forwards: tuple[Forward, ...] = ()
+
+
+@dataclass(frozen=True)
+class Mediation:
+    """The mediation channel: guest ``127.0.0.1:port`` carried to the host's ``target``."""
+
+    port: int
+    target_host: str
+    target_port: int
+    required: bool = False
+
+    @property
+    def target(self) -> str:
+        host = f"[{self.target_host}]" if ":" in self.target_host else self.target_host
+        return f"{host}:{self.target_port}"
+
+    @property
+    def guest_address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def parse_target(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` with an IP address (IPv6 in brackets) or ``localhost`` as HOST.
+
+    Only literal addresses: a name would be resolved on the host at every connect, and a spec
+    from a cloned repository should say plainly which host service the guest may reach."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or len(port) > 5 or not 1 <= int(port) <= 65535:
+        raise InvalidInputError(
+            f"mediation target {text!r} is not HOST:PORT", hint="e.g. 127.0.0.1:9900"
+        )
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            raise InvalidInputError(f"mediation target {text!r}: brackets are for IPv6 only")
+    elif ":" in host:
+        raise InvalidInputError(
+            f"mediation target {text!r}: write an IPv6 address in brackets", hint="[::1]:9900"
+        )
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise InvalidInputError(
+                f"mediation target {text!r}: the host must be an IP address or localhost",
+                hint="e.g. 127.0.0.1:9900",
+            ) from None
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class Health:
+    """A probe run through the guest agent; exit code 0 is healthy."""
+
+    exec: tuple[str, ...]
+    interval_seconds: int = 30
+    timeout_seconds: int = 5
+    retries: int = 3
+    start_period_seconds: int = 0
 
 
 @dataclass(frozen=True)
@@ -243,6 +323,8 @@ class Spec:
     env: Mapping[str, str] = field(default_factory=_frozen_env)
     resources: Resources = Resources()
     network: Network = Network()
+    mediation: Mediation | None = None
+    health: Health | None = None
     outputs: tuple[Output, ...] = ()
     disks: tuple[Disk, ...] = ()
     bundles: tuple[Disk, ...] = ()

@@ -9,6 +9,7 @@ releases everything the boot set up (network namespace, helpers).
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,12 +106,112 @@ class Forward:
 FORWARD_ADDRESS = "10.0.2.100"
 
 
+def _is_port(value: object) -> bool:
+    return type(value) is int and 0 < value < 65536
+
+
+def publish_host_problem(host: object) -> str:
+    """Why ``host`` cannot be a published port's listen address ('' when it can): an IPv4
+    literal in dotted-quad form (slirp4netns forwards IPv4 only), unicast or 0.0.0.0."""
+    if not isinstance(host, str) or len(host) > 15:
+        return "the host must be an IPv4 address such as 127.0.0.1"
+    try:
+        address = ipaddress.IPv4Address(host)
+    except ValueError:
+        if ":" in host:
+            return "IPv6 host addresses are not supported (slirp4netns forwards IPv4 only)"
+        return f"{host!r} is not an IPv4 address"
+    if str(address) != host:
+        return f"{host!r} is not written as a plain IPv4 address (use {address})"
+    if address.is_multicast or address.is_reserved:
+        return f"{host} is not an address a listener can bind"
+    return ""
+
+
+@dataclass(frozen=True)
+class PublishedPort:
+    """A published port: a host TCP listener on ``host:host_port`` that reaches the guest's
+    ``guest_port`` while the VM runs (host->guest; ``user`` mode only).
+
+    Checked when made, wherever it comes from (spec, flag, a record on disk), because its
+    values go into QEMU's argv and slirp4netns's API.
+    """
+
+    host: str
+    host_port: int
+    guest_port: int
+    protocol: str = "tcp"
+
+    def __post_init__(self) -> None:
+        problem = publish_host_problem(self.host)
+        if not problem and not (_is_port(self.host_port) and _is_port(self.guest_port)):
+            problem = "ports must be integers from 1 to 65535"
+        if not problem and self.protocol != "tcp":
+            problem = "published ports are TCP only"
+        if problem:
+            raise InvalidInputError(f"published port {self.describe()[:80]!r}: {problem}")
+
+    def describe(self) -> str:
+        return f"{self.host}:{self.host_port}->{self.guest_port}/{self.protocol}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "protocol": self.protocol,
+            "host": self.host,
+            "hostPort": self.host_port,
+            "guestPort": self.guest_port,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PublishedPort:
+        """From a record or ``boot.json``: checked like any other."""
+        return cls(
+            host=data.get("host", ""),
+            host_port=data.get("hostPort", 0),
+            guest_port=data.get("guestPort", 0),
+            protocol=data.get("protocol", "tcp"),
+        )
+
+
 @dataclass(frozen=True)
 class NetworkConfig:
-    """Network mode and explicit forwards (forwards need ``user`` mode)."""
+    """Network mode, guest->host forwards and published (host->guest) ports; both need
+    ``user`` mode."""
 
     mode: NetworkMode = NetworkMode.ISOLATED
     forwards: tuple[Forward, ...] = ()
+    published: tuple[PublishedPort, ...] = ()
+
+
+@dataclass(frozen=True)
+class Mediation:
+    """The mediation channel of a boot: guest ``127.0.0.1:guest_port`` is carried over the
+    guest agent's channel to the host's TCP ``host:port``. ``required``: fail closed."""
+
+    guest_port: int
+    host: str
+    port: int
+    required: bool = False
+
+    @property
+    def target(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "port": self.guest_port,
+            "target": self.target,
+            "host": self.host,
+            "targetPort": self.port,
+            "required": self.required,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Mediation:
+        return cls(
+            int(data["port"]), str(data["host"]), int(data["targetPort"]), bool(data["required"])
+        )
 
 
 @dataclass(frozen=True)
@@ -131,10 +232,16 @@ class BootConfig:
     name: str = "microagent"
     # The VMM is killed when the process that booted it dies (one-shot runs: no orphan VMs).
     die_with_parent: bool = False
+    mediation: Mediation | None = None
 
     @property
     def control_socket(self) -> Path:
         return self.state_dir / "control.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        """The guest agent's port (``microagent.agent``), a unix socket the VMM serves."""
+        return self.state_dir / "agent.sock"
 
     @property
     def serial_log(self) -> Path:

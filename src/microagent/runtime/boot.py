@@ -34,6 +34,7 @@ from microagent.runtime.backend import (
     Disk,
     GuestResult,
     MachineType,
+    Mediation,
     NetworkConfig,
     OutputSink,
 )
@@ -105,6 +106,7 @@ class RunRequest:
     name: str = "microagent"
     die_with_parent: bool = False  # the VMM dies with the process that booted it
     disks: tuple[ExtraDisk, ...] = ()
+    mediation: Mediation | None = None
 
     def run_config(self) -> RunConfig:
         return RunConfig(
@@ -115,6 +117,7 @@ class RunRequest:
             network=GuestNetwork(mode=self.network.mode),
             outputs=self.outputs,
             mounts=self.mounts(),
+            mediation_port=self.mediation.guest_port if self.mediation else None,
         )
 
     def mounts(self) -> tuple[ExtraMount, ...]:
@@ -183,6 +186,7 @@ def prepare(
         timeout=request.timeout,
         name=request.name,
         die_with_parent=request.die_with_parent,
+        mediation=request.mediation,
     )
 
 

@@ -12,6 +12,12 @@ Explicit guest->host forwards use slirp ``guestfwd`` with a ``cmd:`` that connec
 socket (the filesystem is shared with the host, the netns loopback is not); a ``socat`` bridge
 on the host side connects that socket to ``127.0.0.1:PORT``.
 
+Published ports (host->guest) take two slirp hops: slirp4netns, which runs in the host's
+namespace, listens on ``HOST:HOSTPORT`` (``add_hostfwd`` over its API socket) and connects to
+the namespace's own address ``10.9.0.100:GUESTPORT``, where QEMU's slirp listens
+(``hostfwd=``) and connects to the guest. The egress filter lets out only the replies of those
+connections (conntrack ``ESTABLISHED``, reply direction, from the published ports).
+
 Everything here needs root (``ip netns add``, a tap device in the namespace). Argv and rules
 are built by pure functions; :class:`NetworkSandbox` runs them and always tears down.
 """
@@ -19,28 +25,37 @@ are built by pure functions; :class:`NetworkSandbox` runs them and always tears 
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
+import json
 import os
 import secrets
 import select
 import shlex
+import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from microagent import runner
-from microagent.errors import InvalidInputError, ToolError, VMError
-from microagent.runtime.backend import FORWARD_ADDRESS, Forward, NetworkConfig
-from microagent.runtime.configdisk import NetworkMode
+from microagent.errors import ConflictError, InvalidInputError, ToolError, VMError
+from microagent.runtime.backend import FORWARD_ADDRESS, Forward, NetworkConfig, PublishedPort
+from microagent.runtime.configdisk import GuestNetwork, NetworkMode
 from microagent.runtime.control import tail_text
 
 NETNS_DIR = Path("/run/netns")
 NETNS_PREFIX = "microagent-"
 SLIRP_CIDR = "10.9.0.0/24"
 SLIRP_DNS = "10.9.0.3"
+NETNS_ADDRESS = str(ipaddress.ip_network(SLIRP_CIDR)[100])  # tap0, as --configure sets it
+GUEST_ADDRESS = GuestNetwork().address.split("/")[0]
+API_SOCKET = "slirp.sock"  # in the VM's state dir (no longer than control.sock: path limit)
+API_TIMEOUT = 5.0
+API_REPLY_MAX = 64 << 10
 # Every IPv4 range that is not global unicast (IANA special-purpose registry, multicast and
 # the reserved block, which holds the broadcast address): a superset of what `ipaddress` calls
 # non-global (192.0.0.0/24 is rejected whole, multicast too). Tests check it against ipaddress.
@@ -79,6 +94,7 @@ class EgressPolicy:
     resolvers: tuple[str, ...]
     rejected: tuple[str, ...]
     netns_resolv_conf: str | None = None  # written to /etc/netns/<name>/resolv.conf if set
+    published_ports: tuple[int, ...] = ()  # namespace ports whose replies may leave
 
 
 def parse_resolvers(resolv_conf: str) -> tuple[str, ...]:
@@ -110,9 +126,12 @@ def _usable_resolver(address: str) -> bool:
     return not (ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_reserved)
 
 
-def egress_policy(resolvers: Sequence[str], host_addresses: Sequence[str]) -> EgressPolicy:
+def egress_policy(
+    resolvers: Sequence[str], host_addresses: Sequence[str], published_ports: Sequence[int] = ()
+) -> EgressPolicy:
     """Global unicast only: reject the host's addresses, every non-global range and the
-    metadata addresses; allow DNS (port 53) to the host's unicast, non-loopback resolvers.
+    metadata addresses; allow DNS (port 53) to the host's unicast, non-loopback resolvers,
+    and the replies of connections made to ``published_ports`` from outside.
 
     With only loopback resolvers (systemd-resolved style) the namespace uses slirp4netns's
     own DNS forwarder instead.
@@ -123,13 +142,20 @@ def egress_policy(resolvers: Sequence[str], host_addresses: Sequence[str]) -> Eg
         usable = (SLIRP_DNS,)
         resolv_conf = f"nameserver {SLIRP_DNS}\n"
     rejected = tuple(dict.fromkeys((*host_addresses, *NON_GLOBAL_RANGES, *METADATA_ADDRESSES)))
-    return EgressPolicy(usable, rejected, resolv_conf)
+    return EgressPolicy(usable, rejected, resolv_conf, tuple(sorted(set(published_ports))))
 
 
 def iptables_rules(policy: EgressPolicy) -> str:
     """An ``iptables-restore`` ruleset for the namespace's filter table."""
     lines = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
     lines.append("-A OUTPUT -o lo -j ACCEPT")
+    for port in policy.published_ports:
+        # A published connection comes in through slirp4netns from the gateway (or the
+        # client's own address): its replies leave, nothing the namespace starts does.
+        lines.append(
+            f"-A OUTPUT -s {NETNS_ADDRESS}/32 -p tcp --sport {port} "
+            "-m conntrack --ctstate ESTABLISHED --ctdir REPLY -j ACCEPT"
+        )
     for resolver in policy.resolvers:
         for proto in ("udp", "tcp"):
             lines.append(f"-A OUTPUT -d {resolver}/32 -p {proto} --dport 53 -j ACCEPT")
@@ -157,8 +183,12 @@ def ip6tables_rules() -> str:
     )
 
 
-def slirp4netns_argv(binary: str, netns: str, ready_fd: int, exit_fd: int) -> list[str]:
-    """slirp4netns joining ``netns`` to the outside, host loopback disabled."""
+def slirp4netns_argv(
+    binary: str, netns: str, ready_fd: int, exit_fd: int, api_socket: Path | None = None
+) -> list[str]:
+    """slirp4netns joining ``netns`` to the outside, host loopback disabled; with an API
+    socket (for published ports) when ``api_socket`` is given."""
+    api = [f"--api-socket={api_socket}"] if api_socket is not None else []
     return [
         binary,
         "--configure",
@@ -168,6 +198,7 @@ def slirp4netns_argv(binary: str, netns: str, ready_fd: int, exit_fd: int) -> li
         "--netns-type=path",
         f"--ready-fd={ready_fd}",
         f"--exit-fd={exit_fd}",
+        *api,
         str(NETNS_DIR / netns),
         "tap0",
     ]
@@ -205,6 +236,147 @@ def guestfwd_option(forward: Forward, socket_path: Path, socat: str) -> str:
     address = f"UNIX-CONNECT:{check_socket_path(socket_path)}"
     cmd = shlex.join((socat, "STDIO", address))
     return f"guestfwd=tcp:{FORWARD_ADDRESS}:{forward.guest_port}-cmd:{_qemu_escape(cmd)}"
+
+
+def netns_ports(published: Iterable[PublishedPort]) -> tuple[int, ...]:
+    """The namespace-side ports of ``published``: each guest port once, as itself."""
+    return tuple(sorted({p.guest_port for p in published}))
+
+
+def hostfwd_option(port: int) -> str:
+    """The ``hostfwd=`` part of ``-netdev user`` (QEMU runs in the namespace): the
+    namespace's ``10.9.0.100:port`` reaches the guest's ``port``."""
+    if type(port) is not int or not 0 < port < 65536:
+        raise InvalidInputError(f"guest port {port!r} is not 1-65535")
+    return f"hostfwd=tcp:{NETNS_ADDRESS}:{port}-{GUEST_ADDRESS}:{port}"
+
+
+def add_hostfwd_request(port: PublishedPort) -> bytes:
+    """slirp4netns's ``add_hostfwd``: listen on the host's ``host:host_port`` and connect
+    to the namespace's address at the guest port (values checked by PublishedPort)."""
+    arguments = {
+        "proto": port.protocol,
+        "host_addr": port.host,
+        "host_port": port.host_port,
+        "guest_addr": NETNS_ADDRESS,
+        "guest_port": port.guest_port,
+    }
+    return json.dumps({"execute": "add_hostfwd", "arguments": arguments}).encode()
+
+
+LIST_HOSTFWD = b'{"execute": "list_hostfwd"}'
+
+
+def api_socket_path(state_dir: Path) -> Path:
+    """Where the VM's slirp4netns serves its API (only while it publishes ports)."""
+    return state_dir / API_SOCKET
+
+
+def api_call(path: Path, request: bytes, timeout: float = API_TIMEOUT) -> dict[str, Any]:
+    """One request on slirp4netns's API socket (it wants the write side shut after each)
+    and its JSON reply, bounded; VMError when there is no sound answer."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(request)
+            sock.shutdown(socket.SHUT_WR)
+            reply = _read_bounded(sock, API_REPLY_MAX)
+        data = json.loads(reply)
+    except (OSError, ValueError) as exc:
+        raise VMError(f"slirp4netns API ({path}) did not answer: {exc}") from exc
+    if not isinstance(data, dict):
+        raise VMError(f"slirp4netns API ({path}) sent {type(data).__name__}, not an object")
+    return data
+
+
+def _read_bounded(sock: socket.socket, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := sock.recv(8192):
+        size += len(chunk)
+        if size > limit:
+            raise ValueError(f"reply longer than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def probe_bind(port: PublishedPort) -> None:
+    """Fail clearly unless ``host:host_port`` can be listened on now (slirp4netns listens
+    with SO_REUSEADDR, so the probe does too; a lingering TIME_WAIT is no conflict)."""
+    where = f"{port.host}:{port.host_port}"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((port.host, port.host_port))
+            sock.listen(1)
+    except OSError as exc:
+        raise _bind_error(port, where, exc) from exc
+
+
+def _bind_error(port: PublishedPort, where: str, exc: OSError) -> Exception:
+    if exc.errno == errno.EADDRINUSE:
+        return ConflictError(
+            f"cannot publish {port.describe()}: host port {where} is already in use",
+            hint=f"stop what listens there (ss -ltnp 'sport = :{port.host_port}') "
+            "or publish another host port",
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return InvalidInputError(
+            f"cannot publish {port.describe()}: {port.host} is not an address of this host",
+            hint="use 127.0.0.1 (the default), 0.0.0.0 or an address from `ip -4 addr`",
+        )
+    if exc.errno == errno.EACCES:
+        return InvalidInputError(
+            f"cannot publish {port.describe()}: ports below 1024 need root",
+            hint="publish a host port of 1024 or more",
+        )
+    return VMError(f"cannot publish {port.describe()}: {exc.strerror or exc}")
+
+
+def check_published(published: Iterable[PublishedPort]) -> None:
+    """Every host listener of ``published`` is free now (before anything boots)."""
+    for port in published:
+        probe_bind(port)
+
+
+def publish(api_socket: Path, port: PublishedPort) -> int:
+    """Make slirp4netns listen for ``port``; its forward id. A failure after a free probe
+    means the port was taken in between (slirp4netns says no more than "failed")."""
+    reply = api_call(api_socket, add_hostfwd_request(port))
+    result = reply.get("return")
+    if not isinstance(result, dict) or type(result.get("id")) is not int:
+        error = reply.get("error")
+        desc = error.get("desc") if isinstance(error, dict) else None
+        raise VMError(
+            f"cannot publish {port.describe()}: slirp4netns refused ({str(desc)[:200]})",
+            hint=f"is {port.host}:{port.host_port} in use? (ss -ltnp 'sport = :{port.host_port}')",
+        )
+    return int(result["id"])
+
+
+def live_published(api_socket: Path) -> tuple[PublishedPort, ...]:
+    """The ports slirp4netns publishes now (empty when it does not answer)."""
+    try:
+        reply = api_call(api_socket, LIST_HOSTFWD, timeout=1.0)
+    except VMError:
+        return ()
+    result = reply.get("return")
+    entries = result.get("entries") if isinstance(result, dict) else reply.get("entries")
+    return tuple(_entries(entries if isinstance(entries, list) else []))
+
+
+def _entries(entries: list[Any]) -> Iterable[PublishedPort]:
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("guest_addr") != NETNS_ADDRESS:
+            continue
+        with contextlib.suppress(InvalidInputError):
+            yield PublishedPort(
+                entry.get("host_addr", ""),
+                entry.get("host_port", 0),
+                entry.get("guest_port", 0),
+                entry.get("proto", ""),
+            )
 
 
 def bridge_argv(socat: str, socket_path: Path, host_port: int) -> list[str]:
@@ -270,6 +442,11 @@ class NetworkSandbox:
     def enabled(self) -> bool:
         return self.config.mode is NetworkMode.USER
 
+    @property
+    def api_socket(self) -> Path | None:
+        """slirp4netns's API socket; only when there are ports to publish."""
+        return api_socket_path(self.state_dir) if self.config.published else None
+
     def __enter__(self) -> NetworkSandbox:
         try:
             self.setup()
@@ -291,6 +468,8 @@ class NetworkSandbox:
         if not self.enabled:
             if self.config.forwards:
                 raise VMError("forwards need network mode 'user'")
+            if self.config.published:
+                raise VMError("published ports need network mode 'user'")
             return
         problem = root_problem()
         if problem:
@@ -299,9 +478,11 @@ class NetworkSandbox:
                 hint="run as root with slirp4netns, iptables, iproute2 and socat installed, "
                 "or use --network isolated",
             )
+        check_published(self.config.published)  # before anything is made: nothing to undo
         cleanup_stale()
         self._create_netns()
         self._start_slirp()
+        self._publish()
         self._start_bridges()
 
     def _create_netns(self) -> None:
@@ -325,14 +506,19 @@ class NetworkSandbox:
         except OSError:
             resolv = ""
         addrs = runner.run(["ip", "-4", "-o", "addr", "show"]).stdout
-        return egress_policy(parse_resolvers(resolv), parse_host_addresses(addrs))
+        ports = netns_ports(self.config.published)
+        return egress_policy(parse_resolvers(resolv), parse_host_addresses(addrs), ports)
 
     def _start_slirp(self) -> None:
         ready_r, ready_w = os.pipe()
         exit_r, exit_w = os.pipe()
         log = self.state_dir / "slirp4netns.log"
+        api = self.api_socket
+        if api is not None:
+            api.unlink(missing_ok=True)
         try:
-            argv = slirp4netns_argv(runner.find_tool("slirp4netns"), self.name, ready_w, exit_r)
+            binary = runner.find_tool("slirp4netns")
+            argv = slirp4netns_argv(binary, self.name, ready_w, exit_r, api)
             self._slirp = runner.spawn(argv, stdout=log, pass_fds=(ready_w, exit_r))
         finally:
             os.close(ready_w)
@@ -347,6 +533,12 @@ class NetworkSandbox:
                 f"slirp4netns did not become ready (got {byte!r})",
                 hint=f"its log: {tail_text(log, 10) or '(empty)'}",
             )
+
+    def _publish(self) -> None:
+        api = self.api_socket
+        for port in self.config.published:
+            assert api is not None  # there are published ports
+            publish(api, port)
 
     def _start_bridges(self) -> None:
         socat = runner.find_tool("socat")
@@ -370,6 +562,8 @@ class NetworkSandbox:
         """Stop helpers and delete the namespace; safe to call more than once."""
         for proc in [*self._bridges, *([self._slirp] if self._slirp else [])]:
             _stop(proc)
+        if self._slirp is not None and self.api_socket is not None:
+            self.api_socket.unlink(missing_ok=True)  # its listeners went with it
         self._bridges = []
         self._slirp = None
         if self._exit_fd is not None:

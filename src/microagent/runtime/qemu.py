@@ -2,7 +2,8 @@
 
 The argv is built by pure functions (golden-tested; ``--print-command`` shows it). A machine
 runs QEMU in its own session with the serial console in ``serial.log`` and QEMU's own output
-in ``vmm.log``; the guest's control port is a unix socket QEMU serves. What the guest sends is
+in ``vmm.log``; the guest's control port and its agent port (``agent.sock``, see
+:mod:`~microagent.runtime.agentlink`) are unix sockets QEMU serves. What the guest sends is
 bounded on the host: the events kept (:class:`~microagent.runtime.control.EventLog`) and the
 serial log, which QEMU appends to and the machine cuts back (``rotate_log``) while it runs.
 """
@@ -28,6 +29,7 @@ from typing import Any
 from microagent import runner
 from microagent.errors import ToolError, VMError
 from microagent.runtime import hostclock
+from microagent.runtime.agentproto import PORT_NAME as AGENT_PORT_NAME
 from microagent.runtime.backend import (
     Accel,
     Availability,
@@ -50,7 +52,13 @@ from microagent.runtime.control import (
     rotate_log,
     tail_text,
 )
-from microagent.runtime.network import NetworkSandbox, forward_socket, guestfwd_option
+from microagent.runtime.network import (
+    NetworkSandbox,
+    forward_socket,
+    guestfwd_option,
+    hostfwd_option,
+    netns_ports,
+)
 
 QEMU_BINARIES = {"x86_64": "qemu-system-x86_64", "amd64": "qemu-system-x86_64"}
 # rcu_expedited: module loading and mounts wait on RCU grace periods; expedited ones cut
@@ -130,26 +138,33 @@ def serial_args(log: Path) -> list[str]:
     ]
 
 
-def control_args(socket_path: Path, machine: MachineType) -> list[str]:
-    """A virtio-serial port named ``microagent.ctl`` backed by a unix socket QEMU serves."""
+def control_args(socket_path: Path, machine: MachineType, agent_socket: Path) -> list[str]:
+    """Two virtio-serial ports backed by unix sockets QEMU serves: ``microagent.ctl`` (the
+    init's JSON-lines events) and ``microagent.agent`` (the guest agent's frames)."""
     return [
         "-device",
-        # max_ports=2 (port 0 is reserved for a console): the default 31 ports cost the guest
+        # max_ports=3 (port 0 is reserved for a console): the default 31 ports cost the guest
         # 64 virtqueues and ~50 ms of driver probing under TCG.
-        f"{_device(machine, 'serial')},max_ports=2",
+        f"{_device(machine, 'serial')},max_ports=3",
         "-chardev",
         f"socket,id=ctl,path={_escape(socket_path)},server=on,wait=off",
         "-device",
         f"virtserialport,chardev=ctl,name={PORT_NAME}",
+        "-chardev",
+        f"socket,id=agent,path={_escape(agent_socket)},server=on,wait=off",
+        "-device",
+        f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
     ]
 
 
 def net_args(config: BootConfig, forwards: Sequence[tuple[Forward, Path]], socat: str) -> list[str]:
-    """No NIC when isolated; else slirp (inside our netns) with one guestfwd per forward."""
+    """No NIC when isolated; else slirp (inside our netns) with one guestfwd per forward and
+    one hostfwd per published guest port (slirp4netns brings the host's listener to it)."""
     if config.network.mode is NetworkMode.ISOLATED:
         return []
     netdev = ["user", "id=n0", "ipv6=off"]
     netdev += [guestfwd_option(fwd, path, socat) for fwd, path in forwards]
+    netdev += [hostfwd_option(port) for port in netns_ports(config.network.published)]
     return ["-netdev", ",".join(netdev), "-device", f"{_device(config.machine, 'net')},netdev=n0"]
 
 
@@ -172,7 +187,7 @@ def build_argv(
         *("-kernel", str(config.kernel), "-initrd", str(config.initrd)),
         *("-append", kernel_cmdline(config, tsc_khz if accel is Accel.TCG else None)),
         *disk_args(config.disks, config.machine),
-        *control_args(config.control_socket, config.machine),
+        *control_args(config.control_socket, config.machine, config.agent_socket),
         *net_args(config, forwards, socat),
     ]
 
@@ -502,6 +517,7 @@ class QemuBackend:
         check_boot_files(config)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         config.control_socket.unlink(missing_ok=True)
+        config.agent_socket.unlink(missing_ok=True)
         config.serial_log.unlink(missing_ok=True)  # QEMU appends to it (see serial_args)
         sandbox = NetworkSandbox(config.network, config.state_dir)
         try:

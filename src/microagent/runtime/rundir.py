@@ -37,9 +37,12 @@ from microagent.runtime.backend import (
     Disk,
     Forward,
     MachineType,
+    Mediation,
     NetworkConfig,
+    PublishedPort,
 )
 from microagent.runtime.configdisk import NetworkMode
+from microagent.runtime.health import HealthCheck
 
 
 class State(Enum):
@@ -74,6 +77,7 @@ class BootDocument:
     fake_outcome: str | None = None  # the fake backend's guest (tests)
     restart: Restart = field(default_factory=Restart)  # boots again after the entrypoint exits?
     restart_backoff: float = 1.0  # seconds before the first restart (then doubling)
+    health: HealthCheck | None = None  # probed through the guest agent while it runs
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -82,6 +86,7 @@ class BootDocument:
             "fakeOutcome": self.fake_outcome,
             "restart": self.restart.text,
             "restartBackoff": self.restart_backoff,
+            "health": self.health.to_json() if self.health else None,
             **_config_to_json(self.config),
         }
 
@@ -95,6 +100,7 @@ class BootDocument:
             data.get("fakeOutcome"),
             Restart.parse(data.get("restart", "never")),
             float(data.get("restartBackoff", 1.0)),
+            HealthCheck.from_json(data["health"]) if data.get("health") else None,
         )
 
 
@@ -118,12 +124,14 @@ def _config_to_json(config: BootConfig) -> dict[str, Any]:
                 }
                 for f in config.network.forwards
             ],
+            "published": [p.to_json() for p in config.network.published],
         },
         "machine": config.machine.value,
         "accel": config.accel.value,
         "timeout": config.timeout,
         "name": config.name,
         "dieWithParent": config.die_with_parent,
+        "mediation": config.mediation.to_json() if config.mediation else None,
     }
 
 
@@ -146,12 +154,17 @@ def _config_from_json(data: Mapping[str, Any]) -> BootConfig:
         state_dir=Path(data["stateDir"]),
         memory_mib=int(data["memoryMiB"]),
         cpus=int(data["cpus"]),
-        network=NetworkConfig(NetworkMode(net.get("mode", "isolated")), forwards),
+        network=NetworkConfig(
+            NetworkMode(net.get("mode", "isolated")),
+            forwards,
+            tuple(PublishedPort.from_json(p) for p in net.get("published") or []),
+        ),
         machine=MachineType(data.get("machine", "microvm")),
         accel=Accel(data.get("accel", "auto")),
         timeout=data.get("timeout"),
         name=str(data.get("name", "microagent")),
         die_with_parent=bool(data.get("dieWithParent", False)),
+        mediation=Mediation.from_json(data["mediation"]) if data.get("mediation") else None,
     )
 
 

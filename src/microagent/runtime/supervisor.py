@@ -25,14 +25,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from microagent import runner
 from microagent.compiler.spec import RestartPolicy
 from microagent.errors import MicroagentError
 from microagent.fsutil import atomic_write, write_json_atomic
-from microagent.runtime.agentlink import AgentHello, AgentLink, exec_socket_path
+from microagent.runtime.agentlink import AgentHello, AgentLink, MediationTarget, exec_socket_path
+from microagent.runtime.agentproto import ExecRequest
 from microagent.runtime.backend import Backend, BootConfig, GuestResult, Machine
 from microagent.runtime.backends import get_backend
+from microagent.runtime.health import HealthCheck, HealthProber, ProbeOutcome
 from microagent.runtime.rundir import BootDocument, RunDir, State, now
 
 SHUTDOWN_GRACE = 15.0
@@ -111,8 +114,13 @@ def _start_link(run: RunDir, config: BootConfig) -> AgentLink | None:
         run.update(execReadyAt=None)
         run.event("exec-lost", why)
 
+    med = config.mediation
     link = AgentLink(
-        config.agent_socket, exec_socket_path(config.state_dir), on_ready=ready, on_lost=lost
+        config.agent_socket,
+        exec_socket_path(config.state_dir),
+        mediation=MediationTarget(med.host, med.port) if med else None,
+        on_ready=ready,
+        on_lost=lost,
     )
     try:
         link.start()
@@ -123,12 +131,39 @@ def _start_link(run: RunDir, config: BootConfig) -> AgentLink | None:
     return link
 
 
+def _start_health(
+    run: RunDir, link: AgentLink | None, check: HealthCheck | None
+) -> HealthProber | None:
+    """Probe ``check`` through the guest agent; verdict changes go to runtime.json
+    (``health``) and the event log. Before the agent answers, a probe fails (and counts only
+    after the start period)."""
+    if link is None or check is None:
+        return None
+
+    def probe(c: HealthCheck) -> ProbeOutcome:
+        try:
+            done = link.run(ExecRequest(argv=c.exec), timeout=c.timeout_seconds)
+        except MicroagentError as exc:
+            return ProbeOutcome(None, exc.message)
+        text = (done.stderr or done.stdout).decode("utf-8", "replace")
+        return ProbeOutcome(done.exit_code, text)
+
+    def report(verdict: dict[str, Any]) -> None:
+        run.update(health=verdict)
+        run.event("health", str(verdict["detail"]), healthy=verdict["ready"])
+
+    prober = HealthProber(check, probe, report)
+    prober.start()
+    return prober
+
+
 class Supervisor:
     def __init__(self, run: RunDir) -> None:
         self.run_dir = run
         self.halt_requested = threading.Event()
         self.machine: Machine | None = None
         self.link: AgentLink | None = None  # the guest agent while a machine runs (exec)
+        self.health: HealthCheck | None = None  # the probe, from boot.json
 
     def _on_term(self, _signum: int, _frame: object) -> None:
         self.halt_requested.set()
@@ -141,6 +176,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         boot = self.run_dir.read_boot()
+        self.health = boot.health
         backend = get_backend(
             boot.backend, probes_dir=boot.probes_dir, fake_outcome=boot.fake_outcome
         )
@@ -219,11 +255,15 @@ class Supervisor:
         watcher = _Watcher(self.run_dir, machine)
         watcher.start()
         self.link = _start_link(self.run_dir, machine.config)
+        prober = _start_health(self.run_dir, self.link, self.health)
         try:
             return machine.wait(timeout=None)
         finally:
             watcher.stop.set()
             watcher.join(timeout=5)
+            if prober is not None:
+                prober.stop()
+                self.run_dir.update(health=None)
             if self.link is not None:
                 self.link.stop()
                 self.link = None

@@ -30,6 +30,7 @@ from microagent.workspace.records import (
     Record,
     Workspace,
     Workspaces,
+    published_ports,
 )
 
 HostForwards = tuple[tuple[int, int], ...]
@@ -120,6 +121,7 @@ def _record(
         cpus=res.cpu_count,
         state_size_mib=res.size_mib,
         network=spec.network.mode.value,
+        published=published_ports(spec.network.forwards),
         restart=spec.restart.text,
         files=files,
         spec=str(spec.source),
@@ -128,6 +130,8 @@ def _record(
         runtime_env=dict(env.values),
         host_forwards=forwards,
         disks=disks,
+        mediation=spec.mediation,
+        health=spec.health,
     )
 
 

@@ -31,10 +31,13 @@ from microagent.compiler.spec import Restart
 from microagent.errors import ConflictError, InvalidInputError, NotFoundError, VMError
 from microagent.ext4.debugfs import repair_image
 from microagent.fsutil import flocked, read_json
-from microagent.runtime.backend import Accel, Forward, NetworkConfig
+from microagent.runtime import network
+from microagent.runtime.backend import Accel, Forward, Mediation, NetworkConfig, PublishedPort
 from microagent.runtime.boot import BootFiles, RunRequest, prepare, vm_dir_for
 from microagent.runtime.configdisk import GuestFile, NetworkMode, Output
 from microagent.runtime.control import parse_output
+from microagent.runtime.health import HealthCheck
+from microagent.runtime.probe import tcp_reachable
 from microagent.runtime.rundir import BootDocument, State, now
 from microagent.settings import Settings
 from microagent.store.content import Store
@@ -148,11 +151,12 @@ def run_request(rt: Runtime, ws: Workspace, record: Record) -> RunRequest:
     """What a start of the workspace boots: its entrypoint on its own state disk."""
     mode = NetworkMode(record.network)
     forwards = tuple(Forward(guest, host_port=host) for guest, host in record.host_forwards)
+    published = record.published if mode is NetworkMode.USER else ()
     return RunRequest(
         rootfs=Path(record.rootfs),
         command=record.command,
         env={**record.env, **record.runtime_env},
-        network=NetworkConfig(mode, forwards),
+        network=NetworkConfig(mode, forwards, published),
         memory_mib=record.memory_mib,
         cpus=record.cpus,
         files=_guest_files(rt.store, record),
@@ -165,7 +169,36 @@ def run_request(rt: Runtime, ws: Workspace, record: Record) -> RunRequest:
         accel=Accel.parse(rt.settings.accel),
         name=record.name,
         die_with_parent=True,  # the supervisor owns the VMM: no VM outlives it
+        mediation=_mediation(record),
     )
+
+
+def _mediation(record: Record) -> Mediation | None:
+    m = record.mediation
+    return None if m is None else Mediation(m.port, m.target_host, m.target_port, m.required)
+
+
+def _health(record: Record) -> HealthCheck | None:
+    h = record.health
+    if h is None:
+        return None
+    return HealthCheck(
+        h.exec, h.interval_seconds, h.timeout_seconds, h.retries, h.start_period_seconds
+    )
+
+
+def _check_mediation(record: Record) -> None:
+    """A required mediation target must answer before the VM boots: fail closed."""
+    m = record.mediation
+    if m is None or not m.required:
+        return
+    why = tcp_reachable(m.target_host, m.target_port)
+    if why is not None:
+        raise ConflictError(
+            f"required mediation target {m.target} is unreachable ({why})",
+            hint="start the service that listens there first (e.g. scripts/dispatch.py), "
+            "or declare the mediation with `required: false`",
+        )
 
 
 def _restart_policy(ws: Workspace, record: Record) -> Restart:
@@ -187,6 +220,8 @@ def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict
         )
     _refuse_running_vmm(ws, "start")
     record = ws.record()
+    network.check_published(record.published)  # a taken host port: refused before boot
+    _check_mediation(record)
     if not Path(record.rootfs).is_file():
         raise NotFoundError(
             f"the root filesystem of {ws.name!r} is gone from the cache",
@@ -201,7 +236,10 @@ def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict
     boot = prepare(run_request(rt, ws, record), rt.kit(), vm_dir, work_dir=run.path)
     settings = rt.settings
     backend, probes, fake = settings.backend, settings.probes_dir, settings.fake_outcome
-    run.write_boot(BootDocument(boot, backend, probes, fake, restart, settings.restart_backoff))
+    health = _health(record)
+    run.write_boot(
+        BootDocument(boot, backend, probes, fake, restart, settings.restart_backoff, health)
+    )
     run.set_state(
         State.STARTING,
         "starting the VM",
@@ -359,9 +397,45 @@ def _readiness(ws: Workspace, state: State, runtime: Mapping[str, Any]) -> dict[
     guest = bool(runtime.get("guestReadyAt")) and live
     return {
         "guestReady": {"ready": guest, "observedAt": runtime.get("guestReadyAt")},
-        "execReady": {"ready": False, "detail": "structured exec is not available yet"},
+        "execReady": {  # the supervisor's link saw the guest agent's HELLO (see execs)
+            "ready": bool(runtime.get("execReadyAt")) and state is State.RUNNING,
+            "observedAt": runtime.get("execReadyAt"),
+        },
         "resultReady": {"ready": ws.run.result_path.is_file()},
+        **_channel_readiness(ws.record(), live, runtime),
     }
+
+
+def _channel_readiness(record: Record, live: bool, runtime: Mapping[str, Any]) -> dict[str, Any]:
+    """``mediationReady`` (a bounded connect to the target, as the reference does) and
+    ``healthy`` (the supervisor's last probe outcome), for workspaces that declare them."""
+    out: dict[str, Any] = {}
+    if record.mediation is not None:
+        m = record.mediation
+        why = tcp_reachable(m.target_host, m.target_port) if live else "not running"
+        out["mediationReady"] = {"ready": why is None, "target": m.target, "required": m.required}
+        if why is not None:
+            out["mediationReady"]["error"] = (
+                f"mediation required={str(m.required).lower()} target {m.target} unreachable: {why}"
+                if live
+                else "live readiness unavailable: not running"
+            )
+    if record.health is not None:
+        health = runtime.get("health") if live else None
+        out["healthy"] = {"ready": False, "detail": "no probe has run yet"}
+        if isinstance(health, Mapping):
+            out["healthy"] = {k: health.get(k) for k in ("ready", "observedAt", "detail")}
+    return out
+
+
+def _network_status(record: Record, state: State, runtime: Mapping[str, Any]) -> dict[str, Any]:
+    """The mode and the published ports, each ``live`` when slirp4netns listens for it now."""
+    live: tuple[PublishedPort, ...] = ()
+    vm_dir = runtime.get("vmDir")
+    if state.live and record.published and isinstance(vm_dir, str):
+        live = network.live_published(network.api_socket_path(Path(vm_dir)))
+    ports = [{**p.to_json(), "live": p in live} for p in record.published]
+    return {"mode": record.network, "ports": ports}
 
 
 def _parse_output(name: str, entry: Any) -> dict[str, Any]:
@@ -417,6 +491,7 @@ def status(ws: Workspace, backend: str) -> dict[str, Any]:
         "readiness": _readiness(ws, state, runtime),
         "restartPolicy": record.restart,
         "restarts": int(runtime.get("restarts") or 0),
+        "network": _network_status(record, state, runtime),
         "artifacts": {"outputs": [{"name": n, "path": p} for n, p in record.outputs]},
         "result": result_payload(ws),
         "error": {"message": runtime.get("detail", "")} if failed else None,

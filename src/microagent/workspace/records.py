@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from microagent.compiler.spec import Forward, Health, Mediation
 from microagent.errors import ConflictError, InvalidInputError, NotFoundError
 from microagent.fsutil import read_json
+from microagent.runtime.backend import PublishedPort
 from microagent.runtime.rundir import RunDir, now
 
 RECORD_VERSION = 1
@@ -84,11 +86,14 @@ class Record:
     files: tuple[DeclaredFile, ...] = ()
     host_forwards: tuple[tuple[int, int], ...] = ()
     disks: tuple[AttachedDisk, ...] = ()
+    published: tuple[PublishedPort, ...] = ()  # host->guest ports (network.forwards, --publish)
     spec: str = ""
     files_key: str = ""
     config_key: str = ""
     created_at: str = field(default_factory=now)
     runtime_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    mediation: Mediation | None = None
+    health: Health | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -96,6 +101,7 @@ class Record:
         data["command"] = list(self.command)
         data["outputs"] = [list(o) for o in self.outputs]
         data["host_forwards"] = [list(f) for f in self.host_forwards]
+        data["published"] = [p.to_json() for p in self.published]
         return data
 
     @classmethod
@@ -108,10 +114,20 @@ class Record:
         values["host_forwards"] = tuple(
             (int(g), int(h)) for g, h in data.get("host_forwards") or ()
         )
+        values["published"] = tuple(PublishedPort.from_json(p) for p in data.get("published") or ())
+        if data.get("mediation"):
+            values["mediation"] = Mediation(**data["mediation"])
+        if data.get("health"):
+            values["health"] = Health(**{**data["health"], "exec": tuple(data["health"]["exec"])})
         return cls(**values)
 
     def __repr__(self) -> str:  # never show runtime env values
         return f"Record(name={self.name!r}, rootfs_key={self.rootfs_key!r})"
+
+
+def published_ports(forwards: Iterable[Forward]) -> tuple[PublishedPort, ...]:
+    """The runtime's published ports for a spec's ``network.forwards`` (checked again)."""
+    return tuple(PublishedPort(f.host, f.host_port, f.guest_port, f.protocol) for f in forwards)
 
 
 def check_name(name: str) -> str:

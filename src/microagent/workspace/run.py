@@ -42,6 +42,11 @@ class OneShot:
                 "give an image and a command, or --rootfs FILE and a command",
                 hint="e.g. microagent run python:3.13-slim -- python3 -c 'print(6*7)'",
             )
+        if self.network.published and self.network.mode is NetworkMode.ISOLATED:
+            raise InvalidInputError(
+                "--publish needs --network user: an isolated VM has no network",
+                hint="drop --publish or use --network user",
+            )
 
 
 def one_shot_request(job: OneShot, rootfs: Path, settings: Settings) -> RunRequest:

@@ -83,6 +83,7 @@ def test_run_json_contract() -> None:
         "outputs": [{"name": "result", "path": "/workspace/result.json"}],
         "extraCaBundle": None,
         "mounts": [{"device": "vdd", "path": "/data", "fstype": "ext4", "readonly": True}],
+        "mediationPort": None,
     }
 
 

@@ -15,6 +15,7 @@ from microagent.runtime.backend import (
     Forward,
     MachineType,
     NetworkConfig,
+    PublishedPort,
 )
 from microagent.runtime.configdisk import NetworkMode
 from microagent.runtime.qemu import (
@@ -51,9 +52,11 @@ COMMON_TAIL = [
     "-device", "virtio-blk-device,drive=vd1,serial=state",
     "-drive", "id=vd2,file=/run/ma/s1/config.tar,format=raw,if=none,readonly=on",
     "-device", "virtio-blk-device,drive=vd2,serial=config",
-    "-device", "virtio-serial-device,max_ports=2",
+    "-device", "virtio-serial-device,max_ports=3",
     "-chardev", "socket,id=ctl,path=/run/ma/s1/control.sock,server=on,wait=off",
     "-device", "virtserialport,chardev=ctl,name=microagent.ctl",
+    "-chardev", "socket,id=agent,path=/run/ma/s1/agent.sock,server=on,wait=off",
+    "-device", "virtserialport,chardev=agent,name=microagent.agent",
 ]  # fmt: skip
 
 
@@ -94,6 +97,24 @@ def test_golden_microvm_user_network_with_forwards() -> None:
     ]
 
 
+def test_golden_user_network_with_published_ports() -> None:
+    published = (
+        PublishedPort("127.0.0.1", 18080, 80),
+        PublishedPort("0.0.0.0", 18081, 80),  # one namespace port per guest port
+        PublishedPort("127.0.0.1", 2222, 22),
+    )
+    argv = build_argv(
+        "qemu", config(network=NetworkConfig(NetworkMode.USER, published=published)), Accel.TCG
+    )
+    assert argv[-4:] == [
+        "-netdev",
+        "user,id=n0,ipv6=off,"
+        "hostfwd=tcp:10.9.0.100:22-10.0.2.15:22,hostfwd=tcp:10.9.0.100:80-10.0.2.15:80",
+        "-device",
+        "virtio-net-device,netdev=n0",
+    ]
+
+
 def test_golden_q35_kvm() -> None:
     argv = build_argv("qemu", config(machine=MachineType.Q35, memory_mib=512), Accel.KVM, tsc_khz=1)
     assert argv[:9] == ["qemu", "-M", "q35", "-accel", "kvm", "-cpu", "host", "-m", "512"]
@@ -101,11 +122,13 @@ def test_golden_q35_kvm() -> None:
     append = argv[argv.index("-append") + 1]
     assert append == "console=ttyS0 quiet panic=-1 rcupdate.rcu_expedited=1 ma_transport=pci"
     devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
-    assert devices[:4] == [
+    assert devices[:6] == [
         "virtio-blk-pci,drive=vd0,serial=rootfs",
         "virtio-blk-pci,drive=vd1,serial=state",
         "virtio-blk-pci,drive=vd2,serial=config",
-        "virtio-serial-pci,max_ports=2",
+        "virtio-serial-pci,max_ports=3",
+        "virtserialport,chardev=ctl,name=microagent.ctl",
+        "virtserialport,chardev=agent,name=microagent.agent",
     ]
 
 
@@ -114,6 +137,7 @@ def test_commas_in_paths_are_doubled() -> None:
     argv = build_argv("qemu", odd, Accel.TCG)
     assert "id=vd0,file=/a,,b/root.ext4,format=raw,if=none,readonly=on" in argv
     assert "socket,id=ctl,path=/s,,t/control.sock,server=on,wait=off" in argv
+    assert "socket,id=agent,path=/s,,t/agent.sock,server=on,wait=off" in argv
 
 
 def test_auto_must_be_resolved_first() -> None:
