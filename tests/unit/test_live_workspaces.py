@@ -6,12 +6,14 @@ Restarts back off from ``MICROAGENT_RESTART_BACKOFF`` (set small here), doubling
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +36,24 @@ def project(
     tmp_path: Path,
     busybox_layout: standin.BuiltImage,
     monkeypatch: pytest.MonkeyPatch,
-) -> Path:
-    monkeypatch.setenv("MICROAGENT_HOME", str(tmp_path / "home"))
+) -> Iterator[Path]:
+    home = tmp_path / "home"
+    monkeypatch.setenv("MICROAGENT_HOME", str(home))
     monkeypatch.setenv("MICROAGENT_RESTART_BACKOFF", "0.05")
     proj = tmp_path / "proj"
     proj.mkdir()
     shutil.copytree(busybox_layout.layout, proj / "layout")
-    return proj
+    yield proj
+    _stop_supervisors(home)
+
+
+def _stop_supervisors(home: Path) -> None:
+    """Whatever a test left running (a restart policy restarts for ever) is stopped."""
+    for path in home.glob("workspaces/*/runtime/runtime.json"):
+        pid = json.loads(path.read_text()).get("supervisorPid")
+        if isinstance(pid, int) and runner.pid_alive(pid):
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
 
 
 def create(capsys: pytest.CaptureFixture[str], proj: Path, name: str, restart: str) -> None:
@@ -164,6 +177,7 @@ def test_kill_stops_now_and_the_next_start_repairs_the_disk(
     )
     run(capsys, "start", "ws")
     assert len(events(capsys, "ws", "fsck")) == 1, "a clean stop needs no check"
+    run(capsys, "halt", "ws")  # `always`: left alone it would restart for ever
 
 
 def test_kill_of_a_workspace_that_never_ran(
