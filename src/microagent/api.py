@@ -441,11 +441,11 @@ class Microagent:
     def kill(self, name: str) -> KillReport:
         """Stop a workspace now (SIGKILL, no guest shutdown); its disk is checked next start."""
         # deferred: see the module docstring
-        from microagent.workspace import lifecycle
+        from microagent.workspace import lifecycle, liveness
 
         ws = self.workspace(name)
         killed = lifecycle.kill(ws)
-        return KillReport(name, lifecycle.reconcile(ws).value, killed)
+        return KillReport(name, liveness.reconcile(ws).value, killed)
 
     def wait(self, name: str, *, timeout: float | None = None) -> WaitReport:
         """Block until a workspace is stopped, halted or failed (or ``timeout`` passes)."""
@@ -475,11 +475,11 @@ class Microagent:
 
     def list_workspaces(self) -> list[dict[str, Any]]:
         # deferred: see the module docstring
-        from microagent.workspace import lifecycle
+        from microagent.workspace import liveness
 
         rows = []
         for ws in self.workspaces:
-            state = lifecycle.reconcile(ws)
+            state = liveness.reconcile(ws)
             observed = ws.run.runtime().get("observedAt")
             rows.append({"name": ws.name, "state": state.value, "observedAt": observed})
         return rows
@@ -490,7 +490,7 @@ class Microagent:
     def logs(self, name: str, *, follow: bool = False, poll: float = 0.3) -> Iterator[bytes]:
         """The serial console, in chunks; with ``follow`` until the workspace stops."""
         # deferred: see the module docstring
-        from microagent.workspace import lifecycle
+        from microagent.workspace import liveness
 
         ws = self.workspace(name)
         offset = 0
@@ -506,7 +506,7 @@ class Microagent:
             offset += len(chunk)
             if chunk:
                 yield chunk
-            if not follow or lifecycle.reconcile(ws).terminal:
+            if not follow or liveness.reconcile(ws).terminal:
                 return
             time.sleep(poll)
 

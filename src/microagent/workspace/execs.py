@@ -15,7 +15,7 @@ from microagent.errors import ConflictError, VMError
 from microagent.runtime.agentproto import ExecRequest
 from microagent.runtime.execclient import ExecIO, ExecResult, Input, collect, stream
 from microagent.runtime.rundir import State
-from microagent.workspace.lifecycle import reconcile
+from microagent.workspace.liveness import reconcile
 from microagent.workspace.records import Workspace
 
 READY_WAIT = 30.0  # how long exec waits for the guest agent of a starting workspace

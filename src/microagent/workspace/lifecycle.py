@@ -42,6 +42,7 @@ from microagent.runtime.rundir import BootDocument, State, now
 from microagent.settings import Settings
 from microagent.store.content import Store
 from microagent.workspace.disks import boot_disks
+from microagent.workspace.liveness import reconcile
 from microagent.workspace.records import Record, Workspace
 
 START_TIMEOUT = 60.0
@@ -63,21 +64,6 @@ class Runtime:
 
 
 # -- liveness ----------------------------------------------------------------------------------
-
-
-def reconcile(ws: Workspace) -> State:
-    """The true state: a live-looking state whose supervisor is gone becomes ``failed``."""
-    run = ws.run
-    state = run.state()
-    pid = run.runtime().get("supervisorPid")
-    if state is State.STARTING and pid is None:
-        return state  # the launcher records the pid right after spawning
-    if state.live and not runner.pid_alive(pid):
-        detail = "the supervisor process died unexpectedly"
-        run.set_state(State.FAILED, detail, stateDiskDirty="its supervisor died")
-        run.config_disk.unlink(missing_ok=True)  # its environment outlives no boot
-        return State.FAILED
-    return state
 
 
 def vmm_running(ws: Workspace) -> bool:
