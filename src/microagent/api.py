@@ -19,22 +19,18 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from microagent.compiler.loader import load_spec
-from microagent.compiler.lock import LockEntry, LockFile, lock_path_for, read_lock, write_lock
-from microagent.compiler.overrides import Overrides, RuntimeEnv, apply_overrides
-from microagent.compiler.plan import BuildPlan, StepCache, StepStatus, compile_plan, plan_status
-from microagent.compiler.refs import parse_any_ref
-from microagent.compiler.spec import Spec
 from microagent.digests import key_hex
 from microagent.errors import InvalidInputError, NotFoundError
-from microagent.oci.resolve import resolve_image
 from microagent.settings import Settings
 from microagent.store.content import Entry, PruneReport, Store
-from microagent.store.stepcache import StoreStepCache
 
 if TYPE_CHECKING:
     from microagent.build.base import BaseImage
     from microagent.build.pipeline import BuildOutcome, Pipeline
+    from microagent.compiler.lock import LockEntry, LockFile
+    from microagent.compiler.overrides import Overrides, RuntimeEnv
+    from microagent.compiler.plan import BuildPlan, StepCache, StepStatus
+    from microagent.compiler.spec import Spec
     from microagent.kit.guestkit import GuestKit
     from microagent.oci.registry import RegistryClient
     from microagent.oci.transport import Repository
@@ -60,6 +56,10 @@ def _quiet(_message: str) -> None:
 
 def load(path: Path | str, overrides: Overrides | None = None) -> Spec:
     """Load a spec and apply command-line overrides."""
+    # deferred: the spec loader (YAML, the schema) is not on the workspace verbs' path
+    from microagent.compiler.loader import load_spec
+    from microagent.compiler.overrides import apply_overrides
+
     spec = load_spec(path)
     return apply_overrides(spec, overrides) if overrides else spec
 
@@ -302,6 +302,11 @@ class Microagent:
         cache_from: Sequence[str] = (),
     ) -> PlanReport:
         """Load, resolve and plan a spec, and look every step up (locally, then remotely)."""
+        # deferred: see the module docstring
+        from microagent.compiler.plan import compile_plan, plan_status
+        from microagent.oci.resolve import resolve_image
+        from microagent.store.stepcache import StoreStepCache
+
         spec = load(path, overrides)
         image = resolve_image(spec, lambda: self.client, offline=offline)
         built = compile_plan(spec, image, runtime_env_keys=env.names if env else ())
@@ -327,6 +332,16 @@ class Microagent:
 
     def lock(self, path: Path, *, update: bool = False) -> LockReport:
         """Write (or refresh) ``microagent.lock`` beside the spec."""
+        # deferred: see the module docstring
+        from microagent.compiler.lock import (
+            LockEntry,
+            LockFile,
+            lock_path_for,
+            read_lock,
+            write_lock,
+        )
+        from microagent.compiler.refs import parse_any_ref  # deferred: as above
+
         spec = load(path)
         lock_file = read_lock(lock_path_for(spec.source)) or LockFile(lock_path_for(spec.source))
         if spec.image in lock_file.images and not update:
@@ -367,6 +382,9 @@ class Microagent:
         pipeline = self.pipeline(
             timeout=timeout, cache_from=cache_from, cache_to=cache_to, platform=platform
         )
+        # deferred: see the module docstring
+        from microagent.compiler.overrides import RuntimeEnv
+
         outcome = pipeline.build(load(path, overrides), env or RuntimeEnv())
         record_files_and_config(self.store, outcome.plan)
         published = pipeline.publish(outcome.plan, push=push)
@@ -393,6 +411,9 @@ class Microagent:
         parsed = port_forwards(tuple(Forward.parse(item) for item in forwards))
         pipeline = self.pipeline(timeout=timeout, cache_from=cache_from, cache_to=cache_to)
         spec = load(path, overrides)
+        # deferred: see the module docstring
+        from microagent.compiler.overrides import RuntimeEnv
+
         return create(pipeline, self.workspaces, spec, env or RuntimeEnv(), parsed)
 
     # -- workspaces -------------------------------------------------------------------------
@@ -690,6 +711,9 @@ class Microagent:
 
         if spec is not None:
             pipeline = self.pipeline(cache_from=cache_from)
+            # deferred: see the module docstring
+            from microagent.compiler.overrides import RuntimeEnv
+
             outcome = pipeline.build(load(spec), RuntimeEnv())
             record_files_and_config(self.store, outcome.plan)
             key = outcome.plan.config_step.key
