@@ -12,11 +12,15 @@ Explicit guest->host forwards use slirp ``guestfwd`` with a ``cmd:`` that connec
 socket (the filesystem is shared with the host, the netns loopback is not); a ``socat`` bridge
 on the host side connects that socket to ``127.0.0.1:PORT``.
 
-Published ports (host->guest) take two slirp hops: slirp4netns, which runs in the host's
-namespace, listens on ``HOST:HOSTPORT`` (``add_hostfwd`` over its API socket) and connects to
-the namespace's own address ``10.9.0.100:GUESTPORT``, where QEMU's slirp listens
-(``hostfwd=``) and connects to the guest. The egress filter lets out only the replies of those
-connections (conntrack ``ESTABLISHED``, reply direction, from the published ports).
+Published ports (host->guest): slirp4netns, which runs in the host's namespace, listens on
+``HOST:HOSTPORT`` (``add_hostfwd`` over its API socket) and connects to the namespace's own
+address ``10.9.0.100:GUESTPORT``. There a ``socat`` relay accepts (backlog 128) and connects to
+``127.0.0.1:GUESTPORT``, where QEMU's slirp listens (``hostfwd=``) and connects to the guest.
+The relay is there because libslirp listens with a backlog of 1 and QEMU under TCG accepts
+slowly: a burst of connections overflowed QEMU's queue, and slirp4netns's user-mode TCP
+retries so slowly that requests stalled for a minute; the kernel's retries (the relay's
+connect) are quick. The egress filter lets out only the replies of connections made to the
+relay from outside (conntrack ``ESTABLISHED``, reply direction, from the published ports).
 
 Everything here needs root (``ip netns add``, a tap device in the namespace). Argv and rules
 are built by pure functions; :class:`NetworkSandbox` runs them and always tears down.
@@ -32,6 +36,7 @@ import os
 import secrets
 import select
 import shlex
+import signal
 import socket
 import subprocess
 import time
@@ -56,6 +61,10 @@ GUEST_ADDRESS = GuestNetwork().address.split("/")[0]
 API_SOCKET = "slirp.sock"  # in the VM's state dir (no longer than control.sock: path limit)
 API_TIMEOUT = 5.0
 API_REPLY_MAX = 64 << 10
+RELAY_BACKLOG = 128
+# After one side ends, socat waits this long for the other (half-close) before it gives up;
+# its default (0.5 s) would cut a reply that takes longer after the client's shutdown.
+RELAY_HALF_CLOSE_SECONDS = 3600
 # Every IPv4 range that is not global unicast (IANA special-purpose registry, multicast and
 # the reserved block, which holds the broadcast address): a superset of what `ipaddress` calls
 # non-global (192.0.0.0/24 is rejected whole, multicast too). Tests check it against ipaddress.
@@ -243,12 +252,44 @@ def netns_ports(published: Iterable[PublishedPort]) -> tuple[int, ...]:
     return tuple(sorted({p.guest_port for p in published}))
 
 
-def hostfwd_option(port: int) -> str:
-    """The ``hostfwd=`` part of ``-netdev user`` (QEMU runs in the namespace): the
-    namespace's ``10.9.0.100:port`` reaches the guest's ``port``."""
+def _check_port(port: int) -> int:
     if type(port) is not int or not 0 < port < 65536:
         raise InvalidInputError(f"guest port {port!r} is not 1-65535")
-    return f"hostfwd=tcp:{NETNS_ADDRESS}:{port}-{GUEST_ADDRESS}:{port}"
+    return port
+
+
+def hostfwd_option(port: int) -> str:
+    """The ``hostfwd=`` part of ``-netdev user`` (QEMU runs in the namespace): the
+    namespace's loopback ``127.0.0.1:port`` reaches the guest's ``port``."""
+    return f"hostfwd=tcp:127.0.0.1:{_check_port(port)}-{GUEST_ADDRESS}:{port}"
+
+
+def relay_argv(socat: str, port: int) -> list[str]:
+    """The relay (run in the namespace) from ``10.9.0.100:port``, where slirp4netns connects,
+    to QEMU's listener on ``127.0.0.1:port``: one child per connection, a deep backlog."""
+    listen = f"TCP4-LISTEN:{_check_port(port)},bind={NETNS_ADDRESS},reuseaddr,fork"
+    return [
+        socat,
+        "-t",
+        str(RELAY_HALF_CLOSE_SECONDS),
+        f"{listen},backlog={RELAY_BACKLOG}",
+        f"TCP4:127.0.0.1:{port}",
+    ]
+
+
+def listening(pid: int, address: str, port: int) -> bool:
+    """Whether ``address:port`` listens (TCP) in the network namespace of process ``pid``."""
+    packed = ipaddress.IPv4Address(address).packed[::-1].hex().upper()
+    try:
+        table = Path(f"/proc/{pid}/net/tcp").read_text()
+    except OSError:
+        return False
+    wanted = f"{packed}:{port:04X}"
+    return any(
+        parts[1] == wanted and parts[3] == "0A"  # 0A: LISTEN
+        for parts in (line.split() for line in table.splitlines()[1:])
+        if len(parts) > 3
+    )
 
 
 def add_hostfwd_request(port: PublishedPort) -> bytes:
@@ -435,6 +476,7 @@ class NetworkSandbox:
         self._slirp: subprocess.Popen[bytes] | None = None
         self._exit_fd: int | None = None
         self._bridges: list[subprocess.Popen[bytes]] = []
+        self._relays: list[subprocess.Popen[bytes]] = []
         self._created = False
         self._resolv_dir: Path | None = None
 
@@ -482,6 +524,7 @@ class NetworkSandbox:
         cleanup_stale()
         self._create_netns()
         self._start_slirp()
+        self._start_relays()
         self._publish()
         self._start_bridges()
 
@@ -534,6 +577,16 @@ class NetworkSandbox:
                 hint=f"its log: {tail_text(log, 10) or '(empty)'}",
             )
 
+    def _start_relays(self) -> None:
+        socat, setpriv = runner.find_tool("socat"), runner.find_tool("setpriv")
+        for port in netns_ports(self.config.published):
+            log = self.state_dir / f"publish-{port}.log"
+            # It never outlives the process that set the namespace up (its children end with
+            # their connections, which end with the VMM); a teardown stops its whole session.
+            argv = [setpriv, "--pdeathsig", "KILL", *netns_exec(self.name, relay_argv(socat, port))]
+            self._relays.append(runner.spawn(argv, stdout=log, new_session=True))
+            _await_listening(self._relays[-1], port, log)
+
     def _publish(self) -> None:
         api = self.api_socket
         for port in self.config.published:
@@ -560,6 +613,9 @@ class NetworkSandbox:
 
     def teardown(self) -> None:
         """Stop helpers and delete the namespace; safe to call more than once."""
+        for relay in self._relays:
+            _stop_group(relay)
+        self._relays = []
         for proc in [*self._bridges, *([self._slirp] if self._slirp else [])]:
             _stop(proc)
         if self._slirp is not None and self.api_socket is not None:
@@ -586,6 +642,17 @@ def _read_ready(fd: int, timeout: float) -> bytes:
     return os.read(fd, 1) if ready else b""
 
 
+def _await_listening(relay: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not listening(relay.pid, NETNS_ADDRESS, port):
+        if relay.poll() is not None or time.monotonic() > deadline:
+            raise VMError(
+                f"the relay for guest port {port} did not start",
+                hint=f"its log: {tail_text(log, 10) or '(empty)'}",
+            )
+        time.sleep(0.005)
+
+
 def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 5.0
     while not path.exists():
@@ -605,6 +672,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a session leader and what it forked (a relay's per-connection children)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    _stop(proc)
 
 
 def cleanup_stale() -> list[str]:

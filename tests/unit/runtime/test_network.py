@@ -4,6 +4,7 @@ and published ports (checks, the slirp4netns API, the port-taken probe)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import tempfile
@@ -115,8 +116,6 @@ def test_stale_namespaces_only_ours_with_dead_owner() -> None:
 
 
 def test_netns_name_records_pid() -> None:
-    import os
-
     assert network.netns_name().startswith(f"{network.NETNS_PREFIX}{os.getpid()}-")
 
 
@@ -182,9 +181,30 @@ def test_published_port_json_round_trip_is_checked() -> None:
 def test_hostfwd_option_and_namespace_ports() -> None:
     ports = (WEB, PublishedPort("0.0.0.0", 18081, 80), PublishedPort("127.0.0.1", 2222, 22))
     assert network.netns_ports(ports) == (22, 80)
-    assert network.hostfwd_option(80) == "hostfwd=tcp:10.9.0.100:80-10.0.2.15:80"
-    with pytest.raises(InvalidInputError):
-        network.hostfwd_option(0)
+    assert network.hostfwd_option(80) == "hostfwd=tcp:127.0.0.1:80-10.0.2.15:80"
+    assert network.relay_argv("/usr/bin/socat", 80) == [
+        "/usr/bin/socat",
+        "-t",
+        "3600",
+        "TCP4-LISTEN:80,bind=10.9.0.100,reuseaddr,fork,backlog=128",
+        "TCP4:127.0.0.1:80",
+    ]
+    for bad in (0, 65536, True):
+        with pytest.raises(InvalidInputError):
+            network.hostfwd_option(bad)
+        with pytest.raises(InvalidInputError):
+            network.relay_argv("socat", bad)
+
+
+def test_listening_reads_the_namespace_of_a_process() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        assert not network.listening(os.getpid(), "127.0.0.1", port)  # bound, not listening
+        server.listen(1)
+        assert network.listening(os.getpid(), "127.0.0.1", port)
+        assert not network.listening(os.getpid(), "127.0.0.2", port)
+    assert not network.listening(999_999_999, "127.0.0.1", port)
 
 
 def test_add_hostfwd_request() -> None:

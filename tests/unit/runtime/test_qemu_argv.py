@@ -109,7 +109,7 @@ def test_golden_user_network_with_published_ports() -> None:
     assert argv[-4:] == [
         "-netdev",
         "user,id=n0,ipv6=off,"
-        "hostfwd=tcp:10.9.0.100:22-10.0.2.15:22,hostfwd=tcp:10.9.0.100:80-10.0.2.15:80",
+        "hostfwd=tcp:127.0.0.1:22-10.0.2.15:22,hostfwd=tcp:127.0.0.1:80-10.0.2.15:80",
         "-device",
         "virtio-net-device,netdev=n0",
     ]
