@@ -144,14 +144,16 @@ def spawn(
     cwd: Path | None = None,
     new_session: bool = False,
     pass_fds: Sequence[int] = (),
+    stdin: int | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start a long-lived child; its stdout+stderr go to ``stdout`` (a file) or are discarded."""
+    """Start a long-lived child; its stdout+stderr go to ``stdout`` (a file) or are discarded.
+    ``stdin``: a file descriptor the child reads (a pipe of secrets); else ``/dev/null``."""
     words = _resolve(argv)
     sink = stdout.open("ab") if stdout is not None else subprocess.DEVNULL
     try:
         return subprocess.Popen(
             words,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=sink,
             stderr=subprocess.STDOUT,
             env=minimal_env(env),

@@ -55,6 +55,8 @@ RAM_STAGE_ENV = "MICROAGENT_RAM_STAGE"
 CACHE_ROOTFS_ENV = "MICROAGENT_CACHE_ROOTFS"
 FAKE_ENV = "MICROAGENT_FAKE"
 RESTART_BACKOFF_ENV = "MICROAGENT_RESTART_BACKOFF"
+SERVICE_PORT_BASE_ENV = "MICROAGENT_SERVICE_PORT_BASE"
+SERVICE_PORT_BASE = 18780
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 MAX_CONFIG_BYTES = 1 << 20
 _OFF = ("0", "no", "false", "off")
@@ -84,6 +86,8 @@ class Settings:
     cache_rootfs: bool = True  # publish and use packed rootfs images in remote caches
     fake_outcome: str | None = None  # tests: what the fake backend's guest does (JSON)
     restart_backoff: float = 1.0  # seconds before the first automatic restart (doubling)
+    # The first guest loopback port of the host services (credential brokers, egress proxy).
+    service_port_base: int = SERVICE_PORT_BASE
 
     @property
     def store_dir(self) -> Path:
@@ -140,7 +144,20 @@ class Settings:
             cache_rootfs=_flag(env.get(CACHE_ROOTFS_ENV)),
             fake_outcome=env.get(FAKE_ENV) or None,
             restart_backoff=_seconds(RESTART_BACKOFF_ENV, env.get(RESTART_BACKOFF_ENV), 1.0),
+            service_port_base=_port_base(env.get(SERVICE_PORT_BASE_ENV)),
         )
+
+
+def _port_base(value: str | None) -> int:
+    """The first service port: room for 16 ports above it, clear of the privileged ones."""
+    if not value:
+        return SERVICE_PORT_BASE
+    if not value.isdigit() or not 1024 <= int(value) <= 65535 - 16:
+        raise InvalidInputError(
+            f"{SERVICE_PORT_BASE_ENV}={value[:20]!r} is not a port number from 1024 to 65519",
+            hint=f"unset it to use {SERVICE_PORT_BASE}",
+        )
+    return int(value)
 
 
 def read_ca_bundle(path: Path = HOST_CA_BUNDLE, *, hint: str = "") -> bytes:

@@ -35,6 +35,7 @@ LAYERS = (
     "oci",
     "layers",
     "ext4",
+    "broker",
     "runtime",
     "kit",
     "remotecache",

@@ -59,6 +59,7 @@ from microagent.runtime.network import (
     hostfwd_option,
     netns_ports,
 )
+from microagent.runtime.qmp import QMP_SOCKET
 
 QEMU_BINARIES = {"x86_64": "qemu-system-x86_64", "amd64": "qemu-system-x86_64"}
 # rcu_expedited: module loading and mounts wait on RCU grace periods; expedited ones cut
@@ -188,6 +189,7 @@ def build_argv(
         *("-append", kernel_cmdline(config, tsc_khz if accel is Accel.TCG else None)),
         *disk_args(config.disks, config.machine),
         *control_args(config.control_socket, config.machine, config.agent_socket),
+        *("-qmp", f"unix:{_escape(config.state_dir / QMP_SOCKET)},server=on,wait=off"),
         *net_args(config, forwards, socat),
     ]
 
@@ -518,6 +520,7 @@ class QemuBackend:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         config.control_socket.unlink(missing_ok=True)
         config.agent_socket.unlink(missing_ok=True)
+        (config.state_dir / QMP_SOCKET).unlink(missing_ok=True)
         config.serial_log.unlink(missing_ok=True)  # QEMU appends to it (see serial_args)
         sandbox = NetworkSandbox(config.network, config.state_dir)
         try:

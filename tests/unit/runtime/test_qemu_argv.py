@@ -57,6 +57,7 @@ COMMON_TAIL = [
     "-device", "virtserialport,chardev=ctl,name=microagent.ctl",
     "-chardev", "socket,id=agent,path=/run/ma/s1/agent.sock,server=on,wait=off",
     "-device", "virtserialport,chardev=agent,name=microagent.agent",
+    "-qmp", "unix:/run/ma/s1/qmp.sock,server=on,wait=off",
 ]  # fmt: skip
 
 
