@@ -181,6 +181,9 @@ class NetworkConfig:
     mode: NetworkMode = NetworkMode.ISOLATED
     forwards: tuple[Forward, ...] = ()
     published: tuple[PublishedPort, ...] = ()
+    # False (``network.allow``): the guest's NIC reaches nothing outside (DNS neither); its
+    # traffic goes through the host's egress proxy over the guest agent's channel instead.
+    direct_egress: bool = True
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,7 @@ class EgressPolicy:
     rejected: tuple[str, ...]
     netns_resolv_conf: str | None = None  # written to /etc/netns/<name>/resolv.conf if set
     published_ports: tuple[int, ...] = ()  # namespace ports whose replies may leave
+    deny_all: bool = False  # nothing else leaves (network.allow: egress goes by the proxy)
 
 
 def parse_resolvers(resolv_conf: str) -> tuple[str, ...]:
@@ -136,22 +137,29 @@ def _usable_resolver(address: str) -> bool:
 
 
 def egress_policy(
-    resolvers: Sequence[str], host_addresses: Sequence[str], published_ports: Sequence[int] = ()
+    resolvers: Sequence[str],
+    host_addresses: Sequence[str],
+    published_ports: Sequence[int] = (),
+    *,
+    direct_egress: bool = True,
 ) -> EgressPolicy:
     """Global unicast only: reject the host's addresses, every non-global range and the
     metadata addresses; allow DNS (port 53) to the host's unicast, non-loopback resolvers,
     and the replies of connections made to ``published_ports`` from outside.
 
     With only loopback resolvers (systemd-resolved style) the namespace uses slirp4netns's
-    own DNS forwarder instead.
+    own DNS forwarder instead. Without ``direct_egress`` only the published replies leave.
     """
+    ports = tuple(sorted(set(published_ports)))
+    if not direct_egress:
+        return EgressPolicy((), (), None, ports, deny_all=True)
     usable = tuple(r for r in resolvers if _usable_resolver(r))
     resolv_conf = None
     if not usable:
         usable = (SLIRP_DNS,)
         resolv_conf = f"nameserver {SLIRP_DNS}\n"
     rejected = tuple(dict.fromkeys((*host_addresses, *NON_GLOBAL_RANGES, *METADATA_ADDRESSES)))
-    return EgressPolicy(usable, rejected, resolv_conf, tuple(sorted(set(published_ports))))
+    return EgressPolicy(usable, rejected, resolv_conf, ports)
 
 
 def iptables_rules(policy: EgressPolicy) -> str:
@@ -171,6 +179,8 @@ def iptables_rules(policy: EgressPolicy) -> str:
     for target in policy.rejected:
         cidr = target if "/" in target else f"{target}/32"
         lines.append(f"-A OUTPUT -d {cidr} -j REJECT")
+    if policy.deny_all:
+        lines.append("-A OUTPUT -j REJECT")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -550,7 +560,12 @@ class NetworkSandbox:
             resolv = ""
         addrs = runner.run(["ip", "-4", "-o", "addr", "show"]).stdout
         ports = netns_ports(self.config.published)
-        return egress_policy(parse_resolvers(resolv), parse_host_addresses(addrs), ports)
+        return egress_policy(
+            parse_resolvers(resolv),
+            parse_host_addresses(addrs),
+            ports,
+            direct_egress=self.config.direct_egress,
+        )
 
     def _start_slirp(self) -> None:
         ready_r, ready_w = os.pipe()

@@ -66,6 +66,17 @@ def test_policy_and_rules_golden() -> None:
     )
 
 
+def test_without_direct_egress_only_published_replies_leave() -> None:
+    """network.allow: no DNS, no destination at all; the proxy is the only way out."""
+    policy = network.egress_policy(("10.255.255.53",), ("192.0.2.2",), (8080,), direct_egress=False)
+    rules = network.iptables_rules(policy).splitlines()
+    assert not any("--dport 53" in line for line in rules)
+    assert rules[-2:] == ["-A OUTPUT -j REJECT", "COMMIT"]
+    assert rules[4] == "-A OUTPUT -o lo -j ACCEPT"
+    assert "--sport 8080" in rules[5] and "ESTABLISHED" in rules[5]
+    assert len(rules) == 8
+
+
 def test_loopback_resolver_uses_slirp_dns() -> None:
     policy = network.egress_policy(("127.0.0.53",), ())
     assert policy.resolvers == (network.SLIRP_DNS,)
