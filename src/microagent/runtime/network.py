@@ -47,6 +47,11 @@ from types import TracebackType
 from typing import Any
 
 from microagent import runner
+from microagent.broker.addresses import (
+    DOCUMENTATION_RANGES,  # noqa: F401  (tests read it here)
+    METADATA_ADDRESSES,
+    NON_GLOBAL_RANGES,
+)
 from microagent.errors import ConflictError, InvalidInputError, ToolError, VMError
 from microagent.runtime.backend import FORWARD_ADDRESS, Forward, NetworkConfig, PublishedPort
 from microagent.runtime.configdisk import GuestNetwork, NetworkMode
@@ -65,30 +70,6 @@ RELAY_BACKLOG = 128
 # After one side ends, socat waits this long for the other (half-close) before it gives up;
 # its default (0.5 s) would cut a reply that takes longer after the client's shutdown.
 RELAY_HALF_CLOSE_SECONDS = 3600
-# Every IPv4 range that is not global unicast (IANA special-purpose registry, multicast and
-# the reserved block, which holds the broadcast address): a superset of what `ipaddress` calls
-# non-global (192.0.0.0/24 is rejected whole, multicast too). Tests check it against ipaddress.
-NON_GLOBAL_RANGES = (
-    "0.0.0.0/8",  # "this network"
-    "10.0.0.0/8",  # private
-    "100.64.0.0/10",  # carrier-grade NAT (also Alibaba's metadata at 100.100.100.200)
-    "127.0.0.0/8",  # loopback on any interface but lo
-    "169.254.0.0/16",  # link-local (the 169.254.169.254 metadata services)
-    "172.16.0.0/12",  # private
-    "192.0.0.0/24",  # IETF protocol assignments
-    "192.168.0.0/16",  # private
-    "198.18.0.0/15",  # benchmarking
-    "224.0.0.0/4",  # multicast
-    "240.0.0.0/4",  # reserved, and 255.255.255.255
-)
-# The documentation ranges (TEST-NET-1/2/3) are not routed on the internet, so a guest reaches
-# there only what its local network deliberately put there: sandboxed networks (this project's
-# CI among them) resolve every public name to an egress proxy in 203.0.113.0/24. They stay
-# allowed; the host's own addresses are rejected one by one whatever range they are in.
-DOCUMENTATION_RANGES = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")
-# Global addresses that answer as the cloud host itself (Azure's wire server and DNS). A guest
-# would reach fd00:ec2::254 (AWS IMDS over IPv6) only with IPv6, which is rejected whole.
-METADATA_ADDRESSES = ("168.63.129.16",)
 READY_TIMEOUT = 10.0
 HOST_TOOLS = ("ip", "iptables-restore", "ip6tables-restore", "slirp4netns")
 HOST_IPV6 = Path("/proc/net/if_inet6")  # absent when the kernel has no IPv6
