@@ -11,11 +11,16 @@ never holds more than about a window per channel. A client that goes away closes
 (CLOSE to the guest, whose agent kills the command); EXIT or CLOSE from the guest is passed on
 and ends the client's connection.
 
-Mediation: a guest program's connection to the mediation port arrives as MED_OPEN on a guest
-channel; with a target (host, port) the link connects to it without blocking (bounded by
-:data:`MEDIATION_CONNECT_TIMEOUT`) and answers MED_OPENED, else CLOSE with an error. DATA flows
-both ways under the window: the link sends WINDOW after writing to the target and reads the
-target only while the guest's window has room; an empty DATA is a half-close.
+Mediation and service channels: a guest program's connection to one of the agent's loopback
+ports arrives as MED_OPEN ``{"port": N}`` on a guest channel. The port picks the target: a
+service channel's unix socket (a credential broker, the egress proxy), or the mediation
+target's host TCP address; a port that is neither gets CLOSE with an error. The link connects
+to the target without blocking (bounded by :data:`MEDIATION_CONNECT_TIMEOUT`; a unix socket
+whose backlog is full is tried again until then) and answers MED_OPENED, else CLOSE with an
+error. DATA flows both ways under the window: the link sends WINDOW after writing to the
+target and reads the target only while the guest's window has room; an empty DATA is a
+half-close. Once both ways ended, the link sends CLOSE when the guest has acknowledged all the
+target's data (its whole window is back), so the agent never drops the end of a reply.
 
 Everything from the guest and from clients is bounded: frames by :class:`FrameReader`, the
 number of clients and of mediated connections, and every buffer (a peer that lets one grow
@@ -36,7 +41,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +60,7 @@ from microagent.runtime.agentproto import (
     encode_json,
     window,
 )
+from microagent.runtime.backend import ServiceChannel
 from microagent.runtime.execclient import ExecResult, collect
 
 EXEC_SOCKET = "exec.sock"  # in the VM directory, beside the VMM's agent.sock
@@ -63,6 +69,7 @@ MAX_CLIENTS = 64  # exec connections at once
 MAX_MEDIATIONS = 64  # mediated guest connections at once
 RECONNECT_DELAY = 0.1  # between attempts to reach the VMM's agent socket
 MEDIATION_CONNECT_TIMEOUT = 10.0
+CONNECT_RETRY = 0.05  # a unix socket whose backlog is full is tried again after this long
 READ_SIZE = MAX_PAYLOAD
 GUEST_BUFFER_HIGH = 1 << 20  # clients and targets are not read while this much waits
 GUEST_BUFFER_MAX = 4 << 20  # ... and the guest is not read either (its replies would pile up)
@@ -102,10 +109,12 @@ def _printable(value: object) -> str:
 @dataclass(frozen=True)
 class MediationTarget:
     """Where mediated guest connections go: a host address and port (an IP address, or a
-    name resolved once when the link is made)."""
+    name resolved once when the link is made). ``guest_port``: the guest port whose
+    connections go there (None: every port that is not a service channel's)."""
 
     host: str
     port: int
+    guest_port: int | None = None
 
     def address(self) -> tuple[int, tuple[Any, ...]]:
         """(address family, socket address); InvalidInputError if it does not resolve."""
@@ -153,12 +162,23 @@ class _Client(_Peer):
     ending: bool = False  # EXIT or CLOSE went out to it: close once flushed
 
 
+@dataclass(frozen=True)
+class _Route:
+    """Where the connections of one guest port go: a socket address and what it is."""
+
+    family: int
+    address: Any
+    what: str  # in errors: "the mediation target", "the service 'egress-proxy'"
+
+
 @dataclass(eq=False)
 class _Mediation(_Peer):
-    """A guest connection to the mediation port and its host-side target socket."""
+    """A guest connection to a mediation or service port and its host-side target socket."""
 
+    route: _Route = _Route(socket.AF_UNIX, "", "nowhere")
     channel: int = 0
     deadline: float = 0.0  # while connecting
+    retry_at: float = 0.0  # a unix socket's full backlog: connect again then (0: not waiting)
     opened: bool = False
     credit: int = WINDOW  # DATA bytes the guest still accepts
     guest_done: bool = False  # the guest sent its empty DATA
@@ -183,6 +203,7 @@ class AgentLink:
         exec_socket: Path,
         *,
         mediation: MediationTarget | None = None,
+        services: Sequence[ServiceChannel] = (),
         on_ready: OnReady = _ignore,
         on_lost: OnLost = _ignore,
         max_clients: int = MAX_CLIENTS,
@@ -190,7 +211,7 @@ class AgentLink:
         self.agent_socket = agent_socket
         self.exec_socket = exec_socket
         self.max_clients = max_clients
-        self._target = mediation.address() if mediation else None
+        self._routes, self._default_route = _routes(mediation, services)
         self._on_ready, self._on_lost = on_ready, on_lost
         self._sel = selectors.DefaultSelector()
         self._interest: dict[socket.socket, int] = {}
@@ -274,7 +295,8 @@ class AgentLink:
 
     def _timeout(self) -> float:
         now = time.monotonic()
-        waits = [m.deadline - now for m in self._meds.values() if not m.opened]
+        connecting = [m for m in self._meds.values() if not m.opened]
+        waits = [(m.retry_at or m.deadline) - now for m in connecting]
         if self._guest is None:
             waits.append(self._next_attempt - now)
         return max(0.0, min(waits, default=1.0))
@@ -322,8 +344,8 @@ class AgentLink:
             self._watch(med.sock, self._target_events(med, room))
 
     def _target_events(self, med: _Mediation, room: bool) -> int:
-        if not med.opened:
-            return selectors.EVENT_WRITE  # the connect finishes
+        if not med.opened:  # the connect finishes (or waits for its next try)
+            return 0 if med.retry_at else selectors.EVENT_WRITE
         readable = room and med.credit > 0 and not med.target_done
         writable = bool(med.out) or (med.guest_done and not med.shut)
         return (selectors.EVENT_READ if readable else 0) | (
@@ -566,7 +588,7 @@ class AgentLink:
         med = self._meds.get(frame.channel)
         if frame.type is FrameType.MED_OPEN:
             if med is None:
-                self._open_mediation(frame.channel)
+                self._open_mediation(frame)
             return
         if med is None:
             return  # late, or never opened
@@ -574,28 +596,46 @@ class AgentLink:
             self._guest_data(med, frame.payload)
         elif frame.type is FrameType.WINDOW:
             med.credit = min(WINDOW, med.credit + _count(frame))
+            self._maybe_finish(med)
         elif frame.type is FrameType.CLOSE:
             self._drop_mediation(med)
 
-    def _open_mediation(self, channel: int) -> None:
-        if self._target is None:
-            self._close_channel(channel, "no mediation target is configured")
+    def _open_mediation(self, frame: Frame) -> None:
+        port = _med_port(frame)
+        route = self._routes.get(port) if port is not None else None
+        route = route or self._default_route
+        if route is None:
+            self._close_channel(frame.channel, self._no_route(port))
             return
         if len(self._meds) >= MAX_MEDIATIONS:
-            self._close_channel(channel, "too many mediated connections")
+            self._close_channel(frame.channel, "too many mediated connections")
             return
-        family, address = self._target
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(route.family, socket.SOCK_STREAM)
         sock.setblocking(False)
-        code = sock.connect_ex(address)
-        if code not in (0, errno.EINPROGRESS):
-            sock.close()
-            self._close_channel(channel, f"cannot reach the mediation target: {os.strerror(code)}")
-            return
         deadline = time.monotonic() + MEDIATION_CONNECT_TIMEOUT
-        med = _Mediation(sock, channel=channel, deadline=deadline)
-        self._meds[channel] = med
+        med = _Mediation(sock, route=route, channel=frame.channel, deadline=deadline)
+        self._meds[med.channel] = med
         self._by_target[sock] = med
+        self._connect(med)
+
+    def _no_route(self, port: int | None) -> str:
+        if not self._routes:
+            return "no mediation target is configured"
+        if port is None:
+            return "MED_OPEN names no guest port"
+        return f"guest port {port} has no service channel or mediation target"
+
+    def _connect(self, med: _Mediation) -> None:
+        """Start (or try again) the non-blocking connect to the target."""
+        try:
+            code = med.sock.connect_ex(med.route.address)
+        except OSError as exc:
+            code = exc.errno or errno.EINVAL
+        med.retry_at = 0.0
+        if code == errno.EAGAIN and med.route.family == socket.AF_UNIX:
+            med.retry_at = time.monotonic() + CONNECT_RETRY  # its backlog is full for now
+        elif code not in (0, errno.EINPROGRESS):
+            self._fail_mediation(med, f"cannot reach {med.route.what}: {os.strerror(code)}")
 
     def _close_channel(self, channel: int, why: str) -> None:
         self._to_guest(_close_frame(channel, why))
@@ -603,8 +643,12 @@ class AgentLink:
     def _expire_connects(self) -> None:
         now = time.monotonic()
         for med in list(self._meds.values()):
-            if not med.opened and now > med.deadline:
-                self._fail_mediation(med, "the mediation target did not answer in time")
+            if med.opened:
+                continue
+            if now > med.deadline:
+                self._fail_mediation(med, f"{med.route.what} did not answer in time")
+            elif med.retry_at and now >= med.retry_at:
+                self._connect(med)
 
     def _fail_mediation(self, med: _Mediation, why: str) -> None:
         self._close_channel(med.channel, why)
@@ -636,15 +680,22 @@ class AgentLink:
             if mask & selectors.EVENT_READ and med.channel in self._meds:
                 self._read_target(med)
         except OSError as exc:
-            self._fail_mediation(med, f"the mediation target failed: {exc.strerror or exc}")
+            self._fail_mediation(med, f"{med.route.what} failed: {exc.strerror or exc}")
             return
-        if med.guest_done and med.target_done and not med.out and med.channel in self._meds:
-            self._fail_mediation(med, "")  # both ways ended: the channel is done
+        if med.channel in self._meds:
+            self._maybe_finish(med)
+
+    def _maybe_finish(self, med: _Mediation) -> None:
+        """Both ways ended and the guest wrote out all the target's data (its WINDOW frames
+        gave the whole window back): the channel is done. A CLOSE before that could make the
+        agent drop the end of the target's data."""
+        if med.guest_done and med.target_done and not med.out and med.credit >= WINDOW:
+            self._fail_mediation(med, "")
 
     def _connected(self, med: _Mediation) -> None:
         code = med.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
-            self._fail_mediation(med, f"cannot reach the mediation target: {os.strerror(code)}")
+            self._fail_mediation(med, f"cannot reach {med.route.what}: {os.strerror(code)}")
             return
         med.opened = True
         self._to_guest(encode(med.channel, FrameType.MED_OPENED))
@@ -666,6 +717,38 @@ class AgentLink:
             med.target_done = True
         med.credit -= len(data)
         self._to_guest(encode(med.channel, FrameType.DATA, data))
+
+
+def _routes(
+    mediation: MediationTarget | None, services: Sequence[ServiceChannel]
+) -> tuple[dict[int, _Route], _Route | None]:
+    """Where each guest port's connections go, and where those of any other port go (the
+    mediation target without a guest port of its own, else nowhere)."""
+    routes: dict[int, _Route] = {}
+    for service in services:
+        if service.guest_port in routes:
+            raise InvalidInputError(f"guest port {service.guest_port} has two service channels")
+        what = f"the service {service.name!r}"
+        routes[service.guest_port] = _Route(socket.AF_UNIX, str(service.socket), what)
+    if mediation is None:
+        return routes, None
+    family, address = mediation.address()
+    target = _Route(family, address, "the mediation target")
+    if mediation.guest_port is None:
+        return routes, target
+    if mediation.guest_port in routes:
+        raise InvalidInputError(f"guest port {mediation.guest_port} is a service channel's")
+    routes[mediation.guest_port] = target
+    return routes, None
+
+
+def _med_port(frame: Frame) -> int | None:
+    """The guest port a MED_OPEN names (None when it names none)."""
+    try:
+        port = frame.json().get("port")
+    except InvalidInputError:
+        return None
+    return port if type(port) is int else None
 
 
 def _close_frame(channel: int, why: str) -> bytes:

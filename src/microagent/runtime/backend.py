@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,6 +218,73 @@ class Mediation:
         )
 
 
+MAX_SERVICES = 10  # service channels per boot (the guest agent's --listen limit)
+SERVICE_NAME_MAX = 64
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
+
+
+@dataclass(frozen=True)
+class ServiceChannel:
+    """A service channel of a boot: guest ``127.0.0.1:guest_port`` is carried over the guest
+    agent's channel to the host's unix socket ``socket`` (a credential broker, the egress
+    proxy). ``name`` says what it is, in errors and logs.
+
+    Checked when made, wherever it comes from (the workspace layer, ``boot.json``).
+    """
+
+    guest_port: int
+    socket: Path
+    name: str
+
+    def __post_init__(self) -> None:
+        problem = ""
+        if not _is_port(self.guest_port):
+            problem = "the guest port must be an integer from 1 to 65535"
+        elif not isinstance(self.name, str) or not 0 < len(self.name) <= SERVICE_NAME_MAX:
+            problem = f"the name must be 1 to {SERVICE_NAME_MAX} characters"
+        elif not self.name.isprintable() or not self.name.isascii():
+            problem = "the name must be printable ASCII"
+        elif not isinstance(self.socket, Path) or not self.socket.is_absolute():
+            problem = "the socket must be an absolute path"
+        elif "\0" in str(self.socket) or len(os.fsencode(self.socket)) > UNIX_PATH_MAX:
+            problem = f"the socket path must be at most {UNIX_PATH_MAX} bytes, without NUL"
+        if problem:
+            label = self.name[:SERVICE_NAME_MAX] if isinstance(self.name, str) else "?"
+            raise InvalidInputError(f"service channel {label!r}: {problem}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "guestPort": self.guest_port, "socket": str(self.socket)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ServiceChannel:
+        """From ``boot.json``: checked like any other."""
+        sock = data.get("socket")
+        return cls(
+            guest_port=data.get("guestPort", 0),
+            socket=Path(sock) if isinstance(sock, str) and sock else Path(),
+            name=data.get("name", ""),
+        )
+
+
+def check_services(services: Sequence[ServiceChannel], mediation: Mediation | None) -> None:
+    """At most :data:`MAX_SERVICES`, each on a guest port of its own (not the mediation
+    port either); InvalidInputError otherwise."""
+    if len(services) > MAX_SERVICES:
+        raise InvalidInputError(
+            f"{len(services)} service channels, but a boot takes at most {MAX_SERVICES}"
+        )
+    taken = {mediation.guest_port: "the mediation channel"} if mediation else {}
+    for service in services:
+        other = taken.get(service.guest_port)
+        if other:
+            raise InvalidInputError(
+                f"service channel {service.name!r}: guest port {service.guest_port} is "
+                f"taken by {other}",
+                hint="give every service channel a guest port of its own",
+            )
+        taken[service.guest_port] = f"service channel {service.name!r}"
+
+
 @dataclass(frozen=True)
 class BootConfig:
     """Everything a backend needs to boot one VM."""
@@ -236,6 +304,10 @@ class BootConfig:
     # The VMM is killed when the process that booted it dies (one-shot runs: no orphan VMs).
     die_with_parent: bool = False
     mediation: Mediation | None = None
+    services: tuple[ServiceChannel, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_services(self.services, self.mediation)
 
     @property
     def control_socket(self) -> Path:

@@ -37,6 +37,8 @@ from microagent.runtime.backend import (
     Mediation,
     NetworkConfig,
     OutputSink,
+    ServiceChannel,
+    check_services,
 )
 from microagent.runtime.configdisk import (
     ExtraMount,
@@ -107,6 +109,7 @@ class RunRequest:
     die_with_parent: bool = False  # the VMM dies with the process that booted it
     disks: tuple[ExtraDisk, ...] = ()
     mediation: Mediation | None = None
+    services: tuple[ServiceChannel, ...] = ()  # more guest ports carried to host sockets
 
     def run_config(self) -> RunConfig:
         return RunConfig(
@@ -118,6 +121,7 @@ class RunRequest:
             outputs=self.outputs,
             mounts=self.mounts(),
             mediation_port=self.mediation.guest_port if self.mediation else None,
+            service_ports=tuple(s.guest_port for s in self.services),
         )
 
     def mounts(self) -> tuple[ExtraMount, ...]:
@@ -160,6 +164,7 @@ def prepare(
             f"rootfs {request.rootfs} does not exist", hint="pass an ext4 image file"
         )
     extra = request.extra_disks()
+    check_services(request.services, request.mediation)
     work = work_dir or vm_dir
     state = request.state_disk
     if state is None:
@@ -187,6 +192,7 @@ def prepare(
         name=request.name,
         die_with_parent=request.die_with_parent,
         mediation=request.mediation,
+        services=request.services,
     )
 
 

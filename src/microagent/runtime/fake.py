@@ -10,7 +10,9 @@ the parent-death signal when the boot asks for it) and stopped with the machine,
 ownership (pids recorded, nothing outliving its supervisor) is testable without a VM. An
 outcome with an ``agent`` serves the guest agent's port (``agent.sock``) the way QEMU does and
 hands each connection to that argv plus ``--fd N`` (the real ``ma-agent --root /`` or a
-stand-in, run on the host with the boot's environment), so ``exec`` works without a VM.
+stand-in, run on the host with the boot's environment), so ``exec`` works without a VM. Like
+the guest init, it adds ``--listen N`` for each of the boot's service channels (the stand-in
+must then understand it); the mediation port stays the outcome's to give.
 """
 
 from __future__ import annotations
@@ -291,7 +293,8 @@ class AgentPort(threading.Thread):
 def agent_port(config: BootConfig, argv: Sequence[str], env: Mapping[str, str]) -> AgentPort:
     """The agent port of a fake machine, where QEMU would serve it (agent.log beside it)."""
     config.state_dir.mkdir(parents=True, exist_ok=True)
-    return AgentPort(config.agent_socket, argv, env, config.state_dir / "agent.log")
+    listen = [word for s in config.services for word in ("--listen", str(s.guest_port))]
+    return AgentPort(config.agent_socket, [*argv, *listen], env, config.state_dir / "agent.log")
 
 
 def _spawn_stand_in(config: BootConfig, argv: Sequence[str]) -> subprocess.Popen[bytes] | None:

@@ -40,6 +40,7 @@ from microagent.runtime.backend import (
     Mediation,
     NetworkConfig,
     PublishedPort,
+    ServiceChannel,
 )
 from microagent.runtime.configdisk import NetworkMode
 from microagent.runtime.health import HealthCheck
@@ -132,6 +133,7 @@ def _config_to_json(config: BootConfig) -> dict[str, Any]:
         "name": config.name,
         "dieWithParent": config.die_with_parent,
         "mediation": config.mediation.to_json() if config.mediation else None,
+        "services": [s.to_json() for s in config.services],
     }
 
 
@@ -165,6 +167,7 @@ def _config_from_json(data: Mapping[str, Any]) -> BootConfig:
         name=str(data.get("name", "microagent")),
         die_with_parent=bool(data.get("dieWithParent", False)),
         mediation=Mediation.from_json(data["mediation"]) if data.get("mediation") else None,
+        services=tuple(ServiceChannel.from_json(s) for s in data.get("services") or []),
     )
 
 

@@ -118,7 +118,8 @@ def _start_link(run: RunDir, config: BootConfig) -> AgentLink | None:
     link = AgentLink(
         config.agent_socket,
         exec_socket_path(config.state_dir),
-        mediation=MediationTarget(med.host, med.port) if med else None,
+        mediation=MediationTarget(med.host, med.port, med.guest_port) if med else None,
+        services=config.services,
         on_ready=ready,
         on_lost=lost,
     )

@@ -1,9 +1,14 @@
 """The supervisor's agent link against a scripted guest: the test plays the VMM's agent socket
 and the guest agent frame by frame, so every channel id the link picks and every frame it
-relays is visible (exec clients are raw sockets speaking the protocol too)."""
+relays is visible (exec clients are raw sockets speaking the protocol too). Last, service
+channels end to end: a guest program's connection through the real guest agent (run on the
+host by the fake backend) and the link to host unix-socket services."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import socket
 import tempfile
 import threading
@@ -13,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from microagent.errors import InvalidInputError, ToolError
+from microagent.kit import agentbin, debian
+from microagent.kit.guestkit import GuestKit
 from microagent.runtime.agentlink import (
     CLIENT_CHANNEL,
     AgentHello,
@@ -31,6 +39,10 @@ from microagent.runtime.agentproto import (
     encode_json,
     window,
 )
+from microagent.runtime.backend import ServiceChannel
+from microagent.runtime.boot import RunRequest, prepare
+from microagent.runtime.fake import FakeBackend, FakeOutcome
+from microagent.store.content import Store
 
 TIMEOUT = 5.0
 HELLO = encode_json(0, FrameType.HELLO, {"protocol": 1, "agent": "scripted", "version": "1"})
@@ -351,6 +363,10 @@ def test_mediation_relays_both_ways_and_half_closes(vm_dir: Path) -> None:
         guest.send(encode(MED, FrameType.DATA))  # end of data: the target sees end of file
         assert target.eof.wait(TIMEOUT)
         assert guest.expect(FrameType.DATA) == Frame(MED, FrameType.DATA)  # and closes too
+        # Done both ways, but the CLOSE waits until the guest wrote out the echo: a CLOSE
+        # first could make the agent drop data it has not written to its connection yet.
+        assert guest.silent()
+        guest.send(window(MED, 5))
         assert guest.expect(FrameType.CLOSE) == Frame(MED, FrameType.CLOSE)
     finally:
         h.link.stop()
@@ -413,3 +429,270 @@ def test_guest_close_ends_the_mediated_connection(vm_dir: Path) -> None:
         assert guest.silent()
     finally:
         h.link.stop()
+
+
+# -- service channels --------------------------------------------------------------------------
+
+
+class UnixService:
+    """A host service on a unix socket: each connection gets ``greeting`` and then, once the
+    guest side ended its data, ``name:`` and what it sent; then the service closes."""
+
+    def __init__(self, path: Path, name: str, greeting: bytes = b"", backlog: int = 16) -> None:
+        self.path, self.name, self.greeting = path, name, greeting
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(backlog)
+        self.received: list[bytes] = []
+
+    def serve(self) -> UnixService:
+        threading.Thread(target=self._serve, daemon=True).start()
+        return self
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):  # the link may close it first
+            conn.sendall(self.greeting)
+            data = bytearray()
+            while chunk := conn.recv(1 << 16):
+                data += chunk
+            self.received.append(bytes(data))
+            conn.sendall(self.name.encode() + b":" + data)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def frames_by_channel(guest: Peer, count: int) -> dict[int, list[Frame]]:
+    got: dict[int, list[Frame]] = {}
+    for _ in range(count):
+        frame = guest.next()
+        got.setdefault(frame.channel, []).append(frame)
+    return got
+
+
+def drain_reply(guest: Peer, channel: int) -> bytes:
+    """DATA of ``channel`` up to its empty DATA (other frames of it skipped)."""
+    data = bytearray()
+    while True:
+        frame = guest.next()
+        if frame.channel != channel or frame.type is not FrameType.DATA:
+            continue
+        if not frame.payload:
+            return bytes(data)
+        data += frame.payload
+
+
+def test_the_port_picks_the_service_socket_or_the_mediation_target(vm_dir: Path) -> None:
+    alpha = UnixService(vm_dir / "a.sock", "alpha").serve()
+    beta = UnixService(vm_dir / "b.sock", "beta").serve()
+    tcp = Target()
+    services = [
+        ServiceChannel(7001, alpha.path, "alpha"),
+        ServiceChannel(7002, beta.path, "beta"),
+    ]
+    mediation = MediationTarget("127.0.0.1", tcp.port, guest_port=7000)
+    h = Harness(vm_dir, mediation=mediation, services=services)
+    try:
+        guest = h.vmm.guest()
+        assert h.link.wait_ready(TIMEOUT)
+        for i, port in enumerate((7001, 7002, 7000, 7003)):
+            guest.send(encode_json(MED + i, FrameType.MED_OPEN, {"port": port}))
+        got = frames_by_channel(guest, 4)
+        assert got[MED + 3] == [
+            Frame(
+                MED + 3,
+                FrameType.CLOSE,
+                b'{"error":"guest port 7003 has no service channel or mediation target"}',
+            )
+        ]
+        assert {ch: [f.type for f in fs] for ch, fs in got.items() if ch != MED + 3} == {
+            MED: [FrameType.MED_OPENED],
+            MED + 1: [FrameType.MED_OPENED],
+            MED + 2: [FrameType.MED_OPENED],
+        }
+        for channel, name in ((MED, b"alpha"), (MED + 1, b"beta")):
+            text = b"to " + name
+            guest.send(encode(channel, FrameType.DATA, text) + encode(channel, FrameType.DATA))
+            assert drain_reply(guest, channel) == name + b":" + text
+        assert (alpha.received, beta.received) == ([b"to alpha"], [b"to beta"])
+        guest.send(encode(MED + 2, FrameType.DATA, b"to tcp"))
+        while (frame := guest.next()).type is not FrameType.DATA:
+            pass
+        assert frame == Frame(MED + 2, FrameType.DATA, b"to tcp")  # the TCP echo
+    finally:
+        h.link.stop()
+        alpha.close()
+        beta.close()
+
+
+def test_a_mediation_target_without_a_guest_port_takes_the_other_ports(vm_dir: Path) -> None:
+    alpha = UnixService(vm_dir / "a.sock", "alpha", greeting=b"hi").serve()
+    tcp = Target(greeting=b"tcp")
+    services = [ServiceChannel(7001, alpha.path, "alpha")]
+    h = Harness(vm_dir, mediation=MediationTarget("127.0.0.1", tcp.port), services=services)
+    try:
+        guest = h.vmm.guest()
+        assert h.link.wait_ready(TIMEOUT)
+        guest.send(encode_json(MED, FrameType.MED_OPEN, {"port": 7001}))
+        assert guest.expect(FrameType.MED_OPENED).channel == MED
+        assert guest.expect(FrameType.DATA) == Frame(MED, FrameType.DATA, b"hi")
+        guest.send(encode_json(MED + 1, FrameType.MED_OPEN, {"port": 9999}))
+        assert guest.expect(FrameType.MED_OPENED).channel == MED + 1
+        assert guest.expect(FrameType.DATA) == Frame(MED + 1, FrameType.DATA, b"tcp")
+    finally:
+        h.link.stop()
+        alpha.close()
+
+
+def test_unknown_ports_and_missing_services_are_refused(vm_dir: Path) -> None:
+    services = [ServiceChannel(7001, vm_dir / "nobody.sock", "broker:gone")]
+    h = Harness(vm_dir, services=services)
+    try:
+        guest = h.vmm.guest()
+        assert h.link.wait_ready(TIMEOUT)
+        cases: list[tuple[dict[str, object], str]] = [
+            ({"port": 7001}, "cannot reach the service 'broker:gone': No such file or directory"),
+            ({"port": 7002}, "guest port 7002 has no service channel or mediation target"),
+            ({"port": "7001"}, "MED_OPEN names no guest port"),
+            ({}, "MED_OPEN names no guest port"),
+        ]
+        for i, (payload, why) in enumerate(cases):
+            guest.send(encode_json(MED + i, FrameType.MED_OPEN, payload))
+            assert guest.expect(FrameType.CLOSE) == Frame(
+                MED + i, FrameType.CLOSE, f'{{"error":"{why}"}}'.encode()
+            )
+        guest.send(encode(MED + 9, FrameType.MED_OPEN, b"not json"))
+        assert guest.expect(FrameType.CLOSE).json() == {"error": "MED_OPEN names no guest port"}
+    finally:
+        h.link.stop()
+
+
+def test_a_service_with_a_full_backlog_is_tried_again(vm_dir: Path) -> None:
+    service = UnixService(vm_dir / "busy.sock", "busy", greeting=b"at last", backlog=0)
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    filler.connect(str(service.path))  # the one connection a backlog of 0 holds
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    assert probe.connect_ex(str(service.path)) == errno.EAGAIN  # full: what the link sees
+    probe.close()
+    h = Harness(vm_dir, services=[ServiceChannel(7001, service.path, "busy")])
+    try:
+        guest = h.vmm.guest()
+        assert h.link.wait_ready(TIMEOUT)
+        guest.send(encode_json(MED, FrameType.MED_OPEN, {"port": 7001}))
+        assert guest.silent(0.5)  # neither opened nor refused while the backlog is full
+        service.serve()  # accepts the filler, which makes room
+        assert guest.expect(FrameType.MED_OPENED).channel == MED
+        assert guest.expect(FrameType.DATA) == Frame(MED, FrameType.DATA, b"at last")
+    finally:
+        h.link.stop()
+        filler.close()
+        service.close()
+
+
+def test_colliding_guest_ports_are_refused(vm_dir: Path) -> None:
+    one = ServiceChannel(7001, vm_dir / "a.sock", "a")
+    with pytest.raises(InvalidInputError, match="guest port 7001 has two service channels"):
+        AgentLink(vm_dir / "agent.sock", vm_dir / "exec.sock", services=[one, one])
+    with pytest.raises(InvalidInputError, match="guest port 7001 is a service channel's"):
+        AgentLink(
+            vm_dir / "agent.sock",
+            vm_dir / "exec.sock",
+            mediation=MediationTarget("127.0.0.1", 80, guest_port=7001),
+            services=[one],
+        )
+
+
+# -- service channels through the real guest agent ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_agent(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real guest agent, built through the kit's own build path (a throwaway store)."""
+    try:
+        agentbin.find_compiler(debian.debian_arch())
+    except ToolError as exc:
+        pytest.skip(f"no C compiler to build the guest agent: {exc.message}")
+    return agentbin.agent_binary(Store(tmp_path_factory.mktemp("agent-store")))
+
+
+def free_ports(count: int) -> list[int]:
+    socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
+    try:
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def guest_connect(port: int) -> socket.socket:
+    """A "guest program" connecting to the agent's loopback port (the agent runs on the host)."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        except ConnectionRefusedError:
+            assert time.monotonic() < deadline, f"nothing listens on {port}"
+            time.sleep(0.02)
+
+
+def read_to_end(conn: socket.socket) -> bytes:
+    data = bytearray()
+    while chunk := conn.recv(1 << 16):
+        data += chunk
+    return bytes(data)
+
+
+def test_guest_connections_reach_host_services_through_the_real_agent(
+    vm_dir: Path, real_agent: Path
+) -> None:
+    """A boot's service channels, as the fake backend runs it: ``--listen`` for each (and one
+    port more, which the host does not know), the real agent, the link, two unix sockets."""
+    (vm_dir / "k").write_bytes(b"k")
+    (vm_dir / "i").write_bytes(b"i")
+    (vm_dir / "root.ext4").write_bytes(b"\0" * 4096)
+    echo = UnixService(vm_dir / "echo.sock", "echo").serve()
+    greeter = UnixService(vm_dir / "greet.sock", "greeter", greeting=b"hello, guest\n").serve()
+    echo_port, greet_port, stray_port = free_ports(3)
+    services = (
+        ServiceChannel(echo_port, echo.path, "echo"),
+        ServiceChannel(greet_port, greeter.path, "greeter"),
+    )
+    agent = (str(real_agent), "--root", "/", "--listen", str(stray_port))
+    backend = FakeBackend(lambda _run: FakeOutcome(hang=True, agent=agent))
+    request = RunRequest(rootfs=vm_dir / "root.ext4", command=("true",), services=services)
+    (vm_dir / "vm").mkdir()
+    config = prepare(request, GuestKit(vm_dir / "k", vm_dir / "i", key="k"), vm_dir / "vm")
+    assert config.services == services
+    with backend.boot(config):
+        link = AgentLink(
+            config.agent_socket, vm_dir / "exec.sock", services=config.services
+        ).start()
+        try:
+            assert link.wait_ready(15), (config.state_dir / "agent.log").read_text()
+            payload = os.urandom(700_000)  # more than a window each way
+            with guest_connect(echo_port) as conn:
+                conn.sendall(payload)  # the service reads it all before it answers
+                conn.shutdown(socket.SHUT_WR)  # the guest half-closes; the reply still comes
+                assert read_to_end(conn) == b"echo:" + payload
+            assert echo.received == [payload]
+            with guest_connect(greet_port) as conn:
+                assert conn.recv(100) == b"hello, guest\n"
+                conn.sendall(b"thanks")
+                conn.shutdown(socket.SHUT_WR)
+                assert read_to_end(conn) == b"greeter:thanks"
+            with guest_connect(stray_port) as conn:
+                assert read_to_end(conn) == b""  # the host refused the port: closed
+            assert (echo.received, greeter.received) == ([payload], [b"thanks"])
+        finally:
+            link.stop()
+    echo.close()
+    greeter.close()

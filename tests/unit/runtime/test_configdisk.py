@@ -84,7 +84,23 @@ def test_run_json_contract() -> None:
         "extraCaBundle": None,
         "mounts": [{"device": "vdd", "path": "/data", "fstype": "ext4", "readonly": True}],
         "mediationPort": None,
+        "servicePorts": [],
     }
+
+
+def test_service_ports_reach_run_json_and_run_sh(tmp_path: Path) -> None:
+    config = RunConfig(command=("x",), mediation_port=2048, service_ports=(18780, 18781))
+    with tarfile.open(fileobj=io.BytesIO(build_archive(config))) as tar:
+        member = tar.extractfile("run.json")
+        assert member is not None
+        doc = json.load(member)
+    assert (doc["mediationPort"], doc["servicePorts"]) == (2048, [18780, 18781])
+    script = tmp_path / "run.sh"
+    script.write_text(render_run_sh(config))
+    probe = f'. {script}\necho "<$MA_MEDIATION_PORT><$MA_SERVICE_PORTS>"\n'
+    assert run(["sh", "-c", probe]).stdout == "<2048><18780 18781>\n"
+    script.write_text(render_run_sh(RunConfig(command=("x",))))
+    assert run(["sh", "-c", probe]).stdout == "<><>\n"
 
 
 def test_run_sh_round_trips_through_a_shell(tmp_path: Path) -> None:

@@ -591,6 +591,114 @@ def test_mediation_output_waits_for_window(mediated: tuple[Link, int]) -> None:
     client.close()
 
 
+# -- service channels (--listen) -------------------------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports (held together while chosen, so none comes twice)."""
+    socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
+    try:
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_every_listen_port_opens_with_its_own_port(agent_bin: Path, tmp_path: Path) -> None:
+    med, first, second = free_ports(3)
+    extra = ("--listen", str(first), "--mediation-port", str(med), "--listen", str(second))
+    lk = Link(agent_bin, tmp_path / "agent.log", *extra)
+    try:
+        assert lk.next(0).type is T.HELLO
+        opened = {port: med_open(lk, port) for port in (second, med, first)}
+        assert len({ch for _, ch in opened.values()}) == 3
+        client, ch = opened[second]
+        lk.send(ch, T.MED_OPENED)
+        client.sendall(b"to the service")
+        client.shutdown(socket.SHUT_WR)
+        assert lk.next(ch) == Frame(ch, T.DATA, b"to the service")
+        assert lk.next(ch) == Frame(ch, T.DATA, b"")  # the guest's half-close
+        lk.send(ch, T.DATA, b"reply after the half-close")
+        assert lk.next(ch).type is T.WINDOW
+        lk.send(ch, T.DATA, b"")
+        assert client.recv(100) == b"reply after the half-close"
+        assert client.recv(100) == b""
+        for other, other_ch in (opened[med], opened[first]):
+            lk.send_json(other_ch, T.CLOSE, {"error": "refused by the host"})
+            assert other.recv(100) == b""
+            other.close()
+        client.close()
+        lk.alive()
+        assert "listening on 3 of 3 ports" in lk.logtext()
+    finally:
+        assert lk.close() == 0, lk.logtext()
+
+
+def run_agent(agent_bin: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(agent_bin), "--fd", "0", *extra],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--listen", "4000", "--listen", "4000"), "--listen 4000: the port is given twice"),
+        (("--listen", "4000", "--mediation-port", "4000"), "--mediation-port 4000: the port is"),
+        (("--listen", "0"), "--listen 0: ports are 1-65535"),
+        (
+            tuple(w for p in range(4001, 4012) for w in ("--listen", str(p))),
+            "more than 10 --listen ports",
+        ),
+        (("--listen", "65536"), "usage: ma-agent"),
+        (("--listen", "-1"), "usage: ma-agent"),
+        (("--listen", "80x"), "usage: ma-agent"),
+        (("--listen",), "usage: ma-agent"),
+    ],
+)
+def test_bad_listen_ports_are_refused(
+    agent_bin: Path, extra: tuple[str, ...], message: str
+) -> None:
+    done = run_agent(agent_bin, *extra)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "[--listen N]..." in done.stderr
+
+
+def test_ten_listen_ports_and_the_mediation_port_are_taken(agent_bin: Path, tmp_path: Path) -> None:
+    ports = free_ports(11)
+    extra = [w for p in ports[:10] for w in ("--listen", str(p))]
+    lk = Link(agent_bin, tmp_path / "agent.log", *extra, "--mediation-port", str(ports[10]))
+    try:
+        assert lk.next(0).type is T.HELLO
+        client, _ = med_open(lk, ports[9])
+        client.close()
+        assert "listening on 11 of 11 ports" in lk.logtext()
+    finally:
+        assert lk.close() == 0, lk.logtext()
+
+
+def test_a_port_it_cannot_listen_on_is_skipped(agent_bin: Path, tmp_path: Path) -> None:
+    taken = socket.create_server(("127.0.0.1", 0))  # SO_REUSEADDR does not share a listener
+    free = free_ports(1)[0]
+    busy = str(taken.getsockname()[1])
+    lk = Link(agent_bin, tmp_path / "agent.log", "--listen", busy, "--listen", str(free))
+    try:
+        assert lk.next(0).type is T.HELLO
+        client, _ = med_open(lk, free)
+        client.close()
+        log = lk.logtext()
+        assert f"cannot listen on 127.0.0.1:{busy}" in log and "listening on 1 of 2" in log
+    finally:
+        taken.close()
+        assert lk.close() == 0, lk.logtext()
+
+
 # -- the build and the kit -----------------------------------------------------------------
 
 
@@ -679,6 +787,42 @@ def test_init_starts_the_agent_with_the_workload_env(tmp_path: Path) -> None:
     (ports / "null/name").write_text("something.else\n")
     missing = run([busybox, "sh", "-c", body + "start_agent\n"]).stdout
     assert "no port microagent.agent" in missing
+
+
+def test_init_passes_the_service_ports_to_the_agent(tmp_path: Path) -> None:
+    try:
+        busybox = find_tool("busybox")
+    except ToolError as exc:
+        pytest.skip(exc.message)
+    text = guestkit.render_init(GROUPS)
+    start = text.index('SERVICE_PORTS=""')
+    parse = text[start : text.index("start_agent() {", start)]
+    ports = tmp_path / "ports"
+    (ports / "null").mkdir(parents=True)
+    (ports / "null/name").write_text("microagent.agent\n")
+    fake = tmp_path / "ma-agent"
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    (tmp_path / "18781").touch()  # a word that globs must not pick up file names
+    body = _start_agent_function().replace("/sys/class/virtio-ports", str(ports))
+    body = body.replace("/lib/microagent/ma-agent", str(fake))
+    script = (
+        'log() { echo "log: $*"; }\n'
+        f"cd {tmp_path}\n"
+        "MA_SERVICE_PORTS='18780 1878x 1878? 18782'\n"
+        + parse
+        + "BASE_ENV='' CA_ENV='' MA_ENV='' MED_PORT=2048\n"
+        + body
+        + "start_agent\n"
+    )
+    out = run([busybox, "sh", "-c", script]).stdout.splitlines()
+    assert out == [
+        "log: ignoring the service port '1878x'",
+        "log: ignoring the service port '1878?'",
+        "--port /dev/null --root /newroot --mediation-port 2048 --listen 18780 --listen 18782",
+    ]
+    none = run([busybox, "sh", "-c", "log() { :; }\n" + parse + 'echo "<$SERVICE_PORTS>"']).stdout
+    assert none == "<>\n"
 
 
 def test_init_gives_the_workload_the_mediation_address() -> None:

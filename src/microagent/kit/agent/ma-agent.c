@@ -4,10 +4,12 @@
  * The guest init starts it beside the entrypoint. It serves framed requests from the host
  * over one virtio-serial port (or, for tests, an inherited socket): it runs commands (EXEC)
  * in the workspace's root with pipes or a pseudo-terminal, streams their output under a
- * per-channel window, and relays guest connections to a loopback "mediation" port to the
- * host (MED_OPEN / DATA).
+ * per-channel window, and relays guest connections to loopback ports (the "mediation" port
+ * and up to MAX_SERVICES service ports) to the host (MED_OPEN / DATA); the MED_OPEN names the
+ * port, and the host decides where it goes.
  *
- *   ma-agent (--port PATH | --fd N) [--root DIR] [--mediation-port N] [--log PATH]
+ *   ma-agent (--port PATH | --fd N) [--root DIR] [--mediation-port N] [--listen N]...
+ *            [--log PATH]
  *
  * Design:
  * - One thread, one poll() loop. Every fd is non-blocking and close-on-exec. SIGCHLD and
@@ -52,6 +54,8 @@
 #define MAX_PAYLOAD 65536u           /* one frame's payload */
 #define WINDOW (256u * 1024)         /* unacknowledged data bytes per channel and direction */
 #define MAX_CHANNELS 128             /* open exec + mediation channels */
+#define MAX_SERVICES 10              /* --listen ports */
+#define MAX_LISTENERS (MAX_SERVICES + 1) /* ... and the mediation port */
 #define MAX_ARGV 4096
 #define MAX_ENV 4096
 #define MAX_DEPTH 8                  /* JSON nesting */
@@ -1441,21 +1445,36 @@ static int check_deadlines(int64_t now)
 
 /* ---- mediation ------------------------------------------------------------------------- */
 
-static int listen_fd = -1;
-static int med_port;
-static int64_t listen_paused_until;
+/* The loopback ports guest programs connect to: the mediation port and the --listen ports.
+ * All are alike here; the MED_OPEN carries the port, so the host tells them apart. */
+struct listener {
+    int fd;                    /* -1 when listening failed */
+    int port;
+};
 
-static void med_listen(void)
+static struct listener listeners[MAX_LISTENERS];
+static int nlisteners;
+static int64_t listen_paused_until;   /* out of fds or memory: accept nothing for a while */
+
+static void med_listen(struct listener *l)
 {
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)med_port)};
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)l->port)};
     int one = 1;
     sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (listen_fd < 0 || setsockopt(listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) ||
-        bind(listen_fd, (struct sockaddr *)&sa, sizeof sa) || listen(listen_fd, 64)) {
-        logmsg("cannot listen on 127.0.0.1:%d: %s; no mediation", med_port, strerror(errno));
-        close_fd(&listen_fd);
+    l->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (l->fd < 0 || setsockopt(l->fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) ||
+        bind(l->fd, (struct sockaddr *)&sa, sizeof sa) || listen(l->fd, 64)) {
+        logmsg("cannot listen on 127.0.0.1:%d: %s", l->port, strerror(errno));
+        close_fd(&l->fd);
     }
+}
+
+static int listening(void)
+{
+    int n = 0;
+    for (int i = 0; i < nlisteners; i++)
+        n += listeners[i].fd >= 0;
+    return n;
 }
 
 static uint32_t new_med_id(void)
@@ -1466,9 +1485,9 @@ static uint32_t new_med_id(void)
 }
 
 /* A guest program connected: announce it (MED_OPEN) and wait for MED_OPENED or CLOSE. */
-static void med_accept(void)
+static void med_accept(const struct listener *l)
 {
-    int s = accept4(listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    int s = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (s < 0) {
         if (errno == EMFILE || errno == ENFILE || errno == ENOMEM || errno == ENOBUFS) {
             logmsg("accept: %s", strerror(errno));
@@ -1478,14 +1497,15 @@ static void med_accept(void)
     }
     struct channel *c = link_up ? chan_alloc(new_med_id(), CH_MED) : NULL;
     if (!c) {
-        logmsg("mediation connection refused: %s", link_up ? "too many channels" : "no host");
+        logmsg("connection to port %d refused: %s", l->port,
+               link_up ? "too many channels" : "no host");
         close(s);
         return;
     }
     c->sock = s;
     struct jw w = {.n = 0};
     char text[32];
-    snprintf(text, sizeof text, "{\"port\":%d}", med_port);
+    snprintf(text, sizeof text, "{\"port\":%d}", l->port);
     jw_raw(&w, text);
     queue_json(c->id, T_MED_OPEN, &w);
 }
@@ -1737,11 +1757,12 @@ struct slot {
     enum role role;
     struct channel *c;
     unsigned gen;
+    int listener;              /* R_LISTEN: index into listeners */
 };
 
 static int sig_r = -1, sig_w = -1;
-static struct pollfd pfds[3 + 4 * MAX_CHANNELS];
-static struct slot slots[3 + 4 * MAX_CHANNELS];
+static struct pollfd pfds[2 + MAX_LISTENERS + 4 * MAX_CHANNELS];
+static struct slot slots[2 + MAX_LISTENERS + 4 * MAX_CHANNELS];
 static int npfd;
 
 static void watch(int fd, short events, enum role role, struct channel *c)
@@ -1782,8 +1803,12 @@ static void build_pollset(int64_t now)
     if (link_up)
         watch(link_fd, (short)((outq.len < OUTQ_HARD ? POLLIN : 0) | (outq.len ? POLLOUT : 0)),
               R_LINK, NULL);
-    if (now >= listen_paused_until)
-        watch(listen_fd, POLLIN, R_LISTEN, NULL);
+    for (int i = 0; i < nlisteners; i++) {
+        if (listeners[i].fd < 0 || now < listen_paused_until)
+            continue;
+        watch(listeners[i].fd, POLLIN, R_LISTEN, NULL);
+        slots[npfd - 1].listener = i;
+    }
     rr = (rr + 1) % MAX_CHANNELS;   /* rotate, so no channel starves the others */
     for (int i = 0; i < MAX_CHANNELS; i++)
         if (chans[(rr + i) % MAX_CHANNELS].kind != CH_FREE)
@@ -1816,7 +1841,7 @@ static void handle(int i)
         if (link_up && (ev & (POLLHUP | POLLERR)))
             link_lost();
         break;
-    case R_LISTEN: med_accept(); break;
+    case R_LISTEN: med_accept(&listeners[s->listener]); break;
     case R_STATUS: exec_status(s->c); break;
     case R_OUT: exec_output(s->c, &s->c->out_fd, T_STDOUT); break;
     case R_ERR: exec_output(s->c, &s->c->err_fd, T_STDERR); break;
@@ -1915,9 +1940,24 @@ static void setup_fds(int keep)
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: ma-agent (--port PATH | --fd N) [--root DIR] "
-                    "[--mediation-port N] [--log PATH]\n");
+    fprintf(stderr,
+            "usage: ma-agent (--port PATH | --fd N) [--root DIR] [--mediation-port N]\n"
+            "                [--listen N]... [--log PATH]\n"
+            "  --mediation-port N, --listen N: listen on 127.0.0.1:N (at most %d --listen,\n"
+            "  ports 1-65535, none twice); a connection there becomes MED_OPEN {\"port\":N}\n",
+            MAX_SERVICES);
     exit(2);
+}
+
+static __attribute__((format(printf, 1, 2))) void bad_arg(const char *fmt, ...)
+{
+    va_list ap;
+    fprintf(stderr, "ma-agent: ");
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    usage();
 }
 
 static long number_arg(const char *text, long max)
@@ -1929,10 +1969,28 @@ static long number_arg(const char *text, long max)
     return v;
 }
 
+/* One more port to listen on: the mediation port or a --listen port. */
+static void add_listener(const char *opt, int port)
+{
+    if (port == 0)
+        bad_arg("%s 0: ports are 1-65535", opt);
+    for (int i = 0; i < nlisteners; i++)
+        if (listeners[i].port == port)
+            bad_arg("%s %d: the port is given twice", opt, port);
+    listeners[nlisteners++] = (struct listener){.fd = -1, .port = port};
+}
+
+static void listen_arg(const char *val)
+{
+    if (nlisteners == MAX_SERVICES)   /* only --listen ports so far; the mediation port last */
+        bad_arg("more than %d --listen ports", MAX_SERVICES);
+    add_listener("--listen", (int)number_arg(val, 65535));
+}
+
 int main(int argc, char **argv)
 {
     const char *port = NULL, *log_path = NULL;
-    int fd = -1;
+    int fd = -1, med_port = 0;
     for (int i = 1; i < argc; i++) {
         const char *opt = argv[i], *val = i + 1 < argc ? argv[i + 1] : NULL;
         if (!val)
@@ -1942,11 +2000,14 @@ int main(int argc, char **argv)
         else if (strcmp(opt, "--fd") == 0) fd = (int)number_arg(val, 65535);
         else if (strcmp(opt, "--root") == 0) root_dir = val;
         else if (strcmp(opt, "--mediation-port") == 0) med_port = (int)number_arg(val, 65535);
+        else if (strcmp(opt, "--listen") == 0) listen_arg(val);
         else if (strcmp(opt, "--log") == 0) log_path = val;
         else usage();
     }
     if ((port == NULL) == (fd < 0) || !*root_dir)
         usage();
+    if (med_port)   /* 0: none */
+        add_listener("--mediation-port", med_port);
     setup_fds(fd);
     if (log_path && (log_fd = open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600)) < 0)
         log_fd = 2;
@@ -1967,10 +2028,10 @@ int main(int argc, char **argv)
         set_nonblock(fd);
         fcntl(fd, F_SETFD, FD_CLOEXEC);
     }
-    if (med_port)
-        med_listen();
-    logmsg("version %s serving %s (root %s, mediation %s)", AGENT_VERSION,
-           port ? port : "an inherited fd", root_dir, listen_fd >= 0 ? "on" : "off");
+    for (int i = 0; i < nlisteners; i++)
+        med_listen(&listeners[i]);
+    logmsg("version %s serving %s (root %s, listening on %d of %d ports)", AGENT_VERSION,
+           port ? port : "an inherited fd", root_dir, listening(), nlisteners);
     queue_hello();
     loop();
 }
