@@ -321,12 +321,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--root", default="/")
     parser.add_argument("--mediation-port", type=int)
+    parser.add_argument("--listen", type=int, action="append", default=[])
     args = parser.parse_args(argv)
     if args.root != "/":
         parser.error("the stand-in runs commands on the host only (--root /)")
     agent = Agent(socket.socket(fileno=args.fd))
     if args.mediation_port:
         agent.listen(args.mediation_port)
+    for port in args.listen:  # service channels (credential brokers, the egress proxy)
+        agent.listen(port)
     agent.serve()
     return 0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -161,6 +162,13 @@ class _Handler(BaseHTTPRequestHandler):
                 },
             )
             return
+        expected = self.server.expect_key  # type: ignore[attr-defined]
+        key = self.headers.get("x-api-key")
+        self.server.keys.append(key)  # type: ignore[attr-defined]
+        if expected is not None and key != expected:
+            error = {"type": "authentication_error", "message": "invalid x-api-key"}
+            self._send(401, {"type": "error", "error": error})
+            return
         self.server.requests.append(body)  # type: ignore[attr-defined]
         self._send(200, reply(body))
 
@@ -177,12 +185,21 @@ class _Handler(BaseHTTPRequestHandler):
         return
 
 
-class ScriptedModel:
-    """The server in a background thread; ``requests`` holds every body received."""
+def _server(host: str, port: int, expect_key: str | None) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer((host, port), _Handler)
+    server.requests = []  # type: ignore[attr-defined]
+    server.keys = []  # type: ignore[attr-defined]
+    server.expect_key = expect_key  # type: ignore[attr-defined]
+    return server
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.server = ThreadingHTTPServer((host, port), _Handler)
-        self.server.requests = []  # type: ignore[attr-defined]
+
+class ScriptedModel:
+    """The server in a background thread; ``requests`` holds every body received and
+    ``keys`` the ``x-api-key`` of every request (a credential broker adds the real one).
+    With ``expect_key``, a request carrying any other key gets 401, as the real API does."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, expect_key: str | None = None):
+        self.server = _server(host, port, expect_key)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
@@ -192,6 +209,10 @@ class ScriptedModel:
     @property
     def requests(self) -> list[dict[str, Any]]:
         return self.server.requests  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def keys(self) -> list[str | None]:
+        return self.server.keys  # type: ignore[attr-defined, no-any-return]
 
     def __enter__(self) -> ScriptedModel:
         self.thread.start()
@@ -205,9 +226,14 @@ class ScriptedModel:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8089)
+    parser.add_argument(
+        "--expect-key-env",
+        metavar="VAR",
+        help="answer 401 unless x-api-key equals this variable's value (the broker's key)",
+    )
     args = parser.parse_args()
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), _Handler)
-    server.requests = []  # type: ignore[attr-defined]
+    expected = os.environ.get(args.expect_key_env) if args.expect_key_env else None
+    server = _server("127.0.0.1", args.port, expected)
     print(f"scripted model listening on http://127.0.0.1:{args.port}", flush=True)
     server.serve_forever()
 
