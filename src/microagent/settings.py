@@ -107,12 +107,18 @@ class Settings:
     def with_changes(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
-    def extra_ca_bundle(self) -> bytes | None:
-        """The extra CA certificates guests trust (runtime configuration, never in a layer)."""
+    def extra_ca_file(self) -> Path | None:
+        """The PEM file of extra CA certificates (``host``: this machine's bundle), if any."""
         raw = self.extra_ca
         if not raw or raw.lower() in ("none", *_OFF):
             return None
-        path = HOST_CA_BUNDLE if raw == "host" else Path(raw).expanduser()
+        return HOST_CA_BUNDLE if raw == "host" else Path(raw).expanduser()
+
+    def extra_ca_bundle(self) -> bytes | None:
+        """The extra CA certificates guests trust (runtime configuration, never in a layer)."""
+        path = self.extra_ca_file()
+        if path is None:
+            return None
         return read_ca_bundle(path, hint=f"set {EXTRA_CA_ENV}=host, a PEM file, or unset it")
 
     @classmethod
