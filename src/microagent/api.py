@@ -402,18 +402,20 @@ class Microagent:
         cache_to: str | None = None,
     ) -> CreateReport:
         """Build (or reuse) the spec's steps and make a persistent workspace."""
-        from microagent.runtime.backend import Forward  # deferred: see the module docstring
-        from microagent.workspace.create import (  # deferred: see the module docstring
-            create,
-            port_forwards,
-        )
+        # deferred: see the module docstring
+        from microagent.compiler.loader import load_spec
+        from microagent.compiler.overrides import RuntimeEnv, apply_overrides, confirm_credentials
+        from microagent.runtime.backend import Forward
+        from microagent.workspace.create import create, port_forwards
 
         parsed = port_forwards(tuple(Forward.parse(item) for item in forwards))
         pipeline = self.pipeline(timeout=timeout, cache_from=cache_from, cache_to=cache_to)
-        spec = load(path, overrides)
-        # deferred: see the module docstring
-        from microagent.compiler.overrides import RuntimeEnv
-
+        declared = load_spec(path)
+        confirm_credentials(declared, overrides)  # what the spec asks for, before the flags
+        spec = apply_overrides(declared, overrides) if overrides else declared
+        for cred in spec.credentials:  # say where each key goes that is not a stock preset's
+            if cred.needs_confirmation:
+                self.say(f"credential {cred.name}: {cred.source} -> {cred.upstream}")
         return create(pipeline, self.workspaces, spec, env or RuntimeEnv(), parsed)
 
     # -- workspaces -------------------------------------------------------------------------
@@ -530,6 +532,20 @@ class Microagent:
             if not follow or liveness.reconcile(ws).terminal:
                 return
             time.sleep(poll)
+
+    def audit(
+        self, name: str, *, follow: bool = False, poll: float = 0.3
+    ) -> Iterator[dict[str, Any]]:
+        """The workspace's audit log, oldest entry first (its rotated predecessor included);
+        with ``follow``, new entries as they are written until the workspace stops."""
+        # deferred: see the module docstring
+        from microagent.workspace import audit, liveness
+
+        ws = self.workspace(name)
+        path = audit.audit_path(ws.run)
+        if not follow:
+            return audit.entries(path)
+        return audit.follow(path, stop=lambda: liveness.reconcile(ws).terminal, poll=poll)
 
     def cp(self, source: str, target: str) -> CopyReport:
         """Copy a file between the host and a stopped workspace (``NAME:/path`` on one side)."""

@@ -16,7 +16,7 @@ import codecs
 import json
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
@@ -189,6 +189,32 @@ def override_options(func: F) -> F:
             "start fails while the target is unreachable).",
         ),
         click.option(
+            "--credential",
+            "credentials",
+            multiple=True,
+            metavar="NAME[=SOURCE]",
+            help="Broker this API key (repeatable): a preset (anthropic, openai, gemini) or "
+            "a credential of the spec, which this also confirms; SOURCE (env:VAR or "
+            "file:PATH) replaces where the host reads the key. The guest never gets it.",
+        ),
+        click.option(
+            "--credential-upstream",
+            "credential_upstreams",
+            multiple=True,
+            metavar="NAME=URL",
+            help="Send credential NAME's calls to URL instead (https, or http to a loopback "
+            "host; repeatable).",
+        ),
+        click.option(
+            "--allow",
+            "allow",
+            multiple=True,
+            metavar="HOST",
+            help="Allow egress to HOST (or .DOMAIN for every name under it): with any, "
+            "egress is default-deny through the host's proxy (repeatable, appended to "
+            "network.allow).",
+        ),
+        click.option(
             "--env",
             "-e",
             "env",
@@ -199,6 +225,16 @@ def override_options(func: F) -> F:
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def warn_key_env(names: Iterable[str]) -> None:
+    """A warning on stderr (even with --json) for each ``--env`` an SDK reads its API key
+    from: the key would be inside the guest; ``--credential`` keeps it on the host."""
+    # deferred: the compiler package stays off the path of --help
+    from microagent.compiler.credentials import key_env_warnings
+
+    for warning in key_env_warnings(names):
+        click.echo(f"warning: {warning}", err=True)
 
 
 def spec_inputs(kwargs: dict[str, Any]) -> tuple[Overrides, RuntimeEnv]:
@@ -224,6 +260,9 @@ def overrides_from(kwargs: dict[str, Any]) -> Overrides:
         publish=tuple(kwargs.get("publish") or ()),
         setup=tuple(kwargs.get("setup") or ()),
         mediation=kwargs.get("mediation"),
+        credentials=tuple(kwargs.get("credentials") or ()),
+        credential_upstreams=tuple(kwargs.get("credential_upstreams") or ()),
+        allow=tuple(kwargs.get("allow") or ()),
     )
 
 

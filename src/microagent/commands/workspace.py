@@ -1,14 +1,18 @@
 """Workspace commands: create, start, status, result, halt/stop, kill, wait, delete, list, ps,
-logs, events, cp.
+logs, events, audit, cp.
 
 What the guest wrote is shown inert: ``status``, ``result`` and ``events`` text goes through
 ``sanitize_for_terminal`` always (``--json`` is the exact form); ``logs`` passes the console's
-bytes on exactly to a file or pipe, and sanitized to a terminal.
+bytes on exactly to a file or pipe, and sanitized to a terminal; ``audit`` strips control
+characters from every field, so each entry stays one line.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ from microagent.commands.context import (
     spec_inputs,
     stream_to_stderr,
     timeout_option,
+    warn_key_env,
 )
 
 
@@ -51,6 +56,7 @@ def create(
 ) -> None:
     """Build (or reuse) the spec's steps and make a persistent workspace."""
     overrides, env = spec_inputs(kwargs)
+    warn_key_env(env.names)
     report = ctx.api(output=stream_to_stderr).create(
         spec_file,
         overrides,
@@ -234,6 +240,86 @@ def events(ctx: Ctx, /, name: str) -> None:
     ctx.emit({"ok": True, "events": items}, sanitize_for_terminal("\n".join(lines)))
 
 
+# Every control character (C0 with newline and tab, DEL, C1) and the bidi overrides: an
+# entry's strings come from the guest, and each entry must stay one inert line.
+_AUDIT_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_AUDIT_COLUMNS = (  # (title, width); the last column is not padded
+    ("TIME", 25),
+    ("KIND", 7),
+    ("CREDENTIAL/HOST", 28),
+    ("METHOD", 8),
+    ("PATH", 32),
+    ("STATUS", 7),
+    ("IN", 10),
+    ("OUT", 10),
+    ("MS", 8),
+    ("DECISION", 9),
+    ("REASON", 0),
+)
+
+
+def _audit_field(value: object) -> str:
+    if value is None or value == "":
+        return "-"
+    return _AUDIT_UNSAFE.sub("", str(value))
+
+
+def _audit_row(cells: list[str]) -> str:
+    parts = [
+        cell.rjust(width - 1) + " " if title in ("STATUS", "IN", "OUT", "MS") else cell.ljust(width)
+        for cell, (title, width) in zip(cells, _AUDIT_COLUMNS, strict=True)
+    ]
+    return "".join(parts).rstrip()
+
+
+def audit_line(entry: dict[str, Any]) -> str:
+    """One aligned line for an audit entry, control characters stripped."""
+    target = entry.get("credential") if entry.get("kind") == "broker" else entry.get("host")
+    if entry.get("kind") == "egress" and entry.get("port") not in (None, ""):
+        target = f"{target}:{entry.get('port')}"
+    keys = ("time", "kind", None, "method", "path", "status", "bytesIn", "bytesOut")
+    cells = [_audit_field(target if key is None else entry.get(key)) for key in keys]
+    cells += [_audit_field(entry.get(k)) for k in ("durationMs", "decision")]
+    reason = entry.get("reason")
+    cells.append(_AUDIT_UNSAFE.sub("", str(reason)) if reason else "")
+    return _audit_row(cells)
+
+
+@click.command()
+@click.argument("name")
+@click.option(
+    "--follow", "-f", is_flag=True, help="Keep printing new entries until the workspace stops."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (like the global --json).")
+@pass_ctx
+def audit(ctx: Ctx, /, name: str, follow: bool, as_json: bool) -> None:
+    """Every brokered API call and egress decision of a workspace (its audit log)."""
+    items = ctx.api().audit(name, follow=follow)
+    if (as_json or ctx.json) and follow:
+        for entry in items:  # one JSON object per line, as they come
+            click.echo(json.dumps(entry, separators=(",", ":")))
+    elif as_json or ctx.json:
+        _audit_document(name, items)
+    else:
+        click.echo(_audit_row([title for title, _ in _AUDIT_COLUMNS]))
+        for entry in items:
+            click.echo(audit_line(entry))
+
+
+def _audit_document(name: str, items: Iterator[dict[str, Any]]) -> None:
+    """``{ok, workspace, entries[], summary}``, written entry by entry (a log can be long)."""
+    # deferred: the workspace package is loaded by the command that reads a workspace
+    from microagent.workspace.audit import Tally
+
+    tally = Tally()
+    head = json.dumps({"ok": True, "workspace": name})[:-1]
+    click.echo(f'{head}, "entries": [', nl=False)
+    for i, entry in enumerate(items):
+        tally.add(entry)
+        click.echo(("," if i else "") + "\n  " + json.dumps(entry), nl=False)
+    click.echo(f'\n], "summary": {json.dumps(tally.to_json())}}}')
+
+
 @click.command()
 @click.argument("source")
 @click.argument("target")
@@ -259,5 +345,6 @@ COMMANDS = [
     ps,
     logs,
     events,
+    audit,
     cp,
 ]

@@ -18,6 +18,7 @@ from typing import Any
 from microagent.compiler import _yaml
 from microagent.compiler import schema as _schema
 from microagent.compiler._yaml import Document, JsonPath, format_path
+from microagent.compiler.credentials import Credential, credential_from_spec, env_clashes
 from microagent.compiler.files import has_ext_superblock, resolve_inside
 from microagent.compiler.refs import parse_any_ref
 from microagent.compiler.spec import (
@@ -37,6 +38,7 @@ from microagent.compiler.spec import (
     Restart,
     SetupStep,
     Spec,
+    check_allow_entry,
     parse_target,
     publish_host_problem,
 )
@@ -215,7 +217,22 @@ class _Builder:
                 "remove the forwards or use mode: user",
             )
         self._unique_binds(forwards)
-        return Network(mode=mode, forwards=forwards)
+        return Network(mode=mode, forwards=forwards, allow=self._allow(raw.get("allow") or []))
+
+    def _allow(self, entries: list[str]) -> tuple[str, ...]:
+        out: list[str] = []
+        for i, entry in enumerate(entries):
+            path: JsonPath = ("network", "allow", i)
+            try:
+                host = check_allow_entry(entry)
+            except InvalidInputError as exc:
+                self.problem(path, exc.message, exc.hint)
+                continue
+            if host in out:
+                self.problem(path, f"{host} is listed twice")
+            else:
+                out.append(host)
+        return tuple(out)
 
     def mediation(self, value: Mapping[str, Any] | None) -> Mediation | None:
         if value is None:
@@ -226,6 +243,36 @@ class _Builder:
             self.problem(("mediation", "target"), exc.message, exc.hint)
             return None
         return Mediation(value["port"], host, port, value.get("required", False))
+
+    def credentials(
+        self, value: list[Mapping[str, Any]] | None, env: Mapping[str, str] | None
+    ) -> tuple[Credential, ...]:
+        """Each entry built (problems located at its keys), names unique, and no guest
+        variable set twice (by two credentials, or by one and ``env``)."""
+        built: list[tuple[int, Credential]] = []
+        for i, entry in enumerate(value or []):
+            cred, problems = credential_from_spec(entry)
+            for p in problems:
+                where: JsonPath = ("credentials", i, p.key) if p.key else ("credentials", i)
+                self.problem(where, p.message, p.hint)
+            if cred is None:
+                continue
+            clash = next((j for j, c in built if c.name == cred.name), None)
+            if clash is not None:
+                self.problem(
+                    ("credentials", i, "name"),
+                    f"credential {cred.name!r} is already declared in credentials[{clash}]",
+                )
+                continue
+            built.append((i, cred))
+        creds = tuple(c for _, c in built)
+        for index, key, message in env_clashes(creds, sorted(env or {})):
+            self.problem(
+                ("credentials", built[index][0], key),
+                message,
+                "each guest variable is set once; pick another name",
+            )
+        return creds
 
     def health(self, value: Mapping[str, Any] | None) -> Health | None:
         if value is None:
@@ -359,6 +406,7 @@ def build_spec(doc: Document, source: Path) -> Spec:
         resources=b.resources(raw.get("resources")),
         network=b.network(raw.get("network")),
         mediation=b.mediation(raw.get("mediation")),
+        credentials=b.credentials(raw.get("credentials"), raw.get("env")),
         health=b.health(raw.get("health")),
         outputs=b.outputs(raw.get("outputs")),
         disks=disks,

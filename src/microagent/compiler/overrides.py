@@ -12,8 +12,18 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from microagent.compiler.credentials import (
+    MAX_CREDENTIALS,
+    PRESET_LIST,
+    PRESETS,
+    Credential,
+    env_clashes,
+    parse_credential_flag,
+    parse_upstream_flag,
+)
 from microagent.compiler.schema import check_value
 from microagent.compiler.spec import (
+    MAX_ALLOW,
     Forward,
     Mediation,
     Network,
@@ -22,6 +32,7 @@ from microagent.compiler.spec import (
     Resources,
     SetupStep,
     Spec,
+    check_allow_entry,
     parse_target,
     publish_host_problem,
 )
@@ -48,6 +59,9 @@ class Overrides:
     setup: tuple[str, ...] = ()
     mediation: str | None = None  # --mediation PORT=HOST:PORT (required, fails closed)
     publish: tuple[str, ...] = ()  # --publish [HOST:]HOSTPORT:GUESTPORT[/tcp], added
+    credentials: tuple[str, ...] = ()  # --credential NAME[=SOURCE]: activates, confirms
+    credential_upstreams: tuple[str, ...] = ()  # --credential-upstream NAME=URL
+    allow: tuple[str, ...] = ()  # --allow HOST, appended to network.allow
 
 
 def _checked(flag: str, field: str, value: object) -> None:
@@ -95,7 +109,84 @@ def apply_overrides(spec: Spec, o: Overrides) -> Spec:
         changes["setup"] = spec.setup + extra
     if o.mediation is not None:
         changes["mediation"] = parse_mediation_flag(o.mediation)
+    if o.credentials or o.credential_upstreams:
+        changes["credentials"] = _credentials(spec, o)
     return dataclasses.replace(spec, **changes)  # type: ignore[arg-type]
+
+
+def _credential_flags(o: Overrides) -> dict[str, str | None]:
+    flags: dict[str, str | None] = {}
+    for text in o.credentials:
+        name, source = parse_credential_flag(text)
+        if name in flags:
+            raise InvalidInputError(f"--credential {name} is given twice")
+        flags[name] = source
+    return flags
+
+
+def _credentials(spec: Spec, o: Overrides) -> tuple[Credential, ...]:
+    """The spec's credentials with ``--credential`` (a new source; a preset not in the spec
+    is added, with its default source unless one is given) and ``--credential-upstream``
+    applied, checked as a whole again (count, guest variables)."""
+    creds = {c.name: c for c in spec.credentials}
+    for name, source in _credential_flags(o).items():
+        cred = creds.get(name) or PRESETS.get(name)
+        if cred is None:
+            raise InvalidInputError(
+                f"--credential {name}: not a preset ({PRESET_LIST}) and not in the spec",
+                hint=f"declare {name!r} under `credentials:` with its upstream, header, "
+                "baseUrlEnv and keyEnv",
+            )
+        creds[name] = cred if source is None else dataclasses.replace(cred, source=source)
+    upstreams: set[str] = set()
+    for text in o.credential_upstreams:
+        name, url = parse_upstream_flag(text)
+        if name not in creds:
+            raise InvalidInputError(
+                f"--credential-upstream {name}: no such credential",
+                hint=f"declare it in the spec or pass --credential {name}",
+            )
+        if name in upstreams:
+            raise InvalidInputError(f"--credential-upstream {name} is given twice")
+        upstreams.add(name)
+        creds[name] = dataclasses.replace(creds[name], upstream=url)
+    out = tuple(creds.values())
+    if len(out) > MAX_CREDENTIALS:
+        raise InvalidInputError(f"at most {MAX_CREDENTIALS} credentials (got {len(out)})")
+    for index, _key, message in env_clashes(out, spec.env):
+        raise InvalidInputError(f"credential {out[index].name!r}: {message}")
+    return out
+
+
+def confirm_credentials(spec: Spec, o: Overrides | None) -> None:
+    """Refuse a spec's credentials that need the user's word (see
+    :attr:`Credential.needs_confirmation`) unless ``--credential NAME`` names them.
+
+    ``spec`` is the spec as loaded, before the flags: what a cloned repository asks for."""
+    named = set(_credential_flags(o or Overrides()))
+    pending = [c for c in spec.credentials if c.needs_confirmation and c.name not in named]
+    if not pending:
+        return
+    what = "; ".join(
+        f"{c.name!r} would send {c.source} to {c.upstream} ({_why(c)})" for c in pending
+    )
+    flags = " ".join(f"--credential {c.name}" for c in pending)
+    raise InvalidInputError(
+        f"the spec declares credentials that need your confirmation: {what}",
+        hint=f"a spec must not send a host secret where it likes; if this is what you want, "
+        f"pass {flags} (or --credential NAME=SOURCE to choose the source yourself)",
+    )
+
+
+def _why(cred: Credential) -> str:
+    preset = cred.preset
+    if preset is None:
+        return "not a preset"
+    if cred.upstream != preset.upstream:
+        return f"the preset's upstream is {preset.upstream}"
+    if cred.source.startswith("file:"):
+        return "a file on this host"
+    return f"the preset sends it as {preset.header}: {preset.format}"
 
 
 def parse_mediation_flag(text: str) -> Mediation:
@@ -117,6 +208,8 @@ def _network(network: Network, o: Overrides) -> Network:
     on the same host address and port); published ports need mode ``user``."""
     if o.network is not None:
         network = dataclasses.replace(network, mode=NetworkMode(o.network))
+    if o.allow:
+        network = dataclasses.replace(network, allow=_allow(network.allow, o.allow))
     if o.publish:
         flags = parse_publishes(o.publish)
         kept = tuple(f for f in network.forwards if not any(f.conflicts_with(g) for g in flags))
@@ -133,6 +226,21 @@ def _network(network: Network, o: Overrides) -> Network:
             hint="keep mode user, or remove network.forwards from the spec",
         )
     return network
+
+
+def _allow(spec: tuple[str, ...], flags: tuple[str, ...]) -> tuple[str, ...]:
+    """``--allow HOST`` entries after the spec's (a name already listed is kept once)."""
+    out = list(spec)
+    for text in flags:
+        try:
+            host = check_allow_entry(text)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"--allow: {exc.message}", hint=exc.hint) from None
+        if host not in out:
+            out.append(host)
+    if len(out) > MAX_ALLOW:
+        raise InvalidInputError(f"network.allow and --allow: at most {MAX_ALLOW} names")
+    return tuple(out)
 
 
 def _publish_error(text: str, message: str, hint: str = "") -> InvalidInputError:

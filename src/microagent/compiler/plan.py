@@ -61,6 +61,10 @@ def _config_inputs(spec: Spec, runtime_env_keys: Iterable[str]) -> dict[str, Any
     if spec.mediation is not None:
         m = spec.mediation
         inputs["mediation"] = {"port": m.port, "target": m.target, "required": m.required}
+    if spec.credentials:  # references and upstreams, never a value
+        inputs["credentials"] = [c.to_json() for c in spec.credentials]
+    if spec.network.allow:
+        inputs["network"]["allow"] = list(spec.network.allow)
     if spec.health is not None:
         h = spec.health
         inputs["health"] = {

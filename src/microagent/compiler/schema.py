@@ -211,6 +211,13 @@ class _Translator:
     def _minItems(self, error: ValidationError, path: JsonPath) -> Iterator[Diagnostic]:
         yield self._make(path, "must not be an empty list")
 
+    def _maxItems(self, error: ValidationError, path: JsonPath) -> Iterator[Diagnostic]:
+        yield self._make(path, f"must have at most {error.validator_value} entries")
+
+    def _maxLength(self, error: ValidationError, path: JsonPath) -> Iterator[Diagnostic]:
+        # never repeats the value: it may be a key pasted where a reference belongs
+        yield self._make(path, f"must be at most {error.validator_value} characters")
+
     def _oneOf(self, error: ValidationError, path: JsonPath) -> Iterator[Diagnostic]:
         branches: list[Mapping[str, Any]] = list(_value_of(error))
         both = _matching_key_sets(branches, error.instance)

@@ -15,6 +15,7 @@ from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
 
+from microagent.compiler.credentials import Credential
 from microagent.errors import InvalidInputError, Location
 
 DEFAULT_IMAGE = "python:3.13-slim"
@@ -219,8 +220,57 @@ def publish_host_problem(host: str) -> str:
 
 @dataclass(frozen=True)
 class Network:
+    """``allow`` (host names, ``.suffix`` for a domain's hosts) makes egress default-deny:
+    only those names, through the host's egress proxy."""
+
     mode: NetworkMode = NetworkMode.USER
     forwards: tuple[Forward, ...] = ()
+    allow: tuple[str, ...] = ()
+
+
+MAX_ALLOW = 64
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")  # a last label like this reads as an address
+_HOST_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")  # fullmatch (DNS: `_` too)
+
+
+def check_allow_entry(entry: str) -> str:
+    """A ``network.allow`` entry, lowercased: an exact host name (``pypi.org``) or, with a
+    leading dot, every name under a domain (``.pythonhosted.org``). Names only: the egress
+    proxy resolves them on the host and checks where they lead, so an IP literal, a port, a
+    scheme or a wildcard is refused. (The broker checks entries again at run time.)"""
+    shown = entry[:80]
+    if not entry.isascii() or not entry.isprintable():
+        raise InvalidInputError(
+            f"allow entry {shown!r} is not an ASCII host name", hint="write IDNs as xn--..."
+        )
+    text = entry.lower().removesuffix(".")  # one trailing dot: the root, as DNS writes it
+    body = text.removeprefix(".")
+    if "*" in text:
+        raise InvalidInputError(
+            f"allow entry {shown!r}: no wildcards",
+            hint="a leading dot allows every name under a domain: .example.com",
+        )
+    if "/" in body or ":" in body:
+        try:
+            ipaddress.ip_address(body.strip("[]"))
+        except ValueError:
+            raise InvalidInputError(
+                f"allow entry {shown!r} is not a host name",
+                hint="only the name, without scheme, port or path: pypi.org",
+            ) from None
+    labels = body.split(".")
+    if _NUMERIC_LABEL.fullmatch(labels[-1]) or ":" in body:
+        raise InvalidInputError(
+            f"allow entry {shown!r} is an IP address; egress is allowed by name",
+            hint="name the host; the proxy resolves it and refuses private addresses",
+        )
+    if not body or len(body) > 253 or not all(_HOST_LABEL.fullmatch(part) for part in labels):
+        raise InvalidInputError(
+            f"allow entry {shown!r} is not a host name",
+            hint="labels of letters, digits, `-` and `_`, separated by dots: pypi.org or "
+            ".pythonhosted.org",
+        )
+    return text
 
 
 @dataclass(frozen=True)
@@ -324,6 +374,7 @@ class Spec:
     resources: Resources = Resources()
     network: Network = Network()
     mediation: Mediation | None = None
+    credentials: tuple[Credential, ...] = ()
     health: Health | None = None
     outputs: tuple[Output, ...] = ()
     disks: tuple[Disk, ...] = ()

@@ -132,7 +132,22 @@ def _record(
         disks=disks,
         mediation=spec.mediation,
         health=spec.health,
+        credentials=spec.credentials,
+        egress_allow=spec.network.allow,
     )
+
+
+def _check_runtime_env(spec: Spec, env: RuntimeEnv) -> None:
+    """``--env`` may not set a variable a credential sets: the guest would get the value
+    given here instead of the broker's address or the placeholder."""
+    for cred in spec.credentials:
+        for var in (cred.base_url_env, cred.key_env):
+            if var in env.values:
+                raise InvalidInputError(
+                    f"--env {var}: credential {cred.name!r} sets it (the broker holds the key; "
+                    "the guest gets its address and a placeholder)",
+                    hint=f"drop --env {var}",
+                )
 
 
 def create(
@@ -147,6 +162,7 @@ def create(
             "--host-forward needs a network, but the workspace is isolated",
             hint="drop --host-forward or use --network user",
         )
+    _check_runtime_env(spec, env)
     tmp = spaces.reserve(spec.name)
     try:
         disks = capture_disks(pipeline.store, spec, Workspace(tmp))  # a bad one fails fast

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from microagent.compiler.spec import Forward, Health, Mediation
+from microagent.compiler.credentials import MAX_CREDENTIALS, Credential
+from microagent.compiler.spec import MAX_ALLOW, Forward, Health, Mediation, check_allow_entry
 from microagent.errors import ConflictError, InvalidInputError, NotFoundError
 from microagent.fsutil import read_json
 from microagent.runtime.backend import PublishedPort
@@ -94,6 +95,8 @@ class Record:
     runtime_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     mediation: Mediation | None = None
     health: Health | None = None
+    credentials: tuple[Credential, ...] = ()  # references only: never a value
+    egress_allow: tuple[str, ...] = ()  # network.allow: default-deny egress when set
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -102,6 +105,8 @@ class Record:
         data["outputs"] = [list(o) for o in self.outputs]
         data["host_forwards"] = [list(f) for f in self.host_forwards]
         data["published"] = [p.to_json() for p in self.published]
+        data["credentials"] = [c.to_json() for c in self.credentials]
+        data["egress_allow"] = list(self.egress_allow)
         return data
 
     @classmethod
@@ -119,10 +124,30 @@ class Record:
             values["mediation"] = Mediation(**data["mediation"])
         if data.get("health"):
             values["health"] = Health(**{**data["health"], "exec": tuple(data["health"]["exec"])})
+        values["credentials"] = _credentials(data.get("credentials") or [])
+        values["egress_allow"] = _egress_allow(data.get("egress_allow") or [])
         return cls(**values)
 
     def __repr__(self) -> str:  # never show runtime env values
         return f"Record(name={self.name!r}, rootfs_key={self.rootfs_key!r})"
+
+
+def _credentials(items: object) -> tuple[Credential, ...]:
+    """A record's credentials, checked as strictly as a spec's (a record is a file on disk)."""
+    if not isinstance(items, list) or len(items) > MAX_CREDENTIALS:
+        raise InvalidInputError(f"record: credentials must be a list of at most {MAX_CREDENTIALS}")
+    creds = tuple(Credential.from_json(item) for item in items)
+    if len({c.name for c in creds}) != len(creds):
+        raise InvalidInputError("record: a credential name is used twice")
+    return creds
+
+
+def _egress_allow(items: object) -> tuple[str, ...]:
+    if not isinstance(items, list) or len(items) > MAX_ALLOW:
+        raise InvalidInputError(f"record: egress_allow must be a list of at most {MAX_ALLOW}")
+    if not all(isinstance(item, str) for item in items):
+        raise InvalidInputError("record: egress_allow must hold host names")
+    return tuple(check_allow_entry(item) for item in items)
 
 
 def published_ports(forwards: Iterable[Forward]) -> tuple[PublishedPort, ...]:
