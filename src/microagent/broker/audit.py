@@ -58,4 +58,4 @@ class AuditLog:
         except FileNotFoundError:
             return
         if size >= self.rotate_bytes:
-            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+            self.path.replace(self.path.with_name(self.path.name + ".1"))
