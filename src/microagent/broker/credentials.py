@@ -73,6 +73,8 @@ def _from_env(source: str, name: str, environ: Mapping[str, str]) -> str:
 
 
 def _from_file(source: str, path_text: str) -> str:
+    if path_text.startswith("~/"):  # the user's home, as the spec and the flag allow
+        path_text = str(Path.home() / path_text[2:])
     path = Path(path_text)
     if not path_text or not path.is_absolute() or "\0" in path_text:
         raise InvalidInputError(

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microagent.compiler.spec import Restart
 from microagent.fsutil import read_json, write_json_atomic
@@ -44,6 +44,9 @@ from microagent.runtime.backend import (
 )
 from microagent.runtime.configdisk import NetworkMode
 from microagent.runtime.health import HealthCheck
+
+if TYPE_CHECKING:
+    from microagent.broker.gateway import GatewayConfig
 
 
 class State(Enum):
@@ -79,6 +82,7 @@ class BootDocument:
     restart: Restart = field(default_factory=Restart)  # boots again after the entrypoint exits?
     restart_backoff: float = 1.0  # seconds before the first restart (then doubling)
     health: HealthCheck | None = None  # probed through the guest agent while it runs
+    gateway: GatewayConfig | None = None  # credential brokers and egress proxy (no secrets)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -88,11 +92,16 @@ class BootDocument:
             "restart": self.restart.text,
             "restartBackoff": self.restart_backoff,
             "health": self.health.to_json() if self.health else None,
+            "gateway": self.gateway.to_json() if self.gateway else None,
             **_config_to_json(self.config),
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> BootDocument:
+        # The gateway's config (TLS, HTTP parsing) is needed only where boot.json is read (the
+        # supervisor), never on the exec and status paths that import this module: deferred.
+        from microagent.broker.gateway import GatewayConfig
+
         probes = data.get("probesDir")
         return cls(
             _config_from_json(data),
@@ -102,6 +111,7 @@ class BootDocument:
             Restart.parse(data.get("restart", "never")),
             float(data.get("restartBackoff", 1.0)),
             HealthCheck.from_json(data["health"]) if data.get("health") else None,
+            GatewayConfig.from_json(data["gateway"]) if data.get("gateway") else None,
         )
 
 

@@ -19,6 +19,7 @@ was asked for, the policy may boot the VM again after a back-off (:class:`Backof
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -35,6 +36,7 @@ from microagent.runtime.agentlink import AgentHello, AgentLink, MediationTarget,
 from microagent.runtime.agentproto import ExecRequest
 from microagent.runtime.backend import Backend, BootConfig, GuestResult, Machine
 from microagent.runtime.backends import get_backend
+from microagent.runtime.gatewayproc import GatewayProcess
 from microagent.runtime.health import HealthCheck, HealthProber, ProbeOutcome
 from microagent.runtime.rundir import BootDocument, RunDir, State, now
 
@@ -181,6 +183,31 @@ class Supervisor:
         backend = get_backend(
             boot.backend, probes_dir=boot.probes_dir, fake_outcome=boot.fake_outcome
         )
+        gateway = self._start_gateway(boot)
+        if isinstance(gateway, Ended):
+            return self._finished(gateway, 0)
+        try:
+            return self._boot_loop(boot, backend)
+        finally:
+            if gateway is not None:
+                gateway.stop()
+
+    def _start_gateway(self, boot: BootDocument) -> GatewayProcess | Ended | None:
+        """The workspace's credential brokers and egress proxy, before the first boot; it
+        reads the secret values from this process's stdin (a pipe this process never reads)."""
+        if boot.gateway is None:
+            return None
+        gateway = GatewayProcess(boot.gateway, self.run_dir.path)
+        try:
+            gateway.start(stdin=0)
+        except MicroagentError as exc:
+            return Ended(None, exc.message)
+        finally:
+            _drop_stdin()
+        self.run_dir.event("gateway", f"pid {gateway.proc.pid if gateway.proc else '?'}")
+        return gateway
+
+    def _boot_loop(self, boot: BootDocument, backend: Backend) -> int:
         config_disk = self._keep_config_disk(boot)
         backoff = Backoff(boot.restart_backoff)
         restarts = 0
@@ -287,6 +314,15 @@ class Supervisor:
         gave_up = f" (after {restarts} restarts)" if restarts else ""
         self.run_dir.set_state(State.FAILED, ended.reason + gave_up, **code)
         return 1
+
+
+def _drop_stdin() -> None:
+    """Point fd 0 at /dev/null: the secrets pipe is the gateway's alone."""
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        os.dup2(devnull, 0)
+    finally:
+        os.close(devnull)
 
 
 def main(argv: list[str]) -> int:

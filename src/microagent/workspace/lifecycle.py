@@ -41,9 +41,16 @@ from microagent.runtime.probe import tcp_reachable
 from microagent.runtime.rundir import BootDocument, State, now
 from microagent.settings import Settings
 from microagent.store.content import Store
+from microagent.workspace import audit
 from microagent.workspace.disks import boot_disks
 from microagent.workspace.liveness import reconcile
 from microagent.workspace.records import Record, Workspace
+from microagent.workspace.services import (
+    Services,
+    plan_services,
+    resolve_secrets,
+    secrets_pipe,
+)
 
 START_TIMEOUT = 60.0
 HALT_TIMEOUT = 30.0
@@ -133,16 +140,21 @@ def _guest_files(store: Store, record: Record) -> tuple[GuestFile, ...]:
     return tuple(files)
 
 
-def run_request(rt: Runtime, ws: Workspace, record: Record) -> RunRequest:
-    """What a start of the workspace boots: its entrypoint on its own state disk."""
+def run_request(
+    rt: Runtime, ws: Workspace, record: Record, services: Services | None = None
+) -> RunRequest:
+    """What a start of the workspace boots: its entrypoint on its own state disk, with the
+    environment and channels of its host ``services`` (credential brokers, egress proxy)."""
+    services = services or Services()
     mode = NetworkMode(record.network)
     forwards = tuple(Forward(guest, host_port=host) for guest, host in record.host_forwards)
     published = record.published if mode is NetworkMode.USER else ()
+    direct = not record.egress_allow
     return RunRequest(
         rootfs=Path(record.rootfs),
         command=record.command,
-        env={**record.env, **record.runtime_env},
-        network=NetworkConfig(mode, forwards, published),
+        env={**record.env, **record.runtime_env, **services.env},
+        network=NetworkConfig(mode, forwards, published, direct_egress=direct),
         memory_mib=record.memory_mib,
         cpus=record.cpus,
         files=_guest_files(rt.store, record),
@@ -156,6 +168,19 @@ def run_request(rt: Runtime, ws: Workspace, record: Record) -> RunRequest:
         name=record.name,
         die_with_parent=True,  # the supervisor owns the VMM: no VM outlives it
         mediation=_mediation(record),
+        services=services.channels,
+    )
+
+
+def _services(rt: Runtime, ws: Workspace, record: Record, vm_dir: Path) -> Services:
+    return plan_services(
+        record.credentials,
+        record.egress_allow,
+        vm_dir=vm_dir,
+        run_dir=ws.run.path,
+        port_base=rt.settings.service_port_base,
+        mediation_port=record.mediation.port if record.mediation else None,
+        cafile=rt.settings.extra_ca_file(),
     )
 
 
@@ -214,18 +239,23 @@ def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict
             hint="create the workspace again (a `cache prune` removed it)",
         )
     restart = _restart_policy(ws, record)
+    secrets = resolve_secrets(record.credentials)  # a missing value fails before anything
     repair_state_disk(ws)
     run = ws.run
     run.result_path.unlink(missing_ok=True)
     run.path.mkdir(parents=True, exist_ok=True)
     vm_dir = vm_dir_for(run.path, ws.name)
-    boot = prepare(run_request(rt, ws, record), rt.kit(), vm_dir, work_dir=run.path)
+    services = _services(rt, ws, record, vm_dir)
+    boot = prepare(run_request(rt, ws, record, services), rt.kit(), vm_dir, work_dir=run.path)
     settings = rt.settings
     backend, probes, fake = settings.backend, settings.probes_dir, settings.fake_outcome
     health = _health(record)
     run.write_boot(
-        BootDocument(boot, backend, probes, fake, restart, settings.restart_backoff, health)
-    )
+        BootDocument(
+            boot, backend, probes, fake, restart, settings.restart_backoff, health,
+            services.gateway,
+        )
+    )  # fmt: skip
     run.set_state(
         State.STARTING,
         "starting the VM",
@@ -235,13 +265,19 @@ def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict
         startedAt=now(),
         restarts=0,
     )
-    proc = runner.spawn(
-        supervisor_argv(run.path),
-        stdout=run.supervisor_log,
-        cwd=run.path,
-        new_session=True,
-        env=_supervisor_env(),
-    )
+    stdin = secrets_pipe(secrets) if services.gateway is not None else None
+    try:
+        proc = runner.spawn(
+            supervisor_argv(run.path),
+            stdout=run.supervisor_log,
+            cwd=run.path,
+            new_session=True,
+            env=_supervisor_env(),
+            stdin=stdin,
+        )
+    finally:
+        if stdin is not None:
+            os.close(stdin)
     run.update(supervisorPid=proc.pid)
     return _await_running(ws, timeout)
 
@@ -480,8 +516,16 @@ def status(ws: Workspace, backend: str) -> dict[str, Any]:
         "network": _network_status(record, state, runtime),
         "artifacts": {"outputs": [{"name": n, "path": p} for n, p in record.outputs]},
         "result": result_payload(ws),
+        "audit": _audit(ws, record),
         "error": {"message": runtime.get("detail", "")} if failed else None,
     }
+
+
+def _audit(ws: Workspace, record: Record) -> dict[str, int] | None:
+    """Counts from the audit log of a workspace with credentials or an allow-list."""
+    if not record.credentials and not record.egress_allow:
+        return None
+    return audit.summary(audit.audit_path(ws.run))
 
 
 def result(ws: Workspace) -> dict[str, Any]:

@@ -138,3 +138,12 @@ def test_parse_secrets_wants_one_checked_value_per_credential() -> None:
             parse_secrets(data, ["anthropic", "openai"])
         assert expected in caught.value.message
         assert VALUE not in caught.value.message
+
+
+def test_a_file_source_under_the_home_folder_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".keys").mkdir()
+    (tmp_path / ".keys" / "internal").write_text("tok-123\n")
+    assert resolve_source("file:~/.keys/internal") == "tok-123"

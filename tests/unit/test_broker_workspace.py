@@ -1,0 +1,200 @@
+"""A workspace's credential broker end to end with the fake backend (no VM): ``create
+--credential`` → ``start`` (the value read on the host, piped to the gateway) → a program
+connecting to the guest agent's service port (the agent stand-in runs on the host here) →
+the gateway → a recording upstream; the audit, the status counts, and where the value is not.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from microagent import runner
+from microagent.cli import main
+from testenv import standin
+from testenv.agent_standin import standin_argv
+
+NAME = "brokered"
+
+
+class Upstream:
+    def __init__(self) -> None:
+        seen: list[dict[str, str]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                seen.append({k.lower(): v for k, v in self.headers.items()})
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *_args: Any) -> None:
+                return
+
+        self.seen = seen
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.server.server_address[1])
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def _free_port_base() -> int:
+    """Two free consecutive loopback ports (the stand-in agent listens on the host)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        if base > 65000:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", base))
+                b.bind(("127.0.0.1", base + 1))
+            return base
+        except OSError:
+            continue
+    pytest.skip("no two free consecutive ports")
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    server = Upstream()
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str, code: int = 0) -> dict[str, Any]:
+    capsys.readouterr()
+    got = main(["--json", *args])
+    out = capsys.readouterr().out
+    assert got == code, out
+    return json.loads(out) if out.strip() else {}
+
+
+@pytest.fixture
+def home(
+    fake_backend: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    busybox_layout: standin.BuiltImage,
+) -> Iterator[Path]:
+    shutil.copytree(busybox_layout.layout, tmp_path / "layout")
+    home = tmp_path / "home"
+    monkeypatch.setenv("MICROAGENT_HOME", str(home))
+    monkeypatch.setenv("MICROAGENT_SERVICE_PORT_BASE", str(_free_port_base()))
+    monkeypatch.setenv("MICROAGENT_FAKE", json.dumps({"hang": True, "agent": standin_argv()}))
+    yield home
+    for path in home.glob("workspaces/*/runtime/runtime.json"):
+        pid = json.loads(path.read_text()).get("supervisorPid")
+        if isinstance(pid, int) and runner.pid_alive(pid):
+            main(["halt", NAME])
+
+
+def _spec(folder: Path, port: int, *, allow: bool = False) -> Path:
+    spec = folder / "microagent.yaml"
+    spec.write_text(
+        f"name: {NAME}\n"
+        "image: oci:layout:latest\n"
+        "entrypoint: sleep 600\n"
+        + ("network: {mode: user, allow: [pypi.org]}\n" if allow else "")
+        + "credentials:\n"
+        "  - name: internal\n"
+        "    from: env:MA_UNIT_SENTINEL\n"
+        f"    upstream: http://127.0.0.1:{port}/base\n"
+        "    header: Authorization\n"
+        '    format: "Bearer {value}"\n'
+        "    baseUrlEnv: INTERNAL_BASE_URL\n"
+        "    keyEnv: INTERNAL_TOKEN\n"
+    )
+    return spec
+
+
+def _request(port: int, path: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer guest\r\n"
+            "Content-Length: 2\r\nConnection: close\r\n\r\nhi".encode()
+        )
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def _until_listening(port: int) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    pytest.fail(f"nothing listens on the service port {port}")
+
+
+def _processes_naming(home: Path) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            words = cmdline.read_bytes()
+        except OSError:
+            continue
+        if str(home).encode() in words:
+            found.append(words.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+def test_the_broker_adds_the_key_and_the_guest_never_gets_it(
+    home: Path,
+    upstream: Upstream,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sentinel = "sk-unit-" + secrets.token_hex(12)
+    monkeypatch.setenv("MA_UNIT_SENTINEL", sentinel)
+    spec = _spec(tmp_path, upstream.port)
+    run(capsys, "create", "-f", str(spec), "--credential", "internal")
+    run(capsys, "start", NAME)
+    port = int(json.loads((home / "workspaces" / NAME / "runtime" / "boot.json").read_text())[
+        "services"][0]["guestPort"])  # fmt: skip
+    _until_listening(port)
+    reply = _request(port, "/v1/echo?secret=no")
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    assert upstream.seen[-1]["authorization"] == f"Bearer {sentinel}"
+    status = run(capsys, "status", NAME)
+    assert status["audit"]["requests"] == 1 and status["audit"]["denied"] == 0
+    entries = run(capsys, "audit", NAME)["entries"]
+    assert [(e["credential"], e["path"], e["status"]) for e in entries] == [
+        ("internal", "/base/v1/echo", 200)
+    ]
+    run(capsys, "halt", NAME)
+    assert _processes_naming(home) == []  # the gateway ended with its supervisor
+    leaks = [p for p in home.rglob("*") if p.is_file() and sentinel.encode() in p.read_bytes()]
+    assert leaks == []
+
+
+def test_a_missing_value_fails_the_start_naming_the_reference(
+    home: Path,
+    upstream: Upstream,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("MA_UNIT_SENTINEL", raising=False)
+    spec = _spec(tmp_path, upstream.port)
+    run(capsys, "create", "-f", str(spec), "--credential", "internal")
+    failed = run(capsys, "start", NAME, code=2)
+    assert "env:MA_UNIT_SENTINEL" in failed["error"]["message"]
+    assert run(capsys, "status", NAME)["event"]["state"] in ("created", "prepared")
