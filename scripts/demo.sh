@@ -47,19 +47,21 @@ printf 'name: demo\nimage: python:3.13-slim\nentrypiont: python /app/agent.py\n'
 # This machine reaches the internet through a TLS-intercepting proxy: guests trust the host's CA
 # bundle (runtime configuration, never baked into a layer).
 export MICROAGENT_EXTRA_CA=${MICROAGENT_EXTRA_CA:-host}
+# The key never enters the guest: --credential anthropic makes the workspace's broker (a host
+# process) add it to each model call; the guest holds a placeholder (docs/broker.md).
 if [ -n "${ANTHROPIC_API_KEY:-}" ]; then
-  say "model: the real Anthropic API (ANTHROPIC_API_KEY is set)"
-  # The name only: microagent reads the value from its environment, so the key never shows in ps.
+  say "model: the real Anthropic API through the credential broker (ANTHROPIC_API_KEY is set)"
   export ANTHROPIC_API_KEY
-  MODEL_ARGS=(--env ANTHROPIC_API_KEY)
+  MODEL_ARGS=(--credential anthropic)
 else
-  say "model: a scripted stand-in on the host (set ANTHROPIC_API_KEY to use Claude)"
+  say "model: a scripted stand-in on the host, through the credential broker (set ANTHROPIC_API_KEY to use Claude)"
   MODEL_PORT=${MICROAGENT_DEMO_MODEL_PORT:-18089}
-  "$PY" scripts/testenv/scripted_model.py --port "$MODEL_PORT" & MODEL_PID=$!
-  export ANTHROPIC_API_KEY=scripted-demo-key
-  MODEL_ARGS=(--env ANTHROPIC_API_KEY
-              --env ANTHROPIC_BASE_URL=http://10.0.2.100:8080
-              --host-forward "8080=$MODEL_PORT")
+  ANTHROPIC_API_KEY="demo-key-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
+  export ANTHROPIC_API_KEY
+  # The stand-in answers 401 to any other key, as the real API would.
+  "$PY" scripts/testenv/scripted_model.py --port "$MODEL_PORT" --expect-key-env ANTHROPIC_API_KEY &
+  MODEL_PID=$!
+  MODEL_ARGS=(--credential anthropic --credential-upstream "anthropic=http://127.0.0.1:$MODEL_PORT")
 fi
 "$MA" delete -y minimal-agent minimal-agent-again >/dev/null 2>&1 || true
 
@@ -82,6 +84,9 @@ say "request 1: install rich, write /workspace/biggest.py, run it"
 "$MA" cp examples/minimal-agent/demo/input-001.json minimal-agent:/workspace/input.json
 "$MA" start minimal-agent
 wait_for_result
+
+say "every model call, as the broker audited it (the key itself is nowhere in the guest)"
+"$MA" audit minimal-agent
 
 say "the script the agent wrote, copied out and run on the host"
 "$MA" cp minimal-agent:/workspace/biggest.py "$tmp/biggest.py"

@@ -10,6 +10,11 @@ from example_harness import EXAMPLE_NAMES, EXAMPLES, load_protocol
 
 SHARED_BEGIN = "# >>> shared agent core >>>\n"
 SHARED_END = "# <<< shared agent core <<<\n"
+PRESET = {
+    "minimal-agent": "anthropic",
+    "minimal-agent-openai": "openai",
+    "minimal-agent-gemini": "gemini",
+}
 SDK_REQUIREMENT = {
     "minimal-agent": '"anthropic>=0.40"',
     "minimal-agent-openai": '"openai>=1.50"',
@@ -74,10 +79,12 @@ def test_spec_has_the_expected_shape(example: str) -> None:
         ],
         "entrypoint": "python /app/agent.py",
         "outputs": [{"name": "result", "path": "/workspace/result.json"}],
+        # the preset's own reference (env:<PROVIDER>_API_KEY on the host), never a value
+        "credentials": [{"name": PRESET[example]}],
+        "network": {"mode": "user", "allow": ["pypi.org", "files.pythonhosted.org"]},
     }
     for entry in spec["files"]:
         assert (spec_path.parent / entry["src"]).is_file()
-    assert "KEY" not in spec_path.read_text()  # secrets come from `create --env`, never the spec
 
 
 @pytest.mark.parametrize("example", EXAMPLE_NAMES)

@@ -12,6 +12,7 @@ wrote on the host (record, store, logs, audit).
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import socket
 import threading
@@ -54,7 +55,7 @@ report["broker"] = attempt(
 )
 report["allowed"] = attempt(os.environ["ALLOWED_URL"])
 report["unlisted"] = attempt("https://example.com/")
-report["loopback"] = attempt("https://localhost/")
+report["loopback"] = attempt("https://localhost./")  # the dot: past NO_PROXY, to the proxy
 try:
     socket.create_connection((os.environ["DIRECT_IP"], 443), timeout=20).close()
     report["direct"] = "connected"
@@ -162,14 +163,26 @@ def _exec(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
 def _await_report(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     deadline = time.monotonic() + REPORT_TIMEOUT
     while time.monotonic() < deadline:
-        state = cli(capsys, "status", NAME)["event"]["state"]
-        assert state in ("starting", "running"), f"the workspace is {state}"
+        status = cli(capsys, "status", NAME)
+        state = status["event"]["state"]
+        assert state in ("starting", "running"), (state, status["event"]["detail"], _logs())
         code, out = _exec(capsys, "cat", "/workspace/report.json")
         if code == 0 and out.strip():
             report: dict[str, Any] = json.loads(out)
             return report
         time.sleep(3)
     pytest.fail("the guest client wrote no report in time")
+
+
+def _logs() -> str:
+    """The supervisor's and gateway's logs and the serial console's tail (for failures)."""
+    runtime = Path(os.environ["MICROAGENT_HOME"]) / "workspaces" / NAME / "runtime"
+    texts = []
+    for name in ("supervisor.log", "gateway.log"):
+        path = runtime / name
+        if path.exists():
+            texts.append(f"--- {name}\n{path.read_text(errors='replace')[-3000:]}")
+    return "\n".join(texts)
 
 
 def _files_holding(root: Path, needle: bytes) -> list[Path]:

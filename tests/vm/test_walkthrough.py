@@ -1,10 +1,12 @@
 """The product page's walkthrough, for real: registry, setup VMs, the agent in a microVM.
 
-The model is a scripted stand-in for the Anthropic Messages API on the host; the guest reaches
-it only through the explicit guest->host forward (``--host-forward``) via
-``ANTHROPIC_BASE_URL``. Everything else is real: the python:3.13-slim stand-in pulled from a
-local registry through the mirror config, ``pip install pydantic anthropic`` in a setup VM, the
-agent's own ``pip install rich`` inside the workspace, the disk kept across halt/start.
+The model is a scripted stand-in for the Anthropic Messages API on the host, reached the
+production way: ``--credential anthropic`` with the preset's upstream pointed at it
+(``--credential-upstream``), so the guest holds a placeholder and the workspace's credential
+broker adds the real key on the host (the stand-in refuses any other). Everything else is
+real: the python:3.13-slim stand-in pulled from a local registry through the mirror config,
+``pip install pydantic anthropic`` in a setup VM, the agent's own ``pip install rich`` inside
+the workspace, the disk kept across halt/start.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from testenv.scripted_model import ScriptedModel
 
 pytestmark = pytest.mark.vm
 ROOT = Path(__file__).parents[2]
-GUEST_PORT = 8080
 RUN_TIMEOUT = 900
 
 
@@ -41,10 +42,21 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
     return data
 
 
+SECRET = "sk-ant-walkthrough-secret-4711"
+
+
 @pytest.fixture
-def model() -> Iterator[ScriptedModel]:
-    with ScriptedModel() as server:
+def model(monkeypatch: pytest.MonkeyPatch) -> Iterator[ScriptedModel]:
+    """The model, and the key microagent reads from this process's environment at start."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", SECRET)
+    with ScriptedModel(expect_key=SECRET) as server:
         yield server
+
+
+def brokered(model: ScriptedModel) -> list[str]:
+    """The create flags that send the agent's model calls through the broker to ``model``."""
+    upstream = f"anthropic=http://127.0.0.1:{model.port}"
+    return ["--credential", "anthropic", "--credential-upstream", upstream]
 
 
 @pytest.fixture
@@ -74,12 +86,7 @@ def test_walkthrough(
     project = tmp_path / "minimal-agent"
     shutil.copytree(ROOT / "examples" / "minimal-agent", project)
     spec = str(project / "microagent.yaml")
-    secret = "sk-ant-walkthrough-secret-4711"
-    created = cli(
-        capsys, "create", "--file", spec, "--env", f"ANTHROPIC_API_KEY={secret}",
-        "--env", f"ANTHROPIC_BASE_URL=http://10.0.2.100:{GUEST_PORT}",
-        "--host-forward", f"{GUEST_PORT}={model.port}",
-    )  # fmt: skip
+    created = cli(capsys, "create", "--file", spec, *brokered(model))
     assert created["workspace"] == "minimal-agent"
 
     cli(capsys, "cp", str(project / "demo/input-001.json"), "minimal-agent:/workspace/input.json")
@@ -109,18 +116,21 @@ def test_walkthrough(
     again = cli(capsys, "create", "--file", spec, "--name", "minimal-agent-2")
     assert again["setupBoots"] == 0 and again["stepsBuilt"] == 0
 
-    _assert_secret_kept_out(env, secret)
+    assert model.keys and set(model.keys) == {SECRET}  # every call carried the real key
+    calls = cli(capsys, "audit", "minimal-agent")["entries"]
+    assert len([e for e in calls if e["kind"] == "broker"]) == len(model.keys)
+    _assert_secret_kept_out(env, SECRET)
     assert cli(capsys, "delete", "-y", "minimal-agent", "minimal-agent-2")["results"]
 
 
 def _assert_secret_kept_out(home: Path, secret: str) -> None:
-    """The --env value is only in the workspace record (mode 0600)."""
+    """The key is in no file microagent wrote: store, records, disks, logs, audit (the guest
+    never had it; tests/vm/test_vm_broker.py also searches the guest's memory)."""
     needle = secret.encode()
-    for path in (home / "store").rglob("*"):
-        if path.is_file():
-            assert needle not in path.read_bytes(), f"secret leaked into {path}"
-    record = home / "workspaces" / "minimal-agent" / "workspace.json"
-    assert record.stat().st_mode & 0o777 == 0o600
+    for root in (home / "store", home / "workspaces"):
+        for path in root.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                assert needle not in path.read_bytes(), f"secret leaked into {path}"
 
 
 def test_run_an_image_reference(env: Path, capfd: pytest.CaptureFixture[str]) -> None:
@@ -156,9 +166,7 @@ def test_the_agent_serves_three_requests_in_one_boot(
         target = listening["address"]
         cli(
             capsys, "create", "--file", str(project / "microagent.yaml"), "--name", "serving",
-            "--env", "ANTHROPIC_API_KEY=sk-ant-serve-0001",
-            "--env", f"ANTHROPIC_BASE_URL=http://10.0.2.100:{GUEST_PORT}",
-            "--host-forward", f"{GUEST_PORT}={model.port}", "--mediation", f"2048={target}",
+            *brokered(model), "--mediation", f"2048={target}",
         )  # fmt: skip
         cli(capsys, "start", "serving")
         events = [json.loads(line) for line in dispatcher.stdout]

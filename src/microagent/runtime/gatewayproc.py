@@ -44,6 +44,8 @@ class GatewayProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, stdin: int = 0, timeout: float = READY_TIMEOUT) -> None:
+        for folder in {path.parent for path in self.config.sockets}:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # the VM dir, before its boot
         write_json_atomic(self.config_path, self.config.to_json(), mode=0o600)
         self.log.unlink(missing_ok=True)
         self.proc = runner.spawn(gateway_argv(self.config_path), stdout=self.log, stdin=stdin)

@@ -136,6 +136,7 @@ def _config_to_json(config: BootConfig) -> dict[str, Any]:
                 for f in config.network.forwards
             ],
             "published": [p.to_json() for p in config.network.published],
+            "directEgress": config.network.direct_egress,
         },
         "machine": config.machine.value,
         "accel": config.accel.value,
@@ -170,6 +171,7 @@ def _config_from_json(data: Mapping[str, Any]) -> BootConfig:
             NetworkMode(net.get("mode", "isolated")),
             forwards,
             tuple(PublishedPort.from_json(p) for p in net.get("published") or []),
+            direct_egress=net.get("directEgress", True) is not False,
         ),
         machine=MachineType(data.get("machine", "microvm")),
         accel=Accel(data.get("accel", "auto")),

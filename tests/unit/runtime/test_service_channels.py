@@ -4,6 +4,7 @@ The relay itself is tested in test_agentlink.py and test_guest_agent.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tarfile
 from pathlib import Path
@@ -18,9 +19,11 @@ from microagent.runtime.backend import (
     BootConfig,
     Disk,
     Mediation,
+    NetworkConfig,
     ServiceChannel,
 )
 from microagent.runtime.boot import RunRequest, prepare
+from microagent.runtime.configdisk import NetworkMode
 from microagent.runtime.rundir import BootDocument, RunDir
 
 SOCK = Path("/run/vm/cred0.sock")
@@ -146,3 +149,17 @@ def test_a_run_request_carries_its_services(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="18780 is taken by the mediation channel"):
         prepare(clash, kit, tmp_path / "vm2")
     assert not list((tmp_path / "vm2").iterdir())  # refused before any disk was made
+
+
+def test_a_boot_without_direct_egress_keeps_it_through_boot_json(tmp_path: Path) -> None:
+    """network.allow's default-deny must survive the trip to the supervisor (it once did not:
+    the namespace let the guest connect anywhere)."""
+    network = NetworkConfig(NetworkMode.USER, direct_egress=False)
+    config = dataclasses.replace(boot(), network=network)
+    run = RunDir(tmp_path)
+    run.write_boot(BootDocument(config, "fake"))
+    assert run.read_boot().config.network.direct_egress is False
+    stored = json.loads(run.boot_path.read_text())
+    del stored["network"]["directEgress"]  # a boot.json from before network.allow
+    run.boot_path.write_text(json.dumps(stored))
+    assert run.read_boot().config.network.direct_egress is True
