@@ -15,7 +15,7 @@ What this cannot show is the VM: under TCG the SDK import takes far longer than 
 mode pays it (plus a boot) per request while serve mode pays it once. To measure that, run the
 same exchange against a real workspace:
 
-    microagent create --file examples/minimal-agent/microagent.yaml --env ANTHROPIC_API_KEY \\
+    microagent create --file examples/minimal-agent/microagent.yaml --credential anthropic \\
         --mediation 2048=127.0.0.1:9900 --name serve-bench
     python bench/bench_serve.py --external 127.0.0.1:9900 --requests 10 &
     microagent start serve-bench

@@ -6,7 +6,7 @@ WorkRequests one after another and prints the signals and results as they come b
 each request's latency. Then it closes the connection, which tells the agent to exit.
 
     microagent create --file examples/minimal-agent/microagent.yaml \\
-        --env ANTHROPIC_API_KEY --mediation 2048=127.0.0.1:9900
+        --credential anthropic --mediation 2048=127.0.0.1:9900
     python scripts/dispatch.py --listen 127.0.0.1:9900 examples/minimal-agent/demo/input-*.json
     python scripts/dispatch.py --listen 127.0.0.1:9900 --generate 5 --json
 
