@@ -174,12 +174,14 @@ def test_the_broker_adds_the_key_and_the_guest_never_gets_it(
     assert reply.startswith(b"HTTP/1.1 200"), reply
     assert upstream.seen[-1]["authorization"] == f"Bearer {sentinel}"
     status = run(capsys, "status", NAME)
+    assert status["readiness"]["brokerReady"]["ready"] is True
     assert status["audit"]["requests"] == 1 and status["audit"]["denied"] == 0
     entries = run(capsys, "audit", NAME)["entries"]
     assert [(e["credential"], e["path"], e["status"]) for e in entries] == [
         ("internal", "/base/v1/echo", 200)
     ]
     run(capsys, "halt", NAME)
+    assert run(capsys, "status", NAME)["readiness"]["brokerReady"]["ready"] is False
     assert _processes_naming(home) == []  # the gateway ended with its supervisor
     leaks = [p for p in home.rglob("*") if p.is_file() and sentinel.encode() in p.read_bytes()]
     assert leaks == []

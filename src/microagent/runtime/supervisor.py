@@ -191,6 +191,7 @@ class Supervisor:
         finally:
             if gateway is not None:
                 gateway.stop()
+                self.run_dir.update(gatewayPid=None)
 
     def _start_gateway(self, boot: BootDocument) -> GatewayProcess | Ended | None:
         """The workspace's credential brokers and egress proxy, before the first boot; it
@@ -204,7 +205,9 @@ class Supervisor:
             return Ended(None, exc.message)
         finally:
             _drop_stdin()
-        self.run_dir.event("gateway", f"pid {gateway.proc.pid if gateway.proc else '?'}")
+        pid = gateway.proc.pid if gateway.proc else None
+        self.run_dir.update(gatewayPid=pid, gatewayStartedAt=now())
+        self.run_dir.event("gateway", f"credential gateway started (pid {pid})")
         return gateway
 
     def _boot_loop(self, boot: BootDocument, backend: Backend) -> int:

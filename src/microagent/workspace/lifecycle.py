@@ -442,12 +442,24 @@ def _channel_readiness(record: Record, live: bool, runtime: Mapping[str, Any]) -
                 if live
                 else "live readiness unavailable: not running"
             )
+    if record.credentials or record.egress_allow:
+        out["brokerReady"] = _broker_readiness(live, runtime)
     if record.health is not None:
         health = runtime.get("health") if live else None
         out["healthy"] = {"ready": False, "detail": "no probe has run yet"}
         if isinstance(health, Mapping):
             out["healthy"] = {k: health.get(k) for k in ("ready", "observedAt", "detail")}
     return out
+
+
+def _broker_readiness(live: bool, runtime: Mapping[str, Any]) -> dict[str, Any]:
+    """The gateway (credential brokers, egress proxy) runs: its pid, from the supervisor."""
+    pid = runtime.get("gatewayPid")
+    if not live:
+        return {"ready": False, "error": "not running"}
+    if not isinstance(pid, int) or not runner.pid_alive(pid):
+        return {"ready": False, "error": "the credential gateway is not running"}
+    return {"ready": True, "observedAt": runtime.get("gatewayStartedAt")}
 
 
 def _network_status(record: Record, state: State, runtime: Mapping[str, Any]) -> dict[str, Any]:
