@@ -1,5 +1,6 @@
-"""A live workspace in a real guest: exec through the guest agent, the mediation channel in
-isolated mode, the health probe, the lifecycle verbs (ps, wait, kill), and restarts.
+"""A live workspace in a real guest: exec through the guest agent, the mediation channel and a
+credential broker in isolated mode, the health probe, the lifecycle verbs (ps, wait, kill),
+and restarts.
 
 One boot serves most checks (a TCG boot of the busybox image costs ~15 s): the entrypoint
 marks itself healthy and sleeps; execs run beside it.
@@ -7,6 +8,7 @@ marks itself healthy and sleeps; execs run beside it.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import pty
@@ -24,6 +26,7 @@ from typing import Any
 import pytest
 
 from microagent import Microagent, Settings
+from microagent.compiler.overrides import Overrides
 from microagent.errors import ConflictError
 from microagent.kit.guestkit import GuestKit
 from testenv import standin
@@ -33,12 +36,38 @@ BOOT_TIMEOUT = 300.0
 NAME = "live-vm"
 MEDIATION_PORT = 2048
 MICROAGENT = str(Path(sys.executable).with_name("microagent"))
+LIVE_KEY_ENV = "MA_LIVE_BROKER_KEY"
+LIVE_KEY = "live-key-0042"
+LIVE_UPSTREAMS: list[Upstream] = []
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class Upstream:
+    """A loopback HTTP upstream for the workspace's credential broker; records the header."""
+
+    def __init__(self) -> None:
+        seen: list[str | None] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                seen.append(self.headers.get("Authorization"))
+                self.send_response(200)
+                self.send_header("Content-Length", "9")
+                self.end_headers()
+                self.wfile.write(b"brokered\n")
+
+            def log_message(self, *_args: Any) -> None:
+                return
+
+        self.seen = seen
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.server.server_address[1])
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 class Upper:
@@ -81,6 +110,7 @@ def live(
     folder = tmp_path_factory.mktemp("live-proj")
     shutil.copytree(busybox_layout.layout, folder / "layout")
     upper = Upper()
+    upstream = Upstream()
     (folder / "microagent.yaml").write_text(
         f"name: {NAME}\n"
         "image: oci:layout:latest\n"
@@ -90,14 +120,22 @@ def live(
         "entrypoint: touch /tmp/healthy && exec sleep 3600\n"
         f"mediation: {{port: {MEDIATION_PORT}, target: '127.0.0.1:{upper.port}', required: true}}\n"
         "health: {exec: [test, -f, /tmp/healthy], intervalSeconds: 1, retries: 2}\n"
+        "credentials:\n"
+        f"  - {{name: live, from: 'env:{LIVE_KEY_ENV}', upstream: 'http://127.0.0.1:{upstream.port}',"
+        " header: Authorization, format: 'Bearer {value}', baseUrlEnv: LIVE_BASE_URL,"
+        " keyEnv: LIVE_TOKEN}\n"
     )
+    os.environ[LIVE_KEY_ENV] = LIVE_KEY  # read by start (module scope: no monkeypatch)
+    LIVE_UPSTREAMS.append(upstream)
     settings = Settings(home=home, kernel=kit.kernel, initrd=kit.initrd)
     api = Microagent(settings)
-    api.create(folder / "microagent.yaml")
+    api.create(folder / "microagent.yaml", Overrides(credentials=("live",)))
     api.start(NAME)
     _until(lambda: api.status(NAME)["readiness"]["execReady"]["ready"] is True, "the guest agent")
     yield api, settings, upper
     api.delete([NAME], force=True)
+    upstream.server.shutdown()
+    os.environ.pop(LIVE_KEY_ENV, None)
 
 
 def _cli(settings: Settings, *args: str, **kw: Any) -> subprocess.CompletedProcess[bytes]:
@@ -210,6 +248,16 @@ def test_mediation_in_isolated_mode(live: tuple[Microagent, Settings, Upper]) ->
     # isolated stays isolated: no interface but loopback
     links = api.exec(NAME, ["sh", "-c", "ls /sys/class/net"]).stdout.split()
     assert links == [b"lo"]
+
+
+def test_a_credential_broker_in_isolated_mode(live: tuple[Microagent, Settings, Upper]) -> None:
+    """No NIC at all: the broker is still at LIVE_BASE_URL (the guest agent's service channel),
+    the guest holds a placeholder, the upstream gets the real key."""
+    _api, settings, _ = live
+    fetch = 'wget -q -O - --header "Authorization: Bearer guest" "$LIVE_BASE_URL/ping"'
+    done = _cli(settings, "exec", NAME, "--", "sh", "-c", f"{fetch}; echo $LIVE_TOKEN")
+    assert (done.returncode, done.stdout) == (0, b"brokered\nmicroagent-brokered\n"), done.stderr
+    assert LIVE_UPSTREAMS[-1].seen == [f"Bearer {LIVE_KEY}"]
 
 
 def test_health_flips_readiness(live: tuple[Microagent, Settings, Upper]) -> None:
