@@ -119,6 +119,9 @@ def test_walkthrough(
     assert model.keys and set(model.keys) == {SECRET}  # every call carried the real key
     calls = cli(capsys, "audit", "minimal-agent")["entries"]
     assert len([e for e in calls if e["kind"] == "broker"]) == len(model.keys)
+    # The example allows only PyPI: the agent's `pip install rich` went through the egress proxy.
+    egress = {(e["host"], e["decision"]) for e in calls if e["kind"] == "egress"}
+    assert ("pypi.org", "allow") in egress and ("files.pythonhosted.org", "allow") in egress
     _assert_secret_kept_out(env, SECRET)
     assert cli(capsys, "delete", "-y", "minimal-agent", "minimal-agent-2")["results"]
 
