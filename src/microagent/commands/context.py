@@ -174,9 +174,16 @@ def override_options(func: F) -> F:
         click.option("--name", help="Workspace name (overrides `name`)."),
         click.option("--image", help="Base image (overrides `image`)."),
         click.option("--profile", help="Resource profile: tiny, small, medium, large."),
-        click.option("--memory", "memory_mib", type=int, help="Guest memory in MiB."),
-        click.option("--cpus", "cpu_count", type=int, help="Virtual CPUs."),
-        click.option("--size-mib", "size_mib", type=int, help="Writable disk size in MiB."),
+        click.option(
+            "--memory", "memory_mib", type=int, help="Guest memory in MiB (64 to 1048576)."
+        ),
+        click.option("--cpus", "cpu_count", type=int, help="Virtual CPUs (1 to 64)."),
+        click.option(
+            "--size-mib",
+            "size_mib",
+            type=int,
+            help="Writable disk size in MiB (up to 16777216; 0: from the profile).",
+        ),
         click.option("--entrypoint", help="Command every start runs (shell string)."),
         click.option("--hostname", help="Guest hostname."),
         click.option("--network", help="Network mode: user or isolated."),
@@ -303,7 +310,29 @@ def host_forward_option(func: F) -> F:
     )(func)
 
 
-def timeout_option(func: F) -> F:
-    return click.option("--timeout", type=float, help="Bound each setup step's VM run (seconds).")(
-        func
+def seconds_option(
+    help: str, *, default: float | None = None, zero: str = "", hint: str = ""
+) -> Callable[[F], F]:
+    """``--timeout SECONDS``, checked while the command line is parsed (before anything
+    runs): finite, at most 30 days, more than 0 — or 0 too when ``zero`` says what it means."""
+
+    def check(_ctx: click.Context, _param: click.Parameter, value: float | None) -> float | None:
+        if value is not None:
+            # deferred: the compiler package stays off the path of --help
+            from microagent.compiler.overrides import check_seconds
+
+            check_seconds("--timeout", value, zero=zero, hint=hint)
+        return value
+
+    return click.option(
+        "--timeout",
+        type=float,
+        default=default,
+        show_default=default is not None,
+        metavar="SECONDS",
+        callback=check,
+        help=help,
     )
+
+
+timeout_option = seconds_option("Bound each setup step's VM run (seconds, more than 0).")

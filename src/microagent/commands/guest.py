@@ -25,7 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from microagent.commands.context import Ctx, GuestOutput, pass_ctx, sanitize_for_terminal
+from microagent.commands.context import (
+    Ctx,
+    GuestOutput,
+    pass_ctx,
+    sanitize_for_terminal,
+    seconds_option,
+)
 
 if TYPE_CHECKING:
     from microagent.runtime.execclient import ExecControls, ExecIO, ExecResult
@@ -51,11 +57,7 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     "-w", "--workdir", help="Working directory (default /workspace if it exists, else /)."
 )
 @click.option("-u", "--user", help="User name or UID[:GID] in the guest (default root).")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    help="Kill the command after this many seconds (exit code 124).",
-)
+@seconds_option("Kill the command after this many seconds (exit code 124; more than 0).")
 @pass_ctx
 def exec_(ctx: Ctx, /, name: str, command: tuple[str, ...], **opts: Any) -> None:
     """Run a command in a running workspace: `exec NAME [OPTIONS] -- CMD [ARG...]`.

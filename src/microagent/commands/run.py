@@ -10,10 +10,28 @@ from typing import Any
 
 import click
 
-from microagent.commands.context import Ctx, pass_ctx, publish_option, stream_to_stdout
+from microagent.commands.context import (
+    Ctx,
+    pass_ctx,
+    publish_option,
+    seconds_option,
+    stream_to_stdout,
+)
+from microagent.errors import UsageError
+
+RAW_ARGS = "microagent.run.args"  # ctx.meta: the command line as given, before click parses it
 
 
-@click.command(context_settings={"allow_interspersed_args": False})
+class _RunCommand(click.Command):
+    """Keeps the raw arguments: only they tell whether ``--`` came before the guest command
+    (click drops a ``--`` that precedes every positional word)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[RAW_ARGS] = tuple(args)
+        return super().parse_args(ctx, args)
+
+
+@click.command(cls=_RunCommand, context_settings={"allow_interspersed_args": False})
 @click.option(
     "--rootfs",
     type=click.Path(path_type=Path),
@@ -33,11 +51,16 @@ from microagent.commands.context import Ctx, pass_ctx, publish_option, stream_to
     multiple=True,
     help="Variable NAME=VALUE (or NAME from this shell) for the command.",
 )
-@click.option("--timeout", type=float, help="Stop the VM after this many seconds.")
+@seconds_option("Stop the VM after this many seconds (more than 0).")
 @click.option(
-    "--memory", "memory_mib", type=int, default=1024, show_default=True, help="Guest memory in MiB."
+    "--memory",
+    "memory_mib",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="Guest memory in MiB (64 to 1048576).",
 )
-@click.option("--cpus", type=int, default=0, help="vCPUs (default: 1 under TCG, 2 under KVM).")
+@click.option("--cpus", type=int, help="vCPUs, 1 to 64 (default: 1 under TCG, 2 under KVM).")
 @click.option(
     "--host-forward",
     "host_forward",
@@ -78,8 +101,9 @@ from microagent.commands.context import Ctx, pass_ctx, publish_option, stream_to
 def run(ctx: Ctx, /, command: tuple[str, ...], **opts: Any) -> None:
     """Run a command in a fresh microVM: `run IMAGE -- CMD...` or `run --rootfs FILE -- CMD...`.
 
-    IMAGE is pulled (or reused from the cache) like a spec's base image. The guest command's exit
-    code is the exit code.
+    IMAGE is pulled (or reused from the cache) like a spec's base image; FILE must be an ext4
+    image. Options go before IMAGE; a word after it that starts with `-` needs the `--`
+    separator. The guest command's exit code is the exit code.
 
     Writes go to a throwaway state disk; the image itself is never modified. On a terminal the
     output streams live (stdout and stderr interleaved, from the serial console); otherwise
@@ -87,7 +111,8 @@ def run(ctx: Ctx, /, command: tuple[str, ...], **opts: Any) -> None:
     """
     stream = not ctx.json and sys.stdout.isatty()
     api = ctx.api(output=stream_to_stdout if stream else None)
-    job = _job(command, opts)
+    raw = click.get_current_context().meta.get(RAW_ARGS, ())
+    job = _job(command, opts, raw)
     if opts["print_command"]:
         argv = api.run_command(job)
         ctx.emit({"ok": True, "argv": argv}, shlex.join(argv))
@@ -101,7 +126,31 @@ def run(ctx: Ctx, /, command: tuple[str, ...], **opts: Any) -> None:
     raise click.exceptions.Exit(result.exit_code)
 
 
-def _job(words: tuple[str, ...], opts: dict[str, Any]) -> Any:
+def _split(words: tuple[str, ...], raw: tuple[str, ...], rootfs: bool) -> tuple[Any, Any]:
+    """IMAGE and the guest command (``IMAGE [--] CMD...``; only CMD with --rootfs). Without
+    a ``--`` before the command, a word that looks like an option is refused: it was meant
+    for microagent (``run IMAGE echo hi --print-command`` must not boot)."""
+    image, command = None, words
+    if not rootfs:
+        image, command = (words[0] if words else None), words[1:]
+        if command[:1] == ("--",):
+            return image, command[1:]
+    separated = 0 < len(words) < len(raw) and raw[-len(words) - 1] == "--"
+    option = next((w for w in command if w.startswith("-") and w != "-"), None)
+    if option is not None and not separated:
+        where = f"after the image {image!r}" if image is not None else "in the command"
+        shown = shlex.join(command)
+        shown = shown if len(shown) <= 60 else shown[:59] + "…"
+        before = f"{image} " if image is not None else ""
+        raise UsageError(
+            f"{option!r} {where} looks like an option: microagent's options go before "
+            f"{'IMAGE' if image is not None else 'the command'}, the guest command after `--`",
+            hint=f"use -- before the command: microagent run [OPTIONS] {before}-- {shown}",
+        )
+    return image, command
+
+
+def _job(words: tuple[str, ...], opts: dict[str, Any], raw: tuple[str, ...] = ()) -> Any:
     """The one-shot run the flags describe (``IMAGE [--] CMD...`` without --rootfs)."""
     # deferred: the library stays off the path of --help and usage errors
     from microagent.compiler.overrides import parse_env, parse_publishes
@@ -110,10 +159,7 @@ def _job(words: tuple[str, ...], opts: dict[str, Any]) -> Any:
     from microagent.workspace.records import published_ports
     from microagent.workspace.run import OneShot
 
-    image, command = None, words
-    if opts["rootfs"] is None:
-        rest = words[2:] if words[1:2] == ("--",) else words[1:]
-        image, command = (words[0] if words else None), rest
+    image, command = _split(words, raw, opts["rootfs"] is not None)
     forwards = [Forward.parse(f) for f in opts["host_forward"]]
     forwards += [Forward.parse(f, flag="--forward", sep=":") for f in opts["forward"]]
     published = published_ports(parse_publishes(opts["publish"]))

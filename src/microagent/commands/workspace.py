@@ -27,12 +27,14 @@ from microagent.commands.context import (
     override_options,
     pass_ctx,
     sanitize_for_terminal,
+    seconds_option,
     spec_file_option,
     spec_inputs,
     stream_to_stderr,
     timeout_option,
     warn_key_env,
 )
+from microagent.errors import UsageError
 
 
 @click.command()
@@ -77,11 +79,18 @@ def create(
 @click.command()
 @click.argument("name")
 @click.option("--wait", "wait_", is_flag=True, help="Block until the entrypoint exits.")
-@click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
+@seconds_option(
+    "With --wait: stop waiting after this many seconds (the workspace keeps running); "
+    "0: do not wait.",
+    zero="do not wait",
+)
 @pass_ctx
 def start(ctx: Ctx, /, name: str, wait_: bool, timeout: float | None) -> None:
     """Boot a workspace; its disk is kept from earlier runs."""
-    report = ctx.api().start(name, wait=wait_, timeout=timeout)
+    if timeout and not wait_:
+        hint = f"microagent start {name} --wait --timeout {timeout:g}"
+        raise UsageError("--timeout needs --wait", hint=hint)
+    report = ctx.api().start(name, wait=wait_ and timeout != 0, timeout=timeout)
     text = f"{name}: {report.state}"
     if report.exit_code is not None:
         text += f" (exit code {report.exit_code})"
@@ -134,7 +143,11 @@ def _result_text(payload: dict[str, Any]) -> str:
 def _halt_command(verb: str, about: str) -> click.Command:
     @click.command(verb, help=about)
     @click.argument("name")
-    @click.option("--timeout", type=float, default=30.0, show_default=True)
+    @seconds_option(
+        "Seconds to wait for a clean shutdown before the VM is killed (more than 0).",
+        default=30.0,
+        hint="to stop at once without a clean shutdown: microagent kill NAME",
+    )
     @pass_ctx
     def command(ctx: Ctx, /, name: str, timeout: float) -> None:
         state = ctx.api().halt(name, timeout=timeout)
@@ -162,7 +175,10 @@ def kill(ctx: Ctx, /, name: str) -> None:
 
 @click.command()
 @click.argument("name")
-@click.option("--timeout", type=float, help="Give up after this many seconds (exit code 124).")
+@seconds_option(
+    "Give up after this many seconds (exit code 124); 0: look once, do not wait.",
+    zero="look once",
+)
 @pass_ctx
 def wait(ctx: Ctx, /, name: str, timeout: float | None) -> None:
     """Block until the workspace is stopped or halted (exit 0) or failed (exit 1)."""

@@ -1,12 +1,18 @@
-"""Command-line overrides on top of a spec, and ``--env`` runtime variables.
+"""Command-line values: overrides on top of a spec, the limits of every numeric flag, and
+``--env`` runtime variables.
 
-Flags win over the spec (``--setup`` appends). ``--env`` values are kept apart from the spec in a
-:class:`RuntimeEnv`: they reach the guest at boot and nothing else — no key, plan, layer or log.
+Flags win over the spec (``--setup`` appends). A flag that overrides a spec field is checked
+against that field's own JSON Schema (:func:`check_flag`), so ``--memory`` accepts exactly what
+``resources.memoryMiB`` does; a bad value is an error (exit 2) whose hint names the allowed range.
+Durations (``--timeout``) go through :func:`check_seconds`. ``--env`` values are kept apart from
+the spec in a :class:`RuntimeEnv`: they reach the guest at boot and nothing else — no key, plan,
+layer or log.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -21,7 +27,7 @@ from microagent.compiler.credentials import (
     parse_credential_flag,
     parse_upstream_flag,
 )
-from microagent.compiler.schema import check_value
+from microagent.compiler.schema import check_field, check_value, field_range
 from microagent.compiler.spec import (
     MAX_ALLOW,
     Forward,
@@ -41,6 +47,48 @@ from microagent.errors import InvalidInputError
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: ``$`` accepts "NAME\n"
 PORT_RE = re.compile(r"0|[1-9][0-9]{0,4}")  # ASCII digits only (str.isdigit takes "²" too)
 PUBLISH_FORM = "[HOST:]HOSTPORT:GUESTPORT[/tcp]"
+MAX_SECONDS = 30 * 86400  # every --timeout: 30 days (exec's guest counts milliseconds)
+
+
+def _shown(value: object) -> str:
+    """A flag's value for a message: short strings quoted, long ones cut (a key pasted where
+    a name belongs must not be echoed whole)."""
+    if isinstance(value, str) and len(value) > 40:
+        return repr(value[:20]) + "…"
+    return repr(value)
+
+
+def check_flag(flag: str, dotted: str, value: object) -> None:
+    """Refuse a flag's value that the spec field it stands for (``"resources.memoryMiB"``)
+    would refuse: an invalid-input error (exit 2) whose hint names the allowed values."""
+    problems = check_field(dotted, value)
+    if not problems:
+        return
+    problem = problems[0]
+    bounds = field_range(dotted)
+    if bounds is not None:
+        low, high = (f"{b:g}" if isinstance(b, float) else str(b) for b in bounds)
+        hint = f"{flag} takes {low} to {high}, like `{dotted}` in a spec"
+    else:
+        hint = problem.hint or f"{flag} takes what `{dotted}` takes in a spec (docs/spec.md)"
+    raise InvalidInputError(f"{flag} {_shown(value)}: {problem.message}", hint=hint)
+
+
+def check_seconds(flag: str, value: float, *, zero: str = "", hint: str = "") -> None:
+    """A duration flag: finite, at most :data:`MAX_SECONDS`, more than 0 — or 0 too when
+    ``zero`` says what 0 means. Negative is always an error (exit 2)."""
+    above_low = value >= 0 if zero else value > 0
+    if math.isfinite(value) and above_low and value <= MAX_SECONDS:
+        return
+    allowed = (
+        f"0 to {MAX_SECONDS} seconds (0: {zero})"
+        if zero
+        else f"more than 0 and at most {MAX_SECONDS} seconds"
+    )
+    raise InvalidInputError(
+        f"{flag} {value:g}: must be {allowed}",
+        hint=hint or f"give a number of seconds, e.g. {flag} 60",
+    )
 
 
 @dataclass(frozen=True)
@@ -63,11 +111,21 @@ class Overrides:
     credential_upstreams: tuple[str, ...] = ()  # --credential-upstream NAME=URL
     allow: tuple[str, ...] = ()  # --allow HOST, appended to network.allow
 
-
-def _checked(flag: str, field: str, value: object) -> None:
-    problems = check_value(field, value)
-    if problems:
-        raise InvalidInputError(f"{flag} {value!r}: {problems[0]}")
+    def __post_init__(self) -> None:
+        """Each value against the schema of the field it overrides."""
+        for flag, field, value in (
+            ("--name", "name", self.name),
+            ("--image", "image", self.image),
+            ("--profile", "profile", self.profile),
+            ("--memory", "resources.memoryMiB", self.memory_mib),
+            ("--cpus", "resources.cpuCount", self.cpu_count),
+            ("--size-mib", "resources.sizeMiB", self.size_mib),
+            ("--entrypoint", "entrypoint", self.entrypoint),
+            ("--hostname", "hostname", self.hostname),
+            ("--network", "network.mode", self.network),
+        ):
+            if value is not None:
+                check_flag(flag, field, value)
 
 
 def _resources(spec: Spec, o: Overrides) -> Resources:
@@ -81,17 +139,8 @@ def _resources(spec: Spec, o: Overrides) -> Resources:
 
 
 def apply_overrides(spec: Spec, o: Overrides) -> Spec:
-    """A new spec with the flags applied, each validated against the same schema."""
-    for flag, field, value in (
-        ("--name", "name", o.name),
-        ("--image", "image", o.image),
-        ("--profile", "profile", o.profile),
-        ("--entrypoint", "entrypoint", o.entrypoint),
-        ("--hostname", "hostname", o.hostname),
-        ("--network", "network.mode", o.network),
-    ):
-        if value is not None:
-            _checked(flag, field, value)
+    """A new spec with the flags applied (each one was checked against the spec's schema
+    when ``o`` was made)."""
     changes: dict[str, object] = {"resources": _resources(spec, o)}
     if o.name is not None:
         changes["name"] = o.name

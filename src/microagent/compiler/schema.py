@@ -310,16 +310,27 @@ def _subschema(dotted: str) -> Mapping[str, Any]:
     return node
 
 
-def check_value(dotted: str, value: object) -> list[str]:
-    """Problems of one field's value (``"network.mode"``), using the spec's own schema."""
-    sub = dict(_subschema(dotted))
-    validator = _validator_class()(sub)
+def field_range(dotted: str) -> tuple[int | float, int | float] | None:
+    """The ``minimum`` and ``maximum`` of a numeric field (``"resources.memoryMiB"``), or
+    None when the schema bounds it on neither side."""
+    sub = _subschema(dotted)
+    low, high = sub.get("minimum"), sub.get("maximum")
+    if low is None and high is None:
+        return None
+    return (-float("inf") if low is None else low, float("inf") if high is None else high)
+
+
+def check_field(dotted: str, value: object) -> list[Diagnostic]:
+    """Problems of one field's value (``"network.mode"``), using the spec's own schema: what a
+    flag that overrides the field is checked with, so both accept the same values."""
+    validator = _validator_class()(dict(_subschema(dotted)))
     translator = _Translator(Document(file="<flag>", value=value))
-    messages: list[str] = []
+    found: list[Diagnostic] = []
     for error in validator.iter_errors(value):
-        for diagnostic in translator.diagnose(error):
-            text = diagnostic.message
-            if diagnostic.hint:
-                text += f" ({diagnostic.hint})"
-            messages.append(text)
-    return messages
+        found.extend(translator.diagnose(error))
+    return found
+
+
+def check_value(dotted: str, value: object) -> list[str]:
+    """:func:`check_field` as text, each hint in parentheses after its message."""
+    return [f"{d.message} ({d.hint})" if d.hint else d.message for d in check_field(dotted, value)]

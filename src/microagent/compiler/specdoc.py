@@ -48,7 +48,18 @@ def _type_of(node: Mapping[str, Any], root: Mapping[str, Any]) -> str:
     if kind == "object" and "properties" in node:
         keys = ", ".join(f"`{k}`" for k in node["properties"])
         return f"mapping ({keys})"
-    return {"object": "mapping", "integer": "integer", "string": "string"}.get(kind, str(kind))
+    word = {"object": "mapping", "integer": "integer", "string": "string"}.get(kind, str(kind))
+    return word + _range_of(node)
+
+
+def _range_of(node: Mapping[str, Any]) -> str:
+    """`` (64 to 1048576)``, `` (at least 0)`` or ``""``: a number's bounds from the schema."""
+    low, high = node.get("minimum"), node.get("maximum")
+    if low is not None and high is not None:
+        return f" ({low} to {high})"
+    if low is not None:
+        return f" (at least {low})"
+    return f" (at most {high})" if high is not None else ""
 
 
 def _cell(text: str) -> str:

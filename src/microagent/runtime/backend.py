@@ -99,7 +99,10 @@ class Forward:
             )
         if target.isdigit():
             if not 0 < int(target) < 65536:
-                raise InvalidInputError(f"{flag} {text!r}: host port must be 1-65535")
+                raise InvalidInputError(
+                    f"{flag} {text!r}: host port must be 1-65535",
+                    hint=f"e.g. {flag} {guest}{sep}18080",
+                )
             return cls(int(guest), host_port=int(target))
         return cls(int(guest), unix_socket=Path(target).expanduser().resolve())
 
