@@ -7,6 +7,10 @@
 - ``busybox_image`` / ``python_image`` (session): those pushed to ``registry`` as
   ``HOST/library/busybox:latest`` and ``HOST/library/python:3.13-slim``; each has ``.ref``,
   ``.ref_by_digest``, ``.digest`` (manifest), ``.layout``.
+- ``fake_backend``: boot nothing (the fake VM backend, placeholder kernel and initrd).
+- ``busybox_project``: ``tmp_path/proj`` holding the busybox stand-in as ``layout`` (a spec there
+  says ``image: oci:layout:latest``), with ``fake_backend`` and ``MICROAGENT_HOME`` at
+  ``tmp_path/home``; the test writes the spec.
 
 A missing tool (or no root to run debootstrap for an uncached python stand-in) skips the test
 locally, but fails it when ``CI=true``: CI must never go green by skipping.
@@ -16,6 +20,7 @@ Tests using the python stand-in are marked ``slow`` automatically (the first bui
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
@@ -132,3 +137,19 @@ def fake_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MICROAGENT_INITRD", str(kit / "initrd"))
     for name in ("MICROAGENT_FAKE", "MICROAGENT_CACHE_FROM", "MICROAGENT_CACHE_TO"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def busybox_project(
+    fake_backend: None,
+    tmp_path: Path,
+    busybox_layout: standin.BuiltImage,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Path:
+    """A project folder with the busybox stand-in as ``layout``, for workspaces made through the
+    CLI with the fake backend; ``MICROAGENT_HOME`` is ``tmp_path/home``."""
+    monkeypatch.setenv("MICROAGENT_HOME", str(tmp_path / "home"))
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    shutil.copytree(busybox_layout.layout, proj / "layout")
+    return proj

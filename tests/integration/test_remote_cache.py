@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ from microagent.oci.registry import RegistryClient
 from microagent.remotecache.records import rootfs_tag, step_tag
 from microagent.runner import run as run_tool
 from microagent.store.content import Store
-from testenv import standin
 from testenv.pytest_plugin import require_tools
 from testenv.registry import RegistryHandle, start_registry
 
@@ -71,15 +69,12 @@ class Machines:
 
 @pytest.fixture
 def machines(
-    fake_backend: None,
+    busybox_project: Path,
     tmp_path: Path,
-    busybox_layout: standin.BuiltImage,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> Machines:
-    project = tmp_path / "proj"
-    project.mkdir()
-    shutil.copytree(busybox_layout.layout, project / "layout")
+    project = busybox_project
     (project / "note.txt").write_text("hello\n")
     found = Machines(tmp_path / "a", tmp_path / "b", project, monkeypatch, capsys)
     found.write_spec(SETUP)

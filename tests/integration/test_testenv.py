@@ -25,7 +25,7 @@ from microagent.errors import BuildError, ToolError
 from microagent.runner import run
 from testenv import standin
 from testenv.oci import MEDIA_CONFIG, MEDIA_LAYER, MEDIA_MANIFEST
-from testenv.registry import RegistryHandle, probe, start_registry
+from testenv.registry import RegistryHandle, free_port, probe, start_registry
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +91,7 @@ def test_registry_serves_pushed_manifest_and_verified_blobs(
 
 
 def test_registry_cli_start_is_idempotent_and_stop_stops(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     pidfile = tmp_path / "reg.pid"
     start = [sys.executable, str(REGISTRY_CLI), "start", "--data", str(tmp_path / "data")]
     start += ["--port", str(port), "--pidfile", str(pidfile)]
@@ -116,13 +116,6 @@ def test_start_registry_on_a_taken_port_says_why(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         with pytest.raises(ToolError, match="address already in use"):
             start_registry(tmp_path, port)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # --- busybox stand-in -------------------------------------------------------------------------

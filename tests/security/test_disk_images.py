@@ -35,7 +35,6 @@ from microagent.ext4.rootfs import build_rootfs
 from microagent.ext4.upper import export_upper_image
 from microagent.layers.apply import LayerSource
 from microagent.store.content import Store
-from testenv import standin
 
 CUT = 8191  # debugfs' fgets() buffer holds 8191 characters of a line
 OLD_PREFIX = 'stat "/upper/'  # how the old code began the line for a path below /upper
@@ -45,24 +44,15 @@ OLD_PREFIX = 'stat "/upper/'  # how the old code began the line for a path below
 
 
 @pytest.fixture
-def home(
-    fake_backend: None,
-    tmp_path: Path,
-    busybox_layout: standin.BuiltImage,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Path:
+def home(busybox_project: Path, tmp_path: Path) -> Path:
     """A workspace ``ws`` made through the CLI with the fake backend (no VM)."""
-    home = tmp_path / "home"
-    monkeypatch.setenv("MICROAGENT_HOME", str(home))
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    shutil.copytree(busybox_layout.layout, proj / "layout")
-    (proj / "microagent.yaml").write_text(
+    spec = busybox_project / "microagent.yaml"
+    spec.write_text(
         "name: ws\nimage: oci:layout:latest\nsetup: [mkdir -p /workspace]\n"
         "entrypoint: cat /etc/hostname\n"
     )
-    cli("create", "-f", str(proj / "microagent.yaml"))
-    return home
+    cli("create", "-f", str(spec))
+    return tmp_path / "home"
 
 
 def cli(*args: str, code: int | None = 0) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -49,7 +48,7 @@ from microagent.runtime.control import (
 )
 from microagent.runtime.qemu import QemuMachine, build_argv
 from microagent.runtime.rundir import RunDir
-from testenv import standin
+from testenv.clitools import cli_json as cli
 
 PINNED = "python:3.13-slim@sha256:" + "12" * 32
 DEEP = "[" * 100_000
@@ -58,14 +57,6 @@ CLEAR = "\x1b[2J"  # clears the screen
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str, code: int = 0) -> dict[str, Any]:
-    capsys.readouterr()
-    got = main(["--json", *args])
-    out = capsys.readouterr().out
-    assert got == code, out
-    return cast(dict[str, Any], json.loads(out))
 
 
 def text(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -83,22 +74,13 @@ def spec(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def project(
-    fake_backend: None,
-    tmp_path: Path,
-    busybox_layout: standin.BuiltImage,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Path:
-    monkeypatch.setenv("MICROAGENT_HOME", str(tmp_path / "home"))
+def project(busybox_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    shutil.copytree(busybox_layout.layout, proj / "layout")
-    (proj / "microagent.yaml").write_text(
+    (busybox_project / "microagent.yaml").write_text(
         "name: ws\nimage: oci:layout:latest\nsetup: [mkdir -p /workspace]\nentrypoint: 'true'\n"
         "outputs: [{name: result, path: /workspace/result.json}]\n"
     )
-    return proj
+    return busybox_project
 
 
 def run_dir(name: str = "ws") -> RunDir:

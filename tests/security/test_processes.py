@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -28,7 +27,7 @@ import pytest
 from microagent.cli import main
 from microagent.runtime import boot
 from microagent.runtime.rundir import RunDir
-from testenv import standin
+from testenv.clitools import cli_json as cli
 
 SECRET = "sk-security-secret-4711"
 
@@ -37,20 +36,11 @@ SECRET = "sk-security-secret-4711"
 
 
 @pytest.fixture
-def project(
-    fake_backend: None,
-    tmp_path: Path,
-    busybox_layout: standin.BuiltImage,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[Path]:
-    monkeypatch.setenv("MICROAGENT_HOME", str(tmp_path / "home"))
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    shutil.copytree(busybox_layout.layout, proj / "layout")
-    (proj / "microagent.yaml").write_text(
+def project(busybox_project: Path) -> Iterator[Path]:
+    (busybox_project / "microagent.yaml").write_text(
         "name: ws\nimage: oci:layout:latest\nsetup: [mkdir -p /workspace]\nentrypoint: 'true'\n"
     )
-    yield proj
+    yield busybox_project
     kill_leftovers(home())
 
 
@@ -83,14 +73,6 @@ def stand_in(procs: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(["sleep", "300"], start_new_session=True)
     procs.append(proc)
     return proc
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str, code: int = 0) -> dict[str, Any]:
-    capsys.readouterr()
-    got = main(["--json", *args])
-    out = capsys.readouterr().out
-    assert got == code, out
-    return json.loads(out) if out.strip() else {}
 
 
 def fake_guest(monkeypatch: pytest.MonkeyPatch, **fields: Any) -> None:

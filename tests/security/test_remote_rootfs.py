@@ -41,7 +41,6 @@ from microagent.remotecache.records import (
 from microagent.remotecache.restore import Hit, Restorer
 from microagent.store.content import Store
 from microagent.store.records import PackedImage, read_record, rootfs_entry
-from testenv import standin
 
 
 def cli(*args: str, code: int = 0) -> dict[str, Any]:
@@ -53,16 +52,11 @@ def cli(*args: str, code: int = 0) -> dict[str, Any]:
 
 
 @pytest.fixture
-def spec(
-    fake_backend: None, tmp_path: Path, busybox_layout: standin.BuiltImage
-) -> Path:  # fmt: skip
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    shutil.copytree(busybox_layout.layout, proj / "layout")
-    (proj / "microagent.yaml").write_text(
+def spec(busybox_project: Path) -> Path:
+    (busybox_project / "microagent.yaml").write_text(
         "name: ws\nimage: oci:layout:latest\nsetup: [mkdir -p /w]\nentrypoint: cat /etc/hostname\n"
     )
-    return proj / "microagent.yaml"
+    return busybox_project / "microagent.yaml"
 
 
 @dataclass(frozen=True)

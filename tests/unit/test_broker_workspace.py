@@ -8,45 +8,20 @@ from __future__ import annotations
 
 import json
 import secrets
-import shutil
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from microagent import runner
 from microagent.cli import main
-from testenv import standin
 from testenv.agent_standin import standin_argv
+from testenv.clitools import cli_json as cli
+from testenv.upstream import Upstream
 
 NAME = "brokered"
-
-
-class Upstream:
-    def __init__(self) -> None:
-        seen: list[dict[str, str]] = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                seen.append({k.lower(): v for k, v in self.headers.items()})
-                self.send_response(200)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *_args: Any) -> None:
-                return
-
-        self.seen = seen
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = int(self.server.server_address[1])
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 def _free_port_base() -> int:
@@ -69,30 +44,13 @@ def _free_port_base() -> int:
 
 @pytest.fixture
 def upstream() -> Iterator[Upstream]:
-    server = Upstream()
-    yield server
-    server.server.shutdown()
-    server.server.server_close()
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str, code: int = 0) -> dict[str, Any]:
-    capsys.readouterr()
-    got = main(["--json", *args])
-    out = capsys.readouterr().out
-    assert got == code, out
-    return json.loads(out) if out.strip() else {}
+    with Upstream(reply=b"ok") as server:
+        yield server
 
 
 @pytest.fixture
-def home(
-    fake_backend: None,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    busybox_layout: standin.BuiltImage,
-) -> Iterator[Path]:
-    shutil.copytree(busybox_layout.layout, tmp_path / "layout")
+def home(busybox_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     home = tmp_path / "home"
-    monkeypatch.setenv("MICROAGENT_HOME", str(home))
     monkeypatch.setenv("MICROAGENT_SERVICE_PORT_BASE", str(_free_port_base()))
     monkeypatch.setenv("MICROAGENT_FAKE", json.dumps({"hang": True, "agent": standin_argv()}))
     yield home
@@ -158,30 +116,30 @@ def _processes_naming(home: Path) -> list[str]:
 def test_the_broker_adds_the_key_and_the_guest_never_gets_it(
     home: Path,
     upstream: Upstream,
-    tmp_path: Path,
+    busybox_project: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     sentinel = "sk-unit-" + secrets.token_hex(12)
     monkeypatch.setenv("MA_UNIT_SENTINEL", sentinel)
-    spec = _spec(tmp_path, upstream.port)
-    run(capsys, "create", "-f", str(spec), "--credential", "internal")
-    run(capsys, "start", NAME)
+    spec = _spec(busybox_project, upstream.port)
+    cli(capsys, "create", "-f", str(spec), "--credential", "internal")
+    cli(capsys, "start", NAME)
     port = int(json.loads((home / "workspaces" / NAME / "runtime" / "boot.json").read_text())[
         "services"][0]["guestPort"])  # fmt: skip
     _until_listening(port)
     reply = _request(port, "/v1/echo?secret=no")
     assert reply.startswith(b"HTTP/1.1 200"), reply
-    assert upstream.seen[-1]["authorization"] == f"Bearer {sentinel}"
-    status = run(capsys, "status", NAME)
+    assert upstream.requests[-1].headers["authorization"] == f"Bearer {sentinel}"
+    status = cli(capsys, "status", NAME)
     assert status["readiness"]["brokerReady"]["ready"] is True
     assert status["audit"]["requests"] == 1 and status["audit"]["denied"] == 0
-    entries = run(capsys, "audit", NAME)["entries"]
+    entries = cli(capsys, "audit", NAME)["entries"]
     assert [(e["credential"], e["path"], e["status"]) for e in entries] == [
         ("internal", "/base/v1/echo", 200)
     ]
-    run(capsys, "halt", NAME)
-    assert run(capsys, "status", NAME)["readiness"]["brokerReady"]["ready"] is False
+    cli(capsys, "halt", NAME)
+    assert cli(capsys, "status", NAME)["readiness"]["brokerReady"]["ready"] is False
     assert _processes_naming(home) == []  # the gateway ended with its supervisor
     leaks = [p for p in home.rglob("*") if p.is_file() and sentinel.encode() in p.read_bytes()]
     assert leaks == []
@@ -190,13 +148,13 @@ def test_the_broker_adds_the_key_and_the_guest_never_gets_it(
 def test_a_missing_value_fails_the_start_naming_the_reference(
     home: Path,
     upstream: Upstream,
-    tmp_path: Path,
+    busybox_project: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("MA_UNIT_SENTINEL", raising=False)
-    spec = _spec(tmp_path, upstream.port)
-    run(capsys, "create", "-f", str(spec), "--credential", "internal")
-    failed = run(capsys, "start", NAME, code=2)
+    spec = _spec(busybox_project, upstream.port)
+    cli(capsys, "create", "-f", str(spec), "--credential", "internal")
+    failed = cli(capsys, "start", NAME, code=2)
     assert "env:MA_UNIT_SENTINEL" in failed["error"]["message"]
-    assert run(capsys, "status", NAME)["event"]["state"] in ("created", "prepared")
+    assert cli(capsys, "status", NAME)["event"]["state"] in ("created", "prepared")

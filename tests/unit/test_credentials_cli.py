@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,39 +15,22 @@ from microagent.cli import main
 from microagent.compiler.credentials import PRESETS, Credential
 from microagent.errors import InvalidInputError
 from microagent.workspace.records import Record
-from testenv import standin
+from testenv.clitools import cli_json as cli
 
 SENTINEL = "sk-ant-sentinel-7f3a9c0e11"
 HEAD = "image: oci:layout:latest\nentrypoint: 'true'\n"
 
 
 @pytest.fixture
-def project(
-    fake_backend: None,
-    tmp_path: Path,
-    busybox_layout: standin.BuiltImage,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Path:
-    monkeypatch.setenv("MICROAGENT_HOME", str(tmp_path / "home"))
+def project(busybox_project: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("ANTHROPIC_API_KEY", SENTINEL)
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    shutil.copytree(busybox_layout.layout, proj / "layout")
-    return proj
+    return busybox_project
 
 
 def write_spec(project: Path, body: str, name: str = "cred") -> str:
     path = project / "microagent.yaml"
     path.write_text(f"name: {name}\n{HEAD}{body}")
     return str(path)
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str, code: int = 0) -> dict[str, Any]:
-    capsys.readouterr()
-    got = main(["--json", *args])
-    out = capsys.readouterr().out
-    assert got == code, out
-    return json.loads(out) if out.strip() else {}
 
 
 def record_of(name: str) -> dict[str, Any]:

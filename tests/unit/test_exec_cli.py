@@ -12,7 +12,6 @@ import fcntl
 import json
 import os
 import pty
-import shutil
 import signal
 import struct
 import subprocess
@@ -21,44 +20,24 @@ import termios
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from microagent.api import Microagent
 from microagent.cli import main
 from microagent.settings import Settings
-from testenv import standin
 from testenv.agent_standin import standin_argv
+from testenv.clitools import cli_json as cli
 
 SECRET = "s3cret-0042"
 
 
 @pytest.fixture
-def workspace(
-    fake_backend: None,
-    tmp_path: Path,
-    busybox_layout: standin.BuiltImage,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> str:
-    monkeypatch.setenv("MICROAGENT_HOME", str(tmp_path / "home"))
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    shutil.copytree(busybox_layout.layout, proj / "layout")
-    (proj / "microagent.yaml").write_text(
-        "name: ws\nimage: oci:layout:latest\nentrypoint: sleep 1000\n"
-    )
-    cli(capsys, "create", "-f", str(proj / "microagent.yaml"), "-e", f"WS_SECRET={SECRET}")
+def workspace(busybox_project: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    spec = busybox_project / "microagent.yaml"
+    spec.write_text("name: ws\nimage: oci:layout:latest\nentrypoint: sleep 1000\n")
+    cli(capsys, "create", "-f", str(spec), "-e", f"WS_SECRET={SECRET}")
     return "ws"
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str, code: int = 0) -> dict[str, Any]:
-    capsys.readouterr()
-    got = main(["--json", *args])
-    out = capsys.readouterr().out
-    assert got == code, out
-    return json.loads(out) if out.strip() else {}
 
 
 def start(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, name: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -25,26 +24,18 @@ from microagent.compiler.spec import Restart
 from microagent.runtime.backend import BootConfig, Disk
 from microagent.runtime.rundir import BootDocument
 from microagent.runtime.supervisor import BACKOFF_CAP, STABLE_RUN, Backoff
-from testenv import standin
+from testenv.clitools import cli_json as cli
 
 HANG_WITH_VMM = {"hang": True, "process": ["sleep", "600"]}  # a stand-in VMM process
 
 
 @pytest.fixture
 def project(
-    fake_backend: None,
-    tmp_path: Path,
-    busybox_layout: standin.BuiltImage,
-    monkeypatch: pytest.MonkeyPatch,
+    busybox_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Path]:
-    home = tmp_path / "home"
-    monkeypatch.setenv("MICROAGENT_HOME", str(home))
     monkeypatch.setenv("MICROAGENT_RESTART_BACKOFF", "0.05")
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    shutil.copytree(busybox_layout.layout, proj / "layout")
-    yield proj
-    _stop_supervisors(home)
+    yield busybox_project
+    _stop_supervisors(tmp_path / "home")
 
 
 def _stop_supervisors(home: Path) -> None:
@@ -61,15 +52,7 @@ def create(capsys: pytest.CaptureFixture[str], proj: Path, name: str, restart: s
     spec.write_text(
         f"name: {name}\nimage: oci:layout:latest\nentrypoint: echo hi\nrestart: {restart}\n"
     )
-    run(capsys, "create", "-f", str(spec))
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str, code: int = 0) -> dict[str, Any]:
-    capsys.readouterr()
-    got = main(["--json", *args])
-    out = capsys.readouterr().out
-    assert got == code, out
-    return json.loads(out) if out.strip() else {}
+    cli(capsys, "create", "-f", str(spec))
 
 
 def text(capsys: pytest.CaptureFixture[str], *args: str, code: int = 0) -> str:
@@ -87,7 +70,7 @@ def status_until(
 ) -> dict[str, Any]:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        status = run(capsys, "status", name)
+        status = cli(capsys, "status", name)
         if done(status):
             return status
         time.sleep(0.05)
@@ -107,7 +90,7 @@ def runtime_json(name: str) -> dict[str, Any]:
 
 
 def events(capsys: pytest.CaptureFixture[str], name: str, kind: str) -> list[dict[str, Any]]:
-    return [e for e in run(capsys, "events", name)["events"] if e["event"] == kind]
+    return [e for e in cli(capsys, "events", name)["events"] if e["event"] == kind]
 
 
 def running(capsys: pytest.CaptureFixture[str], name: str) -> dict[str, Any]:
@@ -122,10 +105,10 @@ def test_stop_is_an_alias_of_halt(
 ) -> None:
     create(capsys, project, "ws", "never")
     outcome(monkeypatch, hang=True)
-    run(capsys, "start", "ws")
+    cli(capsys, "start", "ws")
     running(capsys, "ws")
-    assert run(capsys, "stop", "ws") == {"ok": True, "workspace": "ws", "state": "halted"}
-    assert run(capsys, "status", "ws")["event"]["detail"] == "halted on request"
+    assert cli(capsys, "stop", "ws") == {"ok": True, "workspace": "ws", "state": "halted"}
+    assert cli(capsys, "status", "ws")["event"]["detail"] == "halted on request"
     assert text(capsys, "stop", "ws") == text(capsys, "halt", "ws") == "ws: halted\n"
     assert "--timeout" in text(capsys, "stop", "--help")
 
@@ -135,17 +118,17 @@ def test_kill_stops_now_and_the_next_start_repairs_the_disk(
 ) -> None:
     create(capsys, project, "ws", "always")  # a kill is never followed by a restart
     outcome(monkeypatch, **HANG_WITH_VMM)
-    run(capsys, "start", "ws")
+    cli(capsys, "start", "ws")
     running(capsys, "ws")
     before = runtime_json("ws")
     vmm = runner.ProcessIdentity.from_json(before["vmm"])
     assert vmm is not None and runner.is_running(vmm)
 
-    killed = run(capsys, "kill", "ws")
+    killed = cli(capsys, "kill", "ws")
     assert killed == {"ok": True, "workspace": "ws", "state": "stopped", "killed": True}
     assert not runner.is_running(vmm)
     assert not runner.pid_alive(before["supervisorPid"])
-    status = run(capsys, "status", "ws")
+    status = cli(capsys, "status", "ws")
     assert (state_of(status), status["event"]["detail"], status["ok"]) == (
         "stopped",
         "killed",
@@ -155,9 +138,9 @@ def test_kill_stops_now_and_the_next_start_repairs_the_disk(
     assert event["supervisorPid"] == before["supervisorPid"]
     assert runtime_json("ws")["stateDiskDirty"] == "a kill"
     time.sleep(0.3)
-    assert state_of(run(capsys, "status", "ws")) == "stopped", "no restart after a kill"
+    assert state_of(cli(capsys, "status", "ws")) == "stopped", "no restart after a kill"
 
-    again = run(capsys, "kill", "ws")
+    again = cli(capsys, "kill", "ws")
     assert again == {"ok": True, "workspace": "ws", "state": "stopped", "killed": False}
     assert text(capsys, "kill", "ws") == "ws: nothing to kill (already stopped)\n"
 
@@ -165,28 +148,28 @@ def test_kill_stops_now_and_the_next_start_repairs_the_disk(
     disk = Path(os.environ["MICROAGENT_HOME"]) / "workspaces" / "ws" / "state.ext4"
     subprocess.run(["debugfs", "-w", "-R", "sif <2> links_count 9", str(disk)], check=True)
     monkeypatch.delenv("MICROAGENT_FAKE")
-    run(capsys, "start", "ws")
+    cli(capsys, "start", "ws")
     (fsck,) = events(capsys, "ws", "fsck")
     assert fsck["detail"] == "state disk checked after a kill: repaired"
     assert fsck["exitCode"] == 1
     assert not runtime_json("ws").get("stateDiskDirty")
-    run(capsys, "halt", "ws")
+    cli(capsys, "halt", "ws")
     assert (
         subprocess.run(["e2fsck", "-fn", str(disk)], check=False, capture_output=True).returncode
         == 0
     )
-    run(capsys, "start", "ws")
+    cli(capsys, "start", "ws")
     assert len(events(capsys, "ws", "fsck")) == 1, "a clean stop needs no check"
-    run(capsys, "halt", "ws")  # `always`: left alone it would restart for ever
+    cli(capsys, "halt", "ws")  # `always`: left alone it would restart for ever
 
 
 def test_kill_of_a_workspace_that_never_ran(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     create(capsys, project, "ws", "never")
-    assert run(capsys, "kill", "ws")["killed"] is False
+    assert cli(capsys, "kill", "ws")["killed"] is False
     assert events(capsys, "ws", "killed") == []
-    assert run(capsys, "kill", "nope", code=1)["error"]["kind"] == "not_found"
+    assert cli(capsys, "kill", "nope", code=1)["error"]["kind"] == "not_found"
 
 
 # -- wait ---------------------------------------------------------------------------------------
@@ -196,23 +179,23 @@ def test_wait_exit_codes(
     project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     create(capsys, project, "ws", "never")
-    assert run(capsys, "wait", "ws") == {"ok": True, "workspace": "ws", "state": "prepared"}
-    run(capsys, "start", "ws")
-    assert run(capsys, "wait", "ws") == {"ok": True, "workspace": "ws", "state": "stopped"}
+    assert cli(capsys, "wait", "ws") == {"ok": True, "workspace": "ws", "state": "prepared"}
+    cli(capsys, "start", "ws")
+    assert cli(capsys, "wait", "ws") == {"ok": True, "workspace": "ws", "state": "stopped"}
 
     outcome(monkeypatch, exitCode=3)
-    run(capsys, "start", "ws")
-    failed = run(capsys, "wait", "ws", code=1)
+    cli(capsys, "start", "ws")
+    failed = cli(capsys, "wait", "ws", code=1)
     assert failed == {"ok": False, "workspace": "ws", "state": "failed"}
 
     outcome(monkeypatch, hang=True)
-    run(capsys, "start", "ws")
+    cli(capsys, "start", "ws")
     began = time.monotonic()
-    late = run(capsys, "wait", "ws", "--timeout", "0.5", code=124)
+    late = cli(capsys, "wait", "ws", "--timeout", "0.5", code=124)
     assert late == {"ok": False, "workspace": "ws", "state": "running", "timedOut": True}
     assert 0.5 <= time.monotonic() - began < 5
     assert text(capsys, "wait", "ws", "--timeout", "0.1", code=124).startswith("ws: still running")
-    run(capsys, "halt", "ws")
+    cli(capsys, "halt", "ws")
     assert text(capsys, "wait", "ws") == "ws: halted\n"
 
 
@@ -224,16 +207,16 @@ def test_ps_lists_only_live_workspaces(
 ) -> None:
     for name in ("busy", "done", "orphan"):
         create(capsys, project, name, "never")
-    run(capsys, "start", "done")
-    run(capsys, "wait", "done")
+    cli(capsys, "start", "done")
+    cli(capsys, "wait", "done")
     outcome(monkeypatch, **HANG_WITH_VMM)
     for name in ("busy", "orphan"):
-        run(capsys, "start", name)
+        cli(capsys, "start", name)
         running(capsys, name)
     os.killpg(runtime_json("orphan")["supervisorPid"], signal.SIGKILL)  # dies unnoticed
     time.sleep(0.3)
 
-    (row,) = run(capsys, "ps")["workspaces"]
+    (row,) = cli(capsys, "ps")["workspaces"]
     assert set(row) == {
         "name",
         "state",
@@ -247,13 +230,13 @@ def test_ps_lists_only_live_workspaces(
     assert (row["name"], row["state"], row["restarts"]) == ("busy", "running", 0)
     assert row["pid"] == busy["vmm"]["pid"] and row["supervisorPid"] == busy["supervisorPid"]
     assert row["startedAt"] == busy["startedAt"] and 0 <= row["uptimeSeconds"] < 60
-    assert state_of(run(capsys, "status", "orphan")) == "failed", "reconciled by ps"
+    assert state_of(cli(capsys, "status", "orphan")) == "failed", "reconciled by ps"
 
     lines = text(capsys, "ps").splitlines()
     assert lines[0].split() == ["NAME", "STATE", "PID", "UPTIME", "RESTARTS"]
     assert [line.split()[:3] for line in lines[1:]] == [["busy", "running", str(row["pid"])]]
-    run(capsys, "halt", "busy")
-    assert run(capsys, "ps")["workspaces"] == []
+    cli(capsys, "halt", "busy")
+    assert cli(capsys, "ps")["workspaces"] == []
     assert len(text(capsys, "ps").splitlines()) == 1
 
 
@@ -265,32 +248,32 @@ def test_on_failure_n_restarts_exactly_n_times_then_fails(
 ) -> None:
     create(capsys, project, "ws", "on-failure:2")
     outcome(monkeypatch, exitCode=3)
-    run(capsys, "start", "ws")
-    assert run(capsys, "wait", "ws", code=1)["state"] == "failed"
-    status = run(capsys, "status", "ws")
+    cli(capsys, "start", "ws")
+    assert cli(capsys, "wait", "ws", code=1)["state"] == "failed"
+    status = cli(capsys, "status", "ws")
     assert (status["restarts"], status["restartPolicy"]) == (2, "on-failure:2")
     assert status["event"]["detail"] == "entrypoint exited with code 3 (after 2 restarts)"
     restarts = events(capsys, "ws", "restart")
     assert [e["attempt"] for e in restarts] == [1, 2]
     assert {e["reason"] for e in restarts} == {"entrypoint exited with code 3"}
     assert [e["delaySeconds"] for e in restarts] == [0.05, 0.1]
-    booted = [e for e in run(capsys, "events", "ws")["events"] if e["detail"] == "vm started"]
+    booted = [e for e in cli(capsys, "events", "ws")["events"] if e["detail"] == "vm started"]
     assert len(booted) == 3
     assert "restarts: 2 (policy on-failure:2)" in text(capsys, "status", "ws")
 
     monkeypatch.delenv("MICROAGENT_FAKE")  # a new start counts from zero
-    run(capsys, "start", "ws")
-    assert run(capsys, "wait", "ws")["state"] == "stopped"
-    assert run(capsys, "status", "ws")["restarts"] == 0
+    cli(capsys, "start", "ws")
+    assert cli(capsys, "wait", "ws")["state"] == "stopped"
+    assert cli(capsys, "status", "ws")["restarts"] == 0
 
 
 def test_on_failure_does_not_restart_a_clean_exit(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     create(capsys, project, "ws", "on-failure")
-    run(capsys, "start", "ws")
-    assert run(capsys, "wait", "ws")["state"] == "stopped"
-    assert run(capsys, "status", "ws")["restartPolicy"] == "on-failure:5"
+    cli(capsys, "start", "ws")
+    assert cli(capsys, "wait", "ws")["state"] == "stopped"
+    assert cli(capsys, "status", "ws")["restartPolicy"] == "on-failure:5"
     assert events(capsys, "ws", "restart") == []
 
 
@@ -298,14 +281,14 @@ def test_always_restarts_after_exit_0_until_halted(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     create(capsys, project, "ws", "always")
-    run(capsys, "start", "ws")
+    cli(capsys, "start", "ws")
     status_until(capsys, "ws", lambda s: s["restarts"] >= 3, "three restarts")
-    assert state_of(run(capsys, "status", "ws")) in ("starting", "running")
-    assert run(capsys, "halt", "ws")["state"] == "halted"
+    assert state_of(cli(capsys, "status", "ws")) in ("starting", "running")
+    assert cli(capsys, "halt", "ws")["state"] == "halted"
     attempts = [e["attempt"] for e in events(capsys, "ws", "restart")]
     assert attempts == list(range(1, len(attempts) + 1)) and len(attempts) >= 3
     assert {e["reason"] for e in events(capsys, "ws", "restart")} == {"entrypoint exited 0"}
-    assert run(capsys, "status", "ws")["restarts"] == len(attempts)
+    assert cli(capsys, "status", "ws")["restarts"] == len(attempts)
 
 
 @pytest.mark.parametrize("policy", ["never", "no", "'no'"])
@@ -317,10 +300,10 @@ def test_never_and_no_do_not_restart(
 ) -> None:
     create(capsys, project, "ws", policy)
     outcome(monkeypatch, exitCode=3)
-    run(capsys, "start", "ws")
-    assert run(capsys, "wait", "ws", code=1)["state"] == "failed"
+    cli(capsys, "start", "ws")
+    assert cli(capsys, "wait", "ws", code=1)["state"] == "failed"
     time.sleep(0.3)
-    status = run(capsys, "status", "ws")
+    status = cli(capsys, "status", "ws")
     assert (state_of(status), status["restarts"], status["restartPolicy"]) == ("failed", 0, "never")
     assert status["event"]["detail"] == "entrypoint exited with code 3"
     assert events(capsys, "ws", "restart") == []
@@ -332,20 +315,20 @@ def test_halt_during_the_back_off_ends_it(
     monkeypatch.setenv("MICROAGENT_RESTART_BACKOFF", "30")
     create(capsys, project, "ws", "on-failure:5")
     outcome(monkeypatch, exitCode=3)
-    run(capsys, "start", "ws")
+    cli(capsys, "start", "ws")
     status = status_until(capsys, "ws", lambda s: s["restarts"] == 1, "the first restart")
     assert state_of(status) == "starting"
     assert status["event"]["detail"] == "restart 1 in 30s (entrypoint exited with code 3)"
-    assert [r["name"] for r in run(capsys, "ps")["workspaces"]] == ["ws"]
+    assert [r["name"] for r in cli(capsys, "ps")["workspaces"]] == ["ws"]
     began = time.monotonic()
-    assert run(capsys, "halt", "ws")["state"] == "halted"
+    assert cli(capsys, "halt", "ws")["state"] == "halted"
     assert time.monotonic() - began < 5, "the halt waited for the back-off"
-    status = run(capsys, "status", "ws")
+    status = cli(capsys, "status", "ws")
     assert status["event"]["detail"] == "halted on request during the restart back-off"
     assert status["restarts"] == 1
     supervisor = runtime_json("ws")["supervisorPid"]
     assert not runner.pid_alive(supervisor)
-    assert [e["event"] for e in run(capsys, "events", "ws")["events"]][-1] == "supervisor-exit"
+    assert [e["event"] for e in cli(capsys, "events", "ws")["events"]][-1] == "supervisor-exit"
 
 
 def test_kill_during_the_back_off(
@@ -353,10 +336,10 @@ def test_kill_during_the_back_off(
 ) -> None:
     monkeypatch.setenv("MICROAGENT_RESTART_BACKOFF", "30")
     create(capsys, project, "ws", "always")
-    run(capsys, "start", "ws")
+    cli(capsys, "start", "ws")
     status_until(capsys, "ws", lambda s: s["restarts"] == 1, "the first restart")
-    assert run(capsys, "kill", "ws")["state"] == "stopped"
-    assert run(capsys, "wait", "ws", "--timeout", "1")["state"] == "stopped"
+    assert cli(capsys, "kill", "ws")["state"] == "stopped"
+    assert cli(capsys, "wait", "ws", "--timeout", "1")["state"] == "stopped"
     assert runtime_json("ws")["restarts"] == 1
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import threading
 import time
@@ -15,14 +14,14 @@ from typing import Any
 
 import pytest
 
-from microagent.cli import main
 from microagent.compiler.loader import load_spec
 from microagent.compiler.lock import ResolvedImage
 from microagent.compiler.overrides import parse_mediation_flag
 from microagent.compiler.plan import compile_plan
 from microagent.errors import InvalidInputError, SpecError
-from testenv import standin
 from testenv.agent_standin import standin_argv
+from testenv.clitools import cli_json as cli
+from testenv.ports import free_port
 
 
 def spec_file(tmp_path: Path, body: str) -> Path:
@@ -96,35 +95,12 @@ def listener() -> Iterator[socket.socket]:
     sock.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
-def project(
-    fake_backend: None,
-    tmp_path: Path,
-    busybox_layout: standin.BuiltImage,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Path:
-    monkeypatch.setenv("MICROAGENT_HOME", str(tmp_path / "home"))
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    shutil.copytree(busybox_layout.layout, proj / "layout")
-    (proj / "microagent.yaml").write_text(
+def project(busybox_project: Path) -> Path:
+    (busybox_project / "microagent.yaml").write_text(
         "name: med\nimage: oci:layout:latest\nentrypoint: 'true'\nnetwork: {mode: isolated}\n"
     )
-    return proj
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str, code: int = 0) -> dict[str, Any]:
-    capsys.readouterr()
-    got = main(["--json", *args])
-    out = capsys.readouterr().out
-    assert got == code, out
-    return json.loads(out) if out.strip() else {}
+    return busybox_project
 
 
 def test_required_target_down_fails_closed_at_start(

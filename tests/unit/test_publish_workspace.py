@@ -5,59 +5,35 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from microagent.cli import main
 from microagent.runtime.backend import PublishedPort
 from microagent.runtime.rundir import RunDir
-from testenv import standin
+from testenv.clitools import cli_json as cli
+from testenv.ports import free_port
 
 
 @pytest.fixture
-def project(
-    fake_backend: None,
-    tmp_path: Path,
-    busybox_layout: standin.BuiltImage,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Path:
-    monkeypatch.setenv("MICROAGENT_HOME", str(tmp_path / "home"))
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    shutil.copytree(busybox_layout.layout, proj / "layout")
-    (proj / "microagent.yaml").write_text(
+def project(busybox_project: Path) -> Path:
+    (busybox_project / "microagent.yaml").write_text(
         "name: web\n"
         "image: oci:layout:latest\n"
         "entrypoint: httpd -f -p 8000\n"
         "network:\n"
         "  forwards: [{hostPort: 18000, guestPort: 8000}]\n"
     )
-    return proj
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str, code: int = 0) -> dict[str, Any]:
-    capsys.readouterr()
-    got = main(["--json", *args])
-    out = capsys.readouterr().out
-    assert got == code, out
-    return json.loads(out) if out.strip() else {}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return busybox_project
 
 
 def test_published_ports_are_recorded_and_listed(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     spec = str(project / "microagent.yaml")
-    port = _free_port()
+    port = free_port()
     cli(capsys, "create", "-f", spec, "--publish", f"{port}:9000", "-p", "0.0.0.0:18000:8080")
     record = Path(os.environ["MICROAGENT_HOME"]) / "workspaces" / "web" / "workspace.json"
     assert json.loads(record.read_text())["published"] == [
@@ -123,7 +99,7 @@ def test_run_refuses_publish_without_a_network(
 def test_start_boots_with_the_published_ports(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    port = _free_port()
+    port = free_port()
     cli(capsys, "create", "-f", str(project / "microagent.yaml"), "-p", f"{port}:9000")
     cli(capsys, "start", "web", "--wait", "--timeout", "30")
     run_dir = RunDir(Path(os.environ["MICROAGENT_HOME"]) / "workspaces" / "web" / "runtime")

@@ -12,12 +12,11 @@ import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import pytest
 
 from microagent import Microagent, Settings
-from microagent.cli import main
 from microagent.compiler.overrides import Overrides
 from microagent.errors import IntegrityError, InvalidInputError, SpecError, VMError
 from microagent.ext4.images import archive_to_ext4
@@ -30,6 +29,7 @@ from microagent.runtime.qemu import build_argv
 from microagent.workspace.disks import boot_disks
 from microagent.workspace.lifecycle import Runtime, run_request
 from testenv import standin
+from testenv.clitools import cli_json as cli
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("mke2fs", "e2fsck")), reason="needs e2fsprogs"
@@ -202,13 +202,6 @@ def test_cache_prune_keeps_what_a_workspace_boots_from(
     api.delete(["data"])
     api.cache_prune(everything=True)
     assert not any((api.store.root / "bundles").iterdir())
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str, code: int) -> dict[str, Any]:
-    capsys.readouterr()
-    assert main(["--json", *args]) == code
-    out: dict[str, Any] = json.loads(capsys.readouterr().out)
-    return out
 
 
 @pytest.mark.parametrize(

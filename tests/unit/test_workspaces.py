@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -17,22 +16,14 @@ from typing import Any
 import pytest
 
 from microagent.cli import main
-from testenv import standin
+from testenv.clitools import cli_json as cli
 
 SECRET = "sk-unit-secret-0042"
 
 
 @pytest.fixture
-def project(
-    fake_backend: None,
-    tmp_path: Path,
-    busybox_layout: standin.BuiltImage,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Path:
-    monkeypatch.setenv("MICROAGENT_HOME", str(tmp_path / "home"))
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    shutil.copytree(busybox_layout.layout, proj / "layout")
+def project(busybox_project: Path) -> Path:
+    proj = busybox_project
     (proj / "note.txt").write_text("hello\n")
     (proj / "microagent.yaml").write_text(
         "name: ws\n"
@@ -45,14 +36,6 @@ def project(
     return proj
 
 
-def run(capsys: pytest.CaptureFixture[str], *args: str, code: int = 0) -> dict[str, Any]:
-    capsys.readouterr()
-    got = main(["--json", *args])
-    out = capsys.readouterr().out
-    assert got == code, out
-    return json.loads(out) if out.strip() else {}
-
-
 def outcome(monkeypatch: pytest.MonkeyPatch, **fields: Any) -> None:
     monkeypatch.setenv("MICROAGENT_FAKE", json.dumps(fields))
 
@@ -60,7 +43,7 @@ def outcome(monkeypatch: pytest.MonkeyPatch, **fields: Any) -> None:
 def wait_state(capsys: pytest.CaptureFixture[str], name: str, states: set[str]) -> str:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        state = str(run(capsys, "status", name)["event"]["state"])
+        state = str(cli(capsys, "status", name)["event"]["state"])
         if state in states:
             return state
         time.sleep(0.1)
@@ -71,7 +54,7 @@ def test_create_start_result_delete(
     project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = str(project / "microagent.yaml")
-    created = run(capsys, "create", "-f", spec, "-e", f"API_KEY={SECRET}")
+    created = cli(capsys, "create", "-f", spec, "-e", f"API_KEY={SECRET}")
     assert (created["state"], created["setupBoots"], created["stepsBuilt"]) == ("prepared", 1, 1)
     home = Path(os.environ["MICROAGENT_HOME"])
     record = home / "workspaces" / "ws" / "workspace.json"
@@ -86,33 +69,33 @@ def test_create_start_result_delete(
         stdout="hello\n",
         outputs={"result": {"path": "/workspace/result.json", "content": json.dumps(result)}},
     )
-    run(capsys, "start", "ws")
+    cli(capsys, "start", "ws")
     assert wait_state(capsys, "ws", {"stopped", "failed"}) == "stopped"
-    status = run(capsys, "status", "ws")
+    status = cli(capsys, "status", "ws")
     assert status["ok"] and status["readiness"]["resultReady"]["ready"]
     assert status["result"]["workResult"] == result
-    assert run(capsys, "result", "ws")["result"]["stdout"] == "hello\n"
-    events = [e["event"] for e in run(capsys, "events", "ws")["events"]]
+    assert cli(capsys, "result", "ws")["result"]["stdout"] == "hello\n"
+    events = [e["event"] for e in cli(capsys, "events", "ws")["events"]]
     assert events[:1] == ["prepared"] and events[-2:] == ["stopped", "supervisor-exit"]
 
-    again = run(capsys, "create", "-f", spec, "--name", "ws2")
+    again = cli(capsys, "create", "-f", spec, "--name", "ws2")
     assert (again["setupBoots"], again["stepsCached"]) == (0, 1)
-    assert [w["name"] for w in run(capsys, "list")["workspaces"]] == ["ws", "ws2"]
-    assert run(capsys, "delete", "-y", "ws", "ws2")["results"][0]["deleted"]
-    assert run(capsys, "delete", "-y", "ws")["results"][0]["deleted"] is False
-    assert run(capsys, "list")["workspaces"] == []
+    assert [w["name"] for w in cli(capsys, "list")["workspaces"]] == ["ws", "ws2"]
+    assert cli(capsys, "delete", "-y", "ws", "ws2")["results"][0]["deleted"]
+    assert cli(capsys, "delete", "-y", "ws")["results"][0]["deleted"] is False
+    assert cli(capsys, "list")["workspaces"] == []
 
 
 def test_name_clash_and_unknown_workspace(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     spec = str(project / "microagent.yaml")
-    run(capsys, "create", "-f", spec)
-    clash = run(capsys, "create", "-f", spec, code=1)
+    cli(capsys, "create", "-f", spec)
+    clash = cli(capsys, "create", "-f", spec, code=1)
     assert clash["error"]["kind"] == "conflict"
-    missing = run(capsys, "status", "nope", code=1)
+    missing = cli(capsys, "status", "nope", code=1)
     assert missing["error"]["kind"] == "not_found"
-    assert run(capsys, "result", "ws", code=1)["error"]["message"].startswith(
+    assert cli(capsys, "result", "ws", code=1)["error"]["message"].startswith(
         "workspace 'ws' has no result yet"
     )
 
@@ -121,7 +104,7 @@ def test_failed_setup_leaves_nothing(
     project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     outcome(monkeypatch, exitCode=3, stderr="boom\n")
-    failed = run(capsys, "create", "-f", str(project / "microagent.yaml"), code=1)
+    failed = cli(capsys, "create", "-f", str(project / "microagent.yaml"), code=1)
     assert "setup step failed (exit code 3)" in failed["error"]["message"]
     assert "boom" in failed["error"]["message"]
     home = Path(os.environ["MICROAGENT_HOME"])
@@ -130,17 +113,17 @@ def test_failed_setup_leaves_nothing(
     assert kinds == ["base"], "nothing may be cached for the failed step"
     assert len(list((home / "store").glob("rootfs/*.ext4"))) == 1
     monkeypatch.delenv("MICROAGENT_FAKE")
-    assert run(capsys, "create", "-f", str(project / "microagent.yaml"))["stepsBuilt"] == 1
+    assert cli(capsys, "create", "-f", str(project / "microagent.yaml"))["stepsBuilt"] == 1
 
 
 def test_entrypoint_failure_and_wait_exit_code(
     project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    run(capsys, "create", "-f", str(project / "microagent.yaml"))
+    cli(capsys, "create", "-f", str(project / "microagent.yaml"))
     outcome(monkeypatch, exitCode=5, stderr="bad\n")
     capsys.readouterr()
     assert main(["start", "ws", "--wait"]) == 5
-    status = run(capsys, "status", "ws")
+    status = cli(capsys, "status", "ws")
     assert status["ok"] is False and status["event"]["state"] == "failed"
     assert status["event"]["detail"] == "entrypoint exited with code 5"
 
@@ -149,46 +132,46 @@ def test_running_workspace_refuses_start_cp_delete_then_halts(
     project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:  # fmt: skip
-    run(capsys, "create", "-f", str(project / "microagent.yaml"))
+    cli(capsys, "create", "-f", str(project / "microagent.yaml"))
     outcome(monkeypatch, hang=True)
-    run(capsys, "start", "ws")
+    cli(capsys, "start", "ws")
     assert wait_state(capsys, "ws", {"running"}) == "running"
-    assert run(capsys, "start", "ws", code=1)["error"]["kind"] == "conflict"
+    assert cli(capsys, "start", "ws", code=1)["error"]["kind"] == "conflict"
     src = tmp_path / "f.txt"
     src.write_text("x")
-    assert "halt" in run(capsys, "cp", str(src), "ws:/tmp/f.txt", code=1)["error"]["hint"]
-    assert run(capsys, "delete", "-y", "ws", code=1)["error"]["kind"] == "conflict"
-    assert run(capsys, "halt", "ws")["state"] == "halted"
-    assert run(capsys, "halt", "ws")["state"] == "halted"
-    run(capsys, "cp", str(src), "ws:/tmp/f.txt")
+    assert "halt" in cli(capsys, "cp", str(src), "ws:/tmp/f.txt", code=1)["error"]["hint"]
+    assert cli(capsys, "delete", "-y", "ws", code=1)["error"]["kind"] == "conflict"
+    assert cli(capsys, "halt", "ws")["state"] == "halted"
+    assert cli(capsys, "halt", "ws")["state"] == "halted"
+    cli(capsys, "cp", str(src), "ws:/tmp/f.txt")
     copied = tmp_path / "back.txt"
-    run(capsys, "cp", "ws:/tmp/f.txt", str(copied))
+    cli(capsys, "cp", "ws:/tmp/f.txt", str(copied))
     assert copied.read_text() == "x"
 
 
 def test_dead_supervisor_is_reported_as_failed(
     project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    run(capsys, "create", "-f", str(project / "microagent.yaml"))
+    cli(capsys, "create", "-f", str(project / "microagent.yaml"))
     outcome(monkeypatch, hang=True)
-    run(capsys, "start", "ws")
+    cli(capsys, "start", "ws")
     wait_state(capsys, "ws", {"running"})
     runtime = json.loads(
         (Path(os.environ["MICROAGENT_HOME"]) / "workspaces/ws/runtime/runtime.json").read_text()
     )
     os.killpg(runtime["supervisorPid"], signal.SIGKILL)
     time.sleep(0.3)
-    status = run(capsys, "status", "ws")
+    status = cli(capsys, "status", "ws")
     assert status["event"]["state"] == "failed"
     assert "supervisor process died" in status["event"]["detail"]
-    assert run(capsys, "delete", "-y", "ws")["results"][0]["deleted"]
+    assert cli(capsys, "delete", "-y", "ws")["results"][0]["deleted"]
 
 
 def test_force_delete_kills_a_running_workspace(
     project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    run(capsys, "create", "-f", str(project / "microagent.yaml"))
+    cli(capsys, "create", "-f", str(project / "microagent.yaml"))
     outcome(monkeypatch, hang=True)
-    run(capsys, "start", "ws")
+    cli(capsys, "start", "ws")
     wait_state(capsys, "ws", {"running"})
-    assert run(capsys, "delete", "--force", "ws")["results"][0]["deleted"]
+    assert cli(capsys, "delete", "--force", "ws")["results"][0]["deleted"]

@@ -29,6 +29,8 @@ from microagent.runtime.boot import RunRequest, run_once
 from microagent.runtime.qemu import QemuBackend
 from microagent.settings import Settings
 from microagent.store.content import Store
+from testenv import standin
+from testenv.registry import RegistryHandle
 
 DEFAULT_HOME = Path("/var/cache/microagent-test-home")
 HOST_CA = b"-----BEGIN CERTIFICATE-----\nORIGINAL-GUEST-BUNDLE\n-----END CERTIFICATE-----\n"
@@ -114,6 +116,20 @@ def backend(store: Store) -> QemuBackend:
     if not ok:
         unavailable(ok.reason)
     return qemu
+
+
+@pytest.fixture
+def env(
+    vm_home: Path, registry: RegistryHandle, python_image: standin.PushedImage,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Path:  # fmt: skip
+    """``MICROAGENT_HOME`` for a CLI test that boots the python stand-in: ``python:3.13-slim``
+    resolves through the local registry (a docker.io mirror) and the guest trusts the host's CAs.
+    """
+    monkeypatch.setenv("MICROAGENT_HOME", str(vm_home))
+    monkeypatch.setenv("MICROAGENT_REGISTRY_MIRRORS", f"docker.io={registry.url}")
+    monkeypatch.setenv("MICROAGENT_EXTRA_CA", "host")
+    return vm_home
 
 
 RunVM = Callable[..., GuestResult]

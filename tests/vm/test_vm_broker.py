@@ -15,10 +15,8 @@ import json
 import os
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +24,8 @@ import pytest
 
 from microagent.cli import main
 from microagent.runtime.qmp import dump_guest_memory
-from testenv import standin
-from testenv.registry import RegistryHandle
+from testenv.clitools import cli_json as cli
+from testenv.upstream import Request, Upstream
 
 pytestmark = pytest.mark.vm
 NAME = "broker-vm"
@@ -71,62 +69,15 @@ time.sleep(3600)
 """
 
 
-class Upstream:
-    """A recording HTTP upstream on the host's loopback: answers every POST with JSON."""
-
-    def __init__(self) -> None:
-        seen: list[dict[str, str]] = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                seen.append({k.lower(): v for k, v in self.headers.items()} | {"path": self.path})
-                data = json.dumps({"ok": True, "echo": body.decode()}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *_args: Any) -> None:
-                return
-
-        self.seen = seen
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = int(self.server.server_address[1])
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str, ok: bool = True) -> dict[str, Any]:
-    capsys.readouterr()
-    code = main(["--json", *args])
-    out = capsys.readouterr().out
-    data: dict[str, Any] = json.loads(out) if out.strip() else {}
-    if ok:
-        assert code == 0, f"microagent {' '.join(args)} exited {code}: {out}"
-    return data
+def _echo(request: Request) -> bytes:
+    return json.dumps({"ok": True, "echo": request.body.decode()}).encode()
 
 
 @pytest.fixture
 def upstream() -> Iterator[Upstream]:
-    server = Upstream()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def env(
-    vm_home: Path, registry: RegistryHandle, python_image: standin.PushedImage,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Path:  # fmt: skip
-    monkeypatch.setenv("MICROAGENT_HOME", str(vm_home))
-    monkeypatch.setenv("MICROAGENT_REGISTRY_MIRRORS", f"docker.io={registry.url}")
-    monkeypatch.setenv("MICROAGENT_EXTRA_CA", "host")
-    return vm_home
+    """A recording HTTP upstream on the host's loopback: answers with JSON echoing the body."""
+    with Upstream(reply=_echo, content_type="application/json") as server:
+        yield server
 
 
 def _spec(folder: Path, upstream_port: int) -> Path:
@@ -214,7 +165,7 @@ def test_the_key_never_enters_the_guest_and_egress_is_by_name(
     monkeypatch.setenv("MA_TEST_SENTINEL", sentinel)
     spec = _spec(tmp_path, upstream.port)
     direct_ip = socket.gethostbyname("pypi.org")
-    cli(capsys, "delete", "-y", "--force", NAME, ok=False)
+    cli(capsys, "delete", "-y", "--force", NAME, code=None)
     cli(
         capsys, "create", "--file", str(spec), "--credential", "internal",
         "--env", f"DIRECT_IP={direct_ip}", "--env", f"ALLOWED_URL={ALLOWED_URL}",
@@ -226,7 +177,7 @@ def test_the_key_never_enters_the_guest_and_egress_is_by_name(
         _check_report(report, upstream, sentinel)
         _check_guest_holds_no_key(capsys, env, sentinel, tmp_path)
     finally:
-        cli(capsys, "halt", NAME, ok=False)
+        cli(capsys, "halt", NAME, code=None)
     _check_audit(capsys)
     needle = sentinel.encode()
     assert _files_holding(env, needle) == []  # store, record, state disk, run dir, audit
@@ -239,11 +190,11 @@ def _check_report(report: dict[str, Any], upstream: Upstream, sentinel: str) -> 
     broker = report["broker"]
     assert broker["status"] == 200, report
     assert json.loads(broker["body"]) == {"ok": True, "echo": '{"hello": "broker"}'}
-    assert len(upstream.seen) == 1, upstream.seen
-    seen = upstream.seen[0]
-    assert seen["authorization"] == f"Bearer {sentinel}"  # the real key, added on the host
-    assert "x-api-key" not in seen  # the guest's own auth header was dropped
-    assert seen["path"] == "/v1/echo?q=1"
+    assert len(upstream.requests) == 1, upstream.requests
+    seen = upstream.requests[0]
+    assert seen.headers["authorization"] == f"Bearer {sentinel}"  # the real key, added on the host
+    assert "x-api-key" not in seen.headers  # the guest's own auth header was dropped
+    assert seen.path == "/v1/echo?q=1"
     assert report["token"] == "microagent-brokered"
     assert report["allowed"]["status"] == 200, report["allowed"]
     assert report["unlisted"]["status"] is None and "403" in report["unlisted"]["error"]

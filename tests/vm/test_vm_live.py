@@ -8,7 +8,6 @@ marks itself healthy and sleeps; execs run beside it.
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import pty
@@ -30,6 +29,7 @@ from microagent.compiler.overrides import Overrides
 from microagent.errors import ConflictError
 from microagent.kit.guestkit import GuestKit
 from testenv import standin
+from testenv.upstream import Upstream
 
 pytestmark = pytest.mark.vm
 BOOT_TIMEOUT = 300.0
@@ -39,35 +39,6 @@ MICROAGENT = str(Path(sys.executable).with_name("microagent"))
 LIVE_KEY_ENV = "MA_LIVE_BROKER_KEY"
 LIVE_KEY = "live-key-0042"
 LIVE_UPSTREAMS: list[Upstream] = []
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Upstream:
-    """A loopback HTTP upstream for the workspace's credential broker; records the header."""
-
-    def __init__(self) -> None:
-        seen: list[str | None] = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                seen.append(self.headers.get("Authorization"))
-                self.send_response(200)
-                self.send_header("Content-Length", "9")
-                self.end_headers()
-                self.wfile.write(b"brokered\n")
-
-            def log_message(self, *_args: Any) -> None:
-                return
-
-        self.seen = seen
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = int(self.server.server_address[1])
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 class Upper:
@@ -110,7 +81,7 @@ def live(
     folder = tmp_path_factory.mktemp("live-proj")
     shutil.copytree(busybox_layout.layout, folder / "layout")
     upper = Upper()
-    upstream = Upstream()
+    upstream = Upstream(reply=b"brokered\n")  # the workspace's credential broker forwards to it
     (folder / "microagent.yaml").write_text(
         f"name: {NAME}\n"
         "image: oci:layout:latest\n"
@@ -134,7 +105,7 @@ def live(
     _until(lambda: api.status(NAME)["readiness"]["execReady"]["ready"] is True, "the guest agent")
     yield api, settings, upper
     api.delete([NAME], force=True)
-    upstream.server.shutdown()
+    upstream.close()
     os.environ.pop(LIVE_KEY_ENV, None)
 
 
@@ -257,7 +228,8 @@ def test_a_credential_broker_in_isolated_mode(live: tuple[Microagent, Settings, 
     fetch = 'wget -q -O - --header "Authorization: Bearer guest" "$LIVE_BASE_URL/ping"'
     done = _cli(settings, "exec", NAME, "--", "sh", "-c", f"{fetch}; echo $LIVE_TOKEN")
     assert (done.returncode, done.stdout) == (0, b"brokered\nmicroagent-brokered\n"), done.stderr
-    assert LIVE_UPSTREAMS[-1].seen == [f"Bearer {LIVE_KEY}"]
+    seen = [r.headers.get("authorization") for r in LIVE_UPSTREAMS[-1].requests]
+    assert seen == [f"Bearer {LIVE_KEY}"]
 
 
 def test_health_flips_readiness(live: tuple[Microagent, Settings, Upper]) -> None:

@@ -22,6 +22,7 @@ from microagent.runtime.boot import RunRequest, prepare, scratch_vm_dir
 from microagent.runtime.configdisk import NetworkMode
 from microagent.runtime.network import api_socket_path, live_published, parse_host_addresses
 from microagent.runtime.qemu import QemuBackend
+from testenv.ports import free_port
 
 pytestmark = pytest.mark.vm
 USER = NetworkConfig(NetworkMode.USER)
@@ -118,12 +119,6 @@ SERVE_SCRIPT = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _get(port: int, path: str = "/", timeout: float = 10.0) -> tuple[int, bytes]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as reply:
         return reply.status, reply.read()
@@ -157,8 +152,8 @@ def test_published_ports_reach_the_guest(
     rootfs: Path, kit: GuestKit, backend: QemuBackend, no_leftovers: None
 ) -> None:
     require_user_network()
-    web = PublishedPort("127.0.0.1", _free_port(), 8000)
-    sink = PublishedPort("127.0.0.1", _free_port(), 9000)
+    web = PublishedPort("127.0.0.1", free_port(), 8000)
+    sink = PublishedPort("127.0.0.1", free_port(), 9000)
     net = NetworkConfig(NetworkMode.USER, published=(web, sink))
     request = RunRequest(rootfs=rootfs, command=("sh", "-c", SERVE_SCRIPT), network=net)
     with scratch_vm_dir() as tmp:

@@ -23,23 +23,12 @@ from typing import Any
 import pytest
 
 from microagent.cli import main
-from testenv import standin
-from testenv.registry import RegistryHandle
+from testenv.clitools import cli_json as cli
 from testenv.scripted_model import ScriptedModel
 
 pytestmark = pytest.mark.vm
 ROOT = Path(__file__).parents[2]
 RUN_TIMEOUT = 900
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
-    """Run a command with --json, return its document; fail with its error otherwise."""
-    capsys.readouterr()
-    code = main(["--json", *args])
-    out = capsys.readouterr().out
-    data: dict[str, Any] = json.loads(out) if out.strip() else {}
-    assert code == 0, f"microagent {' '.join(args)} exited {code}: {out}"
-    return data
 
 
 SECRET = "sk-ant-walkthrough-secret-4711"
@@ -57,17 +46,6 @@ def brokered(model: ScriptedModel) -> list[str]:
     """The create flags that send the agent's model calls through the broker to ``model``."""
     upstream = f"anthropic=http://127.0.0.1:{model.port}"
     return ["--credential", "anthropic", "--credential-upstream", upstream]
-
-
-@pytest.fixture
-def env(
-    vm_home: Path, registry: RegistryHandle, python_image: standin.PushedImage,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Path:  # fmt: skip
-    monkeypatch.setenv("MICROAGENT_HOME", str(vm_home))
-    monkeypatch.setenv("MICROAGENT_REGISTRY_MIRRORS", f"docker.io={registry.url}")
-    monkeypatch.setenv("MICROAGENT_EXTRA_CA", "host")
-    return vm_home
 
 
 def _wait_stopped(capsys: pytest.CaptureFixture[str], name: str) -> dict[str, Any]:

@@ -233,6 +233,21 @@ def request(
         conn.close()
 
 
+def request_while_one_waits(
+    path: Path, upstream: Upstream, target: str
+) -> tuple[tuple[int, dict[str, str], bytes], list[int]]:
+    """``GET target`` while another request waits in the upstream's ``/slow``; that one is
+    released after, and its status is in the list once it has ended (within 10 s)."""
+    held: list[int] = []
+    holder = threading.Thread(target=lambda: held.append(request(path, "GET", "/slow")[0]))
+    holder.start()
+    assert upstream.in_slow.wait(5)
+    answer = request(path, "GET", target)
+    upstream.release.set()
+    holder.join(10)
+    return answer, held
+
+
 def raw_exchange(path: Path, data: bytes, timeout: float = 10.0) -> bytes:
     """Send raw bytes, half-close, read everything the broker answers."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

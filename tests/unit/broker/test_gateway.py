@@ -7,13 +7,11 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +27,7 @@ from broker_fakes import (
     error_message,
     raw_exchange,
     request,
+    request_while_one_waits,
     run_gateway,
     serve_upstream,
 )
@@ -42,14 +41,6 @@ from microagent.broker.gateway import (
     load_config,
 )
 from microagent.errors import InvalidInputError
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    """A short directory: a unix socket path holds at most 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="mag-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -213,15 +204,7 @@ def test_a_stale_socket_is_replaced_and_a_live_one_or_a_file_is_refused(
 
 def test_the_connection_cap_answers_503_and_recovers(sockdir: Path, upstream: Upstream) -> None:
     with run_gateway(sockdir, (credential(sockdir, upstream.url),), max_connections=1) as running:
-        done: list[int] = []
-        holder = threading.Thread(
-            target=lambda: done.append(request(running.socket, "GET", "/slow")[0])
-        )
-        holder.start()
-        assert upstream.in_slow.wait(5)
-        status, headers, body = request(running.socket, "GET", "/x")
-        upstream.release.set()
-        holder.join(10)
+        (status, headers, body), done = request_while_one_waits(running.socket, upstream, "/x")
         # The slot comes back once the holder's connection is closed on both sides.
         deadline = time.monotonic() + 5
         while (again := request(running.socket, "GET", "/x")[0]) != 200:

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import socket
-import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +25,7 @@ from broker_fakes import (
     make_authority,
     raw_exchange,
     request,
+    request_while_one_waits,
     run_gateway,
     serve_upstream,
 )
@@ -37,14 +35,6 @@ from microagent.broker.gateway import Limits
 from microagent.broker.reverse import ReverseProxy
 from microagent.broker.reverse import Upstream as UpstreamURL
 from microagent.errors import InvalidInputError
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    """A short directory: a unix socket path holds at most 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="mab-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -288,15 +278,7 @@ def test_malformed_requests_are_refused(
 def test_the_concurrency_cap_answers_429(sockdir: Path, upstream: Upstream) -> None:
     limits = Limits(max_concurrent=1)
     with run_gateway(sockdir, (credential(sockdir, upstream.url),), limits=limits) as running:
-        results: list[int] = []
-        first = threading.Thread(
-            target=lambda: results.append(request(running.socket, "GET", "/slow")[0])
-        )
-        first.start()
-        assert upstream.in_slow.wait(5)
-        status, headers, body = request(running.socket, "GET", "/v1")
-        upstream.release.set()
-        first.join(10)
+        (status, headers, body), results = request_while_one_waits(running.socket, upstream, "/v1")
     assert status == 429
     assert headers["retry-after"] == "1"
     assert "in flight" in error_message(body)

@@ -4,7 +4,6 @@ filesystems, and layout folders that are extended rather than overwritten."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +11,11 @@ import pytest
 
 from microagent.cli import main
 from microagent.errors import InvalidInputError
-from testenv import standin
 
 
 @pytest.fixture
-def project(fake_backend: None, tmp_path: Path, busybox_layout: standin.BuiltImage) -> Path:
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    shutil.copytree(busybox_layout.layout, proj / "layout")
+def project(busybox_project: Path) -> Path:
+    proj = busybox_project
     (proj / "note.txt").write_text("hello\n")
     (proj / "microagent.yaml").write_text(
         "name: ws\nimage: oci:layout:latest\nsetup: [mkdir -p /w, touch /w/x]\n"

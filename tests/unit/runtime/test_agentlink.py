@@ -43,6 +43,7 @@ from microagent.runtime.backend import ServiceChannel
 from microagent.runtime.boot import RunRequest, prepare
 from microagent.runtime.fake import FakeBackend, FakeOutcome
 from microagent.store.content import Store
+from testenv.ports import free_ports
 
 TIMEOUT = 5.0
 HELLO = encode_json(0, FrameType.HELLO, {"protocol": 1, "agent": "scripted", "version": "1"})
@@ -622,15 +623,6 @@ def real_agent(tmp_path_factory: pytest.TempPathFactory) -> Path:
     except ToolError as exc:
         pytest.skip(f"no C compiler to build the guest agent: {exc.message}")
     return agentbin.agent_binary(Store(tmp_path_factory.mktemp("agent-store")))
-
-
-def free_ports(count: int) -> list[int]:
-    socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
-    try:
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def guest_connect(port: int) -> socket.socket:

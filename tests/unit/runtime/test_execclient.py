@@ -27,13 +27,9 @@ from microagent.runtime.execclient import ExecControls, ExecIO, collect, stream
 from microagent.runtime.fake import AgentPort
 from microagent.store.content import Store
 from testenv.agent_standin import standin_argv
+from testenv.ports import free_port
 
 WORKSPACE_ENV = {"WS_VAR": "from-workspace"}
-
-
-def free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        return int(server.getsockname()[1])
 
 
 class Guest:

@@ -40,6 +40,7 @@ from microagent.runtime.agentproto import (
     window,
 )
 from microagent.store.content import Store
+from testenv.ports import free_port, free_ports
 
 T = FrameType
 
@@ -502,13 +503,6 @@ def test_root_and_user(agent_bin: Path, tmp_path: Path) -> None:
 # -- mediation -----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def connect(port: int) -> socket.socket:
     deadline = time.monotonic() + 10
     while True:
@@ -592,16 +586,6 @@ def test_mediation_output_waits_for_window(mediated: tuple[Link, int]) -> None:
 
 
 # -- service channels (--listen) -------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free ports (held together while chosen, so none comes twice)."""
-    socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
-    try:
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def test_every_listen_port_opens_with_its_own_port(agent_bin: Path, tmp_path: Path) -> None:
