@@ -224,7 +224,11 @@ def test_close_ends_connections_in_flight(sockdir: Path, upstream: Upstream) -> 
         conn.connect(str(running.socket))
         conn.sendall(b"GET /x HTTP/1.1\r\n")  # half a head: the broker waits for more
         running.gateway.close()
-        assert conn.recv(100) == b""  # closed, not left hanging
+        try:  # closed, not left hanging: an end of file, or a reset when the broker had not
+            answer = conn.recv(100)  # read the half head yet (a unix socket closed unread)
+        except ConnectionResetError:
+            answer = b""
+        assert answer == b""
         conn.close()
 
 
