@@ -27,7 +27,7 @@ from microagent.store.content import Entry, PruneReport, Store
 if TYPE_CHECKING:
     from microagent.build.base import BaseImage
     from microagent.build.pipeline import BuildOutcome, Pipeline
-    from microagent.compiler.lock import LockEntry, LockFile
+    from microagent.compiler.lock import LockEntry, LockFile, ResolvedImage
     from microagent.compiler.overrides import Overrides, RuntimeEnv
     from microagent.compiler.plan import BuildPlan, StepCache, StepStatus
     from microagent.compiler.spec import Spec
@@ -64,6 +64,18 @@ def load(path: Path | str, overrides: Overrides | None = None) -> Spec:
     return apply_overrides(spec, overrides) if overrides else spec
 
 
+def image_json(image: ResolvedImage, written: str) -> dict[str, str | None]:
+    """A resolved image as output shows it: a local layout as the spec wrote it, normalised
+    and relative to the spec's folder (the store keeps the absolute path it was read from)."""
+    # deferred: the compiler is loaded by the commands that read a spec
+    from microagent.compiler.refs import portable_ref
+
+    out = image.to_json()
+    if written.startswith("oci:"):
+        out["reference"] = portable_ref(written)
+    return out
+
+
 @dataclass(frozen=True)
 class PlanReport:
     spec: Spec
@@ -77,7 +89,7 @@ class PlanReport:
             "ok": True,
             "name": self.spec.name,
             "spec": str(self.spec.source),
-            "image": self.plan.image.to_json(),
+            "image": image_json(self.plan.image, self.spec.image),
             "steps": [
                 {
                     "kind": s.step.kind.value,
@@ -122,12 +134,13 @@ class BuildReport:
     outcome: BuildOutcome
     published: list[dict[str, Any]]
     seconds: float
+    spec_image: str = ""  # the image as the spec wrote it (how a layout is shown)
 
     def to_json(self) -> dict[str, Any]:
         plan, built = self.outcome.plan, self.outcome.built
         return {
             "ok": True,
-            "image": plan.image.to_json(),
+            "image": image_json(plan.image, self.spec_image),
             "rootfsKey": built.key,
             "configKey": plan.config_step.key,
             "stepsBuilt": built.built,
@@ -258,10 +271,25 @@ class Microagent:
         )
 
     def kit(self) -> GuestKit:
-        # deferred: see the module docstring
-        from microagent.kit.guestkit import kit_for
+        return self._kit(self.settings)
 
-        return kit_for(self.settings, self.store, self.say)
+    def _kit(self, settings: Settings) -> GuestKit:
+        """The guest kit to boot; for the fake backend, which boots nothing, the user's files
+        or placeholders (never a download)."""
+        # deferred: see the module docstring
+        from microagent.kit.guestkit import GuestKit, kit_for
+        from microagent.runtime.fake import placeholder_boot_files
+
+        backend = self.injected_backend.name if self.injected_backend else settings.backend
+        if backend != "fake":
+            return kit_for(settings, self.store, self.say)
+        kernel, initrd = placeholder_boot_files(settings.home / "fake-kit")
+        return GuestKit(
+            settings.kernel or kernel,
+            settings.initrd or initrd,
+            kernel_version="fake",
+            source="placeholder",
+        )
 
     def pipeline(
         self,
@@ -336,6 +364,7 @@ class Microagent:
         from microagent.compiler.lock import (
             LockEntry,
             LockFile,
+            lock_key,
             lock_path_for,
             read_lock,
             write_lock,
@@ -343,22 +372,27 @@ class Microagent:
         from microagent.compiler.refs import parse_any_ref  # deferred: as above
 
         spec = load(path)
+        key = lock_key(spec.image)  # a layout as written, normalised: the lock is for git
         lock_file = read_lock(lock_path_for(spec.source)) or LockFile(lock_path_for(spec.source))
-        if spec.image in lock_file.images and not update:
-            return LockReport(lock_file, spec.image, False)
+        if key in lock_file.images and not update and not lock_file.outdated:
+            return LockReport(lock_file, key, False)
         ref = parse_any_ref(spec.image, spec.base_dir)
         if ref.digest:
-            entry = LockEntry(str(ref), ref.digest, {})
+            entry = LockEntry(key if key.startswith("oci:") else str(ref), ref.digest, {})
+        elif key in lock_file.images and not update:  # an old lock: rewritten, not resolved
+            entry = lock_file.images[key]
         else:
             # deferred: see the module docstring
             from microagent.oci.transport import lock_entry, open_repository
 
             entry = lock_entry(open_repository(ref, self.client), ref)
-        changed = lock_file.images.get(spec.image) != entry
-        updated = lock_file.with_entry(spec.image, entry)
+            if key.startswith("oci:"):
+                entry = LockEntry(key, entry.digest, entry.platforms)
+        changed = lock_file.outdated or lock_file.images.get(key) != entry
+        updated = lock_file.with_entry(key, entry)
         if changed:
             write_lock(updated)
-        return LockReport(updated, spec.image, changed)
+        return LockReport(updated, key, changed)
 
     # -- building ---------------------------------------------------------------------------
 
@@ -385,10 +419,11 @@ class Microagent:
         # deferred: see the module docstring
         from microagent.compiler.overrides import RuntimeEnv
 
-        outcome = pipeline.build(load(path, overrides), env or RuntimeEnv())
+        spec = load(path, overrides)
+        outcome = pipeline.build(spec, env or RuntimeEnv())
         record_files_and_config(self.store, outcome.plan)
         published = pipeline.publish(outcome.plan, push=push)
-        return BuildReport(outcome, published, time.monotonic() - began)
+        return BuildReport(outcome, published, time.monotonic() - began, spec.image)
 
     def create(
         self,
@@ -642,10 +677,7 @@ class Microagent:
         settings = self.settings.with_changes(
             kernel=job.kernel or self.settings.kernel, initrd=job.initrd or self.settings.initrd
         )
-        # deferred: see the module docstring
-        from microagent.kit.guestkit import kit_for
-
-        return kit_for(settings, self.store, self.say)
+        return self._kit(settings)
 
     # -- images, cache, kernels -------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from microagent import __version__
 from microagent.commands import (
     build,
     cache,
+    config,
     doctor,
     guest,
     image,
@@ -45,7 +46,7 @@ def cli(ctx: click.Context, as_json: bool, debug: bool, home: Path | None) -> No
     ctx.obj = Ctx(json=as_json, debug=debug, home=home)
 
 
-for _module in (spec, build, workspace, guest, run, image, cache, kernel, doctor):
+for _module in (spec, build, workspace, guest, run, image, cache, kernel, doctor, config):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 

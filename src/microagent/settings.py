@@ -17,15 +17,22 @@ The user config (``$MICROAGENT_CONFIG``, else ``<user config dir>/microagent/con
     guest:
       extraCA: host                          # or a PEM file: extra CAs for guests
 
-A broken file is an error naming the file, line and column. Environment variables win over
-the file: ``MICROAGENT_REGISTRY_MIRRORS="docker.io=http://h:5000,ghcr.io=https://m"`` (per
-registry), ``MICROAGENT_INSECURE_REGISTRIES="h:5000"`` (added), ``MICROAGENT_CACHE_FROM`` /
-``MICROAGENT_CACHE_TO`` (set, even empty, replaces ``cache``), ``MICROAGENT_EXTRA_CA``.
+The file is read strictly when a command starts: a YAML error, an unknown key (``mirors:``,
+with a did-you-mean), a repeated key or a wrong type is an error naming the file, line and
+column, with a hint (exit 2). ``microagent config show`` prints every setting and where it
+came from (:func:`explain`).
+
+Environment variables win over the file:
+``MICROAGENT_REGISTRY_MIRRORS="docker.io=http://h:5000,ghcr.io=https://m"`` (per registry),
+``MICROAGENT_INSECURE_REGISTRIES="h:5000"`` (added), ``MICROAGENT_CACHE_FROM`` /
+``MICROAGENT_CACHE_TO`` (set, even empty, replaces ``cache``), ``MICROAGENT_EXTRA_CA``. Every
+variable is listed in docs/cli.md ("Environment").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -154,6 +161,137 @@ class Settings:
         )
 
 
+# -- where each setting came from (``microagent config show``) -------------------------------
+
+# Settings only the environment sets: (name shown, Settings attribute, variable).
+_ENV_ONLY: tuple[tuple[str, str, str], ...] = (
+    ("backend", "backend", BACKEND_ENV),
+    ("accel", "accel", ACCEL_ENV),
+    ("kernel", "kernel", KERNEL_ENV),
+    ("initrd", "initrd", INITRD_ENV),
+    ("debianMirror", "debian_mirror", DEBIAN_MIRROR_ENV),
+    ("debianSuite", "debian_suite", DEBIAN_SUITE_ENV),
+    ("debianKeyring", "debian_keyring", DEBIAN_KEYRING_ENV),
+    ("ramStage", "ram_stage", RAM_STAGE_ENV),
+    ("cacheRootfs", "cache_rootfs", CACHE_ROOTFS_ENV),
+    ("fakeOutcome", "fake_outcome", FAKE_ENV),
+    ("restartBackoff", "restart_backoff", RESTART_BACKOFF_ENV),
+    ("servicePortBase", "service_port_base", SERVICE_PORT_BASE_ENV),
+)
+# Settings the config file can hold too: (name = config key, attribute, variable).
+_FILE_OR_ENV: tuple[tuple[str, str, str], ...] = (
+    ("cache.from", "cache_from", CACHE_FROM_ENV),
+    ("cache.to", "cache_to", CACHE_TO_ENV),
+    ("guest.extraCA", "extra_ca", EXTRA_CA_ENV),
+)
+SOURCE_DEFAULT = "default"
+SOURCE_FILE = "config file"
+SOURCE_ENVIRON = "environment"
+SOURCE_FLAG = "flag"
+
+
+@dataclass(frozen=True)
+class Effective:
+    """One setting's value and where it came from: ``source`` is default, config file,
+    environment or flag; ``origin`` the variable, the file's FILE:LINE:COL, or the flag."""
+
+    name: str
+    value: Any
+    source: str = SOURCE_DEFAULT
+    origin: str = ""
+    env: str = ""  # the variable that sets it (whichever source set it this time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "value": self.value,
+            "source": self.source,
+            "origin": self.origin,
+            "env": self.env,
+        }
+
+
+def _plain(value: Any) -> Any:
+    """A settings value as JSON: paths as text, tuples and sets as (sorted) lists."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, frozenset):
+        return sorted(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def explain(
+    environ: Mapping[str, str] | None = None, *, home: Path | str | None = None
+) -> tuple[Settings, tuple[Effective, ...]]:
+    """The settings (as :meth:`Settings.from_environ` reads them) and, for each one, its value
+    and where it came from: the ``--home`` flag, an environment variable, the config file
+    (with the line it is on) or the default."""
+    env = os.environ if environ is None else environ
+    settings = Settings.from_environ(env, home=home)
+    config = read_config(config_path(env))
+    rows = [_home_row(settings, env, home), *_registry_rows(settings, config, env)]
+    for name, attr, var in _FILE_OR_ENV:
+        value = _plain(getattr(settings, attr))
+        if var in env:  # set, even empty, replaces the file's value
+            rows.append(Effective(name, value, SOURCE_ENVIRON, var, var))
+        elif name in config.origins:
+            rows.append(Effective(name, value, SOURCE_FILE, str(config.origins[name]), var))
+        else:
+            rows.append(Effective(name, value, env=var))
+    for name, attr, var in _ENV_ONLY:
+        value = _plain(getattr(settings, attr))
+        if env.get(var):
+            rows.append(Effective(name, value, SOURCE_ENVIRON, var, var))
+        else:
+            rows.append(Effective(name, value, env=var))
+    rows.append(_auth_row(settings, env))
+    return settings, tuple(rows)
+
+
+def _home_row(settings: Settings, env: Mapping[str, str], flag: Path | str | None) -> Effective:
+    if flag:
+        return Effective("home", str(settings.home), SOURCE_FLAG, "--home", HOME_ENV)
+    if env.get(HOME_ENV):
+        return Effective("home", str(settings.home), SOURCE_ENVIRON, HOME_ENV, HOME_ENV)
+    return Effective("home", str(settings.home), env=HOME_ENV)
+
+
+def _registry_rows(
+    settings: Settings, config: UserConfig, env: Mapping[str, str]
+) -> list[Effective]:
+    """A row per registry with mirrors and per insecure registry (one default row each when
+    there are none), from the environment or the config file."""
+    from_env = {item.partition("=")[0] for item in split_list(env.get(MIRRORS_ENV, ""))}
+    rows = [
+        _registry_row(f"registries.{host}.mirrors", list(mirrors), host in from_env, config)
+        for host, mirrors in sorted(settings.registry_mirrors.items())
+    ] or [Effective("registries.<host>.mirrors", [], env=MIRRORS_ENV)]
+    insecure_env = set(split_list(env.get(INSECURE_ENV, "")))
+    insecure = [
+        _registry_row(f"registries.{host}.insecure", True, host in insecure_env, config)
+        for host in sorted(settings.insecure_registries)
+    ] or [Effective("registries.<host>.insecure", False, env=INSECURE_ENV)]
+    return rows + insecure
+
+
+def _registry_row(name: str, value: Any, from_env: bool, config: UserConfig) -> Effective:
+    var = MIRRORS_ENV if name.endswith(".mirrors") else INSECURE_ENV
+    if from_env:
+        return Effective(name, value, SOURCE_ENVIRON, var, var)
+    return Effective(name, value, SOURCE_FILE, str(config.origins.get(name)), var)
+
+
+def _auth_row(settings: Settings, env: Mapping[str, str]) -> Effective:
+    files = [str(path) for path in settings.auth_files]
+    given = [var for var in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG") if env.get(var)]
+    variables = "REGISTRY_AUTH_FILE, DOCKER_CONFIG"
+    if given:
+        return Effective("authFiles", files, SOURCE_ENVIRON, ", ".join(given), variables)
+    return Effective("authFiles", files, env=variables)
+
+
 def _port_base(value: str | None) -> int:
     """The first service port: room for 16 ports above it, clear of the privileged ones."""
     if not value:
@@ -253,28 +391,66 @@ def _insecure(config: UserConfig, env: Mapping[str, str]) -> frozenset[str]:
 # -- the user config file ---------------------------------------------------------------------
 
 
+# Each section's keys; a key is known where it belongs (for "goes under ..." hints).
+_KEYS: Mapping[str, tuple[str, ...]] = {
+    "": _SECTIONS,
+    "registries.<host>": ("mirrors", "insecure"),
+    "cache": ("from", "to"),
+    "guest": ("extraCA",),
+}
+_YAML_HINT = (
+    "the config file is YAML: check the indentation (spaces, not tabs) and that every "
+    "bracket and quote is closed; see `microagent config show` and docs/cli.md"
+)
+
+
 @dataclass(frozen=True)
 class UserConfig:
-    """What the user config file says (empty when there is none)."""
+    """What the user config file says (empty when there is none).
+
+    ``origins``: where each setting was written (``cache.from``,
+    ``registries.docker.io.mirrors`` ...), for ``microagent config show``."""
 
     mirrors: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     insecure: frozenset[str] = frozenset()
     cache_from: tuple[str, ...] = ()
     cache_to: str | None = None
     extra_ca: str | None = None
+    origins: Mapping[str, Location] = field(default_factory=dict)
 
 
 def read_config(path: Path) -> UserConfig:
-    """Parse the user config; a missing file is an empty config, a broken one an error."""
+    """Parse the user config strictly: a missing file is an empty config; a broken one (YAML
+    errors, unknown or repeated keys, wrong types) a :class:`ConfigError` listing every
+    problem with its line and column."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return UserConfig()
     except OSError as exc:
-        raise InvalidInputError(f"cannot read the config file {path}: {exc.strerror}") from exc
+        raise InvalidInputError(
+            f"cannot read the config file {path}: {exc.strerror}",
+            hint=f"fix its permissions, or point {CONFIG_ENV} at another file",
+        ) from exc
     if len(data) > MAX_CONFIG_BYTES:
-        raise InvalidInputError(f"{path}: the config file is larger than 1 MiB")
+        raise InvalidInputError(
+            f"{path}: the config file is larger than 1 MiB", hint="it holds a few settings"
+        )
     return _ConfigReader(str(path)).read(data)
+
+
+def unknown_key_hint(key: str, section: str) -> str:
+    """What an unknown ``key`` in ``section`` ("" for the top level) probably meant."""
+    known = _KEYS[section]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    listed = f"known here: {', '.join(known)}"
+    if close:
+        return f"did you mean {close[0]!r}? ({listed})"
+    for other, keys in _KEYS.items():
+        near = difflib.get_close_matches(key, keys, n=1, cutoff=0.8)
+        if other != section and near:
+            return f"{near[0]!r} belongs under {other or 'the top level'} ({listed})"
+    return listed
 
 
 class _ConfigReader:
@@ -283,29 +459,68 @@ class _ConfigReader:
     def __init__(self, file: str) -> None:
         self.file = file
         self.problems: list[Diagnostic] = []
+        self.origins: dict[str, Location] = {}
 
     def read(self, data: bytes) -> UserConfig:
         try:
             root = yaml.compose(data.decode("utf-8"), Loader=yaml.SafeLoader)
-        except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        except UnicodeDecodeError as exc:
+            self.problems.append(
+                Diagnostic(
+                    f"not UTF-8 text (byte {exc.start})", Location(self.file), "", _YAML_HINT
+                )
+            )
+            raise ConfigError(self.problems) from exc
+        except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            self.problem(mark, "", f"not valid YAML: {getattr(exc, 'problem', None) or exc}")
+            why = getattr(exc, "problem", None) or str(exc)
+            hint = _YAML_HINT
+            if "'\\t'" in why or "tab" in why:
+                hint = "YAML indents with spaces only: replace the tab characters"
+            self.problem(mark, "", f"not valid YAML: {why}", hint)
             raise ConfigError(self.problems) from exc
         config = self._top(root) if root is not None else UserConfig()
         if self.problems:
             raise ConfigError(self.problems)
         return config
 
-    def problem(self, mark: Any, path: str, message: str, hint: str = "") -> None:
-        where = Location(self.file, mark.line + 1, mark.column + 1) if mark else Location(self.file)
-        self.problems.append(Diagnostic(message, where, path, hint))
+    def location(self, mark: Any) -> Location:
+        return Location(self.file, mark.line + 1, mark.column + 1) if mark else Location(self.file)
 
-    def mapping(self, node: Any, path: str) -> dict[str, Any]:
-        """Keys (scalars) to value nodes, or {} after recording a problem."""
-        if not isinstance(node, yaml.MappingNode):
-            self.problem(node.start_mark, path, "must be a mapping")
+    def problem(self, mark: Any, path: str, message: str, hint: str = "") -> None:
+        self.problems.append(Diagnostic(message, self.location(mark), path, hint))
+
+    def mapping(self, node: Any, path: str, hint: str = "") -> dict[str, Any]:
+        """Keys (scalars) to value nodes, or {} after recording a problem; a repeated key is a
+        problem (YAML would silently keep the last one). An empty value (``cache:`` with its
+        entries commented out) is an empty mapping."""
+        if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
             return {}
-        return {str(k.value): v for k, v in node.value if isinstance(k, yaml.ScalarNode)}
+        if not isinstance(node, yaml.MappingNode):
+            self.problem(node.start_mark, path, "must be a mapping", hint)
+            return {}
+        items: dict[str, Any] = {}
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                self.problem(key.start_mark, path, "keys must be plain strings")
+                continue
+            name = str(key.value)
+            if name in items:
+                where = f"{path}.{name}" if path != "(top level)" else name
+                self.problem(key.start_mark, where, "repeated key", "keep one of them")
+            items[name] = (key, value)
+        return {name: value for name, (_key, value) in items.items()}
+
+    def keys(self, node: Any, path: str, section: str) -> None:
+        """Report every key of ``node`` that ``section`` does not know, where it is written."""
+        if not isinstance(node, yaml.MappingNode):
+            return
+        for key, _value in node.value:
+            name = str(getattr(key, "value", ""))
+            if isinstance(key, yaml.ScalarNode) and name not in _KEYS[section]:
+                where = f"{path}.{name}" if path else name
+                hint = unknown_key_hint(name, section)
+                self.problem(key.start_mark, where, "unknown setting", hint)
 
     def string(self, node: Any, path: str) -> str | None:
         if isinstance(node, yaml.ScalarNode) and node.tag.endswith((":str", ":int")):
@@ -321,60 +536,69 @@ class _ConfigReader:
         one = self.string(node, path)
         return split_list(one) if one else ()
 
+    def setting(self, items: Mapping[str, Any], name: str, path: str) -> Any:
+        """The value node of ``name`` (None when absent), its place noted for ``origins``."""
+        node = items.get(name)
+        if node is not None:
+            self.origins[path] = self.location(node.start_mark)
+        return node
+
     def _top(self, root: Any) -> UserConfig:
-        top = self.mapping(root, "(top level)")
-        for key, node in top.items():
-            if key not in _SECTIONS:
-                self.problem(
-                    node.start_mark, key, "unknown setting", f"known: {', '.join(_SECTIONS)}"
-                )
+        top = self.mapping(root, "(top level)", "start with `registries:`, `cache:` or `guest:`")
+        self.keys(root, "", "")
         mirrors, insecure = self._registries(top.get("registries"))
-        cache = self._section(top.get("cache"), "cache", ("from", "to"))
-        guest = self._section(top.get("guest"), "guest", ("extraCA",))
-        to = self.strings(cache["to"], "cache.to") if "to" in cache else ()
-        extra = self.string(guest["extraCA"], "guest.extraCA") if "extraCA" in guest else None
+        cache = self._section(top.get("cache"), "cache")
+        guest = self._section(top.get("guest"), "guest")
+        to_node = self.setting(cache, "to", "cache.to")
+        from_node = self.setting(cache, "from", "cache.from")
+        extra_node = self.setting(guest, "extraCA", "guest.extraCA")
+        to = self.strings(to_node, "cache.to") if to_node is not None else ()
         return UserConfig(
             mirrors=mirrors,
             insecure=insecure,
-            cache_from=self.strings(cache["from"], "cache.from") if "from" in cache else (),
+            cache_from=self.strings(from_node, "cache.from") if from_node is not None else (),
             cache_to=to[0] if to else None,
-            extra_ca=extra,
+            extra_ca=self.string(extra_node, "guest.extraCA") if extra_node is not None else None,
+            origins=dict(self.origins),
         )
 
-    def _section(self, node: Any, name: str, known: tuple[str, ...]) -> dict[str, Any]:
+    def _section(self, node: Any, name: str, section: str = "") -> dict[str, Any]:
         if node is None:
             return {}
         items = self.mapping(node, name)
-        for key, value in items.items():
-            if key not in known:
-                self.problem(
-                    value.start_mark,
-                    f"{name}.{key}",
-                    "unknown setting",
-                    f"known: {', '.join(known)}",
-                )
+        self.keys(node, name, section or name)
         return items
 
     def _registries(self, node: Any) -> tuple[dict[str, tuple[str, ...]], frozenset[str]]:
         mirrors: dict[str, tuple[str, ...]] = {}
         insecure: set[str] = set()
-        for host, settings in (self.mapping(node, "registries") if node else {}).items():
+        example = "e.g. registries: {docker.io: {mirrors: [http://127.0.0.1:5000]}}"
+        if node is None:
+            return mirrors, frozenset()
+        hosts = self.mapping(node, "registries", f"map registry hosts to settings, {example}")
+        for host, settings in hosts.items():
             path = f"registries.{host}"
-            items = self._section(settings, path, ("mirrors", "insecure"))
-            if "mirrors" in items:
-                mirrors[host] = self._mirror_list(items["mirrors"], f"{path}.mirrors")
-            if "insecure" in items:
-                flag = items["insecure"]
-                if getattr(flag, "tag", "").endswith(":bool"):
-                    if flag.value.lower() == "true":
-                        insecure.add(host)
-                else:
-                    self.problem(flag.start_mark, f"{path}.insecure", "must be true or false")
+            if host in _KEYS["registries.<host>"]:
+                self.problem(settings.start_mark, path, f"{host!r} is not a registry host", example)
+                continue
+            items = self._section(settings, path, "registries.<host>")
+            mirror_node = self.setting(items, "mirrors", f"{path}.mirrors")
+            if mirror_node is not None:
+                mirrors[host] = self._mirror_list(mirror_node, f"{path}.mirrors")
+            flag = self.setting(items, "insecure", f"{path}.insecure")
+            if flag is None:
+                continue
+            if getattr(flag, "tag", "").endswith(":bool"):
+                if flag.value.lower() == "true":
+                    insecure.add(host)
+            else:
+                self.problem(flag.start_mark, f"{path}.insecure", "must be true or false")
         return mirrors, frozenset(insecure)
 
     def _mirror_list(self, node: Any, path: str) -> tuple[str, ...]:
         if not isinstance(node, yaml.SequenceNode):
-            self.problem(node.start_mark, path, "must be a list of strings")
+            hint = "e.g. mirrors: [http://127.0.0.1:5000] (tried in order)"
+            self.problem(node.start_mark, path, "must be a list of strings", hint)
             return ()
         items = [self.string(n, f"{path}[{i}]") for i, n in enumerate(node.value)]
         return tuple(item for item in items if item)

@@ -86,8 +86,8 @@ def test_broken_config_files_name_file_line_and_column(tmp_path: Path) -> None:
     rendered = raised.value.render()
     assert f"{path}:3:14: registries.docker.io.mirrors: must be a list of strings" in rendered
     assert f"{path}:4:15: registries.docker.io.insecure: must be true or false" in rendered
-    assert f"{path}:5:13: registires: unknown setting" in rendered
-    assert "known: registries, cache, guest" in rendered
+    assert f"{path}:5:1: registires: unknown setting" in rendered
+    assert "did you mean 'registries'? (known here: registries, cache, guest)" in rendered
     path.write_text("cache: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         read_config(path)

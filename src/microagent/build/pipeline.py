@@ -17,7 +17,7 @@ from microagent.build.setup import BuildContext, BuiltRootfs, ensure_rootfs, set
 from microagent.compiler.keys import StepKind
 from microagent.compiler.overrides import RuntimeEnv
 from microagent.compiler.plan import BuildPlan, compile_plan
-from microagent.compiler.refs import host_platform
+from microagent.compiler.refs import host_platform, portable_ref
 from microagent.compiler.spec import Spec
 from microagent.errors import BuildError
 from microagent.kit.guestkit import GuestKit
@@ -127,7 +127,7 @@ class Pipeline:
                 "pulled base image does not match the plan (the tag moved?)",
                 hint="run `microagent lock --update` and try again",
             )
-        self.say(f"[base] {spec.image}  {'CACHED' if base.cached else 'PULLED'}")
+        self.say(f"[base] {portable_ref(spec.image)}  {'CACHED' if base.cached else 'PULLED'}")
         return base
 
     def publish(self, plan: BuildPlan, *, push: str | None = None) -> list[dict[str, Any]]:

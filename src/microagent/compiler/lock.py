@@ -16,6 +16,11 @@ digest the tag pointed at and the manifest digest per platform::
 
 ``digest`` is what the tag resolved to (an index or a single manifest). Build keys use it
 together with the platform, so a pinned ``name@digest`` and a locked tag give the same key.
+
+The lock is meant for git: a local layout (``oci:PATH``) is recorded as the spec wrote it,
+normalised (``oci:./layouts/../bb/`` -> ``oci:bb``) and relative to the spec's folder, never
+as this machine's absolute path. Locks written before that (an absolute ``reference`` and an
+un-normalised key) still load, and ``microagent lock`` rewrites them in the new form.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from microagent.compiler.refs import ImageRef, LayoutRef
+from microagent.compiler.refs import ImageRef, LayoutRef, parse_layout_ref, portable_ref
 from microagent.digests import is_digest
 from microagent.errors import InvalidInputError
 from microagent.fsutil import write_json_atomic
@@ -73,22 +78,35 @@ class LockEntry:
         }
 
 
+def lock_key(image: str) -> str:
+    """The lock's key for an image as a spec writes it (a layout path normalised)."""
+    return portable_ref(image)
+
+
 @dataclass(frozen=True)
 class LockFile:
-    """The parsed lock: image text as written in the spec -> entry."""
+    """The parsed lock: image text as written in the spec (see :func:`lock_key`) -> entry.
+
+    ``outdated``: read from a lock in the old form (absolute layout paths); writing it again
+    gives the portable form."""
 
     path: Path
     images: Mapping[str, LockEntry] = field(default_factory=dict)
+    outdated: bool = field(default=False, compare=False)
 
     def lookup(self, image: str, platform: str) -> ResolvedImage | None:
-        entry = self.images.get(image)
+        """The pinned image; a layout's reference is absolute (this machine's path to it)."""
+        entry = self.images.get(lock_key(image))
         if entry is None:
             return None
-        return ResolvedImage(entry.reference, entry.digest, platform, entry.platforms.get(platform))
+        reference = entry.reference
+        if reference.startswith("oci:"):
+            reference = str(parse_layout_ref(reference, self.path.parent))
+        return ResolvedImage(reference, entry.digest, platform, entry.platforms.get(platform))
 
     def with_entry(self, image: str, entry: LockEntry) -> LockFile:
         images = dict(self.images)
-        images[image] = entry
+        images[lock_key(image)] = entry
         return LockFile(self.path, images)
 
     def to_json(self) -> dict[str, object]:
@@ -116,11 +134,19 @@ def _entry(path: Path, image: str, raw: object) -> LockEntry:
         raise _bad_lock(path, f"entry for {image!r} has no valid digest")
     if not isinstance(platforms, dict) or not all(is_digest(v) for v in platforms.values()):
         raise _bad_lock(path, f"platforms of {image!r} must map platform to digest")
-    return LockEntry(str(raw.get("reference", image)), digest, dict(platforms))
+    reference = raw.get("reference", image)
+    if not isinstance(reference, str):
+        raise _bad_lock(path, f"the reference of {image!r} must be a string")
+    if image.startswith("oci:"):  # a layout names itself: the key, as the spec wrote it
+        reference = image
+    return LockEntry(reference, digest, dict(platforms))
 
 
 def read_lock(path: Path) -> LockFile | None:
-    """The lock at ``path``, ``None`` when there is none; bad content is an error."""
+    """The lock at ``path``, ``None`` when there is none; bad content is an error.
+
+    Layout keys and references come back portable (see :func:`lock_key`) even from a lock
+    written with absolute paths."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -132,7 +158,15 @@ def read_lock(path: Path) -> LockFile | None:
     images = raw.get("images", {})
     if not isinstance(images, dict):
         raise _bad_lock(path, "`images` must be an object")
-    return LockFile(path, {str(k): _entry(path, str(k), v) for k, v in images.items()})
+    entries: dict[str, LockEntry] = {}
+    for text, value in images.items():
+        try:
+            key = lock_key(str(text))
+        except InvalidInputError as exc:
+            raise _bad_lock(path, exc.message) from exc
+        entries[key] = _entry(path, key, value)
+    lock = LockFile(path, entries)
+    return LockFile(path, entries, outdated=lock.to_json() != raw)
 
 
 def write_lock(lock: LockFile) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from microagent.compiler import files as _files
 from microagent.compiler.keys import BaseInputs, SetupInputs, StepKind, step_key
 from microagent.compiler.lock import ResolvedImage
+from microagent.compiler.refs import portable_ref
 from microagent.compiler.spec import Spec
 
 
@@ -121,7 +122,8 @@ def compile_plan(
         parent = steps[-1].key if steps else None
         steps.append(Step(kind, step_key(parent, kind, inputs), parent, inputs, label))
 
-    add(StepKind.BASE, BaseInputs(image.digest, image.platform).to_json(), _label(spec.image))
+    base = BaseInputs(image.digest, image.platform).to_json()
+    add(StepKind.BASE, base, _label(portable_ref(spec.image)))  # a layout: as written, normalised
     for setup in spec.setup_steps:
         add(StepKind.SETUP, SetupInputs(setup.run).to_json(), _label(setup.run))
     tree = _files.collect(spec.files, root=spec.base_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform as _platform
 import re
 from dataclasses import dataclass
@@ -79,12 +80,18 @@ class LayoutRef:
         return str(self)
 
     def __str__(self) -> str:
-        text = f"oci:{self.path}"
+        text = f"oci:{_folder_text(str(self.path))}"
         if self.tag:
             text += f":{self.tag}"
         if self.digest:
             text += f"@{self.digest}"
         return text
+
+
+def _folder_text(path: str) -> str:
+    """A layout path as ``oci:`` text: a trailing slash keeps a last component with a colon
+    (``a:b``) a folder name rather than ``a`` with the tag ``b``."""
+    return path + "/" if ":" in path.rpartition("/")[2] else path
 
 
 def _split_digest(text: str) -> tuple[str, str | None]:
@@ -145,8 +152,8 @@ def parse_image_ref(text: str) -> ImageRef:
     return ImageRef(registry, repository, tag, digest)
 
 
-def parse_layout_ref(text: str, base: Path) -> LayoutRef:
-    """Parse ``oci:PATH[:TAG]`` or ``oci:PATH@sha256:...``; PATH is relative to ``base``."""
+def _layout_parts(text: str) -> tuple[str, str | None, str | None]:
+    """``oci:PATH[:TAG][@DIGEST]`` -> (PATH, TAG, DIGEST), checked but not yet a Path."""
     body, digest = _split_digest(text.removeprefix("oci:"))
     path_text, tag = body, None
     colon = body.rfind(":")
@@ -157,11 +164,36 @@ def parse_layout_ref(text: str, base: Path) -> LayoutRef:
     if "\x00" in path_text or "\n" in path_text:
         raise _invalid(text, "the layout path contains a NUL or newline character")
     _check_tag(text, tag or None, _LAYOUT_TAG_RE)
+    return path_text, tag or None, digest
+
+
+def parse_layout_ref(text: str, base: Path) -> LayoutRef:
+    """Parse ``oci:PATH[:TAG]`` or ``oci:PATH@sha256:...``; PATH is relative to ``base``.
+
+    The path is made absolute and normalised lexically (``a/./b/../c`` -> ``a/c``)."""
+    path_text, tag, digest = _layout_parts(text)
     try:
         path = Path(path_text).expanduser()
     except RuntimeError as exc:  # ~user of a user that does not exist
         raise _invalid(text, str(exc)) from exc
-    return LayoutRef(path if path.is_absolute() else base / path, tag or None, digest)
+    return LayoutRef(Path(os.path.normpath(base / path)), tag, digest)
+
+
+def portable_ref(text: str) -> str:
+    """A reference as a file meant for git (and every message about a spec) shows it.
+
+    An ``oci:`` layout keeps the path as written, normalised lexically (``oci:./a/../b/`` ->
+    ``oci:b``): relative (to the spec's folder) when written relative, so the lock file and
+    plans read the same on every checkout. Registry references are returned unchanged."""
+    if not text.startswith("oci:"):
+        return text
+    path_text, tag, digest = _layout_parts(text)
+    out = f"oci:{_folder_text(os.path.normpath(path_text))}"
+    if tag:
+        out += f":{tag}"
+    if digest:
+        out += f"@{digest}"
+    return out
 
 
 def parse_any_ref(text: str, base: Path) -> ImageRef | LayoutRef:

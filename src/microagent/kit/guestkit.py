@@ -88,7 +88,7 @@ class GuestKit:
     initrd: Path
     key: str = ""
     kernel_version: str = ""
-    source: str = "store"  # "store" or "user"
+    source: str = "store"  # "store", "user" or "placeholder" (the fake backend boots nothing)
     manifest: Mapping[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

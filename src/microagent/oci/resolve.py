@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from microagent.compiler.lock import ResolvedImage, lock_path_for, read_lock
-from microagent.compiler.refs import host_platform, parse_any_ref
+from microagent.compiler.refs import LayoutRef, host_platform, parse_any_ref
 from microagent.compiler.spec import Spec
 from microagent.errors import InvalidInputError
 
@@ -23,8 +23,9 @@ def resolve_image(
 ) -> ResolvedImage:
     """Pin the spec's image: a digest in the spec, else ``microagent.lock``, else the source.
 
-    ``client`` is called only when the source must be asked. With ``offline`` an unpinned
-    tag is an error instead of a registry round trip.
+    ``client`` is called only when a registry must be asked. With ``offline`` an unpinned
+    registry tag is an error instead of a registry round trip; a local layout (``oci:``) is
+    read from disk, lock or not.
     """
     target = platform or host_platform()
     ref = parse_any_ref(spec.image, spec.base_dir)
@@ -34,12 +35,16 @@ def resolve_image(
     pinned = lock.lookup(spec.image, target) if lock else None
     if pinned is not None:
         return pinned
+    # deferred: a pinned image (the common case) needs no registry code at all
+    from microagent.oci.transport import open_repository, resolve
+
+    if isinstance(ref, LayoutRef):  # on disk: no network, offline or not
+        from microagent.oci.layout import Layout  # deferred: as above
+
+        return resolve(Layout(ref.path), ref, target)
     if offline:
         raise InvalidInputError(
             f"image {spec.image!r} is a tag with no pinned digest",
             hint="pin it as NAME@sha256:<digest> or run `microagent lock --file SPEC`",
         )
-    # deferred: a pinned image (the common case) needs no registry code at all
-    from microagent.oci.transport import open_repository, resolve
-
     return resolve(open_repository(ref, client()), ref, target)

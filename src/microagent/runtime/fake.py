@@ -1,6 +1,7 @@
 """A backend that boots nothing: it reads the config disk and plays back guest events.
 
-For fast tests of everything above the VMM (CLI, lifecycle, supervisor). What the "guest"
+For fast tests of everything above the VMM (CLI, lifecycle, supervisor); it needs no guest kit
+(:func:`placeholder_boot_files` stand in for one). What the "guest"
 does is decided by a handler ``RunConfig -> FakeOutcome``; :func:`outcome_handler` answers
 with one outcome given as JSON (``$MICROAGENT_FAKE``: the :class:`FakeOutcome` fields in
 camelCase), or exits 0 echoing the argv.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import tarfile
@@ -50,6 +52,20 @@ from microagent.runtime.configdisk import (
 from microagent.runtime.qemu import parent_death_prefix
 
 CONFIG_DISK_INDEX = 2
+PLACEHOLDER = b"microagent fake backend: a placeholder, never booted\n"
+
+
+def placeholder_boot_files(directory: Path) -> tuple[Path, Path]:
+    """A kernel and an initrd for the fake backend, which boots nothing: two small files in
+    ``directory`` (made once), so nothing is downloaded or built for a fake boot."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = (directory / "vmlinuz", directory / "initrd.img")
+    for path in files:
+        if not path.is_file():
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            tmp.write_bytes(PLACEHOLDER)
+            tmp.replace(path)
+    return files
 
 
 @dataclass(frozen=True)

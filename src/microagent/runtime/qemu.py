@@ -69,6 +69,7 @@ MICROVM_CMDLINE = ("pci=off",)
 BOOT_TIMEOUT = 120.0
 POWEROFF_GRACE = 15.0
 KVM_PROBE_TIMEOUT = 10.0
+PROBE_MEMORY_MIB = 256
 TCG_CPU = "max"
 
 
@@ -204,10 +205,19 @@ def probe_argv(binary: str, kernel: Path, initrd: Path, serial: Path) -> list[st
     return [
         binary,
         *machine_args(MachineType.MICROVM, Accel.KVM),
-        *("-m", "256", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none"),
+        *("-m", str(PROBE_MEMORY_MIB), "-smp", "1", "-nodefaults", "-no-user-config"),
+        *("-display", "none"),
         *("-no-reboot", "-serial", f"file:{serial}", "-kernel", str(kernel)),
         *("-initrd", str(initrd), "-append", " ".join((*BASE_CMDLINE, "ma_mode=probe"))),
     ]
+
+
+def probe_summary() -> str:
+    """The KVM test boot in words (``doctor`` explains a failed one)."""
+    return (
+        f"qemu -M microvm -accel kvm -cpu host, {PROBE_MEMORY_MIB} MiB, 1 vCPU, "
+        f"{KVM_PROBE_TIMEOUT:g}s for the init to print its marker and power off"
+    )
 
 
 # -- tool discovery and the KVM probe ---------------------------------------------------------
@@ -250,11 +260,24 @@ def _probe_boot(binary: str, kernel: Path, initrd: Path) -> Availability:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            return Availability(False, f"a KVM test boot hung (killed after {KVM_PROBE_TIMEOUT}s)")
+            why = f"hung (killed after {KVM_PROBE_TIMEOUT:g}s)"
+            return Availability(False, f"a KVM test boot {why}; {_probe_tails(serial, log)}")
         if PROBE_MARKER in tail_text(serial, 50):
             return Availability(True, "a KVM test boot succeeded")
-        detail = tail_text(log, 3).replace("\n", " ") or f"exit code {code}"
-        return Availability(False, f"a KVM test boot failed: {detail}")
+        why = f"failed (exit code {code})"
+        return Availability(False, f"a KVM test boot {why}; {_probe_tails(serial, log)}")
+
+
+def _probe_tails(serial: Path, log: Path) -> str:
+    """What a failed KVM test boot left: the end of QEMU's output and of the guest console."""
+    vmm, console = _last_lines(log), _last_lines(serial)
+    return f"qemu: {vmm or '(nothing)'}; console: {console or '(no output)'}"
+
+
+def _last_lines(path: Path) -> str:
+    """A log's last 3 lines on one line, printable (it ends up in messages and tables)."""
+    text = " | ".join(line.strip() for line in tail_text(path, 3).splitlines())
+    return "".join(c if c.isprintable() else "?" for c in text).strip(" |")
 
 
 def probe_kvm(binary: str, kernel: Path, initrd: Path, cache_dir: Path | None) -> Availability:

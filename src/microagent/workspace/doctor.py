@@ -17,6 +17,7 @@ from typing import Any
 from microagent import runner
 from microagent.errors import MicroagentError, ToolError
 from microagent.kit import guestkit
+from microagent.kit.guestkit import GuestKit
 from microagent.runtime import network, qemu
 from microagent.runtime.backend import Availability
 from microagent.store.content import Store
@@ -105,28 +106,92 @@ def check_qemu() -> Check:
     return Check("qemu", Status.OK, f"{binary} {version} (microvm, q35)", required=True)
 
 
-def check_accel(store: Store) -> list[Check]:
-    """KVM usable (really booting, when a kit exists to boot) or TCG fallback."""
-    problem = qemu.kvm_device_problem()
-    kit = guestkit.find_kit(store)
-    if not problem and kit is not None:
+@dataclass(frozen=True)
+class KvmHost:
+    """What this host says about its KVM, to explain a test boot that fails although
+    /dev/kvm opens."""
+
+    pvm: bool  # the kvm_pvm module: a nested, paravirtual KVM (PVM)
+    hardware: bool  # the CPU shows vmx or svm (hardware virtualisation)
+
+    @classmethod
+    def read(
+        cls, modules: Path = Path("/sys/module"), cpuinfo: Path = Path("/proc/cpuinfo")
+    ) -> KvmHost:
         try:
-            result = qemu.probe_kvm(
-                qemu.qemu_binary(), kit.kernel, kit.initrd, store.root / "probes"
+            words = set(cpuinfo.read_text(errors="replace").split())
+        except OSError:
+            words = {"vmx", "svm"}  # unknown: claim nothing
+        return cls(pvm=(modules / "kvm_pvm").is_dir(), hardware=bool(words & {"vmx", "svm"}))
+
+    def why(self) -> str:
+        """Why a standard guest kernel cannot boot under this KVM ('' when nothing says so)."""
+        if self.pvm:
+            flags = "" if self.hardware else ", no vmx/svm CPU flags"
+            return (
+                f"this host's KVM is PVM (the kvm_pvm module{flags}), a nested hypervisor that "
+                "boots only PVM-enabled guest kernels, not the guest kit's standard one"
             )
+        if not self.hardware:
+            return "the CPU shows no vmx/svm flags: this KVM may not run standard guests"
+        return ""
+
+
+TCG_HINT = (
+    "guests run under TCG (software emulation, several times slower) and work; for KVM "
+    "speed use a host with hardware virtualisation; MICROAGENT_ACCEL=tcg skips the test boot"
+)
+Probe = Callable[[GuestKit], Availability]
+
+
+def _probe(store: Store) -> Probe:
+    def probe(kit: GuestKit) -> Availability:
+        try:
+            return qemu.probe_kvm(qemu.qemu_binary(), kit.kernel, kit.initrd, store.root / "probes")
         except ToolError as exc:
-            result = Availability(False, exc.message)
-        problem = "" if result.ok else result.reason
-    elif not problem:
-        problem = "/dev/kvm opens, but no guest kit to test-boot yet (not probed)"
-    kvm = Check(
-        "kvm",
-        Status.OK if not problem else Status.WARN,
-        problem or "usable",
-        "" if not problem else "guests run under TCG, several times slower",
-    )
+            return Availability(False, exc.message)
+
+    return probe
+
+
+def check_accel(
+    store: Store,
+    *,
+    probe: Probe | None = None,
+    host: KvmHost | None = None,
+    device_problem: str | None = None,
+) -> list[Check]:
+    """KVM usable (a real test boot, when a kit exists to boot) or the TCG fallback, and why:
+    what was tried, what it left (QEMU's output, the console), what the host says."""
+    problem = qemu.kvm_device_problem() if device_problem is None else device_problem
     tcg = Check("tcg", Status.OK, "software emulation available (fallback)")
-    return [kvm, tcg]
+    if problem:
+        return [Check("kvm", Status.WARN, problem, TCG_HINT), tcg]
+    why = (host or KvmHost.read()).why()
+    kit = guestkit.find_kit(store)
+    if kit is None:
+        detail = "/dev/kvm opens, but no guest kit to test-boot yet (not probed)"
+        if why:
+            detail += f"\nlikely TCG: {why}"
+        hint = "`microagent kernel install`, then doctor again: it test-boots the kit under KVM"
+        return [Check("kvm", Status.WARN, detail, hint), tcg]
+    result = (probe or _probe(store))(kit)
+    if result.ok:
+        return [Check("kvm", Status.OK, f"usable: {result.reason}"), tcg]
+    return [Check("kvm", Status.WARN, _failed_boot(kit, result.reason, why), TCG_HINT), tcg]
+
+
+def _failed_boot(kit: GuestKit, reason: str, why: str) -> str:
+    """The story of a failed KVM test boot, one line each: verdict, tried, failed, why."""
+    version = kit.kernel_version or kit.kernel.name
+    lines = [
+        "/dev/kvm opens, but a guest does not boot under it: TCG will be used",
+        f"tried: the guest kit ({version}) under KVM: {qemu.probe_summary()}",
+        f"failed: {reason.removeprefix('a KVM test boot ')}",
+    ]
+    if why:
+        lines.append(f"why: {why}")
+    return "\n".join(lines)
 
 
 def check_network() -> list[Check]:
