@@ -12,6 +12,7 @@ workspaces and the guest kit load their packages on first use.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -158,16 +159,25 @@ class StartReport:
     workspace: str
     state: str
     exit_code: int | None = None  # set when the start waited for the entrypoint
+    timed_out: bool = False  # waited, and the workspace was still live at the timeout
+    detail: str = ""  # the state's detail, when the wait ended in a failure
+    output_tail: tuple[str, ...] = ()  # the last lines of the output, after a failure
+
+    @property
+    def failed(self) -> bool:
+        """The wait ended in a failure (a start that did not wait never failed here)."""
+        return self.exit_code is not None and (self.state == "failed" or self.exit_code != 0)
 
     def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ok": True, "workspace": self.workspace, "state": self.state}
+        if self.timed_out:
+            return {**out, "ok": False, "timedOut": True}
         if self.exit_code is None:
-            return {"ok": True, "workspace": self.workspace, "state": self.state}
-        return {
-            "ok": self.state != "failed",
-            "workspace": self.workspace,
-            "state": self.state,
-            "exitCode": self.exit_code,
-        }
+            return out
+        out.update(ok=self.state != "failed", exitCode=self.exit_code)
+        if self.failed:
+            out.update(detail=self.detail, outputTail=list(self.output_tail))
+        return out
 
 
 @dataclass(frozen=True)
@@ -228,6 +238,36 @@ def parse_remote_path(text: str) -> tuple[str, str] | None:
     if sep and path.startswith("/") and name and "/" not in name:
         return name, path
     return None
+
+
+def check_host_target(text: str) -> None:
+    """Refuse a host destination of ``cp`` that cannot be what the user meant, before any
+    workspace is touched: ``DIR/`` (a directory) that does not exist, or a parent that does
+    not exist (``Path`` would drop the slash and write a file named ``DIR``)."""
+    path = Path(text)
+    if text.endswith(("/", os.sep)) and not path.is_dir():
+        raise NotFoundError(
+            f"host directory {text} does not exist",
+            hint=f"create it first (`mkdir -p {text}`), or name a file without the trailing /",
+        )
+    if not path.is_dir() and not path.parent.is_dir():
+        raise NotFoundError(
+            f"cannot copy to {text}: host directory {path.parent} does not exist",
+            hint=f"create it first (`mkdir -p {path.parent}`) or copy into a directory that exists",
+        )
+
+
+def output_tail(payload: Mapping[str, Any], serial_log: Path, lines: int = 10) -> tuple[str, ...]:
+    """The last ``lines`` lines of what a run printed: its stderr, else its stdout, else the
+    serial console (a boot that failed before the entrypoint)."""
+    # deferred: the runtime package is loaded by the commands that boot
+    from microagent.runtime.control import tail_text
+
+    for key in ("stderr", "stdout"):
+        text = payload.get(key)
+        if isinstance(text, str) and text.strip():
+            return tuple(text.replace("\r", "").strip().splitlines()[-lines:])
+    return tuple(tail_text(serial_log, lines).splitlines())
 
 
 @dataclass
@@ -473,10 +513,17 @@ class Microagent:
         runtime = lifecycle.start(self._runtime(), ws)
         if not wait:
             return StartReport(name, str(runtime.get("state")))
-        state = lifecycle.wait(ws, timeout)
+        state, done = lifecycle.wait_until(ws, timeout)
+        if not done:
+            return StartReport(name, state.value, timed_out=True)
         payload = lifecycle.result_payload(ws) or {}
         code = int(payload.get("exitCode", 1 if state.value == "failed" else 0))
-        return StartReport(name, state.value, code)
+        report = StartReport(name, state.value, code)
+        if not report.failed:
+            return report
+        detail = str(ws.run.runtime().get("detail") or "")
+        tail = output_tail(payload, ws.run.serial_log)
+        return StartReport(name, state.value, code, detail=detail, output_tail=tail)
 
     def status(self, name: str) -> dict[str, Any]:
         # deferred: see the module docstring
@@ -592,6 +639,8 @@ class Microagent:
         if (src is None) == (dst is None):
             raise InvalidInputError("exactly one of SOURCE and TARGET must be NAME:/absolute/path")
         name = (src or dst)[0]  # type: ignore[index]
+        if src is not None:
+            check_host_target(target)
         ws = self.workspace(name)
         rootfs = Path(lifecycle.ensure_offline(ws, "copy files").rootfs)
         if dst is not None:
@@ -717,17 +766,31 @@ class Microagent:
             )
         return rows
 
-    def image_remove(self, what: str) -> list[str]:
+    def image_remove(self, what: str, *, dry_run: bool = False) -> list[str]:
+        """Forget the pulled images matching ``what``; with ``dry_run`` only say which."""
         # deferred: see the module docstring
         from microagent.build.base import remove_base
 
-        return remove_base(self.store, what)
+        return remove_base(self.store, what, dry_run=dry_run)
 
     def cache_entries(self) -> list[Entry]:
         return self.store.entries()
 
-    def cache_prune(self, max_bytes: int | None = None, *, everything: bool = False) -> PruneReport:
-        """Least recently used first; never what a workspace still boots from."""
+    def cache_prune(
+        self,
+        max_bytes: int | None = None,
+        *,
+        everything: bool = False,
+        older_than: float | None = None,
+        kits: bool = False,
+        dry_run: bool = False,
+    ) -> PruneReport:
+        """Least recently used first; never what a workspace still boots from.
+
+        ``older_than`` (seconds) protects every entry used more recently; alone it removes
+        every older one. Guest kits (``kits/``) stay unless ``kits``. ``dry_run``: what would
+        go, nothing removed.
+        """
         from microagent.store.retention import (  # deferred: see the module docstring
             keeper,
             names_in_use,
@@ -740,8 +803,17 @@ class Microagent:
             keys.append(record.rootfs_key)
             blobs += [f.blob for f in record.files]
             disks |= store_entries(record)
-        keep = keeper(names_in_use(self.store, keys, blobs) | disks)
-        return self.store.prune(max_bytes, all=everything, keep=keep)
+        kept = names_in_use(self.store, keys, blobs) | disks
+        if older_than is not None:
+            cutoff = time.time() - older_than
+            kept |= {e.name for e in self.store.entries() if e.last_used > cutoff}
+            everything = everything or max_bytes is None
+        in_use = keeper(kept)
+
+        def keep(name: str) -> bool:
+            return in_use(name) or (not kits and name.startswith("kits/"))
+
+        return self.store.prune(max_bytes, all=everything, keep=keep, dry_run=dry_run)
 
     def cache_export(
         self,

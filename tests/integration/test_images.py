@@ -112,9 +112,9 @@ def test_image_cli_round_trip(
     assert [i["key"] for i in json.loads(capsys.readouterr().out)["images"]] == [pulled["key"]]
     assert main(["--json", "cache", "du"]) == 0
     assert json.loads(capsys.readouterr().out)["kinds"]["rootfs"] > 0
-    assert main(["image", "rm", "busybox"]) == 0
+    assert main(["image", "rm", "-y", "busybox"]) == 0
     capsys.readouterr()
-    assert main(["--json", "cache", "prune", "--all"]) == 0
+    assert main(["--json", "cache", "prune", "--all", "-y"]) == 0
     assert json.loads(capsys.readouterr().out)["removed"]
     assert main(["--json", "cache", "ls"]) == 0
     assert json.loads(capsys.readouterr().out)["entries"] == []

@@ -232,7 +232,7 @@ def test_force_delete_leaves_no_vmm(
     run = start_hanging(capsys, monkeypatch)
     vmm = stand_in(stand_ins)
     record_vmm(run, vmm)
-    assert cli(capsys, "delete", "--force", "ws")["results"][0]["deleted"]
+    assert cli(capsys, "delete", "-y", "--force", "ws")["results"][0]["deleted"]
     assert gone(vmm), "delete --force left the VMM running"
 
 
@@ -295,7 +295,7 @@ def test_a_reused_pid_is_never_killed(
     src = project / "microagent.yaml"
     cli(capsys, "cp", str(src), "ws:/tmp/spec.yaml")
     assert cli(capsys, "halt", "ws")["state"] == "stopped"
-    assert cli(capsys, "delete", "--force", "ws")["results"][0]["deleted"]
+    assert cli(capsys, "delete", "-y", "--force", "ws")["results"][0]["deleted"]
     assert stranger.poll() is None, "a process that merely reuses the pid was killed"
 
 

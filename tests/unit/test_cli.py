@@ -68,8 +68,9 @@ def test_plan_text(spec: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0].startswith("plan for cli-agent")
-    assert [line.split()[0] for line in lines[2:]] == ["base", "setup", "files", "config"]
-    assert "BUILD" in lines[3] and "pip install rich" in lines[3]
+    assert lines[2].split() == ["STEP", "KEY", "STATUS", "WHAT", "WHY"]
+    assert [line.split()[0] for line in lines[3:7]] == ["base", "setup", "files", "config"]
+    assert "BUILD" in lines[4] and "pip install rich" in lines[4]
 
 
 def test_plan_json_and_env_secrecy(spec: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -174,4 +174,4 @@ def test_force_delete_kills_a_running_workspace(
     outcome(monkeypatch, hang=True)
     cli(capsys, "start", "ws")
     wait_state(capsys, "ws", {"running"})
-    assert cli(capsys, "delete", "--force", "ws")["results"][0]["deleted"]
+    assert cli(capsys, "delete", "-y", "--force", "ws")["results"][0]["deleted"]

@@ -187,8 +187,9 @@ def list_bases(store: Store) -> list[StepRecord]:
     ]
 
 
-def remove_base(store: Store, what: str) -> list[str]:
-    """Forget base images matching a key, digest or reference; return their keys."""
+def remove_base(store: Store, what: str, *, dry_run: bool = False) -> list[str]:
+    """Forget base images matching a key, digest or reference; return their keys
+    (``dry_run``: only return them)."""
     removed = []
     wanted = {what, _normalised(what)}
     for record in list_bases(store):
@@ -201,10 +202,12 @@ def remove_base(store: Store, what: str) -> list[str]:
             reference.split("@")[0],
         }
         short = len(what) >= 6 and record.key.removeprefix("sha256:").startswith(what)
-        if wanted & names or short:
+        if not (wanted & names or short):
+            continue
+        if not dry_run:
             store.remove(f"keys/{key_hex(record.key)}.json")
             store.remove(record.rootfs)
-            removed.append(record.key)
+        removed.append(record.key)
     if not removed:
         raise NotFoundError(f"no pulled image matches {what!r}", hint="see `microagent image ls`")
     return removed

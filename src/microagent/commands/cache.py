@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from microagent.commands.confirm import confirm, yes_option
 from microagent.commands.context import Ctx, cache_from_option, pass_ctx
 from microagent.commands.image import mb
+from microagent.commands.table import Column, plural, render
+from microagent.errors import UsageError
+
+if TYPE_CHECKING:
+    from microagent.store.content import Entry, PruneReport
 
 
 @click.group()
@@ -21,19 +29,10 @@ def cache() -> None:
 def cache_ls(ctx: Ctx, /) -> None:
     """Every cached entry: blobs, step keys, root filesystems, with size and last use."""
     entries = ctx.api().cache_entries()
-    rows = [
-        {
-            "name": e.name,
-            "kind": e.kind,
-            "size": e.size,
-            "diskBytes": e.disk_bytes,
-            "lastUsed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e.last_used)),
-        }
-        for e in entries
-    ]
-    lines = [f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(e.last_used))}  "
-             f"{mb(e.disk_bytes):>10}  {e.name}" for e in entries]  # fmt: skip
-    ctx.emit({"ok": True, "entries": rows}, "\n".join(lines) or "(cache is empty)")
+    rows = [_entry_row(e) for e in entries]
+    columns = [Column("LAST USED", shrink=False), Column("SIZE", right=True), Column("NAME")]
+    text = render(columns, [(r["lastUsed"], mb(r["diskBytes"]), r["name"]) for r in rows])
+    ctx.emit({"ok": True, "entries": rows}, text if rows else "(cache is empty)")
 
 
 @cache.command("du")
@@ -51,33 +50,114 @@ def cache_du(ctx: Ctx, /) -> None:
     ctx.emit(data, "\n".join(lines))
 
 
+_SIZE = re.compile(r"(\d{1,15}(?:\.\d{1,6})?)\s*([KMGT]?)(?:I?B|I)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_AGE = re.compile(r"(\d{1,9}(?:\.\d{1,6})?)\s*([smhdw])", re.IGNORECASE)
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
 def parse_size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    clean = text.strip().upper().removesuffix("B").removesuffix("I")
-    number, unit = (clean[:-1], clean[-1]) if clean and clean[-1] in units else (clean, "")
-    try:
-        return int(float(number) * units[unit])
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a size like 500M or 2G") from None
+    """``500M``, ``2G``, ``1.5GiB``, ``4096`` (bytes; K, M, G, T are powers of 1024) -> bytes,
+    more than 0; anything else is a usage error."""
+    found = _SIZE.fullmatch(text.strip())
+    size = int(float(found[1]) * _SIZE_UNITS[found[2].upper()]) if found else 0
+    if size <= 0:
+        negative = found or text.strip().startswith("-")
+        why = "a size must be more than 0" if negative else "not a size"
+        raise UsageError(
+            f"--max-size {text!r}: {why}",
+            hint="give a size like 500M or 2G; to remove every entry not in use, pass --all",
+        )
+    return size
+
+
+def parse_age(text: str) -> float:
+    """``90s``, ``30m``, ``12h``, ``7d``, ``2w`` -> seconds, more than 0."""
+    found = _AGE.fullmatch(text.strip())
+    seconds = float(found[1]) * _AGE_UNITS[found[2].lower()] if found else 0.0
+    if seconds <= 0:
+        negative = found or text.strip().startswith("-")
+        why = "an age must be more than 0" if negative else "not an age"
+        raise UsageError(
+            f"--older-than {text!r}: {why}",
+            hint="give an age like 12h, 7d or 2w (units s, m, h, d, w)",
+        )
+    return seconds
+
+
+def _entry_row(entry: Entry) -> dict[str, Any]:
+    return {
+        "name": entry.name,
+        "kind": entry.kind,
+        "size": entry.size,
+        "diskBytes": entry.disk_bytes,
+        "lastUsed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.last_used)),
+    }
 
 
 @cache.command("prune")
-@click.option("--max-size", help="Keep the cache under this size (e.g. 2G), dropping LRU first.")
+@click.option(
+    "--max-size", metavar="SIZE", help="Keep the cache under SIZE (e.g. 2G), dropping LRU first."
+)
+@click.option(
+    "--older-than",
+    metavar="AGE",
+    help="Remove entries not used for AGE (e.g. 7d); with --max-size, only those may go.",
+)
 @click.option("--all", "everything", is_flag=True, help="Remove every entry not in use.")
+@click.option("--kits", is_flag=True, help="Guest kits may go too (kept otherwise).")
+@click.option("--dry-run", "-n", is_flag=True, help="Only list what would be removed.")
+@yes_option
 @pass_ctx
-def cache_prune(ctx: Ctx, /, max_size: str | None, everything: bool) -> None:
-    """Free space: least recently used first; never what a workspace uses."""
-    if not max_size and not everything:
-        raise click.UsageError("give --max-size SIZE or --all")
-    limit = parse_size(max_size) if max_size else None
-    report = ctx.api().cache_prune(limit, everything=everything)
+def cache_prune(
+    ctx: Ctx, /, *, max_size: str | None, older_than: str | None, everything: bool,
+    kits: bool, dry_run: bool, yes: bool,
+) -> None:  # fmt: skip
+    """Free space: least recently used first; never what a workspace uses, nor a guest kit
+    (unless --kits). Lists every entry removed. Asks first on a terminal; elsewhere give -y."""
+    if max_size is None and older_than is None and not everything:
+        raise UsageError(
+            "cache prune needs a limit", hint="give --max-size SIZE, --older-than AGE or --all"
+        )
+    if everything and max_size is not None:
+        raise UsageError("--all and --max-size exclude each other", hint="give one of them")
+    limit = None if max_size is None else parse_size(max_size)
+    age = None if older_than is None else parse_age(older_than)
+    api = ctx.api()
+
+    def prune(dry: bool) -> PruneReport:
+        return api.cache_prune(limit, everything=everything, older_than=age, kits=kits,
+                               dry_run=dry)  # fmt: skip
+
+    if not dry_run:
+        confirm(
+            "remove these cache entries",
+            yes=yes,
+            preview=lambda: [_entry_line(e) for e in prune(True).removed],
+        )
+    report = prune(dry_run)
     data = {
         "ok": True,
-        "removed": [e.name for e in report.removed],
+        "dryRun": dry_run,
+        "removed": [_entry_row(e) for e in report.removed],
         "freedBytes": report.freed_bytes,
         "garbage": [str(p) for p in report.garbage],
     }
-    ctx.emit(data, f"removed {len(report.removed)} entries, freed {mb(report.freed_bytes)}")
+    ctx.emit(data, _prune_text(report, dry_run))
+
+
+def _prune_text(report: PruneReport, dry_run: bool) -> str:
+    verb = "would remove" if dry_run else "removed"
+    lines = [f"{verb} {_entry_line(e)}" for e in report.removed]
+    lines.append(
+        f"{verb} {plural(len(report.removed), 'entry')}, "
+        f"{'would free' if dry_run else 'freed'} {mb(report.freed_bytes)}"
+    )
+    return "\n".join(lines)
+
+
+def _entry_line(entry: Entry) -> str:
+    return f"{mb(entry.disk_bytes):>10}  {entry.name}"
 
 
 @cache.command("export")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from microagent.commands.context import Ctx, pass_ctx
+from microagent.commands.table import Column, render
+
+_MARKS = {"ok": "ok", "warn": "warn", "fail": "FAIL"}
 
 
 @click.command()
@@ -12,9 +17,23 @@ from microagent.commands.context import Ctx, pass_ctx
 def doctor(ctx: Ctx) -> None:
     """Check this host: QEMU, KVM/TCG, networking tools, the guest kit, the store."""
     report = ctx.api().doctor()
-    ctx.emit(report.to_json(), report.render())
+    data = report.to_json()
+    ctx.emit(data, render_report(data))
     if report.verdict == "failed":
         raise click.exceptions.Exit(1)
+
+
+def render_report(data: dict[str, Any], width: int | None = None) -> str:
+    """A STATUS / CHECK / DETAIL table (a hint under the detail of a check that is not ok),
+    then the verdict."""
+    columns = [Column("STATUS", shrink=False), Column("CHECK"), Column("DETAIL")]
+    rows = []
+    for check in data["checks"]:
+        detail = str(check["detail"])
+        if check.get("hint") and check["status"] != "ok":
+            detail += f"\nhint: {check['hint']}"
+        rows.append((_MARKS.get(check["status"], check["status"]), check["name"], detail))
+    return render(columns, rows, width=width) + f"\nverdict: {data['verdict']}"
 
 
 COMMANDS = [doctor]

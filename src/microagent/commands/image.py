@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
+from microagent.commands.confirm import confirm, yes_option
 from microagent.commands.context import Ctx, pass_ctx, tty_only
+from microagent.commands.table import Column, render
 
 
 def mb(size: int) -> str:
@@ -46,19 +48,33 @@ def image_pull(ctx: Ctx, /, ref: str, platform: str | None) -> None:
 def image_ls(ctx: Ctx, /) -> None:
     """List pulled base images."""
     rows = ctx.api().image_list()
-    lines = [f"{'KEY':<14}{'PLATFORM':<14}{'SIZE':>10}  REFERENCE"]
-    for r in rows:
-        name = r["reference"].split("@")[0]
-        lines.append(f"{r['key'][7:19]:<14}{r['platform']:<14}{mb(r['size']):>10}  {name}")
-    ctx.emit({"ok": True, "images": rows}, "\n".join(lines))
+    columns = [
+        Column("KEY", shrink=False),
+        Column("PLATFORM", shrink=False),
+        Column("SIZE", right=True, shrink=False),
+        Column("REFERENCE"),
+    ]
+    cells = [
+        (r["key"][7:19], r["platform"], mb(r["size"]), r["reference"].split("@")[0]) for r in rows
+    ]
+    ctx.emit({"ok": True, "images": rows}, render(columns, cells) if rows else "no images")
 
 
 @image.command("rm")
 @click.argument("what")
+@yes_option
 @pass_ctx
-def image_rm(ctx: Ctx, /, what: str) -> None:
-    """Remove a pulled image by reference, digest or key (blobs go with `cache prune`)."""
-    removed = ctx.api().image_remove(what)
+def image_rm(ctx: Ctx, /, what: str, yes: bool) -> None:
+    """Remove a pulled image by reference, digest or key (blobs go with `cache prune`).
+
+    Asks first on a terminal; anywhere else give -y."""
+    api = ctx.api()
+    confirm(
+        f"remove the pulled images matching {what!r}",
+        yes=yes,
+        preview=lambda: api.image_remove(what, dry_run=True),
+    )
+    removed = api.image_remove(what)
     ctx.emit({"ok": True, "removed": removed}, "\n".join(f"removed {k}" for k in removed))
 
 

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
+from microagent.commands.confirm import confirm, yes_option
 from microagent.commands.context import Ctx, pass_ctx
+from microagent.commands.table import Column, render
+
+if TYPE_CHECKING:
+    from microagent.kit.guestkit import GuestKit
 
 
 @click.group()
@@ -16,13 +23,14 @@ def kernel() -> None:
 @pass_ctx
 def kernel_ls(ctx: Ctx) -> None:
     """List the guest kits in the store (newest first)."""
-    kits = ctx.api().kernel_list()
-    lines = [
-        f"{k.key[:12]}  {k.kernel_version:<24} {'current' if k.to_json()['current'] else 'old'}"
-        f"  {k.manifest.get('installedAt', '')}"
+    kits = [k.to_json() for k in ctx.api().kernel_list()]
+    columns = [Column("KEY", shrink=False), Column("KERNEL"), Column("RECIPE", shrink=False)]
+    columns.append(Column("INSTALLED", shrink=False))
+    cells = [
+        (k["key"][:12], k["kernelVersion"], "current" if k["current"] else "old", k["installedAt"])
         for k in kits
     ]
-    ctx.emit({"ok": True, "kits": [k.to_json() for k in kits]}, "\n".join(lines) or "no kits")
+    ctx.emit({"ok": True, "kits": kits}, render(columns, cells) if kits else "no kits")
 
 
 @kernel.command("install")
@@ -41,12 +49,25 @@ def kernel_install(ctx: Ctx, mirror: str | None, suite: str | None) -> None:
 
 
 @kernel.command("prune")
+@yes_option
 @pass_ctx
-def kernel_prune(ctx: Ctx) -> None:
-    """Remove guest kits built by an older microagent (the current ones stay)."""
-    gone = ctx.api().kernel_prune()
-    lines = [f"removed {k.key[:12]}  {k.kernel_version}" for k in gone] or ["nothing to remove"]
+def kernel_prune(ctx: Ctx, yes: bool) -> None:
+    """Remove guest kits built by an older microagent (the current ones stay).
+
+    Asks first on a terminal; anywhere else give -y."""
+    api = ctx.api()
+    confirm(
+        "remove these guest kits",
+        yes=yes,
+        preview=lambda: [_kit_line(k) for k in api.kernel_list() if not k.to_json()["current"]],
+    )
+    gone = api.kernel_prune()
+    lines = [f"removed {_kit_line(k)}" for k in gone] or ["nothing to remove"]
     ctx.emit({"ok": True, "removed": [k.key for k in gone]}, "\n".join(lines))
+
+
+def _kit_line(kit: GuestKit) -> str:
+    return f"{kit.key[:12]}  {kit.kernel_version}"
 
 
 COMMANDS = [kernel]

@@ -15,9 +15,11 @@ from microagent.commands.context import (
     spec_file_option,
     spec_inputs,
 )
+from microagent.commands.table import Column, plural, render
 
 if TYPE_CHECKING:
     from microagent.api import PlanReport
+    from microagent.compiler.plan import StepStatus
 
 
 @click.command()
@@ -45,24 +47,59 @@ def plan(
     """Show the build steps, their keys, and what is cached or must be built (and why)."""
     overrides, env = spec_inputs(kwargs)
     report = ctx.api().plan(spec_file, overrides, env, offline=offline, cache_from=cache_from)
-    ctx.emit(report.to_json(), _render_plan(report))
+    ctx.emit(report.to_json(), render_plan(report))
 
 
-def _render_plan(report: PlanReport) -> str:
+# Steps every workspace gets at `create` (its files copied in, its config written): nothing
+# to build, so a miss is not "BUILD".
+_PER_WORKSPACE = frozenset({"files", "config"})
+_GENERIC_MISSES = frozenset({"not built yet", "an earlier step must be built first"})
+PLAN_COLUMNS = (
+    Column("STEP", shrink=False),
+    Column("KEY", shrink=False),
+    Column("STATUS", shrink=False),
+    Column("WHAT"),
+    Column("WHY"),
+)
+
+
+def _plan_row(status: StepStatus) -> tuple[str, str, str, str, str]:
+    """STEP, KEY, STATUS (CACHED, REMOTE, BUILD or PER-WS), WHAT, WHY."""
+    step = status.step
+    kind = step.kind.value
+    if status.cached:
+        mark, why = ("CACHED" if status.where == "local" else "REMOTE"), str(status.where)
+    elif kind in _PER_WORKSPACE:
+        mark, why = "PER-WS", "per workspace, at create"
+        if status.reason not in _GENERIC_MISSES:
+            why += f" ({status.reason})"
+    else:
+        mark, why = "BUILD", status.reason
+    return kind, step.short_key, mark, step.label, why
+
+
+def render_plan(report: PlanReport, width: int | None = None) -> str:
     image = report.plan.image
-    lines = [
-        f"plan for {report.spec.name or '(unnamed)'} ({report.spec.source})",
-        f"image {report.spec.image} -> {image.digest[:19]}… ({image.platform})",
-    ]
-    for status in report.status:
-        step = status.step
-        mark = "BUILD "
-        if status.cached:
-            mark = "CACHED" if status.where == "local" else "REMOTE"
-        why = status.where if status.cached else status.reason
-        label = step.label if len(step.label) <= 40 else step.label[:39] + "…"
-        lines.append(f"  {step.kind.value:<6} {step.short_key}  {mark}  {label:<40}  {why}")
-    return "\n".join(lines)
+    rows = [_plan_row(status) for status in report.status]
+    marks = [row[2] for row in rows]
+    summary = ", ".join(
+        f"{marks.count(mark)} {what}"
+        for mark, what in (
+            ("CACHED", "cached"),
+            ("REMOTE", "in a remote cache"),
+            ("BUILD", "to build"),
+            ("PER-WS", "per workspace"),
+        )
+        if mark in marks
+    )
+    return "\n".join(
+        [
+            f"plan for {report.spec.name or '(unnamed)'} ({report.spec.source})",
+            f"image {report.spec.image} -> {image.digest[:19]}… ({image.platform})",
+            render(PLAN_COLUMNS, rows, width=width),
+            f"{plural(len(rows), 'step')}: {summary}",
+        ]
+    )
 
 
 @click.command()

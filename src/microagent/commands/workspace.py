@@ -14,10 +14,11 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from microagent.commands.confirm import confirm, yes_option
 from microagent.commands.context import (
     Ctx,
     GuestOutput,
@@ -34,7 +35,11 @@ from microagent.commands.context import (
     timeout_option,
     warn_key_env,
 )
+from microagent.commands.table import Column, plural, render
 from microagent.errors import UsageError
+
+if TYPE_CHECKING:
+    from microagent.api import StartReport
 
 
 @click.command()
@@ -92,11 +97,41 @@ def start(ctx: Ctx, /, name: str, wait_: bool, timeout: float | None) -> None:
         raise UsageError("--timeout needs --wait", hint=hint)
     report = ctx.api().start(name, wait=wait_ and timeout != 0, timeout=timeout)
     text = f"{name}: {report.state}"
-    if report.exit_code is not None:
+    if report.timed_out:
+        text = f"{name}: still {report.state} after {timeout or 0:g}s; it keeps running"
+    elif wait_ and timeout == 0:
+        text += " (not waited for: --timeout 0); it keeps running"
+    elif report.exit_code is not None:
         text += f" (exit code {report.exit_code})"
     ctx.emit(report.to_json(), text)
-    if report.exit_code:
-        raise click.exceptions.Exit(report.exit_code)
+    if not ctx.json:
+        _start_next_steps(report)
+    if report.timed_out:
+        raise click.exceptions.Exit(124)
+    if report.failed:
+        raise click.exceptions.Exit(report.exit_code or 1)
+
+
+def _start_next_steps(report: StartReport) -> None:
+    """After ``start --wait``: what failed (the output's last lines) and what to run next."""
+    name = report.workspace
+    if report.timed_out:
+        lines = [
+            f"`microagent wait {name}` blocks until it ends, `microagent logs -f {name}` "
+            f"follows its console, `microagent halt {name}` stops it"
+        ]
+    elif report.failed:
+        lines = [f"{name}: {report.detail}"] if report.detail else []
+        if report.output_tail:
+            lines.append(f"last {plural(len(report.output_tail), 'line')} of the output:")
+            lines += [f"  | {line}" for line in report.output_tail]
+        lines.append(
+            f"next: `microagent logs {name}` (the whole console), "
+            f"`microagent result {name}` (the report and outputs)"
+        )
+    else:
+        return
+    click.echo(sanitize_for_terminal("\n".join(lines)), err=True)
 
 
 @click.command()
@@ -193,13 +228,17 @@ def wait(ctx: Ctx, /, name: str, timeout: float | None) -> None:
 
 @click.command()
 @click.argument("names", nargs=-1, required=True)
-@click.option("--yes", "-y", is_flag=True, help="Do not ask.")
-@click.option("--force", "-f", is_flag=True, help="Kill a running workspace first.")
+@yes_option
+@click.option(
+    "--force", "-f", is_flag=True, help="Kill a running workspace first (still asks, see -y)."
+)
 @pass_ctx
 def delete(ctx: Ctx, /, names: tuple[str, ...], yes: bool, force: bool) -> None:
-    """Remove workspaces: record, disk and logs (idempotent)."""
-    if not (yes or force or ctx.json) and sys.stdin.isatty():
-        click.confirm(f"delete {', '.join(names)}?", abort=True)
+    """Remove workspaces: record, disks and logs (idempotent).
+
+    Asks first on a terminal; anywhere else give -y."""
+    what = f"delete {'workspace' if len(names) == 1 else 'workspaces'} {', '.join(names)}"
+    confirm(what + (" (killing any that runs)" if force else ""), yes=yes)
     results = ctx.api().delete(names, force=force)
     lines = [f"{r['workspace']}: {'deleted' if r['deleted'] else 'not found'}" for r in results]
     ctx.emit({"ok": True, "results": results}, "\n".join(lines))
@@ -210,9 +249,9 @@ def delete(ctx: Ctx, /, names: tuple[str, ...], yes: bool, force: bool) -> None:
 def list_(ctx: Ctx, /) -> None:
     """All workspaces and their states."""
     rows = ctx.api().list_workspaces()
-    lines = [f"{'NAME':<28}{'STATE':<10}OBSERVED"]
-    lines += [f"{r['name']:<28}{r['state']:<10}{r['observedAt'] or ''}" for r in rows]
-    ctx.emit({"ok": True, "workspaces": rows}, "\n".join(lines))
+    columns = [Column("NAME"), Column("STATE", shrink=False), Column("OBSERVED", shrink=False)]
+    text = render(columns, [(r["name"], r["state"], r["observedAt"]) for r in rows])
+    ctx.emit({"ok": True, "workspaces": rows}, text if rows else "no workspaces")
 
 
 def _uptime(seconds: int | None) -> str:
@@ -227,12 +266,12 @@ def _uptime(seconds: int | None) -> str:
 def ps(ctx: Ctx, /) -> None:
     """Live workspaces (starting, running, stopping): VMM pid, uptime, restarts."""
     rows = ctx.api().ps()
-    lines = [f"{'NAME':<28}{'STATE':<10}{'PID':<9}{'UPTIME':<9}RESTARTS"]
-    for r in rows:
-        pid = r["pid"] if r["pid"] is not None else "-"
-        uptime = _uptime(r["uptimeSeconds"])
-        lines.append(f"{r['name']:<28}{r['state']:<10}{pid!s:<9}{uptime:<9}{r['restarts']}")
-    ctx.emit({"ok": True, "workspaces": rows}, "\n".join(lines))
+    columns = [Column("NAME"), Column("STATE", shrink=False)]
+    columns += [Column(t, right=True, shrink=False) for t in ("PID", "UPTIME", "RESTARTS")]
+    cells = [
+        (r["name"], r["state"], r["pid"], _uptime(r["uptimeSeconds"]), r["restarts"]) for r in rows
+    ]
+    ctx.emit({"ok": True, "workspaces": rows}, render(columns, cells))
 
 
 @click.command()
@@ -252,8 +291,12 @@ def logs(ctx: Ctx, /, name: str, follow: bool) -> None:
 def events(ctx: Ctx, /, name: str) -> None:
     """The workspace's lifecycle history."""
     items = ctx.api().events(name)
-    lines = [f"{e.get('observedAt')}  {e.get('event'):<10} {e.get('detail', '')}" for e in items]
-    ctx.emit({"ok": True, "events": items}, sanitize_for_terminal("\n".join(lines)))
+    columns = [Column("TIME", shrink=False), Column("EVENT", shrink=False), Column("DETAIL")]
+    cells = [
+        [sanitize_for_terminal(str(e.get(k) or "")) for k in ("observedAt", "event", "detail")]
+        for e in items
+    ]
+    ctx.emit({"ok": True, "events": items}, render(columns, cells) if items else "no events")
 
 
 # Every control character (C0 with newline and tab, DEL, C1) and the bidi overrides: an
@@ -341,7 +384,10 @@ def _audit_document(name: str, items: Iterator[dict[str, Any]]) -> None:
 @click.argument("target")
 @pass_ctx
 def cp(ctx: Ctx, /, source: str, target: str) -> None:
-    """Copy a file between the host and a stopped workspace: NAME:/path on one side."""
+    """Copy a file between the host and a stopped workspace: NAME:/path on one side.
+
+    A host DST may be an existing directory; DIR/ or a parent that does not exist is an
+    error (nothing is created)."""
     report = ctx.api().cp(source, target)
     text = f"copied {report.bytes} bytes {report.direction.replace('-', ' ')}"
     ctx.emit(report.to_json(), text)

@@ -130,7 +130,8 @@ def compile_plan(
     add(
         StepKind.FILES,
         {"tree": tree.digest, "entries": [i.to_json() for i in tree.items]},
-        f"{len(tree.items)} entries, {tree.total_bytes} bytes",
+        f"{len(tree.items)} {'entry' if len(tree.items) == 1 else 'entries'}, "
+        f"{tree.total_bytes} {'byte' if tree.total_bytes == 1 else 'bytes'}",
     )
     config = _config_inputs(spec, runtime_env_keys)
     add(StepKind.CONFIG, config, _label(" ".join(config["entrypoint"]) or "(no entrypoint)"))

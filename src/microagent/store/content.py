@@ -308,13 +308,15 @@ class Store:
         *,
         all: bool = False,
         keep: Callable[[str], bool] | None = None,
+        dry_run: bool = False,
     ) -> PruneReport:
         """Remove least-recently-used entries until usage <= ``max_bytes`` (or all of them).
 
         ``keep(name)`` returning True protects an entry (e.g. the rootfs of a workspace).
-        Stale temp files are collected as well.
+        Stale temp files are collected as well. ``dry_run``: what would go, nothing removed
+        (an entry busy at the time of the real prune stays then).
         """
-        garbage = tuple(self.collect_garbage())
+        garbage = () if dry_run else tuple(self.collect_garbage())
         entries = sorted(self.entries(), key=lambda e: (e.last_used, e.name))
         total = sum(e.disk_bytes for e in entries)
         removed: list[Entry] = []
@@ -323,7 +325,7 @@ class Store:
                 break
             if keep is not None and keep(entry.name):
                 continue
-            if self.remove(entry.name):
+            if dry_run or self.remove(entry.name):
                 total -= entry.disk_bytes
                 removed.append(entry)
         return PruneReport(tuple(removed), garbage)

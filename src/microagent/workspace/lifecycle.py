@@ -227,7 +227,8 @@ def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict
     if state.live:
         raise ConflictError(
             f"workspace {ws.name!r} is already {state.value}",
-            hint="`microagent halt` it first, or wait for it to finish",
+            hint=f"`microagent halt {ws.name}` first, or `microagent wait {ws.name}` until it "
+            "finishes",
         )
     _refuse_running_vmm(ws, "start")
     record = ws.record()
