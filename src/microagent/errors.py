@@ -28,6 +28,9 @@ class Location:
             return self.file
         return f"{self.file}:{self.line}:{self.column}"
 
+    def to_json(self) -> dict[str, object]:
+        return {"file": self.file, "line": self.line, "column": self.column}
+
 
 @dataclass(frozen=True)
 class Diagnostic:
@@ -42,10 +45,14 @@ class Diagnostic:
         loc = self.location or Location("")
         return (loc.file, loc.line, loc.column, self.path, self.message)
 
-    def render(self) -> str:
+    def headline(self) -> str:
+        """``FILE:LINE:COL: path: message``, without the hint."""
         prefix = f"{self.location}: " if self.location else ""
         where = f"{self.path}: " if self.path else ""
-        text = f"{prefix}{where}{self.message}"
+        return f"{prefix}{where}{self.message}"
+
+    def render(self) -> str:
+        text = self.headline()
         if self.hint:
             text += f"\n  hint: {self.hint}"
         return text
@@ -53,21 +60,22 @@ class Diagnostic:
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {"message": self.message, "path": self.path}
         if self.location:
-            out["location"] = {
-                "file": self.location.file,
-                "line": self.location.line,
-                "column": self.location.column,
-            }
+            out["location"] = self.location.to_json()
         if self.hint:
             out["hint"] = self.hint
         return out
 
 
 class MicroagentError(Exception):
-    """Base of every error microagent raises on purpose."""
+    """Base of every error microagent raises on purpose.
+
+    ``kind`` names the class of problem in a ``--json`` error object (the enum of
+    ``schemas/cli-envelope.schema.json``); ``message`` says what went wrong and ``hint`` what
+    to do about it, never inside ``message``. The base class itself stands for a bug.
+    """
 
     exit_code = EXIT_FAILURE
-    kind = "error"
+    kind = "internal"
 
     def __init__(self, message: str, *, hint: str = "") -> None:
         super().__init__(message)
@@ -109,9 +117,9 @@ class SpecError(InvalidInputError):
     def __init__(self, diagnostics: Iterable[Diagnostic]) -> None:
         self.diagnostics: Sequence[Diagnostic] = tuple(sorted(diagnostics, key=Diagnostic.sort_key))
         count = len(self.diagnostics)
-        first = self.diagnostics[0].render() if count else f"invalid {self.subject}"
+        first = self.diagnostics[0].headline() if count else f"invalid {self.subject}"
         summary = first if count == 1 else f"{count} problems in {self.subject}; first: {first}"
-        super().__init__(summary)
+        super().__init__(summary, hint=self.diagnostics[0].hint if count else "")
 
     def render(self) -> str:
         lines = [f"error: {d.render()}" for d in self.diagnostics]
@@ -123,7 +131,7 @@ class SpecError(InvalidInputError):
         out = super().to_json()
         out["diagnostics"] = [d.to_json() for d in self.diagnostics]
         if self.diagnostics and self.diagnostics[0].location:
-            out["location"] = str(self.diagnostics[0].location)
+            out["location"] = self.diagnostics[0].location.to_json()
         return out
 
 
@@ -138,6 +146,16 @@ class NotFoundError(MicroagentError):
     """A named thing (workspace, image, cache key, file) does not exist."""
 
     kind = "not_found"
+
+
+class SpecNotFoundError(InvalidInputError):
+    """No spec file where one was asked for (the CLI adds how to get one)."""
+
+
+class HostIOError(MicroagentError):
+    """The host's file system refused (disk full, permission denied, ...)."""
+
+    kind = "io"
 
 
 class ConflictError(MicroagentError):
@@ -171,6 +189,12 @@ class BuildError(MicroagentError):
 
 
 class VMError(MicroagentError):
-    """Booting or talking to a microVM failed."""
+    """Booting or talking to a microVM failed, or what runs in it did."""
 
     kind = "vm"
+
+
+class TimedOutError(MicroagentError):
+    """Something did not finish in the time it was given."""
+
+    kind = "timeout"

@@ -50,7 +50,7 @@ def test_json_error_envelope(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] is False
     assert data["error"]["kind"] == "invalid_spec"
-    assert data["error"]["location"] == f"{bad}:2:10"
+    assert data["error"]["location"] == {"file": str(bad), "line": 2, "column": 10}
     assert "must be one of" in data["error"]["message"]
 
 

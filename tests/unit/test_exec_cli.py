@@ -78,6 +78,7 @@ def test_json_exec(
         assert got.pop("durationMs") >= 0
         assert got == {
             "ok": True,
+            "schemaVersion": 1,
             "workspace": workspace,
             "exitCode": 0,
             "signal": None,

@@ -107,7 +107,12 @@ def test_stop_is_an_alias_of_halt(
     outcome(monkeypatch, hang=True)
     cli(capsys, "start", "ws")
     running(capsys, "ws")
-    assert cli(capsys, "stop", "ws") == {"ok": True, "workspace": "ws", "state": "halted"}
+    assert cli(capsys, "stop", "ws") == {
+        "ok": True,
+        "schemaVersion": 1,
+        "workspace": "ws",
+        "state": "halted",
+    }
     assert cli(capsys, "status", "ws")["event"]["detail"] == "halted on request"
     assert text(capsys, "stop", "ws") == text(capsys, "halt", "ws") == "ws: halted\n"
     assert "--timeout" in text(capsys, "stop", "--help")
@@ -125,7 +130,13 @@ def test_kill_stops_now_and_the_next_start_repairs_the_disk(
     assert vmm is not None and runner.is_running(vmm)
 
     killed = cli(capsys, "kill", "ws")
-    assert killed == {"ok": True, "workspace": "ws", "state": "stopped", "killed": True}
+    assert killed == {
+        "ok": True,
+        "schemaVersion": 1,
+        "workspace": "ws",
+        "state": "stopped",
+        "killed": True,
+    }
     assert not runner.is_running(vmm)
     assert not runner.pid_alive(before["supervisorPid"])
     status = cli(capsys, "status", "ws")
@@ -141,7 +152,13 @@ def test_kill_stops_now_and_the_next_start_repairs_the_disk(
     assert state_of(cli(capsys, "status", "ws")) == "stopped", "no restart after a kill"
 
     again = cli(capsys, "kill", "ws")
-    assert again == {"ok": True, "workspace": "ws", "state": "stopped", "killed": False}
+    assert again == {
+        "ok": True,
+        "schemaVersion": 1,
+        "workspace": "ws",
+        "state": "stopped",
+        "killed": False,
+    }
     assert text(capsys, "kill", "ws") == "ws: nothing to kill (already stopped)\n"
 
     # what a VM killed mid-write can leave: a wrong link count, which e2fsck -fy must fix
@@ -179,20 +196,38 @@ def test_wait_exit_codes(
     project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     create(capsys, project, "ws", "never")
-    assert cli(capsys, "wait", "ws") == {"ok": True, "workspace": "ws", "state": "prepared"}
+    assert cli(capsys, "wait", "ws") == {
+        "ok": True,
+        "schemaVersion": 1,
+        "workspace": "ws",
+        "state": "prepared",
+    }
     cli(capsys, "start", "ws")
-    assert cli(capsys, "wait", "ws") == {"ok": True, "workspace": "ws", "state": "stopped"}
+    assert cli(capsys, "wait", "ws") == {
+        "ok": True,
+        "schemaVersion": 1,
+        "workspace": "ws",
+        "state": "stopped",
+    }
 
     outcome(monkeypatch, exitCode=3)
     cli(capsys, "start", "ws")
     failed = cli(capsys, "wait", "ws", code=1)
-    assert failed == {"ok": False, "workspace": "ws", "state": "failed"}
+    assert failed.pop("error")["kind"] == "vm"
+    assert failed == {"ok": False, "schemaVersion": 1, "workspace": "ws", "state": "failed"}
 
     outcome(monkeypatch, hang=True)
     cli(capsys, "start", "ws")
     began = time.monotonic()
     late = cli(capsys, "wait", "ws", "--timeout", "0.5", code=124)
-    assert late == {"ok": False, "workspace": "ws", "state": "running", "timedOut": True}
+    assert late.pop("error")["kind"] == "timeout"
+    assert late == {
+        "ok": False,
+        "schemaVersion": 1,
+        "workspace": "ws",
+        "state": "running",
+        "timedOut": True,
+    }
     assert 0.5 <= time.monotonic() - began < 5
     assert text(capsys, "wait", "ws", "--timeout", "0.1", code=124).startswith("ws: still running")
     cli(capsys, "halt", "ws")

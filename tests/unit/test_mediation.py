@@ -59,7 +59,7 @@ def test_bad_targets_are_located_errors(tmp_path: Path, target: str, why: str | 
     path = spec_file(tmp_path, f"mediation:\n  port: 2048\n  target: '{target}'\n")
     with pytest.raises(SpecError) as info:
         load_spec(path)
-    text = str(info.value)
+    text = info.value.render()  # the message, then the hint
     assert "microagent.yaml:6:" in text and "mediation.target" in text
     if why:
         assert why in text

@@ -111,6 +111,6 @@ def test_a_broken_config_file_is_a_clear_cli_error(
     assert main(["--json", "list"]) == 2
     error = json.loads(capsys.readouterr().out)["error"]
     assert error["kind"] == "invalid_config"
-    assert error["location"] == f"{config}:2:12"
+    assert error["location"] == {"file": str(config), "line": 2, "column": 12}
     assert main(["list"]) == 2
     assert f"{config}:2:12: guest.extraCA: must be a string" in capsys.readouterr().err

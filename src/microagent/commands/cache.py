@@ -11,6 +11,7 @@ import click
 
 from microagent.commands.confirm import confirm, yes_option
 from microagent.commands.context import Ctx, cache_from_option, pass_ctx
+from microagent.commands.group import CommandGroup
 from microagent.commands.image import mb
 from microagent.commands.table import Column, plural, render
 from microagent.errors import UsageError
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from microagent.store.content import Entry, PruneReport
 
 
-@click.group()
+@click.group(cls=CommandGroup)
 def cache() -> None:
     """Inspect, prune, export and import the content-addressed build cache."""
 

@@ -14,9 +14,10 @@ from typing import Any
 import click
 
 from microagent.commands.context import Ctx, pass_ctx
+from microagent.commands.group import CommandGroup
 
 
-@click.group()
+@click.group(cls=CommandGroup)
 def config() -> None:
     """The user config file and the environment: what microagent will use."""
 

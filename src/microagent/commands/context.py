@@ -13,7 +13,6 @@ pipe. ``--json`` is exact: JSON escapes every control character.
 from __future__ import annotations
 
 import codecs
-import json
 import re
 import sys
 from collections.abc import Callable, Iterable
@@ -23,9 +22,12 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import click
 
+from microagent.commands import envelope
+
 if TYPE_CHECKING:
     from microagent.api import Microagent
     from microagent.compiler.overrides import Overrides, RuntimeEnv
+    from microagent.errors import MicroagentError
     from microagent.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -129,10 +131,13 @@ class Ctx:
         chosen = _quiet if quiet or self.json else (say or _to_stderr)
         return Microagent(self.settings, say=chosen, output=None if self.json else output)
 
-    def emit(self, data: dict[str, Any], text: str) -> None:
-        """Print ``data`` as JSON in --json mode, else ``text``."""
+    def emit(
+        self, data: dict[str, Any], text: str, *, error: MicroagentError | None = None
+    ) -> None:
+        """Print ``data`` as the ``--json`` envelope (see :mod:`.envelope`), else ``text``.
+        ``error``: the outcome failed (``ok: false`` with this error object)."""
         if self.json:
-            click.echo(json.dumps(data, indent=2, sort_keys=False))
+            click.echo(envelope.dumps(data, error))
         elif text:
             click.echo(text)
 

@@ -32,6 +32,7 @@ from microagent.commands.context import (
     sanitize_for_terminal,
     seconds_option,
 )
+from microagent.errors import MicroagentError, TimedOutError, VMError
 
 if TYPE_CHECKING:
     from microagent.runtime.execclient import ExecControls, ExecIO, ExecResult
@@ -79,12 +80,21 @@ def exec_(ctx: Ctx, /, name: str, command: tuple[str, ...], **opts: Any) -> None
     api = ctx.api()
     if ctx.json:
         result = api.exec(name, command, **call)
-        ctx.emit({**result.to_json(), "workspace": name}, "")
+        ctx.emit({**result.to_json(), "workspace": name}, "", error=_failure(name, result))
     else:
         result = _stream(lambda io, size: api.exec(name, command, io=io, size=size, **call), opts)
         if result.exit.error:
             ctx.say(sanitize_for_terminal(f"microagent: {result.exit.error}"))
     raise click.exceptions.Exit(result.exit_code)
+
+
+def _failure(name: str, result: ExecResult) -> MicroagentError | None:
+    """The error object of an exec that could not run its command or ran out of time."""
+    if result.exit.error is None:
+        return None
+    if result.exit.timed_out:
+        return TimedOutError(f"exec in {name!r}: {result.exit.error}")
+    return VMError(f"exec in {name!r}: {result.exit.error}")
 
 
 def _env(items: tuple[str, ...]) -> dict[str, str]:

@@ -6,6 +6,7 @@ import click
 
 from microagent.commands.confirm import confirm, yes_option
 from microagent.commands.context import Ctx, pass_ctx, tty_only
+from microagent.commands.group import CommandGroup
 from microagent.commands.table import Column, render
 
 
@@ -13,7 +14,7 @@ def mb(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
 
 
-@click.group()
+@click.group(cls=CommandGroup)
 def image() -> None:
     """Pull, list and remove base images (ready-to-boot root filesystems)."""
 

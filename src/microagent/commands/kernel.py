@@ -8,13 +8,14 @@ import click
 
 from microagent.commands.confirm import confirm, yes_option
 from microagent.commands.context import Ctx, pass_ctx
+from microagent.commands.group import CommandGroup
 from microagent.commands.table import Column, render
 
 if TYPE_CHECKING:
     from microagent.kit.guestkit import GuestKit
 
 
-@click.group()
+@click.group(cls=CommandGroup)
 def kernel() -> None:
     """Guest kits: the kernel and initramfs microVMs boot."""
 

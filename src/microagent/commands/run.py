@@ -17,7 +17,7 @@ from microagent.commands.context import (
     seconds_option,
     stream_to_stdout,
 )
-from microagent.errors import UsageError
+from microagent.errors import UsageError, VMError
 
 RAW_ARGS = "microagent.run.args"  # ctx.meta: the command line as given, before click parses it
 
@@ -201,7 +201,8 @@ def _interrupt(_signum: int, _frame: object) -> None:
 def _report(ctx: Ctx, result: Any, *, streamed: bool) -> None:
     if ctx.json:
         data = {"ok": result.error is None, "backend": ctx.settings.backend}
-        ctx.emit({**data, "result": result.to_json()}, "")
+        error = VMError(f"run: {result.error}") if result.error else None
+        ctx.emit({**data, "result": result.to_json()}, "", error=error)
         return
     if not streamed:
         sys.stdout.write(result.stdout)

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from microagent.commands import envelope
 from microagent.commands.confirm import confirm, yes_option
 from microagent.commands.context import (
     Ctx,
@@ -103,7 +104,8 @@ def start(ctx: Ctx, /, name: str, wait_: bool, timeout: float | None) -> None:
         text += " (not waited for: --timeout 0); it keeps running"
     elif report.exit_code is not None:
         text += f" (exit code {report.exit_code})"
-    ctx.emit(report.to_json(), text)
+    data = report.to_json()
+    ctx.emit(data, text, error=envelope.workspace_outcome(data, name, timeout=timeout))
     if not ctx.json:
         _start_next_steps(report)
     if report.timed_out:
@@ -149,7 +151,8 @@ def status(ctx: Ctx, /, name: str) -> None:
         text += f"\nrestarts: {data['restarts']} (policy {data['restartPolicy']})"
     if data["result"] is not None:
         text += f"\nresult: exit code {data['result'].get('exitCode')}"
-    ctx.emit(data, sanitize_for_terminal(text))
+    error = envelope.workspace_outcome(data, name, detail=event["detail"])
+    ctx.emit(data, sanitize_for_terminal(text), error=error)
 
 
 @click.command()
@@ -221,7 +224,8 @@ def wait(ctx: Ctx, /, name: str, timeout: float | None) -> None:
     text = f"{name}: {report.state}"
     if report.timed_out:
         text = f"{name}: still {report.state} after {timeout:g}s"
-    ctx.emit(report.to_json(), text)
+    data = report.to_json()
+    ctx.emit(data, text, error=envelope.workspace_outcome(data, name, timeout=timeout))
     if report.exit_code:
         raise click.exceptions.Exit(report.exit_code)
 
@@ -279,10 +283,52 @@ def ps(ctx: Ctx, /) -> None:
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the workspace stops.")
 @pass_ctx
 def logs(ctx: Ctx, /, name: str, follow: bool) -> None:
-    """The serial console: guest boot messages and the entrypoint's output."""
-    write = GuestOutput(lambda: sys.stdout)  # exact to a pipe, sanitized to a terminal
-    for chunk in ctx.api().logs(name, follow=follow):
-        write(chunk)
+    """The serial console: guest boot messages and the entrypoint's output.
+
+    With --json: records {line, text}, in one document, or with -f one record per line."""
+    api = ctx.api()
+    api.workspace(name)  # a missing workspace is an error before anything is printed
+    chunks = api.logs(name, follow=follow)
+    if ctx.json and follow:
+        for record in console_records(chunks):  # one JSON object per line, as they come
+            click.echo(json.dumps(record, separators=(",", ":")))
+    elif ctx.json:
+        _json_document({"workspace": name}, "records", console_records(chunks))
+    else:
+        write = GuestOutput(lambda: sys.stdout)  # exact to a pipe, sanitized to a terminal
+        for chunk in chunks:
+            write(chunk)
+
+
+def console_records(chunks: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """The console as records ``{line, text}``, one per line (1-based; the text decoded with
+    invalid UTF-8 replaced, without its line end), the last one even without a newline."""
+    pending, number = b"", 0
+    for chunk in chunks:
+        *complete, pending = (pending + chunk).split(b"\n")
+        for raw in complete:
+            number += 1
+            yield {"line": number, "text": raw.removesuffix(b"\r").decode("utf-8", "replace")}
+    if pending:
+        yield {"line": number + 1, "text": pending.decode("utf-8", "replace")}
+
+
+def _json_document(
+    payload: dict[str, Any],
+    key: str,
+    items: Iterable[dict[str, Any]],
+    after: Callable[[], dict[str, Any]] | None = None,
+) -> None:
+    """The envelope of ``payload`` with ``key: [items...]`` written item by item (a log can
+    be long), then the keys ``after()`` gives once the items are out."""
+    head = json.dumps(envelope.document(payload))[:-1]
+    click.echo(f'{head}, "{key}": [', nl=False)
+    for i, item in enumerate(items):
+        click.echo(("," if i else "") + "\n  " + json.dumps(item), nl=False)
+    tail = "".join(
+        f", {json.dumps(k)}: {json.dumps(v)}" for k, v in (after() if after else {}).items()
+    )
+    click.echo(f"\n]{tail}}}")
 
 
 @click.command()
@@ -349,15 +395,14 @@ def audit_line(entry: dict[str, Any]) -> str:
 @click.option(
     "--follow", "-f", is_flag=True, help="Keep printing new entries until the workspace stops."
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (like the global --json).")
 @pass_ctx
-def audit(ctx: Ctx, /, name: str, follow: bool, as_json: bool) -> None:
+def audit(ctx: Ctx, /, name: str, follow: bool) -> None:
     """Every brokered API call and egress decision of a workspace (its audit log)."""
     items = ctx.api().audit(name, follow=follow)
-    if (as_json or ctx.json) and follow:
+    if ctx.json and follow:
         for entry in items:  # one JSON object per line, as they come
             click.echo(json.dumps(entry, separators=(",", ":")))
-    elif as_json or ctx.json:
+    elif ctx.json:
         _audit_document(name, items)
     else:
         click.echo(_audit_row([title for title, _ in _AUDIT_COLUMNS]))
@@ -371,12 +416,13 @@ def _audit_document(name: str, items: Iterator[dict[str, Any]]) -> None:
     from microagent.workspace.audit import Tally
 
     tally = Tally()
-    head = json.dumps({"ok": True, "workspace": name})[:-1]
-    click.echo(f'{head}, "entries": [', nl=False)
-    for i, entry in enumerate(items):
-        tally.add(entry)
-        click.echo(("," if i else "") + "\n  " + json.dumps(entry), nl=False)
-    click.echo(f'\n], "summary": {json.dumps(tally.to_json())}}}')
+
+    def counted() -> Iterator[dict[str, Any]]:
+        for entry in items:
+            tally.add(entry)
+            yield entry
+
+    _json_document({"workspace": name}, "entries", counted(), lambda: {"summary": tally.to_json()})
 
 
 @click.command()

@@ -42,13 +42,17 @@ from microagent.compiler.spec import (
     parse_target,
     publish_host_problem,
 )
-from microagent.errors import Diagnostic, InvalidInputError, SpecError
+from microagent.errors import Diagnostic, InvalidInputError, SpecError, SpecNotFoundError
 
 MAX_SPEC_BYTES = 1 << 20
 MAX_SETUP_FILE_BYTES = 1 << 20
 # Guest folders the init mounts or fills itself: no disk may be mounted on or under them.
 GUEST_SYSTEM_DIRS = frozenset({"/proc", "/sys", "/dev", "/run"})
 SPEC_NAMES = ("microagent.yaml", "microagent.yml")
+NO_SPEC_HINT = (
+    "pass an existing spec with --file PATH, or start from an example: "
+    "examples/minimal-agent/microagent.yaml in the microagent sources"
+)
 
 
 class _Builder:
@@ -423,13 +427,9 @@ def find_spec_file(path: Path) -> Path:
         for name in SPEC_NAMES:
             if (path / name).is_file():
                 return path / name
-        raise InvalidInputError(
-            f"no microagent.yaml in {path}", hint="pass the spec file with --file PATH"
-        )
+        raise SpecNotFoundError(f"no microagent.yaml in {path}", hint=NO_SPEC_HINT)
     if not path.exists():
-        raise InvalidInputError(
-            f"spec file not found: {path}", hint="pass an existing file with --file PATH"
-        )
+        raise SpecNotFoundError(f"spec file not found: {path}", hint=NO_SPEC_HINT)
     return path
 
 

@@ -15,6 +15,7 @@ sees YAML: a record is plain data written by ``create``.
 
 from __future__ import annotations
 
+import difflib
 import re
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -209,8 +210,13 @@ class Workspaces:
     def get(self, name: str) -> Workspace:
         ws = self.path(name)
         if not ws.record_path.is_file():
+            close = difflib.get_close_matches(name, [w.name for w in self], n=3, cutoff=0.6)
+            guess = " or ".join(repr(c) for c in close)
             raise NotFoundError(
-                f"workspace {name!r} not found", hint="see `microagent list` for what exists"
+                f"workspace {name!r} not found",
+                hint=f"did you mean {guess}? (`microagent list` shows them all)"
+                if close
+                else "see `microagent list` for what exists",
             )
         return ws
 

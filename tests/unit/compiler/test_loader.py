@@ -196,7 +196,7 @@ def test_error_json_carries_location(tmp_path: Path) -> None:
         parse_spec("name: a\nbogus: 1\n", tmp_path / "m.yaml", "m.yaml")
     data = raised.value.to_json()
     assert data["kind"] == "invalid_spec"
-    assert data["location"] == "m.yaml:2:1"
+    assert data["location"] == {"file": "m.yaml", "line": 2, "column": 1}
     json.dumps(data)
 
 

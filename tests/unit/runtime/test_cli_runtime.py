@@ -71,7 +71,7 @@ def test_kernel_ls_empty(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["kernel", "ls"]) == 0
     assert capsys.readouterr().out.strip() == "no kits"
     assert main(["--json", "kernel", "ls"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"ok": True, "kits": []}
+    assert json.loads(capsys.readouterr().out) == {"ok": True, "schemaVersion": 1, "kits": []}
 
 
 def test_doctor_json(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
