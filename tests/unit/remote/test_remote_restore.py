@@ -149,7 +149,10 @@ def test_plan_text_marks_remote_hits_and_other_platforms_need_hits(
     monkeypatch.setenv("MICROAGENT_HOME", str(tmp_path / "b"))
     capsys.readouterr()
     assert main(["plan", "-f", spec, "--cache-from", f"oci:{cache}"]) == 0
-    lines = capsys.readouterr().out.splitlines()[2:]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split() == ["STEP", "KEY", "STATUS", "WHAT", "WHY"]
+    assert lines[-1] == "5 steps: 5 in a remote cache"
+    lines = lines[3:-1]
     assert [line.split()[2] for line in lines] == ["REMOTE"] * 5
     assert all(line.endswith(f"oci:{cache}") for line in lines)
 
