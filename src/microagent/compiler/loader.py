@@ -8,7 +8,6 @@ once.
 
 from __future__ import annotations
 
-import posixpath
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +38,7 @@ from microagent.compiler.spec import (
     SetupStep,
     Spec,
     check_allow_entry,
+    clean_guest_path,
     parse_target,
     publish_host_problem,
 )
@@ -84,7 +84,7 @@ class _Builder:
             self.problem(path, "guest paths must not contain NUL or newline characters")
         if ".." in raw.split("/"):
             self.problem(path, f"guest path {raw!r} contains '..'", "write the path it means")
-        clean = posixpath.normpath(raw)
+        clean = clean_guest_path(raw)
         if clean == "/":
             self.problem(path, "the guest path must not be '/'")
         return clean

@@ -8,6 +8,7 @@ two in step.
 from __future__ import annotations
 
 import ipaddress
+import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -208,6 +209,15 @@ class Forward:
         """Both would listen on one host port (0.0.0.0 takes it on every address)."""
         same_host = self.host == other.host or ANY_ADDRESS in (self.host, other.host)
         return self.host_port == other.host_port and same_host
+
+
+def clean_guest_path(raw: str) -> str:
+    """``raw`` normalised the way the guest's kernel reads it: ``.`` and repeated slashes
+    go, and so does the second of two leading slashes, which ``posixpath.normpath`` keeps
+    (POSIX leaves ``//`` implementation-defined; to Linux ``//etc`` is ``/etc`` and ``//`` is
+    ``/``). ``..`` is left alone: callers refuse it rather than resolve it."""
+    clean = posixpath.normpath(raw)
+    return "/" + clean.lstrip("/") if clean.startswith("//") else clean
 
 
 def publish_host_problem(host: str) -> str:

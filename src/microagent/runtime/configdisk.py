@@ -13,7 +13,6 @@ from __future__ import annotations
 import enum
 import io
 import json
-import posixpath
 import re
 import shlex
 import tarfile
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from microagent.compiler.spec import clean_guest_path
 from microagent.errors import InvalidInputError
 
 CONFIG_VERSION = 1
@@ -142,7 +142,7 @@ class RunConfig:
 
 
 def _absolute(path: str, what: str) -> str:
-    norm = posixpath.normpath(path)
+    norm = clean_guest_path(path)
     if not path.startswith("/") or "\0" in path or "\n" in path:
         raise InvalidInputError(f"{what} {path!r} must be an absolute guest path")
     return norm
