@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,14 +105,58 @@ def test_json_awk_escapes_for_json(tmp_path: Path, text: str) -> None:
     assert json.loads(f'"{body}"') == text
 
 
-def test_recipe_digest_is_stable_and_key_depends_on_packages() -> None:
-    assert guestkit.recipe_digest() == guestkit.recipe_digest()
+def _sha256_canonical(value: object) -> str:
+    """sha256 of canonical JSON, computed here rather than by the code under test."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_recipe_digest_is_the_same_in_another_process() -> None:
+    """Stable across interpreters (another hash seed): nothing in the recipe depends on
+    set or dict order or on the process."""
+    code = "from microagent.kit import guestkit; print(guestkit.recipe_digest())"
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert other == guestkit.recipe_digest() == _sha256_canonical(guestkit.recipe())
+    assert len(bytes.fromhex(other)) == 32
+
+
+def test_recipe_digest_follows_templates_and_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = guestkit.recipe_digest()
+    real = guestkit._template_text
+    monkeypatch.setattr(
+        guestkit, "_template_text", lambda n: real(n) + ("\n" if n == "json.awk" else "")
+    )
+    assert guestkit.recipe_digest() != before
+    monkeypatch.setattr(guestkit, "_template_text", real)
+    assert guestkit.recipe_digest() == before
+    monkeypatch.setattr(guestkit, "STREAM_CAP", guestkit.STREAM_CAP + 1)
+    assert guestkit.recipe_digest() != before
+
+
+def test_kit_key_is_the_packages_digests_and_the_recipe() -> None:
     a = debian.DebPackage("k", "1", "amd64", "k.deb", 1, "a" * 64)
     b = debian.DebPackage("b", "1", "amd64", "b.deb", 1, "b" * 64)
     c = debian.DebPackage("k", "2", "amd64", "k2.deb", 1, "c" * 64)
     assert guestkit.kit_key("amd64", a, b) != guestkit.kit_key("amd64", c, b)
+    renamed = debian.DebPackage("k-other", "9", "amd64", "elsewhere.deb", 7, "a" * 64)
+    assert guestkit.kit_key("amd64", a, b) == _sha256_canonical(
+        {
+            "arch": "amd64",
+            "kernelDeb": "a" * 64,
+            "busyboxDeb": "b" * 64,
+            "recipe": guestkit.recipe_digest(),
+        }
+    )
     assert guestkit.kit_key("amd64", a, b) != guestkit.kit_key("arm64", a, b)
 
+    assert guestkit.kit_key("amd64", a, b) != guestkit.kit_key("amd64", b, a)
+    assert guestkit.kit_key("amd64", a, b) == guestkit.kit_key("amd64", renamed, b)
 
 def test_install_builds_a_kit_once(tmp_path: Path, mirror: debian.Mirror) -> None:
     store = Store(tmp_path / "store")
