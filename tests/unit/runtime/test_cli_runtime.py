@@ -10,6 +10,8 @@ import pytest
 
 from microagent.cli import main
 from microagent.compiler.files import EXT_MAGIC, EXT_MAGIC_OFFSET
+from microagent.workspace import doctor
+from microagent.workspace.doctor import Check, Status
 
 
 @pytest.fixture
@@ -74,12 +76,60 @@ def test_kernel_ls_empty(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads(capsys.readouterr().out) == {"ok": True, "schemaVersion": 1, "kits": []}
 
 
-def test_doctor_json(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["--json", "doctor"])
+@pytest.fixture
+def host_checks(monkeypatch: pytest.MonkeyPatch) -> dict[str, Status]:
+    """The host probes of ``doctor`` replaced: every check is ok, root, unless the test puts
+    a check's name in the returned dict (so the host this runs on decides nothing)."""
+    bad: dict[str, Status] = {}
+
+    def check(name: str, required: bool) -> Check:
+        status = bad.get(name, Status.OK)
+        hint = f"fix {name}" if status is not Status.OK else ""
+        return Check(name, status, f"{name} detail", hint, required)
+
+    monkeypatch.setattr(doctor, "check_qemu", lambda: check("qemu", True))
+    monkeypatch.setattr(doctor, "check_accel", lambda _store: check("kvm", False))
+    monkeypatch.setattr(doctor, "_tool", lambda _n, what, *, required: check(what, required))
+    monkeypatch.setattr(doctor, "check_network", lambda: [check("network", False)])
+    monkeypatch.setattr(doctor, "check_kit", lambda _store: check("guest kit", False))
+    monkeypatch.setattr(doctor.os, "geteuid", lambda: 0)
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("bad", "verdict", "code"),
+    [
+        ({}, "ok", 0),
+        ({"guest kit": Status.WARN}, "degraded", 0),
+        ({"debugfs": Status.FAIL}, "degraded", 0),  # not required
+        ({"qemu": Status.FAIL, "network": Status.WARN}, "failed", 1),
+        ({"mke2fs": Status.FAIL}, "failed", 1),
+    ],
+    ids=["all-ok", "warning", "optional-fails", "required-fails", "mke2fs-fails"],
+)
+@pytest.mark.usefixtures("env")
+def test_doctor_json(
+    capsys: pytest.CaptureFixture[str],
+    host_checks: dict[str, Status],
+    bad: dict[str, Status],
+    verdict: str,
+    code: int,
+) -> None:
+    """The verdict and the exit code follow the checks."""
+    host_checks.update(bad)
+    got = main(["--json", "doctor"])
     data = json.loads(capsys.readouterr().out)
-    assert data["verdict"] in {"ok", "degraded", "failed"}
-    assert code == (1 if data["verdict"] == "failed" else 0)
+    assert (got, data["verdict"], data["ok"]) == (code, verdict, code == 0)
+    names = ["qemu", "kvm", "mke2fs", "debugfs", "network", "guest kit", "store"]
+    assert [c["name"] for c in data["checks"]] == names
     assert all({"name", "status", "detail", "hint", "required"} <= set(c) for c in data["checks"])
+    failed = [n for n, s in bad.items() if s is Status.FAIL and n in ("qemu", "mke2fs")]
+    if failed:
+        (name,) = failed
+        assert data["error"]["message"] == f"this host cannot run microVMs ({name}: {name} detail)"
+        assert data["error"]["hint"] == f"fix {name}"
+    else:
+        assert data.get("error") is None
 
 
 def test_run_reaches_the_configured_backend(
