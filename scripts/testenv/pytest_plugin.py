@@ -13,23 +13,21 @@
   ``tmp_path/home``; the test writes the spec.
 
 A missing tool (or no root to run debootstrap for an uncached python stand-in) skips the test
-locally, but fails it when ``CI=true``: CI must never go green by skipping.
+locally, but fails it when ``CI=true``: CI must never go green by skipping (see
+:mod:`testenv.prereq`, which also handles the ``tools``, ``root`` and ``modules`` markers).
 Tests using the python stand-in are marked ``slow`` automatically (the first build takes ~45 s).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 
-from microagent.errors import ToolError
-from microagent.runner import find_tool
 from testenv import standin
+from testenv.prereq import check_markers, require_root, require_tools, unavailable
 from testenv.registry import RegistryHandle, start_registry
 
 PYTHON_FIXTURES = {"python_layout", "python_image"}
@@ -39,6 +37,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "slow: uses the python stand-in image (~45 s to build once, then cached)"
     )
+    config.addinivalue_line("markers", "tools(*names): needs these programs (testenv.prereq)")
+    config.addinivalue_line("markers", "root(why): needs to run as root (testenv.prereq)")
+    config.addinivalue_line("markers", "modules(*names): needs these Python packages")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -47,23 +48,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in {"true", "1", "yes"}
-
-
-def unavailable(reason: str) -> NoReturn:
-    """Skip locally; fail under CI=true (a skipped integration test hides a broken CI image)."""
-    if in_ci():
-        pytest.fail(f"{reason} (CI=true: failing instead of skipping)", pytrace=False)
-    pytest.skip(reason)
-
-
-def require_tools(*names: str) -> None:
-    for name in names:
-        try:
-            find_tool(name)
-        except ToolError as exc:
-            unavailable(f"{exc.message}; {exc.hint}")
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    check_markers(item)
 
 
 @pytest.fixture(scope="session")
@@ -94,10 +80,7 @@ def busybox_layout(testenv_cache: Path) -> standin.BuiltImage:
 def python_layout(testenv_cache: Path) -> standin.BuiltImage:
     if standin.cached_layout(standin.python_recipe(), testenv_cache) is None:
         require_tools("debootstrap")
-        if os.geteuid() != 0:
-            unavailable(
-                "building the python stand-in needs root (debootstrap) and it is not cached"
-            )
+        require_root("building the python stand-in (debootstrap), which is not cached")
     return standin.build_python(testenv_cache)
 
 

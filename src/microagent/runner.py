@@ -41,6 +41,10 @@ PACKAGES: Mapping[str, str] = {
     "setpriv": "util-linux",
     "gpgv": "gpgv",
     "gpg": "gpg",
+    "cpio": "cpio",
+    "openssl": "openssl",
+    "mount": "mount",
+    "umount": "mount",
 }
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

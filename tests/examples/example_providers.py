@@ -7,7 +7,6 @@ sent (tool results, output-token limit, API key).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Any, ClassVar
 
 import pytest
 from example_harness import FAKE_KEY, AgentHarness, AgentRun, FakeModelAPI, Recorded
+
+from testenv.prereq import importable, require_modules, unavailable
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class Provider:
     def installed(cls) -> bool:
         # find_spec instead of importing: importing an SDK in the test process costs seconds,
         # and only the agent subprocess needs it.
-        return importlib.util.find_spec(cls.sdk.split(".")[0]) is not None
+        return importable(cls.sdk)
 
     def configure(self, harness: AgentHarness, api: FakeModelAPI) -> AgentHarness:
         harness.env |= {
@@ -292,7 +293,7 @@ PROVIDER_PARAMS = [
     pytest.param(
         provider,
         id=provider.name,
-        marks=pytest.mark.skipif(not provider.installed(), reason=f"{provider.sdk} not installed"),
+        marks=pytest.mark.modules(provider.sdk),
     )
     for provider in PROVIDERS
 ]
@@ -304,13 +305,12 @@ def cheapest_installed() -> Provider:
         provider = next(p for p in PROVIDERS if p.name == name)
         if provider.installed():
             return provider
-    pytest.skip("no provider SDK installed")
+    return unavailable(f"no provider SDK installed ({', '.join(p.sdk for p in PROVIDERS)})")
 
 
 def provider_named(name: str) -> Provider:
     provider = next(p for p in PROVIDERS if p.name == name)
-    if not provider.installed():
-        pytest.skip(f"{provider.sdk} not installed", allow_module_level=True)
+    require_modules(provider.sdk, module_level=True)
     return provider
 
 

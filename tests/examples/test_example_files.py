@@ -8,6 +8,9 @@ import pytest
 import yaml
 from example_harness import EXAMPLE_NAMES, EXAMPLES, load_protocol
 
+import microagent
+from testenv.prereq import require_modules
+
 SHARED_BEGIN = "# >>> shared agent core >>>\n"
 SHARED_END = "# <<< shared agent core <<<\n"
 PRESET = {
@@ -32,7 +35,7 @@ DEMO_FILES = (
     "input-002.json",
 )
 
-pytest.importorskip("pydantic")
+require_modules("pydantic", module_level=True)
 
 
 def shared_core(example: str) -> str:
@@ -89,7 +92,6 @@ def test_spec_has_the_expected_shape(example: str) -> None:
 
 @pytest.mark.parametrize("example", EXAMPLE_NAMES)
 def test_spec_loads_with_microagent(example: str) -> None:
-    microagent = pytest.importorskip("microagent")
     spec = microagent.load_spec(EXAMPLES / example / "microagent.yaml")
     assert spec.name == example
     assert [(o.name, o.path) for o in spec.outputs] == [("result", "/workspace/result.json")]

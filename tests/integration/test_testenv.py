@@ -7,7 +7,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from microagent.errors import BuildError, ToolError
 from microagent.runner import run
 from testenv import standin
 from testenv.oci import MEDIA_CONFIG, MEDIA_LAYER, MEDIA_MANIFEST
+from testenv.prereq import require_root
 from testenv.registry import RegistryHandle, free_port, probe, start_registry
 
 pytestmark = pytest.mark.integration
@@ -151,11 +151,9 @@ def test_busybox_build_is_reproducible_and_cached(
     other = standin.build_busybox(tmp_path / "b", log=lambda _: None)
     assert not first.cached
     assert first.digest == other.digest == busybox_layout.digest
-    began = time.monotonic()
     again = standin.build_busybox(tmp_path / "a", log=lambda _: None)
-    assert again.cached
+    assert again.cached, "the second build is a cache hit"
     assert again.digest == first.digest
-    assert time.monotonic() - began < 1.0
 
 
 def test_concurrent_builders_build_once(tmp_path: Path) -> None:
@@ -220,8 +218,7 @@ def test_python_layout_has_python_pip_and_certs(python_layout: standin.BuiltImag
 
 
 def test_python_runs_and_pip_installs(python_layout: standin.BuiltImage, tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("chroot needs root")
+    require_root("the stand-in's python runs in a chroot")
     root = tmp_path / "root"
     root.mkdir()
     layer = python_layout.manifest()["layers"][0]  # type: ignore[index]
@@ -270,7 +267,9 @@ def test_python_second_build_is_a_fast_cache_hit(
     assert again.cached
     assert again.digest == python_layout.digest
     assert again.layout == python_layout.layout
-    assert time.monotonic() - began < 2.0
+    # A rebuild takes ~45 s (debootstrap); the bound only has to tell a hit from one, with
+    # room for a loaded CI machine.
+    assert time.monotonic() - began < 20
 
 
 def test_python_image_pushed_with_layout_digest(

@@ -27,6 +27,7 @@ from microagent.kit import debian, guestkit
 from microagent.kit.guestkit import GuestKit
 from microagent.settings import Settings
 from microagent.store.content import Store
+from testenv.prereq import unavailable
 
 HONEST = b"HONEST-BUSYBOX"
 EVIL = b"EVIL-BUSYBOX-THAT-EXFILTRATES"
@@ -166,7 +167,10 @@ def test_cli_kernel_install_refuses_a_mirror_debian_did_not_sign(
 ) -> None:
     """``kernel install --mirror`` with the default keyring (Debian's) and a forged suite."""
     if not debian.DEFAULT_KEYRING.is_file():
-        pytest.skip("debian-archive-keyring is not installed")
+        unavailable(
+            f"{debian.DEFAULT_KEYRING} is missing; install it, e.g. "
+            "`apt-get install debian-archive-keyring`"
+        )
     monkeypatch.setenv("MICROAGENT_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MICROAGENT_DEBIAN_KEYRING", raising=False)
     assert main(["--json", "kernel", "install", "--mirror", evil.as_uri()]) == 1

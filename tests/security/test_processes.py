@@ -368,7 +368,7 @@ def plant_at(path: Path, target: Path, how: str) -> None:
         path.chmod(0o777 if how == "world-writable" else 0o770)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory another user owns")
+@pytest.mark.root("to make a directory another user owns")
 def test_fallback_dir_of_another_user_is_not_used(
     tmp_path: Path, temp_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

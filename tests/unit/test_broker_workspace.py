@@ -19,6 +19,7 @@ from microagent import runner
 from microagent.cli import main
 from testenv.agent_standin import standin_argv
 from testenv.clitools import cli_json as cli
+from testenv.prereq import unavailable
 from testenv.upstream import Upstream
 
 NAME = "brokered"
@@ -39,7 +40,7 @@ def _free_port_base() -> int:
             return base
         except OSError:
             continue
-    pytest.skip("no two free consecutive ports")
+    return unavailable("no two free consecutive loopback ports in 50 tries")
 
 
 @pytest.fixture

@@ -31,9 +31,7 @@ from microagent.workspace.lifecycle import Runtime, run_request
 from testenv import standin
 from testenv.clitools import cli_json as cli
 
-pytestmark = pytest.mark.skipif(
-    not all(shutil.which(t) for t in ("mke2fs", "e2fsck")), reason="needs e2fsprogs"
-)
+pytestmark = pytest.mark.tools("mke2fs", "e2fsck", "debugfs")
 MICROVM_TRANSPORTS = 24  # QEMU 7.2 microvm: the 25th virtio device is refused (measured)
 
 SPEC = """\

@@ -5,7 +5,8 @@
   ``/var/cache/microagent-test-home`` (or a temp dir when that is not writable).
 - ``rootfs`` is an ext4 image of the host's busybox-static with applet links, built once per
   session with ``mke2fs -d``.
-- A missing tool skips locally but fails under ``CI=true``: CI must not go green by skipping.
+- A missing tool skips locally but fails under ``CI=true`` (``testenv.prereq``): CI must not go
+  green by skipping.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 
-from microagent.errors import MicroagentError, ToolError
+from microagent.errors import MicroagentError
 from microagent.kit import guestkit
 from microagent.kit.guestkit import GuestKit
 from microagent.runner import find_tool, run
@@ -30,28 +31,11 @@ from microagent.runtime.qemu import QemuBackend
 from microagent.settings import Settings
 from microagent.store.content import Store
 from testenv import standin
+from testenv.prereq import require_tools, unavailable
 from testenv.registry import RegistryHandle
 
 DEFAULT_HOME = Path("/var/cache/microagent-test-home")
 HOST_CA = b"-----BEGIN CERTIFICATE-----\nORIGINAL-GUEST-BUNDLE\n-----END CERTIFICATE-----\n"
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in {"true", "1", "yes"}
-
-
-def unavailable(reason: str) -> NoReturn:
-    if in_ci():
-        pytest.fail(f"{reason} (CI=true: failing instead of skipping)", pytrace=False)
-    pytest.skip(reason)
-
-
-def require_tools(*names: str) -> None:
-    for name in names:
-        try:
-            find_tool(name)
-        except ToolError as exc:
-            unavailable(f"{exc.message}; {exc.hint}")
 
 
 def require_user_network() -> None:

@@ -8,7 +8,6 @@ import contextlib
 import hashlib
 import http.client
 import json
-import shutil
 import socket
 import ssl
 import subprocess
@@ -20,9 +19,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from microagent.broker.gateway import CredentialRoute, Gateway, GatewayConfig, Limits
+from microagent.runner import find_tool
+from testenv.prereq import require_tools
 
 KEY = "sk-test-REALKEY-0123456789abcdef"  # the real key the broker holds
 PLACEHOLDER = "microagent-brokered"
@@ -175,9 +174,8 @@ class Authority:
 
 
 def make_authority(directory: Path) -> Authority:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("the openssl CLI is not installed")
+    require_tools("openssl")
+    openssl = find_tool("openssl")
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     ca, ca_key = directory / "ca.pem", directory / "ca.key"
     cert, key, csr = directory / "server.pem", directory / "server.key", directory / "server.csr"

@@ -23,8 +23,9 @@ from microagent.layers.tarwrite import (
     export_upper_as_zstd_layer,
 )
 from microagent.runner import run
+from testenv.prereq import unavailable
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="whiteout devices need root")
+needs_root = pytest.mark.root("whiteout devices")
 
 LOWER = tar_bytes(
     [
@@ -152,7 +153,10 @@ def overlay(lower: Path, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     try:
         run(["mount", "-t", "overlay", "overlay", "-o", opts, merged])
     except ToolError as exc:
-        pytest.skip(f"cannot mount overlayfs here: {exc.message.splitlines()[0]}")
+        unavailable(
+            f"cannot mount overlayfs here: {exc.message.splitlines()[0]} "
+            "(needs root in a VM or a privileged container, and the overlay module)"
+        )
     try:
         yield upper, merged
     finally:
@@ -203,6 +207,6 @@ def test_redirect_dirs_cannot_be_exported(tmp_path: Path) -> None:
     try:
         os.setxattr(tmp_path / "u" / "d", "user.overlay.redirect", b"/old")
     except OSError:
-        pytest.skip("no user xattrs on this filesystem")
+        unavailable(f"no user xattrs on the filesystem of {tmp_path} (use ext4, xfs or tmpfs)")
     with pytest.raises(BuildError, match="redirect"):
         export(tmp_path / "u")

@@ -21,7 +21,7 @@ from microagent.layers.apply import LayerSource, flatten
 from microagent.layers.stagemeta import Kind, PathMeta, StageMetadata
 from microagent.runner import run
 
-pytestmark = pytest.mark.skipif(shutil.which("debugfs") is None, reason="needs e2fsprogs")
+pytestmark = pytest.mark.tools("mke2fs", "debugfs", "e2fsck")
 
 NOBODY = 65534
 ODD = 'sp ace "quoted" it\'s back\\slash'
@@ -86,7 +86,7 @@ def flatten_layer(stage: Path) -> StageMetadata:
     return flatten(stage, [LayerSource("t", lambda: io.BytesIO(LAYER))])
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="runs as root")
+@pytest.mark.root("a flatten as root keeps owners on the stage")
 def test_image_from_root_flatten(tmp_path: Path) -> None:
     meta = flatten_layer(tmp_path / "stage")
     script = build_image(tmp_path / "stage", meta, tmp_path / "img", diff=True)
@@ -111,7 +111,7 @@ def _flatten_as_nobody(stage: str, meta_path: str) -> None:
     flatten_layer(Path(stage)).write_jsonl(Path(meta_path))
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
+@pytest.mark.root("to drop to another user")
 def test_image_from_unprivileged_flatten(shared_tmp: Path) -> None:
     stage, work = shared_tmp / "stage", shared_tmp / "work"
     for d in (stage, work):

@@ -31,7 +31,7 @@ from microagent.digests import Digest
 from microagent.layers.apply import LayerSource, apply_layer, flatten
 from microagent.layers.stagemeta import Kind, PathMeta, StageMetadata
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="stage ownership needs root")
+needs_root = pytest.mark.root("stage ownership")
 
 
 def layers_of(*layers: Sequence[E]) -> list[LayerSource]:

@@ -44,6 +44,7 @@ from microagent.runtime.boot import RunRequest, prepare
 from microagent.runtime.fake import FakeBackend, FakeOutcome
 from microagent.store.content import Store
 from testenv.ports import free_ports
+from testenv.prereq import tool_missing
 
 TIMEOUT = 5.0
 HELLO = encode_json(0, FrameType.HELLO, {"protocol": 1, "agent": "scripted", "version": "1"})
@@ -621,7 +622,7 @@ def real_agent(tmp_path_factory: pytest.TempPathFactory) -> Path:
     try:
         agentbin.find_compiler(debian.debian_arch())
     except ToolError as exc:
-        pytest.skip(f"no C compiler to build the guest agent: {exc.message}")
+        tool_missing("no C compiler to build the guest agent", exc)
     return agentbin.agent_binary(Store(tmp_path_factory.mktemp("agent-store")))
 
 

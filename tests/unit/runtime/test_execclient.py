@@ -28,6 +28,7 @@ from microagent.runtime.fake import AgentPort
 from microagent.store.content import Store
 from testenv.agent_standin import standin_argv
 from testenv.ports import free_port
+from testenv.prereq import tool_missing
 
 WORKSPACE_ENV = {"WS_VAR": "from-workspace"}
 
@@ -55,7 +56,7 @@ def real_agent(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     try:
         agentbin.find_compiler(agentbin.debian.debian_arch())
     except ToolError as exc:
-        pytest.skip(f"no C compiler to build the guest agent: {exc.message}")
+        tool_missing("no C compiler to build the guest agent", exc)
     binary = agentbin.agent_binary(Store(tmp_path_factory.mktemp("agent-store")))
     return [str(binary), "--root", "/"]
 
@@ -161,20 +162,31 @@ def test_terminal_input_is_bytes_for_the_terminal(guest: Guest) -> None:
     assert done.exit_code == 0 and b"got:typed" in done.stdout
 
 
-def test_concurrent_execs(guest: Guest) -> None:
+def test_concurrent_execs(guest: Guest, tmp_path: Path) -> None:
+    """Side by side, not one after another: each command waits until all four have started
+    (a barrier, not a stopwatch), so run one at a time they would exit 9 instead."""
     results: dict[int, bytes] = {}
+    gate = tmp_path / "gate"
+    gate.mkdir()
 
     def one(n: int) -> None:
-        results[n] = collect(guest.exec_socket, sh(f"sleep 1; echo {n}")).stdout
+        results[n] = collect(guest.exec_socket, sh(barrier(gate, 4) + f"echo {n}")).stdout
 
-    began = time.monotonic()
     threads = [threading.Thread(target=one, args=(n,)) for n in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert results == {n: f"{n}\n".encode() for n in range(4)}
-    assert time.monotonic() - began < 3.5  # side by side, not one after another
+
+
+def barrier(gate: Path, count: int) -> str:
+    """Shell that marks this command started in ``gate`` and waits (15 s at most, then exit
+    9) until ``count`` commands have."""
+    return (
+        f'touch "{gate}/$$"; i=0; while [ "$(ls "{gate}" | wc -l)" -lt {count} ]; do '
+        'i=$((i+1)); [ "$i" -lt 300 ] || exit 9; sleep 0.05; done; '
+    )
 
 
 def test_link_run_for_the_supervisor(guest: Guest) -> None:

@@ -8,11 +8,10 @@ import os
 import stat
 from pathlib import Path
 
-import pytest
-
 from microagent.errors import ToolError
 from microagent.kit.initramfs import CpioEntry, with_parents, write_cpio, write_initramfs
 from microagent.runner import find_tool, run
+from testenv.prereq import tool_missing
 
 ENTRIES = [
     CpioEntry.directory("bin"),
@@ -34,7 +33,7 @@ def cpio_tool() -> str:
     try:
         return find_tool("cpio")
     except ToolError as exc:
-        pytest.skip(exc.message)
+        tool_missing("GNU cpio reads the archives back", exc)
 
 
 def test_listing_matches_gnu_cpio(tmp_path: Path) -> None:
