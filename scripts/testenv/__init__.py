@@ -5,6 +5,8 @@ imported (with ``scripts/`` on ``sys.path``), which is how ``tests/integration/c
 them:
 
 - :mod:`testenv.registry` starts and stops a real ``docker-registry`` on loopback;
+- :mod:`testenv.faultproxy` puts a registry that misbehaves on purpose in front of it (5xx,
+  resets, stalls, wrong lengths and digests, the 401 token flow, a failing mirror);
 - :mod:`testenv.oci` writes deterministic OCI image layouts from a directory tree;
 - :mod:`testenv.standin` builds (and caches) the ``python:3.13-slim`` and ``busybox`` stand-ins
   and pushes them with ``skopeo``.

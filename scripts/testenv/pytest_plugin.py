@@ -7,6 +7,9 @@
 - ``busybox_image`` / ``python_image`` (session): those pushed to ``registry`` as
   ``HOST/library/busybox:latest`` and ``HOST/library/python:3.13-slim``; each has ``.ref``,
   ``.ref_by_digest``, ``.digest`` (manifest), ``.layout``.
+- ``fault_proxy``: a :class:`~testenv.faultproxy.FaultProxy` in front of ``registry`` (no faults
+  until the test injects some; ``fault_proxy.host`` is where to point the client).
+- ``failing_mirror``: another one in front of ``registry`` that answers every request 503.
 - ``fake_backend``: boot nothing (the fake VM backend, placeholder kernel and initrd).
 - ``busybox_project``: ``tmp_path/proj`` holding the busybox stand-in as ``layout`` (a spec there
   says ``image: oci:layout:latest``), with ``fake_backend`` and ``MICROAGENT_HOME`` at
@@ -27,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from testenv import standin
+from testenv.faultproxy import Fault, FaultProxy
 from testenv.prereq import check_markers, require_root, require_tools, unavailable
 from testenv.registry import RegistryHandle, start_registry
 
@@ -65,6 +69,19 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryHandl
         yield handle
     finally:
         handle.stop()
+
+
+@pytest.fixture
+def fault_proxy(registry: RegistryHandle) -> Iterator[FaultProxy]:
+    with FaultProxy(registry.host) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def failing_mirror(registry: RegistryHandle) -> Iterator[FaultProxy]:
+    with FaultProxy(registry.host) as mirror:
+        mirror.inject(Fault.error(503), times=None)
+        yield mirror
 
 
 @pytest.fixture(scope="session")

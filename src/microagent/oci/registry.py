@@ -2,8 +2,13 @@
 
 oras-py brings the HTTP session and the retry on 401; this module does the token dance itself
 (anonymous, or with credentials from the Docker config), adds mirrors and plain-HTTP hosts,
-short timeouts with one quick retry instead of oras' minutes of back-off, size caps, and digest
-checks on manifests and blobs.
+size caps, digest checks on manifests and blobs, and its own :class:`RetryPolicy` instead of
+oras' minutes of back-off: transient faults (429 and 5xx answers, a connection reset or closed
+early, a read that stalls or trickles) are tried again after a short jittered pause, honouring
+Retry-After up to a bound, within a deadline; a blob download that breaks resumes where it
+broke (HTTP Range). Everything else fails at once, and every failure of the transport is
+translated here into :class:`RegistryError` (nothing from requests or urllib3 escapes).
+A mirror gets one try per request: the next endpoint is the retry.
 
 Credentials go to as few places as possible: they are looked up under the exact host being
 talked to (Docker Hub's three names count as one), never under the image's registry when a
@@ -16,22 +21,34 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 from urllib.parse import urlsplit
 
 from microagent.compiler.refs import ImageRef
 from microagent.digests import sha256_digest
 from microagent.errors import IntegrityError, NotFoundError, RegistryError
 from microagent.oci import documents as oci
+from microagent.oci._retry import (
+    ResumingStream,
+    RetryPolicy,
+    Sleep,
+    Transient,
+    Watch,
+    is_transient,
+    retrying,
+    short,
+    status_failure,
+    transport_errors,
+)
 from microagent.oci.documents import Fetched
 from microagent.oci.endpoints import DOCKER_HUB_HOST, Endpoint, RegistryConfig, is_loopback
 from microagent.settings import Settings
 
-TIMEOUT = (5.0, 60.0)  # connect, read
 PUSH_CHUNK = 64 << 20  # larger blobs are uploaded in PATCH chunks of this size
 MAX_TOKEN_BYTES = 1 << 20  # a token service's JSON answer
 READ_CHUNK = 64 << 10
@@ -114,11 +131,17 @@ class CredentialScope:
 
 
 class _Session:
-    """One oras Registry per endpoint, with timeouts, without oras' slow retries, and with
-    our own token dance (see :class:`CredentialScope`)."""
+    """One oras Registry per endpoint, with timeouts, our retries instead of oras' slow ones
+    (one try on a mirror: the next endpoint is the retry), and our own token dance (see
+    :class:`CredentialScope`)."""
 
     def __init__(
-        self, endpoint: Endpoint, auths: Mapping[str, str], scope: CredentialScope
+        self,
+        endpoint: Endpoint,
+        auths: Mapping[str, str],
+        scope: CredentialScope,
+        policy: RetryPolicy,
+        sleep: Sleep,
     ) -> None:
         # deferred: oras and requests take ~0.1 s to import; only registry traffic needs them
         import oras.auth
@@ -137,6 +160,8 @@ class _Session:
                 return session.authenticate(self, original, headers, refresh)
 
         self.scope = scope
+        self.policy = replace(policy, attempts=1) if endpoint.mirror else policy
+        self.sleep = sleep
         self.basic = _credentials(endpoint.host, auths)
         self.withheld: str | None = None  # a token service credentials were kept from
         self.registry = Quick(hostname=endpoint.host, insecure=endpoint.insecure)
@@ -145,7 +170,7 @@ class _Session:
         original = self.registry.session.request
 
         def request(*args: Any, **kwargs: Any) -> requests.Response:
-            kwargs.setdefault("timeout", TIMEOUT)
+            kwargs.setdefault("timeout", policy.timeout)
             response: requests.Response = original(*args, **kwargs)
             return response
 
@@ -186,15 +211,29 @@ class _Session:
         try:
             if response.status_code != 200:
                 return None
-            data = read_capped(response, MAX_TOKEN_BYTES, "the token service's answer")
+            data = self.body(response, MAX_TOKEN_BYTES, "the token service's answer")
         finally:
             response.close()
         return _token_of(data)
 
-    def get(self, url: str, headers: dict[str, str], stream: bool = False) -> Any:
-        return self.request("GET", url, headers, stream=stream)
-
     def request(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        *,
+        data: bytes | None = None,
+        stream: bool = False,
+    ) -> Any:
+        """One request, tried again while it fails transiently (429, 5xx, a reset): the
+        response to the last try, or RegistryError."""
+        return retrying(
+            lambda: self.once(method, url, headers, data=data, stream=stream),
+            self.policy,
+            self.sleep,
+        )
+
+    def once(
         self,
         method: str,
         url: str,
@@ -203,20 +242,34 @@ class _Session:
         data: bytes | BinaryIO | None = None,
         stream: bool = False,
     ) -> Any:
-        """One request through oras (auth, token), errors translated; never logs credentials."""
-        import requests  # deferred: see __init__
-
+        """One try through oras (auth, token): the response, :class:`Transient` for a fault
+        worth another try, RegistryError for others; never logs credentials."""
         where = _redacted(url)
         try:
-            return self.registry.do_request(
+            response = self.registry.do_request(
                 url, method, data=data, headers=dict(headers), stream=stream
             )
-        except requests.RequestException as exc:
+        except transport_errors() as exc:
+            if is_transient(exc):
+                raise Transient(f"{method} {where}: {short(exc)}") from exc
             base = url.split("/v2/", maxsplit=1)[0]
-            raise RegistryError(f"cannot reach {base}: {_short(exc)}") from exc
+            raise RegistryError(f"cannot reach {base}: {short(exc)}") from exc
         except ValueError as exc:  # oras: "Cannot respond to request for authentication."
             note = f"; {self.note()}" if self.note() else ""
-            raise RegistryError(f"authentication failed for {where}: {exc}{note}") from exc
+            raise RegistryError(
+                f"authentication failed for {where}: {exc}{note}",
+                hint="check the credentials for this registry (`docker login`; they are read "
+                "from the Docker config)",
+            ) from exc
+        transient = status_failure(response, f"{method} {where}")
+        if transient is not None:
+            response.close()
+            raise transient
+        return response
+
+    def body(self, response: Any, limit: int, what: str) -> bytes:
+        """A small body (a manifest, a token), capped; transport failures translated."""
+        return read_capped(response, limit, what, Watch(self.policy))
 
     def note(self) -> str:
         """Why credentials were not used, for an access-denied message ('' if they were)."""
@@ -246,13 +299,14 @@ def _token_of(data: bytes) -> str | None:
     return token if isinstance(token, str) and token else None
 
 
-def read_capped(response: Any, limit: int, what: str) -> bytes:
-    """A streamed response's body, refused (IntegrityError) once it exceeds ``limit`` bytes."""
+def read_capped(response: Any, limit: int, what: str, watch: Watch) -> bytes:
+    """A streamed response's body, refused (IntegrityError) once it exceeds ``limit`` bytes;
+    a broken or stalled transfer is :class:`Transient`."""
     declared = response.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > limit:
         raise IntegrityError(f"{what} is larger than {_size(limit)} ({declared} bytes announced)")
     body = bytearray()
-    for chunk in response.iter_content(READ_CHUNK):
+    while chunk := watch.read(response.raw, READ_CHUNK, True, f"reading {what}"):
         body += chunk
         if len(body) > limit:
             raise IntegrityError(f"{what} is larger than {_size(limit)}")
@@ -271,20 +325,6 @@ def _redacted(url: str) -> str:
     return f"{scheme}{sep}{rest}"
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc)
-    for marker in (
-        "Connection refused",
-        "Name or service not known",
-        "timed out",
-        "No route to host",
-        "Temporary failure in name resolution",
-    ):
-        if marker in text:
-            return marker.lower()
-    return text.splitlines()[0][:160]
-
-
 def _status_error(response: Any, what: str, note: str = "") -> RegistryError | NotFoundError:
     code = response.status_code
     if code == 404:
@@ -298,12 +338,23 @@ def _status_error(response: Any, what: str, note: str = "") -> RegistryError | N
 
 
 class RegistryClient:
-    """Fetch manifests and blobs of one image name across its mirrors and registry."""
+    """Fetch manifests and blobs of one image name across its mirrors and registry.
+
+    ``retry`` says how transient faults are ridden out; ``sleep`` is how the pauses between
+    tries are taken (tests pass one that records them).
+    """
 
     def __init__(
-        self, config: RegistryConfig | None = None, auths: Mapping[str, str] | None = None
+        self,
+        config: RegistryConfig | None = None,
+        auths: Mapping[str, str] | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        sleep: Sleep = time.sleep,
     ) -> None:
         self.config = config or RegistryConfig()
+        self.retry = retry or RetryPolicy()
+        self._sleep = sleep
         self._auths = dict(auths or {})
         self._sessions: dict[Endpoint, _Session] = {}
 
@@ -315,29 +366,32 @@ class RegistryClient:
     def _session(self, endpoint: Endpoint) -> _Session:
         if endpoint not in self._sessions:
             scope = CredentialScope.of(endpoint, self.config.insecure)
-            self._sessions[endpoint] = _Session(endpoint, self._auths, scope)
+            session = _Session(endpoint, self._auths, scope, self.retry, self._sleep)
+            self._sessions[endpoint] = session
         return self._sessions[endpoint]
 
     def manifest(self, ref: ImageRef, reference: str) -> Fetched:
         """The manifest or index named by a tag or digest, digest-verified."""
         problems: list[str] = []
+        hint = (
+            "check the image name and tag, the network, or the mirrors in the registry "
+            "config (MICROAGENT_REGISTRY_MIRRORS)"
+        )
         for endpoint in self.config.endpoints(ref.registry):
             try:
                 found = self._get_manifest(endpoint, ref, reference)
             except (RegistryError, NotFoundError) as exc:
                 problems.append(f"{endpoint}: {exc.message}")
+                hint = exc.hint or hint  # the registry's own failure says best what to do
                 continue
             if found is not None:
                 return found
             problems.append(f"{endpoint}: manifest {ref.repository}:{reference}: not found")
-        raise RegistryError(
-            f"cannot fetch {ref}: " + "; ".join(problems),
-            hint="check the image name and tag, the network, or the mirrors in the "
-            "registry config (MICROAGENT_REGISTRY_MIRRORS)",
-        )
+        raise RegistryError(f"cannot fetch {ref}: " + "; ".join(problems), hint=hint)
 
     def find_manifest(self, ref: ImageRef, reference: str) -> Fetched | None:
-        """Like :meth:`manifest`, but None when every endpoint says 404 (a cache miss)."""
+        """Like :meth:`manifest`, but None when the registry itself says 404 (a cache miss;
+        a mirror only copies it, so its failure does not matter then)."""
         problems: list[str] = []
         for endpoint in self.config.endpoints(ref.registry):
             try:
@@ -347,6 +401,8 @@ class RegistryClient:
                 continue
             if found is not None:
                 return found
+            if not endpoint.mirror:
+                return None
         if problems:
             raise RegistryError(f"cannot look up {ref.name}:{reference}: " + "; ".join(problems))
         return None
@@ -356,40 +412,54 @@ class RegistryClient:
         url = endpoint.url(ref.repository, "manifests", reference)
         session = self._session(endpoint)
         what = f"manifest {ref.repository}:{reference}"
-        response = session.get(url, {"Accept": oci.ACCEPT}, stream=True)
-        try:
-            if response.status_code == 404:
-                return None
-            if response.status_code != 200:
-                raise _status_error(response, what, session.note())
-            data = read_capped(response, oci.MAX_DOCUMENT_BYTES, f"{what} from {endpoint}")
-        finally:
-            response.close()
-        return _verified(data, reference, response.headers, endpoint)
+
+        def fetch() -> tuple[bytes, Mapping[str, str]] | None:
+            response = session.once("GET", url, {"Accept": oci.ACCEPT}, stream=True)
+            try:
+                if response.status_code == 404:
+                    return None
+                if response.status_code != 200:
+                    raise _status_error(response, what, session.note())
+                limit = oci.MAX_DOCUMENT_BYTES
+                return session.body(response, limit, f"{what} from {endpoint}"), response.headers
+            finally:
+                response.close()
+
+        found = retrying(fetch, session.policy, session.sleep)
+        return None if found is None else _verified(found[0], reference, found[1], endpoint)
 
     @contextmanager
     def blob(self, ref: ImageRef, digest: str) -> Iterator[BinaryIO]:
         """A raw (undecoded) stream of a blob; the caller verifies while consuming."""
         problems: list[str] = []
+        hint = ""
         for endpoint in self.config.endpoints(ref.registry):
             url = endpoint.url(ref.repository, "blobs", digest)
             session = self._session(endpoint)
             try:
-                response = session.get(url, {}, stream=True)
+                response = session.request("GET", url, {}, stream=True)
             except RegistryError as exc:
                 problems.append(f"{endpoint}: {exc.message}")
+                hint = exc.hint or hint
                 continue
             if response.status_code != 200:
                 error = _status_error(response, "blob", session.note())
                 problems.append(f"{endpoint}: {error.message}")
+                hint = error.hint or hint
                 response.close()
                 continue
+            what = f"blob {digest[:19]}… of {ref.name} from {endpoint}"
+            stream = ResumingStream(
+                response, _Resume(session, url, what), self.retry, self._sleep, what
+            )
             try:
-                yield response.raw
+                yield cast(BinaryIO, stream)
             finally:
-                response.close()
+                stream.close()
             return
-        raise RegistryError(f"cannot fetch blob {digest} of {ref.name}: " + "; ".join(problems))
+        raise RegistryError(
+            f"cannot fetch blob {digest} of {ref.name}: " + "; ".join(problems), hint=hint
+        )
 
     # -- push (to the registry itself, never to a mirror) ----------------------------------
 
@@ -418,22 +488,27 @@ class RegistryClient:
         endpoint, session = self._origin(ref)
         what = f"uploading blob {digest[:19]} to {ref.name}"
         start = endpoint.url(ref.repository, "blobs", "uploads/")
-        response = session.request("POST", start, {"Content-Length": "0"})
-        location = _location(response, endpoint, what)
-        with path.open("rb") as fh:
-            if size > chunk_size:
-                location = _patch_chunks(
-                    session, endpoint, location, fh, size=chunk_size, what=what
-                )
-                body: BinaryIO | bytes = b""
-            else:
-                body = fh
-            headers = {"Content-Type": "application/octet-stream"}
-            headers["Content-Length"] = str(0 if size > chunk_size else size)
-            done = session.request("PUT", _with_digest(location, digest), headers, data=body)
-        if done.status_code not in (201, 204):
-            raise _push_error(done, what)
-        _check_digest_header(done.headers, digest, what)
+
+        def upload() -> None:  # a transient fault anywhere starts a new upload session
+            location = _location(
+                session.once("POST", start, {"Content-Length": "0"}), endpoint, what
+            )
+            with path.open("rb") as fh:
+                if size > chunk_size:
+                    location = _patch_chunks(
+                        session, endpoint, location, fh, size=chunk_size, what=what
+                    )
+                    body: BinaryIO | bytes = b""
+                else:
+                    body = fh
+                headers = {"Content-Type": "application/octet-stream"}
+                headers["Content-Length"] = str(0 if size > chunk_size else size)
+                done = session.once("PUT", _with_digest(location, digest), headers, data=body)
+            if done.status_code not in (201, 204):
+                raise _push_error(done, what)
+            _check_digest_header(done.headers, digest, what)
+
+        retrying(upload, session.policy, session.sleep)
         return True
 
     def push_manifest(self, ref: ImageRef, reference: str, data: bytes, media_type: str) -> str:
@@ -447,6 +522,33 @@ class RegistryClient:
             raise _push_error(response, what)
         _check_digest_header(response.headers, digest, what)
         return digest
+
+
+@dataclass(frozen=True)
+class _Resume:
+    """Asks again for the rest of a blob whose download broke at ``offset``."""
+
+    session: _Session
+    url: str
+    what: str
+
+    def __call__(self, offset: int) -> tuple[Any | None, int]:
+        """The new response and how many of its bytes to drop: a 206 answer to our Range
+        request starts at ``offset``; a registry that ignores Range sends it all again;
+        416 says nothing follows ``offset`` (None)."""
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        response = self.session.once("GET", self.url, headers, stream=True)
+        code, ranged = response.status_code, response.headers.get("Content-Range", "")
+        if code == 206 and offset and ranged.startswith(f"bytes {offset}-"):
+            return response, 0
+        if code == 200:
+            return response, offset
+        response.close()
+        if code == 416 and offset:
+            return None, 0
+        raise _status_error(
+            response, f"{self.what}: resuming at byte {offset}", self.session.note()
+        )
 
 
 def _location(response: Any, endpoint: Endpoint, what: str) -> str:
@@ -474,7 +576,7 @@ def _patch_chunks(
             "Content-Length": str(len(chunk)),
             "Content-Range": f"{offset}-{offset + len(chunk) - 1}",
         }
-        response = session.request("PATCH", location, headers, data=chunk)
+        response = session.once("PATCH", location, headers, data=chunk)
         location = _location(response, endpoint, what)
         offset += len(chunk)
     return location
@@ -507,7 +609,7 @@ def _check_digest_header(headers: Mapping[str, str], digest: str, what: str) -> 
 def _verified(data: bytes, reference: str, headers: Mapping[str, str], where: Endpoint) -> Fetched:
     digest = sha256_digest(data)
     claimed = headers.get("Docker-Content-Digest")
-    if reference.startswith("sha256:") and reference != digest:
+    if ":" in reference and reference != digest:  # a digest (tags have no colon), any kind
         raise IntegrityError(f"manifest from {where} does not match {reference} (got {digest})")
     if claimed and claimed.startswith("sha256:") and claimed != digest:
         raise IntegrityError(f"manifest from {where}: header says {claimed}, content is {digest}")
