@@ -1,5 +1,7 @@
 """Remote build cache through a real local OCI registry: two machines (two MICROAGENT_HOMEs),
-the fake VM backend (a setup step "runs" instantly, yields an empty layer, counts a boot)."""
+the fake VM backend (a setup step "runs" instantly, counts a boot, and leaves a marker file
+holding its command in its layer, so what was pushed, restored and flattened is checked by
+content)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from microagent.oci.registry import RegistryClient
 from microagent.remotecache.records import rootfs_tag, step_tag
 from microagent.runner import run as run_tool
 from microagent.store.content import Store
-from testenv.pytest_plugin import require_tools
+from testenv.fakeguest import rootfs_image, setup_markers, step_layer_files
+from testenv.prereq import require_tools
 from testenv.registry import RegistryHandle, start_registry
 
 pytestmark = pytest.mark.integration
@@ -132,6 +135,7 @@ def test_machine_b_creates_from_machine_a_push_without_setup_boots(
     base_key = built["steps"][0]["key"].removeprefix("sha256:")
     assert not (store_b / "rootfs" / f"{base_key}.ext4").exists(), "base rootfs is not needed"
 
+    assert setup_markers(rootfs_image(machines.b, created["rootfsKey"])) == sorted(SETUP)
     machines.cli(machines.b, "start", "ws")
     assert _wait_stopped(machines, machines.b, "ws") == "stopped"
 
@@ -162,6 +166,10 @@ def test_changed_setup_step_rebuilds_from_that_step_only(
     assert [s["kind"] for s in created["remote"]["steps"]] == ["setup"]
     assert created["remote"]["rootfsImages"] == 0
     assert created["remote"]["steps"][0]["key"] == planned["steps"][1]["key"]
+    restored = step_layer_files(machines.b, planned["steps"][1]["key"])
+    assert [v.decode() for v in restored.values()] == [f"/bin/sh -eu -c '{SETUP[0]}'\n"]
+    changed = [SETUP[0], "echo changed > /workspace/one", SETUP[2]]
+    assert setup_markers(rootfs_image(machines.b, created["rootfsKey"])) == sorted(changed)
 
 
 def test_push_is_idempotent_and_a_normal_oci_image(
@@ -189,6 +197,7 @@ def test_push_is_idempotent_and_a_normal_oci_image(
     base = pull_base(Store(tmp_path / "c"), f"oci:{copy}:x")
     listing = run_tool(["debugfs", "-R", "ls /app", str(base.rootfs)]).stdout
     assert "note.txt" in listing, "the files layer is part of the image"
+    assert setup_markers(base.rootfs) == sorted(SETUP), "and so are the setup layers"
 
 
 def test_nothing_pushed_contains_env_values(
@@ -305,6 +314,7 @@ def test_export_import_round_trip_and_layout_as_base(machines: Machines, tmp_pat
     assert len(imported["restored"]) == 5 and len(imported["skipped"]) == 1
     created = machines.cli(machines.b, "create", "-f", machines.spec)
     assert created["setupBoots"] == 0
+    assert setup_markers(rootfs_image(machines.b, created["rootfsKey"])) == sorted(SETUP)
 
     third = tmp_path / "c"
     via_layout = machines.cli(third, "create", "-f", machines.spec, "--cache-from",

@@ -28,7 +28,7 @@ from microagent.layers.apply import stored_layers
 from microagent.layers.tarwrite import compress_zstd
 from microagent.oci.documents import OCI_LAYER_ZSTD
 from microagent.runtime.backend import Accel, Backend, GuestResult, NetworkConfig
-from microagent.runtime.boot import RunRequest, run_once
+from microagent.runtime.boot import SETUP_BOOT, RunRequest, run_once
 from microagent.runtime.configdisk import NetworkMode
 from microagent.store.content import Store
 from microagent.store.records import (
@@ -149,7 +149,7 @@ def run_setup_vm(
         extra_ca=ctx.extra_ca,
         state_disk=upper,
         accel=ctx.accel,
-        name="setup",
+        name=SETUP_BOOT,
     )
     ctx.boots += 1
     return run_once(request, backend=ctx.backend, kit=ctx.kit, on_output=ctx.output)

@@ -56,7 +56,7 @@ from microagent.ext4.debugfs import (
 from microagent.ext4.mkfs import UPPER
 from microagent.layers.stagemeta import Kind, PathMeta
 
-__all__ = ["copy_in", "copy_out", "exists", "guest_parts", "read_bytes"]
+__all__ = ["copy_in", "copy_out", "exists", "guest_parts", "make_dirs", "read_bytes"]
 
 MAX_SYMLINKS = 40  # links followed in one lookup, as Linux (ELOOP beyond)
 PATH_MAX = 4096  # a path has fewer bytes than this, as on Linux (ENAMETOOLONG)
@@ -126,6 +126,37 @@ def copy_in(state_image: Path, rootfs_image: Path, host_src: Path, guest_path: s
         _check_writable(view, guest_path)
         _write_upper(disks.state, view, host_src, size)
     return size
+
+
+def make_dirs(state_image: Path, rootfs_image: Path, guest_path: str) -> None:
+    """Make the directory ``guest_path`` exist in the merged view, like ``mkdir -p`` in the
+    guest: each missing one is created in the upper (root, 0755) after copying up the parents
+    only the lower has; one made where a whiteout hid the lower's is opaque, as overlayfs
+    makes it."""
+    parts = guest_parts(guest_path)
+    disks = _Disks(state_image, rootfs_image)
+    with disks.locked(write=True):
+        for depth in range(1, len(parts) + 1):
+            view = disks.resolve(_guest_path(parts[:depth]), follow_last=True)
+            if view.broken:
+                raise InvalidInputError(f"cannot create {guest_path}: {view.broken}")
+            if view.target is None:
+                _mkdir_upper(disks.state, view)
+            elif view.target.inode.kind is not Kind.DIR:
+                where = _guest_path(parts[:depth])
+                raise InvalidInputError(f"cannot create {guest_path}: {where} is not a directory")
+
+
+def _mkdir_upper(state: Path, view: _View) -> None:
+    name = _here(view.parts[-1])
+    cmds = _enter_parent(view, copy_up=True)
+    if view.upper_entry is not None:  # a whiteout: the new directory hides the lower's
+        cmds += [f"rm {name}", f"mkdir {name}", f"ea_set {name} trusted.overlay.opaque y"]
+    else:
+        cmds.append(f"mkdir {name}")
+    done = run_debugfs(state, [*cmds, *_sif(name, PathMeta(Kind.DIR, 0o755, 0, 0, 0))], write=True)
+    if done.errors:
+        raise ToolError(f"could not create {_guest_path(view.parts)} in {state}: {done.errors[0]}")
 
 
 def copy_out(state_image: Path, rootfs_image: Path, guest_path: str, host_dst: Path) -> int:

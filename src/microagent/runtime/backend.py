@@ -348,20 +348,25 @@ class GuestResult:
 
     @classmethod
     def from_event(cls, event: Mapping[str, Any], timings: Mapping[str, float]) -> GuestResult:
-        """Build from the guest's ``exited`` event plus host/guest timings."""
-        return cls(
-            exit_code=int(event.get("exit_code", 127)),
-            stdout=str(event.get("stdout", "")),
-            stderr=str(event.get("stderr", "")),
-            stdout_truncated=bool(event.get("stdout_truncated", False)),
-            stderr_truncated=bool(event.get("stderr_truncated", False)),
-            started_at=event.get("started_at"),
-            finished_at=event.get("finished_at"),
-            error=event.get("error"),
-            stopped=bool(event.get("stopped", False)),
-            outputs=dict(event.get("outputs") or {}),
-            timings=dict(timings),
+        """Build from the guest's ``exited`` event plus the host's ``timings`` (the event's
+        ``marks`` are added as ``guest.*``). The event comes from the guest: a field of the
+        wrong type is a VMError naming every such field, never a crash."""
+        ex = _ExitedEvent(event)
+        result = cls(
+            exit_code=ex.exit_code(),
+            stdout=ex.text("stdout"),
+            stderr=ex.text("stderr"),
+            stdout_truncated=ex.flag("stdout_truncated"),
+            stderr_truncated=ex.flag("stderr_truncated"),
+            started_at=ex.optional_text("started_at"),
+            finished_at=ex.optional_text("finished_at"),
+            error=ex.optional_text("error"),
+            stopped=ex.flag("stopped"),
+            outputs=ex.outputs(),
+            timings={**timings, **ex.marks()},
         )
+        ex.check()
+        return result
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -377,6 +382,98 @@ class GuestResult:
             "outputs": dict(self.outputs),
             "timings": dict(self.timings),
         }
+
+
+EXIT_CODE_MAX = 255  # a shell's exit status
+MAX_MARKS = 64  # boot-phase marks an exited event may carry (the init sets about ten)
+MAX_OUTPUTS = 64  # declared outputs an exited event may carry
+
+
+class _ExitedEvent:
+    """Reads the fields of an ``exited`` event, noting each one of the wrong type (the
+    field's default is used meanwhile); :meth:`check` raises them all at once."""
+
+    def __init__(self, event: Mapping[str, Any]) -> None:
+        self.event = event
+        self.problems: list[str] = []
+
+    def _bad(self, where: str, want: str, value: Any) -> None:
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        self.problems.append(f"{where}: expected {want}, got {type(value).__name__} {shown}")
+
+    def exit_code(self) -> int:
+        if "exit_code" not in self.event:
+            self.problems.append("exit_code: missing")
+            return 127
+        value = self.event["exit_code"]
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if not ok or not 0 <= value <= EXIT_CODE_MAX:
+            self._bad("exit_code", f"an integer from 0 to {EXIT_CODE_MAX}", value)
+            return 127
+        return int(value)
+
+    def text(self, name: str) -> str:
+        value = self.event.get(name, "")
+        if isinstance(value, str):
+            return value
+        self._bad(name, "a string", value)
+        return ""
+
+    def optional_text(self, name: str) -> str | None:
+        value = self.event.get(name)
+        return None if value is None else self.text(name) or None
+
+    def flag(self, name: str) -> bool:
+        value = self.event.get(name, False)
+        if isinstance(value, bool):
+            return value
+        self._bad(name, "true or false", value)
+        return False
+
+    def outputs(self) -> dict[str, Any]:
+        """``name -> null | {"path": str, "content": str, "truncated": bool}``."""
+        value = self.event.get("outputs")
+        value = {} if value is None else value
+        if not isinstance(value, Mapping) or len(value) > MAX_OUTPUTS:
+            self._bad("outputs", f"an object of at most {MAX_OUTPUTS} outputs", value)
+            return {}
+        out: dict[str, Any] = {}
+        for name, entry in value.items():
+            if entry is not None and not _output_entry_ok(entry):
+                self._bad(f"outputs.{name}", "null or {path, content, truncated}", entry)
+                continue
+            out[name] = entry
+        return out
+
+    def marks(self) -> dict[str, float]:
+        value = self.event.get("marks")
+        value = {} if value is None else value
+        if not isinstance(value, Mapping) or len(value) > MAX_MARKS:
+            self._bad("marks", f"an object of at most {MAX_MARKS} numbers", value)
+            return {}
+        out: dict[str, float] = {}
+        for name, mark in value.items():
+            if isinstance(mark, int | float) and not isinstance(mark, bool):
+                out[f"guest.{name}"] = float(mark)
+            else:
+                self._bad(f"marks.{name}", "a number", mark)
+        return out
+
+    def check(self) -> None:
+        if self.problems:
+            raise VMError(
+                "the guest's exited event is malformed: " + "; ".join(self.problems),
+                hint="the guest init and this host disagree on the event format, or a process "
+                "in the guest wrote to the control port; the serial log may tell more",
+            )
+
+
+def _output_entry_ok(entry: Any) -> bool:
+    if not isinstance(entry, Mapping):
+        return False
+    kinds = {"path": str, "content": str, "truncated": bool}
+    return all(k not in entry or isinstance(entry[k], t) for k, t in kinds.items())
 
 
 class GuestTimeout(VMError):

@@ -50,6 +50,7 @@ from microagent.runtime.configdisk import (
 )
 
 DEFAULT_STATE_MIB = 4096
+SETUP_BOOT = "setup"  # the name of a setup step's boot (RunRequest.name)
 SOCKET_PATH_MAX = 100  # unix socket paths are limited to ~107 bytes
 SYSTEM_DISKS = 3  # rootfs, state, config: /dev/vda, /dev/vdb, /dev/vdc
 # QEMU's microvm machine has 24 virtio-mmio transports (7.2, measured: the 25th device is

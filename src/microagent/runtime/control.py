@@ -40,14 +40,41 @@ SERIAL_LOG_MAX = 8 << 20  # serial.log beyond this moves to serial.log.1 and sta
 TAIL_BYTES = 64 << 10  # how much of a log tail_text looks at
 
 
+class EventLines:
+    """Cuts the guest's control stream into events: each complete line is parsed by
+    :func:`parse_event` (anything not an event object is dropped); a line growing past
+    :data:`MAX_LINE` is dropped up to its newline, so it is never kept whole and its tail is
+    never read as a line of its own."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._skipping = False  # inside a line longer than MAX_LINE
+
+    def feed(self, chunk: bytes) -> list[dict[str, Any]]:
+        """The events completed by ``chunk``."""
+        if self._skipping:
+            _, newline, chunk = chunk.partition(b"\n")
+            self._skipping = not newline
+        self._buf += chunk
+        events = []
+        while b"\n" in self._buf:
+            line, _, self._buf = self._buf.partition(b"\n")
+            event = parse_event(line)
+            if event is not None:
+                events.append(event)
+        if len(self._buf) > MAX_LINE:
+            self._buf = b""
+            self._skipping = True
+        return events
+
+
 class ControlChannel:
     """A newline-delimited JSON connection to the guest init."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._sock: socket.socket | None = None
-        self._buf = b""
-        self._skipping = False  # inside a line longer than MAX_LINE: drop it up to its newline
+        self._lines = EventLines()
         self.closed = False
 
     @property
@@ -79,37 +106,19 @@ class ControlChannel:
             ready, _, _ = select.select([self._sock], [], [], timeout)
         except (OSError, ValueError):  # closed by another thread
             return []
-        if ready:
-            self._read_available()
-        return self._take_lines()
+        return self._lines.feed(self._read_available()) if ready else []
 
-    def _read_available(self) -> None:
+    def _read_available(self) -> bytes:
         assert self._sock is not None
         try:
             chunk = self._sock.recv(1 << 16)
         except BlockingIOError:
-            return
+            return b""
         except OSError:
             chunk = b""
         if not chunk:
             self.closed = True
-            return
-        if self._skipping:
-            _, newline, chunk = chunk.partition(b"\n")
-            self._skipping = not newline
-        self._buf += chunk
-        if len(self._buf) > MAX_LINE and b"\n" not in self._buf:
-            self._buf = b""  # a runaway line: dropped whole, its tail is not read as a line
-            self._skipping = True
-
-    def _take_lines(self) -> list[dict[str, Any]]:
-        events = []
-        while b"\n" in self._buf:
-            line, _, self._buf = self._buf.partition(b"\n")
-            event = parse_event(line)
-            if event is not None:
-                events.append(event)
-        return events
+        return chunk
 
     def send(self, message: Mapping[str, Any], timeout: float = 2.0) -> bool:
         """Send one JSON line; False when the channel is not usable.

@@ -14,16 +14,29 @@ hands each connection to that argv plus ``--fd N`` (the real ``ma-agent --root /
 stand-in, run on the host with the boot's environment), so ``exec`` works without a VM. Like
 the guest init, it adds ``--listen N`` for each of the boot's service channels (the stand-in
 must then understand it); the mediation port stays the outcome's to give.
+
+The fake guest does real work on the state disk: an outcome's ``writes`` (guest path ->
+text) land in the overlay upper of ``/dev/vdb`` through the same ext4 tools ``cp`` uses
+(parents made and copied up as overlayfs would), and every setup step's boot also leaves a
+marker, ``/etc/microagent-fake-setup/<sha256 of the command, 12 hex>`` holding the command,
+so setup layers carry content through build, push, restore and flatten. An outcome's
+``events`` are raw control-channel lines (strings as they are, other JSON values encoded)
+sent after ``started``; they go through the host's own line reader and ``exited`` parser,
+so a malformed or oversized event is handled exactly as one from a real guest. An
+``exited`` among them ends the command; otherwise the usual one follows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shlex
 import socket
 import subprocess
 import tarfile
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +46,8 @@ from types import TracebackType
 from typing import Any
 
 from microagent import runner
-from microagent.errors import VMError
+from microagent.errors import MicroagentError, VMError
+from microagent.ext4 import overlay
 from microagent.runtime.backend import (
     Availability,
     BootConfig,
@@ -42,6 +56,7 @@ from microagent.runtime.backend import (
     OutputSink,
     check_boot_files,
 )
+from microagent.runtime.boot import SETUP_BOOT
 from microagent.runtime.configdisk import (
     ExtraMount,
     GuestNetwork,
@@ -49,9 +64,12 @@ from microagent.runtime.configdisk import (
     Output,
     RunConfig,
 )
+from microagent.runtime.control import EventLines, EventLog
 from microagent.runtime.qemu import parent_death_prefix
 
-CONFIG_DISK_INDEX = 2
+ROOTFS_DISK_INDEX, STATE_DISK_INDEX, CONFIG_DISK_INDEX = 0, 1, 2
+SETUP_MARKER_DIR = "/etc/microagent-fake-setup"
+HOST_TIMINGS = {"host.booted": 0.01, "host.exited": 0.03}
 PLACEHOLDER = b"microagent fake backend: a placeholder, never booted\n"
 
 
@@ -81,6 +99,8 @@ class FakeOutcome:
     outputs: Mapping[str, Any] = field(default_factory=dict)
     process: tuple[str, ...] = ()  # a stand-in VMM process run while the machine is up
     agent: tuple[str, ...] = ()  # the guest agent, run per agent-port connection (+ --fd N)
+    writes: Mapping[str, str] = field(default_factory=dict)  # guest path -> text, in the upper
+    events: tuple[str, ...] = ()  # raw control-channel lines sent after "started"
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> FakeOutcome:
@@ -94,7 +114,14 @@ class FakeOutcome:
             outputs=dict(data.get("outputs") or {}),
             process=tuple(str(word) for word in data.get("process") or ()),
             agent=tuple(str(word) for word in data.get("agent") or ()),
+            writes={str(k): str(v) for k, v in dict(data.get("writes") or {}).items()},
+            events=tuple(_raw_line(line) for line in data.get("events") or ()),
         )
+
+
+def _raw_line(value: Any) -> str:
+    """An event line as given: a string as it is, any other JSON value encoded."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 Handler = Callable[[RunConfig], FakeOutcome]
@@ -157,6 +184,41 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def setup_marker(command: Sequence[str]) -> tuple[str, str]:
+    """The guest path and content of the file the fake guest leaves for a setup step."""
+    text = shlex.join(command)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"{SETUP_MARKER_DIR}/{digest}", text + "\n"
+
+
+def guest_writes(config: BootConfig, run: RunConfig, outcome: FakeOutcome) -> dict[str, str]:
+    """What the fake guest's command writes: the outcome's ``writes``, plus the setup marker
+    on a setup step's boot."""
+    files = dict(outcome.writes)
+    if config.name == SETUP_BOOT:
+        path, text = setup_marker(run.command)
+        files.setdefault(path, text)
+    return files
+
+
+def write_guest_files(config: BootConfig, files: Mapping[str, str]) -> None:
+    """Write ``files`` into the overlay upper of the state disk (the rootfs as the lower),
+    making missing parent directories, as a command in the guest would."""
+    state = config.disks[STATE_DISK_INDEX].path
+    rootfs = config.disks[ROOTFS_DISK_INDEX].path
+    with tempfile.TemporaryDirectory(prefix="microagent-fake-") as tmp:
+        for index, (path, text) in enumerate(sorted(files.items())):
+            try:
+                parent = overlay.guest_parts(path)[:-1]
+                if parent:
+                    overlay.make_dirs(state, rootfs, "/" + "/".join(parent))
+                src = Path(tmp) / str(index)
+                src.write_text(text, encoding="utf-8")
+                overlay.copy_in(state, rootfs, src, path)
+            except MicroagentError as exc:
+                raise VMError(f"fake guest: cannot write {path}: {exc.message}") from exc
+
+
 class FakeMachine:
     """A pretend VM; records the shutdown escalation it was put through."""
 
@@ -173,7 +235,8 @@ class FakeMachine:
         self._process = process
         self._agent = agent_port(config, outcome.agent, run.env) if outcome.agent else None
         self.shutdown_steps: list[str] = []
-        self._events: list[dict[str, Any]] = []
+        self._events = EventLog()
+        self._result: GuestResult | None = None
         self._stop = threading.Event()
         self._closed = False
 
@@ -197,30 +260,42 @@ class FakeMachine:
         return self._process.pid if self._process is not None else None
 
     def events(self) -> Sequence[Mapping[str, Any]]:
-        return tuple(self._events)
+        return self._events.snapshot()
 
     def _emit(self, event: dict[str, Any]) -> None:
-        self._events.append(event)
+        """Take an event the way the QEMU machine does: kept while there is room, and the
+        first ``exited`` is the command's result (a malformed one is a VMError)."""
+        self._events.add(event)
+        if event.get("event") == "exited" and self._result is None:
+            self._result = GuestResult.from_event(event, HOST_TIMINGS)
 
     def wait(
         self, timeout: float | None = None, on_output: OutputSink | None = None
     ) -> GuestResult:
-        """Play back booted/started/exited; a hang lasts until shutdown or the timeout."""
+        """Play back booted/started, the command's writes and raw events, then exited; a hang
+        lasts until shutdown or the timeout."""
         out = self.outcome
         if out.crash:
             raise VMError(f"the VM exited before the guest booted: {out.crash}")
         self._emit({"event": "booted", "uptime": 0.01, "kernel": "fake"})
         started = _now()
         self._emit({"event": "started", "at": started, "uptime": 0.02})
+        if not out.error:
+            write_guest_files(self.config, guest_writes(self.config, self.run_config, out))
         if on_output and not out.error:
             on_output((out.stdout + out.stderr).encode())
+        lines = EventLines()
+        for raw in out.events:
+            for event in lines.feed(raw.encode("utf-8", "surrogateescape") + b"\n"):
+                self._emit(event)
         limit = timeout if timeout is not None else self.config.timeout
-        if out.hang and not self._stop.wait(limit):
+        if self._result is None and out.hang and not self._stop.wait(limit):
             self.shutdown()
             raise GuestTimeout(f"timed out after {limit:g}s: the guest command did not finish")
-        event = self._exited_event(started)
-        self._emit(event)
-        return GuestResult.from_event(event, {"host.booted": 0.01, "host.exited": 0.03})
+        if self._result is None:
+            self._emit(self._exited_event(started))
+        assert self._result is not None
+        return self._result
 
     def _exited_event(self, started: str) -> dict[str, Any]:
         out = self.outcome

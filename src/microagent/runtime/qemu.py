@@ -332,6 +332,7 @@ class QemuMachine:
         self._events = EventLog()
         self._arrivals: dict[str, float] = {}  # first arrival of each kept event's kind
         self._result: GuestResult | None = None
+        self._malformed: VMError | None = None  # the guest's exited event did not parse
         self._closed = False
         self._lock = threading.RLock()  # channel reads and the event list
         self._stopping = threading.Lock()  # one shutdown at a time
@@ -374,15 +375,12 @@ class QemuMachine:
         name = str(event.get("event"))
         if self._events.add(event):  # bounded, and so are the arrivals (one per kept event)
             self._arrivals.setdefault(name, time.monotonic() - self._t0)
-        if name == "exited" and self._result is None:
-            self._result = GuestResult.from_event(event, self._timings(event))
-
-    def _timings(self, exited: Mapping[str, Any]) -> dict[str, float]:
-        timings = {f"host.{k}": round(v, 3) for k, v in self._arrivals.items()}
-        marks = exited.get("marks") or {}
-        if isinstance(marks, dict):
-            timings.update({f"guest.{k}": float(v) for k, v in marks.items()})
-        return timings
+        if name == "exited" and self._result is None and self._malformed is None:
+            host = {f"host.{k}": round(v, 3) for k, v in self._arrivals.items()}
+            try:
+                self._result = GuestResult.from_event(event, host)
+            except VMError as exc:  # raised by wait(); never from a pump inside shutdown
+                self._malformed = exc
 
     # waiting -------------------------------------------------------------------------------
     def wait(
@@ -391,7 +389,7 @@ class QemuMachine:
         """Wait for the guest's ``exited`` event, then for QEMU to exit (the guest powers off)."""
         limit = timeout if timeout is not None else self.config.timeout
         stream = SerialStream(self.config.serial_log, on_output) if on_output else None
-        while self._result is None:
+        while self._result is None and self._malformed is None:
             self._pump(0.05)
             if stream:
                 stream.pump()
@@ -399,6 +397,9 @@ class QemuMachine:
                 self._pump(0.05)
                 break
             self._check_deadlines(limit)
+        if self._malformed is not None:
+            self.shutdown()
+            raise self._malformed
         if self._result is None:
             raise self._crash_error()
         self._await_exit()

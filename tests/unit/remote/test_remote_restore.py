@@ -1,5 +1,7 @@
 """Restoring from a layout cache with the fake backend: broken chains, pruned root
-filesystems, and layout folders that are extended rather than overwritten."""
+filesystems, and layout folders that are extended rather than overwritten. The fake guest
+writes a marker per setup step (and any ``writes``), so the layers restored and flattened here
+carry real content, checked at the end of each path."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import pytest
 
 from microagent.cli import main
 from microagent.errors import InvalidInputError
+from testenv.fakeguest import read_file, rootfs_image, setup_markers, step_layer_files
+
+SETUP = ["mkdir -p /w", "touch /w/x"]
 
 
 @pytest.fixture
@@ -18,7 +23,7 @@ def project(busybox_project: Path) -> Path:
     proj = busybox_project
     (proj / "note.txt").write_text("hello\n")
     (proj / "microagent.yaml").write_text(
-        "name: ws\nimage: oci:layout:latest\nsetup: [mkdir -p /w, touch /w/x]\n"
+        f"name: ws\nimage: oci:layout:latest\nsetup: {json.dumps(SETUP)}\n"
         "files: [{src: note.txt, dst: /app/note.txt}]\nentrypoint: cat /app/note.txt\n"
     )
     return proj
@@ -91,6 +96,7 @@ def test_pruned_rootfs_is_rebuilt_from_stored_layers_without_a_vm(
     (home / "store" / "rootfs" / (first["rootfsKey"][7:] + ".ext4")).unlink()
     again = cli(monkeypatch, capsys, home, "create", "-f", spec, "--name", "ws2")
     assert (again["setupBoots"], again["rootfsKey"]) == (0, first["rootfsKey"])
+    assert setup_markers(rootfs_image(home, again["rootfsKey"])) == sorted(SETUP)
 
 
 def test_layout_folders_are_extended_and_foreign_folders_refused(
@@ -185,3 +191,42 @@ def test_a_missing_rootfs_image_blob_falls_back_to_flattening(
     )
     assert (created["setupBoots"], created["remote"]["rootfsImages"]) == (0, 0)
     assert "flattening" in created["remote"]["warnings"][0]
+    assert setup_markers(rootfs_image(tmp_path / "b", created["rootfsKey"])) == sorted(SETUP)
+
+
+def test_setup_layers_carry_what_the_steps_wrote_through_export_restore_and_flatten(
+    project: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each setup step's layer holds what its command wrote; a restore that takes the built
+    image and one that flattens the restored layers give the same files, and a workspace
+    made from them reads them back through its overlay."""
+    spec, cache = str(project / "microagent.yaml"), tmp_path / "cache"
+    monkeypatch.setenv("MICROAGENT_FAKE", json.dumps({"writes": {"/w/data.txt": "payload\n"}}))
+    cli(monkeypatch, capsys, tmp_path / "a", "cache", "export", "-f", spec, str(cache))
+    plan = cli(monkeypatch, capsys, tmp_path / "a", "plan", "-f", spec)
+    setup_keys = [s["key"] for s in plan["steps"] if s["kind"] == "setup"]
+    for key, command in zip(setup_keys, SETUP, strict=True):
+        files = step_layer_files(tmp_path / "a", key)
+        markers = [name for name in files if name.startswith("etc/microagent-fake-setup/")]
+        assert len(markers) == 1 and files[markers[0]].decode().endswith(f"'{command}'\n")
+        assert files["w/data.txt"] == b"payload\n"
+        assert set(files) == {markers[0], "w/data.txt"}, "a layer holds its own step's writes"
+
+    monkeypatch.delenv("MICROAGENT_FAKE")
+    taken = cli(monkeypatch, capsys, tmp_path / "b", "create", "-f", spec, "--cache-from",
+                f"oci:{cache}")  # fmt: skip
+    monkeypatch.setenv("MICROAGENT_CACHE_ROOTFS", "0")
+    flattened = cli(monkeypatch, capsys, tmp_path / "c", "create", "-f", spec, "--cache-from",
+                    f"oci:{cache}")  # fmt: skip
+    assert (taken["remote"]["rootfsImages"], flattened["remote"]["rootfsImages"]) == (1, 0)
+    assert taken["setupBoots"] == flattened["setupBoots"] == 0
+    for home in (tmp_path / "b", tmp_path / "c"):
+        image = rootfs_image(home, taken["rootfsKey"])
+        assert setup_markers(image) == sorted(SETUP)
+        assert read_file(image, "/w/data.txt") == b"payload\n"
+    copied = tmp_path / "data.txt"
+    cli(monkeypatch, capsys, tmp_path / "c", "cp", "ws:/w/data.txt", str(copied))
+    assert copied.read_bytes() == b"payload\n"
