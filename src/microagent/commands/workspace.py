@@ -169,9 +169,7 @@ def _result_text(payload: dict[str, Any]) -> str:
     work = payload.get("workResult")
     head = f"exit code {payload.get('exitCode')}"
     if not isinstance(work, dict):
-        why = next(
-            (f": {o['error']}" for o in payload.get("outputs") or () if o.get("error")), ""
-        )
+        why = next((f": {o['error']}" for o in payload.get("outputs") or () if o.get("error")), "")
         tail = payload.get("stderr") or payload.get("stdout") or ""
         return f"{head}; no WorkResult (declared output `result`){why}\n{tail}".rstrip()
     lines = [f"{work.get('request_id', '?')}: {work.get('status', '?')} ({head})"]
