@@ -121,7 +121,8 @@ CASES: dict[str, Case] = {
     "hardlink-to-directory": one(dir_("d"), hard("h", "d"), refuse="hard link to a directory"),
     "hardlink-to-itself": one(hard("h", "h"), refuse="circular"),
     "hardlink-to-own-child": one(dir_("h"), file("h/x"), hard("h", "h/x"), refuse="circular"),
-    "whiteout-dotdot": one(dir_("a"), file("a/.wh.."), refuse="invalid name"),
+    # `.wh..` whites out ".", not ".."; `.wh...` (a whiteout of "..") is in test_guards_layers
+    "whiteout-of-dot": one(dir_("a"), file("a/.wh.."), refuse="invalid name"),
     "whiteout-escaping-parent": one(file("../sentinel/.wh.secret", b""), refuse=r"'\.\.'"),
     "whiteout-through-symlink": one(
         sym("s", SENTINEL), whiteout("s/secret"), refuse="parent /s is a symlink"
