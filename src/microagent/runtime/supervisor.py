@@ -203,6 +203,8 @@ class Supervisor:
             gateway.start(stdin=0)
         except MicroagentError as exc:
             return Ended(None, exc.message)
+        except OSError as exc:  # its config or log could not be written: a final state all the same
+            return Ended(None, f"cannot start the credential gateway: {exc.strerror or exc}")
         finally:
             _drop_stdin()
         pid = gateway.proc.pid if gateway.proc else None
