@@ -11,15 +11,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from microagent.cli import main
 from microagent.commands import confirm
-from testenv import standin
+from testenv.clitools import cli_json as cli
 
 
 @pytest.fixture
@@ -30,12 +28,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def project(
-    fake_backend: None, home: Path, tmp_path: Path, busybox_layout: standin.BuiltImage
-) -> Path:
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    shutil.copytree(busybox_layout.layout, proj / "layout")
+def project(busybox_project: Path, home: Path) -> Path:
+    proj = busybox_project
     (proj / "microagent.yaml").write_text(
         "name: ws\nimage: oci:layout:latest\nsetup: [mkdir -p /workspace]\nentrypoint: 'true'\n"
     )
@@ -47,14 +41,6 @@ def created(project: Path, capsys: pytest.CaptureFixture[str]) -> Path:
     """A created workspace `ws` (its base image pulled, its steps in the cache)."""
     cli(capsys, "create", "-f", str(project / "microagent.yaml"))
     return project
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str, code: int = 0) -> dict[str, Any]:
-    capsys.readouterr()
-    got = main(["--json", *args])
-    out = capsys.readouterr().out
-    assert got == code, out
-    return json.loads(out) if out.strip() else {}
 
 
 def snapshot(root: Path) -> dict[str, int]:

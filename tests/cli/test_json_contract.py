@@ -14,7 +14,6 @@ import importlib
 import json
 import pkgutil
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ from microagent.cli import cli, main
 from microagent.commands import confirm, envelope
 from microagent.commands.workspace import console_records
 from microagent.workspace.records import Workspaces
-from testenv import standin
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
 SCHEMA = envelope.schema()
@@ -38,19 +36,10 @@ SPEC = "name: ws\nimage: oci:layout:latest\nsetup: [mkdir -p /workspace]\nentryp
 
 
 @pytest.fixture
-def project(
-    fake_backend: None,
-    tmp_path: Path,
-    busybox_layout: standin.BuiltImage,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Path:
+def project(busybox_project: Path) -> Path:
     """A folder with a spec for workspace `ws` over the busybox layout; an empty home."""
-    monkeypatch.setenv("MICROAGENT_HOME", str(tmp_path / "home"))
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    shutil.copytree(busybox_layout.layout, proj / "layout")
-    (proj / "microagent.yaml").write_text(SPEC)
-    return proj
+    (busybox_project / "microagent.yaml").write_text(SPEC)
+    return busybox_project
 
 
 def checked(out: str) -> dict[str, Any]:

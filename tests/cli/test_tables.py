@@ -7,7 +7,6 @@ Workspaces come from the fake backend over the busybox stand-in layout (no VM).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +17,14 @@ from hypothesis import strategies as st
 from microagent.cli import main
 from microagent.commands.doctor import render_report
 from microagent.commands.table import Column, plural, render
-from testenv import standin
+from testenv.clitools import cli_json as cli
 
 LONG = "a-workspace-name-much-longer-than-the-old-28-character-column"  # at most 63
 
 
 @pytest.fixture
-def project(
-    fake_backend: None,
-    tmp_path: Path,
-    busybox_layout: standin.BuiltImage,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Path:
-    monkeypatch.setenv("MICROAGENT_HOME", str(tmp_path / "home"))
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    shutil.copytree(busybox_layout.layout, proj / "layout")
+def project(busybox_project: Path) -> Path:
+    proj = busybox_project
     (proj / "note.txt").write_text("hello\n")
     (proj / "microagent.yaml").write_text(
         "name: ws\n"
@@ -43,14 +34,6 @@ def project(
         "entrypoint: cat /app/note.txt\n"
     )
     return proj
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str, code: int = 0) -> dict[str, Any]:
-    capsys.readouterr()
-    got = main(["--json", *args])
-    out = capsys.readouterr().out
-    assert got == code, out
-    return json.loads(out) if out.strip() else {}
 
 
 def text(capsys: pytest.CaptureFixture[str], *args: str, code: int = 0) -> tuple[str, str]:
