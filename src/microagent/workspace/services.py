@@ -21,10 +21,9 @@ from microagent.broker.gateway import CredentialRoute, EgressRoute, GatewayConfi
 from microagent.compiler.credentials import Credential
 from microagent.errors import InvalidInputError
 from microagent.runtime.backend import ServiceChannel
+from microagent.workspace.audit import AUDIT_NAME
 
 PLACEHOLDER = "microagent-brokered"  # what a key variable holds in the guest
-GATEWAY_CONFIG = "gateway.json"
-AUDIT_LOG = "audit.jsonl"
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
 NO_PROXY_VARIABLES = ("NO_PROXY", "no_proxy")
 NO_PROXY = "127.0.0.1,localhost"
@@ -80,7 +79,7 @@ def plan_services(
         env.update(dict.fromkeys(PROXY_VARIABLES, f"http://127.0.0.1:{port}"))
         env.update(dict.fromkeys(NO_PROXY_VARIABLES, NO_PROXY))
     gateway = GatewayConfig(
-        audit=run_dir / AUDIT_LOG,
+        audit=run_dir / AUDIT_NAME,
         cafile=cafile,
         credentials=tuple(routes),
         egress=egress,
@@ -122,8 +121,3 @@ def secrets_pipe(values: Mapping[str, str]) -> int:
     finally:
         os.close(write_end)
     return read_end
-
-
-def guest_env_conflicts(services: Services, env: Mapping[str, str]) -> list[str]:
-    """Variables the workspace's own environment sets that the services set too."""
-    return sorted(set(services.env) & set(env))
