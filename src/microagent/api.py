@@ -3,7 +3,8 @@
 ``Microagent(settings)`` is the entry point; the CLI is flag parsing over it. Collaborators are
 resolved from the settings unless given: the registry client (mirrors, credentials), the
 backend (``qemu``, ``fake`` ...) and the guest kit. Progress lines go to ``say``; a setup
-step's or a one-shot run's live output to ``output``.
+step's or a one-shot run's live output to ``output``; a notice of trouble being ridden out (a
+registry request retried) to ``notice``, which the CLI shows even with ``--json``.
 
 Imports are deferred by operation: ``validate``, ``plan`` and ``lock`` load only the compiler,
 the store and the registry client (they are what a CLI start-up waits for); building, booting,
@@ -278,6 +279,7 @@ class Microagent:
     say: Say = _quiet
     output: OutputSink | None = None
     injected_backend: Backend | None = field(default=None, repr=False)
+    notice: Say = _quiet
 
     # -- collaborators ----------------------------------------------------------------------
 
@@ -297,7 +299,7 @@ class Microagent:
         # deferred: see the module docstring
         from microagent.oci.registry import RegistryClient
 
-        return RegistryClient.from_settings(self.settings)
+        return RegistryClient.from_settings(self.settings, notify=self.notice)
 
     def backend(self) -> Backend:
         # deferred: see the module docstring

@@ -16,6 +16,11 @@ The user config (``$MICROAGENT_CONFIG``, else ``<user config dir>/microagent/con
       to: ghcr.io/acme/agent-cache           # where build/create publish (usually only CI)
     guest:
       extraCA: host                          # or a PEM file: extra CAs for guests
+    registry:                                # how registry traffic rides out faults
+      attempts: 4                            # tries of each request, the first included
+      deadline: 120                          # seconds: no new try starts later
+      connectTimeout: 5                      # seconds to open a connection
+      readTimeout: 60                        # seconds without a byte: a stall
 
 The file is read strictly when a command starts: a YAML error, an unknown key (``mirors:``,
 with a did-you-mean), a repeated key or a wrong type is an error naming the file, line and
@@ -25,14 +30,16 @@ came from (:func:`explain`).
 Environment variables win over the file:
 ``MICROAGENT_REGISTRY_MIRRORS="docker.io=http://h:5000,ghcr.io=https://m"`` (per registry),
 ``MICROAGENT_INSECURE_REGISTRIES="h:5000"`` (added), ``MICROAGENT_CACHE_FROM`` /
-``MICROAGENT_CACHE_TO`` (set, even empty, replaces ``cache``), ``MICROAGENT_EXTRA_CA``. Every
-variable is listed in docs/cli.md ("Environment").
+``MICROAGENT_CACHE_TO`` (set, even empty, replaces ``cache``), ``MICROAGENT_EXTRA_CA``,
+``MICROAGENT_REGISTRY_ATTEMPTS`` / ``_DEADLINE`` / ``_CONNECT_TIMEOUT`` / ``_READ_TIMEOUT``
+(``registry``). Every variable is listed in docs/cli.md ("Environment").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -63,11 +70,24 @@ CACHE_ROOTFS_ENV = "MICROAGENT_CACHE_ROOTFS"
 FAKE_ENV = "MICROAGENT_FAKE"
 RESTART_BACKOFF_ENV = "MICROAGENT_RESTART_BACKOFF"
 SERVICE_PORT_BASE_ENV = "MICROAGENT_SERVICE_PORT_BASE"
+REGISTRY_ATTEMPTS_ENV = "MICROAGENT_REGISTRY_ATTEMPTS"
+REGISTRY_DEADLINE_ENV = "MICROAGENT_REGISTRY_DEADLINE"
+REGISTRY_CONNECT_TIMEOUT_ENV = "MICROAGENT_REGISTRY_CONNECT_TIMEOUT"
+REGISTRY_READ_TIMEOUT_ENV = "MICROAGENT_REGISTRY_READ_TIMEOUT"
+# Registry traffic (oci.RetryPolicy takes its defaults from here): tries of one request, the
+# first included; seconds after the first try that no new one starts; connect and read
+# (no byte for this long: a stall) timeouts. The bounds each setting is checked against.
+REGISTRY_ATTEMPTS = 4
+REGISTRY_DEADLINE = 120.0
+REGISTRY_CONNECT_TIMEOUT = 5.0
+REGISTRY_READ_TIMEOUT = 60.0
+MAX_REGISTRY_ATTEMPTS = 20
+MAX_SECONDS = 3600.0
 SERVICE_PORT_BASE = 18780
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 MAX_CONFIG_BYTES = 1 << 20
 _OFF = ("0", "no", "false", "off")
-_SECTIONS = ("registries", "cache", "guest")
+_SECTIONS = ("registries", "cache", "guest", "registry")
 
 
 @dataclass(frozen=True)
@@ -95,6 +115,10 @@ class Settings:
     restart_backoff: float = 1.0  # seconds before the first automatic restart (doubling)
     # The first guest loopback port of the host services (credential brokers, egress proxy).
     service_port_base: int = SERVICE_PORT_BASE
+    registry_attempts: int = REGISTRY_ATTEMPTS
+    registry_deadline: float = REGISTRY_DEADLINE
+    registry_connect_timeout: float = REGISTRY_CONNECT_TIMEOUT
+    registry_read_timeout: float = REGISTRY_READ_TIMEOUT
 
     @property
     def store_dir(self) -> Path:
@@ -158,6 +182,7 @@ class Settings:
             fake_outcome=env.get(FAKE_ENV) or None,
             restart_backoff=_seconds(RESTART_BACKOFF_ENV, env.get(RESTART_BACKOFF_ENV), 1.0),
             service_port_base=_port_base(env.get(SERVICE_PORT_BASE_ENV)),
+            **_registry_tuning(config, env),
         )
 
 
@@ -177,6 +202,14 @@ _ENV_ONLY: tuple[tuple[str, str, str], ...] = (
     ("fakeOutcome", "fake_outcome", FAKE_ENV),
     ("restartBackoff", "restart_backoff", RESTART_BACKOFF_ENV),
     ("servicePortBase", "service_port_base", SERVICE_PORT_BASE_ENV),
+)
+# How registry traffic rides out faults: (key under `registry` in the config file, attribute,
+# variable, hint). A variable set (not empty) wins over the file.
+_REGISTRY_TUNING: tuple[tuple[str, str, str, str], ...] = (
+    ("attempts", "registry_attempts", REGISTRY_ATTEMPTS_ENV, "e.g. 4 (1: no retries)"),
+    ("deadline", "registry_deadline", REGISTRY_DEADLINE_ENV, "seconds, e.g. 120"),
+    ("connectTimeout", "registry_connect_timeout", REGISTRY_CONNECT_TIMEOUT_ENV, "seconds, e.g. 5"),
+    ("readTimeout", "registry_read_timeout", REGISTRY_READ_TIMEOUT_ENV, "seconds, e.g. 60"),
 )
 # Settings the config file can hold too: (name = config key, attribute, variable).
 _FILE_OR_ENV: tuple[tuple[str, str, str], ...] = (
@@ -246,8 +279,24 @@ def explain(
             rows.append(Effective(name, value, SOURCE_ENVIRON, var, var))
         else:
             rows.append(Effective(name, value, env=var))
+    rows += _tuning_rows(settings, config, env)
     rows.append(_auth_row(settings, env))
     return settings, tuple(rows)
+
+
+def _tuning_rows(settings: Settings, config: UserConfig, env: Mapping[str, str]) -> list[Effective]:
+    """``registry.attempts`` and the rest: from the environment, the config file or the
+    default."""
+    rows = []
+    for key, attr, var, _hint in _REGISTRY_TUNING:
+        name, value = f"registry.{key}", getattr(settings, attr)
+        if env.get(var, "").strip():
+            rows.append(Effective(name, value, SOURCE_ENVIRON, var, var))
+        elif name in config.origins:
+            rows.append(Effective(name, value, SOURCE_FILE, str(config.origins[name]), var))
+        else:
+            rows.append(Effective(name, value, env=var))
+    return rows
 
 
 def _home_row(settings: Settings, env: Mapping[str, str], flag: Path | str | None) -> Effective:
@@ -347,6 +396,45 @@ def _seconds(name: str, value: str | None, default: float) -> float:
     return seconds
 
 
+def _registry_tuning(config: UserConfig, env: Mapping[str, str]) -> dict[str, Any]:
+    """The registry's retry settings the environment or the config file give (the
+    :class:`Settings` defaults stand for the rest)."""
+    values: dict[str, Any] = {}
+    for key, attr, var, hint in _REGISTRY_TUNING:
+        text = env.get(var, "").strip()
+        if text:
+            values[attr] = _tuning_from_env(key, var, text, hint)
+        elif key in config.registry:
+            values[attr] = config.registry[key]
+    return values
+
+
+def _tuning_from_env(key: str, var: str, text: str, hint: str) -> int | float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    problem = tuning_problem(key, value)
+    if problem:
+        raise InvalidInputError(
+            f"{var}={text[:20]!r}: {problem}", hint=f"{hint}; or unset it for the default"
+        )
+    return int(value) if key == "attempts" else value
+
+
+def tuning_problem(key: str, value: float) -> str | None:
+    """What is wrong with ``value`` for the ``registry`` setting ``key`` (None: nothing)."""
+    if not math.isfinite(value):
+        value = -1.0
+    if key == "attempts":
+        if value != int(value) or not 1 <= value <= MAX_REGISTRY_ATTEMPTS:
+            return f"must be a whole number from 1 to {MAX_REGISTRY_ATTEMPTS}"
+        return None
+    if not 0 < value <= MAX_SECONDS:
+        return f"must be a number of seconds, more than 0 and at most {MAX_SECONDS:g}"
+    return None
+
+
 def _flag(value: str | None) -> bool:
     return (value or "1").strip().lower() not in _OFF
 
@@ -397,6 +485,7 @@ _KEYS: Mapping[str, tuple[str, ...]] = {
     "registries.<host>": ("mirrors", "insecure"),
     "cache": ("from", "to"),
     "guest": ("extraCA",),
+    "registry": tuple(key for key, *_rest in _REGISTRY_TUNING),
 }
 _YAML_HINT = (
     "the config file is YAML: check the indentation (spaces, not tabs) and that every "
@@ -416,6 +505,7 @@ class UserConfig:
     cache_from: tuple[str, ...] = ()
     cache_to: str | None = None
     extra_ca: str | None = None
+    registry: Mapping[str, int | float] = field(default_factory=dict)  # attempts, deadline ...
     origins: Mapping[str, Location] = field(default_factory=dict)
 
 
@@ -444,6 +534,8 @@ def unknown_key_hint(key: str, section: str) -> str:
     known = _KEYS[section]
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     listed = f"known here: {', '.join(known)}"
+    if section == "registry" and ("." in key or ":" in key):
+        return f"registry hosts go under `registries:` ({listed})"
     if close:
         return f"did you mean {close[0]!r}? ({listed})"
     for other, keys in _KEYS.items():
@@ -544,7 +636,9 @@ class _ConfigReader:
         return node
 
     def _top(self, root: Any) -> UserConfig:
-        top = self.mapping(root, "(top level)", "start with `registries:`, `cache:` or `guest:`")
+        top = self.mapping(
+            root, "(top level)", "start with `registries:`, `cache:`, `guest:` or `registry:`"
+        )
         self.keys(root, "", "")
         mirrors, insecure = self._registries(top.get("registries"))
         cache = self._section(top.get("cache"), "cache")
@@ -559,6 +653,7 @@ class _ConfigReader:
             cache_from=self.strings(from_node, "cache.from") if from_node is not None else (),
             cache_to=to[0] if to else None,
             extra_ca=self.string(extra_node, "guest.extraCA") if extra_node is not None else None,
+            registry=self._tuning(top.get("registry")),
             origins=dict(self.origins),
         )
 
@@ -594,6 +689,27 @@ class _ConfigReader:
             else:
                 self.problem(flag.start_mark, f"{path}.insecure", "must be true or false")
         return mirrors, frozenset(insecure)
+
+    def _tuning(self, node: Any) -> dict[str, int | float]:
+        """The ``registry`` section: retry attempts, deadline and timeouts, each checked."""
+        items = self._section(node, "registry")
+        found: dict[str, int | float] = {}
+        for key, _attr, _var, hint in _REGISTRY_TUNING:
+            path = f"registry.{key}"
+            value_node = self.setting(items, key, path)
+            if value_node is None:
+                continue
+            tag = getattr(value_node, "tag", "")
+            if not isinstance(value_node, yaml.ScalarNode) or not tag.endswith((":int", ":float")):
+                self.problem(value_node.start_mark, path, "must be a number", hint)
+                continue
+            value = float(yaml.SafeLoader("").construct_object(value_node, deep=True))
+            problem = tuning_problem(key, value)
+            if problem:
+                self.problem(value_node.start_mark, path, problem, hint)
+                continue
+            found[key] = int(value) if key == "attempts" else value
+        return found
 
     def _mirror_list(self, node: Any, path: str) -> tuple[str, ...]:
         if not isinstance(node, yaml.SequenceNode):

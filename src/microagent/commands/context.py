@@ -129,7 +129,12 @@ class Ctx:
         from microagent.api import Microagent  # deferred: the library is heavy; --help is not
 
         chosen = _quiet if quiet or self.json else (say or _to_stderr)
-        return Microagent(self.settings, say=chosen, output=None if self.json else output)
+        return Microagent(
+            self.settings,
+            say=chosen,
+            output=None if self.json else output,
+            notice=_quiet if quiet else _to_stderr,  # retries: on stderr, even with --json
+        )
 
     def emit(
         self, data: dict[str, Any], text: str, *, error: MicroagentError | None = None

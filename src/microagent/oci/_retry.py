@@ -7,6 +7,10 @@ of a body), a read that stalls (no byte for ``read_timeout``) or trickles (slowe
 does not resolve, a connect timeout, TLS errors, any other HTTP status, wrong content. Every
 transport failure leaves here as :class:`~microagent.errors.RegistryError`; nothing from
 requests or urllib3 escapes.
+
+Every retry is told to a ``notify`` callback first (the CLI prints it on stderr), one line
+such as ``registry 127.0.0.1:5000: HTTP 503 Service Unavailable; retrying in 1.2 s (attempt
+2/4)``. The numbers come from the user's settings (:meth:`RetryPolicy.of`).
 """
 
 from __future__ import annotations
@@ -22,26 +26,50 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from microagent import settings as defaults
 from microagent.errors import RegistryError
+from microagent.settings import Settings
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-BROKEN_HINT = "the registry or the network kept failing; running the command again is safe"
+BROKEN_HINT = (
+    "the registry or the network kept failing; running the command again is safe "
+    "(`microagent config show` lists the registry.* retry settings)"
+)
 RECOVERED = 1 << 20  # bytes read after a break that end a run of breaks (attempts count anew)
 Sleep = Callable[[float], None]
+Notify = Callable[[str], None]  # one line per retry, for the user
 T = TypeVar("T")
+
+
+def silent(_line: str) -> None:
+    return None
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
     """How registry traffic rides out transient faults; anything else fails at once."""
 
-    attempts: int = 4  # tries of one request (or breaks of one download), the first included
+    # tries of one request (or breaks of one download), the first included
+    attempts: int = defaults.REGISTRY_ATTEMPTS
     backoff: float = 0.5  # the first pause; it doubles after each try, jittered down to half
     max_pause: float = 10.0  # the longest pause; a longer Retry-After fails at once
-    deadline: float = 120.0  # no new try starts later than this after the first
-    connect_timeout: float = 5.0
-    read_timeout: float = 60.0  # this long without a byte is a stall
+    deadline: float = (
+        defaults.REGISTRY_DEADLINE
+    )  # no new try starts later than this after the first
+    connect_timeout: float = defaults.REGISTRY_CONNECT_TIMEOUT
+    read_timeout: float = defaults.REGISTRY_READ_TIMEOUT  # this long without a byte is a stall
     min_rate: int = 1024  # bytes/s while waiting on the network; slower (a trickle) is a stall
+
+    @classmethod
+    def of(cls, settings: Settings) -> RetryPolicy:
+        """The policy the user's settings ask for (``registry.*`` in the config file, or
+        their environment variables)."""
+        return cls(
+            attempts=settings.registry_attempts,
+            deadline=settings.registry_deadline,
+            connect_timeout=settings.registry_connect_timeout,
+            read_timeout=settings.registry_read_timeout,
+        )
 
     @property
     def timeout(self) -> tuple[float, float]:
@@ -63,10 +91,11 @@ class RetryPolicy:
 class Transient(Exception):
     """A failure worth another try; never leaves the oci package (see :meth:`final`)."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, cause: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.cause = cause or message  # what went wrong in a few words, for the retry line
 
     def final(self, tries: int, policy: RetryPolicy, hint: str = BROKEN_HINT) -> RegistryError:
         """The error to report once no more tries are made."""
@@ -75,12 +104,30 @@ class Transient(Exception):
                 f"{self.message}; the registry asks to retry after {self.retry_after:g} s",
                 hint=f"try again later (microagent waits at most {policy.max_pause:g} s)",
             )
-        tried = f" (gave up after {tries} tries)" if tries > 1 else ""
+        if tries > 1:
+            tried = f" (gave up after {tries} tries)"
+        else:
+            tried = " (1 try allowed)" if policy.attempts == 1 else ""
         return RegistryError(f"{self.message}{tried}", hint=hint)
 
 
-def retrying(fn: Callable[[], T], policy: RetryPolicy, sleep: Sleep) -> T:
-    """``fn()``, tried again after a pause while it raises :class:`Transient`."""
+def retry_line(host: str, cause: str, pause: float, tries: int, policy: RetryPolicy) -> str:
+    """What the user sees before a retry: ``registry HOST: CAUSE; retrying in 1.2 s
+    (attempt 2/4)`` (``tries``: those that failed so far)."""
+    source = f"registry {host}" if host else "registry"
+    return f"{source}: {cause}; retrying in {pause:.1f} s (attempt {tries + 1}/{policy.attempts})"
+
+
+def retrying(
+    fn: Callable[[], T],
+    policy: RetryPolicy,
+    sleep: Sleep,
+    *,
+    notify: Notify = silent,
+    host: str = "",
+) -> T:
+    """``fn()``, tried again after a pause while it raises :class:`Transient`; each retry is
+    told to ``notify`` first (``host``: whom ``fn`` talks to)."""
     began = time.monotonic()
     tries = 0
     while True:
@@ -91,6 +138,7 @@ def retrying(fn: Callable[[], T], policy: RetryPolicy, sleep: Sleep) -> T:
             pause = policy.pause(tries, time.monotonic() - began, exc.retry_after)
             if pause is None:
                 raise exc.final(tries, policy) from exc
+            notify(retry_line(host, exc.cause, pause, tries, policy))
             sleep(pause)
 
 
@@ -115,8 +163,8 @@ def status_failure(response: Any, what: str) -> Transient | None:
     """A transient HTTP answer (429, 5xx) as :class:`Transient`, else None."""
     if response.status_code not in RETRY_STATUSES:
         return None
-    text = f"{what}: HTTP {response.status_code} {response.reason}"
-    return Transient(text, retry_after(response.headers.get("Retry-After")))
+    status = f"HTTP {response.status_code} {response.reason}"
+    return Transient(f"{what}: {status}", retry_after(response.headers.get("Retry-After")), status)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -148,7 +196,7 @@ def is_transient(exc: BaseException) -> bool:
 def translate(exc: Exception, what: str) -> Transient | RegistryError:
     """A transport failure as :class:`Transient` or, when not worth a retry, RegistryError."""
     text = f"{what}: {short(exc)}"
-    return Transient(text) if is_transient(exc) else RegistryError(text)
+    return Transient(text, cause=short(exc)) if is_transient(exc) else RegistryError(text)
 
 
 def transport_errors() -> tuple[type[Exception], ...]:
@@ -205,7 +253,8 @@ class Watch:
             got, waited = self.got, self.waited
             self.waited, self.got = 0.0, 0  # a new window (and a fresh start after a break)
             if got < self.policy.min_rate * waited:
-                raise Transient(f"{what}: stalled ({got} bytes in {waited:.1f} s)")
+                stalled = f"stalled ({got} bytes in {waited:.1f} s)"
+                raise Transient(f"{what}: {stalled}", cause=stalled)
         return data
 
 
@@ -216,7 +265,8 @@ class ResumingStream(io.RawIOBase):
     or gives no response when there is nothing after ``offset`` (416: the body was whole,
     its Content-Length was not). Too many breaks in a row (``attempts`` within ``deadline``,
     with less than :data:`RECOVERED` bytes between them), or any other failure, is a
-    RegistryError. The reader verifies the digest of what it gets, as ever."""
+    RegistryError. The reader verifies the digest of what it gets, as ever. Each resumption
+    is told to ``notify`` first (``host``: where the blob comes from)."""
 
     def __init__(
         self,
@@ -225,10 +275,14 @@ class ResumingStream(io.RawIOBase):
         policy: RetryPolicy,
         sleep: Sleep,
         what: str,
+        *,
+        notify: Notify = silent,
+        host: str = "",
     ) -> None:
         super().__init__()
         self.response: Any = response
         self.reopen, self.policy, self.sleep, self.what = reopen, policy, sleep, what
+        self.notify, self.host = notify, host
         self.offset = 0  # bytes handed to the reader
         self.skip = 0  # bytes of a restarted answer still to drop
         self.breaks = 0  # in the current run
@@ -261,6 +315,8 @@ class ResumingStream(io.RawIOBase):
                 pause = self.policy.pause(self.breaks, elapsed, exc.retry_after)
                 if pause is None:
                     raise exc.final(self.breaks, self.policy) from exc
+                cause = f"the download broke at byte {self.offset} ({exc.cause})"
+                self.notify(retry_line(self.host, cause, pause, self.breaks, self.policy))
                 self.sleep(pause)
                 continue
             if self.breaks and self.offset - self.run_offset >= RECOVERED:

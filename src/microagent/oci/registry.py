@@ -8,7 +8,10 @@ early, a read that stalls or trickles) are tried again after a short jittered pa
 Retry-After up to a bound, within a deadline; a blob download that breaks resumes where it
 broke (HTTP Range). Everything else fails at once, and every failure of the transport is
 translated here into :class:`RegistryError` (nothing from requests or urllib3 escapes).
-A mirror gets one try per request: the next endpoint is the retry.
+A mirror gets one try per request: the next endpoint is the retry. Every request has a
+connect and a read timeout (``RetryPolicy.timeout``, the token service's included); the
+numbers come from the user's settings (:meth:`RegistryClient.from_settings`), and each retry
+is one line to ``notify``.
 
 Credentials go to as few places as possible: they are looked up under the exact host being
 talked to (Docker Hub's three names count as one), never under the image's registry when a
@@ -22,11 +25,11 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, TypeVar, cast
 from urllib.parse import urlsplit
 
 from microagent.compiler.refs import ImageRef
@@ -34,6 +37,7 @@ from microagent.digests import sha256_digest
 from microagent.errors import IntegrityError, NotFoundError, RegistryError
 from microagent.oci import documents as oci
 from microagent.oci._retry import (
+    Notify,
     ResumingStream,
     RetryPolicy,
     Sleep,
@@ -42,6 +46,7 @@ from microagent.oci._retry import (
     is_transient,
     retrying,
     short,
+    silent,
     status_failure,
     transport_errors,
 )
@@ -54,6 +59,7 @@ MAX_TOKEN_BYTES = 1 << 20  # a token service's JSON answer
 READ_CHUNK = 64 << 10
 DOCKER_HUB_ALIASES = ("docker.io", "index.docker.io", DOCKER_HUB_HOST)
 DOCKER_HUB_REALMS = ("auth.docker.io",)  # Hub's token service, the one foreign realm trusted
+T = TypeVar("T")
 
 
 def read_auths(files: Sequence[Path]) -> dict[str, str]:
@@ -142,6 +148,8 @@ class _Session:
         scope: CredentialScope,
         policy: RetryPolicy,
         sleep: Sleep,
+        *,
+        notify: Notify = silent,
     ) -> None:
         # deferred: oras and requests take ~0.1 s to import; only registry traffic needs them
         import oras.auth
@@ -162,6 +170,8 @@ class _Session:
         self.scope = scope
         self.policy = replace(policy, attempts=1) if endpoint.mirror else policy
         self.sleep = sleep
+        self.notify = notify
+        self.host = endpoint.host
         self.basic = _credentials(endpoint.host, auths)
         self.withheld: str | None = None  # a token service credentials were kept from
         self.registry = Quick(hostname=endpoint.host, insecure=endpoint.insecure)
@@ -227,11 +237,11 @@ class _Session:
     ) -> Any:
         """One request, tried again while it fails transiently (429, 5xx, a reset): the
         response to the last try, or RegistryError."""
-        return retrying(
-            lambda: self.once(method, url, headers, data=data, stream=stream),
-            self.policy,
-            self.sleep,
-        )
+        return self.retry(lambda: self.once(method, url, headers, data=data, stream=stream))
+
+    def retry(self, fn: Callable[[], T]) -> T:
+        """``fn()`` under this endpoint's policy, each retry told to the user."""
+        return retrying(fn, self.policy, self.sleep, notify=self.notify, host=self.host)
 
     def once(
         self,
@@ -251,7 +261,7 @@ class _Session:
             )
         except transport_errors() as exc:
             if is_transient(exc):
-                raise Transient(f"{method} {where}: {short(exc)}") from exc
+                raise Transient(f"{method} {where}: {short(exc)}", cause=short(exc)) from exc
             base = url.split("/v2/", maxsplit=1)[0]
             raise RegistryError(f"cannot reach {base}: {short(exc)}") from exc
         except ValueError as exc:  # oras: "Cannot respond to request for authentication."
@@ -341,7 +351,8 @@ class RegistryClient:
     """Fetch manifests and blobs of one image name across its mirrors and registry.
 
     ``retry`` says how transient faults are ridden out; ``sleep`` is how the pauses between
-    tries are taken (tests pass one that records them).
+    tries are taken (tests pass one that records them); ``notify`` gets one line per retry
+    (the CLI prints it on stderr).
     """
 
     def __init__(
@@ -351,22 +362,31 @@ class RegistryClient:
         *,
         retry: RetryPolicy | None = None,
         sleep: Sleep = time.sleep,
+        notify: Notify = silent,
     ) -> None:
         self.config = config or RegistryConfig()
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
+        self._notify = notify
         self._auths = dict(auths or {})
         self._sessions: dict[Endpoint, _Session] = {}
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> RegistryClient:
-        """Mirrors, plain-HTTP hosts and credentials as the settings say."""
-        return cls(RegistryConfig.from_settings(settings), read_auths(settings.auth_files))
+    def from_settings(cls, settings: Settings, *, notify: Notify = silent) -> RegistryClient:
+        """Mirrors, plain-HTTP hosts, credentials, retries and timeouts as the settings say."""
+        return cls(
+            RegistryConfig.from_settings(settings),
+            read_auths(settings.auth_files),
+            retry=RetryPolicy.of(settings),
+            notify=notify,
+        )
 
     def _session(self, endpoint: Endpoint) -> _Session:
         if endpoint not in self._sessions:
             scope = CredentialScope.of(endpoint, self.config.insecure)
-            session = _Session(endpoint, self._auths, scope, self.retry, self._sleep)
+            session = _Session(
+                endpoint, self._auths, scope, self.retry, self._sleep, notify=self._notify
+            )
             self._sessions[endpoint] = session
         return self._sessions[endpoint]
 
@@ -425,7 +445,7 @@ class RegistryClient:
             finally:
                 response.close()
 
-        found = retrying(fetch, session.policy, session.sleep)
+        found = session.retry(fetch)
         return None if found is None else _verified(found[0], reference, found[1], endpoint)
 
     @contextmanager
@@ -450,7 +470,13 @@ class RegistryClient:
                 continue
             what = f"blob {digest[:19]}… of {ref.name} from {endpoint}"
             stream = ResumingStream(
-                response, _Resume(session, url, what), self.retry, self._sleep, what
+                response,
+                _Resume(session, url, what),
+                self.retry,
+                self._sleep,
+                what,
+                notify=self._notify,
+                host=endpoint.host,
             )
             try:
                 yield cast(BinaryIO, stream)
@@ -508,7 +534,7 @@ class RegistryClient:
                 raise _push_error(done, what)
             _check_digest_header(done.headers, digest, what)
 
-        retrying(upload, session.policy, session.sleep)
+        session.retry(upload)
         return True
 
     def push_manifest(self, ref: ImageRef, reference: str, data: bytes, media_type: str) -> str:
