@@ -7,13 +7,14 @@ given, and on failure an error that names the command and replays the tail of it
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,26 +195,44 @@ def pid_alive(pid: object) -> bool:
 KILL_WAIT = 5.0
 
 
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+@functools.cache
+def boot_id() -> str:
+    """This boot of the host ('' where the kernel does not say): a pid or a start time
+    recorded under another boot names nothing that runs now."""
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return ""
+
+
 @dataclass(frozen=True)
 class ProcessIdentity:
-    """A process as the kernel knows it: pid plus start time (clock ticks after boot), so a
-    recorded pid is never mistaken for a later process that reuses the number."""
+    """A process as the kernel knows it: pid plus start time (clock ticks after boot) and the
+    boot it runs in, so a recorded pid is never mistaken for a later process that reuses the
+    number, in this boot or after a restart of the host."""
 
     pid: int
     start_time: int
+    boot_id: str = ""  # '' when unknown (recorded before boot ids were)
 
-    def to_json(self) -> dict[str, int]:
-        return {"pid": self.pid, "startTime": self.start_time}
+    def to_json(self) -> dict[str, int | str]:
+        data: dict[str, int | str] = {"pid": self.pid, "startTime": self.start_time}
+        if self.boot_id:
+            data["bootId"] = self.boot_id
+        return data
 
     @classmethod
     def from_json(cls, data: object) -> ProcessIdentity | None:
         """The identity recorded as :meth:`to_json`, or None for anything else."""
         if not isinstance(data, Mapping):
             return None
-        pid, start = data.get("pid"), data.get("startTime")
+        pid, start, boot = data.get("pid"), data.get("startTime"), data.get("bootId", "")
         if type(pid) is not int or type(start) is not int or pid <= 0:
             return None
-        return cls(pid, start)
+        return cls(pid, start, boot if isinstance(boot, str) else "")
 
 
 def process_identity(pid: int) -> ProcessIdentity | None:
@@ -225,12 +244,47 @@ def process_identity(pid: int) -> ProcessIdentity | None:
     fields = stat.rsplit(")", 1)[-1].split()  # fields[0] is field 3 (state) of proc_pid_stat(5)
     if len(fields) < 20 or fields[0] in ("Z", "X"):
         return None
-    return ProcessIdentity(pid, int(fields[19]))  # field 22: starttime
+    return ProcessIdentity(pid, int(fields[19]), boot_id())  # field 22: starttime
 
 
 def is_running(identity: ProcessIdentity) -> bool:
-    """Whether the process ``identity`` names is still running (a reused pid is not it)."""
-    return process_identity(identity.pid) == identity
+    """Whether the process ``identity`` names is still running (a reused pid is not it, nor
+    is anything of a boot other than this one)."""
+    now = process_identity(identity.pid)
+    if now is None or now.start_time != identity.start_time:
+        return False
+    return not identity.boot_id or not now.boot_id or identity.boot_id == now.boot_id
+
+
+def command_line(pid: int) -> tuple[str, ...]:
+    """The argv of process ``pid`` (empty when it is gone, a zombie or a kernel thread)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ()
+    words = raw.removesuffix(b"\0").split(b"\0") if raw else []
+    return tuple(word.decode("utf-8", "surrogateescape") for word in words)
+
+
+def processes() -> Iterator[int]:
+    """The pids of every process on the host (none where there is no ``/proc``)."""
+    try:
+        entries = list(Path("/proc").iterdir())
+    except OSError:
+        return
+    yield from (int(entry.name) for entry in entries if entry.name.isdigit())
+
+
+def session_of(pid: int) -> int | None:
+    """The session id of the running process ``pid`` (None when there is none)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()  # fields[3] is field 6: session
+    if len(fields) < 4 or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[3])
 
 
 def kill_process(identity: ProcessIdentity, *, timeout: float = KILL_WAIT) -> bool:

@@ -70,6 +70,7 @@ from microagent.runtime.qemu import parent_death_prefix
 ROOTFS_DISK_INDEX, STATE_DISK_INDEX, CONFIG_DISK_INDEX = 0, 1, 2
 SETUP_MARKER_DIR = "/etc/microagent-fake-setup"
 HOST_TIMINGS = {"host.booted": 0.01, "host.exited": 0.03}
+HANG_POLL = 0.05  # seconds: how often a hanging guest looks at its stand-in VMM
 PLACEHOLDER = b"microagent fake backend: a placeholder, never booted\n"
 
 
@@ -289,13 +290,27 @@ class FakeMachine:
             for event in lines.feed(raw.encode("utf-8", "surrogateescape") + b"\n"):
                 self._emit(event)
         limit = timeout if timeout is not None else self.config.timeout
-        if self._result is None and out.hang and not self._stop.wait(limit):
-            self.shutdown()
-            raise GuestTimeout(f"timed out after {limit:g}s: the guest command did not finish")
+        if self._result is None and out.hang:
+            self._hang(limit)
         if self._result is None:
             self._emit(self._exited_event(started))
         assert self._result is not None
         return self._result
+
+    def _hang(self, limit: float | None) -> None:
+        """Until the machine is shut down; GuestTimeout after ``limit``, and VMError when the
+        stand-in VMM dies meanwhile (as the QEMU backend notices QEMU's exit)."""
+        deadline = None if limit is None else time.monotonic() + limit
+        while not self._stop.wait(HANG_POLL):
+            proc = self._process
+            if proc is not None and proc.poll() is not None:
+                raise VMError(
+                    "the VM stopped before the guest command finished "
+                    f"(VMM exit code {proc.returncode})"
+                )
+            if deadline is not None and time.monotonic() > deadline:
+                self.shutdown()
+                raise GuestTimeout(f"timed out after {limit:g}s: the guest command did not finish")
 
     def _exited_event(self, started: str) -> dict[str, Any]:
         out = self.outcome

@@ -3,9 +3,11 @@
 ``<run dir>/``::
 
     boot.json        what the supervisor boots (written by ``start``, mode 0600)
-    runtime.json     the current state and facts about the run (the supervisor's pid, the
-                     VMM's identity ``vmm: {pid, startTime}``, readiness times, ``startedAt``
-                     of the ``start``, ``restarts`` since then, ``stateDiskDirty`` after a kill)
+    runtime.json     the current state and facts about the run (the supervisor's pid and
+                     identity ``supervisor: {pid, startTime, bootId}``, the VMM's ``vmm`` and
+                     the gateway's ``gatewayProcess`` the same way, readiness times,
+                     ``startedAt`` of the ``start``, ``restarts`` since then,
+                     ``stateDiskDirty`` after a kill)
     events.jsonl     every transition and event, appended
     result.json      the guest's report once its command ended
     config.tar       the per-boot config disk (mode 0600: it carries the environment); removed
@@ -13,7 +15,8 @@
     supervisor.log   the supervisor's own output
 
 States: prepared -> starting -> running -> stopping -> stopped | halted | failed. Writers hold a
-lock on ``.lock`` so the supervisor and the CLI never interleave updates.
+lock on ``.lock`` so the supervisor and the CLI never interleave updates; it is a ``flock``, so
+the kernel drops it with its holder and a writer killed mid-update never blocks the next one.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import fcntl
 import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -230,9 +233,28 @@ class RunDir:
     def runtime(self) -> dict[str, Any]:
         return read_json(self.runtime_path) or {"state": State.PREPARED.value}
 
+    def runtime_unreadable(self) -> bool:
+        """Whether runtime.json exists but holds no JSON object (damaged outside microagent:
+        every write here is atomic)."""
+        return self.runtime_path.exists() and read_json(self.runtime_path) is None
+
+    def quarantine_runtime(self) -> Path | None:
+        """Move an unreadable runtime.json aside (``runtime.json.corrupt``), under the lock;
+        the path it was moved to, None when it was readable (or gone) by then."""
+        with self._locked():
+            if not self.runtime_unreadable():
+                return None
+            kept = self.path / "runtime.json.corrupt"
+            self.runtime_path.replace(kept)
+            return kept
+
     def vmm(self) -> ProcessIdentity | None:
         """The VMM process the supervisor recorded (None before it booted one)."""
         return ProcessIdentity.from_json(self.runtime().get("vmm"))
+
+    def gateway_process(self) -> ProcessIdentity | None:
+        """The gateway process the supervisor recorded (None when there is none)."""
+        return ProcessIdentity.from_json(self.runtime().get("gatewayProcess"))
 
     def state(self) -> State:
         try:
@@ -249,8 +271,23 @@ class RunDir:
 
     def set_state(self, state: State, detail: str = "", **extra: Any) -> dict[str, Any]:
         """Record a transition in runtime.json and append it to events.jsonl."""
+        written = self.set_state_if(lambda _current: True, state, detail, **extra)
+        assert written is not None
+        return written
+
+    def set_state_if(
+        self,
+        only_if: Callable[[Mapping[str, Any]], bool],
+        state: State,
+        detail: str = "",
+        **extra: Any,
+    ) -> dict[str, Any] | None:
+        """:meth:`set_state`, only when ``only_if`` holds for runtime.json as it is under the
+        lock; None when it does not (somebody else moved the state meanwhile)."""
         with self._locked():
             current = self.runtime()
+            if not only_if(current):
+                return None
             current.update(extra)
             current.update(state=state.value, detail=detail, observedAt=now())
             write_json_atomic(self.runtime_path, current)

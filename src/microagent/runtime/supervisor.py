@@ -191,7 +191,7 @@ class Supervisor:
         finally:
             if gateway is not None:
                 gateway.stop()
-                self.run_dir.update(gatewayPid=None)
+                self.run_dir.update(gatewayPid=None, gatewayProcess=None)
 
     def _start_gateway(self, boot: BootDocument) -> GatewayProcess | Ended | None:
         """The workspace's credential brokers and egress proxy, before the first boot; it
@@ -208,7 +208,10 @@ class Supervisor:
         finally:
             _drop_stdin()
         pid = gateway.proc.pid if gateway.proc else None
-        self.run_dir.update(gatewayPid=pid, gatewayStartedAt=now())
+        ident = runner.process_identity(pid) if pid is not None else None  # for delete --force
+        self.run_dir.update(
+            gatewayPid=pid, gatewayProcess=ident and ident.to_json(), gatewayStartedAt=now()
+        )
         self.run_dir.event("gateway", f"credential gateway started (pid {pid})")
         return gateway
 

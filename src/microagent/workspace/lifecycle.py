@@ -14,10 +14,9 @@ next ``start`` or ``cp`` first runs a repairing ``e2fsck -fy`` on it (event ``fs
 
 from __future__ import annotations
 
-import calendar
 import contextlib
 import os
-import shutil
+import re
 import signal
 import sys
 import time
@@ -28,9 +27,16 @@ from typing import Any
 
 from microagent import runner
 from microagent.compiler.spec import Restart
-from microagent.errors import ConflictError, InvalidInputError, NotFoundError, VMError
+from microagent.errors import (
+    ConflictError,
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    VMError,
+)
 from microagent.ext4.debugfs import repair_image
-from microagent.fsutil import flocked, read_json
+from microagent.fsutil import flocked, read_json, remove_any
+from microagent.runner import ProcessIdentity
 from microagent.runtime import network
 from microagent.runtime.backend import Accel, Forward, Mediation, NetworkConfig, PublishedPort
 from microagent.runtime.boot import BootFiles, RunRequest, prepare, vm_dir_for
@@ -43,7 +49,12 @@ from microagent.settings import Settings
 from microagent.store.content import Store
 from microagent.workspace import audit
 from microagent.workspace.disks import boot_disks
-from microagent.workspace.liveness import reconcile
+from microagent.workspace.liveness import (
+    reconcile,
+    run_processes,
+    running_supervisor,
+    seconds_since,
+)
 from microagent.workspace.records import Record, Workspace
 from microagent.workspace.services import (
     Services,
@@ -52,6 +63,8 @@ from microagent.workspace.services import (
     secrets_pipe,
 )
 
+NETNS_ETC = Path("/etc/netns")  # per-namespace resolv.conf folders (see runtime.network)
+VM_DIR_NAME = re.compile(r".{1,40}-[0-9a-f]{12}")  # runtime.boot.vm_dir_for's outside ones
 START_TIMEOUT = 60.0
 HALT_TIMEOUT = 30.0
 POLL = 0.2
@@ -95,17 +108,20 @@ def _kill_vmm(ws: Workspace) -> bool:
     return vmm is not None and runner.kill_process(vmm)
 
 
-def _kill(ws: Workspace, supervisor: object) -> None:
-    """The last resort: SIGKILL the supervisor's process group and the VMM it recorded."""
-    if isinstance(supervisor, int):
-        _signal_group(supervisor, signal.SIGKILL)
+def _kill(ws: Workspace) -> ProcessIdentity | None:
+    """The last resort: SIGKILL the supervisor's process group (only while the recorded pid
+    is still that supervisor) and the VMM it recorded; the supervisor that was killed."""
+    supervisor = running_supervisor(ws.run)
+    if supervisor is not None:
+        _signal_group(supervisor.pid, signal.SIGKILL)
     _kill_vmm(ws)
     ws.run.config_disk.unlink(missing_ok=True)
+    return supervisor
 
 
-def _await_dead(pid: object, timeout: float = 2.0) -> None:
+def _await_dead(process: ProcessIdentity | None, timeout: float = 2.0) -> None:
     deadline = time.monotonic() + timeout
-    while runner.pid_alive(pid) and time.monotonic() < deadline:
+    while process is not None and runner.is_running(process) and time.monotonic() < deadline:
         time.sleep(0.02)
 
 
@@ -120,11 +136,27 @@ def repair_state_disk(ws: Workspace) -> int | None:
     if not why or not ws.state_disk.is_file():
         return None
     with flocked(ws.state_disk):  # the lock `cp` holds on the image
-        code = repair_image(ws.state_disk, "workspace state disk")
+        try:
+            code = repair_image(ws.state_disk, "workspace state disk")
+        except IntegrityError as exc:
+            ws.run.event("fsck", f"state disk checked after {why}: not repairable")
+            raise _unrepairable(ws, exc) from exc
     outcome = "clean" if code == 0 else "repaired"
     ws.run.event("fsck", f"state disk checked after {why}: {outcome}", exitCode=code)
     ws.run.update(stateDiskDirty=None)
     return code
+
+
+def _unrepairable(ws: Workspace, exc: IntegrityError) -> IntegrityError:
+    """The check found what it cannot fix: nothing boots on the disk, and it stays as it is
+    (still marked, so every start checks it again) until the user repairs or recreates it."""
+    disk = ws.state_disk
+    return IntegrityError(
+        f"workspace {ws.name!r} was not started: {exc.message}",
+        hint=f"the disk is kept as it is: repair it by hand (`e2fsck -f {disk}`) and start "
+        f"again, or save what is readable (`debugfs -R 'rdump / DIR' {disk}`) and recreate "
+        f"the workspace (`microagent delete {ws.name}`, then `microagent create`)",
+    )
 
 
 # -- start -------------------------------------------------------------------------------------
@@ -261,7 +293,10 @@ def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict
         State.STARTING,
         "starting the VM",
         supervisorPid=None,
+        supervisor=None,
         vmm=None,
+        gatewayPid=None,
+        gatewayProcess=None,
         vmDir=str(vm_dir),
         startedAt=now(),
         restarts=0,
@@ -279,7 +314,8 @@ def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict
     finally:
         if stdin is not None:
             os.close(stdin)
-    run.update(supervisorPid=proc.pid)
+    identity = runner.process_identity(proc.pid)  # None: it is gone already
+    run.update(supervisorPid=proc.pid, supervisor=identity and identity.to_json())
     return _await_running(ws, timeout)
 
 
@@ -359,14 +395,14 @@ def halt(ws: Workspace, *, timeout: float = HALT_TIMEOUT) -> State:
             ws.run.event("vmm-killed", "the VM of a dead supervisor was killed")
             ws.run.update(stateDiskDirty="a kill of a VM its supervisor left")
         return state
-    pid = ws.run.runtime().get("supervisorPid")
+    supervisor = running_supervisor(ws.run)
     ws.run.set_state(State.STOPPING, "halt requested")
-    if isinstance(pid, int):
-        _signal_group(pid, signal.SIGTERM)
+    if supervisor is not None:
+        _signal_group(supervisor.pid, signal.SIGTERM)
     try:
         return wait(ws, timeout)
     except VMError:
-        _kill(ws, pid)
+        _kill(ws)
         detail = f"killed after {timeout:.0f}s without a clean shutdown"
         ws.run.set_state(State.HALTED, detail, stateDiskDirty="a halt that had to kill the VM")
         return State.HALTED
@@ -385,8 +421,7 @@ def kill(ws: Workspace) -> bool:
         ws.run.update(stateDiskDirty="a kill")
         return True
     pid = runtime.get("supervisorPid")
-    _kill(ws, pid)
-    _await_dead(pid)
+    _await_dead(_kill(ws))
     ws.run.event(
         "killed", f"SIGKILL while {state.value}", supervisorPid=pid, vmm=runtime.get("vmm")
     )
@@ -395,21 +430,111 @@ def kill(ws: Workspace) -> bool:
 
 
 def delete(ws: Workspace, *, force: bool = False) -> bool:
-    """Remove the workspace (record, disks, logs). A live one needs ``force``."""
-    if not ws.root.exists():
+    """Remove the workspace (record, disks, logs). A live one needs ``force``, which kills
+    every process of it (supervisor, VMM, gateway and whatever runs in their sessions, found
+    from runtime.json and from the process table alike), deletes the network namespaces of
+    its supervisors and every file, even when its record or runtime.json is unreadable."""
+    if not ws.root.exists() and not ws.root.is_symlink():
         return False
-    state = reconcile(ws)
-    if state.live or vmm_running(ws):
+    state = _state_for_delete(ws)
+    running = leftovers(ws)
+    if state.live or running:
         if not force:
-            what = state.value if state.live else "running a VM without its supervisor"
+            what = state.value if state.live else "running processes without its supervisor"
             raise ConflictError(
                 f"workspace {ws.name!r} is {what}",
                 hint="halt it first, or pass --force to kill it",
             )
-        _kill(ws, ws.run.runtime().get("supervisorPid"))
-        time.sleep(0.2)
-    shutil.rmtree(ws.root)
+        _kill_all(ws, running)
+    supervisors = _recorded_supervisor_pids(ws) | {p.pid for p in running}
+    _remove_namespaces(supervisors)
+    _remove_external_vm_dir(ws)
+    remove_any(ws.root)
     return True
+
+
+def _state_for_delete(ws: Workspace) -> State:
+    """The reconciled state; ``failed`` when even that cannot be written (a damaged run dir
+    never stands in the way of its removal)."""
+    try:
+        return reconcile(ws)
+    except OSError:
+        return State.FAILED
+
+
+def leftovers(ws: Workspace) -> list[ProcessIdentity]:
+    """Every running process of the workspace: its recorded supervisor, VMM and gateway,
+    any supervisor or gateway of its run dir by command line, and every member of a session
+    one of its supervisors led (the gateway and network helpers stay in it when it dies)."""
+    run = ws.run
+    found = {p.pid: p for p in run_processes(run)}
+    for process in (running_supervisor(run), run.vmm(), run.gateway_process()):
+        if process is not None and runner.is_running(process):
+            found[process.pid] = process
+    sessions = {
+        pid
+        for pid in _recorded_supervisor_pids(ws) | set(found)
+        if pid in found or not runner.pid_alive(pid)  # a pid now of another is not ours
+    }
+    for pid in runner.processes():
+        if pid not in found and pid != os.getpid() and runner.session_of(pid) in sessions:
+            member = runner.process_identity(pid)
+            if member is not None:
+                found[pid] = member
+    return list(found.values())
+
+
+def _recorded_supervisor_pids(ws: Workspace) -> set[int]:
+    runtime = ws.run.runtime()
+    pids = {runtime.get("supervisorPid")}
+    recorded = ProcessIdentity.from_json(runtime.get("supervisor"))
+    if recorded is not None:
+        pids.add(recorded.pid)
+    return {pid for pid in pids if isinstance(pid, int) and pid > 0}
+
+
+def _kill_all(ws: Workspace, running: list[ProcessIdentity], rounds: int = 3) -> None:
+    """SIGKILL ``running`` (supervisors first: nothing new is spawned after), then whatever
+    appeared meanwhile; VMError when a process survives."""
+    for _ in range(rounds):
+        if not running:
+            return
+        supervisors = {p.pid for p in run_processes(ws.run, gateways=False)}
+        for process in sorted(running, key=lambda p: p.pid not in supervisors):
+            runner.kill_process(process)
+        running = leftovers(ws)
+    if running:
+        pids = ", ".join(str(p.pid) for p in running)
+        raise VMError(f"workspace {ws.name!r}: processes keep appearing ({pids})")
+
+
+def _remove_namespaces(supervisors: set[int]) -> None:
+    """The network namespaces the (now dead) supervisors ``supervisors`` made, and their
+    resolv.conf folders (see runtime.network: a namespace name carries its maker's pid)."""
+    try:
+        names = [p.name for p in network.NETNS_DIR.iterdir()]
+    except OSError:
+        return
+    for pid in supervisors:
+        if runner.pid_alive(pid):
+            continue  # not ours any more (or not dead): leave its namespaces alone
+        for name in names:
+            if name.startswith(f"{network.NETNS_PREFIX}{pid}-"):
+                runner.run(["ip", "netns", "del", name], check=False)
+                remove_any(NETNS_ETC / name)
+
+
+def _remove_external_vm_dir(ws: Workspace) -> None:
+    """The VM directory ``start`` made outside the workspace when its path was too long for
+    sockets (see runtime.boot.vm_dir_for); only one named the way it names them."""
+    vm_dir = ws.run.runtime().get("vmDir")
+    if not isinstance(vm_dir, str):
+        return
+    path = Path(vm_dir)
+    if path.is_relative_to(ws.root) or not VM_DIR_NAME.fullmatch(path.name):
+        return
+    if path.name.startswith(f"{ws.name[:40]}-"):
+        remove_any(path)
 
 
 # -- status / result ---------------------------------------------------------------------------
@@ -454,11 +579,11 @@ def _channel_readiness(record: Record, live: bool, runtime: Mapping[str, Any]) -
 
 
 def _broker_readiness(live: bool, runtime: Mapping[str, Any]) -> dict[str, Any]:
-    """The gateway (credential brokers, egress proxy) runs: its pid, from the supervisor."""
-    pid = runtime.get("gatewayPid")
+    """The gateway (credential brokers, egress proxy) runs: its identity, from the supervisor."""
+    gateway = ProcessIdentity.from_json(runtime.get("gatewayProcess"))
     if not live:
         return {"ready": False, "error": "not running"}
-    if not isinstance(pid, int) or not runner.pid_alive(pid):
+    if gateway is None or not runner.is_running(gateway):
         return {"ready": False, "error": "the credential gateway is not running"}
     return {"ready": True, "observedAt": runtime.get("gatewayStartedAt")}
 
@@ -567,17 +692,6 @@ def ensure_offline(ws: Workspace, verb: str) -> Record:
 # -- ps ----------------------------------------------------------------------------------------
 
 
-def _seconds_since(stamp: object) -> int | None:
-    """Whole seconds since a ``now()`` timestamp (None when there is none)."""
-    if not isinstance(stamp, str):
-        return None
-    try:
-        then = calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ"))
-    except ValueError:
-        return None
-    return max(0, int(time.time()) - then)
-
-
 def live_row(ws: Workspace) -> dict[str, Any] | None:
     """The ``ps`` row of a live workspace (starting, running, stopping), after reconciling;
     None for any other. ``pid`` is the VMM's while it runs (None between boots)."""
@@ -592,6 +706,6 @@ def live_row(ws: Workspace) -> dict[str, Any] | None:
         "pid": vmm.pid if vmm is not None and runner.is_running(vmm) else None,
         "supervisorPid": runtime.get("supervisorPid"),
         "startedAt": runtime.get("startedAt"),
-        "uptimeSeconds": _seconds_since(runtime.get("startedAt")),
+        "uptimeSeconds": seconds_since(runtime.get("startedAt")),
         "restarts": int(runtime.get("restarts") or 0),
     }

@@ -2,25 +2,200 @@
 
 Kept apart from :mod:`~microagent.workspace.lifecycle` so the exec path (a CLI process per
 command) does not import the boot, disk and spec machinery it never uses.
+
+The state in runtime.json is what the supervisor last wrote; a supervisor that died without
+writing (kill -9, the OOM killer, a host restart) leaves a live-looking state behind.
+:func:`reconcile` heals it: a live state whose supervisor no longer runs becomes ``failed``
+with the reason, and its state disk is marked for a check before the next start. A process
+counts as the supervisor only by its identity (pid, start time, boot id), so a pid reused by
+another process after a long time or a reboot never keeps a workspace "running". A start
+whose launcher died before it recorded the supervisor is found by the supervisor's command
+line, or fails once :data:`STARTING_GRACE` has passed. An unreadable runtime.json is moved
+aside and the state recovered from the processes that run.
 """
 
 from __future__ import annotations
 
+import calendar
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
 from microagent import runner
-from microagent.runtime.rundir import State
+from microagent.errors import VMError
+from microagent.runner import ProcessIdentity
+from microagent.runtime.control import tail_text
+from microagent.runtime.rundir import RunDir, State
 from microagent.workspace.records import Workspace
+
+STARTING_GRACE = 30.0  # seconds a start may take to launch and record its supervisor
+SUPERVISOR_MARK = "microagent.runtime.supervisor"  # in the supervisor's command line
+GATEWAY_MARK = "microagent.broker.gateway"  # in the gateway's
+LOG_TAIL_CHARS = 200
 
 
 def reconcile(ws: Workspace) -> State:
     """The true state: a live-looking state whose supervisor is gone becomes ``failed``."""
     run = ws.run
-    state = run.state()
-    pid = run.runtime().get("supervisorPid")
-    if state is State.STARTING and pid is None:
-        return state  # the launcher records the pid right after spawning
-    if state.live and not runner.pid_alive(pid):
-        detail = "the supervisor process died unexpectedly"
-        run.set_state(State.FAILED, detail, stateDiskDirty="its supervisor died")
-        run.config_disk.unlink(missing_ok=True)  # its environment outlives no boot
+    if run.runtime_unreadable():
+        return _recover(run)
+    runtime = run.runtime()
+    state = _state(runtime)
+    if not state.live:
+        return state
+    why = death(run, state, runtime)
+    if why is None:
+        return state
+    return _record_death(run, runtime, why)
+
+
+def _state(runtime: Mapping[str, Any]) -> State:
+    try:
+        return State(runtime.get("state", "prepared"))
+    except ValueError:
         return State.FAILED
-    return state
+
+
+def death(run: RunDir, state: State, runtime: Mapping[str, Any]) -> str | None:
+    """Why the live-looking ``state`` is not live (None while its supervisor runs)."""
+    recorded = ProcessIdentity.from_json(runtime.get("supervisor"))
+    if recorded is not None:
+        if runner.is_running(recorded):
+            return None
+        if recorded.boot_id and runner.boot_id() and recorded.boot_id != runner.boot_id():
+            return f"the host restarted while it was {state.value} (its supervisor is gone)"
+        return _died(run, recorded.pid)
+    pid = runtime.get("supervisorPid")
+    if isinstance(pid, int):  # recorded before identities were: its command line must match
+        return None if is_supervisor(pid, run) else _died(run, pid)
+    return _never_recorded(run, runtime)
+
+
+def _never_recorded(run: RunDir, runtime: Mapping[str, Any]) -> str | None:
+    """A start that recorded no supervisor: one found by its command line is recorded now
+    (the launcher died right after spawning it); none at all, after the grace, failed."""
+    found = find_supervisor(run)
+    if found is not None:
+        run.update(supervisorPid=found.pid, supervisor=found.to_json())
+        return None
+    age = seconds_since(runtime.get("startedAt"))
+    if age is None or age > STARTING_GRACE:
+        return (
+            f"the start was interrupted: no supervisor was running {STARTING_GRACE:g}s after "
+            "it began (the command that started it died?)"
+        )
+    return None
+
+
+def _died(run: RunDir, pid: int) -> str:
+    why = f"the supervisor process died unexpectedly (pid {pid}; killed, or out of memory?)"
+    last = tail_text(run.supervisor_log, 1).strip()[-LOG_TAIL_CHARS:]
+    return f"{why}; its log ends: {last}" if last else why
+
+
+def _record_death(run: RunDir, runtime: Mapping[str, Any], why: str) -> State:
+    """Write ``failed`` unless somebody moved the state meanwhile; clean what it left."""
+    expected = runtime.get("supervisor"), runtime.get("supervisorPid"), runtime.get("state")
+
+    def unchanged(now: Mapping[str, Any]) -> bool:
+        return (now.get("supervisor"), now.get("supervisorPid"), now.get("state")) == expected
+
+    written = run.set_state_if(unchanged, State.FAILED, why, stateDiskDirty="its supervisor died")
+    if written is None:
+        return reconcile_run(run)
+    run.config_disk.unlink(missing_ok=True)  # its environment outlives no boot
+    _stop_orphaned_gateway(run)
+    return State.FAILED
+
+
+def reconcile_run(run: RunDir) -> State:
+    """The state as recorded now (after somebody else wrote it)."""
+    return _state(run.runtime())
+
+
+def _stop_orphaned_gateway(run: RunDir) -> None:
+    """The gateway holds the credentials in memory: it never outlives its supervisor (it
+    gets SIGTERM from the kernel when it dies; this is the SIGKILL if that did not do)."""
+    gateway = run.gateway_process()
+    if gateway is None:
+        return
+    try:
+        if runner.kill_process(gateway):
+            run.event("gateway-killed", f"the gateway (pid {gateway.pid}) outlived its supervisor")
+    except VMError as exc:
+        run.event("gateway-orphaned", exc.message)
+
+
+def _recover(run: RunDir) -> State:
+    """An unreadable runtime.json: moved aside; running if a supervisor of the run still
+    runs, else failed (the state disk checked before the next start)."""
+    kept = run.quarantine_runtime()
+    if kept is None:  # somebody else recovered it meanwhile
+        return reconcile_run(run)
+    why = f"runtime.json was unreadable (kept as {kept.name})"
+    found = find_supervisor(run)
+    if found is not None:
+        run.set_state(
+            State.RUNNING,
+            f"{why}; its supervisor still runs (pid {found.pid})",
+            supervisorPid=found.pid,
+            supervisor=found.to_json(),
+        )
+        return State.RUNNING
+    run.set_state(State.FAILED, why, stateDiskDirty="an unreadable runtime.json")
+    run.config_disk.unlink(missing_ok=True)
+    return State.FAILED
+
+
+# -- the processes of a run ---------------------------------------------------------------------
+
+
+def running_supervisor(run: RunDir) -> ProcessIdentity | None:
+    """The supervisor of ``run`` while it runs: the recorded identity, or for a record from
+    before identities, the recorded pid if its command line is that supervisor's."""
+    runtime = run.runtime()
+    recorded = ProcessIdentity.from_json(runtime.get("supervisor"))
+    if recorded is not None:
+        return recorded if runner.is_running(recorded) else None
+    pid = runtime.get("supervisorPid")
+    if isinstance(pid, int) and pid > 0 and is_supervisor(pid, run):
+        return runner.process_identity(pid)
+    return None
+
+
+def is_supervisor(pid: int, run: RunDir) -> bool:
+    """Whether ``pid`` runs the supervisor of ``run`` (judged by its command line)."""
+    return _runs(runner.command_line(pid), SUPERVISOR_MARK, str(run.path))
+
+
+def _runs(argv: tuple[str, ...], mark: str, last: str) -> bool:
+    return len(argv) >= 2 and argv[-1] == last and any(mark in word for word in argv[:-1])
+
+
+def find_supervisor(run: RunDir) -> ProcessIdentity | None:
+    """The running supervisor of ``run``, found by its command line (None if there is none)."""
+    return next(run_processes(run, gateways=False), None)
+
+
+def run_processes(run: RunDir, *, gateways: bool = True) -> Iterator[ProcessIdentity]:
+    """Every running supervisor of ``run`` (and gateway, with ``gateways``), by command line."""
+    gateway_config = str(run.path / "gateway.json")
+    for pid in runner.processes():
+        argv = runner.command_line(pid)
+        ours = _runs(argv, SUPERVISOR_MARK, str(run.path)) or (
+            gateways and _runs(argv, GATEWAY_MARK, gateway_config)
+        )
+        identity = runner.process_identity(pid) if ours else None
+        if identity is not None:
+            yield identity
+
+
+def seconds_since(stamp: object) -> int | None:
+    """Whole seconds since a ``rundir.now()`` timestamp (None when there is none)."""
+    if not isinstance(stamp, str):
+        return None
+    try:
+        then = calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return None
+    return max(0, int(time.time()) - then)
