@@ -12,10 +12,14 @@ serves ``build --push``, ``--cache-to`` and ``cache export``. Per step (see ``st
 * ``files`` — an artifact with the files layer; ``config`` — an artifact with no layers whose
   record holds only the digest of the inputs and the *names* of environment variables.
 
-The image (tag) is base + setup + files layers with a config holding the entrypoint, working
-directory and labels for outputs and env names. Manifests are canonical JSON with fixed times,
-so publishing the same build twice gives the same digests; blobs the target already has are
-skipped (one HEAD each), the rest are uploaded in parallel before any manifest.
+The image (tag) is base + setup + files layers with a config that runs what a microVM boot
+runs: ``Entrypoint`` the spec's argv (``Cmd`` cleared, so a base image's ``Cmd`` is never
+appended to it), ``Env`` the base image's ``Env`` with the spec's ``env`` over it, ``WorkingDir``
+the spec's ``workdir`` or ``/``, and labels for outputs and env names. Runtime values
+(``--env``, credentials) never reach a plan, a record or this config. Manifests are canonical
+JSON with fixed times, so publishing the same build twice gives the same digests; blobs the
+target already has are skipped (one HEAD each), the rest are uploaded in parallel before any
+manifest.
 """
 
 from __future__ import annotations
@@ -323,9 +327,7 @@ class _ManifestBuilder:
         else:
             config.pop("history", None)
         if extra:
-            runtime = dict(config.get("config") or {})
-            labels = {**dict(runtime.get("Labels") or {}), **dict(extra.get("Labels") or {})}
-            config["config"] = {**runtime, **extra, "Labels": labels}
+            config["config"] = _overlay_runtime(config.get("config") or {}, extra)
         return canonical_json(config)
 
     def add_rootfs_image(self, key: str, image: PackedImage) -> None:
@@ -343,9 +345,8 @@ class _ManifestBuilder:
         inputs = chain[-1].inputs
         layers = (*self.rootfs_layers, self.files_layer)
         self._note_history("microagent files")
-        config = self.pub.data(
-            self._image_config(layers, _runtime_config(inputs, chain)), oci.OCI_CONFIG
-        )
+        runtime = _runtime_config(inputs, chain, self.base_config.get("config") or {})
+        config = self.pub.data(self._image_config(layers, runtime), oci.OCI_CONFIG)
         annotations = {
             "org.opencontainers.image.title": str(inputs.get("hostname", "")),
             LABEL + "config-key": chain[-1].key,
@@ -373,7 +374,28 @@ def _summary(inputs: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _runtime_config(inputs: Mapping[str, Any], chain: Sequence[StepRecord]) -> dict[str, Any]:
+def _overlay_runtime(runtime: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The base image's runtime config with ``extra`` over it: labels merged, and a field
+    ``extra`` sets to None removed (a base ``Cmd`` must not outlive a new ``Entrypoint``)."""
+    labels = {**dict(runtime.get("Labels") or {}), **dict(extra.get("Labels") or {})}
+    merged = {**dict(runtime), **dict(extra), "Labels": labels}
+    return {name: value for name, value in merged.items() if value is not None}
+
+
+def _image_env(base_env: Any, spec_env: Mapping[str, Any]) -> list[str]:
+    """``Env`` as a boot sees it: the base image's entries (later ones win) with the spec's
+    ``env`` over them, base order first."""
+    entries = base_env if isinstance(base_env, list) else []
+    env = dict(str(item).partition("=")[::2] for item in entries)
+    env.update({str(name): str(value) for name, value in spec_env.items()})
+    return [f"{name}={value}" for name, value in env.items()]
+
+
+def _runtime_config(
+    inputs: Mapping[str, Any], chain: Sequence[StepRecord], base_runtime: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The image's runtime config: what ``workspace.create`` gives a boot (argv, ``Env`` =
+    base + spec ``env``, workdir or ``/``); runtime ``--env`` values are not in ``inputs``."""
     summary = _summary(inputs)
     rootfs = [r for r in chain if r.kind.in_rootfs][-1]
     labels = {
@@ -389,6 +411,7 @@ def _runtime_config(inputs: Mapping[str, Any], chain: Sequence[StepRecord]) -> d
     return {
         "Entrypoint": summary["entrypoint"] or None,
         "Cmd": None,
+        "Env": _image_env(base_runtime.get("Env"), inputs.get("env") or {}),
         "WorkingDir": str(inputs.get("workdir") or "/"),
         "Labels": labels,
     }
