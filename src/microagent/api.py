@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from microagent.runtime.boot import RunRequest
     from microagent.runtime.execclient import ExecIO, ExecResult
     from microagent.runtime.rundir import State
+    from microagent.store.verify import VerifyReport
     from microagent.workspace.create import CreateReport
     from microagent.workspace.doctor import Report
     from microagent.workspace.lifecycle import Runtime
@@ -793,19 +794,9 @@ class Microagent:
         every older one. Guest kits (``kits/``) stay unless ``kits``. ``dry_run``: what would
         go, nothing removed.
         """
-        from microagent.store.retention import (  # deferred: see the module docstring
-            keeper,
-            names_in_use,
-        )
-        from microagent.workspace.disks import store_entries  # deferred: see the docstring
+        from microagent.store.retention import keeper  # deferred: see the module docstring
 
-        keys, blobs, disks = [], [], set()
-        for ws in self.workspaces:
-            record = ws.record()
-            keys.append(record.rootfs_key)
-            blobs += [f.blob for f in record.files]
-            disks |= store_entries(record)
-        kept = names_in_use(self.store, keys, blobs) | disks
+        kept = self.cache_in_use()
         if older_than is not None:
             cutoff = time.time() - older_than
             kept |= {e.name for e in self.store.entries() if e.last_used > cutoff}
@@ -816,6 +807,30 @@ class Microagent:
             return in_use(name) or (not kits and name.startswith("kits/"))
 
         return self.store.prune(max_bytes, all=everything, keep=keep, dry_run=dry_run)
+
+    def cache_in_use(self) -> set[str]:
+        """Store entry names an existing workspace boots from: its step chain, root
+        filesystem, captured files, disks and bundles."""
+        from microagent.store.records import rootfs_entry  # deferred: see the docstring
+        from microagent.store.retention import names_in_use  # deferred: see the docstring
+        from microagent.workspace.disks import store_entries  # deferred: see the docstring
+
+        keys, blobs, entries = [], [], set()
+        for ws in self.workspaces:
+            record = ws.record()
+            keys.append(record.rootfs_key)
+            blobs += [f.blob for f in record.files]
+            entries |= store_entries(record) | {rootfs_entry(record.rootfs_key)}
+        return names_in_use(self.store, keys, blobs) | entries
+
+    def cache_verify(self, *, repair: bool = False) -> VerifyReport:
+        """Check every blob, step record and root filesystem (``e2fsck -fn`` too); with
+        ``repair`` remove what is wrong so the next build rebuilds it."""
+        # deferred: see the module docstring
+        from microagent.ext4.debugfs import check_image
+        from microagent.store.verify import verify
+
+        return verify(self.store, repair=repair, in_use=self.cache_in_use(), fsck=check_image)
 
     def cache_export(
         self,

@@ -1,4 +1,4 @@
-"""``cache ls|du|prune|export|import``: the content-addressed build cache."""
+"""``cache ls|du|prune|verify|export|import``: the content-addressed build cache."""
 
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ from microagent.commands.context import Ctx, cache_from_option, pass_ctx
 from microagent.commands.group import CommandGroup
 from microagent.commands.image import mb
 from microagent.commands.table import Column, plural, render
-from microagent.errors import UsageError
+from microagent.errors import IntegrityError, UsageError
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from microagent.store.content import Entry, PruneReport
+    from microagent.store.verify import Problem, VerifyReport
 
 
 @click.group(cls=CommandGroup)
@@ -159,6 +162,58 @@ def _prune_text(report: PruneReport, dry_run: bool) -> str:
 
 def _entry_line(entry: Entry) -> str:
     return f"{mb(entry.disk_bytes):>10}  {entry.name}"
+
+
+@cache.command("verify")
+@click.option("--repair", is_flag=True, help="Remove what is wrong; the next build rebuilds it.")
+@yes_option
+@pass_ctx
+def cache_verify(ctx: Ctx, /, *, repair: bool, yes: bool) -> None:
+    """Re-hash every blob, check every step record and root filesystem against what it says;
+    report corrupt, missing, orphaned and stale entries (exit 1 when there are any).
+    --repair removes them (asks first on a terminal; elsewhere give -y)."""
+    api = ctx.api()
+    if repair:
+        confirm(
+            "remove these cache entries",
+            yes=yes,
+            preview=lambda: [_problem_line(p) for p in api.cache_verify().problems],
+        )
+    report = api.cache_verify(repair=repair)
+    left = report.remaining
+    error = None
+    if left:
+        error = IntegrityError(
+            f"the cache has {plural(len(left), 'problem')}: {_problem_line(left[0])}",
+            hint="`microagent cache verify --repair` removes them; the next build rebuilds them",
+        )
+    ctx.emit(report.to_json(), _verify_text(report), error=error)
+    if left:
+        raise click.exceptions.Exit(1)
+
+
+def _problem_line(problem: Problem) -> str:
+    return f"{problem.kind} {problem.name}: {problem.problem} ({problem.detail})"
+
+
+def _verify_text(report: VerifyReport) -> str:
+    repaired = set(report.repaired)
+    lines = [
+        f"{'removed' if p.name in repaired else p.problem.upper()}  {_problem_line(p)}"
+        for p in report.problems
+    ]
+    counts = ", ".join(plural(n, what) for what, n in _checked_words(report.checked))
+    summary = f"checked {counts}: " + (
+        f"{plural(len(report.problems), 'problem')}" if report.problems else "no problems"
+    )
+    if report.repaired:
+        summary += f", {len(report.repaired)} removed"
+    return "\n".join([*lines, summary])
+
+
+def _checked_words(checked: Mapping[str, int]) -> list[tuple[str, int]]:
+    words = {"blobs": "blob", "keys": "step record", "entries": "built entry"}
+    return [(words.get(kind, kind), n) for kind, n in checked.items()]
 
 
 @cache.command("export")

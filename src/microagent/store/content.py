@@ -336,13 +336,15 @@ class Store:
         A temp of a locked build is removed as soon as its lock is free (its builder is
         gone); other temps (blob downloads, records) once older than ``max_age`` seconds.
         """
-        removed = []
-        now = time.time()
-        for path in self._temp_paths():
-            if self._temp_is_stale(path, now - max_age):
-                remove_any(path)
-                removed.append(path)
+        removed = self.stale_temps(max_age)
+        for path in removed:
+            remove_any(path)
         return removed
+
+    def stale_temps(self, max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
+        """The temp files :meth:`collect_garbage` would remove now (nothing is removed)."""
+        cutoff = time.time() - max_age
+        return [path for path in self._temp_paths() if self._temp_is_stale(path, cutoff)]
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -1,0 +1,406 @@
+"""``cache verify``: check every stored thing against its name or its record, and repair.
+
+What each kind of entry is checked against (``docs/cli.md``, "cache verify"):
+
+- ``blobs/<alg>/<hex>``: a regular file whose content hashes to its name. Anything else in
+  ``blobs/`` (an unknown algorithm, a name that is no digest) is orphaned: nothing can name it.
+- ``keys/<hex>.json``: parses as a :class:`~microagent.store.records.StepRecord` for the key its
+  name says, naming its own ``rootfs/<hex>.ext4`` if any; every layer blob of its chain (and a
+  base step's image config) is in the store, sound. A record missing one is ``missing``: the
+  build would take it as built, yet it could never be published or rebuilt from its layers.
+- ``rootfs/<hex>.ext4``: a regular ext4 image at least as long as its superblock says; the
+  size and sha256 its record states (a packed image's) when it states them; ``e2fsck -fn``
+  clean when a checker is given (the CLI gives one). A rootfs that no sound record names and
+  no workspace uses is orphaned once older than ``grace`` (a build writes the record just
+  after it), or at once when its own record is broken.
+- other built entries (``kits/``, ``disks/``, ``bundles/``): counted; the packages above the
+  store know their insides.
+- temp files: stale by :meth:`Store.stale_temps` (a builder that is gone).
+- lock files: a lock path that is not a regular file breaks every build of its entry. A lock
+  file whose entry is gone is normal (a prune, a failed build) and stays: removing one could
+  let two builders in at once.
+
+``repair`` removes what is wrong, records first (so no record claims what is going), each
+entry by an atomic rename (:meth:`Store.remove`, which skips an entry whose build lock is
+held), and a rootfs whose record is removed goes too unless a workspace uses it, so the next
+build rebuilds the step. Nothing is touched when ``repair`` is false, not even last-use times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+import struct
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from microagent.digests import Digest
+from microagent.errors import IntegrityError
+from microagent.fsutil import remove_any
+from microagent.store.content import CHUNK, STALE_TEMP_SECONDS, Store
+from microagent.store.records import StepRecord, rootfs_entry, write_record
+
+Fsck = Callable[[Path], None]  # raises IntegrityError for an unsound file system
+
+_KEY_NAME = re.compile(r"[0-9a-f]{64}\.json")
+_ROOTFS_NAME = re.compile(r"[0-9a-f]{64}\.ext4")
+_EXT4_MAGIC = 0xEF53
+_INCOMPAT_64BIT = 0x80
+_REPAIR_ORDER = ("key", "lock", "rootfs", "blob", "temp")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong: ``kind`` (blob, key, rootfs, temp, lock), the store-relative
+    ``name``, the ``problem`` (corrupt, missing, orphaned, stale) and a ``detail``."""
+
+    kind: str
+    name: str
+    problem: str
+    detail: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "name": self.name, "problem": self.problem,
+                "detail": self.detail}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What :func:`verify` checked, found and (with ``repair``) removed."""
+
+    checked: Mapping[str, int]
+    problems: tuple[Problem, ...]
+    repaired: tuple[str, ...] = ()
+
+    @property
+    def remaining(self) -> tuple[Problem, ...]:
+        """The problems still there (all of them without ``repair``)."""
+        gone = set(self.repaired)
+        return tuple(p for p in self.problems if p.name not in gone)
+
+    @property
+    def ok(self) -> bool:
+        return not self.remaining
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "checked": dict(self.checked),
+            "problems": [p.to_json() for p in self.problems],
+            "repaired": list(self.repaired),
+        }
+
+
+@dataclass
+class _Scan:
+    store: Store
+    in_use: Collection[str]
+    fsck: Fsck | None
+    cutoff: float  # orphans last used before this (seconds since the epoch)
+    checked: dict[str, int] = field(default_factory=lambda: {"blobs": 0, "keys": 0, "entries": 0})
+    problems: list[Problem] = field(default_factory=list)
+    bad_blobs: dict[str, str] = field(default_factory=dict)  # digest -> why it is unusable
+    records: dict[str, StepRecord] = field(default_factory=dict)  # rootfs name -> sound record
+    broken_keys: set[str] = field(default_factory=set)  # hex of key records that are going
+
+    def add(self, kind: str, name: str, problem: str, detail: str) -> None:
+        self.problems.append(Problem(kind, name, problem, detail))
+
+
+def verify(
+    store: Store,
+    *,
+    repair: bool = False,
+    in_use: Collection[str] = (),
+    fsck: Fsck | None = None,
+    grace: float = STALE_TEMP_SECONDS,
+) -> VerifyReport:
+    """Check the whole store; with ``repair`` remove every entry found wrong.
+
+    ``in_use``: store entry names a workspace boots from (never orphans). ``fsck``: a full
+    file system check for root filesystems (``ext4.debugfs.check_image``). ``grace``: seconds
+    a rootfs without a record is left alone (its builder may still be writing the record).
+    """
+    scan = _Scan(store, frozenset(in_use), fsck, time.time() - grace)
+    _check_blobs(scan)
+    _check_keys(scan)
+    _check_rootfs(scan)
+    scan.checked["entries"] += sum(1 for _ in _other_entries(store))
+    _check_locks(scan)
+    for path in store.stale_temps():
+        name = path.relative_to(store.root).as_posix()
+        scan.add("temp", name, "stale", "left by a writer that is gone")
+    problems = tuple(sorted(scan.problems, key=_order))
+    repaired = _repair(store, problems) if repair else ()
+    return VerifyReport(dict(scan.checked), problems, repaired)
+
+
+def _order(problem: Problem) -> tuple[int, str]:
+    return _REPAIR_ORDER.index(problem.kind), problem.name
+
+
+# -- blobs ------------------------------------------------------------------------------------
+
+
+def _check_blobs(scan: _Scan) -> None:
+    top = scan.store.root / "blobs"
+    for alg_dir in _children(top):
+        for path in _children(alg_dir):
+            scan.checked["blobs"] += 1
+            problem = _blob_problem(alg_dir.name, path)
+            if problem is None:
+                continue
+            name = path.relative_to(scan.store.root).as_posix()
+            what, detail = problem
+            scan.add("blob", name, what, detail)
+            scan.bad_blobs[f"{alg_dir.name}:{path.name}"] = f"is {what}"
+
+
+def _blob_problem(algorithm: str, path: Path) -> tuple[str, str] | None:
+    try:
+        digest = Digest(algorithm, path.name)
+    except IntegrityError as exc:
+        return "orphaned", f"not a blob name ({exc.message})"
+    if not _is_file(path):
+        return "corrupt", "not a regular file"
+    hasher = digest.hasher()
+    try:
+        _hash_file(path, hasher)
+    except OSError as exc:
+        return "corrupt", f"unreadable: {exc.strerror or exc}"
+    if hasher.hexdigest() != digest.hex:
+        return "corrupt", f"content hashes to {algorithm}:{hasher.hexdigest()}"
+    return None
+
+
+def _hash_file(path: Path, hasher: Any) -> int:
+    size = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            hasher.update(chunk)
+            size += len(chunk)
+    return size
+
+
+# -- step records -----------------------------------------------------------------------------
+
+
+def _check_keys(scan: _Scan) -> None:
+    for path in _children(scan.store.root / "keys"):
+        scan.checked["keys"] += 1
+        name = f"keys/{path.name}"
+        if not _KEY_NAME.fullmatch(path.name):
+            scan.add("key", name, "orphaned", "not a step record name (<64 hex>.json)")
+            continue
+        hexkey = path.name.removesuffix(".json")
+        try:
+            record = _parse_record(path, "sha256:" + hexkey)
+        except IntegrityError as exc:
+            scan.broken_keys.add(hexkey)
+            scan.add("key", name, "corrupt", exc.message)
+            continue
+        lacking = _lacking(scan, record)
+        if lacking:
+            scan.broken_keys.add(hexkey)
+            scan.add("key", name, "missing", lacking)
+        elif record.rootfs is not None:
+            scan.records[record.rootfs] = record
+
+
+def _parse_record(path: Path, key: str) -> StepRecord:
+    """The record at ``path`` (read without marking it used), or IntegrityError saying why."""
+    if not _is_file(path):
+        raise IntegrityError("not a regular file")
+    try:
+        raw = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise IntegrityError(f"not JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise IntegrityError("not a JSON object")
+    record = StepRecord.from_json(raw)
+    if record.key != key:
+        raise IntegrityError(f"it is the record of {record.key}, not of {key}")
+    if record.rootfs is not None and record.rootfs != rootfs_entry(key):
+        raise IntegrityError(f"names a foreign rootfs {record.rootfs!r}")
+    return record
+
+
+def _lacking(scan: _Scan, record: StepRecord) -> str:
+    """What the record names that is not soundly in the store ("" when nothing)."""
+    wanted = [("layer blob", layer.digest) for layer in record.layers]
+    if record.origin is not None:
+        wanted.append(("image config blob", record.origin.config))
+    for what, digest in wanted:
+        if digest in scan.bad_blobs:
+            return f"its {what} {digest} {scan.bad_blobs[digest]}"
+        if not scan.store.has_blob(digest):
+            return f"its {what} {digest} is not in the store"
+    return ""
+
+
+# -- root filesystems -------------------------------------------------------------------------
+
+
+def _check_rootfs(scan: _Scan) -> None:
+    for path in _children(scan.store.root / "rootfs"):
+        scan.checked["entries"] += 1
+        name = f"rootfs/{path.name}"
+        problem = _rootfs_problem(scan, name, path)
+        if problem is not None:
+            scan.add("rootfs", name, *problem)
+
+
+def _rootfs_problem(scan: _Scan, name: str, path: Path) -> tuple[str, str] | None:
+    if not _ROOTFS_NAME.fullmatch(path.name):
+        return None if name in scan.in_use else ("orphaned", "not a <64 hex>.ext4 name")
+    corrupt = _image_problem(scan, scan.records.get(name), path)
+    if corrupt:
+        used = " (a workspace boots from it: create that workspace again)"
+        return "corrupt", corrupt + (used if name in scan.in_use else "")
+    return _orphan(scan, name, path)
+
+
+def _orphan(scan: _Scan, name: str, path: Path) -> tuple[str, str] | None:
+    if name in scan.records or name in scan.in_use:
+        return None
+    hexkey = path.name.removesuffix(".ext4")
+    if hexkey in scan.broken_keys:
+        return "orphaned", f"its record keys/{hexkey}.json is broken (see above)"
+    if _last_used(path) < scan.cutoff:
+        return "orphaned", f"no step record names it (keys/{hexkey}.json)"
+    return None
+
+
+def _image_problem(scan: _Scan, record: StepRecord | None, path: Path) -> str:
+    if not _is_file(path):
+        return "not a regular file"
+    try:
+        short = _ext4_truncation(path)
+        if short:
+            return short
+        if record is not None and record.packed is not None:
+            mismatch = _digest_mismatch(path, record.packed.digest, record.packed.size)
+            if mismatch:
+                return mismatch
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    if scan.fsck is not None:
+        try:
+            scan.fsck(path)
+        except IntegrityError as exc:
+            return exc.message
+    return ""
+
+
+def _ext4_truncation(path: Path) -> str:
+    """Why ``path`` is no whole ext4 image by its superblock ("" when it may be one)."""
+    with path.open("rb") as fh:
+        fh.seek(1024)
+        sb = fh.read(1024)
+    if len(sb) < 1024 or struct.unpack_from("<H", sb, 0x38)[0] != _EXT4_MAGIC:
+        return "no ext4 superblock"
+    blocks = struct.unpack_from("<I", sb, 0x4)[0]
+    if struct.unpack_from("<I", sb, 0x60)[0] & _INCOMPAT_64BIT:
+        blocks |= struct.unpack_from("<I", sb, 0x150)[0] << 32
+    need = blocks * (1024 << struct.unpack_from("<I", sb, 0x18)[0])
+    size = path.stat().st_size
+    return f"truncated: {size} bytes, its superblock says {need}" if size < need else ""
+
+
+def _digest_mismatch(path: Path, digest: str, size: int) -> str:
+    hasher = hashlib.sha256()
+    got = _hash_file(path, hasher)
+    if got != size:
+        return f"{got} bytes, its record says {size}"
+    if "sha256:" + hasher.hexdigest() != digest:
+        return f"content hashes to sha256:{hasher.hexdigest()}, its record says {digest}"
+    return ""
+
+
+# -- the rest ---------------------------------------------------------------------------------
+
+
+def _other_entries(store: Store) -> Iterator[Path]:
+    for kind in _children(store.root):
+        if kind.name not in {"blobs", "keys", "rootfs", "locks", "tmp"}:
+            yield from _children(kind)
+
+
+def _check_locks(scan: _Scan) -> None:
+    top = scan.store.root / "locks"
+    for path in _walk(top):
+        if path.name.endswith(".lock") and not _is_file(path):
+            name = path.relative_to(scan.store.root).as_posix()
+            scan.add("lock", name, "corrupt", "not a regular file: its entry cannot be built")
+
+
+def _walk(directory: Path) -> Iterator[Path]:
+    for path in _children(directory):
+        yield path
+        if path.is_dir() and not path.is_symlink() and not path.name.endswith(".lock"):
+            yield from _walk(path)
+
+
+# -- repair -----------------------------------------------------------------------------------
+
+
+def _repair(store: Store, problems: tuple[Problem, ...]) -> tuple[str, ...]:
+    """Remove every entry of ``problems`` (already in repair order); the names removed."""
+    removed = []
+    for problem in problems:
+        if problem.kind == "rootfs" and problem.problem == "corrupt":
+            _forget_packed(store, problem.name)
+        if _remove(store, problem):
+            removed.append(problem.name)
+    return tuple(removed)
+
+
+def _remove(store: Store, problem: Problem) -> bool:
+    path = store.root / problem.name
+    if problem.kind in {"temp", "lock"}:
+        remove_any(path)
+        return True
+    return store.remove(problem.name) or not os.path.lexists(path)
+
+
+def _forget_packed(store: Store, name: str) -> None:
+    """A rootfs that is going takes the packed image's description in its record with it
+    (a rebuilt image need not have those bytes)."""
+    hexkey = Path(name).name.removesuffix(".ext4")
+    try:
+        record = _parse_record(store.root / "keys" / f"{hexkey}.json", "sha256:" + hexkey)
+    except IntegrityError:
+        return
+    if record.packed is not None:
+        write_record(store, replace(record, packed=None))
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _children(directory: Path) -> list[Path]:
+    """Entries of ``directory`` without dot names (temps are checked apart), sorted."""
+    try:
+        return sorted(p for p in directory.iterdir() if not p.name.startswith("."))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _last_used(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except FileNotFoundError:
+        return time.time()
