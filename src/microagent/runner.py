@@ -40,6 +40,8 @@ PACKAGES: Mapping[str, str] = {
     "umoci": "umoci",
     "busybox": "busybox-static",
     "setpriv": "util-linux",
+    "unshare": "util-linux",
+    "env": "coreutils",
     "gpgv": "gpgv",
     "gpg": "gpg",
     "cpio": "cpio",
@@ -275,16 +277,16 @@ def processes() -> Iterator[int]:
     yield from (int(entry.name) for entry in entries if entry.name.isdigit())
 
 
-def session_of(pid: int) -> int | None:
-    """The session id of the running process ``pid`` (None when there is none)."""
+def lineage(pid: int) -> tuple[int, int] | None:
+    """The parent pid and the session id of the running process ``pid`` (None if none)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat.rsplit(")", 1)[-1].split()  # fields[3] is field 6: session
+    fields = stat.rsplit(")", 1)[-1].split()  # fields[1], [3]: fields 4 (ppid), 6 (session)
     if len(fields) < 4 or fields[0] in ("Z", "X"):
         return None
-    return int(fields[3])
+    return int(fields[1]), int(fields[3])
 
 
 def kill_process(identity: ProcessIdentity, *, timeout: float = KILL_WAIT) -> bool:

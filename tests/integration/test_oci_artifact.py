@@ -42,7 +42,9 @@ class Unpacked:
 
     layout: Path
     bundle: Path
-    inspected: dict[str, Any]
+    inspected: dict[str, Any]  # `skopeo inspect --config` of the pushed image
+    pushed: dict[str, Any]  # the pushed manifest
+    copied: dict[str, Any]  # the manifest of the gzip copy umoci unpacked
 
     @property
     def process(self) -> dict[str, Any]:
@@ -79,15 +81,26 @@ def _push(capsys: pytest.CaptureFixture[str], spec: str, ref: str) -> dict[str, 
     return built
 
 
+def _inspect(*args: str) -> dict[str, Any]:
+    found: dict[str, Any] = json.loads(run_tool(["skopeo", "inspect", *args]).stdout)
+    return found
+
+
 def _unpack(ref: str, work: Path) -> Unpacked:
+    """skopeo copy (layers as gzip: Debian 12's umoci 0.4.7 predates zstd) + umoci unpack."""
     layout, bundle = work / "layout", work / "bundle"
     source = [f"docker://{ref}", "--tls-verify=false"]
-    inspected = json.loads(run_tool(["skopeo", "inspect", "--config", *source]).stdout)
     run_tool(["skopeo", "copy", "--src-tls-verify=false", "--dest-compress-format", "gzip",
               f"docker://{ref}", f"oci:{layout}:run"])  # fmt: skip
     rootless = ["--rootless"] if ROOTLESS else []
     run_tool(["umoci", "unpack", *rootless, "--image", f"{layout}:run", str(bundle)])
-    return Unpacked(layout, bundle, inspected)
+    return Unpacked(
+        layout,
+        bundle,
+        inspected=_inspect("--config", *source),
+        pushed=_inspect("--raw", *source),
+        copied=_inspect("--raw", f"oci:{layout}:run"),
+    )
 
 
 def _files(*roots: Path) -> list[Path]:
@@ -111,6 +124,12 @@ def test_pushed_image_runs_from_an_umoci_bundle(
     ref = f"{registry.host}/team/oci-artifact:v1"
     _push(capsys, spec, ref)
     image = _unpack(ref, tmp_path)
+
+    assert image.copied["config"] == image.pushed["config"], "the same image, only recompressed"
+    assert "application/vnd.oci.image.layer.v1.tar+zstd" in {
+        layer["mediaType"] for layer in image.pushed["layers"]
+    }
+    assert len(image.copied["layers"]) == len(image.pushed["layers"]) == 3  # busybox, setup, files
 
     runtime = image.inspected["config"]
     assert runtime["Entrypoint"] == ["/app/run.sh", "--once", "two words"]
