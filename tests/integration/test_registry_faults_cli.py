@@ -5,14 +5,15 @@ with a hint (never a urllib3 traceback), and nothing half-fetched or wrong is st
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from microagent.cli import main
-from microagent.oci.registry import RegistryClient, RetryPolicy
+from microagent.oci.registry import RetryPolicy
+from microagent.settings import Settings
 from testenv import standin
 from testenv.faultproxy import Fault, FaultProxy
 
@@ -23,8 +24,15 @@ FAST = RetryPolicy(backoff=0.02, max_pause=0.5, read_timeout=0.3)
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CLI's client with sub-second pauses and stalls (there is no setting for them yet)."""
-    monkeypatch.setitem(RegistryClient.__init__.__kwdefaults__, "retry", FAST)
+    """The CLI's client with sub-second stalls (its setting) and pauses (the back-off has no
+    setting: the policy the settings make is given FAST's)."""
+    monkeypatch.setenv("MICROAGENT_REGISTRY_READ_TIMEOUT", str(FAST.read_timeout))
+    of = RetryPolicy.of.__func__
+
+    def fast_of(cls: type[RetryPolicy], settings: Settings) -> RetryPolicy:
+        return replace(of(cls, settings), backoff=FAST.backoff, max_pause=FAST.max_pause)
+
+    monkeypatch.setattr(RetryPolicy, "of", classmethod(fast_of))
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *args: str, code: int = 0) -> dict[str, Any]:
@@ -99,7 +107,9 @@ def test_image_pull_that_keeps_breaking_is_a_registry_error_with_a_hint(
     capsys.readouterr()
     assert main(["image", "pull", ref]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "\nhint: " in err
+    retries = [line for line in err.splitlines() if line.startswith("registry ")]
+    assert len(retries) == 3 and "(attempt 4/4)" in retries[-1]  # one line per retry
+    assert err.splitlines()[3].startswith("error: ") and "\nhint: " in err
     assert "Traceback" not in err and "urllib3" not in err and "internal error" not in err
 
 

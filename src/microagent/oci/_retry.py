@@ -111,11 +111,14 @@ class Transient(Exception):
         return RegistryError(f"{self.message}{tried}", hint=hint)
 
 
-def retry_line(host: str, cause: str, pause: float, tries: int, policy: RetryPolicy) -> str:
+def retry_line(
+    host: str, cause: str, pause: float, tries: int, policy: RetryPolicy, *, verb: str = "retrying"
+) -> str:
     """What the user sees before a retry: ``registry HOST: CAUSE; retrying in 1.2 s
     (attempt 2/4)`` (``tries``: those that failed so far)."""
     source = f"registry {host}" if host else "registry"
-    return f"{source}: {cause}; retrying in {pause:.1f} s (attempt {tries + 1}/{policy.attempts})"
+    after = f"{verb} in {pause:.2g} s (attempt {tries + 1}/{policy.attempts})"
+    return f"{source}: {cause}; {after}"
 
 
 def retrying(
@@ -316,7 +319,10 @@ class ResumingStream(io.RawIOBase):
                 if pause is None:
                     raise exc.final(self.breaks, self.policy) from exc
                 cause = f"the download broke at byte {self.offset} ({exc.cause})"
-                self.notify(retry_line(self.host, cause, pause, self.breaks, self.policy))
+                line = retry_line(
+                    self.host, cause, pause, self.breaks, self.policy, verb="resuming"
+                )
+                self.notify(line)
                 self.sleep(pause)
                 continue
             if self.breaks and self.offset - self.run_offset >= RECOVERED:
