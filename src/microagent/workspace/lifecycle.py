@@ -464,8 +464,9 @@ def _state_for_delete(ws: Workspace) -> State:
 
 def leftovers(ws: Workspace) -> list[ProcessIdentity]:
     """Every running process of the workspace: its recorded supervisor, VMM and gateway,
-    any supervisor or gateway of its run dir by command line, and every member of a session
-    one of its supervisors led (the gateway and network helpers stay in it when it dies)."""
+    any supervisor or gateway of its run dir by command line, whatever descends from those,
+    and every member of a session one of its supervisors led (a helper stays in it when the
+    supervisor dies)."""
     run = ws.run
     found = {p.pid: p for p in run_processes(run)}
     for process in (running_supervisor(run), run.vmm(), run.gateway_process()):
@@ -476,12 +477,26 @@ def leftovers(ws: Workspace) -> list[ProcessIdentity]:
         for pid in _recorded_supervisor_pids(ws) | set(found)
         if pid in found or not runner.pid_alive(pid)  # a pid now of another is not ours
     }
-    for pid in runner.processes():
-        if pid not in found and pid != os.getpid() and runner.session_of(pid) in sessions:
-            member = runner.process_identity(pid)
+    _add_descendants(found, sessions)
+    return list(found.values())
+
+
+def _add_descendants(found: dict[int, ProcessIdentity], sessions: set[int]) -> None:
+    """Add to ``found`` every process a process in it started, and every member of
+    ``sessions``, generation by generation."""
+    table = {pid: runner.lineage(pid) for pid in runner.processes() if pid != os.getpid()}
+    grew = True
+    while grew:
+        grew = False
+        for pid, lineage in table.items():
+            if pid in found or lineage is None:
+                continue
+            parent, session = lineage
+            ours = parent in found or session in sessions
+            member = runner.process_identity(pid) if ours else None
             if member is not None:
                 found[pid] = member
-    return list(found.values())
+                grew = True
 
 
 def _recorded_supervisor_pids(ws: Workspace) -> set[int]:

@@ -25,7 +25,7 @@ from typing import Any
 
 from microagent.compiler.credentials import MAX_CREDENTIALS, Credential
 from microagent.compiler.spec import MAX_ALLOW, Forward, Health, Mediation, check_allow_entry
-from microagent.errors import ConflictError, InvalidInputError, NotFoundError
+from microagent.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError
 from microagent.fsutil import read_json
 from microagent.runtime.backend import PublishedPort
 from microagent.runtime.rundir import RunDir, now
@@ -194,8 +194,17 @@ class Workspace:
     def record(self) -> Record:
         data = read_json(self.record_path)
         if data is None:
-            raise NotFoundError(f"workspace {self.name!r} has no readable record")
-        return Record.from_json(data)
+            raise NotFoundError(
+                f"workspace {self.name!r} has no readable record",
+                hint=f"`microagent delete --force {self.name}` removes what is left of it",
+            )
+        try:
+            return Record.from_json(data)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a damaged file
+            raise IntegrityError(
+                f"workspace {self.name!r}: its record {self.record_path} is damaged ({exc})",
+                hint=f"`microagent delete --force {self.name}` removes it; create it again",
+            ) from exc
 
 
 class Workspaces:
