@@ -9,7 +9,7 @@ APT_PACKAGES=(
   docker-registry skopeo umoci debootstrap
   slirp4netns iptables iproute2 socat ca-certificates
   gpgv debian-archive-keyring gnupg
-  gcc libc6-dev openssl mount
+  gcc libc6-dev openssl mount util-linux coreutils bash
 )
 # Every package a test needs: under CI=true a missing tool fails its tests instead of skipping
 # them (scripts/testenv/prereq.py), so a package dropped here turns CI red, never silently thin.
