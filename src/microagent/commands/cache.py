@@ -180,16 +180,23 @@ def cache_verify(ctx: Ctx, /, *, repair: bool, yes: bool) -> None:
             preview=lambda: [_problem_line(p) for p in api.cache_verify().problems],
         )
     report = api.cache_verify(repair=repair)
-    left = report.remaining
-    error = None
-    if left:
-        error = IntegrityError(
-            f"the cache has {plural(len(left), 'problem')}: {_problem_line(left[0])}",
-            hint="`microagent cache verify --repair` removes them; the next build rebuilds them",
-        )
+    error = _verify_error(report, repair)
     ctx.emit(report.to_json(), _verify_text(report), error=error)
-    if left:
+    if error is not None:
+        if not ctx.json:
+            click.echo(error.render(), err=True)
         raise click.exceptions.Exit(1)
+
+
+def _verify_error(report: VerifyReport, repair: bool) -> IntegrityError | None:
+    left = report.remaining
+    if not left:
+        return None
+    hint = "`microagent cache verify --repair` removes them; the next build rebuilds them"
+    if repair:
+        hint = "what is left was in use by a build (its lock held): verify again once it is done"
+    what = f"{plural(len(left), 'problem')}{' left' if repair else ''}"
+    return IntegrityError(f"the cache has {what}: {_problem_line(left[0])}", hint=hint)
 
 
 def _problem_line(problem: Problem) -> str:
@@ -197,18 +204,19 @@ def _problem_line(problem: Problem) -> str:
 
 
 def _verify_text(report: VerifyReport) -> str:
+    """One line per problem (``CORRUPT``, ``MISSING``, ``ORPHANED``, ``STALE``, or ``REMOVED``
+    after a repair), then what was checked and what was found."""
     repaired = set(report.repaired)
     lines = [
-        f"{'removed' if p.name in repaired else p.problem.upper()}  {_problem_line(p)}"
+        f"{'REMOVED':<8}  {_problem_line(p)}"
+        if p.name in repaired
+        else f"{p.problem.upper():<8}  {p.kind} {p.name}: {p.detail}"
         for p in report.problems
     ]
     counts = ", ".join(plural(n, what) for what, n in _checked_words(report.checked))
-    summary = f"checked {counts}: " + (
-        f"{plural(len(report.problems), 'problem')}" if report.problems else "no problems"
-    )
-    if report.repaired:
-        summary += f", {len(report.repaired)} removed"
-    return "\n".join([*lines, summary])
+    found = plural(len(report.problems), "problem") if report.problems else "no problems"
+    removed = f", {len(report.repaired)} removed" if report.repaired else ""
+    return "\n".join([*lines, f"checked {counts}: {found}{removed}"])
 
 
 def _checked_words(checked: Mapping[str, int]) -> list[tuple[str, int]]:
