@@ -17,11 +17,13 @@ from microagent import __version__
 from microagent.commands import (
     build,
     cache,
+    completion,
     config,
     doctor,
     envelope,
     guest,
     image,
+    init,
     kernel,
     run,
     spec,
@@ -39,7 +41,7 @@ from microagent.errors import (
 
 # Help lists the commands in the order of the work, like the reference CLI's groups.
 SECTIONS = (
-    ("Getting started", ("init", "doctor")),
+    ("Getting started", ("init", "doctor", "completion")),
     ("Build from a spec", ("validate", "plan", "lock", "build")),
     (
         "Workspaces",
@@ -99,7 +101,10 @@ def cli(ctx: click.Context, as_json: bool, debug: bool, home: Path | None, versi
         _print_workflow(as_json)
 
 
-for _module in (spec, build, workspace, guest, run, image, cache, kernel, doctor, config):
+for _module in (
+    *(init, spec, build, workspace, guest, run),
+    *(image, cache, kernel, doctor, config, completion),
+):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 

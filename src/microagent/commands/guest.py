@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from microagent.commands.completion import workspace_names
 from microagent.commands.context import (
     Ctx,
     GuestOutput,
@@ -42,7 +43,7 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @click.command("exec")
-@click.argument("name")
+@click.argument("name", shell_complete=workspace_names)
 @click.argument("command", nargs=-1, required=True)
 @click.option("-i", "--interactive", is_flag=True, help="Send stdin to the command until EOF.")
 @click.option("-t", "--tty", "tty", is_flag=True, help="Run the command in a terminal.")

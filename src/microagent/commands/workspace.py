@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from microagent.commands import envelope
+from microagent.commands.completion import workspace_names
 from microagent.commands.confirm import confirm, yes_option
 from microagent.commands.context import (
     Ctx,
@@ -83,7 +84,7 @@ def create(
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=workspace_names)
 @click.option("--wait", "wait_", is_flag=True, help="Block until the entrypoint exits.")
 @seconds_option(
     "With --wait: stop waiting after this many seconds (the workspace keeps running); "
@@ -137,7 +138,7 @@ def _start_next_steps(report: StartReport) -> None:
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=workspace_names)
 @pass_ctx
 def status(ctx: Ctx, /, name: str) -> None:
     """State, readiness and (once ready) the result of a workspace."""
@@ -156,7 +157,7 @@ def status(ctx: Ctx, /, name: str) -> None:
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=workspace_names)
 @pass_ctx
 def result(ctx: Ctx, /, name: str) -> None:
     """The guest's report and the declared outputs (the agent's WorkResult)."""
@@ -181,7 +182,7 @@ def _result_text(payload: dict[str, Any]) -> str:
 
 def _halt_command(verb: str, about: str) -> click.Command:
     @click.command(verb, help=about)
-    @click.argument("name")
+    @click.argument("name", shell_complete=workspace_names)
     @seconds_option(
         "Seconds to wait for a clean shutdown before the VM is killed (more than 0).",
         default=30.0,
@@ -200,7 +201,7 @@ stop = _halt_command("stop", "Alias of halt: shut the VM down cleanly (the disk 
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=workspace_names)
 @pass_ctx
 def kill(ctx: Ctx, /, name: str) -> None:
     """Stop the VM now (SIGKILL, no clean shutdown); the next start checks the disk."""
@@ -213,7 +214,7 @@ def kill(ctx: Ctx, /, name: str) -> None:
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=workspace_names)
 @seconds_option(
     "Give up after this many seconds (exit code 124); 0: look once, do not wait.",
     zero="look once",
@@ -232,7 +233,7 @@ def wait(ctx: Ctx, /, name: str, timeout: float | None) -> None:
 
 
 @click.command()
-@click.argument("names", nargs=-1, required=True)
+@click.argument("names", nargs=-1, required=True, shell_complete=workspace_names)
 @yes_option
 @click.option(
     "--force", "-f", is_flag=True, help="Kill a running workspace first (still asks, see -y)."
@@ -280,7 +281,7 @@ def ps(ctx: Ctx, /) -> None:
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=workspace_names)
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the workspace stops.")
 @pass_ctx
 def logs(ctx: Ctx, /, name: str, follow: bool) -> None:
@@ -333,7 +334,7 @@ def _json_document(
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=workspace_names)
 @pass_ctx
 def events(ctx: Ctx, /, name: str) -> None:
     """The workspace's lifecycle history."""
@@ -392,7 +393,7 @@ def audit_line(entry: dict[str, Any]) -> str:
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=workspace_names)
 @click.option(
     "--follow", "-f", is_flag=True, help="Keep printing new entries until the workspace stops."
 )
