@@ -87,7 +87,7 @@ def test_broken_config_files_name_file_line_and_column(tmp_path: Path) -> None:
     assert f"{path}:3:14: registries.docker.io.mirrors: must be a list of strings" in rendered
     assert f"{path}:4:15: registries.docker.io.insecure: must be true or false" in rendered
     assert f"{path}:5:1: registires: unknown setting" in rendered
-    assert "did you mean 'registries'? (known here: registries, cache, guest)" in rendered
+    assert "did you mean 'registries'? (known here: registries, cache, guest, registry)" in rendered
     path.write_text("cache: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         read_config(path)
