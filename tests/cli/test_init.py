@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.shell_completion import ShellComplete
 
-from microagent.cli import main
+from microagent.cli import cli, main
 from microagent.commands.completion import SHELLS
 from microagent.commands.init import PROVIDERS
 from microagent.compiler.loader import load_spec
@@ -321,7 +322,23 @@ def complete(words: str, *, home: Path | None = None) -> list[str]:
         ["bash", "--norc", "-c", probe], check=False, capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stderr
+    assert "error" not in done.stderr  # nothing but the candidates reaches the terminal
     return [line for line in done.stdout.splitlines() if line]
+
+
+def test_workspace_names_complete_in_every_command_that_takes_one(two_workspaces: Path) -> None:
+    comp = ShellComplete(cli, {}, "microagent", "_MICROAGENT_COMPLETE")
+
+    def offered(args: list[str], incomplete: str) -> list[str]:
+        return [item.value for item in comp.get_completions(args, incomplete)]
+
+    for command in ("start", "status", "result", "halt", "stop", "kill", "wait", "logs"):
+        assert offered([command], "al") == ["alpha", "alpine"], command
+    for command in ("events", "audit", "exec"):
+        assert offered([command], "") == ["alpha", "alpine", "beta"], command
+    assert offered(["delete", "-y", "beta"], "a") == ["alpha", "alpine"]
+    assert offered(["status", "alpha"], "") == []  # one NAME only
+    assert offered(["status"], "x") == []
 
 
 def test_bash_completes_workspace_names_from_the_store(two_workspaces: Path) -> None:
@@ -331,6 +348,7 @@ def test_bash_completes_workspace_names_from_the_store(two_workspaces: Path) -> 
     assert complete("microagent status zz") == []
     assert "init" in complete("microagent in")
     assert complete("microagent init --provider o") == ["openai"]
+    assert complete("microagent nosuch st") == ["start", "status", "stop"]  # and no error
 
 
 def test_completion_reads_the_home_typed_on_the_line(two_workspaces: Path, tmp_path: Path) -> None:

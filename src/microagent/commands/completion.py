@@ -8,12 +8,15 @@ protocol); :func:`microagent.cli.main` hands that to click before any command ru
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from click.shell_completion import CompletionItem, get_completion_class
 
 from microagent.commands.context import Ctx, pass_ctx
 from microagent.errors import MicroagentError
+
+if TYPE_CHECKING:
+    from click.shell_completion import CompletionItem
 
 PROG = "microagent"
 COMPLETE_VAR = f"_{PROG.upper()}_COMPLETE"  # click's name for it, from the program's
@@ -30,6 +33,9 @@ def workspace_names(
 ) -> list[CompletionItem]:
     """The workspaces in the store (``--home`` if it was typed) whose name starts with
     ``incomplete``; nothing when the store cannot be read (completion never fails)."""
+    # deferred: click loads its completion module only when completing; so does this
+    from click.shell_completion import CompletionItem
+
     home = ctx.find_root().params.get("home")
     try:
         workspaces = Ctx(home=home if isinstance(home, Path) else None).api(quiet=True).workspaces
@@ -41,6 +47,9 @@ def workspace_names(
 
 def script(root: click.Command, shell: str) -> str:
     """The completion script ``shell`` sources for the ``microagent`` command ``root``."""
+    # deferred: only this command and completing need click's completion module
+    from click.shell_completion import get_completion_class
+
     cls = get_completion_class(shell)
     if cls is None:  # click.Choice has already refused any other shell
         raise MicroagentError(f"click has no completion for {shell}")

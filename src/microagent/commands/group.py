@@ -80,7 +80,8 @@ class CommandGroup(click.Group):
         self, ctx: click.Context, args: list[str]
     ) -> tuple[str | None, click.Command | None, list[str]]:
         word = args[0] if args else ""
-        if word and not word.startswith("-") and self.get_command(ctx, word) is None:
+        unknown = word and not word.startswith("-") and self.get_command(ctx, word) is None
+        if unknown and not ctx.resilient_parsing:  # completing: no error on the terminal
             raise self.unknown(ctx, word)
         name, cmd, rest = super().resolve_command(ctx, args)
         return (cmd.name if cmd is not None else name), cmd, rest
