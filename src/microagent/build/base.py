@@ -61,7 +61,16 @@ class BaseImage:
 
 def _config(store: Store, digest: str) -> Mapping[str, Any]:
     with store.open_blob(digest) as fh:
-        return oci.load_document(fh.read(), "image config")
+        config = oci.load_document(fh.read(), "image config")
+    runtime = config.get("config")
+    if runtime is not None and not isinstance(runtime, Mapping):
+        raise IntegrityError(f"malformed image config {digest}: `config` is not an object")
+    env = (runtime or {}).get("Env")
+    if env is not None and not (isinstance(env, list) and all(isinstance(e, str) for e in env)):
+        raise IntegrityError(
+            f"malformed image config {digest}: `config.Env` is not a list of strings"
+        )
+    return config
 
 
 def _image(store: Store, record: StepRecord, cached: bool, seconds: float) -> BaseImage:
@@ -90,7 +99,8 @@ def _fetch_blob(store: Store, repo: Repository, desc: oci.Descriptor, say: Progr
 
 
 def _diff_ids(config: Mapping[str, Any], layers: int) -> list[str]:
-    diff_ids = (config.get("rootfs") or {}).get("diff_ids")
+    rootfs = config.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, Mapping) else None
     if not isinstance(diff_ids, list) or len(diff_ids) != layers:
         raise IntegrityError("image config's rootfs.diff_ids does not match the layers")
     return [str(d) for d in diff_ids]

@@ -118,6 +118,8 @@ def load_document(data: bytes, what: str) -> Mapping[str, Any]:
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise IntegrityError(f"{what} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # json's C parser gives up on very deep nesting
+        raise IntegrityError(f"{what} is nested too deeply") from exc
     if not isinstance(doc, dict):
         raise IntegrityError(f"{what} is not a JSON object")
     return doc
@@ -126,7 +128,7 @@ def load_document(data: bytes, what: str) -> Mapping[str, Any]:
 def media_type_of(doc: Mapping[str, Any], header: str | None) -> str:
     """The document's media type: its own field, else the HTTP header, else by shape."""
     declared = doc.get("mediaType") or header or ""
-    if declared in INDEX_TYPES | MANIFEST_TYPES:
+    if isinstance(declared, str) and declared in INDEX_TYPES | MANIFEST_TYPES:
         return str(declared)
     if "manifests" in doc:
         return OCI_INDEX
