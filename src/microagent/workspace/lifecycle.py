@@ -67,6 +67,7 @@ NETNS_ETC = Path("/etc/netns")  # per-namespace resolv.conf folders (see runtime
 VM_DIR_NAME = re.compile(r".{1,40}-[0-9a-f]{12}")  # runtime.boot.vm_dir_for's outside ones
 START_TIMEOUT = 60.0
 HALT_TIMEOUT = 30.0
+EXIT_GRACE = 10.0  # seconds a supervisor may take to exit after writing its final state
 POLL = 0.2
 
 
@@ -400,12 +401,14 @@ def halt(ws: Workspace, *, timeout: float = HALT_TIMEOUT) -> State:
     if supervisor is not None:
         _signal_group(supervisor.pid, signal.SIGTERM)
     try:
-        return wait(ws, timeout)
+        state = wait(ws, timeout)
     except VMError:
         _kill(ws)
         detail = f"killed after {timeout:.0f}s without a clean shutdown"
         ws.run.set_state(State.HALTED, detail, stateDiskDirty="a halt that had to kill the VM")
         return State.HALTED
+    _await_dead(supervisor, EXIT_GRACE)  # it stops its gateway after the final state
+    return state
 
 
 def kill(ws: Workspace) -> bool:
