@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +273,21 @@ def test_a_failed_write_removes_what_init_wrote(
     error = init(capsys, "/proc/microagent-init-test", code=1)["error"]
     assert error["kind"] == "io"
     assert not Path("/proc/microagent-init-test").exists()
+
+
+def test_every_template_ships_in_the_package() -> None:
+    """pyproject's package-data globs (``*`` within one folder, as setuptools reads them)
+    cover every file under src/microagent/templates/init."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["microagent"]
+    package = ROOT / "src" / "microagent"
+    templates = [p for p in (package / "templates" / "init").rglob("*") if p.is_file()]
+    assert len(templates) == 10  # 3 agents, the spec, protocol, README, 4 demo files
+    for path in templates:
+        rel = path.relative_to(package).as_posix()
+        assert any(
+            re.fullmatch(g.replace(".", r"\.").replace("*", "[^/]*"), rel) for g in patterns
+        ), rel
 
 
 @pytest.mark.parametrize("shell", SHELLS)
