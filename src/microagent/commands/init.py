@@ -175,19 +175,18 @@ def check_directory(directory: Path) -> None:
 
 
 def clashes(directory: Path, paths: list[str]) -> list[str]:
-    """The paths (under DIR) that exist already, or that a file stands in the way of."""
+    """The paths (under DIR) that exist already, or that something not a folder stands in the
+    way of (a file named ``demo``); a dangling symlink counts as existing."""
     found: list[str] = []
     for rel in paths:
         parts = rel.split("/")
         for depth in range(1, len(parts) + 1):
-            sub = "/".join(parts[:depth])
             target = directory.joinpath(*parts[:depth])
-            is_last = depth == len(parts)
-            if (is_last and (target.exists() or target.is_symlink())) or (
-                not is_last and (target.is_symlink() or target.exists()) and not target.is_dir()
-            ):
-                if sub not in found:
-                    found.append(sub)
+            taken = target.exists() or target.is_symlink()
+            if taken and (depth == len(parts) or not target.is_dir()):
+                clash = "/".join(parts[:depth])
+                if clash not in found:
+                    found.append(clash)
                 break
     return found
 
@@ -283,7 +282,8 @@ def init(ctx: Ctx, /, directory: Path, provider: str, name: str | None) -> None:
         "files": sorted(files),
         "next": steps,
     }
-    text = f"created {name} ({provider}) in {directory}: {', '.join(files)}\nnext:\n"
+    tops = dict.fromkeys(p.split("/")[0] + ("/" if "/" in p else "") for p in files)
+    text = f"created {name} ({provider}) in {directory}: {', '.join(tops)}\nnext:\n"
     ctx.emit(data, text + "\n".join(f"  {s}" for s in steps))
 
 
