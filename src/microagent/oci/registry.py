@@ -22,6 +22,7 @@ listed as insecure. Anywhere else the token is asked for anonymously.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import time
@@ -595,6 +596,10 @@ def _with_digest(location: str, digest: str) -> str:
 def _patch_chunks(
     session: _Session, endpoint: Endpoint, location: str, fh: BinaryIO, *, size: int, what: str
 ) -> str:
+    """PATCH ``fh`` in chunks of ``size``. Each goes as a stream, which urllib3 sends 16 KiB
+    at a time, each piece within the (connect) timeout; as one bytes object it would be one
+    sendall() that must finish within that timeout (5 s for 64 MiB: a slow uplink's every
+    chunk timed out)."""
     offset = 0
     while chunk := fh.read(size):
         headers = {
@@ -602,7 +607,7 @@ def _patch_chunks(
             "Content-Length": str(len(chunk)),
             "Content-Range": f"{offset}-{offset + len(chunk) - 1}",
         }
-        response = session.once("PATCH", location, headers, data=chunk)
+        response = session.once("PATCH", location, headers, data=io.BytesIO(chunk))
         location = _location(response, endpoint, what)
         offset += len(chunk)
     return location
@@ -629,16 +634,31 @@ def _push_error(response: Any, what: str) -> RegistryError | NotFoundError:
 def _check_digest_header(headers: Mapping[str, str], digest: str, what: str) -> None:
     claimed = headers.get("Docker-Content-Digest")
     if claimed and claimed != digest:
-        raise IntegrityError(f"{what}: the registry stored {claimed}, expected {digest}")
+        raise IntegrityError(
+            f"{what}: the registry stored {claimed}, expected {digest}", hint=WRONG_CONTENT_HINT
+        )
+
+
+WRONG_CONTENT_HINT = (
+    "the registry, or a mirror or proxy in between, sent content that does not match its "
+    "digest; nothing was stored. Running the command again is safe; if it keeps failing, the "
+    "image in the registry is damaged"
+)
 
 
 def _verified(data: bytes, reference: str, headers: Mapping[str, str], where: Endpoint) -> Fetched:
     digest = sha256_digest(data)
     claimed = headers.get("Docker-Content-Digest")
     if ":" in reference and reference != digest:  # a digest (tags have no colon), any kind
-        raise IntegrityError(f"manifest from {where} does not match {reference} (got {digest})")
+        raise IntegrityError(
+            f"manifest from {where} does not match {reference} (got {digest})",
+            hint=WRONG_CONTENT_HINT,
+        )
     if claimed and claimed.startswith("sha256:") and claimed != digest:
-        raise IntegrityError(f"manifest from {where}: header says {claimed}, content is {digest}")
+        raise IntegrityError(
+            f"manifest from {where}: header says {claimed}, content is {digest}",
+            hint=WRONG_CONTENT_HINT,
+        )
     return Fetched(data, digest, headers.get("Content-Type", "").split(";")[0], str(where))
 
 

@@ -6,6 +6,7 @@ registry (behind ``testenv.faultproxy``) are marked ``integration``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -254,6 +255,79 @@ def test_the_read_timeout_and_attempts_set_reach_the_transport(
     found = LINE.match(line)
     assert found, line
     assert (found["cause"], found["n"], found["of"]) == ("timed out", "2", "2")
+
+
+class SlowSink:
+    """A loopback HTTP server that takes blob uploads (POST, PATCH, PUT) and reads bodies
+    slowly, through a small receive buffer: a slow uplink."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.host = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.received = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            while (request := self._request(conn)) is not None:
+                conn.sendall(request)
+
+    def _request(self, conn: socket.socket) -> bytes | None:
+        """Read one request (its body slowly); the answer to send, None when closed."""
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            byte = conn.recv(1)
+            if not byte:
+                return None
+            head += byte
+        method = head.split(b" ", 1)[0]
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        left = int(length[1]) if length else 0
+        while left:
+            piece = conn.recv(min(left, 16 << 10))
+            if not piece:
+                return None
+            left -= len(piece)
+            self.received += len(piece)
+            time.sleep(0.001)
+        if method == b"HEAD":
+            return b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+        if method in (b"POST", b"PATCH"):
+            where = b"Location: /v2/up/blobs/uploads/1\r\n"
+            return b"HTTP/1.1 202 Accepted\r\n" + where + b"Content-Length: 0\r\n\r\n"
+        return b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_chunked_upload_to_a_slow_registry_is_not_cut_by_the_timeout(tmp_path: Path) -> None:
+    """Each PATCH chunk is sent in pieces, each within the timeout: sent as one bytes object,
+    the whole 8 MiB chunk had to go within 0.1 s here (64 MiB within 5 s by default)."""
+    sink = SlowSink()
+    data = bytes(8 << 20) + b"!"
+    (tmp_path / "blob").write_bytes(data)
+    settings = Settings(home=tmp_path, registry_attempts=1, registry_connect_timeout=0.1)
+    client = RegistryClient.from_settings(settings)
+    try:
+        sent = client.push_blob(
+            ImageRef(sink.host, "up"), sha256_digest(data), len(data), tmp_path / "blob",
+            chunk_size=8 << 20,
+        )  # fmt: skip
+    finally:
+        sink.close()
+    assert sent and sink.received == len(data)
 
 
 # -- against a real registry behind a fault proxy ----------------------------------------------
