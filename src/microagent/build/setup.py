@@ -18,11 +18,13 @@ from pathlib import Path
 from microagent.build.base import BaseImage
 from microagent.compiler.keys import SetupInputs, StepKind
 from microagent.compiler.plan import BuildPlan, Step
+from microagent.digests import key_hex
 from microagent.errors import BuildError
 from microagent.ext4.debugfs import check_guest_image, quote, run_debugfs
 from microagent.ext4.mkfs import make_state_disk
 from microagent.ext4.rootfs import build_rootfs
 from microagent.ext4.upper import export_upper_image
+from microagent.fsutil import flocked
 from microagent.kit.guestkit import GuestKit
 from microagent.layers.apply import stored_layers
 from microagent.layers.tarwrite import compress_zstd
@@ -95,6 +97,12 @@ def setup_ready(store: Store, key: str) -> StepRecord | None:
     return rootfs_ready(store, key, (StepKind.SETUP,))
 
 
+def setup_lock(store: Store, key: str) -> Path:
+    """The flock held while a setup step is built: a second build of the same step (another
+    ``create`` of the spec) waits for it and reuses its record instead of booting again."""
+    return store.root / "locks" / "setup" / f"{key_hex(key)}.lock"
+
+
 def _resume_point(store: Store, steps: Sequence[Step]) -> int:
     """How many leading setup steps the deepest cached one covers (its record holds the
     whole layer chain, so earlier steps need no record or rootfs of their own)."""
@@ -117,15 +125,16 @@ def ensure_rootfs(ctx: BuildContext, plan: BuildPlan, base: BaseImage) -> BuiltR
         if index < cached:
             ctx.say(f"{label}  CACHED")
             continue
-        record = setup_ready(ctx.store, step.key)
-        if record is None:
-            ctx.say(f"{label}")
-            began = time.monotonic()
-            record = build_setup_step(ctx, step, rootfs, layers, env)
-            ctx.say(f"{label}  DONE {time.monotonic() - began:.1f}s")
-            built += 1
-        else:
-            ctx.say(f"{label}  CACHED")
+        with flocked(setup_lock(ctx.store, step.key)):  # concurrent builds boot once
+            record = setup_ready(ctx.store, step.key)
+            if record is None:
+                ctx.say(f"{label}")
+                began = time.monotonic()
+                record = build_setup_step(ctx, step, rootfs, layers, env)
+                ctx.say(f"{label}  DONE {time.monotonic() - began:.1f}s")
+                built += 1
+            else:
+                ctx.say(f"{label}  CACHED")
         assert record.rootfs is not None
         layers = record.layers
         rootfs = ctx.store.entry_path(record.rootfs)
