@@ -35,3 +35,8 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# The fault campaigns (tests/faults) at full scale; rewrites docs/reliability.md.
+.PHONY: faults
+faults: setup
+	nice -n 10 $(PY) scripts/faults.py

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +33,11 @@ class Tally:
     tracebacks: int = 0
     lost: int = 0
     scale: str = "ci"
+    # added for the kill/concurrency campaigns (H4); the report renders them when set
+    leftover: int = 0  # temp files/locks a killed writer left (garbage, never served)
+    seed: int | None = None
+    notes: str = ""
+    seconds: float = 0.0
 
 
 def fault_scale() -> str:
@@ -59,7 +65,10 @@ def campaign() -> Iterator[Callable[[str, str], Tally]]:
         tallies.append(tally)
         return tally
 
+    began = time.monotonic()
     yield make
+    for tally in tallies:
+        tally.seconds = tally.seconds or round(time.monotonic() - began, 1)
     report = os.environ.get("MICROAGENT_FAULT_REPORT")
     if report:
         with Path(report).open("a", encoding="utf-8") as out:
