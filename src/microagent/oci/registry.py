@@ -38,6 +38,7 @@ from microagent.digests import sha256_digest
 from microagent.errors import IntegrityError, NotFoundError, RegistryError
 from microagent.oci import documents as oci
 from microagent.oci._retry import (
+    BROKEN_HINT,
     Notify,
     ResumingStream,
     RetryPolicy,
@@ -264,7 +265,11 @@ class _Session:
             if is_transient(exc):
                 raise Transient(f"{method} {where}: {short(exc)}", cause=short(exc)) from exc
             base = url.split("/v2/", maxsplit=1)[0]
-            raise RegistryError(f"cannot reach {base}: {short(exc)}") from exc
+            raise RegistryError(
+                f"cannot reach {base}: {short(exc)}",
+                hint="check the registry address and the network (a plain-HTTP registry must "
+                "be listed in MICROAGENT_INSECURE_REGISTRIES)",
+            ) from exc
         except ValueError as exc:  # oras: "Cannot respond to request for authentication."
             note = f"; {self.note()}" if self.note() else ""
             raise RegistryError(
@@ -345,7 +350,7 @@ def _status_error(response: Any, what: str, note: str = "") -> RegistryError | N
             f"{what}: access denied (HTTP {code})" + (f"; {note}" if note else ""),
             hint="log in with `docker login` (credentials are read from the Docker config)",
         )
-    return RegistryError(f"{what}: HTTP {code} {response.reason}")
+    return RegistryError(f"{what}: HTTP {code} {response.reason}", hint=REFUSED_HINT)
 
 
 class RegistryClient:
@@ -398,12 +403,14 @@ class RegistryClient:
             "check the image name and tag, the network, or the mirrors in the registry "
             "config (MICROAGENT_REGISTRY_MIRRORS)"
         )
-        for endpoint in self.config.endpoints(ref.registry):
+        endpoints = self.config.endpoints(ref.registry)
+        for i, endpoint in enumerate(endpoints):
             try:
                 found = self._get_manifest(endpoint, ref, reference)
             except (RegistryError, NotFoundError) as exc:
                 problems.append(f"{endpoint}: {exc.message}")
                 hint = exc.hint or hint  # the registry's own failure says best what to do
+                self._fall_back(endpoints, i, exc.message)
                 continue
             if found is not None:
                 return found
@@ -414,19 +421,31 @@ class RegistryClient:
         """Like :meth:`manifest`, but None when the registry itself says 404 (a cache miss;
         a mirror only copies it, so its failure does not matter then)."""
         problems: list[str] = []
-        for endpoint in self.config.endpoints(ref.registry):
+        endpoints = self.config.endpoints(ref.registry)
+        for i, endpoint in enumerate(endpoints):
             try:
                 found = self._get_manifest(endpoint, ref, reference)
             except RegistryError as exc:
                 problems.append(f"{endpoint}: {exc.message}")
+                self._fall_back(endpoints, i, exc.message)
                 continue
             if found is not None:
                 return found
             if not endpoint.mirror:
                 return None
         if problems:
-            raise RegistryError(f"cannot look up {ref.name}:{reference}: " + "; ".join(problems))
+            raise RegistryError(
+                f"cannot look up {ref.name}:{reference}: " + "; ".join(problems),
+                hint=BROKEN_HINT,
+            )
         return None
+
+    def _fall_back(self, endpoints: Sequence[Endpoint], failed: int, message: str) -> None:
+        """Tell the user that ``endpoints[failed]`` (a mirror: one try) failed and the next
+        one is tried: a mirror's retry."""
+        if failed + 1 < len(endpoints):
+            where = endpoints[failed]
+            self._notify(f"registry {where.host}: {message}; trying {endpoints[failed + 1]}")
 
     def _get_manifest(self, endpoint: Endpoint, ref: ImageRef, reference: str) -> Fetched | None:
         """One GET: the verified manifest, None on 404, RegistryError otherwise."""
@@ -454,7 +473,8 @@ class RegistryClient:
         """A raw (undecoded) stream of a blob; the caller verifies while consuming."""
         problems: list[str] = []
         hint = ""
-        for endpoint in self.config.endpoints(ref.registry):
+        endpoints = self.config.endpoints(ref.registry)
+        for i, endpoint in enumerate(endpoints):
             url = endpoint.url(ref.repository, "blobs", digest)
             session = self._session(endpoint)
             try:
@@ -462,12 +482,14 @@ class RegistryClient:
             except RegistryError as exc:
                 problems.append(f"{endpoint}: {exc.message}")
                 hint = exc.hint or hint
+                self._fall_back(endpoints, i, exc.message)
                 continue
             if response.status_code != 200:
                 error = _status_error(response, "blob", session.note())
                 problems.append(f"{endpoint}: {error.message}")
                 hint = error.hint or hint
                 response.close()
+                self._fall_back(endpoints, i, error.message)
                 continue
             what = f"blob {digest[:19]}… of {ref.name} from {endpoint}"
             stream = ResumingStream(
@@ -583,7 +605,7 @@ def _location(response: Any, endpoint: Endpoint, what: str) -> str:
         raise _push_error(response, what)
     location = str(response.headers.get("Location", ""))
     if not location:
-        raise RegistryError(f"{what}: the registry gave no upload location")
+        raise RegistryError(f"{what}: the registry gave no upload location", hint=REFUSED_HINT)
     if location.startswith("/"):
         location = f"{endpoint.scheme}://{endpoint.host}{location}"
     return location
@@ -628,7 +650,11 @@ def _push_error(response: Any, what: str) -> RegistryError | NotFoundError:
             "(credentials are read from the Docker config, never printed)",
         )
     suffix = f": {detail}" if detail else ""
-    return RegistryError(f"{what}: HTTP {code} {response.reason}{suffix}")
+    return RegistryError(
+        f"{what}: HTTP {code} {response.reason}{suffix}",
+        hint="the registry refused the upload: check that you may push to this repository "
+        "and that its name is one the registry accepts",
+    )
 
 
 def _check_digest_header(headers: Mapping[str, str], digest: str, what: str) -> None:
@@ -639,6 +665,10 @@ def _check_digest_header(headers: Mapping[str, str], digest: str, what: str) -> 
         )
 
 
+REFUSED_HINT = (
+    "the registry refused the request (only 429 and 5xx answers are retried); check the "
+    "image reference, and the registry's own log"
+)
 WRONG_CONTENT_HINT = (
     "the registry, or a mirror or proxy in between, sent content that does not match its "
     "digest; nothing was stored. Running the command again is safe; if it keeps failing, the "

@@ -23,6 +23,7 @@ from microagent.compiler.refs import ImageRef
 from microagent.digests import sha256_digest
 from microagent.errors import ConfigError, InvalidInputError, RegistryError
 from microagent.oci import documents as oci
+from microagent.oci.endpoints import RegistryConfig
 from microagent.oci.registry import RegistryClient, RetryPolicy
 from microagent.settings import Settings, explain
 from testenv import standin
@@ -392,6 +393,26 @@ def test_a_broken_blob_download_says_where_it_resumes(
     assert found, line
     assert found["cause"] == "the download broke at byte 4096 (connection reset by peer)"
     assert (found["verb"], found["n"], found["of"]) == ("resuming", "2", "4")
+
+
+@pytest.mark.integration
+def test_a_failing_mirror_says_what_is_tried_next(
+    pushed: str, failing_mirror: FaultProxy, registry: RegistryHandle, tmp_path: Path
+) -> None:
+    config = RegistryConfig(mirrors={registry.host: (failing_mirror.url,)})
+    lines: list[str] = []
+    client = RegistryClient(config, notify=lines.append)
+    ref = ImageRef(registry.host, REPO)
+    assert client.manifest(ref, "v1").kind() == oci.OCI_MANIFEST
+    with client.blob(ref, pushed) as stream:
+        assert sha256_digest(stream.read()) == pushed
+    mirror, origin = failing_mirror.url, f"http://{registry.host}"
+    assert lines == [
+        f"registry {failing_mirror.host}: GET {mirror}/v2/{REPO}/{path}: HTTP 503 Service "
+        f"Unavailable (1 try allowed); trying {origin}"
+        for path in ("manifests/v1", f"blobs/{pushed}")
+    ]
+    assert len(failing_mirror.log) == 2  # a mirror gets one try: the next endpoint is its retry
 
 
 @pytest.mark.integration
