@@ -824,13 +824,21 @@ class Microagent:
         return names_in_use(self.store, keys, blobs) | entries
 
     def cache_verify(self, *, repair: bool = False) -> VerifyReport:
-        """Check every blob, step record and root filesystem (``e2fsck -fn`` too); with
-        ``repair`` remove what is wrong so the next build rebuilds it."""
+        """Check every blob, step record, root filesystem and shared disk or bundle image
+        (``e2fsck -fn`` too); with ``repair`` remove what is wrong so the next build rebuilds
+        it."""
         # deferred: see the module docstring
         from microagent.ext4.debugfs import check_image
         from microagent.store.verify import verify
+        from microagent.workspace.disks import stored_image_problem
 
-        return verify(self.store, repair=repair, in_use=self.cache_in_use(), fsck=check_image)
+        def image(folder: Path) -> tuple[str, str] | None:
+            return stored_image_problem(folder, check_image)
+
+        checks = {"disks": image, "bundles": image}
+        return verify(
+            self.store, repair=repair, in_use=self.cache_in_use(), fsck=check_image, checks=checks
+        )
 
     def cache_export(
         self,

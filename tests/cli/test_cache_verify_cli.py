@@ -19,6 +19,7 @@ from microagent.commands.envelope import schema
 from testenv.clitools import cli_json
 
 SPEC = "name: ws\nimage: oci:layout:latest\nsetup: [mkdir -p /workspace]\nentrypoint: 'true'\n"
+pytestmark = pytest.mark.tools("mke2fs", "e2fsck")
 PROBLEM_KEYS = {"kind", "name", "problem", "detail"}
 
 

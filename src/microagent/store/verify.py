@@ -13,8 +13,9 @@ What each kind of entry is checked against (``docs/cli.md``, "cache verify"):
   clean when a checker is given (the CLI gives one). A rootfs that no sound record names and
   no workspace uses is orphaned once older than ``grace`` (a build writes the record just
   after it), or at once when its own record is broken.
-- other built entries (``kits/``, ``disks/``, ``bundles/``): counted; the packages above the
-  store know their insides.
+- other built entries (``disks/``, ``bundles/``, ``kits/``): checked by the ``checks`` the
+  caller gives per kind (the packages above the store know their insides; the CLI checks a
+  shared disk's or bundle's image against its manifest), else only counted.
 - temp files: stale by :meth:`Store.stale_temps` (a builder that is gone).
 - lock files: a lock path that is not a regular file breaks every build of its entry. A lock
   file whose entry is gone is normal (a prune, a failed build) and stays: removing one could
@@ -47,12 +48,14 @@ from microagent.store.content import CHUNK, STALE_TEMP_SECONDS, Store
 from microagent.store.records import StepRecord, rootfs_entry, write_record
 
 Fsck = Callable[[Path], None]  # raises IntegrityError for an unsound file system
+# What is wrong with a built entry of another kind (``disks/<key>``): (problem, detail) or None.
+EntryCheck = Callable[[Path], "tuple[str, str] | None"]
 
 _KEY_NAME = re.compile(r"[0-9a-f]{64}\.json")
 _ROOTFS_NAME = re.compile(r"[0-9a-f]{64}\.ext4")
 _EXT4_MAGIC = 0xEF53
 _INCOMPAT_64BIT = 0x80
-_REPAIR_ORDER = ("key", "lock", "rootfs", "blob", "temp")
+_REPAIR_ORDER = ("key", "lock", "rootfs", "entry", "blob", "temp")  # "entry": any other kind
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class _Scan:
     store: Store
     in_use: Collection[str]
     fsck: Fsck | None
+    checks: Mapping[str, EntryCheck]
     cutoff: float  # orphans last used before this (seconds since the epoch)
     checked: dict[str, int] = field(default_factory=lambda: {"blobs": 0, "keys": 0, "entries": 0})
     problems: list[Problem] = field(default_factory=list)
@@ -119,6 +123,7 @@ def verify(
     repair: bool = False,
     in_use: Collection[str] = (),
     fsck: Fsck | None = None,
+    checks: Mapping[str, EntryCheck] | None = None,
     grace: float = STALE_TEMP_SECONDS,
 ) -> VerifyReport:
     """Check the whole store; with ``repair`` remove every entry found wrong.
@@ -126,12 +131,14 @@ def verify(
     ``in_use``: store entry names a workspace boots from (never orphans). ``fsck``: a full
     file system check for root filesystems (``ext4.debugfs.check_image``). ``grace``: seconds
     a rootfs without a record is left alone (its builder may still be writing the record).
+    ``checks``: per kind of other built entry (``disks``), what is wrong with one; problems
+    of kind ``disk`` for ``disks/``. An entry in use is never orphaned.
     """
-    scan = _Scan(store, frozenset(in_use), fsck, time.time() - grace)
+    scan = _Scan(store, frozenset(in_use), fsck, checks or {}, time.time() - grace)
     _check_blobs(scan)
     _check_keys(scan)
     _check_rootfs(scan)
-    scan.checked["entries"] += sum(1 for _ in _other_entries(store))
+    _check_other_entries(scan)
     _check_locks(scan)
     for path in store.stale_temps():
         name = path.relative_to(store.root).as_posix()
@@ -142,7 +149,8 @@ def verify(
 
 
 def _order(problem: Problem) -> tuple[int, str]:
-    return _REPAIR_ORDER.index(problem.kind), problem.name
+    kind = problem.kind if problem.kind in _REPAIR_ORDER else "entry"
+    return _REPAIR_ORDER.index(kind), problem.name
 
 
 # -- blobs ------------------------------------------------------------------------------------
@@ -326,10 +334,21 @@ def _digest_mismatch(path: Path, digest: str, size: int) -> str:
 # -- the rest ---------------------------------------------------------------------------------
 
 
-def _other_entries(store: Store) -> Iterator[Path]:
-    for kind in _children(store.root):
-        if kind.name not in {"blobs", "keys", "rootfs", "locks", "tmp"}:
-            yield from _children(kind)
+def _check_other_entries(scan: _Scan) -> None:
+    for kind in _children(scan.store.root):
+        if kind.name in {"blobs", "keys", "rootfs", "locks", "tmp"}:
+            continue
+        check = scan.checks.get(kind.name)
+        for path in _children(kind):
+            scan.checked["entries"] += 1
+            found = check(path) if check is not None else None
+            name = f"{kind.name}/{path.name}"
+            if found is None or (found[0] == "orphaned" and name in scan.in_use):
+                continue
+            problem, detail = found
+            if name in scan.in_use:
+                detail += " (a workspace uses it: create that workspace again)"
+            scan.add(kind.name.removesuffix("s"), name, problem, detail)
 
 
 def _check_locks(scan: _Scan) -> None:

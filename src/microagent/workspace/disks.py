@@ -19,6 +19,7 @@ checked). A bad disk or bundle is reported at its line in the spec.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -149,6 +150,44 @@ def _write_manifest(folder: Path, kind: str, digest: str) -> None:
             "sizeBytes": image.stat().st_size,
         },
     )
+
+
+def stored_image_problem(folder: Path, check: Callable[[Path], None]) -> tuple[str, str] | None:
+    """What is wrong with the store's image at ``folder`` (``disks/<key>``, ``bundles/<key>``)
+    as ``(problem, detail)`` for ``cache verify``, None when nothing: ``orphaned`` when no
+    create can name it (its manifest gives another key: another kind or format), ``corrupt``
+    when it is not what its manifest says (size; a disk's sha256) or ``check`` (``e2fsck -fn``)
+    refuses it."""
+    kind = "bundle" if folder.parent.name == "bundles" else "disk"
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_bytes())
+        source, size = str(manifest["source"]), manifest["sizeBytes"]
+        key = _image_key(str(manifest["kind"]), key_hex(source))
+    except (OSError, ValueError, TypeError, KeyError, IntegrityError) as exc:
+        return "corrupt", f"{MANIFEST_FILE}: unreadable ({exc})"
+    if folder.name != key or manifest.get("kind") != kind:
+        return "orphaned", f"{MANIFEST_FILE} gives another key ({kind}, format {IMAGE_FORMAT})"
+    problem = _image_mismatch(folder / IMAGE_FILE, size, source if kind == "disk" else "")
+    if problem:
+        return "corrupt", problem
+    try:
+        check(folder / IMAGE_FILE)
+    except IntegrityError as exc:
+        return "corrupt", exc.message
+    return None
+
+
+def _image_mismatch(image: Path, size: object, digest: str) -> str:
+    """How ``image`` differs from its manifest's ``size`` (and ``digest`` when given)."""
+    try:
+        got, hexd = hash_file(image) if digest else (image.stat().st_size, "")
+    except OSError as exc:
+        return f"{IMAGE_FILE}: {exc.strerror or exc}"
+    if got != size:
+        return f"{IMAGE_FILE} has {got} bytes, {MANIFEST_FILE} says {size}"
+    if digest and "sha256:" + hexd != digest:
+        return f"{IMAGE_FILE} hashes to sha256:{hexd}, {MANIFEST_FILE} says {digest}"
+    return ""
 
 
 def store_entries(record: Record) -> set[str]:

@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from microagent.store.verify import Problem, VerifyReport, verify
 from testenv.clitools import cli_json
 
 SPEC = "name: ws\nimage: oci:layout:latest\nsetup: [mkdir -p /workspace]\nentrypoint: 'true'\n"
+pytestmark = pytest.mark.tools("mke2fs", "e2fsck")
 OLD = 7 * 3600  # seconds: older than the grace for temps and unrecorded root filesystems
 
 
@@ -60,10 +63,14 @@ def made(busybox_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
     (busybox_project / "microagent.yaml").write_text(SPEC)
     cli_json(capsys, "create", "-f", str(busybox_project / "microagent.yaml"))
     store = Store(tmp_path / "home" / "store")
+    return Made(store, Microagent(Settings.from_environ()), busybox_project, *_records(store))
+
+
+def _records(store: Store) -> tuple[StepRecord, StepRecord]:
+    """The base and the setup step's records."""
     records = [read_record(store, "sha256:" + p.stem) for p in (store.root / "keys").iterdir()]
     by_kind = {r.kind.value: r for r in records if r is not None}
-    api = Microagent(Settings.from_environ())
-    return Made(store, api, busybox_project, by_kind["base"], by_kind["setup"])
+    return by_kind["base"], by_kind["setup"]
 
 
 def found(report: VerifyReport) -> set[tuple[str, str, str]]:
@@ -347,3 +354,79 @@ def test_every_damage_at_once_in_repair_order(made: Made) -> None:
     assert [p.kind for p in report.problems] == ["key", "key", "rootfs", "blob", "temp"]
     assert all(isinstance(p, Problem) and p.detail for p in report.problems)
     repaired_clean(made, found(report))
+
+
+# -- shared disks and bundles -----------------------------------------------------------------
+
+DISK_SPEC = SPEC + (
+    "disks:\n  - {name: ref, path: ref.ext4, mountpoint: /ref}\n"
+    "bundles:\n  - {name: corpus, path: corpus.tar, mountpoint: /corpus}\n"
+)
+
+
+@pytest.fixture
+def with_disks(
+    busybox_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> tuple[Made, Path, Path]:
+    """`create` of a spec with a ro disk and a ro bundle: the store's disk and bundle folders."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "hello.txt").write_text("reference\n")
+    image = busybox_project / "ref.ext4"
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tree), str(image), "4M"],
+                   check=True, capture_output=True)  # fmt: skip
+    with tarfile.open(busybox_project / "corpus.tar", "w") as tar:
+        tar.add(tree / "hello.txt", "docs/hello.txt")
+    (busybox_project / "microagent.yaml").write_text(DISK_SPEC)
+    cli_json(capsys, "create", "-f", str(busybox_project / "microagent.yaml"))
+    store = Store(tmp_path / "home" / "store")
+    made = Made(store, Microagent(Settings.from_environ()), busybox_project, *_records(store))
+    disk = next((store.root / "disks").iterdir())
+    bundle = next((store.root / "bundles").iterdir())
+    return made, disk, bundle
+
+
+def api_check(made: Made, *, repair: bool = False) -> VerifyReport:
+    return made.api.cache_verify(repair=repair)
+
+
+def test_shared_disk_and_bundle_images_are_checked_against_their_manifests(
+    with_disks: tuple[Made, Path, Path],
+) -> None:
+    made, disk, bundle = with_disks
+    clean = api_check(made)
+    assert clean.problems == () and clean.checked["entries"] == 4  # 2 rootfs, a disk, a bundle
+    image = disk / "disk.ext4"
+    flip_byte(image, image.stat().st_size - 1024)  # free space: only the sha256 sees it
+    os.truncate(bundle / "disk.ext4", 4096)
+    report = api_check(made)
+    disk_name, bundle_name = f"disks/{disk.name}", f"bundles/{bundle.name}"
+    assert found(report) == {("disk", disk_name, "corrupt"), ("bundle", bundle_name, "corrupt")}
+    assert "disk.ext4 hashes to sha256:" in detail(report, disk_name)
+    assert "a workspace uses it" in detail(report, disk_name)
+    assert detail(report, bundle_name).startswith("disk.ext4 has 4096 bytes, manifest.json says")
+    repaired = api_check(made, repair=True)
+    assert set(repaired.repaired) == {disk_name, bundle_name} and repaired.ok
+    assert api_check(made).problems == ()
+
+
+def test_a_shared_disk_with_a_foreign_or_broken_manifest(
+    with_disks: tuple[Made, Path, Path],
+) -> None:
+    made, disk, _ = with_disks
+    stray = disk.parent / ("0" * 64)
+    shutil.copytree(disk, stray)  # what an older image format left: no create names it
+    broken = disk.parent / ("1" * 64)
+    shutil.copytree(disk, broken)
+    (broken / "manifest.json").write_text("{")
+    report = api_check(made)
+    assert found(report) == {
+        ("disk", f"disks/{stray.name}", "orphaned"),
+        ("disk", f"disks/{broken.name}", "corrupt"),
+    }
+    assert detail(report, f"disks/{broken.name}").startswith("manifest.json: unreadable")
+    assert set(api_check(made, repair=True).repaired) == {
+        f"disks/{stray.name}",
+        f"disks/{broken.name}",
+    }
+    assert disk.is_dir() and api_check(made).problems == ()
