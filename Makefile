@@ -40,3 +40,12 @@ clean:
 .PHONY: faults
 faults: setup
 	nice -n 10 $(PY) scripts/faults.py
+
+# Mutation testing of the guard modules (docs/testing.md): slow, never part of `make test`.
+# MODULES="loader network" runs some of them; MUTATION_ARGS="--jobs 2" passes options on.
+.PHONY: mutation
+MODULES ?=
+MUTATION_ARGS ?=
+mutation: setup
+	$(PY) -c "import mutmut" 2>/dev/null || $(BIN)/pip install -e '.[mutation]'
+	$(PY) scripts/mutation/run.py $(MUTATION_ARGS) $(MODULES)

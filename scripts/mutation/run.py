@@ -1,0 +1,370 @@
+"""Mutation testing of the guard modules with mutmut, on a copy of the repository.
+
+``make mutation`` runs every module; ``make mutation MODULES="loader network"`` (or
+``python scripts/mutation/run.py loader network``) runs some. Each module is mutated in its own
+copy of the tree under a temporary folder (``git ls-files`` of the working tree, or ``--rev``
+for a commit), so the checkout you work in is never touched. Only the fast tests that exercise
+the module run against its mutants (see MODULES); no VM tests.
+
+A module's figures are written to ``<out>/<module>.json`` and its surviving mutants, with their
+diffs, to ``<out>/<module>-survivors.txt``; a markdown table of all modules run is printed at
+the end. docs/testing.md says how to read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Module:
+    """A guard module: the files mutated, the mutants kept (mutmut names, fnmatch globs; all of
+    the files' mutants when empty) and the tests run against them."""
+
+    files: tuple[str, ...]
+    tests: tuple[str, ...]
+    only: tuple[str, ...] = field(default=())
+
+
+MODULES: dict[str, Module] = {
+    "layers": Module(
+        files=("src/microagent/layers/apply.py",),
+        tests=(
+            "tests/unit/cache/test_layers_malicious.py",
+            "tests/unit/cache/test_layers_flatten.py",
+            "tests/unit/cache/test_layers_export.py",
+            "tests/unit/cache/test_layers_property.py",
+            "tests/security/test_guards_layers.py",
+            "tests/unit/cache/test_mutants_layers.py",
+        ),
+    ),
+    "store": Module(
+        files=("src/microagent/store/content.py",),
+        tests=(
+            "tests/unit/cache/test_cache_store.py",
+            "tests/unit/cache/test_mutants_store.py",
+        ),
+    ),
+    "registry": Module(
+        files=("src/microagent/oci/registry.py", "src/microagent/oci/_retry.py"),
+        tests=(
+            "tests/unit/oci",
+            "tests/integration/test_resolve.py",
+            "tests/integration/test_registry_faults.py",
+            "tests/security/test_credentials.py",
+            "tests/integration/test_mutants_registry.py",
+        ),
+    ),
+    "loader": Module(
+        files=("src/microagent/compiler/loader.py",),
+        # not test_fuzz / test_fastschema: hypothesis runs of a minute each, per mutant
+        tests=(
+            "tests/unit/compiler/test_loader.py",
+            "tests/unit/compiler/test_invalid_corpus.py",
+            "tests/unit/compiler/test_guards_spec.py",
+            "tests/unit/compiler/test_spec_credentials.py",
+            "tests/unit/compiler/test_plan.py",
+            "tests/unit/compiler/test_mutants_loader.py",
+        ),
+    ),
+    "disk-copy": Module(
+        files=("src/microagent/ext4/overlay.py",),
+        tests=(
+            "tests/unit/disk/test_disk_copy.py",
+            "tests/unit/disk/test_disk_unprivileged.py",
+            "tests/security/test_guards_cp.py",
+            "tests/unit/disk/test_mutants_overlay.py",
+        ),
+    ),
+    "network": Module(
+        files=("src/microagent/runtime/network.py",),
+        tests=(
+            "tests/unit/runtime/test_network.py",
+            "tests/unit/broker/test_addresses.py",
+            "tests/security/test_network_policy.py",
+            "tests/unit/runtime/test_mutants_network.py",
+        ),
+    ),
+    "guest-events": Module(
+        files=("src/microagent/runtime/control.py", "src/microagent/runtime/backend.py"),
+        # backend.py holds much more than the exited-event reader: only that is mutated there
+        only=(
+            "microagent.runtime.control.*",
+            "microagent.runtime.backend.xǁGuestResultǁfrom_event__mutmut_*",
+            "microagent.runtime.backend.xǁ_ExitedEventǁ*",
+            "microagent.runtime.backend.x__output_entry_ok__mutmut_*",
+        ),
+        tests=(
+            "tests/unit/runtime/test_control.py",
+            "tests/unit/runtime/test_fake_guest.py",
+            "tests/unit/runtime/test_fake.py",
+            "tests/security/test_guards_guest.py",
+            "tests/security/test_guest_input.py",
+            "tests/security/test_guards_exited_event.py",
+            "tests/unit/runtime/test_mutants_guest_events.py",
+        ),
+    ),
+}
+
+# mutmut's exit codes per mutant (mutmut.stats.status_by_exit_code, copied so the report can
+# be read without importing mutmut); anything else is "suspicious".
+STATUS = {
+    1: "killed",
+    3: "killed",
+    37: "killed",  # caught by the type checker (not used here)
+    0: "survived",
+    5: "no tests",
+    33: "no tests",
+    34: "skipped",
+    36: "timeout",
+    24: "timeout",
+    -24: "timeout",
+    152: "timeout",
+    255: "timeout",
+    -11: "segfault",
+    -9: "segfault",
+    None: "not checked",
+}
+
+
+MAX_SHOWN = 300  # survivors whose diff is written out (mutmut show takes a second each)
+
+
+def copy_tree(dest: Path, rev: str | None) -> None:
+    """The repository's files into ``dest``: a commit's tree, or the working tree's tracked and
+    untracked-but-not-ignored files (what ``git status`` would show)."""
+    dest.mkdir(parents=True)
+    if rev is not None:
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", "--format=tar", rev],
+            check=True,
+            capture_output=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        return
+    listed = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "-z", "-co", "--exclude-standard"],
+        check=True,
+        capture_output=True,
+    ).stdout.split(b"\0")
+    for raw in filter(None, listed):
+        src = ROOT / os.fsdecode(raw)
+        if not src.is_file():  # deleted in the working tree, not yet in the index
+            continue
+        target = dest / os.fsdecode(raw)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target, follow_symlinks=False)
+
+
+def toml_list(items: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+
+def configure(dest: Path, module: Module) -> list[str]:
+    """Append the ``[tool.mutmut]`` table for ``module`` to the copy's pyproject.toml; returns
+    the test paths that exist (a module's own test_mutants_* file may not be written yet)."""
+    tests = [t for t in module.tests if (dest / t).exists()]
+    also = sorted(
+        p.name + ("/" if p.is_dir() else "")
+        for p in dest.iterdir()
+        if p.name not in {"src", "tests", "mutants", ".git"}
+    )
+    pytest_args = ["-p", "no:cacheprovider", "--hypothesis-seed=0", "-x", "-q"]
+    table = "\n".join(
+        [
+            "",
+            "[tool.mutmut]",
+            'source_paths = ["src"]',
+            f"only_mutate = {toml_list(list(module.files))}",
+            f"also_copy = {toml_list(also)}",
+            f"pytest_add_cli_args = {toml_list(pytest_args)}",
+            f"pytest_add_cli_args_test_selection = {toml_list(tests)}",
+            "timeout_multiplier = 10.0",
+            "timeout_constant = 5.0",
+            "use_git_change_detection = false",
+            "",
+        ]
+    )
+    with (dest / "pyproject.toml").open("a", encoding="utf-8") as fh:
+        fh.write(table)
+    return tests
+
+
+def run_mutmut(dest: Path, module: Module, jobs: int, budget: float, log: Path) -> int | None:
+    """``mutmut run`` in ``dest`` at low priority; None when it overran ``budget`` seconds
+    (it is stopped; the mutants tested so far keep their results)."""
+    env = {
+        **os.environ,
+        # subprocesses the tests start (python -m microagent ...) import the mutated tree too
+        "PYTHONPATH": str(dest / "mutants" / "src"),
+        "CI": "true",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    # the mutated tree's import path must exist before Python starts: a missing sys.path entry
+    # is cached as "nothing here", and the tests would import the unmutated package instead
+    (dest / "mutants" / "src").mkdir(parents=True, exist_ok=True)
+    argv = ["nice", "-n", "10", sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*argv, *module.only],
+            cwd=dest,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            return proc.wait(timeout=budget)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop mutmut and the workers it forked (its own process group), politely first; the
+    results of the mutants already tested are on disk."""
+    for sig, grace in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            break
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # workers left behind by a mutmut that exited
+
+
+def results(dest: Path, module: Module) -> dict[str, str]:
+    """Mutant name -> status, for the module's kept mutants."""
+    out: dict[str, str] = {}
+    for name in module.files:
+        meta = dest / "mutants" / (name + ".meta")
+        if not meta.exists():
+            continue
+        codes = json.loads(meta.read_text(encoding="utf-8")).get("exit_code_by_key", {})
+        for key, code in codes.items():
+            if not module.only or any(fnmatch(key, pattern) for pattern in module.only):
+                out[key] = STATUS.get(code, "suspicious")
+    return out
+
+
+def summary(name: str, statuses: dict[str, str], exit_code: int | None) -> dict[str, object]:
+    counts = Counter(statuses.values())
+    total = len(statuses)
+    killed = counts["killed"]
+    return {
+        "module": name,
+        "mutants": total,
+        "killed": killed,
+        "survived": counts["survived"],
+        "timeout": counts["timeout"],
+        "no_tests": counts["no tests"],
+        "other": total - killed - counts["survived"] - counts["timeout"] - counts["no tests"],
+        "killed_pct": round(100.0 * (killed + counts["timeout"]) / total, 1) if total else 0.0,
+        "complete": exit_code == 0 and counts["not checked"] == 0,
+        "mutmut_exit": exit_code,
+    }
+
+
+def survivors_text(dest: Path, statuses: dict[str, str]) -> str:
+    """The diff of every mutant not killed (survived, no tests, suspicious, not checked)."""
+    chunks = []
+    left = sorted(k for k, s in statuses.items() if s not in {"killed", "timeout"})
+    if len(left) > MAX_SHOWN:
+        chunks.append(f"({len(left)} mutants not killed; the first {MAX_SHOWN} are shown)\n")
+    for key in left[:MAX_SHOWN]:
+        shown = subprocess.run(
+            [sys.executable, "-m", "mutmut", "show", key],
+            cwd=dest,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        chunks.append(f"## {key} ({statuses[key]})\n{shown.stdout.strip()}\n")
+    return "\n".join(chunks)
+
+
+def run_module(name: str, args: argparse.Namespace, work: Path, out: Path) -> dict[str, object]:
+    module = MODULES[name]
+    dest = work / name
+    copy_tree(dest, args.rev)
+    tests = configure(dest, module)
+    print(f"[{name}] mutating {', '.join(module.files)} in {dest}", flush=True)
+    print(f"[{name}] tests: {' '.join(tests)}", flush=True)
+    started = time.monotonic()
+    code = run_mutmut(dest, module, args.jobs, args.budget, out / f"{name}.log")
+    statuses = results(dest, module)
+    row = summary(name, statuses, code)
+    row["seconds"] = round(time.monotonic() - started)
+    (out / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n", encoding="utf-8")
+    (out / f"{name}-survivors.txt").write_text(survivors_text(dest, statuses), encoding="utf-8")
+    print(f"[{name}] {json.dumps(row)}", flush=True)
+    if not args.keep:
+        shutil.rmtree(dest, ignore_errors=True)
+    return row
+
+
+def table(rows: list[dict[str, object]]) -> str:
+    lines = [
+        "| module | mutants | killed | survived | timeout | no tests | % killed |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        pct = f"{r['killed_pct']}" + ("" if r["complete"] else " (incomplete)")
+        lines.append(
+            f"| {r['module']} | {r['mutants']} | {r['killed']} | {r['survived']} | "
+            f"{r['timeout']} | {r['no_tests']} | {pct} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", metavar="MODULE", help=", ".join(MODULES))
+    parser.add_argument("--rev", help="mutate this commit's tree instead of the working tree")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants tested at once (default 1)")
+    parser.add_argument(
+        "--budget", type=float, default=3600, help="seconds per module before it is stopped"
+    )
+    parser.add_argument("--out", type=Path, help="where figures go (default: under the work dir)")
+    parser.add_argument("--keep", action="store_true", help="keep each module's copy")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    names = args.modules or list(MODULES)
+    unknown = sorted(set(names) - set(MODULES))
+    if unknown:
+        print(f"unknown module(s) {', '.join(unknown)}; known: {', '.join(MODULES)}")
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="microagent-mutation-"))
+    out = (args.out or work / "results").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [run_module(name, args, work, out) for name in names]
+    print(table(rows))
+    print(f"figures and survivors: {out}")
+    below = [r["module"] for r in rows if float(str(r["killed_pct"])) < 85.0]
+    return 1 if below else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
