@@ -373,10 +373,11 @@ def _repair(store: Store, problems: tuple[Problem, ...]) -> tuple[str, ...]:
     """Remove every entry of ``problems`` (already in repair order); the names removed."""
     removed = []
     for problem in problems:
-        if problem.kind == "rootfs" and problem.problem == "corrupt":
+        if not _remove(store, problem):
+            continue
+        removed.append(problem.name)
+        if problem.kind == "rootfs":
             _forget_packed(store, problem.name)
-        if _remove(store, problem):
-            removed.append(problem.name)
     return tuple(removed)
 
 

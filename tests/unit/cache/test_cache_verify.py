@@ -127,6 +127,21 @@ def test_a_store_after_a_real_create_verifies_clean_and_is_not_touched(made: Mad
     assert mtimes(made.store.root) == before  # not even a last-use time moved
 
 
+def test_what_prune_and_publishing_leave_behind_is_no_problem(made: Made) -> None:
+    """A packed image whose blob was pruned (packed again when publishing), a rootfs pruned
+    while its layers stay (rebuilt by flattening), an empty store: all normal."""
+    packed = ensure_rootfs_image(made.store, made.setup)
+    assert packed is not None
+    assert made.store.remove(made.name_of(packed.blob))
+    assert made.store.remove(made.setup.rootfs or "")
+    record = read_record(made.store, made.setup.key)
+    assert record is not None and record.packed == packed  # it still names both
+    report = made.check()
+    assert report.problems == () and report.checked == {"blobs": 4, "keys": 2, "entries": 1}
+    empty = verify(Store(made.store.root.parent / "nothing-here"))
+    assert empty.ok and empty.checked == {"blobs": 0, "keys": 0, "entries": 0}
+
+
 # -- blobs ------------------------------------------------------------------------------------
 
 
