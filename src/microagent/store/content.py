@@ -50,6 +50,7 @@ STALE_TEMP_SECONDS = 6 * 3600
 _NAME_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 _RESERVED_KINDS = frozenset({"blobs", "keys", "locks", "tmp"})
 _UNLISTED_KINDS = frozenset({"locks", "tmp"})
+SIZE_HINT = "the source sent the wrong number of bytes; nothing was stored (retrying is safe)"
 
 
 @dataclass(frozen=True)
@@ -409,7 +410,9 @@ def _copy_hashing(src: BinaryIO, dst: BinaryIO | None, hasher: _Hash, *, limit: 
     while chunk := src.read(CHUNK):
         size += len(chunk)
         if limit is not None and size > limit:
-            raise IntegrityError(f"content is larger than the expected {limit} bytes")
+            raise IntegrityError(
+                f"content is larger than the expected {limit} bytes", hint=SIZE_HINT
+            )
         hasher.update(chunk)
         if dst is not None:
             dst.write(chunk)
@@ -418,7 +421,7 @@ def _copy_hashing(src: BinaryIO, dst: BinaryIO | None, hasher: _Hash, *, limit: 
 
 def _check_blob(got: Digest, size: int, expected: Digest | None, expected_size: int | None) -> None:
     if expected_size is not None and size != expected_size:
-        raise IntegrityError(f"content has {size} bytes, expected {expected_size}")
+        raise IntegrityError(f"content has {size} bytes, expected {expected_size}", hint=SIZE_HINT)
     if expected is not None and got != expected:
         raise IntegrityError(
             f"digest mismatch: expected {expected}, content hashes to {got}",
