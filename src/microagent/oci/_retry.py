@@ -53,9 +53,8 @@ class RetryPolicy:
     attempts: int = defaults.REGISTRY_ATTEMPTS
     backoff: float = 0.5  # the first pause; it doubles after each try, jittered down to half
     max_pause: float = 10.0  # the longest pause; a longer Retry-After fails at once
-    deadline: float = (
-        defaults.REGISTRY_DEADLINE
-    )  # no new try starts later than this after the first
+    # no new try starts later than this after the first
+    deadline: float = defaults.REGISTRY_DEADLINE
     connect_timeout: float = defaults.REGISTRY_CONNECT_TIMEOUT
     read_timeout: float = defaults.REGISTRY_READ_TIMEOUT  # this long without a byte is a stall
     min_rate: int = 1024  # bytes/s while waiting on the network; slower (a trickle) is a stall
