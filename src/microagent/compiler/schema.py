@@ -18,6 +18,7 @@ from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from microagent.compiler import _fastschema
 from microagent.compiler._yaml import Document, JsonPath, format_path
 from microagent.errors import Diagnostic
 
@@ -293,8 +294,22 @@ def _unknown_key_hint(name: str, allowed: list[str], path: JsonPath) -> str:
     return f"allowed keys here: {', '.join(allowed)}" if allowed else ""
 
 
+def _surely_valid(schema: Mapping[str, Any], value: object) -> bool:
+    """The fast yes/no of :mod:`._fastschema`; False also when it cannot tell."""
+    try:
+        return _fastschema.is_valid(schema, value, ecma_regex)
+    except _fastschema.Unsupported:
+        return False
+
+
 def validate(doc: Document) -> list[Diagnostic]:
-    """All schema problems of ``doc``, translated and de-duplicated."""
+    """All schema problems of ``doc``, translated and de-duplicated.
+
+    A valid document is told apart without jsonschema (see :mod:`._fastschema`); only an
+    invalid one pays for importing it, to word the problems.
+    """
+    if _surely_valid(load_schema(), doc.value):
+        return []
     translator = _Translator(doc)
     found: dict[tuple[object, ...], Diagnostic] = {}
     for error in _validator().iter_errors(doc.value):
@@ -323,7 +338,10 @@ def field_range(dotted: str) -> tuple[int | float, int | float] | None:
 def check_field(dotted: str, value: object) -> list[Diagnostic]:
     """Problems of one field's value (``"network.mode"``), using the spec's own schema: what a
     flag that overrides the field is checked with, so both accept the same values."""
-    validator = _validator_class()(dict(_subschema(dotted)))
+    sub = dict(_subschema(dotted))
+    if _surely_valid(sub, value):
+        return []
+    validator = _validator_class()(sub)
     translator = _Translator(Document(file="<flag>", value=value))
     found: list[Diagnostic] = []
     for error in validator.iter_errors(value):
