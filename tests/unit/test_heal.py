@@ -420,7 +420,7 @@ def test_an_unrepairable_state_disk_stops_the_start_and_stays_as_it_is(
     error = cli(capsys, "start", "ws", code=1)["error"]
     assert error["kind"] == "integrity"
     assert error["message"].startswith(
-        f"workspace 'ws' was not started: workspace state disk {ws.state_disk} has errors "
+        f"cannot start workspace 'ws': workspace state disk {ws.state_disk} has errors "
         "e2fsck -fy could not repair (exit code 8)"
     )
     assert f"e2fsck -f {ws.state_disk}" in error["hint"] and "rdump" in error["hint"]
@@ -430,3 +430,33 @@ def test_an_unrepairable_state_disk_stops_the_start_and_stays_as_it_is(
     assert cli(capsys, "start", "ws", code=1)["error"]["kind"] == "integrity"
     (fsck, _again) = [e for e in ws.run.events() if e["event"] == "fsck"]
     assert fsck["detail"] == "state disk checked after a kill: not repairable"
+
+
+def test_the_rw_disks_a_killed_vm_wrote_are_checked_too(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = project / "scratch.ext4"
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", str(image), "8M"], check=True)
+    spec = project / "disky.yaml"
+    spec.write_text(
+        "name: disky\nimage: oci:layout:latest\nentrypoint: sleep 600\ndisks:\n"
+        "  - {name: scratch, path: scratch.ext4, mountpoint: /scratch, mode: rw}\n"
+    )
+    cli(capsys, "create", "-f", str(spec))
+    cli(capsys, "start", "disky")
+    ws = Workspace(Path(os.environ["MICROAGENT_HOME"]) / "workspaces" / "disky")
+    supervisor = ProcessIdentity.from_json(ws.run.runtime()["supervisor"])
+    assert supervisor is not None
+    os.killpg(supervisor.pid, signal.SIGKILL)  # the whole supervisor, mid-write for all we know
+    until(lambda: not runner.is_running(supervisor), "the supervisor is gone")
+    copy = ws.disk_copy("scratch")
+    subprocess.run(["debugfs", "-w", "-R", "sif <2> links_count 9", str(copy)], check=True)
+    cli(capsys, "start", "disky")
+    checks = {e["detail"]: e["exitCode"] for e in ws.run.events() if e["event"] == "fsck"}
+    assert checks == {
+        "state disk checked after its supervisor died: clean": 0,
+        "disk scratch checked after its supervisor died: repaired": 1,
+    }
+    fsck = subprocess.run(["e2fsck", "-fn", str(copy)], check=False, capture_output=True)
+    assert fsck.returncode == 0
+    cli(capsys, "halt", "disky")

@@ -31,6 +31,7 @@ from microagent.errors import (
     ConflictError,
     IntegrityError,
     InvalidInputError,
+    MicroagentError,
     NotFoundError,
     VMError,
 )
@@ -129,31 +130,52 @@ def _await_dead(process: ProcessIdentity | None, timeout: float = 2.0) -> None:
 # -- the state disk after a kill ---------------------------------------------------------------
 
 
-def repair_state_disk(ws: Workspace) -> int | None:
-    """Run a repairing ``e2fsck -fy`` on a state disk marked as possibly dirty (a killed VMM)
-    and clear the mark; e2fsck's exit code (0 clean, 1-2 repaired), None when not marked.
-    IntegrityError (the mark kept) when it cannot be repaired."""
+def repair_state_disk(ws: Workspace, purpose: str = "") -> int | None:
+    """Run a repairing ``e2fsck -fy`` on the disks a VM writes (the state disk, the
+    workspace's own rw disk copies) once marked as possibly dirty (a killed VMM), then clear
+    the mark; the highest e2fsck exit code (0 clean, 1-2 repaired), None when not marked.
+    IntegrityError (the mark kept, the disk as it is) when one cannot be repaired: it says
+    what cannot be done, ``purpose`` (e.g. "start workspace 'ws'")."""
     why = ws.run.runtime().get("stateDiskDirty")
     if not why or not ws.state_disk.is_file():
         return None
-    with flocked(ws.state_disk):  # the lock `cp` holds on the image
-        try:
-            code = repair_image(ws.state_disk, "workspace state disk")
-        except IntegrityError as exc:
-            ws.run.event("fsck", f"state disk checked after {why}: not repairable")
-            raise _unrepairable(ws, exc) from exc
-    outcome = "clean" if code == 0 else "repaired"
-    ws.run.event("fsck", f"state disk checked after {why}: {outcome}", exitCode=code)
+    purpose = purpose or f"use workspace {ws.name!r}"
+    codes = [_repair(ws, disk, what, str(why), purpose) for disk, what in _written_disks(ws)]
     ws.run.update(stateDiskDirty=None)
+    return max(codes)
+
+
+def _written_disks(ws: Workspace) -> list[tuple[Path, str]]:
+    """The disk images a boot of ``ws`` writes, each with what the fsck event calls it."""
+    disks = [(ws.state_disk, "state disk")]
+    try:
+        record = ws.record()
+    except MicroagentError:
+        return disks  # the start fails on the record anyway
+    for disk in record.disks:
+        copy = ws.disk_copy(disk.name)
+        if not disk.readonly and not disk.entry and copy.is_file():
+            disks.append((copy, f"disk {disk.name}"))
+    return disks
+
+
+def _repair(ws: Workspace, disk: Path, what: str, why: str, purpose: str) -> int:
+    with flocked(disk):  # the lock `cp` holds on the image
+        try:
+            code = repair_image(disk, f"workspace {what}")
+        except IntegrityError as exc:
+            ws.run.event("fsck", f"{what} checked after {why}: not repairable")
+            raise _unrepairable(ws, disk, exc, purpose) from exc
+    outcome = "clean" if code == 0 else "repaired"
+    ws.run.event("fsck", f"{what} checked after {why}: {outcome}", exitCode=code)
     return code
 
 
-def _unrepairable(ws: Workspace, exc: IntegrityError) -> IntegrityError:
+def _unrepairable(ws: Workspace, disk: Path, exc: IntegrityError, purpose: str) -> IntegrityError:
     """The check found what it cannot fix: nothing boots on the disk, and it stays as it is
     (still marked, so every start checks it again) until the user repairs or recreates it."""
-    disk = ws.state_disk
     return IntegrityError(
-        f"workspace {ws.name!r} was not started: {exc.message}",
+        f"cannot {purpose}: {exc.message}",
         hint=f"the disk is kept as it is: repair it by hand (`e2fsck -f {disk}`) and start "
         f"again, or save what is readable (`debugfs -R 'rdump / DIR' {disk}`) and recreate "
         f"the workspace (`microagent delete {ws.name}`, then `microagent create`)",
@@ -274,7 +296,7 @@ def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict
         )
     restart = _restart_policy(ws, record)
     secrets = resolve_secrets(record.credentials)  # a missing value fails before anything
-    repair_state_disk(ws)
+    repair_state_disk(ws, f"start workspace {ws.name!r}")
     run = ws.run
     run.result_path.unlink(missing_ok=True)
     run.path.mkdir(parents=True, exist_ok=True)
@@ -703,7 +725,7 @@ def ensure_offline(ws: Workspace, verb: str) -> Record:
             hint=f"`microagent halt {ws.name}` first",
         )
     _refuse_running_vmm(ws, verb)
-    repair_state_disk(ws)
+    repair_state_disk(ws, f"{verb} of workspace {ws.name!r}")
     return ws.record()
 
 
