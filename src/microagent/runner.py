@@ -277,6 +277,14 @@ def processes() -> Iterator[int]:
     yield from (int(entry.name) for entry in entries if entry.name.isdigit())
 
 
+def owned_by_me(pid: int) -> bool:
+    """Whether process ``pid`` runs as this process's effective user."""
+    try:
+        return Path(f"/proc/{pid}").stat().st_uid == os.geteuid()
+    except OSError:
+        return False
+
+
 def lineage(pid: int) -> tuple[int, int] | None:
     """The parent pid and the session id of the running process ``pid`` (None if none)."""
     try:

@@ -35,7 +35,9 @@ from microagent.workspace import liveness
 from microagent.workspace.lifecycle import leftovers
 from microagent.workspace.records import Workspace
 from testenv.clitools import cli_json as cli
+from testenv.prereq import require_root, require_tools
 
+pytestmark = pytest.mark.tools("mke2fs", "e2fsck", "debugfs")
 HANG_WITH_VMM = {"hang": True, "process": ["sleep", "600"]}  # a stand-in VMM process
 
 
@@ -203,6 +205,25 @@ def test_a_supervisor_its_launcher_did_not_record_is_found_and_recorded(
     assert "died unexpectedly" in detail(ws)
 
 
+def test_another_users_look_alike_is_not_the_supervisor(
+    ws: Workspace, children: list[subprocess.Popen[bytes]]
+) -> None:
+    require_root("to run a process as another user")
+    require_tools("setpriv")
+    script = f"sleep 600; : {liveness.SUPERVISOR_MARK}"
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    proc = subprocess.Popen([*nobody, "sh", "-c", script, "sh", str(ws.run.path)])
+    children.append(proc)
+    until(lambda: runner.command_line(proc.pid)[-1:] == (str(ws.run.path),), "it runs")
+    assert liveness.find_supervisor(ws.run) is None
+    late = stamp(liveness.STARTING_GRACE + 5)
+    write_runtime(ws, state="starting", supervisorPid=None, startedAt=late)
+    assert liveness.reconcile(ws) is State.FAILED
+    write_runtime(ws, state="running", supervisorPid=proc.pid)
+    assert liveness.reconcile(ws) is State.FAILED
+    assert leftovers(ws) == [], "delete --force leaves another user's processes alone"
+
+
 @pytest.mark.parametrize(
     "damage", [b"", b'{"state": "runn', b"\x00" * 64, b"[1, 2]", b"{" * 100_000]
 )
@@ -366,6 +387,8 @@ def _everything_of(ws: Workspace, home: Path) -> list[str]:
 def test_delete_force_after_kill_9_leaves_nothing(
     project: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    require_root("to make a network namespace")
+    require_tools("ip")
     ws = started(capsys, project)
     supervisor, vmm = identities(ws)
     namespace = f"{network.NETNS_PREFIX}{supervisor.pid}-{hashlib.sha256(b'x').hexdigest()[:6]}"

@@ -164,8 +164,11 @@ def running_supervisor(run: RunDir) -> ProcessIdentity | None:
 
 
 def is_supervisor(pid: int, run: RunDir) -> bool:
-    """Whether ``pid`` runs the supervisor of ``run`` (judged by its command line)."""
-    return _runs(runner.command_line(pid), SUPERVISOR_MARK, str(run.path))
+    """Whether ``pid`` runs the supervisor of ``run`` (judged by its command line and its
+    user: another user's process that only looks like it never counts)."""
+    return _runs(runner.command_line(pid), SUPERVISOR_MARK, str(run.path)) and (
+        runner.owned_by_me(pid)
+    )
 
 
 def _runs(argv: tuple[str, ...], mark: str, last: str) -> bool:
@@ -182,9 +185,10 @@ def run_processes(run: RunDir, *, gateways: bool = True) -> Iterator[ProcessIden
     gateway_config = str(run.path / "gateway.json")
     for pid in runner.processes():
         argv = runner.command_line(pid)
-        ours = _runs(argv, SUPERVISOR_MARK, str(run.path)) or (
-            gateways and _runs(argv, GATEWAY_MARK, gateway_config)
-        )
+        ours = (
+            _runs(argv, SUPERVISOR_MARK, str(run.path))
+            or (gateways and _runs(argv, GATEWAY_MARK, gateway_config))
+        ) and runner.owned_by_me(pid)
         identity = runner.process_identity(pid) if ours else None
         if identity is not None:
             yield identity
