@@ -114,7 +114,8 @@ class _Scan:
     broken_keys: set[str] = field(default_factory=set)  # hex of key records that are going
 
     def add(self, kind: str, name: str, problem: str, detail: str) -> None:
-        self.problems.append(Problem(kind, name, problem, detail))
+        if os.path.lexists(self.store.root / name):  # else removed meanwhile (a prune): moot
+            self.problems.append(Problem(kind, name, problem, detail))
 
 
 def verify(

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from microagent.fsutil import flocked
 from microagent.remotecache.publish import ensure_rootfs_image
 from microagent.settings import Settings
 from microagent.store.content import Store
-from microagent.store.records import StepRecord, layers_stored, read_record
+from microagent.store.records import StepRecord, layers_stored, read_record, rootfs_ready
 from microagent.store.verify import Problem, VerifyReport, verify
 from testenv.clitools import cli_json
 
@@ -445,3 +446,38 @@ def test_a_shared_disk_with_a_foreign_or_broken_manifest(
         f"disks/{broken.name}",
     }
     assert disk.is_dir() and api_check(made).problems == ()
+
+
+# -- while builds run -------------------------------------------------------------------------
+
+
+def test_repair_during_builds_removes_nothing_they_make(made: Made) -> None:
+    """Builds (setup boots, layers, root filesystems, records, temps and locks coming and
+    going) run in a thread while verify --repair runs again and again: nothing sound goes."""
+    specs = []
+    for index in range(4):
+        spec = made.project / f"spec{index}.yaml"
+        spec.write_text(SPEC.replace("mkdir -p /workspace", f"mkdir -p /w{index}"))
+        specs.append(spec)
+    errors: list[BaseException] = []
+    keys: list[str] = []
+
+    def build() -> None:
+        try:
+            api = Microagent(Settings.from_environ())
+            keys.extend(api.build(spec).outcome.built.key for spec in specs)
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=build)
+    worker.start()
+    rounds = 0
+    while worker.is_alive() or rounds == 0:
+        report = made.check(repair=True)
+        assert report.repaired == (), report.problems
+        rounds += 1
+    worker.join()
+    assert errors == [] and len(keys) == 4 and rounds > 1
+    for key in keys:
+        assert rootfs_ready(made.store, key) is not None
+    assert made.check().problems == ()
