@@ -41,9 +41,36 @@ class Module:
     only: tuple[str, ...] = field(default=())
 
 
+def _only(module: str, *functions: str) -> tuple[str, ...]:
+    """mutmut's names for the mutants of ``functions`` (``f`` or ``Class.method``) of a module."""
+    names = []
+    for function in functions:
+        owner, _, name = function.rpartition(".")
+        mangled = f"x\u01c1{owner}\u01c1{name}" if owner else f"x_{name}"
+        names.append(
+            f"{module}.{mangled}__mutmut_*" if not name.endswith("*") else f"{module}.{mangled}"
+        )
+    return tuple(names)
+
+
 MODULES: dict[str, Module] = {
     "layers": Module(
         files=("src/microagent/layers/apply.py",),
+        # the guards: names, parent chains, links, whiteouts (not metadata and timestamps)
+        only=_only(
+            "microagent.layers.apply",
+            "_Applier.split",
+            "_Applier.check_component",
+            "_Applier.open_dir",
+            "_Applier.open_child_dir",
+            "_Applier.link_from",
+            "_Applier.hardlink",
+            "_Applier.make_symlink",
+            "_Applier.whiteout",
+            "_Applier.opaque",
+            "_Applier.refuse",
+            "_guard",
+        ),
         tests=(
             "tests/unit/cache/test_layers_malicious.py",
             "tests/unit/cache/test_layers_flatten.py",
@@ -61,7 +88,27 @@ MODULES: dict[str, Module] = {
         ),
     ),
     "registry": Module(
-        files=("src/microagent/oci/registry.py", "src/microagent/oci/_retry.py"),
+        files=("src/microagent/oci/registry.py",),
+        # the guards: credential scope, tokens, size caps, redaction, digests, redirects, resume
+        only=_only(
+            "microagent.oci.registry",
+            "read_auths",
+            "_auth_host",
+            "_credentials",
+            "_authority",
+            "CredentialScope.of",
+            "CredentialScope.allows",
+            "CredentialScope._hosts",
+            "_bearer_challenge",
+            "_token_of",
+            "read_capped",
+            "_size",
+            "_redacted",
+            "_check_digest_header",
+            "_verified",
+            "_location",
+            "_Resume.__call__",
+        ),
         tests=(
             "tests/unit/oci",
             "tests/integration/test_resolve.py",
@@ -72,6 +119,24 @@ MODULES: dict[str, Module] = {
     ),
     "loader": Module(
         files=("src/microagent/compiler/loader.py",),
+        # the checks: host and guest paths, setup files, duplicates, disks (not field copying)
+        only=_only(
+            "microagent.compiler.loader",
+            "_Builder.local_path",
+            "_Builder.guest_path",
+            "_Builder._setup_from_file",
+            "_Builder._read_script",
+            "_Builder.files",
+            "_Builder._file_entry",
+            "_Builder._allow",
+            "_Builder._unique_binds",
+            "_Builder.outputs",
+            "_Builder._disk",
+            "_Builder.mountpoint",
+            "_Builder._disk_source",
+            "_Builder.unique_disks",
+            "_read_text",
+        ),
         # not test_fuzz / test_fastschema: hypothesis runs of a minute each, per mutant
         tests=(
             "tests/unit/compiler/test_loader.py",
@@ -84,6 +149,22 @@ MODULES: dict[str, Module] = {
     ),
     "disk-copy": Module(
         files=("src/microagent/ext4/overlay.py",),
+        # copy-out and the path walk every copy goes through (copy-in's writes are not)
+        only=_only(
+            "microagent.ext4.overlay",
+            "copy_out",
+            "_walk",
+            "_follow",
+            "_merge",
+            "guest_parts",
+            "_check_bounds",
+            "_finish_host_file",
+            "_host_destination",
+            "_regular_file",
+            "_check_writable",
+            "_host_source",
+            "_here",
+        ),
         tests=(
             "tests/unit/disk/test_disk_copy.py",
             "tests/unit/disk/test_disk_unprivileged.py",
@@ -93,6 +174,31 @@ MODULES: dict[str, Module] = {
     ),
     "network": Module(
         files=("src/microagent/runtime/network.py",),
+        # the rules (not NetworkSandbox's process plumbing, which needs root: VM tier)
+        only=_only(
+            "microagent.runtime.network",
+            "parse_resolvers",
+            "parse_host_addresses",
+            "_usable_resolver",
+            "egress_policy",
+            "iptables_rules",
+            "ip6tables_rules",
+            "slirp4netns_argv",
+            "netns_exec",
+            "_qemu_escape",
+            "check_socket_path",
+            "guestfwd_option",
+            "netns_ports",
+            "_check_port",
+            "hostfwd_option",
+            "relay_argv",
+            "add_hostfwd_request",
+            "_read_bounded",
+            "_entries",
+            "probe_bind",
+            "_bind_error",
+            "NetworkSandbox._policy",
+        ),
         tests=(
             "tests/unit/runtime/test_network.py",
             "tests/unit/broker/test_addresses.py",
@@ -105,16 +211,17 @@ MODULES: dict[str, Module] = {
         # backend.py holds much more than the exited-event reader: only that is mutated there
         only=(
             "microagent.runtime.control.*",
-            "microagent.runtime.backend.xǁGuestResultǁfrom_event__mutmut_*",
-            "microagent.runtime.backend.xǁ_ExitedEventǁ*",
-            "microagent.runtime.backend.x__output_entry_ok__mutmut_*",
+            *_only(
+                "microagent.runtime.backend",
+                "GuestResult.from_event",
+                "_ExitedEvent.*",
+                "_output_entry_ok",
+            ),
         ),
         tests=(
             "tests/unit/runtime/test_control.py",
             "tests/unit/runtime/test_fake_guest.py",
-            "tests/unit/runtime/test_fake.py",
             "tests/security/test_guards_guest.py",
-            "tests/security/test_guest_input.py",
             "tests/security/test_guards_exited_event.py",
             "tests/unit/runtime/test_mutants_guest_events.py",
         ),
@@ -194,8 +301,8 @@ def configure(dest: Path, module: Module) -> list[str]:
             f"also_copy = {toml_list(also)}",
             f"pytest_add_cli_args = {toml_list(pytest_args)}",
             f"pytest_add_cli_args_test_selection = {toml_list(tests)}",
-            "timeout_multiplier = 10.0",
-            "timeout_constant = 5.0",
+            "timeout_multiplier = 4.0",
+            "timeout_constant = 2.0",
             "use_git_change_detection = false",
             "",
         ]
