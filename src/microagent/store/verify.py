@@ -39,13 +39,16 @@ import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microagent.digests import Digest
 from microagent.errors import IntegrityError
 from microagent.fsutil import remove_any
 from microagent.store.content import CHUNK, STALE_TEMP_SECONDS, Store
 from microagent.store.records import StepRecord, rootfs_entry, write_record
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
 Fsck = Callable[[Path], None]  # raises IntegrityError for an unsound file system
 # What is wrong with a built entry of another kind (``disks/<key>``): (problem, detail) or None.
@@ -60,8 +63,8 @@ _REPAIR_ORDER = ("key", "lock", "rootfs", "entry", "blob", "temp")  # "entry": a
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong: ``kind`` (blob, key, rootfs, temp, lock), the store-relative
-    ``name``, the ``problem`` (corrupt, missing, orphaned, stale) and a ``detail``."""
+    """One thing wrong: ``kind`` (blob, key, rootfs, disk, bundle, temp, lock), the
+    store-relative ``name``, the ``problem`` (corrupt, missing, orphaned, stale), a ``detail``."""
 
     kind: str
     name: str
@@ -69,8 +72,12 @@ class Problem:
     detail: str
 
     def to_json(self) -> dict[str, str]:
-        return {"kind": self.kind, "name": self.name, "problem": self.problem,
-                "detail": self.detail}  # fmt: skip
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "problem": self.problem,
+            "detail": self.detail,
+        }
 
 
 @dataclass(frozen=True)
@@ -188,7 +195,7 @@ def _blob_problem(algorithm: str, path: Path) -> tuple[str, str] | None:
     return None
 
 
-def _hash_file(path: Path, hasher: Any) -> int:
+def _hash_file(path: Path, hasher: _Hash) -> int:
     size = 0
     with path.open("rb") as fh:
         while chunk := fh.read(CHUNK):
