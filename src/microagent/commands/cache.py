@@ -169,9 +169,9 @@ def _entry_line(entry: Entry) -> str:
 @yes_option
 @pass_ctx
 def cache_verify(ctx: Ctx, /, *, repair: bool, yes: bool) -> None:
-    """Re-hash every blob, check every step record and root filesystem against what it says;
-    report corrupt, missing, orphaned and stale entries (exit 1 when there are any).
-    --repair removes them (asks first on a terminal; elsewhere give -y)."""
+    """Re-hash every blob, check every step record, root filesystem and shared disk against
+    what it says; report corrupt, missing, orphaned and stale entries (exit 1 when there are
+    any). --repair removes them (asks first on a terminal; elsewhere give -y)."""
     api = ctx.api()
     if repair:
         confirm(
