@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
@@ -312,7 +313,7 @@ def configure(dest: Path, module: Module) -> list[str]:
     return tests
 
 
-def run_mutmut(dest: Path, module: Module, jobs: int, budget: float, log: Path) -> int | None:
+def run_mutmut(dest: Path, names: Sequence[str], jobs: int, budget: float, log: Path) -> int | None:
     """``mutmut run`` in ``dest`` at low priority; None when it overran ``budget`` seconds
     (it is stopped; the mutants tested so far keep their results)."""
     env = {
@@ -328,7 +329,7 @@ def run_mutmut(dest: Path, module: Module, jobs: int, budget: float, log: Path) 
     argv = ["nice", "-n", "10", sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)]
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [*argv, *module.only],
+            [*argv, *names],
             cwd=dest,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -417,13 +418,21 @@ def run_module(name: str, args: argparse.Namespace, work: Path, out: Path) -> di
     print(f"[{name}] mutating {', '.join(module.files)} in {dest}", flush=True)
     print(f"[{name}] tests: {' '.join(tests)}", flush=True)
     started = time.monotonic()
-    code = run_mutmut(dest, module, args.jobs, args.budget, out / f"{name}.log")
-    statuses = results(dest, module)
+    before: dict[str, str] = {}
+    names: Sequence[str] = module.only
+    if args.rerun:  # only the mutants the last run did not kill; its kills stand
+        before = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))["statuses"]
+        names = sorted(k for k, v in before.items() if v not in {"killed", "timeout"})
+        print(f"[{name}] testing again the {len(names)} mutants not killed last time", flush=True)
+    code = run_mutmut(dest, names, args.jobs, args.budget, out / f"{name}.log") if names else 0
+    now = results(dest, module)
+    statuses = {**before, **{k: now[k] for k in names if k in now}} if args.rerun else now
     row = summary(name, statuses, code)
     row["seconds"] = round(time.monotonic() - started)
+    print(f"[{name}] {json.dumps(row)}", flush=True)
+    row["statuses"] = dict(sorted(statuses.items()))
     (out / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n", encoding="utf-8")
     (out / f"{name}-survivors.txt").write_text(survivors_text(dest, statuses), encoding="utf-8")
-    print(f"[{name}] {json.dumps(row)}", flush=True)
     if not args.keep:
         shutil.rmtree(dest, ignore_errors=True)
     return row
@@ -453,6 +462,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, help="where figures go (default: under the work dir)")
     parser.add_argument("--keep", action="store_true", help="keep each module's copy")
+    parser.add_argument(
+        "--rerun",
+        action="store_true",
+        help="test again only the mutants <out>/MODULE.json says were not killed (after adding "
+        "tests), and merge",
+    )
     return parser.parse_args(argv)
 
 
