@@ -25,8 +25,6 @@ import threading
 from pathlib import Path
 from typing import BinaryIO, cast
 
-import zstandard
-
 from microagent.digests import HashingWriter
 from microagent.errors import IntegrityError
 from microagent.ext4.debugfs import check_image
@@ -44,6 +42,8 @@ def pack(image: Path, out: BinaryIO) -> PackedImage:
     plain = hashlib.sha256()
     size = 0
     sink = HashingWriter(out)
+    import zstandard  # deferred: ~10 ms to import; a cache-hit create never (de)compresses
+
     cctx = zstandard.ZstdCompressor(level=LEVEL)
     with image.open("rb") as src, cctx.stream_writer(cast(BinaryIO, sink), closefd=False) as zw:
         while chunk := src.read(CHUNK):
@@ -132,6 +132,8 @@ def _unpack(stream: BinaryIO, out: Path, expected: PackedImage) -> None:
     counted = _Counted(stream, expected.blob_size)
     plain = hashlib.sha256()
     size = 0
+    import zstandard  # deferred: ~10 ms to import; a cache-hit create never (de)compresses
+
     reader = zstandard.ZstdDecompressor().stream_reader(cast(BinaryIO, counted))
     with out.open("xb") as fh:
         try:

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, cast
 
-import zstandard
-
 from microagent.digests import Digest
 from microagent.errors import BuildError, IntegrityError
 from microagent.runner import find_tool, run
@@ -403,6 +401,8 @@ def _data_member(fh: BinaryIO) -> ArMember:
 def _tar_stream(member: ArMember, raw: BinaryIO) -> tarfile.TarFile:
     suffix = member.name.removeprefix("data.tar")
     if suffix == ".zst":
+        import zstandard  # deferred: only a guest kit build decompresses; keeps it off start-up
+
         reader = zstandard.ZstdDecompressor().stream_reader(raw)
         return tarfile.open(fileobj=reader, mode="r|")
     modes = {"": "r|", ".xz": "r|xz", ".gz": "r|gz", ".bz2": "r|bz2"}
@@ -417,6 +417,8 @@ def iter_data(deb: Path) -> Iterator[tuple[tarfile.TarInfo, BinaryIO | None]]:
 
     The file object is only valid until the next entry is requested.
     """
+    import zstandard  # deferred: only a guest kit build decompresses; keeps it off start-up
+
     with deb.open("rb") as fh:
         member = _data_member(fh)
         raw = io.BufferedReader(_Window(fh, member.offset, member.size), 1 << 20)

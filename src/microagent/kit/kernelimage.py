@@ -13,8 +13,6 @@ import lzma
 import struct
 import zlib
 
-import zstandard
-
 from microagent.errors import BuildError
 
 _HDRS = b"HdrS"
@@ -100,6 +98,8 @@ def lz4_legacy(data: bytes) -> bytes:
 
 def decompress(payload: bytes) -> bytes:
     """Decompress a kernel payload by its magic (trailing bytes are ignored)."""
+    import zstandard  # deferred: only a guest kit build decompresses; keeps it off start-up
+
     try:
         if payload.startswith(b"\x1f\x8b"):
             return zlib.decompressobj(wbits=31).decompress(payload)

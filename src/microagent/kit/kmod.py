@@ -12,8 +12,6 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-import zstandard
-
 from microagent.errors import BuildError
 
 _ELF_MAGIC = b"\x7fELF"
@@ -37,6 +35,8 @@ def module_name(filename: str) -> str:
 
 def decompress_module(filename: str, data: bytes) -> bytes:
     """Plain ``.ko`` bytes from a possibly compressed module file."""
+    import zstandard  # deferred: only a guest kit build decompresses; keeps it off start-up
+
     try:
         if filename.endswith(".xz"):
             return lzma.decompress(data)

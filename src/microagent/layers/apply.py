@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, NoReturn, Protocol, cast
 
-import zstandard
-
 from microagent.digests import Digest
 from microagent.errors import BuildError, IntegrityError
 from microagent.layers.stagemeta import Kind, PathMeta, StageMetadata
@@ -206,6 +204,8 @@ class _LayerReader:
             # cast: both decoders only ever call read() on their source
             self._stream = gzip.GzipFile(fileobj=cast(BinaryIO, plain), mode="rb")
         elif head.startswith(ZSTD_MAGIC):
+            import zstandard  # deferred: ~10 ms to import; a cache-hit create never (de)compresses
+
             dctx = zstandard.ZstdDecompressor()
             self._stream = dctx.stream_reader(cast(BinaryIO, plain), read_across_frames=True)
 
@@ -242,6 +242,8 @@ class _PrefixedReader:
 
 
 def _guard(fn: Callable[[], bytes]) -> bytes:
+    import zstandard  # deferred: ~10 ms to import; a cache-hit create never (de)compresses
+
     try:
         return fn()
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:

@@ -12,8 +12,6 @@ import hashlib
 from pathlib import Path
 from typing import BinaryIO, cast
 
-import zstandard
-
 from microagent.compiler.files import FileItem, FileTree
 from microagent.digests import HashingWriter
 from microagent.errors import BuildError
@@ -71,6 +69,8 @@ def write_files_layer(tree: FileTree, out: BinaryIO) -> LayerRef:
     mtime = source_date_epoch()
     pairs = [_entry(item, mtime) for item in tree.items]
     compressed = HashingWriter(out)
+    import zstandard  # deferred: ~10 ms to import; a cache-hit create never (de)compresses
+
     cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
     try:
         with cctx.stream_writer(cast(BinaryIO, compressed), closefd=False) as zw:

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, cast
 
-import zstandard
-
 from microagent.digests import Digest, HashingWriter
 from microagent.errors import BuildError
 from microagent.layers.stagemeta import Kind, PathMeta
@@ -79,6 +77,8 @@ def export_upper_as_zstd_layer(
     upper: Path, out: Path | BinaryIO, *, mtime: int | None = None, level: int = ZSTD_LEVEL
 ) -> CompressedLayer:
     """Write ``upper`` as a zstd-compressed layer to ``out`` in one pass."""
+    import zstandard  # deferred: ~10 ms to import; a cache-hit create never (de)compresses
+
     with _opened(out) as fh:
         compressed = HashingWriter(fh)
         cctx = zstandard.ZstdCompressor(level=level)
@@ -92,6 +92,8 @@ def compress_zstd(
     src: BinaryIO, out: Path | BinaryIO, *, level: int = ZSTD_LEVEL
 ) -> CompressedLayer:
     """zstd-compress an uncompressed layer tar from ``src`` into ``out``."""
+    import zstandard  # deferred: ~10 ms to import; a cache-hit create never (de)compresses
+
     with _opened(out) as fh:
         compressed = HashingWriter(fh)
         cctx = zstandard.ZstdCompressor(level=level)

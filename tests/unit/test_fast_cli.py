@@ -1,0 +1,91 @@
+"""The CLI's quick commands never import the heavy libraries (a guard, not a timing).
+
+jsonschema (with referencing, attrs, rpds), oras, requests, zstandard and jinja2 each cost tens
+of milliseconds to import; ``plan --offline``, ``--help``, ``status`` and a cache-hit ``create``
+(the image's tag resolved recently) need none of them. Each case runs the real CLI as a child
+process under ``python -X importtime`` and reads the modules it imported from that report.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from testenv.clitools import cli_json
+
+HEAVY = ("jsonschema", "oras", "requests", "zstandard", "jinja2", "referencing", "urllib3")
+DIGEST = "sha256:" + "ab" * 32
+
+
+def imported(*args: str, cwd: Path | None = None) -> set[str]:
+    """The top-level packages ``microagent ARGS`` imports (exit code checked: 0)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "microagent.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        check=False,
+    )
+    report = [line for line in done.stderr.splitlines() if line.startswith("import time:")]
+    assert done.returncode == 0, done.stdout + "\n".join(
+        line for line in done.stderr.splitlines() if not line.startswith("import time:")
+    )
+    assert len(report) > 50  # the report is there: an empty set would prove nothing
+    return {line.split("|")[-1].strip().split(".")[0] for line in report[1:]}
+
+
+def heavy_in(modules: set[str]) -> list[str]:
+    return sorted(set(HEAVY) & modules)
+
+
+def test_the_guard_sees_a_heavy_import(tmp_path: Path) -> None:
+    """An invalid spec is worded by jsonschema: the same probe must see it imported."""
+    spec = tmp_path / "microagent.yaml"
+    spec.write_text(f"name: 7bad name\nimage: busybox@{DIGEST}\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "microagent.cli", "validate", "-f", str(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "| jsonschema" in done.stderr
+
+
+def test_plan_offline_imports_nothing_heavy(
+    tmp_path: Path, fake_backend: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = tmp_path / "microagent.yaml"
+    spec.write_text(
+        f"name: quick\nimage: busybox@{DIGEST}\nsetup:\n  - echo one\nentrypoint: sleep 1\n"
+        "env:\n  A: b\nresources:\n  memoryMiB: 512\n"
+    )
+    monkeypatch.setenv("MICROAGENT_HOME", str(tmp_path / "home"))
+    modules = imported("plan", "--offline", "-f", str(spec))
+    assert "yaml" in modules and "microagent" in modules
+    assert heavy_in(modules) == []
+
+
+@pytest.mark.parametrize("args", [("--help",), ("--version",), ("plan", "--help")])
+def test_help_imports_nothing_heavy(args: tuple[str, ...]) -> None:
+    assert heavy_in(imported(*args)) == []
+
+
+def test_status_and_a_cache_hit_create_import_nothing_heavy(
+    busybox_project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = busybox_project / "microagent.yaml"
+    spec.write_text("name: quick\nimage: oci:layout:latest\nsetup:\n  - echo one\n")
+    cli_json(capsys, "create", "-f", str(spec))  # in this process: builds the step
+    assert heavy_in(imported("status", "quick")) == []
+    assert heavy_in(imported("--json", "list")) == []
+    hit = imported("create", "-f", str(spec), "--name", "quick-2")
+    assert heavy_in(hit) == []
