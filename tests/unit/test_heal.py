@@ -190,6 +190,21 @@ def test_a_start_that_never_recorded_its_supervisor_fails_after_the_grace(
     assert liveness.reconcile(ws) is State.FAILED
 
 
+def test_a_start_whose_launcher_died_fails_at_once(
+    ws: Workspace, children: list[subprocess.Popen[bytes]]
+) -> None:
+    launcher = sleeper(children)
+    write_runtime(ws, state="starting", supervisorPid=None, launcher=launcher.to_json())
+    assert liveness.reconcile(ws) is State.STARTING, "its launcher is still at it"
+    children[0].kill()
+    children[0].wait()
+    assert liveness.reconcile(ws) is State.FAILED
+    assert detail(ws) == (
+        f"the start was interrupted: the command that started it (pid {launcher.pid}) ended "
+        "before it launched the supervisor"
+    )
+
+
 def test_a_supervisor_its_launcher_did_not_record_is_found_and_recorded(
     ws: Workspace, children: list[subprocess.Popen[bytes]]
 ) -> None:
@@ -483,3 +498,21 @@ def test_the_rw_disks_a_killed_vm_wrote_are_checked_too(
     fsck = subprocess.run(["e2fsck", "-fn", str(copy)], check=False, capture_output=True)
     assert fsck.returncode == 0
     cli(capsys, "halt", "disky")
+
+
+def test_a_supervisor_that_cannot_be_launched_leaves_the_workspace_failed(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = project / "ws.yaml"
+    spec.write_text("name: ws\nimage: oci:layout:latest\nentrypoint: sleep 600\n")
+    cli(capsys, "create", "-f", str(spec))
+    ws = Workspace(Path(os.environ["MICROAGENT_HOME"]) / "workspaces" / "ws")
+    ws.run.supervisor_log.mkdir(parents=True)  # its output has nowhere to go
+    error = cli(capsys, "start", "ws", code=1)["error"]
+    assert error["kind"] == "io"
+    assert error["message"] == "the supervisor could not be launched: Is a directory"
+    status = cli(capsys, "status", "ws")
+    assert (status["event"]["state"], status["event"]["detail"]) == ("failed", error["message"])
+    ws.run.supervisor_log.rmdir()
+    cli(capsys, "start", "ws")
+    assert cli(capsys, "status", "ws")["event"]["state"] == "running"

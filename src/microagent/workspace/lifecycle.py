@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -29,6 +30,7 @@ from microagent import runner
 from microagent.compiler.spec import Restart
 from microagent.errors import (
     ConflictError,
+    HostIOError,
     IntegrityError,
     InvalidInputError,
     MicroagentError,
@@ -45,7 +47,7 @@ from microagent.runtime.configdisk import GuestFile, NetworkMode, Output
 from microagent.runtime.control import parse_output
 from microagent.runtime.health import HealthCheck
 from microagent.runtime.probe import tcp_reachable
-from microagent.runtime.rundir import BootDocument, State, now
+from microagent.runtime.rundir import BootDocument, RunDir, State, now
 from microagent.settings import Settings
 from microagent.store.content import Store
 from microagent.workspace import audit
@@ -317,6 +319,7 @@ def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict
         "starting the VM",
         supervisorPid=None,
         supervisor=None,
+        launcher=_this_process(),
         vmm=None,
         gatewayPid=None,
         gatewayProcess=None,
@@ -324,22 +327,44 @@ def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict
         startedAt=now(),
         restarts=0,
     )
-    stdin = secrets_pipe(secrets) if services.gateway is not None else None
-    try:
-        proc = runner.spawn(
-            supervisor_argv(run.path),
-            stdout=run.supervisor_log,
-            cwd=run.path,
-            new_session=True,
-            env=_supervisor_env(),
-            stdin=stdin,
-        )
-    finally:
-        if stdin is not None:
-            os.close(stdin)
+    proc = _launch(run, secrets if services.gateway is not None else None)
     identity = runner.process_identity(proc.pid)  # None: it is gone already
     run.update(supervisorPid=proc.pid, supervisor=identity and identity.to_json())
     return _await_running(ws, timeout)
+
+
+def _launch(run: RunDir, secrets: Mapping[str, str] | None) -> subprocess.Popen[bytes]:
+    """Spawn the supervisor (``secrets`` on its stdin, for the gateway); a launch that
+    fails, or is interrupted, leaves the workspace ``failed`` with the reason."""
+    try:
+        stdin = secrets_pipe(secrets) if secrets is not None else None
+        try:
+            return runner.spawn(
+                supervisor_argv(run.path),
+                stdout=run.supervisor_log,
+                cwd=run.path,
+                new_session=True,
+                env=_supervisor_env(),
+                stdin=stdin,
+            )
+        finally:
+            if stdin is not None:
+                os.close(stdin)
+    except OSError as exc:  # its log or the pipe: the host refused
+        why = f"the supervisor could not be launched: {exc.strerror or exc}"
+        run.set_state(State.FAILED, why)
+        raise HostIOError(why, hint=f"see that {run.path} is writable") from exc
+    except BaseException as exc:
+        why = exc.message if isinstance(exc, MicroagentError) else type(exc).__name__
+        run.set_state(State.FAILED, f"the supervisor could not be launched: {why}")
+        raise
+
+
+def _this_process() -> dict[str, int | str] | None:
+    """This process's identity: until the supervisor is recorded, its death means the start
+    was interrupted (see liveness)."""
+    me = runner.process_identity(os.getpid())
+    return me.to_json() if me is not None else None
 
 
 # Runs the supervisor of the microagent this process runs. The package root is put on the path

@@ -73,11 +73,18 @@ def death(run: RunDir, state: State, runtime: Mapping[str, Any]) -> str | None:
 
 def _never_recorded(run: RunDir, runtime: Mapping[str, Any]) -> str | None:
     """A start that recorded no supervisor: one found by its command line is recorded now
-    (the launcher died right after spawning it); none at all, after the grace, failed."""
+    (the launcher died right after spawning it); none at all is failed once the launcher is
+    gone, or after the grace (a launcher that lives on, or was not recorded)."""
     found = find_supervisor(run)
     if found is not None:
         run.update(supervisorPid=found.pid, supervisor=found.to_json())
         return None
+    launcher = ProcessIdentity.from_json(runtime.get("launcher"))
+    if launcher is not None and not runner.is_running(launcher):
+        return (
+            f"the start was interrupted: the command that started it (pid {launcher.pid}) "
+            "ended before it launched the supervisor"
+        )
     age = seconds_since(runtime.get("startedAt"))
     if age is None or age > STARTING_GRACE:
         return (
