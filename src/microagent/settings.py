@@ -74,6 +74,8 @@ REGISTRY_ATTEMPTS_ENV = "MICROAGENT_REGISTRY_ATTEMPTS"
 REGISTRY_DEADLINE_ENV = "MICROAGENT_REGISTRY_DEADLINE"
 REGISTRY_CONNECT_TIMEOUT_ENV = "MICROAGENT_REGISTRY_CONNECT_TIMEOUT"
 REGISTRY_READ_TIMEOUT_ENV = "MICROAGENT_REGISTRY_READ_TIMEOUT"
+RESOLVE_TTL_ENV = "MICROAGENT_RESOLVE_TTL"
+RESOLVE_TTL = 300.0  # seconds; see docs/cli.md (Environment) for the staleness rule
 # Registry traffic (oci.RetryPolicy takes its defaults from here): tries of one request, the
 # first included; seconds after the first try that no new one starts; connect and read
 # (no byte for this long: a stall) timeouts. The bounds each setting is checked against.
@@ -119,6 +121,8 @@ class Settings:
     registry_deadline: float = REGISTRY_DEADLINE
     registry_connect_timeout: float = REGISTRY_CONNECT_TIMEOUT
     registry_read_timeout: float = REGISTRY_READ_TIMEOUT
+    # Seconds a tag's resolution to a digest is reused without asking the registry (0: never).
+    resolve_ttl: float = RESOLVE_TTL
 
     @property
     def store_dir(self) -> Path:
@@ -183,6 +187,7 @@ class Settings:
             restart_backoff=_seconds(RESTART_BACKOFF_ENV, env.get(RESTART_BACKOFF_ENV), 1.0),
             service_port_base=_port_base(env.get(SERVICE_PORT_BASE_ENV)),
             **_registry_tuning(config, env),
+            resolve_ttl=_ttl(env.get(RESOLVE_TTL_ENV)),
         )
 
 
@@ -718,3 +723,19 @@ class _ConfigReader:
             return ()
         items = [self.string(n, f"{path}[{i}]") for i, n in enumerate(node.value)]
         return tuple(item for item in items if item)
+
+
+def _ttl(value: str | None) -> float:
+    """``$MICROAGENT_RESOLVE_TTL``: seconds from 0 (never reuse) to a day."""
+    if value is None or not value.strip():
+        return RESOLVE_TTL
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 86400:
+        raise InvalidInputError(
+            f"{RESOLVE_TTL_ENV}={value!r}: not a number of seconds",
+            hint="e.g. 300, or 0 to ask the registry every time (at most 86400)",
+        )
+    return seconds
