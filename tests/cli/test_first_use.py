@@ -72,7 +72,8 @@ def test_a_group_without_a_command_shows_its_help(capsys: pytest.CaptureFixture[
     out, _err = run(capsys, "cache")
     assert out.startswith("Usage: microagent cache") and "  prune " in out
     listed = run_json(capsys, "cache")
-    assert [c["name"] for c in listed["commands"]] == ["du", "export", "import", "ls", "prune", "verify"]
+    names = [c["name"] for c in listed["commands"]]
+    assert names == ["du", "export", "import", "ls", "prune", "verify"]
     assert run_json(capsys, "image")["schemaVersion"] == 1
 
 
