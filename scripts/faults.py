@@ -103,12 +103,23 @@ def run_campaigns(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, 
         pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
         argv = [*pytest, "tests/faults", *args.pytest_args]
         print("$", " ".join(argv), flush=True)
-        done = subprocess.run(argv, cwd=ROOT, env=env, text=True, capture_output=True, check=False)
-        sys.stdout.write(done.stdout[-20000:])
-        sys.stderr.write(done.stderr[-5000:])
-        lines = [line for line in done.stdout.splitlines() if line.strip()]
-        summary = lines[-1].strip("= ") if lines else f"pytest exited {done.returncode}"
-        return read_rows(report), done.returncode, summary
+        code, last = _tee(argv, env)
+        summary = last.strip("= ") if last else f"pytest exited {code}"
+        return read_rows(report), code, summary
+
+
+def _tee(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run ``argv`` showing its output as it comes; its exit code and last non-empty line."""
+    last = ""
+    with subprocess.Popen(
+        argv, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            last = line.strip() or last
+    return proc.returncode, last
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

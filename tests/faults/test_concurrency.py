@@ -123,7 +123,7 @@ def test_eight_creates_at_once_then_four_running_with_traffic(
         home = cli.with_home(cli.home / f"r{r}")
         eight_creates(home, creates, tmp_path)
         try:
-            four_running(home, running, tmp_path, traffic=scaled(3, 12))
+            four_running(home, running, tmp_path, traffic=scaled(2, 12))
         finally:
             stop_strays(home.home)
     creates.tally.notes = f"{rounds} rounds of 8 parallel creates in a fresh home"
@@ -149,9 +149,7 @@ def eight_creates(cli: Cli, found: Findings, tmp: Path) -> None:
     for key in keys:
         if setup_markers(rootfs_image(cli.home, key)) != sorted(SETUP):
             found.fail("corrupt", f"the rootfs of {key} lacks the setup content")
-    found.check_store(cli, "after 8 creates")
-    sent = cp_round_trip(cli, NAMES, tmp, "usable")
-    read_all(cli, sent, tmp, "usable", found)
+    found.check_store(cli, "after 8 creates")  # usable: 4 start next, 4 take cp traffic
 
 
 def four_running(cli: Cli, found: Findings, tmp: Path, traffic: int) -> None:
@@ -219,7 +217,7 @@ def test_prune_racing_create_never_removes_what_create_uses(
             reproduce("test_prune_racing_create_never_removes_what_create_uses"),
         )
     )
-    rounds = scaled(4, 40)
+    rounds = scaled(2, 30)
     cli.ok("create", "-f", "other.yaml", "--name", "bystander")  # its entries are in use
     kept = cp_round_trip(cli, ["bystander"], tmp_path, "kept")
     prunes = 0
