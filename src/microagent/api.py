@@ -29,6 +29,7 @@ from microagent.store.content import Entry, PruneReport, Store
 if TYPE_CHECKING:
     from microagent.build.base import BaseImage
     from microagent.build.pipeline import BuildOutcome, Pipeline
+    from microagent.compiler.cachecontrol import CacheControl
     from microagent.compiler.lock import LockEntry, LockFile, ResolvedImage
     from microagent.compiler.overrides import Overrides, RuntimeEnv
     from microagent.compiler.plan import BuildPlan, StepCache, StepStatus
@@ -341,9 +342,11 @@ class Microagent:
         cache_from: Sequence[str] = (),
         cache_to: str | None = None,
         platform: str | None = None,
+        control: CacheControl | None = None,
     ) -> Pipeline:
         # deferred: see the module docstring
         from microagent.build.pipeline import Pipeline
+        from microagent.compiler.cachecontrol import CacheControl
 
         return Pipeline(
             self.settings,
@@ -356,6 +359,7 @@ class Microagent:
             tuple(cache_from),
             cache_to,
             platform,
+            control or CacheControl(),
         )
 
     # -- specs ------------------------------------------------------------------------------
@@ -371,27 +375,30 @@ class Microagent:
         *,
         offline: bool = False,
         cache_from: Sequence[str] = (),
+        control: CacheControl | None = None,
     ) -> PlanReport:
-        """Load, resolve and plan a spec, and look every step up (locally, then remotely)."""
+        """Load, resolve and plan a spec, and look every step up (locally, then remotely);
+        ``control`` (--no-cache, --no-cache-from N, --refresh) as a build would use it."""
         # deferred: see the module docstring
         from microagent.compiler.plan import compile_plan, plan_status
-        from microagent.oci.resolve import resolve_image
+        from microagent.oci.resolve import Resolutions, resolve_image
         from microagent.store.stepcache import StoreStepCache
 
         spec = load(path, overrides)
-        image = resolve_image(spec, lambda: self.client, offline=offline)
+        recent = Resolutions.of(self.settings, refresh=bool(control and control.refresh))
+        image = resolve_image(spec, lambda: self.client, offline=offline, recent=recent)
         built = compile_plan(spec, image, runtime_env_keys=env.names if env else ())
         cache: StepCache = StoreStepCache(self.store)
         sources = [] if offline else self._remote_sources(cache_from)
         if not sources:
-            return PlanReport(spec, built, plan_status(built, cache))
+            return PlanReport(spec, built, plan_status(built, cache, control))
         from microagent.remotecache.restore import (  # deferred: see the module docstring
             RemoteStepCache,
             Restorer,
         )
 
         restorer = Restorer(self.store, sources, self.say)
-        status = plan_status(built, RemoteStepCache(cache, restorer))
+        status = plan_status(built, RemoteStepCache(cache, restorer), control)
         asked = tuple(source.where for source in sources)
         return PlanReport(spec, built, status, asked, tuple(restorer.warnings))
 
@@ -450,6 +457,7 @@ class Microagent:
         cache_to: str | None = None,
         platform: str | None = None,
         timeout: float | None = None,
+        control: CacheControl | None = None,
     ) -> BuildReport:
         """Build every step of a spec (no workspace); with ``push`` publish it."""
         # deferred: see the module docstring
@@ -457,7 +465,11 @@ class Microagent:
 
         began = time.monotonic()
         pipeline = self.pipeline(
-            timeout=timeout, cache_from=cache_from, cache_to=cache_to, platform=platform
+            timeout=timeout,
+            cache_from=cache_from,
+            cache_to=cache_to,
+            platform=platform,
+            control=control,
         )
         # deferred: see the module docstring
         from microagent.compiler.overrides import RuntimeEnv
@@ -478,6 +490,7 @@ class Microagent:
         timeout: float | None = None,
         cache_from: Sequence[str] = (),
         cache_to: str | None = None,
+        control: CacheControl | None = None,
     ) -> CreateReport:
         """Build (or reuse) the spec's steps and make a persistent workspace."""
         # deferred: see the module docstring
@@ -487,7 +500,9 @@ class Microagent:
         from microagent.workspace.create import create, port_forwards
 
         parsed = port_forwards(tuple(Forward.parse(item) for item in forwards))
-        pipeline = self.pipeline(timeout=timeout, cache_from=cache_from, cache_to=cache_to)
+        pipeline = self.pipeline(
+            timeout=timeout, cache_from=cache_from, cache_to=cache_to, control=control
+        )
         declared = load_spec(path)
         confirm_credentials(declared, overrides)  # what the spec asks for, before the flags
         spec = apply_overrides(declared, overrides) if overrides else declared

@@ -14,6 +14,7 @@ from typing import Any
 
 from microagent.build.base import BaseImage, pull_base, recorded_base
 from microagent.build.setup import BuildContext, BuiltRootfs, ensure_rootfs, setup_ready
+from microagent.compiler.cachecontrol import CacheControl
 from microagent.compiler.keys import StepKind
 from microagent.compiler.overrides import RuntimeEnv
 from microagent.compiler.plan import BuildPlan, compile_plan
@@ -22,7 +23,7 @@ from microagent.compiler.spec import Spec
 from microagent.errors import BuildError
 from microagent.kit.guestkit import GuestKit
 from microagent.oci.registry import RegistryClient
-from microagent.oci.resolve import resolve_image
+from microagent.oci.resolve import Resolutions, resolve_image
 from microagent.remotecache.publish import prepare, publish, record_files_and_config
 from microagent.remotecache.refs import (
     CacheRef,
@@ -65,6 +66,7 @@ class Pipeline:
     cache_from: tuple[str, ...] = ()  # --cache-from flags; empty: the settings' default
     cache_to: str | None = None  # --cache-to flag; None: the settings' default
     platform: str | None = None
+    control: CacheControl = field(default_factory=CacheControl)  # --no-cache, --refresh
 
     @property
     def store(self) -> Store:
@@ -73,8 +75,10 @@ class Pipeline:
     def build(self, spec: Spec, env: RuntimeEnv) -> BuildOutcome:
         """Resolve, plan, take what remote caches have, pull and build the rest."""
         store = self.store
-        image = resolve_image(spec, lambda: self.client, self.platform)
+        recent = Resolutions.of(self.settings, refresh=self.control.refresh)
+        image = resolve_image(spec, lambda: self.client, self.platform, recent=recent)
         plan = compile_plan(spec, image, runtime_env_keys=env.names)
+        rebuild_from = self.control.rebuild_from(len(plan.of_kind(StepKind.SETUP)))
         remote = self._restore(store, plan)
         base = self._base(store, spec, plan)
         _require_buildable(store, plan, image.platform)
@@ -88,6 +92,7 @@ class Pipeline:
             self.timeout,
             Accel.parse(self.settings.accel),
             self.settings.ram_stage,
+            rebuild_from=rebuild_from,
         )
         built = ensure_rootfs(ctx, plan, base)
         return BuildOutcome(plan, built, ctx.boots, base, remote)

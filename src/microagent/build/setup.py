@@ -66,6 +66,8 @@ class BuildContext:
     accel: Accel = Accel.AUTO
     ram: bool = True  # flatten in RAM when there is room
     boots: int = 0
+    # --no-cache / --no-cache-from N: the first setup step (1-based) built even if cached
+    rebuild_from: int | None = None
 
     @cached_property
     def kit(self) -> GuestKit:
@@ -119,18 +121,20 @@ def ensure_rootfs(ctx: BuildContext, plan: BuildPlan, base: BaseImage) -> BuiltR
     rootfs, built = base.rootfs, 0
     steps = plan.of_kind(StepKind.SETUP)
     env = image_env(base)
-    cached = _resume_point(ctx.store, steps)
+    rebuild = len(steps) + 1 if ctx.rebuild_from is None else ctx.rebuild_from
+    cached = _resume_point(ctx.store, steps[: rebuild - 1])
     for index, step in enumerate(steps, start=1):
         label = f"[{index}/{len(steps)}] setup {step.label}"
         if index < cached:
             ctx.say(f"{label}  CACHED")
             continue
         with flocked(setup_lock(ctx.store, step.key)):  # concurrent builds boot once
-            record = setup_ready(ctx.store, step.key)
+            forced = index >= rebuild  # replaces what is cached under the key
+            record = None if forced else setup_ready(ctx.store, step.key)
             if record is None:
-                ctx.say(f"{label}")
+                ctx.say(f"{label}" + ("  (--no-cache)" if forced else ""))
                 began = time.monotonic()
-                record = build_setup_step(ctx, step, rootfs, layers, env)
+                record = build_setup_step(ctx, step, rootfs, layers, env, replace=forced)
                 ctx.say(f"{label}  DONE {time.monotonic() - began:.1f}s")
                 built += 1
             else:
@@ -192,7 +196,15 @@ def build_setup_step(
     rootfs: Path,
     layers: Sequence[LayerRef],
     env: Mapping[str, str],
+    *,
+    replace: bool = False,
 ) -> StepRecord:
+    """Boot the step, store its layer, build its root filesystem and write its record last.
+
+    With ``replace`` (a forced rebuild) the root filesystem and the record already cached under
+    the key are each replaced atomically: a reader sees the old pair or the new one's parts,
+    never a missing file, and the record (written last) names the new layer chain.
+    """
     with ctx.store.scratch_dir() as work:
         result = run_setup_vm(ctx, step, rootfs, work / "upper.ext4", env)
         if result.exit_code != 0 or result.error:
@@ -207,6 +219,7 @@ def build_setup_step(
         stored_layers(ctx.store, chain),
         compressed_bytes=compressed,
         ram=ctx.ram,
+        replace=replace,
     )
     record = StepRecord(
         StepKind.SETUP, step.key, step.parent, step.inputs, chain, rootfs=rootfs_entry(step.key)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from microagent.commands.build import cache_control, cache_control_options
 from microagent.commands.context import (
     Ctx,
     cache_from_option,
@@ -40,13 +41,18 @@ def validate(ctx: Ctx, /, spec_file: Path, **kwargs: Any) -> None:
 @override_options
 @click.option("--offline", is_flag=True, help="Never contact a registry; tags must be locked.")
 @cache_from_option
+@cache_control_options
 @pass_ctx
 def plan(
     ctx: Ctx, /, spec_file: Path, offline: bool, cache_from: tuple[str, ...], **kwargs: Any
 ) -> None:
-    """Show the build steps, their keys, and what is cached or must be built (and why)."""
+    """Show the build steps, their keys, and what is cached or must be built (and why);
+    with --no-cache / --no-cache-from N, which steps a build with them rebuilds."""
+    control = cache_control(kwargs)
     overrides, env = spec_inputs(kwargs)
-    report = ctx.api().plan(spec_file, overrides, env, offline=offline, cache_from=cache_from)
+    report = ctx.api().plan(
+        spec_file, overrides, env, offline=offline, cache_from=cache_from, control=control
+    )
     ctx.emit(report.to_json(), render_plan(report))
 
 

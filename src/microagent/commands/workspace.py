@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from microagent.commands import envelope
+from microagent.commands.build import cache_control, cache_control_options
 from microagent.commands.completion import workspace_names
 from microagent.commands.confirm import confirm, yes_option
 from microagent.commands.context import (
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 @host_forward_option
 @cache_from_option
 @cache_to_option
+@cache_control_options
 @pass_ctx
 def create(
     ctx: Ctx,
@@ -64,6 +66,7 @@ def create(
     **kwargs: Any,
 ) -> None:
     """Build (or reuse) the spec's steps and make a persistent workspace."""
+    control = cache_control(kwargs)
     overrides, env = spec_inputs(kwargs)
     warn_key_env(env.names)
     report = ctx.api(output=stream_to_stderr).create(
@@ -74,6 +77,7 @@ def create(
         timeout=timeout,
         cache_from=cache_from,
         cache_to=cache_to,
+        control=control,
     )
     text = (
         f"created {report.workspace.name} in {report.seconds:.2f}s "

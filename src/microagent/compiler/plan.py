@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from microagent.compiler import files as _files
+from microagent.compiler.cachecontrol import CacheControl
 from microagent.compiler.keys import BaseInputs, SetupInputs, StepKind, step_key
 from microagent.compiler.lock import ResolvedImage
 from microagent.compiler.refs import portable_ref
@@ -198,13 +199,23 @@ def _miss_reason(step: Step, cache: StepCache, parent_hit: bool) -> str:
     return "not built yet"
 
 
-def plan_status(plan: BuildPlan, cache: StepCache) -> list[StepStatus]:
-    """For every step: cached (and where) or to build, and why it missed."""
+def plan_status(
+    plan: BuildPlan, cache: StepCache, control: CacheControl | None = None
+) -> list[StepStatus]:
+    """For every step: cached (and where) or to build, and why it missed; with ``control``
+    (``--no-cache``, ``--no-cache-from N``) the setup steps it names are to build, saying so."""
+    control = control or CacheControl()
+    rebuild = control.rebuild_from(len(plan.of_kind(StepKind.SETUP)))
     out: list[StepStatus] = []
-    parent_hit = True
+    parent_hit, number = True, 0
     for step in plan.steps:
+        number += step.kind is StepKind.SETUP
         hit = cache.lookup(step.key)
-        if hit is not None:
+        if rebuild is not None and step.kind is StepKind.SETUP and number >= rebuild:
+            was = "cached, not reused" if hit is not None else "not cached either"
+            out.append(StepStatus(step, False, None, f"{control.flag}: rebuilt ({was})"))
+            hit = None
+        elif hit is not None:
             out.append(StepStatus(step, True, hit.where, "cached"))
         else:
             out.append(StepStatus(step, False, None, _miss_reason(step, cache, parent_hit)))

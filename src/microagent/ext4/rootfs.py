@@ -38,8 +38,10 @@ def build_rootfs(
     compressed_bytes: int,
     ram: bool = True,
     say: Say | None = None,
+    replace: bool = False,
 ) -> tuple[Path, RootfsTimings]:
-    """``rootfs/<key>.ext4`` from ``layers`` (applied in order), built unless it exists."""
+    """``rootfs/<key>.ext4`` from ``layers`` (applied in order), built unless it exists (with
+    ``replace``: built anew and renamed over the old one)."""
     timings = RootfsTimings()
 
     def build(tmp: Path) -> None:
@@ -55,4 +57,4 @@ def build_rootfs(
             if say is not None:
                 say(f"  built ext4 in {timings.ext4_seconds:.1f}s")
 
-    return store.build_once(rootfs_entry(key), build), timings
+    return store.build_once(rootfs_entry(key), build, replace=replace), timings
