@@ -6,7 +6,6 @@ envelope and a process exit code. Heavy imports happen inside commands.
 
 from __future__ import annotations
 
-import errno
 import sys
 import traceback
 from pathlib import Path
@@ -38,6 +37,7 @@ from microagent.errors import (
     SpecNotFoundError,
     UsageError,
 )
+from microagent.fsutil import NO_SPACE_HINT, is_no_space, no_space
 
 # Help lists the commands in the order of the work, like the reference CLI's groups.
 SECTIONS = (
@@ -215,14 +215,18 @@ def _as_error(exc: Exception) -> MicroagentError:
     if isinstance(exc, click.ClickException):
         return _usage_error(exc)
     if isinstance(exc, OSError):
-        where = f" ({exc.filename})" if exc.filename else ""
-        if exc.errno == errno.ENOSPC:
-            return HostIOError(
-                f"no space left on device{where}",
-                hint="free disk space, e.g. `microagent cache prune --max-size 10G`, then retry",
-            )
-        return HostIOError(f"{exc.strerror or exc}{where}")
+        return _host_error(exc)
     return MicroagentError(f"internal error: {exc!r}", hint="rerun with --debug and report it")
+
+
+def _host_error(exc: OSError) -> HostIOError:
+    """An OSError that no layer below translated (a bug there, but still said clearly)."""
+    if is_no_space(exc):
+        if exc.filename:
+            return no_space(Path(exc.filename))
+        return HostIOError("no space left on device", hint=NO_SPACE_HINT)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return HostIOError(f"{exc.strerror or exc}{where}")
 
 
 def _report(exc: Exception, as_json: bool, debug: bool) -> int:

@@ -17,10 +17,60 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from microagent.errors import InvalidInputError
+from microagent.errors import HostIOError, InvalidInputError
 
 # Every in-progress write in the store starts with this; nothing else may.
 TEMP_PREFIX = ".tmp-"
+NO_SPACE_HINT = (
+    "free space on that file system: `microagent cache prune` removes unused cache entries "
+    "(`--max-size SIZE` keeps the most recent), `microagent delete` unused workspaces; "
+    "then run the command again"
+)
+# What a tool (mke2fs, debugfs, tar ...) prints when its output's file system is full.
+NO_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded", "Could not allocate block")
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` is a full file system (ENOSPC, or EDQUOT: a quota is full)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def says_no_space(text: str) -> bool:
+    """Whether a tool's output says its file system was full."""
+    return any(marker in text for marker in NO_SPACE_TEXTS[:2])
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on the file system holding ``path`` (or its
+    nearest existing parent); None when that cannot be told."""
+    for candidate in (path, *path.parents):
+        try:
+            st = os.statvfs(candidate)
+        except OSError:
+            continue
+        return st.f_bavail * st.f_frsize
+    return None
+
+
+def human_bytes(count: int) -> str:
+    """``1.5 MiB``-style sizes for messages."""
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"  # pragma: no cover (the loop returns)
+
+
+def no_space(path: Path, need: int | None = None) -> HostIOError:
+    """The error for a full file system at ``path``: where, about how much the write needed
+    and how much is free, and what to free."""
+    figures = [f"need ~{human_bytes(need)}"] if need else []
+    free = free_bytes(path)
+    if free is not None:
+        figures.append(f"free {human_bytes(free)}")
+    detail = f": {', '.join(figures)}" if figures else ""
+    return HostIOError(f"no space left on device ({path}){detail}", hint=NO_SPACE_HINT)
 
 
 def temp_sibling(final: Path) -> Path:
@@ -61,19 +111,26 @@ def temp_file(directory: Path, stem: str = "") -> Iterator[tuple[BinaryIO, Path]
     try:
         yield fh, path
     finally:
-        fh.close()
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        try:
+            fh.close()  # (may raise too: flushing what a full disk did not take)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` via temp + fsync + rename, replacing any old content."""
-    with temp_file(path.parent, path.name + ".") as (fh, tmp):
-        fh.write(data)
-        fh.flush()
-        os.fchmod(fh.fileno(), mode)
-        os.fsync(fh.fileno())
-        tmp.replace(path)
+    try:
+        with temp_file(path.parent, path.name + ".") as (fh, tmp):
+            fh.write(data)
+            fh.flush()
+            os.fchmod(fh.fileno(), mode)
+            os.fsync(fh.fileno())
+            tmp.replace(path)
+    except OSError as exc:
+        if is_no_space(exc):
+            raise no_space(path, len(data)) from exc
+        raise
     fsync_dir(path.parent)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from microagent.errors import BuildError, ConflictError, InvalidInputError, ToolError
 from microagent.ext4.debugfs import fix_ownership_script, quote, run_debugfs
+from microagent.fsutil import no_space, says_no_space
 from microagent.layers.stagemeta import StageMetadata
 from microagent.runner import run
 
@@ -88,6 +89,8 @@ def _debugfs(image: Path, script: str, env: dict[str, str]) -> None:
     # Lines end at "\n" only: splitlines() would also break a name at U+0085 or U+2028.
     lines = script.removesuffix("\n").split("\n")
     done = run_debugfs(image, lines, write=True, env=env, split=False)
+    if any(says_no_space(e) for e in done.errors):
+        raise no_space(image.parent)
     if done.errors:
         raise BuildError("fixing owners in the image failed:\n" + "\n".join(done.errors[:10]))
 
@@ -131,6 +134,8 @@ def build_ext4(
     try:
         run(argv, env=env)
     except ToolError as exc:
+        if says_no_space(exc.message):
+            raise no_space(out.parent, size * MIB) from exc
         raise BuildError(f"mke2fs could not build the root filesystem: {exc.message}") from exc
     _debugfs(out, fix_ownership_script(meta, stage=stage) + _times_script(meta), env)
     return RootfsInfo(out, size * MIB, data, fs_uuid)
@@ -165,11 +170,17 @@ def make_state_disk(path: Path, size_mib: int, *, journal: bool = True) -> Path:
             # A sized sparse file lets mke2fs punch it and skip zeroing inode tables.
             fh.truncate(size_mib << 20)
         features = [] if journal else ["-O", "^has_journal"]
-        run(
-            ["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-L", "state",
-             *features, "-E", "root_owner=0:0,lazy_journal_init=1", "-d", str(skel), str(image)],
-            timeout=120,
-        )  # fmt: skip
+        try:
+            run(
+                ["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-L", "state",
+                 *features, "-E", "root_owner=0:0,lazy_journal_init=1", "-d", str(skel),
+                 str(image)],
+                timeout=120,
+            )  # fmt: skip
+        except ToolError as exc:
+            if says_no_space(exc.message):  # (the metadata mke2fs writes: a few MiB)
+                raise no_space(path.parent) from exc
+            raise
         if os.geteuid() != 0 or os.getegid() != 0:
             _chown_skeleton(image)
         image.replace(path)

@@ -54,6 +54,7 @@ from microagent.ext4.debugfs import (
     run_debugfs,
 )
 from microagent.ext4.mkfs import UPPER
+from microagent.fsutil import free_bytes, no_space, says_no_space
 from microagent.layers.stagemeta import Kind, PathMeta
 
 __all__ = ["copy_in", "copy_out", "exists", "guest_parts", "make_dirs", "read_bytes"]
@@ -168,8 +169,11 @@ def copy_out(state_image: Path, rootfs_image: Path, guest_path: str, host_dst: P
         dst = _host_destination(host_dst, guest_path)
         image = disks.image_of(hit.layer)
         tmp = f"{_TMP_PREFIX}{secrets.token_hex(6)}"
+        _check_host_space(dst.parent, hit.inode.size)
         try:
             done = run_debugfs(image, [f"dump <{hit.inode.ino}> {quote(tmp)}"], cwd=dst.parent)
+            if any(says_no_space(e) for e in done.errors):
+                raise no_space(dst.parent, hit.inode.size)
             if done.errors:
                 raise ToolError(f"could not read {guest_path} from {image}: {done.errors[0]}")
             _finish_host_file(dst.parent / tmp, dst, hit.inode, guest_path)
@@ -411,6 +415,7 @@ def _write_upper(state: Path, view: _View, host_src: Path, size: int) -> None:
     """
     tmp = _here(f"{_TMP_PREFIX}{secrets.token_hex(6)}")
     final = _here(view.parts[-1])
+    _check_host_space(state, size, sparse_image=state)
     with tempfile.TemporaryDirectory(prefix="microagent-cp-") as hostdir:
         (Path(hostdir) / "src").symlink_to(host_src.absolute())
         cmds = [*_enter_parent(view, copy_up=True), *_write_cmds(tmp, _new_meta(view))]
@@ -425,6 +430,19 @@ def _write_upper(state: Path, view: _View, host_src: Path, size: int) -> None:
     done = run_debugfs(state, swap, write=True)
     if done.errors:
         raise ToolError(f"could not put {_guest_path(view.parts)} in place: {done.errors[0]}")
+
+
+def _check_host_space(where: Path, size: int, *, sparse_image: Path | None = None) -> None:
+    """Refuse up front when the host file system cannot take ``size`` more bytes (plus room
+    for metadata): a copy that runs out half-way would leave a half-written file, or a state
+    disk whose free counts no longer add up. A sparse image grows at most to its full size."""
+    need = size + size // 32 + (1 << 20)
+    if sparse_image is not None:
+        st = sparse_image.stat()
+        need = min(need, max(st.st_size - st.st_blocks * 512, 0))
+    free = free_bytes(where)
+    if free is not None and free < need:
+        raise no_space(where, need)
 
 
 def _raise_write_failed(

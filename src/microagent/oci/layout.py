@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 
 from microagent.digests import is_digest, sha256_digest
 from microagent.errors import IntegrityError, InvalidInputError, NotFoundError, RegistryError
-from microagent.fsutil import atomic_write, temp_sibling
+from microagent.fsutil import atomic_write, is_no_space, no_space, temp_sibling
 from microagent.oci import documents as oci
 from microagent.oci.documents import Fetched
 
@@ -119,6 +119,9 @@ class Layout:
                 f"{path} is not empty and not an OCI image layout",
                 hint="export into a new folder or an existing layout",
             )
+        path.mkdir(parents=True, exist_ok=True)
+        if not (path / "oci-layout").is_file():  # first: an export cut short can be resumed
+            atomic_write(path / "oci-layout", LAYOUT_VERSION)
         (path / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
 
     def _index_entries(self) -> dict[str, dict[str, Any]]:
@@ -141,6 +144,10 @@ class Layout:
         try:
             shutil.copyfile(path, tmp)
             tmp.rename(final)
+        except OSError as exc:
+            if is_no_space(exc):
+                raise no_space(final.parent, size) from exc
+            raise
         finally:
             tmp.unlink(missing_ok=True)
         return True

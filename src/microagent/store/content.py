@@ -35,7 +35,9 @@ from microagent.fsutil import (
     flocked,
     fsync_dir,
     fsync_tree,
+    is_no_space,
     link_no_replace,
+    no_space,
     remove_any,
     temp_file,
     temp_sibling,
@@ -97,22 +99,19 @@ def touch(path: Path) -> None:
         os.utime(path, follow_symlinks=False)
 
 
-def create_once(
-    final: Path, build: Callable[[Path], None], *, lock: Path, replace: bool = False
-) -> Path:
+def create_once(final: Path, build: Callable[[Path], None], *, lock: Path) -> Path:
     """Create ``final`` once: ``build(tmp)`` makes a file or directory at ``tmp``.
 
     Holds an exclusive flock on ``lock`` while building, re-checks ``final`` after getting
     it (so concurrent callers build once and the rest reuse the result), and renames the
     finished, fsync'd temp into place. On any error the temp is removed and nothing is
-    published. With ``replace`` a file ``final`` is built anew and renamed over the old one
-    (readers see the old or the new file, never a missing or partial one).
+    published.
     """
-    if os.path.lexists(final) and not replace:
+    if os.path.lexists(final):
         touch(final)
         return final
     with flocked(lock):
-        if os.path.lexists(final) and not replace:
+        if os.path.lexists(final):
             touch(final)
             return final
         tmp = temp_sibling(final)
@@ -122,8 +121,10 @@ def create_once(
                 raise BuildError(f"building {final.name} produced nothing at {tmp}")
             fsync_tree(tmp)
             tmp.rename(final)
-        except BaseException:
+        except BaseException as exc:
             remove_any(tmp)
+            if isinstance(exc, OSError) and is_no_space(exc):
+                raise no_space(final.parent) from exc
             raise
         fsync_dir(final.parent)
     return final
@@ -187,15 +188,20 @@ class Store:
         hasher = expected.hasher() if expected else hashlib.sha256()
         directory = self.root / "blobs" / hasher.name
         self._mkdir(directory)
-        with temp_file(directory) as (fh, tmp):
-            size = _copy_hashing(src, fh, hasher, limit=expected_size)
-            got = Digest.from_hasher(hasher)
-            _check_blob(got, size, expected, expected_size)
-            fh.flush()
-            os.fchmod(fh.fileno(), 0o444)
-            os.fsync(fh.fileno())
-            final = directory / got.hex
-            link_no_replace(tmp, final)
+        try:
+            with temp_file(directory) as (fh, tmp):
+                size = _copy_hashing(src, fh, hasher, limit=expected_size)
+                got = Digest.from_hasher(hasher)
+                _check_blob(got, size, expected, expected_size)
+                fh.flush()
+                os.fchmod(fh.fileno(), 0o444)
+                os.fsync(fh.fileno())
+                final = directory / got.hex
+                link_no_replace(tmp, final)
+        except OSError as exc:
+            if is_no_space(exc):  # (the temp is gone: nothing half-written stays)
+                raise no_space(directory, expected_size) from exc
+            raise
         fsync_dir(directory)
         touch(final)
         return got
@@ -253,18 +259,15 @@ class Store:
         """Whether a built entry exists."""
         return os.path.lexists(self.entry_path(name))
 
-    def build_once(
-        self, name: str, build: Callable[[Path], None], *, replace: bool = False
-    ) -> Path:
-        """Return entry ``name``, building it with ``build(tmp_path)`` if it does not exist
-        (with ``replace``: building it anew, atomically replacing a file entry).
+    def build_once(self, name: str, build: Callable[[Path], None]) -> Path:
+        """Return entry ``name``, building it with ``build(tmp_path)`` if it does not exist.
 
         Concurrent callers (threads or processes) of the same name build it once; the
         others wait for the lock and reuse the result.
         """
         final = self.entry_path(name)
         self._mkdir(final.parent)
-        return create_once(final, build, lock=self.lock_path(name), replace=replace)
+        return create_once(final, build, lock=self.lock_path(name))
 
     @contextlib.contextmanager
     def scratch_dir(self) -> Iterator[Path]:
@@ -278,6 +281,10 @@ class Store:
         path.mkdir(mode=0o700)
         try:
             yield path
+        except OSError as exc:
+            if is_no_space(exc):
+                raise no_space(parent) from exc
+            raise
         finally:
             remove_any(path)
 
@@ -356,9 +363,14 @@ class Store:
     # -- internals ---------------------------------------------------------------------------
 
     def _mkdir(self, directory: Path) -> None:
-        if not self.root.is_dir():
-            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            if not self.root.is_dir():
+                self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if is_no_space(exc):
+                raise no_space(directory) from exc
+            raise
 
     def _is_entry_name(self, name: str) -> bool:
         parts = name.split("/")
