@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from testenv.clitools import cli_json
 
 from microagent.cli import main
 from microagent.store.content import Store
 from microagent.store.records import read_record
+from testenv.clitools import cli_json
 
 SPEC = "name: nc\nimage: oci:layout:latest\nsetup:\n  - echo one\n  - echo two\n"
 
@@ -44,9 +44,7 @@ def _create(capsys: pytest.CaptureFixture[str], spec: Path, name: str, *flags: s
     return cli_json(capsys, "create", "-f", str(spec), "--name", name, *flags)
 
 
-def test_no_cache_rebuilds_every_setup_step(
-    spec: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_no_cache_rebuilds_every_setup_step(spec: Path, capsys: pytest.CaptureFixture[str]) -> None:
     first = _create(capsys, spec, "a")
     assert first["setupBoots"] == 2
     assert _create(capsys, spec, "b")["setupBoots"] == 0  # the cache works
@@ -99,7 +97,7 @@ def test_plan_says_which_steps_are_rebuilt_and_why(
     everything = cli_json(capsys, "plan", "-f", str(spec), "--no-cache")
     reasons = [s["reason"] for s in everything["steps"] if s["kind"] == "setup"]
     assert reasons == ["--no-cache: rebuilt (cached, not reused)"] * 2
-    base = [s for s in everything["steps"] if s["kind"] == "base"][0]
+    base = next(s for s in everything["steps"] if s["kind"] == "base")
     assert base["cached"] is True  # the base image is pinned by digest: never re-pulled
     capsys.readouterr()
     assert main(["plan", "-f", str(spec), "--no-cache-from", "2"]) == 0
@@ -131,3 +129,106 @@ def test_a_bad_n_is_a_usage_error(
     assert message in error["error"]["message"]
     assert error["error"]["hint"]
     assert not (spec.parent.parent / "home" / "workspaces" / "nc").exists()
+
+
+# -- the resolution cache: a tag's digest reused for a while, --refresh, the TTL -----------------
+
+
+def _move_tag(registry_url: str, image: Any, tag: str, note: str) -> str:
+    """Point ``tag`` at a new manifest (the pushed one plus an annotation): the digest of the
+    same content changes, as when a tag is pushed again upstream."""
+    import requests
+
+    base = f"{registry_url}/v2/{image.repository}/manifests"
+    accept = "application/vnd.oci.image.manifest.v1+json"
+    got = requests.get(f"{base}/{image.digest}", headers={"Accept": accept}, timeout=10)
+    got.raise_for_status()
+    manifest = got.json()
+    manifest.setdefault("annotations", {})["test.note"] = note
+    kind = manifest.get("mediaType") or got.headers["Content-Type"]
+    put = requests.put(
+        f"{base}/{tag}",
+        data=json.dumps(manifest).encode(),
+        headers={"Content-Type": kind},
+        timeout=10,
+    )
+    put.raise_for_status()
+    return str(put.headers["Docker-Content-Digest"])
+
+
+@pytest.fixture
+def moving(busybox_project: Path, registry: Any, busybox_image: Any) -> tuple[Path, Any]:
+    path = busybox_project / "microagent.yaml"
+    ref = f"{busybox_image.host}/{busybox_image.repository}:moving"
+    path.write_text(f"name: mv\nimage: {ref}\n")
+    return path, lambda note: _move_tag(registry.url, busybox_image, "moving", note)
+
+
+def _digest(capsys: pytest.CaptureFixture[str], spec: Path, *flags: str) -> str:
+    return str(cli_json(capsys, "plan", "-f", str(spec), *flags)["image"]["digest"])
+
+
+def test_a_recent_resolution_is_reused_until_refresh(
+    moving: tuple[Path, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec, move = moving
+    first = move("one")
+    assert _digest(capsys, spec) == first
+    second = move("two")
+    assert second != first
+    assert _digest(capsys, spec) == first  # within the TTL: the registry is not asked
+    assert _digest(capsys, spec, "--refresh") == second
+    assert _digest(capsys, spec) == second  # the refreshed answer is remembered
+    created = cli_json(capsys, "create", "-f", str(spec))
+    assert created["setupBoots"] == 0
+    move("three")
+    assert (
+        cli_json(capsys, "create", "-f", str(spec), "--name", "mv2")["steps"][0]["key"]
+        == (created["steps"][0]["key"])
+    )  # a cache-hit create within the TTL: the same base, no registry
+
+
+def test_a_ttl_of_zero_asks_every_time(
+    moving: tuple[Path, Any], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec, move = moving
+    monkeypatch.setenv("MICROAGENT_RESOLVE_TTL", "0")
+    first = move("one")
+    assert _digest(capsys, spec) == first
+    latest = move("two")
+    assert _digest(capsys, spec) == latest
+
+
+def test_an_expired_resolution_is_asked_again(
+    moving: tuple[Path, Any], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec, move = moving
+    move("one")
+    _digest(capsys, spec)
+    latest = move("two")
+    records = list((spec.parent.parent / "home" / "store" / "resolved").glob("*.json"))
+    assert len(records) == 1
+    data = json.loads(records[0].read_text())
+    data["resolvedAt"] -= 301  # older than the default TTL
+    records[0].write_text(json.dumps(data))
+    assert _digest(capsys, spec) == latest
+
+
+def test_a_damaged_resolution_record_is_a_miss(
+    moving: tuple[Path, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec, move = moving
+    move("one")
+    _digest(capsys, spec)
+    latest = move("two")
+    (record,) = (spec.parent.parent / "home" / "store" / "resolved").glob("*.json")
+    record.write_text('{"source": 1, "resolvedAt": "soon"')
+    assert _digest(capsys, spec) == latest
+
+
+def test_a_bad_ttl_is_located(
+    spec: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MICROAGENT_RESOLVE_TTL", "-5")
+    error = cli_json(capsys, "plan", "-f", str(spec), code=2)
+    assert "MICROAGENT_RESOLVE_TTL='-5'" in error["error"]["message"]

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,3 +90,17 @@ def test_status_and_a_cache_hit_create_import_nothing_heavy(
     assert heavy_in(imported("--json", "list")) == []
     hit = imported("create", "-f", str(spec), "--name", "quick-2")
     assert heavy_in(hit) == []
+
+
+def test_a_cache_hit_create_of_a_registry_tag_resolved_lately_imports_nothing_heavy(
+    busybox_project: Path, busybox_image: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Unlocked, by tag: the recent resolution (MICROAGENT_RESOLVE_TTL) answers, so neither
+    the registry client (oras, requests) nor anything else heavy is loaded."""
+    spec = busybox_project / "microagent.yaml"
+    spec.write_text(f"name: tagged\nimage: {busybox_image.ref}\nsetup:\n  - echo one\n")
+    cli_json(capsys, "create", "-f", str(spec))  # resolves the tag, pulls, builds
+    hit = imported("create", "-f", str(spec), "--name", "tagged-2")
+    assert heavy_in(hit) == []
+    refreshed = imported("create", "-f", str(spec), "--name", "tagged-3", "--refresh")
+    assert "requests" in refreshed  # the probe sees the registry client when it is used
