@@ -473,11 +473,13 @@ class Microagent:
         )
         # deferred: see the module docstring
         from microagent.compiler.overrides import RuntimeEnv
+        from microagent.store.retention import builds_in_flight
 
         spec = load(path, overrides)
-        outcome = pipeline.build(spec, env or RuntimeEnv())
-        record_files_and_config(self.store, outcome.plan)
-        published = pipeline.publish(outcome.plan, push=push)
+        with builds_in_flight(self.store):  # a concurrent prune waits for it
+            outcome = pipeline.build(spec, env or RuntimeEnv())
+            record_files_and_config(self.store, outcome.plan)
+            published = pipeline.publish(outcome.plan, push=push)
         return BuildReport(outcome, published, time.monotonic() - began, spec.image)
 
     def create(
@@ -809,19 +811,25 @@ class Microagent:
         every older one. Guest kits (``kits/``) stay unless ``kits``. ``dry_run``: what would
         go, nothing removed.
         """
-        from microagent.store.retention import keeper  # deferred: see the module docstring
+        # deferred: see the module docstring
+        from microagent.store.retention import builds_in_flight, keeper
 
-        kept = self.cache_in_use()
-        if older_than is not None:
-            cutoff = time.time() - older_than
-            kept |= {e.name for e in self.store.entries() if e.last_used > cutoff}
-            everything = everything or max_bytes is None
-        in_use = keeper(kept)
+        def waiting() -> None:
+            self.say("cache prune: waiting for the builds in progress to finish")
 
-        def keep(name: str) -> bool:
-            return in_use(name) or (not kits and name.startswith("kits/"))
+        # what a build in flight uses is in no workspace record yet: prune after it ends
+        with builds_in_flight(self.store, exclusive=not dry_run, on_wait=waiting):
+            kept = self.cache_in_use()
+            if older_than is not None:
+                cutoff = time.time() - older_than
+                kept |= {e.name for e in self.store.entries() if e.last_used > cutoff}
+                everything = everything or max_bytes is None
+            in_use = keeper(kept)
 
-        return self.store.prune(max_bytes, all=everything, keep=keep, dry_run=dry_run)
+            def keep(name: str) -> bool:
+                return in_use(name) or (not kits and name.startswith("kits/"))
+
+            return self.store.prune(max_bytes, all=everything, keep=keep, dry_run=dry_run)
 
     def cache_in_use(self) -> set[str]:
         """Store entry names an existing workspace boots from: its step chain, root

@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import fcntl
+import os
+from collections.abc import Callable, Iterable, Iterator
 
 from microagent.digests import key_hex
 from microagent.store.content import Store
 from microagent.store.records import read_record
+
+
+@contextlib.contextmanager
+def builds_in_flight(
+    store: Store, *, exclusive: bool = False, on_wait: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """Builds (``create``, ``build``) hold this lock shared from their first look at the
+    store until their workspace is recorded; ``cache prune`` holds it exclusively. What a
+    build in flight uses is named by no workspace record yet, so without it a prune removed
+    a blob or root filesystem a create was about to use. ``on_wait``: called once if the
+    lock is busy (then this waits)."""
+    store.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (store.root / "locks").mkdir(exist_ok=True)
+    fd = os.open(store.root / "locks" / "builds.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    try:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, mode)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _blob_name(digest: str) -> str:

@@ -23,6 +23,7 @@ from microagent.fsutil import write_json_atomic
 from microagent.runtime.backend import Forward
 from microagent.runtime.rundir import State
 from microagent.store.content import Store
+from microagent.store.retention import builds_in_flight
 from microagent.workspace.disks import capture_disks
 from microagent.workspace.records import (
     AttachedDisk,
@@ -163,7 +164,21 @@ def create(
             hint="drop --host-forward or use --network user",
         )
     _check_runtime_env(spec, env)
-    tmp = spaces.reserve(spec.name)
+    with builds_in_flight(pipeline.store):  # a concurrent prune waits until it is recorded
+        return _create(pipeline, spaces, spec, env, forwards, name=spec.name, began=began)
+
+
+def _create(
+    pipeline: Pipeline,
+    spaces: Workspaces,
+    spec: Spec,
+    env: RuntimeEnv,
+    forwards: HostForwards,
+    *,
+    name: str,
+    began: float,
+) -> CreateReport:
+    tmp = spaces.reserve(name)
     try:
         disks = capture_disks(pipeline.store, spec, Workspace(tmp))  # a bad one fails fast
         outcome = pipeline.build(spec, env)
@@ -181,7 +196,7 @@ def create(
             disks=disks,
         )
         _write_workspace(Workspace(tmp), record)
-        ws = spaces.install(spec.name, tmp)
+        ws = spaces.install(name, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
