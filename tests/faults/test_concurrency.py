@@ -33,7 +33,7 @@ SPEC = (
     "files: [{src: note.txt, dst: /app/note.txt}]\n"
     "entrypoint: sleep 1000\n"
 )
-OTHER_SPEC = SPEC.replace("echo two", "echo three")
+OTHER_SPEC = SPEC.replace(json.dumps(SETUP), json.dumps(["echo other > /root/other"]))  # base only
 NAMES = [f"c{i}" for i in range(8)]
 
 

@@ -498,10 +498,10 @@ def test_kill_start_halt(cli: Cli, campaign: Any, scaled: Any, seed: int, tmp_pa
 def run_start_halt(
     kills: Kills, cli: Cli, target: int, ref: dict[str, Any], *, tmp_path: Path, keep: bytes
 ) -> None:
+    state = settle(kills, cli, "before the campaign")
     for i in range(4 * target):
         if kills.tally.faults >= target:
             break
-        state = settle(kills, cli, f"before run {i}")
         verb = "halt" if state in LIVE else "start"
         delay = kills.rng.uniform(0.02, max(ref[verb].seconds, 0.1))
         with_supervisor = i % 4 == 3  # now and then the supervisor dies too
@@ -509,6 +509,7 @@ def run_start_halt(
             " + supervisor" if with_supervisor else ""
         )
         if not kills.kill(cli.spawn(verb, "ws"), label, delay=delay, marker=None):
+            state = settle(kills, cli, f"{verb} {i}, not killed")
             continue
         if with_supervisor:
             kill_supervisor(cli.home)
@@ -516,24 +517,25 @@ def run_start_halt(
         settle(kills, cli, what)
         rerun = cli.run(verb, "ws")
         kills.tally.runs += 1
-        check_rerun(kills, cli, verb, rerun, what)
+        state = check_rerun(kills, cli, verb, rerun, what)
         if verb == "halt" and i % 3 == 0:
             read_back(kills, cli, "/root/keep", keep, what=what, tmp=tmp_path)
     cli.run("halt", "ws")
     read_back(kills, cli, "/root/keep", keep, what="after the campaign", tmp=tmp_path)
 
 
-def check_rerun(kills: Kills, cli: Cli, verb: str, rerun: Any, what: str) -> None:
+def check_rerun(kills: Kills, cli: Cli, verb: str, rerun: Any, what: str) -> str:
     """start: running again (or 'already running' when the killed start got that far);
-    halt: exits 0 and leaves no live state and no VMM."""
+    halt: exits 0 and leaves no live state and no VMM. The state it ends in."""
     state = settle(kills, cli, f"{what}, re-run")
     if verb == "start":
         already = rerun.code != 0 and "already" in rerun.out + rerun.err
         if (rerun.code != 0 and not already) or state != "running":
             kills.lost(f"{what}: the re-run did not get it running ({state}): {rerun.describe()}")
-        return
+        return state
     if rerun.code != 0 or state in LIVE or stray_processes(cli.home):
         kills.stuck(
             f"{what}: halt again left {state}, strays {stray_processes(cli.home)}: "
             + rerun.describe()
         )
+    return state
