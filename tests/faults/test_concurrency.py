@@ -106,7 +106,7 @@ def read_all(cli: Cli, sent: dict[str, bytes], tmp: Path, tag: str, found: Findi
 def test_eight_creates_at_once_then_four_running_with_traffic(
     cli: Cli, campaign: Any, scaled: Any, tmp_path: Path
 ) -> None:
-    rounds = scaled(1, 5)
+    rounds = scaled(1, 3)
     creates = Findings(
         campaign(
             "8 concurrent creates of one spec",
@@ -123,7 +123,7 @@ def test_eight_creates_at_once_then_four_running_with_traffic(
         home = cli.with_home(cli.home / f"r{r}")
         eight_creates(home, creates, tmp_path)
         try:
-            four_running(home, running, tmp_path, traffic=scaled(2, 12))
+            four_running(home, running, tmp_path, traffic=scaled(2, 10))
         finally:
             stop_strays(home.home)
     creates.tally.notes = f"{rounds} rounds of 8 parallel creates in a fresh home"
@@ -217,7 +217,7 @@ def test_prune_racing_create_never_removes_what_create_uses(
             reproduce("test_prune_racing_create_never_removes_what_create_uses"),
         )
     )
-    rounds = scaled(2, 30)
+    rounds = scaled(2, 20)
     cli.ok("create", "-f", "other.yaml", "--name", "bystander")  # its entries are in use
     kept = cp_round_trip(cli, ["bystander"], tmp_path, "kept")
     prunes = 0

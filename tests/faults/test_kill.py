@@ -226,7 +226,7 @@ def test_kill_create(cli: Cli, campaign: Any, scaled: Any, seed: int) -> None:
     ref = cli.with_home(cli.home / "ref").run("create", "-f", "microagent.yaml")
     assert ref.code == 0, ref.describe()
     ref_key = ref.json()["rootfsKey"]
-    target = scaled(5, 60)
+    target = scaled(5, 50)
     for i in range(3 * target):
         if kills.tally.faults >= target:
             break
