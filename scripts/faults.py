@@ -59,10 +59,12 @@ What the columns count:
 - **Lost data** (goal 0): a file or result that should be there is not (a file copied into a
   workspace earlier, the re-run's result differing from an uninterrupted run's, a re-run that
   fails, a create whose root filesystem a concurrent `cache prune` removed).
-- **Leftovers**: temp files and lock files a killed writer left (`.tmp-*` in the store, a
-  workspace's staging folder). They are not corrupt: nothing ever reads a temp name, the next
-  writer of the same entry removes its stale temp, and `cache prune` / `cache verify --repair`
-  collect the rest. Counted after each kill, so the figure shows how much garbage kills make.
+- **Leftovers**: garbage a killed writer left, counted after each kill: the temps `cache
+  verify` reports as stale (a `.tmp-*` whose build lock is free; other temps only once older
+  than its 6-hour grace, so a fresh one is not counted) or orphaned (a root filesystem no
+  record names yet), plus the workspace staging folders (`workspaces/.tmp-NAME-*`) a killed
+  `create` left. None is corrupt: nothing reads a temp name, the next writer of the entry
+  removes its temp, and `cache prune` / `cache verify --repair` collect the rest.
 
 How the kill campaigns place a kill: `SIGKILL` to the CLI's whole process group (it runs in its
 own session), and for some `start`/`halt` kills to the workspace's supervisor as well. Half the
