@@ -350,7 +350,7 @@ def test_disk_full_is_a_clear_error_leaves_nothing_partial_and_prune_recovers(
     tally = campaign("disk-full", "create, image pull, build --push oci:DIR, cp (both ways)")
     began, tally.seed = time.monotonic(), 16_004
     rng = random.Random(tally.seed)
-    levels = [LEVELS[i] for i in rng.sample(range(len(LEVELS)), scaled(2, len(LEVELS)))]
+    levels = [LEVELS[i] for i in rng.sample(range(len(LEVELS)), scaled(1, len(LEVELS)))]
     outcomes = []
     for leave in levels:
         for command in COMMANDS:

@@ -152,9 +152,9 @@ def _compose(text: str, file: str) -> yaml.Node | None:
                     hint="remove the extra `---` separator",
                 )
             ) from exc
-        raise _Abort(_yaml_diagnostic(exc, file)) from exc
+        raise _Abort(_yaml_diagnostic(exc, file, text)) from exc
     except yaml.YAMLError as exc:
-        raise _Abort(_yaml_diagnostic(exc, file)) from exc
+        raise _Abort(_yaml_diagnostic(exc, file, text)) from exc
     except (RecursionError, ValueError) as exc:
         raise _Abort(Diagnostic(f"cannot parse YAML: {exc}", Location(file))) from exc
 
@@ -165,10 +165,19 @@ def _mark(mark: yaml.Mark | None, file: str) -> Location:
     return Location(file, mark.line + 1, mark.column + 1)
 
 
-def _yaml_diagnostic(exc: yaml.YAMLError, file: str) -> Diagnostic:
+def _yaml_diagnostic(exc: yaml.YAMLError, file: str, text: str) -> Diagnostic:
     if isinstance(exc, yaml.MarkedYAMLError):
         problem = exc.problem or exc.context or "invalid YAML"
         return Diagnostic(f"YAML syntax error: {problem}", _mark(exc.problem_mark, file))
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML refuses: no mark, a position
+        at = exc.position
+        line, column = text.count("\n", 0, at) + 1, at - text.rfind("\n", 0, at)
+        char = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        return Diagnostic(
+            f"YAML syntax error: unacceptable character {char}: {exc.reason}",
+            Location(file, line, column),
+            hint="remove it: a spec is UTF-8 text without control characters",
+        )
     return Diagnostic(f"YAML syntax error: {exc}", Location(file))
 
 
