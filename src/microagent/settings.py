@@ -207,6 +207,7 @@ _ENV_ONLY: tuple[tuple[str, str, str], ...] = (
     ("fakeOutcome", "fake_outcome", FAKE_ENV),
     ("restartBackoff", "restart_backoff", RESTART_BACKOFF_ENV),
     ("servicePortBase", "service_port_base", SERVICE_PORT_BASE_ENV),
+    ("resolveTtl", "resolve_ttl", RESOLVE_TTL_ENV),
 )
 # How registry traffic rides out faults: (key under `registry` in the config file, attribute,
 # variable, hint). A variable set (not empty) wins over the file.
