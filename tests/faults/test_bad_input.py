@@ -24,6 +24,7 @@ import io
 import json
 import os
 import random
+import shutil
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +39,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from microagent.build.base import pull_base
+from microagent.cli import main
 from microagent.compiler.loader import parse_spec
 from microagent.compiler.spec import Spec
 from microagent.errors import IntegrityError, MicroagentError, SpecError
@@ -279,6 +281,41 @@ def test_generated_specs_are_valid_or_a_located_error(
     assert outcomes.valid + outcomes.located == tally.runs
     # the grammar must reach both sides, or it tests nothing
     assert outcomes.valid >= tally.runs // 50 and outcomes.located >= tally.runs // 2, outcomes
+
+
+def test_generated_specs_through_validate_say_file_line_col_in_json(
+    tmp_path: Path,
+    scaled: Callable[[int, int], int],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The same grammar through ``microagent --json validate``: exit 0 with ``ok``, or exit 2
+    with an ``invalid_spec`` error whose location names the file, line and column."""
+    project = tmp_path / "proj"
+    shutil.copytree(EXAMPLES / "minimal-agent", project)
+    spec_file = project / SHOWN
+    seen = {0: 0, 2: 0}
+
+    @settings(max_examples=scaled(25, 500), deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(generated_specs())
+    def run(spec: GeneratedSpec) -> None:
+        spec_file.write_text(spec.text, encoding="utf-8", errors="surrogatepass")
+        capsys.readouterr()
+        code = main(["--json", "validate", "-f", str(spec_file)])
+        out = capsys.readouterr()
+        doc = json.loads(out.out)
+        assert code in (0, 2) and "Traceback" not in out.err, (code, out)
+        seen[code] += 1
+        if code == 2:
+            error = doc["error"]
+            assert error["kind"] == "invalid_spec", error
+            location = error.get("location") or {}
+            assert location.get("file") == str(spec_file), error
+            assert location.get("line", 0) >= 1 or "empty" in error["message"], error
+            assert all(d.get("location") for d in error["diagnostics"]), error
+
+    run()
+    assert seen[0] and seen[2], seen
 
 
 # -- malformed OCI documents -------------------------------------------------------------------
