@@ -99,19 +99,22 @@ def touch(path: Path) -> None:
         os.utime(path, follow_symlinks=False)
 
 
-def create_once(final: Path, build: Callable[[Path], None], *, lock: Path) -> Path:
+def create_once(
+    final: Path, build: Callable[[Path], None], *, lock: Path, replace: bool = False
+) -> Path:
     """Create ``final`` once: ``build(tmp)`` makes a file or directory at ``tmp``.
 
     Holds an exclusive flock on ``lock`` while building, re-checks ``final`` after getting
     it (so concurrent callers build once and the rest reuse the result), and renames the
     finished, fsync'd temp into place. On any error the temp is removed and nothing is
-    published.
+    published. With ``replace`` a file ``final`` is built anew and renamed over the old one
+    (readers see the old or the new file, never a missing or partial one).
     """
-    if os.path.lexists(final):
+    if os.path.lexists(final) and not replace:
         touch(final)
         return final
     with flocked(lock):
-        if os.path.lexists(final):
+        if os.path.lexists(final) and not replace:
             touch(final)
             return final
         tmp = temp_sibling(final)
@@ -259,15 +262,18 @@ class Store:
         """Whether a built entry exists."""
         return os.path.lexists(self.entry_path(name))
 
-    def build_once(self, name: str, build: Callable[[Path], None]) -> Path:
-        """Return entry ``name``, building it with ``build(tmp_path)`` if it does not exist.
+    def build_once(
+        self, name: str, build: Callable[[Path], None], *, replace: bool = False
+    ) -> Path:
+        """Return entry ``name``, building it with ``build(tmp_path)`` if it does not exist
+        (with ``replace``: building it anew, atomically replacing a file entry).
 
         Concurrent callers (threads or processes) of the same name build it once; the
         others wait for the lock and reuse the result.
         """
         final = self.entry_path(name)
         self._mkdir(final.parent)
-        return create_once(final, build, lock=self.lock_path(name))
+        return create_once(final, build, lock=self.lock_path(name), replace=replace)
 
     @contextlib.contextmanager
     def scratch_dir(self) -> Iterator[Path]:
