@@ -28,6 +28,7 @@ from typing import Any, cast
 
 import pytest
 
+from microagent import runner
 from microagent.cli import main
 from microagent.errors import InvalidInputError
 from microagent.fsutil import load_json_bounded
@@ -453,7 +454,11 @@ def test_logs_follow_starts_again_after_a_rotation(
     from microagent.runtime.rundir import State
 
     run_guest(capsys, monkeypatch, project)
-    run_dir().set_state(State.RUNNING, "still running", supervisorPid=os.getpid())
+    me = runner.process_identity(os.getpid())  # a live supervisor, as far as liveness can tell
+    assert me is not None
+    run_dir().set_state(
+        State.RUNNING, "still running", supervisorPid=me.pid, supervisor=me.to_json()
+    )
     log = run_dir().serial_log
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_bytes(b"old line, long before the rotation\n")

@@ -30,7 +30,7 @@ import pytest
 from microagent import runner
 from microagent.runner import ProcessIdentity
 from microagent.runtime import network
-from microagent.runtime.rundir import RunDir, State
+from microagent.runtime.rundir import SUPERVISOR_MARK, RunDir, State
 from microagent.workspace import liveness
 from microagent.workspace.lifecycle import leftovers
 from microagent.workspace.records import Workspace
@@ -74,10 +74,10 @@ def sleeper(children: list[subprocess.Popen[bytes]]) -> ProcessIdentity:
 
 def stand_in_supervisor(run: RunDir, children: list[subprocess.Popen[bytes]]) -> ProcessIdentity:
     """A process whose command line is the supervisor's of ``run`` (it only sleeps)."""
-    code = f"import time; time.sleep(600)  # {liveness.SUPERVISOR_MARK}"
+    code = f"import time; time.sleep(600)  # {SUPERVISOR_MARK}"
     proc = subprocess.Popen([sys.executable, "-c", code, str(run.path)], start_new_session=True)
     children.append(proc)
-    until(lambda: liveness.is_supervisor(proc.pid, run), "the stand-in has its command line")
+    until(lambda: run.is_supervisor(proc.pid), "the stand-in has its command line")
     identity = runner.process_identity(proc.pid)
     assert identity is not None
     return identity
@@ -166,7 +166,7 @@ def test_a_pid_without_an_identity_counts_only_with_the_supervisors_command_line
     write_runtime(ws, state="running", supervisorPid=real.pid)
     assert liveness.reconcile(ws) is State.RUNNING
     elsewhere = RunDir(tmp_path / "another-run")  # the same program for another workspace
-    assert not liveness.is_supervisor(real.pid, elsewhere)
+    assert not elsewhere.is_supervisor(real.pid)
 
 
 def test_a_host_restart_is_named(ws: Workspace, children: list[subprocess.Popen[bytes]]) -> None:
@@ -225,12 +225,12 @@ def test_another_users_look_alike_is_not_the_supervisor(
 ) -> None:
     require_root("to run a process as another user")
     require_tools("setpriv")
-    script = f"sleep 600; : {liveness.SUPERVISOR_MARK}"
+    script = f"sleep 600; : {SUPERVISOR_MARK}"
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     proc = subprocess.Popen([*nobody, "sh", "-c", script, "sh", str(ws.run.path)])
     children.append(proc)
     until(lambda: runner.command_line(proc.pid)[-1:] == (str(ws.run.path),), "it runs")
-    assert liveness.find_supervisor(ws.run) is None
+    assert ws.run.find_supervisor() is None
     late = stamp(liveness.STARTING_GRACE + 5)
     write_runtime(ws, state="starting", supervisorPid=None, startedAt=late)
     assert liveness.reconcile(ws) is State.FAILED
@@ -261,6 +261,22 @@ def test_an_unreadable_runtime_json_with_its_supervisor_running_is_running(
     assert liveness.reconcile(ws) is State.RUNNING
     assert ws.run.runtime()["supervisor"] == real.to_json()
     assert f"its supervisor still runs (pid {real.pid})" in detail(ws)
+
+
+def test_a_writer_meeting_an_unreadable_runtime_json_recovers_it_first(
+    ws: Workspace, children: list[subprocess.Popen[bytes]]
+) -> None:
+    ws.run.runtime_path.write_bytes(b"\x00garbage")
+    ws.run.update(execReadyAt=None)  # what a running supervisor writes now and then
+    runtime = ws.run.runtime()
+    assert (runtime["state"], runtime["stateDiskDirty"]) == ("failed", "an unreadable runtime.json")
+    assert "execReadyAt" in runtime
+    real = stand_in_supervisor(ws.run, children)
+    ws.run.runtime_path.write_bytes(b"{]")
+    ws.run.update(execReadyAt=None)
+    assert ws.run.state() is State.RUNNING, "never 'prepared': its supervisor still runs"
+    assert ws.run.runtime()["supervisor"] == real.to_json()
+    assert (ws.run.path / "runtime.json.corrupt").read_bytes() == b"{]"
 
 
 def test_a_final_state_written_meanwhile_is_not_overwritten(ws: Workspace) -> None:
@@ -516,3 +532,19 @@ def test_a_supervisor_that_cannot_be_launched_leaves_the_workspace_failed(
     ws.run.supervisor_log.rmdir()
     cli(capsys, "start", "ws")
     assert cli(capsys, "status", "ws")["event"]["state"] == "running"
+
+
+def test_delete_right_after_the_end_waits_for_the_supervisor_to_exit(
+    project: Path, capsys: pytest.CaptureFixture[str], children: list[subprocess.Popen[bytes]]
+) -> None:
+    spec = project / "ws.yaml"
+    spec.write_text("name: ws\nimage: oci:layout:latest\nentrypoint: 'true'\n")
+    cli(capsys, "create", "-f", str(spec))
+    ws = Workspace(Path(os.environ["MICROAGENT_HOME"]) / "workspaces" / "ws")
+    lingering = stand_in_supervisor(ws.run, children)  # as one busy stopping its gateway
+    ws.run.set_state(State.STOPPED, "entrypoint exited 0")
+    threading.Timer(0.5, lambda: os.kill(lingering.pid, signal.SIGKILL)).start()
+    began = time.monotonic()
+    assert cli(capsys, "delete", "-y", "ws")["results"][0]["deleted"] is True
+    assert 0.4 < time.monotonic() - began < 5
+    assert not ws.root.exists()

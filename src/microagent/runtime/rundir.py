@@ -31,6 +31,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from microagent import runner
 from microagent.compiler.spec import Restart
 from microagent.fsutil import read_json, write_json_atomic
 from microagent.runner import ProcessIdentity
@@ -68,6 +69,16 @@ class State(Enum):
     @property
     def terminal(self) -> bool:
         return self in (State.STOPPED, State.HALTED, State.FAILED)
+
+
+CORRUPT_RUNTIME = "runtime.json.corrupt"
+SUPERVISOR_MARK = "microagent.runtime.supervisor"  # in the supervisor's command line
+GATEWAY_MARK = "microagent.broker.gateway"  # in the gateway's
+
+
+def _runs(argv: tuple[str, ...], mark: str, last: str) -> bool:
+    """Whether ``argv`` is a microagent program (``mark``) given ``last`` as its argument."""
+    return len(argv) >= 2 and argv[-1] == last and any(mark in word for word in argv[:-1])
 
 
 def now() -> str:
@@ -238,15 +249,66 @@ class RunDir:
         every write here is atomic)."""
         return self.runtime_path.exists() and read_json(self.runtime_path) is None
 
-    def quarantine_runtime(self) -> Path | None:
-        """Move an unreadable runtime.json aside (``runtime.json.corrupt``), under the lock;
-        the path it was moved to, None when it was readable (or gone) by then."""
+    def recover(self) -> State | None:
+        """Heal an unreadable runtime.json (see :meth:`_current`); the state recovered, None
+        when it was readable (or gone) by then."""
         with self._locked():
             if not self.runtime_unreadable():
                 return None
-            kept = self.path / "runtime.json.corrupt"
-            self.runtime_path.replace(kept)
-            return kept
+            recovered = self._current()
+            write_json_atomic(self.runtime_path, recovered)
+            self.event(str(recovered["state"]), str(recovered["detail"]))
+        return State(recovered["state"])
+
+    def _current(self) -> dict[str, Any]:
+        """runtime.json as a writer (holding the lock) starts from. An unreadable one is moved
+        aside (``runtime.json.corrupt``) and replaced by what the processes say: ``running``
+        when a supervisor of this run dir still runs, else ``failed`` (its disk to be checked)."""
+        if not self.runtime_unreadable():
+            return self.runtime()
+        self.runtime_path.replace(self.path / CORRUPT_RUNTIME)
+        why = f"runtime.json was unreadable (kept as {CORRUPT_RUNTIME})"
+        found = self.find_supervisor()
+        if found is not None:
+            return {
+                "state": State.RUNNING.value,
+                "detail": f"{why}; its supervisor still runs (pid {found.pid})",
+                "observedAt": now(),
+                "supervisorPid": found.pid,
+                "supervisor": found.to_json(),
+            }
+        return {
+            "state": State.FAILED.value,
+            "detail": why,
+            "observedAt": now(),
+            "stateDiskDirty": "an unreadable runtime.json",
+        }
+
+    # -- the processes of the run, by command line -----------------------------------------------
+
+    def is_supervisor(self, pid: int) -> bool:
+        """Whether ``pid`` runs the supervisor of this run dir (judged by its command line and
+        its user: another user's process that only looks like it never counts)."""
+        return _runs(runner.command_line(pid), SUPERVISOR_MARK, str(self.path)) and (
+            runner.owned_by_me(pid)
+        )
+
+    def find_supervisor(self) -> ProcessIdentity | None:
+        """The running supervisor of this run dir (None if there is none)."""
+        return next(self.processes(gateways=False), None)
+
+    def processes(self, *, gateways: bool = True) -> Iterator[ProcessIdentity]:
+        """Every running supervisor of this run dir (and gateway, with ``gateways``)."""
+        gateway_config = str(self.path / "gateway.json")
+        for pid in runner.processes():
+            argv = runner.command_line(pid)
+            ours = (
+                _runs(argv, SUPERVISOR_MARK, str(self.path))
+                or (gateways and _runs(argv, GATEWAY_MARK, gateway_config))
+            ) and runner.owned_by_me(pid)
+            identity = runner.process_identity(pid) if ours else None
+            if identity is not None:
+                yield identity
 
     def vmm(self) -> ProcessIdentity | None:
         """The VMM process the supervisor recorded (None before it booted one)."""
@@ -285,7 +347,7 @@ class RunDir:
         """:meth:`set_state`, only when ``only_if`` holds for runtime.json as it is under the
         lock; None when it does not (somebody else moved the state meanwhile)."""
         with self._locked():
-            current = self.runtime()
+            current = self._current()
             if not only_if(current):
                 return None
             current.update(extra)
@@ -297,7 +359,7 @@ class RunDir:
     def update(self, **fields: Any) -> None:
         """Add fields to runtime.json without changing the state."""
         with self._locked():
-            current = self.runtime()
+            current = self._current()
             current.update(fields)
             write_json_atomic(self.runtime_path, current)
 

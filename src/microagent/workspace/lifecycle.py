@@ -54,7 +54,6 @@ from microagent.workspace import audit
 from microagent.workspace.disks import boot_disks
 from microagent.workspace.liveness import (
     reconcile,
-    run_processes,
     running_supervisor,
     seconds_since,
 )
@@ -487,7 +486,7 @@ def delete(ws: Workspace, *, force: bool = False) -> bool:
     if not ws.root.exists() and not ws.root.is_symlink():
         return False
     state = _state_for_delete(ws)
-    running = leftovers(ws)
+    running = leftovers(ws) if state.live or force else _exited(ws, EXIT_GRACE)
     if state.live or running:
         if not force:
             what = state.value if state.live else "running processes without its supervisor"
@@ -518,7 +517,7 @@ def leftovers(ws: Workspace) -> list[ProcessIdentity]:
     and every member of a session one of its supervisors led (a helper stays in it when the
     supervisor dies)."""
     run = ws.run
-    found = {p.pid: p for p in run_processes(run)}
+    found = {p.pid: p for p in run.processes()}
     for process in (running_supervisor(run), run.vmm(), run.gateway_process()):
         if process is not None and runner.is_running(process):
             found[process.pid] = process
@@ -549,6 +548,17 @@ def _add_descendants(found: dict[int, ProcessIdentity], sessions: set[int]) -> N
                 grew = True
 
 
+def _exited(ws: Workspace, timeout: float) -> list[ProcessIdentity]:
+    """The processes of a workspace in a final state, after waiting up to ``timeout`` for
+    them to end (a supervisor stops its gateway after writing the final state)."""
+    deadline = time.monotonic() + timeout
+    running = leftovers(ws)
+    while running and time.monotonic() < deadline:
+        time.sleep(POLL / 4)
+        running = leftovers(ws)
+    return running
+
+
 def _recorded_supervisor_pids(ws: Workspace) -> set[int]:
     runtime = ws.run.runtime()
     pids = {runtime.get("supervisorPid")}
@@ -564,7 +574,7 @@ def _kill_all(ws: Workspace, running: list[ProcessIdentity], rounds: int = 3) ->
     for _ in range(rounds):
         if not running:
             return
-        supervisors = {p.pid for p in run_processes(ws.run, gateways=False)}
+        supervisors = {p.pid for p in ws.run.processes(gateways=False)}
         for process in sorted(running, key=lambda p: p.pid not in supervisors):
             runner.kill_process(process)
         running = leftovers(ws)

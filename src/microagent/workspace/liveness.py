@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import calendar
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from microagent import runner
@@ -29,8 +29,6 @@ from microagent.runtime.rundir import RunDir, State
 from microagent.workspace.records import Workspace
 
 STARTING_GRACE = 30.0  # seconds a start may take to launch and record its supervisor
-SUPERVISOR_MARK = "microagent.runtime.supervisor"  # in the supervisor's command line
-GATEWAY_MARK = "microagent.broker.gateway"  # in the gateway's
 LOG_TAIL_CHARS = 200
 
 
@@ -38,7 +36,10 @@ def reconcile(ws: Workspace) -> State:
     """The true state: a live-looking state whose supervisor is gone becomes ``failed``."""
     run = ws.run
     if run.runtime_unreadable():
-        return _recover(run)
+        recovered = run.recover()  # None: somebody else did meanwhile
+        if recovered is State.FAILED:
+            run.config_disk.unlink(missing_ok=True)
+        return recovered if recovered is not None else reconcile_run(run)
     runtime = run.runtime()
     state = _state(runtime)
     if not state.live:
@@ -67,7 +68,7 @@ def death(run: RunDir, state: State, runtime: Mapping[str, Any]) -> str | None:
         return _died(run, recorded.pid)
     pid = runtime.get("supervisorPid")
     if isinstance(pid, int):  # recorded before identities were: its command line must match
-        return None if is_supervisor(pid, run) else _died(run, pid)
+        return None if run.is_supervisor(pid) else _died(run, pid)
     return _never_recorded(run, runtime)
 
 
@@ -75,7 +76,7 @@ def _never_recorded(run: RunDir, runtime: Mapping[str, Any]) -> str | None:
     """A start that recorded no supervisor: one found by its command line is recorded now
     (the launcher died right after spawning it); none at all is failed once the launcher is
     gone, or after the grace (a launcher that lives on, or was not recorded)."""
-    found = find_supervisor(run)
+    found = run.find_supervisor()
     if found is not None:
         run.update(supervisorPid=found.pid, supervisor=found.to_json())
         return None
@@ -133,27 +134,6 @@ def _stop_orphaned_gateway(run: RunDir) -> None:
         run.event("gateway-orphaned", exc.message)
 
 
-def _recover(run: RunDir) -> State:
-    """An unreadable runtime.json: moved aside; running if a supervisor of the run still
-    runs, else failed (the state disk checked before the next start)."""
-    kept = run.quarantine_runtime()
-    if kept is None:  # somebody else recovered it meanwhile
-        return reconcile_run(run)
-    why = f"runtime.json was unreadable (kept as {kept.name})"
-    found = find_supervisor(run)
-    if found is not None:
-        run.set_state(
-            State.RUNNING,
-            f"{why}; its supervisor still runs (pid {found.pid})",
-            supervisorPid=found.pid,
-            supervisor=found.to_json(),
-        )
-        return State.RUNNING
-    run.set_state(State.FAILED, why, stateDiskDirty="an unreadable runtime.json")
-    run.config_disk.unlink(missing_ok=True)
-    return State.FAILED
-
-
 # -- the processes of a run ---------------------------------------------------------------------
 
 
@@ -165,40 +145,9 @@ def running_supervisor(run: RunDir) -> ProcessIdentity | None:
     if recorded is not None:
         return recorded if runner.is_running(recorded) else None
     pid = runtime.get("supervisorPid")
-    if isinstance(pid, int) and pid > 0 and is_supervisor(pid, run):
+    if isinstance(pid, int) and pid > 0 and run.is_supervisor(pid):
         return runner.process_identity(pid)
     return None
-
-
-def is_supervisor(pid: int, run: RunDir) -> bool:
-    """Whether ``pid`` runs the supervisor of ``run`` (judged by its command line and its
-    user: another user's process that only looks like it never counts)."""
-    return _runs(runner.command_line(pid), SUPERVISOR_MARK, str(run.path)) and (
-        runner.owned_by_me(pid)
-    )
-
-
-def _runs(argv: tuple[str, ...], mark: str, last: str) -> bool:
-    return len(argv) >= 2 and argv[-1] == last and any(mark in word for word in argv[:-1])
-
-
-def find_supervisor(run: RunDir) -> ProcessIdentity | None:
-    """The running supervisor of ``run``, found by its command line (None if there is none)."""
-    return next(run_processes(run, gateways=False), None)
-
-
-def run_processes(run: RunDir, *, gateways: bool = True) -> Iterator[ProcessIdentity]:
-    """Every running supervisor of ``run`` (and gateway, with ``gateways``), by command line."""
-    gateway_config = str(run.path / "gateway.json")
-    for pid in runner.processes():
-        argv = runner.command_line(pid)
-        ours = (
-            _runs(argv, SUPERVISOR_MARK, str(run.path))
-            or (gateways and _runs(argv, GATEWAY_MARK, gateway_config))
-        ) and runner.owned_by_me(pid)
-        identity = runner.process_identity(pid) if ours else None
-        if identity is not None:
-            yield identity
 
 
 def seconds_since(stamp: object) -> int | None:
