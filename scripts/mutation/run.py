@@ -253,6 +253,27 @@ STATUS = {
 MAX_SHOWN = 300  # survivors whose diff is written out (mutmut show takes a second each)
 
 
+def resolve(rev: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", rev + "^{commit}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+def use_src_of(dest: Path, rev: str) -> None:
+    """Replace the copy's src/ with ``rev``'s: a rerun mutates the code the first run did
+    (mutants are numbered per function; other tree changes would renumber them)."""
+    shutil.rmtree(dest / "src")
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", rev, "src"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+
+
 def copy_tree(dest: Path, rev: str | None) -> None:
     """The repository's files into ``dest``: a commit's tree, or the working tree's tracked and
     untracked-but-not-ignored files (what ``git status`` would show)."""
@@ -414,6 +435,11 @@ def run_module(name: str, args: argparse.Namespace, work: Path, out: Path) -> di
     module = MODULES[name]
     dest = work / name
     copy_tree(dest, args.rev)
+    src_rev = resolve(args.rev or "HEAD")
+    if args.rerun:
+        last = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
+        src_rev = last.get("src_commit", src_rev)
+        use_src_of(dest, src_rev)
     tests = configure(dest, module)
     print(f"[{name}] mutating {', '.join(module.files)} in {dest}", flush=True)
     print(f"[{name}] tests: {' '.join(tests)}", flush=True)
@@ -430,6 +456,7 @@ def run_module(name: str, args: argparse.Namespace, work: Path, out: Path) -> di
     row = summary(name, statuses, code)
     row["seconds"] = round(time.monotonic() - started)
     print(f"[{name}] {json.dumps(row)}", flush=True)
+    row["src_commit"] = src_rev  # the working tree's own changes are not in it
     row["statuses"] = dict(sorted(statuses.items()))
     (out / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n", encoding="utf-8")
     (out / f"{name}-survivors.txt").write_text(survivors_text(dest, statuses), encoding="utf-8")
