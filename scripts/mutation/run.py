@@ -450,7 +450,9 @@ def run_module(name: str, args: argparse.Namespace, work: Path, out: Path) -> di
         before = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))["statuses"]
         names = sorted(k for k, v in before.items() if v not in {"killed", "timeout"})
         print(f"[{name}] testing again the {len(names)} mutants not killed last time", flush=True)
-    code = run_mutmut(dest, names, args.jobs, args.budget, out / f"{name}.log") if names else 0
+    code = 0
+    if names or not args.rerun:  # no names on a first run: all of the files' mutants
+        code = run_mutmut(dest, names, args.jobs, args.budget, out / f"{name}.log")
     now = results(dest, module)
     statuses = {**before, **{k: now[k] for k in names if k in now}} if args.rerun else now
     row = summary(name, statuses, code)
