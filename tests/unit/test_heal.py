@@ -403,6 +403,12 @@ def test_kill_9_of_the_vmm_is_noticed_by_its_supervisor(
     until(lambda: not runner.is_running(supervisor), "the supervisor exits")
     assert [e["event"] for e in ws.run.events()][-1] == "supervisor-exit"
     assert cli(capsys, "status", "ws")["event"]["state"] == "failed"
+    assert ws.run.runtime()["stateDiskDirty"] == "a VM that stopped without a clean shutdown"
+    cli(capsys, "start", "ws")
+    (fsck,) = [e for e in ws.run.events() if e["event"] == "fsck"]
+    assert fsck["detail"] == (
+        "state disk checked after a VM that stopped without a clean shutdown: clean"
+    )
 
 
 def _everything_of(ws: Workspace, home: Path) -> list[str]:

@@ -259,14 +259,21 @@ class Supervisor:
                 self._started(machine)
                 result = self._wait(machine)
         except MicroagentError as exc:
-            return Ended(None, exc.message, time.monotonic() - began)
+            return self._no_report(exc.message, began)
         except Exception as exc:  # the supervisor must always leave a final state
-            return Ended(None, f"supervisor error: {exc!r}", time.monotonic() - began)
+            return self._no_report(f"supervisor error: {exc!r}", began)
         finally:  # the VMM is gone: the environment it was given leaves the disk too
             self.machine = None
             self.run_dir.config_disk.unlink(missing_ok=True)
         write_json_atomic(self.run_dir.result_path, {"observedAt": now(), **result.to_json()})
         return Ended(result, "", time.monotonic() - began)
+
+    def _no_report(self, error: str, began: float) -> Ended:
+        """A boot that ended without the guest's report; when a VMM ran (killed, crashed),
+        the state disk is marked for a check before the next start, as after a kill."""
+        if self.machine is not None:
+            self.run_dir.update(stateDiskDirty="a VM that stopped without a clean shutdown")
+        return Ended(None, error, time.monotonic() - began)
 
     def _back_off(self, ended: Ended, attempt: int, delay: float) -> bool:
         """Record restart ``attempt`` and wait ``delay``; False when a halt came meanwhile."""
