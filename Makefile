@@ -32,6 +32,7 @@ docs: setup
 
 bench: setup
 	$(PY) bench/bench_plan.py
+	$(PY) bench/bench_cli.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -350,7 +350,7 @@ class Microagent:
 
         return Pipeline(
             self.settings,
-            self.client,
+            lambda: self.client,
             self.backend,
             self.kit,
             self.say,
@@ -406,7 +406,7 @@ class Microagent:
         # deferred: see the module docstring
         from microagent.remotecache.refs import remote_sources
 
-        return remote_sources(cache_from, self.settings, self.client)
+        return remote_sources(cache_from, self.settings, lambda: self.client)
 
     def lock(self, path: Path, *, update: bool = False) -> LockReport:
         """Write (or refresh) ``microagent.lock`` beside the spec."""

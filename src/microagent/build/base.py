@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microagent.compiler.keys import BaseInputs, StepKind
 from microagent.compiler.lock import ResolvedImage
@@ -19,11 +19,7 @@ from microagent.compiler.plan import BuildPlan
 from microagent.compiler.refs import host_platform, parse_any_ref
 from microagent.digests import key_hex
 from microagent.errors import IntegrityError, MicroagentError, NotFoundError
-from microagent.ext4.rootfs import build_rootfs
-from microagent.layers.apply import stored_layers
 from microagent.oci import documents as oci
-from microagent.oci.registry import RegistryClient
-from microagent.oci.transport import Repository, open_repository, platform_manifest, resolve
 from microagent.store.content import Store
 from microagent.store.records import (
     BaseOrigin,
@@ -35,6 +31,10 @@ from microagent.store.records import (
     rootfs_ready,
     write_record,
 )
+
+if TYPE_CHECKING:
+    from microagent.oci.registry import RegistryClient
+    from microagent.oci.transport import Repository
 
 Progress = Callable[[str], None]
 
@@ -122,6 +122,10 @@ def pull_base(
     ``resolved`` (from a lock or an earlier lookup) saves asking the source for the digest;
     the source is then contacted only when something must be downloaded.
     """
+    # deferred: the registry client and transport are loaded only when a base is pulled
+    from microagent.oci.registry import RegistryClient
+    from microagent.oci.transport import open_repository, resolve
+
     say = progress or (lambda _msg: None)
     began = time.monotonic()
     ref = parse_any_ref(image, base_dir)
@@ -141,6 +145,11 @@ def pull_base(
 def _pull(
     store: Store, repo: Repository, resolved: ResolvedImage, key: str, say: Progress, *, ram: bool
 ) -> StepRecord:
+    # deferred: flattening layers into ext4 runs only on a cache miss; a hit never loads it
+    from microagent.ext4.rootfs import build_rootfs
+    from microagent.layers.apply import stored_layers
+    from microagent.oci.transport import platform_manifest
+
     say(f"pulling {resolved.reference} ({resolved.platform})")
     data, manifest = platform_manifest(repo, resolved)
     manifest_digest = store.put_blob_bytes(data)
@@ -167,6 +176,16 @@ def _pull(
     )
     write_record(store, record)
     return record
+
+
+def ready_base(store: Store, plan: BuildPlan) -> BaseImage | None:
+    """The plan's base image when it is pulled and its root filesystem built (what
+    :func:`pull_base` would return as cached, without opening the source), else None."""
+    record = rootfs_ready(store, plan.steps[0].key, (StepKind.BASE,))
+    if record is None or record.rootfs is None:
+        return None
+    store.touch(record.rootfs)
+    return _image(store, record, True, 0.0)
 
 
 def recorded_base(store: Store, plan: BuildPlan) -> BaseImage | None:

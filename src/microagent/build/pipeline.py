@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
-from microagent.build.base import BaseImage, pull_base, recorded_base
+from microagent.build.base import BaseImage, pull_base, ready_base, recorded_base
 from microagent.build.setup import BuildContext, BuiltRootfs, ensure_rootfs, setup_ready
 from microagent.compiler.cachecontrol import CacheControl
 from microagent.compiler.keys import StepKind
@@ -21,10 +22,7 @@ from microagent.compiler.plan import BuildPlan, compile_plan
 from microagent.compiler.refs import host_platform, portable_ref
 from microagent.compiler.spec import Spec
 from microagent.errors import BuildError
-from microagent.kit.guestkit import GuestKit
-from microagent.oci.registry import RegistryClient
 from microagent.oci.resolve import Resolutions, resolve_image
-from microagent.remotecache.publish import prepare, publish, record_files_and_config
 from microagent.remotecache.refs import (
     CacheRef,
     cache_to_ref,
@@ -36,6 +34,10 @@ from microagent.remotecache.restore import Restorer
 from microagent.runtime.backend import Accel, Backend
 from microagent.settings import Settings
 from microagent.store.content import Store
+
+if TYPE_CHECKING:
+    from microagent.kit.guestkit import GuestKit
+    from microagent.oci.registry import RegistryClient
 
 Say = Callable[[str], None]
 Sink = Callable[[bytes], None]
@@ -57,7 +59,7 @@ class Pipeline:
     """Builds plans into the store of ``settings`` (see the module docstring)."""
 
     settings: Settings
-    client: RegistryClient
+    registry: Callable[[], RegistryClient]  # made on first use: a cache hit may need none
     backend: Callable[[], Backend]
     kit: Callable[[], GuestKit]
     say: Say = field(default=lambda _m: None)
@@ -71,6 +73,10 @@ class Pipeline:
     @property
     def store(self) -> Store:
         return Store(self.settings.store_dir)
+
+    @cached_property
+    def client(self) -> RegistryClient:
+        return self.registry()
 
     def build(self, spec: Spec, env: RuntimeEnv) -> BuildOutcome:
         """Resolve, plan, take what remote caches have, pull and build the rest."""
@@ -99,7 +105,7 @@ class Pipeline:
 
     def restorer(self, store: Store) -> Restorer:
         """A restorer over the remote caches (flags, else settings; maybe none at all)."""
-        sources = remote_sources(self.cache_from, self.settings, self.client)
+        sources = remote_sources(self.cache_from, self.settings, lambda: self.client)
         return Restorer(
             store,
             sources,
@@ -116,7 +122,7 @@ class Pipeline:
         return {**restorer.stats.to_json(), "warnings": restorer.warnings}
 
     def _base(self, store: Store, spec: Spec, plan: BuildPlan) -> BaseImage:
-        base = recorded_base(store, plan)
+        base = recorded_base(store, plan) or ready_base(store, plan)  # no source to open
         if base is None:
             base = pull_base(
                 store,
@@ -146,6 +152,9 @@ class Pipeline:
             targets = [t for t in targets if t[0].where != ref.where] + [(ref, ref.tag)]
         if not targets:
             return []
+        # deferred: publishing (packing root filesystems, zstd) is not on a plain create's path
+        from microagent.remotecache.publish import prepare, publish, record_files_and_config
+
         store = self.store
         record_files_and_config(store, plan)
         reports = []

@@ -14,24 +14,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from microagent.build.base import BaseImage
 from microagent.compiler.keys import SetupInputs, StepKind
 from microagent.compiler.plan import BuildPlan, Step
 from microagent.digests import key_hex
 from microagent.errors import BuildError
-from microagent.ext4.debugfs import check_guest_image, quote, run_debugfs
-from microagent.ext4.mkfs import make_state_disk
-from microagent.ext4.rootfs import build_rootfs
-from microagent.ext4.upper import export_upper_image
 from microagent.fsutil import flocked
-from microagent.kit.guestkit import GuestKit
-from microagent.layers.apply import stored_layers
-from microagent.layers.tarwrite import compress_zstd
-from microagent.oci.documents import OCI_LAYER_ZSTD
 from microagent.runtime.backend import Accel, Backend, GuestResult, NetworkConfig
-from microagent.runtime.boot import SETUP_BOOT, RunRequest, run_once
-from microagent.runtime.configdisk import NetworkMode
 from microagent.store.content import Store
 from microagent.store.records import (
     LayerRef,
@@ -41,6 +32,9 @@ from microagent.store.records import (
     rootfs_ready,
     write_record,
 )
+
+if TYPE_CHECKING:
+    from microagent.kit.guestkit import GuestKit
 
 SETUP_DISK_MIB = 16384
 SETUP_MEMORY_MIB = 2048
@@ -150,6 +144,11 @@ def run_setup_vm(
     ctx: BuildContext, step: Step, rootfs: Path, upper: Path, env: Mapping[str, str]
 ) -> GuestResult:
     """Boot once with the step's command; the writes land in the state disk ``upper``."""
+    # deferred: booting, ext4 and layer tools load only when a step is built, not on a hit
+    from microagent.ext4.mkfs import make_state_disk
+    from microagent.runtime.boot import SETUP_BOOT, RunRequest, run_once
+    from microagent.runtime.configdisk import NetworkMode
+
     make_state_disk(upper, SETUP_DISK_MIB)
     request = RunRequest(
         rootfs=rootfs,
@@ -178,11 +177,18 @@ def _failure(step: Step, result: GuestResult) -> BuildError:
 
 
 def _drop_runtime_files(state_disk: Path) -> None:
+    from microagent.ext4.debugfs import check_guest_image, quote, run_debugfs  # deferred: as above
+
     check_guest_image(state_disk, "setup step disk")  # the guest wrote it: check before debugfs
     run_debugfs(state_disk, [f"rm {quote(p)}" for p in RUNTIME_FILES], write=True)
 
 
 def _store_layer(store: Store, work: Path) -> LayerRef:
+    # deferred: as in run_setup_vm
+    from microagent.ext4.upper import export_upper_image
+    from microagent.layers.tarwrite import compress_zstd
+    from microagent.oci.documents import OCI_LAYER_ZSTD
+
     exported = export_upper_image(work / "upper.ext4", work / "layer.tar")
     with (work / "layer.tar").open("rb") as plain:
         packed = compress_zstd(plain, work / "layer.tar.zst")
@@ -205,6 +211,10 @@ def build_setup_step(
     the key are each replaced atomically: a reader sees the old pair or the new one's parts,
     never a missing file, and the record (written last) names the new layer chain.
     """
+    # deferred: as in run_setup_vm
+    from microagent.ext4.rootfs import build_rootfs
+    from microagent.layers.apply import stored_layers
+
     with ctx.store.scratch_dir() as work:
         result = run_setup_vm(ctx, step, rootfs, work / "upper.ext4", env)
         if result.exit_code != 0 or result.error:

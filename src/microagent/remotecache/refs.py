@@ -10,15 +10,18 @@ settings like base images do.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from microagent.compiler.refs import ImageRef, LayoutRef, parse_image_ref, parse_layout_ref
 from microagent.errors import InvalidInputError
-from microagent.oci.registry import RegistryClient
-from microagent.oci.transport import Repository, open_repository
 from microagent.settings import Settings, split_list
+
+if TYPE_CHECKING:
+    from microagent.oci.registry import RegistryClient
+    from microagent.oci.transport import Repository
 
 DEFAULT_TAG = "latest"
 
@@ -75,6 +78,9 @@ def cache_to_ref(flag: str | None, settings: Settings) -> CacheRef | None:
 
 def open_cache(ref: CacheRef, client: RegistryClient, *, write: bool = False) -> Repository:
     """The repository behind a cache reference (a layout is created when writing)."""
+    # deferred: the registry transport is loaded only when a cache is actually used
+    from microagent.oci.transport import open_repository
+
     if ref.layout is not None:
         return open_repository(LayoutRef(ref.layout), client, create=write)
     assert ref.image is not None
@@ -82,7 +88,8 @@ def open_cache(ref: CacheRef, client: RegistryClient, *, write: bool = False) ->
 
 
 def remote_sources(
-    flags: Sequence[str], settings: Settings, client: RegistryClient
+    flags: Sequence[str], settings: Settings, client: Callable[[], RegistryClient]
 ) -> list[Repository]:
-    """The remote caches to read from: ``--cache-from`` flags, else the settings."""
-    return [open_cache(ref, client) for ref in cache_from_refs(flags, settings)]
+    """The remote caches to read from: ``--cache-from`` flags, else the settings
+    (``client`` is called only when there is one)."""
+    return [open_cache(ref, client()) for ref in cache_from_refs(flags, settings)]

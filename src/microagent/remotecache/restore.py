@@ -26,17 +26,13 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from microagent.compiler.keys import StepKind
 from microagent.compiler.plan import BuildPlan, CachedStep, Step, StepCache
 from microagent.digests import Digest
 from microagent.errors import IntegrityError, MicroagentError, NotFoundError, RegistryError
-from microagent.ext4 import packed
-from microagent.ext4.rootfs import build_rootfs
-from microagent.layers.apply import LayerSource
 from microagent.oci import documents as oci
-from microagent.oci.transport import Repository
 from microagent.remotecache.records import (
     PublishedStep,
     parse_rootfs_manifest,
@@ -58,6 +54,9 @@ from microagent.store.records import (
     rootfs_ready,
     write_record,
 )
+
+if TYPE_CHECKING:
+    from microagent.oci.transport import Repository
 
 Say = Callable[[str], None]
 FETCH_WORKERS = 4
@@ -306,6 +305,9 @@ class Restorer:
             return False
         where, key = hit.source.where, hit.step.key
 
+        # deferred: unpacking a published rootfs image (zstd) happens only on a remote hit
+        from microagent.ext4 import packed
+
         def unpack(tmp: Path) -> None:
             try:
                 with hit.source.blob(image.blob) as stream:
@@ -361,6 +363,10 @@ class Restorer:
         self, key: str, layers: Sequence[LayerRef], pending: Mapping[str, Future[None]]
     ) -> None:
         """Flatten ``layers`` in order, each as soon as its download is done."""
+        # deferred: flattening layers into ext4 runs only on a cache miss; a hit never loads it
+        from microagent.ext4.rootfs import build_rootfs
+        from microagent.layers.apply import LayerSource
+
         sources = [
             LayerSource(
                 f"layer {i} ({layer.digest[:19]})",
