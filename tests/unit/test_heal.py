@@ -554,3 +554,35 @@ def test_delete_right_after_the_end_waits_for_the_supervisor_to_exit(
     assert cli(capsys, "delete", "-y", "ws")["results"][0]["deleted"] is True
     assert 0.4 < time.monotonic() - began < 5
     assert not ws.root.exists()
+
+
+def test_one_start_at_a_time_and_a_killed_ones_lock_never_blocks(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = project / "ws.yaml"
+    spec.write_text("name: ws\nimage: oci:layout:latest\nentrypoint: sleep 600\n")
+    cli(capsys, "create", "-f", str(spec))
+    ws = Workspace(Path(os.environ["MICROAGENT_HOME"]) / "workspaces" / "ws")
+    holder = subprocess.Popen(  # a start that holds the lock (the real one, as flock)
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT);"
+            " fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
+            str(ws.run.path / ".start.lock"),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        error = cli(capsys, "start", "ws", code=1)["error"]
+        assert (error["kind"], error["message"]) == (
+            "conflict",
+            "workspace 'ws' is being started by another command",
+        )
+        assert ws.run.state() is State.PREPARED, "nothing started twice"
+    finally:
+        holder.kill()
+        holder.wait()
+    cli(capsys, "start", "ws")
+    assert cli(capsys, "status", "ws")["event"]["state"] == "running"

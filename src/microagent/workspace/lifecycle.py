@@ -67,6 +67,7 @@ from microagent.workspace.services import (
 
 NETNS_ETC = Path("/etc/netns")  # per-namespace resolv.conf folders (see runtime.network)
 VM_DIR_NAME = re.compile(r".{1,40}-[0-9a-f]{12}")  # runtime.boot.vm_dir_for's outside ones
+START_LOCK = ".start.lock"
 START_TIMEOUT = 60.0
 HALT_TIMEOUT = 30.0
 EXIT_GRACE = 10.0  # seconds a supervisor may take to exit after writing its final state
@@ -278,7 +279,20 @@ def _restart_policy(ws: Workspace, record: Record) -> Restart:
 
 
 def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict[str, Any]:
-    """Boot the workspace in a detached supervisor; return once it is running (or failed)."""
+    """Boot the workspace in a detached supervisor; return once it is running (or failed).
+
+    One start at a time: it holds a ``flock`` on ``runtime/.start.lock`` until then (the
+    kernel drops it with a start that was killed, so it never blocks the next one)."""
+    with flocked(ws.run.path / START_LOCK, blocking=False) as mine:
+        if not mine:
+            raise ConflictError(
+                f"workspace {ws.name!r} is being started by another command",
+                hint=f"`microagent wait {ws.name}` or `microagent status {ws.name}` to follow it",
+            )
+        return _start(rt, ws, timeout)
+
+
+def _start(rt: Runtime, ws: Workspace, timeout: float) -> dict[str, Any]:
     state = reconcile(ws)
     if state.live:
         raise ConflictError(
