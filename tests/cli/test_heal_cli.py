@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,3 +196,17 @@ def test_status_of_a_workspace_whose_runtime_json_is_garbage(
     )
     assert cli(capsys, "halt", "ws")["state"] == "halted"
     assert leftovers(ws) == []
+
+
+def test_wait_ends_when_the_supervisor_is_killed(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ws = start(capsys, project, "ws")
+    supervisor = supervisor_of(ws)
+    killer = threading.Timer(0.5, os.kill, (supervisor.pid, signal.SIGKILL))
+    killer.start()
+    began = time.monotonic()
+    done = cli(capsys, "wait", "ws", "--timeout", "20", code=1)
+    killer.join()
+    assert (done["state"], done["error"]["kind"]) == ("failed", "vm")
+    assert time.monotonic() - began < 10, "noticed at once, not at the timeout"
