@@ -8,6 +8,8 @@
                      the gateway's ``gatewayProcess`` the same way, readiness times,
                      ``startedAt`` of the ``start``, ``restarts`` since then,
                      ``stateDiskDirty`` after a kill)
+    runtime.json.corrupt  a runtime.json found unreadable, kept aside (see RunDir.recover)
+    .lock, .start.lock    flocks: writers of runtime.json; one ``start`` at a time
     events.jsonl     every transition and event, appended
     result.json      the guest's report once its command ended
     config.tar       the per-boot config disk (mode 0600: it carries the environment); removed

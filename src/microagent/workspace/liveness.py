@@ -10,8 +10,10 @@ with the reason, and its state disk is marked for a check before the next start.
 counts as the supervisor only by its identity (pid, start time, boot id), so a pid reused by
 another process after a long time or a reboot never keeps a workspace "running". A start
 whose launcher died before it recorded the supervisor is found by the supervisor's command
-line, or fails once :data:`STARTING_GRACE` has passed. An unreadable runtime.json is moved
-aside and the state recovered from the processes that run.
+line, or fails once the launcher (recorded as ``launcher``) is gone, or at the latest once
+:data:`STARTING_GRACE` has passed. An unreadable runtime.json is moved aside and the state
+recovered from the processes that run (:meth:`RunDir.recover`). A gateway left by a dead
+supervisor is killed: it holds the credentials in memory.
 """
 
 from __future__ import annotations
