@@ -87,7 +87,7 @@ class Pipeline:
         rebuild_from = self.control.rebuild_from(len(plan.of_kind(StepKind.SETUP)))
         remote = self._restore(store, plan)
         base = self._base(store, spec, plan)
-        _require_buildable(store, plan, image.platform)
+        _require_buildable(store, plan, image.platform, forced=rebuild_from is not None)
         ctx = BuildContext(
             store,
             self.kit,
@@ -171,10 +171,15 @@ class Pipeline:
         return reports
 
 
-def _require_buildable(store: Store, plan: BuildPlan, platform: str) -> None:
-    """Setup steps only run on the host's platform; other platforms need cache hits."""
+def _require_buildable(
+    store: Store, plan: BuildPlan, platform: str, *, forced: bool = False
+) -> None:
+    """Setup steps only run on the host's platform; other platforms need cache hits (and
+    ``forced``, a --no-cache rebuild, takes none)."""
     steps = plan.of_kind(StepKind.SETUP)
-    if platform == host_platform() or not steps or setup_ready(store, steps[-1].key):
+    if platform == host_platform() or not steps:
+        return
+    if not forced and setup_ready(store, steps[-1].key):
         return
     raise BuildError(
         f"setup steps for {platform} cannot run on this {host_platform()} machine",
