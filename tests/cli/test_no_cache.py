@@ -106,6 +106,18 @@ def test_plan_says_which_steps_are_rebuilt_and_why(
     assert "5 steps: 2 cached, 1 to build, 2 per workspace" in text  # base + setup 1
 
 
+def test_progress_says_which_steps_are_rebuilt(
+    spec: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _create(capsys, spec, "a")
+    capsys.readouterr()
+    assert main(["create", "-f", str(spec), "--name", "b", "--no-cache-from", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "[1/2] setup echo one  CACHED" in err
+    assert "[2/2] setup echo two  (rebuilt: cache not used)" in err
+    assert "[2/2] setup echo two  DONE" in err
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

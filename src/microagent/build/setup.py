@@ -126,7 +126,7 @@ def ensure_rootfs(ctx: BuildContext, plan: BuildPlan, base: BaseImage) -> BuiltR
             forced = index >= rebuild  # replaces what is cached under the key
             record = None if forced else setup_ready(ctx.store, step.key)
             if record is None:
-                ctx.say(f"{label}" + ("  (--no-cache)" if forced else ""))
+                ctx.say(f"{label}" + ("  (rebuilt: cache not used)" if forced else ""))
                 began = time.monotonic()
                 record = build_setup_step(ctx, step, rootfs, layers, env, replace=forced)
                 ctx.say(f"{label}  DONE {time.monotonic() - began:.1f}s")

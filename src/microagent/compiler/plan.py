@@ -209,7 +209,8 @@ def plan_status(
     out: list[StepStatus] = []
     parent_hit, number = True, 0
     for step in plan.steps:
-        number += step.kind is StepKind.SETUP
+        if step.kind is StepKind.SETUP:
+            number += 1  # setup steps are numbered from 1, as --no-cache-from counts them
         hit = cache.lookup(step.key)
         if rebuild is not None and step.kind is StepKind.SETUP and number >= rebuild:
             was = "cached, not reused" if hit is not None else "not cached either"
