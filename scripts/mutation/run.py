@@ -14,7 +14,9 @@ the end. docs/testing.md says how to read them.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
+import difflib
 import json
 import os
 import shutil
@@ -250,9 +252,6 @@ STATUS = {
 }
 
 
-MAX_SHOWN = 300  # survivors whose diff is written out (mutmut show takes a second each)
-
-
 def resolve(rev: str) -> str:
     return subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--verify", rev + "^{commit}"],
@@ -413,21 +412,34 @@ def summary(name: str, statuses: dict[str, str], exit_code: int | None) -> dict[
     }
 
 
-def survivors_text(dest: Path, statuses: dict[str, str]) -> str:
+def mutant_sources(dest: Path, files: Sequence[str]) -> dict[str, str]:
+    """Every function mutmut generated (mutants and originals) by its mangled name, read from
+    the mutated files (``mutmut show`` would take a process and seconds per mutant)."""
+    out: dict[str, str] = {}
+    for name in files:
+        path = dest / "mutants" / name
+        if not path.exists():
+            continue
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, ast.FunctionDef) and "__mutmut_" in node.name:
+                # the body (the def line differs anyway); get_source_segment is too slow here
+                out[node.name] = "\n".join(lines[node.lineno : node.end_lineno])
+    return out
+
+
+def survivors_text(dest: Path, module: Module, statuses: dict[str, str]) -> str:
     """The diff of every mutant not killed (survived, no tests, suspicious, not checked)."""
+    sources = mutant_sources(dest, module.files)
     chunks = []
-    left = sorted(k for k, s in statuses.items() if s not in {"killed", "timeout"})
-    if len(left) > MAX_SHOWN:
-        chunks.append(f"({len(left)} mutants not killed; the first {MAX_SHOWN} are shown)\n")
-    for key in left[:MAX_SHOWN]:
-        shown = subprocess.run(
-            [sys.executable, "-m", "mutmut", "show", key],
-            cwd=dest,
-            capture_output=True,
-            text=True,
-            check=False,
+    for key in sorted(k for k, s in statuses.items() if s not in {"killed", "timeout"}):
+        mangled = key.rsplit(".", 1)[-1]
+        original = sources.get(mangled.rsplit("__mutmut_", 1)[0] + "__mutmut_orig", "")
+        diff = difflib.unified_diff(
+            original.splitlines(), sources.get(mangled, "").splitlines(), lineterm="", n=0
         )
-        chunks.append(f"## {key} ({statuses[key]})\n{shown.stdout.strip()}\n")
+        body = [line for line in diff if not line.startswith(("---", "+++", "@@"))]
+        chunks.append(f"## {key} ({statuses[key]})\n" + "\n".join(body) + "\n")
     return "\n".join(chunks)
 
 
@@ -461,7 +473,9 @@ def run_module(name: str, args: argparse.Namespace, work: Path, out: Path) -> di
     row["src_commit"] = src_rev  # the working tree's own changes are not in it
     row["statuses"] = dict(sorted(statuses.items()))
     (out / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n", encoding="utf-8")
-    (out / f"{name}-survivors.txt").write_text(survivors_text(dest, statuses), encoding="utf-8")
+    (out / f"{name}-survivors.txt").write_text(
+        survivors_text(dest, module, statuses), encoding="utf-8"
+    )
     if not args.keep:
         shutil.rmtree(dest, ignore_errors=True)
     return row
