@@ -80,6 +80,8 @@ def test_no_cache_from_2_reuses_step_1_and_replaces_step_2(
     assert after_two[:-1] == before_two[:-1]  # built on the same step 1
     assert after_two[-1] != before_two[-1]  # same key, the new result
     monkeypatch.delenv("MICROAGENT_FAKE")
+    verified = cli_json(capsys, "cache", "verify", code=None)
+    assert verified["problems"] == [], verified  # the replaced entries are coherent
     reused = _create(capsys, spec, "c")
     assert reused["setupBoots"] == 0 and reused["rootfsKey"] == two
     assert _layers(busybox_project, two) == after_two
