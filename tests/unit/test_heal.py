@@ -586,3 +586,52 @@ def test_one_start_at_a_time_and_a_killed_ones_lock_never_blocks(
         holder.wait()
     cli(capsys, "start", "ws")
     assert cli(capsys, "status", "ws")["event"]["state"] == "running"
+
+
+def test_a_restart_after_the_vmm_died_checks_the_disks_first(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MICROAGENT_RESTART_BACKOFF", "0.05")
+    spec = project / "ws.yaml"
+    spec.write_text(
+        "name: ws\nimage: oci:layout:latest\nentrypoint: sleep 600\nrestart: on-failure\n"
+    )
+    cli(capsys, "create", "-f", str(spec))
+    cli(capsys, "start", "ws")
+    ws = Workspace(Path(os.environ["MICROAGENT_HOME"]) / "workspaces" / "ws")
+    until(lambda: ws.run.vmm() is not None, "the VMM is recorded")
+    first = ws.run.vmm()
+    assert first is not None
+    os.kill(first.pid, signal.SIGKILL)  # the OOM killer's favourite: the VMM
+    until(lambda: ws.run.vmm() not in (None, first), "the second boot")
+    (fsck,) = [e for e in ws.run.events() if e["event"] == "fsck"]
+    assert fsck["detail"] == (
+        "state disk checked after a VM that stopped without a clean shutdown: clean"
+    )
+    (restart,) = [e for e in ws.run.events() if e["event"] == "restart"]
+    assert restart["reason"].startswith("the VM stopped before the guest command finished")
+    assert not ws.run.runtime().get("stateDiskDirty")
+    assert cli(capsys, "halt", "ws")["state"] == "halted"
+
+
+def test_no_restart_on_a_disk_the_check_cannot_repair(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MICROAGENT_RESTART_BACKOFF", "1")
+    spec = project / "ws.yaml"
+    spec.write_text("name: ws\nimage: oci:layout:latest\nentrypoint: sleep 600\nrestart: always\n")
+    cli(capsys, "create", "-f", str(spec))
+    cli(capsys, "start", "ws")
+    ws = Workspace(Path(os.environ["MICROAGENT_HOME"]) / "workspaces" / "ws")
+    until(lambda: ws.run.vmm() is not None, "the VMM is recorded")
+    vmm = ws.run.vmm()
+    assert vmm is not None
+    os.kill(vmm.pid, signal.SIGKILL)
+    ws.state_disk.write_bytes(b"\xa5" * (1 << 20))  # during the back-off
+    garbage = ws.state_disk.read_bytes()
+    until(lambda: ws.run.state() is State.FAILED, "the supervisor gives up", 15)
+    assert str(ws.run.runtime()["detail"]).startswith(
+        f"no restart: workspace state disk {ws.state_disk} has errors e2fsck -fy could not repair"
+    )
+    assert ws.state_disk.read_bytes() == garbage, "left as it is"
+    assert ws.run.runtime()["stateDiskDirty"], "still marked: the next start checks it again"

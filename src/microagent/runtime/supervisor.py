@@ -31,6 +31,7 @@ from typing import Any
 from microagent import runner
 from microagent.compiler.spec import RestartPolicy
 from microagent.errors import MicroagentError
+from microagent.ext4.debugfs import repair_image
 from microagent.fsutil import atomic_write, write_json_atomic
 from microagent.runtime.agentlink import AgentHello, AgentLink, MediationTarget, exec_socket_path
 from microagent.runtime.agentproto import ExecRequest
@@ -230,6 +231,29 @@ class Supervisor:
                 return self._halted(ended, "during the restart back-off")
             if config_disk is not None and not self._restore_config_disk(config_disk):
                 return self._finished(Ended(None, "cannot write the config disk again"), restarts)
+            problem = self._repair_disks(boot.config)
+            if problem:
+                return self._finished(Ended(None, problem), restarts)
+
+    def _repair_disks(self, config: BootConfig) -> str:
+        """Before a restart after a VMM that died: the disks it wrote get the repairing check
+        ``start`` would give them (events ``fsck``); what stops the restart, else ''."""
+        why = self.run_dir.runtime().get("stateDiskDirty")
+        if not why:
+            return ""
+        for disk in config.disks:
+            if disk.readonly:
+                continue
+            what = "state disk" if disk.serial == "state" else f"disk {disk.serial[5:]}"
+            try:
+                code = repair_image(disk.path, f"workspace {what}")
+            except MicroagentError as exc:
+                self.run_dir.event("fsck", f"{what} checked after {why}: not repairable")
+                return f"no restart: {exc.message}"
+            outcome = "clean" if code == 0 else "repaired"
+            self.run_dir.event("fsck", f"{what} checked after {why}: {outcome}", exitCode=code)
+        self.run_dir.update(stateDiskDirty=None)
+        return ""
 
     def _keep_config_disk(self, boot: BootDocument) -> bytes | None:
         """The config disk's bytes, for restarts (None when the policy never restarts)."""
