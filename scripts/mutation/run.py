@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 
 
 @dataclass(frozen=True)
@@ -312,7 +313,7 @@ def configure(dest: Path, module: Module) -> list[str]:
         for p in dest.iterdir()
         if p.name not in {"src", "tests", "mutants", ".git"}
     )
-    pytest_args = ["-p", "no:cacheprovider", "--hypothesis-seed=0", "-x", "-q"]
+    pytest_args = ["-p", "no:cacheprovider", "-p", "isolate_cwd", "--hypothesis-seed=0", "-x", "-q"]
     table = "\n".join(
         [
             "",
@@ -339,7 +340,8 @@ def run_mutmut(dest: Path, names: Sequence[str], jobs: int, budget: float, log: 
     env = {
         **os.environ,
         # subprocesses the tests start (python -m microagent ...) import the mutated tree too
-        "PYTHONPATH": str(dest / "mutants" / "src"),
+        # (and the isolate_cwd plugin beside this script)
+        "PYTHONPATH": os.pathsep.join([str(dest / "mutants" / "src"), str(HERE)]),
         "CI": "true",
         "PYTHONDONTWRITEBYTECODE": "1",
     }
