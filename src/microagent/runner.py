@@ -285,6 +285,14 @@ def owned_by_me(pid: int) -> bool:
         return False
 
 
+def working_dir(pid: int) -> Path | None:
+    """The current directory of process ``pid`` (None when it cannot be read)."""
+    try:
+        return Path(f"/proc/{pid}/cwd").readlink()
+    except OSError:
+        return None
+
+
 def lineage(pid: int) -> tuple[int, int] | None:
     """The parent pid and the session id of the running process ``pid`` (None if none)."""
     try:

@@ -305,6 +305,37 @@ def test_a_gateway_that_outlived_its_supervisor_is_killed(
     assert str(gateway.pid) in event["detail"]
 
 
+def test_what_a_dead_supervisors_session_left_is_found_only_in_its_workspace(
+    ws: Workspace,
+) -> None:
+    code = (
+        "import subprocess, sys, time\n"
+        "mine = subprocess.Popen(['sleep', '600'], cwd=sys.argv[1])\n"
+        "stranger = subprocess.Popen(['sleep', '600'], cwd='/')\n"
+        f"print(mine.pid, stranger.pid, flush=True); time.sleep(600)  # {SUPERVISOR_MARK}\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(ws.run.path)],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    mine, stranger = (int(word) for word in proc.stdout.readline().split())
+    helpers = [runner.process_identity(mine), runner.process_identity(stranger)]
+    try:
+        write_runtime(ws, state="running", supervisorPid=proc.pid)
+        proc.kill()  # its helpers stay in its session, their parent now init
+        proc.wait()
+        lineages = [runner.lineage(pid) for pid in (mine, stranger)]
+        assert [lin and lin[1] for lin in lineages] == [proc.pid, proc.pid], "its session"
+        found = {p.pid for p in leftovers(ws)}
+        assert found == {mine}, "a session member that works elsewhere is not taken for ours"
+    finally:
+        for helper in helpers:
+            if helper is not None:
+                runner.kill_process(helper)
+
+
 # -- locks ----------------------------------------------------------------------------------------
 
 

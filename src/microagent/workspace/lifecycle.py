@@ -540,13 +540,15 @@ def leftovers(ws: Workspace) -> list[ProcessIdentity]:
         for pid in _recorded_supervisor_pids(ws) | set(found)
         if pid in found or not runner.pid_alive(pid)  # a pid now of another is not ours
     }
-    _add_descendants(found, sessions)
+    _add_descendants(found, sessions, ws.root.resolve())
     return list(found.values())
 
 
-def _add_descendants(found: dict[int, ProcessIdentity], sessions: set[int]) -> None:
+def _add_descendants(found: dict[int, ProcessIdentity], sessions: set[int], root: Path) -> None:
     """Add to ``found`` every process a process in it started, and every member of
-    ``sessions``, generation by generation."""
+    ``sessions`` working in ``root`` (the supervisor's helpers inherit its run dir; a
+    stranger that got a dead supervisor's pid as its session id does not), generation by
+    generation."""
     table = {pid: runner.lineage(pid) for pid in runner.processes() if pid != os.getpid()}
     grew = True
     while grew:
@@ -555,11 +557,16 @@ def _add_descendants(found: dict[int, ProcessIdentity], sessions: set[int]) -> N
             if pid in found or lineage is None:
                 continue
             parent, session = lineage
-            ours = parent in found or session in sessions
+            ours = parent in found or (session in sessions and _works_in(pid, root))
             member = runner.process_identity(pid) if ours else None
             if member is not None:
                 found[pid] = member
                 grew = True
+
+
+def _works_in(pid: int, root: Path) -> bool:
+    cwd = runner.working_dir(pid)
+    return cwd is not None and cwd.is_relative_to(root)
 
 
 def _exited(ws: Workspace, timeout: float) -> list[ProcessIdentity]:
