@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,15 +40,23 @@ MA = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "microagent.c
 TARGETS = {"plan --offline": 4.0, "cache-hit create": 8.0, "cp 1 MB": 6.0}
 
 
-def median_seconds(argv: list[str], env: Mapping[str, str], runs: int = RUNS) -> float:
-    samples = []
+def seconds(argv: list[str], env: Mapping[str, str]) -> float:
+    began = time.perf_counter()
+    done = subprocess.run(argv, env=dict(env), capture_output=True, check=False)
+    elapsed = time.perf_counter() - began
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{done.stdout!r}\n{done.stderr!r}")
+    return elapsed
+
+
+def interleaved(cases: Mapping[str, Callable[[], float]], runs: int = RUNS) -> dict[str, float]:
+    """The median of ``runs`` timings of each case, taken in rounds (one of each per round) so
+    that every case sees the same machine load."""
+    samples: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(runs):
-        began = time.perf_counter()
-        done = subprocess.run(argv, env=dict(env), capture_output=True, check=False)
-        samples.append(time.perf_counter() - began)
-        if done.returncode != 0:
-            raise SystemExit(f"{' '.join(argv)} failed:\n{done.stdout!r}\n{done.stderr!r}")
-    return statistics.median(samples)
+        for name, run in cases.items():
+            samples[name].append(run())
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def microagent(env: Mapping[str, str], *args: str) -> dict[str, object]:
@@ -101,26 +109,21 @@ def measure(tmp: Path, registry_url: str) -> dict[str, float]:
     blob = tmp / "one-mb.bin"
     blob.write_bytes(os.urandom(1 << 20))
     cp = [*MA, "cp", str(blob), "bench:/tmp/one-mb.bin"]
-    for argv in (python, plan, cp):  # warm-up: bytecode written, caches filled
-        median_seconds(argv, env, runs=2)
-    counter = iter(range(10_000))
+    names = iter(range(1_000_000))
 
     def create(environ: Mapping[str, str]) -> float:
-        samples = []
-        for _ in range(RUNS):
-            argv = [*MA, "create", "-f", str(spec), "--name", f"hit-{next(counter)}"]
-            samples.append(median_seconds(argv, environ, runs=1))
-        return statistics.median(samples)
+        return seconds([*MA, "create", "-f", str(spec), "--name", f"hit-{next(names)}"], environ)
 
-    create(env)  # warm-up
     uncached = dict(env, MICROAGENT_RESOLVE_TTL="0")
-    return {
-        "python -c pass": median_seconds(python, env),
-        "plan --offline": median_seconds(plan, env),
-        "cache-hit create": create(env),
-        "cache-hit create, TTL 0": create(uncached),
-        "cp 1 MB": median_seconds(cp, env),
+    cases: dict[str, Callable[[], float]] = {
+        "python -c pass": lambda: seconds(python, env),
+        "plan --offline": lambda: seconds(plan, env),
+        "cache-hit create": lambda: create(env),
+        "cache-hit create, TTL 0": lambda: create(uncached),
+        "cp 1 MB": lambda: seconds(cp, env),
     }
+    interleaved(cases, runs=2)  # warm-up: bytecode written, caches filled
+    return interleaved(cases)
 
 
 def main() -> None:
@@ -133,7 +136,7 @@ def main() -> None:
                 raise SystemExit(f"unexpected stand-in reference {pushed.ref}")
             figures = measure(tmp, registry.url)
     base = figures["python -c pass"]
-    print(f"median of {RUNS} runs each; ratios to `python -c pass` in this run")
+    print(f"median of {RUNS} runs each, in rounds; ratios to `python -c pass` in this run")
     for name, seconds in figures.items():
         target = TARGETS.get(name)
         goal = f"  (target <= {target:.0f}x)" if target else ""
