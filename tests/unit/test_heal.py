@@ -142,6 +142,13 @@ def test_a_dead_supervisor_is_failed_with_the_reason(ws: Workspace) -> None:
     assert liveness.reconcile(ws) is State.FAILED
     assert [e["event"] for e in ws.run.events()] == ["failed"], "written once"
 
+    old = ws.run.supervisor_log.stat().st_size  # a later start: its supervisor said nothing
+    write_runtime(
+        ws, state="running", supervisor={"pid": proc.pid, "startTime": 1}, supervisorLogOffset=old
+    )
+    assert liveness.reconcile(ws) is State.FAILED
+    assert "its log ends" not in detail(ws), "an earlier run's last words are not this one's"
+
 
 def test_a_pid_reused_by_another_process_is_not_the_supervisor(
     ws: Workspace, children: list[subprocess.Popen[bytes]]

@@ -333,6 +333,7 @@ def _start(rt: Runtime, ws: Workspace, timeout: float) -> dict[str, Any]:
         supervisorPid=None,
         supervisor=None,
         launcher=_this_process(),
+        supervisorLogOffset=_size(run.supervisor_log),
         vmm=None,
         gatewayPid=None,
         gatewayProcess=None,
@@ -371,6 +372,13 @@ def _launch(run: RunDir, secrets: Mapping[str, str] | None) -> subprocess.Popen[
         why = exc.message if isinstance(exc, MicroagentError) else type(exc).__name__
         run.set_state(State.FAILED, f"the supervisor could not be launched: {why}")
         raise
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _this_process() -> dict[str, int | str] | None:

@@ -19,19 +19,21 @@ supervisor is killed: it holds the credentials in memory.
 from __future__ import annotations
 
 import calendar
+import os
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from microagent import runner
 from microagent.errors import VMError
 from microagent.runner import ProcessIdentity
-from microagent.runtime.control import tail_text
 from microagent.runtime.rundir import RunDir, State
 from microagent.workspace.records import Workspace
 
 STARTING_GRACE = 30.0  # seconds a start may take to launch and record its supervisor
 LOG_TAIL_CHARS = 200
+LOG_TAIL_BYTES = 4096
 
 
 def reconcile(ws: Workspace) -> State:
@@ -67,10 +69,10 @@ def death(run: RunDir, state: State, runtime: Mapping[str, Any]) -> str | None:
             return None
         if recorded.boot_id and runner.boot_id() and recorded.boot_id != runner.boot_id():
             return f"the host restarted while it was {state.value} (its supervisor is gone)"
-        return _died(run, recorded.pid)
+        return _died(run, recorded.pid, runtime.get("supervisorLogOffset"))
     pid = runtime.get("supervisorPid")
     if isinstance(pid, int):  # recorded before identities were: its command line must match
-        return None if run.is_supervisor(pid) else _died(run, pid)
+        return None if run.is_supervisor(pid) else _died(run, pid, None)
     return _never_recorded(run, runtime)
 
 
@@ -97,10 +99,23 @@ def _never_recorded(run: RunDir, runtime: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _died(run: RunDir, pid: int) -> str:
+def _died(run: RunDir, pid: int, log_offset: object) -> str:
     why = f"the supervisor process died unexpectedly (pid {pid}; killed, or out of memory?)"
-    last = tail_text(run.supervisor_log, 1).strip()[-LOG_TAIL_CHARS:]
+    last = _last_line(run.supervisor_log, log_offset if isinstance(log_offset, int) else 0)
     return f"{why}; its log ends: {last}" if last else why
+
+
+def _last_line(path: Path, offset: int) -> str:
+    """The last line ``path`` got after ``offset`` (what this start's supervisor wrote: the
+    log is appended to by every start), bounded; '' when there is none."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(max(0, offset, os.fstat(fh.fileno()).st_size - LOG_TAIL_BYTES))
+            data = fh.read(LOG_TAIL_BYTES)
+    except OSError:
+        return ""
+    lines = data.decode("utf-8", "replace").replace("\r", "").strip().splitlines()
+    return lines[-1].strip()[-LOG_TAIL_CHARS:] if lines else ""
 
 
 def _record_death(run: RunDir, runtime: Mapping[str, Any], why: str) -> State:
