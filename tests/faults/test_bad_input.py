@@ -210,7 +210,8 @@ class SpecOutcomes:
 
 def _check_located(error: SpecError, text: str) -> str | None:
     """Why ``error`` is not a properly located error, or None when it is."""
-    lines = text.count("\n") + 2
+    # YAML breaks lines at \r, \x85, U+2028 and U+2029 too (and counts its marks so)
+    lines = sum(text.count(b) for b in ("\n", "\r", "\x85", "\u2028", "\u2029")) + 2
     if not error.diagnostics:
         return "no diagnostics"
     for diag in error.diagnostics:

@@ -507,7 +507,8 @@ class RegistryClient:
                 stream.close()
             return
         raise RegistryError(
-            f"cannot fetch blob {digest} of {ref.name}: " + "; ".join(problems), hint=hint
+            f"cannot fetch blob {digest} of {ref.name}: " + "; ".join(problems),
+            hint=hint or MISSING_BLOB_HINT,
         )
 
     # -- push (to the registry itself, never to a mirror) ----------------------------------
@@ -665,6 +666,10 @@ def _check_digest_header(headers: Mapping[str, str], digest: str, what: str) -> 
         )
 
 
+MISSING_BLOB_HINT = (
+    "the registry lacks a blob its manifest names: the image was pushed incompletely or its "
+    "blobs were removed; push it again"
+)
 REFUSED_HINT = (
     "the registry refused the request (only 429 and 5xx answers are retried); check the "
     "image reference, and the registry's own log"
