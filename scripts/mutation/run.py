@@ -114,11 +114,10 @@ MODULES: dict[str, Module] = {
             "_Resume.__call__",
         ),
         tests=(
-            "tests/unit/oci",
+            "tests/unit/oci",  # with test_mutants_registry.py
             "tests/integration/test_resolve.py",
             "tests/integration/test_registry_faults.py",
             "tests/security/test_credentials.py",
-            "tests/integration/test_mutants_registry.py",
         ),
     ),
     "loader": Module(
