@@ -243,7 +243,24 @@ def test_kill_create(cli: Cli, campaign: Any, scaled: Any, seed: int) -> None:
         check_created(kills, home, rerun, ref_key, what)
         kills.after_rerun(home, what, last=kills.tally.faults >= target)
     assert kills.tally.faults >= target, f"only {kills.tally.faults} kills landed"
+    staging_is_collected(kills, cli)
     kills.finish(cli)
+
+
+def staging_is_collected(kills: Kills, cli: Cli) -> None:
+    """The staging folders killed creates left go with the next create once they are a
+    minute old (aged here); a live create's (locked) stays."""
+    left = sorted(cli.home.glob("k*/workspaces/.tmp-*"))
+    if not left:
+        return
+    home = cli.with_home(left[0].parents[1])
+    old = time.time() - 120
+    for path in home.home.glob("workspaces/.tmp-*"):
+        os.utime(path, (old, old))
+    home.ok("create", "-f", "microagent.yaml", "--name", "after")
+    remaining = sorted(p.name for p in home.home.glob("workspaces/.tmp-*"))
+    if remaining:
+        kills.failures.append(f"staging folders of killed creates not collected: {remaining}")
 
 
 # -- build --push and create --cache-from ---------------------------------------------------------

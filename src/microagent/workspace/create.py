@@ -199,6 +199,7 @@ def _create(
         ws = spaces.install(name, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        spaces.release(tmp)
         raise
     seconds = time.monotonic() - began
     return CreateReport(

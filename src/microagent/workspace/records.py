@@ -15,9 +15,14 @@ sees YAML: a record is plain data written by ``create``.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import fcntl
+import os
 import re
+import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -244,7 +249,18 @@ class Workspaces:
                 hint="pick another --name, or `microagent delete` the old one",
             )
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.root))
+        self._collect_staging()
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.root))
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until install or release, or this process dies
+        _STAGING[tmp] = fd
+        return tmp
+
+    def release(self, tmp: Path) -> None:
+        """Drop the lock on a staging folder (after install, or after removing it)."""
+        fd = _STAGING.pop(tmp, None)
+        if fd is not None:
+            os.close(fd)
 
     def install(self, name: str, tmp: Path) -> Workspace:
         """Make a fully written temp folder the workspace (atomic rename)."""
@@ -253,4 +269,26 @@ class Workspaces:
             tmp.rename(final)
         except OSError as exc:
             raise ConflictError(f"workspace {name!r} already exists") from exc
+        self.release(tmp)
         return Workspace(final)
+
+    def _collect_staging(self) -> None:
+        """Remove staging folders of creates that died (killed mid-create): unlocked and
+        older than a minute (a folder just made is locked a moment later)."""
+        cutoff = time.time() - STAGING_GRACE
+        for entry in self.root.glob(".tmp-*"):
+            with contextlib.suppress(OSError):
+                if not entry.is_dir() or entry.lstat().st_mtime > cutoff:
+                    continue
+                fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    shutil.rmtree(entry, ignore_errors=True)
+                except BlockingIOError:
+                    pass  # a create in progress
+                finally:
+                    os.close(fd)
+
+
+STAGING_GRACE = 60.0  # seconds before an unlocked staging folder counts as abandoned
+_STAGING: dict[Path, int] = {}  # staging folder -> the fd holding its lock (this process)
