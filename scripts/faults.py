@@ -87,9 +87,9 @@ file still there. A workspace the killed `create` had already installed is check
   using (no workspace record named them yet): the create failed with a missing blob, 4 times
   in 4. `create` and `build` now hold a shared store lock (`locks/builds.lock`) until the
   workspace is recorded; `prune` takes it exclusively (and says when it waits).
-
-Known and left: a killed `create` leaves its workspace staging folder
-(`workspaces/.tmp-NAME-*`, holding at most an empty sparse state disk); nothing removes it yet.
+- A killed `create` left its workspace staging folder (`workspaces/.tmp-NAME-*`) for good
+  (42 after 50 kills). The folder is now locked while its create lives, and the next `create`
+  removes unlocked ones over a minute old (`workspace/records.py`).
 """
 
 
