@@ -1,7 +1,8 @@
 """Benchmark how fast the CLI answers (issue 15 item 3), all ratios from one run.
 
-Each figure is the median wall time of whole ``microagent`` processes, divided by the median of
-``python -c pass`` (the same interpreter) measured in the same run:
+Each figure is the median wall time, and CPU time (user + system, children included), of whole
+``microagent`` processes, divided by the same median of ``python -c pass`` (the same interpreter)
+measured in the same run, in rounds; on a busy machine the CPU ratio is the steadier one:
 
 1. ``plan --offline`` of examples/minimal-agent with its image pinned — target <= 4x;
 2. a cache-hit ``create`` of a spec whose image is an unlocked tag (``busybox:latest``, through
@@ -40,23 +41,33 @@ MA = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "microagent.c
 TARGETS = {"plan --offline": 4.0, "cache-hit create": 8.0, "cp 1 MB": 6.0}
 
 
-def seconds(argv: list[str], env: Mapping[str, str]) -> float:
+Timing = tuple[float, float]  # wall seconds, CPU seconds (user + system, its children too)
+
+
+def seconds(argv: list[str], env: Mapping[str, str]) -> Timing:
     began = time.perf_counter()
-    done = subprocess.run(argv, env=dict(env), capture_output=True, check=False)
+    proc = subprocess.Popen(argv, env=dict(env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _pid, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - began
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed:\n{done.stdout!r}\n{done.stderr!r}")
-    return elapsed
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{err!r}")
+    return elapsed, usage.ru_utime + usage.ru_stime
 
 
-def interleaved(cases: Mapping[str, Callable[[], float]], runs: int = RUNS) -> dict[str, float]:
-    """The median of ``runs`` timings of each case, taken in rounds (one of each per round) so
-    that every case sees the same machine load."""
-    samples: dict[str, list[float]] = {name: [] for name in cases}
+def interleaved(cases: Mapping[str, Callable[[], Timing]], runs: int = RUNS) -> dict[str, Timing]:
+    """The medians of ``runs`` timings of each case, taken in rounds (one of each per round)
+    so that every case sees the same machine load."""
+    samples: dict[str, list[Timing]] = {name: [] for name in cases}
     for _ in range(runs):
         for name, run in cases.items():
             samples[name].append(run())
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {
+        name: (statistics.median(t[0] for t in got), statistics.median(t[1] for t in got))
+        for name, got in samples.items()
+    }
 
 
 def microagent(env: Mapping[str, str], *args: str) -> dict[str, object]:
@@ -96,7 +107,7 @@ def pinned_example(tmp: Path) -> Path:
     return project / "microagent.yaml"
 
 
-def measure(tmp: Path, registry_url: str) -> dict[str, float]:
+def measure(tmp: Path, registry_url: str) -> dict[str, Timing]:
     env = base_env(tmp)
     env["MICROAGENT_REGISTRY_MIRRORS"] = f"docker.io={registry_url}"
     python = [sys.executable, "-c", "pass"]
@@ -111,11 +122,11 @@ def measure(tmp: Path, registry_url: str) -> dict[str, float]:
     cp = [*MA, "cp", str(blob), "bench:/tmp/one-mb.bin"]
     names = iter(range(1_000_000))
 
-    def create(environ: Mapping[str, str]) -> float:
+    def create(environ: Mapping[str, str]) -> Timing:
         return seconds([*MA, "create", "-f", str(spec), "--name", f"hit-{next(names)}"], environ)
 
     uncached = dict(env, MICROAGENT_RESOLVE_TTL="0")
-    cases: dict[str, Callable[[], float]] = {
+    cases: dict[str, Callable[[], Timing]] = {
         "python -c pass": lambda: seconds(python, env),
         "plan --offline": lambda: seconds(plan, env),
         "cache-hit create": lambda: create(env),
@@ -135,12 +146,16 @@ def main() -> None:
             if pushed.repository != "library/busybox" or pushed.tag != "latest":
                 raise SystemExit(f"unexpected stand-in reference {pushed.ref}")
             figures = measure(tmp, registry.url)
-    base = figures["python -c pass"]
+    wall, cpu = figures["python -c pass"]
     print(f"median of {RUNS} runs each, in rounds; ratios to `python -c pass` in this run")
-    for name, seconds in figures.items():
+    print(f"{'':<26} {'wall':>9} {'ratio':>6} {'CPU':>9} {'ratio':>6}")
+    for name, (took, used) in figures.items():
         target = TARGETS.get(name)
         goal = f"  (target <= {target:.0f}x)" if target else ""
-        print(f"{name:<26} {seconds * 1000:7.1f} ms  {seconds / base:5.1f}x{goal}")
+        print(
+            f"{name:<26} {took * 1000:6.1f} ms {took / wall:5.1f}x "
+            f"{used * 1000:6.1f} ms {used / cpu:5.1f}x{goal}"
+        )
 
 
 if __name__ == "__main__":
