@@ -13,6 +13,7 @@ import json
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -212,3 +213,21 @@ def test_touch_marks_the_entry_never_what_a_link_points_to(tmp_path: Path) -> No
     assert target.stat().st_mtime == pytest.approx(old)
     assert (root / "rootfs" / "link").lstat().st_mtime > old + 1800
     store.touch("rootfs/missing")  # a use of nothing is no error
+
+
+def test_an_entry_is_built_once_unless_it_is_replaced(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    builds: list[bytes] = []
+
+    def build(data: bytes) -> Callable[[Path], None]:
+        def write(path: Path) -> None:
+            builds.append(data)
+            path.write_bytes(data)
+
+        return write
+
+    final = store.build_once("rootfs/k.ext4", build(b"one"))
+    assert store.build_once("rootfs/k.ext4", build(b"two")) == final
+    assert (builds, final.read_bytes()) == ([b"one"], b"one")
+    assert store.build_once("rootfs/k.ext4", build(b"three"), replace=True) == final
+    assert (builds, final.read_bytes()) == ([b"one", b"three"], b"three")
