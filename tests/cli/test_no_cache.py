@@ -246,3 +246,16 @@ def test_a_bad_ttl_is_located(
     monkeypatch.setenv("MICROAGENT_RESOLVE_TTL", "-5")
     error = cli_json(capsys, "plan", "-f", str(spec), code=2)
     assert "MICROAGENT_RESOLVE_TTL='-5'" in error["error"]["message"]
+
+
+def test_a_resolution_that_cannot_be_kept_is_no_error(
+    moving: tuple[Path, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec, move = moving
+    store = spec.parent.parent / "home" / "store"
+    store.mkdir(parents=True)
+    (store / "resolved").write_text("not a folder")  # nowhere to keep answers
+    first = move("one")
+    assert _digest(capsys, spec) == first
+    latest = move("two")
+    assert _digest(capsys, spec) == latest  # nothing was kept: the registry is asked again

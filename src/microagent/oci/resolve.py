@@ -19,7 +19,7 @@ from microagent.compiler.lock import ResolvedImage, lock_path_for, read_lock
 from microagent.compiler.refs import ImageRef, LayoutRef, host_platform, parse_any_ref
 from microagent.compiler.spec import Spec
 from microagent.digests import canonical_json, is_digest, sha256_digest
-from microagent.errors import InvalidInputError
+from microagent.errors import HostIOError, InvalidInputError
 from microagent.fsutil import read_json, write_json_atomic
 from microagent.settings import Settings
 
@@ -71,12 +71,16 @@ class Resolutions:
         return _recorded(data, str(ref), platform) if fresh else None
 
     def record(self, ref: ImageRef, platform: str, image: ResolvedImage) -> None:
+        """Remember an answer; best effort: a store that cannot take it just asks next time."""
         if self.ttl <= 0:
             return
         path = self._path(ref, platform)
-        path.parent.mkdir(parents=True, exist_ok=True)
         document = {"source": str(ref), "resolvedAt": self.clock(), "image": image.to_json()}
-        write_json_atomic(path, document)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, document)
+        except (OSError, HostIOError):
+            return
 
 
 def _recorded(data: Mapping[str, Any], source: str, platform: str) -> ResolvedImage | None:
