@@ -76,10 +76,9 @@ MODULES: dict[str, Module] = {
             "_guard",
         ),
         tests=(
+            # not test_layers_export / _property: ext4 images and hypothesis, too slow per mutant
             "tests/unit/cache/test_layers_malicious.py",
             "tests/unit/cache/test_layers_flatten.py",
-            "tests/unit/cache/test_layers_export.py",
-            "tests/unit/cache/test_layers_property.py",
             "tests/security/test_guards_layers.py",
             "tests/unit/cache/test_mutants_layers.py",
         ),
