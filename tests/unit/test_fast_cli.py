@@ -46,7 +46,7 @@ def heavy_in(modules: set[str]) -> list[str]:
 
 
 # What building needs and a cache hit does not: the registry client, the guest kit (and its
-# Debian, kernel and initramfs code), flattening layers into ext4, publishing.
+# Debian, kernel and initramfs code), flattening layers into ext4, remote caches, publishing.
 BUILD_ONLY = (
     "microagent.oci.registry",
     "microagent.oci.transport",
@@ -54,6 +54,7 @@ BUILD_ONLY = (
     "microagent.ext4.rootfs",
     "microagent.ext4.upper",
     "microagent.remotecache.publish",
+    "microagent.remotecache.restore",
 )
 
 

@@ -30,14 +30,16 @@ from microagent.remotecache.refs import (
     parse_cache_ref,
     remote_sources,
 )
-from microagent.remotecache.restore import Restorer
 from microagent.runtime.backend import Accel, Backend
 from microagent.settings import Settings
 from microagent.store.content import Store
+from microagent.store.records import rootfs_ready
 
 if TYPE_CHECKING:
     from microagent.kit.guestkit import GuestKit
     from microagent.oci.registry import RegistryClient
+    from microagent.oci.transport import Repository
+    from microagent.remotecache.restore import Restorer
 
 Say = Callable[[str], None]
 Sink = Callable[[bytes], None]
@@ -103,9 +105,13 @@ class Pipeline:
         built = ensure_rootfs(ctx, plan, base)
         return BuildOutcome(plan, built, ctx.boots, base, remote)
 
-    def restorer(self, store: Store) -> Restorer:
+    def restorer(self, store: Store, sources: list[Repository] | None = None) -> Restorer:
         """A restorer over the remote caches (flags, else settings; maybe none at all)."""
-        sources = remote_sources(self.cache_from, self.settings, lambda: self.client)
+        # deferred: restoring (downloads, flattening, packed images) is off a local hit's path
+        from microagent.remotecache.restore import Restorer
+
+        if sources is None:
+            sources = remote_sources(self.cache_from, self.settings, lambda: self.client)
         return Restorer(
             store,
             sources,
@@ -115,7 +121,10 @@ class Pipeline:
         )
 
     def _restore(self, store: Store, plan: BuildPlan) -> dict[str, object] | None:
-        restorer = self.restorer(store)
+        sources = remote_sources(self.cache_from, self.settings, lambda: self.client)
+        if not sources and rootfs_ready(store, plan.rootfs_step.key) is not None:
+            return None  # a local hit: restore_plan would stop at its first check
+        restorer = self.restorer(store, sources)
         restorer.restore_plan(plan)  # also rebuilds pruned root filesystems from local layers
         if not restorer.sources:
             return None
