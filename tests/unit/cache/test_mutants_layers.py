@@ -94,3 +94,26 @@ def test_a_whiteout_under_a_missing_folder_creates_nothing(tmp_path: Path) -> No
 def test_aufs_bookkeeping_entries_are_skipped_not_applied(tmp_path: Path) -> None:
     stage, _ = _apply(tmp_path, file("a"), file(".wh..wh.plnk", b""), file(".wh..wh.x", b""))
     assert sorted(p.name for p in stage.iterdir()) == ["a"]
+
+
+def _with(tmp_path: Path, limits: Limits, *entries: E) -> Path:
+    stage = tmp_path / "stage"
+    stage.mkdir(parents=True, exist_ok=True)
+    data = tar_bytes(list(entries))
+    flatten(stage, [LayerSource("#0", lambda: io.BytesIO(data))], limits=limits)
+    return stage
+
+
+def test_name_limits_hold_to_the_byte_and_the_component(tmp_path: Path) -> None:
+    limits = Limits(max_path_bytes=12, max_depth=3)
+    stage = _with(tmp_path, limits, file("a/b/c"), file("abcdefghijkl"))
+    assert (stage / "a" / "b" / "c").is_file() and (stage / "abcdefghijkl").is_file()
+    for entry, reason in [
+        (file("abcdefghijklm"), "name longer than 12 bytes"),
+        (file("a/b/c/d"), "path deeper than 3 components"),
+        (file("a/.wh.x/y"), "whiteout name used as a directory"),
+        (file("bad\x7fname"), "control character in name"),
+    ]:
+        with pytest.raises(IntegrityError) as raised:
+            _with(tmp_path / entry.name.replace("/", "_").replace("\x7f", "_"), limits, entry)
+        assert raised.value.message == f"layer #0: entry {entry.name!r}: {reason}"
