@@ -288,3 +288,26 @@ def test_a_spec_file_too_large_or_not_utf8_is_refused_before_parsing(tmp_path: P
     assert raised.value.message == f"spec {latin} is not UTF-8 text"
     with pytest.raises(SpecNotFoundError):
         load_spec(tmp_path / "missing.yaml")
+
+
+def test_guest_paths_with_a_newline_and_odd_forward_hosts_are_refused(tmp_path: Path) -> None:
+    spec = _project(
+        tmp_path,
+        "name: a\n"
+        'files: [{src: f, dst: "/a\\nb"}]\n'
+        'outputs: [{name: r, path: "/o\\np"}]\n'
+        "network:\n"
+        "  forwards: [{hostPort: 80, guestPort: 80, host: 224.0.0.1}]\n"
+        '  allow: ["*", "a*", ok.example]\n',
+        {"f": b"1"},
+    )
+    report = _report(spec)
+    assert report[:2] == [
+        "microagent.yaml:2:23: files[0].dst: guest paths must not contain NUL or newline "
+        "characters",
+        "microagent.yaml:3:27: outputs[0].path: guest paths must not contain NUL or newline "
+        "characters",
+    ]
+    assert report[2].startswith("microagent.yaml:5:50: network.forwards[0].host: ")
+    assert report[2].endswith("\n  hint: e.g. 127.0.0.1")
+    assert [r.split(": ", 2)[1] for r in report[3:]] == ["network.allow[0]", "network.allow[1]"]
