@@ -829,7 +829,23 @@ class Microagent:
             def keep(name: str) -> bool:
                 return in_use(name) or (not kits and name.startswith("kits/"))
 
-            return self.store.prune(max_bytes, all=everything, keep=keep, dry_run=dry_run)
+            report = self.store.prune(max_bytes, all=everything, keep=keep, dry_run=dry_run)
+            return self._prune_incomplete(report, keep, dry_run=dry_run)
+
+    def _prune_incomplete(
+        self, report: PruneReport, keep: Callable[[str], bool], *, dry_run: bool
+    ) -> PruneReport:
+        """The step records (and their root filesystems) a prune left naming a blob it
+        removed go too: otherwise they count as built but can never be published again."""
+        from microagent.store.retention import left_incomplete  # deferred: see the docstring
+
+        gone = {entry.name for entry in report.removed}
+        names = left_incomplete(self.store, gone, keep)
+        if not names:
+            return report
+        listed = {entry.name: entry for entry in self.store.entries()}
+        extra = [listed[n] for n in names if n in listed and (dry_run or self.store.remove(n))]
+        return PruneReport(report.removed + tuple(extra), report.garbage)
 
     def cache_in_use(self) -> set[str]:
         """Store entry names an existing workspace boots from: its step chain, root

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 from microagent.digests import key_hex
+from microagent.errors import IntegrityError
 from microagent.store.content import Store
-from microagent.store.records import read_record
+from microagent.store.records import StepRecord, read_record
 
 
 @contextlib.contextmanager
@@ -64,3 +67,42 @@ def names_in_use(store: Store, rootfs_keys: Iterable[str], blobs: Iterable[str])
 
 def keeper(names: set[str]) -> Callable[[str], bool]:
     return lambda name: name in names
+
+
+def left_incomplete(store: Store, gone: set[str], keep: Callable[[str], bool]) -> list[str]:
+    """What else must go once the entries ``gone`` are removed: every step record (and its
+    root filesystem) that would name a layer or image-config blob no longer in the store.
+
+    Such a record would still count as built, yet its step could never be published or
+    flattened again (``cache verify`` reports it ``missing``), so ``cache prune`` takes it
+    with the blob. Entries ``keep`` protects stay; unreadable records are ``cache verify``'s
+    business. Records are read without marking them used."""
+    names: list[str] = []
+    keys = store.root / "keys"
+    for path in sorted(keys.glob("*.json")) if keys.is_dir() else []:
+        name = f"keys/{path.name}"
+        if name in gone or keep(name):
+            continue
+        record = _peek_record(path)
+        if record is None or not _lacks_blob(store, record, gone):
+            continue
+        names.append(name)
+        if record.rootfs and record.rootfs not in gone and not keep(record.rootfs):
+            names.append(record.rootfs)
+    return names
+
+
+def _peek_record(path: Path) -> StepRecord | None:
+    try:
+        raw = json.loads(path.read_bytes())
+        record = StepRecord.from_json(raw) if isinstance(raw, dict) else None
+    except (OSError, ValueError, IntegrityError):
+        return None
+    return record if record is not None and key_hex(record.key) == path.stem else None
+
+
+def _lacks_blob(store: Store, record: StepRecord, gone: set[str]) -> bool:
+    wanted = [layer.digest for layer in record.layers]
+    if record.origin is not None:
+        wanted.append(record.origin.config)
+    return any(_blob_name(d) in gone or not store.has_blob(d) for d in wanted)

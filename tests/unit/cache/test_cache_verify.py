@@ -25,7 +25,13 @@ from microagent.fsutil import flocked
 from microagent.remotecache.publish import ensure_rootfs_image
 from microagent.settings import Settings
 from microagent.store.content import Store
-from microagent.store.records import StepRecord, layers_stored, read_record, rootfs_ready
+from microagent.store.records import (
+    StepRecord,
+    all_records,
+    layers_stored,
+    read_record,
+    rootfs_ready,
+)
 from microagent.store.verify import Problem, VerifyReport, verify
 from testenv.clitools import cli_json
 
@@ -481,3 +487,36 @@ def test_repair_during_builds_removes_nothing_they_make(made: Made) -> None:
     for key in keys:
         assert rootfs_ready(made.store, key) is not None
     assert made.check().problems == ()
+
+
+# -- prune keeps the store whole ---------------------------------------------------------------
+
+
+def test_a_prune_that_takes_a_layer_blob_takes_the_records_that_name_it(
+    made: Made, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """LRU pruning removes the setup layer's blob alone (its oldest entry): every record that
+    names it goes with its rootfs, so no record claims a layer the store lost; the base stays."""
+    cli_json(capsys, "delete", "ws", "--force", "--yes")
+    assert made.api.cache_in_use() == set()
+    layer = made.setup.layers[-1]  # its own (the chain starts with the base image's)
+    now = time.time()
+    for entry in made.store.entries():
+        os.utime(entry.path, (now, now), follow_symlinks=False)
+    age(made.store.root / made.name_of(layer.digest))
+    total = made.store.disk_usage()
+    assert [r.key for r in all_records(made.store) if layer in r.layers] == [made.setup.key]
+    expected = {made.name_of(layer.digest), made.key_name(made.setup), made.setup.rootfs}
+
+    dry = made.api.cache_prune(total - 1, dry_run=True)
+    assert {e.name for e in dry.removed} == expected
+    assert read_record(made.store, made.setup.key) is not None  # a dry run removes nothing
+
+    report = made.api.cache_prune(total - 1)
+    assert {e.name for e in report.removed} == expected
+    for name in expected:
+        assert not os.path.lexists(made.store.root / name), name
+    assert read_record(made.store, made.base.key) is not None
+    assert rootfs_ready(made.store, made.base.key) is not None
+    after = made.check()
+    assert after.problems == () and after.ok
