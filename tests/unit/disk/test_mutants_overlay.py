@@ -118,3 +118,22 @@ def test_the_host_mode_stays_within_the_umask(
     assert stat.S_IMODE((tmp_path / "tool").stat().st_mode) == 0o700
     copy_out(state, rootfs, "/etc/hosts", tmp_path / "hosts")
     assert stat.S_IMODE((tmp_path / "hosts").stat().st_mode) == 0o600
+
+
+def test_the_root_and_odd_names_are_refused_with_the_reason(
+    tmp_path: Path, state: Path, odd_rootfs: Path
+) -> None:
+    assert _refusal(InvalidInputError, copy_out, state, odd_rootfs, "/", tmp_path / "o") == (
+        "/ is a directory; only regular files can be copied",
+        "",
+    )
+    assert _refusal(InvalidInputError, copy_out, state, odd_rootfs, "/a\x7fb", tmp_path) == (
+        "guest path '/a\\x7fb' must be absolute and clean",
+        "e.g. /workspace/input.json (no '.', '..', '//', trailing '/' or control chars)",
+    )
+    src = tmp_path / "src"
+    src.write_bytes(b"x")
+    assert _refusal(InvalidInputError, copy_in, state, odd_rootfs, src, "/etc/pipe") == (
+        "/etc/pipe exists and is not a regular file",
+        "",
+    )
