@@ -295,19 +295,21 @@ def test_guest_paths_with_a_newline_and_odd_forward_hosts_are_refused(tmp_path: 
         tmp_path,
         "name: a\n"
         'files: [{src: f, dst: "/a\\nb"}]\n'
-        'outputs: [{name: r, path: "/o\\np"}]\n'
+        'outputs: [{name: r, path: "/o\\np"}, {name: s, path: "/n\\0ul"}]\n'
         "network:\n"
         "  forwards: [{hostPort: 80, guestPort: 80, host: 224.0.0.1}]\n"
         '  allow: ["*", "a*", ok.example]\n',
         {"f": b"1"},
     )
     report = _report(spec)
-    assert report[:2] == [
+    assert report[:3] == [
         "microagent.yaml:2:23: files[0].dst: guest paths must not contain NUL or newline "
         "characters",
         "microagent.yaml:3:27: outputs[0].path: guest paths must not contain NUL or newline "
         "characters",
+        "microagent.yaml:3:53: outputs[1].path: guest paths must not contain NUL or newline "
+        "characters",
     ]
-    assert report[2].startswith("microagent.yaml:5:50: network.forwards[0].host: ")
-    assert report[2].endswith("\n  hint: e.g. 127.0.0.1")
-    assert [r.split(": ", 2)[1] for r in report[3:]] == ["network.allow[0]", "network.allow[1]"]
+    assert report[3].startswith("microagent.yaml:5:50: network.forwards[0].host: ")
+    assert report[3].endswith("\n  hint: e.g. 127.0.0.1")
+    assert [r.split(": ", 2)[1] for r in report[4:]] == ["network.allow[0]", "network.allow[1]"]
