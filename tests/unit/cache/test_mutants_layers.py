@@ -117,3 +117,40 @@ def test_name_limits_hold_to_the_byte_and_the_component(tmp_path: Path) -> None:
         with pytest.raises(IntegrityError) as raised:
             _with(tmp_path / entry.name.replace("/", "_").replace("\x7f", "_"), limits, entry)
         assert raised.value.message == f"layer #0: entry {entry.name!r}: {reason}"
+
+
+def test_hard_links_to_symlinks_link_the_symlink_itself(tmp_path: Path) -> None:
+    stage, _ = _apply(
+        tmp_path,
+        file("f", b"content"),
+        sym("s", "f"),
+        dir_("d"),
+        sym("sd", "d"),
+        hard("h", "s"),
+        hard("hd", "sd"),
+    )
+    for link, target in (("h", "f"), ("hd", "d")):
+        assert os.path.islink(stage / link), link
+        assert os.readlink(stage / link) == target
+
+
+@pytest.mark.root("a folder made as root gets root's mode")
+def test_a_folder_made_for_an_entry_is_root_0755_as_root(tmp_path: Path) -> None:
+    stage, _ = _apply(tmp_path, file("implied/f"))
+    assert (stage / "implied").stat().st_mode & 0o7777 == 0o755
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ((file(".wh.", b""),), "layer #0: entry '.wh.': whiteout of an invalid name"),
+        (
+            (hard("h", "../x"),),
+            "layer #0: entry 'h': '..' component (would escape the root)",
+        ),
+    ],
+)
+def test_whiteouts_and_link_targets_are_checked_like_names(
+    tmp_path: Path, entries: tuple[E, ...], message: str
+) -> None:
+    assert _refusal(tmp_path, *entries) == message
