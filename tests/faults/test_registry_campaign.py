@@ -245,7 +245,9 @@ def _report(runs: list[Run], tally: Tally, began: float) -> None:
     assert not failed, "\n".join(failed[:20])
     assert tally.tracebacks == 0 and tally.corrupt == 0
     outcomes = {code: sum(r.code == code for r in runs) for code in (0, 1)}
-    assert outcomes[0] >= len(runs) // 3 and outcomes[1] >= 1, outcomes  # both sides reached
+    assert outcomes[0] >= 1, outcomes
+    if len(runs) >= 50:  # the full campaign reaches both sides (the CI one may not)
+        assert outcomes[0] >= len(runs) // 3 and outcomes[1] >= 1, outcomes
     assert tally.faults >= len(runs), "most runs must see at least one fault fire"
 
 
