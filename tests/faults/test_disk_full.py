@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from microagent.cli import main
-from microagent.fsutil import TEMP_PREFIX, remove_any
+from microagent.errors import HostIOError
+from microagent.fsutil import TEMP_PREFIX, atomic_write, remove_any
 from microagent.store.content import Store
 from testenv import standin
 
@@ -368,3 +369,19 @@ def test_disk_full_is_a_clear_error_leaves_nothing_partial_and_prune_recovers(
     ]
     assert not problems, "\n".join(problems)
     assert tally.faults >= tally.runs // 2, "the disk was not full enough to matter"
+
+
+@pytest.mark.parametrize("leave", [0, 4096, 200 << 10])
+def test_store_writes_on_a_full_disk_say_so_and_leave_no_temp(small_fs: Path, leave: int) -> None:
+    """The store's own writes (a blob, a step record) at the library level: HostIOError with
+    the figures, and no temp file, even when closing the temp fails too (its buffer cannot be
+    flushed either)."""
+    store = Store(small_fs / "store")
+    store.put_blob_bytes(b"warm")  # the directories exist: only the data lacks room
+    _fill(small_fs, leave)
+    with pytest.raises(HostIOError, match=r"^no space left on device \(.*\): need ~1\.0 MiB, free"):
+        store.put_blob_bytes(random.Random(1).randbytes(1 << 20))
+    with pytest.raises(HostIOError, match="no space left on device") as caught:
+        atomic_write(store.root / "keys.json", b"x" * (1 << 20))
+    assert "cache prune" in caught.value.hint
+    assert not list(small_fs.rglob(f"{TEMP_PREFIX}*"))

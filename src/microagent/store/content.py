@@ -162,7 +162,7 @@ class Store:
 
     def put_blob_bytes(self, data: bytes, expected_digest: Digest | str | None = None) -> Digest:
         """Store an in-memory blob; see :meth:`put_blob_file`."""
-        return self.put_blob_file(io.BytesIO(data), expected_digest, expected_size=None)
+        return self.put_blob_file(io.BytesIO(data), expected_digest, expected_size=len(data))
 
     def put_blob_file(
         self,
