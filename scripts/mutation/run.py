@@ -521,6 +521,9 @@ def main(argv: list[str]) -> int:
     if unknown:
         print(f"unknown module(s) {', '.join(unknown)}; known: {', '.join(MODULES)}")
         return 2
+    if args.rerun and args.out is None:
+        print("--rerun needs --out: the folder holding the last run's MODULE.json")
+        return 2
     work = Path(tempfile.mkdtemp(prefix="microagent-mutation-"))
     out = (args.out or work / "results").resolve()
     out.mkdir(parents=True, exist_ok=True)
