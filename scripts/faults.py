@@ -260,9 +260,9 @@ _HOW_TO = """\
   `MICROAGENT_FAULT_SEED=N` changes the kill placement (the seed is recorded in the notes).
 - `make test` runs the same tests at CI scale (`MICROAGENT_FAULT_SCALE=ci`, the default): the
   same checks with fewer runs (21 kills, 1 round of 8 creates, 2 prune races). Measured on
-  this machine: all of tests/faults in 8.2 minutes at a load average of 8-12 (other helpers'
-  work), 131 s of CPU time in all; on an idle 2-CPU machine that is about 2.5-3 minutes (the
-  campaigns run one CLI process after another, so CPU time is close to wall time).
+  this 2-CPU machine (2026-12-01): all of tests/faults, 18 tests, passed in 105 s at a load
+  average of about 3 (of which the kill -9 and concurrency campaigns 80 s); at a load
+  average of 8-12 (other work) the same took 8.2 minutes.
 - One row: the command in its row; add `MICROAGENT_FAULT_REPORT=rows.jsonl` to keep its
   figures, and `scripts/faults.py --render-only rows.jsonl` to render them.
 """
