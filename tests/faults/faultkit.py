@@ -6,7 +6,6 @@ progress marker, and what a killed process left behind split into *corrupt* entr
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -197,76 +196,12 @@ def split_problems(
 
 
 def verify_store(cli: Cli) -> Findings:
-    """``microagent cache verify --json`` on ``cli``'s home; until that command exists, the
-    library's ``verify`` when importable, else :func:`local_verify` (the same contract)."""
+    """``microagent cache verify --json`` on ``cli``'s home (exit 0 or 1 with a ``problems``
+    list: anything else is a failure of the check itself)."""
     done = cli.run("cache", "verify")
-    if done.code in (0, 1) and done.out.strip().startswith("{"):
-        data = done.json()
-        if "problems" in data:
-            corrupt, leftover = split_problems(list(data["problems"]))
-            return Findings(corrupt, leftover, "microagent cache verify --json")
-    problems = library_verify(cli.home / "store")
-    source = "microagent.store.verify.verify"
-    if problems is None:
-        problems, source = local_verify(cli.home / "store"), "tests/faults local check"
-    corrupt, leftover = split_problems(problems)
-    return Findings(corrupt, leftover, source)
-
-
-def library_verify(root: Path) -> list[dict[str, Any]] | None:
-    try:
-        from microagent.store import verify as verify_module  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    from microagent.store.content import Store
-
-    try:  # while it is being written it may not work yet: then the local check stands in
-        report = verify_module.verify(Store(root))
-        return [p if isinstance(p, dict) else _problem_dict(p) for p in report.problems]
-    except Exception:
-        return None
-
-
-def _problem_dict(problem: Any) -> dict[str, Any]:
-    to_json = getattr(problem, "to_json", None)
-    if callable(to_json):
-        return dict(to_json())
-    return {k: getattr(problem, k, None) for k in ("kind", "name", "problem", "detail")}
-
-
-def local_verify(root: Path) -> list[dict[str, Any]]:
-    """A stand-in for ``cache verify`` (kept small): blobs re-hashed, step records parsed and
-    their layer blobs present, root filesystems checked with ``e2fsck -fn``, temps listed."""
-    from microagent.store.content import Store
-    from microagent.store.records import StepRecord
-
-    problems: list[dict[str, Any]] = []
-    for path in sorted(root.rglob(".tmp-*")):
-        problems.append(
-            {"kind": "temp", "name": str(path.relative_to(root)), "problem": "orphaned"}
-        )
-    for path in sorted((root / "blobs" / "sha256").glob("[0-9a-f]*")):
-        if hashlib.sha256(path.read_bytes()).hexdigest() != path.name:
-            problems.append({"kind": "blob", "name": path.name, "problem": "corrupt"})
-    store = Store(root)
-    for path in sorted((root / "keys").glob("[0-9a-f]*.json")):
-        try:
-            record = StepRecord.from_json(json.loads(path.read_bytes()))
-        except Exception as exc:  # any unreadable record is corrupt
-            problems.append(
-                {"kind": "key", "name": path.name, "problem": "corrupt", "detail": str(exc)}
-            )
-            continue
-        for layer in record.layers:
-            if not store.has_blob(layer.digest):
-                problems.append(
-                    {"kind": "key", "name": path.name, "problem": "missing", "detail": layer.digest}
-                )
-    for path in sorted((root / "rootfs").glob("[0-9a-f]*.ext4")):
-        fsck = subprocess.run(["e2fsck", "-fn", str(path)], capture_output=True, check=False)
-        if fsck.returncode != 0:
-            problems.append({"kind": "rootfs", "name": path.name, "problem": "corrupt"})
-    return problems
+    assert done.code in (0, 1), done.describe()
+    corrupt, leftover = split_problems(list(done.json()["problems"]))
+    return Findings(corrupt, leftover, "microagent cache verify --json")
 
 
 def stray_processes(home: Path) -> list[int]:

@@ -125,7 +125,7 @@ class Kills:
 
     def finish(self, cli: Cli) -> None:
         self.tally.tracebacks = cli.tracebacks
-        source = verify_store(cli).source
+        source = "microagent cache verify --json"
         where = ", ".join(f"{k}: {v}" for k, v in sorted(self.placed.items()))
         self.tally.notes = (
             f"seed {self.tally.seed}; kills at {where}; verify by {source}; "
