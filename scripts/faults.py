@@ -255,8 +255,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
 _HOW_TO = """\
 ## Running the campaigns
 
-- `make faults` runs them all at full scale (`scripts/faults.py`; 44 minutes on this 2-CPU
-  machine while it was busy with other work) and rewrites this file.
+- `make faults` runs them all at full scale (`scripts/faults.py`; 25 minutes on this 2-CPU
+  machine, 44 while it was busier with other work) and rewrites this file.
   `MICROAGENT_FAULT_SEED=N` changes the kill placement (the seed is recorded in the notes).
 - `make test` runs the same tests at CI scale (`MICROAGENT_FAULT_SCALE=ci`, the default): the
   same checks with fewer runs (21 kills, 1 round of 8 creates, 2 prune races). Measured on
