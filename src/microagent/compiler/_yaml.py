@@ -102,6 +102,17 @@ class _Converter:
             return self._constructor.construct_object(node, deep=True)
         except (yaml.YAMLError, ValueError, OverflowError) as exc:
             raise _Abort(Diagnostic(f"invalid value: {exc}", self.loc(node.start_mark))) from exc
+        except (IndexError, KeyError, TypeError, AttributeError) as exc:
+            # PyYAML's constructors index and look up without checking: `!!int ''` raises
+            # IndexError, `!!bool x` KeyError, `!!timestamp x` AttributeError
+            tag = str(node.tag).replace("tag:yaml.org,2002:", "!!")
+            raise _Abort(
+                Diagnostic(
+                    f"invalid value for {tag}: {str(node.value)[:40]!r}",
+                    self.loc(node.start_mark),
+                    hint="drop the explicit tag or write a value of that type",
+                )
+            ) from exc
 
     def _pairs(self, node: yaml.MappingNode) -> Iterator[tuple[yaml.Node, yaml.Node]]:
         for key_node, value_node in node.value:
