@@ -51,6 +51,10 @@ from microagent.store.content import Store
 if TYPE_CHECKING:
     from conftest import Tally  # tests/faults/conftest.py
 
+# the Reproduce column of docs/reliability.md
+REPRODUCE = "MICROAGENT_FAULT_SCALE=full .venv/bin/pytest -q tests/faults/"
+
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SHOWN = "microagent.yaml"
 
@@ -254,7 +258,10 @@ def _parse_one(text: str, source: Path, outcomes: SpecOutcomes, tally: Tally) ->
 def test_generated_specs_are_valid_or_a_located_error(
     scaled: Callable[[int, int], int], campaign: Callable[[str, str], Tally]
 ) -> None:
-    tally = campaign("bad-input/specs", "compiler.loader.parse_spec (as validate/plan/create)")
+    tally = campaign(
+        "bad-input/specs",
+        REPRODUCE + "test_bad_input.py::test_generated_specs_are_valid_or_a_located_error",
+    )
     wanted = scaled(300, 10_000)
     outcomes = SpecOutcomes(unlocated=[], crashed=[])
     source = EXAMPLES / "minimal-agent" / SHOWN  # its folder has the files the specs name
@@ -538,7 +545,11 @@ def test_malformed_oci_documents_are_clear_errors_and_publish_nothing(
     campaign: Callable[[str, str], Tally],
     tmp_path: Path,
 ) -> None:
-    tally = campaign("bad-input/oci-documents", "build.base.pull_base (as image pull/create)")
+    tally = campaign(
+        "bad-input/oci-documents",
+        REPRODUCE
+        + "test_bad_input.py::test_malformed_oci_documents_are_clear_errors_and_publish_nothing",
+    )
     wanted = scaled(150, 1_000)
     arch = _host_arch()
     began, tally.seed = time.monotonic(), 16_3_2
@@ -709,7 +720,11 @@ def test_malformed_layer_tars_are_refused_and_write_nothing_outside_the_stage(
     campaign: Callable[[str, str], Tally],
     tmp_path: Path,
 ) -> None:
-    tally = campaign("bad-input/layer-tars", "layers.apply.flatten (as pull/build/bundles)")
+    tally = campaign(
+        "bad-input/layer-tars",
+        REPRODUCE + "test_bad_input.py::"
+        "test_malformed_layer_tars_are_refused_and_write_nothing_outside_the_stage",
+    )
     wanted = scaled(300, 1_000)
     began, tally.seed = time.monotonic(), 16_3_3
     rng = random.Random(tally.seed)

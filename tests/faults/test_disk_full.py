@@ -38,6 +38,10 @@ pytestmark = [
     pytest.mark.tools("mount", "umount", "mke2fs", "debugfs", "e2fsck"),
 ]
 
+# the Reproduce column of docs/reliability.md
+REPRODUCE = "MICROAGENT_FAULT_SCALE=full .venv/bin/pytest -q tests/faults/"
+
+
 SMALL_MIB = 72
 JUNK_MIB = 24  # the old cache entry that `cache prune` removes
 DAY = 86_400
@@ -348,7 +352,11 @@ def test_disk_full_is_a_clear_error_leaves_nothing_partial_and_prune_recovers(
     scaled: Callable[[int, int], int],
     campaign: Callable[[str, str], Tally],
 ) -> None:
-    tally = campaign("disk-full", "create, image pull, build --push oci:DIR, cp (both ways)")
+    tally = campaign(
+        "disk-full",
+        REPRODUCE + "test_disk_full.py::"
+        "test_disk_full_is_a_clear_error_leaves_nothing_partial_and_prune_recovers",
+    )
     began, tally.seed = time.monotonic(), 16_004
     rng = random.Random(tally.seed)
     levels = [LEVELS[i] for i in rng.sample(range(len(LEVELS)), scaled(1, len(LEVELS)))]

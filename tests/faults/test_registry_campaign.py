@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.integration
 
+# the Reproduce column of docs/reliability.md
+REPRODUCE = "MICROAGENT_FAULT_SCALE=full .venv/bin/pytest -q tests/faults/"
+
+
 ATTEMPTS = 4
 SEED = int(os.environ.get("MICROAGENT_FAULT_SEED", "16003"))
 TRANSIENT_STATUSES = (500, 502, 503, 504, 429)
@@ -266,7 +270,9 @@ def test_pull_campaign(
     scaled: Callable[[int, int], int],
     campaign: Callable[[str, str], Tally],
 ) -> None:
-    tally = campaign("registry-faults/pull", "image pull")
+    tally = campaign(
+        "registry-faults/pull", REPRODUCE + "test_registry_campaign.py::test_pull_campaign"
+    )
     began, tally.seed = time.monotonic(), SEED
     rng = random.Random(tally.seed)
     ref = f"{fault_proxy.host}/{busybox_image.repository}:{busybox_image.tag}"
@@ -385,7 +391,9 @@ def test_push_campaign(
     scaled: Callable[[int, int], int],
     campaign: Callable[[str, str], Tally],
 ) -> None:
-    tally = campaign("registry-faults/push", "build --push / build --cache-to")
+    tally = campaign(
+        "registry-faults/push", REPRODUCE + "test_registry_campaign.py::test_push_campaign"
+    )
     began, tally.seed = time.monotonic(), SEED + 1
     rng = random.Random(tally.seed)
     monkeypatch.setenv("MICROAGENT_HOME", str(project.home))  # built: only the push remains
@@ -449,7 +457,9 @@ def test_restore_campaign(
     scaled: Callable[[int, int], int],
     campaign: Callable[[str, str], Tally],
 ) -> None:
-    tally = campaign("registry-faults/restore", "create --cache-from")
+    tally = campaign(
+        "registry-faults/restore", REPRODUCE + "test_registry_campaign.py::test_restore_campaign"
+    )
     began, tally.seed = time.monotonic(), SEED + 2
     rng = random.Random(tally.seed)
     repo = next(iter(_repos_of(project)))
