@@ -12,8 +12,10 @@ import collections
 import contextlib
 import os
 import select
+import signal
 import socket
 import subprocess
+import sys
 import time
 import tty
 from collections.abc import Iterator
@@ -69,9 +71,21 @@ class Result:
 class Link:
     """The host's end: a socketpair whose other end the agent serves (``--fd``)."""
 
-    def __init__(self, binary: Path, log: Path, *extra: str, root: str = "/") -> None:
+    def __init__(
+        self,
+        binary: Path,
+        log: Path,
+        *extra: str,
+        root: str = "/",
+        ignoring: tuple[signal.Signals, ...] = (),
+    ) -> None:
         self.sock, theirs = socket.socketpair()
         argv = [str(binary), "--fd", str(theirs.fileno()), "--root", root, "--log", str(log)]
+        if ignoring:  # what a shell does to a background job, nohup to SIGHUP: then exec
+            numbers = ",".join(str(int(sig)) for sig in ignoring)
+            ignore = f"for s in ({numbers},): signal.signal(s, signal.SIG_IGN)"
+            ignore = f"import os, signal, sys\n{ignore}"
+            argv = [sys.executable, "-c", f"{ignore}\nos.execv(sys.argv[1], sys.argv[1:])", *argv]
         self.proc = subprocess.Popen(
             [*argv, *extra],
             pass_fds=(theirs.fileno(),),
@@ -463,6 +477,23 @@ def test_ctrl_c_interrupts(link: Link) -> None:
     link.send(1, T.STDIN, b"\x03")
     result = link.collect(1)
     assert result.exit == ExecExit(130, signal=2)
+
+
+def test_commands_start_with_default_signals_whatever_the_agent_inherited(
+    agent_bin: Path, tmp_path: Path
+) -> None:
+    """An agent started ignoring SIGINT, SIGQUIT and SIGHUP (a background job, nohup) runs
+    its commands with no signal ignored: ^C on a terminal still interrupts."""
+    ignoring = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+    lk = Link(agent_bin, tmp_path / "agent.log", ignoring=ignoring)
+    assert lk.next(0).type is T.HELLO
+    status = lk.run(1, "cat", "/proc/self/status").stdout.decode()
+    assert "\nSigIgn:\t0000000000000000\n" in status, status
+    lk.exec(3, "sleep", "30", tty=True)
+    assert lk.next(3).type is T.STARTED
+    lk.send(3, T.STDIN, b"\x03")
+    assert lk.collect(3, timeout=10).exit == ExecExit(130, signal=2)
+    assert lk.close() == 0, lk.logtext()
 
 
 def test_resize_and_end_of_input_on_a_terminal(link: Link) -> None:

@@ -1093,9 +1093,12 @@ static void child_main(const struct exec_req *rq, const char *root, int status_f
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
-    signal(SIGPIPE, SIG_DFL);   /* ignored dispositions survive exec: restore them */
-    signal(SIGCHLD, SIG_DFL);
-    signal(SIGIO, SIG_DFL);
+    /* Ignored dispositions survive exec: the agent's own (SIGPIPE ...) and any it inherited
+     * (started as a background job or under nohup it ignores SIGINT, SIGQUIT or SIGHUP, and
+     * ^C on a terminal would then interrupt nothing). Every command starts from the defaults. */
+    for (int sig = 1; sig < NSIG; sig++)
+        if (sig != SIGKILL && sig != SIGSTOP)
+            signal(sig, SIG_DFL);
     if (setsid() < 0)
         child_fail(status_fd, 126, "setsid: %s", strerror(errno));
     if (rq->tty && ioctl(fd0, TIOCSCTTY, 0) < 0)
