@@ -488,7 +488,10 @@ def test_commands_start_with_default_signals_whatever_the_agent_inherited(
     lk = Link(agent_bin, tmp_path / "agent.log", ignoring=ignoring)
     assert lk.next(0).type is T.HELLO
     status = lk.run(1, "cat", "/proc/self/status").stdout.decode()
-    assert "\nSigIgn:\t0000000000000000\n" in status, status
+    ignored = int(status.split("\nSigIgn:\t", 1)[1].split("\n", 1)[0], 16)
+    # signals 1-31 (bit n-1); 32 and 33 are glibc's own (signal() refuses them), and a CI
+    # harness was seen ignoring 32
+    assert ignored & 0x7FFFFFFF == 0, status
     lk.exec(3, "sleep", "30", tty=True)
     assert lk.next(3).type is T.STARTED
     lk.send(3, T.STDIN, b"\x03")
