@@ -114,7 +114,9 @@ def test_user_network_without_root_is_refused(
 # sent and when its peer closed it (nc's stdin is a fifo opened read-write: it never ends).
 SERVE_SCRIPT = (
     "mkdir -p /tmp/www && echo GUEST-PAGE > /tmp/www/index.html && httpd -p 8000 -h /tmp/www && "
-    "mkfifo /tmp/f && nc -l -p 9000 <>/tmp/f >/tmp/www/got; echo closed >/tmp/www/closed; "
+    "mkfifo /tmp/f && nc -l -p 9000 <>/tmp/f >/tmp/www/got; "
+    # Renamed into place: httpd could serve a file created by '>' before its bytes are written.
+    "echo closed >/tmp/closed && mv /tmp/closed /tmp/www/closed; "
     "sleep 120"
 )
 
