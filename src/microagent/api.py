@@ -868,6 +868,7 @@ class Microagent:
         it."""
         # deferred: see the module docstring
         from microagent.ext4.debugfs import check_image
+        from microagent.store.retention import builds_in_flight
         from microagent.store.verify import verify
         from microagent.workspace.disks import stored_image_problem
 
@@ -875,9 +876,17 @@ class Microagent:
             return stored_image_problem(folder, check_image)
 
         checks = {"disks": image, "bundles": image}
-        return verify(
-            self.store, repair=repair, in_use=self.cache_in_use(), fsck=check_image, checks=checks
-        )
+        if not repair:  # reads only: builds go on beside it (a rootfs in flight is in its grace)
+            return verify(self.store, in_use=self.cache_in_use(), fsck=check_image, checks=checks)
+
+        def waiting() -> None:
+            self.say("cache verify --repair: waiting for the builds in progress to finish")
+
+        # the same rule as prune: what a build in flight uses is in no workspace record yet
+        with builds_in_flight(self.store, exclusive=True, on_wait=waiting):
+            return verify(
+                self.store, repair=True, in_use=self.cache_in_use(), fsck=check_image, checks=checks
+            )
 
     def cache_export(
         self,

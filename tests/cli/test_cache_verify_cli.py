@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,8 @@ import pytest
 from microagent.cli import main
 from microagent.commands import confirm
 from microagent.commands.envelope import schema
+from microagent.store.content import Store
+from microagent.store.retention import builds_in_flight
 from testenv.clitools import cli_json
 
 SPEC = "name: ws\nimage: oci:layout:latest\nsetup: [mkdir -p /workspace]\nentrypoint: 'true'\n"
@@ -149,3 +154,37 @@ def test_nothing_wrong_means_nothing_to_ask(
     monkeypatch.setattr("sys.stdin", io.StringIO(""))  # an answer would be read from here
     code, out, err = run(capsys, "cache", "verify", "--repair")
     assert code == 0 and "?" not in err and out.endswith("no problems\n")
+
+
+def test_repair_waits_for_builds_in_flight_as_prune_does(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A create holds the builds lock shared until its workspace is recorded; what it uses is
+    in no record yet, so --repair (which removes) waits for it; a plain verify does not."""
+    junk, _ = damage(store)
+    release = threading.Event()
+    held = threading.Event()
+
+    def build_in_flight() -> None:
+        with builds_in_flight(Store(store)):
+            held.set()
+            release.wait(30)
+
+    builder = threading.Thread(target=build_in_flight)
+    builder.start()
+    try:
+        assert held.wait(10)
+        assert cli_json(capsys, "cache", "verify", code=1)["repaired"] == []  # reads, no wait
+        with ThreadPoolExecutor(1) as pool:
+            repair = pool.submit(run, capsys, "cache", "verify", "--repair", "-y")
+            time.sleep(1.0)
+            assert not repair.done()
+            assert (store / junk).exists()
+            release.set()
+            code, _, err = repair.result(timeout=60)
+    finally:
+        release.set()
+        builder.join()
+    assert code == 0
+    assert "waiting for the builds in progress to finish" in err
+    assert not (store / junk).exists()
