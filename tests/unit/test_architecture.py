@@ -28,6 +28,7 @@ LAYERS = (
     "errors",
     "digests",
     "fsutil",
+    "progress",
     "runner",
     "settings",
     "compiler",

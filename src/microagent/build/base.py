@@ -20,6 +20,7 @@ from microagent.compiler.refs import host_platform, parse_any_ref
 from microagent.digests import key_hex
 from microagent.errors import IntegrityError, MicroagentError, NotFoundError
 from microagent.oci import documents as oci
+from microagent.progress import Meter, TaskKind
 from microagent.store.content import Store
 from microagent.store.records import (
     BaseOrigin,
@@ -91,11 +92,14 @@ def _image(store: Store, record: StepRecord, cached: bool, seconds: float) -> Ba
 def _fetch_blob(store: Store, repo: Repository, desc: oci.Descriptor, say: Progress) -> None:
     if store.has_blob(desc.digest):
         return
-    began = time.monotonic()
+    meter = Meter(say, desc.digest, TaskKind.PULL, desc.digest[7:19], desc.size)
     with repo.blob(desc.digest) as stream:
-        store.put_blob_file(stream, desc.digest, expected_size=desc.size)
-    seconds = max(time.monotonic() - began, 1e-6)
-    say(f"  {desc.digest[7:19]}  {desc.size / 1e6:8.1f} MB  {desc.size / 1e6 / seconds:7.0f} MB/s")
+        store.put_blob_file(meter.reader(stream), desc.digest, expected_size=desc.size)
+    seconds = max(meter.elapsed, 1e-6)
+    meter.finish(
+        f"  {desc.digest[7:19]}  {desc.size / 1e6:8.1f} MB  {desc.size / 1e6 / seconds:7.0f} MB/s"
+        f"  {seconds:.1f}s"
+    )
 
 
 def _diff_ids(config: Mapping[str, Any], layers: int) -> list[str]:

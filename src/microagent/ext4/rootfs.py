@@ -8,14 +8,17 @@ and published atomically, so concurrent builders build it once.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from microagent.ext4.mkfs import build_ext4
 from microagent.ext4.ramstage import stage_dir
 from microagent.layers.apply import LayerSource, flatten
+from microagent.progress import Meter, TaskKind
 from microagent.store.content import Store
 from microagent.store.records import rootfs_entry
 
@@ -47,7 +50,9 @@ def build_rootfs(
     def build(tmp: Path) -> None:
         with stage_dir(store, compressed_bytes, ram=ram) as stage:
             began = time.monotonic()
-            meta = flatten(stage, layers)
+            label = f"{len(layers)} layer(s) to ext4"  # bytes: the compressed layers read
+            meter = Meter(say, key, TaskKind.CONVERT, label, compressed_bytes)
+            meta = flatten(stage, [dataclasses.replace(s, open=_counted(s, meter)) for s in layers])
             timings.flatten_seconds = time.monotonic() - began
             if say is not None:
                 say(f"  flattened {len(layers)} layer(s) in {timings.flatten_seconds:.1f}s")
@@ -56,5 +61,10 @@ def build_rootfs(
             timings.ext4_seconds = time.monotonic() - began
             if say is not None:
                 say(f"  built ext4 in {timings.ext4_seconds:.1f}s")
+            meter.finish("")
 
     return store.build_once(rootfs_entry(key), build, replace=replace), timings
+
+
+def _counted(source: LayerSource, meter: Meter) -> Callable[[], BinaryIO]:
+    return lambda: meter.reader(source.open())
