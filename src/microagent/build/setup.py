@@ -22,6 +22,7 @@ from microagent.compiler.plan import BuildPlan, Step
 from microagent.digests import key_hex
 from microagent.errors import BuildError
 from microagent.fsutil import flocked
+from microagent.progress import Meter, TaskKind, report_cached
 from microagent.runtime.backend import Accel, Backend, GuestResult, NetworkConfig
 from microagent.store.content import Store
 from microagent.store.records import (
@@ -120,19 +121,19 @@ def ensure_rootfs(ctx: BuildContext, plan: BuildPlan, base: BaseImage) -> BuiltR
     for index, step in enumerate(steps, start=1):
         label = f"[{index}/{len(steps)}] setup {step.label}"
         if index < cached:
-            ctx.say(f"{label}  CACHED")
+            report_cached(ctx.say, step.key, TaskKind.STEP, label, f"{label}  CACHED")
             continue
         with flocked(setup_lock(ctx.store, step.key)):  # concurrent builds boot once
             forced = index >= rebuild  # replaces what is cached under the key
             record = None if forced else setup_ready(ctx.store, step.key)
             if record is None:
-                ctx.say(f"{label}" + ("  (rebuilt: cache not used)" if forced else ""))
-                began = time.monotonic()
+                note = "  (rebuilt: cache not used)" if forced else ""
+                meter = Meter(ctx.say, step.key, TaskKind.STEP, label, line=label + note)
                 record = build_setup_step(ctx, step, rootfs, layers, env, replace=forced)
-                ctx.say(f"{label}  DONE {time.monotonic() - began:.1f}s")
+                meter.finish(f"{label}  DONE {meter.elapsed:.1f}s")
                 built += 1
             else:
-                ctx.say(f"{label}  CACHED")
+                report_cached(ctx.say, step.key, TaskKind.STEP, label, f"{label}  CACHED")
         assert record.rootfs is not None
         layers = record.layers
         rootfs = ctx.store.entry_path(record.rootfs)
