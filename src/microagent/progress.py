@@ -124,7 +124,7 @@ class Meter:
         return _Counted(stream, self.add)  # type: ignore[return-value]
 
 
-def cached(say: Say | None, task: str, kind: TaskKind, label: str, line: str) -> None:
+def report_cached(say: Say | None, task: str, kind: TaskKind, label: str, line: str) -> None:
     """A task that had nothing to do: its result was in the cache."""
     emit(say, ProgressEvent(task, kind, Phase.CACHED, label, line=line))
 
@@ -153,3 +153,19 @@ class _Counted:
 
     def __exit__(self, *_exc: object) -> None:
         self._stream.close()
+
+
+def upload(say: Say | None, digest: str, size: int, send: Callable[[], bool]) -> bool:
+    """Run ``send`` (an upload that returns False when the target had the blob) as a
+    ``PUSH`` task of ``size`` bytes: done with its rate, or cached."""
+    meter = Meter(say, digest, TaskKind.PUSH, digest[7:19], size)
+    sent = send()
+    meter.done = size if sent else 0
+    took = meter.elapsed
+    if sent:
+        meter.finish(
+            f"  {digest[7:19]}  {megabytes(size)}  {rate(size, took)}  {took:.1f}s  pushed"
+        )
+    else:
+        meter.finish("", cached=True)  # the summary counts them
+    return sent

@@ -43,6 +43,7 @@ from microagent.layers.tarwrite import source_date_epoch
 from microagent.oci import documents as oci
 from microagent.oci.registry import RegistryClient
 from microagent.oci.transport import Repository, open_repository
+from microagent.progress import upload
 from microagent.remotecache.records import (
     ARTIFACT_TYPE,
     EMPTY_JSON,
@@ -440,12 +441,16 @@ class PublishReport:
         }
 
 
+def _sender(target: Repository, blob: Blob) -> Callable[[], bool]:
+    return lambda: target.put_blob(blob.digest, blob.size, blob.path)
+
+
 def publish(pub: Publication, target: Repository, say: Say | None = None) -> PublishReport:
     """Send every blob the target lacks (in parallel), then the manifests in order."""
     began = time.monotonic()
     blobs = sorted(pub.blobs.values(), key=lambda b: b.digest)
     with ThreadPoolExecutor(UPLOAD_WORKERS) as pool:
-        sent = list(pool.map(lambda b: target.put_blob(b.digest, b.size, b.path), blobs))
+        sent = list(pool.map(lambda b: upload(say, b.digest, b.size, _sender(target, b)), blobs))
     for manifest in pub.manifests:
         target.put_manifest(manifest.tag, manifest.data, manifest.media_type)
     target.close()
