@@ -30,6 +30,7 @@ from microagent.commands import (
 )
 from microagent.commands.context import Ctx, sanitize_for_terminal
 from microagent.commands.group import CommandGroup, did_you_mean
+from microagent.commands.progress import ProgressMode
 from microagent.errors import (
     EXIT_FAILURE,
     HostIOError,
@@ -83,9 +84,26 @@ MOST_USED = (
     type=click.Path(file_okay=False, path_type=Path),
     help="Store root (default: $MICROAGENT_HOME or the user cache dir).",
 )
+@click.option(
+    "--progress",
+    type=click.Choice([m.value for m in ProgressMode]),
+    default=ProgressMode.AUTO.value,
+    show_default=True,
+    envvar="MICROAGENT_PROGRESS",
+    help="Progress on stderr: tty (a live view), plain (lines), auto (tty on a terminal "
+    "outside CI; $MICROAGENT_PROGRESS).",
+)
 @click.option("--version", is_flag=True, help="Show the version and exit.")
 @click.pass_context
-def cli(ctx: click.Context, as_json: bool, debug: bool, home: Path | None, version: bool) -> None:
+def cli(
+    ctx: click.Context,
+    *,
+    as_json: bool,
+    debug: bool,
+    home: Path | None,
+    progress: str,
+    version: bool,
+) -> None:
     """Run AI-agent workspaces in Linux microVMs from one microagent.yaml.
 
     `microagent` alone shows the workflow; `microagent COMMAND --help` a command's flags.
@@ -94,6 +112,7 @@ def cli(ctx: click.Context, as_json: bool, debug: bool, home: Path | None, versi
     if state is None:
         state = ctx.obj = Ctx()
     state.json, state.debug, state.home = as_json, debug, home
+    state.progress = ProgressMode(progress)
     if version:
         _print_version(as_json)
         ctx.exit(0)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 import click
 
 from microagent.commands import envelope
+from microagent.commands.progress import LiveReporter, PlainReporter, ProgressMode, reporter_for
 
 if TYPE_CHECKING:
     from microagent.api import Microagent
@@ -106,7 +107,9 @@ class Ctx:
     json: bool = False
     debug: bool = False
     home: Path | None = None
+    progress: ProgressMode = ProgressMode.AUTO
     _settings: Settings | None = field(default=None, repr=False)
+    _reporter: PlainReporter | LiveReporter | None = field(default=None, repr=False)
 
     @property
     def settings(self) -> Settings:
@@ -120,27 +123,57 @@ class Ctx:
     def say(self, message: str) -> None:
         """Progress for humans on stderr; nothing in --json mode."""
         if not self.json:
-            _to_stderr(message)
+            self.reporter()(message)
+
+    def reporter(self) -> PlainReporter | LiveReporter:
+        """Where progress goes (``--progress``): a live view on a terminal, else lines on
+        stderr; made once, and closed when the command ends (failed or not)."""
+        if self._reporter is None:
+            self._reporter = reporter_for(
+                self.progress, sanitize_for_terminal, _to_stderr, isatty=sys.stderr.isatty()
+            )
+            click_ctx = click.get_current_context(silent=True)
+            if click_ctx is not None:
+                click_ctx.find_root().call_on_close(self._reporter.close)
+        return self._reporter
 
     def api(
         self, *, say: Callable[[str], None] | None = None, output: Any = None, quiet: bool = False
     ) -> Microagent:
-        """The library over this invocation's settings."""
+        """The library over this invocation's settings. Progress (``say``: the reporter
+        unless given) and a setup step's output go to the reporter; nothing with --json."""
         from microagent.api import Microagent  # deferred: the library is heavy; --help is not
 
-        chosen = _quiet if quiet or self.json else (say or _to_stderr)
         return Microagent(
             self.settings,
-            say=chosen,
-            output=None if self.json else output,
-            notice=_quiet if quiet else _to_stderr,  # retries: on stderr, even with --json
+            say=_quiet if quiet or self.json else self._say(say),
+            output=None if self.json else self._output(output),
+            notice=_quiet if quiet else self._notice(),  # retries: on stderr, even with --json
         )
+
+    def _say(self, say: Callable[[str], None] | None) -> Callable[[str], None]:
+        if say is None:
+            return self.reporter()
+        if say is _tty_only:  # progress only where someone watches: a terminal, or asked for
+            live = self.progress is not ProgressMode.AUTO or sys.stderr.isatty()
+            return self.reporter() if live else _quiet
+        return say
+
+    def _output(self, output: Any) -> Any:
+        """A setup step's output: under its row in the live view, else as it comes."""
+        reporter = self.reporter() if output is stream_to_stderr else None
+        return reporter.output if isinstance(reporter, LiveReporter) else output
+
+    def _notice(self) -> Callable[[str], None]:
+        return _to_stderr if self.json else self.reporter()
 
     def emit(
         self, data: dict[str, Any], text: str, *, error: MicroagentError | None = None
     ) -> None:
         """Print ``data`` as the ``--json`` envelope (see :mod:`.envelope`), else ``text``.
         ``error``: the outcome failed (``ok: false`` with this error object)."""
+        if self._reporter is not None:
+            self._reporter.close()  # the live view ends before the outcome is printed
         if self.json:
             click.echo(envelope.dumps(data, error))
         elif text:
