@@ -22,8 +22,18 @@ retries so slowly that requests stalled for a minute; the kernel's retries (the 
 connect) are quick. The egress filter lets out only the replies of connections made to the
 relay from outside (conntrack ``ESTABLISHED``, reply direction, from the published ports).
 
-Everything here needs root (``ip netns add``, a tap device in the namespace). Argv and rules
-are built by pure functions; :class:`NetworkSandbox` runs them and always tears down.
+As root the namespace is a named one (``ip netns add``, entered with ``ip netns exec``). As a
+normal user it is the rootless-container recipe: a holder process made by ``unshare --user
+--map-root-user --net --mount`` owns a user namespace (we are root in it, nothing more on the
+host) with its own network and mount namespaces; every helper and the VMM enter it with
+``nsenter --preserve-credentials``, and slirp4netns attaches to it by path (``--userns-path``,
+``--netns-type=path``, as rootlesskit and podman do). The tap device, the iptables/ip6tables
+filter and the resolv.conf override (a bind mount in that mount namespace) all live inside;
+the namespaces vanish with the holder, which dies with its parent (``--pdeathsig``). Needs
+unprivileged user namespaces and a ``/dev/net/tun`` the user may open (mode 0666, as
+distributions ship it); :func:`rootless_problems` says what is missing.
+Argv and rules are built by pure functions; :class:`NetworkSandbox` runs them and always
+tears down.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import select
 import shlex
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
@@ -72,6 +83,10 @@ RELAY_BACKLOG = 128
 RELAY_HALF_CLOSE_SECONDS = 3600
 READY_TIMEOUT = 10.0
 HOST_TOOLS = ("ip", "iptables-restore", "ip6tables-restore", "slirp4netns")
+ROOTLESS_TOOLS = ("unshare", "nsenter", "setpriv", "sleep")  # the user-namespace path adds these
+HOLDER_COMMAND = "sleep"  # what the namespace holder runs (its comm once the namespaces exist)
+SYSCTL = Path("/proc/sys")
+TUN_DEVICE = Path("/dev/net/tun")
 HOST_IPV6 = Path("/proc/net/if_inet6")  # absent when the kernel has no IPv6
 # Characters socat parses in an address (1.7: , : ! ' " and 1.8 adds \ and brackets).
 SOCAT_SPECIAL = frozenset(",:!'\"\\()[]{}")
@@ -184,22 +199,32 @@ def ip6tables_rules() -> str:
 
 
 def slirp4netns_argv(
-    binary: str, netns: str, ready_fd: int, exit_fd: int, api_socket: Path | None = None
+    binary: str,
+    netns: str | Path,
+    ready_fd: int,
+    exit_fd: int,
+    api_socket: Path | None = None,
+    *,
+    userns: Path | None = None,
 ) -> list[str]:
-    """slirp4netns joining ``netns`` to the outside, host loopback disabled; with an API
-    socket (for published ports) when ``api_socket`` is given."""
+    """slirp4netns joining ``netns`` (a name under /run/netns, or a namespace file's path)
+    to the outside, host loopback disabled; joining the user namespace ``userns`` first when
+    given (the rootless path); with an API socket (for published ports) when given."""
     api = [f"--api-socket={api_socket}"] if api_socket is not None else []
+    owner = [f"--userns-path={userns}"] if userns is not None else []
+    target = netns if isinstance(netns, Path) else NETNS_DIR / netns
     return [
         binary,
         "--configure",
         "--mtu=65520",
         "--disable-host-loopback",
         f"--cidr={SLIRP_CIDR}",
+        *owner,
         "--netns-type=path",
         f"--ready-fd={ready_fd}",
         f"--exit-fd={exit_fd}",
         *api,
-        str(NETNS_DIR / netns),
+        str(target),
         "tap0",
     ]
 
@@ -207,6 +232,40 @@ def slirp4netns_argv(
 def netns_exec(netns: str, argv: Sequence[str]) -> list[str]:
     """``argv`` run inside ``netns`` (``ip netns exec`` execs it: same pid)."""
     return ["ip", "netns", "exec", netns, *argv]
+
+
+def holder_argv(setpriv: str, unshare: str, sleep: str) -> list[str]:
+    """The process that owns the rootless namespaces: a user namespace mapping only our uid
+    to root, with a network and a mount namespace; it sleeps until killed, or until its
+    parent dies (SIGKILL)."""
+    return [
+        setpriv,
+        "--pdeathsig",
+        "KILL",
+        unshare,
+        "--user",
+        "--map-root-user",
+        "--net",
+        "--mount",
+        "--",
+        sleep,
+        "infinity",
+    ]
+
+
+def nsenter_argv(nsenter: str, pid: int | str, argv: Sequence[str]) -> list[str]:
+    """``argv`` run in the namespaces of holder ``pid``, keeping our uid (root there): nsenter
+    execs it without a fork (same pid), so a parent-death signal set inside still holds."""
+    return [
+        nsenter,
+        f"--target={pid}",
+        "--user",
+        "--net",
+        "--mount",
+        "--preserve-credentials",
+        "--",
+        *argv,
+    ]
 
 
 def _qemu_escape(value: str) -> str:
@@ -442,19 +501,211 @@ def stale_namespaces(names: Sequence[str]) -> list[str]:
     return stale
 
 
-def root_problem() -> str:
-    """Why ``user`` networking cannot be set up here ('' when it can)."""
-    if os.geteuid() != 0:
-        return "needs root (ip netns add, a tap device for slirp4netns)"
+def rootless() -> bool:
+    """Whether the user-namespace path is taken: we are not root."""
+    return os.geteuid() != 0
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What keeps ``user`` networking from working here, and the command that fixes it."""
+
+    what: str
+    fix: str
+    tools: tuple[str, ...] = ()  # the missing programs, when that is the problem
+
+
+def _sysctl(name: str, root: Path) -> int | None:
+    try:
+        return int((root / name).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _persisted(setting: str) -> str:
+    return f"sudo sysctl -w {setting} (keep it: a line `{setting}` in /etc/sysctl.d/99-userns.conf)"
+
+
+def userns_problems(sysctl: Path = SYSCTL, tun: Path = TUN_DEVICE) -> list[Problem]:
+    """Why a normal user cannot make the rootless namespaces here (the kernel's switches for
+    user namespaces, the tun device slirp4netns opens), each with its fix."""
+    found = []
+    if _sysctl("user/max_user_namespaces", sysctl) == 0:
+        found.append(
+            Problem(
+                "user namespaces are disabled (user.max_user_namespaces = 0)",
+                _persisted("user.max_user_namespaces=28633"),
+            )
+        )
+    if _sysctl("kernel/unprivileged_userns_clone", sysctl) == 0:
+        found.append(
+            Problem(
+                "unprivileged user namespaces are off (kernel.unprivileged_userns_clone = 0)",
+                _persisted("kernel.unprivileged_userns_clone=1"),
+            )
+        )
+    if _sysctl("kernel/apparmor_restrict_unprivileged_userns", sysctl) == 1:
+        found.append(
+            Problem(
+                "AppArmor restricts unprivileged user namespaces "
+                "(kernel.apparmor_restrict_unprivileged_userns = 1)",
+                _persisted("kernel.apparmor_restrict_unprivileged_userns=0")
+                + ", or an AppArmor profile granting `userns,` to unshare and slirp4netns",
+            )
+        )
+    return [*found, *_tun_problems(tun)]
+
+
+def _tun_problems(tun: Path) -> list[Problem]:
+    try:
+        mode = stat.filemode(tun.stat().st_mode)
+    except OSError:
+        return [Problem(f"{tun} does not exist (slirp4netns needs it)", "sudo modprobe tun")]
+    if not os.access(tun, os.R_OK | os.W_OK):
+        return [
+            Problem(
+                f"{tun} is {mode}: this user cannot open it (slirp4netns needs it)",
+                f"sudo chmod 0666 {tun} (the mode distributions ship; keep it with a udev "
+                'rule: KERNEL=="tun", MODE="0666")',
+            )
+        ]
+    return []
+
+
+def required_tools(is_rootless: bool) -> tuple[str, ...]:
+    """The programs ``user`` networking runs (as root, or on the user-namespace path)."""
+    return (*HOST_TOOLS, "socat", *(ROOTLESS_TOOLS if is_rootless else ()))
+
+
+def missing_tools(names: Iterable[str]) -> tuple[str, ...]:
     missing = []
-    for tool in (*HOST_TOOLS, "socat"):
+    for tool in names:
         try:
             runner.find_tool(tool)
         except ToolError:
             missing.append(tool)
+    return tuple(missing)
+
+
+def network_problems() -> list[Problem]:
+    """What keeps ``user`` networking from working for this user ([] when nothing does)."""
+    is_rootless = rootless()
+    found = []
+    missing = missing_tools(required_tools(is_rootless))
     if missing:
-        return f"missing {', '.join(missing)}"
-    return ""
+        packages = " ".join(sorted({runner.PACKAGES.get(t, t) for t in missing}))
+        found.append(
+            Problem(f"missing {', '.join(missing)}", f"apt-get install {packages}", missing)
+        )
+    if is_rootless:
+        found.extend(userns_problems())
+    return found
+
+
+def user_network_problem() -> str:
+    """Why ``user`` networking cannot be set up here ('' when it can)."""
+    return "; ".join(p.what for p in network_problems())
+
+
+class NamedNetns:
+    """As root: a named namespace under /run/netns (``ip netns``); its resolv.conf, when one
+    is needed, in /etc/netns/<name>/ (``ip netns exec`` mounts it)."""
+
+    def __init__(self) -> None:
+        self.name = netns_name()
+        self._created = False
+        self._resolv_dir: Path | None = None
+
+    def create(self, resolv_conf: str | None) -> None:
+        cleanup_stale()
+        runner.run(["ip", "netns", "add", self.name])
+        self._created = True
+        runner.run(["ip", "-n", self.name, "link", "set", "lo", "up"])
+        if resolv_conf:
+            self._resolv_dir = Path("/etc/netns") / self.name
+            self._resolv_dir.mkdir(parents=True, exist_ok=True)
+            (self._resolv_dir / "resolv.conf").write_text(resolv_conf)
+
+    def enter(self, argv: Sequence[str]) -> list[str]:
+        return netns_exec(self.name, argv)
+
+    def slirp_target(self) -> tuple[str | Path, Path | None]:
+        """slirp4netns's namespace argument and user namespace (none: root needs none)."""
+        return self.name, None
+
+    def delete(self) -> None:
+        if self._created:
+            runner.run(["ip", "netns", "del", self.name], check=False)
+            self._created = False
+        if self._resolv_dir is not None:
+            for child in self._resolv_dir.glob("*"):
+                child.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self._resolv_dir.rmdir()
+            self._resolv_dir = None
+
+
+class UserNetns:
+    """As a normal user: a user namespace with a network and a mount namespace, owned by a
+    holder process (:func:`holder_argv`); helpers enter it with nsenter. The resolv.conf,
+    when one is needed, is bind-mounted over /etc/resolv.conf in the mount namespace."""
+
+    PLACEHOLDER = "<holder-pid>"  # in an argv shown before the holder exists (--print-command)
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self._holder: subprocess.Popen[bytes] | None = None
+        self._nsenter = "nsenter"
+
+    def create(self, resolv_conf: str | None) -> None:
+        tools = [runner.find_tool(t) for t in ("setpriv", "unshare", HOLDER_COMMAND)]
+        self._nsenter = runner.find_tool("nsenter")
+        log = self.state_dir / "netns.log"
+        self._holder = runner.spawn(holder_argv(*tools), stdout=log)
+        _await_holder(self._holder, log)
+        runner.run(self.enter(["ip", "link", "set", "lo", "up"]))
+        if resolv_conf:
+            resolv = self.state_dir / "resolv.conf"
+            resolv.write_text(resolv_conf)
+            runner.run(self.enter(["mount", "--bind", str(resolv), "/etc/resolv.conf"]))
+
+    def enter(self, argv: Sequence[str]) -> list[str]:
+        pid = self._holder.pid if self._holder is not None else self.PLACEHOLDER
+        return nsenter_argv(self._nsenter, pid, argv)
+
+    def slirp_target(self) -> tuple[str | Path, Path | None]:
+        if self._holder is None:
+            raise VMError("the namespace holder is not running")
+        proc = Path(f"/proc/{self._holder.pid}/ns")
+        return proc / "net", proc / "user"
+
+    def delete(self) -> None:
+        """Stop the holder: with its last process gone, the namespaces go too."""
+        if self._holder is not None:
+            _stop(self._holder)
+            self._holder = None
+        (self.state_dir / "resolv.conf").unlink(missing_ok=True)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _await_holder(holder: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait until the holder runs its command: unshare made the namespaces and the uid map."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while _comm(holder.pid) != HOLDER_COMMAND:
+        if holder.poll() is not None or time.monotonic() > deadline:
+            fixes = "; ".join(p.fix for p in userns_problems())
+            raise VMError(
+                "could not create a user namespace for the VM's network "
+                f"(unshare --user --map-root-user --net): {tail_text(log, 5) or 'no output'}",
+                hint=fixes or "check that unprivileged user namespaces are enabled",
+            )
+        time.sleep(0.005)
 
 
 class NetworkSandbox:
@@ -463,13 +714,11 @@ class NetworkSandbox:
     def __init__(self, config: NetworkConfig, state_dir: Path) -> None:
         self.config = config
         self.state_dir = state_dir
-        self.name = netns_name()
+        self._ns: NamedNetns | UserNetns = UserNetns(state_dir) if rootless() else NamedNetns()
         self._slirp: subprocess.Popen[bytes] | None = None
         self._exit_fd: int | None = None
         self._bridges: list[subprocess.Popen[bytes]] = []
         self._relays: list[subprocess.Popen[bytes]] = []
-        self._created = False
-        self._resolv_dir: Path | None = None
 
     @property
     def enabled(self) -> bool:
@@ -504,15 +753,14 @@ class NetworkSandbox:
             if self.config.published:
                 raise VMError("published ports need network mode 'user'")
             return
-        problem = root_problem()
-        if problem:
+        problems = network_problems()
+        if problems:
+            fixes = "; ".join(p.fix for p in problems)
             raise VMError(
-                f"network mode 'user' is unavailable: {problem}",
-                hint="run as root with slirp4netns, iptables, iproute2 and socat installed, "
-                "or use --network isolated",
+                "network mode 'user' is unavailable: " + "; ".join(p.what for p in problems),
+                hint=f"{fixes}; or use --network isolated (`microagent doctor` checks this)",
             )
         check_published(self.config.published)  # before anything is made: nothing to undo
-        cleanup_stale()
         self._create_netns()
         self._start_slirp()
         self._start_relays()
@@ -520,19 +768,13 @@ class NetworkSandbox:
         self._start_bridges()
 
     def _create_netns(self) -> None:
-        runner.run(["ip", "netns", "add", self.name])
-        self._created = True
-        runner.run(["ip", "-n", self.name, "link", "set", "lo", "up"])
         policy = self._policy()
-        if policy.netns_resolv_conf:
-            self._resolv_dir = Path("/etc/netns") / self.name
-            self._resolv_dir.mkdir(parents=True, exist_ok=True)
-            (self._resolv_dir / "resolv.conf").write_text(policy.netns_resolv_conf)
+        self._ns.create(policy.netns_resolv_conf)
         rules = iptables_rules(policy).encode()
-        runner.run(netns_exec(self.name, ["iptables-restore"]), input=rules)
+        runner.run(self._ns.enter(["iptables-restore"]), input=rules)
         if HOST_IPV6.exists():  # no IPv6 in the kernel: nothing to filter
             v6 = ip6tables_rules().encode()
-            runner.run(netns_exec(self.name, ["ip6tables-restore"]), input=v6)
+            runner.run(self._ns.enter(["ip6tables-restore"]), input=v6)
 
     def _policy(self) -> EgressPolicy:
         try:
@@ -557,7 +799,8 @@ class NetworkSandbox:
             api.unlink(missing_ok=True)
         try:
             binary = runner.find_tool("slirp4netns")
-            argv = slirp4netns_argv(binary, self.name, ready_w, exit_r, api)
+            target, userns = self._ns.slirp_target()
+            argv = slirp4netns_argv(binary, target, ready_w, exit_r, api, userns=userns)
             self._slirp = runner.spawn(argv, stdout=log, pass_fds=(ready_w, exit_r))
         finally:
             os.close(ready_w)
@@ -579,7 +822,7 @@ class NetworkSandbox:
             log = self.state_dir / f"publish-{port}.log"
             # It never outlives the process that set the namespace up (its children end with
             # their connections, which end with the VMM); a teardown stops its whole session.
-            argv = [setpriv, "--pdeathsig", "KILL", *netns_exec(self.name, relay_argv(socat, port))]
+            argv = [setpriv, "--pdeathsig", "KILL", *self._ns.enter(relay_argv(socat, port))]
             self._relays.append(runner.spawn(argv, stdout=log, new_session=True))
             _await_listening(self._relays[-1], port, log)
 
@@ -604,8 +847,9 @@ class NetworkSandbox:
             _wait_for_socket(path, self._bridges[-1], log)
 
     def wrap(self, argv: Sequence[str]) -> list[str]:
-        """The VMM argv, run inside the namespace when networking is on."""
-        return netns_exec(self.name, argv) if self.enabled else list(argv)
+        """The VMM argv, run inside the namespace when networking is on (on the rootless path
+        the holder's pid is known only after :meth:`setup`)."""
+        return self._ns.enter(argv) if self.enabled else list(argv)
 
     def teardown(self) -> None:
         """Stop helpers and delete the namespace; safe to call more than once."""
@@ -622,15 +866,7 @@ class NetworkSandbox:
             with contextlib.suppress(OSError):
                 os.close(self._exit_fd)
             self._exit_fd = None
-        if self._created:
-            runner.run(["ip", "netns", "del", self.name], check=False)
-            self._created = False
-        if self._resolv_dir is not None:
-            for child in self._resolv_dir.glob("*"):
-                child.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                self._resolv_dir.rmdir()
-            self._resolv_dir = None
+        self._ns.delete()
 
 
 def _read_ready(fd: int, timeout: float) -> bytes:
