@@ -602,6 +602,20 @@ def network_problems() -> list[Problem]:
     return found
 
 
+def probe_userns() -> str:
+    """Make (and drop) the rootless namespaces once: '' when that works, else why not (what
+    the static checks cannot see: seccomp or a security module refusing, for instance)."""
+    try:
+        unshare = runner.find_tool("unshare")
+    except ToolError as exc:
+        return exc.message
+    argv = [unshare, "--user", "--map-root-user", "--net", "--mount", "--", "true"]
+    done = runner.run(argv, check=False, timeout=10)
+    if done.returncode == 0:
+        return ""
+    return f"`{shlex.join(argv[1:])}` failed: {done.stderr.strip()[-300:] or done.returncode}"
+
+
 def user_network_problem() -> str:
     """Why ``user`` networking cannot be set up here ('' when it can)."""
     return "; ".join(p.what for p in network_problems())

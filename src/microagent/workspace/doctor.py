@@ -7,9 +7,10 @@ check makes the verdict ``failed`` (non-zero exit); warnings make it ``degraded`
 from __future__ import annotations
 
 import enum
+import grp
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,22 @@ TCG_HINT = (
 Probe = Callable[[GuestKit], Availability]
 
 
+def kvm_access_hint(path: Path = Path("/dev/kvm")) -> str:
+    """The fix when /dev/kvm exists but this user may not open it ('' otherwise)."""
+    if not path.exists() or os.access(path, os.R_OK | os.W_OK):
+        return ""
+    try:
+        group = grp.getgrgid(path.stat().st_gid).gr_name
+    except (KeyError, OSError):
+        group = "kvm"
+    if group == "root":  # no group to join: the device node itself is too strict
+        return (
+            f"sudo chmod 0660 {path} && sudo chgrp kvm {path} (as distributions ship it), "
+            f"then sudo usermod -aG kvm $USER and log in again; until then {TCG_HINT}"
+        )
+    return f"sudo usermod -aG {group} $USER, then log in again; until then {TCG_HINT}"
+
+
 def _probe(store: Store) -> Probe:
     def probe(kit: GuestKit) -> Availability:
         try:
@@ -166,7 +183,7 @@ def check_accel(
     problem = qemu.kvm_device_problem() if device_problem is None else device_problem
     tcg = Check("tcg", Status.OK, "software emulation available (fallback)")
     if problem:
-        return [Check("kvm", Status.WARN, problem, TCG_HINT), tcg]
+        return [Check("kvm", Status.WARN, problem, kvm_access_hint() or TCG_HINT), tcg]
     why = (host or KvmHost.read()).why()
     kit = guestkit.find_kit(store)
     if kit is None:
@@ -194,20 +211,91 @@ def _failed_boot(kit: GuestKit, reason: str, why: str) -> str:
     return "\n".join(lines)
 
 
-def check_network() -> list[Check]:
-    checks = [
-        _tool(t, t, required=False) for t in ("slirp4netns", "iptables-restore", "ip", "socat")
-    ]
-    problem = network.root_problem()
-    hint = "run as root with slirp4netns, iptables, iproute2 and socat installed"
-    if problem:
-        detail = f"network 'user' unavailable: {problem}; 'isolated' works"
-        checks.append(Check("network", Status.WARN, detail, hint))
-    else:
-        checks.append(
-            Check("network", Status.OK, "user (netns + slirp4netns + egress filter), isolated")
+@dataclass(frozen=True)
+class Distro:
+    """How this host's distribution installs packages (for the hints)."""
+
+    install: str
+    names: Mapping[str, str]  # Debian package name -> this distribution's
+
+    def install_command(self, packages: Iterable[str]) -> str:
+        return f"{self.install} {' '.join(sorted({self.names.get(p, p) for p in packages}))}"
+
+
+DEBIAN = Distro("sudo apt-get install", {})
+FEDORA = Distro("sudo dnf install", {"iproute2": "iproute"})
+DISTROS: Mapping[str, Distro] = {
+    "debian": DEBIAN,
+    "ubuntu": DEBIAN,
+    "fedora": FEDORA,
+    "rhel": FEDORA,
+    "centos": FEDORA,
+    "arch": Distro("sudo pacman -S", {}),
+    "suse": Distro("sudo zypper install", {}),
+    "opensuse": Distro("sudo zypper install", {}),
+    "alpine": Distro("sudo apk add", {}),
+}
+
+
+def parse_os_release(text: str) -> Distro:
+    """The distribution named by os-release ``ID`` (or the first known ``ID_LIKE``); Debian's
+    commands when none is known."""
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip().strip("\"'")
+    for name in (fields.get("ID", ""), *fields.get("ID_LIKE", "").split()):
+        if name in DISTROS:
+            return DISTROS[name]
+    return DEBIAN
+
+
+def host_distro(path: Path = Path("/etc/os-release")) -> Distro:
+    try:
+        return parse_os_release(path.read_text(errors="replace"))
+    except OSError:
+        return DEBIAN
+
+
+def check_network(*, is_rootless: bool | None = None, distro: Distro | None = None) -> list[Check]:
+    """The tools ``user`` networking runs and, for a normal user, what the kernel and the
+    tun device allow: each missing piece named, with this distribution's fix."""
+    rootless = network.rootless() if is_rootless is None else is_rootless
+    distro = distro or host_distro()
+    checks = [_network_tool(t, distro) for t in network.required_tools(rootless)]
+    problems = network.userns_problems() if rootless else []
+    missing = [c.name for c in checks if c.status is not Status.OK]
+    if rootless and not problems and not missing:
+        failed = network.probe_userns()
+        if failed:
+            hint = "see that nothing (seccomp, a security module, a container) forbids it"
+            problems.append(network.Problem(failed, hint))
+    checks.extend(Check("rootless", Status.WARN, p.what, p.fix) for p in problems)
+    how = "user namespace" if rootless else "netns"
+    if problems or missing:
+        what = "; ".join([*(f"missing {m}" for m in missing), *(p.what for p in problems)])
+        fixes = "; ".join(
+            _dedupe([*(c.hint for c in checks if c.hint), *(p.fix for p in problems)])
         )
+        detail = f"network 'user' unavailable: {what}; 'isolated' works"
+        checks.append(Check("network", Status.WARN, detail, fixes))
+    else:
+        detail = f"user ({how} + slirp4netns + egress filter), isolated"
+        checks.append(Check("network", Status.OK, detail))
     return checks
+
+
+def _network_tool(name: str, distro: Distro) -> Check:
+    try:
+        return Check(name, Status.OK, runner.find_tool(name))
+    except ToolError as exc:
+        package = runner.PACKAGES.get(name, name)
+        return Check(name, Status.WARN, exc.message, distro.install_command([package]))
+
+
+def _dedupe(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
 
 
 def check_kit(store: Store) -> Check:
@@ -256,6 +344,4 @@ def diagnose(store: Store) -> Report:
         except MicroagentError as exc:
             got = Check(step.__name__, Status.FAIL, exc.message, exc.hint)
         checks.extend(got if isinstance(got, list) else [got])
-    if os.geteuid() != 0:
-        checks.append(Check("user", Status.WARN, "not root", "user networking needs root"))
     return Report(tuple(checks))
