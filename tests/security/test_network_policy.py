@@ -255,7 +255,7 @@ def test_the_namespace_gets_the_ipv6_filter(
         return runner.Completed(tuple(argv), 0, "", "")
 
     monkeypatch.setattr(network.runner, "run", fake_run)
-    monkeypatch.setattr(network, "root_problem", lambda: "")
+    monkeypatch.setattr(network, "network_problems", list)
     monkeypatch.setattr(network, "cleanup_stale", list)
     monkeypatch.setattr(network.NetworkSandbox, "_start_slirp", lambda self: None)
     monkeypatch.setattr(network, "HOST_IPV6", tmp_path)  # "the host has IPv6"

@@ -39,7 +39,7 @@ HOST_CA = b"-----BEGIN CERTIFICATE-----\nORIGINAL-GUEST-BUNDLE\n-----END CERTIFI
 
 
 def require_user_network() -> None:
-    problem = network.root_problem()
+    problem = network.user_network_problem()
     if problem:
         unavailable(f"user networking unavailable: {problem}")
 

@@ -526,9 +526,10 @@ def _persisted(setting: str) -> str:
     return f"sudo sysctl -w {setting} (keep it: a line `{setting}` in /etc/sysctl.d/99-userns.conf)"
 
 
-def userns_problems(sysctl: Path = SYSCTL, tun: Path = TUN_DEVICE) -> list[Problem]:
+def userns_problems(sysctl: Path | None = None, tun: Path | None = None) -> list[Problem]:
     """Why a normal user cannot make the rootless namespaces here (the kernel's switches for
-    user namespaces, the tun device slirp4netns opens), each with its fix."""
+    user namespaces under ``sysctl``, the ``tun`` device slirp4netns opens), each with its fix."""
+    sysctl, tun = sysctl or SYSCTL, tun or TUN_DEVICE
     found = []
     if _sysctl("user/max_user_namespaces", sysctl) == 0:
         found.append(

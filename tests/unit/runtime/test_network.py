@@ -130,12 +130,17 @@ def test_netns_name_records_pid() -> None:
     assert network.netns_name().startswith(f"{network.NETNS_PREFIX}{os.getpid()}-")
 
 
-def test_user_mode_without_root_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_user_mode_without_a_tun_device_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Not root: the rootless path; without /dev/net/tun it is refused before anything runs."""
     monkeypatch.setattr(network.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(network, "TUN_DEVICE", tmp_path / "no-tun")
     sandbox = network.NetworkSandbox(NetworkConfig(NetworkMode.USER), tmp_path)
-    with pytest.raises(VMError, match="needs root") as raised:
+    with pytest.raises(VMError, match="no-tun does not exist") as raised:
         sandbox.setup()
-    assert "--network isolated" in raised.value.hint
+    assert "modprobe tun" in raised.value.hint and "--network isolated" in raised.value.hint
+    assert list(tmp_path.iterdir()) == []  # no holder log: nothing was started
 
 
 def test_isolated_needs_nothing_but_refuses_forwards(tmp_path: Path) -> None:
@@ -370,7 +375,7 @@ def test_a_taken_port_stops_the_sandbox_before_it_makes_anything(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     made: list[list[str]] = []
-    monkeypatch.setattr(network, "root_problem", lambda: "")
+    monkeypatch.setattr(network, "network_problems", list)
     monkeypatch.setattr(network.runner, "run", lambda argv, **_: made.append(list(argv)))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -1,0 +1,360 @@
+"""Pause, resume, snapshots and suspend of a workspace (the file format: runtime.snapshot).
+
+- ``pause``/``resume`` freeze and thaw the VM's vCPUs over the VMM's QMP socket (state
+  ``paused``); after a resume the guest's clock is set to the host's through the guest agent
+  (it stood still while the vCPUs did).
+- ``snapshot create`` stops the vCPUs, has the VMM write its memory and device state, copies
+  every disk the VM writes (the state disk, rw disk copies) while nothing can change them,
+  publishes the snapshot atomically (``snapshots/<tag>`` in the workspace's folder) and lets
+  the VM run on, or with ``stop`` (``suspend``) tells the VMM to quit: the supervisor then ends
+  the run ``suspended``.
+- ``start`` of a suspended workspace, or ``start --from TAG``, checks the snapshot (manifest,
+  every file's digest, the VM shape it was made by against the one a start would boot now),
+  puts the saved disks back and has the supervisor load the saved state instead of booting.
+
+Every operation holds the workspace's start lock, so snapshots, pauses and starts never
+interleave. Secrets: the memory image holds the guest's environment (``--env`` values), so a
+snapshot never leaves the workspace's folder; ``delete`` removes it with the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from microagent.errors import ConflictError, MicroagentError, NotFoundError, VMError
+from microagent.fsutil import flocked, remove_any
+from microagent.runtime import qmp, snapshot
+from microagent.runtime.backend import BootConfig
+from microagent.runtime.backends import get_backend
+from microagent.runtime.rundir import State, now
+from microagent.runtime.snapshot import (
+    Identity,
+    Manifest,
+    RestoringBackend,
+    SavedFile,
+    clock_request,
+    copy_disk,
+    disk_file,
+    file_sha256,
+    make_identity,
+    restoring,
+    sparse_sha256,
+)
+from microagent.settings import Settings
+from microagent.workspace.execs import run_exec
+from microagent.workspace.liveness import reconcile, seconds_since
+from microagent.workspace.records import Workspace
+
+START_LOCK = ".start.lock"  # lifecycle's: one start, pause, resume or snapshot at a time
+SUSPEND_TAG = "suspended"
+SUSPEND_WAIT = 30.0  # seconds for the supervisor to record ``suspended`` after the VMM quit
+CLOCK_WAIT = 5.0  # seconds a resume waits for the guest agent before setting the clock
+POLL = 0.1
+
+
+@dataclass(frozen=True)
+class SnapshotReport:
+    workspace: str
+    tag: str
+    state: str
+    bytes: int
+    state_bytes: int
+    seconds: float  # the vCPUs stood still this long (save + disk copies)
+    path: Path
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "workspace": self.workspace,
+            "tag": self.tag,
+            "state": self.state,
+            "bytes": self.bytes,
+            "stateBytes": self.state_bytes,
+            "seconds": round(self.seconds, 3),
+            "path": str(self.path),
+        }
+
+
+@contextmanager
+def _exclusive(ws: Workspace, verb: str) -> Iterator[None]:
+    with flocked(ws.run.path / START_LOCK, blocking=False) as mine:
+        if not mine:
+            raise ConflictError(
+                f"cannot {verb}: workspace {ws.name!r} is being started, paused or "
+                "snapshotted by another command",
+                hint=f"try again in a moment (`microagent status {ws.name}`)",
+            )
+        yield
+
+
+def _vm_dir(ws: Workspace) -> Path:
+    vm_dir = ws.run.runtime().get("vmDir")
+    if not isinstance(vm_dir, str):
+        raise VMError(f"workspace {ws.name!r} has no VM directory recorded")
+    return Path(vm_dir)
+
+
+def _not_running(ws: Workspace, verb: str, state: State) -> ConflictError:
+    hint = {
+        State.PAUSED: f"`microagent resume {ws.name}` first",
+        State.SUSPENDED: f"`microagent start {ws.name}` resumes it",
+    }.get(state, f"`microagent start {ws.name}` first")
+    return ConflictError(f"cannot {verb}: workspace {ws.name!r} is {state.value}", hint=hint)
+
+
+# -- pause / resume -----------------------------------------------------------------------------
+
+
+def pause(ws: Workspace) -> State:
+    """Freeze the VM's vCPUs (``paused``); a paused workspace stays paused."""
+    with _exclusive(ws, "pause"):
+        state = reconcile(ws)
+        if state is State.PAUSED:
+            return state
+        if state is not State.RUNNING:
+            raise _not_running(ws, "pause", state)
+        qmp.stop(_vm_dir(ws))
+        ws.run.set_state(State.PAUSED, "paused", pausedAt=now())
+    return State.PAUSED
+
+
+def resume(ws: Workspace) -> tuple[State, str]:
+    """Thaw a paused VM and set the guest's clock; the state and what became of the clock."""
+    with _exclusive(ws, "resume"):
+        state = reconcile(ws)
+        if state is State.RUNNING:
+            return state, "not paused"
+        if state is not State.PAUSED:
+            raise _not_running(ws, "resume", state)
+        paused = seconds_since(ws.run.runtime().get("pausedAt"))
+        qmp.cont(_vm_dir(ws))
+        detail = "resumed" + (f" after {paused}s paused" if paused is not None else "")
+        ws.run.set_state(State.RUNNING, detail, pausedAt=None)
+    return State.RUNNING, resync_clock(ws)
+
+
+def thaw(ws: Workspace) -> None:
+    """Let a paused VM run again before it is halted (best effort: a halt escalates)."""
+    try:
+        qmp.cont(_vm_dir(ws))
+    except MicroagentError as exc:
+        ws.run.event("resume-failed", f"before the halt: {exc.message}")
+
+
+def resync_clock(ws: Workspace) -> str:
+    """Set the guest's clock to the host's through the guest agent; what happened (event
+    ``clock``). A guest without an agent keeps its clock: that costs the clock only."""
+    try:
+        done = run_exec(ws, clock_request(), timeout=15.0, wait=CLOCK_WAIT)
+    except MicroagentError as exc:
+        outcome = f"the guest clock was not set: {exc.message}"
+    else:
+        outcome = "guest clock set to the host's"
+        if done.exit_code != 0:
+            outcome = f"the guest clock was not set (exit code {done.exit_code})"
+    ws.run.event("clock", outcome)
+    return outcome
+
+
+# -- snapshot create ----------------------------------------------------------------------------
+
+
+def _backend(settings: Settings) -> RestoringBackend:
+    backend = get_backend(
+        settings.backend, probes_dir=settings.probes_dir, fake_outcome=settings.fake_outcome
+    )
+    return restoring(backend)
+
+
+def _written_disks(ws: Workspace) -> list[tuple[Path, str]]:
+    """The disk images the VM writes, with the name a snapshot gives each copy."""
+    disks = [(ws.state_disk, "state")]
+    for disk in ws.record().disks:
+        copy = ws.disk_copy(disk.name)
+        if not disk.readonly and not disk.entry and copy.is_file():
+            disks.append((copy, disk.name))
+    return disks
+
+
+def current_identity(settings: Settings, ws: Workspace) -> Identity:
+    """The identity of the VM running now (its recorded argv and boot files)."""
+    runtime = ws.run.runtime()
+    argv = runtime.get("vmmArgv")
+    config = ws.run.read_boot().config
+    return make_identity(
+        _backend(settings).vmm_version(),
+        [str(w) for w in argv] if isinstance(argv, list) else [],
+        config.kernel,
+        config.initrd,
+        ws.record().rootfs_key,
+    )
+
+
+def create(settings: Settings, ws: Workspace, tag: str, *, stop: bool = False) -> SnapshotReport:
+    """Save the running (or paused) workspace as snapshot ``tag``; with ``stop`` the VM
+    quits afterwards and the workspace is ``suspended``."""
+    snapshot.check_tag(tag)
+    with _exclusive(ws, "take a snapshot"):
+        state = reconcile(ws)
+        if state not in (State.RUNNING, State.PAUSED):
+            raise _not_running(ws, "take a snapshot", state)
+        identity = current_identity(settings, ws)
+        snapshot.collect_garbage(ws.root)
+        vm_dir, was_paused = _vm_dir(ws), state is State.PAUSED
+        began = time.monotonic()
+        if not was_paused:
+            qmp.stop(vm_dir)
+            ws.run.set_state(State.PAUSED, f"taking snapshot {tag}", pausedAt=now())
+        try:
+            manifest = _write(ws, tag, identity, vm_dir, was_paused=was_paused, began=began)
+        except BaseException:
+            if not was_paused:
+                _run_on(ws, vm_dir, f"snapshot {tag} failed")
+            raise
+        path = snapshot.snapshot_path(ws.root, tag)
+        detail = f"snapshot {tag}: {manifest.size} bytes in {manifest.seconds:.2f}s"
+        ws.run.event("snapshot", detail, tag=tag, bytes=manifest.size, seconds=manifest.seconds)
+        if stop:
+            final = _quit_suspended(ws, vm_dir, tag)
+        elif was_paused:
+            final = State.PAUSED
+        else:
+            final = _run_on(ws, vm_dir, f"snapshot {tag} taken")
+    if final is State.RUNNING:
+        resync_clock(ws)
+    return SnapshotReport(
+        ws.name, tag, final.value, manifest.size, manifest.state.size, manifest.seconds, path
+    )
+
+
+def _run_on(ws: Workspace, vm_dir: Path, detail: str) -> State:
+    qmp.cont(vm_dir)
+    ws.run.set_state(State.RUNNING, detail, pausedAt=None)
+    return State.RUNNING
+
+
+def _write(
+    ws: Workspace, tag: str, identity: Identity, vm_dir: Path, *, was_paused: bool, began: float
+) -> Manifest:
+    """Save the stopped VM into a temp folder and publish it as ``tag``."""
+    tmp = snapshot.begin(ws.root, tag)
+    try:
+        state_path = tmp / snapshot.STATE_FILE
+        fd = os.open(state_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            qmp.save_state(vm_dir, fd)
+        finally:
+            os.close(fd)
+        disks = []
+        for source, name in _written_disks(ws):
+            target = tmp / disk_file(name)
+            copy_disk(source, target)
+            disks.append(SavedFile(target.name, target.stat().st_size, "", name))
+        seconds = time.monotonic() - began  # the vCPUs may run on from here
+        state = SavedFile(state_path.name, state_path.stat().st_size, file_sha256(state_path))
+        disks = [
+            SavedFile(d.file, d.size, sparse_sha256(tmp / d.file), d.disk) for d in disks
+        ]  # fmt: skip
+        manifest = Manifest(tag, now(), identity, state, tuple(disks), seconds, was_paused)
+        snapshot.publish(ws.root, tag, tmp, manifest)
+    except BaseException:
+        remove_any(tmp)
+        raise
+    return manifest
+
+
+def _quit_suspended(ws: Workspace, vm_dir: Path, tag: str) -> State:
+    """Tell the VMM to quit; the supervisor records ``suspended`` (see runtime.supervisor)."""
+    ws.run.update(suspending=tag)
+    qmp.quit_vmm(vm_dir)
+    deadline = time.monotonic() + SUSPEND_WAIT
+    while time.monotonic() < deadline:
+        state = reconcile(ws)
+        if not state.live:
+            return state
+        time.sleep(POLL)
+    raise VMError(
+        f"workspace {ws.name!r} did not stop within {SUSPEND_WAIT:g}s after its snapshot",
+        hint=f"snapshot {tag} is complete: `microagent kill {ws.name}` then "
+        f"`microagent start {ws.name} --from {tag}`",
+    )
+
+
+def suspend(settings: Settings, ws: Workspace) -> SnapshotReport:
+    """Snapshot ``suspended`` and stop: ``start`` resumes the workspace where it was."""
+    return create(settings, ws, SUSPEND_TAG, stop=True)
+
+
+# -- list / remove ------------------------------------------------------------------------------
+
+
+def listing(ws: Workspace) -> list[dict[str, Any]]:
+    return list(snapshot.listing(ws.root))
+
+
+def remove(ws: Workspace, tag: str) -> bool:
+    snapshot.check_tag(tag)
+    with _exclusive(ws, "remove a snapshot"):
+        removed = snapshot.remove(ws.root, tag)
+    if removed:
+        ws.run.event("snapshot-removed", f"snapshot {tag} removed", tag=tag)
+    return removed
+
+
+# -- restore (start) ----------------------------------------------------------------------------
+
+
+def restore_tag(ws: Workspace, state: State, from_tag: str | None) -> str | None:
+    """The snapshot a start restores: ``from_tag``, or the suspend snapshot of a suspended
+    workspace (None when it was removed: the start boots cold, event ``cold``)."""
+    if from_tag is not None:
+        return snapshot.check_tag(from_tag)
+    if state is not State.SUSPENDED:
+        return None
+    tag = ws.run.runtime().get("suspendedTag") or SUSPEND_TAG
+    if snapshot.snapshot_path(ws.root, str(tag)).exists():
+        return str(tag)
+    ws.run.event("cold", f"snapshot {tag} is gone: the suspended workspace boots afresh")
+    return None
+
+
+def check_restorable(ws: Workspace, tag: str) -> Manifest:
+    """The snapshot's manifest once every file matches its digest (IntegrityError else)."""
+    manifest = snapshot.read_manifest(ws.root, tag)
+    snapshot.verify(ws.root, manifest)
+    return manifest
+
+
+def apply(settings: Settings, ws: Workspace, manifest: Manifest, config: BootConfig) -> Path:
+    """Check the snapshot against the VM ``config`` boots now, put its disks back; the
+    VM state file for the supervisor (resolved: a later snapshot of the tag cannot swap it)."""
+    backend = _backend(settings)
+    now_identity = make_identity(
+        backend.vmm_version(),
+        list(backend.command(config)),
+        config.kernel,
+        config.initrd,
+        ws.record().rootfs_key,
+    )
+    snapshot.check_identity(manifest, now_identity)
+    folder = snapshot.snapshot_path(ws.root, manifest.tag).resolve()
+    targets = {name: path for path, name in _written_disks(ws)}
+    missing = [d.disk for d in manifest.disks if d.disk not in targets]
+    if missing:
+        raise NotFoundError(
+            f"snapshot {manifest.tag!r} has disks this workspace lacks: {', '.join(missing)}"
+        )
+    for saved in manifest.disks:
+        target = targets[saved.disk]
+        tmp = target.with_name(f".{target.name}.restore")
+        copy_disk(folder / saved.file, tmp)
+        tmp.replace(target)
+    ws.run.update(stateDiskDirty=None)  # the disks are the snapshot's now, clean as it was
+    ws.run.event("restore", f"restoring snapshot {manifest.tag}", tag=manifest.tag)
+    return folder / manifest.state.file
