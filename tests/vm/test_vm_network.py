@@ -102,11 +102,12 @@ def test_hung_guest_is_stopped_after_the_timeout(run_vm: RunVM, no_leftovers: No
     assert our_namespaces() == []
 
 
-def test_user_network_without_root_is_refused(
+def test_user_network_without_a_tun_device_is_refused(
     run_vm: RunVM, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr("microagent.runtime.network.os.geteuid", lambda: 1000)
-    with pytest.raises(VMError, match="needs root"):
+    monkeypatch.setattr("microagent.runtime.network.os.geteuid", lambda: 1000)  # rootless path
+    monkeypatch.setattr("microagent.runtime.network.TUN_DEVICE", tmp_path / "tun")
+    with pytest.raises(VMError, match="does not exist"):
         run_vm("true", network=USER)
 
 
