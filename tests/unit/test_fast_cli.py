@@ -1,9 +1,9 @@
 """The CLI's quick commands never import the heavy libraries (a guard, not a timing).
 
-jsonschema (with referencing, attrs, rpds), oras, requests, zstandard and jinja2 each cost tens
-of milliseconds to import; ``plan --offline``, ``--help``, ``status`` and a cache-hit ``create``
-(the image's tag resolved recently) need none of them. Each case runs the real CLI as a child
-process under ``python -X importtime`` and reads the modules it imported from that report.
+jsonschema (with referencing, attrs, rpds), oras, requests, zstandard, jinja2 and rich each
+cost tens of milliseconds to import; ``plan --offline``, ``--help``, ``status`` and a cache-hit
+``create`` (the image's tag resolved recently) need none of them. Each case runs the real CLI as
+a child process under ``python -X importtime`` and reads the modules it imported from that report.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ import pytest
 
 from testenv.clitools import cli_json
 
-HEAVY = ("jsonschema", "oras", "requests", "zstandard", "jinja2", "referencing", "urllib3")
+HEAVY = (
+    *("jsonschema", "oras", "requests", "zstandard", "jinja2", "referencing", "urllib3"),
+    "rich",  # the live progress view: loaded only when something is shown on a terminal
+)
 DIGEST = "sha256:" + "ab" * 32
 
 

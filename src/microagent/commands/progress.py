@@ -248,7 +248,8 @@ def _make_live(
 
 
 def _column(cell: Callable[[Task], str]) -> Any:
-    from rich.progress import ProgressColumn  # deferred: as in _make_live
+    # deferred: as in _make_live
+    from rich.progress import ProgressColumn
     from rich.text import Text
 
     class _Cell(ProgressColumn):
