@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from microagent.progress import Phase, ProgressEvent, TaskKind, megabytes, rate
+from microagent.progress import Phase, ProgressEvent, TaskKind
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -69,7 +69,9 @@ class PlainReporter:
             if now - self._shown.setdefault(event.task, now) < PLAIN_EVERY:
                 return
             self._shown[event.task] = now
-            self(f"  {event.label}  {_bytes_of(event)}  {_rate_of(event)}  {event.elapsed:.1f}s")
+            speed = human(event.done / max(event.elapsed, 1e-3))
+            what = f"{event.kind.value} {event.label}"
+            self(f"  {what}  {_bytes_of(event)}  {speed}/s  {event.elapsed:.1f}s")
         elif event.line:
             self(event.line)
 
@@ -79,12 +81,8 @@ class PlainReporter:
 
 def _bytes_of(event: ProgressEvent) -> str:
     if event.total is None:
-        return megabytes(event.done)
-    return f"{event.done / 1e6:.1f}/{megabytes(event.total)}"
-
-
-def _rate_of(event: ProgressEvent) -> str:
-    return rate(event.done, event.elapsed)
+        return human(event.done)
+    return f"{human(event.done)} / {human(event.total)}"
 
 
 class _Tail:
