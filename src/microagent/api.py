@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from microagent.workspace.lifecycle import Runtime
     from microagent.workspace.records import Workspace, Workspaces
     from microagent.workspace.run import OneShot
+    from microagent.workspace.snapshots import SnapshotReport
 
 Say = Callable[[str], None]
 MAX_EXEC_TIMEOUT = 30 * 86400  # seconds: exec --timeout (the guest counts milliseconds)
@@ -524,13 +525,22 @@ class Microagent:
 
         return Runtime(self.settings, self.kit)
 
-    def start(self, name: str, *, wait: bool = False, timeout: float | None = None) -> StartReport:
-        """Boot a workspace; with ``wait`` block until its entrypoint exits."""
+    def start(
+        self,
+        name: str,
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+        from_tag: str | None = None,
+    ) -> StartReport:
+        """Boot a workspace; with ``wait`` block until its entrypoint exits. A suspended
+        workspace resumes where it was; ``from_tag`` restores that snapshot (memory and
+        disks) instead of booting."""
         # deferred: see the module docstring
         from microagent.workspace import lifecycle
 
         ws = self.workspace(name)
-        runtime = lifecycle.start(self._runtime(), ws)
+        runtime = lifecycle.start(self._runtime(), ws, from_tag=from_tag)
         if not wait:
             return StartReport(name, str(runtime.get("state")))
         state, done = lifecycle.wait_until(ws, timeout)
@@ -544,6 +554,51 @@ class Microagent:
         detail = str(ws.run.runtime().get("detail") or "")
         tail = output_tail(payload, ws.run.serial_log)
         return StartReport(name, state.value, code, detail=detail, output_tail=tail)
+
+    def pause(self, name: str) -> State:
+        """Freeze a running workspace's vCPUs (state ``paused``)."""
+        # deferred: see the module docstring
+        from microagent.workspace import snapshots
+
+        return snapshots.pause(self.workspace(name))
+
+    def resume(self, name: str) -> tuple[State, str]:
+        """Thaw a paused workspace and set its guest clock; the state and the clock's fate."""
+        # deferred: see the module docstring
+        from microagent.workspace import snapshots
+
+        return snapshots.resume(self.workspace(name))
+
+    def snapshot_create(
+        self, name: str, tag: str | None = None, *, stop: bool = False
+    ) -> SnapshotReport:
+        """Save a running or paused workspace's memory and disks as snapshot ``tag``
+        (default ``snap-YYYYMMDD-HHMMSS``); with ``stop`` it is suspended afterwards."""
+        # deferred: see the module docstring
+        from microagent.runtime.snapshot import default_tag
+        from microagent.workspace import snapshots
+
+        ws = self.workspace(name)
+        return snapshots.create(self.settings, ws, tag or default_tag(), stop=stop)
+
+    def snapshot_list(self, name: str) -> list[dict[str, Any]]:
+        # deferred: see the module docstring
+        from microagent.workspace import snapshots
+
+        return snapshots.listing(self.workspace(name))
+
+    def snapshot_remove(self, name: str, tag: str) -> bool:
+        # deferred: see the module docstring
+        from microagent.workspace import snapshots
+
+        return snapshots.remove(self.workspace(name), tag)
+
+    def suspend(self, name: str) -> SnapshotReport:
+        """Snapshot a running workspace and stop it; ``start`` resumes it where it was."""
+        # deferred: see the module docstring
+        from microagent.workspace import snapshots
+
+        return snapshots.suspend(self.settings, self.workspace(name))
 
     def status(self, name: str) -> dict[str, Any]:
         # deferred: see the module docstring
@@ -662,7 +717,8 @@ class Microagent:
         if src is not None:
             check_host_target(target)
         ws = self.workspace(name)
-        rootfs = Path(lifecycle.ensure_offline(ws, "copy files").rootfs)
+        record = lifecycle.ensure_offline(ws, "copy files", writing=dst is not None)
+        rootfs = Path(record.rootfs)
         if dst is not None:
             size = overlay.copy_in(ws.state_disk, rootfs, Path(source), dst[1])
             return CopyReport(name, "to-workspace", source, target, dst[1], size)

@@ -1,5 +1,5 @@
 """Workspace commands: create, start, status, result, halt/stop, kill, wait, delete, list, ps,
-logs, events, audit, cp.
+logs, events, audit, cp, pause, resume, snapshot create/ls/rm, suspend.
 
 What the guest wrote is shown inert: ``status``, ``result`` and ``events`` text goes through
 ``sanitize_for_terminal`` always (``--json`` is the exact form); ``logs`` passes the console's
@@ -38,11 +38,13 @@ from microagent.commands.context import (
     timeout_option,
     warn_key_env,
 )
+from microagent.commands.group import CommandGroup
 from microagent.commands.table import Column, plural, render
 from microagent.errors import UsageError
 
 if TYPE_CHECKING:
     from microagent.api import StartReport
+    from microagent.workspace.snapshots import SnapshotReport
 
 
 @click.command()
@@ -95,13 +97,19 @@ def create(
     "0: do not wait.",
     zero="do not wait",
 )
+@click.option(
+    "--from",
+    "from_tag",
+    metavar="TAG",
+    help="Restore snapshot TAG (memory and disks as they were) instead of booting.",
+)
 @pass_ctx
-def start(ctx: Ctx, /, name: str, wait_: bool, timeout: float | None) -> None:
-    """Boot a workspace; its disk is kept from earlier runs."""
+def start(ctx: Ctx, /, name: str, wait_: bool, timeout: float | None, from_tag: str | None) -> None:
+    """Boot a workspace; its disk is kept from earlier runs. A suspended one resumes."""
     if timeout and not wait_:
         hint = f"microagent start {name} --wait --timeout {timeout:g}"
         raise UsageError("--timeout needs --wait", hint=hint)
-    report = ctx.api().start(name, wait=wait_ and timeout != 0, timeout=timeout)
+    report = ctx.api().start(name, wait=wait_ and timeout != 0, timeout=timeout, from_tag=from_tag)
     text = f"{name}: {report.state}"
     if report.timed_out:
         text = f"{name}: still {report.state} after {timeout or 0:g}s; it keeps running"
@@ -215,6 +223,86 @@ def kill(ctx: Ctx, /, name: str) -> None:
     else:
         text = f"{name}: nothing to kill (already {report.state})"
     ctx.emit(report.to_json(), text)
+
+
+@click.command()
+@click.argument("name", shell_complete=workspace_names)
+@pass_ctx
+def pause(ctx: Ctx, /, name: str) -> None:
+    """Freeze a running workspace's vCPUs (memory kept; exec waits for resume)."""
+    state = ctx.api().pause(name)
+    ctx.emit({"ok": True, "workspace": name, "state": state.value}, f"{name}: {state.value}")
+
+
+@click.command()
+@click.argument("name", shell_complete=workspace_names)
+@pass_ctx
+def resume(ctx: Ctx, /, name: str) -> None:
+    """Thaw a paused workspace and set its guest clock to the host's."""
+    state, clock = ctx.api().resume(name)
+    data = {"ok": True, "workspace": name, "state": state.value, "clock": clock}
+    ctx.emit(data, f"{name}: {state.value} ({clock})")
+
+
+def _snapshot_text(report: SnapshotReport) -> str:
+    return (
+        f"{report.workspace}: snapshot {report.tag} ({report.bytes / 2**20:.1f} MiB, "
+        f"{report.state_bytes / 2**20:.1f} MiB of VM state; vCPUs stopped "
+        f"{report.seconds:.2f}s); {report.state}"
+    )
+
+
+@click.group(cls=CommandGroup)
+def snapshot() -> None:
+    """Save, list and remove a workspace's memory+disk snapshots (start --from restores)."""
+
+
+@snapshot.command("create")
+@click.argument("name", shell_complete=workspace_names)
+@click.argument("tag", required=False)
+@click.option("--stop", is_flag=True, help="Stop the VM afterwards (as suspend does).")
+@pass_ctx
+def snapshot_create(ctx: Ctx, /, name: str, tag: str | None, stop: bool) -> None:
+    """Save a running or paused workspace as TAG (default snap-YYYYMMDD-HHMMSS)."""
+    report = ctx.api().snapshot_create(name, tag, stop=stop)
+    ctx.emit(report.to_json(), _snapshot_text(report))
+
+
+@snapshot.command("ls")
+@click.argument("name", shell_complete=workspace_names)
+@pass_ctx
+def snapshot_ls(ctx: Ctx, /, name: str) -> None:
+    """A workspace's snapshots: tag, creation time, size."""
+    rows = ctx.api().snapshot_list(name)
+    columns = [Column("TAG"), Column("CREATED", shrink=False), Column("SIZE", right=True)]
+    cells = [
+        (r["tag"], r.get("createdAt") or "-", f"{r['size'] / 2**20:.1f} MiB")
+        if "error" not in r
+        else (r["tag"], "-", sanitize_for_terminal(r["error"]))
+        for r in rows
+    ]
+    text = render(columns, cells) if rows else f"{name}: no snapshots"
+    ctx.emit({"ok": True, "workspace": name, "snapshots": rows}, text)
+
+
+@snapshot.command("rm")
+@click.argument("name", shell_complete=workspace_names)
+@click.argument("tag")
+@pass_ctx
+def snapshot_rm(ctx: Ctx, /, name: str, tag: str) -> None:
+    """Remove snapshot TAG of a workspace (idempotent)."""
+    removed = ctx.api().snapshot_remove(name, tag)
+    text = f"{name}: snapshot {tag} {'removed' if removed else 'not found'}"
+    ctx.emit({"ok": True, "workspace": name, "tag": tag, "removed": removed}, text)
+
+
+@click.command()
+@click.argument("name", shell_complete=workspace_names)
+@pass_ctx
+def suspend(ctx: Ctx, /, name: str) -> None:
+    """Snapshot a running workspace and stop it; `start NAME` resumes it where it was."""
+    report = ctx.api().suspend(name)
+    ctx.emit(report.to_json(), _snapshot_text(report))
 
 
 @click.command()
@@ -461,4 +549,8 @@ COMMANDS = [
     events,
     audit,
     cp,
+    pause,
+    resume,
+    snapshot,
+    suspend,
 ]

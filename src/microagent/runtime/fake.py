@@ -24,6 +24,12 @@ so setup layers carry content through build, push, restore and flatten. An outco
 sent after ``started``; they go through the host's own line reader and ``exited`` parser,
 so a malformed or oversized event is handled exactly as one from a real guest. An
 ``exited`` among them ends the command; otherwise the usual one follows.
+
+Like QEMU, a fake machine serves QMP on ``qmp.sock`` in its VM directory (:class:`FakeQmp`):
+``stop``/``cont`` pause it, ``getfd`` + ``migrate fd:NAME`` write a small fake VM state (its
+memory size, vCPUs, disks and whether it was paused), ``quit`` ends it as a killed VMM ends;
+``boot(config, incoming=True)`` + :meth:`FakeMachine.restore` read such a state back and
+refuse anything else, so the snapshot code above the VMM is tested without a VM.
 """
 
 from __future__ import annotations
@@ -71,6 +77,8 @@ ROOTFS_DISK_INDEX, STATE_DISK_INDEX, CONFIG_DISK_INDEX = 0, 1, 2
 SETUP_MARKER_DIR = "/etc/microagent-fake-setup"
 HOST_TIMINGS = {"host.booted": 0.01, "host.exited": 0.03}
 HANG_POLL = 0.05  # seconds: how often a hanging guest looks at its stand-in VMM
+FAKE_STATE_MAGIC = b"microagent-fake-vmstate/1\n"
+QMP_LINE_MAX = 65536
 PLACEHOLDER = b"microagent fake backend: a placeholder, never booted\n"
 
 
@@ -240,6 +248,10 @@ class FakeMachine:
         self._result: GuestResult | None = None
         self._stop = threading.Event()
         self._closed = False
+        self.paused = False
+        self.restored = False
+        self.quit = False  # the VMM was told to quit (QMP): it ends like a killed one
+        self._qmp: FakeQmp | None = FakeQmp(self)
 
     def __enter__(self) -> FakeMachine:
         return self
@@ -253,7 +265,24 @@ class FakeMachine:
         self.shutdown()
 
     def argv(self) -> Sequence[str]:
-        return ("fake-vmm", *(str(d.path) for d in self.config.disks))
+        return fake_argv(self.config)
+
+    def state_bytes(self) -> bytes:
+        """What ``migrate`` writes: the magic line, then the machine's shape as JSON."""
+        shape = {"argv": list(fake_argv(self.config)), "paused": self.paused}
+        return FAKE_STATE_MAGIC + json.dumps(shape).encode() + b"\n"
+
+    def restore(self, state: Path, timeout: float = 600.0) -> None:
+        """Take a state ``migrate`` wrote (VMError for anything else) and run on."""
+        try:
+            data = state.read_bytes()
+        except OSError as exc:
+            raise VMError(f"cannot restore the VM: {exc.strerror or exc}") from exc
+        if not data.startswith(FAKE_STATE_MAGIC):
+            self.shutdown()
+            raise VMError("cannot restore the VM: load of migration failed: not a VM state")
+        self.restored = True
+        self.paused = False
 
     @property
     def pid(self) -> int | None:
@@ -302,6 +331,8 @@ class FakeMachine:
         stand-in VMM dies meanwhile (as the QEMU backend notices QEMU's exit)."""
         deadline = None if limit is None else time.monotonic() + limit
         while not self._stop.wait(HANG_POLL):
+            if self.quit:
+                raise VMError("the VM stopped before the guest command finished (VMM quit)")
             proc = self._process
             if proc is not None and proc.poll() is not None:
                 raise VMError(
@@ -339,10 +370,115 @@ class FakeMachine:
         self._closed = True
         self.shutdown_steps.append("control")
         self._stop.set()
+        if self._qmp is not None:
+            self._qmp.close()
         if self._agent is not None:
             self._agent.close()
         if self._process is not None:
             _stop_process(self._process)
+
+
+def fake_argv(config: BootConfig) -> tuple[str, ...]:
+    """The fake VMM's "command line": its disks, memory and vCPUs (what a snapshot's shape
+    records, as QEMU's argv does)."""
+    disks = (str(d.path) for d in config.disks)
+    return ("fake-vmm", *disks, "-m", str(config.memory_mib), "-smp", str(config.cpus))
+
+
+class FakeQmp(threading.Thread):
+    """The fake machine's QMP socket: one client at a time, one JSON command per line."""
+
+    def __init__(self, machine: FakeMachine) -> None:
+        super().__init__(name="fake-qmp", daemon=True)
+        self.machine = machine
+        self.path = machine.config.state_dir / "qmp.sock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.unlink(missing_ok=True)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(self.path))
+        self.listener.listen(4)
+        self.listener.settimeout(0.1)
+        self.stopped = threading.Event()
+        self.fds: dict[str, int] = {}
+        self.migrated = False
+        self.start()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5.0)
+                with contextlib.suppress(OSError, ValueError):
+                    self._session(conn)
+
+    def _session(self, conn: socket.socket) -> None:
+        conn.sendall(b'{"QMP": {"version": {"fake": true}, "capabilities": []}}\n')
+        buffer = b""
+        while not self.stopped.is_set():
+            msg, fds, _flags, _addr = socket.recv_fds(conn, QMP_LINE_MAX, 4)
+            if not msg:
+                return
+            buffer += msg
+            for fd in fds:
+                self.fds["pending"] = fd
+            while b"\n" in buffer:
+                line, _, buffer = buffer.partition(b"\n")
+                request = json.loads(line)
+                conn.sendall(json.dumps(self._answer(request)).encode() + b"\n")
+                if request.get("execute") == "quit":
+                    self.machine.quit = True
+                    return
+
+    def _answer(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        command = str(request.get("execute"))
+        args = request.get("arguments") or {}
+        handlers: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
+            "query-status": self._status,
+            "stop": lambda _a: self._run(paused=True),
+            "cont": lambda _a: self._run(paused=False),
+            "getfd": self._getfd,
+            "migrate": self._migrate,
+            "query-migrate": lambda _a: {"status": "completed"} if self.migrated else {},
+            "qmp_capabilities": lambda _a: {},
+            "quit": lambda _a: {},
+        }
+        handler = handlers.get(command)
+        if handler is None:
+            return {"error": {"class": "CommandNotFound", "desc": f"fake: no command {command}"}}
+        return {"return": handler(args)}
+
+    def _status(self, _args: Mapping[str, Any]) -> dict[str, Any]:
+        paused = self.machine.paused
+        return {"status": "paused" if paused else "running", "running": not paused}
+
+    def _run(self, *, paused: bool) -> dict[str, Any]:
+        self.machine.paused = paused
+        return {}
+
+    def _getfd(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        self.fds[str(args.get("fdname"))] = self.fds.pop("pending")
+        return {}
+
+    def _migrate(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        fd = self.fds.pop(str(args.get("uri", "")).removeprefix("fd:"))
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(self.machine.state_bytes())
+        self.migrated = True
+        return {}
+
+    def close(self) -> None:
+        self.stopped.set()
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.path.unlink(missing_ok=True)
 
 
 def _stop_process(proc: subprocess.Popen[bytes]) -> None:
@@ -423,10 +559,17 @@ class FakeBackend:
     def available(self) -> Availability:
         return Availability(True, "fake backend (no VM is booted)")
 
-    def command(self, config: BootConfig) -> list[str]:
-        return ["fake-vmm", *(str(d.path) for d in config.disks)]
+    restores = True  # boot(..., incoming=True) + FakeMachine.restore (snapshots)
 
-    def boot(self, config: BootConfig) -> FakeMachine:
+    def vmm_version(self) -> str:
+        return "fake"
+
+    def command(self, config: BootConfig) -> list[str]:
+        return list(fake_argv(config))
+
+    def boot(self, config: BootConfig, *, incoming: bool = False) -> FakeMachine:
+        """A fake machine; ``incoming``: one that waits for :meth:`FakeMachine.restore`
+        (the fake resumes at once either way)."""
         check_boot_files(config)
         if len(config.disks) <= CONFIG_DISK_INDEX:
             raise VMError("fake guest: no config disk (/dev/vdc) attached")

@@ -28,7 +28,7 @@ from typing import Any
 
 from microagent import runner
 from microagent.errors import ToolError, VMError
-from microagent.runtime import hostclock
+from microagent.runtime import hostclock, qmp
 from microagent.runtime.agentproto import PORT_NAME as AGENT_PORT_NAME
 from microagent.runtime.backend import (
     Accel,
@@ -178,8 +178,13 @@ def build_argv(
     forwards: Sequence[tuple[Forward, Path]] = (),
     socat: str = "socat",
     tsc_khz: int | None = None,
+    incoming: bool = False,
 ) -> list[str]:
-    """The complete QEMU command line for ``config`` (no network namespace wrapper)."""
+    """The complete QEMU command line for ``config`` (no network namespace wrapper); with
+    ``incoming`` it waits for a saved state (``-incoming defer``, then QMP
+    ``migrate-incoming``) instead of booting: a restore has the same argv otherwise, so the
+    device state it loads fits."""
+    restore = ["-incoming", "defer"] if incoming else []
     return [
         binary,
         *machine_args(config.machine, accel),
@@ -192,6 +197,7 @@ def build_argv(
         *control_args(config.control_socket, config.machine, config.agent_socket),
         *("-qmp", f"unix:{_escape(config.state_dir / QMP_SOCKET)},server=on,wait=off"),
         *net_args(config, forwards, socat),
+        *restore,
     ]
 
 
@@ -351,6 +357,23 @@ class QemuMachine:
 
     def argv(self) -> Sequence[str]:
         return self._argv
+
+    def restore(self, state: Path, timeout: float = 600.0) -> None:
+        """Load the saved state ``state`` into this VMM (started with ``incoming``) and run
+        it; the guest booted long ago, so the boot deadline no longer applies."""
+        fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with qmp.connect(self.config.state_dir, wait=30.0) as session:
+                qmp.load_state(session, fd, timeout)
+                session.execute("cont")
+        except VMError as exc:
+            self.shutdown(grace=0.0)
+            raise VMError(f"cannot restore the VM: {exc.message}", hint=self._log_hint()) from exc
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._arrivals.setdefault("booted", 0.0)
+            self._arrivals.setdefault("started", 0.0)
 
     def events(self) -> Sequence[Mapping[str, Any]]:
         with self._lock:
@@ -524,12 +547,17 @@ class QemuBackend:
         )
         return accel
 
-    def _argv(self, config: BootConfig, sandbox: NetworkSandbox) -> list[str]:
+    def _argv(
+        self, config: BootConfig, sandbox: NetworkSandbox, *, incoming: bool = False
+    ) -> list[str]:
         forwards = [(f, forward_socket(config.state_dir, f)) for f in config.network.forwards]
         socat = runner.find_tool("socat") if forwards else "socat"
         accel = self.resolve_accel(config)
         tsc = hostclock.tsc_khz(self.cache_dir) if accel is Accel.TCG else None
-        argv = build_argv(self.binary(), config, accel, forwards=forwards, socat=socat, tsc_khz=tsc)
+        argv = build_argv(
+            self.binary(), config, accel, forwards=forwards, socat=socat, tsc_khz=tsc,
+            incoming=incoming,
+        )  # fmt: skip
         if config.die_with_parent:
             argv = [*parent_death_prefix(runner.find_tool("setpriv")), *argv]
         return sandbox.wrap(argv)
@@ -538,8 +566,15 @@ class QemuBackend:
         """The argv ``boot`` would run (the netns name is a fresh placeholder)."""
         return self._argv(config, NetworkSandbox(config.network, config.state_dir))
 
-    def boot(self, config: BootConfig) -> QemuMachine:
-        """Start QEMU for ``config``; the netns is set up first and torn down on error."""
+    restores = True  # boot(..., incoming=True) + QemuMachine.restore (snapshots)
+
+    def vmm_version(self) -> str:
+        """What a snapshot records as its VMM (a restore needs the same)."""
+        return f"qemu {qemu_version(self.binary())}"
+
+    def boot(self, config: BootConfig, *, incoming: bool = False) -> QemuMachine:
+        """Start QEMU for ``config``; the netns is set up first and torn down on error.
+        ``incoming``: wait for a saved state (:meth:`QemuMachine.restore`), do not boot."""
         check_boot_files(config)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         config.control_socket.unlink(missing_ok=True)
@@ -549,7 +584,8 @@ class QemuBackend:
         sandbox = NetworkSandbox(config.network, config.state_dir)
         try:
             sandbox.setup()
-            argv = self._argv(config, sandbox)  # after setup: a rootless netns has a pid then
+            # after setup: a rootless netns has a pid then
+            argv = self._argv(config, sandbox, incoming=incoming)
             proc = runner.spawn(argv, stdout=config.vmm_log, new_session=True)
         except BaseException:
             sandbox.teardown()

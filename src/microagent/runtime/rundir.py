@@ -16,9 +16,11 @@
                      once the VMM is gone
     supervisor.log   the supervisor's own output
 
-States: prepared -> starting -> running -> stopping -> stopped | halted | failed. Writers hold a
-lock on ``.lock`` so the supervisor and the CLI never interleave updates; it is a ``flock``, so
-the kernel drops it with its holder and a writer killed mid-update never blocks the next one.
+States: prepared -> starting -> running -> stopping -> stopped | halted | failed; running <->
+paused (pause/resume, a snapshot); running -> suspended (suspend) -> running (start).
+Writers hold a lock on ``.lock`` so the supervisor and the CLI never interleave updates; it is
+a ``flock``, so the kernel drops it with its holder and a writer killed mid-update never
+blocks the next one.
 """
 
 from __future__ import annotations
@@ -63,14 +65,16 @@ class State(Enum):
     STOPPED = "stopped"
     HALTED = "halted"
     FAILED = "failed"
+    PAUSED = "paused"  # the VMM runs with its vCPUs stopped (pause, or a snapshot being taken)
+    SUSPENDED = "suspended"  # no VMM: memory and disk saved in a snapshot; start resumes it
 
     @property
     def live(self) -> bool:
-        return self in (State.STARTING, State.RUNNING, State.STOPPING)
+        return self in (State.STARTING, State.RUNNING, State.STOPPING, State.PAUSED)
 
     @property
     def terminal(self) -> bool:
-        return self in (State.STOPPED, State.HALTED, State.FAILED)
+        return self in (State.STOPPED, State.HALTED, State.FAILED, State.SUSPENDED)
 
 
 CORRUPT_RUNTIME = "runtime.json.corrupt"
@@ -99,6 +103,7 @@ class BootDocument:
     restart_backoff: float = 1.0  # seconds before the first restart (then doubling)
     health: HealthCheck | None = None  # probed through the guest agent while it runs
     gateway: GatewayConfig | None = None  # credential brokers and egress proxy (no secrets)
+    restore: Path | None = None  # a snapshot's VM state: the first boot resumes it (snapshots)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -109,6 +114,7 @@ class BootDocument:
             "restartBackoff": self.restart_backoff,
             "health": self.health.to_json() if self.health else None,
             "gateway": self.gateway.to_json() if self.gateway else None,
+            "restore": str(self.restore) if self.restore else None,
             **_config_to_json(self.config),
         }
 
@@ -128,6 +134,7 @@ class BootDocument:
             float(data.get("restartBackoff", 1.0)),
             HealthCheck.from_json(data["health"]) if data.get("health") else None,
             GatewayConfig.from_json(data["gateway"]) if data.get("gateway") else None,
+            Path(data["restore"]) if data.get("restore") else None,
         )
 
 

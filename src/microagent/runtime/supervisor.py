@@ -15,6 +15,12 @@ was asked for, the policy may boot the VM again after a back-off (:class:`Backof
 ``starting``; each restart is an event (``restart``) and counted in runtime.json
 (``restarts``). The config disk is kept in this process's memory meanwhile and written back
 (mode 0600) for the next boot only. A halt during the back-off ends it: ``halted``.
+
+Snapshots (see :mod:`~microagent.runtime.snapshot`): when boot.json names a saved state
+(``restore``), the first boot starts the VMM waiting for it and loads it instead of booting
+the guest (event ``restored``); once the guest agent answers, the guest's clock is set to
+the host's (event ``clock``). A VMM that ends while runtime.json says ``suspending`` (a
+``suspend`` saved it and told it to quit) ends the run in state ``suspended``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +47,7 @@ from microagent.runtime.backends import get_backend
 from microagent.runtime.gatewayproc import GatewayProcess
 from microagent.runtime.health import HealthCheck, HealthProber, ProbeOutcome
 from microagent.runtime.rundir import BootDocument, RunDir, State, now
+from microagent.runtime.snapshot import clock_request, restoring
 
 SHUTDOWN_GRACE = 15.0
 EVENT_POLL = 0.5
@@ -85,6 +93,10 @@ class Ended:
         return self.result.error or f"entrypoint exited with code {self.result.exit_code}"
 
 
+def _not_paused(runtime: Mapping[str, Any]) -> bool:
+    return runtime.get("state") != State.PAUSED.value
+
+
 class _Watcher(threading.Thread):
     """Copies guest readiness (booted, started) from the control channel into runtime.json."""
 
@@ -100,18 +112,46 @@ class _Watcher(threading.Thread):
                 kind = str(event.get("event", ""))
                 if kind in ("booted", "started") and kind not in self.seen:
                     self.seen.add(kind)
-                    field = "guestReadyAt" if kind == "booted" else "commandStartedAt"
-                    self.run_dir.set_state(State.RUNNING, f"guest {kind}", **{field: now()})
+                    field = {"guestReadyAt" if kind == "booted" else "commandStartedAt": now()}
+                    if (
+                        self.run_dir.set_state_if(
+                            _not_paused, State.RUNNING, f"guest {kind}", **field
+                        )
+                        is None
+                    ):
+                        self.run_dir.update(**field)  # paused meanwhile: it stays paused
 
 
-def _start_link(run: RunDir, config: BootConfig) -> AgentLink | None:
+def resync_clock(run: RunDir, link: AgentLink) -> None:
+    """Set the guest's clock to the host's through the agent (after a restore); event
+    ``clock``. A guest that cannot costs only its clock."""
+    try:
+        done = link.run(clock_request(), timeout=15.0)
+    except MicroagentError as exc:
+        run.event("clock", f"the guest clock was not set: {exc.message}")
+        return
+    if done.exit_code == 0:
+        run.event("clock", "guest clock set to the host's")
+    else:
+        why = done.stderr.decode("utf-8", "replace").strip()[:200]
+        run.event("clock", f"the guest clock was not set (exit code {done.exit_code}): {why}")
+
+
+def _start_link(run: RunDir, config: BootConfig, *, resync: bool = False) -> AgentLink | None:
     """Relay exec clients to the guest agent while the machine runs (see agentlink); its
     socket goes into runtime.json (``execSocket``), its readiness too (``execReadyAt``).
-    A link that cannot start costs exec only, never the boot."""
+    A link that cannot start costs exec only, never the boot. ``resync``: the machine was
+    restored, so the guest's clock is set once the agent answers."""
+    pending = threading.Event()
+    if resync:
+        pending.set()
 
     def ready(hello: AgentHello) -> None:
         run.update(execReadyAt=now())
         run.event("exec-ready", f"guest agent {hello.agent} {hello.version}".strip())
+        if pending.is_set():  # not on the link's thread: run() is a client of the link
+            pending.clear()
+            threading.Thread(target=resync_clock, args=(run, link), daemon=True).start()
 
     def lost(why: str) -> None:
         run.update(execReadyAt=None)
@@ -168,6 +208,7 @@ class Supervisor:
         self.machine: Machine | None = None
         self.link: AgentLink | None = None  # the guest agent while a machine runs (exec)
         self.health: HealthCheck | None = None  # the probe, from boot.json
+        self.restored = False  # the running machine was restored from a snapshot
 
     def _on_term(self, _signum: int, _frame: object) -> None:
         self.halt_requested.set()
@@ -220,8 +261,12 @@ class Supervisor:
         config_disk = self._keep_config_disk(boot)
         backoff = Backoff(boot.restart_backoff)
         restarts = 0
+        restore = boot.restore  # the first boot only: a restart boots the guest afresh
         while True:
-            ended = self._boot_once(backend, boot.config)
+            ended = self._boot_once(backend, boot.config, restore)
+            restore = None
+            if self.run_dir.runtime().get("suspending"):
+                return self._suspended(ended)
             if self.halt_requested.is_set():
                 return self._halted(ended)
             if not boot.restart.allows(failed=ended.failed, restarts=restarts):
@@ -272,14 +317,35 @@ class Supervisor:
             return False
         return True
 
-    def _boot_once(self, backend: Backend, config: BootConfig) -> Ended:
+    def _boot(self, backend: Backend, config: BootConfig, restore: Path | None) -> Machine:
+        """A machine booting ``config``, or waiting for the state ``restore``."""
+        self.restored = False
+        if restore is None:
+            return backend.boot(config)
+        return restoring(backend).boot(config, incoming=True)
+
+    def _restore(self, machine: Machine, restore: Path) -> None:
+        began = time.monotonic()
+        restoring_machine = getattr(machine, "restore", None)
+        if restoring_machine is None:
+            raise MicroagentError("this machine cannot load a saved state")
+        restoring_machine(restore)
+        self.restored = True
+        seconds = round(time.monotonic() - began, 3)
+        self.run_dir.event("restored", f"VM state loaded in {seconds}s", seconds=seconds)
+
+    def _boot_once(
+        self, backend: Backend, config: BootConfig, restore: Path | None = None
+    ) -> Ended:
         """One boot, until the VMM is gone; the guest's report goes to result.json."""
         began = time.monotonic()
         try:
-            with backend.boot(config) as machine:
+            with self._boot(backend, config, restore) as machine:
                 self.machine = machine
                 if self.halt_requested.is_set():  # asked before there was a machine to stop
                     self._on_term(signal.SIGTERM, None)
+                if restore is not None:
+                    self._restore(machine, restore)
                 self._started(machine)
                 result = self._wait(machine)
         except MicroagentError as exc:
@@ -311,17 +377,19 @@ class Supervisor:
     def _started(self, machine: Machine) -> None:
         pid = machine.pid
         vmm = runner.process_identity(pid) if pid is not None else None
+        ready = {"guestReadyAt": now(), "commandStartedAt": now()} if self.restored else {}
         self.run_dir.set_state(
             State.RUNNING,
-            "vm started",
+            "vm restored from a snapshot" if self.restored else "vm started",
             vmmArgv=list(machine.argv()),
             vmm=vmm.to_json() if vmm else None,
+            **ready,
         )
 
     def _wait(self, machine: Machine) -> GuestResult:
         watcher = _Watcher(self.run_dir, machine)
         watcher.start()
-        self.link = _start_link(self.run_dir, machine.config)
+        self.link = _start_link(self.run_dir, machine.config, resync=self.restored)
         prober = _start_health(self.run_dir, self.link, self.health)
         try:
             return machine.wait(timeout=None)
@@ -335,6 +403,19 @@ class Supervisor:
                 self.link.stop()
                 self.link = None
                 self.run_dir.update(execReadyAt=None)
+
+    def _suspended(self, ended: Ended) -> int:
+        """The VMM quit after a ``suspend`` saved it: the run ends ``suspended``."""
+        tag = self.run_dir.runtime().get("suspending")
+        self.run_dir.set_state(
+            State.SUSPENDED,
+            f"suspended (snapshot {tag})",
+            suspending=None,
+            suspendedTag=tag,
+            execReadyAt=None,
+        )
+        del ended  # the VMM quit on purpose: no report, no failure
+        return 0
 
     def _halted(self, ended: Ended, when: str = "") -> int:
         detail = "halted on request" + (f" {when}" if when else "")

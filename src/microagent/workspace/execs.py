@@ -33,9 +33,10 @@ def exec_socket(ws: Workspace, *, wait: float = READY_WAIT) -> Path:
         if state is State.RUNNING and runtime.get("execReadyAt") and isinstance(path, str):
             return Path(path)
         if state not in (State.STARTING, State.RUNNING):
+            verb = "resume" if state is State.PAUSED else "start"
             raise ConflictError(
                 f"workspace {ws.name!r} is not running (state: {state.value})",
-                hint=f"start it first: microagent start {ws.name}",
+                hint=f"{verb} it first: microagent {verb} {ws.name}",
             )
         if time.monotonic() >= deadline:
             raise VMError(

@@ -41,16 +41,24 @@ from microagent.ext4.debugfs import repair_image
 from microagent.fsutil import flocked, read_json, remove_any
 from microagent.runner import ProcessIdentity
 from microagent.runtime import network
-from microagent.runtime.backend import Accel, Forward, Mediation, NetworkConfig, PublishedPort
+from microagent.runtime.backend import (
+    Accel,
+    BootConfig,
+    Forward,
+    Mediation,
+    NetworkConfig,
+    PublishedPort,
+)
 from microagent.runtime.boot import BootFiles, RunRequest, prepare, vm_dir_for
 from microagent.runtime.configdisk import GuestFile, NetworkMode, Output
 from microagent.runtime.control import parse_output
 from microagent.runtime.health import HealthCheck
 from microagent.runtime.probe import tcp_reachable
 from microagent.runtime.rundir import BootDocument, RunDir, State, now
+from microagent.runtime.snapshot import Manifest
 from microagent.settings import Settings
 from microagent.store.content import Store
-from microagent.workspace import audit
+from microagent.workspace import audit, snapshots
 from microagent.workspace.disks import boot_disks
 from microagent.workspace.liveness import (
     reconcile,
@@ -278,8 +286,12 @@ def _restart_policy(ws: Workspace, record: Record) -> Restart:
         ) from exc
 
 
-def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict[str, Any]:
+def start(
+    rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT, from_tag: str | None = None
+) -> dict[str, Any]:
     """Boot the workspace in a detached supervisor; return once it is running (or failed).
+    A suspended workspace, or any with ``from_tag``, resumes from that snapshot instead (see
+    :mod:`~microagent.workspace.snapshots`).
 
     One start at a time: it holds a ``flock`` on ``runtime/.start.lock`` until then (the
     kernel drops it with a start that was killed, so it never blocks the next one)."""
@@ -289,10 +301,10 @@ def start(rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT) -> dict
                 f"workspace {ws.name!r} is being started by another command",
                 hint=f"`microagent wait {ws.name}` or `microagent status {ws.name}` to follow it",
             )
-        return _start(rt, ws, timeout)
+        return _start(rt, ws, timeout, from_tag)
 
 
-def _start(rt: Runtime, ws: Workspace, timeout: float) -> dict[str, Any]:
+def _start(rt: Runtime, ws: Workspace, timeout: float, from_tag: str | None) -> dict[str, Any]:
     state = reconcile(ws)
     if state.live:
         raise ConflictError(
@@ -311,20 +323,24 @@ def _start(rt: Runtime, ws: Workspace, timeout: float) -> dict[str, Any]:
         )
     restart = _restart_policy(ws, record)
     secrets = resolve_secrets(record.credentials)  # a missing value fails before anything
-    repair_state_disk(ws, f"start workspace {ws.name!r}")
+    tag = snapshots.restore_tag(ws, state, from_tag)
+    manifest = snapshots.check_restorable(ws, tag) if tag else None  # before any change
+    if manifest is None:
+        repair_state_disk(ws, f"start workspace {ws.name!r}")
     run = ws.run
     run.result_path.unlink(missing_ok=True)
     run.path.mkdir(parents=True, exist_ok=True)
     vm_dir = vm_dir_for(run.path, ws.name)
     services = _services(rt, ws, record, vm_dir)
     boot = prepare(run_request(rt, ws, record, services), rt.kit(), vm_dir, work_dir=run.path)
+    restore = _restore(rt, ws, manifest, boot) if manifest else None
     settings = rt.settings
     backend, probes, fake = settings.backend, settings.probes_dir, settings.fake_outcome
     health = _health(record)
     run.write_boot(
         BootDocument(
             boot, backend, probes, fake, restart, settings.restart_backoff, health,
-            services.gateway,
+            services.gateway, restore,
         )
     )  # fmt: skip
     run.set_state(
@@ -340,11 +356,23 @@ def _start(rt: Runtime, ws: Workspace, timeout: float) -> dict[str, Any]:
         vmDir=str(vm_dir),
         startedAt=now(),
         restarts=0,
+        suspendedTag=None,
+        pausedAt=None,
     )
     proc = _launch(run, secrets if services.gateway is not None else None)
     identity = runner.process_identity(proc.pid)  # None: it is gone already
     run.update(supervisorPid=proc.pid, supervisor=identity and identity.to_json())
     return _await_running(ws, timeout)
+
+
+def _restore(rt: Runtime, ws: Workspace, manifest: Manifest, boot: BootConfig) -> Path:
+    """Check the snapshot against the VM ``boot`` describes and put its disks back; the
+    config disk (it carries the environment) goes when the snapshot is refused."""
+    try:
+        return snapshots.apply(rt.settings, ws, manifest, boot)
+    except BaseException:
+        ws.run.config_disk.unlink(missing_ok=True)
+        raise
 
 
 def _launch(run: RunDir, secrets: Mapping[str, str] | None) -> subprocess.Popen[bytes]:
@@ -465,6 +493,8 @@ def halt(ws: Workspace, *, timeout: float = HALT_TIMEOUT) -> State:
             ws.run.update(stateDiskDirty="a kill of a VM its supervisor left")
         return state
     supervisor = running_supervisor(ws.run)
+    if state is State.PAUSED:  # a guest with its vCPUs stopped cannot shut down
+        snapshots.thaw(ws)
     ws.run.set_state(State.STOPPING, "halt requested")
     if supervisor is not None:
         _signal_group(supervisor.pid, signal.SIGTERM)
@@ -781,8 +811,17 @@ def result(ws: Workspace) -> dict[str, Any]:
     return payload
 
 
-def ensure_offline(ws: Workspace, verb: str) -> Record:
+def ensure_offline(ws: Workspace, verb: str, *, writing: bool = False) -> Record:
+    """The record of a workspace no VM runs; ``writing``: its disk is about to change, which
+    a suspended workspace cannot take (it resumes with the disk its snapshot saved)."""
     state = reconcile(ws)
+    if writing and state is State.SUSPENDED:
+        raise ConflictError(
+            f"cannot {verb} into workspace {ws.name!r}: it is suspended, and resumes with the "
+            "disk its snapshot saved",
+            hint=f"`microagent start {ws.name}` resumes it first (then halt it and copy), "
+            f"or `microagent snapshot rm {ws.name} suspended` discards the saved memory",
+        )
     if state.live:
         raise ConflictError(
             f"cannot {verb} while workspace {ws.name!r} is {state.value}",
