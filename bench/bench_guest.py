@@ -1,0 +1,456 @@
+"""Benchmark guest speed: the product's guest vs a bare QEMU guest on the same image and kernel.
+
+The image is the python:3.13-slim stand-in plus two setup steps built by the product itself
+(``pip install pydantic anthropic``, the minimal-agent example's step, and ``pip download rich``
+into /opt/wheels, so the pip workload needs no network inside the timed run). Each workload
+runs in:
+
+* ``product``: ``run_once`` (what ``microagent run --rootfs ROOTFS -- CMD`` does): the kit's
+  init, a throwaway state disk as overlay upper over the read-only rootfs, the config disk, the
+  control port, the guest agent beside the command, the network the flags ask for;
+* ``bare``: plain QEMU with the same kernel, machine, accelerator, memory and vCPU count, one
+  plain virtio-blk disk (a fresh copy of the same ext4 rootfs, mounted read-write, no overlay)
+  and a 20-line init appended to the kit's initramfs (it loads the same virtio modules, mounts
+  the disk and chroots into it).
+
+Runs alternate (bare, product, bare, product, ...) so both see the same host load; the time of
+a workload is taken on the host, from the console lines the guest prints right before and
+after it (the guest's own /proc/uptime interval is printed too). ``--variant`` changes the
+product's QEMU argv in this process (kernel command line, disk options, CPU model) to measure
+what each setting costs; ``--bare-variant`` does the same for the bare side (e.g. an overlay).
+
+    .venv/bin/python bench/bench_guest.py [--runs 3] [--workload import,pip] [--variant V]...
+    .venv/bin/python bench/bench_guest.py --list-variants
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from microagent import runner  # noqa: E402
+from microagent.api import Microagent  # noqa: E402
+from microagent.kit import guestkit  # noqa: E402
+from microagent.kit.initramfs import CpioEntry, with_parents, write_cpio  # noqa: E402
+from microagent.runtime import hostclock, qemu  # noqa: E402
+from microagent.runtime.backend import (  # noqa: E402
+    Accel,
+    Backend,
+    BootConfig,
+    Disk,
+    MachineType,
+    NetworkConfig,
+)
+from microagent.runtime.boot import RunRequest, run_once  # noqa: E402
+from microagent.runtime.configdisk import NetworkMode  # noqa: E402
+from microagent.settings import Settings  # noqa: E402
+from testenv import standin  # noqa: E402
+
+MEMORY_MIB = 1024
+CPUS = 1
+SETTLE_SECONDS = 1.0
+RUN_TIMEOUT = 900.0
+WHEELS = "/opt/wheels"
+SETUP = (
+    'pip install --no-cache-dir "pydantic>=2,<3" "anthropic>=0.40"',  # examples/minimal-agent
+    f"pip download --no-cache-dir -d {WHEELS} rich",
+)
+PIP_ENV = "PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1"
+WORKLOADS = {
+    "import": "python3 -c 'import anthropic, pydantic'",
+    "pip": f"{PIP_ENV} pip install -q --no-index --find-links {WHEELS} rich",
+    "stdlib": "python3 -c 'import asyncio, email.parser, http.client, json, decimal, "
+    "unittest, xml.dom.minidom, argparse, logging.handlers, sqlite3, zipfile'",
+    "cpu": "python3 -c 'sum(range(3 * 10**6))'",
+}
+# Counts the .pyc files of the installed packages: valid for their source (timestamp or hash
+# based), stale (Python would compile the source again on every fresh root), or missing.
+PYC_CHECK = r"""
+import importlib.util as u, os, sys
+ok = stale = missing = 0
+roots = [p for p in sys.path if p.endswith(("dist-packages", "site-packages")) and os.path.isdir(p)]
+for root in roots:
+    for d, _, names in os.walk(root):
+        for n in names:
+            if not n.endswith(".py"):
+                continue
+            src = os.path.join(d, n)
+            try:
+                head = open(u.cache_from_source(src), "rb").read(16)
+            except OSError:
+                missing += 1
+                continue
+            st = os.stat(src)
+            flags = int.from_bytes(head[4:8], "little")
+            same = (int.from_bytes(head[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF
+                    and int.from_bytes(head[12:16], "little") == st.st_size & 0xFFFFFFFF)
+            if flags or same:
+                ok += 1
+            else:
+                stale += 1
+print("PYC ok=%d stale=%d missing=%d" % (ok, stale, missing))
+"""
+BEGIN, END = "MA-BENCH-BEGIN", "MA-BENCH-END"
+END_LINE = re.compile(END + r" (\d+) ([0-9.]+) ([0-9.]+)")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+BARE_INIT = """#!/bin/sh
+export PATH=/bin
+/bin/busybox mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in virtio_ring virtio virtio_mmio virtio_blk overlay; do insmod /lib/modules/$m.ko; done
+R=/newroot
+mount -t ext4 -o noatime /dev/vda $R || { echo BARE-NO-ROOT; poweroff -f; }
+{overlay}
+mount -t proc proc $R/proc; mount -t sysfs sysfs $R/sys; mount -t devtmpfs devtmpfs $R/dev
+mkdir -p $R/dev/pts $R/dev/shm; mount -t devpts devpts $R/dev/pts
+mount -t tmpfs tmpfs $R/dev/shm; mount -t tmpfs -o mode=755 tmpfs $R/run
+cp /bare-cmd.sh $R/run/bare-cmd.sh
+chroot $R /usr/bin/env -i PATH={path} HOME=/root LANG=C.UTF-8 /bin/sh /run/bare-cmd.sh
+sync
+poweroff -f
+"""
+# The bare guest with the product's disk layout: the rootfs read-only as the lower of an
+# overlay whose upper is a tmpfs (the overlay's cost alone, without the state disk).
+BARE_OVERLAY = """mkdir -p /lower /up; mount --move $R /lower
+mount -t tmpfs tmpfs /up; mkdir -p /up/u /up/w
+mount -t overlay overlay -o lowerdir=/lower,upperdir=/up/u,workdir=/up/w $R"""
+
+
+def timed_script(command: str) -> str:
+    """``command`` between two console marks (host-timed) with the guest's uptime at each."""
+    return (
+        f'read -r a _ </proc/uptime; echo "{BEGIN}"; {command}; rc=$?; '
+        f'read -r b _ </proc/uptime; echo "{END} $rc $a $b"'
+    )
+
+
+@dataclasses.dataclass
+class Sample:
+    host: float  # seconds between the two marks, seen on the host
+    guest: float  # the guest's uptime interval
+    output: str
+
+
+class Marks:
+    """Host times at which the begin and end marks showed up in a growing console text."""
+
+    def __init__(self) -> None:
+        self.began = time.monotonic()
+        self.text = ""
+        self.begin_at: float | None = None
+        self.end_at: float | None = None
+
+    def feed(self, chunk: str) -> None:
+        self.text += chunk
+        now = time.monotonic()
+        if self.begin_at is None and BEGIN in self.text:
+            self.begin_at = now
+        if self.end_at is None and END_LINE.search(self.text):
+            self.end_at = now
+
+    def sample(self, what: str) -> Sample:
+        found = END_LINE.search(self.text)
+        if found is None or self.begin_at is None or self.end_at is None:
+            raise SystemExit(f"{what}: no end mark in the output:\n{self.text[-3000:]}")
+        if found.group(1) != "0":
+            raise SystemExit(f"{what}: the workload exited {found.group(1)}:\n{self.text[-3000:]}")
+        guest = float(found.group(3)) - float(found.group(2))
+        return Sample(self.end_at - self.begin_at, guest, self.text)
+
+
+# -- product variants (argv changes measured in this process) ---------------------------------
+
+Patch = Callable[[], AbstractContextManager[None]]
+
+
+def _cmdline_words(*words: str) -> Patch:
+    @contextmanager
+    def patch() -> Iterator[None]:
+        original = qemu.kernel_cmdline
+
+        def cmdline(config: BootConfig, tsc_khz: int | None = None) -> str:
+            return original(dataclasses.replace(config, cmdline_extra=(*words,)), tsc_khz)
+
+        with _swap(qemu, "kernel_cmdline", cmdline):
+            yield
+
+    return patch
+
+
+def _drive_options(options: str) -> Patch:
+    @contextmanager
+    def patch() -> Iterator[None]:
+        original = qemu.disk_args
+
+        def disks(items: Sequence[Disk], machine: MachineType) -> list[str]:
+            args = original(items, machine)
+            return [f"{a},{options}" if a.startswith("id=vd") else a for a in args]
+
+        with _swap(qemu, "disk_args", disks):
+            yield
+
+    return patch
+
+
+def _cpu(model: str) -> Patch:
+    @contextmanager
+    def patch() -> Iterator[None]:
+        with _swap(qemu, "TCG_CPU", model):
+            yield
+
+    return patch
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+@contextmanager
+def _swap(module: object, name: str, value: object) -> Iterator[None]:
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+VARIANTS: dict[str, Patch] = {
+    "as-is": _nothing,
+    "mitigations-off": _cmdline_words("mitigations=off"),
+    "clock-tsc": _cmdline_words("clocksource=tsc", "tsc=reliable"),
+    "clock-jiffies": _cmdline_words("clocksource=jiffies"),
+    "cache-unsafe": _drive_options("cache=unsafe"),
+    "cache-none-native": _drive_options("cache=none,aio=native"),
+    "aio-io_uring": _drive_options("aio=io_uring"),
+    "cpu-qemu64": _cpu("qemu64"),
+    "isolated": _nothing,  # network isolated instead of user (see run_product)
+}
+
+
+# -- the two guests ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Guest:
+    """What both guests boot: the product's backend and its guest kit."""
+
+    backend: Backend
+    kit: guestkit.GuestKit
+    tsc_khz: int | None  # the host TSC rate both guests are told (runtime/hostclock)
+
+
+def run_product(guest: Guest, rootfs: Path, script: str, variant: str, accel: Accel) -> Sample:
+    network = NetworkMode.ISOLATED if variant == "isolated" else NetworkMode.USER
+    request = RunRequest(
+        rootfs=rootfs,
+        command=("sh", "-c", script),
+        network=NetworkConfig(network),
+        memory_mib=MEMORY_MIB,
+        cpus=CPUS,
+        timeout=RUN_TIMEOUT,
+        accel=accel,
+    )
+    marks = Marks()
+    with VARIANTS[variant]():
+        result = run_once(
+            request,
+            backend=guest.backend,
+            kit=guest.kit,
+            on_output=lambda b: marks.feed(b.decode(errors="replace")),
+        )
+    if result.error:
+        raise SystemExit(f"product run failed: {result.error}\n{result.stderr[-2000:]}")
+    return marks.sample(f"product ({variant})")
+
+
+def bare_initrd(kit_initrd: Path, script: str, work: Path, overlay: bool) -> Path:
+    """The kit's initramfs plus a second cpio archive with /bare-init and the command."""
+    init = BARE_INIT.replace("{path}", DEFAULT_PATH)
+    init = init.replace("{overlay}", BARE_OVERLAY if overlay else "")
+    extra = work / "bare-extra.cpio"
+    entries = [
+        CpioEntry.file("bare-init", init.encode(), 0o755),
+        CpioEntry.file("bare-cmd.sh", script.encode(), 0o644),
+    ]
+    with extra.open("wb") as fh:
+        write_cpio(fh, with_parents(entries))
+    out = work / "bare-initrd.img"
+    with out.open("wb") as fh:
+        fh.write(kit_initrd.read_bytes())
+        fh.write(extra.read_bytes())
+    return out
+
+
+def bare_argv(guest: Guest, initrd: Path, disk: Path, serial: Path, accel: Accel) -> list[str]:
+    """Plain QEMU: the product's machine/accel/CPU flags, same memory and vCPUs, one disk."""
+    # tsc_early_khz: without it the kernel cannot calibrate the TSC on microvm under TCG (no
+    # PIT/HPET reference) and hangs; the product passes the same value (runtime/hostclock).
+    cmdline = (
+        f"console=ttyS0 quiet panic=-1 pci=off tsc_early_khz={guest.tsc_khz} rdinit=/bare-init"
+    )
+    return [
+        runner.find_tool("qemu-system-x86_64"),
+        *("-M", "microvm", "-accel", accel.value, "-cpu", "max" if accel is Accel.TCG else "host"),
+        *("-m", str(MEMORY_MIB), "-smp", str(CPUS)),
+        *("-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"),
+        *("-serial", f"file:{serial}", "-kernel", str(guest.kit.kernel), "-initrd", str(initrd)),
+        *("-append", cmdline),
+        *("-drive", f"id=vd0,file={disk},format=raw,if=none"),
+        *("-device", "virtio-blk-device,drive=vd0"),
+    ]
+
+
+def run_bare(
+    guest: Guest, rootfs: Path, script: str, work: Path, accel: Accel, *, overlay: bool
+) -> Sample:
+    disk = work / "bare-root.ext4"
+    subprocess.run(["cp", "--sparse=always", str(rootfs), str(disk)], check=True)
+    serial = work / "bare-serial.log"
+    serial.unlink(missing_ok=True)
+    initrd = bare_initrd(guest.kit.initrd, script, work, overlay)
+    argv = bare_argv(guest, initrd, disk, serial, accel)
+    proc = runner.spawn(argv)
+    marks, seen = Marks(), 0
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while proc.poll() is None and time.monotonic() < deadline:
+        text = serial.read_text(errors="replace") if serial.exists() else ""
+        if len(text) > seen:
+            marks.feed(text[seen:])
+            seen = len(text)
+        time.sleep(0.01)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    text = serial.read_text(errors="replace") if serial.exists() else ""
+    marks.feed(text[seen:])
+    disk.unlink()
+    return marks.sample("bare")
+
+
+# -- the image --------------------------------------------------------------------------------
+
+
+def build_image(api: Microagent, work: Path) -> Path:
+    """The stand-in + the setup steps, built (or reused) by the product: its rootfs path."""
+    image = standin.build_python(None)
+    spec = work / "microagent.yaml"
+    steps = "".join(f"  - {shlex.quote(step)}\n" for step in SETUP)
+    spec.write_text(f"name: bench-guest\nimage: {image.oci_ref}\nsetup:\n{steps}")
+    report = api.build(spec)
+    return report.outcome.built.path
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def measure(
+    args: argparse.Namespace, guest: Guest, rootfs: Path, work: Path
+) -> dict[tuple[str, str], list[Sample]]:
+    accel = Accel(args.accel)
+    samples: dict[tuple[str, str], list[Sample]] = {}
+    for workload in args.workload:
+        script = timed_script(WORKLOADS[workload] + " >/dev/null")
+        for index in range(args.runs):
+            for side in ["bare", *args.bare_variant, *args.variant]:
+                time.sleep(SETTLE_SECONDS)
+                if side == "bare" or side in args.bare_variant:
+                    overlay = side == "bare-overlay"
+                    sample = run_bare(guest, rootfs, script, work, accel, overlay=overlay)
+                else:
+                    sample = run_product(guest, rootfs, script, side, accel)
+                samples.setdefault((workload, side), []).append(sample)
+                print(
+                    f"  {workload:<7} run {index + 1} {side:<18} {sample.host:7.2f} s "
+                    f"(guest {sample.guest:7.2f} s)",
+                    flush=True,
+                )
+    return samples
+
+
+def pyc_check(guest: Guest, rootfs: Path, work: Path, accel: Accel) -> tuple[str, str]:
+    """The .pyc census in the bare guest and in the product's guest."""
+    script = timed_script(f"python3 -c {shlex.quote(PYC_CHECK)}")
+    bare = run_bare(guest, rootfs, script, work, accel, overlay=False).output
+    product = run_product(guest, rootfs, script, "as-is", accel).output
+    census = re.compile(r"PYC ok=\d+ stale=\d+ missing=\d+")
+
+    def found(text: str) -> str:
+        match = census.search(text)
+        return match.group(0) if match else "no census"
+
+    return found(bare), found(product)
+
+
+def report(samples: dict[tuple[str, str], list[Sample]], args: argparse.Namespace) -> None:
+    load = os.getloadavg()
+    print(f"\naccel={args.accel}, {os.cpu_count()} host CPUs, load {load[0]:.2f} {load[1]:.2f}")
+    print(f"{MEMORY_MIB} MiB, {CPUS} vCPU, {args.runs} alternating runs; medians (host-timed)")
+    for workload in args.workload:
+        bare = statistics.median(s.host for s in samples[(workload, "bare")])
+        print(f"{workload}: bare {bare:.2f} s")
+        for side in [*args.bare_variant, *args.variant]:
+            runs = samples[(workload, side)]
+            median = statistics.median(s.host for s in runs)
+            guest = statistics.median(s.guest for s in runs)
+            print(
+                f"  {side:<18} {median:7.2f} s  ratio {median / bare:5.2f}x  "
+                f"(guest clock {guest:.2f} s; runs {', '.join(f'{s.host:.1f}' for s in runs)})"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--workload", default="import,pip", help=f"of {','.join(WORKLOADS)}")
+    parser.add_argument("--variant", action="append", help="product variant (repeatable)")
+    parser.add_argument("--bare-variant", action="append", default=[], choices=["bare-overlay"])
+    parser.add_argument("--accel", choices=["tcg", "kvm"], default="tcg")
+    parser.add_argument("--pyc", action="store_true", help="also count stale .pyc files")
+    parser.add_argument("--list-variants", action="store_true")
+    args = parser.parse_args()
+    if args.list_variants:
+        print("\n".join(VARIANTS))
+        return
+    args.workload = args.workload.split(",")
+    args.variant = args.variant or ["as-is"]
+    for name in args.variant:
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; see --list-variants")
+    os.environ.setdefault("MICROAGENT_EXTRA_CA", "host")  # the setup steps reach PyPI
+    api = Microagent(Settings.from_environ())
+    with tempfile.TemporaryDirectory(prefix="bench-guest-") as tmp:
+        work = Path(tmp)
+        rootfs = build_image(api, work)
+        tsc = hostclock.tsc_khz(api.settings.probes_dir)
+        guest = Guest(api.backend(), api.kit(), tsc)
+        print(f"rootfs {rootfs} ({rootfs.stat().st_size >> 20} MiB)", flush=True)
+        if args.pyc:
+            bare, product = pyc_check(guest, rootfs, work, Accel(args.accel))
+            print(f".pyc files of the installed packages: bare {bare}; product {product}")
+        samples = measure(args, guest, rootfs, work)
+    report(samples, args)
+
+
+if __name__ == "__main__":
+    if shutil.which("qemu-system-x86_64") is None:
+        raise SystemExit("needs qemu-system-x86_64")
+    main()
