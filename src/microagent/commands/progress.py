@@ -223,31 +223,44 @@ def _make_live(
     from rich.console import Console, Group
     from rich.live import Live
     from rich.progress import Progress, SpinnerColumn, TextColumn
+    from rich.table import Column
     from rich.text import Text
 
     class _TailView:
         def __rich__(self) -> RenderableType:
             lines = reporter.tail_view()
-            return Group(*(Text(f"    {line}", style="dim", no_wrap=True) for line in lines))
+            return Group(
+                *(
+                    Text(f"    {line}", style="dim", no_wrap=True, overflow="ellipsis")
+                    for line in lines
+                )
+            )
 
     console = console or Console(stderr=True, force_terminal=True if force else None)
     progress = Progress(
         SpinnerColumn(finished_text="[green]✔"),
-        TextColumn("{task.description}"),
-        _column(_bytes_cell),
-        _column(_rate_cell),
-        _column(_elapsed_cell),
-        _column(_status_cell),
+        TextColumn(  # what the task is: cut short (…) so the figures keep their room
+            "{task.description}",
+            markup=False,
+            table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis", min_width=12),
+        ),
+        _column(_bytes_cell, 19),
+        _column(_rate_cell, 10),
+        _column(_elapsed_cell, 7),
+        _column(_status_cell, 6),
         console=console,
         auto_refresh=False,
+        expand=True,
     )
     live = Live(Group(progress, _TailView()), console=console, refresh_per_second=8)
     return live, progress
 
 
-def _column(cell: Callable[[Task], str]) -> Any:
+def _column(cell: Callable[[Task], str], width: int) -> Any:
+    """A column of figures ``cell`` words: right-aligned, never wrapped or cut."""
     # deferred: as in _make_live
     from rich.progress import ProgressColumn
+    from rich.table import Column
     from rich.text import Text
 
     class _Cell(ProgressColumn):
@@ -255,7 +268,7 @@ def _column(cell: Callable[[Task], str]) -> Any:
             text = cell(task)
             return Text(text, style=STATUS_STYLE.get(text, ""))
 
-    return _Cell()
+    return _Cell(Column(min_width=width, no_wrap=True, justify="right"))
 
 
 def human(size: float) -> str:
