@@ -82,16 +82,16 @@ def test_the_live_view_shows_bytes_rates_steps_and_their_output(
     pulls = [f for f in frames if re.search(rf"pull [0-9a-f]{{12}} +{SIZE} / {SIZE} +{SIZE}/s", f)]
     assert pulls, text  # a pull row: bytes of the total and the rate
     assert re.search(
-        rf"convert 1 layer\(s\) to ext4 +{SIZE} / {SIZE} +{SIZE}/s +[\d.]+s DONE", text
+        rf"convert 1 layer\(s\) to ext4 +{SIZE} / {SIZE} +{SIZE}/s +[\d.]+s +DONE", text
     )
-    assert re.search(r"\[2/2\] setup echo two +[\d.]+s DONE", text)
+    assert re.search(r"\[2/2\] setup echo two +[\d.]+s +DONE", text)
     assert "    /bin/sh -eu -c echo one" in text  # the running step's output, under its row
     last = text[text.rindex("pull ") :]  # the last frame: every row, each one done
-    assert re.search(r"\[1/2\] setup echo one +[\d.]+s DONE", last), last
+    assert re.search(r"\[1/2\] setup echo one +[\d.]+s +DONE", last), last
     assert "/bin/sh" not in last  # a finished step's output is folded away
 
     _out, again = run(capsys, "--progress=tty", "create", "-f", str(spec), "--name", "p2")
-    assert re.search(r"\[1/2\] setup echo one +[\d.]+s CACHED", ANSI.sub("", again))
+    assert re.search(r"\[1/2\] setup echo one +[\d.]+s +CACHED", ANSI.sub("", again))
 
 
 def test_a_failed_step_is_marked_error_in_the_live_view(
@@ -100,7 +100,7 @@ def test_a_failed_step_is_marked_error_in_the_live_view(
     monkeypatch.setenv("MICROAGENT_FAKE", json.dumps({"exitCode": 3, "stderr": "no such pkg"}))
     _out, err = run(capsys, "--progress=tty", "create", "-f", str(spec), code=1)
     text = ANSI.sub("", err)
-    assert re.search(r"\[1/2\] setup echo one +[\d.]+s ERROR", text), text
+    assert re.search(r"\[1/2\] setup echo one +[\d.]+s +ERROR", text), text
     assert "setup step failed (exit code 3)" in text  # the error, after the view ended
     assert text.index("ERROR") < text.index("setup step failed")
 
