@@ -41,6 +41,8 @@ PACKAGES: Mapping[str, str] = {
     "busybox": "busybox-static",
     "setpriv": "util-linux",
     "unshare": "util-linux",
+    "nsenter": "util-linux",
+    "sleep": "coreutils",
     "env": "coreutils",
     "gpgv": "gpgv",
     "gpg": "gpg",
