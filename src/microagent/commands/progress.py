@@ -154,7 +154,7 @@ class LiveReporter:
             if task is None:
                 task = self._add(progress, event)
             if event.phase is Phase.ADVANCE or event.phase is Phase.START:
-                progress.update(task, completed=event.done, total=event.total)
+                progress.update(task, **_figures(event))
             else:
                 self._end(progress, task, event)
 
@@ -181,14 +181,11 @@ class LiveReporter:
     # -- rich ---------------------------------------------------------------------------
 
     def _add(self, progress: Progress, event: ProgressEvent) -> TaskID:
-        counted = event.total is not None
         prefix = "" if event.kind is TaskKind.STEP else f"{event.kind.value} "
+        # rich's own total stays unknown (the spinner turns) until the task ends: a
+        # conversion has read all its bytes long before its ext4 image is written
         task = progress.add_task(
-            prefix + self._clean(event.label),
-            total=event.total,
-            kind=event.kind.value,
-            bytes=counted,
-            status="",
+            prefix + self._clean(event.label), total=None, status="", speed=None, **_figures(event)
         )
         self._tasks[event.task] = task
         if event.kind is TaskKind.STEP:
@@ -198,8 +195,10 @@ class LiveReporter:
 
     def _end(self, progress: Progress, task: TaskID, event: ProgressEvent) -> None:
         status = "CACHED" if event.phase is Phase.CACHED else "DONE"
-        total = event.total if event.total else 1
-        progress.update(task, total=total, completed=total, status=status)
+        figures = _figures(event) if event.phase is Phase.DONE else {}
+        if figures and progress.tasks[task].fields.get("speed") is not None:
+            figures.pop("speed")  # the rate while bytes moved, not over the whole task
+        progress.update(task, total=1, completed=1, status=status, **figures)
         progress.stop_task(task)
         if event.task == self._step:
             self._step = None
@@ -280,17 +279,24 @@ def human(size: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _figures(event: ProgressEvent) -> dict[str, Any]:
+    """A task's byte figures from ``event`` (none for a task not counted in bytes)."""
+    if event.total is None:
+        return {}
+    figures: dict[str, Any] = {"size": event.total, "moved": event.done}
+    if event.done and event.elapsed > 0:
+        figures["speed"] = event.done / event.elapsed
+    return figures
+
+
 def _bytes_cell(task: Task) -> str:
-    if not task.fields.get("bytes") or task.total is None:
-        return ""
-    return f"{human(task.completed)} / {human(task.total)}"
+    size = task.fields.get("size")
+    return "" if size is None else f"{human(task.fields['moved'])} / {human(size)}"
 
 
 def _rate_cell(task: Task) -> str:
-    if not task.fields.get("bytes") or not task.completed:
-        return ""
-    seconds = task.elapsed or 0.0
-    return f"{human(task.completed / max(seconds, 1e-3))}/s"
+    speed = task.fields.get("speed")
+    return "" if speed is None else f"{human(speed)}/s"
 
 
 def _elapsed_cell(task: Task) -> str:
