@@ -18,10 +18,12 @@ turns packed images off.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, cast
 
@@ -33,8 +35,11 @@ from microagent.store.records import PackedImage
 MEDIA_TYPE = "application/vnd.microagent.rootfs.ext4+zstd"
 LEVEL = 3
 CHUNK = 1 << 20
+DECODED_CHUNK = 4 << 20  # decoded bytes per hand-over to the writer thread
 SPARSE_BLOCK = 64 << 10
+WRITEBACK = 32 << 20  # start writing back every this many bytes (the final fsync is short)
 _ZEROS = bytes(SPARSE_BLOCK)
+SYNC_FILE_RANGE_WRITE = 2
 
 
 def pack(image: Path, out: BinaryIO) -> PackedImage:
@@ -54,30 +59,29 @@ def pack(image: Path, out: BinaryIO) -> PackedImage:
 
 
 class _Counted:
-    """Reads the compressed stream, hashing it and refusing more than expected."""
+    """Hashes and counts the compressed stream, refusing more than expected."""
 
-    def __init__(self, raw: BinaryIO, limit: int) -> None:
-        self.raw = raw
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self.hasher = hashlib.sha256()
         self.size = 0
 
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
+    def add(self, data: bytes) -> None:
         self.size += len(data)
         if self.size > self.limit:
             raise IntegrityError(
                 f"rootfs image blob is larger than the expected {self.limit} bytes"
             )
         self.hasher.update(data)
-        return data
 
 
 class _Prefetch:
-    """Reads a stream in a background thread so the download overlaps decompression."""
+    """Reads (and hashes, see :class:`_Counted`) a stream in a background thread, so the
+    download and its digest overlap decompression."""
 
-    def __init__(self, raw: BinaryIO, depth: int = 16) -> None:
+    def __init__(self, raw: BinaryIO, counted: _Counted, depth: int = 16) -> None:
         self.chunks: queue.Queue[bytes | BaseException] = queue.Queue(depth)
+        self.counted = counted
         self.pending = b""
         self.offset = 0
         self.done = False
@@ -88,6 +92,7 @@ class _Prefetch:
     def _pump(self, raw: BinaryIO) -> None:
         try:
             while not self.stop.is_set() and (chunk := raw.read(CHUNK)):
+                self.counted.add(chunk)  # bounded before decompression sees it
                 self.chunks.put(chunk)
             self.chunks.put(b"")
         except BaseException as exc:  # handed to the reader, re-raised there
@@ -115,48 +120,139 @@ class _Prefetch:
         self.thread.join()
 
 
+class _Sink:
+    """Hashes decoded chunks and writes them (sparse) in a thread of its own: sha256 and
+    file writes release the GIL, so they overlap decompression. An error there (a full
+    disk) is raised to the producer at its next :meth:`put` or at :meth:`finish`."""
+
+    def __init__(self, fh: BinaryIO, depth: int = 8) -> None:
+        self.fh = fh
+        self.hasher = hashlib.sha256()
+        self.chunks: queue.Queue[bytes | None] = queue.Queue(depth)
+        self.error: BaseException | None = None
+        self.closed = False
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        written = 0
+        try:
+            while (chunk := self.chunks.get()) is not None:
+                self.hasher.update(chunk)
+                _write_sparse(self.fh, chunk)
+                written = _start_writeback(self.fh, written)
+        except BaseException as exc:  # raised to the producer; keep draining until None
+            self.error = exc
+            while self.chunks.get() is not None:
+                pass
+
+    def put(self, chunk: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.chunks.put(chunk)
+
+    def close(self) -> None:
+        """Stop the thread (idempotent); its error, if any, is left for :meth:`finish`."""
+        if not self.closed:
+            self.closed = True
+            self.chunks.put(None)
+            self.thread.join()
+
+    def finish(self) -> str:
+        """Wait for every chunk to be written; the decoded bytes' digest."""
+        self.close()
+        if self.error is not None:
+            raise self.error
+        return "sha256:" + self.hasher.hexdigest()
+
+
 def unpack(stream: BinaryIO, out: Path, expected: PackedImage) -> None:
     """Decompress ``stream`` into a new sparse file ``out`` (see :func:`_unpack`), then refuse
     it unless ``e2fsck -fn`` finds a clean file system."""
-    prefetch = _Prefetch(stream)
+    counted = _Counted(expected.blob_size)
+    prefetch = _Prefetch(stream, counted)
     try:
-        _unpack(cast(BinaryIO, prefetch), out, expected)
+        _unpack(cast(BinaryIO, prefetch), counted, out, expected)
     finally:
         prefetch.close()
     check_image(out, "rootfs image")
 
 
-def _unpack(stream: BinaryIO, out: Path, expected: PackedImage) -> None:
+def _unpack(stream: BinaryIO, counted: _Counted, out: Path, expected: PackedImage) -> None:
     """Decompress ``stream`` into a new sparse file ``out``, verifying the blob's digest and
-    size and the decoded image's digest and size."""
-    counted = _Counted(stream, expected.blob_size)
-    plain = hashlib.sha256()
+    size and the decoded image's digest and size. Three threads share the work: the
+    download with its digest (:class:`_Prefetch`), decompression (here) and the decoded
+    digest with the writes (:class:`_Sink`)."""
     size = 0
     import zstandard  # deferred: ~10 ms to import; a cache-hit create never (de)compresses
 
-    reader = zstandard.ZstdDecompressor().stream_reader(cast(BinaryIO, counted))
+    reader = zstandard.ZstdDecompressor().stream_reader(stream, read_size=CHUNK)
     with out.open("xb") as fh:
+        sink = _Sink(fh)
         try:
-            while chunk := reader.read(CHUNK):
+            while chunk := reader.read(DECODED_CHUNK):
                 size += len(chunk)
                 if size > expected.size:
                     raise IntegrityError(f"rootfs image is larger than {expected.size} bytes")
-                plain.update(chunk)
-                _write_sparse(fh, chunk)
+                sink.put(chunk)
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"rootfs image blob is not valid zstd: {exc}") from exc
+        finally:
+            sink.close()
+        decoded = sink.finish()
         fh.truncate(size)
-    _check(counted, expected, size, "sha256:" + plain.hexdigest())
+    _check(counted, expected, size, decoded)
 
 
 def _write_sparse(fh: BinaryIO, chunk: bytes) -> None:
-    """Write ``chunk``, seeking over all-zero 64 KiB blocks (they stay holes)."""
+    """Write ``chunk``, seeking over all-zero 64 KiB blocks (they stay holes); each run of
+    data blocks goes out in one write."""
+    view = memoryview(chunk)
+    data_from = -1  # where the pending run of data blocks begins
     for start in range(0, len(chunk), SPARSE_BLOCK):
-        block = chunk[start : start + SPARSE_BLOCK]  # bytes: compared with memcmp
-        if block == _ZEROS[: len(block)]:
-            fh.seek(len(block), os.SEEK_CUR)
-        else:
-            fh.write(block)
+        end = min(start + SPARSE_BLOCK, len(chunk))
+        if chunk[start:end] != _ZEROS[: end - start]:  # bytes: compared with memcmp
+            data_from = start if data_from < 0 else data_from
+            continue
+        if data_from >= 0:
+            fh.write(view[data_from:start])
+            data_from = -1
+        fh.seek(end - start, os.SEEK_CUR)
+    if data_from >= 0:
+        fh.write(view[data_from:])
+
+
+def _start_writeback(fh: BinaryIO, done: int) -> int:
+    """Every :data:`WRITEBACK` bytes, ask the kernel to start writing the file back (without
+    waiting), so the fsync before the image is published finds little left to do; returns
+    the offset written back so far."""
+    offset = fh.tell()
+    if offset - done < WRITEBACK:
+        return done
+    fh.flush()
+    _sync_file_range(fh.fileno(), done, offset - done)
+    return offset
+
+
+@functools.cache
+def _libc_sync_file_range() -> Callable[..., int] | None:
+    import ctypes  # deferred: only an unpack starts writeback early
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):  # not Linux/glibc: the final fsync does it all
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return cast(Callable[..., int], fn)
+
+
+def _sync_file_range(fd: int, offset: int, length: int) -> None:
+    fn = _libc_sync_file_range()
+    if fn is not None:
+        fn(fd, offset, length, SYNC_FILE_RANGE_WRITE)  # advisory: a failure changes nothing
 
 
 def _check(counted: _Counted, expected: PackedImage, size: int, decoded: str) -> None:

@@ -24,9 +24,11 @@ import contextlib
 import errno
 import gzip
 import os
+import queue
 import shutil
 import stat
 import tarfile
+import threading
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ from microagent.store.records import LayerRef
 __all__ = ["LayerSource", "Limits", "apply_layer", "finish_stage", "flatten", "stored_layers"]
 
 CHUNK = 1 << 20
+AHEAD = 16  # decoded chunks a layer's decoding thread may run ahead of the tar walk
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 GZIP_MAGIC = b"\x1f\x8b"
@@ -104,11 +107,26 @@ def flatten(
     """
     stage.mkdir(parents=True, exist_ok=True)
     meta = meta if meta is not None else StageMetadata()
-    for source in layers:
-        with source.open() as fh:
-            apply_layer(
-                stage, fh, layer_name=source.name, meta=meta, limits=limits, diff_id=source.diff_id
-            )
+    ahead: list[_LayerReader] = []  # this layer's reader and the next one's, decoding
+    try:
+        for i, source in enumerate(layers):
+            for later in layers[i + len(ahead) : i + 2]:
+                ahead.append(_LayerReader.opening(later.open, later.diff_id))
+            reader = ahead.pop(0)
+            try:
+                _apply_read(
+                    stage,
+                    reader,
+                    layer_name=source.name,
+                    meta=meta,
+                    limits=limits,
+                    diff_id=source.diff_id,
+                )
+            finally:
+                reader.close()
+    finally:
+        for reader in ahead:
+            reader.close()
     finish_stage(stage, meta)
     return meta
 
@@ -123,7 +141,22 @@ def apply_layer(
     diff_id: Digest | None = None,
 ) -> None:
     """Apply one layer (plain, gzip or zstd tar, detected by magic bytes) onto ``stage``."""
-    reader = _LayerReader(fileobj, diff_id)
+    reader = _LayerReader.opening(lambda: fileobj, diff_id, close=False)
+    try:
+        _apply_read(stage, reader, layer_name=layer_name, meta=meta, limits=limits, diff_id=diff_id)
+    finally:
+        reader.close()
+
+
+def _apply_read(
+    stage: Path,
+    reader: _LayerReader,
+    *,
+    layer_name: str,
+    meta: StageMetadata,
+    limits: Limits,
+    diff_id: Digest | None,
+) -> None:
     root_fd = os.open(stage, _DIR_FLAGS)
     try:
         applier = _Applier(root_fd, layer_name, meta, limits)
@@ -193,26 +226,60 @@ class _Reads(Protocol):
 
 
 class _LayerReader:
-    """Decompresses (chosen by magic bytes) and hashes everything it hands to tarfile."""
+    """Decompresses (chosen by magic bytes) and hashes a layer in a thread of its own (zstd,
+    zlib and sha256 release the GIL) and hands tarfile the decoded chunks, so decoding
+    overlaps the tar walk. At most :data:`AHEAD` chunks wait; a decoding error is raised
+    from :meth:`read`."""
 
-    def __init__(self, raw: BinaryIO, diff_id: Digest | None) -> None:
-        self._hasher = diff_id.hasher() if diff_id else Digest.of_bytes(b"").hasher()
-        head = _guard(lambda: _read_head(raw, 4))
-        plain = _PrefixedReader(head, raw)
-        self._stream: _Reads = plain
-        if head.startswith(GZIP_MAGIC):
-            # cast: both decoders only ever call read() on their source
-            self._stream = gzip.GzipFile(fileobj=cast(BinaryIO, plain), mode="rb")
-        elif head.startswith(ZSTD_MAGIC):
-            import zstandard  # deferred: ~10 ms to import; a cache-hit create never (de)compresses
+    def __init__(self) -> None:
+        self._hasher = Digest.of_bytes(b"").hasher()
+        self._chunks: queue.Queue[bytes | BaseException] = queue.Queue(AHEAD)
+        self._pending = b""
+        self._offset = 0
+        self._done = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-            dctx = zstandard.ZstdDecompressor()
-            self._stream = dctx.stream_reader(cast(BinaryIO, plain), read_across_frames=True)
+    @classmethod
+    def opening(
+        cls, open_raw: Callable[[], BinaryIO], diff_id: Digest | None, *, close: bool = True
+    ) -> _LayerReader:
+        """Start decoding what ``open_raw()`` returns (closed when done, with ``close``)."""
+        reader = cls()
+        if diff_id is not None:
+            reader._hasher = diff_id.hasher()
+        reader._thread = threading.Thread(target=reader._pump, args=(open_raw, close), daemon=True)
+        reader._thread.start()
+        return reader
+
+    def _pump(self, open_raw: Callable[[], BinaryIO], close: bool) -> None:
+        try:
+            raw = open_raw()
+            try:
+                stream = _decoder(raw)
+                while not self._stop.is_set() and (chunk := _guard(lambda: stream.read(CHUNK))):
+                    self._hasher.update(chunk)
+                    self._chunks.put(chunk)
+            finally:
+                if close:
+                    raw.close()
+            self._chunks.put(b"")
+        except BaseException as exc:  # handed to the reader, re-raised there
+            self._chunks.put(exc)
 
     def read(self, size: int = -1) -> bytes:
-        size = CHUNK if size is None or size < 0 else size
-        data = _guard(lambda: self._stream.read(size))
-        self._hasher.update(data)
+        """Up to ``size`` bytes of the current chunk (tarfile's stream mode reads on)."""
+        if self._offset >= len(self._pending):
+            if self._done:
+                return b""
+            item = self._chunks.get()
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            self._pending, self._offset, self._done = item, 0, not item
+        end = len(self._pending) if size is None or size < 0 else self._offset + size
+        data = self._pending[self._offset : end]
+        self._offset += len(data)
         return data
 
     def finish(self) -> None:
@@ -222,6 +289,30 @@ class _LayerReader:
 
     def digest(self) -> Digest:
         return Digest.from_hasher(self._hasher)
+
+    def close(self) -> None:
+        """Stop the decoding thread (draining its queue so a blocked put can finish)."""
+        self._stop.set()
+        while self._thread is not None and self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._chunks.get(timeout=0.05)
+        if self._thread is not None:
+            self._thread.join()
+
+
+def _decoder(raw: BinaryIO) -> _Reads:
+    """A reader of the decompressed bytes of ``raw`` (gzip, zstd or plain, by magic bytes)."""
+    head = _guard(lambda: _read_head(raw, 4))
+    plain = _PrefixedReader(head, raw)
+    if head.startswith(GZIP_MAGIC):
+        # cast: both decoders only ever call read() on their source
+        return gzip.GzipFile(fileobj=cast(BinaryIO, plain), mode="rb")
+    if head.startswith(ZSTD_MAGIC):
+        import zstandard  # deferred: ~10 ms to import; a cache-hit create never (de)compresses
+
+        dctx = zstandard.ZstdDecompressor()
+        return dctx.stream_reader(cast(BinaryIO, plain), read_size=CHUNK, read_across_frames=True)
+    return plain
 
 
 class _PrefixedReader:
