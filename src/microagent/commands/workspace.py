@@ -246,8 +246,8 @@ def resume(ctx: Ctx, /, name: str) -> None:
 
 def _snapshot_text(report: SnapshotReport) -> str:
     return (
-        f"{report.workspace}: snapshot {report.tag} ({report.bytes / 2**20:.1f} MiB, "
-        f"{report.state_bytes / 2**20:.1f} MiB of VM state; vCPUs stopped "
+        f"{report.workspace}: snapshot {report.tag} ({report.state_bytes / 2**20:.1f} MiB of VM "
+        f"state, {report.disk_bytes / 2**20:.1f} MiB on disk in all; vCPUs stopped "
         f"{report.seconds:.2f}s); {report.state}"
     )
 

@@ -67,6 +67,7 @@ class SnapshotReport:
     state_bytes: int
     seconds: float  # the vCPUs stood still this long (save + disk copies)
     path: Path
+    disk_bytes: int = 0  # what the snapshot takes on the host's disk (holes, shared extents not)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,6 +79,7 @@ class SnapshotReport:
             "stateBytes": self.state_bytes,
             "seconds": round(self.seconds, 3),
             "path": str(self.path),
+            "diskBytes": self.disk_bytes,
         }
 
 
@@ -228,8 +230,9 @@ def create(settings: Settings, ws: Workspace, tag: str, *, stop: bool = False) -
             final = _run_on(ws, vm_dir, f"snapshot {tag} taken")
     if final is State.RUNNING:
         resync_clock(ws)
+    used = sum(f.stat().st_blocks * 512 for f in path.resolve().iterdir())
     return SnapshotReport(
-        ws.name, tag, final.value, manifest.size, manifest.state.size, manifest.seconds, path
+        ws.name, tag, final.value, manifest.size, manifest.state.size, manifest.seconds, path, used
     )
 
 
