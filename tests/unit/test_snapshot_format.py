@@ -1,0 +1,167 @@
+"""The snapshot folder format (runtime.snapshot): the VM shape a restore must match, digests
+that agree for sparse and dense copies, atomic publication (a write that dies leaves the
+previous snapshot usable), and a manifest from disk that is bounded and checked field by field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from microagent.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError
+from microagent.runtime import snapshot
+from microagent.runtime.snapshot import Identity, Manifest, SavedFile
+
+ARGV = [
+    "ip", "netns", "exec", "ma-1", "setpriv", "--pdeathsig", "KILL",
+    "/usr/bin/qemu-system-x86_64", "-M", "microvm", "-accel", "tcg", "-cpu", "max",
+    "-m", "256", "-smp", "1", "-kernel", "/a/vmlinuz",
+    "-drive", "id=vd0,file=/a/root.ext4,format=raw,if=none,readonly=on",
+    "-device", "virtio-blk-device,drive=vd0,serial=rootfs",
+    "-drive", "id=vd1,file=/a/state.ext4,format=raw,if=none",
+    "-device", "virtio-blk-device,drive=vd1,serial=state",
+]  # fmt: skip
+
+
+def test_the_shape_keeps_the_device_state_and_drops_host_paths() -> None:
+    shape = snapshot.argv_shape(ARGV)
+    assert shape["options"] == {"-M": "microvm", "-accel": "tcg", "-cpu": "max", "-m": "256",
+                                "-smp": "1"}  # fmt: skip
+    assert shape["drives"] == ["ro", "rw"] and len(shape["devices"]) == 2
+    moved = [w.replace("/a/", "/elsewhere/") for w in ARGV[7:]] + ["-incoming", "defer"]
+    assert snapshot.argv_shape(moved) == shape  # other paths, no wrapper, a restore: the same
+    bigger = [("512" if w == "256" else w) for w in ARGV]
+    assert snapshot.argv_shape(bigger) != shape
+
+
+def test_identity_differences_say_what_changed() -> None:
+    mine = Identity("qemu 7.2.22", snapshot.argv_shape(ARGV), "a" * 64, "b" * 64, "sha256:x")
+    assert mine.differences(mine) == []
+    other = Identity("qemu 8.2.0", snapshot.argv_shape(ARGV[:-4]), "c" * 64, "b" * 64, "sha256:x")
+    words = " ".join(mine.differences(other))
+    assert "VMM: qemu 7.2.22 in the snapshot, qemu 8.2.0 now" in words
+    assert "guest kernel" in words and "VM drives" in words and "initramfs" not in words
+
+
+def test_sparse_and_dense_copies_have_one_digest(tmp_path: Path) -> None:
+    sparse, dense = tmp_path / "sparse", tmp_path / "dense"
+    with sparse.open("wb") as fh:
+        fh.truncate(8 << 20)
+        fh.seek(3 << 20)
+        fh.write(b"data in the middle")
+    dense.write_bytes(sparse.read_bytes())
+    assert sparse.stat().st_blocks < dense.stat().st_blocks
+    assert snapshot.sparse_sha256(sparse) == snapshot.sparse_sha256(dense)
+    with dense.open("r+b") as fh:
+        fh.seek((8 << 20) - 1)
+        fh.write(b"\1")
+    assert snapshot.sparse_sha256(sparse) != snapshot.sparse_sha256(dense)
+    with sparse.open("r+b") as fh:
+        fh.truncate((8 << 20) + 1)  # one more zero byte changes the digest too
+    assert snapshot.sparse_sha256(sparse) != snapshot.sparse_sha256(tmp_path / "dense")
+
+
+def _write(root: Path, tag: str, payload: bytes) -> Manifest:
+    tmp = snapshot.begin(root, tag)
+    (tmp / "vmstate").write_bytes(payload)
+    (tmp / "disk-state").write_bytes(b"disk")
+    identity = Identity("fake", {}, "k", "i", "r")
+    state = SavedFile("vmstate", len(payload), snapshot.file_sha256(tmp / "vmstate"))
+    disk = SavedFile("disk-state", 4, snapshot.sparse_sha256(tmp / "disk-state"), "state")
+    manifest = Manifest(tag, "2026-12-01T00:00:00Z", identity, state, (disk,), 0.5)
+    snapshot.publish(root, tag, tmp, manifest)
+    return manifest
+
+
+def test_publishing_replaces_a_tag_whole(tmp_path: Path) -> None:
+    _write(tmp_path, "t", b"first")
+    first = (tmp_path / "snapshots" / "t").resolve()
+    _write(tmp_path, "t", b"second")
+    assert not first.exists()
+    manifest = snapshot.read_manifest(tmp_path, "t")
+    snapshot.verify(tmp_path, manifest)
+    assert (tmp_path / "snapshots" / "t" / "vmstate").read_bytes() == b"second"
+    assert oct((tmp_path / "snapshots" / "t" / "manifest.json").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_write_that_died_leaves_the_previous_snapshot_usable(tmp_path: Path) -> None:
+    _write(tmp_path, "t", b"good")
+    dead = snapshot.begin(tmp_path, "t")  # killed while the VMM wrote its state
+    (dead / "vmstate").write_bytes(b"half")
+    orphan = tmp_path / "snapshots" / ".v-t-0123456789ab"  # killed between rename and swap
+    orphan.mkdir()
+    snapshot.verify(tmp_path, snapshot.read_manifest(tmp_path, "t"))
+    assert [row["tag"] for row in snapshot.listing(tmp_path)] == ["t"]
+    snapshot.collect_garbage(tmp_path)
+    assert not dead.exists() and not orphan.exists()
+    snapshot.verify(tmp_path, snapshot.read_manifest(tmp_path, "t"))
+
+
+def test_verify_finds_a_changed_or_truncated_file(tmp_path: Path) -> None:
+    manifest = _write(tmp_path, "t", b"0123456789")
+    state = tmp_path / "snapshots" / "t" / "vmstate"
+    state.write_bytes(b"0123456780")
+    with pytest.raises(IntegrityError, match="does not match its digest"):
+        snapshot.verify(tmp_path, manifest)
+    state.write_bytes(b"01234")
+    with pytest.raises(IntegrityError, match="has 5 bytes, not 10"):
+        snapshot.verify(tmp_path, manifest)
+    state.unlink()
+    with pytest.raises(IntegrityError, match="vmstate"):
+        snapshot.verify(tmp_path, manifest)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda m: m["state"].update(file="../../workspace.json"), "bad file name"),
+        (lambda m: m["disks"][0].update(file="disk-../x"), "bad file name"),
+        (lambda m: m["state"].update(sha256="00"), "64 hex digits"),
+        (lambda m: m["state"].update(size=-1), "non-negative"),
+        (lambda m: m.update(format=2), "format 1"),
+        (lambda m: m.update(tag="other"), "another tag"),
+        (lambda m: m.update(disks=[m["disks"][0]] * 33), "at most 32"),
+        (lambda m: m["identity"].update(kernel=["x"]), "short strings"),
+    ],
+)
+def test_a_malformed_manifest_is_refused(
+    tmp_path: Path, change: Callable[[dict[str, Any]], None], words: str
+) -> None:
+    _write(tmp_path, "t", b"x")
+    path = tmp_path / "snapshots" / "t" / "manifest.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(IntegrityError, match=words) as caught:
+        snapshot.read_manifest(tmp_path, "t")
+    assert "start NAME" in caught.value.hint
+
+
+def test_an_oversized_manifest_is_not_parsed(tmp_path: Path) -> None:
+    folder = tmp_path / "snapshots" / "t"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_bytes(b"[" * (snapshot.MANIFEST_MAX + 1))
+    with pytest.raises(IntegrityError, match="larger than"):
+        snapshot.read_manifest(tmp_path, "t")
+
+
+@pytest.mark.parametrize("tag", ["", ".v-x", "../t", "t/u", "a" * 64, "t\n", "ü"])
+def test_tags_are_bounded(tag: str) -> None:
+    with pytest.raises(InvalidInputError):
+        snapshot.check_tag(tag)
+
+
+def test_missing_snapshots_and_mismatches(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError):
+        snapshot.read_manifest(tmp_path, "none")
+    manifest = _write(tmp_path, "t", b"x")
+    snapshot.check_identity(manifest, manifest.identity)
+    with pytest.raises(ConflictError, match="root filesystem"):
+        snapshot.check_identity(manifest, Identity("fake", {}, "k", "i", "another"))
+    assert snapshot.remove(tmp_path, "t") and not snapshot.remove(tmp_path, "t")
+    assert os.listdir(tmp_path / "snapshots") == []
