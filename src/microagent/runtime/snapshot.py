@@ -397,7 +397,8 @@ def _damaged(tag: str, why: str) -> IntegrityError:
     return IntegrityError(
         f"snapshot {tag!r} cannot be restored: {why}",
         hint=f"remove it (`microagent snapshot rm NAME {tag}`); the workspace still starts "
-        "cold from its disk (`microagent start NAME`)",
+        "cold from its disk (`microagent start NAME`; a suspended one once the snapshot "
+        "is removed)",
     )
 
 
@@ -426,7 +427,8 @@ def check_identity(manifest: Manifest, now: Identity) -> None:
             f"snapshot {manifest.tag!r} does not match this workspace's VM: "
             + "; ".join(differences),
             hint="a snapshot restores only into the VM that made it; `microagent start NAME` "
-            "boots it cold from its disk",
+            "boots it cold from its disk (a suspended one once `microagent snapshot rm NAME "
+            f"{manifest.tag}` removed the snapshot)",
         )
 
 
