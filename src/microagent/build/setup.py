@@ -63,6 +63,8 @@ class BuildContext:
     boots: int = 0
     # --no-cache / --no-cache-from N: the first setup step (1-based) built even if cached
     rebuild_from: int | None = None
+    timings: list[StepTimings] = field(default_factory=list)  # one per step built
+    derive: bool = True  # a step's rootfs from its parent's image when it can (see below)
 
     @cached_property
     def kit(self) -> GuestKit:
@@ -73,6 +75,45 @@ class BuildContext:
         return self.backend_factory()
 
 
+@dataclass
+class StepTimings:
+    """Where one built setup step's time went, in seconds (``bench/bench_setup.py``)."""
+
+    key: str
+    boot: float = 0.0  # make the upper disk, boot, run the command, power off
+    check: float = 0.0  # e2fsck of the guest's disk, drop the runtime files
+    export: float = 0.0  # the upper dir as a layer tar
+    store: float = 0.0  # zstd + store the blob
+    rootfs: float = 0.0  # the step's root filesystem image
+    how: str = ""  # how the rootfs was made
+
+    @property
+    def total(self) -> float:
+        return self.boot + self.check + self.export + self.store + self.rootfs
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "key": self.key,
+            "how": self.how,
+            **{k: round(getattr(self, k), 3) for k in ("boot", "check", "export", "store")},
+            "rootfs": round(self.rootfs, 3),
+            "total": round(self.total, 3),
+        }
+
+
+class _Clock:
+    """Adds the time since the last lap to a field of a :class:`StepTimings`."""
+
+    def __init__(self, timings: StepTimings) -> None:
+        self.timings = timings
+        self.last = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        setattr(self.timings, name, getattr(self.timings, name) + now - self.last)
+        self.last = now
+
+
 @dataclass(frozen=True)
 class BuiltRootfs:
     key: str
@@ -80,6 +121,7 @@ class BuiltRootfs:
     layers: tuple[LayerRef, ...]
     built: int
     cached: int
+    timings: tuple[StepTimings, ...] = ()  # of the steps built
 
 
 def image_env(base: BaseImage) -> dict[str, str]:
@@ -138,7 +180,7 @@ def ensure_rootfs(ctx: BuildContext, plan: BuildPlan, base: BaseImage) -> BuiltR
         layers = record.layers
         rootfs = ctx.store.entry_path(record.rootfs)
     key = steps[-1].key if steps else base.key
-    return BuiltRootfs(key, rootfs, layers, built, cached)
+    return BuiltRootfs(key, rootfs, layers, built, cached, tuple(ctx.timings))
 
 
 def run_setup_vm(
@@ -184,17 +226,34 @@ def _drop_runtime_files(state_disk: Path) -> None:
     run_debugfs(state_disk, [f"rm {quote(p)}" for p in RUNTIME_FILES], write=True)
 
 
-def _store_layer(store: Store, work: Path) -> LayerRef:
+def _store_layer(store: Store, work: Path, clock: _Clock) -> LayerRef:
     # deferred: as in run_setup_vm
     from microagent.ext4.upper import export_upper_image
     from microagent.layers.tarwrite import compress_zstd
     from microagent.oci.documents import OCI_LAYER_ZSTD
 
     exported = export_upper_image(work / "upper.ext4", work / "layer.tar")
+    clock.lap("export")
     with (work / "layer.tar").open("rb") as plain:
         packed = compress_zstd(plain, work / "layer.tar.zst")
     digest = store.put_blob_file(work / "layer.tar.zst", packed.digest)
+    clock.lap("store")
     return LayerRef(OCI_LAYER_ZSTD, str(digest), packed.size, str(exported.diff_id))
+
+
+def _derive(ctx: BuildContext, step: Step, parent: Path, layer_tar: Path, replace: bool) -> str:
+    """Build the step's rootfs from its parent's image and its own layer when that is
+    possible (see ``ext4.derive``); how it went, or why the caller must flatten."""
+    from microagent.ext4.rootfs import derive_rootfs  # deferred: as in run_setup_vm
+
+    if not ctx.derive:
+        return "flatten (derive off)"
+    if not parent.is_file():
+        return "flatten (no parent image)"
+    done = derive_rootfs(ctx.store, step.key, parent, layer_tar, ram=ctx.ram, replace=replace)
+    if done.path is None:
+        return f"flatten ({done.reason})"
+    return f"derived ({done.commands} commands{', grown' if done.grew else ''})"
 
 
 def build_setup_step(
@@ -216,22 +275,29 @@ def build_setup_step(
     from microagent.ext4.rootfs import build_rootfs
     from microagent.layers.apply import stored_layers
 
+    timings = StepTimings(step.key)
+    clock = _Clock(timings)
     with ctx.store.scratch_dir() as work:
         result = run_setup_vm(ctx, step, rootfs, work / "upper.ext4", env)
+        clock.lap("boot")
         if result.exit_code != 0 or result.error:
             raise _failure(step, result)
         _drop_runtime_files(work / "upper.ext4")
-        layer = _store_layer(ctx.store, work)
+        clock.lap("check")
+        layer = _store_layer(ctx.store, work, clock)
+        timings.how = _derive(ctx, step, rootfs, work / "layer.tar", replace)
     chain = (*layers, layer)
-    compressed = sum(item.size for item in chain)
-    build_rootfs(
-        ctx.store,
-        step.key,
-        stored_layers(ctx.store, chain),
-        compressed_bytes=compressed,
-        ram=ctx.ram,
-        replace=replace,
-    )
+    if not timings.how.startswith("derived"):
+        build_rootfs(
+            ctx.store,
+            step.key,
+            stored_layers(ctx.store, chain),
+            compressed_bytes=sum(item.size for item in chain),
+            ram=ctx.ram,
+            replace=replace,
+        )
+    clock.lap("rootfs")
+    ctx.timings.append(timings)
     record = StepRecord(
         StepKind.SETUP, step.key, step.parent, step.inputs, chain, rootfs=rootfs_entry(step.key)
     )

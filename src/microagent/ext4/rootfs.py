@@ -68,3 +68,62 @@ def build_rootfs(
 
 def _counted(source: LayerSource, meter: Meter) -> Callable[[], BinaryIO]:
     return lambda: meter.reader(source.open())
+
+
+@dataclass(frozen=True)
+class DeriveOutcome:
+    """A derived rootfs, or why the caller must flatten instead (``path`` None)."""
+
+    path: Path | None
+    reason: str = ""
+    commands: int = 0
+    grew: bool = False
+
+
+def derive_rootfs(
+    store: Store,
+    key: str,
+    parent: Path,
+    layer_tar: Path,
+    *,
+    ram: bool = True,
+    replace: bool = False,
+    max_fraction: float | None = None,
+) -> DeriveOutcome:
+    """``rootfs/<key>.ext4`` as ``parent`` (the previous step's image) plus the step's layer
+    (an uncompressed tar), without flattening the layers below it (see ``ext4.derive``).
+
+    Returns a reason instead when the layer is not of a shape that is safe to apply in place
+    or the change is large (more than :data:`derive.MAX_CHANGE_FRACTION` of the image); the
+    caller then flattens. A derived image holds the same tree as the flattened one.
+    """
+    from microagent.ext4 import derive  # deferred: only a built setup step derives
+
+    try:
+        members = derive.read_members(layer_tar)
+        derive.check_shape(members)
+        stats = derive.image_stats(parent)
+    except derive.NotDerivable as exc:
+        return DeriveOutcome(None, str(exc))
+    change_bytes = layer_tar.stat().st_size
+    fraction = derive.MAX_CHANGE_FRACTION if max_fraction is None else max_fraction
+    if change_bytes > fraction * stats.used_bytes:
+        return DeriveOutcome(
+            None,
+            f"the change ({change_bytes >> 20} MiB) is more than "
+            f"{fraction:.0%} of the image ({stats.used_bytes >> 20} MiB)",
+        )
+    result: list[derive.Derived] = []
+
+    def build(tmp: Path) -> None:
+        with stage_dir(store, change_bytes, ram=ram) as stage:
+            meta = derive.unpack_layer(layer_tar, stage, layer_tar.name)
+            change = derive.plan_change(parent, members, meta)
+            result.append(derive.derive_image(parent, tmp, change, stage))
+
+    try:
+        path = store.build_once(rootfs_entry(key), build, replace=replace)
+    except derive.NotDerivable as exc:
+        return DeriveOutcome(None, str(exc))
+    done = result[0] if result else derive.Derived(0, False)  # empty: built by another process
+    return DeriveOutcome(path, commands=done.commands, grew=done.grew)

@@ -1,0 +1,152 @@
+"""Benchmark a trivial setup step after a large one vs `microagent run --rootfs IMAGE -- true`.
+
+Target (issue 15): a trivial setup step (``mkdir -p /x``) after a large one costs at most
+1.5x the time of booting the same image for ``true``. In one run, on the python:3.13-slim
+stand-in (an OCI layout; no registry, no network):
+
+1. ``build`` of a spec whose first setup step is large (it copies /usr: the image doubles, as
+   the demo's ``pip install`` makes it grow) and whose second is ``mkdir -p /x``: each step's
+   time and where it went (boot, e2fsck of the guest's disk, export of the upper, zstd and
+   store, root filesystem), as the product builds it by default;
+2. the trivial step again, forced (``--no-cache-from 2``), with the root filesystem flattened
+   from every layer (the way every step was built before the derived path), for comparison;
+3. ``microagent run --rootfs <the large step's rootfs> -- true`` as a CLI process (median of
+   ``--boots``): the same image booted for nothing.
+
+It boots real VMs (KVM when it works, TCG otherwise) and needs the guest kit (``kernel
+install`` fetches it once; an existing one under ``~/.cache/microagent`` is copied in).
+Everything lives in a temporary MICROAGENT_HOME, removed at the end.
+
+    .venv/bin/python bench/bench_setup.py [--boots 3] [--accel auto|kvm|tcg] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from microagent.api import Microagent  # noqa: E402
+from microagent.build.setup import BuildContext, StepTimings, ensure_rootfs  # noqa: E402
+from microagent.runtime.backend import Accel  # noqa: E402
+from microagent.settings import Settings  # noqa: E402
+from testenv import standin  # noqa: E402
+
+MA = [sys.executable, "-m", "microagent.cli"]
+LARGE = "cp -a /usr /opt/usr-copy"
+TRIVIAL = "mkdir -p /x"
+TARGET = 1.5
+FIELDS = ("boot", "check", "export", "store", "rootfs")
+
+
+def cli(env: dict[str, str], *args: str) -> tuple[float, dict[str, Any]]:
+    """One CLI process with --json: (seconds, its JSON document); exits on failure."""
+    began = time.perf_counter()
+    done = subprocess.run(
+        [*MA, "--json", *args], env=env, capture_output=True, text=True, check=False
+    )
+    seconds = time.perf_counter() - began
+    if done.returncode != 0:
+        raise SystemExit(f"microagent {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return seconds, json.loads(done.stdout) if done.stdout.strip() else {}
+
+
+def seed_kits(home: Path) -> None:
+    """Copy guest kits already installed for this user (saves a download; the key decides)."""
+    mine = Path.home() / ".cache" / "microagent" / "store" / "kits"
+    if mine.is_dir():
+        shutil.copytree(mine, home / "store" / "kits", symlinks=True)
+
+
+def write_project(tmp: Path) -> Path:
+    project = tmp / "project"
+    project.mkdir()
+    shutil.copytree(standin.build_python(None).layout, project / "layout")
+    spec = project / "microagent.yaml"
+    spec.write_text(
+        "name: bench-setup\nimage: oci:layout:3.13-slim\n"
+        f'setup:\n  - {LARGE}\n  - {TRIVIAL}\nentrypoint: "true"\n'
+    )
+    return spec
+
+
+def row(label: str, t: StepTimings) -> str:
+    parts = "  ".join(f"{name} {getattr(t, name):6.2f}" for name in FIELDS)
+    return f"{label:<28} {t.total:7.2f} s   ({parts})  rootfs: {t.how}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--boots", type=int, default=3, help="`run -- true` boots (median)")
+    parser.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ma-bench-setup-") as tmp_text:
+        tmp = Path(tmp_text)
+        home = tmp / "home"
+        seed_kits(home)
+        env = dict(
+            os.environ,
+            MICROAGENT_HOME=str(home),
+            MICROAGENT_CONFIG=str(tmp / "none.yaml"),
+            MICROAGENT_ACCEL=args.accel,
+        )
+        cli(env, "kernel", "install")
+        spec = write_project(tmp)
+        api = Microagent(Settings.from_environ(env))
+        began = time.perf_counter()
+        report = api.build(spec)
+        build_s = time.perf_counter() - began
+        large, trivial = report.outcome.built.timings
+        ctx = BuildContext(
+            api.store,
+            api.kit,
+            api.backend,
+            accel=Accel.parse(args.accel),
+            ram=api.settings.ram_stage,
+            rebuild_from=2,
+            derive=False,
+        )
+        ensure_rootfs(ctx, report.outcome.plan, report.outcome.base)
+        (flat,) = ctx.timings
+        parent = api.store.root / "rootfs" / f"{large.key.removeprefix('sha256:')}.ext4"
+        size = parent.stat().st_size
+        runs = [
+            cli(env, "run", "--rootfs", str(parent), "--", "true")[0] for _ in range(args.boots)
+        ]
+        run_s = statistics.median(runs)
+    print(f"image after the large step     {size / 1e6:8.0f} MB (ext4, apparent size)")
+    print(f"build (base + 2 steps)         {build_s:8.2f} s")
+    print(row("large step", large))
+    print(row("trivial step", trivial))
+    print(row("trivial step, flattened", flat))
+    print(f"run --rootfs IMAGE -- true     {run_s:8.2f} s   (median of {args.boots})")
+    print(f"trivial step / run             {trivial.total / run_s:8.2f}x   target {TARGET}x")
+    print(f"flattened step / run           {flat.total / run_s:8.2f}x")
+    if args.json:
+        figures = {
+            "imageBytes": size,
+            "build": round(build_s, 3),
+            "large": large.to_json(),
+            "trivial": trivial.to_json(),
+            "trivialFlattened": flat.to_json(),
+            "run": round(run_s, 3),
+            "ratio": round(trivial.total / run_s, 3),
+            "ratioFlattened": round(flat.total / run_s, 3),
+        }
+        print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
