@@ -214,12 +214,45 @@ def _await_page(port: int, deadline: float) -> bytes:
             time.sleep(0.5)
 
 
+def _parents() -> dict[int, int]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            found[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return found
+
+
+def _kin(parents: dict[int, int]) -> set[int]:
+    """This process, its ancestors and its descendants (pytest, fixtures, ps itself)."""
+    kin, pid = set(), os.getpid()
+    while pid > 1:
+        kin.add(pid)
+        pid = parents.get(pid, 0)
+    grew = True
+    while grew:
+        more = {child for child, parent in parents.items() if parent in kin and child not in kin}
+        kin |= more
+        grew = bool(more)
+    return kin
+
+
 def _processes_of(uid: int, grace: float = 10.0) -> list[str]:
-    """The live (not zombie) processes of ``uid``, once they had ``grace`` seconds to end."""
+    """The live (not zombie) processes of ``uid`` that are not this test run's own, once
+    they had ``grace`` seconds to end."""
     deadline = time.monotonic() + grace
     while True:
         listed = run(["ps", "-o", "stat=,pid=,args=", "-u", str(uid)], check=False).stdout
-        alive = [line for line in listed.splitlines() if line.strip() and line.split()[0][0] != "Z"]
+        kin = _kin(_parents())
+        rows = [line.split(maxsplit=2) for line in listed.splitlines() if line.strip()]
+        alive = [
+            " ".join(r)
+            for r in rows
+            if r[0][0] != "Z" and int(r[1]) not in kin and "stat=,pid=,args=" not in r[-1]
+        ]
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.2)
