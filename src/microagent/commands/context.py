@@ -161,8 +161,10 @@ class Ctx:
 
     def _output(self, output: Any) -> Any:
         """A setup step's output: under its row in the live view, else as it comes."""
-        reporter = self.reporter() if output is stream_to_stderr else None
-        return reporter.output if isinstance(reporter, LiveReporter) else output
+        reporter = self.reporter() if output in (stream_to_stderr, stream_to_stdout) else None
+        if not isinstance(reporter, LiveReporter):
+            return output
+        return reporter.output if output is stream_to_stderr else reporter.ending_before(output)
 
     def _notice(self) -> Callable[[str], None]:
         return _to_stderr if self.json else self.reporter()

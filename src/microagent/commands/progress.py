@@ -122,12 +122,13 @@ class LiveReporter:
     def __init__(
         self,
         clean: Callable[[str], str],
+        write: Callable[[str], None] = print,
         *,
         console: Console | None = None,
         force: bool = False,
         tail_lines: int = TAIL_LINES,
     ) -> None:
-        self._clean = clean
+        self._clean, self._write = clean, write
         self._console = console
         self._force = force
         self._lock = threading.RLock()
@@ -140,12 +141,14 @@ class LiveReporter:
     # -- the say channel ----------------------------------------------------------------
 
     def __call__(self, message: str) -> None:
-        """A line of text: printed above the live rows."""
+        """A line of text: printed above the live rows, or as a line when none are shown."""
         from rich.text import Text  # deferred: rich only once something is shown
 
         with self._lock:
-            live, _progress = self._started()
-            live.console.print(Text(self._clean(message)), soft_wrap=True)
+            if self._live is None:
+                self._write(message)
+            else:
+                self._live.console.print(Text(self._clean(message)), soft_wrap=True)
 
     def event(self, event: ProgressEvent) -> None:
         with self._lock:
@@ -155,8 +158,10 @@ class LiveReporter:
                 task = self._add(progress, event)
             if event.phase is Phase.ADVANCE or event.phase is Phase.START:
                 progress.update(task, **_figures(event))
-            else:
-                self._end(progress, task, event)
+                return
+            self._end(progress, task, event)
+            if all(t.finished for t in progress.tasks):
+                self.close()  # its rows stay on the screen; anything printed next goes below
 
     def output(self, data: bytes) -> None:
         """A setup step's live output: the last lines, under the step's row."""
@@ -164,6 +169,15 @@ class LiveReporter:
             self._tail.feed(data)
             if self._live is not None:
                 self._live.refresh()
+
+    def ending_before(self, sink: Callable[[bytes], None]) -> Callable[[bytes], None]:
+        """``sink``, which first ends the live view (a one-shot run's stdout after its pull)."""
+
+        def write(data: bytes) -> None:
+            self.close()
+            sink(data)
+
+        return write
 
     def close(self) -> None:
         """Stop drawing; a task that never ended (the command failed) is marked ERROR."""
@@ -176,7 +190,8 @@ class LiveReporter:
                     self._progress.stop_task(task.id)
             self._step = None
             self._live.stop()
-            self._live = None
+            self._live = self._progress = None
+            self._tasks.clear()
 
     # -- rich ---------------------------------------------------------------------------
 
@@ -251,7 +266,13 @@ def _make_live(
         auto_refresh=False,
         expand=True,
     )
-    live = Live(Group(progress, _TailView()), console=console, refresh_per_second=8)
+    live = Live(  # what others write meanwhile goes straight through (never held back)
+        Group(progress, _TailView()),
+        console=console,
+        refresh_per_second=8,
+        redirect_stdout=False,
+        redirect_stderr=False,
+    )
     return live, progress
 
 
@@ -320,5 +341,5 @@ def reporter_for(
 ) -> PlainReporter | LiveReporter:
     """The reporter ``mode`` asks for on this stderr and environment."""
     if mode.live(isatty=isatty, environ=os.environ if environ is None else environ):
-        return LiveReporter(clean, force=mode is ProgressMode.TTY)
+        return LiveReporter(clean, write, force=mode is ProgressMode.TTY)
     return PlainReporter(write)
