@@ -600,6 +600,17 @@ class Microagent:
 
         return snapshots.suspend(self.settings, self.workspace(name))
 
+    def fork(self, name: str, tag: str, new_name: str, *, start: bool = True) -> StartReport:
+        """A new workspace from snapshot ``tag`` of ``name``, with its own disks; with
+        ``start`` it resumes at once (else it waits ``suspended``)."""
+        # deferred: see the module docstring
+        from microagent.workspace import snapshots
+
+        snapshots.fork(self.workspace(name), tag, self.workspaces, new_name)
+        if not start:
+            return StartReport(new_name, "suspended")
+        return self.start(new_name)
+
     def status(self, name: str) -> dict[str, Any]:
         # deferred: see the module docstring
         from microagent.workspace import lifecycle

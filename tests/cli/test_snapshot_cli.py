@@ -211,3 +211,22 @@ def test_a_manifest_from_elsewhere_is_bounded(tmp_path: Path) -> None:
     (folder / "manifest.json").write_text(" " * (snapshot.MANIFEST_MAX + 1))
     rows = list(snapshot.listing(root))
     assert rows[0]["tag"] == "big" and "larger than" in rows[0]["error"]
+
+
+def test_fork_runs_beside_the_original_on_its_own_disks(
+    ws: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cli(capsys, "snapshot", "create", NAME, "base")
+    made = cli(capsys, "fork", NAME, "base", "twin")
+    assert (made["workspace"], made["state"], made["source"]) == ("twin", "running", NAME)
+    twin = Workspace(ws.root.parent / "twin")
+    assert {r["name"] for r in cli(capsys, "ps")["workspaces"]} == {NAME, "twin"}
+    assert twin.state_disk.stat().st_ino != ws.state_disk.stat().st_ino
+    assert (twin.root / "snapshots" / "base" / "manifest.json").is_file()
+    assert twin.run.runtime()["vmDir"] != ws.run.runtime()["vmDir"]
+    assert "restored" in [e["event"] for e in cli(capsys, "events", "twin")["events"]]
+    assert cli(capsys, "fork", NAME, "base", "twin", code=1)["error"]["kind"] == "conflict"
+    assert cli(capsys, "fork", NAME, "nope", "other", code=1)["error"]["kind"] == "not_found"
+    assert not (ws.root.parent / "other").exists()
+    cli(capsys, "delete", "-y", "--force", "twin")
+    assert cli(capsys, "status", NAME)["event"]["state"] == "running"

@@ -1,6 +1,7 @@
 """Snapshots in a real guest (issue 18): a counter loop in the guest survives snapshot + kill +
 ``start --from`` (it counts on from where the snapshot caught it, not from zero, and the
-guest clock is the host's again); ``pause`` stops it advancing and ``resume`` lets it go on;
+guest clock is the host's again), and a ``fork`` of that snapshot counts on beside it with
+writes of its own; ``pause`` stops it advancing and ``resume`` lets it go on;
 a corrupt snapshot is refused and the workspace still starts cold.
 
 One workspace serves the module (a TCG boot of the busybox image costs ~15 s): the
@@ -22,8 +23,9 @@ from testenv import standin
 
 pytestmark = pytest.mark.vm
 NAME = "snap-vm"
+FORK = "snap-vm-fork"
 BOOT_TIMEOUT = 300.0
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i >/tmp/count; sleep 1; done"
+COUNTER = "i=0; while :; do i=$((i+1)); echo $i >/tmp/c; mv /tmp/c /tmp/count; sleep 1; done"
 
 
 def _until(check: Callable[[], bool], what: str, timeout: float = BOOT_TIMEOUT) -> None:
@@ -35,12 +37,12 @@ def _until(check: Callable[[], bool], what: str, timeout: float = BOOT_TIMEOUT) 
     pytest.fail(f"timed out waiting for {what}")
 
 
-def _exec_ready(api: Microagent) -> bool:
-    return bool(api.status(NAME)["readiness"]["execReady"]["ready"])
+def _exec_ready(api: Microagent, name: str = NAME) -> bool:
+    return bool(api.status(name)["readiness"]["execReady"]["ready"])
 
 
-def _count(api: Microagent) -> int:
-    done = api.exec(NAME, ["sh", "-c", "cat /tmp/count 2>/dev/null || echo 0"], timeout=60)
+def _count(api: Microagent, name: str = NAME) -> int:
+    done = api.exec(name, ["sh", "-c", "cat /tmp/count 2>/dev/null || echo 0"], timeout=60)
     assert done.exit_code == 0, done.stderr
     return int(done.stdout)
 
@@ -105,6 +107,16 @@ def test_the_counter_survives_snapshot_kill_and_start_from(api: Microagent) -> N
     _until(lambda: "clock" in [e["event"] for e in api.events(NAME)], "the clock event", 60)
     assert _guest_clock_skew(api) <= 3
     _until(lambda: _count(api) > resumed, "the restored counter to go on", timeout=60)
+    # a fork of the same snapshot counts on beside it, and its writes stay its own
+    assert api.fork(NAME, "counting", FORK).state == "running"
+    try:
+        _until(lambda: _exec_ready(api, FORK), "the fork's guest agent", timeout=120)
+        assert _count(api, FORK) >= at_least
+        api.exec(FORK, ["sh", "-c", "echo fork >/tmp/fork-only; sync"], timeout=60)
+        mine = api.exec(NAME, ["cat", "/tmp/fork-only"], timeout=60)
+        assert mine.exit_code == 1 and _count(api) > resumed
+    finally:
+        api.delete([FORK], force=True)
 
 
 def test_a_corrupt_snapshot_is_refused_and_the_workspace_starts_cold(api: Microagent) -> None:

@@ -1,5 +1,5 @@
 """Workspace commands: create, start, status, result, halt/stop, kill, wait, delete, list, ps,
-logs, events, audit, cp, pause, resume, snapshot create/ls/rm, suspend.
+logs, events, audit, cp, pause, resume, snapshot create/ls/rm, suspend, fork.
 
 What the guest wrote is shown inert: ``status``, ``result`` and ``events`` text goes through
 ``sanitize_for_terminal`` always (``--json`` is the exact form); ``logs`` passes the console's
@@ -298,6 +298,19 @@ def snapshot_rm(ctx: Ctx, /, name: str, tag: str) -> None:
 
 @click.command()
 @click.argument("name", shell_complete=workspace_names)
+@click.argument("tag")
+@click.argument("new_name", metavar="NEWNAME")
+@click.option("--no-start", is_flag=True, help="Leave the new workspace suspended.")
+@pass_ctx
+def fork(ctx: Ctx, /, name: str, tag: str, new_name: str, no_start: bool) -> None:
+    """A new workspace resumed from snapshot TAG of NAME, with its own copy of the disks."""
+    report = ctx.api().fork(name, tag, new_name, start=not no_start)
+    data = {**report.to_json(), "source": name, "tag": tag}
+    ctx.emit(data, f"{new_name}: {report.state} (forked from {name} snapshot {tag})")
+
+
+@click.command()
+@click.argument("name", shell_complete=workspace_names)
 @pass_ctx
 def suspend(ctx: Ctx, /, name: str) -> None:
     """Snapshot a running workspace and stop it; `start NAME` resumes it where it was."""
@@ -553,4 +566,5 @@ COMMANDS = [
     resume,
     snapshot,
     suspend,
+    fork,
 ]

@@ -19,6 +19,7 @@ snapshot never leaves the workspace's folder; ``delete`` removes it with the res
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from microagent.errors import ConflictError, MicroagentError, NotFoundError, VMError
-from microagent.fsutil import flocked, remove_any
+from microagent.fsutil import flocked, remove_any, write_json_atomic
 from microagent.runtime import qmp, snapshot
 from microagent.runtime.backend import BootConfig
 from microagent.runtime.backends import get_backend
@@ -49,7 +50,7 @@ from microagent.runtime.snapshot import (
 from microagent.settings import Settings
 from microagent.workspace.execs import run_exec
 from microagent.workspace.liveness import reconcile, seconds_since
-from microagent.workspace.records import Workspace
+from microagent.workspace.records import Workspace, Workspaces
 
 START_LOCK = ".start.lock"  # lifecycle's: one start, pause, resume or snapshot at a time
 SUSPEND_TAG = "suspended"
@@ -361,3 +362,44 @@ def apply(settings: Settings, ws: Workspace, manifest: Manifest, config: BootCon
     ws.run.update(stateDiskDirty=None)  # the disks are the snapshot's now, clean as it was
     ws.run.event("restore", f"restoring snapshot {manifest.tag}", tag=manifest.tag)
     return folder / manifest.state.file
+
+
+# -- fork ---------------------------------------------------------------------------------------
+
+
+def fork(ws: Workspace, tag: str, spaces: Workspaces, new_name: str) -> Workspace:
+    """A new workspace ``new_name`` made from snapshot ``tag`` of ``ws``: its own copy of the
+    record, of every disk the snapshot saved (reflink/sparse copies) and of the snapshot, as
+    a ``suspended`` workspace that ``start`` resumes. It runs beside the original with its own
+    VM directory, network namespace and NAT; published host ports are not copied (they are
+    the original's). The copy of the memory image holds the original's environment, as the
+    copied record does: it stays in the new workspace's folder."""
+    with _exclusive(ws, "fork"):  # no snapshot of ``tag`` replaces it while it is copied
+        return _fork(ws, tag, spaces, new_name)
+
+
+def _fork(ws: Workspace, tag: str, spaces: Workspaces, new_name: str) -> Workspace:
+    manifest = check_restorable(ws, tag)
+    record = dataclasses.replace(ws.record(), name=new_name, published=(), created_at=now())
+    tmp = spaces.reserve(new_name)
+    try:
+        new = Workspace(tmp)
+        source = snapshot.snapshot_path(ws.root, tag).resolve()
+        copy = snapshot.begin(tmp, tag)
+        for saved in (manifest.state, *manifest.disks):
+            copy_disk(source / saved.file, copy / saved.file)
+        snapshot.publish(tmp, tag, copy, manifest)
+        (tmp / "disks").mkdir(exist_ok=True)
+        for saved in manifest.disks:
+            target = new.state_disk if saved.disk == "state" else new.disk_copy(saved.disk)
+            copy_disk(source / saved.file, target)
+        write_json_atomic(new.record_path, record.to_json(), mode=0o600)
+        detail = f"forked from workspace {ws.name} snapshot {tag}"
+        new.run.set_state(State.SUSPENDED, detail, suspendedTag=tag)
+        made = spaces.install(new_name, tmp)
+    except BaseException:
+        remove_any(tmp)
+        spaces.release(tmp)
+        raise
+    ws.run.event("fork", f"workspace {new_name} forked from snapshot {tag}", tag=tag)
+    return made
