@@ -18,12 +18,10 @@ turns packed images off.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import os
 import queue
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, cast
 
@@ -37,9 +35,7 @@ LEVEL = 3
 CHUNK = 1 << 20
 DECODED_CHUNK = 4 << 20  # decoded bytes per hand-over to the writer thread
 SPARSE_BLOCK = 64 << 10
-WRITEBACK = 32 << 20  # start writing back every this many bytes (the final fsync is short)
 _ZEROS = bytes(SPARSE_BLOCK)
-SYNC_FILE_RANGE_WRITE = 2
 
 
 def pack(image: Path, out: BinaryIO) -> PackedImage:
@@ -135,12 +131,10 @@ class _Sink:
         self.thread.start()
 
     def _drain(self) -> None:
-        written = 0
         try:
             while (chunk := self.chunks.get()) is not None:
                 self.hasher.update(chunk)
                 _write_sparse(self.fh, chunk)
-                written = _start_writeback(self.fh, written)
         except BaseException as exc:  # raised to the producer; keep draining until None
             self.error = exc
             while self.chunks.get() is not None:
@@ -220,39 +214,6 @@ def _write_sparse(fh: BinaryIO, chunk: bytes) -> None:
         fh.seek(end - start, os.SEEK_CUR)
     if data_from >= 0:
         fh.write(view[data_from:])
-
-
-def _start_writeback(fh: BinaryIO, done: int) -> int:
-    """Every :data:`WRITEBACK` bytes, ask the kernel to start writing the file back (without
-    waiting), so the fsync before the image is published finds little left to do; returns
-    the offset written back so far."""
-    offset = fh.tell()
-    if offset - done < WRITEBACK:
-        return done
-    fh.flush()
-    _sync_file_range(fh.fileno(), done, offset - done)
-    return offset
-
-
-@functools.cache
-def _libc_sync_file_range() -> Callable[..., int] | None:
-    import ctypes  # deferred: only an unpack starts writeback early
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):  # not Linux/glibc: the final fsync does it all
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    fn.restype = ctypes.c_int
-    return cast(Callable[..., int], fn)
-
-
-def _sync_file_range(fd: int, offset: int, length: int) -> None:
-    fn = _libc_sync_file_range()
-    if fn is not None:
-        fn(fd, offset, length, SYNC_FILE_RANGE_WRITE)  # advisory: a failure changes nothing
 
 
 def _check(counted: _Counted, expected: PackedImage, size: int, decoded: str) -> None:

@@ -25,6 +25,7 @@ import errno
 import gzip
 import os
 import queue
+import re
 import shutil
 import stat
 import tarfile
@@ -44,12 +45,16 @@ from microagent.store.records import LayerRef
 __all__ = ["LayerSource", "Limits", "apply_layer", "finish_stage", "flatten", "stored_layers"]
 
 CHUNK = 1 << 20
+# tarfile's stream mode copies what it has buffered on every read (a 512-byte header too):
+# small reads keep that cheap (1 MiB cost ~1 MiB of copying per entry)
+TAR_READ = 32 << 10
 AHEAD = 16  # decoded chunks a layer's decoding thread may run ahead of the tar walk
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 MAX_ID = 2**32 - 2
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -178,7 +183,7 @@ def _apply_read(
 
 def _apply_members(reader: _LayerReader, applier: _Applier) -> None:
     stream = cast(BinaryIO, reader)  # tarfile's stream mode only calls read()
-    with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK, errors="surrogateescape") as tf:
+    with tarfile.open(fileobj=stream, mode="r|", bufsize=TAR_READ, errors="surrogateescape") as tf:
         while (member := tf.next()) is not None:
             applier.apply(member, tf)
             _forget_members(tf)
@@ -221,6 +226,10 @@ class _CorruptStream(Exception):
     """The layer's bytes could not be read or decompressed."""
 
 
+class _Stopped(Exception):
+    """The reader was closed before the layer's end (the tar walk failed)."""
+
+
 class _Reads(Protocol):
     def read(self, size: int, /) -> bytes: ...
 
@@ -254,18 +263,22 @@ class _LayerReader:
 
     def _pump(self, open_raw: Callable[[], BinaryIO], close: bool) -> None:
         try:
-            raw = open_raw()
-            try:
-                stream = _decoder(raw)
-                while not self._stop.is_set() and (chunk := _guard(lambda: stream.read(CHUNK))):
-                    self._hasher.update(chunk)
-                    self._chunks.put(chunk)
-            finally:
-                if close:
-                    raw.close()
-            self._chunks.put(b"")
+            if close:
+                with open_raw() as raw:  # (a source may read the rest on a clean exit)
+                    self._decode(raw)
+            else:
+                self._decode(open_raw())
+            self._chunks.put(b"")  # only now: the source is done with, too
         except BaseException as exc:  # handed to the reader, re-raised there
             self._chunks.put(exc)
+
+    def _decode(self, raw: BinaryIO) -> None:
+        stream = _decoder(raw)
+        while chunk := _guard(lambda: stream.read(CHUNK)):
+            if self._stop.is_set():
+                raise _Stopped
+            self._hasher.update(chunk)
+            self._chunks.put(chunk)
 
     def read(self, size: int = -1) -> bytes:
         """Up to ``size`` bytes of the current chunk (tarfile's stream mode reads on)."""
@@ -415,21 +428,22 @@ class _Applier:
         lim = self.limits
         if "\x00" in name:
             self.refuse(entry, "NUL character in name")
-        if len(os.fsencode(name)) > lim.max_path_bytes:
+        if _longer(name, lim.max_path_bytes):
             self.refuse(entry, f"name longer than {lim.max_path_bytes} bytes")
         parts = tuple(p for p in name.split("/") if p not in ("", "."))
         if len(parts) > lim.max_depth:
             self.refuse(entry, f"path deeper than {lim.max_depth} components")
+        clean = _CONTROL.search(name) is None  # one scan, not one per component
         for i, part in enumerate(parts):
-            self.check_component(entry, part, last=i == len(parts) - 1)
+            self.check_component(entry, part, last=i == len(parts) - 1, clean=clean)
         return parts
 
-    def check_component(self, entry: str, part: str, *, last: bool) -> None:
+    def check_component(self, entry: str, part: str, *, last: bool, clean: bool = False) -> None:
         if part == "..":
             self.refuse(entry, "'..' component (would escape the root)")
-        if any(ord(c) < 0x20 or c == "\x7f" for c in part):
+        if not clean and _CONTROL.search(part):
             self.refuse(entry, "control character in name")
-        if len(os.fsencode(part)) > self.limits.max_name_bytes:
+        if _longer(part, self.limits.max_name_bytes):
             self.refuse(entry, f"name component longer than {self.limits.max_name_bytes} bytes")
         if not last and part.startswith(WHITEOUT):
             self.refuse(entry, "whiteout name used as a directory")
@@ -703,6 +717,12 @@ def _kind_of(member: tarfile.TarInfo) -> Kind | None:
         tarfile.CHRTYPE: Kind.CHAR,
         tarfile.BLKTYPE: Kind.BLOCK,
     }.get(member.type)
+
+
+def _longer(name: str, limit: int) -> bool:
+    """Whether ``name`` takes more than ``limit`` bytes on disk (a character takes at most
+    four, so short names need no encoding)."""
+    return len(name) * 4 > limit and len(os.fsencode(name)) > limit
 
 
 def _is_symlink(dfd: int, name: str) -> bool:
