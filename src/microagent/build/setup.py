@@ -3,7 +3,10 @@
 Each missing ``setup`` step boots the previous step's root filesystem read-only as the overlay
 lower with an empty writable disk as the upper, runs the command as ``sh -eu`` with network,
 and turns the upper directory into an ordinary OCI layer (zstd, stored by digest). The step's
-root filesystem is the flattened base + setup layers as one ext4, cached under the step key.
+root filesystem, cached under the step key, is its parent's image with that layer applied in
+place (``ext4.derive``: the cost of the change, not of the image), or, when the layer is not
+of the exporter's shape or the change is larger than the image, the flattened base + setup
+layers as one ext4 (``ext4.rootfs.build_rootfs``); both hold the same tree.
 A step that fails leaves nothing in the cache; the next build resumes from the last good step.
 """
 
