@@ -104,7 +104,8 @@ def test_snapshot_create_ls_rm(ws: Workspace, capsys: pytest.CaptureFixture[str]
     assert default.startswith("snap-")
     tags = [row["tag"] for row in cli(capsys, "snapshot", "ls", NAME)["snapshots"]]
     assert tags == sorted(["first", default])
-    assert cli(capsys, "status", NAME)["event"]["state"] == "running"
+    status = cli(capsys, "status", NAME)
+    assert status["event"]["state"] == "running" and status["snapshots"] == tags
     assert cli(capsys, "snapshot", "rm", NAME, "first")["removed"] is True
     assert cli(capsys, "snapshot", "rm", NAME, "first")["removed"] is False
     assert [p.name for p in (ws.root / "snapshots").iterdir() if "first" in p.name] == []

@@ -162,6 +162,8 @@ def status(ctx: Ctx, /, name: str) -> None:
         text += f"\npublished: {where}" + (" (listening)" if port["live"] else "")
     if data.get("restarts"):
         text += f"\nrestarts: {data['restarts']} (policy {data['restartPolicy']})"
+    if data.get("snapshots"):
+        text += f"\nsnapshots: {', '.join(data['snapshots'])}"
     if data["result"] is not None:
         text += f"\nresult: exit code {data['result'].get('exitCode')}"
     error = envelope.workspace_outcome(data, name, detail=event["detail"])

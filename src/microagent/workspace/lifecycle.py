@@ -56,6 +56,7 @@ from microagent.runtime.health import HealthCheck
 from microagent.runtime.probe import tcp_reachable
 from microagent.runtime.rundir import BootDocument, RunDir, State, now
 from microagent.runtime.snapshot import Manifest
+from microagent.runtime.snapshot import tags as snapshot_tags
 from microagent.settings import Settings
 from microagent.store.content import Store
 from microagent.workspace import audit, snapshots
@@ -785,6 +786,7 @@ def status(ws: Workspace, backend: str) -> dict[str, Any]:
         "readiness": _readiness(ws, state, runtime),
         "restartPolicy": record.restart,
         "restarts": int(runtime.get("restarts") or 0),
+        "snapshots": snapshot_tags(ws.root),
         "network": _network_status(record, state, runtime),
         "artifacts": {"outputs": [{"name": n, "path": p} for n, p in record.outputs]},
         "result": result_payload(ws),
