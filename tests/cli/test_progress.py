@@ -194,3 +194,23 @@ def test_a_one_shot_run_keeps_its_stdout_apart_from_the_live_view(
     assert out == "echo hello\n"  # the fake guest echoes its command: all of it, only it
     text = ANSI.sub("", err)
     assert re.search(rf"pull [0-9a-f]{{12}} +{SIZE} / {SIZE} +{SIZE}/s +[\d.]+s +DONE", text)
+
+
+def test_a_remote_cache_hit_shows_its_downloads(
+    spec: Path,
+    registry: Any,
+    busybox_project: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another machine (an empty store) takes the built steps from the cache: every blob it
+    downloads is a pull row, then the hit's summary line."""
+    cache = f"{registry.host}/progress/cache"
+    run(capsys, "--progress=plain", "build", "-f", str(spec), "--cache-to", cache)
+    monkeypatch.setenv("MICROAGENT_HOME", str(busybox_project.parent / "other"))
+    monkeypatch.setenv("COLUMNS", "120")
+    _out, err = run(capsys, "--progress=tty", "create", "-f", str(spec), "--cache-from", cache)
+    text = ANSI.sub("", err)
+    assert re.search(rf"pull [0-9a-f]{{12}} +{SIZE} / {SIZE} +{SIZE}/s +[\d.]+s +DONE", text)
+    assert "REMOTE HIT" in text and "pulling" not in text  # the rows are the restore's
+    assert re.search(r"\[2/2\] setup echo two +[\d.]+s +CACHED", text)  # no step ran here

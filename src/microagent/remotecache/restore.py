@@ -33,6 +33,7 @@ from microagent.compiler.plan import BuildPlan, CachedStep, Step, StepCache
 from microagent.digests import Digest
 from microagent.errors import IntegrityError, MicroagentError, NotFoundError, RegistryError
 from microagent.oci import documents as oci
+from microagent.progress import Meter, TaskKind, megabytes, rate
 from microagent.remotecache.records import (
     PublishedStep,
     parse_rootfs_manifest,
@@ -242,7 +243,7 @@ class Restorer:
             if local is not None and local.kind.in_rootfs:
                 verify_chain(step, local.layers)
                 break
-            parent = self._probe_in(hit.source, step.parent, None)
+            parent = self._parent_in(hit.source, step.parent)
             if parent is None or not parent.step.kind.in_rootfs:
                 raise BrokenChainError(
                     f"{hit.source.where} has step {step.key[:19]}… but not its parent"
@@ -257,6 +258,13 @@ class Restorer:
         chain.reverse()
         return chain
 
+    def _parent_in(self, source: Repository, key: str) -> Hit | None:
+        """A parent step from ``source``: the hit planning already verified, else a probe."""
+        known = self._hits.get(key)
+        if known is not None and known.source is source:
+            return known
+        return self._probe_in(source, key, None)
+
     def _fetch_layers(self, pool: ThreadPoolExecutor, hit: Hit) -> dict[str, Future[None]]:
         pending: dict[str, Future[None]] = {}
         for layer in hit.step.layers:
@@ -267,9 +275,10 @@ class Restorer:
         return pending
 
     def _fetch_blob(self, source: Repository, digest: str, size: int, what: str) -> None:
+        meter = Meter(self.say, digest, TaskKind.PULL, digest[7:19], size)
         try:
             with source.blob(digest) as stream:
-                self.store.put_blob_file(stream, digest, expected_size=size)
+                self.store.put_blob_file(meter.reader(stream), digest, expected_size=size)
         except IntegrityError as exc:
             raise _corrupt(exc, f"{what} {digest[:19]}…", source.where) from exc
         except MicroagentError:
@@ -279,6 +288,7 @@ class Restorer:
                 f"downloading {what} {digest[:19]}… from {source.where} failed: {exc}",
                 hint="nothing was stored; retry",
             ) from exc
+        meter.finish(f"  {digest[7:19]}  {megabytes(size)}  {rate(size, meter.elapsed)}")
         with self._lock:
             self.stats.blobs += 1
             self.stats.bytes += size
