@@ -28,9 +28,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from microagent.errors import BuildError, MicroagentError
+from microagent.errors import BuildError, IntegrityError, MicroagentError
 from microagent.ext4.debugfs import (
     MAX_COMMAND,
+    DirEntry,
     Inode,
     parse_ls,
     parse_stat,
@@ -43,7 +44,7 @@ from microagent.layers.apply import OPAQUE, WHITEOUT, LayerSource, Limits, apply
 from microagent.layers.stagemeta import Kind, PathMeta, StageMetadata
 from microagent.runner import run
 
-__all__ = ["MAX_CHANGE_FRACTION", "Derived", "NotDerivable", "derive_image", "plan_change"]
+__all__ = ["MAX_CHANGE_FRACTION", "Derived", "NotDerivable", "apply_change", "plan_change"]
 
 # A change larger than the parent's used blocks is flattened instead. Both ways cost time in
 # proportion to what they write: the flatten to the whole image plus the change, this to the
@@ -216,13 +217,20 @@ def list_trees(image: Path, roots: dict[str, int]) -> dict[str, list[tuple[str, 
             raise NotDerivable(f"debugfs could not list {image}: {done.errors[0]}")
         nxt = []
         for (root, path, _), text in zip(level, done.outputs, strict=True):
-            for name, ent in sorted(parse_ls(text, path).items()):
+            for name, ent in sorted(_listing(text, path).items()):
                 child = path.rstrip("/") + "/" + name
                 out[root].append((child, ent.kind))
                 if ent.kind is Kind.DIR:
                     nxt.append((root, child, ent.ino))
         level = nxt
     raise NotDerivable(f"{image}: a tree deeper than {MAX_DEPTH} to delete")
+
+
+def _listing(text: str, path: str) -> dict[str, DirEntry]:
+    try:
+        return parse_ls(text, path)
+    except IntegrityError as exc:  # a name debugfs cannot print plainly: mke2fs -d can
+        raise NotDerivable(exc.message) from exc
 
 
 # -- planning the debugfs script ---------------------------------------------------------------
@@ -450,14 +458,13 @@ def unpack_layer(layer_tar: Path, stage: Path, name: str) -> StageMetadata:
     return meta
 
 
-def derive_image(parent: Path, out: Path, change: Change, stage: Path) -> Derived:
-    """Write parent + change at the new file ``out``; BuildError if debugfs failed."""
-    stats = image_stats(parent)
-    copy_image(parent, out)
-    grew = grow_for(out, stats, change)
-    done = run_debugfs(out, list(change.script), write=True, cwd=stage, env=ENV, split=False)
+def apply_change(image: Path, change: Change, stage: Path) -> Derived:
+    """Apply ``change`` to ``image`` (a private copy of the parent), growing it first when
+    the change may not fit; BuildError if debugfs failed."""
+    grew = grow_for(image, image_stats(image), change)
+    done = run_debugfs(image, list(change.script), write=True, cwd=stage, env=ENV, split=False)
     if any(says_no_space(e) or "Could not allocate" in e for e in done.errors):
-        raise no_space(out.parent)
+        raise no_space(image.parent)
     if done.errors:
         raise BuildError(
             "applying the step's layer to the parent image failed:\n" + "\n".join(done.errors[:5])

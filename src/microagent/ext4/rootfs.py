@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from microagent.errors import BuildError, ToolError
 from microagent.ext4.mkfs import build_ext4
 from microagent.ext4.ramstage import stage_dir
 from microagent.layers.apply import LayerSource, flatten
@@ -116,14 +117,19 @@ def derive_rootfs(
     result: list[derive.Derived] = []
 
     def build(tmp: Path) -> None:
+        # Everything is read from the private copy, so a parent replaced meanwhile (a
+        # --no-cache rebuild elsewhere) cannot mix two images.
+        derive.copy_image(parent, tmp)
         with stage_dir(store, change_bytes, ram=ram) as stage:
             meta = derive.unpack_layer(layer_tar, stage, layer_tar.name)
-            change = derive.plan_change(parent, members, meta)
-            result.append(derive.derive_image(parent, tmp, change, stage))
+            change = derive.plan_change(tmp, members, meta)
+            result.append(derive.apply_change(tmp, change, stage))
 
     try:
         path = store.build_once(rootfs_entry(key), build, replace=replace)
     except derive.NotDerivable as exc:
         return DeriveOutcome(None, str(exc))
+    except (BuildError, ToolError) as exc:  # debugfs or resize2fs failed: flatten instead
+        return DeriveOutcome(None, f"applying the layer failed: {exc.message}")
     done = result[0] if result else derive.Derived(0, False)  # empty: built by another process
     return DeriveOutcome(path, commands=done.commands, grew=done.grew)
