@@ -18,13 +18,14 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, cast
 
 from microagent.digests import Digest
 from microagent.errors import BuildError, IntegrityError
+from microagent.progress import Meter, TaskKind
 from microagent.runner import find_tool, run
 from microagent.store.content import Store
 
@@ -324,19 +325,26 @@ def require(index: Mapping[str, DebPackage], name: str, mirror: Mirror) -> DebPa
         ) from None
 
 
-def download(store: Store, mirror: Mirror, package: DebPackage) -> Path:
-    """Fetch a .deb into the store (verified against the index's SHA256 and size)."""
+def download(
+    store: Store, mirror: Mirror, package: DebPackage, say: Callable[[str], None] | None = None
+) -> Path:
+    """Fetch a .deb into the store (verified against the index's SHA256 and size); its
+    bytes are reported to ``say`` as a ``PULL`` task (see :mod:`microagent.progress`)."""
     if store.has_blob(package.digest):
         store.touch(f"blobs/sha256/{package.sha256}")
         return store.blob_path(package.digest)
     url = mirror.file_url(package.filename)
+    meter = Meter(say, str(package.digest), TaskKind.PULL, package.name, package.size or None)
     with _open_url(url) as resp:
         try:
-            store.put_blob_file(resp, package.digest, expected_size=package.size or None)
+            store.put_blob_file(
+                meter.reader(resp), package.digest, expected_size=package.size or None
+            )
         except IntegrityError as exc:
             raise IntegrityError(f"{url}: {exc.message}", hint=exc.hint) from exc
         except OSError as exc:
             raise BuildError(f"download of {url} failed: {exc}") from exc
+    meter.finish("")  # the caller said what it downloads
     return store.blob_path(package.digest)
 
 

@@ -334,7 +334,7 @@ def _build_kit(store: Store, src: _Sources, progress: Progress) -> GuestKit:
             if not store.has_blob(package.digest):
                 size = f"{package.size / 1e6:.1f} MB"
                 progress(f"downloading {package.name} {package.version} ({size})")
-            debian.download(store, debian.Mirror(src.mirror), package)
+            debian.download(store, debian.Mirror(src.mirror), package, progress)
     path = store.build_once(name, _build(store, src, key, progress))
     return _load(path)
 
