@@ -5,9 +5,11 @@ The library reports long work as :class:`microagent.progress.ProgressEvent` thro
 with stderr a terminal outside CI) :class:`LiveReporter` draws one row per task in the style of
 ``docker buildx`` -- a pull's and a conversion's bytes, rate and elapsed time, a setup step's
 elapsed time with its last output lines under it -- redrawn in place by ``rich`` (it measures the
-terminal, wraps and redraws; no escape codes are written here). Elsewhere :class:`PlainReporter`
-prints the same facts as lines: each task's start and end (size, rate, elapsed) and, for a long
-download, a line every :data:`PLAIN_EVERY` seconds.
+terminal, cuts and redraws; no escape codes are written here). The view ends whenever every task
+in it has: its rows stay on the screen, and what comes next (a line, the next batch of rows, the
+command's outcome) goes below them, so nothing else ever writes into a view being redrawn.
+Elsewhere :class:`PlainReporter` prints the same facts as lines: each task's start and end (size,
+rate, elapsed) and, for a long download or conversion, a line every :data:`PLAIN_EVERY` seconds.
 
 ``rich`` is imported on the first event a live view draws, never by a command that reports
 nothing (``plan --offline`` stays fast).
