@@ -14,6 +14,9 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,8 +34,6 @@ HANG = {"hang": True, "process": ["sleep", "600"]}
 
 
 def until(check: Any, what: str, timeout: float = 20) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
@@ -231,3 +232,29 @@ def test_fork_runs_beside_the_original_on_its_own_disks(
     assert not (ws.root.parent / "other").exists()
     cli(capsys, "delete", "-y", "--force", "twin")
     assert cli(capsys, "status", NAME)["event"]["state"] == "running"
+
+
+def test_a_snapshot_killed_midway_leaves_the_previous_one_usable(
+    ws: Workspace, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli(capsys, "snapshot", "create", NAME, "t")
+    cli(capsys, "halt", NAME)
+    monkeypatch.setenv("MICROAGENT_FAKE", json.dumps({**HANG, "saveSeconds": 60}))
+    cli(capsys, "start", NAME, "--from", "t")  # its VMM now takes a minute to save
+    microagent = str(Path(sys.executable).with_name("microagent"))
+    writer = subprocess.Popen(
+        [microagent, "snapshot", "create", NAME, "t"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    folder = ws.root / "snapshots"
+    until(lambda: any(p.stat().st_size for p in folder.glob(".tmp-t-*/vmstate")), "a half save")
+    writer.kill()
+    writer.wait()
+    assert cli(capsys, "status", NAME)["event"]["state"] == "paused"
+    assert [r["tag"] for r in cli(capsys, "snapshot", "ls", NAME)["snapshots"]] == ["t"]
+    assert cli(capsys, "resume", NAME)["state"] == "running"
+    cli(capsys, "kill", NAME)
+    assert cli(capsys, "start", NAME, "--from", "t")["state"] == "running"
+    assert list(folder.glob(".tmp-*")) != []  # left until the next snapshot collects it
+    monkeypatch.setenv("MICROAGENT_FAKE", json.dumps(HANG))

@@ -110,6 +110,7 @@ class FakeOutcome:
     agent: tuple[str, ...] = ()  # the guest agent, run per agent-port connection (+ --fd N)
     writes: Mapping[str, str] = field(default_factory=dict)  # guest path -> text, in the upper
     events: tuple[str, ...] = ()  # raw control-channel lines sent after "started"
+    save_seconds: float = 0.0  # how long a QMP ``migrate`` (a snapshot's save) takes
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> FakeOutcome:
@@ -125,6 +126,7 @@ class FakeOutcome:
             agent=tuple(str(word) for word in data.get("agent") or ()),
             writes={str(k): str(v) for k, v in dict(data.get("writes") or {}).items()},
             events=tuple(_raw_line(line) for line in data.get("events") or ()),
+            save_seconds=float(data.get("saveSeconds", 0.0)),
         )
 
 
@@ -401,6 +403,7 @@ class FakeQmp(threading.Thread):
         self.stopped = threading.Event()
         self.fds: dict[str, int] = {}
         self.migrated = False
+        self.migrating: threading.Thread | None = None
         self.start()
 
     def run(self) -> None:
@@ -443,7 +446,7 @@ class FakeQmp(threading.Thread):
             "cont": lambda _a: self._run(paused=False),
             "getfd": self._getfd,
             "migrate": self._migrate,
-            "query-migrate": lambda _a: {"status": "completed"} if self.migrated else {},
+            "query-migrate": self._query_migrate,
             "qmp_capabilities": lambda _a: {},
             "quit": lambda _a: {},
         }
@@ -465,11 +468,26 @@ class FakeQmp(threading.Thread):
         return {}
 
     def _migrate(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Write the state in the background, as QEMU does (``query-migrate`` says when)."""
         fd = self.fds.pop(str(args.get("uri", "")).removeprefix("fd:"))
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(self.machine.state_bytes())
-        self.migrated = True
+        self.migrated = False
+        self.migrating = threading.Thread(target=self._save, args=(fd,), daemon=True)
+        self.migrating.start()
         return {}
+
+    def _save(self, fd: int) -> None:
+        data = self.machine.state_bytes()
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data[: len(data) // 2])
+            fh.flush()
+            self.stopped.wait(self.machine.outcome.save_seconds)
+            fh.write(data[len(data) // 2 :])
+        self.migrated = True
+
+    def _query_migrate(self, _args: Mapping[str, Any]) -> dict[str, Any]:
+        if self.migrated:
+            return {"status": "completed"}
+        return {"status": "active"} if self.migrating is not None else {}
 
     def close(self) -> None:
         self.stopped.set()

@@ -19,6 +19,7 @@ snapshot never leaves the workspace's folder; ``delete`` removes it with the res
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -217,8 +218,9 @@ def create(settings: Settings, ws: Workspace, tag: str, *, stop: bool = False) -
         try:
             manifest = _write(ws, tag, identity, vm_dir, was_paused=was_paused, began=began)
         except BaseException:
-            if not was_paused:
-                _run_on(ws, vm_dir, f"snapshot {tag} failed")
+            if not was_paused:  # the VM runs on; the snapshot's own error is the one to see
+                with contextlib.suppress(MicroagentError):
+                    _run_on(ws, vm_dir, f"snapshot {tag} failed")
             raise
         path = snapshot.snapshot_path(ws.root, tag)
         detail = f"snapshot {tag}: {manifest.size} bytes in {manifest.seconds:.2f}s"
@@ -276,7 +278,11 @@ def _write(
 def _quit_suspended(ws: Workspace, vm_dir: Path, tag: str) -> State:
     """Tell the VMM to quit; the supervisor records ``suspended`` (see runtime.supervisor)."""
     ws.run.update(suspending=tag)
-    qmp.quit_vmm(vm_dir)
+    try:
+        qmp.quit_vmm(vm_dir)
+    except BaseException:
+        ws.run.update(suspending=None)  # a later end of this VMM is no suspension
+        raise
     deadline = time.monotonic() + SUSPEND_WAIT
     while time.monotonic() < deadline:
         state = reconcile(ws)
