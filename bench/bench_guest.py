@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -50,7 +51,6 @@ from microagent.kit.initramfs import CpioEntry, with_parents, write_cpio  # noqa
 from microagent.runtime import hostclock, qemu  # noqa: E402
 from microagent.runtime.backend import (  # noqa: E402
     Accel,
-    Backend,
     BootConfig,
     Disk,
     MachineType,
@@ -58,6 +58,7 @@ from microagent.runtime.backend import (  # noqa: E402
 )
 from microagent.runtime.boot import RunRequest, run_once  # noqa: E402
 from microagent.runtime.configdisk import NetworkMode  # noqa: E402
+from microagent.runtime.qemu import QemuBackend, QemuMachine  # noqa: E402
 from microagent.settings import Settings  # noqa: E402
 from testenv import standin  # noqa: E402
 
@@ -145,25 +146,44 @@ def timed_script(command: str) -> str:
 class Sample:
     host: float  # seconds between the two marks, seen on the host
     guest: float  # the guest's uptime interval
+    cpu: float  # CPU seconds the VMM process used between the two marks
     output: str
 
 
-class Marks:
-    """Host times at which the begin and end marks showed up in a growing console text."""
+TICK = os.sysconf("SC_CLK_TCK")
 
-    def __init__(self) -> None:
-        self.began = time.monotonic()
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of process ``pid`` (all its threads, exited ones too)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+class Marks:
+    """Host times (and the VMM's CPU time) at which the begin and end marks showed up in a
+    growing console text."""
+
+    def __init__(self, pid: Callable[[], int | None]) -> None:
+        self.pid = pid
         self.text = ""
         self.begin_at: float | None = None
         self.end_at: float | None = None
+        self.cpu_at = (0.0, 0.0)
 
     def feed(self, chunk: str) -> None:
         self.text += chunk
         now = time.monotonic()
         if self.begin_at is None and BEGIN in self.text:
             self.begin_at = now
+            self.cpu_at = (cpu_seconds(self.pid()), 0.0)
         if self.end_at is None and END_LINE.search(self.text):
             self.end_at = now
+            self.cpu_at = (self.cpu_at[0], cpu_seconds(self.pid()))
 
     def sample(self, what: str) -> Sample:
         found = END_LINE.search(self.text)
@@ -172,7 +192,8 @@ class Marks:
         if found.group(1) != "0":
             raise SystemExit(f"{what}: the workload exited {found.group(1)}:\n{self.text[-3000:]}")
         guest = float(found.group(3)) - float(found.group(2))
-        return Sample(self.end_at - self.begin_at, guest, self.text)
+        cpu = self.cpu_at[1] - self.cpu_at[0]
+        return Sample(self.end_at - self.begin_at, guest, cpu, self.text)
 
 
 # -- product variants (argv changes measured in this process) ---------------------------------
@@ -249,11 +270,22 @@ VARIANTS: dict[str, Patch] = {
 # -- the two guests ---------------------------------------------------------------------------
 
 
+class PidBackend(QemuBackend):
+    """The product's QEMU backend, remembering the VMM's pid (for its CPU time)."""
+
+    pid: int | None = None
+
+    def boot(self, config: BootConfig, *args: Any, **kwargs: Any) -> QemuMachine:
+        machine = super().boot(config, *args, **kwargs)
+        self.pid = machine.pid
+        return machine
+
+
 @dataclasses.dataclass(frozen=True)
 class Guest:
     """What both guests boot: the product's backend and its guest kit."""
 
-    backend: Backend
+    backend: PidBackend
     kit: guestkit.GuestKit
     tsc_khz: int | None  # the host TSC rate both guests are told (runtime/hostclock)
 
@@ -269,7 +301,7 @@ def run_product(guest: Guest, rootfs: Path, script: str, variant: str, accel: Ac
         timeout=RUN_TIMEOUT,
         accel=accel,
     )
-    marks = Marks()
+    marks = Marks(lambda: guest.backend.pid)
     with VARIANTS[variant]():
         result = run_once(
             request,
@@ -329,7 +361,7 @@ def run_bare(
     initrd = bare_initrd(guest.kit.initrd, script, work, overlay)
     argv = bare_argv(guest, initrd, disk, serial, accel)
     proc = runner.spawn(argv)
-    marks, seen = Marks(), 0
+    marks, seen = Marks(lambda: proc.pid), 0
     deadline = time.monotonic() + RUN_TIMEOUT
     while proc.poll() is None and time.monotonic() < deadline:
         text = serial.read_text(errors="replace") if serial.exists() else ""
@@ -368,7 +400,8 @@ def measure(
     accel = Accel(args.accel)
     samples: dict[tuple[str, str], list[Sample]] = {}
     for workload in args.workload:
-        script = timed_script(WORKLOADS[workload] + " >/dev/null")
+        quiet = "" if workload == "custom" else " >/dev/null"
+        script = timed_script(WORKLOADS[workload] + quiet)
         for index in range(args.runs):
             for side in ["bare", *args.bare_variant, *args.variant]:
                 time.sleep(SETTLE_SECONDS)
@@ -378,9 +411,11 @@ def measure(
                 else:
                     sample = run_product(guest, rootfs, script, side, accel)
                 samples.setdefault((workload, side), []).append(sample)
+                if workload == "custom":
+                    print(sample.output[sample.output.find(BEGIN) :], flush=True)
                 print(
                     f"  {workload:<7} run {index + 1} {side:<18} {sample.host:7.2f} s "
-                    f"(guest {sample.guest:7.2f} s)",
+                    f"(VMM CPU {sample.cpu:7.2f} s, guest clock {sample.guest:7.2f} s)",
                     flush=True,
                 )
     return samples
@@ -404,16 +439,19 @@ def report(samples: dict[tuple[str, str], list[Sample]], args: argparse.Namespac
     load = os.getloadavg()
     print(f"\naccel={args.accel}, {os.cpu_count()} host CPUs, load {load[0]:.2f} {load[1]:.2f}")
     print(f"{MEMORY_MIB} MiB, {CPUS} vCPU, {args.runs} alternating runs; medians (host-timed)")
+    print("wall: host-timed; CPU: the VMM process's CPU time (robust to host load)")
     for workload in args.workload:
-        bare = statistics.median(s.host for s in samples[(workload, "bare")])
-        print(f"{workload}: bare {bare:.2f} s")
+        bare = samples[(workload, "bare")]
+        wall0 = statistics.median(s.host for s in bare)
+        cpu0 = statistics.median(s.cpu for s in bare)
+        print(f"{workload}: bare wall {wall0:.2f} s, CPU {cpu0:.2f} s")
         for side in [*args.bare_variant, *args.variant]:
             runs = samples[(workload, side)]
-            median = statistics.median(s.host for s in runs)
-            guest = statistics.median(s.guest for s in runs)
+            wall = statistics.median(s.host for s in runs)
+            cpu = statistics.median(s.cpu for s in runs)
             print(
-                f"  {side:<18} {median:7.2f} s  ratio {median / bare:5.2f}x  "
-                f"(guest clock {guest:.2f} s; runs {', '.join(f'{s.host:.1f}' for s in runs)})"
+                f"  {side:<18} wall {wall:7.2f} s ratio {wall / wall0:5.2f}x   "
+                f"CPU {cpu:7.2f} s ratio {cpu / cpu0:5.2f}x"
             )
 
 
@@ -423,6 +461,7 @@ def main() -> None:
     parser.add_argument("--workload", default="import,pip", help=f"of {','.join(WORKLOADS)}")
     parser.add_argument("--variant", action="append", help="product variant (repeatable)")
     parser.add_argument("--bare-variant", action="append", default=[], choices=["bare-overlay"])
+    parser.add_argument("--command", help="a workload of your own (shell), named 'custom'")
     parser.add_argument("--accel", choices=["tcg", "kvm"], default="tcg")
     parser.add_argument("--pyc", action="store_true", help="also count stale .pyc files")
     parser.add_argument("--list-variants", action="store_true")
@@ -431,6 +470,9 @@ def main() -> None:
         print("\n".join(VARIANTS))
         return
     args.workload = args.workload.split(",")
+    if args.command:
+        WORKLOADS["custom"] = args.command
+        args.workload = ["custom"]
     args.variant = args.variant or ["as-is"]
     for name in args.variant:
         if name not in VARIANTS:
@@ -441,7 +483,7 @@ def main() -> None:
         work = Path(tmp)
         rootfs = build_image(api, work)
         tsc = hostclock.tsc_khz(api.settings.probes_dir)
-        guest = Guest(api.backend(), api.kit(), tsc)
+        guest = Guest(PidBackend(cache_dir=api.settings.probes_dir), api.kit(), tsc)
         print(f"rootfs {rootfs} ({rootfs.stat().st_size >> 20} MiB)", flush=True)
         if args.pyc:
             bare, product = pyc_check(guest, rootfs, work, Accel(args.accel))
