@@ -15,6 +15,8 @@ import pytest
 
 from microagent.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError
 from microagent.runtime import snapshot
+from microagent.runtime.backend import Accel, BootConfig, Disk
+from microagent.runtime.qemu import build_argv
 from microagent.runtime.snapshot import Identity, Manifest, SavedFile
 
 ARGV = [
@@ -165,3 +167,12 @@ def test_missing_snapshots_and_mismatches(tmp_path: Path) -> None:
         snapshot.check_identity(manifest, Identity("fake", {}, "k", "i", "another"))
     assert snapshot.remove(tmp_path, "t") and not snapshot.remove(tmp_path, "t")
     assert os.listdir(tmp_path / "snapshots") == []
+
+
+def test_a_restore_boots_the_same_argv_waiting_for_the_state(tmp_path: Path) -> None:
+    disks = (Disk(tmp_path / "root.ext4", readonly=True, serial="rootfs"),)
+    config = BootConfig(tmp_path / "vmlinuz", tmp_path / "initrd", disks, tmp_path / "vm")
+    cold = build_argv("qemu-system-x86_64", config, Accel.TCG, tsc_khz=2_000_000)
+    restore = build_argv("qemu-system-x86_64", config, Accel.TCG, tsc_khz=1_999_000, incoming=True)
+    assert restore[-2:] == ["-incoming", "defer"] and "-incoming" not in cold
+    assert snapshot.argv_shape(restore) == snapshot.argv_shape(cold)  # the TSC hint: no matter
