@@ -109,7 +109,11 @@ class Meter:
         )
 
     def add(self, count: int) -> None:
-        self.done += count
+        self.at(self.done + count)
+
+    def at(self, done: int) -> None:
+        """``done`` bytes so far (an upload that starts over goes back to 0)."""
+        self.done = done
         now = time.monotonic()
         if now - self._last >= ADVANCE_EVERY:
             self._last = now
@@ -127,6 +131,22 @@ class Meter:
 def report_cached(say: Say | None, task: str, kind: TaskKind, label: str, line: str) -> None:
     """A task that had nothing to do: its result was in the cache."""
     emit(say, ProgressEvent(task, kind, Phase.CACHED, label, line=line))
+
+
+def reporting_position(stream: BinaryIO, sent: Sent | None) -> BinaryIO:
+    """``stream`` (a file being uploaded from its start), telling ``sent`` how far it has
+    been read; ``stream`` itself without a ``sent``."""
+    if sent is None:
+        return stream
+    sent(0)
+    position = 0
+
+    def count(got: int) -> None:
+        nonlocal position
+        position += got
+        sent(position)
+
+    return _Counted(stream, count)  # type: ignore[return-value]
 
 
 class _Counted:
@@ -155,11 +175,15 @@ class _Counted:
         self._stream.close()
 
 
-def upload(say: Say | None, digest: str, size: int, send: Callable[[], bool]) -> bool:
-    """Run ``send`` (an upload that returns False when the target had the blob) as a
-    ``PUSH`` task of ``size`` bytes: done with its rate, or cached."""
+Sent = Callable[[int], None]  # an upload's bytes sent so far (back to 0 when it starts over)
+
+
+def upload(say: Say | None, digest: str, size: int, send: Callable[[Sent], bool]) -> bool:
+    """Run ``send`` (an upload that returns False when the target had the blob; it reports
+    its bytes to the callback it is given) as a ``PUSH`` task of ``size`` bytes: done with
+    its rate, or cached."""
     meter = Meter(say, digest, TaskKind.PUSH, digest[7:19], size)
-    sent = send()
+    sent = send(meter.at)
     meter.done = size if sent else 0
     took = meter.elapsed
     if sent:

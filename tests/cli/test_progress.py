@@ -16,6 +16,7 @@ from microagent import progress as events
 from microagent.cli import main
 from microagent.commands import progress as rendering
 from microagent.commands.progress import LiveReporter, PlainReporter, ProgressMode, reporter_for
+from testenv.faultproxy import Fault, FaultProxy
 
 SIZE = r"\d+(\.\d+)?(B|kB|MB|GB)"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -119,15 +120,47 @@ def test_push_rows_say_what_was_sent(
     spec: Path, registry: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     target = f"{registry.host}/progress/pushed:v1"
+    monkeypatch.setattr(events, "ADVANCE_EVERY", 0.0)  # every chunk sent is an event...
+    monkeypatch.setattr(rendering, "PLAIN_EVERY", 0.0)  # ...and a line
     _out, err = run(capsys, "--progress=plain", "build", "-f", str(spec), "--push", target)
     pushed = [line for line in err.splitlines() if line.endswith("  pushed")]
     assert pushed and all(
         re.fullmatch(r"  [0-9a-f]{12}  [\d.]+ MB  \d+ MB/s  [\d.]+s  pushed", p) for p in pushed
     ), err
+    sending = rf"  push [0-9a-f]{{12}}  {SIZE} / {SIZE}  {SIZE}/s  [\d.]+s"
+    assert any(re.fullmatch(sending, line) for line in err.splitlines()), err  # while it sends
     monkeypatch.setenv("COLUMNS", "120")
     _out, err = run(capsys, "--progress=tty", "build", "-f", str(spec), "--push", target + "b")
     text = ANSI.sub("", err)
     assert re.search(r"push [0-9a-f]{12} .*CACHED", text), text  # already in the repository
+
+
+def test_an_upload_that_starts_over_counts_from_zero_again(
+    spec: Path,
+    fault_proxy: FaultProxy,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The registry refuses the first upload (503): the retry sends the blob from its start,
+    and its progress says so instead of counting the bytes twice."""
+    monkeypatch.setattr(events, "ADVANCE_EVERY", 0.0)
+    monkeypatch.setattr(rendering, "PLAIN_EVERY", 0.0)
+    fault_proxy.inject(Fault.error(503), "/blobs/uploads/", method="PUT")
+    target = f"{fault_proxy.host}/progress/retried:v1"
+    _out, err = run(capsys, "--progress=plain", "build", "-f", str(spec), "--push", target)
+    assert fault_proxy.injected(), "the fault was not hit"
+    sending = re.compile(rf"  push ([0-9a-f]{{12}})  ({SIZE}) / ({SIZE})  {SIZE}/s  [\d.]+s")
+    seen: dict[str, list[str]] = {}
+    for line in err.splitlines():
+        if match := sending.fullmatch(line):
+            seen.setdefault(match[1], []).append(match[2])
+            assert match[2] == "0B" or _bytes(match[2]) <= _bytes(match[5]), line  # never over
+    assert any("0B" in done[1:] for done in seen.values()), seen  # back to 0 for the retry
+
+
+def _bytes(shown: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(B|kB|MB|GB)", shown).groups()  # type: ignore[union-attr]
+    return float(number) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
 
 
 def test_env_variable_and_auto_mode(

@@ -20,6 +20,7 @@ from microagent.errors import IntegrityError, InvalidInputError, NotFoundError, 
 from microagent.fsutil import atomic_write, is_no_space, no_space, temp_sibling
 from microagent.oci import documents as oci
 from microagent.oci.documents import Fetched
+from microagent.progress import Sent
 
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT_VERSION = b'{"imageLayoutVersion":"1.0.0"}'
@@ -136,7 +137,7 @@ class Layout:
                     self._written[tag] = entry
         return self._written
 
-    def put_blob(self, digest: str, size: int, path: Path) -> bool:
+    def put_blob(self, digest: str, size: int, path: Path, sent: Sent | None = None) -> bool:
         final = self.blob_path(digest)
         if final.is_file() and final.stat().st_size == size:
             return False
@@ -150,6 +151,8 @@ class Layout:
             raise
         finally:
             tmp.unlink(missing_ok=True)
+        if sent is not None:
+            sent(size)
         return True
 
     def put_manifest(self, tag: str, data: bytes, media_type: str) -> None:

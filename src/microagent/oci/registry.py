@@ -54,6 +54,7 @@ from microagent.oci._retry import (
 )
 from microagent.oci.documents import Fetched
 from microagent.oci.endpoints import DOCKER_HUB_HOST, Endpoint, RegistryConfig, is_loopback
+from microagent.progress import Sent, reporting_position
 from microagent.settings import Settings
 
 PUSH_CHUNK = 64 << 20  # larger blobs are uploaded in PATCH chunks of this size
@@ -526,12 +527,20 @@ class RegistryClient:
         raise _status_error(response, f"blob {digest[:19]} of {ref.name}", session.note())
 
     def push_blob(
-        self, ref: ImageRef, digest: str, size: int, path: Path, *, chunk_size: int = PUSH_CHUNK
+        self,
+        ref: ImageRef,
+        digest: str,
+        size: int,
+        path: Path,
+        *,
+        chunk_size: int = PUSH_CHUNK,
+        sent: Sent | None = None,
     ) -> bool:
         """Upload a verified local blob unless the repository has it; True when uploaded.
 
         Blobs up to ``chunk_size`` go in one PUT (streamed from the file); larger ones in
-        PATCH chunks of ``chunk_size`` and a closing PUT.
+        PATCH chunks of ``chunk_size`` and a closing PUT. ``sent`` is told how far the file
+        has been read for sending (from 0 again when a retry starts over).
         """
         if self.blob_exists(ref, digest):
             return False
@@ -543,7 +552,8 @@ class RegistryClient:
             location = _location(
                 session.once("POST", start, {"Content-Length": "0"}), endpoint, what
             )
-            with path.open("rb") as fh:
+            with path.open("rb") as raw:
+                fh = reporting_position(raw, sent)
                 if size > chunk_size:
                     location = _patch_chunks(
                         session, endpoint, location, fh, size=chunk_size, what=what
@@ -715,8 +725,8 @@ class RegistryRepository:
     def blob(self, digest: str) -> AbstractContextManager[BinaryIO]:
         return self.client.blob(self.image, digest)
 
-    def put_blob(self, digest: str, size: int, path: Path) -> bool:
-        return self.client.push_blob(self.image, digest, size, path)
+    def put_blob(self, digest: str, size: int, path: Path, sent: Sent | None = None) -> bool:
+        return self.client.push_blob(self.image, digest, size, path, sent=sent)
 
     def put_manifest(self, tag: str, data: bytes, media_type: str) -> None:
         self.client.push_manifest(self.image, tag, data, media_type)

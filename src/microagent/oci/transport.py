@@ -24,6 +24,7 @@ from microagent.oci import documents as oci
 from microagent.oci.documents import Fetched
 from microagent.oci.layout import Layout
 from microagent.oci.registry import RegistryClient, RegistryRepository
+from microagent.progress import Sent
 
 
 class Repository(Protocol):
@@ -44,8 +45,9 @@ class Repository(Protocol):
         """A raw stream of a blob; the caller verifies it while consuming."""
         ...
 
-    def put_blob(self, digest: str, size: int, path: Path) -> bool:
-        """Store a verified local blob unless it is there already; True when it was sent."""
+    def put_blob(self, digest: str, size: int, path: Path, sent: Sent | None = None) -> bool:
+        """Store a verified local blob unless it is there already; True when it was sent.
+        ``sent``: told the bytes sent so far while it is (progress)."""
         ...
 
     def put_manifest(self, tag: str, data: bytes, media_type: str) -> None: ...
@@ -132,10 +134,12 @@ class MemoryRepository:
             raise NotFoundError(f"{self.where}: blob {digest} not found")
         yield io.BytesIO(self.blobs[digest])
 
-    def put_blob(self, digest: str, size: int, path: Path) -> bool:
+    def put_blob(self, digest: str, size: int, path: Path, sent: Sent | None = None) -> bool:
         if digest in self.blobs:
             return False
         self.blobs[digest] = path.read_bytes()
+        if sent is not None:
+            sent(size)
         return True
 
     def put_manifest(self, tag: str, data: bytes, media_type: str) -> None:

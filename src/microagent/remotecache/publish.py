@@ -43,7 +43,7 @@ from microagent.layers.tarwrite import source_date_epoch
 from microagent.oci import documents as oci
 from microagent.oci.registry import RegistryClient
 from microagent.oci.transport import Repository, open_repository
-from microagent.progress import upload
+from microagent.progress import Sent, upload
 from microagent.remotecache.records import (
     ARTIFACT_TYPE,
     EMPTY_JSON,
@@ -441,8 +441,8 @@ class PublishReport:
         }
 
 
-def _sender(target: Repository, blob: Blob) -> Callable[[], bool]:
-    return lambda: target.put_blob(blob.digest, blob.size, blob.path)
+def _sender(target: Repository, blob: Blob) -> Callable[[Sent], bool]:
+    return lambda sent: target.put_blob(blob.digest, blob.size, blob.path, sent)
 
 
 def publish(pub: Publication, target: Repository, say: Say | None = None) -> PublishReport:
