@@ -412,6 +412,7 @@ def build_spec(doc: Document, source: Path) -> Spec:
         mediation=b.mediation(raw.get("mediation")),
         credentials=b.credentials(raw.get("credentials"), raw.get("env")),
         health=b.health(raw.get("health")),
+        warm=raw.get("warm") is True,
         outputs=b.outputs(raw.get("outputs")),
         disks=disks,
         bundles=bundles,

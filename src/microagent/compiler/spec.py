@@ -386,6 +386,7 @@ class Spec:
     mediation: Mediation | None = None
     credentials: tuple[Credential, ...] = ()
     health: Health | None = None
+    warm: bool = False  # start workspaces from a warm template (create --warm)
     outputs: tuple[Output, ...] = ()
     disks: tuple[Disk, ...] = ()
     bundles: tuple[Disk, ...] = ()
