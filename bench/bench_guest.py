@@ -79,12 +79,13 @@ WORKLOADS = {
     "unittest, xml.dom.minidom, argparse, logging.handlers, sqlite3, zipfile'",
     "cpu": "python3 -c 'sum(range(3 * 10**6))'",
 }
-# Counts the .pyc files of the installed packages: valid for their source (timestamp or hash
-# based), stale (Python would compile the source again on every fresh root), or missing.
+# Counts the .pyc files of the standard library and the installed packages: valid for their
+# source (timestamp or hash based), stale (Python would compile the source again on every fresh
+# root), or missing.
 PYC_CHECK = r"""
 import importlib.util as u, os, sys
 ok = stale = missing = 0
-roots = [p for p in sys.path if p.endswith(("dist-packages", "site-packages")) and os.path.isdir(p)]
+roots = [p for p in sys.path if p.startswith("/usr/") and os.path.isdir(p)]
 for root in roots:
     for d, _, names in os.walk(root):
         for n in names:
@@ -435,6 +436,44 @@ def pyc_check(guest: Guest, rootfs: Path, work: Path, accel: Accel) -> tuple[str
     return found(bare), found(product)
 
 
+# A workspace's entrypoint: which modules the import took from a .pyc ("matches") and which it
+# compiled again ("created" a .pyc in the overlay upper).
+WS_NAME = "bench-guest-pyc"
+WS_ENTRY = (
+    "python3 -v -c 'import anthropic, pydantic' 2>/tmp/pyc-v.txt; "
+    "echo PYC-START matched=$(grep -c ' matches ' /tmp/pyc-v.txt) "
+    "compiled=$(grep -c '^# created ' /tmp/pyc-v.txt)"
+)
+MA = [sys.executable, "-m", "microagent.cli"]
+
+
+def workspace_pyc(work: Path) -> list[str]:
+    """Create a workspace of the bench image, start it twice: each start's census line."""
+    image = standin.build_python(None)
+    spec = work / "ws" / "microagent.yaml"
+    spec.parent.mkdir()
+    steps = "".join(f"  - {shlex.quote(step)}\n" for step in SETUP)
+    entry = shlex.quote(WS_ENTRY)
+    spec.write_text(
+        f"name: {WS_NAME}\nimage: {image.oci_ref}\nsetup:\n{steps}entrypoint: {entry}\n"
+        "network: {mode: isolated}\n"
+    )
+    subprocess.run([*MA, "delete", "--force", "-y", WS_NAME], capture_output=True, check=False)
+    lines = []
+    try:
+        subprocess.run([*MA, "create", "-f", str(spec)], capture_output=True, check=True)
+        for _ in range(2):
+            subprocess.run([*MA, "start", "--wait", WS_NAME], capture_output=True, check=True)
+            out = subprocess.run(
+                [*MA, "--json", "result", WS_NAME], capture_output=True, text=True, check=True
+            ).stdout
+            found = re.search(r"PYC-START matched=\d+ compiled=\d+", out)
+            lines.append(found.group(0) if found else f"no census in {out[-500:]}")
+    finally:
+        subprocess.run([*MA, "delete", "--force", "-y", WS_NAME], capture_output=True, check=False)
+    return lines
+
+
 def report(samples: dict[tuple[str, str], list[Sample]], args: argparse.Namespace) -> None:
     load = os.getloadavg()
     print(f"\naccel={args.accel}, {os.cpu_count()} host CPUs, load {load[0]:.2f} {load[1]:.2f}")
@@ -487,7 +526,9 @@ def main() -> None:
         print(f"rootfs {rootfs} ({rootfs.stat().st_size >> 20} MiB)", flush=True)
         if args.pyc:
             bare, product = pyc_check(guest, rootfs, work, Accel(args.accel))
-            print(f".pyc files of the installed packages: bare {bare}; product {product}")
+            print(f".pyc files on sys.path: bare {bare}; product {product}")
+            for index, line in enumerate(workspace_pyc(work), start=1):
+                print(f"workspace start {index}: import anthropic, pydantic: {line}", flush=True)
         samples = measure(args, guest, rootfs, work)
     report(samples, args)
 

@@ -66,6 +66,13 @@ QEMU_BINARIES = {"x86_64": "qemu-system-x86_64", "amd64": "qemu-system-x86_64"}
 # ~50 ms of guest module/mount time and ~0.1 s of kernel boot under TCG (measured).
 BASE_CMDLINE = ("console=ttyS0", "quiet", "panic=-1", "rcupdate.rcu_expedited=1")
 MICROVM_CMDLINE = ("pci=off",)
+# TCG only, beside tsc_early_khz: under TCG the guest's TSC is the host's (QEMU reads the host
+# TSC), so it runs at the rate we pass and never drifts. Without tsc=reliable the clocksource
+# watchdog compares it with jiffies, which lose ticks whenever the vCPU thread waits for a host
+# CPU; it marks the TSC unstable within seconds of boot (measured on every busy-host boot) and
+# the guest falls back to refined-jiffies: 4 ms clock resolution, clock_gettime as a real
+# syscall instead of the vDSO, periodic ticks even when idle, a guest clock that falls behind.
+TCG_CLOCK_CMDLINE = ("tsc=reliable",)
 BOOT_TIMEOUT = 120.0
 POWEROFF_GRACE = 15.0
 KVM_PROBE_TIMEOUT = 10.0
@@ -84,13 +91,14 @@ def _escape(value: str | Path) -> str:
 def kernel_cmdline(config: BootConfig, tsc_khz: int | None = None) -> str:
     """Kernel command line: console on ttyS0, quiet, panic ends the VM, transport for init.
 
-    ``tsc_khz`` (TCG only) spares the guest its flaky TSC calibration (see hostclock).
+    ``tsc_khz`` (TCG only) spares the guest its flaky TSC calibration (see hostclock) and
+    keeps the TSC as its clocksource (see ``TCG_CLOCK_CMDLINE``).
     """
     words = [*BASE_CMDLINE]
     if config.machine is MachineType.MICROVM:
         words += MICROVM_CMDLINE
     if tsc_khz:
-        words.append(f"tsc_early_khz={tsc_khz}")
+        words += (f"tsc_early_khz={tsc_khz}", *TCG_CLOCK_CMDLINE)
     words.append(f"ma_transport={config.machine.transport}")
     words += config.cmdline_extra
     return " ".join(words)

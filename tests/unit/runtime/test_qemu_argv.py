@@ -73,7 +73,7 @@ def test_golden_microvm_tcg_isolated() -> None:
         "-kernel", "/kit/vmlinuz", "-initrd", "/kit/initrd.img",
         "-append",
         "console=ttyS0 quiet panic=-1 rcupdate.rcu_expedited=1 pci=off tsc_early_khz=2596152"
-        " ma_transport=mmio",
+        " tsc=reliable ma_transport=mmio",
         *COMMON_TAIL,
     ]  # fmt: skip
 
