@@ -48,6 +48,7 @@ SECTIONS = (
         "Workspaces",
         ("create", "cp", "start", "exec", "status", "result", "wait", "halt", "stop", "kill"),
     ),
+    ("Snapshots", ("pause", "resume", "suspend", "snapshot", "fork")),
     ("Observe", ("list", "ps", "logs", "events", "audit")),
     ("Clean up", ("delete",)),
     ("One-shot VMs", ("run",)),
