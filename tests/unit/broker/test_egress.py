@@ -370,11 +370,15 @@ def test_a_hello_in_single_bytes_and_split_across_records_is_read(
 def test_a_silent_guest_after_connect_times_out(
     audit_path: Path, raw_upstream: Upstream, guests: Any
 ) -> None:
-    guest = guests(make_proxy(audit_path, Hooks(raw_upstream), hello_timeout=0.2))
+    guest = guests(make_proxy(audit_path, Hooks(raw_upstream), hello_timeout=0.5))
     guest.sock.sendall(connect_request(f"{NAME}:443"))
     assert guest.head().startswith(b"HTTP/1.1 200 ")
-    guest.sock.sendall(real_hello(NAME)[:20])
-    assert guest.rest() == b""
+    # On a loaded host the proxy may already have timed out and closed: same outcome.
+    try:
+        guest.sock.sendall(real_hello(NAME)[:20])
+        assert guest.rest() == b""
+    except (BrokenPipeError, ConnectionResetError):
+        pass
     guest.done()
     assert entries(audit_path)[0]["reason"] == "bad-client-hello"
 
