@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -494,12 +494,16 @@ class Microagent:
         cache_from: Sequence[str] = (),
         cache_to: str | None = None,
         control: CacheControl | None = None,
+        warm: bool = False,
     ) -> CreateReport:
-        """Build (or reuse) the spec's steps and make a persistent workspace."""
+        """Build (or reuse) the spec's steps and make a persistent workspace; ``warm`` (or
+        the spec's ``warm``): a fork of the spec's warm template, made first if there is none
+        (see :mod:`microagent.workspace.templates`), left ``suspended`` for ``start``."""
         # deferred: see the module docstring
         from microagent.compiler.loader import load_spec
         from microagent.compiler.overrides import RuntimeEnv, apply_overrides, confirm_credentials
         from microagent.runtime.backend import Forward
+        from microagent.workspace import templates
         from microagent.workspace.create import create, port_forwards
 
         parsed = port_forwards(tuple(Forward.parse(item) for item in forwards))
@@ -512,7 +516,16 @@ class Microagent:
         for cred in spec.credentials:  # say where each key goes that is not a stock preset's
             if cred.needs_confirmation:
                 self.say(f"credential {cred.name}: {cred.source} -> {cred.upstream}")
-        return create(pipeline, self.workspaces, spec, env or RuntimeEnv(), parsed)
+        env = env or RuntimeEnv()
+        warm = warm or spec.warm
+        if warm:
+            templates.refuse_runtime_env(env)  # before anything is built
+        report = create(pipeline, self.workspaces, spec, env, parsed)
+        if not warm:
+            return report
+        made = templates.warm(self._runtime(), report.workspace, say=self.notice)
+        seconds = report.seconds + made.seconds
+        return replace(report, warm=made, seconds=seconds)
 
     # -- workspaces -------------------------------------------------------------------------
 
@@ -523,7 +536,7 @@ class Microagent:
         # deferred: see the module docstring
         from microagent.workspace.lifecycle import Runtime
 
-        return Runtime(self.settings, self.kit)
+        return Runtime(self.settings, self.kit, self.notice)
 
     def start(
         self,
@@ -938,11 +951,12 @@ class Microagent:
         from microagent.store.retention import builds_in_flight
         from microagent.store.verify import verify
         from microagent.workspace.disks import stored_image_problem
+        from microagent.workspace.templates import problem as template_problem
 
         def image(folder: Path) -> tuple[str, str] | None:
             return stored_image_problem(folder, check_image)
 
-        checks = {"disks": image, "bundles": image}
+        checks = {"disks": image, "bundles": image, "templates": template_problem}
         if not repair:  # reads only: builds go on beside it (a rootfs in flight is in its grace)
             return verify(self.store, in_use=self.cache_in_use(), fsck=check_image, checks=checks)
 

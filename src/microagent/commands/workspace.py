@@ -45,6 +45,7 @@ from microagent.errors import UsageError
 if TYPE_CHECKING:
     from microagent.api import StartReport
     from microagent.workspace.snapshots import SnapshotReport
+    from microagent.workspace.templates import WarmReport
 
 
 @click.command()
@@ -55,6 +56,12 @@ if TYPE_CHECKING:
 @cache_from_option
 @cache_to_option
 @cache_control_options
+@click.option(
+    "--warm",
+    is_flag=True,
+    help="Start from the spec's warm template (made by booting once until ready if there is "
+    "none): `start` resumes a ready agent instead of booting. Same as `warm: true`.",
+)
 @pass_ctx
 def create(
     ctx: Ctx,
@@ -65,6 +72,7 @@ def create(
     host_forward: tuple[str, ...],
     cache_from: tuple[str, ...],
     cache_to: str | None,
+    warm: bool,
     **kwargs: Any,
 ) -> None:
     """Build (or reuse) the spec's steps and make a persistent workspace."""
@@ -80,13 +88,28 @@ def create(
         cache_from=cache_from,
         cache_to=cache_to,
         control=control,
+        warm=warm,
     )
     text = (
         f"created {report.workspace.name} in {report.seconds:.2f}s "
         f"({report.rootfs.built} setup steps built, {report.rootfs.cached} cached, "
         f"{report.boots} setup boots)"
     )
-    ctx.emit(report.to_json(), text)
+    ctx.emit(report.to_json(), text + _warm_text(report.warm))
+
+
+def _warm_text(warm: WarmReport | None) -> str:
+    if warm is None:
+        return ""
+    key = warm.key.removeprefix("sha256:")[:12]
+    if warm.error:
+        return f"; template {key} not made (the workspace boots cold): {warm.error}"
+    if warm.made:
+        return (
+            f"; template {key} made (ready after {warm.ready_seconds:.1f}s); "
+            "suspended: `start` resumes it"
+        )
+    return f"; warm: forked from template {key}; suspended: `start` resumes it"
 
 
 @click.command()
@@ -164,6 +187,8 @@ def status(ctx: Ctx, /, name: str) -> None:
         text += f"\nrestarts: {data['restarts']} (policy {data['restartPolicy']})"
     if data.get("snapshots"):
         text += f"\nsnapshots: {', '.join(data['snapshots'])}"
+    if data.get("template"):
+        text += f"\ntemplate: {data['template']}"
     if data["result"] is not None:
         text += f"\nresult: exit code {data['result'].get('exitCode')}"
     error = envelope.workspace_outcome(data, name, detail=event["detail"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from microagent.build.pipeline import Pipeline
 from microagent.build.setup import BuiltRootfs
@@ -34,6 +35,9 @@ from microagent.workspace.records import (
     published_ports,
 )
 
+if TYPE_CHECKING:
+    from microagent.workspace.templates import WarmReport
+
 HostForwards = tuple[tuple[int, int], ...]
 
 
@@ -46,11 +50,14 @@ class CreateReport:
     boots: int
     remote: dict[str, object] | None = None
     published: tuple[dict[str, object], ...] = ()
+    warm: WarmReport | None = None  # create --warm: the template made or forked
 
     def to_json(self) -> dict[str, object]:
         extra: dict[str, object] = {"remote": self.remote} if self.remote else {}
         if self.published:
             extra["published"] = list(self.published)
+        if self.warm is not None:
+            extra["template"] = self.warm.to_json()
         return {
             "ok": True,
             "workspace": self.workspace.name,

@@ -56,6 +56,7 @@ from microagent.runtime.health import HealthCheck
 from microagent.runtime.probe import tcp_reachable
 from microagent.runtime.rundir import BootDocument, RunDir, State, now
 from microagent.runtime.snapshot import Manifest
+from microagent.runtime.snapshot import remove as snapshot_remove
 from microagent.runtime.snapshot import tags as snapshot_tags
 from microagent.settings import Settings
 from microagent.store.content import Store
@@ -90,6 +91,7 @@ class Runtime:
 
     settings: Settings
     kit: Callable[[], BootFiles]
+    notice: Callable[[str], None] = lambda _message: None  # what the user should see
 
     @property
     def store(self) -> Store:
@@ -325,7 +327,8 @@ def _start(rt: Runtime, ws: Workspace, timeout: float, from_tag: str | None) -> 
     restart = _restart_policy(ws, record)
     secrets = resolve_secrets(record.credentials)  # a missing value fails before anything
     tag = snapshots.restore_tag(ws, state, from_tag)
-    manifest = snapshots.check_restorable(ws, tag) if tag else None  # before any change
+    warm = _warm(record, tag, from_tag)
+    manifest = _restorable(rt, ws, tag, warm)  # before any change
     if manifest is None:
         repair_state_disk(ws, f"start workspace {ws.name!r}")
     run = ws.run
@@ -334,7 +337,7 @@ def _start(rt: Runtime, ws: Workspace, timeout: float, from_tag: str | None) -> 
     vm_dir = vm_dir_for(run.path, ws.name)
     services = _services(rt, ws, record, vm_dir)
     boot = prepare(run_request(rt, ws, record, services), rt.kit(), vm_dir, work_dir=run.path)
-    restore = _restore(rt, ws, manifest, boot) if manifest else None
+    restore = _restore(rt, ws, manifest, boot, warm) if manifest else None
     settings = rt.settings
     backend, probes, fake = settings.backend, settings.probes_dir, settings.fake_outcome
     health = _health(record)
@@ -363,14 +366,60 @@ def _start(rt: Runtime, ws: Workspace, timeout: float, from_tag: str | None) -> 
     proc = _launch(run, secrets if services.gateway is not None else None)
     identity = runner.process_identity(proc.pid)  # None: it is gone already
     run.update(supervisorPid=proc.pid, supervisor=identity and identity.to_json())
-    return _await_running(ws, timeout)
+    runtime = _await_running(ws, timeout)
+    if warm and restore is not None and runtime.get("state") == State.RUNNING.value:
+        snapshots.set_hostname(ws)
+    return runtime
 
 
-def _restore(rt: Runtime, ws: Workspace, manifest: Manifest, boot: BootConfig) -> Path:
+def _warm(record: Record, tag: str | None, from_tag: str | None) -> bool:
+    """Whether this start resumes the workspace's warm template (refused: boot cold)."""
+    return bool(record.template) and from_tag is None and tag == snapshots.TEMPLATE_TAG
+
+
+def _restorable(rt: Runtime, ws: Workspace, tag: str | None, warm: bool) -> Manifest | None:
+    """The snapshot ``tag``'s checked manifest; for a warm template one that fails its
+    digests is refused and the start boots cold (None)."""
+    if tag is None:
+        return None
+    if not warm:
+        return snapshots.check_restorable(ws, tag)
+    try:
+        manifest = snapshots.check_restorable(ws, tag)
+    except (IntegrityError, NotFoundError) as exc:
+        _refuse_template(rt, ws, exc, corrupt=True)
+        return None
+    ws.run.event("warm-start", f"resuming template {ws.record().template[7:19]}")
+    return manifest
+
+
+def _refuse_template(rt: Runtime, ws: Workspace, exc: MicroagentError, *, corrupt: bool) -> None:
+    """A warm template that cannot be restored: say why (event, notice), drop the
+    workspace's copy (and a corrupt store template), and let the start boot cold."""
+    key = ws.record().template
+    why = f"template {key[7:19]} refused: {exc.message}; booting cold"
+    ws.run.event("warm-start-refused", why, template=key)
+    rt.notice(why)
+    snapshot_remove(ws.root, snapshots.TEMPLATE_TAG)
+    if corrupt:
+        snapshots.forget_corrupt(rt.store, key)
+    ws.run.event("cold", "the workspace boots afresh from its own disk")
+
+
+def _restore(
+    rt: Runtime, ws: Workspace, manifest: Manifest, boot: BootConfig, warm: bool = False
+) -> Path | None:
     """Check the snapshot against the VM ``boot`` describes and put its disks back; the
-    config disk (it carries the environment) goes when the snapshot is refused."""
+    config disk (it carries the environment) goes when the snapshot is refused, unless it
+    was a warm template: then the start boots cold (None)."""
     try:
         return snapshots.apply(rt.settings, ws, manifest, boot)
+    except MicroagentError as exc:
+        if not warm:
+            ws.run.config_disk.unlink(missing_ok=True)
+            raise
+        _refuse_template(rt, ws, exc, corrupt=False)
+        return None
     except BaseException:
         ws.run.config_disk.unlink(missing_ok=True)
         raise
@@ -787,6 +836,7 @@ def status(ws: Workspace, backend: str) -> dict[str, Any]:
         "restartPolicy": record.restart,
         "restarts": int(runtime.get("restarts") or 0),
         "snapshots": snapshot_tags(ws.root),
+        "template": record.template or None,
         "network": _network_status(record, state, runtime),
         "artifacts": {"outputs": [{"name": n, "path": p} for n, p in record.outputs]},
         "result": result_payload(ws),

@@ -103,6 +103,7 @@ class Record:
     health: Health | None = None
     credentials: tuple[Credential, ...] = ()  # references only: never a value
     egress_allow: tuple[str, ...] = ()  # network.allow: default-deny egress when set
+    template: str = ""  # the warm template (key) this workspace was made from or made
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -32,10 +32,12 @@ from typing import Any
 from microagent.errors import ConflictError, MicroagentError, NotFoundError, VMError
 from microagent.fsutil import flocked, remove_any, write_json_atomic
 from microagent.runtime import qmp, snapshot
+from microagent.runtime.agentproto import ExecRequest
 from microagent.runtime.backend import BootConfig
 from microagent.runtime.backends import get_backend
 from microagent.runtime.rundir import State, now
 from microagent.runtime.snapshot import (
+    GUEST_BUSYBOX,
     Identity,
     Manifest,
     RestoringBackend,
@@ -49,12 +51,15 @@ from microagent.runtime.snapshot import (
     sparse_sha256,
 )
 from microagent.settings import Settings
+from microagent.store.content import Store
 from microagent.workspace.execs import run_exec
 from microagent.workspace.liveness import reconcile, seconds_since
 from microagent.workspace.records import Workspace, Workspaces
 
 START_LOCK = ".start.lock"  # lifecycle's: one start, pause, resume or snapshot at a time
 SUSPEND_TAG = "suspended"
+TEMPLATE_TAG = "template"  # a warm workspace's copy of its template (workspace.templates)
+TEMPLATES_KIND = "templates"  # the store's kind of template entries: templates/<hex>
 SUSPEND_WAIT = 30.0  # seconds for the supervisor to record ``suspended`` after the VMM quit
 CLOCK_WAIT = 5.0  # seconds a resume waits for the guest agent before setting the clock
 POLL = 0.1
@@ -169,7 +174,7 @@ def resync_clock(ws: Workspace) -> str:
 # -- snapshot create ----------------------------------------------------------------------------
 
 
-def _backend(settings: Settings) -> RestoringBackend:
+def backend_of(settings: Settings) -> RestoringBackend:
     backend = get_backend(
         settings.backend, probes_dir=settings.probes_dir, fake_outcome=settings.fake_outcome
     )
@@ -192,7 +197,7 @@ def current_identity(settings: Settings, ws: Workspace) -> Identity:
     argv = runtime.get("vmmArgv")
     config = ws.run.read_boot().config
     return make_identity(
-        _backend(settings).vmm_version(),
+        backend_of(settings).vmm_version(),
         [str(w) for w in argv] if isinstance(argv, list) else [],
         config.kernel,
         config.initrd,
@@ -344,7 +349,7 @@ def check_restorable(ws: Workspace, tag: str) -> Manifest:
 def apply(settings: Settings, ws: Workspace, manifest: Manifest, config: BootConfig) -> Path:
     """Check the snapshot against the VM ``config`` boots now, put its disks back; the
     VM state file for the supervisor (resolved: a later snapshot of the tag cannot swap it)."""
-    backend = _backend(settings)
+    backend = backend_of(settings)
     now_identity = make_identity(
         backend.vmm_version(),
         list(backend.command(config)),
@@ -409,3 +414,42 @@ def _fork(ws: Workspace, tag: str, spaces: Workspaces, new_name: str) -> Workspa
         raise
     ws.run.event("fork", f"workspace {new_name} forked from snapshot {tag}", tag=tag)
     return made
+
+
+# -- warm start: what a resumed template still needs (see workspace.templates) ----------------
+
+
+def template_entry(key: str) -> str:
+    """The store entry of template ``key`` (``templates/<hex>``)."""
+    return f"{TEMPLATES_KIND}/{key.removeprefix('sha256:')}"
+
+
+def forget_corrupt(store: Store, key: str) -> None:
+    """After the workspace's copy of template ``key`` was refused as corrupt: the store's
+    template goes too when it is the same files (hard links) or itself fails its digests."""
+    name = template_entry(key)
+    folder = store.entry_path(name)
+    try:
+        manifest = snapshot.read_manifest(folder, TEMPLATE_TAG)
+        snapshot.verify(folder, manifest)
+    except MicroagentError:
+        store.remove(name)
+
+
+def set_hostname(ws: Workspace) -> str | None:
+    """Set the guest's hostname when it resumed a template made under another name; what
+    happened (event ``hostname``), None when nothing was to do."""
+    record = ws.record()
+    made_as = ws.run.runtime().get("templateHostname")
+    if not record.template or not made_as or made_as == record.hostname:
+        return None
+    request = ExecRequest(argv=(GUEST_BUSYBOX, "hostname", record.hostname), timeout_ms=10_000)
+    try:
+        done = run_exec(ws, request, timeout=15.0, wait=30.0)
+        outcome = f"guest hostname set to {record.hostname}"
+        if done.exit_code != 0:
+            outcome = f"the guest hostname was not set (exit code {done.exit_code})"
+    except MicroagentError as exc:
+        outcome = f"the guest hostname was not set: {exc.message}"
+    ws.run.event("hostname", outcome)
+    return outcome
