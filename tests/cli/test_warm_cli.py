@@ -153,7 +153,9 @@ def test_a_template_for_another_vm_shape_is_refused_at_start(
     manifest["identity"]["shape"]["options"]["-m"] = "4096"
     path.write_text(json.dumps(manifest))
     assert cli(capsys, "start", "other")["state"] == "running"
-    refusal = [e for e in cli(capsys, "events", "other")["events"] if e["event"].endswith("refused")]
+    refusal = [
+        e for e in cli(capsys, "events", "other")["events"] if e["event"].endswith("refused")
+    ]
     assert '"-m": "4096"' in refusal[0]["detail"]
     assert len(templates(tmp_path)) == 1  # the store's own is sound: kept
 
