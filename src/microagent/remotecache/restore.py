@@ -210,15 +210,16 @@ class Restorer:
         """Fetch every missing blob (in parallel) and make the hit's rootfs; say how."""
         how = "records only"
         with ThreadPoolExecutor(FETCH_WORKERS) as pool:
+            # the base's documents first: small, and checked before any record is written
+            documents = pool.submit(self._fetch_base_documents, hit.source, base) if base else None
             pending = self._fetch_layers(pool, hit)
-            if base is not None:
-                self._fetch_base_documents(hit.source, base)
             if hit.step.kind.in_rootfs:
                 how = "rootfs image" if self._unpack_image(hit) else "flattened"
                 if how == "flattened":
                     self._build_rootfs(hit.step.key, hit.step.layers, pending)
-            for future in pending.values():
-                future.result()
+            for future in [documents, *pending.values()]:
+                if future is not None:
+                    future.result()
         return how
 
     def _done(self, hit: Hit, how: str, seconds: float) -> None:
