@@ -236,6 +236,9 @@ def _listing(text: str, path: str) -> dict[str, DirEntry]:
 # -- planning the debugfs script ---------------------------------------------------------------
 
 
+_NEW_MODES = {Kind.DIR: 0o755, Kind.SYMLINK: 0o777}  # what debugfs' mkdir and symlink give
+
+
 @dataclass
 class _Planner:
     """Follows what the image holds while the layer is applied, and writes the commands."""
@@ -304,17 +307,18 @@ class _Planner:
     def entry(self, m: Member) -> None:
         q = quote(m.path, raw_bytes=True)
         now = self.current(m.path)
-        if m.kind is Kind.DIR and now is Kind.DIR:
-            self.state[m.path] = Kind.DIR
-        else:
+        created = not (m.kind is Kind.DIR and now is Kind.DIR)
+        if created:
             if now is not None:
                 self.remove(m.path, now)
             self.create(m, q)
+        else:
+            self.state[m.path] = Kind.DIR
         meta = self.meta.get(m.path)
         if meta is None:
             raise NotDerivable(f"{m.path}: the extractor recorded nothing for it")
         if m.op != "link":
-            self.set_meta(q, meta)
+            self.set_meta(q, meta, created=created)
 
     def create(self, m: Member, q: str) -> None:
         assert m.kind is not None
@@ -345,10 +349,15 @@ class _Planner:
         self.cmd(f"mknod {quote(name, raw_bytes=True)} {how}{dev}")
         self.cmd("cd /")
 
-    def set_meta(self, q: str, meta: PathMeta) -> None:
-        self.cmd(f"sif {q} uid {meta.uid}")
-        self.cmd(f"sif {q} gid {meta.gid}")
-        self.cmd(f"sif {q} mode 0{meta.st_mode:o}")
+    def set_meta(self, q: str, meta: PathMeta, *, created: bool) -> None:
+        """Owner, mode and times; an inode debugfs just made is root-owned already, and has
+        mode 0755 (a directory) or 0777 (a symlink), so those commands are left out."""
+        if not created or meta.uid:
+            self.cmd(f"sif {q} uid {meta.uid}")
+        if not created or meta.gid:
+            self.cmd(f"sif {q} gid {meta.gid}")
+        if not created or meta.mode != _NEW_MODES.get(meta.kind):
+            self.cmd(f"sif {q} mode 0{meta.st_mode:o}")
         for name in ("mtime", "atime", "ctime", "crtime"):
             self.cmd(f"sif {q} {name} @{meta.mtime}")
 
