@@ -189,6 +189,8 @@ def _unpack(stream: BinaryIO, counted: _Counted, out: Path, expected: PackedImag
                 if size > expected.size:
                     raise IntegrityError(f"rootfs image is larger than {expected.size} bytes")
                 sink.put(chunk)
+            while stream.read(CHUNK):  # what follows the frame counts too (a fixed total)
+                pass
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"rootfs image blob is not valid zstd: {exc}") from exc
         finally:

@@ -182,3 +182,16 @@ def test_a_truncated_zstd_layer_is_an_integrity_error(tmp_path: Path) -> None:
     data = _zstd(_layer({"a": os.urandom(1 << 20)}))[:-1000]
     with pytest.raises(IntegrityError, match="layer #0: corrupt or truncated layer"):
         flatten(tmp_path / "stage", [LayerSource("#0", lambda: io.BytesIO(data))])
+
+
+def test_bytes_after_the_frame_are_refused_every_time(tmp_path: Path) -> None:
+    """Whether the download thread is ahead of the decoder or behind it when the frame ends,
+    bytes after it are refused, even when the record's digest covers them."""
+    image = _image(tmp_path, 16, 1)
+    blob = io.BytesIO()
+    packed = pack(image, blob)
+    data = blob.getvalue() + b"\0" * (3 << 20)  # several download chunks after the frame
+    whole = dataclasses.replace(packed, blob=str(Digest.of_bytes(data)), blob_size=len(data))
+    for attempt in range(3):
+        with pytest.raises(IntegrityError):
+            unpack(io.BytesIO(data), tmp_path / f"out{attempt}.ext4", whole)
