@@ -25,6 +25,7 @@ PACKAGES: Mapping[str, str] = {
     "mke2fs": "e2fsprogs",
     "debugfs": "e2fsprogs",
     "e2fsck": "e2fsprogs",
+    "resize2fs": "e2fsprogs",
     "qemu-system-x86_64": "qemu-system-x86",
     "qemu-system-aarch64": "qemu-system-arm",
     "qemu-img": "qemu-utils",
