@@ -46,7 +46,7 @@ __all__ = ["LayerSource", "Limits", "apply_layer", "finish_stage", "flatten", "s
 
 CHUNK = 1 << 20
 # tarfile's stream mode copies what it has buffered on every read (a 512-byte header too):
-# small reads keep that cheap (1 MiB cost ~1 MiB of copying per entry)
+# small reads keep that cheap (with 1 MiB reads each header cost ~2 MiB of copying)
 TAR_READ = 32 << 10
 DECODED = 128 << 10  # bytes per hand-over from the decoding thread: stays in the CPU cache
 AHEAD = 64  # hand-overs a layer's decoding thread may run ahead of the tar walk (8 MiB)
