@@ -286,6 +286,29 @@ def test_a_writer_meeting_an_unreadable_runtime_json_recovers_it_first(
     assert (ws.run.path / "runtime.json.corrupt").read_bytes() == b"{]"
 
 
+def test_runtime_json_never_goes_missing_while_it_is_recovered(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readers take no lock: a recovery that moved the damaged file aside before writing the
+    new one let a concurrent ``status`` read no runtime.json, i.e. 'prepared'."""
+    ws.run.runtime_path.write_bytes(b"\x00garbage")
+    present: list[bool] = []
+    looked_up = RunDir.find_supervisor
+
+    def find_supervisor(run: RunDir) -> ProcessIdentity | None:
+        present.append(run.runtime_path.exists())  # what a reader finds mid-recovery
+        return looked_up(run)
+
+    monkeypatch.setattr(RunDir, "find_supervisor", find_supervisor)
+    ws.run.update(execReadyAt=None)
+    assert present == [True]
+    assert ws.run.state() is State.FAILED
+    ws.run.runtime_path.write_bytes(b"{]")
+    assert ws.run.set_state_if(lambda _now: False, State.STOPPED) is None
+    assert ws.run.runtime_path.read_bytes() == b"{]", "left for the next reader to recover"
+    assert liveness.reconcile(ws) is State.FAILED
+
+
 def test_a_final_state_written_meanwhile_is_not_overwritten(ws: Workspace) -> None:
     write_runtime(ws, state="running", supervisorPid=None)
     seen = ws.run.runtime()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -275,7 +276,12 @@ class RunDir:
         when a supervisor of this run dir still runs, else ``failed`` (its disk to be checked)."""
         if not self.runtime_unreadable():
             return self.runtime()
-        self.runtime_path.replace(self.path / CORRUPT_RUNTIME)
+        # kept by a second name, not moved: runtime.json never goes missing for a reader that
+        # takes no lock (one would read "prepared"); the caller's atomic write replaces it
+        aside = self.path / f".{CORRUPT_RUNTIME}.tmp"
+        aside.unlink(missing_ok=True)
+        os.link(self.runtime_path, aside)
+        aside.replace(self.path / CORRUPT_RUNTIME)
         why = f"runtime.json was unreadable (kept as {CORRUPT_RUNTIME})"
         found = self.find_supervisor()
         if found is not None:
