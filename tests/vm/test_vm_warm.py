@@ -87,6 +87,7 @@ def test_a_warm_create_forks_the_template_and_a_corrupt_one_boots_cold(
         assert "warm-start" in seen and "restored" in seen and "cold" not in seen
         # what the template's boot left is there: the fork did not boot
         assert boot_id.strip() and _sh(api, "warm-b", "ls /tmp/ready").strip() == "/tmp/ready"
+        _until(lambda: "hostname" in _events(api, "warm-b"), "the hostname event", 60)
         assert _sh(api, "warm-b", "/run/microagent/busybox hostname").strip() == "warm-b"
         assert api.status("warm-b")["template"] == made.warm.key
 

@@ -26,6 +26,7 @@ the host's (event ``clock``). A VMM that ends while runtime.json says ``suspendi
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -47,9 +48,10 @@ from microagent.runtime.backends import get_backend
 from microagent.runtime.gatewayproc import GatewayProcess
 from microagent.runtime.health import HealthCheck, HealthProber, ProbeOutcome
 from microagent.runtime.rundir import BootDocument, RunDir, State, now
-from microagent.runtime.snapshot import clock_request, restoring
+from microagent.runtime.snapshot import GUEST_BUSYBOX, clock_request, restoring
 
 SHUTDOWN_GRACE = 15.0
+HOSTNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}")  # what a restore may set
 EVENT_POLL = 0.5
 BACKOFF_CAP = 30.0  # seconds: the longest wait before a restart
 STABLE_RUN = 60.0  # seconds: a run at least this long starts the back-off over
@@ -135,6 +137,26 @@ def resync_clock(run: RunDir, link: AgentLink) -> None:
     else:
         why = done.stderr.decode("utf-8", "replace").strip()[:200]
         run.event("clock", f"the guest clock was not set (exit code {done.exit_code}): {why}")
+    set_hostname(run, link)
+
+
+def set_hostname(run: RunDir, link: AgentLink) -> None:
+    """After the restore of a warm template made under another name: set the workspace's
+    own hostname (``restoreHostname`` in runtime.json, written by the start); event
+    ``hostname``."""
+    hostname = run.runtime().get("restoreHostname")
+    if not isinstance(hostname, str) or not HOSTNAME_RE.fullmatch(hostname):
+        return
+    request = ExecRequest(argv=(GUEST_BUSYBOX, "hostname", hostname), timeout_ms=10_000)
+    try:
+        done = link.run(request, timeout=15.0)
+    except MicroagentError as exc:
+        run.event("hostname", f"the guest hostname was not set: {exc.message}")
+        return
+    if done.exit_code == 0:
+        run.event("hostname", f"guest hostname set to {hostname}")
+    else:
+        run.event("hostname", f"the guest hostname was not set (exit code {done.exit_code})")
 
 
 def _start_link(run: RunDir, config: BootConfig, *, resync: bool = False) -> AgentLink | None:

@@ -362,14 +362,19 @@ def _start(rt: Runtime, ws: Workspace, timeout: float, from_tag: str | None) -> 
         restarts=0,
         suspendedTag=None,
         pausedAt=None,
+        restoreHostname=_restore_hostname(ws, record) if warm and restore else None,
     )
     proc = _launch(run, secrets if services.gateway is not None else None)
     identity = runner.process_identity(proc.pid)  # None: it is gone already
     run.update(supervisorPid=proc.pid, supervisor=identity and identity.to_json())
-    runtime = _await_running(ws, timeout)
-    if warm and restore is not None and runtime.get("state") == State.RUNNING.value:
-        snapshots.set_hostname(ws)
-    return runtime
+    return _await_running(ws, timeout)
+
+
+def _restore_hostname(ws: Workspace, record: Record) -> str | None:
+    """The hostname the supervisor sets after resuming a warm template made under another
+    name (the template's key leaves a hostname made from the name out)."""
+    made_as = ws.run.runtime().get("templateHostname")
+    return record.hostname if made_as and made_as != record.hostname else None
 
 
 def _warm(record: Record, tag: str | None, from_tag: str | None) -> bool:

@@ -32,12 +32,10 @@ from typing import Any
 from microagent.errors import ConflictError, MicroagentError, NotFoundError, VMError
 from microagent.fsutil import flocked, remove_any, write_json_atomic
 from microagent.runtime import qmp, snapshot
-from microagent.runtime.agentproto import ExecRequest
 from microagent.runtime.backend import BootConfig
 from microagent.runtime.backends import get_backend
 from microagent.runtime.rundir import State, now
 from microagent.runtime.snapshot import (
-    GUEST_BUSYBOX,
     Identity,
     Manifest,
     RestoringBackend,
@@ -434,22 +432,3 @@ def forget_corrupt(store: Store, key: str) -> None:
         snapshot.verify(folder, manifest)
     except MicroagentError:
         store.remove(name)
-
-
-def set_hostname(ws: Workspace) -> str | None:
-    """Set the guest's hostname when it resumed a template made under another name; what
-    happened (event ``hostname``), None when nothing was to do."""
-    record = ws.record()
-    made_as = ws.run.runtime().get("templateHostname")
-    if not record.template or not made_as or made_as == record.hostname:
-        return None
-    request = ExecRequest(argv=(GUEST_BUSYBOX, "hostname", record.hostname), timeout_ms=10_000)
-    try:
-        done = run_exec(ws, request, timeout=15.0, wait=30.0)
-        outcome = f"guest hostname set to {record.hostname}"
-        if done.exit_code != 0:
-            outcome = f"the guest hostname was not set (exit code {done.exit_code})"
-    except MicroagentError as exc:
-        outcome = f"the guest hostname was not set: {exc.message}"
-    ws.run.event("hostname", outcome)
-    return outcome
