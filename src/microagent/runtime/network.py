@@ -31,7 +31,7 @@ host) with its own network and mount namespaces; every helper and the VMM enter 
 filter and the resolv.conf override (a bind mount in that mount namespace) all live inside;
 the namespaces vanish with the holder, which dies with its parent (``--pdeathsig``). Needs
 unprivileged user namespaces and a ``/dev/net/tun`` the user may open (mode 0666, as
-distributions ship it); :func:`rootless_problems` says what is missing.
+distributions ship it); :func:`userns_problems` says what is missing.
 Argv and rules are built by pure functions; :class:`NetworkSandbox` runs them and always
 tears down.
 """
