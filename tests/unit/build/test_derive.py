@@ -17,6 +17,7 @@ import pytest
 from tree_kit import image_tree
 
 from microagent.digests import Digest
+from microagent.errors import IntegrityError
 from microagent.ext4 import derive
 from microagent.ext4.debugfs import check_image
 from microagent.ext4.mkfs import BLOCK
@@ -205,4 +206,17 @@ def test_a_large_change_is_flattened(store: Store, tmp_path: Path) -> None:
     done = derive_rootfs(store, "sha256:" + "3" * 64, parent, tmp_path / "layer.tar")
     assert done.path is None
     assert "is more than 100% of the image" in done.reason
+    assert not (store.root / "rootfs" / f"{'3' * 64}.ext4").exists()
+
+
+def test_a_hostile_layer_is_refused_as_the_flatten_refuses_it(store: Store, tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:  # passes the shape check: its parent is /a
+        tf.addfile(_info("a", tarfile.DIRTYPE, 0o755))
+        tf.addfile(_info("a/..", tarfile.DIRTYPE, 0o755))
+    base = source(tmp_path / "base.tar", base_tar())
+    parent, _ = build_rootfs(store, "sha256:" + "1" * 64, [base], compressed_bytes=1 << 20)
+    (tmp_path / "layer.tar").write_bytes(buf.getvalue())
+    with pytest.raises(IntegrityError, match=r"'\.\.' component"):
+        derive_rootfs(store, "sha256:" + "3" * 64, parent, tmp_path / "layer.tar")
     assert not (store.root / "rootfs" / f"{'3' * 64}.ext4").exists()
