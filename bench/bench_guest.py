@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import shlex
@@ -166,21 +167,29 @@ class Sample:
     host: float  # seconds between the two marks, seen on the host
     guest: float  # the guest's uptime interval
     cpu: float  # CPU seconds the VMM process used between the two marks
+    vcpu: float  # of which its busiest thread (the vCPU under TCG)
     output: str
 
 
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU time of process ``pid`` (all its threads, exited ones too)."""
-    if pid is None:
-        return 0.0
+def _stat_cpu(path: Path) -> float:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = path.read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def cpu_seconds(pid: int | None) -> tuple[float, dict[str, float]]:
+    """User + system CPU time of process ``pid`` (all its threads, exited ones too) and of
+    each live thread (the busiest one under TCG is the vCPU)."""
+    if pid is None:
+        return 0.0, {}
+    tasks = Path(f"/proc/{pid}/task")
+    threads = {t.name: _stat_cpu(t / "stat") for t in tasks.iterdir()} if tasks.exists() else {}
+    return _stat_cpu(Path(f"/proc/{pid}/stat")), threads
 
 
 class Marks:
@@ -192,17 +201,22 @@ class Marks:
         self.text = ""
         self.begin_at: float | None = None
         self.end_at: float | None = None
-        self.cpu_at = (0.0, 0.0)
+        self.cpu_begin: tuple[float, dict[str, float]] = (0.0, {})
+        self.cpu_end: tuple[float, dict[str, float]] = (0.0, {})
 
     def feed(self, chunk: str) -> None:
         self.text += chunk
         now = time.monotonic()
         if self.begin_at is None and BEGIN in self.text:
             self.begin_at = now
-            self.cpu_at = (cpu_seconds(self.pid()), 0.0)
+            self.cpu_begin = cpu_seconds(self.pid())
         if self.end_at is None and END_LINE.search(self.text):
             self.end_at = now
-            self.cpu_at = (self.cpu_at[0], cpu_seconds(self.pid()))
+            self.cpu_end = cpu_seconds(self.pid())
+
+    def vcpu(self) -> float:
+        before, after = self.cpu_begin[1], self.cpu_end[1]
+        return max((after[t] - before.get(t, 0.0) for t in after), default=0.0)
 
     def sample(self, what: str) -> Sample:
         found = END_LINE.search(self.text)
@@ -211,8 +225,8 @@ class Marks:
         if found.group(1) != "0":
             raise SystemExit(f"{what}: the workload exited {found.group(1)}:\n{self.text[-3000:]}")
         guest = float(found.group(3)) - float(found.group(2))
-        cpu = self.cpu_at[1] - self.cpu_at[0]
-        return Sample(self.end_at - self.begin_at, guest, cpu, self.text)
+        cpu = self.cpu_end[0] - self.cpu_begin[0]
+        return Sample(self.end_at - self.begin_at, guest, cpu, self.vcpu(), self.text)
 
 
 # -- product variants (argv changes measured in this process) ---------------------------------
@@ -404,7 +418,7 @@ def build_image(api: Microagent, work: Path) -> Path:
     """The stand-in + the setup steps, built (or reused) by the product: its rootfs path."""
     image = standin.build_python(None)
     spec = work / "microagent.yaml"
-    steps = "".join(f"  - {shlex.quote(step)}\n" for step in SETUP)
+    steps = "".join(f"  - {json.dumps(step)}\n" for step in SETUP)
     spec.write_text(f"name: bench-guest\nimage: {image.oci_ref}\nsetup:\n{steps}")
     report = api.build(spec)
     return report.outcome.built.path
@@ -434,7 +448,8 @@ def measure(
                     print(sample.output[sample.output.find(BEGIN) :], flush=True)
                 print(
                     f"  {workload:<7} run {index + 1} {side:<18} {sample.host:7.2f} s "
-                    f"(VMM CPU {sample.cpu:7.2f} s, guest clock {sample.guest:7.2f} s)",
+                    f"(VMM CPU {sample.cpu:7.2f} s, vCPU {sample.vcpu:7.2f} s, "
+                    f"guest clock {sample.guest:7.2f} s)",
                     flush=True,
                 )
     return samples
@@ -465,13 +480,21 @@ WS_ENTRY = (
 MA = [sys.executable, "-m", "microagent.cli"]
 
 
+def cli(*args: str) -> str:
+    """One microagent CLI process; its stdout (exits with its output on failure)."""
+    done = subprocess.run([*MA, *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"microagent {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
 def workspace_pyc(work: Path) -> list[str]:
     """Create a workspace of the bench image, start it twice: each start's census line."""
     image = standin.build_python(None)
     spec = work / "ws" / "microagent.yaml"
     spec.parent.mkdir()
-    steps = "".join(f"  - {shlex.quote(step)}\n" for step in SETUP)
-    entry = shlex.quote(WS_ENTRY)
+    steps = "".join(f"  - {json.dumps(step)}\n" for step in SETUP)
+    entry = json.dumps(WS_ENTRY)
     spec.write_text(
         f"name: {WS_NAME}\nimage: {image.oci_ref}\nsetup:\n{steps}entrypoint: {entry}\n"
         "network: {mode: isolated}\n"
@@ -479,12 +502,10 @@ def workspace_pyc(work: Path) -> list[str]:
     subprocess.run([*MA, "delete", "--force", "-y", WS_NAME], capture_output=True, check=False)
     lines = []
     try:
-        subprocess.run([*MA, "create", "-f", str(spec)], capture_output=True, check=True)
+        cli("create", "-f", str(spec))
         for _ in range(2):
-            subprocess.run([*MA, "start", "--wait", WS_NAME], capture_output=True, check=True)
-            out = subprocess.run(
-                [*MA, "--json", "result", WS_NAME], capture_output=True, text=True, check=True
-            ).stdout
+            cli("start", "--wait", WS_NAME)
+            out = cli("--json", "result", WS_NAME)
             found = re.search(r"PYC-START matched=\d+ compiled=\d+", out)
             lines.append(found.group(0) if found else f"no census in {out[-500:]}")
     finally:
@@ -502,14 +523,20 @@ def report(samples: dict[tuple[str, str], list[Sample]], args: argparse.Namespac
         bare = samples[(workload, "bare")]
         wall0 = statistics.median(s.host for s in bare)
         cpu0, best0 = statistics.median(s.cpu for s in bare), min(s.cpu for s in bare)
-        print(f"{workload}: bare wall {wall0:.2f} s, CPU {cpu0:.2f} s, best {best0:.2f} s")
+        vcpu0 = statistics.median(s.vcpu for s in bare)
+        print(
+            f"{workload}: bare wall {wall0:.2f} s, CPU {cpu0:.2f} s, best {best0:.2f} s, "
+            f"vCPU {vcpu0:.2f} s"
+        )
         for side in [*args.bare_variant, *args.variant]:
             runs = samples[(workload, side)]
             wall = statistics.median(s.host for s in runs)
             cpu, best = statistics.median(s.cpu for s in runs), min(s.cpu for s in runs)
+            vcpu = statistics.median(s.vcpu for s in runs)
             print(
                 f"  {side:<18} wall {wall:7.2f} s {wall / wall0:5.2f}x   "
                 f"CPU {cpu:7.2f} s {cpu / cpu0:5.2f}x   best {best:7.2f} s {best / best0:5.2f}x"
+                f"   vCPU {vcpu:7.2f} s {vcpu / vcpu0:5.2f}x"
             )
 
 
