@@ -54,7 +54,7 @@ ENTRY = (
     "time.sleep(10**9)'"
 )
 READY = ["test", "-f", "/tmp/ready"]
-TIMEOUT = 900.0
+TIMEOUT = 1800.0
 POLL = 0.05
 
 
