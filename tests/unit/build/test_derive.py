@@ -14,7 +14,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from tree_kit import image_tree
 
 from microagent.digests import Digest
 from microagent.errors import IntegrityError
@@ -26,6 +25,7 @@ from microagent.layers.apply import LayerSource
 from microagent.layers.stagemeta import Kind, PathMeta
 from microagent.layers.tarwrite import UpperEntry, write_upper_tar
 from microagent.store.content import Store
+from testenv.tree_kit import image_tree
 
 pytestmark = pytest.mark.tools("mke2fs", "debugfs", "e2fsck", "resize2fs")
 

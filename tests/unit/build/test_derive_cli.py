@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 
 import pytest
-from tree_kit import image_tree
 
 from microagent.cli import main
 from microagent.compiler.keys import StepKind
@@ -23,6 +22,7 @@ from microagent.layers.apply import stored_layers
 from microagent.store.content import Store
 from microagent.store.records import all_records
 from testenv.clitools import cli_json
+from testenv.tree_kit import image_tree
 
 pytestmark = pytest.mark.tools("mke2fs", "debugfs", "e2fsck")
 
