@@ -239,8 +239,9 @@ def _cmdline_words(*words: str) -> Patch:
     def patch() -> Iterator[None]:
         original = qemu.kernel_cmdline
 
-        def cmdline(config: BootConfig, tsc_khz: int | None = None) -> str:
-            return original(dataclasses.replace(config, cmdline_extra=(*words,)), tsc_khz)
+        def cmdline(config: BootConfig, *args: Any, **kwargs: Any) -> str:
+            extra = dataclasses.replace(config, cmdline_extra=(*words,))
+            return str(original(extra, *args, **kwargs))
 
         with _swap(qemu, "kernel_cmdline", cmdline):
             yield
@@ -289,7 +290,8 @@ def _swap(module: object, name: str, value: object) -> Iterator[None]:
 
 VARIANTS: dict[str, Patch] = {
     "as-is": _nothing,
-    "mitigations-off": _cmdline_words("mitigations=off"),
+    "mitigations-off": _cmdline_words("mitigations=off"),  # the default under TCG since
+    "mitigations-on": _cmdline_words("mitigations=auto"),  # (the later word wins)
     "clock-tsc": _cmdline_words("clocksource=tsc", "tsc=reliable"),
     "clock-jiffies": _cmdline_words("clocksource=jiffies"),
     "cache-unsafe": _drive_options("cache=unsafe"),

@@ -73,6 +73,11 @@ MICROVM_CMDLINE = ("pci=off",)
 # the guest falls back to refined-jiffies: 4 ms clock resolution, clock_gettime as a real
 # syscall instead of the vDSO, periodic ticks even when idle, a guest clock that falls behind.
 TCG_CLOCK_CMDLINE = ("tsc=reliable",)
+# TCG only: the guest kernel's speculative-execution mitigations (retpolines, RSB filling,
+# usercopy barriers) protect nothing when its code is translated rather than run by the CPU,
+# and cost ~10-12 % of a pip install's VMM CPU time (bench/bench_guest.py, docs/performance.md).
+# Under KVM the guest runs on the real CPU: they stay on.
+TCG_CMDLINE = ("mitigations=off",)
 BOOT_TIMEOUT = 120.0
 POWEROFF_GRACE = 15.0
 KVM_PROBE_TIMEOUT = 10.0
@@ -88,16 +93,19 @@ def _escape(value: str | Path) -> str:
     return str(value).replace(",", ",,")
 
 
-def kernel_cmdline(config: BootConfig, tsc_khz: int | None = None) -> str:
+def kernel_cmdline(config: BootConfig, tsc_khz: int | None = None, *, tcg: bool = False) -> str:
     """Kernel command line: console on ttyS0, quiet, panic ends the VM, transport for init.
 
-    ``tsc_khz`` (TCG only) spares the guest its flaky TSC calibration (see hostclock) and
-    keeps the TSC as its clocksource (see ``TCG_CLOCK_CMDLINE``).
+    Under TCG (``tcg``) it adds the settings that only pay off under emulation
+    (``TCG_CMDLINE``) and, given the host's ``tsc_khz``, spares the guest its flaky TSC
+    calibration (see hostclock) and keeps the TSC as its clocksource (``TCG_CLOCK_CMDLINE``).
     """
     words = [*BASE_CMDLINE]
     if config.machine is MachineType.MICROVM:
         words += MICROVM_CMDLINE
-    if tsc_khz:
+    if tcg:
+        words += TCG_CMDLINE
+    if tcg and tsc_khz:
         words += (f"tsc_early_khz={tsc_khz}", *TCG_CLOCK_CMDLINE)
     words.append(f"ma_transport={config.machine.transport}")
     words += config.cmdline_extra
@@ -200,7 +208,7 @@ def build_argv(
         *("-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"),
         *serial_args(config.serial_log),
         *("-kernel", str(config.kernel), "-initrd", str(config.initrd)),
-        *("-append", kernel_cmdline(config, tsc_khz if accel is Accel.TCG else None)),
+        *("-append", kernel_cmdline(config, tsc_khz, tcg=accel is Accel.TCG)),
         *disk_args(config.disks, config.machine),
         *control_args(config.control_socket, config.machine, config.agent_socket),
         *("-qmp", f"unix:{_escape(config.state_dir / QMP_SOCKET)},server=on,wait=off"),

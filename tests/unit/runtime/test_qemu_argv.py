@@ -72,8 +72,8 @@ def test_golden_microvm_tcg_isolated() -> None:
         "-serial", "chardev:serial0",
         "-kernel", "/kit/vmlinuz", "-initrd", "/kit/initrd.img",
         "-append",
-        "console=ttyS0 quiet panic=-1 rcupdate.rcu_expedited=1 pci=off tsc_early_khz=2596152"
-        " tsc=reliable ma_transport=mmio",
+        "console=ttyS0 quiet panic=-1 rcupdate.rcu_expedited=1 pci=off mitigations=off"
+        " tsc_early_khz=2596152 tsc=reliable ma_transport=mmio",
         *COMMON_TAIL,
     ]  # fmt: skip
 

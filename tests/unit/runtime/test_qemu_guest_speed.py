@@ -32,6 +32,13 @@ def test_kvm_guest_keeps_its_own_clock() -> None:
     assert not [w for w in words if w.startswith("tsc")]
 
 
+def test_mitigations_off_under_tcg_only() -> None:
+    # Under TCG the guest's code is translated: its speculation mitigations protect nothing.
+    for machine in MachineType:
+        assert "mitigations=off" in append_words(Accel.TCG, None, machine)
+        assert not [w for w in append_words(Accel.KVM, None, machine) if "mitigations" in w]
+
+
 def test_no_tsc_trust_without_a_known_rate() -> None:
     # Without a measured rate the kernel calibrates (or cannot): nothing to vouch for.
     words = append_words(Accel.TCG, None, MachineType.MICROVM)
