@@ -505,6 +505,8 @@ def restoring(backend: object) -> RestoringBackend:
 def clock_request(now: float | None = None) -> ExecRequest:
     """The guest command that sets its clock to the host's (to the second): after a pause
     or a restore the guest's clock is behind by the time its vCPUs stood still. It runs the
-    init's own busybox (every guest root has it at /run/microagent/busybox)."""
-    seconds = int(time.time() if now is None else now)
+    init's own busybox (every guest root has it at /run/microagent/busybox). Rounded, not
+    truncated: the request reaches the guest a moment later, so truncating would leave the
+    guest up to a second plus that moment behind."""
+    seconds = round(time.time() if now is None else now)
     return ExecRequest(argv=(GUEST_BUSYBOX, "date", "-u", "-s", f"@{seconds}"), timeout_ms=10_000)
