@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any
 import pytest
 
 from microagent.cli import main
+from microagent.errors import VMError
 from microagent.runtime import boot
 from microagent.runtime.rundir import RunDir
 from testenv.clitools import cli_json as cli
@@ -306,14 +309,28 @@ LONG = "x" * 90  # run dirs this deep push control.sock past the unix socket lim
 
 
 @pytest.fixture
-def temp_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A /tmp-like directory (sticky, world-writable) as TMPDIR; no XDG_RUNTIME_DIR."""
-    root = tmp_path / "tmp"
-    root.mkdir()
+def temp_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A /tmp-like directory (sticky, world-writable) as TMPDIR; no XDG_RUNTIME_DIR. Short,
+    as /tmp is: below pytest's own temporary folder the VM's socket paths would not fit."""
+    root = Path(tempfile.mkdtemp(prefix="ma-tmp-", dir="/tmp"))
     root.chmod(0o1777)
     monkeypatch.setenv("TMPDIR", str(root))
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_private_vm_dir_whose_sockets_cannot_fit_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deep = tmp_path / LONG
+    deep.mkdir()
+    deep.chmod(0o1777)
+    monkeypatch.setenv("TMPDIR", str(deep))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    with pytest.raises(VMError, match="too long a path") as raised:
+        boot.vm_dir_for(long_run_dir(tmp_path), "ws")
+    assert "TMPDIR" in (raised.value.hint or "")
 
 
 def long_run_dir(tmp_path: Path) -> Path:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from microagent.errors import InvalidInputError
+from microagent.errors import InvalidInputError, VMError
 from microagent.ext4.mkfs import make_state_disk
 from microagent.runtime.backend import (
     Accel,
@@ -255,7 +255,16 @@ def vm_dir_for(run_dir: Path, name: str) -> Path:
     if len(str(path / "control.sock")) < SOCKET_PATH_MAX:
         return path
     digest = hashlib.sha256(str(run_dir).encode()).hexdigest()[:12]
-    link = private_runtime_dir() / f"{name[:40]}-{digest}"
+    base = private_runtime_dir()
+    link = base / f"{name[:40]}-{digest}"
+    if len(str(link / "control.sock")) >= SOCKET_PATH_MAX:
+        link = base / digest  # the name is only there for people looking
+    if len(str(link / "control.sock")) >= SOCKET_PATH_MAX:
+        raise VMError(
+            f"the VM's sockets would be too long a path in {base} (unix sockets are limited "
+            f"to ~107 bytes), and in {run_dir} too",
+            hint="set XDG_RUNTIME_DIR or TMPDIR to a shorter directory, or MICROAGENT_HOME",
+        )
     shutil.rmtree(link, ignore_errors=True)
     link.mkdir(mode=0o700)
     return link
