@@ -15,7 +15,7 @@ demo: setup
 	bash scripts/demo.sh
 
 test: setup lint typecheck
-	$(BIN)/pytest -q tests
+	bash scripts/run_tests.sh
 
 lint: setup
 	$(BIN)/ruff check src tests examples scripts bench
