@@ -152,6 +152,14 @@ def test_an_oversized_manifest_is_not_parsed(tmp_path: Path) -> None:
         snapshot.read_manifest(tmp_path, "t")
 
 
+def test_a_deeply_nested_manifest_is_refused_before_parsing(tmp_path: Path) -> None:
+    folder = tmp_path / "snapshots" / "t"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_bytes(b"[" * 30_000 + b"]" * 30_000)
+    with pytest.raises(IntegrityError, match="nested deeper than"):
+        snapshot.read_manifest(tmp_path, "t")
+
+
 @pytest.mark.parametrize("tag", ["", ".v-x", "../t", "t/u", "a" * 64, "t\n", "ü"])
 def test_tags_are_bounded(tag: str) -> None:
     with pytest.raises(InvalidInputError):

@@ -47,7 +47,7 @@ from microagent.errors import (
     NotFoundError,
     VMError,
 )
-from microagent.fsutil import fsync_dir, fsync_tree, remove_any
+from microagent.fsutil import fsync_dir, fsync_tree, load_json_bounded, remove_any
 from microagent.runtime.agentproto import ExecRequest
 from microagent.runtime.backend import BootConfig, Machine
 
@@ -58,6 +58,7 @@ FORMAT = 1
 TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 DISK_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 MANIFEST_MAX = 64 * 1024  # bytes
+MANIFEST_DEPTH = 16  # a manifest nests three levels; room, no more
 MAX_DISKS = 32
 CHUNK = 1 << 20  # the sparse digest's unit
 _ZERO_CHUNK = hashlib.sha256(bytes(CHUNK)).digest()
@@ -380,12 +381,8 @@ def read_manifest(root: Path, tag: str) -> Manifest:
             hint="`microagent snapshot ls NAME` lists the snapshots of a workspace",
         )
     try:
-        with (path / MANIFEST).open("rb") as fh:
-            raw = fh.read(MANIFEST_MAX + 1)
-        if len(raw) > MANIFEST_MAX:
-            raise ValueError(f"the manifest is larger than {MANIFEST_MAX} bytes")
-        manifest = Manifest.from_json(json.loads(raw))
-    except (OSError, ValueError, RecursionError, InvalidInputError) as exc:
+        manifest = Manifest.from_json(read_json_file(path / MANIFEST))
+    except (OSError, ValueError, InvalidInputError) as exc:
         why = exc.message if isinstance(exc, InvalidInputError) else str(exc)
         raise _damaged(tag, f"its manifest is unreadable ({why[:200]})") from exc
     if manifest.tag != tag:
@@ -510,3 +507,11 @@ def clock_request(now: float | None = None) -> ExecRequest:
     guest up to a second plus that moment behind."""
     seconds = round(time.time() if now is None else now)
     return ExecRequest(argv=(GUEST_BUSYBOX, "date", "-u", "-s", f"@{seconds}"), timeout_ms=10_000)
+
+
+def read_json_file(path: Path) -> Any:
+    """A snapshot's or template's JSON file, read and parsed within :data:`MANIFEST_MAX`
+    bytes and :data:`MANIFEST_DEPTH` levels (InvalidInputError says what is wrong)."""
+    with path.open("rb") as fh:
+        raw = fh.read(MANIFEST_MAX + 1)
+    return load_json_bounded(raw, max_bytes=MANIFEST_MAX, max_depth=MANIFEST_DEPTH)

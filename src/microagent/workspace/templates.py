@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import os
 import platform
 import time
@@ -260,10 +259,11 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 def read_info(folder: Path) -> dict[str, Any]:
     try:
-        raw = (folder / INFO).read_bytes()[: snapshot.MANIFEST_MAX + 1]
-        data = json.loads(raw) if len(raw) <= snapshot.MANIFEST_MAX else None
-    except (OSError, ValueError) as exc:
-        raise InvalidInputError(f"its {INFO} is unreadable ({exc})") from exc
+        data = snapshot.read_json_file(folder / INFO)
+    except OSError as exc:
+        raise InvalidInputError(f"its {INFO} is unreadable ({exc.strerror or exc})") from exc
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"its {INFO} is unreadable ({exc.message})") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise InvalidInputError(f"its {INFO} is not a format {FORMAT} template record")
     return data
