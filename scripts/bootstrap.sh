@@ -29,6 +29,21 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+# The root-only step's other half: the stand-in images that need root to build (the demo's
+# python:3.13-slim, with debootstrap) go into the system-wide cache /var/cache/microagent-standin
+# (root's, readable by all); a normal user's demo and tests copy them from there, verified
+# (scripts/testenv/sharedcache.py). The system python runs it: the virtualenv may not exist yet,
+# or belong to the checkout's owner.
+if [ "$(id -u)" = 0 ]; then
+  PYTHONDONTWRITEBYTECODE=1 python3 scripts/testenv/standin.py share
+  owner=$(stat -c %U .)
+  if [ "$owner" != root ]; then
+    # A checkout that belongs to a normal user: its virtualenv is that user's to make.
+    echo "bootstrap: host ready; now, as $owner: make demo (or make test)"
+    exit 0
+  fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi

@@ -2,9 +2,10 @@
 # Run the vm tier (tests/vm) as an ordinary user, the way a developer or a CI runner without
 # root runs microagent (issue 17). Run it as root, after scripts/bootstrap.sh installed the host
 # packages: it prepares the host as distributions ship it (/dev/net/tun mode 0666, user
-# namespaces on), creates the user, builds the test images root alone can build (debootstrap),
-# gives the user a copy of this checkout, its own virtualenv and its own copies of the test
-# caches, and runs pytest as that user with nothing but what a normal user has.
+# namespaces on), creates the user, makes sure the shared cache holds the test image root alone
+# can build (debootstrap; the same `standin.py share` as bootstrap.sh), gives the user a copy of
+# this checkout, its own virtualenv and an empty stand-in cache, and runs pytest as that user with
+# nothing but what a normal user has.
 #
 #   CI_VM_USER   the user (default microagent-ci; created when missing)
 #   CI_VM_ARGS   pytest arguments (default: -q tests/vm)
@@ -15,7 +16,6 @@ repo=$(pwd)
 user=${CI_VM_USER:-microagent-ci}
 args=${CI_VM_ARGS:--q tests/vm}
 nice=${CI_VM_NICE:-0}
-cache=${MICROAGENT_TESTENV_CACHE:-/var/cache/microagent-testenv}
 root_vm_home=${MICROAGENT_VM_HOME:-/var/cache/microagent-test-home}
 
 if [ "$(id -u)" != 0 ]; then
@@ -35,27 +35,20 @@ fi
 id -u "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
 home=$(getent passwd "$user" | cut -d: -f6)
 
-# The stand-in images: the python one needs debootstrap, which needs root.
-"$repo/.venv/bin/python" - "$cache" <<'EOF'
-import sys
-from pathlib import Path
-sys.path.insert(0, "scripts")
-from testenv import standin
-cache = Path(sys.argv[1])
-standin.build_busybox(cache)
-standin.build_python(cache)
-EOF
+# The stand-in image that needs root (python: debootstrap) comes from the system-wide cache
+# that the root install step fills (scripts/bootstrap.sh; a no-op when it is current), the same
+# path a normal user's demo takes: the user's tests copy it from there, verified.
+PYTHONDONTWRITEBYTECODE=1 python3 scripts/testenv/standin.py share
 
 # The user's own copies: the checkout as committed (HEAD: what CI's clean clone holds; work in
-# progress in this tree is left out), the stand-in cache (its builds take locks: it must be
-# writable) and the guest kit.
+# progress in this tree is left out) and the guest kit. The user's stand-in cache starts empty:
+# busybox is built as the user, python copied from the shared cache.
 work=$home/microagent
 mkdir -p "$work" "$home/.cache"
 # A rerun keeps the user's virtualenv (bootstrap.sh brings it up to date) and nothing else.
 find "$work" -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +
 rm -rf "$home/.cache/microagent-testenv" "$home/.cache/microagent-test-home"
 git archive --format=tar HEAD | tar -xf - -C "$work"
-cp -a "$cache" "$home/.cache/microagent-testenv"
 mkdir -p "$home/.cache/microagent-test-home/store"
 if [ -d "$root_vm_home/store/kits" ]; then
   cp -a "$root_vm_home/store/kits" "$home/.cache/microagent-test-home/store/kits"

@@ -95,7 +95,10 @@ def busybox_layout(testenv_cache: Path) -> standin.BuiltImage:
 
 @pytest.fixture(scope="session")
 def python_layout(testenv_cache: Path) -> standin.BuiltImage:
-    if standin.cached_layout(standin.python_recipe(), testenv_cache) is None:
+    recipe = standin.python_recipe()
+    if standin.cached_layout(recipe, testenv_cache) is None and not standin.shared_available(
+        recipe
+    ):
         require_tools("debootstrap")
         require_root("building the python stand-in (debootstrap), which is not cached")
     return standin.build_python(testenv_cache)

@@ -4,8 +4,12 @@
   ``debootstrap --variant=minbase`` with python3 (3.13), pip, venv and ca-certificates; the
   EXTERNALLY-MANAGED marker removed (``pip install`` works as in the real image); ``python`` and
   ``pip`` on PATH in /usr/local/bin; docs, man pages, message catalogs and apt caches trimmed.
-  Pushed as ``HOST:PORT/library/python:3.13-slim``. **Needs root**: debootstrap chroots and
-  creates device nodes. Takes ~40 s of debootstrap the first time, then comes from the cache.
+  Pushed as ``HOST:PORT/library/python:3.13-slim``. **Building it needs root**: debootstrap
+  chroots and creates device nodes. Takes ~40 s of debootstrap the first time, then comes from
+  the cache. Root's install step (``scripts/bootstrap.sh`` → ``share``) builds it into the
+  system-wide cache ``/var/cache/microagent-standin`` (:mod:`testenv.sharedcache`); a normal
+  user's ``build`` copies it from there into the user's own cache, verified, and never writes
+  there.
 * ``busybox`` — a tiny image from the host's static ``/bin/busybox`` (package busybox-static):
   /bin/busybox plus applet symlinks, /etc/passwd with root, /tmp 1777. Byte-for-byte
   reproducible. Pushed as ``HOST:PORT/library/busybox:latest``. Needs no root.
@@ -18,7 +22,8 @@ rename, so concurrent builders do the work once and a crash leaves only garbage 
 CLI::
 
     python scripts/testenv/standin.py build [--which python|busybox|all] [--push HOST:PORT]
-        [--layout-out DIR] [--cache DIR] [--mirror URL]
+        [--layout-out DIR] [--cache DIR] [--mirror URL] [--shared DIR]
+    python scripts/testenv/standin.py share [--shared DIR] [--mirror URL]   # as root
     python scripts/testenv/standin.py prune [--cache DIR]    # drop layouts of older recipes
 """
 
@@ -45,6 +50,7 @@ if __name__ == "__main__" and not __package__:  # run as a script: make siblings
 
 from microagent.errors import BuildError, MicroagentError, ToolError
 from microagent.runner import run
+from testenv import sharedcache
 from testenv.oci import ImageConfig, LayoutWriter, canonical_json, host_arch
 
 # Bump when anything about how an image is built changes: it re-keys every cached layout.
@@ -329,19 +335,79 @@ def prune(cache: Path | None = None) -> list[Path]:
 
 
 def build_python(
-    cache: Path | None = None, mirror: str | None = None, log: Log = _stderr
+    cache: Path | None = None,
+    mirror: str | None = None,
+    log: Log = _stderr,
+    shared: Path | None = sharedcache.SHARED_CACHE,
 ) -> BuiltImage:
-    """The python:3.13-slim stand-in layout (cached; building it needs root and the mirror)."""
+    """The python:3.13-slim stand-in layout (cached). When ``cache`` lacks it, it is copied
+    (verified) from the system-wide cache ``shared``, else built, which needs root and the
+    mirror."""
     mirror = mirror or os.environ.get(MIRROR_ENV) or DEFAULT_MIRROR
     recipe = python_recipe()
 
     def build(work: Path, layout: Path, log: Log) -> None:
+        if shared is not None and sharedcache.present(shared, recipe.cache_name):
+            source = sharedcache.entry(shared, recipe.cache_name)
+            copy = partial(
+                sharedcache.copy_verified, source, layout, tag=recipe.tag, key=recipe.key
+            )
+            _timed(log, f"copy from {source}, verified", copy)
+            return
+        if os.geteuid() != 0:
+            raise _not_shared(recipe, shared)
         rootfs = work / "rootfs"
         _timed(log, "debootstrap", lambda: _debootstrap(rootfs, mirror))
         _timed(log, "customise + trim", lambda: _customise_python(rootfs))
         _timed(log, "pack", lambda: _pack(rootfs, layout, recipe.tag, python_config()))
 
     return ensure_image(recipe, build, cache, log)
+
+
+def _not_shared(recipe: Recipe, shared: Path | None) -> BuildError:
+    where = sharedcache.entry(shared or sharedcache.SHARED_CACHE, recipe.cache_name)
+    bootstrap = Path(__file__).resolve().parents[1] / "bootstrap.sh"
+    return BuildError(
+        f"the {recipe.name} stand-in is not in the system-wide cache ({where}), and building it"
+        " here needs root (debootstrap)",
+        hint=f"run once as root: sudo bash {bootstrap}"
+        " (installs the host packages and builds the stand-in there, readable by every user)",
+    )
+
+
+def shared_available(recipe: Recipe, shared: Path = sharedcache.SHARED_CACHE) -> bool:
+    """Whether the system-wide cache has an entry for ``recipe`` (checked when it is copied)."""
+    return sharedcache.present(shared, recipe.cache_name)
+
+
+def share_python(
+    shared: Path = sharedcache.SHARED_CACHE, mirror: str | None = None, log: Log = _stderr
+) -> BuiltImage:
+    """Build (or reuse) the python stand-in in the system-wide cache, root-owned and readable by
+    every user; an entry that fails the readers' checks is rebuilt; older recipes are pruned."""
+    if os.geteuid() != 0:
+        raise BuildError(
+            f"share writes the system-wide cache {shared}: run it as root",
+            hint="a normal user's `build` copies from there; only root's install step writes it",
+        )
+    old_umask = os.umask(0o022)
+    try:
+        shared.mkdir(parents=True, exist_ok=True)
+        image = build_python(shared, mirror, log, shared=None)
+        try:
+            sharedcache.copy_verified(
+                image.layout, None, tag=image.recipe.tag, key=image.recipe.key
+            )
+        except BuildError as exc:
+            log(f"  {exc.message}: rebuilding")
+            with _locked(shared / "locks" / f"{image.recipe.cache_name}.lock"):
+                remove_tree(image.layout)
+            image = build_python(shared, mirror, log, shared=None)
+        prune(shared)
+        sharedcache.seal(shared)
+    finally:
+        os.umask(old_umask)
+    return image
 
 
 def python_config() -> ImageConfig:
@@ -501,7 +567,10 @@ def _describe(image: BuiltImage) -> str:
 def _build_one(which: str, args: argparse.Namespace) -> None:
     cache = Path(args.cache) if args.cache else None
     _stderr(f"{which}: building or reusing the stand-in")
-    image = build_python(cache, args.mirror) if which == "python" else build_busybox(cache)
+    if which == "python":
+        image = build_python(cache, args.mirror, shared=Path(args.shared))
+    else:
+        image = build_busybox(cache)
     print(f"{which}: {_describe(image)}", flush=True)
     if args.push:
         began = time.monotonic()
@@ -523,7 +592,17 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--mirror", help=f"Debian mirror (default ${MIRROR_ENV} or {DEFAULT_MIRROR})"
     )
+    build.add_argument(
+        "--shared",
+        metavar="DIR",
+        default=str(sharedcache.SHARED_CACHE),
+        help="system-wide cache to copy the python stand-in from (default %(default)s)",
+    )
     build.set_defaults(func=_cmd_build)
+    share = sub.add_parser("share", help="as root: build the python stand-in for every user")
+    share.add_argument("--shared", metavar="DIR", default=str(sharedcache.SHARED_CACHE))
+    share.add_argument("--mirror", help=f"Debian mirror (default ${MIRROR_ENV})")
+    share.set_defaults(func=_cmd_share)
     prune_cmd = sub.add_parser("prune", help="delete cached layouts of older recipes")
     prune_cmd.add_argument("--cache", metavar="DIR", help=f"cache dir (default ${CACHE_ENV})")
     prune_cmd.set_defaults(func=_cmd_prune)
@@ -533,6 +612,11 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_build(args: argparse.Namespace) -> None:
     for name in ("busybox", "python") if args.which == "all" else (args.which,):
         _build_one(name, args)
+
+
+def _cmd_share(args: argparse.Namespace) -> None:
+    image = share_python(Path(args.shared), args.mirror)
+    print(f"python: shared, {_describe(image)}", flush=True)
 
 
 def _cmd_prune(args: argparse.Namespace) -> None:
