@@ -7,7 +7,9 @@ an ``event`` method. :func:`emit` hands an event to ``event`` when there is one,
 ``line`` to ``say`` -- so a plain function keeps getting the lines it always got.
 
 A task is one piece of work with a stable id (a blob's digest, a step's key): it starts, may
-advance (bytes done of a total), and ends done or cached. :class:`Meter` turns a byte stream
+advance (bytes done of a total) and take notes (what it has just finished, a line a plain
+caller gets as it always did; a live view shows it in the task's row), and ends done or
+cached. :class:`Meter` turns a byte stream
 being read into throttled ``ADVANCE`` events.
 """
 
@@ -33,6 +35,7 @@ class TaskKind(Enum):
 class Phase(Enum):
     START = "start"
     ADVANCE = "advance"
+    NOTE = "note"  # a detail of a running task, in ``line`` (e.g. "flattened ... in 1.2s")
     DONE = "done"
     CACHED = "cached"
 
@@ -118,6 +121,10 @@ class Meter:
         if now - self._last >= ADVANCE_EVERY:
             self._last = now
             emit(self.say, self._event(Phase.ADVANCE, ""))
+
+    def note(self, line: str) -> None:
+        """A detail of the running task (a plain ``say`` gets ``line``, as any other line)."""
+        emit(self.say, self._event(Phase.NOTE, line))
 
     def finish(self, line: str, *, cached: bool = False) -> None:
         """The task ended; ``line`` says how (what a plain ``say`` gets)."""

@@ -74,7 +74,7 @@ def test_plain_lines_say_bytes_rates_and_elapsed_time(
 def test_the_live_view_shows_bytes_rates_steps_and_their_output(
     spec: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("COLUMNS", "120")
+    monkeypatch.setenv("COLUMNS", "160")
     out, err = run(capsys, "--progress=tty", "create", "-f", str(spec))
     assert out.startswith("created prog")  # stdout: the outcome alone, after the view ended
     assert "\x1b[" in err  # drawn in place (rich's cursor moves), as on a terminal
@@ -82,9 +82,9 @@ def test_the_live_view_shows_bytes_rates_steps_and_their_output(
     frames = text.split("\r")
     pulls = [f for f in frames if re.search(rf"pull [0-9a-f]{{12}} +{SIZE} / {SIZE} +{SIZE}/s", f)]
     assert pulls, text  # a pull row: bytes of the total and the rate
-    assert re.search(
-        rf"convert 1 layer\(s\) to ext4 +{SIZE} / {SIZE} +{SIZE}/s +[\d.]+s +DONE", text
-    )
+    convert = r"convert 1 layer\(s\) to ext4 · flattened 1 layer\(s\) in [\d.]+s; built ext4 in"
+    assert re.search(rf"{convert} [\d.]+s +{SIZE} / {SIZE} +{SIZE}/s +[\d.]+s +DONE", text), text
+    assert not re.search(r"^ *(flattened|built ext4)", text, re.M)  # in the row, not above it
     assert re.search(r"\[2/2\] setup echo two +[\d.]+s +DONE", text)
     assert "    /bin/sh -eu -c echo one" in text  # the running step's output, under its row
     last = text[text.rindex("[2/2] setup echo two") :]  # the screen at the end
@@ -245,5 +245,8 @@ def test_a_remote_cache_hit_shows_its_downloads(
     _out, err = run(capsys, "--progress=tty", "create", "-f", str(spec), "--cache-from", cache)
     text = ANSI.sub("", err)
     assert re.search(rf"pull [0-9a-f]{{12}} +{SIZE} / {SIZE} +{SIZE}/s +[\d.]+s +DONE", text)
+    # the last step's packed rootfs image, downloaded instead of flattening: a row with bytes
+    image = rf"pull rootfs image [0-9a-f]{{12}} +{SIZE} / {SIZE} +{SIZE}/s +[\d.]+s +DONE"
+    assert re.search(image, text), text
     assert "REMOTE HIT" in text and "pulling" not in text  # the rows are the restore's
     assert re.search(r"\[2/2\] setup echo two +[\d.]+s +CACHED", text)  # no step ran here

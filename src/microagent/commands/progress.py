@@ -5,9 +5,11 @@ The library reports long work as :class:`microagent.progress.ProgressEvent` thro
 with stderr a terminal outside CI) :class:`LiveReporter` draws one row per task in the style of
 ``docker buildx`` -- a pull's and a conversion's bytes, rate and elapsed time, a setup step's
 elapsed time with its last output lines under it -- redrawn in place by ``rich`` (it measures the
-terminal, cuts and redraws; no escape codes are written here). The view ends whenever every task
-in it has: its rows stay on the screen, and what comes next (a line, the next batch of rows, the
-command's outcome) goes below them, so nothing else ever writes into a view being redrawn.
+terminal, cuts and redraws; no escape codes are written here). A task's notes (the library's
+"flattened ... in 1.2s" while it converts) go into its row, after what the task is. The view
+ends whenever every task in it has: its rows stay on the screen, and what comes next (a line,
+the next batch of rows, the command's outcome) goes below them, so nothing else ever writes
+into a view being redrawn.
 Elsewhere :class:`PlainReporter` prints the same facts as lines: each task's start and end (size,
 rate, elapsed) and, for a long download or conversion, a line every :data:`PLAIN_EVERY` seconds.
 
@@ -161,6 +163,9 @@ class LiveReporter:
             if event.phase is Phase.ADVANCE or event.phase is Phase.START:
                 progress.update(task, **_figures(event))
                 return
+            if event.phase is Phase.NOTE:
+                self._note(progress, task, event.line)
+                return
             self._end(progress, task, event)
             if all(t.finished for t in progress.tasks):
                 self.close()  # its rows stay on the screen; anything printed next goes below
@@ -202,13 +207,24 @@ class LiveReporter:
         # rich's own total stays unknown (the spinner turns) until the task ends: a
         # conversion has read all its bytes long before its ext4 image is written
         task = progress.add_task(
-            prefix + self._clean(event.label), total=None, status="", speed=None, **_figures(event)
+            prefix + self._clean(event.label),
+            total=None,
+            status="",
+            speed=None,
+            note="",
+            **_figures(event),
         )
         self._tasks[event.task] = task
         if event.kind is TaskKind.STEP:
             self._step = event.task
             self._tail.clear()
         return task
+
+    def _note(self, progress: Progress, task: TaskID, line: str) -> None:
+        """A detail of a task, in its row (after what the task is), not a line above the view."""
+        notes = progress.tasks[task].fields.get("note", "")
+        text = self._clean(line.strip())
+        progress.update(task, note=f"{notes}; {text}" if notes else f" · {text}")
 
     def _end(self, progress: Progress, task: TaskID, event: ProgressEvent) -> None:
         status = "CACHED" if event.phase is Phase.CACHED else "DONE"
@@ -256,7 +272,7 @@ def _make_live(
     progress = Progress(
         SpinnerColumn(finished_text="[green]✔"),
         TextColumn(  # what the task is: cut short (…) so the figures keep their room
-            "{task.description}",
+            "{task.description}{task.fields[note]}",
             markup=False,
             table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis", min_width=12),
         ),

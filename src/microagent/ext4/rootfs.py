@@ -55,13 +55,11 @@ def build_rootfs(
             meter = Meter(say, key, TaskKind.CONVERT, label, compressed_bytes)
             meta = flatten(stage, [dataclasses.replace(s, open=_counted(s, meter)) for s in layers])
             timings.flatten_seconds = time.monotonic() - began
-            if say is not None:
-                say(f"  flattened {len(layers)} layer(s) in {timings.flatten_seconds:.1f}s")
+            meter.note(f"  flattened {len(layers)} layer(s) in {timings.flatten_seconds:.1f}s")
             began = time.monotonic()
             build_ext4(stage, meta, tmp, key=key)
             timings.ext4_seconds = time.monotonic() - began
-            if say is not None:
-                say(f"  built ext4 in {timings.ext4_seconds:.1f}s")
+            meter.note(f"  built ext4 in {timings.ext4_seconds:.1f}s")
             meter.finish("")
 
     return store.build_once(rootfs_entry(key), build, replace=replace), timings

@@ -322,7 +322,12 @@ class Restorer:
         def unpack(tmp: Path) -> None:
             try:
                 with hit.source.blob(image.blob) as stream:
-                    packed.unpack(stream, tmp, image)
+                    label = f"rootfs image {image.blob[7:19]}"
+                    meter = Meter(self.say, image.blob, TaskKind.PULL, label, image.blob_size)
+                    packed.unpack(meter.reader(stream), tmp, image)
+                took = meter.elapsed
+                size = image.blob_size
+                meter.finish(f"  {label}  {megabytes(size)}  {rate(size, took)}  {took:.1f}s")
             except IntegrityError as exc:
                 raise _corrupt(exc, f"rootfs image {image.blob[:19]}…", where) from exc
 
