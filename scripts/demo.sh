@@ -17,7 +17,10 @@ say "local OCI registry on $REGISTRY"
 "$PY" scripts/testenv/registry.py start --data "$DEMO_HOME/registry" \
   --port "${REGISTRY##*:}" --pidfile "$DEMO_HOME/registry.pid"
 
-say "python:3.13-slim stand-in (built once, then cached)"
+# Built by the root install step (scripts/bootstrap.sh) into /var/cache/microagent-standin;
+# a normal user's run copies it from there, verified, into its own cache (else it says which
+# root command to run).
+say "python:3.13-slim stand-in (built once by the root install step, then copied and cached)"
 "$PY" scripts/testenv/standin.py build --which python --push "$REGISTRY"
 
 say "registry mirror: docker.io -> http://$REGISTRY"
