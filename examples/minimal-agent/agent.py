@@ -13,12 +13,19 @@ the WorkResult to <workspace>/result.json (atomically, on failure too) and print
 as JSON lines on stderr. Exit status 0 when the work completed, 1 otherwise.
 
 Serve mode (MICROAGENT_MEDIATION_ADDR=HOST:PORT is set, as it is when the workspace declares a
-mediation channel) connects to that address, retrying briefly, signals `ready` and then answers
-WorkRequests, one JSON line each, one after another: each gets its signals, then its WorkResult,
-as JSON lines on the same connection (a signal has a `signal` key, a result does not). The SDK
-is imported once, at start; stderr says how long that took and how long each request took. A
+mediation channel) connects to that address, signals `ready` and then answers WorkRequests,
+one JSON line each, one after another: each gets its signals, then its WorkResult, as JSON
+lines on the same connection (a signal has a `signal` key, a result does not). The SDK is
+imported once, at start; stderr says how long that took and how long each request took. A
 line that is not a valid request, or is longer than 1 MiB, gets a `failed` result and the agent
-carries on. When the host closes the connection the agent exits 0.
+carries on. When the host closes the connection (end of stream) the agent exits 0. When the
+connection cannot be made or is cut off (reset: the target is not there yet, or the VM was
+restored from a snapshot or forked), it connects again, with backoff, up to
+MAX_CONNECT_ATTEMPTS times in a row, and says `ready` on the new connection.
+
+Ready file: once the imports are done and the operator's files are loaded, the agent writes
+MICROAGENT_READY_FILE (default /run/agent.ready inside a microagent guest), so a health probe
+(`test -f /run/agent.ready`) passes only then: a warm template is taken after the imports.
 
 Only this file and protocol.py are copied into the VM.
 
@@ -32,6 +39,8 @@ Environment:
   MICROAGENT_MAX_RETRIES  SDK retries per model call (default 2)
   MICROAGENT_AGENT_ID     agent id used in signals (default: the hostname)
   MICROAGENT_MEDIATION_ADDR  HOST:PORT to serve requests from (serve mode); unset: file mode
+  MICROAGENT_READY_FILE   written once the agent is ready (default: /run/agent.ready in a
+                          microagent guest, none elsewhere); empty: none
 """
 
 from __future__ import annotations
@@ -78,6 +87,8 @@ IMPORT_SECONDS = time.perf_counter() - IMPORTS_STARTED
 # Everything between these markers is identical in the three example agents
 # (tests/examples checks it). Edit one copy, then paste it into the other two.
 
+IMPORTS_DONE_AT = datetime.now(UTC)  # with the pid, names this process's one import
+
 INPUT_NAME = "input.json"
 RESULT_NAME = "result.json"
 SECRET_NAME_MARKERS = ("API_KEY", "TOKEN", "SECRET", "CREDENTIAL", "PASSWORD")
@@ -90,8 +101,13 @@ DEFAULT_MAX_RETRIES = 2
 MEDIATION_ENV = "MICROAGENT_MEDIATION_ADDR"
 MAX_LINE_BYTES = 1 << 20  # one request line in serve mode; a longer one is refused
 READ_CHUNK = 1 << 16
-CONNECT_WINDOW_SECONDS = 30.0  # how long serve mode keeps trying to reach the channel
+MAX_CONNECT_ATTEMPTS = 40  # failed connections in a row before serve mode gives up (~36 s)
+FIRST_RETRY_SECONDS = 0.05  # then doubling, up to MAX_RETRY_SECONDS
+MAX_RETRY_SECONDS = 1.0
 CONNECT_TIMEOUT_SECONDS = 5.0
+READY_FILE_ENV = "MICROAGENT_READY_FILE"
+GUEST_HELPERS = Path("/run/microagent")  # the microagent init makes it in every guest root
+DEFAULT_READY_FILE = "/run/agent.ready"
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -116,6 +132,7 @@ class Settings:
     agent_dir: Path
     agent_id: str
     mediation_addr: str  # HOST:PORT of the mediation channel; empty means file mode
+    ready_file: Path | None = None  # written once the agent is ready (for a health probe)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -124,7 +141,15 @@ class Settings:
             agent_dir=Path(os.environ.get("MICROAGENT_AGENT_DIR") or "/agent"),
             agent_id=os.environ.get("MICROAGENT_AGENT_ID") or socket.gethostname() or "agent",
             mediation_addr=os.environ.get(MEDIATION_ENV, "").strip(),
+            ready_file=ready_file_from_env(),
         )
+
+
+def ready_file_from_env() -> Path | None:
+    raw = os.environ.get(READY_FILE_ENV)
+    if raw is None:  # unset: the default inside a microagent guest, none on other machines
+        return Path(DEFAULT_READY_FILE) if GUEST_HELPERS.is_dir() else None
+    return Path(raw.strip()) if raw.strip() else None
 
 
 def env_int(name: str, default: int, minimum: int = 0) -> int:
@@ -550,6 +575,20 @@ def settle(session: Session, attempt: Callable[[], str]) -> WorkResult:
         return session.result("failed", error=describe(exc))
 
 
+def mark_ready(settings: Settings, detail: str) -> None:
+    """Write the ready file (atomically): a health probe that tests for it passes from now on.
+    A file that cannot be written is reported and the agent carries on without it."""
+    path = settings.ready_file
+    if path is None:
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(detail + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        log(f"cannot write the ready file {path}: {exc.strerror or exc}")
+
+
 def serve(provider: str, converse: Converse) -> int:
     """Serve mode when a mediation address is set, else file mode; returns the exit status."""
     settings = Settings.from_env()
@@ -586,6 +625,7 @@ def read_or_empty(path: Path) -> bytes:
 
 def _handle_file(settings: Settings, worker: Worker, session: Session) -> str:
     operator = Operator.load(settings.agent_dir)
+    mark_ready(settings, operator.describe())
     worker.signals.emit("ready", detail=operator.describe())
     request = load_model(settings.workspace / INPUT_NAME, WorkRequest)
     return worker.work(operator, session, request)
@@ -654,24 +694,34 @@ def parse_address(raw: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def connect(address: str, window: float = CONNECT_WINDOW_SECONDS) -> socket.socket:
-    """Connect to the mediation address, retrying for a while: the channel may come up late."""
-    host, port = parse_address(address)
-    deadline = time.monotonic() + window
-    delay = 0.05
-    while True:
-        try:
-            sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS)
-        except OSError as exc:
-            if time.monotonic() + delay > deadline:
-                raise AgentFailure(f"cannot connect to {address}: {exc}") from None
-            log(f"cannot connect to {address} yet ({exc}); retrying in {delay:g} s")
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
-        else:
-            sock.settimeout(None)  # requests may be a long time apart
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each line goes at once
-            return sock
+class Backoff:
+    """Failed attempts to reach the host in a row, bounded, with a growing pause between."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.failures = 0
+
+    def retry(self, why: str) -> None:
+        """Pause before the next attempt; AgentFailure once the attempts are used up."""
+        self.failures += 1
+        if self.failures >= MAX_CONNECT_ATTEMPTS:
+            raise AgentFailure(f"{why}; gave up after {self.failures} attempts")
+        delay = min(FIRST_RETRY_SECONDS * 2 ** (self.failures - 1), MAX_RETRY_SECONDS)
+        log(f"{why}; retrying in {delay:g} s")
+        time.sleep(delay)
+
+    def connect(self) -> Channel:
+        """A connection to the mediation address: the channel may come up late."""
+        host, port = parse_address(self.address)
+        while True:
+            try:
+                sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS)
+            except OSError as exc:
+                self.retry(f"cannot connect to {self.address} yet ({exc})")
+            else:
+                sock.settimeout(None)  # requests may be a long time apart
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # lines go at once
+                return Channel(sock)
 
 
 def _work_on_line(worker: Worker, operator: Operator, session: Session, line: bytes) -> str:
@@ -695,39 +745,78 @@ def answer(settings: Settings, worker: Worker, operator: Operator, line: bytes) 
     return result
 
 
-def _serve_lines(settings: Settings, worker: Worker, channel: Channel) -> int:
+def describe_imports() -> str:
+    done = IMPORTS_DONE_AT.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return f"imports took {IMPORT_SECONDS:.3f} s, done {done} (pid {os.getpid()})"
+
+
+@dataclass(frozen=True)
+class Server:
+    """Serve mode: what stays from one connection to the next."""
+
+    settings: Settings
+    provider: str
+    converse: Converse
+    operator: Operator
+    ready: str  # the `ready` signal's detail
+
+    def session(self, channel: Channel, backoff: Backoff) -> None:
+        """Say ready and answer requests until end of stream; OSError if it is cut off."""
+        signals = Signals(self.settings.agent_id, channel.write_line)
+        worker = Worker(self.provider, self.converse, signals)
+        log(f"serving requests from {self.settings.mediation_addr}")
+        signals.emit("ready", detail=self.ready)
+        while (line := channel.read_line()) is not None:
+            backoff.failures = 0  # the host is there: a later cut starts a fresh count
+            if line.strip():
+                result = answer(self.settings, worker, self.operator, line)
+                channel.write_line(result.model_dump_json())
+
+    def run(self, backoff: Backoff) -> int:
+        """Connect, serve, and connect again after a cut, until end of stream (0)."""
+        while True:
+            channel = backoff.connect()
+            try:
+                self.session(channel, backoff)
+            except OSError as exc:  # reset: a restore or fork of the VM, a target gone away
+                backoff.retry(f"channel {backoff.address} cut off ({exc})")
+                continue
+            finally:
+                channel.close()
+            log("the host closed the channel; exiting")
+            return 0
+
+
+def refuse(backoff: Backoff, agent_id: str, error: str) -> int:
+    """The agent cannot serve: say why on the channel (the host is waiting for `ready`)."""
+    channel = backoff.connect()
     try:
-        operator = Operator.load(settings.agent_dir)
-    except AgentFailure as exc:
-        worker.signals.emit("failed", error=str(exc))
-        log(str(exc))
-        return 1
-    imports = f"imports took {IMPORT_SECONDS:.3f} s"
-    log(f"serving requests from {settings.mediation_addr}; {imports}")
-    worker.signals.emit("ready", detail=f"{operator.describe()}; {imports}")
-    while (line := channel.read_line()) is not None:
-        if line.strip():
-            result = answer(settings, worker, operator, line)
-            channel.write_line(result.model_dump_json())
-    log("the host closed the channel; exiting")
-    return 0
+        Signals(agent_id, channel.write_line).emit("failed", error=error)
+    finally:
+        channel.close()
+    return 1
 
 
 def serve_channel(settings: Settings, provider: str, converse: Converse) -> int:
     """Answer requests from the mediation channel until the host closes it (exit status 0)."""
+    backoff = Backoff(settings.mediation_addr)
     try:
-        channel = Channel(connect(settings.mediation_addr))
+        parse_address(settings.mediation_addr)
+        try:
+            operator = Operator.load(settings.agent_dir)
+        except AgentFailure as exc:
+            log(str(exc))
+            return refuse(backoff, settings.agent_id, str(exc))
+        ready = f"{operator.describe()}; {describe_imports()}"
+        log(f"ready: {ready}")
+        mark_ready(settings, ready)
+        return Server(settings, provider, converse, operator, ready).run(backoff)
     except AgentFailure as exc:
         log(str(exc))
         return 1
-    worker = Worker(provider, converse, Signals(settings.agent_id, channel.write_line))
-    try:
-        return _serve_lines(settings, worker, channel)
-    except OSError as exc:  # the connection broke under us
+    except OSError as exc:  # saying `failed` broke off too
         log(f"channel {settings.mediation_addr} failed: {exc}")
         return 1
-    finally:
-        channel.close()
 
 
 # <<< shared agent core <<<

@@ -82,6 +82,13 @@ def test_spec_has_the_expected_shape(example: str) -> None:
         ],
         "entrypoint": "python /app/agent.py",
         "outputs": [{"name": "result", "path": "/workspace/result.json"}],
+        # ready (for a warm template) once the agent has imported its SDK
+        "health": {
+            "exec": ["test", "-f", "/run/agent.ready"],
+            "intervalSeconds": 2,
+            "timeoutSeconds": 30,
+            "startPeriodSeconds": 600,
+        },
         # the preset's own reference (env:<PROVIDER>_API_KEY on the host), never a value
         "credentials": [{"name": PRESET[example]}],
         "network": {"mode": "user", "allow": ["pypi.org", "files.pythonhosted.org"]},

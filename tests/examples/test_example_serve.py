@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -276,6 +277,82 @@ def test_the_agent_retries_until_the_channel_is_up(agent: AgentHarness) -> None:
         finally:
             returncode = stop(proc)
     assert returncode == 0, agent.output()
+
+
+def cut_off(peer: Any) -> None:
+    """What the guest agent does to a connection when the VM is restored from a snapshot or
+    forked (or the target is unreachable): close it with a reset, not an end of stream."""
+    peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()
+
+
+def test_a_cut_connection_is_made_again_and_the_sdk_is_not_imported_again(
+    cheap_provider: Provider, agent: AgentHarness, fake_api: FakeModelAPI
+) -> None:
+    fake_api.reply(cheap_provider.answer("after the cut"))
+    with dispatch.listen("127.0.0.1:0") as listener:
+        proc = agent.start_serving(dispatch.bound_address(listener))
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            peer, first = dispatch.wait_for_agent(listener, deadline, print)
+            cut_off(peer)
+            peer, again = dispatch.wait_for_agent(listener, deadline, print)
+            done = dispatch.exchange(peer, line_of(request("req-001")), "req-001", deadline, print)
+            assert peer.finish(deadline) == []
+            peer.close()
+        finally:
+            returncode = stop(proc)
+    assert returncode == 0, agent.output()
+    assert (first["signal"], again["signal"]) == ("ready", "ready")
+    assert again["detail"] == first["detail"]  # one import: same time, same process
+    assert done.status == "completed" and done.result["content"] == "after the cut"
+    log = agent.output()
+    assert "cut off" in log and log.count("imports took") == 1, log
+    assert log.rstrip().endswith("agent: the host closed the channel; exiting")
+
+
+def test_the_ready_file_is_written_before_the_channel_is_up(
+    agent: AgentHarness, tmp_path: Path
+) -> None:
+    """A health probe sees the agent ready once it has imported its SDK, whether or not the
+    host listens yet: a warm template is taken then, and the agent connects after the fork."""
+    ready_file = tmp_path / "run" / "agent.ready"
+    ready_file.parent.mkdir()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))  # bound but not listening: connections are refused
+        proc = agent.start_serving(
+            dispatch.bound_address(listener), MICROAGENT_READY_FILE=str(ready_file)
+        )
+        try:
+            agent.wait_for_output("; retrying in ")
+            deadline = time.monotonic() + TIMEOUT
+            while not ready_file.exists():
+                assert time.monotonic() < deadline and proc.poll() is None, agent.output()
+                time.sleep(0.02)
+            assert "imports took" in ready_file.read_text()
+            listener.listen(1)
+            peer, ready = dispatch.wait_for_agent(listener, deadline, print)
+            assert ready["detail"] == ready_file.read_text().strip()
+            assert peer.finish(deadline) == []
+            peer.close()
+        finally:
+            returncode = stop(proc)
+    assert returncode == 0, agent.output()
+
+
+def test_the_agent_gives_up_after_its_connection_attempts(
+    core: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bounded retries with a growing pause (in-process; the pauses are recorded, not slept)."""
+    pauses: list[float] = []
+    monkeypatch.setattr(core.time, "sleep", pauses.append)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))  # never listens: every attempt is refused
+        backoff = core.Backoff(dispatch.bound_address(listener))
+        with pytest.raises(core.AgentFailure, match=r"gave up after 40 attempts"):
+            backoff.connect()
+    assert len(pauses) == core.MAX_CONNECT_ATTEMPTS - 1 == 39
+    assert pauses[:5] == [0.05, 0.1, 0.2, 0.4, 0.8] and set(pauses[5:]) == {1.0}
 
 
 def test_a_bad_address_ends_the_agent_with_status_1(agent: AgentHarness) -> None:

@@ -24,7 +24,10 @@
  *   (the host sends HELLO whenever it (re)connects); nothing is killed.
  * - A virtio port with no host connected reports POLLHUP and refuses writes. The agent then
  *   waits (SIGIO, or a 200 ms check) for a host; when a connected host goes away, its
- *   channels are orphaned: their commands are killed and their state dropped.
+ *   channels are orphaned: their commands are killed and their state dropped. A host HELLO
+ *   while channels are open means the same (a restored snapshot's port never went away).
+ * - A guest connection is reset (not closed) when it is cut off: refused by the host, or
+ *   dropped with its host. Its program sees ECONNRESET, and EOF only when the target ended.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -811,14 +814,34 @@ static void exec_kill(struct channel *c, int sig)
         kill(c->pid, sig);
 }
 
+/* A guest connection that is cut off rather than ended (its target unreachable, the host
+ * gone or replaced): closed with a reset, so the program sees ECONNRESET, which it can tell
+ * from the clean end of stream (EOF) of a target that finished. */
+static void reset_on_close(int fd)
+{
+    struct linger hard = {.l_onoff = 1, .l_linger = 0};
+    if (fd >= 0)
+        setsockopt(fd, SOL_SOCKET, SO_LINGER, &hard, sizeof hard);
+}
+
 static void drop_all_channels(void)
 {
     for (int i = 0; i < MAX_CHANNELS; i++) {
         if (chans[i].kind == CH_EXEC)
             exec_kill(&chans[i], SIGKILL);
+        if (chans[i].kind == CH_MED && !chans[i].in_eof)
+            reset_on_close(chans[i].sock);
         if (chans[i].kind != CH_FREE)
             chan_free(&chans[i]);
     }
+}
+
+static int open_channels(void)
+{
+    int n = 0;
+    for (int i = 0; i < MAX_CHANNELS; i++)
+        n += chans[i].kind != CH_FREE;
+    return n;
 }
 
 /* ---- running a command: the child side ----------------------------------------------- */
@@ -1502,6 +1525,7 @@ static void med_accept(const struct listener *l)
     if (!c) {
         logmsg("connection to port %d refused: %s", l->port,
                link_up ? "too many channels" : "no host");
+        reset_on_close(s);
         close(s);
         return;
     }
@@ -1575,6 +1599,8 @@ static void on_close(struct channel *c)
 {
     if (c->kind == CH_EXEC)
         exec_kill(c, SIGKILL);
+    if (c->kind == CH_MED && !c->in_eof)   /* refused or cut off: the host never ended its data */
+        reset_on_close(c->sock);
     chan_free(c);
 }
 
@@ -1595,9 +1621,17 @@ static int dispatch_link(uint32_t ch, int type, const unsigned char *payload, ui
     }
     if (ch != 0)
         return 0;
-    if (type == T_HELLO)
+    if (type == T_HELLO) {
+        /* The host says HELLO once per connection, so channels still open belong to an
+         * earlier host that went away unseen: a VM restored from a snapshot keeps the port
+         * connected across the swap. Its commands are killed and its connections reset. */
+        if (open_channels()) {
+            logmsg("a new host said HELLO: dropping %d channels of the previous one",
+                   open_channels());
+            drop_all_channels();
+        }
         queue_hello();
-    else if (type == T_PING)
+    } else if (type == T_PING)
         queue_frame(0, T_PONG, payload, len > MAX_PING ? MAX_PING : len);
     else
         logmsg("frame type 0x%02x on channel 0 ignored", type);
