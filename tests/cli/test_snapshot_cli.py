@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from microagent import runner
-from microagent.runtime import snapshot
+from microagent.runtime import snapshot, stamps
 from microagent.workspace.lifecycle import leftovers
 from microagent.workspace.records import Workspace
 from testenv.clitools import cli_json as cli
@@ -141,6 +141,9 @@ def test_suspend_then_start_resumes(ws: Workspace, capsys: pytest.CaptureFixture
     assert cli(capsys, "start", NAME)["state"] == "running"
     until(lambda: "restored" in events(capsys), "the restore event")
     assert cli(capsys, "status", NAME)["event"]["detail"] == "vm restored from a snapshot"
+    checked = [e for e in cli(capsys, "events", NAME)["events"] if e["event"] == "verified"]
+    assert checked[-1]["hashed"] == []  # stamped as the save wrote it: no byte read again
+    assert checked[-1]["unchanged"] == ["vmstate", "disk-state"]
 
 
 def test_start_from_a_tag_after_a_kill(ws: Workspace, capsys: pytest.CaptureFixture[str]) -> None:
@@ -156,9 +159,13 @@ def test_a_corrupt_snapshot_is_refused_and_a_cold_start_works(
     cli(capsys, "snapshot", "create", NAME, "bad")
     cli(capsys, "kill", NAME)
     state = ws.root / "snapshots" / "bad" / "vmstate"
+    book = stamps.Book.of_folder(state.parent.resolve())
+    assert book.lookup(stamps.Version.of(state.stat()), "sha256")  # stamped when saved
     data = bytearray(state.read_bytes())
     data[-2] ^= 0xFF
-    state.write_bytes(bytes(data))
+    before = state.stat()
+    state.write_bytes(bytes(data))  # the same size, and the mtime set back: the ctime moved
+    os.utime(state, ns=(before.st_atime_ns, before.st_mtime_ns))
     refused = cli(capsys, "start", NAME, "--from", "bad", code=1)
     assert refused["error"]["kind"] == "integrity"
     assert "corrupt" in refused["error"]["message"] and "start NAME" in refused["error"]["hint"]

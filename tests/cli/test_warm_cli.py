@@ -60,6 +60,20 @@ def templates(tmp_path: Path) -> list[Path]:
     return sorted(folder.iterdir()) if folder.is_dir() else []
 
 
+def verified(capsys: pytest.CaptureFixture[str], name: str) -> tuple[list[str], list[str]]:
+    """The last ``verified`` event of ``name``: the files hashed, those unchanged since."""
+    found = [e for e in cli(capsys, "events", name)["events"] if e["event"] == "verified"]
+    return found[-1]["hashed"], found[-1]["unchanged"]
+
+
+def overwrite_keeping_mtime(path: Path, data: bytes) -> None:
+    """Change the bytes in place, same size, with the mtime set back (the ctime moves)."""
+    st = path.stat()
+    with path.open("r+b") as fh:
+        fh.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def warm_create(capsys: pytest.CaptureFixture[str], path: str, *args: str) -> dict[str, Any]:
     made = cli(capsys, "create", "-f", path, "--warm", *args)
     assert made["state"] == "suspended", made
@@ -86,6 +100,8 @@ def test_the_first_warm_create_makes_the_template_the_second_forks_it(
     seen = events(capsys, "two")
     assert seen.index("warm-create") < seen.index("warm-start") < seen.index("restored")
     assert "cold" not in seen
+    # the template was hashed once, when it was saved: its stamps came along with the links
+    assert verified(capsys, "two") == ([], ["vmstate", "disk-state"])
     exec_ok = cli(capsys, "exec", "two", "--", "true")
     assert exec_ok["exitCode"] == 0
     # the workspace that made it resumes its own template too
@@ -129,8 +145,9 @@ def test_a_corrupt_template_is_refused_and_the_workspace_boots_cold(
     vmstate = stored / "snapshots" / "template" / "vmstate"
     data = bytearray(vmstate.read_bytes())
     data[-2] ^= 0xFF
-    with vmstate.open("r+b") as fh:  # in place: the workspace's hard link sees it too
-        fh.write(bytes(data))
+    # in place (the workspace's hard link sees it too), and the mtime set back: the stamp the
+    # link carried no longer fits (the ctime moved), so the start hashes it
+    overwrite_keeping_mtime(vmstate, bytes(data))
     started = cli(capsys, "start", "user")
     assert started["state"] == "running"
     seen = events(capsys, "user")
@@ -141,6 +158,18 @@ def test_a_corrupt_template_is_refused_and_the_workspace_boots_cold(
     assert cli(capsys, "status", "user")["snapshots"] == []
     # the next warm create makes it anew
     assert warm_create(capsys, spec(project, "next"))["template"]["made"] is True
+
+
+def test_a_hard_link_made_by_another_process_ends_the_stamps_it_carried(
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    warm_create(capsys, spec(project, "l1"))
+    warm_create(capsys, spec(project, "l2"), "--name", "l2")
+    stored = templates(tmp_path)[0] / "snapshots" / "template" / "vmstate"
+    os.link(stored, tmp_path / "elsewhere")  # the inode's ctime moves
+    assert cli(capsys, "start", "l2")["state"] == "running"
+    assert verified(capsys, "l2") == (["vmstate"], ["disk-state"])  # hashed: sound, restored
+    assert "restored" in events(capsys, "l2")
 
 
 def test_a_template_for_another_vm_shape_is_refused_at_start(

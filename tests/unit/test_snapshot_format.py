@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from microagent.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError
-from microagent.runtime import snapshot
+from microagent.runtime import snapshot, stamps
 from microagent.runtime.backend import Accel, BootConfig, Disk
 from microagent.runtime.qemu import build_argv
 from microagent.runtime.snapshot import Identity, Manifest, SavedFile
@@ -184,3 +185,120 @@ def test_a_restore_boots_the_same_argv_waiting_for_the_state(tmp_path: Path) -> 
     restore = build_argv("qemu-system-x86_64", config, Accel.TCG, tsc_khz=1_999_000, incoming=True)
     assert restore[-2:] == ["-incoming", "defer"] and "-incoming" not in cold
     assert snapshot.argv_shape(restore) == snapshot.argv_shape(cold)  # the TSC hint: no matter
+
+
+# -- stamps: a file is hashed once per version of it (runtime.stamps) ---------------------------
+
+
+def _settle(*paths: Path) -> None:
+    """Wait until the files' last changes are old enough for a stamp (rule 2)."""
+    for path in paths:
+        moment = stamps.Version.of(path.stat()).settled_at()
+        time.sleep(max(0.0, (moment - time.time_ns()) / 1e9) + 0.01)
+
+
+def _stamped(tmp_path: Path) -> tuple[Manifest, Path]:
+    """A snapshot whose files are verified and stamped; its VM state file."""
+    manifest = _write(tmp_path, "t", b"0123456789" * 100)
+    folder = tmp_path / "snapshots" / "t"
+    _settle(folder / "vmstate", folder / "disk-state")
+    assert snapshot.verify(tmp_path, manifest) == ()  # hashed, and stamped
+    assert snapshot.verify(tmp_path, manifest) == ("vmstate", "disk-state")  # not read again
+    return manifest, folder / "vmstate"
+
+
+def _overwrite_keeping_mtime(path: Path, data: bytes) -> None:
+    """Change the bytes in place, same size, and set the mtime back (what utime(2) allows:
+    the ctime still moves)."""
+    st = path.stat()
+    with path.open("r+b") as fh:
+        fh.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_mtime_ns == st.st_mtime_ns and path.stat().st_size == st.st_size
+
+
+def test_a_stamp_never_lets_a_file_changed_in_place_pass(tmp_path: Path) -> None:
+    manifest, state = _stamped(tmp_path)
+    _overwrite_keeping_mtime(state, b"9")
+    with pytest.raises(IntegrityError, match="vmstate does not match its digest"):
+        snapshot.verify(tmp_path, manifest)
+
+
+def test_a_stamp_never_lets_a_replaced_file_pass(tmp_path: Path) -> None:
+    manifest, state = _stamped(tmp_path)
+    other = state.with_name("other")
+    other.write_bytes(b"9" + state.read_bytes()[1:])
+    st = state.stat()
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same size and mtime
+    other.replace(state)
+    with pytest.raises(IntegrityError, match="vmstate does not match its digest"):
+        snapshot.verify(tmp_path, manifest)
+
+
+def test_a_hard_link_made_elsewhere_ends_the_stamp(tmp_path: Path) -> None:
+    manifest, state = _stamped(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    os.link(state, elsewhere)  # the ctime moves: hashed again (it is sound, so it passes)
+    assert snapshot.verify(tmp_path, manifest) == ("disk-state",)
+    _settle(state)
+    assert snapshot.verify(tmp_path, manifest) == ("disk-state",)  # hashed, restamped ...
+    assert snapshot.verify(tmp_path, manifest) == ("vmstate", "disk-state")
+    _overwrite_keeping_mtime(elsewhere, b"9")  # ... and a write through the other link is seen
+    with pytest.raises(IntegrityError, match="vmstate does not match its digest"):
+        snapshot.verify(tmp_path, manifest)
+
+
+def test_a_link_by_microagent_carries_the_stamp_and_a_later_write_ends_it(
+    tmp_path: Path,
+) -> None:
+    manifest, _state = _stamped(tmp_path)
+    source = (tmp_path / "snapshots" / "t").resolve()
+    other = tmp_path / "ws"
+    copy = snapshot.begin(other, "t")
+    books = (stamps.Book.of_folder(source), stamps.Book.of_folder(copy))
+    for name in ("vmstate", "disk-state"):
+        stamps.link(source / name, copy / name, books)
+    snapshot.publish(other, "t", copy, manifest)
+    assert snapshot.verify(other, manifest) == ("vmstate", "disk-state")  # no byte read
+    assert snapshot.verify(tmp_path, manifest) == ("vmstate", "disk-state")  # nor here
+    _overwrite_keeping_mtime(other / "snapshots" / "t" / "vmstate", b"9")
+    for root in (other, tmp_path):
+        with pytest.raises(IntegrityError, match="vmstate does not match its digest"):
+            snapshot.verify(root, manifest)
+    # a changed file's stamp is not carried: the link's copy is hashed (and refused)
+    third = snapshot.begin(tmp_path / "third", "t")
+    stamps.link(source / "vmstate", third / "vmstate", (books[0], stamps.Book.of_folder(third)))
+    assert stamps.Book.of_folder(third).stamps() == {}
+
+
+def test_a_fresh_file_is_hashed_not_stamped_and_a_bad_book_costs_a_hash(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 10)
+    book = stamps.Book(tmp_path / "book.json")
+    assert stamps.take(path, "sha256", book) == (snapshot.file_sha256(path), False)
+    assert book.stamps() == {}  # changed moments ago: a write in the same tick would not show
+    assert stamps.take(path, "sha256", book, wait=True)[1] is False  # waits, then stamps
+    assert stamps.take(path, "sha256", book) == (snapshot.file_sha256(path), True)
+    assert stamps.take(path, "sparse-sha256", book)[1] is False  # another digest: not stamped
+    for garbage in (b"[" * 5000, b'{"format": 1, "stamps": []}', b"\xff", b"{}"):
+        book.path.write_bytes(garbage)
+        assert stamps.take(path, "sha256", book)[1] is False
+    document = json.loads(book.path.read_text())
+    [stamp] = document["stamps"].values()
+    stamp["ino"] += 1  # a stamp filed under another inode is no stamp
+    book.path.write_text(json.dumps(document))
+    assert book.stamps() == {}
+
+
+def test_the_kit_digests_are_stamped_and_follow_a_change(tmp_path: Path) -> None:
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd"
+    kernel.write_bytes(b"kernel" * 100)
+    initrd.write_bytes(b"initrd" * 100)
+    _settle(kernel, initrd)
+    book = stamps.Book(tmp_path / "verified.json")
+    first = snapshot.make_identity("qemu", ARGV, kernel, initrd, "r", book=book)
+    assert len(book.stamps()) == 2
+    assert snapshot.make_identity("qemu", ARGV, kernel, initrd, "r", book=book) == first
+    _overwrite_keeping_mtime(kernel, b"K")
+    changed = snapshot.make_identity("qemu", ARGV, kernel, initrd, "r", book=book)
+    assert changed.kernel == snapshot.file_sha256(kernel) != first.kernel

@@ -4,6 +4,7 @@ A snapshot is a folder ``<root>/snapshots/<tag>``, where ``<tag>`` is a symlink 
 folder ``.v-<tag>-<random>`` holding::
 
     manifest.json   what a restore must match (Identity), the files and their digests
+    verified.json   stamps: the digests already verified, per file version (runtime.stamps)
     vmstate         the VMM's migration stream (QEMU ``migrate`` to a file descriptor)
     disk-<name>     a copy of each disk the VM writes, as of the moment it was stopped
                     (``cp --reflink=auto --sparse=always``: shared extents or holes kept)
@@ -16,7 +17,10 @@ leaves behind (temp folders, versions no tag names) is removed by :func:`collect
 Nothing in a snapshot is trusted on the way back: the manifest is bounded and checked field
 by field, the tag and file names must match their patterns, and every file's size and sha256
 (disks: a digest that reads holes as zeros, so a sparse or dense copy of the same bytes
-agree) must match before a VMM is given the stream.
+agree) must match before a VMM is given the stream. A file is hashed once per version of it:
+the folder's ``verified.json`` remembers the digest of a file for its exact ``stat`` version
+(inode, size, mtime, ctime), under the rule :mod:`~microagent.runtime.stamps` sets out, so a
+restore of a file unchanged since it was written or last verified reads no bytes of it.
 
 Secrets: the memory image holds whatever the guest held, the ``--env`` values included. A
 snapshot therefore lives only in the workspace's own folder (mode 0700, files 0600) and is
@@ -26,10 +30,8 @@ removed with it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import json
-import os
 import re
 import secrets
 import tempfile
@@ -48,6 +50,7 @@ from microagent.errors import (
     VMError,
 )
 from microagent.fsutil import fsync_dir, fsync_tree, load_json_bounded, remove_any
+from microagent.runtime import stamps
 from microagent.runtime.agentproto import ExecRequest
 from microagent.runtime.backend import BootConfig, Machine
 
@@ -60,8 +63,7 @@ DISK_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 MANIFEST_MAX = 64 * 1024  # bytes
 MANIFEST_DEPTH = 16  # a manifest nests three levels; room, no more
 MAX_DISKS = 32
-CHUNK = 1 << 20  # the sparse digest's unit
-_ZERO_CHUNK = hashlib.sha256(bytes(CHUNK)).digest()
+PLAIN, SPARSE = "sha256", "sparse-sha256"  # the digests of a VM state and of a disk copy
 # argv options whose values a restore must match (the device state must be the same shape)
 SHAPE_OPTIONS = ("-M", "-accel", "-cpu", "-m", "-smp")
 GUEST_BUSYBOX = "/run/microagent/busybox"  # the init binds its busybox there in every root
@@ -107,9 +109,9 @@ def argv_shape(argv: Sequence[str]) -> dict[str, Any]:
     return {"options": options, "devices": devices, "drives": drives, "netdevs": netdevs}
 
 
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+def file_sha256(path: Path, book: stamps.Book | None = None) -> str:
+    """sha256 of ``path``; from ``book`` when it has a stamp for the file as it is now."""
+    return stamps.digest(path, PLAIN, book)
 
 
 @dataclass(frozen=True)
@@ -170,44 +172,29 @@ def _short(value: object) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def make_identity(vmm: str, argv: Sequence[str], kernel: Path, initrd: Path, key: str) -> Identity:
-    return Identity(vmm, argv_shape(argv), file_sha256(kernel), file_sha256(initrd), key)
+def make_identity(
+    vmm: str,
+    argv: Sequence[str],
+    kernel: Path,
+    initrd: Path,
+    key: str,
+    *,
+    book: stamps.Book | None = None,
+) -> Identity:
+    """The identity of a VM booting ``kernel`` and ``initrd`` with ``argv``; the two files'
+    digests come from ``book`` (the home's) while they are unchanged."""
+    return Identity(
+        vmm, argv_shape(argv), file_sha256(kernel, book), file_sha256(initrd, book), key
+    )
 
 
 # -- files and digests --------------------------------------------------------------------------
 
 
-def sparse_sha256(path: Path) -> str:
-    """sha256 over 1 MiB chunk digests, a chunk that is a hole (or all zeros) counting as
-    zeros without being read: a sparse and a dense copy of the same bytes agree, and a
-    mostly empty disk image is digested in a moment."""
-    outer = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        offset = 0
-        while offset < size:
-            data_at = _next_data(fd, offset, size)
-            while offset + CHUNK <= data_at:  # whole chunks inside a hole
-                outer.update(_ZERO_CHUNK)
-                offset += CHUNK
-            if offset >= size:
-                break
-            chunk = os.pread(fd, min(CHUNK, size - offset), offset)
-            full = chunk if len(chunk) == CHUNK else chunk + bytes(CHUNK - len(chunk))
-            outer.update(_ZERO_CHUNK if not full.strip(b"\0") else hashlib.sha256(full).digest())
-            offset += CHUNK
-    finally:
-        os.close(fd)
-    outer.update(size.to_bytes(8, "big"))
-    return outer.hexdigest()
-
-
-def _next_data(fd: int, offset: int, size: int) -> int:
-    try:
-        return os.lseek(fd, offset, os.SEEK_DATA)
-    except OSError:  # ENXIO: only a hole after offset
-        return size
+def sparse_sha256(path: Path, book: stamps.Book | None = None) -> str:
+    """sha256 over 1 MiB chunk digests, holes read as zeros (:func:`stamps.sparse_sha256_fd`):
+    a sparse and a dense copy of the same bytes agree; from ``book`` when it has a stamp."""
+    return stamps.digest(path, SPARSE, book)
 
 
 @dataclass(frozen=True)
@@ -399,21 +386,28 @@ def _damaged(tag: str, why: str) -> IntegrityError:
     )
 
 
-def verify(root: Path, manifest: Manifest) -> None:
+def verify(root: Path, manifest: Manifest, *, trust_stamps: bool = True) -> tuple[str, ...]:
     """Every file of the snapshot has the size and digest its manifest says; IntegrityError
-    naming the first that does not."""
-    folder = snapshot_path(root, manifest.tag)
+    naming the first that does not. A file unchanged since it was last verified is not hashed
+    again (its stamp in the folder's book, see :mod:`~microagent.runtime.stamps`) unless
+    ``trust_stamps`` is False (``cache verify``); the files whose stamps were used."""
+    folder = snapshot_path(root, manifest.tag).resolve()
+    book = stamps.Book.of_folder(folder) if trust_stamps else None
+    trusted = []
     for saved in (manifest.state, *manifest.disks):
         path = folder / saved.file
         try:
             size = path.stat().st_size
             if size != saved.size:
                 raise _damaged(manifest.tag, f"{saved.file} has {size} bytes, not {saved.size}")
-            digest = sparse_sha256(path) if saved.disk else file_sha256(path)
+            digest, stamped = stamps.take(path, SPARSE if saved.disk else PLAIN, book)
         except OSError as exc:
             raise _damaged(manifest.tag, f"{saved.file}: {exc.strerror or exc}") from exc
         if digest != saved.sha256:
             raise _damaged(manifest.tag, f"{saved.file} does not match its digest (corrupt)")
+        if stamped:
+            trusted.append(saved.file)
+    return tuple(trusted)
 
 
 def check_identity(manifest: Manifest, now: Identity) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 from microagent.errors import ConflictError, MicroagentError, NotFoundError, VMError
 from microagent.fsutil import flocked, remove_any, write_json_atomic
-from microagent.runtime import qmp, snapshot
+from microagent.runtime import qmp, snapshot, stamps
 from microagent.runtime.backend import BootConfig
 from microagent.runtime.backends import get_backend
 from microagent.runtime.rundir import State, now
@@ -43,10 +43,8 @@ from microagent.runtime.snapshot import (
     clock_request,
     copy_disk,
     disk_file,
-    file_sha256,
     make_identity,
     restoring,
-    sparse_sha256,
 )
 from microagent.settings import Settings
 from microagent.store.content import Store
@@ -58,6 +56,7 @@ START_LOCK = ".start.lock"  # lifecycle's: one start, pause, resume or snapshot 
 SUSPEND_TAG = "suspended"
 TEMPLATE_TAG = "template"  # a warm workspace's copy of its template (workspace.templates)
 TEMPLATES_KIND = "templates"  # the store's kind of template entries: templates/<hex>
+KIT_BOOK = "verified.json"  # in the home: stamps of the guest kernels and initramfs files
 SUSPEND_WAIT = 30.0  # seconds for the supervisor to record ``suspended`` after the VMM quit
 CLOCK_WAIT = 5.0  # seconds a resume waits for the guest agent before setting the clock
 POLL = 0.1
@@ -189,6 +188,12 @@ def _written_disks(ws: Workspace) -> list[tuple[Path, str]]:
     return disks
 
 
+def kit_book(settings: Settings) -> stamps.Book:
+    """The stamps of the guest kit's files (kernel, initramfs): hashed once per version of
+    each, not at every start and warm create (see runtime.stamps)."""
+    return stamps.Book(settings.home / KIT_BOOK)
+
+
 def current_identity(settings: Settings, ws: Workspace) -> Identity:
     """The identity of the VM running now (its recorded argv and boot files)."""
     runtime = ws.run.runtime()
@@ -200,6 +205,7 @@ def current_identity(settings: Settings, ws: Workspace) -> Identity:
         config.kernel,
         config.initrd,
         ws.record().rootfs_key,
+        book=kit_book(settings),
     )
 
 
@@ -266,16 +272,25 @@ def _write(
             copy_disk(source, target)
             disks.append(SavedFile(target.name, target.stat().st_size, "", name))
         seconds = time.monotonic() - began  # the vCPUs may run on from here
-        state = SavedFile(state_path.name, state_path.stat().st_size, file_sha256(state_path))
+        book = stamps.Book.of_folder(tmp)  # what is hashed now need not be at the restore
+        state = SavedFile(
+            state_path.name, state_path.stat().st_size, _digest(state_path, snapshot.PLAIN, book)
+        )
         disks = [
-            SavedFile(d.file, d.size, sparse_sha256(tmp / d.file), d.disk) for d in disks
-        ]  # fmt: skip
+            SavedFile(d.file, d.size, _digest(tmp / d.file, snapshot.SPARSE, book), d.disk)
+            for d in disks
+        ]
         manifest = Manifest(tag, now(), identity, state, tuple(disks), seconds, was_paused)
         snapshot.publish(ws.root, tag, tmp, manifest)
     except BaseException:
         remove_any(tmp)
         raise
     return manifest
+
+
+def _digest(path: Path, algorithm: str, book: stamps.Book) -> str:
+    """The digest of a file this save just wrote, stamped (no other process has it)."""
+    return stamps.digest(path, algorithm, book, wait=True)
 
 
 def _quit_suspended(ws: Workspace, vm_dir: Path, tag: str) -> State:
@@ -338,9 +353,22 @@ def restore_tag(ws: Workspace, state: State, from_tag: str | None) -> str | None
 
 
 def check_restorable(ws: Workspace, tag: str) -> Manifest:
-    """The snapshot's manifest once every file matches its digest (IntegrityError else)."""
+    """The snapshot's manifest once every file matches its digest (IntegrityError else);
+    event ``verified``: which files were hashed, which were unchanged since verified."""
     manifest = snapshot.read_manifest(ws.root, tag)
-    snapshot.verify(ws.root, manifest)
+    began = time.monotonic()
+    trusted = snapshot.verify(ws.root, manifest)
+    hashed = [f.file for f in (manifest.state, *manifest.disks) if f.file not in trusted]
+    seconds = round(time.monotonic() - began, 3)
+    ws.run.event(
+        "verified",
+        f"snapshot {tag}: {len(hashed)} file(s) hashed, {len(trusted)} unchanged since "
+        f"verified, in {seconds}s",
+        tag=tag,
+        hashed=hashed,
+        unchanged=list(trusted),
+        seconds=seconds,
+    )
     return manifest
 
 
@@ -354,6 +382,7 @@ def apply(settings: Settings, ws: Workspace, manifest: Manifest, config: BootCon
         config.kernel,
         config.initrd,
         ws.record().rootfs_key,
+        book=kit_book(settings),
     )
     snapshot.check_identity(manifest, now_identity)
     folder = snapshot.snapshot_path(ws.root, manifest.tag).resolve()
@@ -429,6 +458,6 @@ def forget_corrupt(store: Store, key: str) -> None:
     folder = store.entry_path(name)
     try:
         manifest = snapshot.read_manifest(folder, TEMPLATE_TAG)
-        snapshot.verify(folder, manifest)
+        snapshot.verify(folder, manifest, trust_stamps=False)
     except MicroagentError:
         store.remove(name)

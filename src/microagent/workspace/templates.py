@@ -10,7 +10,10 @@ credentials' variables). Then:
 - **hit**: the new workspace gets the template's snapshot as its own ``template`` snapshot
   (hard links: the files are never written once published) and waits ``suspended``;
   ``start`` checks it (digests, and the VM shape against the one it would boot now) and
-  resumes it (events ``warm-start``, ``restore``, ``restored``). The workspace's own state
+  resumes it (events ``warm-start``, ``restore``, ``restored``). A file's digest is taken
+  once per version of the file: the template is verified at the fork by its stamps, which
+  the hard links carry into the workspace (runtime.stamps), so neither the fork nor the
+  start reads the VM state unless a file changed. The workspace's own state
   disk stays fresh until then: the restore puts the template's disk copy in place.
 - **miss**: the new workspace boots cold once until it is ready (the ``health`` probe passes,
   or the guest agent answers when the spec has no probe), is snapshotted and stopped
@@ -39,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import os
 import platform
 import time
 from collections.abc import Callable, Mapping
@@ -52,7 +54,7 @@ from microagent.compiler.spec import default_hostname
 from microagent.digests import canonical_json
 from microagent.errors import InvalidInputError, MicroagentError, NotFoundError, VMError
 from microagent.fsutil import flocked, remove_any, write_json_atomic
-from microagent.runtime import snapshot
+from microagent.runtime import snapshot, stamps
 from microagent.runtime.rundir import State, now
 from microagent.runtime.snapshot import Manifest, file_sha256
 from microagent.settings import Settings
@@ -110,14 +112,15 @@ def key_inputs(
 ) -> dict[str, Any]:
     """Everything a template's restore must match, as one canonical document."""
     ca = settings.extra_ca_bundle()
+    book = snapshots.kit_book(settings)
     return {
         "format": FORMAT,
         "backend": settings.backend,
         "vmm": vmm,
         "accel": settings.accel,
         "hostCpu": host_cpu(),
-        "kernel": file_sha256(kernel),
-        "initrd": file_sha256(initrd),
+        "kernel": file_sha256(kernel, book),
+        "initrd": file_sha256(initrd, book),
         "rootfsKey": record.rootfs_key,
         "servicePortBase": settings.service_port_base,
         "extraCa": hashlib.sha256(ca).hexdigest() if ca else None,
@@ -210,7 +213,10 @@ def warm(
 
 def fork_template(store: Store, name: str, ws: Workspace, key: str) -> None:
     """Give ``ws`` the stored template's snapshot (hard links) and leave it ``suspended``.
-    The entry's lock is held meanwhile: a ``cache prune`` skips it."""
+    The template is verified first, from its stamps while its files are unchanged (a file
+    that changed is hashed, and stamped again); the links carry the stamps into the
+    workspace, so its start hashes nothing. The entry's lock is held meanwhile: a ``cache
+    prune`` skips it."""
     folder = store.entry_path(name)
     with flocked(store.lock_path(name)):
         if not folder.is_dir():
@@ -219,12 +225,11 @@ def fork_template(store: Store, name: str, ws: Workspace, key: str) -> None:
         if info.get("key") != key:
             raise InvalidInputError(f"its {INFO} names another key")
         manifest = snapshot.read_manifest(folder, TEMPLATE_TAG)
+        snapshot.verify(folder, manifest)  # by its stamps: hashed once per version of a file
         source = snapshot.snapshot_path(folder, TEMPLATE_TAG).resolve()
-        check_sizes(source, manifest)
         copy = snapshot.begin(ws.root, TEMPLATE_TAG)
         try:
-            for saved in (manifest.state, *manifest.disks):
-                link_or_copy(source / saved.file, copy / saved.file)
+            link_files(source, copy, manifest)
             snapshot.publish(ws.root, TEMPLATE_TAG, copy, manifest)
         except BaseException:
             remove_any(copy)
@@ -237,24 +242,17 @@ def fork_template(store: Store, name: str, ws: Workspace, key: str) -> None:
     ws.run.event("warm-create", f"forked from template {short(key)}", template=key)
 
 
-def check_sizes(source: Path, manifest: Manifest) -> None:
-    """Every file of the template is there with its size (digests: at the start)."""
+def link_files(source: Path, target: Path, manifest: Manifest) -> None:
+    """The snapshot files of folder ``source`` in folder ``target``: hard links (published
+    snapshot files are never written), whose stamps move along (runtime.stamps, rule 3: the
+    link changes a file's ctime, nothing else); reflink/sparse copies where the two folders
+    are on different filesystems (hashed at their restore)."""
+    books = (stamps.Book.of_folder(source), stamps.Book.of_folder(target))
     for saved in (manifest.state, *manifest.disks):
         try:
-            size = (source / saved.file).stat().st_size
-        except OSError as exc:
-            raise NotFoundError(f"{saved.file}: {exc.strerror or exc}") from exc
-        if size != saved.size:
-            raise InvalidInputError(f"{saved.file} has {size} bytes, not {saved.size}")
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    """A hard link (published snapshot files are never written), a reflink/sparse copy
-    where the two folders are on different filesystems."""
-    try:
-        os.link(source, target)
-    except OSError:
-        snapshot.copy_disk(source, target)
+            stamps.link(source / saved.file, target / saved.file, books)
+        except OSError:
+            snapshot.copy_disk(source / saved.file, target / saved.file)
 
 
 def read_info(folder: Path) -> dict[str, Any]:
@@ -358,8 +356,7 @@ def publish(store: Store, key: str, ws: Workspace) -> Path:
     def build(tmp: Path) -> None:
         tmp.mkdir(mode=0o700)
         copy = snapshot.begin(tmp, TEMPLATE_TAG)
-        for saved in (manifest.state, *manifest.disks):
-            link_or_copy(source / saved.file, copy / saved.file)
+        link_files(source, copy, manifest)
         snapshot.publish(tmp, TEMPLATE_TAG, copy, manifest)
         write_json_atomic(tmp / INFO, info, mode=0o600)
 
@@ -372,7 +369,7 @@ def problem(folder: Path) -> tuple[str, str] | None:
     try:
         read_info(folder)
         manifest = snapshot.read_manifest(folder, TEMPLATE_TAG)
-        snapshot.verify(folder, manifest)
+        snapshot.verify(folder, manifest, trust_stamps=False)  # every byte, whatever the stamps
     except MicroagentError as exc:
         return "corrupt", exc.message[:300]
     return None
