@@ -10,6 +10,9 @@ measured in the same run, in rounds; on a busy machine the CPU ratio is the stea
    answers) — target <= 8x; also shown with ``MICROAGENT_RESOLVE_TTL=0`` (the registry asked);
 3. ``cp`` of 1 MB into a stopped workspace (its /tmp) — target <= 6x.
 
+Two floors are timed beside them: ``python -c "import click"`` (what any click CLI pays before
+its first line runs) and ``import click, yaml`` (what a command that reads a spec pays).
+
 Workspaces use the fake backend (nothing on the measured paths boots a VM). Bytecode is cached
 (in a temporary ``PYTHONPYCACHEPREFIX``) as in an installed package, after warm-up runs.
 Needs ``docker-registry``, ``skopeo`` and ``busybox-static``. Timings are printed, not judged.
@@ -111,6 +114,8 @@ def measure(tmp: Path, registry_url: str) -> dict[str, Timing]:
     env = base_env(tmp)
     env["MICROAGENT_REGISTRY_MIRRORS"] = f"docker.io={registry_url}"
     python = [sys.executable, "-c", "pass"]
+    floor_click = [sys.executable, "-c", "import click"]
+    floor_yaml = [sys.executable, "-c", "import click, yaml"]
     plan = [*MA, "plan", "--offline", "-f", str(pinned_example(tmp))]
     project = tmp / "proj"
     project.mkdir()
@@ -128,6 +133,8 @@ def measure(tmp: Path, registry_url: str) -> dict[str, Timing]:
     uncached = dict(env, MICROAGENT_RESOLVE_TTL="0")
     cases: dict[str, Callable[[], Timing]] = {
         "python -c pass": lambda: seconds(python, env),
+        "floor: import click": lambda: seconds(floor_click, env),
+        "floor: click + yaml": lambda: seconds(floor_yaml, env),
         "plan --offline": lambda: seconds(plan, env),
         "cache-hit create": lambda: create(env),
         "cache-hit create, TTL 0": lambda: create(uncached),

@@ -503,7 +503,6 @@ class Microagent:
         from microagent.compiler.loader import load_spec
         from microagent.compiler.overrides import RuntimeEnv, apply_overrides, confirm_credentials
         from microagent.runtime.backend import Forward
-        from microagent.workspace import templates
         from microagent.workspace.create import create, port_forwards
 
         parsed = port_forwards(tuple(Forward.parse(item) for item in forwards))
@@ -518,11 +517,13 @@ class Microagent:
                 self.say(f"credential {cred.name}: {cred.source} -> {cred.upstream}")
         env = env or RuntimeEnv()
         warm = warm or spec.warm
-        if warm:
-            templates.refuse_runtime_env(env)  # before anything is built
-        report = create(pipeline, self.workspaces, spec, env, parsed)
         if not warm:
-            return report
+            return create(pipeline, self.workspaces, spec, env, parsed)
+        # deferred: warm templates boot and snapshot (the lifecycle, the broker, snapshots)
+        from microagent.workspace import templates
+
+        templates.refuse_runtime_env(env)  # before anything is built
+        report = create(pipeline, self.workspaces, spec, env, parsed)
         made = templates.warm(self._runtime(), report.workspace, say=self.notice)
         seconds = report.seconds + made.seconds
         return replace(report, warm=made, seconds=seconds)
@@ -732,7 +733,7 @@ class Microagent:
         """Copy a file between the host and a stopped workspace (``NAME:/path`` on one side)."""
         # deferred: see the module docstring
         from microagent.ext4 import overlay
-        from microagent.workspace import lifecycle
+        from microagent.workspace import offline
 
         src, dst = parse_remote_path(source), parse_remote_path(target)
         if (src is None) == (dst is None):
@@ -741,7 +742,7 @@ class Microagent:
         if src is not None:
             check_host_target(target)
         ws = self.workspace(name)
-        record = lifecycle.ensure_offline(ws, "copy files", writing=dst is not None)
+        record = offline.ensure_offline(ws, "copy files", writing=dst is not None)
         rootfs = Path(record.rootfs)
         if dst is not None:
             size = overlay.copy_in(ws.state_disk, rootfs, Path(source), dst[1])

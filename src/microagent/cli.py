@@ -7,29 +7,14 @@ envelope and a process exit code. Heavy imports happen inside commands.
 from __future__ import annotations
 
 import sys
-import traceback
 from pathlib import Path
 
 import click
 
 from microagent import __version__
-from microagent.commands import (
-    build,
-    cache,
-    completion,
-    config,
-    doctor,
-    envelope,
-    guest,
-    image,
-    init,
-    kernel,
-    run,
-    spec,
-    workspace,
-)
+from microagent.commands import envelope
 from microagent.commands.context import Ctx, sanitize_for_terminal
-from microagent.commands.group import CommandGroup, did_you_mean
+from microagent.commands.group import CommandGroup, LazyCommands, add_json_option, did_you_mean
 from microagent.commands.progress import ProgressMode
 from microagent.errors import (
     EXIT_FAILURE,
@@ -38,7 +23,31 @@ from microagent.errors import (
     SpecNotFoundError,
     UsageError,
 )
-from microagent.fsutil import NO_SPACE_HINT, is_no_space, no_space
+
+# The command modules (under microagent.commands) and the commands each one's COMMANDS
+# defines, in registration order: a module is imported only when one of its commands runs
+# or its help is shown (tests/unit/test_fast_cli.py checks this table against the modules).
+COMMAND_MODULES = (
+    ("init", ("init",)),
+    ("spec", ("validate", "plan", "lock")),
+    ("build", ("build",)),
+    (
+        "workspace",
+        (
+            *("create", "start", "status", "result", "halt", "stop", "kill", "wait"),
+            *("delete", "list", "ps", "logs", "events", "audit", "cp"),
+            *("pause", "resume", "snapshot", "suspend", "fork"),
+        ),
+    ),
+    ("guest", ("exec",)),
+    ("run", ("run",)),
+    ("image", ("image",)),
+    ("cache", ("cache",)),
+    ("kernel", ("kernel",)),
+    ("doctor", ("doctor",)),
+    ("config", ("config",)),
+    ("completion", ("completion",)),
+)
 
 # Help lists the commands in the order of the work, like the reference CLI's groups.
 SECTIONS = (
@@ -73,6 +82,14 @@ MOST_USED = (
 
 @click.group(
     cls=CommandGroup,
+    commands=LazyCommands(
+        {
+            name: f"microagent.commands.{module}"
+            for module, names in COMMAND_MODULES
+            for name in names
+        },
+        prepare=add_json_option,
+    ),
     aliases=ALIASES,
     sections=SECTIONS,
     invoke_without_command=True,
@@ -119,14 +136,6 @@ def cli(
         ctx.exit(0)
     if ctx.invoked_subcommand is None:
         _print_workflow(as_json)
-
-
-for _module in (
-    *(init, spec, build, workspace, guest, run),
-    *(image, cache, kernel, doctor, config, completion),
-):
-    for _command in _module.COMMANDS:
-        cli.add_command(_command)
 
 
 def _print_version(as_json: bool) -> None:
@@ -241,6 +250,8 @@ def _as_error(exc: Exception) -> MicroagentError:
 
 def _host_error(exc: OSError) -> HostIOError:
     """An OSError that no layer below translated (a bug there, but still said clearly)."""
+    from microagent.fsutil import NO_SPACE_HINT, is_no_space, no_space  # deferred: rare path
+
     if is_no_space(exc):
         if exc.filename:
             return no_space(Path(exc.filename))
@@ -251,6 +262,8 @@ def _host_error(exc: OSError) -> HostIOError:
 
 def _report(exc: Exception, as_json: bool, debug: bool) -> int:
     if debug:
+        import traceback  # deferred: only --debug prints one
+
         traceback.print_exception(exc)
     error = _as_error(exc)
     if as_json:

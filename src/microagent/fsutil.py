@@ -10,7 +10,6 @@ import itertools
 import json
 import os
 import re
-import secrets
 import shutil
 import stat
 from collections.abc import Iterator, Mapping
@@ -74,8 +73,9 @@ def no_space(path: Path, need: int | None = None) -> HostIOError:
 
 
 def temp_sibling(final: Path) -> Path:
-    """A fresh temp name in the same directory as ``final`` (so a rename is atomic)."""
-    return final.parent / f"{TEMP_PREFIX}{final.name}.{secrets.token_hex(6)}"
+    """A fresh temp name in the same directory as ``final`` (so a rename is atomic); the
+    random part is ``secrets.token_hex``'s (os.urandom) without importing ``secrets``."""
+    return final.parent / f"{TEMP_PREFIX}{final.name}.{os.urandom(6).hex()}"
 
 
 def fsync_dir(path: Path) -> None:
@@ -106,7 +106,7 @@ def fsync_tree(path: Path) -> None:
 @contextlib.contextmanager
 def temp_file(directory: Path, stem: str = "") -> Iterator[tuple[BinaryIO, Path]]:
     """Open a new temp file in ``directory``; it is removed unless the caller renamed it."""
-    path = directory / f"{TEMP_PREFIX}{stem}{secrets.token_hex(8)}"
+    path = directory / f"{TEMP_PREFIX}{stem}{os.urandom(8).hex()}"
     fh = path.open("xb")
     try:
         yield fh, path

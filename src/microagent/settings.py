@@ -38,16 +38,12 @@ Environment variables win over the file:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import platformdirs
-import yaml
 
 from microagent.errors import ConfigError, Diagnostic, InvalidInputError, Location
 
@@ -372,6 +368,8 @@ def read_ca_bundle(path: Path = HOST_CA_BUNDLE, *, hint: str = "") -> bytes:
 def _home(value: Path | str | None) -> Path:
     if value:
         return Path(value).expanduser().resolve()
+    import platformdirs  # deferred: only without $MICROAGENT_HOME / --home
+
     return Path(platformdirs.user_cache_dir("microagent"))
 
 
@@ -380,6 +378,8 @@ def config_path(environ: Mapping[str, str] | None = None) -> Path:
     env = os.environ if environ is None else environ
     if env.get(CONFIG_ENV):
         return Path(env[CONFIG_ENV]).expanduser()
+    import platformdirs  # deferred: only without $MICROAGENT_CONFIG
+
     return Path(platformdirs.user_config_dir("microagent")) / "config.yaml"
 
 
@@ -537,6 +537,8 @@ def read_config(path: Path) -> UserConfig:
 
 def unknown_key_hint(key: str, section: str) -> str:
     """What an unknown ``key`` in ``section`` ("" for the top level) probably meant."""
+    import difflib  # deferred: only a misspelling needs it
+
     known = _KEYS[section]
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     listed = f"known here: {', '.join(known)}"
@@ -560,6 +562,8 @@ class _ConfigReader:
         self.origins: dict[str, Location] = {}
 
     def read(self, data: bytes) -> UserConfig:
+        import yaml  # deferred: read only when a config file exists
+
         try:
             root = yaml.compose(data.decode("utf-8"), Loader=yaml.SafeLoader)
         except UnicodeDecodeError as exc:
@@ -592,6 +596,8 @@ class _ConfigReader:
         """Keys (scalars) to value nodes, or {} after recording a problem; a repeated key is a
         problem (YAML would silently keep the last one). An empty value (``cache:`` with its
         entries commented out) is an empty mapping."""
+        import yaml  # deferred: read only when a config file exists
+
         if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
             return {}
         if not isinstance(node, yaml.MappingNode):
@@ -611,6 +617,8 @@ class _ConfigReader:
 
     def keys(self, node: Any, path: str, section: str) -> None:
         """Report every key of ``node`` that ``section`` does not know, where it is written."""
+        import yaml  # deferred: read only when a config file exists
+
         if not isinstance(node, yaml.MappingNode):
             return
         for key, _value in node.value:
@@ -621,6 +629,8 @@ class _ConfigReader:
                 self.problem(key.start_mark, where, "unknown setting", hint)
 
     def string(self, node: Any, path: str) -> str | None:
+        import yaml  # deferred: read only when a config file exists
+
         if isinstance(node, yaml.ScalarNode) and node.tag.endswith((":str", ":int")):
             return str(node.value)
         self.problem(node.start_mark, path, "must be a string")
@@ -628,6 +638,8 @@ class _ConfigReader:
 
     def strings(self, node: Any, path: str) -> tuple[str, ...]:
         """A string or a list of strings."""
+        import yaml  # deferred: read only when a config file exists
+
         if isinstance(node, yaml.SequenceNode):
             items = [self.string(n, f"{path}[{i}]") for i, n in enumerate(node.value)]
             return tuple(item for item in items if item)
@@ -698,6 +710,8 @@ class _ConfigReader:
 
     def _tuning(self, node: Any) -> dict[str, int | float]:
         """The ``registry`` section: retry attempts, deadline and timeouts, each checked."""
+        import yaml  # deferred: read only when a config file exists
+
         items = self._section(node, "registry")
         found: dict[str, int | float] = {}
         for key, _attr, _var, hint in _REGISTRY_TUNING:
@@ -718,6 +732,8 @@ class _ConfigReader:
         return found
 
     def _mirror_list(self, node: Any, path: str) -> tuple[str, ...]:
+        import yaml  # deferred: read only when a config file exists
+
         if not isinstance(node, yaml.SequenceNode):
             hint = "e.g. mirrors: [http://127.0.0.1:5000] (tried in order)"
             self.problem(node.start_mark, path, "must be a list of strings", hint)

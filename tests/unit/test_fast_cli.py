@@ -126,3 +126,70 @@ def test_a_cache_hit_create_of_a_registry_tag_resolved_lately_imports_nothing_he
     refreshed = imported("create", "-f", str(spec), "--name", "tagged-3", "--refresh")
     assert "requests" in refreshed  # the probe sees the registry client when it is used
     assert "microagent.oci.registry" in build_only_in(refreshed)
+
+
+# What a boot needs and `cp` (a stopped workspace's disk) or a cache-hit `create` without
+# --warm does not: the lifecycle (networking, the broker, snapshots, warm templates).
+BOOT_ONLY = (
+    "microagent.workspace.lifecycle",
+    "microagent.workspace.templates",
+    "microagent.workspace.services",
+    "microagent.runtime.network",
+    "microagent.broker.",
+)
+
+
+def boot_only_in(modules: set[str]) -> list[str]:
+    return sorted(m for m in modules if m.startswith(BOOT_ONLY))
+
+
+def test_cp_and_a_cache_hit_create_load_nothing_a_boot_needs(
+    busybox_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = busybox_project / "microagent.yaml"
+    spec.write_text("name: quick\nimage: oci:layout:latest\nsetup:\n  - echo one\n")
+    cli_json(capsys, "create", "-f", str(spec))
+    hit = imported("create", "-f", str(spec), "--name", "quick-2")
+    assert boot_only_in(hit) == []
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"x" * 4096)
+    copied = imported("cp", str(blob), "quick:/tmp/blob.bin")
+    assert boot_only_in(copied) == []
+    assert "yaml" not in copied  # no spec and no config file read: PyYAML not loaded
+    assert "microagent.ext4.overlay" in copied  # the probe sees what cp does use
+    assert cli_json(capsys, "cp", "quick:/tmp/blob.bin", str(tmp_path / "back.bin"))["ok"]
+    assert (tmp_path / "back.bin").read_bytes() == blob.read_bytes()
+
+
+def test_a_command_loads_only_its_own_command_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cli.py imports a command's module when that command runs (LazyCommands)."""
+    spec = tmp_path / "microagent.yaml"
+    spec.write_text(f"name: quick\nimage: busybox@{DIGEST}\n")
+    monkeypatch.setenv("MICROAGENT_HOME", str(tmp_path / "home"))
+    modules = imported("plan", "--offline", "-f", str(spec))
+    loaded = sorted(m for m in modules if m.startswith("microagent.commands."))
+    # spec's plan reuses build's cache-control flags; the rest are what every command shares
+    assert set(loaded) <= {
+        *("microagent.commands.spec", "microagent.commands.build"),
+        *("microagent.commands.context", "microagent.commands.envelope"),
+        *("microagent.commands.group", "microagent.commands.progress"),
+        "microagent.commands.table",
+    }, loaded
+    assert "microagent.commands.spec" in loaded
+
+
+def test_the_command_table_names_what_each_module_defines() -> None:
+    """cli.COMMAND_MODULES (what LazyCommands reads) matches every module's COMMANDS, in
+    order, so a command added to a module but not to the table cannot go missing."""
+    import importlib
+
+    from microagent import cli
+
+    for module, names in cli.COMMAND_MODULES:
+        commands = importlib.import_module(f"microagent.commands.{module}").COMMANDS
+        assert tuple(c.name for c in commands) == names, module
+    listed = [name for _module, names in cli.COMMAND_MODULES for name in names]
+    assert list(cli.cli.commands) == listed
+    assert len(set(listed)) == len(listed)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from importlib import resources
 from typing import Any
 
 from microagent.errors import MicroagentError, TimedOutError, VMError
@@ -95,6 +94,8 @@ def workspace_outcome(
 
 def schema() -> dict[str, Any]:
     """The JSON Schema every ``--json`` document validates against."""
+    from importlib import resources  # deferred: tempfile, zipfile...; only tests read it
+
     text = resources.files("microagent.schemas").joinpath(SCHEMA_FILE).read_text()
     loaded: dict[str, Any] = json.loads(text)
     return loaded

@@ -1,12 +1,12 @@
 """Command groups that help a new user: did-you-mean for a mistyped command, aliases, help
 with full one-line summaries in sections, help (exit 0) for a group given no command, and
-``--json`` accepted after any command as well as before it.
+``--json`` accepted after any command as well as before it; and :class:`LazyCommands`, which
+imports a command's module only when that command is used.
 """
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import click
@@ -40,6 +40,8 @@ def add_json_option(command: click.Command) -> None:
 
 def suggestions(word: str, choices: Iterable[str], limit: int = 3) -> list[str]:
     """The ``choices`` closest to a mistyped ``word`` (difflib), best first."""
+    import difflib  # deferred: only a mistyped word needs it
+
     return difflib.get_close_matches(word, sorted(set(choices)), n=limit, cutoff=0.6)
 
 
@@ -51,6 +53,56 @@ def did_you_mean(matches: Sequence[str], render: str = "{}") -> str:
     if len(shown) == 1:
         return f"did you mean {shown[0]}?"
     return f"did you mean {', '.join(shown[:-1])} or {shown[-1]}?"
+
+
+class LazyCommands(MutableMapping[str, click.Command]):
+    """A group's commands by name, each module imported only when one of its commands is
+    looked up (run, or its help shown): a command line pays for one command module, not for
+    all of them. ``homes`` maps each name to the module whose ``COMMANDS`` defines it; names
+    and their order are known without an import. ``prepare`` runs once on each command loaded
+    (what ``add_command`` would have done to it)."""
+
+    def __init__(self, homes: Mapping[str, str], prepare: Callable[[click.Command], None]) -> None:
+        self._homes = dict(homes)
+        self._prepare = prepare
+        self._loaded: dict[str, click.Command] = {}
+
+    def __getitem__(self, name: str) -> click.Command:
+        if name not in self._loaded and name in self._homes:
+            self._load(self._homes[name])
+        return self._loaded[name]
+
+    def _load(self, module_name: str) -> None:
+        # __import__, not importlib.import_module: the latter bypasses `python -X importtime`
+        module = __import__(module_name, fromlist=["COMMANDS"])
+        for command in module.COMMANDS:
+            name = command.name
+            if self._homes.get(name) == module_name and name not in self._loaded:
+                self._prepare(command)
+                self._loaded[name] = command
+        missing = [n for n, home in self._homes.items() if home == module_name]
+        missing = [n for n in missing if n not in self._loaded]
+        if missing:  # the table in cli.py names a command the module does not define
+            raise LookupError(f"{module_name}.COMMANDS has no {', '.join(missing)}")
+
+    def __setitem__(self, name: str, command: click.Command) -> None:
+        self._loaded[name] = command  # replaces what its home would have given
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self:
+            raise KeyError(name)
+        self._homes.pop(name, None)
+        self._loaded.pop(name, None)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._homes or name in self._loaded
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._homes
+        yield from (name for name in self._loaded if name not in self._homes)
+
+    def __len__(self) -> int:
+        return len(self._homes) + sum(1 for name in self._loaded if name not in self._homes)
 
 
 class CommandGroup(click.Group):

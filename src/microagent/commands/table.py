@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -104,6 +103,8 @@ def _wrap(cell: str, width: int) -> list[str]:
         if len(paragraph) <= width:
             lines.append(paragraph)
             continue
+        import textwrap  # deferred: compiles its regexes on import; most cells fit
+
         lines += textwrap.wrap(paragraph, width, break_long_words=True, break_on_hyphens=False) or [
             ""
         ]

@@ -10,12 +10,11 @@ newline, so ``name: "agent\n"`` would pass ``^[A-Za-z0-9]...$``; see :func:`ecma
 
 from __future__ import annotations
 
-import difflib
 import json
+import pkgutil
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from functools import cache
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from microagent.compiler import _fastschema
@@ -40,9 +39,12 @@ _TYPE_WORDS = {
 
 @cache
 def load_schema() -> Mapping[str, Any]:
-    """The spec's JSON Schema, shipped as package data."""
-    text = resources.files("microagent.schemas").joinpath("microagent.schema.json").read_text()
-    schema: dict[str, Any] = json.loads(text)
+    """The spec's JSON Schema, shipped as package data (read by the package's loader:
+    ``importlib.resources`` would cost a start-up ~10 ms of imports for one file)."""
+    data = pkgutil.get_data("microagent", "schemas/microagent.schema.json")
+    if data is None:  # a loader that cannot read data: not one Python ships
+        raise FileNotFoundError("microagent/schemas/microagent.schema.json")
+    schema: dict[str, Any] = json.loads(data)
     return schema
 
 
@@ -187,6 +189,8 @@ class _Translator:
         options = [str(o) for o in _value_of(error)]
         hint = str(_schema_of(error).get("x-hint", ""))
         if isinstance(error.instance, str) and not hint:
+            import difflib  # deferred: only a misspelling needs it
+
             close = difflib.get_close_matches(error.instance.lower(), options, n=1)
             hint = f"did you mean {close[0]!r}?" if close else ""
         yield self._make(path, f"must be one of: {', '.join(options)}", hint)
@@ -288,6 +292,8 @@ def _unknown_key_hint(name: str, allowed: list[str], path: JsonPath) -> str:
     if special:
         return special
     lowered = {a.lower(): a for a in allowed}
+    import difflib  # deferred: only a misspelling needs it
+
     close = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
     if close:
         return f"did you mean {lowered[close[0]]!r}?"

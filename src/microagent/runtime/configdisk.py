@@ -15,14 +15,16 @@ import io
 import json
 import re
 import shlex
-import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microagent.compiler.spec import clean_guest_path
 from microagent.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    import tarfile
 
 CONFIG_VERSION = 1
 MIN_DISK_BYTES = 1 << 20
@@ -200,6 +202,8 @@ def render_run_sh(config: RunConfig, extra_ca: bool = False) -> str:
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
+    import tarfile  # deferred: see build_archive
+
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mode = mode
@@ -213,6 +217,8 @@ def build_archive(
     config: RunConfig, files: Sequence[GuestFile] = (), extra_ca: bytes | None = None
 ) -> bytes:
     """The config disk contents (validated, padded)."""
+    import tarfile  # deferred: only a boot writes the disk; `cp` and `create` load this module
+
     validate(config, files)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:

@@ -18,7 +18,6 @@ supervisor is killed: it holds the credentials in memory.
 
 from __future__ import annotations
 
-import calendar
 import os
 import time
 from collections.abc import Mapping
@@ -171,6 +170,8 @@ def seconds_since(stamp: object) -> int | None:
     """Whole seconds since a ``rundir.now()`` timestamp (None when there is none)."""
     if not isinstance(stamp, str):
         return None
+    import calendar  # deferred: status and ps read start times; cp and create do not
+
     try:
         then = calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ"))
     except ValueError:

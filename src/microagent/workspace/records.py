@@ -16,7 +16,6 @@ sees YAML: a record is plain data written by ``create``.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import fcntl
 import os
 import re
@@ -225,6 +224,8 @@ class Workspaces:
     def get(self, name: str) -> Workspace:
         ws = self.path(name)
         if not ws.record_path.is_file():
+            import difflib  # deferred: only a misspelling needs it
+
             close = difflib.get_close_matches(name, [w.name for w in self], n=3, cutoff=0.6)
             guess = " or ".join(repr(c) for c in close)
             raise NotFoundError(
