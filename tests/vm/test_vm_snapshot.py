@@ -1,8 +1,10 @@
 """Snapshots in a real guest (issue 18): a counter loop in the guest survives snapshot + kill +
 ``start --from`` (it counts on from where the snapshot caught it, not from zero, and the
-guest clock is the host's again), and a ``fork`` of that snapshot counts on beside it with
-writes of its own; ``pause`` stops it advancing and ``resume`` lets it go on;
-a corrupt snapshot is refused and the workspace still starts cold.
+guest clock is the host's again), also after a second save of the same tag was killed
+(``kill -9`` of the CLI while QEMU wrote the new state: the first one is still the tag's);
+a ``fork`` of that snapshot counts on beside it with writes of its own; ``pause`` stops it
+advancing and ``resume`` lets it go on; a corrupt snapshot is refused and the workspace still
+starts cold.
 
 One workspace serves the module (a TCG boot of the busybox image costs ~15 s): the
 entrypoint counts once a second in a shell variable (memory) and writes it to /tmp/count.
@@ -10,9 +12,14 @@ entrypoint counts once a second in a shell variable (memory) and writes it to /t
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +33,7 @@ NAME = "snap-vm"
 FORK = "snap-vm-fork"
 BOOT_TIMEOUT = 300.0
 COUNTER = "i=0; while :; do i=$((i+1)); echo $i >/tmp/c; mv /tmp/c /tmp/count; sleep 1; done"
+MICROAGENT = str(Path(sys.executable).with_name("microagent"))
 
 
 def _until(check: Callable[[], bool], what: str, timeout: float = BOOT_TIMEOUT) -> None:
@@ -56,6 +64,40 @@ def _guest_clock_skew(api: Microagent) -> float:
     assert done.exit_code == 0, done.stderr
     guest = int(done.stdout)
     return max(0.0, before - 1 - guest, guest - after)
+
+
+def _state_bytes(folder: Path, tag: str) -> int:
+    """Bytes of VM state a save of ``tag`` in progress has written (its temp folder)."""
+    sizes = [0]
+    for path in folder.glob(f".tmp-{tag}-*/vmstate"):
+        with contextlib.suppress(FileNotFoundError):  # published meanwhile
+            sizes.append(path.stat().st_size)
+    return max(sizes)
+
+
+def _kill_a_save(api: Microagent, tag: str) -> int:
+    """``microagent snapshot create NAME TAG`` in a process of its own, killed with SIGKILL
+    once QEMU has written part of the new VM state; the bytes written by then."""
+    settings = api.settings
+    env = {**os.environ, "MICROAGENT_HOME": str(settings.home)}
+    env["MICROAGENT_KERNEL"], env["MICROAGENT_INITRD"] = str(settings.kernel), str(settings.initrd)
+    folder = api.workspace(NAME).root / "snapshots"
+    writer = subprocess.Popen(
+        [MICROAGENT, "snapshot", "create", NAME, tag],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (written := _state_bytes(folder, tag)):
+            assert writer.poll() is None, "the save ended before it could be killed"
+            assert time.monotonic() < deadline, "no VM state was being written"
+            time.sleep(0.002)
+    finally:
+        writer.kill()  # SIGKILL
+        writer.wait()
+    return written
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +142,11 @@ def test_the_counter_survives_snapshot_kill_and_start_from(api: Microagent) -> N
     assert made.state == "running"
     _until(lambda: _count(api) >= at_least + 12, "the counter after the snapshot", timeout=90)
     later = _count(api)
+    # a second save of the tag, killed (-9) while QEMU writes it: the first stays the tag's
+    written = _kill_a_save(api, "counting")
+    print(f"save killed after {written} bytes of VM state")
+    assert api.status(NAME)["event"]["state"] == "paused"  # stopped for the save, left so
+    assert [row["tag"] for row in api.snapshot_list(NAME)] == ["counting"]
     api.kill(NAME)
     began = time.monotonic()
     assert api.start(NAME, from_tag="counting").state == "running"

@@ -22,7 +22,9 @@ from microagent.errors import VMError
 QMP_SOCKET = "qmp.sock"
 LINE_MAX = 1 << 20
 TIMEOUT = 10.0
-MIGRATE_POLL = 0.05  # seconds between query-migrate calls
+MIGRATE_POLL = 0.05  # seconds between query-migrate calls of a save
+LOAD_POLL = 0.01  # ... of a restore: a start waits on it (two small QMP round trips each)
+CONNECT_POLL = 0.01  # seconds between tries at the socket of a VMM just started
 FD_NAME = "microagent-state"  # the name a passed state file descriptor gets in QEMU
 
 
@@ -115,7 +117,7 @@ def connect(state_dir: Path, wait: float = 0.0) -> QMPClient:
         except VMError:
             if time.monotonic() >= deadline:
                 raise
-            time.sleep(0.05)
+            time.sleep(CONNECT_POLL)
 
 
 def run_status(qmp: QMPClient) -> str:
@@ -186,4 +188,4 @@ def load_state(qmp: QMPClient, fd: int, timeout: float = 600.0) -> None:
             raise VMError(f"the VMM could not load the VM state: {info.get('error-desc', '')}")
         if time.monotonic() > deadline:
             raise VMError(f"the VMM did not load the VM state within {timeout:g}s")
-        time.sleep(MIGRATE_POLL)
+        time.sleep(LOAD_POLL)

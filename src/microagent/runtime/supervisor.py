@@ -405,6 +405,7 @@ class Supervisor:
             "vm restored from a snapshot" if self.restored else "vm started",
             vmmArgv=list(machine.argv()),
             vmm=vmm.to_json() if vmm else None,
+            execReadyAt=None,  # a killed run's supervisor never cleared it: this link's says
             **ready,
         )
 

@@ -82,6 +82,7 @@ START_TIMEOUT = 60.0
 HALT_TIMEOUT = 30.0
 EXIT_GRACE = 10.0  # seconds a supervisor may take to exit after writing its final state
 POLL = 0.2
+START_POLL = 0.05  # a start's wait for the supervisor to report running (a restore: ~1 s)
 
 
 @dataclass
@@ -435,7 +436,7 @@ def _await_running(ws: Workspace, timeout: float) -> dict[str, Any]:
         runtime = ws.run.runtime()
         if state is State.RUNNING or state.terminal or runtime.get("restarts"):
             return runtime  # a restart's back-off: it ran, and is about to run again
-        time.sleep(POLL)
+        time.sleep(START_POLL)
     raise VMError(
         f"workspace {ws.name!r} did not start within {timeout:.0f}s",
         hint=f"see {ws.run.supervisor_log}",
