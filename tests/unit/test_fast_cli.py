@@ -193,3 +193,18 @@ def test_the_command_table_names_what_each_module_defines() -> None:
     listed = [name for _module, names in cli.COMMAND_MODULES for name in names]
     assert list(cli.cli.commands) == listed
     assert len(set(listed)) == len(listed)
+
+
+def test_lazy_commands_load_a_module_on_first_lookup_and_refuse_a_wrong_table() -> None:
+    from microagent.commands.group import LazyCommands
+
+    prepared: list[str] = []
+    home = "microagent.commands.doctor"
+    commands = LazyCommands({"doctor": home}, prepare=lambda c: prepared.append(str(c.name)))
+    assert list(commands) == ["doctor"] and "doctor" in commands and prepared == []
+    assert commands["doctor"] is commands["doctor"]  # loaded and prepared once
+    assert prepared == ["doctor"]
+    assert commands.get("nope") is None
+    wrong = LazyCommands({"doctr": home}, prepare=lambda _c: None)
+    with pytest.raises(LookupError, match="COMMANDS has no doctr"):
+        wrong.get("doctr")
