@@ -4,14 +4,30 @@ second workspace of the spec (another name) is a fork of it whose start is a res
 ``warm-start``, ``restored``), which answers at once with what the template's boot left in
 memory and on disk, under its own hostname; a corrupt template is refused with a notice and
 the workspace still starts cold.
+
+The walkthrough's agent (examples/minimal-agent, the python stand-in with pydantic and the
+SDK, the scripted model behind the credential broker, as tests/vm/test_walkthrough.py runs it)
+in serve mode: ``create --warm`` boots it once until its health probe sees /run/agent.ready,
+which the agent writes after its imports, and saves it while the agent waits for its channel;
+a second warm create forks that, and its first request over the mediation channel is answered
+by the process that did the imports during the template's boot (its ready signal names that
+import's time and pid, and the fork's console shows no import).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
 import shutil
+import socket
+import subprocess
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,9 +35,14 @@ from microagent import Microagent, Settings
 from microagent.compiler.overrides import Overrides
 from microagent.kit.guestkit import GuestKit
 from testenv import standin
+from testenv.clitools import cli_json as cli
+from testenv.ports import free_port
+from testenv.scripted_model import ScriptedModel
 
 pytestmark = pytest.mark.vm
+ROOT = Path(__file__).parents[2]
 BOOT_TIMEOUT = 300.0
+SECRET = "sk-ant-warm-serve-secret-2718"
 # the entrypoint's boot-time work (a marker and a value only this boot knows) stands in for
 # an agent importing its SDK; the probe passes once it is done
 ENTRY = "echo $$-$(date +%s) >/tmp/boot-id; touch /tmp/ready; exec sleep 100000"
@@ -105,3 +126,134 @@ def test_a_warm_create_forks_the_template_and_a_corrupt_one_boots_cold(
         assert _sh(api, "warm-c", "cat /tmp/boot-id").strip() != boot_id.strip()
     finally:
         api.delete(names, force=True)
+
+
+# -- the walkthrough's agent in serve mode, from a warm template -------------------------------
+
+
+@pytest.fixture
+def model(monkeypatch: pytest.MonkeyPatch) -> Iterator[ScriptedModel]:
+    """The model, and the key each start's credential broker reads from this process."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", SECRET)
+    with ScriptedModel(expect_key=SECRET) as server:
+        yield server
+
+
+def _import_stamps(text: str) -> list[str]:
+    """The agent's import record(s): ``imports took N s, done TIME (pid P)``."""
+    return re.findall(r"imports took [0-9.]+ s, done \S+ \(pid \d+\)", text)
+
+
+def _console(capsys: pytest.CaptureFixture[str], name: str) -> str:
+    return "".join(r["text"] for r in cli(capsys, "logs", name)["records"])
+
+
+class Holder:
+    """The mediation target while the template is made: ``--mediation`` fails closed, so
+    something must accept there; this takes each connection and its lines and answers
+    nothing, so the template's agent is connected, and idle, when its VM is saved."""
+
+    def __init__(self, port: int) -> None:
+        self.server = socket.create_server(("127.0.0.1", port))
+        self.lines: list[bytes] = []
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.server.accept()
+                self.conns.append(conn)
+                threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn.makefile("rb") as lines:
+            self.lines += list(lines)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # wakes the accept: a bare close would not
+            self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+def _dispatch(target: str, request: Path) -> subprocess.Popen[str]:
+    argv = [sys.executable, str(ROOT / "scripts/dispatch.py"), "--listen", target, "--json"]
+    argv += ["--wait", "300", "--timeout", "300", str(request)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+
+
+def _warm_create(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    created = cli(capsys, "create", "--warm", *args)
+    template = created["template"]
+    assert "error" not in template, f"the template was not made: {template['error']}"
+    return dict(template)
+
+
+def test_the_walkthrough_agent_answers_its_first_request_after_a_warm_create_without_importing(
+    env: Path, model: ScriptedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = tmp_path / "minimal-agent"
+    shutil.copytree(ROOT / "examples" / "minimal-agent", project)
+    request = json.loads((project / "demo/input-002.json").read_text())
+    request["request_id"] = "req-warm"  # the model's req-002 plan: read, write, run a script
+    warm_request = tmp_path / "input-warm.json"  # outside the project: its build stays the
+    warm_request.write_text(json.dumps(request))  # walkthrough's (a cache hit there)
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    flags = ["--file", str(project / "microagent.yaml"), "--credential", "anthropic",
+             "--credential-upstream", f"anthropic=http://127.0.0.1:{model.port}",
+             "--mediation", f"2048={target}"]  # fmt: skip
+    names = ["warm-agent", "warm-agent-b"]
+    holder = Holder(port)
+    try:
+        try:
+            made = _warm_create(capsys, *flags, "--name", "warm-agent")
+        finally:
+            holder.close()
+        assert made["made"] is True
+        # the template's agent had connected and said ready: the fork's restore must reset
+        # that connection for its agent to reach the dispatcher
+        assert any(b'"signal":"ready"' in line for line in holder.lines), holder.lines
+        stamps = _import_stamps(_console(capsys, "warm-agent"))
+        assert len(stamps) == 1, stamps  # the template's boot imported the SDK, once
+        began = time.monotonic()
+        forked = _warm_create(capsys, *flags, "--name", "warm-agent-b")
+        assert forked["made"] is False and forked["key"] == made["key"]
+        dispatcher = _dispatch(target, warm_request)
+        try:
+            assert dispatcher.stdout is not None
+            listening = json.loads(dispatcher.stdout.readline())
+            assert listening["event"] == "listening", listening
+            cli(capsys, "start", "warm-agent-b")
+            events = [json.loads(line) for line in dispatcher.stdout]
+            assert dispatcher.wait(timeout=60) == 0, events
+        finally:
+            dispatcher.kill()
+        answered = time.monotonic() - began
+        ready = next(e for e in events if e["event"] == "ready")
+        result = next(e for e in events if e["event"] == "result")["message"]
+        # the process that answered did its imports in the template's boot, and only there
+        assert _import_stamps(ready["message"]["detail"]) == stamps, ready
+        assert _import_stamps(_console(capsys, "warm-agent-b")) == []
+        seen = [str(e["event"]) for e in cli(capsys, "events", "warm-agent-b")["events"]]
+        assert "warm-start" in seen and "restored" in seen and "cold" not in seen, seen
+        assert (result["request_id"], result["status"]) == ("req-warm", "completed"), result
+        assert result["content"].startswith("I did NOT find the earlier script, added a Modified")
+        assert "No module named 'rich'" in result["content"]  # the tools ran in the fork
+        assert model.keys and set(model.keys) == {SECRET}  # the fork's broker added the key
+        took = float(stamps[0].split()[2])
+        figures = (
+            f"template ready after {made['readySeconds']:.1f}s (imports {took:.1f}s); the "
+            f"fork's agent ready {ready['after']:.1f}s after the dispatcher listened; answered "
+            f"{answered:.1f}s after the second create began"
+        )
+        with capsys.disabled():
+            print(f"\nwarm serve mode: {figures}")
+        assert ready["after"] < took  # no second import could have been done in that time
+        status = cli(capsys, "status", "warm-agent-b")
+        assert status["template"] == made["key"]
+    finally:
+        cli(capsys, "delete", "-y", "--force", *names)
