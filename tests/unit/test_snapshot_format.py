@@ -288,6 +288,10 @@ def test_a_fresh_file_is_hashed_not_stamped_and_a_bad_book_costs_a_hash(tmp_path
     stamp["ino"] += 1  # a stamp filed under another inode is no stamp
     book.path.write_text(json.dumps(document))
     assert book.stamps() == {}
+    unwritable = stamps.Book(tmp_path / "a-folder")  # neither readable nor writable as a book
+    unwritable.path.mkdir()
+    assert stamps.take(path, "sha256", unwritable) == (snapshot.file_sha256(path), False)
+    assert unwritable.stamps() == {}
 
 
 def test_the_kit_digests_are_stamped_and_follow_a_change(tmp_path: Path) -> None:

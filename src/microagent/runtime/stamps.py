@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from microagent.errors import InvalidInputError
+from microagent.errors import HostIOError, InvalidInputError
 from microagent.fsutil import load_json_bounded, write_json_atomic
 
 BOOK = "verified.json"  # a snapshot folder's book of stamps
@@ -235,7 +235,7 @@ class Book:
             kept[_key(stamp.version)] = stamp
         newest = list(kept.items())[-MAX_STAMPS:]
         document = {"format": FORMAT, "stamps": {k: s.to_json() for k, s in newest}}
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, HostIOError):  # HostIOError: the disk is full
             write_json_atomic(self.path, document, mode=0o600)
 
 
