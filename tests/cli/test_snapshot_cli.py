@@ -101,6 +101,11 @@ def test_snapshot_create_ls_rm(ws: Workspace, capsys: pytest.CaptureFixture[str]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert [d["disk"] for d in manifest["disks"]] == ["state"]
     assert manifest["identity"]["vmm"] == "fake"
+    # the vCPUs ran on once the state and the disk copy were written: before the digests
+    # and the publication (the "snapshot" event), not after
+    rows = cli(capsys, "events", NAME)["events"]
+    ran_on = [i for i, e in enumerate(rows) if e["detail"] == "snapshot first saved, running on"]
+    assert ran_on and ran_on[0] < [e["event"] for e in rows].index("snapshot")
     default = cli(capsys, "snapshot", "create", NAME)["tag"]
     assert default.startswith("snap-")
     tags = [row["tag"] for row in cli(capsys, "snapshot", "ls", NAME)["snapshots"]]

@@ -5,8 +5,9 @@
   (it stood still while the vCPUs did).
 - ``snapshot create`` stops the vCPUs, has the VMM write its memory and device state, copies
   every disk the VM writes (the state disk, rw disk copies) while nothing can change them,
-  publishes the snapshot atomically (``snapshots/<tag>`` in the workspace's folder) and lets
-  the VM run on, or with ``stop`` (``suspend``) tells the VMM to quit: the supervisor then ends
+  lets the VM run on (the digests and the publication read only the files), and publishes
+  the snapshot atomically (``snapshots/<tag>`` in the workspace's folder); with ``stop``
+  (``suspend``) it tells the VMM to quit instead, once published: the supervisor then ends
   the run ``suspended``.
 - ``start`` of a suspended workspace, or ``start --from TAG``, checks the snapshot (manifest,
   every file's digest, the VM shape it was made by against the one a start would boot now),
@@ -224,10 +225,13 @@ def create(settings: Settings, ws: Workspace, tag: str, *, stop: bool = False) -
         if not was_paused:
             qmp.stop(vm_dir)
             ws.run.set_state(State.PAUSED, f"taking snapshot {tag}", pausedAt=now())
+        run_on = _RunOn(ws, vm_dir, tag, early=not was_paused and not stop)
         try:
-            manifest = _write(ws, tag, identity, vm_dir, was_paused=was_paused, began=began)
+            manifest = _write(
+                ws, tag, identity, vm_dir, was_paused=was_paused, began=began, saved=run_on
+            )
         except BaseException:
-            if not was_paused:  # the VM runs on; the snapshot's own error is the one to see
+            if not was_paused and not run_on.running:  # the snapshot's own error is the one
                 with contextlib.suppress(MicroagentError):
                     _run_on(ws, vm_dir, f"snapshot {tag} failed")
             raise
@@ -239,13 +243,46 @@ def create(settings: Settings, ws: Workspace, tag: str, *, stop: bool = False) -
         elif was_paused:
             final = State.PAUSED
         else:
-            final = _run_on(ws, vm_dir, f"snapshot {tag} taken")
+            final = run_on.finish()
     if final is State.RUNNING:
         resync_clock(ws)
     used = sum(f.stat().st_blocks * 512 for f in path.resolve().iterdir())
     return SnapshotReport(
         ws.name, tag, final.value, manifest.size, manifest.state.size, manifest.seconds, path, used
     )
+
+
+@dataclass
+class _RunOn:
+    """Lets a VM stopped for a snapshot run on as soon as its state and disks are saved
+    (``early``: it was running and is not being suspended): the digests and the publication
+    that follow read only the files, so the vCPUs stand still for the save alone."""
+
+    ws: Workspace
+    vm_dir: Path
+    tag: str
+    early: bool
+    running: bool = False
+    error: MicroagentError | None = None
+
+    def __call__(self) -> None:
+        if self.early and not self.running:
+            try:
+                _run_on(self.ws, self.vm_dir, f"snapshot {self.tag} saved, running on")
+            except MicroagentError as exc:
+                self.error = exc  # raised once the snapshot is published (see finish)
+            else:
+                self.running = True
+
+    def finish(self) -> State:
+        """The state after a published snapshot (the VM runs on); the VMM's error if it
+        could not."""
+        if not self.running:
+            self.error = None
+            self()
+        if self.error is not None:
+            raise self.error
+        return State.RUNNING
 
 
 def _run_on(ws: Workspace, vm_dir: Path, detail: str) -> State:
@@ -255,9 +292,17 @@ def _run_on(ws: Workspace, vm_dir: Path, detail: str) -> State:
 
 
 def _write(
-    ws: Workspace, tag: str, identity: Identity, vm_dir: Path, *, was_paused: bool, began: float
+    ws: Workspace,
+    tag: str,
+    identity: Identity,
+    vm_dir: Path,
+    *,
+    was_paused: bool,
+    began: float,
+    saved: _RunOn,
 ) -> Manifest:
-    """Save the stopped VM into a temp folder and publish it as ``tag``."""
+    """Save the stopped VM into a temp folder and publish it as ``tag``; ``saved`` is
+    called once the VM state and the disk copies are written."""
     tmp = snapshot.begin(ws.root, tag)
     try:
         state_path = tmp / snapshot.STATE_FILE
@@ -272,6 +317,7 @@ def _write(
             copy_disk(source, target)
             disks.append(SavedFile(target.name, target.stat().st_size, "", name))
         seconds = time.monotonic() - began  # the vCPUs may run on from here
+        saved()
         book = stamps.Book.of_folder(tmp)  # what is hashed now need not be at the restore
         state = SavedFile(
             state_path.name, state_path.stat().st_size, _digest(state_path, snapshot.PLAIN, book)
