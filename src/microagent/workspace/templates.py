@@ -21,10 +21,10 @@ credentials' variables). Then:
   rename under the entry's lock; a concurrent create of the same key reuses the first).
 
 A template that cannot be used is refused with the reason and the workspace boots cold,
-visibly: at create (a template whose files are missing: removed, and this create makes it
-anew) and at start (a digest or VM-shape mismatch: event ``warm-start-refused``, a notice,
-the workspace's copy and a corrupt store template removed, then a cold boot, event
-``cold``).
+visibly: at create (a template whose files are missing or do not match their digests:
+removed, and this create makes it anew) and at start (a digest or VM-shape mismatch, say a
+file changed after the fork: event ``warm-start-refused``, a notice, the workspace's copy and
+a corrupt store template removed, then a cold boot, event ``cold``).
 
 Secrets: a template holds no runtime secrets. ``--env`` values are refused with ``--warm``
 (the running agent could never see values given after its start); a credential's key stays
