@@ -197,6 +197,14 @@ def test_a_missing_template_file_is_refused_at_create_and_made_anew(
     again = warm_create(capsys, spec(project, "m2"), "--name", "m2")["template"]
     assert again["made"] is True and again["key"] == key and "vmstate" in again["refused"]
     assert "template-refused" in events(capsys, "m2")
+    # a file changed in place (its mtime set back) is refused at create too: its stamp no
+    # longer fits, so the fork hashes it
+    vmstate = templates(tmp_path)[0] / "snapshots" / "template" / "vmstate"
+    data = bytearray(vmstate.read_bytes())
+    data[0] ^= 0xFF
+    overwrite_keeping_mtime(vmstate, bytes(data))
+    third = warm_create(capsys, spec(project, "m3"), "--name", "m3")["template"]
+    assert third["made"] is True and "vmstate does not match its digest" in third["refused"]
 
 
 def test_cache_prune_and_verify_know_templates(
