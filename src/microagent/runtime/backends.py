@@ -12,16 +12,24 @@ from pathlib import Path
 
 from microagent.errors import InvalidInputError
 from microagent.runtime.backend import Backend
-from microagent.runtime.fake import FakeBackend, outcome_handler
 from microagent.runtime.firecracker import FirecrackerBackend
 from microagent.runtime.qemu import QemuBackend
 from microagent.runtime.vz import VzBackend
 
 Factory = Callable[[Path | None, str | None], Backend]
 
+
+def _fake(_probes: Path | None, outcome: str | None) -> Backend:
+    # A real start's supervisor imports this module before it launches the VMM.
+    # deferred: the fake backend (tests, demos) is off that path
+    from microagent.runtime.fake import FakeBackend, outcome_handler
+
+    return FakeBackend(outcome_handler(outcome))
+
+
 BACKENDS: Mapping[str, Factory] = {
     "qemu": lambda probes, _fake: QemuBackend(cache_dir=probes),
-    "fake": lambda _probes, fake: FakeBackend(outcome_handler(fake)),
+    "fake": _fake,
     "firecracker": lambda _probes, _fake: FirecrackerBackend(),
     "vz": lambda _probes, _fake: VzBackend(),
 }

@@ -121,11 +121,14 @@ class BootDocument:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> BootDocument:
-        # The gateway's config (TLS, HTTP parsing) is needed only where boot.json is read (the
-        # supervisor), never on the exec and status paths that import this module: deferred.
-        from microagent.broker.gateway import GatewayConfig
-
         probes = data.get("probesDir")
+        gateway = None
+        if data.get("gateway"):
+            # Not on the exec and status paths, nor a start without credentials.
+            # deferred: the gateway's config (TLS, HTTP parsing), only where boot.json has one
+            from microagent.broker.gateway import GatewayConfig
+
+            gateway = GatewayConfig.from_json(data["gateway"])
         return cls(
             _config_from_json(data),
             str(data["backend"]),
@@ -134,7 +137,7 @@ class BootDocument:
             Restart.parse(data.get("restart", "never")),
             float(data.get("restartBackoff", 1.0)),
             HealthCheck.from_json(data["health"]) if data.get("health") else None,
-            GatewayConfig.from_json(data["gateway"]) if data.get("gateway") else None,
+            gateway,
             Path(data["restore"]) if data.get("restore") else None,
         )
 

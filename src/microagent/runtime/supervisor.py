@@ -34,7 +34,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microagent import runner
 from microagent.compiler.spec import RestartPolicy
@@ -45,10 +45,12 @@ from microagent.runtime.agentlink import AgentHello, AgentLink, MediationTarget,
 from microagent.runtime.agentproto import ExecRequest
 from microagent.runtime.backend import Backend, BootConfig, GuestResult, Machine
 from microagent.runtime.backends import get_backend
-from microagent.runtime.gatewayproc import GatewayProcess
 from microagent.runtime.health import HealthCheck, HealthProber, ProbeOutcome
 from microagent.runtime.rundir import BootDocument, RunDir, State, now
 from microagent.runtime.snapshot import GUEST_BUSYBOX, clock_request, restoring
+
+if TYPE_CHECKING:
+    from microagent.runtime.gatewayproc import GatewayProcess
 
 SHUTDOWN_GRACE = 15.0
 HOSTNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}")  # what a restore may set
@@ -262,6 +264,10 @@ class Supervisor:
         reads the secret values from this process's stdin (a pipe this process never reads)."""
         if boot.gateway is None:
             return None
+        # Every start without credentials launches its VMM without importing them.
+        # deferred: the brokers' modules (TLS, HTTP), for a workspace with credentials
+        from microagent.runtime.gatewayproc import GatewayProcess
+
         gateway = GatewayProcess(boot.gateway, self.run_dir.path)
         try:
             gateway.start(stdin=0)
