@@ -7,11 +7,14 @@ same on every machine.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeGuard
+from typing import TYPE_CHECKING, BinaryIO, Protocol, TypeGuard
 
 from microagent.errors import IntegrityError, InvalidInputError
 
@@ -121,3 +124,76 @@ class HashingWriter:
 
     def digest(self) -> Digest:
         return Digest.from_hasher(self.hasher)
+
+
+# -- sparse images: a digest over the data runs and where they lie ------------------------------
+
+SPARSE_BLOCK = 64 << 10  # an all-zero aligned block of this size is a hole
+SPARSE_RUN = 4 << 20  # data runs are cut into pieces of at most this many bytes
+_SPARSE_DOMAIN = b"microagent.sparse-image.v1\n"
+_ZERO_BLOCK = bytes(SPARSE_BLOCK)
+
+
+class SparseDigest:
+    """sha256 over an image's size and, in order, each data run's offset, length and sha256:
+    what a packed image (format 2) commits to, so holes are neither stored nor hashed.
+    Feed it the runs of :func:`data_runs` (or of a blob's chunk map) with their digests."""
+
+    def __init__(self, size: int) -> None:
+        self.hasher = hashlib.sha256(_SPARSE_DOMAIN + size.to_bytes(8, "little"))
+
+    def add(self, offset: int, length: int, run_sha256: bytes) -> None:
+        self.hasher.update(offset.to_bytes(8, "little") + length.to_bytes(4, "little"))
+        self.hasher.update(run_sha256)
+
+    def hexdigest(self) -> str:
+        return "sha256:" + self.hasher.hexdigest()
+
+
+def data_runs(fh: BinaryIO, size: int) -> Iterator[tuple[int, bytes]]:
+    """``(offset, data)`` of each data run of the file ``fh`` of ``size`` bytes, in order: the
+    maximal runs of aligned :data:`SPARSE_BLOCK` blocks that are not all zero, cut every
+    :data:`SPARSE_RUN` bytes. A function of the content only (file holes read as zeros and
+    are skipped without reading them), so packing and checking a file agree."""
+    start, pending = -1, bytearray()
+    for region_start, region_end in _data_regions(fh.fileno(), size):
+        fh.seek(region_start)
+        offset = region_start
+        while offset < region_end:
+            block = fh.read(min(SPARSE_BLOCK, region_end - offset))
+            if not block:
+                raise OSError(f"{fh.name}: shorter than its {size} bytes")
+            if block == _ZERO_BLOCK[: len(block)] or (
+                start >= 0 and start + len(pending) != offset
+            ):
+                if pending:
+                    yield start, bytes(pending)
+                start, pending = -1, bytearray()
+            if block != _ZERO_BLOCK[: len(block)]:
+                start = offset if start < 0 else start
+                pending += block
+                if len(pending) >= SPARSE_RUN:
+                    yield start, bytes(pending)
+                    start, pending = -1, bytearray()
+            offset += len(block)
+    if pending:
+        yield start, bytes(pending)
+
+
+def _data_regions(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """Block-aligned ``(start, end)`` regions that may hold data (SEEK_DATA / SEEK_HOLE; the
+    whole file where the file system cannot say)."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after offset
+                return
+            yield offset, size  # SEEK_DATA unsupported: read it all
+            return
+        start -= start % SPARSE_BLOCK
+        end = min(size, -(-end // SPARSE_BLOCK) * SPARSE_BLOCK)
+        yield max(start, offset), end
+        offset = end

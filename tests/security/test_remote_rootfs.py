@@ -27,7 +27,7 @@ import zstandard
 
 from microagent.cli import main
 from microagent.errors import IntegrityError
-from microagent.ext4.packed import pack
+from microagent.ext4.packed import MEDIA_TYPES, pack, pack_v1
 from microagent.oci.transport import MemoryRepository
 from microagent.remotecache.publish import prepare, publish
 from microagent.remotecache.records import (
@@ -104,15 +104,18 @@ def packed(image: Path) -> tuple[bytes, PackedImage]:
 
 
 def put_artifact(repo: MemoryRepository, key: str, blob: bytes, info: PackedImage) -> None:
-    """Re-point ``rootfs-<hex>`` at ``blob``, described by ``info`` (blob and annotation)."""
+    """Point the rootfs artifact of ``info``'s format at ``blob``, described by ``info``
+    (blob, media type and annotation)."""
     found = repo.find_manifest(rootfs_tag(key))
     assert found is not None
     doc = json.loads(found.data)
     repo.blobs[info.blob] = blob
-    doc["layers"][0].update(digest=info.blob, size=info.blob_size)
+    media_type = MEDIA_TYPES.get(info.format, "application/x-future")
+    doc["layers"][0].update(digest=info.blob, size=info.blob_size, mediaType=media_type)
     note = {"key": key, "digest": info.digest, "size": info.size}
     doc["annotations"][ROOTFS_ANNOTATION] = json.dumps(note)
-    repo.put_manifest(rootfs_tag(key), json.dumps(doc).encode(), found.media_type)
+    tag = rootfs_tag(key, info.format)
+    repo.put_manifest(tag, json.dumps(doc).encode(), found.media_type)
 
 
 def put_record_image(repo: MemoryRepository, key: str, info: PackedImage | None) -> None:
@@ -221,6 +224,36 @@ def test_a_declared_size_beyond_the_layers_is_not_unpacked(
     store, restorer = restore(published, tmp_path / "b")
     assert restorer.stats.images == 0
     assert any("allowed for its layers" in w for w in restorer.warnings)
+    is_honest(store, published)
+
+
+def test_an_older_publishers_format_1_image_is_still_used(
+    published: Published, tmp_path: Path
+) -> None:
+    """A cache pushed by a version that packed whole images (format 1, ``rootfs-<hex>``)."""
+    out = io.BytesIO()
+    info = pack_v1(published.rootfs, out)
+    assert "format" not in info.to_json() and rootfs_tag(published.key, 1).startswith("rootfs-")
+    put_artifact(published.repo, published.key, out.getvalue(), info)
+    put_record_image(published.repo, published.key, info)
+    store, restorer = restore(published, tmp_path / "b")
+    assert (restorer.stats.images, restorer.warnings) == (1, [])
+    assert store.entry_path(rootfs_entry(published.key)).read_bytes() == (
+        published.rootfs.read_bytes()
+    )
+
+
+def test_an_image_format_this_version_cannot_read_is_flattened(
+    published: Published, tmp_path: Path
+) -> None:
+    """A record from a newer publisher: never unpacked, the verified layers flattened."""
+    blob, info = packed(published.rootfs)
+    future = dataclasses.replace(info, format=3)
+    put_artifact(published.repo, published.key, blob, future)
+    put_record_image(published.repo, published.key, future)
+    store, restorer = restore(published, tmp_path / "b")
+    assert restorer.stats.images == 0
+    assert any("has format 3, which this version cannot read" in w for w in restorer.warnings)
     is_honest(store, published)
 
 

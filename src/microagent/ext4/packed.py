@@ -1,12 +1,24 @@
-"""The built root filesystem of a setup step as one zstd blob, for remote cache hits that need
-no flatten and no ``mke2fs``.
+"""The built root filesystem of a setup step as one blob, for remote cache hits that need no
+flatten and no ``mke2fs``.
 
-``pack`` compresses ``rootfs/<key>.ext4`` (hashing the image as it goes, for the record);
-``unpack`` streams a blob back into a sparse file and accepts it only if the compressed bytes
-match the blob digest and size, the decoded bytes match the image digest and size, and
-``e2fsck -fn`` finds the file system clean. All of that happens before the caller publishes
-the file (``Store.build_once``), so a damaged, truncated or crafted download never becomes a
-rootfs that the host's debugfs reads (``microagent cp``) or a VM boots.
+Two formats (``PackedImage.format``; the artifact's media type and tag say which):
+
+* **2** (written now): the image's data runs only (see ``digests.data_runs``: aligned 64 KiB
+  blocks that are not all zero, cut every 4 MiB), each as a zstd frame behind a chunk header
+  (offset, length, frame size); holes are neither stored, transferred, decoded nor hashed.
+  The image digest is a :class:`~microagent.digests.SparseDigest` over the size and each run's
+  offset, length and sha256. Frames are decoded, hashed and written (``pwrite`` into a sparse
+  file) by a few threads at once while the download is read and hashed.
+* **1** (read for older caches): the whole image as one zstd frame, its digest the sha256 of
+  every byte.
+
+``pack`` writes format 2; ``unpack`` accepts a blob only if the compressed bytes match the
+blob digest and size, every chunk header is in bounds (inside the image, in order, no
+overlap, each frame within zstd's bound for its length), each frame decodes to exactly its
+length, the decoded image matches its digest and size, and ``e2fsck -fn`` finds the file
+system clean. All of that happens before the caller publishes the file
+(``Store.build_once``), so a damaged, truncated or crafted download never becomes a rootfs
+that the host's debugfs reads (``microagent cp``) or a VM boots.
 
 Trust: the image is what the publisher built for the key, like its setup layers: whoever can
 push to the cache chooses it. ``remotecache`` ties it to the verified step record and bounds
@@ -21,25 +33,66 @@ import contextlib
 import hashlib
 import os
 import queue
+import struct
 import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from microagent.digests import HashingWriter
+from microagent.digests import SPARSE_RUN, HashingWriter, SparseDigest, data_runs
 from microagent.errors import IntegrityError
 from microagent.ext4.debugfs import check_image
 from microagent.store.records import PackedImage
 
-MEDIA_TYPE = "application/vnd.microagent.rootfs.ext4+zstd"
+FORMAT = 2  # what pack writes
+MEDIA_TYPES = {
+    1: "application/vnd.microagent.rootfs.ext4+zstd",
+    2: "application/vnd.microagent.rootfs.ext4.sparse.v2+zstd",
+}
+MEDIA_TYPE = MEDIA_TYPES[FORMAT]
 LEVEL = 3
 CHUNK = 1 << 20
 DECODED_CHUNK = 128 << 10  # decoded bytes per hand-over: small enough to stay in the CPU cache
 SPARSE_BLOCK = 64 << 10
 _ZEROS = bytes(SPARSE_BLOCK)
 
+MAGIC = b"MAROOTFS"
+HEADER = struct.Struct("<8sIQ")  # magic, format, image size
+CHUNK_HEADER = struct.Struct("<QII")  # offset, decoded length, frame length (0, 0: the end)
+MAX_RUN = 2 * SPARSE_RUN  # the longest decoded run a blob may declare (memory bound)
+DECODERS = max(1, min(4, os.cpu_count() or 1))
+IN_FLIGHT = 2 * DECODERS  # frames read ahead of the decoders: <= IN_FLIGHT * MAX_RUN bytes
+
+
+def frame_bound(length: int) -> int:
+    """The most bytes a zstd frame of ``length`` decoded bytes may take (ZSTD_compressBound
+    plus room for the frame header)."""
+    return length + (length >> 7) + 4096
+
 
 def pack(image: Path, out: BinaryIO) -> PackedImage:
-    """Compress ``image`` into ``out``."""
+    """Write ``image``'s data runs into ``out`` (format 2)."""
+    import zstandard  # deferred: ~10 ms to import; a cache-hit create never (de)compresses
+
+    cctx = zstandard.ZstdCompressor(level=LEVEL, write_content_size=True)
+    sink = HashingWriter(out)
+    with image.open("rb") as src:
+        size = os.fstat(src.fileno()).st_size
+        digest = SparseDigest(size)
+        sink.write(HEADER.pack(MAGIC, FORMAT, size))
+        for offset, data in data_runs(src, size):
+            frame = cctx.compress(data)
+            sink.write(CHUNK_HEADER.pack(offset, len(data), len(frame)))
+            sink.write(frame)
+            digest.add(offset, len(data), hashlib.sha256(data).digest())
+        sink.write(CHUNK_HEADER.pack(size, 0, 0))
+    return PackedImage(str(sink.digest()), sink.size, digest.hexdigest(), size, FORMAT)
+
+
+def pack_v1(image: Path, out: BinaryIO) -> PackedImage:
+    """Compress ``image`` into ``out`` as one zstd frame (format 1: what older versions
+    published; kept so their artifacts stay readable, and for the tests)."""
     plain = hashlib.sha256()
     size = 0
     sink = HashingWriter(out)
@@ -161,15 +214,141 @@ class _Sink:
 
 
 def unpack(stream: BinaryIO, out: Path, expected: PackedImage) -> None:
-    """Decompress ``stream`` into a new sparse file ``out`` (see :func:`_unpack`), then refuse
-    it unless ``e2fsck -fn`` finds a clean file system."""
+    """Decode the blob ``stream`` into a new sparse file ``out`` (format 2:
+    :func:`_unpack_runs`, format 1: :func:`_unpack_v1`), then refuse it unless
+    ``e2fsck -fn`` finds a clean file system."""
+    if expected.format == 2:
+        _unpack_runs(stream, out, expected)
+    elif expected.format == 1:
+        _unpack_v1(stream, out, expected)
+    else:
+        raise IntegrityError(
+            f"rootfs image format {expected.format} is not supported by this version",
+            hint="a newer microagent published it; upgrade, or let the layers be flattened",
+        )
+    check_image(out, "rootfs image")
+
+
+def _unpack_v1(stream: BinaryIO, out: Path, expected: PackedImage) -> None:
     counted = _Counted(expected.blob_size)
     prefetch = _Prefetch(stream, counted)
     try:
         _unpack(cast(BinaryIO, prefetch), counted, out, expected)
     finally:
         prefetch.close()
-    check_image(out, "rootfs image")
+
+
+# -- format 2: data runs as zstd frames, decoded in parallel ------------------------------------
+
+
+class _Blob:
+    """Exact reads from the download, each byte counted (bounded) and hashed as it arrives."""
+
+    def __init__(self, stream: BinaryIO, counted: _Counted) -> None:
+        self.stream = stream
+        self.counted = counted
+
+    def exact(self, size: int) -> bytes:
+        pieces: list[bytes] = []
+        missing = size
+        while missing > 0:
+            piece = self.stream.read(min(missing, CHUNK))
+            if not piece:
+                raise IntegrityError("the rootfs image blob ends early (truncated)")
+            self.counted.add(piece)
+            pieces.append(piece)
+            missing -= len(piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def at_end(self) -> bool:
+        extra = self.stream.read(1)
+        if extra:
+            self.counted.add(extra)
+        return not extra
+
+
+def _unpack_runs(stream: BinaryIO, out: Path, expected: PackedImage) -> None:
+    """Format 2: the calling thread reads (and hashes) the blob and checks each chunk header;
+    up to :data:`DECODERS` threads decode, hash and ``pwrite`` the frames, at most
+    :data:`IN_FLIGHT` ahead. The blob digest and the sparse digest are checked at the end."""
+    counted = _Counted(expected.blob_size)
+    blob = _Blob(stream, counted)
+    magic, version, size = HEADER.unpack(blob.exact(HEADER.size))
+    if magic != MAGIC or version != 2:
+        raise IntegrityError("the rootfs image blob is not a format 2 packed image")
+    if size != expected.size:
+        raise IntegrityError(f"rootfs image has {size} bytes, expected {expected.size}")
+    digest = SparseDigest(size)
+    with out.open("xb") as fh:
+        fh.truncate(size)
+        with ThreadPoolExecutor(DECODERS, thread_name_prefix="rootfs-decode") as pool:
+            _decode_runs(blob, pool, fh.fileno(), size, digest)
+    _check(counted, expected, size, digest.hexdigest())
+
+
+_Run = tuple[int, int, "Future[bytes]"]  # offset, length, the run's sha256 once written
+
+
+def _decode_runs(
+    blob: _Blob, pool: ThreadPoolExecutor, fd: int, size: int, digest: SparseDigest
+) -> None:
+    window: deque[_Run] = deque()
+    try:
+        end = 0
+        while (run := _next_run(blob, size, end)) is not None:
+            offset, length, frame = run
+            end = offset + length
+            if len(window) >= IN_FLIGHT:
+                _settle(window.popleft(), digest)
+            window.append((offset, length, pool.submit(_decode_run, fd, frame, offset, length)))
+        while window:
+            _settle(window.popleft(), digest)
+    finally:
+        for _offset, _length, future in window:  # after an error: stop what has not started
+            future.cancel()
+
+
+def _settle(run: _Run, digest: SparseDigest) -> None:
+    offset, length, future = run
+    digest.add(offset, length, future.result())
+
+
+def _next_run(blob: _Blob, size: int, end: int) -> tuple[int, int, bytes] | None:
+    """The next chunk's offset, length and frame, bounds checked; None after the end mark."""
+    offset, length, framed = CHUNK_HEADER.unpack(blob.exact(CHUNK_HEADER.size))
+    if length == 0:
+        if (offset, framed) != (size, 0):
+            raise IntegrityError("the rootfs image blob has a bad end mark")
+        if not blob.at_end():
+            raise IntegrityError("the rootfs image blob has bytes after its end mark")
+        return None
+    if offset < end or offset + length > size or length > MAX_RUN:
+        raise IntegrityError(
+            f"rootfs image chunk at {offset} (+{length} bytes) is out of order or bounds"
+        )
+    if not 0 < framed <= frame_bound(length):
+        raise IntegrityError(f"rootfs image chunk at {offset}: a {framed}-byte frame")
+    return offset, length, blob.exact(framed)
+
+
+def _decode_run(fd: int, frame: bytes, offset: int, length: int) -> bytes:
+    """Decode one frame (exactly ``length`` bytes), write it at ``offset``; its sha256."""
+    import zstandard  # deferred: ~10 ms to import; a cache-hit create never (de)compresses
+
+    try:
+        if zstandard.frame_content_size(frame) != length:  # checked before any allocation
+            raise IntegrityError(f"rootfs image chunk at {offset}: frame size differs")
+        data = zstandard.ZstdDecompressor().decompress(
+            frame, max_output_size=length, allow_extra_data=False
+        )
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"rootfs image chunk at {offset} is not valid zstd: {exc}") from exc
+    if len(data) != length:
+        raise IntegrityError(f"rootfs image chunk at {offset} decodes to {len(data)} bytes")
+    view, done = memoryview(data), 0
+    while done < length:
+        done += os.pwrite(fd, view[done:], offset + done)
+    return hashlib.sha256(data).digest()
 
 
 def _unpack(stream: BinaryIO, counted: _Counted, out: Path, expected: PackedImage) -> None:

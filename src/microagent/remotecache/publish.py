@@ -333,11 +333,13 @@ class _ManifestBuilder:
 
     def add_rootfs_image(self, key: str, image: PackedImage) -> None:
         """An artifact ``rootfs-<hex>`` holding the step's built ext4 (zstd)."""
-        blob = LayerRef(packing.MEDIA_TYPE, image.blob, image.blob_size, image.digest)
+        media_type = packing.MEDIA_TYPES[image.format]
+        blob = LayerRef(media_type, image.blob, image.blob_size, image.digest)
         info = {"key": key, "digest": image.digest, "size": image.size}
         config = self.pub.data(EMPTY_JSON, EMPTY_MEDIA_TYPE)
         annotations = {ROOTFS_ANNOTATION: canonical_json(info).decode()}
-        self.pub.manifest(rootfs_tag(key), config, [blob], annotations, ROOTFS_ARTIFACT_TYPE)
+        tag = rootfs_tag(key, image.format)
+        self.pub.manifest(tag, config, [blob], annotations, ROOTFS_ARTIFACT_TYPE)
 
     def add_image(self, tag: str, chain: Sequence[StepRecord]) -> None:
         """The complete image: rootfs layers + files layer, config from the config step."""

@@ -36,7 +36,8 @@ from microagent.compiler.keys import StepKind, inputs_digest, step_key
 from microagent.compiler.plan import Step
 from microagent.digests import is_digest, key_hex, sha256_digest
 from microagent.errors import IntegrityError
-from microagent.ext4.packed import MEDIA_TYPE as ROOTFS_MEDIA_TYPE
+from microagent.ext4.packed import FORMAT as ROOTFS_FORMAT
+from microagent.ext4.packed import MEDIA_TYPES as ROOTFS_MEDIA_TYPES
 from microagent.oci import documents as oci
 from microagent.store.records import (
     BaseOrigin,
@@ -322,26 +323,30 @@ ROOTFS_TAG_PREFIX = "rootfs-"
 ROOTFS_ANNOTATION = "io.microagent.rootfs.v1"
 
 
-def rootfs_tag(key: str) -> str:
-    """The tag of a step's rootfs image artifact: ``rootfs-<64 hex>``."""
-    return ROOTFS_TAG_PREFIX + key_hex(key)
+def rootfs_tag(key: str, image_format: int = ROOTFS_FORMAT) -> str:
+    """The tag of a step's rootfs image artifact: ``rootfs-<64 hex>`` for format 1,
+    ``rootfs-v<format>-<64 hex>`` after it (a version that cannot read a format never finds
+    it, and flattens, instead of refusing the cache)."""
+    version = "" if image_format == 1 else f"v{image_format}-"
+    return ROOTFS_TAG_PREFIX + version + key_hex(key)
 
 
-def parse_rootfs_manifest(data: bytes, key: str) -> PackedImage:
-    """The image a ``rootfs-<hex>`` artifact describes, after checking it is for ``key``."""
-    doc, info = _annotated(data, rootfs_tag(key), ROOTFS_ANNOTATION)
+def parse_rootfs_manifest(data: bytes, key: str, image_format: int = ROOTFS_FORMAT) -> PackedImage:
+    """The image a rootfs artifact of ``image_format`` describes, after checking it is for
+    ``key`` and in that format."""
+    doc, info = _annotated(data, rootfs_tag(key, image_format), ROOTFS_ANNOTATION)
     if info.get("key") != key:
         raise _bad(f"rootfs image for {str(info.get('key'))[:19]}… under the tag of {key[:19]}…")
     layers = doc.get("layers")
     if not isinstance(layers, list) or len(layers) != 1:
         raise _bad("a rootfs manifest has exactly one blob")
     blob = oci.descriptor(layers[0], "rootfs blob")
-    if blob.media_type != ROOTFS_MEDIA_TYPE:
+    if blob.media_type != ROOTFS_MEDIA_TYPES.get(image_format):
         raise _bad(f"unexpected rootfs media type {blob.media_type!r}")
     digest, size = info.get("digest"), info.get("size")
     if not (is_digest(digest)) or not isinstance(size, int):
         raise _bad("the rootfs image record needs digest and size")
-    return PackedImage(blob.digest, blob.size, digest, size)
+    return PackedImage(blob.digest, blob.size, digest, size, image_format)
 
 
 def image_size_limit(layers: Sequence[LayerRef]) -> int:

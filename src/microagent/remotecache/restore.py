@@ -32,6 +32,7 @@ from microagent.compiler.keys import StepKind
 from microagent.compiler.plan import BuildPlan, CachedStep, Step, StepCache
 from microagent.digests import Digest
 from microagent.errors import IntegrityError, MicroagentError, NotFoundError, RegistryError
+from microagent.ext4.packed import MEDIA_TYPES as ROOTFS_MEDIA_TYPES
 from microagent.oci import documents as oci
 from microagent.progress import Meter, TaskKind, megabytes, rate
 from microagent.remotecache.records import (
@@ -348,10 +349,16 @@ class Restorer:
         step = hit.step
         if step.kind is not StepKind.SETUP or not self.packed_images or not step.rootfs_image:
             return None  # an older record without image fields: flatten
-        where, key = hit.source.where, step.key
+        where, key, image_format = hit.source.where, step.key, step.rootfs_image.format
+        if image_format not in ROOTFS_MEDIA_TYPES:
+            self._warn(f"rootfs image of {key[:19]}… from {where} has format {image_format}, "
+                       "which this version cannot read; flattening")  # fmt: skip
+            return None
         try:
-            found = hit.source.find_manifest(rootfs_tag(key))
-            published = None if found is None else parse_rootfs_manifest(found.data, key)
+            found = hit.source.find_manifest(rootfs_tag(key, image_format))
+            published = (
+                None if found is None else parse_rootfs_manifest(found.data, key, image_format)
+            )
         except IntegrityError as exc:
             raise _corrupt(exc, f"rootfs manifest {key[:19]}…", where) from exc
         except (RegistryError, NotFoundError):

@@ -96,20 +96,28 @@ class BaseOrigin:
 
 @dataclass(frozen=True)
 class PackedImage:
-    """A step's built root filesystem as one zstd blob (``blob``) of an image (``digest``)."""
+    """A step's built root filesystem as one blob (``blob``) of an image (``digest``).
+
+    ``format`` says how the blob and ``digest`` are made (``ext4.packed``): 1, one zstd frame
+    of the whole image and its sha256 (records without the field); 2, the data runs only and
+    a sparse digest. A format this version does not know is kept, and not unpacked."""
 
     blob: str
     blob_size: int
     digest: str
     size: int
+    format: int = 1
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "blob": self.blob,
             "blobSize": self.blob_size,
             "digest": self.digest,
             "size": self.size,
         }
+        if self.format != 1:  # format 1 records stay as older versions wrote them
+            out["format"] = self.format
+        return out
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> PackedImage:
@@ -118,6 +126,7 @@ class PackedImage:
             _size(raw, "blobSize", "rootfs image"),
             _digest(raw, "digest", "rootfs image"),
             _size(raw, "size", "rootfs image"),
+            _size(raw, "format", "rootfs image") if "format" in raw else 1,
         )
 
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from microagent.digests import Digest
+from microagent.digests import Digest, SparseDigest, data_runs
 from microagent.errors import IntegrityError
 from microagent.fsutil import remove_any
 from microagent.store.content import CHUNK, STALE_TEMP_SECONDS, Store
@@ -301,7 +301,11 @@ def _image_problem(scan: _Scan, record: StepRecord | None, path: Path) -> str:
         if short:
             return short
         if record is not None and record.packed is not None:
-            mismatch = _digest_mismatch(path, record.packed.digest, record.packed.size)
+            packed = record.packed
+            if packed.format == 2:
+                mismatch = _sparse_digest_mismatch(path, packed.digest, packed.size)
+            else:
+                mismatch = _digest_mismatch(path, packed.digest, packed.size)
             if mismatch:
                 return mismatch
     except OSError as exc:
@@ -336,6 +340,20 @@ def _digest_mismatch(path: Path, digest: str, size: int) -> str:
         return f"{got} bytes, its record says {size}"
     if "sha256:" + hasher.hexdigest() != digest:
         return f"content hashes to sha256:{hasher.hexdigest()}, its record says {digest}"
+    return ""
+
+
+def _sparse_digest_mismatch(path: Path, digest: str, size: int) -> str:
+    """The check for an image packed in format 2 (``ext4.packed``): its sparse digest."""
+    with path.open("rb") as fh:
+        got = os.fstat(fh.fileno()).st_size
+        if got != size:
+            return f"{got} bytes, its record says {size}"
+        sparse = SparseDigest(size)
+        for offset, data in data_runs(fh, size):
+            sparse.add(offset, len(data), hashlib.sha256(data).digest())
+    if sparse.hexdigest() != digest:
+        return f"its data runs hash to {sparse.hexdigest()}, its record says {digest}"
     return ""
 
 
