@@ -60,7 +60,7 @@ _ZEROS = bytes(SPARSE_BLOCK)
 MAGIC = b"MAROOTFS"
 HEADER = struct.Struct("<8sIQ")  # magic, format, image size
 CHUNK_HEADER = struct.Struct("<QII")  # offset, decoded length, frame length (0, 0: the end)
-MAX_RUN = 2 * SPARSE_RUN  # the longest decoded run a blob may declare (memory bound)
+MAX_RUN = SPARSE_RUN  # the longest decoded run a blob may declare (memory bound)
 DECODERS = max(1, min(4, os.cpu_count() or 1))
 IN_FLIGHT = 2 * DECODERS  # frames read ahead of the decoders: <= IN_FLIGHT * MAX_RUN bytes
 
