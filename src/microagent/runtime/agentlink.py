@@ -22,6 +22,14 @@ target and reads the target only while the guest's window has room; an empty DAT
 half-close. Once both ways ended, the link sends CLOSE when the guest has acknowledged all the
 target's data (its whole window is back), so the agent never drops the end of a reply.
 
+A held mediation target (``MediationTarget.hold``: a warm template's boot, which must not
+reach the real target) is the host itself, a silent peer: MED_OPEN gets MED_OPENED at once and
+nothing else, no socket is made, the guest's DATA is counted and dropped, and no WINDOW goes
+back. At most :data:`HOLD_MAX` connections are held at once (more get CLOSE with an error) and
+each may send :data:`HOLD_BYTES_MAX` bytes (more is cut off); an empty DATA (the guest's
+end of data) or CLOSE ends one. ``on_held`` is told of the first HOLD_MAX (a guest that
+opens in a loop makes no more noise); :attr:`AgentLink.held` counts them all.
+
 Everything from the guest and from clients is bounded: frames by :class:`FrameReader`, the
 number of clients and of mediated connections, and every buffer (a peer that lets one grow
 past :data:`PEER_BUFFER_MAX` has broken the window and is cut off). All sockets belong to the
@@ -75,6 +83,8 @@ GUEST_BUFFER_HIGH = 1 << 20  # clients and targets are not read while this much 
 GUEST_BUFFER_MAX = 4 << 20  # ... and the guest is not read either (its replies would pile up)
 PEER_BUFFER_MAX = WINDOW + 4 * MAX_PAYLOAD  # a window plus control frames; more breaks the rules
 HELLO_FIELD_MAX = 64  # agent name and version kept from the guest's HELLO
+HOLD_MAX = 4  # held mediation connections at once (a serve-mode agent keeps one)
+HOLD_BYTES_MAX = 64 << 10  # bytes a held connection may send (counted, dropped)
 
 # Frames a client may send after its EXEC (passed on to the guest with the channel rewritten).
 _CLIENT_TYPES = frozenset(
@@ -115,6 +125,7 @@ class MediationTarget:
     host: str
     port: int
     guest_port: int | None = None
+    hold: bool = False  # the link holds the connections itself: the target is never contacted
 
     def address(self) -> tuple[int, tuple[Any, ...]]:
         """(address family, socket address); InvalidInputError if it does not resolve."""
@@ -169,6 +180,16 @@ class _Route:
     family: int
     address: Any
     what: str  # in errors: "the mediation target", "the service 'egress-proxy'"
+    hold: bool = False  # the link is the peer: see HOLD_MAX
+
+
+@dataclass
+class HeldStats:
+    """What a held mediation target took (written by the link's thread only)."""
+
+    connections: int = 0  # held, in all
+    bytes: int = 0  # the guest's DATA, counted and dropped
+    refused: int = 0  # over HOLD_MAX at once, or over HOLD_BYTES_MAX
 
 
 @dataclass(eq=False)
@@ -188,6 +209,7 @@ class _Mediation(_Peer):
 
 OnReady = Callable[[AgentHello], None]
 OnLost = Callable[[str], None]
+OnHeld = Callable[[int], None]  # a guest connection to this guest port is held
 
 
 def _ignore(*_args: object) -> None:
@@ -206,13 +228,14 @@ class AgentLink:
         services: Sequence[ServiceChannel] = (),
         on_ready: OnReady = _ignore,
         on_lost: OnLost = _ignore,
+        on_held: OnHeld = _ignore,
         max_clients: int = MAX_CLIENTS,
     ) -> None:
         self.agent_socket = agent_socket
         self.exec_socket = exec_socket
         self.max_clients = max_clients
         self._routes, self._default_route = _routes(mediation, services)
-        self._on_ready, self._on_lost = on_ready, on_lost
+        self._on_ready, self._on_lost, self._on_held = on_ready, on_lost, on_held
         self._sel = selectors.DefaultSelector()
         self._interest: dict[socket.socket, int] = {}
         self._wake_r, self._wake_w = socket.socketpair()
@@ -224,6 +247,8 @@ class AgentLink:
         self._execs: dict[int, _Client] = {}  # guest channel -> client
         self._meds: dict[int, _Mediation] = {}  # guest channel -> mediation
         self._by_target: dict[socket.socket, _Mediation] = {}
+        self._held: dict[int, int] = {}  # guest channel -> bytes taken (a held target)
+        self.held = HeldStats()
         self._next_channel = 1
         self._stopping = threading.Event()
         self.ready = threading.Event()
@@ -368,6 +393,7 @@ class AgentLink:
             self._drop_client(client)
         for med in list(self._meds.values()):
             self._drop_mediation(med)
+        self._held.clear()
         if self._guest is not None:
             self._forget(self._guest.sock)
             self._guest = None
@@ -443,6 +469,7 @@ class AgentLink:
             self._end_client(client, _close_frame(CLIENT_CHANNEL, why))
         for med in list(self._meds.values()):
             self._drop_mediation(med)
+        self._held.clear()
         if was_ready:
             self._notify(self._on_lost, why)
 
@@ -585,6 +612,9 @@ class AgentLink:
     # -- mediation ---------------------------------------------------------------------------
 
     def _mediation_frame(self, frame: Frame) -> None:
+        if frame.channel in self._held:
+            self._held_frame(frame)
+            return
         med = self._meds.get(frame.channel)
         if frame.type is FrameType.MED_OPEN:
             if med is None:
@@ -607,6 +637,9 @@ class AgentLink:
         if route is None:
             self._close_channel(frame.channel, self._no_route(port))
             return
+        if route.hold:
+            self._hold(frame.channel, port)
+            return
         if len(self._meds) >= MAX_MEDIATIONS:
             self._close_channel(frame.channel, "too many mediated connections")
             return
@@ -617,6 +650,36 @@ class AgentLink:
         self._meds[med.channel] = med
         self._by_target[sock] = med
         self._connect(med)
+
+    def _hold(self, channel: int, port: int | None) -> None:
+        """Be the silent peer of a held target: opened, and nothing more."""
+        if len(self._held) >= HOLD_MAX:
+            self.held.refused += 1
+            self._close_channel(channel, f"the host holds at most {HOLD_MAX} connections here")
+            return
+        self._held[channel] = 0
+        self.held.connections += 1
+        self._to_guest(encode(channel, FrameType.MED_OPENED))
+        if self.held.connections <= HOLD_MAX:  # a guest opening in a loop is not news
+            self._notify(self._on_held, port)
+
+    def _held_frame(self, frame: Frame) -> None:
+        """DATA is counted and dropped (no WINDOW back); its end, or CLOSE, ends the hold."""
+        channel = frame.channel
+        if frame.type is FrameType.CLOSE:
+            del self._held[channel]
+        elif frame.type is FrameType.DATA and not frame.payload:
+            del self._held[channel]
+            self._close_channel(channel, "")
+        elif frame.type is FrameType.DATA:
+            taken = self._held[channel] + len(frame.payload)
+            self._held[channel] = taken
+            self.held.bytes += len(frame.payload)
+            if taken > HOLD_BYTES_MAX:
+                del self._held[channel]
+                self.held.refused += 1
+                why = f"the host holds this connection and takes at most {HOLD_BYTES_MAX} bytes"
+                self._close_channel(channel, why)
 
     def _no_route(self, port: int | None) -> str:
         if not self._routes:
@@ -732,8 +795,11 @@ def _routes(
         routes[service.guest_port] = _Route(socket.AF_UNIX, str(service.socket), what)
     if mediation is None:
         return routes, None
-    family, address = mediation.address()
-    target = _Route(family, address, "the mediation target")
+    if mediation.hold:  # never resolved nor contacted
+        target = _Route(socket.AF_INET, None, "the held mediation channel", hold=True)
+    else:
+        family, address = mediation.address()
+        target = _Route(family, address, "the mediation target")
     if mediation.guest_port is None:
         return routes, target
     if mediation.guest_port in routes:

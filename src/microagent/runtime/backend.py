@@ -193,12 +193,15 @@ class NetworkConfig:
 @dataclass(frozen=True)
 class Mediation:
     """The mediation channel of a boot: guest ``127.0.0.1:guest_port`` is carried over the
-    guest agent's channel to the host's TCP ``host:port``. ``required``: fail closed."""
+    guest agent's channel to the host's TCP ``host:port``. ``required``: fail closed.
+    ``hold``: the host holds the guest's connections itself instead (accepted, kept open and
+    silent, nothing forwarded, the target never contacted): a warm template's boot."""
 
     guest_port: int
     host: str
     port: int
     required: bool = False
+    hold: bool = False
 
     @property
     def target(self) -> str:
@@ -212,12 +215,17 @@ class Mediation:
             "host": self.host,
             "targetPort": self.port,
             "required": self.required,
+            **({"hold": True} if self.hold else {}),
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Mediation:
         return cls(
-            int(data["port"]), str(data["host"]), int(data["targetPort"]), bool(data["required"])
+            int(data["port"]),
+            str(data["host"]),
+            int(data["targetPort"]),
+            bool(data["required"]),
+            data.get("hold") is True,
         )
 
 

@@ -181,14 +181,23 @@ def _start_link(run: RunDir, config: BootConfig, *, resync: bool = False) -> Age
         run.update(execReadyAt=None)
         run.event("exec-lost", why)
 
+    def held(port: int) -> None:
+        run.event(
+            "mediation-held",
+            f"a guest connection to port {port} is held by the host (the template's boot: "
+            "no target is contacted)",
+        )
+
     med = config.mediation
+    target = MediationTarget(med.host, med.port, med.guest_port, med.hold) if med else None
     link = AgentLink(
         config.agent_socket,
         exec_socket_path(config.state_dir),
-        mediation=MediationTarget(med.host, med.port, med.guest_port) if med else None,
+        mediation=target,
         services=config.services,
         on_ready=ready,
         on_lost=lost,
+        on_held=held,
     )
     try:
         link.start()
@@ -197,6 +206,20 @@ def _start_link(run: RunDir, config: BootConfig, *, resync: bool = False) -> Age
         return None
     run.update(execSocket=str(link.exec_socket), execReadyAt=None)
     return link
+
+
+def _report_held(run: RunDir, link: AgentLink) -> None:
+    """What a held mediation target took during the boot (none: nothing to say)."""
+    held = link.held
+    if held.connections or held.refused:
+        run.event(
+            "mediation-released",
+            f"the host held {held.connections} mediation connection(s) and dropped "
+            f"{held.bytes} bytes from them; {held.refused} refused",
+            connections=held.connections,
+            bytes=held.bytes,
+            refused=held.refused,
+        )
 
 
 def _start_health(
@@ -430,6 +453,7 @@ class Supervisor:
                 self.run_dir.update(health=None)
             if self.link is not None:
                 self.link.stop()
+                _report_held(self.run_dir, self.link)
                 self.link = None
                 self.run_dir.update(execReadyAt=None)
 

@@ -23,6 +23,8 @@ from microagent.kit import agentbin, debian
 from microagent.kit.guestkit import GuestKit
 from microagent.runtime.agentlink import (
     CLIENT_CHANNEL,
+    HOLD_BYTES_MAX,
+    HOLD_MAX,
     AgentHello,
     AgentLink,
     MediationTarget,
@@ -431,6 +433,47 @@ def test_guest_close_ends_the_mediated_connection(vm_dir: Path) -> None:
         assert guest.silent()
     finally:
         h.link.stop()
+
+
+READY_LINE = b'{"signal":"ready"}\n'
+
+
+def test_a_held_target_is_a_silent_bounded_peer_that_contacts_nothing(vm_dir: Path) -> None:
+    """A warm template's boot: the link answers MED_OPENED itself and says nothing more;
+    the target (a live listener here, so a contact would show) is never connected to."""
+    target = socket.create_server(("127.0.0.1", 0))
+    target.settimeout(0.3)
+    held_ports: list[int] = []
+    mediation = MediationTarget("127.0.0.1", target.getsockname()[1], 2048, hold=True)
+    h = Harness(vm_dir, mediation=mediation, on_held=held_ports.append)
+    try:
+        guest = h.vmm.guest()
+        assert h.link.wait_ready(TIMEOUT)
+        channels = [MED + i for i in range(HOLD_MAX + 1)]
+        for channel in channels:
+            guest.send(encode_json(channel, FrameType.MED_OPEN, {"port": 2048}))
+        for channel in channels[:HOLD_MAX]:
+            assert guest.expect(FrameType.MED_OPENED).channel == channel
+        over = guest.expect(FrameType.CLOSE)
+        assert over.channel == channels[-1] and "at most" in over.json()["error"]
+        guest.send(encode(MED, FrameType.DATA, READY_LINE))
+        assert guest.silent()  # no WINDOW, no DATA: nothing was forwarded anywhere
+        with pytest.raises(TimeoutError):
+            target.accept()
+        guest.send(encode(MED + 1, FrameType.DATA, b"x" * MAX_PAYLOAD))
+        guest.send(encode(MED + 1, FrameType.DATA, b"x" * (HOLD_BYTES_MAX - MAX_PAYLOAD + 1)))
+        cut = guest.expect(FrameType.CLOSE)
+        assert cut.channel == MED + 1 and str(HOLD_BYTES_MAX) in cut.json()["error"]
+        guest.send(encode(MED + 2, FrameType.DATA))  # the guest's end of data: a clean end
+        assert guest.expect(FrameType.CLOSE) == Frame(MED + 2, FrameType.CLOSE)
+        guest.send(encode_json(MED + 9, FrameType.MED_OPEN, {"port": 2048}))  # room again
+        assert guest.expect(FrameType.MED_OPENED).channel == MED + 9
+    finally:
+        h.link.stop()
+        target.close()
+    assert held_ports == [2048] * HOLD_MAX  # told of the first ones; all are counted
+    assert (h.link.held.connections, h.link.held.refused) == (HOLD_MAX + 1, 2)
+    assert h.link.held.bytes == len(READY_LINE) + HOLD_BYTES_MAX + 1
 
 
 # -- service channels --------------------------------------------------------------------------
