@@ -14,6 +14,9 @@ import contextlib
 import json
 import os
 import signal
+import socket
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from microagent.workspace.lifecycle import leftovers
 from microagent.workspace.records import Workspace
 from testenv.agent_standin import standin_argv
 from testenv.clitools import cli_json as cli
+from testenv.ports import free_ports
 
 SPEC = "name: {name}\nimage: oci:layout:latest\nentrypoint: sleep 600\n{extra}"
 
@@ -237,3 +241,88 @@ def test_cache_verify_reports_a_corrupt_template(
     checked = cli(capsys, "cache", "verify", code=None)
     found = [p for p in checked["problems"] if p["kind"] == "template"]
     assert found and found[0]["problem"] == "corrupt"
+
+
+# A serve-mode agent's first move, as the health probe of the fake guest (run on the host by
+# the stand-in agent): connect to the mediation port, say ready, and see whether the
+# connection is held (open and silent for a second) or closed; the verdict goes to a file.
+HOLD_PROBE = """\
+import pathlib, socket, sys
+verdict = pathlib.Path(sys.argv[2])
+if not verdict.exists():
+    conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+    conn.sendall(b'{"signal":"ready"}\\n')
+    conn.settimeout(1.0)
+    try:
+        verdict.write_text(f"closed {conn.recv(100)!r}")
+    except TimeoutError:
+        verdict.write_text("held")
+"""
+
+
+def _relayed(server: socket.socket, guest_port: int, data: bytes) -> bytes:
+    """Send ``data`` into the guest's mediation port; what ``server`` (the target) gets.
+    Connections that bring nothing (reachability checks) are skipped."""
+    deadline = time.monotonic() + 15
+    while True:  # until the fork's guest agent listens
+        try:
+            guest = socket.create_connection(("127.0.0.1", guest_port), timeout=5)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the fork's mediation port never listened"
+            time.sleep(0.1)
+    with guest:
+        guest.sendall(data)
+        server.settimeout(10)
+        while True:
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(10)
+                got = conn.recv(100)
+            if got:
+                return got
+
+
+def test_a_template_boot_holds_the_mediation_channel_and_each_fork_reaches_its_own_target(
+    project: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    guest_port, target, other = free_ports(3)  # nothing listens on either target
+    monkeypatch.setenv(
+        "MICROAGENT_FAKE", json.dumps({"hang": True, "agent": standin_argv(guest_port)})
+    )
+    (tmp_path / "probe.py").write_text(HOLD_PROBE)
+    verdict = tmp_path / "verdict"
+    argv = [sys.executable, str(tmp_path / "probe.py"), str(guest_port), str(verdict)]
+    health = f"health: {{exec: {json.dumps(argv)}, intervalSeconds: 1, timeoutSeconds: 10}}\n"
+    path = spec(project, "held", health)
+    made = warm_create(capsys, path, "--mediation", f"{guest_port}=127.0.0.1:{target}")
+    assert made["template"]["made"] is True and "error" not in made["template"], made
+    # the agent's connection was taken and left silent, with nothing listening on the target
+    assert verdict.read_text() == "held"
+    log = {e["event"]: e for e in cli(capsys, "events", "held")["events"]}
+    assert f"port {guest_port} is held by the host" in log["mediation-held"]["detail"]
+    released = log["mediation-released"]
+    assert (released["connections"], released["bytes"], released["refused"]) == (1, 19, 0)
+    # another dispatcher address, same guest: the same template (the target is the host's)
+    fork = warm_create(
+        capsys, path, "--name", "fork", "--mediation", f"{guest_port}=127.0.0.1:{other}"
+    )
+    assert fork["template"]["made"] is False
+    assert fork["template"]["key"] == made["template"]["key"]
+    # the fork's start reaches its real target: fail closed while nothing listens there
+    refused = cli(capsys, "start", "fork", code=None)["error"]
+    assert refused["kind"] == "conflict"
+    assert f"required mediation target 127.0.0.1:{other} is unreachable" in refused["message"]
+    assert cli(capsys, "status", "fork")["event"]["state"] == "suspended"
+    with socket.create_server(("127.0.0.1", other)) as dispatcher:
+        assert cli(capsys, "start", "fork")["state"] == "running"
+        assert "restored" in events(capsys, "fork")
+        assert _relayed(dispatcher, guest_port, b"request\n") == b"request\n"
+    cli(capsys, "halt", "fork")  # its stand-in agent holds the guest port on this host
+    # a guest port of its own is another guest: another template
+    other_port = spec(project, "port", health)
+    moved = warm_create(capsys, other_port, "--mediation", f"{guest_port + 1}=127.0.0.1:{target}")
+    assert moved["template"]["key"] != made["template"]["key"]

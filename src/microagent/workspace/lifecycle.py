@@ -145,10 +145,16 @@ def _guest_files(store: Store, record: Record) -> tuple[GuestFile, ...]:
 
 
 def run_request(
-    rt: Runtime, ws: Workspace, record: Record, services: Services | None = None
+    rt: Runtime,
+    ws: Workspace,
+    record: Record,
+    services: Services | None = None,
+    *,
+    hold_mediation: bool = False,
 ) -> RunRequest:
     """What a start of the workspace boots: its entrypoint on its own state disk, with the
-    environment and channels of its host ``services`` (credential brokers, egress proxy)."""
+    environment and channels of its host ``services`` (credential brokers, egress proxy).
+    ``hold_mediation``: the host holds the mediation channel itself (a warm template's boot)."""
     services = services or Services()
     mode = NetworkMode(record.network)
     forwards = tuple(Forward(guest, host_port=host) for guest, host in record.host_forwards)
@@ -171,7 +177,7 @@ def run_request(
         accel=Accel.parse(rt.settings.accel),
         name=record.name,
         die_with_parent=True,  # the supervisor owns the VMM: no VM outlives it
-        mediation=_mediation(record),
+        mediation=_mediation(record, hold=hold_mediation),
         services=services.channels,
     )
 
@@ -188,9 +194,11 @@ def _services(rt: Runtime, ws: Workspace, record: Record, vm_dir: Path) -> Servi
     )
 
 
-def _mediation(record: Record) -> Mediation | None:
+def _mediation(record: Record, *, hold: bool = False) -> Mediation | None:
     m = record.mediation
-    return None if m is None else Mediation(m.port, m.target_host, m.target_port, m.required)
+    if m is None:
+        return None
+    return Mediation(m.port, m.target_host, m.target_port, m.required, hold=hold)
 
 
 def _health(record: Record) -> HealthCheck | None:
@@ -226,11 +234,18 @@ def _restart_policy(ws: Workspace, record: Record) -> Restart:
 
 
 def start(
-    rt: Runtime, ws: Workspace, *, timeout: float = START_TIMEOUT, from_tag: str | None = None
+    rt: Runtime,
+    ws: Workspace,
+    *,
+    timeout: float = START_TIMEOUT,
+    from_tag: str | None = None,
+    hold_mediation: bool = False,
 ) -> dict[str, Any]:
     """Boot the workspace in a detached supervisor; return once it is running (or failed).
     A suspended workspace, or any with ``from_tag``, resumes from that snapshot instead (see
-    :mod:`~microagent.workspace.snapshots`).
+    :mod:`~microagent.workspace.snapshots`). ``hold_mediation`` (a warm template's boot):
+    the host holds the guest's mediation connections itself and never contacts the target,
+    so its reachability is not checked either (see :mod:`~microagent.runtime.agentlink`).
 
     One start at a time: it holds a ``flock`` on ``runtime/.start.lock`` until then (the
     kernel drops it with a start that was killed, so it never blocks the next one)."""
@@ -240,10 +255,12 @@ def start(
                 f"workspace {ws.name!r} is being started by another command",
                 hint=f"`microagent wait {ws.name}` or `microagent status {ws.name}` to follow it",
             )
-        return _start(rt, ws, timeout, from_tag)
+        return _start(rt, ws, timeout, from_tag, hold_mediation)
 
 
-def _start(rt: Runtime, ws: Workspace, timeout: float, from_tag: str | None) -> dict[str, Any]:
+def _start(
+    rt: Runtime, ws: Workspace, timeout: float, from_tag: str | None, hold_mediation: bool
+) -> dict[str, Any]:
     state = reconcile(ws)
     if state.live:
         raise ConflictError(
@@ -254,7 +271,8 @@ def _start(rt: Runtime, ws: Workspace, timeout: float, from_tag: str | None) -> 
     refuse_running_vmm(ws, "start")
     record = ws.record()
     network.check_published(record.published)  # a taken host port: refused before boot
-    _check_mediation(record)
+    if not hold_mediation:
+        _check_mediation(record)
     if not Path(record.rootfs).is_file():
         raise NotFoundError(
             f"the root filesystem of {ws.name!r} is gone from the cache",
@@ -272,7 +290,8 @@ def _start(rt: Runtime, ws: Workspace, timeout: float, from_tag: str | None) -> 
     run.path.mkdir(parents=True, exist_ok=True)
     vm_dir = vm_dir_for(run.path, ws.name)
     services = _services(rt, ws, record, vm_dir)
-    boot = prepare(run_request(rt, ws, record, services), rt.kit(), vm_dir, work_dir=run.path)
+    request = run_request(rt, ws, record, services, hold_mediation=hold_mediation)
+    boot = prepare(request, rt.kit(), vm_dir, work_dir=run.path)
     restore = _restore(rt, ws, manifest, boot, warm) if manifest else None
     settings = rt.settings
     backend, probes, fake = settings.backend, settings.probes_dir, settings.fake_outcome

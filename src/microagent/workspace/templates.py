@@ -4,8 +4,8 @@
 ``templates/<hex>/``, by its **template key**: sha256 of everything a restore must match
 (:func:`key_inputs`: the backend and VMM version, accelerator setting, host CPU, guest kernel
 and initramfs digests, root filesystem key, and the guest-visible part of the workspace
-record: entrypoint, environment, files, memory, vCPUs, disks, network, mediation, health,
-credentials' variables). Then:
+record: entrypoint, environment, files, memory, vCPUs, disks, network, the mediation's guest
+port, health, credentials' variables). Then:
 
 - **hit**: the new workspace gets the template's snapshot as its own ``template`` snapshot
   (hard links: the files are never written once published) and waits ``suspended``;
@@ -19,6 +19,11 @@ credentials' variables). Then:
   or the guest agent answers when the spec has no probe), is snapshotted and stopped
   (``suspended``, like a hit), and the snapshot is published as the template (an atomic
   rename under the entry's lock; a concurrent create of the same key reuses the first).
+  Meanwhile the host holds the mediation channel itself (runtime.agentlink, a held target):
+  the agent's connection is accepted and left silent, nothing is forwarded and the real
+  target is neither contacted nor required to listen, so no dispatcher takes (and loses)
+  requests with the template's boot. Each fork's start reaches the real target, checked
+  (fail closed) like any start.
 
 A template that cannot be used is refused with the reason and the workspace boots cold,
 visibly: at create (a template whose files are missing or do not match their digests:
@@ -35,6 +40,9 @@ it. The template's memory therefore holds only what the spec and image hold.
 A workspace whose hostname is the default one (made from its name) shares the template of
 its spec: the key leaves that hostname out, and a start that resumes a template made under
 another name sets the guest's hostname through the guest agent (event ``hostname``).
+Likewise the mediation's target address and ``required`` are the host's alone (the guest
+knows only its port, ``MICROAGENT_MEDIATION_ADDR``): forks of one template may each reach
+another dispatcher.
 """
 
 from __future__ import annotations
@@ -93,6 +101,8 @@ def guest_config(record: Record) -> dict[str, Any]:
     ]
     if record.hostname == default_hostname(record.name):
         data["hostname"] = ""  # made from the name: set after the restore instead
+    if record.mediation is not None:  # the target is the host's: the guest sees the port
+        data["mediation"] = {"port": record.mediation.port}
     return data
 
 
@@ -289,7 +299,7 @@ def make_template(
     began = time.monotonic()
     say(f"template {short(key)}: booting the workspace once until it is ready")
     try:
-        lifecycle.start(rt, ws)
+        lifecycle.start(rt, ws, hold_mediation=True)  # no dispatcher gets the boot's requests
         wait_ready(ws, timeout)
         ready = time.monotonic() - began
         snapshots.create(rt.settings, ws, TEMPLATE_TAG, stop=True)
