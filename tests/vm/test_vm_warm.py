@@ -9,21 +9,20 @@ The walkthrough's agent (examples/minimal-agent, the python stand-in with pydant
 SDK, the scripted model behind the credential broker, as tests/vm/test_walkthrough.py runs it)
 in serve mode: ``create --warm`` boots it once until its health probe sees /run/agent.ready,
 which the agent writes after its imports, and saves it while the agent waits for its channel;
-a second warm create forks that, and its first request over the mediation channel is answered
-by the process that did the imports during the template's boot (its ready signal names that
-import's time and pid, and the fork's console shows no import).
+nothing listens on the mediation target meanwhile: the host holds the channel itself (the
+agent's connection is taken, left silent, nothing forwarded). A second warm create forks that,
+and its first request over the mediation channel is answered by the process that did the
+imports during the template's boot (its ready signal names that import's time and pid, and
+the fork's console shows no import).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -148,37 +147,6 @@ def _console(capsys: pytest.CaptureFixture[str], name: str) -> str:
     return "".join(r["text"] for r in cli(capsys, "logs", name)["records"])
 
 
-class Holder:
-    """The mediation target while the template is made: ``--mediation`` fails closed, so
-    something must accept there; this takes each connection and its lines and answers
-    nothing, so the template's agent is connected, and idle, when its VM is saved."""
-
-    def __init__(self, port: int) -> None:
-        self.server = socket.create_server(("127.0.0.1", port))
-        self.lines: list[bytes] = []
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                conn, _ = self.server.accept()
-                self.conns.append(conn)
-                threading.Thread(target=self._read, args=(conn,), daemon=True).start()
-
-    def _read(self, conn: socket.socket) -> None:
-        with contextlib.suppress(OSError), conn.makefile("rb") as lines:
-            self.lines += list(lines)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):  # wakes the accept: a bare close would not
-            self.server.shutdown(socket.SHUT_RDWR)
-        self.server.close()
-        for conn in self.conns:
-            with contextlib.suppress(OSError):
-                conn.close()
-
-
 def _dispatch(target: str, request: Path) -> subprocess.Popen[str]:
     argv = [sys.executable, str(ROOT / "scripts/dispatch.py"), "--listen", target, "--json"]
     argv += ["--wait", "300", "--timeout", "300", str(request)]
@@ -207,16 +175,17 @@ def test_the_walkthrough_agent_answers_its_first_request_after_a_warm_create_wit
              "--credential-upstream", f"anthropic=http://127.0.0.1:{model.port}",
              "--mediation", f"2048={target}"]  # fmt: skip
     names = ["warm-agent", "warm-agent-b"]
-    holder = Holder(port)
     try:
-        try:
-            made = _warm_create(capsys, *flags, "--name", "warm-agent")
-        finally:
-            holder.close()
+        made = _warm_create(capsys, *flags, "--name", "warm-agent")  # nothing listens there
         assert made["made"] is True
-        # the template's agent had connected and said ready: the fork's restore must reset
-        # that connection for its agent to reach the dispatcher
-        assert any(b'"signal":"ready"' in line for line in holder.lines), holder.lines
+        # the template's agent had connected and said ready, to the host, which held the
+        # channel (no target contacted): the fork's restore must reset that connection for
+        # its agent to reach the dispatcher
+        log = {e["event"]: e for e in cli(capsys, "events", "warm-agent")["events"]}
+        assert "mediation-held" in log, log
+        released = log["mediation-released"]
+        assert released["connections"] >= 1 and released["refused"] == 0, released
+        assert released["bytes"] > len('{"signal":"ready"}'), released
         stamps = _import_stamps(_console(capsys, "warm-agent"))
         assert len(stamps) == 1, stamps  # the template's boot imported the SDK, once
         began = time.monotonic()
