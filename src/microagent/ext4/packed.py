@@ -258,7 +258,7 @@ class _Blob:
             self.counted.add(piece)
             pieces.append(piece)
             missing -= len(piece)
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return b"".join(pieces)  # one piece: that piece, not a copy
 
     def at_end(self) -> bool:
         extra = self.stream.read(1)

@@ -216,8 +216,9 @@ def ensure_rootfs_image(store: Store, record: StepRecord) -> PackedImage | None:
     """
     if record.kind is not StepKind.SETUP or record.source is not None:
         return None
-    if record.packed is not None and store.has_blob(record.packed.blob):
-        return record.packed
+    packed = record.packed
+    if packed is not None and packed.format in packing.MEDIA_TYPES and store.has_blob(packed.blob):
+        return packed  # packed once (a format this version cannot publish is packed anew)
     if record.rootfs is None or not store.has_entry(record.rootfs):
         return None
     with store.scratch_dir() as work:

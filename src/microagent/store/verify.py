@@ -301,10 +301,10 @@ def _image_problem(scan: _Scan, record: StepRecord | None, path: Path) -> str:
         if short:
             return short
         if record is not None and record.packed is not None:
-            packed = record.packed
+            packed, mismatch = record.packed, ""
             if packed.format == 2:
                 mismatch = _sparse_digest_mismatch(path, packed.digest, packed.size)
-            else:
+            elif packed.format == 1:  # a format this version does not know is not checked
                 mismatch = _digest_mismatch(path, packed.digest, packed.size)
             if mismatch:
                 return mismatch

@@ -6,6 +6,7 @@ the removed record kept alive) and a second verify is clean; the next build rebu
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ from microagent.store.records import (
     layers_stored,
     read_record,
     rootfs_ready,
+    write_record,
 )
 from microagent.store.verify import Problem, VerifyReport, verify
 from testenv.clitools import cli_json
@@ -292,6 +294,20 @@ def test_a_rootfs_that_differs_from_its_recorded_image_is_corrupt(made: Made) ->
     repaired_clean(made, found(report))
     record = read_record(made.store, made.setup.key)
     assert record is not None and record.packed is None  # it described the removed image
+
+
+def test_a_packed_image_of_a_format_this_version_does_not_know(made: Made) -> None:
+    """A record written by a newer version: its image is not judged by a digest rule this
+    version does not know, and publishing packs the rootfs anew in the current format."""
+    packed = ensure_rootfs_image(made.store, made.setup)
+    assert packed is not None and packed.format == 2
+    future = dataclasses.replace(packed, format=3, digest="sha256:" + "0" * 64)
+    write_record(made.store, made.setup.with_packed(future))
+    assert made.check().problems == ()
+    record = read_record(made.store, made.setup.key)
+    assert record is not None
+    again = ensure_rootfs_image(made.store, record)
+    assert again == packed
 
 
 def test_an_unrecorded_rootfs_is_orphaned_once_it_is_old(made: Made) -> None:
