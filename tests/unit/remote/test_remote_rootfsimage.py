@@ -224,3 +224,37 @@ def test_a_record_that_claims_a_smaller_blob_is_refused_before_decoding(tmp_path
     short = dataclasses.replace(packed, blob_size=100)
     with pytest.raises(IntegrityError, match="larger than the expected 100 bytes"):
         unpack(io.BytesIO(blob), tmp_path / "out.ext4", short)
+
+
+def test_data_runs_depend_on_the_content_only(tmp_path: Path) -> None:
+    """The same bytes, once with holes and once with the zeros written out, give the same runs
+    (so the sparse digest a publisher records is what ``cache verify`` recomputes); runs are
+    cut at all-zero aligned blocks and every ``SPARSE_RUN`` bytes."""
+    size = 3 * SPARSE_RUN + 5 * SPARSE_BLOCK + 123
+    data = bytearray(size)
+    data[100:200] = b"x" * 100  # one block
+    data[2 * SPARSE_BLOCK : 2 * SPARSE_BLOCK + SPARSE_RUN + 10] = os.urandom(SPARSE_RUN + 10)
+    data[-50:] = b"y" * 50  # the short last block
+    dense, sparse = tmp_path / "dense", tmp_path / "sparse"
+    dense.write_bytes(bytes(data))
+    with sparse.open("wb") as fh:
+        fh.truncate(size)
+        for start in range(0, size, SPARSE_BLOCK):
+            block = bytes(data[start : start + SPARSE_BLOCK])
+            if block.strip(b"\0"):
+                fh.seek(start)
+                fh.write(block)
+    runs = {}
+    for path in (dense, sparse):
+        with path.open("rb") as fh:
+            runs[path.name] = [(offset, len(chunk)) for offset, chunk in data_runs(fh, size)]
+    assert (
+        runs["dense"]
+        == runs["sparse"]
+        == [
+            (0, SPARSE_BLOCK),
+            (2 * SPARSE_BLOCK, SPARSE_RUN),
+            (2 * SPARSE_BLOCK + SPARSE_RUN, SPARSE_BLOCK),
+            (size - size % SPARSE_BLOCK, size % SPARSE_BLOCK),
+        ]
+    )
