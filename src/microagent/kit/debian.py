@@ -6,26 +6,44 @@ and name this suite; the ``Packages.xz`` index of one component/architecture mus
 size and SHA256 that signed file lists; every .deb the size and SHA256 the index lists. The
 transport (HTTPS by default, plain HTTP or file:// when asked) is not trusted at all. Plus a
 pure-Python reader for the ``ar`` container and its ``data.tar.{xz,zst,gz}`` member.
+
+Every download of the guest kit goes through :func:`fetch`, which rides out a flaky mirror or
+network (:class:`Retry`): a refused or reset connection, a timeout, an HTTP 429 or 5xx answer,
+a body cut short of its Content-Length is tried again after a pause (4 tries in all by
+default, 0.5 s doubling, jittered; a short Retry-After is honoured), each retry said in one
+line. Anything else fails at once: another HTTP status (404...), a name that does not
+resolve, TLS errors, and above all wrong content (a size or digest that does not match what
+the signed index says is an integrity failure, never retried). A retry starts the file anew;
+what the broken try got is thrown away, and the new bytes are verified as the first would
+have been.
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
+import http.client
 import io
 import lzma
 import platform
+import random
+import re
+import socket
+import ssl
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import BinaryIO, TypeVar, cast
 
 from microagent.digests import Digest
 from microagent.errors import BuildError, IntegrityError
-from microagent.progress import Meter, TaskKind
+from microagent.progress import Meter, Say, TaskKind
 from microagent.runner import find_tool, run
 from microagent.store.content import Store
 
@@ -41,6 +59,12 @@ _SIGNATURE_END = b"-----END PGP SIGNATURE-----"
 _ARCHES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 _AR_MAGIC = b"!<arch>\n"
 _AR_HEADER = 60
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+READ_CHUNK = 1 << 16
+MIRROR_HINT = (
+    "check the network or set $MICROAGENT_DEBIAN_MIRROR (or --mirror) to a reachable mirror"
+)
+T = TypeVar("T")
 
 
 def debian_arch(machine: str | None = None) -> str:
@@ -149,25 +173,160 @@ def parse_packages(text: str) -> dict[str, DebPackage]:
     return found
 
 
+@dataclass(frozen=True)
+class Retry:
+    """How kit downloads ride out transient faults: ``attempts`` tries of one file (the first
+    included); after a failed try a pause of ``backoff`` seconds, doubling after each, at
+    most ``max_pause``, jittered down to half. A Retry-After of at most ``max_pause`` is
+    waited for as asked; a longer one ends the download at once."""
+
+    attempts: int = 4
+    backoff: float = 0.5
+    max_pause: float = 8.0
+    sleep: Callable[[float], None] = time.sleep
+
+    def pause(self, tries: int, retry_after: float | None = None) -> float | None:
+        """Seconds to wait after ``tries`` failed tries before the next one; None: give up."""
+        if tries >= self.attempts:
+            return None
+        if retry_after is not None:
+            return retry_after if retry_after <= self.max_pause else None
+        doubled: float = self.backoff * 2.0 ** (tries - 1)
+        return min(doubled, self.max_pause) * random.uniform(0.5, 1.0)
+
+
+RETRY = Retry()
+
+
+class _Transient(Exception):
+    """A failure of the transport worth another try (never leaves this module)."""
+
+    def __init__(self, cause: str, retry_after: float | None = None) -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    """A Retry-After header in seconds (delta-seconds or an HTTP date); None when absent or
+    unreadable (the usual back-off applies)."""
+    value = (value or "").strip()
+    if re.fullmatch(r"\d{1,9}", value):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
+
+
+def _is_transient(reason: object) -> bool:
+    """A refused, reset or early-closed connection, a timeout, a temporary DNS failure;
+    not a name that does not resolve, TLS errors, a missing file:// path, a bad URL."""
+    if isinstance(reason, ssl.SSLError):
+        return isinstance(reason, ssl.SSLEOFError)  # (a connection closed mid-handshake)
+    if isinstance(reason, socket.gaierror):
+        return reason.errno == socket.EAI_AGAIN
+    return isinstance(reason, ConnectionError | TimeoutError | http.client.HTTPException)
+
+
+def _short(exc: object) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:160]
+
+
 def _open_url(url: str) -> BinaryIO:
     try:
         return cast(BinaryIO, urllib.request.urlopen(url, timeout=HTTP_TIMEOUT))
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except urllib.error.HTTPError as exc:
+        status = f"HTTP {exc.code} {exc.reason}"
+        exc.close()
+        if exc.code in RETRY_STATUSES:
+            raise _Transient(status, _retry_after(exc.headers.get("Retry-After"))) from exc
+        raise BuildError(f"cannot download {url}: {status}", hint=MIRROR_HINT) from exc
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", None) or exc
-        raise BuildError(
-            f"cannot download {url}: {reason}",
-            hint="check the network or set $MICROAGENT_DEBIAN_MIRROR (or --mirror) to a "
-            "reachable mirror",
-        ) from exc
+        if _is_transient(reason):
+            raise _Transient(_short(reason)) from exc
+        raise BuildError(f"cannot download {url}: {reason}", hint=MIRROR_HINT) from exc
 
 
-def _download(url: str, limit: int) -> bytes:
-    """At most ``limit + 1`` bytes of ``url`` (so the caller can tell it is too big)."""
-    with _open_url(url) as resp:
+class _Body:
+    """A response body whose transport failures are :class:`_Transient`, and so is an end
+    before its Content-Length (urllib returns such a body short without a word)."""
+
+    def __init__(self, response: BinaryIO) -> None:
+        self._response = response
+        headers = getattr(response, "headers", None)
+        length = str(headers.get("Content-Length") or "") if headers is not None else ""
+        self._left = int(length) if length.isdigit() else None
+
+    def read(self, size: int = -1) -> bytes:
         try:
-            return resp.read(limit + 1)
-        except OSError as exc:
-            raise BuildError(f"download of {url} failed: {exc}") from exc
+            data = self._response.read(size)
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Transient(_short(exc)) from exc
+        if self._left is not None:
+            self._left -= len(data)
+            if self._left > 0 and (not data or size < 0) and size != 0:
+                raise _Transient(f"the connection closed {self._left} bytes early")
+        return data
+
+
+def fetch(
+    url: str,
+    consume: Callable[[BinaryIO], T],
+    *,
+    retry: Retry = RETRY,
+    say: Say | None = None,
+) -> T:
+    """``consume(body)`` of a fresh GET of ``url``, tried again while the transport fails
+    transiently (see :class:`Retry`); each retry is told to ``say`` first, in one line.
+    Whatever ``consume`` raises itself (an integrity failure) ends it at once."""
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            with _open_url(url) as response:
+                return consume(cast(BinaryIO, _Body(response)))
+        except _Transient as exc:
+            pause = retry.pause(tries, exc.retry_after)
+            if pause is None:
+                raise _gave_up(url, exc, tries, retry) from exc
+            if say is not None:
+                after = f"retrying in {pause:.2g} s (attempt {tries + 1}/{retry.attempts})"
+                say(f"download of {url} failed: {exc.cause}; {after}")
+            retry.sleep(pause)
+
+
+def _gave_up(url: str, exc: _Transient, tries: int, retry: Retry) -> BuildError:
+    if exc.retry_after is not None and exc.retry_after > retry.max_pause:
+        return BuildError(
+            f"cannot download {url}: {exc.cause}; the mirror asks to retry after "
+            f"{exc.retry_after:g} s",
+            hint=f"try again later (microagent waits at most {retry.max_pause:g} s), or "
+            "set $MICROAGENT_DEBIAN_MIRROR (or --mirror) to another mirror",
+        )
+    tried = f" (gave up after {tries} tries)" if tries > 1 else ""
+    return BuildError(f"cannot download {url}: {exc.cause}{tried}", hint=MIRROR_HINT)
+
+
+def _read_at_most(body: BinaryIO, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of ``body`` (so the caller can tell it is too big)."""
+    data = bytearray()
+    while len(data) <= limit:
+        chunk = body.read(min(READ_CHUNK, limit + 1 - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def _download(url: str, limit: int, retry: Retry, say: Say | None) -> bytes:
+    """At most ``limit + 1`` bytes of ``url`` (so the caller can tell it is too big)."""
+    return fetch(url, lambda body: _read_at_most(body, limit), retry=retry, say=say)
 
 
 # -- the signed InRelease ----------------------------------------------------------------------
@@ -270,10 +429,11 @@ def _forged(message: str) -> IntegrityError:
     )
 
 
-def fetch_release(mirror: Mirror) -> Release:
-    """Download the suite's ``InRelease``, check its signature and that it names the suite."""
+def fetch_release(mirror: Mirror, *, retry: Retry = RETRY, say: Say | None = None) -> Release:
+    """Download the suite's ``InRelease``, check its signature and that it names the suite
+    (retries told to ``say``)."""
     url = mirror.release_url()
-    data = _download(url, MAX_RELEASE_BYTES)
+    data = _download(url, MAX_RELEASE_BYTES, retry, say)
     if len(data) > MAX_RELEASE_BYTES:
         raise IntegrityError(f"{url} is larger than {MAX_RELEASE_BYTES >> 20} MiB")
     release = parse_release(verify_signed(data, mirror.keyring, url).decode("utf-8", "replace"))
@@ -285,7 +445,9 @@ def fetch_release(mirror: Mirror) -> Release:
     return release
 
 
-def _verified_index(mirror: Mirror, release: Release, arch: str) -> bytes:
+def _verified_index(
+    mirror: Mirror, release: Release, arch: str, retry: Retry, say: Say | None
+) -> bytes:
     """The index file's bytes, checked against the size and SHA256 the release lists."""
     url, path = mirror.index_url(arch), mirror.index_path(arch)
     entry = release.files.get(path)
@@ -294,7 +456,7 @@ def _verified_index(mirror: Mirror, release: Release, arch: str) -> bytes:
             f"{mirror.release_url()} lists no {path}",
             hint="choose a mirror/suite that carries this architecture",
         )
-    data = _download(url, entry.size)
+    data = _download(url, entry.size, retry, say)
     got = hashlib.sha256(data).hexdigest()
     if len(data) != entry.size or got != entry.sha256:
         raise IntegrityError(
@@ -304,9 +466,13 @@ def _verified_index(mirror: Mirror, release: Release, arch: str) -> bytes:
     return data
 
 
-def fetch_index(mirror: Mirror, arch: str) -> dict[str, DebPackage]:
-    """The package index of ``mirror`` for ``arch``, verified through the signed InRelease."""
-    data = _verified_index(mirror, fetch_release(mirror), arch)
+def fetch_index(
+    mirror: Mirror, arch: str, *, retry: Retry = RETRY, say: Say | None = None
+) -> dict[str, DebPackage]:
+    """The package index of ``mirror`` for ``arch``, verified through the signed InRelease
+    (retries told to ``say``)."""
+    release = fetch_release(mirror, retry=retry, say=say)
+    data = _verified_index(mirror, release, arch, retry, say)
     try:
         text = lzma.decompress(data).decode("utf-8", "replace")
     except lzma.LZMAError as exc:
@@ -326,24 +492,34 @@ def require(index: Mapping[str, DebPackage], name: str, mirror: Mirror) -> DebPa
 
 
 def download(
-    store: Store, mirror: Mirror, package: DebPackage, say: Callable[[str], None] | None = None
+    store: Store,
+    mirror: Mirror,
+    package: DebPackage,
+    say: Callable[[str], None] | None = None,
+    *,
+    retry: Retry = RETRY,
 ) -> Path:
     """Fetch a .deb into the store (verified against the index's SHA256 and size); its
-    bytes are reported to ``say`` as a ``PULL`` task (see :mod:`microagent.progress`)."""
+    bytes are reported to ``say`` as a ``PULL`` task (see :mod:`microagent.progress`), and so
+    is each retry (a note of that task)."""
     if store.has_blob(package.digest):
         store.touch(f"blobs/sha256/{package.sha256}")
         return store.blob_path(package.digest)
     url = mirror.file_url(package.filename)
     meter = Meter(say, str(package.digest), TaskKind.PULL, package.name, package.size or None)
-    with _open_url(url) as resp:
+
+    def into_store(body: BinaryIO) -> None:
+        meter.at(0)  # a retry starts the file anew
         try:
             store.put_blob_file(
-                meter.reader(resp), package.digest, expected_size=package.size or None
+                meter.reader(body), package.digest, expected_size=package.size or None
             )
         except IntegrityError as exc:
             raise IntegrityError(f"{url}: {exc.message}", hint=exc.hint) from exc
-        except OSError as exc:
-            raise BuildError(f"download of {url} failed: {exc}") from exc
+        except OSError as exc:  # (the network's own failures come as _Transient)
+            raise BuildError(f"cannot store the download of {url}: {exc}") from exc
+
+    fetch(url, into_store, retry=retry, say=meter.note if say is not None else None)
     meter.finish("")  # the caller said what it downloads
     return store.blob_path(package.digest)
 

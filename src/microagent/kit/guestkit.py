@@ -326,7 +326,9 @@ def _manifest(
     }
 
 
-def _build_kit(store: Store, src: _Sources, progress: Progress) -> GuestKit:
+def _build_kit(
+    store: Store, src: _Sources, progress: Progress, retry: debian.Retry = debian.RETRY
+) -> GuestKit:
     key = kit_key(src.arch, src.kernel, src.busybox)
     name = f"kits/{key}"
     if not store.has_entry(name):
@@ -334,7 +336,8 @@ def _build_kit(store: Store, src: _Sources, progress: Progress) -> GuestKit:
             if not store.has_blob(package.digest):
                 size = f"{package.size / 1e6:.1f} MB"
                 progress(f"downloading {package.name} {package.version} ({size})")
-            debian.download(store, debian.Mirror(src.mirror), package, progress)
+            mirror = debian.Mirror(src.mirror)
+            debian.download(store, mirror, package, progress, retry=retry)
     path = store.build_once(name, _build(store, src, key, progress))
     return _load(path)
 
@@ -345,22 +348,25 @@ def install_kit(
     *,
     arch: str | None = None,
     progress: Progress = _quiet,
+    retry: debian.Retry = debian.RETRY,
 ) -> GuestKit:
     """Fetch the newest kernel and busybox packages from the mirror and build (or reuse) a kit.
 
     The mirror is not trusted: the suite must be signed by a key in ``mirror.keyring``.
+    Transient download failures are retried as ``retry`` says, each retry told to
+    ``progress`` (see :func:`microagent.kit.debian.fetch`).
     """
     mirror = mirror or debian.Mirror()
     arch = arch or debian.debian_arch()
     progress(f"reading {mirror.release_url()} and {mirror.index_path(arch)}")
-    index = debian.fetch_index(mirror, arch)
+    index = debian.fetch_index(mirror, arch, retry=retry, say=progress)
     meta = debian.require(index, f"linux-image-cloud-{arch}", mirror)
     image_names = [d for d in meta.depends if d.startswith("linux-image-")]
     if not image_names:
         raise BuildError(f"{meta.name} {meta.version} depends on no linux-image package")
     kernel = debian.require(index, image_names[0], mirror)
     busybox = debian.require(index, BUSYBOX_PACKAGE, mirror)
-    return _build_kit(store, _Sources(arch, kernel, busybox, mirror.url), progress)
+    return _build_kit(store, _Sources(arch, kernel, busybox, mirror.url), progress, retry)
 
 
 def _load(path: Path) -> GuestKit:
