@@ -238,6 +238,12 @@ def test_fork_runs_beside_the_original_on_its_own_disks(
     assert {r["name"] for r in cli(capsys, "ps")["workspaces"]} == {NAME, "twin"}
     assert twin.state_disk.stat().st_ino != ws.state_disk.stat().st_ino
     assert (twin.root / "snapshots" / "base" / "manifest.json").is_file()
+    # the published snapshot files are shared (never written), the live disks are not
+    mine, theirs = (w.root / "snapshots" / "base" for w in (ws, twin))
+    saved = [p.name for p in mine.resolve().iterdir() if p.suffix != ".json"]  # not the books
+    assert "vmstate" in saved
+    for name in saved:
+        assert (theirs / name).samefile(mine / name), name
     assert twin.run.runtime()["vmDir"] != ws.run.runtime()["vmDir"]
     assert "restored" in [e["event"] for e in cli(capsys, "events", "twin")["events"]]
     assert cli(capsys, "fork", NAME, "base", "twin", code=1)["error"]["kind"] == "conflict"

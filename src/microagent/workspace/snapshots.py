@@ -448,16 +448,31 @@ def apply(settings: Settings, ws: Workspace, manifest: Manifest, config: BootCon
     return folder / manifest.state.file
 
 
+def link_files(source: Path, target: Path, manifest: Manifest) -> None:
+    """The snapshot files of folder ``source`` in folder ``target``: hard links (published
+    snapshot files are never written), whose stamps move along (runtime.stamps, rule 3: the
+    link changes a file's ctime, nothing else); reflink/sparse copies where the two folders
+    are on different filesystems (hashed at their restore)."""
+    books = (stamps.Book.of_folder(source), stamps.Book.of_folder(target))
+    for saved in (manifest.state, *manifest.disks):
+        try:
+            stamps.link(source / saved.file, target / saved.file, books)
+        except OSError:
+            snapshot.copy_disk(source / saved.file, target / saved.file)
+
+
 # -- fork ---------------------------------------------------------------------------------------
 
 
 def fork(ws: Workspace, tag: str, spaces: Workspaces, new_name: str) -> Workspace:
     """A new workspace ``new_name`` made from snapshot ``tag`` of ``ws``: its own copy of the
-    record, of every disk the snapshot saved (reflink/sparse copies) and of the snapshot, as
-    a ``suspended`` workspace that ``start`` resumes. It runs beside the original with its own
-    VM directory, network namespace and NAT; published host ports are not copied (they are
-    the original's). The copy of the memory image holds the original's environment, as the
-    copied record does: it stays in the new workspace's folder."""
+    record and of every disk the snapshot saved (reflink/sparse copies: the VM writes them),
+    and the snapshot itself, whose published files are never written, as hard links (copies
+    across filesystems; their digest stamps move along, so the fork's first start does not
+    hash them again), as a ``suspended`` workspace that ``start`` resumes. It runs beside the
+    original with its own VM directory, network namespace and NAT; published host ports are
+    not copied (they are the original's). The memory image holds the original's environment,
+    as the copied record does: the fork's link to it stays in the new workspace's folder."""
     with _exclusive(ws, "fork"):  # no snapshot of ``tag`` replaces it while it is copied
         return _fork(ws, tag, spaces, new_name)
 
@@ -470,8 +485,7 @@ def _fork(ws: Workspace, tag: str, spaces: Workspaces, new_name: str) -> Workspa
         new = Workspace(tmp)
         source = snapshot.snapshot_path(ws.root, tag).resolve()
         copy = snapshot.begin(tmp, tag)
-        for saved in (manifest.state, *manifest.disks):
-            copy_disk(source / saved.file, copy / saved.file)
+        link_files(source, copy, manifest)  # published files are never written: shared
         snapshot.publish(tmp, tag, copy, manifest)
         (tmp / "disks").mkdir(exist_ok=True)
         for saved in manifest.disks:

@@ -62,15 +62,15 @@ from microagent.compiler.spec import default_hostname
 from microagent.digests import canonical_json
 from microagent.errors import InvalidInputError, MicroagentError, NotFoundError, VMError
 from microagent.fsutil import flocked, remove_any, write_json_atomic
-from microagent.runtime import snapshot, stamps
+from microagent.runtime import snapshot
 from microagent.runtime.rundir import State, now
-from microagent.runtime.snapshot import Manifest, file_sha256
+from microagent.runtime.snapshot import file_sha256
 from microagent.settings import Settings
 from microagent.store.content import Store
 from microagent.workspace import lifecycle, snapshots
 from microagent.workspace.liveness import reconcile
 from microagent.workspace.records import Record, Workspace
-from microagent.workspace.snapshots import TEMPLATE_TAG
+from microagent.workspace.snapshots import TEMPLATE_TAG, link_files
 from microagent.workspace.snapshots import template_entry as entry_name
 
 INFO = "template.json"
@@ -250,19 +250,6 @@ def fork_template(store: Store, name: str, ws: Workspace, key: str) -> None:
         State.SUSPENDED, f"warm: forked from template {short(key)}", suspendedTag=TEMPLATE_TAG
     )
     ws.run.event("warm-create", f"forked from template {short(key)}", template=key)
-
-
-def link_files(source: Path, target: Path, manifest: Manifest) -> None:
-    """The snapshot files of folder ``source`` in folder ``target``: hard links (published
-    snapshot files are never written), whose stamps move along (runtime.stamps, rule 3: the
-    link changes a file's ctime, nothing else); reflink/sparse copies where the two folders
-    are on different filesystems (hashed at their restore)."""
-    books = (stamps.Book.of_folder(source), stamps.Book.of_folder(target))
-    for saved in (manifest.state, *manifest.disks):
-        try:
-            stamps.link(source / saved.file, target / saved.file, books)
-        except OSError:
-            snapshot.copy_disk(source / saved.file, target / saved.file)
 
 
 def read_info(folder: Path) -> dict[str, Any]:
