@@ -136,6 +136,7 @@ class BuiltImage:
     digest: str
     cached: bool
     seconds: float
+    how: str = "built"  # or "copied" (from the system-wide cache); "cache hit" when cached
 
     @property
     def oci_ref(self) -> str:
@@ -248,7 +249,8 @@ def _layout_digest(layout: Path, tag: str) -> str:
     raise BuildError(f"{layout}/index.json names no image tagged {tag!r}")
 
 
-Builder = Callable[[Path, Path, Log], None]
+# Fills the layout dir; returns how when it did not build it (e.g. "copied"), else None.
+Builder = Callable[[Path, Path, Log], str | None]
 
 
 def ensure_image(recipe: Recipe, build: Builder, cache: Path | None, log: Log) -> BuiltImage:
@@ -268,18 +270,20 @@ def ensure_image(recipe: Recipe, build: Builder, cache: Path | None, log: Log) -
         work = cache / "tmp" / f"{recipe.cache_name}.{os.getpid()}"
         work.mkdir(parents=True)
         try:
-            build(work, work / "layout", log)
+            how = build(work, work / "layout", log) or "built"
             _write_metadata(recipe, work / "layout", time.monotonic() - began)
             final.parent.mkdir(parents=True, exist_ok=True)
             (work / "layout").rename(final)
         finally:
             remove_tree(work)
-    return _built(recipe, final, cached=False, began=began)
+    return _built(recipe, final, cached=False, began=began, how=how)
 
 
-def _built(recipe: Recipe, layout: Path, *, cached: bool, began: float) -> BuiltImage:
+def _built(
+    recipe: Recipe, layout: Path, *, cached: bool, began: float, how: str = "built"
+) -> BuiltImage:
     digest = _layout_digest(layout, recipe.tag)
-    return BuiltImage(recipe, layout, digest, cached, time.monotonic() - began)
+    return BuiltImage(recipe, layout, digest, cached, time.monotonic() - began, how)
 
 
 def _write_metadata(recipe: Recipe, layout: Path, seconds: float) -> None:
@@ -346,20 +350,21 @@ def build_python(
     mirror = mirror or os.environ.get(MIRROR_ENV) or DEFAULT_MIRROR
     recipe = python_recipe()
 
-    def build(work: Path, layout: Path, log: Log) -> None:
+    def build(work: Path, layout: Path, log: Log) -> str | None:
         if shared is not None and sharedcache.present(shared, recipe.cache_name):
             source = sharedcache.entry(shared, recipe.cache_name)
             copy = partial(
                 sharedcache.copy_verified, source, layout, tag=recipe.tag, key=recipe.key
             )
             _timed(log, f"copy from {source}, verified", copy)
-            return
+            return "copied"
         if os.geteuid() != 0:
             raise _not_shared(recipe, shared)
         rootfs = work / "rootfs"
         _timed(log, "debootstrap", lambda: _debootstrap(rootfs, mirror))
         _timed(log, "customise + trim", lambda: _customise_python(rootfs))
         _timed(log, "pack", lambda: _pack(rootfs, layout, recipe.tag, python_config()))
+        return None
 
     return ensure_image(recipe, build, cache, log)
 
@@ -559,7 +564,7 @@ def _skopeo_copy(image: BuiltImage, dest: str, *flags: str) -> None:
 
 
 def _describe(image: BuiltImage) -> str:
-    how = "cache hit" if image.cached else "built"
+    how = "cache hit" if image.cached else image.how
     mib = image.size() / (1 << 20)
     return f"{how} in {image.seconds:.2f}s: {image.oci_ref} {image.digest} ({mib:.1f} MiB)"
 

@@ -244,7 +244,7 @@ def test_a_normal_user_copies_the_python_stand_in_from_the_shared_cache(
         "build", "--which", "python", "--cache", str(own), "--shared", str(shared)
     )
     assert proc.returncode == 0, proc.stderr
-    assert python_layout.digest in proc.stdout
+    assert python_layout.digest in proc.stdout and "python: copied in" in proc.stdout
     copied = standin.cached_layout(python_layout.recipe, own)
     assert copied is not None and copied.stat().st_uid == NOBODY
     again = standin_as_user(
