@@ -8,7 +8,8 @@ registry request retried) to ``notice``, which the CLI shows even with ``--json`
 
 Imports are deferred by operation: ``validate``, ``plan`` and ``lock`` load only the compiler,
 the store and the registry client (they are what a CLI start-up waits for); building, booting,
-workspaces and the guest kit load their packages on first use.
+workspaces, the store and the guest kit load their packages on first use (``cp`` loads the
+workspace records and the disk tools, not the store or the compiler).
 """
 
 from __future__ import annotations
@@ -21,10 +22,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from microagent.digests import key_hex
 from microagent.errors import InvalidInputError, NotFoundError
-from microagent.settings import Settings
-from microagent.store.content import Entry, PruneReport, Store
 
 if TYPE_CHECKING:
     from microagent.build.base import BaseImage
@@ -43,6 +41,8 @@ if TYPE_CHECKING:
     from microagent.runtime.boot import RunRequest
     from microagent.runtime.execclient import ExecIO, ExecResult
     from microagent.runtime.rundir import State
+    from microagent.settings import Settings
+    from microagent.store.content import Entry, PruneReport, Store
     from microagent.store.verify import VerifyReport
     from microagent.workspace.create import CreateReport
     from microagent.workspace.doctor import Report
@@ -288,6 +288,8 @@ class Microagent:
 
     @cached_property
     def store(self) -> Store:
+        from microagent.store.content import Store  # deferred: see the module docstring
+
         return Store(self.settings.store_dir)
 
     @cached_property
@@ -918,6 +920,7 @@ class Microagent:
     ) -> PruneReport:
         """The step records (and their root filesystems) a prune left naming a blob it
         removed go too: otherwise they count as built but can never be published again."""
+        from microagent.store.content import PruneReport  # deferred: see the docstring
         from microagent.store.retention import left_incomplete  # deferred: see the docstring
 
         gone = {entry.name for entry in report.removed}
@@ -1017,6 +1020,8 @@ class Microagent:
         if len(found) != 1:
             why = "matches no step" if not found else f"matches {len(found)} steps"
             raise NotFoundError(f"key {text!r} {why} in the local store", hint="see `cache ls`")
+        from microagent.digests import key_hex  # deferred: see the module docstring
+
         return "sha256:" + key_hex(found[0])
 
     def cache_import(self, directory: Path) -> ImportReport:

@@ -143,6 +143,16 @@ def boot_only_in(modules: set[str]) -> list[str]:
     return sorted(m for m in modules if m.startswith(BOOT_ONLY))
 
 
+# What `cp` of a workspace whose record holds no credentials, health check, mediation, egress
+# rules or published ports does not read: a spec (the compiler's types), a boot document (the
+# backend's, the config disk's and the health check's types) or the store (digests, blobs).
+NOT_FOR_CP = (
+    *("microagent.compiler.spec", "microagent.compiler.credentials", "microagent.compiler.load"),
+    *("microagent.runtime.backend", "microagent.runtime.configdisk", "microagent.runtime.health"),
+    *("microagent.store.", "microagent.digests"),
+)
+
+
 def test_cp_and_a_cache_hit_create_load_nothing_a_boot_needs(
     busybox_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -156,6 +166,8 @@ def test_cp_and_a_cache_hit_create_load_nothing_a_boot_needs(
     copied = imported("cp", str(blob), "quick:/tmp/blob.bin")
     assert boot_only_in(copied) == []
     assert "yaml" not in copied  # no spec and no config file read: PyYAML not loaded
+    assert sorted(m for m in copied if m.startswith(NOT_FOR_CP)) == []
+    assert "microagent.workspace.records" in copied  # the probe sees the record being read
     assert "microagent.ext4.overlay" in copied  # the probe sees what cp does use
     assert cli_json(capsys, "cp", "quick:/tmp/blob.bin", str(tmp_path / "back.bin"))["ok"]
     assert (tmp_path / "back.bin").read_bytes() == blob.read_bytes()

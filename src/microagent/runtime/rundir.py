@@ -37,25 +37,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from microagent import runner
-from microagent.compiler.spec import Restart
 from microagent.fsutil import read_json, write_json_atomic
 from microagent.runner import ProcessIdentity
-from microagent.runtime.backend import (
-    Accel,
-    BootConfig,
-    Disk,
-    Forward,
-    MachineType,
-    Mediation,
-    NetworkConfig,
-    PublishedPort,
-    ServiceChannel,
-)
-from microagent.runtime.configdisk import NetworkMode
-from microagent.runtime.health import HealthCheck
 
+# What boot.json holds (the VM's configuration: the backend's, the spec's and the health
+# check's types) is loaded where a boot document is made or read: the supervisor and `start`.
+# `cp`, `status`, `list` and `logs` read run directories and never a boot document (a CLI
+# start-up that imported these would build some twenty dataclasses it does not use).
 if TYPE_CHECKING:
     from microagent.broker.gateway import GatewayConfig
+    from microagent.compiler.spec import Restart
+    from microagent.runtime.backend import BootConfig
+    from microagent.runtime.health import HealthCheck
 
 
 class State(Enum):
@@ -92,6 +85,13 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def _no_restart() -> Restart:
+    # deferred: the spec's types, only where a boot document is made (see the imports)
+    from microagent.compiler.spec import Restart
+
+    return Restart()
+
+
 @dataclass(frozen=True)
 class BootDocument:
     """``boot.json``: the VM the supervisor boots and the backend it boots it with."""
@@ -100,7 +100,7 @@ class BootDocument:
     backend: str
     probes_dir: Path | None = None  # host probes cached across boots (KVM, TSC)
     fake_outcome: str | None = None  # the fake backend's guest (tests)
-    restart: Restart = field(default_factory=Restart)  # boots again after the entrypoint exits?
+    restart: Restart = field(default_factory=_no_restart)  # boots again after the entrypoint exits?
     restart_backoff: float = 1.0  # seconds before the first restart (then doubling)
     health: HealthCheck | None = None  # probed through the guest agent while it runs
     gateway: GatewayConfig | None = None  # credential brokers and egress proxy (no secrets)
@@ -121,6 +121,10 @@ class BootDocument:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> BootDocument:
+        # deferred: the spec's and the health check's types (see the imports)
+        from microagent.compiler.spec import Restart
+        from microagent.runtime.health import HealthCheck
+
         probes = data.get("probesDir")
         gateway = None
         if data.get("gateway"):
@@ -176,6 +180,20 @@ def _config_to_json(config: BootConfig) -> dict[str, Any]:
 
 
 def _config_from_json(data: Mapping[str, Any]) -> BootConfig:
+    # deferred: the backend's types (see the imports)
+    from microagent.runtime.backend import (
+        Accel,
+        BootConfig,
+        Disk,
+        Forward,
+        MachineType,
+        Mediation,
+        NetworkConfig,
+        PublishedPort,
+        ServiceChannel,
+    )
+    from microagent.runtime.configdisk import NetworkMode  # deferred: as the backend's
+
     net = data.get("network") or {}
     forwards = tuple(
         Forward(

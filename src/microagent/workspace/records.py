@@ -25,14 +25,19 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from microagent.compiler.credentials import MAX_CREDENTIALS, Credential
-from microagent.compiler.spec import MAX_ALLOW, Forward, Health, Mediation, check_allow_entry
 from microagent.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError
 from microagent.fsutil import read_json
-from microagent.runtime.backend import PublishedPort
 from microagent.runtime.rundir import RunDir, now
+
+# The spec's, the credentials' and the backend's types are loaded where a record holds them
+# (or one is made, at create): `cp`, `status`, `list` and `logs` of a workspace without
+# credentials, mediation, health checks, egress rules or published ports need none of them.
+if TYPE_CHECKING:
+    from microagent.compiler.credentials import Credential
+    from microagent.compiler.spec import Forward, Health, Mediation
+    from microagent.runtime.backend import PublishedPort
 
 RECORD_VERSION = 1
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # fullmatch: ``$`` accepts "x\n"
@@ -125,11 +130,16 @@ class Record:
         values["host_forwards"] = tuple(
             (int(g), int(h)) for g, h in data.get("host_forwards") or ()
         )
-        values["published"] = tuple(PublishedPort.from_json(p) for p in data.get("published") or ())
-        if data.get("mediation"):
-            values["mediation"] = Mediation(**data["mediation"])
-        if data.get("health"):
-            values["health"] = Health(**{**data["health"], "exec": tuple(data["health"]["exec"])})
+        values["published"] = _published(data.get("published") or ())
+        if data.get("mediation") or data.get("health"):
+            # deferred: the spec's types, only for a record that holds them (see the imports)
+            from microagent.compiler.spec import Health, Mediation
+
+            if data.get("mediation"):
+                values["mediation"] = Mediation(**data["mediation"])
+            if data.get("health"):
+                health = data["health"]
+                values["health"] = Health(**{**health, "exec": tuple(health["exec"])})
         values["credentials"] = _credentials(data.get("credentials") or [])
         values["egress_allow"] = _egress_allow(data.get("egress_allow") or [])
         return cls(**values)
@@ -138,8 +148,22 @@ class Record:
         return f"Record(name={self.name!r}, rootfs_key={self.rootfs_key!r})"
 
 
+def _published(items: Iterable[Any]) -> tuple[PublishedPort, ...]:
+    if not items:
+        return ()
+    # deferred: the backend's types, only for a record that publishes ports (see the imports)
+    from microagent.runtime.backend import PublishedPort
+
+    return tuple(PublishedPort.from_json(p) for p in items)
+
+
 def _credentials(items: object) -> tuple[Credential, ...]:
     """A record's credentials, checked as strictly as a spec's (a record is a file on disk)."""
+    if items == []:
+        return ()
+    # deferred: the credentials' types, only for a record that names some (see the imports)
+    from microagent.compiler.credentials import MAX_CREDENTIALS, Credential
+
     if not isinstance(items, list) or len(items) > MAX_CREDENTIALS:
         raise InvalidInputError(f"record: credentials must be a list of at most {MAX_CREDENTIALS}")
     creds = tuple(Credential.from_json(item) for item in items)
@@ -149,6 +173,11 @@ def _credentials(items: object) -> tuple[Credential, ...]:
 
 
 def _egress_allow(items: object) -> tuple[str, ...]:
+    if items == []:
+        return ()
+    # deferred: the spec's host-name check, only for a record with egress rules (see above)
+    from microagent.compiler.spec import MAX_ALLOW, check_allow_entry
+
     if not isinstance(items, list) or len(items) > MAX_ALLOW:
         raise InvalidInputError(f"record: egress_allow must be a list of at most {MAX_ALLOW}")
     if not all(isinstance(item, str) for item in items):
@@ -158,6 +187,8 @@ def _egress_allow(items: object) -> tuple[str, ...]:
 
 def published_ports(forwards: Iterable[Forward]) -> tuple[PublishedPort, ...]:
     """The runtime's published ports for a spec's ``network.forwards`` (checked again)."""
+    from microagent.runtime.backend import PublishedPort  # deferred: see the imports
+
     return tuple(PublishedPort(f.host, f.host_port, f.guest_port, f.protocol) for f in forwards)
 
 
