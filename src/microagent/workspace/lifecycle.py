@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from microagent import runner
+from microagent.compiler.spec import Mediation as MediationSpec
 from microagent.compiler.spec import Restart
 from microagent.errors import (
     ConflictError,
@@ -62,9 +63,11 @@ from microagent.store.content import Store
 from microagent.workspace import audit, snapshots
 from microagent.workspace.disks import boot_disks
 from microagent.workspace.liveness import (
+    SupervisorState,
     reconcile,
     running_supervisor,
     seconds_since,
+    supervisor_state,
 )
 from microagent.workspace.offline import refuse_running_vmm, repair_state_disk
 from microagent.workspace.records import Record, Workspace
@@ -508,6 +511,7 @@ def halt(ws: Workspace, *, timeout: float = HALT_TIMEOUT) -> State:
     ws.run.set_state(State.STOPPING, "halt requested")
     if supervisor is not None:
         _signal_group(supervisor.pid, signal.SIGTERM)
+        _resume_if_stopped(ws)
     try:
         state = wait(ws, timeout)
     except VMError:
@@ -517,6 +521,17 @@ def halt(ws: Workspace, *, timeout: float = HALT_TIMEOUT) -> State:
         return State.HALTED
     _await_dead(supervisor, EXIT_GRACE)  # it stops its gateway after the final state
     return state
+
+
+def _resume_if_stopped(ws: Workspace) -> None:
+    """A stopped supervisor cannot act on the halt's SIGTERM: it gets a SIGCONT after it (as
+    systemd does), so the halt is a clean one, not a kill once the timeout has passed. (A
+    traced one stays with its debugger: that halt ends in the kill.)"""
+    supervisor = supervisor_state(ws.name, ws.run)
+    if supervisor is not None and supervisor.state == "stopped":
+        _signal_group(supervisor.pid, signal.SIGCONT)
+        why = f"the supervisor (pid {supervisor.pid}) was stopped: SIGCONT so it can halt"
+        ws.run.event("supervisor-resumed", why)
 
 
 def kill(ws: Workspace) -> bool:
@@ -684,34 +699,39 @@ def _remove_external_vm_dir(ws: Workspace) -> None:
 # -- status / result ---------------------------------------------------------------------------
 
 
-def _readiness(ws: Workspace, state: State, runtime: Mapping[str, Any]) -> dict[str, Any]:
+def _readiness(
+    ws: Workspace, state: State, runtime: Mapping[str, Any], stalled: str = ""
+) -> dict[str, Any]:
+    """``stalled``: why the supervisor does not answer ('' while it does); what it serves
+    (exec, probes, the mediation relay) is not ready then."""
     live = state.live
     guest = bool(runtime.get("guestReadyAt")) and live
-    return {
-        "guestReady": {"ready": guest, "observedAt": runtime.get("guestReadyAt")},
-        "execReady": {  # the supervisor's link saw the guest agent's HELLO (see execs)
-            "ready": bool(runtime.get("execReadyAt")) and state is State.RUNNING,
-            "observedAt": runtime.get("execReadyAt"),
-        },
-        "resultReady": {"ready": ws.run.result_path.is_file()},
-        **_channel_readiness(ws.record(), live, runtime),
+    execs = {  # the supervisor's link saw the guest agent's HELLO (see execs)
+        "ready": bool(runtime.get("execReadyAt")) and state is State.RUNNING,
+        "observedAt": runtime.get("execReadyAt"),
     }
+    out = {
+        "guestReady": {"ready": guest, "observedAt": runtime.get("guestReadyAt")},
+        "execReady": execs,
+        "resultReady": {"ready": ws.run.result_path.is_file()},
+        **_channel_readiness(ws.record(), live, runtime, stalled),
+    }
+    if stalled:
+        for key in ("execReady", "mediationReady", "healthy"):
+            if key in out and out[key].get("ready") is not False:
+                out[key] = {**out[key], "ready": False, "error": stalled}
+    return out
 
 
-def _channel_readiness(record: Record, live: bool, runtime: Mapping[str, Any]) -> dict[str, Any]:
-    """``mediationReady`` (a bounded connect to the target, as the reference does) and
-    ``healthy`` (the supervisor's last probe outcome), for workspaces that declare them."""
+def _channel_readiness(
+    record: Record, live: bool, runtime: Mapping[str, Any], stalled: str = ""
+) -> dict[str, Any]:
+    """``mediationReady`` (a bounded connect to the target, as the reference does; none while
+    the supervisor does not answer or the host holds the channel) and ``healthy`` (the
+    supervisor's last probe outcome), for workspaces that declare them."""
     out: dict[str, Any] = {}
     if record.mediation is not None:
-        m = record.mediation
-        why = tcp_reachable(m.target_host, m.target_port) if live else "not running"
-        out["mediationReady"] = {"ready": why is None, "target": m.target, "required": m.required}
-        if why is not None:
-            out["mediationReady"]["error"] = (
-                f"mediation required={str(m.required).lower()} target {m.target} unreachable: {why}"
-                if live
-                else "live readiness unavailable: not running"
-            )
+        out["mediationReady"] = _mediation_readiness(record.mediation, live, stalled)
     if record.credentials or record.egress_allow:
         out["brokerReady"] = _broker_readiness(live, runtime)
     if record.health is not None:
@@ -719,6 +739,21 @@ def _channel_readiness(record: Record, live: bool, runtime: Mapping[str, Any]) -
         out["healthy"] = {"ready": False, "detail": "no probe has run yet"}
         if isinstance(health, Mapping):
             out["healthy"] = {k: health.get(k) for k in ("ready", "observedAt", "detail")}
+    return out
+
+
+def _mediation_readiness(m: MediationSpec, live: bool, stalled: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"target": m.target, "required": m.required}
+    if stalled:  # (its relay is in the supervisor: no connect tells anything)
+        return {"ready": False, **out, "error": stalled}
+    why = tcp_reachable(m.target_host, m.target_port) if live else "not running"
+    out = {"ready": why is None, **out}
+    if why is not None:
+        out["error"] = (
+            f"mediation required={str(m.required).lower()} target {m.target} unreachable: {why}"
+            if live
+            else "live readiness unavailable: not running"
+        )
     return out
 
 
@@ -778,21 +813,26 @@ def result_payload(ws: Workspace) -> dict[str, Any] | None:
 
 
 def status(ws: Workspace, backend: str) -> dict[str, Any]:
-    """The JSON envelope for ``status``."""
+    """The JSON envelope for ``status``. A live workspace whose supervisor is stopped (or
+    traced) says so in ``supervisor`` and as its detail, and what the supervisor serves is
+    not ready."""
     state = reconcile(ws)
     runtime = ws.run.runtime()
     record = ws.record()
     failed = state is State.FAILED
+    supervisor = supervisor_state(ws.name, ws.run) if state.live else None
+    stalled = supervisor.detail if supervisor is not None else ""
     return {
         "ok": not failed,
         "backend": backend,
         "event": {
             "identity": {"name": ws.name, "rootfsKey": record.rootfs_key},
             "state": state.value,
-            "detail": runtime.get("detail", ""),
+            "detail": stalled or runtime.get("detail", ""),
             "observedAt": runtime.get("observedAt"),
         },
-        "readiness": _readiness(ws, state, runtime),
+        "readiness": _readiness(ws, state, runtime, stalled),
+        "supervisor": _supervisor_json(supervisor),
         "restartPolicy": record.restart,
         "restarts": int(runtime.get("restarts") or 0),
         "snapshots": snapshot_tags(ws.root),
@@ -803,6 +843,10 @@ def status(ws: Workspace, backend: str) -> dict[str, Any]:
         "audit": _audit(ws, record),
         "error": {"message": runtime.get("detail", "")} if failed else None,
     }
+
+
+def _supervisor_json(supervisor: SupervisorState | None) -> dict[str, Any] | None:
+    return supervisor.to_json() if supervisor is not None else None
 
 
 def _audit(ws: Workspace, record: Record) -> dict[str, int] | None:

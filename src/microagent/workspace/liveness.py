@@ -14,6 +14,11 @@ line, or fails once the launcher (recorded as ``launcher``) is gone, or at the l
 :data:`STARTING_GRACE` has passed. An unreadable runtime.json is moved aside and the state
 recovered from the processes that run (:meth:`RunDir.recover`). A gateway left by a dead
 supervisor is killed: it holds the credentials in memory.
+
+A supervisor that runs but is stopped (SIGSTOP/SIGTSTP, state ``T`` in /proc/PID/stat) or held
+by a debugger (``t``) keeps its workspace live, but nothing answers for it: no exec, no probe,
+no mediation relay, no shutdown. :func:`supervisor_state` tells such a supervisor (a zombie is
+not one: it has exited, and :func:`reconcile` reports it dead).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,7 @@ from microagent.workspace.records import Workspace
 STARTING_GRACE = 30.0  # seconds a start may take to launch and record its supervisor
 LOG_TAIL_CHARS = 200
 LOG_TAIL_BYTES = 4096
+_HALTED = {"T": "stopped", "t": "traced"}  # /proc/PID/stat: alive, but not running
 
 
 def reconcile(ws: Workspace) -> State:
@@ -177,3 +184,58 @@ def seconds_since(stamp: object) -> int | None:
     except ValueError:
         return None
     return max(0, int(time.time()) - then)
+
+
+# -- a supervisor that runs but does not answer -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SupervisorState:
+    """The supervisor of a live workspace: its pid and how it runs (``running``: as usual,
+    ``stopped``: by SIGSTOP or SIGTSTP, ``traced``: stopped by a debugger). ``detail`` says
+    what an unresponsive one means and how to go on; '' for one that answers."""
+
+    pid: int
+    state: str = "running"
+    detail: str = ""
+
+    @property
+    def responsive(self) -> bool:
+        return self.state == "running"
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"pid": self.pid, "state": self.state}
+        data["responsive"] = self.responsive
+        return {**data, "detail": self.detail} if self.detail else data
+
+
+def supervisor_state(name: str, run: RunDir) -> SupervisorState | None:
+    """How the supervisor of workspace ``name`` runs; None when none runs."""
+    identity = running_supervisor(run)
+    if identity is None:
+        return None
+    pid = identity.pid
+    state = _HALTED.get(_scheduler_state(pid), "running")
+    if state == "stopped":
+        why = "is stopped (SIGSTOP or SIGTSTP)"
+        how = f"`kill -CONT {pid}` resumes it, `microagent kill {name}` stops the workspace now"
+    elif state == "traced":
+        why = "is stopped by a debugger (traced)"
+        how = f"detach the debugger, or `microagent kill {name}` stops the workspace now"
+    else:
+        return SupervisorState(pid)
+    detail = (
+        f"the supervisor (pid {pid}) {why}: the workspace runs on, but nothing answers for "
+        f"it (exec, health probes, the mediation channel, halt); {how}"
+    )
+    return SupervisorState(pid, state, detail)
+
+
+def _scheduler_state(pid: int) -> str:
+    """Field 3 of /proc/PID/stat (``R``, ``S``, ``T``...); '' when it cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[0] if fields else ""
