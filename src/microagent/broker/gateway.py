@@ -315,6 +315,7 @@ class Gateway:
         self.audit = AuditLog(config.audit)
         _check_writable(config.audit)
         self._log = log or _stderr
+        self._proxies: list[ReverseProxy] = []
         routes = self._routes(secrets, resolve)
         self._slots = threading.BoundedSemaphore(max_connections)
         self._refusers = threading.BoundedSemaphore(REFUSERS)
@@ -355,6 +356,7 @@ class Gateway:
                 cafile=config.cafile,
                 log=self._log,
             )
+            self._proxies.append(proxy)
             routes.append((route.socket, proxy.handle, True))
         if config.egress is not None:
             routes.append(
@@ -483,6 +485,8 @@ class Gateway:
         deadline = time.monotonic() + CLOSE_WAIT  # a thread waiting on an upstream may stay
         for thread in active.values():
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        for proxy in self._proxies:
+            proxy.close()  # the idle upstream connections
         for name in ("_wake_w", "_wake_r"):
             fd = getattr(self, name, -1)
             setattr(self, name, -1)

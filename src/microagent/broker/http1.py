@@ -45,6 +45,7 @@ class Reader:
         self.sock = sock
         self.side = side
         self._buf = bytearray()
+        self.received = 0  # bytes read from the socket so far
 
     def error(self, kind: str, message: str) -> HTTPError:
         return HTTPError(self.side, kind, message)
@@ -59,6 +60,7 @@ class Reader:
             detail = exc.strerror or type(exc).__name__
             raise self.error("io", f"connection failed ({detail})") from exc
         self._buf += data
+        self.received += len(data)
         return bool(data)
 
     @property

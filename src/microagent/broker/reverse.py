@@ -4,7 +4,8 @@ The guest talks plain HTTP/1.1 to it (through the guest agent's channel and a un
 Each request is parsed with hard bounds (head, body, header count), refused unless it is an
 origin-form request within the limits, stripped of every auth and hop-by-hop header the guest
 sent, given the upstream's ``Host`` and the real key header, and forwarded over verified TLS
-(plain HTTP only to a loopback upstream). The response is relayed piece by piece as it
+(plain HTTP only to a loopback upstream), on an upstream connection kept from an earlier
+request when there is one (broker/pool.py). The response is relayed piece by piece as it
 arrives, so server-sent events reach the guest one by one. Every request is one audit entry:
 method, path without the query, status, body bytes each way, duration, decision and reason;
 never a header value, a query string, a body or the key.
@@ -46,6 +47,7 @@ from microagent.broker.http1 import (
     response_body,
     serialize,
 )
+from microagent.broker.pool import IDLE_TIMEOUT, MAX_IDLE, ConnectionPool
 from microagent.errors import InvalidInputError
 
 CONNECT_TIMEOUT = 10.0  # TCP connect plus the TLS handshake
@@ -54,6 +56,8 @@ KEEPALIVE_TIMEOUT = 60.0  # an idle guest connection between requests
 DRAIN_BYTES = 256 << 10  # read (and drop) after a refusal, so the answer is not reset
 DRAIN_SECONDS = 1.0
 MAX_INTERIM = 8  # 1xx responses skipped before the final one
+REPLAY_MAX = 4 << 20  # a body up to this size is held whole, so it can be sent again
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 URL_MAX = 2048
 
 # Never forwarded from the guest: any credential it holds is a placeholder at best.
@@ -179,6 +183,14 @@ class BrokerError(Exception):
         self.retry_after = retry_after
 
 
+class _Stale(Exception):
+    """A connection failed before the upstream answered a byte; ``error`` says how."""
+
+    def __init__(self, error: BrokerError) -> None:
+        super().__init__(error.reason)
+        self.error = error
+
+
 class TokenBucket:
     """``per_minute`` requests a minute on average, bursts up to as many; thread-safe."""
 
@@ -249,6 +261,8 @@ class ReverseProxy:
         connect_timeout: float = CONNECT_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        max_idle: int = MAX_IDLE,
+        idle_timeout: float = IDLE_TIMEOUT,
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.name = name
@@ -269,6 +283,16 @@ class ReverseProxy:
         self.read_timeout = read_timeout
         self.keepalive_timeout = keepalive_timeout
         self._log = log or _stderr
+        self._pool = ConnectionPool(self._connect, max_idle=max_idle, idle_timeout=idle_timeout)
+
+    @property
+    def pool(self) -> ConnectionPool:
+        """The upstream connections kept between requests (this credential's only)."""
+        return self._pool
+
+    def close(self) -> None:
+        """Close the idle upstream connections (the gateway is closing)."""
+        self._pool.close()
 
     def __repr__(self) -> str:
         return f"ReverseProxy(name={self.name!r}, upstream={str(self.upstream)!r})"
@@ -368,17 +392,93 @@ class ReverseProxy:
     def _forward(
         self, conn: socket.socket, reader: Reader, request: _Request, ex: _Exchange
     ) -> bool:
-        upstream = self._connect()
+        """The request to the upstream and its answer to the guest; True if keep-alive
+        holds. A body that can be sent again goes on an idle connection when there is one
+        (and on a new one if that connection turns out closed); any other on a new one."""
+        if not self._replayable(request):
+            return self._forward_streamed(conn, reader, request, ex)
+        if request.expect_continue and request.body.framing is not Framing.NONE:
+            _send_guest(conn, CONTINUE)
+        payload = self._upstream_head(request) + self._read_body(reader, request, ex)
+        upstream, reused = self._pool.acquire()
         try:
-            _send(upstream, self._upstream_head(request), "upstream")
-            if request.expect_continue and request.body.framing is not Framing.NONE:
-                _send(conn, b"HTTP/1.1 100 Continue\r\n\r\n", "guest")
-            self._send_body(reader, upstream, request, ex)
-            return self._relay(conn, Reader(upstream, "upstream"), request, ex)
+            return self._round_trip(conn, upstream, payload, request, ex)
+        except _Stale as stale:
+            if not reused:
+                raise stale.error from None
+        # The server closed the idle connection as the request went out: nothing of it was
+        # answered, so it goes once more, on a new connection.
+        try:
+            return self._round_trip(conn, self._pool.fresh(), payload, request, ex)
+        except _Stale as stale:
+            raise stale.error from None
+
+    def _replayable(self, request: _Request) -> bool:
+        """A body the broker holds whole before sending, so it can send it twice."""
+        framing, length = request.body.framing, request.body.length
+        return framing is Framing.NONE or (framing is Framing.LENGTH and length <= REPLAY_MAX)
+
+    def _read_body(self, reader: Reader, request: _Request, ex: _Exchange) -> bytes:
+        data = bytearray()
+        try:
+            for piece in body_pieces(reader, request.body):
+                data += piece
+                ex.bytes_in += len(piece)
+        except HTTPError as exc:
+            raise _guest_error(exc) from None
+        return bytes(data)
+
+    def _round_trip(
+        self,
+        conn: socket.socket,
+        upstream: socket.socket,
+        payload: bytes,
+        request: _Request,
+        ex: _Exchange,
+    ) -> bool:
+        """``payload`` (head and body) on ``upstream``, the answer to the guest. _Stale
+        when the upstream failed before it sent a byte (not a timeout): it never saw the
+        request, or dropped it unanswered."""
+        up_reader = Reader(upstream, "upstream")
+        reusable = False
+        try:
+            try:
+                _send(upstream, payload, "upstream")
+                _quick_ack(upstream)
+                response = _final_response(up_reader)
+            except (HTTPError, BrokerError) as exc:
+                error = _side_error(exc) if isinstance(exc, HTTPError) else exc
+                timeout = isinstance(exc, HTTPError) and exc.kind == "timeout"
+                if up_reader.received or timeout:
+                    raise error from None
+                raise _Stale(error) from None
+            keep, reusable = self._relay(conn, up_reader, response, request, ex)
+            return keep
         except HTTPError as exc:
             raise _side_error(exc) from None
         finally:
-            upstream.close()
+            self._pool.release(upstream, reusable)
+
+    def _forward_streamed(
+        self, conn: socket.socket, reader: Reader, request: _Request, ex: _Exchange
+    ) -> bool:
+        """A chunked or large body, passed on as it arrives over a new connection."""
+        upstream = self._pool.fresh()
+        up_reader = Reader(upstream, "upstream")
+        reusable = False
+        try:
+            _send(upstream, self._upstream_head(request), "upstream")
+            if request.expect_continue and request.body.framing is not Framing.NONE:
+                _send(conn, CONTINUE, "guest")
+            self._send_body(reader, upstream, request, ex)
+            _quick_ack(upstream)
+            response = _final_response(up_reader)
+            keep, reusable = self._relay(conn, up_reader, response, request, ex)
+            return keep
+        except HTTPError as exc:
+            raise _side_error(exc) from None
+        finally:
+            self._pool.release(upstream, reusable)
 
     def _upstream_head(self, request: _Request) -> bytes:
         named = request.head.tokens("connection")
@@ -393,7 +493,6 @@ class ReverseProxy:
             fields.append(("Content-Length", str(request.body.length)))
         elif request.body.framing is Framing.CHUNKED:
             fields.append(("Transfer-Encoding", "chunked"))
-        fields.append(("Connection", "close"))
         return serialize(f"{request.method} {request.target} HTTP/1.1", fields)
 
     def _send_body(
@@ -414,10 +513,17 @@ class ReverseProxy:
             _send(upstream, LAST_CHUNK, "upstream")
 
     def _relay(
-        self, conn: socket.socket, up_reader: Reader, request: _Request, ex: _Exchange
-    ) -> bool:
-        """The response to the guest, each piece as it arrives; True if keep-alive holds."""
-        head, status = _final_response(up_reader)
+        self,
+        conn: socket.socket,
+        up_reader: Reader,
+        response: tuple[Head, int],
+        request: _Request,
+        ex: _Exchange,
+    ) -> tuple[bool, bool]:
+        """The response to the guest, each piece as it arrives: whether the guest's
+        connection stays open, and whether the upstream's may carry another request (its
+        response was framed, read to its end, and the upstream did not say close)."""
+        head, status = response
         body = response_body(up_reader, head, status, request.method)
         streamed = body.framing in (Framing.CHUNKED, Framing.CLOSE)
         rechunk = streamed and request.http11
@@ -430,7 +536,13 @@ class ReverseProxy:
             ex.bytes_out += len(piece)
         if rechunk:
             _send(conn, LAST_CHUNK, "guest")
-        return keep
+        reusable = (
+            body.framing is not Framing.CLOSE
+            and head.start.startswith("HTTP/1.1 ")
+            and "close" not in head.tokens("connection")
+            and not up_reader.buffered
+        )
+        return keep, reusable
 
     def _connect(self) -> socket.socket:
         host, port = self.upstream.host, self.upstream.port
@@ -552,6 +664,21 @@ def _request_line(line: str) -> tuple[str, str, bool]:
     if _has_dot_segment(target.partition("?")[0]):
         raise BrokerError(400, "the path has a '.' or '..' segment", deny=True)
     return method, target, version == "HTTP/1.1"
+
+
+def _quick_ack(sock: socket.socket) -> None:
+    """Acknowledge the response's first segments at once (Linux): a server that writes its
+    head and its body apart, without TCP_NODELAY, waits for that acknowledgement before it
+    sends the body, and a delayed one costs 40 ms on a kept connection."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+
+def _send_guest(conn: socket.socket, data: bytes) -> None:
+    try:
+        _send(conn, data, "guest")
+    except HTTPError as exc:
+        raise _side_error(exc) from None
 
 
 def _final_response(reader: Reader) -> tuple[Head, int]:
