@@ -78,6 +78,10 @@ from microagent.workspace.services import (
     secrets_pipe,
 )
 
+HELD_DETAIL = (
+    "held by the host while a warm template is made: the guest's connections are accepted "
+    "and kept silent, the target is not contacted"
+)
 NETNS_ETC = Path("/etc/netns")  # per-namespace resolv.conf folders (see runtime.network)
 VM_DIR_NAME = re.compile(r".{1,40}-[0-9a-f]{12}")  # runtime.boot.vm_dir_for's outside ones
 START_LOCK = ".start.lock"
@@ -705,6 +709,8 @@ def _readiness(
     """``stalled``: why the supervisor does not answer ('' while it does); what it serves
     (exec, probes, the mediation relay) is not ready then."""
     live = state.live
+    record = ws.record()
+    held = live and record.mediation is not None and _mediation_held(ws.run)
     guest = bool(runtime.get("guestReadyAt")) and live
     execs = {  # the supervisor's link saw the guest agent's HELLO (see execs)
         "ready": bool(runtime.get("execReadyAt")) and state is State.RUNNING,
@@ -714,7 +720,7 @@ def _readiness(
         "guestReady": {"ready": guest, "observedAt": runtime.get("guestReadyAt")},
         "execReady": execs,
         "resultReady": {"ready": ws.run.result_path.is_file()},
-        **_channel_readiness(ws.record(), live, runtime, stalled),
+        **_channel_readiness(record, live, runtime, stalled, held),
     }
     if stalled:
         for key in ("execReady", "mediationReady", "healthy"):
@@ -724,14 +730,18 @@ def _readiness(
 
 
 def _channel_readiness(
-    record: Record, live: bool, runtime: Mapping[str, Any], stalled: str = ""
+    record: Record,
+    live: bool,
+    runtime: Mapping[str, Any],
+    stalled: str = "",
+    held: bool = False,
 ) -> dict[str, Any]:
     """``mediationReady`` (a bounded connect to the target, as the reference does; none while
     the supervisor does not answer or the host holds the channel) and ``healthy`` (the
     supervisor's last probe outcome), for workspaces that declare them."""
     out: dict[str, Any] = {}
     if record.mediation is not None:
-        out["mediationReady"] = _mediation_readiness(record.mediation, live, stalled)
+        out["mediationReady"] = _mediation_readiness(record.mediation, live, stalled, held)
     if record.credentials or record.egress_allow:
         out["brokerReady"] = _broker_readiness(live, runtime)
     if record.health is not None:
@@ -742,10 +752,12 @@ def _channel_readiness(
     return out
 
 
-def _mediation_readiness(m: MediationSpec, live: bool, stalled: str) -> dict[str, Any]:
+def _mediation_readiness(m: MediationSpec, live: bool, stalled: str, held: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"target": m.target, "required": m.required}
     if stalled:  # (its relay is in the supervisor: no connect tells anything)
         return {"ready": False, **out, "error": stalled}
+    if held:  # the target is none of this boot's business: it is never contacted
+        return {"ready": False, "held": True, **out, "detail": HELD_DETAIL}
     why = tcp_reachable(m.target_host, m.target_port) if live else "not running"
     out = {"ready": why is None, **out}
     if why is not None:
@@ -755,6 +767,14 @@ def _mediation_readiness(m: MediationSpec, live: bool, stalled: str) -> dict[str
             else "live readiness unavailable: not running"
         )
     return out
+
+
+def _mediation_held(run: RunDir) -> bool:
+    """Whether the host holds this boot's mediation channel itself (a warm template's boot:
+    ``start(hold_mediation=True)``), as the boot document the supervisor runs says."""
+    boot = read_json(run.boot_path)
+    mediation = boot.get("mediation") if boot is not None else None
+    return isinstance(mediation, Mapping) and mediation.get("hold") is True
 
 
 def _broker_readiness(live: bool, runtime: Mapping[str, Any]) -> dict[str, Any]:
