@@ -35,10 +35,11 @@ COMMAND_MODULES = (
         "workspace",
         (
             *("create", "start", "status", "result", "halt", "stop", "kill", "wait"),
-            *("delete", "list", "ps", "logs", "events", "audit", "cp"),
+            *("delete", "list", "ps", "logs", "events", "audit"),
             *("pause", "resume", "snapshot", "suspend", "fork"),
         ),
     ),
+    ("copy", ("cp",)),
     ("guest", ("exec",)),
     ("run", ("run",)),
     ("image", ("image",)),

@@ -144,12 +144,13 @@ def boot_only_in(modules: set[str]) -> list[str]:
 
 
 # What `cp` of a workspace whose record holds no credentials, health check, mediation, egress
-# rules or published ports does not read: a spec (the compiler's types), a boot document (the
-# backend's, the config disk's and the health check's types) or the store (digests, blobs).
+# rules or published ports does not read: a spec (the compiler), a boot document (the
+# backend's, the config disk's and the health check's types), the store (digests, blobs), or
+# the other workspace commands (their build flags, tables and confirmations).
 NOT_FOR_CP = (
-    *("microagent.compiler.spec", "microagent.compiler.credentials", "microagent.compiler.load"),
+    *("microagent.compiler.", "microagent.store.", "microagent.digests"),
     *("microagent.runtime.backend", "microagent.runtime.configdisk", "microagent.runtime.health"),
-    *("microagent.store.", "microagent.digests"),
+    *("microagent.commands.workspace", "microagent.commands.build", "microagent.commands.table"),
 )
 
 

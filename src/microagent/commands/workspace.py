@@ -1,5 +1,5 @@
 """Workspace commands: create, start, status, result, halt/stop, kill, wait, delete, list, ps,
-logs, events, audit, cp, pause, resume, snapshot create/ls/rm, suspend, fork.
+logs, events, audit, pause, resume, snapshot create/ls/rm, suspend, fork (``cp``: :mod:`.copy`).
 
 What the guest wrote is shown inert: ``status``, ``result`` and ``events`` text goes through
 ``sanitize_for_terminal`` always (``--json`` is the exact form); ``logs`` passes the console's
@@ -559,20 +559,6 @@ def _audit_document(name: str, items: Iterator[dict[str, Any]]) -> None:
     _json_document({"workspace": name}, "entries", counted(), lambda: {"summary": tally.to_json()})
 
 
-@click.command()
-@click.argument("source")
-@click.argument("target")
-@pass_ctx
-def cp(ctx: Ctx, /, source: str, target: str) -> None:
-    """Copy a file between the host and a stopped workspace: NAME:/path on one side.
-
-    A host DST may be an existing directory; DIR/ or a parent that does not exist is an
-    error (nothing is created)."""
-    report = ctx.api().cp(source, target)
-    text = f"copied {report.bytes} bytes {report.direction.replace('-', ' ')}"
-    ctx.emit(report.to_json(), text)
-
-
 COMMANDS = [
     create,
     start,
@@ -588,7 +574,6 @@ COMMANDS = [
     logs,
     events,
     audit,
-    cp,
     pause,
     resume,
     snapshot,
