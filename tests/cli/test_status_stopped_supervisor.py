@@ -80,7 +80,8 @@ def test_status_and_halt_of_a_workspace_whose_supervisor_is_stopped(
         until(lambda: sched_state(pid) == "T", "the supervisor is stopped")
         first = text(capsys, "status", "ws").splitlines()[0]
         assert first.startswith(f"ws: running (the supervisor (pid {pid}) is stopped (SIGSTOP")
-        assert f"`kill -CONT {pid}` resumes it, `microagent kill ws` stops" in first
+        assert f"`kill -CONT {pid}` resumes it, `microagent halt ws` resumes" in first
+        assert "`microagent kill ws` stops it now" in first
         stopped = cli(capsys, "status", "ws")
         assert (stopped["ok"], stopped["event"]["state"]) == (True, "running")
         detail = stopped["supervisor"].pop("detail")

@@ -218,7 +218,10 @@ def supervisor_state(name: str, run: RunDir) -> SupervisorState | None:
     state = _HALTED.get(_scheduler_state(pid), "running")
     if state == "stopped":
         why = "is stopped (SIGSTOP or SIGTSTP)"
-        how = f"`kill -CONT {pid}` resumes it, `microagent kill {name}` stops the workspace now"
+        how = (
+            f"`kill -CONT {pid}` resumes it, `microagent halt {name}` resumes and halts it, "
+            f"`microagent kill {name}` stops it now"
+        )
     elif state == "traced":
         why = "is stopped by a debugger (traced)"
         how = f"detach the debugger, or `microagent kill {name}` stops the workspace now"
@@ -226,7 +229,7 @@ def supervisor_state(name: str, run: RunDir) -> SupervisorState | None:
         return SupervisorState(pid)
     detail = (
         f"the supervisor (pid {pid}) {why}: the workspace runs on, but nothing answers for "
-        f"it (exec, health probes, the mediation channel, halt); {how}"
+        f"it (exec, health probes, the mediation channel); {how}"
     )
     return SupervisorState(pid, state, detail)
 
