@@ -90,6 +90,9 @@ def test_status_and_halt_of_a_workspace_whose_supervisor_is_stopped(
         assert stopped["readiness"]["execReady"]["ready"] is False
         assert stopped["readiness"]["execReady"]["error"] == detail
         assert stopped["readiness"]["guestReady"] == normal["readiness"]["guestReady"]
+        refused = cli(capsys, "exec", "ws", "--", "true", code=1)  # not a hang
+        assert refused["error"]["kind"] == "conflict"
+        assert refused["error"]["message"].endswith(detail)
 
         os.kill(pid, signal.SIGCONT)
         until(lambda: sched_state(pid) != "T", "the supervisor runs again")

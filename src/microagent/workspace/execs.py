@@ -15,7 +15,7 @@ from microagent.errors import ConflictError, VMError
 from microagent.runtime.agentproto import ExecRequest
 from microagent.runtime.execclient import ExecIO, ExecResult, Input, collect, stream
 from microagent.runtime.rundir import State
-from microagent.workspace.liveness import reconcile
+from microagent.workspace.liveness import reconcile, supervisor_state
 from microagent.workspace.records import Workspace
 
 READY_WAIT = 30.0  # how long exec waits for the guest agent of a starting workspace
@@ -31,6 +31,7 @@ def exec_socket(ws: Workspace, *, wait: float = READY_WAIT) -> Path:
         runtime = ws.run.runtime()
         path = runtime.get("execSocket")
         if state is State.RUNNING and runtime.get("execReadyAt") and isinstance(path, str):
+            _require_responsive(ws)
             return Path(path)
         if state not in (State.STARTING, State.RUNNING):
             verb = "resume" if state is State.PAUSED else "start"
@@ -45,6 +46,18 @@ def exec_socket(ws: Workspace, *, wait: float = READY_WAIT) -> Path:
                 "`microagent kernel install`",
             )
         time.sleep(POLL)
+
+
+def _require_responsive(ws: Workspace) -> None:
+    """A stopped or traced supervisor accepts on the exec socket and never answers: refuse
+    instead of hanging (one stopped after this check still hangs the call until it resumes,
+    or until the caller's ``--timeout``)."""
+    supervisor = supervisor_state(ws.name, ws.run)
+    if supervisor is not None and not supervisor.responsive:
+        raise ConflictError(
+            f"workspace {ws.name!r} cannot run a command now: {supervisor.detail}",
+            hint=f"see `microagent status {ws.name}`",
+        )
 
 
 def run_exec(
