@@ -434,17 +434,29 @@ def test_status_and_result_text_neutralise_guest_text(
     assert cli(capsys, "status", "ws")["event"]["detail"] == f"no such command{CLEAR}"
 
 
+@pytest.mark.parametrize("live", [False, True], ids=["plain", "live-view"])
 def test_error_messages_carrying_guest_text_are_neutralised_on_a_terminal(
-    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    project: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    live: bool,
 ) -> None:
-    """A failing setup step's message quotes the guest's stderr: it must not drive a terminal."""
+    """A failing setup step's message quotes the guest's stderr: it must not drive a terminal,
+    whether progress is plain lines (a CI job) or the live view (a terminal outside CI)."""
     monkeypatch.setenv("MICROAGENT_FAKE", json.dumps({"exitCode": 1, "stderr": f"x{OSC52}"}))
+    monkeypatch.setenv("TERM", "xterm")
+    if live:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", "true")
     terminal = _Stdout(tty=True)
     monkeypatch.setattr(sys, "stderr", terminal)
     assert main(["create", "-f", str(project / "microagent.yaml"), "--name", "boom"]) == 1
     shown = terminal.written()
-    assert b"setup step failed" in shown and b"\x1b" not in shown and b"\x07" not in shown
-    assert b"x\\x1b]52;c;" in shown
+    assert b"setup step failed" in shown and b"x\\x1b]52;c;" in shown
+    # no OSC sequence and no bell from the guest; the live view's own cursor codes are CSI
+    assert b"\x1b]" not in shown and b"\x07" not in shown
+    assert (b"\x1b[" in shown) is live
 
 
 def test_logs_follow_starts_again_after_a_rotation(
