@@ -9,7 +9,9 @@ registry request retried) to ``notice``, which the CLI shows even with ``--json`
 Imports are deferred by operation: ``validate``, ``plan`` and ``lock`` load only the compiler,
 the store and the registry client (they are what a CLI start-up waits for); building, booting,
 workspaces, the store and the guest kit load their packages on first use (``cp`` loads the
-workspace records and the disk tools, not the store or the compiler).
+workspace records and the disk tools, not the store or the compiler). The operations' reports
+live beside what they report (:mod:`microagent.compiler.reports`,
+:mod:`microagent.workspace.reports`), so a command builds only the report types it returns.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from microagent.errors import InvalidInputError, NotFoundError
 
 if TYPE_CHECKING:
     from microagent.build.base import BaseImage
-    from microagent.build.pipeline import BuildOutcome, Pipeline
+    from microagent.build.pipeline import Pipeline
     from microagent.compiler.cachecontrol import CacheControl
-    from microagent.compiler.lock import LockEntry, LockFile, ResolvedImage
     from microagent.compiler.overrides import Overrides, RuntimeEnv
-    from microagent.compiler.plan import BuildPlan, StepCache, StepStatus
+    from microagent.compiler.plan import StepCache
+    from microagent.compiler.reports import LockReport, PlanReport
     from microagent.compiler.spec import Spec
     from microagent.kit.guestkit import GuestKit
     from microagent.oci.registry import RegistryClient
@@ -48,6 +50,13 @@ if TYPE_CHECKING:
     from microagent.workspace.doctor import Report
     from microagent.workspace.lifecycle import Runtime
     from microagent.workspace.records import Workspace, Workspaces
+    from microagent.workspace.reports import (
+        BuildReport,
+        CopyReport,
+        KillReport,
+        StartReport,
+        WaitReport,
+    )
     from microagent.workspace.run import OneShot
     from microagent.workspace.snapshots import SnapshotReport
 
@@ -67,173 +76,6 @@ def load(path: Path | str, overrides: Overrides | None = None) -> Spec:
 
     spec = load_spec(path)
     return apply_overrides(spec, overrides) if overrides else spec
-
-
-def image_json(image: ResolvedImage, written: str) -> dict[str, str | None]:
-    """A resolved image as output shows it: a local layout as the spec wrote it, normalised
-    and relative to the spec's folder (the store keeps the absolute path it was read from)."""
-    # deferred: the compiler is loaded by the commands that read a spec
-    from microagent.compiler.refs import portable_ref
-
-    out = image.to_json()
-    if written.startswith("oci:"):
-        out["reference"] = portable_ref(written)
-    return out
-
-
-@dataclass(frozen=True)
-class PlanReport:
-    spec: Spec
-    plan: BuildPlan
-    status: list[StepStatus]
-    cache_from: tuple[str, ...] | None = None  # remote caches asked (None: none configured)
-    warnings: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, object]:
-        out: dict[str, object] = {
-            "ok": True,
-            "name": self.spec.name,
-            "spec": str(self.spec.source),
-            "image": image_json(self.plan.image, self.spec.image),
-            "steps": [
-                {
-                    "kind": s.step.kind.value,
-                    "key": s.step.key,
-                    "parent": s.step.parent,
-                    "label": s.step.label,
-                    "inputs": dict(s.step.inputs),
-                    "cached": s.cached,
-                    "where": s.where,
-                    "reason": s.reason,
-                }
-                for s in self.status
-            ],
-        }
-        if self.cache_from is not None:
-            out["cacheFrom"] = list(self.cache_from)
-            out["warnings"] = list(self.warnings)
-        return out
-
-
-@dataclass(frozen=True)
-class LockReport:
-    lock: LockFile
-    image: str
-    changed: bool
-
-    @property
-    def entry(self) -> LockEntry:
-        return self.lock.images[self.image]
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "ok": True,
-            "lock": str(self.lock.path),
-            "changed": self.changed,
-            **self.lock.to_json(),
-        }
-
-
-@dataclass(frozen=True)
-class BuildReport:
-    outcome: BuildOutcome
-    published: list[dict[str, Any]]
-    seconds: float
-    spec_image: str = ""  # the image as the spec wrote it (how a layout is shown)
-
-    def to_json(self) -> dict[str, Any]:
-        plan, built = self.outcome.plan, self.outcome.built
-        return {
-            "ok": True,
-            "image": image_json(plan.image, self.spec_image),
-            "rootfsKey": built.key,
-            "configKey": plan.config_step.key,
-            "stepsBuilt": built.built,
-            "stepsCached": built.cached,
-            "setupBoots": self.outcome.boots,
-            "steps": [{"kind": s.kind.value, "key": s.key, "label": s.label} for s in plan.steps],
-            "remote": self.outcome.remote,
-            "published": self.published,
-            "seconds": round(self.seconds, 3),
-        }
-
-
-@dataclass(frozen=True)
-class StartReport:
-    workspace: str
-    state: str
-    exit_code: int | None = None  # set when the start waited for the entrypoint
-    timed_out: bool = False  # waited, and the workspace was still live at the timeout
-    detail: str = ""  # the state's detail, when the wait ended in a failure
-    output_tail: tuple[str, ...] = ()  # the last lines of the output, after a failure
-
-    @property
-    def failed(self) -> bool:
-        """The wait ended in a failure (a start that did not wait never failed here)."""
-        return self.exit_code is not None and (self.state == "failed" or self.exit_code != 0)
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"ok": True, "workspace": self.workspace, "state": self.state}
-        if self.timed_out:
-            return {**out, "ok": False, "timedOut": True}
-        if self.exit_code is None:
-            return out
-        out.update(ok=self.state != "failed", exitCode=self.exit_code)
-        if self.failed:
-            out.update(detail=self.detail, outputTail=list(self.output_tail))
-        return out
-
-
-@dataclass(frozen=True)
-class WaitReport:
-    workspace: str
-    state: str
-    timed_out: bool = False
-
-    @property
-    def exit_code(self) -> int:
-        """0 stopped, halted (or never started), 1 failed, 124 still live at the timeout."""
-        if self.timed_out:
-            return 124
-        return 1 if self.state == "failed" else 0
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"ok": self.exit_code == 0, "workspace": self.workspace}
-        out["state"] = self.state
-        if self.timed_out:
-            out["timedOut"] = True
-        return out
-
-
-@dataclass(frozen=True)
-class KillReport:
-    workspace: str
-    state: str
-    killed: bool  # False: nothing of the workspace was running
-
-    def to_json(self) -> dict[str, Any]:
-        return {"ok": True, "workspace": self.workspace, "state": self.state, "killed": self.killed}
-
-
-@dataclass(frozen=True)
-class CopyReport:
-    workspace: str
-    direction: str  # "to-workspace" | "from-workspace"
-    source: str
-    target: str
-    guest_path: str
-    bytes: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "ok": True,
-            "workspace": self.workspace,
-            "direction": self.direction,
-            "source": self.source,
-            "target": self.target,
-            "guestPath": self.guest_path,
-            "bytes": self.bytes,
-        }
 
 
 def parse_remote_path(text: str) -> tuple[str, str] | None:
@@ -384,6 +226,7 @@ class Microagent:
         ``control`` (--no-cache, --no-cache-from N, --refresh) as a build would use it."""
         # deferred: see the module docstring
         from microagent.compiler.plan import compile_plan, plan_status
+        from microagent.compiler.reports import PlanReport
         from microagent.oci.resolve import Resolutions, resolve_image
         from microagent.store.stepcache import StoreStepCache
 
@@ -423,6 +266,7 @@ class Microagent:
             write_lock,
         )
         from microagent.compiler.refs import parse_any_ref  # deferred: as above
+        from microagent.compiler.reports import LockReport  # deferred: as above
 
         spec = load(path)
         key = lock_key(spec.image)  # a layout as written, normalised: the lock is for git
@@ -465,6 +309,7 @@ class Microagent:
         """Build every step of a spec (no workspace); with ``push`` publish it."""
         # deferred: see the module docstring
         from microagent.remotecache.publish import record_files_and_config
+        from microagent.workspace.reports import BuildReport
 
         began = time.monotonic()
         pipeline = self.pipeline(
@@ -554,6 +399,7 @@ class Microagent:
         disks) instead of booting."""
         # deferred: see the module docstring
         from microagent.workspace import lifecycle
+        from microagent.workspace.reports import StartReport
 
         ws = self.workspace(name)
         runtime = lifecycle.start(self._runtime(), ws, from_tag=from_tag)
@@ -621,6 +467,7 @@ class Microagent:
         ``start`` it resumes at once (else it waits ``suspended``)."""
         # deferred: see the module docstring
         from microagent.workspace import snapshots
+        from microagent.workspace.reports import StartReport
 
         snapshots.fork(self.workspace(name), tag, self.workspaces, new_name)
         if not start:
@@ -649,6 +496,7 @@ class Microagent:
         """Stop a workspace now (SIGKILL, no guest shutdown); its disk is checked next start."""
         # deferred: see the module docstring
         from microagent.workspace import lifecycle, liveness
+        from microagent.workspace.reports import KillReport
 
         ws = self.workspace(name)
         killed = lifecycle.kill(ws)
@@ -658,6 +506,7 @@ class Microagent:
         """Block until a workspace is stopped, halted or failed (or ``timeout`` passes)."""
         # deferred: see the module docstring
         from microagent.workspace import lifecycle
+        from microagent.workspace.reports import WaitReport
 
         state, done = lifecycle.wait_until(self.workspace(name), timeout)
         return WaitReport(name, state.value, timed_out=not done)
@@ -736,6 +585,7 @@ class Microagent:
         # deferred: see the module docstring
         from microagent.ext4 import overlay
         from microagent.workspace import offline
+        from microagent.workspace.reports import CopyReport
 
         src, dst = parse_remote_path(source), parse_remote_path(target)
         if (src is None) == (dst is None):

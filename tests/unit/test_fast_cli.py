@@ -93,6 +93,10 @@ def test_plan_offline_imports_nothing_heavy(
     modules = imported("plan", "--offline", "-f", str(spec))
     assert "yaml" in modules and "microagent.compiler.plan" in modules
     assert heavy_in(modules) == []
+    # nothing of workspaces, booting, building or disks; of the reports, plan's own only
+    beyond = ("microagent.workspace", "microagent.runtime", "microagent.build", "microagent.ext4")
+    assert sorted(m for m in modules if m.startswith(beyond)) == []
+    assert "microagent.compiler.reports" in modules
 
 
 @pytest.mark.parametrize("args", [("--help",), ("--version",), ("plan", "--help")])
@@ -123,6 +127,8 @@ def test_a_cache_hit_create_of_a_registry_tag_resolved_lately_imports_nothing_he
     hit = imported("create", "-f", str(spec), "--name", "tagged-2")
     assert heavy_in(hit) == []
     assert build_only_in(hit) == []
+    # create returns its own report: none of the other operations' report types are built
+    assert {"microagent.compiler.reports", "microagent.workspace.reports"} & hit == set()
     refreshed = imported("create", "-f", str(spec), "--name", "tagged-3", "--refresh")
     assert "requests" in refreshed  # the probe sees the registry client when it is used
     assert "microagent.oci.registry" in build_only_in(refreshed)

@@ -19,8 +19,8 @@ from microagent.commands.context import (
 from microagent.commands.table import Column, plural, render
 
 if TYPE_CHECKING:
-    from microagent.api import PlanReport
     from microagent.compiler.plan import StepStatus
+    from microagent.compiler.reports import PlanReport
 
 
 @click.command()

@@ -43,7 +43,7 @@ from microagent.commands.table import Column, plural, render
 from microagent.errors import UsageError
 
 if TYPE_CHECKING:
-    from microagent.api import StartReport
+    from microagent.workspace.reports import StartReport
     from microagent.workspace.snapshots import SnapshotReport
     from microagent.workspace.templates import WarmReport
 
