@@ -14,7 +14,10 @@ Two formats (``PackedImage.format``; the artifact's media type and tag say which
 
 ``pack`` writes format 2; ``unpack`` accepts a blob only if the compressed bytes match the
 blob digest and size, every chunk header is in bounds (inside the image, in order, no
-overlap, each frame within zstd's bound for its length), each frame decodes to exactly its
+overlap, each frame within zstd's bound for its length), every run is what ``pack`` writes
+(it starts on a 64 KiB block and is whole blocks, but for the image's short last block: so a
+blob has at most one run per block, and a crafted one of tiny runs cannot make the host pay
+a decoder, a hash and a write per few bytes), each frame decodes to exactly its
 length, the decoded image matches its digest and size, and ``e2fsck -fn`` finds the file
 system clean. All of that happens before the caller publishes the file
 (``Store.build_once``), so a damaged, truncated or crafted download never becomes a rootfs
@@ -325,6 +328,11 @@ def _next_run(blob: _Blob, size: int, end: int) -> tuple[int, int, bytes] | None
     if offset < end or offset + length > size or length > MAX_RUN:
         raise IntegrityError(
             f"rootfs image chunk at {offset} (+{length} bytes) is out of order or bounds"
+        )
+    if offset % SPARSE_BLOCK or (length % SPARSE_BLOCK and offset + length != size):
+        raise IntegrityError(  # tiny runs would cost a decoder, a hash and a write each
+            f"rootfs image chunk at {offset} (+{length} bytes) is not on the 64 KiB blocks "
+            "the packer writes"
         )
     if not 0 < framed <= frame_bound(length):
         raise IntegrityError(f"rootfs image chunk at {offset}: a {framed}-byte frame")
