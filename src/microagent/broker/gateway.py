@@ -10,6 +10,15 @@ and its egress proxy, each on a unix socket, and writes the audit log.
 - SIGTERM (or SIGINT) closes the sockets and the process exits 0;
 - a bad config or secret is one line on stderr and exit status 2 (1: cannot listen).
 
+The process is a :class:`Keeper`: it reads the secrets once, binds the sockets and builds the
+:class:`Gateway`, then forks a worker that serves it (the worker inherits the secrets in its
+memory: they never pass through an argv, an environment, a file or a pipe again). When the
+worker dies, the keeper forks a new one from its own, never-served copy after a short
+back-off; connections that arrive meanwhile wait in the sockets' backlog. Each restart is one
+``gateway: worker restart N/K: ...`` line on stderr; a worker that dies more than
+:data:`MAX_RESTARTS` times within :data:`RESTART_WINDOW` seconds makes the keeper give up (a
+``gateway: giving up: ...`` line, exit status 1), so that the supervisor reports it.
+
 Nothing here logs a secret: errors name credentials and references, never values.
 """
 
@@ -26,10 +35,11 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from microagent.broker.audit import AuditLog
 from microagent.broker.credentials import SECRETS_JSON_MAX, parse_secrets
@@ -59,6 +69,11 @@ LISTEN_BACKLOG = 64
 CLOSE_WAIT = 2.0  # seconds close() waits for connection threads to end
 REFUSERS = 8  # threads answering 503 over the cap at once; past them, connections are closed
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+MAX_RESTARTS = 5  # worker restarts within RESTART_WINDOW; one more death and the keeper gives up
+RESTART_WINDOW = 60.0
+RESTART_DELAY = 0.1  # seconds before the first restart in the window, doubling up to the cap
+RESTART_DELAY_MAX = 2.0
+STOP_WAIT = 5  # seconds the keeper gives its worker after SIGTERM, then SIGKILL
 Handler = Callable[[socket.socket], None]
 
 
@@ -325,6 +340,7 @@ class Gateway:
         self._serving: threading.Thread | None = None
         self._done = threading.Event()
         self._closed = False
+        self.keep_files = False  # a worker's: the keeper removes the socket files, not it
         self._listeners: list[tuple[socket.socket, Path, int, Handler, bool]] = []
         try:
             for path, handler, broker in routes:
@@ -477,7 +493,7 @@ class Gateway:
         for sock, path, inode, _handler, _broker in self._listeners:
             sock.close()
             with contextlib.suppress(OSError):
-                if path.lstat().st_ino == inode:
+                if not self.keep_files and path.lstat().st_ino == inode:
                     path.unlink()
         for conn in active:
             with contextlib.suppress(OSError):
@@ -568,6 +584,140 @@ def _read_secrets_input() -> bytes:
     return data
 
 
+class Keeper:
+    """The gateway process: keeps ``gateway`` as built (sockets bound, secrets in memory,
+    never served) and runs it in a forked worker, forked again when it dies (see the
+    module's docstring). :meth:`run` returns the process's exit status."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        *,
+        max_restarts: int = MAX_RESTARTS,
+        window: float = RESTART_WINDOW,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.gateway = gateway
+        self.max_restarts = max_restarts
+        self.window = window
+        self._log = log or _stderr
+        self._pid = os.getpid()
+        self._worker = 0
+        self._stopping = False
+        self._restarts: deque[float] = deque()
+
+    def stop(self, _signum: int = 0, _frame: object = None) -> None:
+        """SIGTERM/SIGINT: the worker is asked to stop (and killed after :data:`STOP_WAIT`
+        seconds), then :meth:`run` closes the sockets and returns."""
+        self._stopping = True
+        self._signal_worker(signal.SIGTERM)
+        signal.alarm(STOP_WAIT)
+
+    def _kill_worker(self, _signum: int = 0, _frame: object = None) -> None:
+        self._signal_worker(signal.SIGKILL)
+
+    def _signal_worker(self, signum: int) -> None:
+        if self._worker:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._worker, signum)
+
+    def run(self, ready: Callable[[], None] = lambda: None) -> int:
+        """Serve until SIGTERM/SIGINT (EXIT_OK) or the restart limit (EXIT_FAILURE);
+        ``ready`` is called once the signal handlers are in place."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.stop)
+        signal.signal(signal.SIGALRM, self._kill_worker)
+        ready()
+        try:
+            while not self._stopping:
+                pid = self._fork()
+                _pid, status = os.waitpid(pid, 0)
+                self._worker = 0
+                if not self._stopping and not self._may_restart(pid, status):
+                    return EXIT_FAILURE
+            return EXIT_OK
+        finally:
+            signal.alarm(0)
+            self.gateway.close()
+
+    def _fork(self) -> int:
+        """A worker serving the gateway; SIGTERM waits until both sides have their
+        handlers (a stop is never lost between the fork and the worker's handler)."""
+        stops = {signal.SIGTERM, signal.SIGINT}
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                self._serve(mask)
+            self._worker = pid
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        self._log(f"worker {pid} serving")
+        if self._stopping:  # asked while it was being forked
+            self._signal_worker(signal.SIGTERM)
+        return pid
+
+    def _serve(self, mask: Iterable[int]) -> NoReturn:
+        """The worker, in the forked child: serves until SIGTERM, never returns."""
+        code = EXIT_FAILURE
+        try:
+            # A keeper killed outright takes its worker (and the secrets) with it at once.
+            if set_parent_death_signal(signal.SIGKILL) and os.getppid() != self._pid:
+                os._exit(EXIT_FAILURE)  # the keeper died before the signal was set
+            gateway = self.gateway
+            gateway.keep_files = True
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda _signum, _frame: gateway.shutdown())
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            gateway.serve_forever()
+            code = EXIT_OK
+        except BaseException as exc:  # a bug: say what (no message: it could quote data)
+            self._log(f"the worker failed: {type(exc).__name__}")
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+
+    def _may_restart(self, pid: int, status: int) -> bool:
+        """Log the worker's death; wait out the back-off; False once the limit is hit."""
+        now = time.monotonic()
+        while self._restarts and now - self._restarts[0] >= self.window:
+            self._restarts.popleft()
+        what = f"the worker (pid {pid}) {_death(status)}"
+        if len(self._restarts) >= self.max_restarts:
+            self._log(
+                f"giving up: {what}, its {len(self._restarts) + 1}th death within "
+                f"{self.window:g} s; the credential brokers and the egress proxy are down"
+            )
+            return False
+        self._restarts.append(now)
+        count = len(self._restarts)
+        delay = min(RESTART_DELAY_MAX, RESTART_DELAY * 2 ** (count - 1))
+        self._log(
+            f"worker restart {count}/{self.max_restarts}: {what}; "
+            f"serving again in {delay:g} s (connections wait in the backlog)"
+        )
+        deadline = time.monotonic() + delay
+        while not self._stopping and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.05))
+        return True
+
+
+def _death(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "a signal"
+        return f"was killed by signal {-code} ({name})"
+    return f"exited with status {code}"
+
+
 def main(argv: Sequence[str]) -> int:
     """The gateway process; ``argv`` is ``[CONFIG]``. See the module's docstring."""
     parent = os.getppid()
@@ -586,13 +736,13 @@ def main(argv: Sequence[str]) -> int:
     except OSError as exc:
         _stderr(f"cannot listen: {exc.strerror or type(exc).__name__}")
         return EXIT_FAILURE
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda _signum, _frame: gateway.shutdown())
+    return Keeper(gateway).run(ready=_say_ready)
+
+
+def _say_ready() -> None:
     with contextlib.suppress(OSError):
         sys.stdout.write("ready\n")
         sys.stdout.flush()
-    gateway.serve_forever()
-    return EXIT_OK
 
 
 def _stderr(line: str) -> None:

@@ -3,7 +3,10 @@
 The supervisor starts it before the first boot and stops it when it ends; it outlives restarts
 of the VM. Its configuration (no secret in it) is written beside the run's other files; the
 secret values reach it on its stdin, which is the supervisor's own stdin: a pipe the CLI filled
-and closed. The supervisor never reads that pipe, so the values are never in its memory.
+and closed. The supervisor never reads that pipe, so the values are never in its memory, and
+it could not start the gateway again: the gateway restarts its own worker when that dies (see
+:class:`~microagent.broker.gateway.Keeper`). :meth:`GatewayProcess.watch` follows its log for
+those restarts and reports the gateway's own end (the restart limit hit) to the supervisor.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from microagent import runner
@@ -22,6 +27,9 @@ from microagent.runtime.control import tail_text
 
 READY_TIMEOUT = 15.0
 STOP_GRACE = 3.0
+WATCH_POLL = 0.5  # seconds between looks at the gateway's log and process
+WATCH_READ = 64 << 10  # bytes of new log read at a time
+RESTART_PREFIX = "gateway: worker restart "
 # Runs the gateway of the microagent this process runs (see lifecycle's supervisor bootstrap).
 GATEWAY_BOOTSTRAP = (
     "import sys; root = sys.argv[1]; root in sys.path or sys.path.insert(0, root); "
@@ -42,6 +50,7 @@ class GatewayProcess:
         self.config_path = run_dir / "gateway.json"
         self.log = run_dir / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
 
     def start(self, stdin: int = 0, timeout: float = READY_TIMEOUT) -> None:
         for folder in {path.parent for path in self.config.sockets}:
@@ -73,7 +82,58 @@ class GatewayProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def watch(
+        self, on_restart: Callable[[str], None], on_exit: Callable[[int, str], None]
+    ) -> threading.Thread:
+        """A thread that calls ``on_restart(line)`` for each worker restart the gateway logs
+        and, if the gateway ends before :meth:`stop` (it gave up), ``on_exit(code, line)``
+        with its last log line."""
+        proc = self.proc
+        if proc is None:
+            raise VMError("the credential gateway is not running")
+        thread = threading.Thread(
+            target=self._watch, args=(proc, on_restart, on_exit), name="gateway-watch", daemon=True
+        )
+        thread.start()
+        return thread
+
+    def _watch(
+        self,
+        proc: subprocess.Popen[bytes],
+        on_restart: Callable[[str], None],
+        on_exit: Callable[[int, str], None],
+    ) -> None:
+        offset, last = 0, ""
+        while True:
+            stopping = self._stopping.wait(WATCH_POLL)
+            code = proc.poll()
+            offset, lines = self._new_lines(offset)
+            for line in lines:
+                last = line or last
+                if line.startswith(RESTART_PREFIX):
+                    on_restart(line.removeprefix("gateway: "))
+            if stopping or self._stopping.is_set():
+                return
+            if code is not None:
+                on_exit(code, last.removeprefix("gateway: ")[:400])
+                return
+
+    def _new_lines(self, offset: int) -> tuple[int, list[str]]:
+        """Whole lines the log has gained since ``offset``, and the offset after them."""
+        try:
+            with self.log.open("rb") as fh:
+                fh.seek(offset)
+                data = fh.read(WATCH_READ)
+        except OSError:
+            return offset, []
+        end = data.rfind(b"\n") + 1
+        if end == 0 and len(data) == WATCH_READ:  # one line longer than a read: skipped
+            return offset + len(data), []
+        text = data[:end].decode("utf-8", "replace")
+        return offset + end, text.splitlines()
+
     def stop(self) -> None:
+        self._stopping.set()
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return

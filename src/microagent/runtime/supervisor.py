@@ -25,6 +25,7 @@ the host's (event ``clock``). A VMM that ends while runtime.json says ``suspendi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -306,7 +307,22 @@ class Supervisor:
             gatewayPid=pid, gatewayProcess=ident and ident.to_json(), gatewayStartedAt=now()
         )
         self.run_dir.event("gateway", f"credential gateway started (pid {pid})")
+        gateway.watch(self._gateway_restarted, self._gateway_exited)
         return gateway
+
+    def _gateway_restarted(self, line: str) -> None:
+        """The gateway's worker died and the gateway serves again with a new one."""
+        with contextlib.suppress(OSError):  # a full disk: the line is in gateway.log still
+            self.run_dir.event("gateway-restart", line)
+
+    def _gateway_exited(self, code: int, line: str) -> None:
+        """The gateway ended on its own (its worker kept dying): every model call and the
+        egress proxy fail from now on; status says the gateway is not running."""
+        with contextlib.suppress(OSError):
+            self.run_dir.update(gatewayPid=None, gatewayProcess=None)
+            self.run_dir.event(
+                "gateway-exit", f"credential gateway exited ({code}): {line}", exitCode=code
+            )
 
     def _boot_loop(self, boot: BootDocument, backend: Backend) -> int:
         config_disk = self._keep_config_disk(boot)
