@@ -54,6 +54,7 @@ NAME_MAX = 253
 RESOLVED_MAX = 64  # addresses checked per name (all of them must pass)
 CONNECT_ATTEMPTS = 4  # addresses tried in order until one answers
 CHUNK = 64 << 10
+DRAIN_MAX = 1 << 20  # bytes the guest sent past its request, dropped before the close
 RECORD_MAX = 1 << 14  # a TLS plaintext record's payload
 
 Resolver = Callable[[str, int], Sequence[str]]
@@ -419,6 +420,23 @@ def origin_request(request: Request, host: str, port: int, target: str) -> bytes
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+def _close_draining(conn: socket.socket) -> None:
+    """Close ``conn`` after dropping what the guest sent and nobody read (bytes past its
+    request, up to :data:`DRAIN_MAX`): closing over unread data resets the connection, and
+    the guest could then lose the answer it has not read yet."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_WR)
+        conn.setblocking(False)
+        dropped = 0
+        while dropped < DRAIN_MAX:
+            data = conn.recv(CHUNK)  # BlockingIOError (nothing more queued) ends it
+            if not data:
+                break
+            dropped += len(data)
+    with contextlib.suppress(OSError):
+        conn.close()
+
+
 def _respond(conn: socket.socket, status: int, message: str) -> None:
     body = (message + "\n").encode("utf-8", "replace")
     extra = "Retry-After: 1\r\n" if status == 503 else ""
@@ -665,8 +683,7 @@ class EgressProxy:
         except OSError:
             exchange.reason = exchange.reason or "connection-error"
         finally:
-            with contextlib.suppress(OSError):
-                conn.close()
+            _close_draining(conn)
         self._audit.write(exchange.entry())
 
     def _serve(self, conn: socket.socket, exchange: _Exchange) -> None:

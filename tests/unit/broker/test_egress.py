@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -700,6 +701,31 @@ def test_plain_http_sends_exactly_the_body_and_nothing_pipelined_after_it(
     assert extra == b""
     [entry] = entries(audit_path)
     assert (entry["bytesIn"], entry["path"], entry["status"]) == (11, "/", 201)
+
+
+def test_bytes_past_the_request_sent_while_it_is_forwarded_do_not_reset_the_answer(
+    audit_path: Path, http_upstream: Upstream, guests: Any
+) -> None:
+    """The rest of the body and a pipelined request arrive once the proxy forwards: it
+    takes the body's bytes only, and the rest, never read, must not turn its close into a
+    reset that takes the answer with it (read here once the proxy is done: a guest slower
+    than the proxy, as under load)."""
+    guest = guests(make_proxy(audit_path, Hooks(http_upstream)))
+    guest.sock.sendall(b"POST http://allowed.example HTTP/1.1\r\nContent-Length: 11\r\n\r\nhello")
+    deadline = time.monotonic() + WAIT
+    while http_upstream.accepted < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert http_upstream.accepted == 1
+    guest.sock.sendall(
+        b" world" + b"GET http://evil.example/ HTTP/1.1\r\nHost: evil.example\r\n\r\n"
+    )
+    guest.thread.join(WAIT)  # the proxy has closed its end: the answer is all queued
+    assert not guest.thread.is_alive()
+    assert guest.rest() == RESPONSE
+    guest.done()
+    sent, extra = http_upstream.received
+    assert sent.endswith(b"\r\n\r\nhello world")
+    assert extra == b""
 
 
 # ---------------------------------------------------------------------------------------------
