@@ -14,7 +14,7 @@ from microagent.compiler.spec import Health, Mediation, Restart
 from microagent.errors import InvalidInputError
 from microagent.runtime.backend import PublishedPort
 from microagent.runtime.rundir import BootDocument
-from microagent.workspace.records import Record
+from microagent.workspace.records import Record, published_ports
 
 
 def _record(**parts: Any) -> Record:
@@ -91,6 +91,16 @@ def test_a_damaged_optional_part_is_refused(key: str, value: object, message: st
     data[key] = value
     with pytest.raises(InvalidInputError, match=message):
         Record.from_json(data)
+
+
+def test_published_ports_of_a_spec() -> None:
+    from microagent.compiler.spec import Forward
+
+    assert published_ports(()) == ()
+    ports = published_ports(iter([Forward(8080, 80, host="127.0.0.1")]))
+    assert [p.describe() for p in ports] == ["127.0.0.1:8080->80/tcp"]
+    with pytest.raises(InvalidInputError, match="published port"):
+        published_ports([Forward(8080, 80, host="::1")])
 
 
 def test_a_boot_document_without_a_restart_policy_never_restarts(tmp_path: Path) -> None:

@@ -187,9 +187,12 @@ def _egress_allow(items: object) -> tuple[str, ...]:
 
 def published_ports(forwards: Iterable[Forward]) -> tuple[PublishedPort, ...]:
     """The runtime's published ports for a spec's ``network.forwards`` (checked again)."""
+    wanted = tuple(forwards)
+    if not wanted:
+        return ()
     from microagent.runtime.backend import PublishedPort  # deferred: see the imports
 
-    return tuple(PublishedPort(f.host, f.host_port, f.guest_port, f.protocol) for f in forwards)
+    return tuple(PublishedPort(f.host, f.host_port, f.guest_port, f.protocol) for f in wanted)
 
 
 def check_name(name: str) -> str:
