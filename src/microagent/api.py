@@ -349,10 +349,13 @@ class Microagent:
         # deferred: see the module docstring
         from microagent.compiler.loader import load_spec
         from microagent.compiler.overrides import RuntimeEnv, apply_overrides, confirm_credentials
-        from microagent.runtime.backend import Forward
         from microagent.workspace.create import create, port_forwards
 
-        parsed = port_forwards(tuple(Forward.parse(item) for item in forwards))
+        parsed: tuple[tuple[int, int], ...] = ()
+        if forwards:  # the backend's types only for --host-forward (see the module docstring)
+            from microagent.runtime.backend import Forward  # deferred: as above
+
+            parsed = port_forwards(tuple(Forward.parse(item) for item in forwards))
         pipeline = self.pipeline(
             timeout=timeout, cache_from=cache_from, cache_to=cache_to, control=control
         )
