@@ -113,3 +113,19 @@ def test_a_boot_document_without_a_restart_policy_never_restarts(tmp_path: Path)
     assert made.restart == Restart()
     back = BootDocument.from_json(made.to_json())
     assert back == made
+
+
+def test_the_machine_enums_load_without_the_backend() -> None:
+    """runtime/machine.py holds Accel and MachineType (the backend names the same objects), so
+    code that needs only them does not load the backend's dataclasses."""
+    import subprocess
+    import sys
+
+    from microagent.runtime import backend, machine
+
+    assert backend.Accel is machine.Accel and backend.MachineType is machine.MachineType
+    probe = "import sys, microagent.runtime.machine; print(sorted(sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert "'microagent.runtime.machine'" in done.stdout  # the probe sees what it imported
+    assert "microagent.runtime.backend" not in done.stdout
+    assert "microagent.runtime.configdisk" not in done.stdout

@@ -8,7 +8,6 @@ releases everything the boot set up (network namespace, helpers).
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -20,36 +19,10 @@ from typing import Any, Protocol, runtime_checkable
 from microagent.errors import InvalidInputError, VMError
 from microagent.runtime.configdisk import NetworkMode
 
-
-class MachineType(enum.Enum):
-    """QEMU machine model: ``microvm`` (virtio-mmio, fastest) or ``q35`` (PCI, fallback)."""
-
-    MICROVM = "microvm"
-    Q35 = "q35"
-
-    @property
-    def transport(self) -> str:
-        """What the guest init loads: ``mmio`` or ``pci`` virtio transport modules."""
-        return "mmio" if self is MachineType.MICROVM else "pci"
-
-
-class Accel(enum.Enum):
-    """Accelerator choice; ``auto`` means KVM only when a real boot probe succeeded."""
-
-    AUTO = "auto"
-    KVM = "kvm"
-    TCG = "tcg"
-
-    @classmethod
-    def parse(cls, value: str) -> Accel:
-        """An accelerator from a flag or ``MICROAGENT_ACCEL``, or a clear error."""
-        try:
-            return cls(value.strip().lower())
-        except ValueError:
-            raise InvalidInputError(
-                f"{value!r} is not an accelerator",
-                hint="use auto, kvm or tcg (--accel or MICROAGENT_ACCEL)",
-            ) from None
+# The machine's enums live in a module of their own, so that what needs only them (the build
+# pipeline's accelerator choice, say) does not build this module's dataclasses; re-exported.
+from microagent.runtime.machine import Accel as Accel  # noqa: PLC0414
+from microagent.runtime.machine import MachineType as MachineType  # noqa: PLC0414
 
 
 @dataclass(frozen=True)
