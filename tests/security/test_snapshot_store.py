@@ -107,3 +107,17 @@ def test_no_workspace_writes_the_shared_snapshot_files_and_none_is_open_to_other
     assert closed_to_others(entry) == []
     for name in ("maker", "user", "twin"):
         assert closed_to_others(home / "workspaces" / name / "snapshots") == [], name
+
+
+def test_a_manifest_with_an_absurd_number_is_reported_not_a_crash(tmp_path: Path) -> None:
+    """``seconds`` as a 400-digit integer (valid JSON, within the manifest's bounds) made
+    ``float()`` overflow out of the manifest reader: ``snapshot ls`` and ``start`` died with
+    a traceback instead of naming the damaged snapshot."""
+    folder = snapshot.snapshots_dir(tmp_path) / "t"
+    folder.mkdir(parents=True)
+    identity = {"vmm": "", "shape": {}, "kernel": "", "initrd": "", "rootfsKey": ""}
+    state = {"file": "vmstate", "size": 1, "sha256": "0" * 64}
+    manifest = {"format": 1, "tag": "t", "identity": identity, "state": state, "disks": []}
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "seconds": 10**400}))
+    [row] = snapshot.listing(tmp_path)
+    assert row["tag"] == "t" and "unreadable" in row["error"]

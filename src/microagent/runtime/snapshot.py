@@ -230,6 +230,17 @@ class SavedFile:
         return cls(name, size, digest, which if disk else "")
 
 
+def _seconds(value: object) -> float:
+    """A manifest's ``seconds`` (0 when absent or not a number); ValueError for an integer
+    too large for a float (valid JSON: ``float()`` would overflow, not refuse)."""
+    if not isinstance(value, int | float):
+        return 0.0
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError("seconds: not a number of seconds") from None
+
+
 def _disk_file_ok(name: str) -> bool:
     return name.startswith("disk-") and bool(DISK_NAME_RE.fullmatch(name[5:]))
 
@@ -277,7 +288,7 @@ class Manifest:
             Identity.from_json(data.get("identity")),
             SavedFile.from_json(data.get("state"), disk=False),
             tuple(SavedFile.from_json(d, disk=True) for d in disks),
-            float(seconds) if isinstance(seconds, int | float) else 0.0,
+            _seconds(seconds),
             data.get("wasPaused") is True,
         )
 
