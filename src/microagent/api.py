@@ -11,7 +11,8 @@ the store and the registry client (they are what a CLI start-up waits for); buil
 workspaces, the store and the guest kit load their packages on first use (``cp`` loads the
 workspace records and the disk tools, not the store or the compiler). The operations' reports
 live beside what they report (:mod:`microagent.compiler.reports`,
-:mod:`microagent.workspace.reports`), so a command builds only the report types it returns.
+:mod:`microagent.workspace.reports`, :mod:`microagent.workspace.copying`), so a command
+builds only the report types it returns.
 """
 
 from __future__ import annotations
@@ -46,17 +47,12 @@ if TYPE_CHECKING:
     from microagent.settings import Settings
     from microagent.store.content import Entry, PruneReport, Store
     from microagent.store.verify import VerifyReport
+    from microagent.workspace.copying import CopyReport
     from microagent.workspace.create import CreateReport
     from microagent.workspace.doctor import Report
     from microagent.workspace.lifecycle import Runtime
     from microagent.workspace.records import Workspace, Workspaces
-    from microagent.workspace.reports import (
-        BuildReport,
-        CopyReport,
-        KillReport,
-        StartReport,
-        WaitReport,
-    )
+    from microagent.workspace.reports import BuildReport, KillReport, StartReport, WaitReport
     from microagent.workspace.run import OneShot
     from microagent.workspace.snapshots import SnapshotReport
 
@@ -588,7 +584,7 @@ class Microagent:
         # deferred: see the module docstring
         from microagent.ext4 import overlay
         from microagent.workspace import offline
-        from microagent.workspace.reports import CopyReport
+        from microagent.workspace.copying import CopyReport
 
         src, dst = parse_remote_path(source), parse_remote_path(target)
         if (src is None) == (dst is None):

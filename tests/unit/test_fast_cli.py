@@ -128,7 +128,8 @@ def test_a_cache_hit_create_of_a_registry_tag_resolved_lately_imports_nothing_he
     assert heavy_in(hit) == []
     assert build_only_in(hit) == []
     # create returns its own report: none of the other operations' report types are built
-    assert {"microagent.compiler.reports", "microagent.workspace.reports"} & hit == set()
+    reports = ("microagent.compiler.reports", "microagent.workspace.reports")
+    assert {*reports, "microagent.workspace.copying"} & hit == set()
     refreshed = imported("create", "-f", str(spec), "--name", "tagged-3", "--refresh")
     assert "requests" in refreshed  # the probe sees the registry client when it is used
     assert "microagent.oci.registry" in build_only_in(refreshed)
@@ -157,6 +158,7 @@ NOT_FOR_CP = (
     *("microagent.compiler.", "microagent.store.", "microagent.digests"),
     *("microagent.runtime.backend", "microagent.runtime.configdisk", "microagent.runtime.health"),
     *("microagent.commands.workspace", "microagent.commands.build", "microagent.commands.table"),
+    "microagent.workspace.reports",  # the other operations' reports (cp's: workspace.copying)
 )
 
 
@@ -175,6 +177,7 @@ def test_cp_and_a_cache_hit_create_load_nothing_a_boot_needs(
     assert "yaml" not in copied  # no spec and no config file read: PyYAML not loaded
     assert sorted(m for m in copied if m.startswith(NOT_FOR_CP)) == []
     assert "microagent.workspace.records" in copied  # the probe sees the record being read
+    assert "microagent.workspace.copying" in copied
     assert "microagent.ext4.overlay" in copied  # the probe sees what cp does use
     assert cli_json(capsys, "cp", "quick:/tmp/blob.bin", str(tmp_path / "back.bin"))["ok"]
     assert (tmp_path / "back.bin").read_bytes() == blob.read_bytes()

@@ -1,9 +1,10 @@
-"""What ``build``, ``start``, ``fork``, ``wait``, ``kill`` and ``cp`` report (the methods of
+"""What ``build``, ``start``, ``fork``, ``wait`` and ``kill`` report (the methods of
 :class:`microagent.api.Microagent` of those names).
 
 Kept out of :mod:`microagent.api`, as ``plan``'s and ``lock``'s are (in
-:mod:`microagent.compiler.reports`): every frozen dataclass costs its module's import a
-fraction of a millisecond, so a command builds only the report types it may return.
+:mod:`microagent.compiler.reports`) and ``cp``'s (in :mod:`microagent.workspace.copying`):
+every frozen dataclass costs its module's import a fraction of a millisecond, so a command
+builds only the report types it may return.
 """
 
 from __future__ import annotations
@@ -97,24 +98,3 @@ class KillReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": True, "workspace": self.workspace, "state": self.state, "killed": self.killed}
-
-
-@dataclass(frozen=True)
-class CopyReport:
-    workspace: str
-    direction: str  # "to-workspace" | "from-workspace"
-    source: str
-    target: str
-    guest_path: str
-    bytes: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "ok": True,
-            "workspace": self.workspace,
-            "direction": self.direction,
-            "source": self.source,
-            "target": self.target,
-            "guestPath": self.guest_path,
-            "bytes": self.bytes,
-        }
