@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 # Every IPv4 range that is not global unicast (IANA special-purpose registry, multicast and
 # the reserved block, which holds the broadcast address): a superset of what `ipaddress` calls
@@ -36,6 +40,13 @@ DOCUMENTATION_RANGES = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")
 # Global addresses that answer as the cloud host itself (Azure's wire server and DNS). A guest
 # would reach fd00:ec2::254 (AWS IMDS over IPv6) only with IPv6, which is rejected whole.
 METADATA_ADDRESSES = ("168.63.129.16",)
+
+# A name lookup's own bound: the system resolver's retries (timeout x attempts x servers) can
+# keep a guest's request waiting far longer, and a stuck lookup holds nothing else up.
+LOOKUP_TIMEOUT = 10.0
+LOOKUP_WORKERS = 8  # lookups in flight at once; later ones wait for a worker (and time out)
+
+AddrInfo = tuple[Any, ...]  # one getaddrinfo entry: (family, type, proto, canonname, sockaddr)
 
 _NON_GLOBAL = tuple(ipaddress.IPv4Network(r) for r in NON_GLOBAL_RANGES)
 _DOCUMENTATION = tuple(ipaddress.IPv4Network(r) for r in DOCUMENTATION_RANGES)
@@ -120,3 +131,41 @@ def host_owns(ip: str) -> bool:
 def _no_family(exc: OSError) -> bool:
     """No IPv6 on this host at all: then no IPv6 address is the host's either."""
     return exc.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT)
+
+
+class LookupTimeout(TimeoutError):
+    """A name lookup that did not finish within its bound."""
+
+
+class _Lookups:
+    """The lookup workers, made on first use and forgotten in a forked child (the gateway's
+    worker is forked from its keeper: a parent's threads do not exist there)."""
+
+    pool: ThreadPoolExecutor | None = None
+    made = threading.Lock()
+
+    @classmethod
+    def get(cls) -> ThreadPoolExecutor:
+        with cls.made:
+            if cls.pool is None:
+                cls.pool = ThreadPoolExecutor(LOOKUP_WORKERS, thread_name_prefix="lookup")
+            return cls.pool
+
+    @classmethod
+    def forget(cls) -> None:
+        cls.pool, cls.made = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_Lookups.forget)
+
+
+def lookup(host: str, port: int, timeout: float | None = None) -> list[AddrInfo]:
+    """``getaddrinfo(host, port)`` for TCP, given up after ``timeout`` seconds (default
+    :data:`LOOKUP_TIMEOUT`; :class:`LookupTimeout`); one given up on finishes in its worker."""
+    timeout = LOOKUP_TIMEOUT if timeout is None else timeout
+    future = _Lookups.get().submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        return list(future.result(timeout))
+    except TimeoutError:
+        future.cancel()
+        raise LookupTimeout(f"looking up {host!r} took longer than {timeout:g} s") from None

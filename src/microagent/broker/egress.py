@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from microagent.broker.addresses import destination_allowed, host_owns
+from microagent.broker.addresses import LookupTimeout, destination_allowed, host_owns, lookup
 from microagent.errors import InvalidInputError
 
 HEAD_MAX = 16 << 10
@@ -622,9 +622,9 @@ class _Exchange:
 
 
 def default_resolve(host: str, port: int) -> list[str]:
-    """The addresses ``host`` resolves to on this host, in the resolver's order."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+    """The addresses ``host`` resolves to on this host, in the resolver's order (a lookup
+    bounded in time: :func:`~microagent.broker.addresses.lookup`)."""
+    return list(dict.fromkeys(str(info[4][0]) for info in lookup(host, port)))
 
 
 def default_connect(address: str, port: int, timeout: float) -> socket.socket:
@@ -739,6 +739,8 @@ class EgressProxy:
     def _lookup(self, name: str, port: int) -> list[str]:
         try:
             addresses = [str(a) for a in self._resolve(name, port)][:RESOLVED_MAX]
+        except LookupTimeout:
+            raise _Refusal(504, "resolve-timeout", f"looking up {name} timed out") from None
         except (OSError, UnicodeError):
             addresses = []
         if not addresses:

@@ -29,6 +29,7 @@ from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from microagent.broker.addresses import AddrInfo, LookupTimeout, lookup
 from microagent.broker.audit import AuditLog
 from microagent.broker.credentials import check_secret
 from microagent.broker.http1 import (
@@ -547,10 +548,11 @@ class ReverseProxy:
     def _connect(self) -> socket.socket:
         host, port = self.upstream.host, self.upstream.port
         try:
+            infos = lookup(host, port, self.connect_timeout)
             if self._tls is None:
-                sock = _connect_loopback(host, port, self.connect_timeout)
+                sock = _connect_loopback(host, infos, self.connect_timeout)
             else:
-                raw = socket.create_connection((host, port), timeout=self.connect_timeout)
+                raw = _connect_first(infos, self.connect_timeout)
                 try:
                     sock = self._tls.wrap_socket(raw, server_hostname=host)
                 except BaseException:
@@ -563,6 +565,10 @@ class ReverseProxy:
         except ssl.SSLError as exc:
             reason = f"TLS with the upstream failed ({exc.reason or 'error'})"
             raise BrokerError(502, reason) from None
+        except LookupTimeout:
+            reason = f"looking up the upstream host {host!r} took longer than "
+            reason += f"{self.connect_timeout:g} s"
+            raise BrokerError(504, reason) from None
         except TimeoutError:
             reason = f"the upstream did not answer within {self.connect_timeout:g} s"
             raise BrokerError(504, reason) from None
@@ -621,14 +627,18 @@ def _tls_context(cafile: Path | None) -> ssl.SSLContext:
     return context
 
 
-def _connect_loopback(host: str, port: int, timeout: float) -> socket.socket:
+def _connect_loopback(host: str, infos: list[AddrInfo], timeout: float) -> socket.socket:
     """A TCP connection to a loopback address of ``host`` only (plain http upstreams)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     addresses = [info for info in infos if is_loopback(str(info[4][0]))]
     if not addresses:
         raise BrokerError(502, f"refused: the upstream {host!r} is not a loopback address")
+    return _connect_first(addresses, timeout)
+
+
+def _connect_first(infos: list[AddrInfo], timeout: float) -> socket.socket:
+    """A TCP connection to the first of ``infos`` (getaddrinfo entries) that answers."""
     error: OSError = OSError("no address")
-    for family, kind, proto, _name, address in addresses:
+    for family, kind, proto, _name, address in infos:
         sock = socket.socket(family, kind, proto)
         sock.settimeout(timeout)
         try:

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from microagent.broker import egress
+from microagent.broker import addresses, egress
 from microagent.broker.audit import AuditLog
 from microagent.broker.egress import (
     ClientHelloError,
@@ -881,3 +881,35 @@ def egress_hello() -> bytes:
 def test_module_limits_are_what_the_docs_say() -> None:
     assert egress.HEAD_MAX == 16 << 10 and egress.HELLO_MAX == 16 << 10
     assert egress.TLS_PORT == 443 and egress.HTTP_PORT == 80
+
+
+def test_a_lookup_that_hangs_gets_504_within_its_bound(
+    audit_path: Path, guests: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The system resolver may retry for much longer than a guest should wait: the default
+    resolver gives a lookup LOOKUP_TIMEOUT, then answers 504; nothing is connected."""
+    release = threading.Event()
+
+    def hung(*args: Any, **kwargs: Any) -> Any:
+        release.wait(60)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hung)
+    monkeypatch.setattr(addresses, "LOOKUP_TIMEOUT", 0.3)
+    connected: list[str] = []
+
+    def spy(address: str, port: int, timeout: float) -> socket.socket:
+        connected.append(address)
+        raise AssertionError("no connection may be made")
+
+    proxy = EgressProxy([NAME], AuditLog(audit_path), connect=spy)
+    try:
+        guest = guests(proxy)
+        began = time.monotonic()
+        guest.sock.sendall(connect_request(f"{NAME}:443"))
+        status, body = refused(guest)
+        assert status == 504 and b"timed out" in body
+        assert time.monotonic() - began < 30  # the bound, not the resolver's 60 s
+        assert connected == [] and entries(audit_path)[0]["reason"] == "resolve-timeout"
+    finally:
+        release.set()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -384,3 +386,40 @@ def test_the_audit_log_is_bounded_per_field(tmp_path: Path) -> None:
     log.write({"path": "/" + "a" * 5000})
     [entry] = audit_entries(tmp_path / "a.jsonl")
     assert len(entry["path"]) < 600
+
+
+def test_an_upstream_whose_lookup_hangs_is_a_504_within_the_connect_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upstream's name lookup is bounded like its connect: no guest request waits on the
+    system resolver's retries."""
+    release = threading.Event()
+
+    def hung(*args: object, **kwargs: object) -> object:
+        release.wait(60)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hung)
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    proxy = ReverseProxy(
+        "x", "https://api.example.test", audit, header="x-api-key", value_format="{value}",
+        secret=KEY, connect_timeout=0.3,
+    )  # fmt: skip
+    guest, served = socket.socketpair()
+    worker = threading.Thread(target=proxy.handle, args=(served,), daemon=True)
+    try:
+        began = time.monotonic()
+        worker.start()
+        guest.sendall(b"GET /x HTTP/1.1\r\nHost: broker\r\nConnection: close\r\n\r\n")
+        guest.settimeout(30)
+        answer = b""
+        while chunk := guest.recv(65536):
+            answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 504 "), answer[:200]
+        assert "looking up the upstream host" in error_message(body)
+        assert time.monotonic() - began < 30  # the bound, not the resolver's 60 s
+    finally:
+        release.set()
+        guest.close()
+        worker.join(10)
