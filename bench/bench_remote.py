@@ -10,7 +10,11 @@ Two machines (two MICROAGENT_HOMEs) and a real local registry standing in for Do
 3. a remote hit in-process on fresh stores, phase by phase: the layer path (fetch + verify +
    decompress + flatten, then the ext4 build) and the rootfs-image path ``create`` takes (fetch
    + verify + decompress the published ext4); effective throughput = bytes of layers / time,
-   target >= 200 MB/s (issue 15).
+   target >= 200 MB/s (issue 15);
+4. a delta hit (``remotecache/delta.py``), in-process: a store that took the first setup step
+   (its image flattened from the layers) takes the last setup step once derived from it (only
+   the last step's layer fetched) and once, in a copy of that store, through the published
+   rootfs image (the layer and the image fetched); bytes fetched and wall time of each.
 
 Times in (1) and (2) are whole CLI processes. ``--base busybox`` swaps in the busybox stand-in
 and trivial setup steps (no network in the guest) when PyPI is out of reach.
@@ -178,6 +182,45 @@ def _image_phase(home: Path, repo: str, key: str) -> dict[str, float]:
     }
 
 
+def delta_hit(tmp: Path, repo: str, keys: list[str]) -> dict[str, float]:
+    """The last setup step as a delta hit vs. a full image hit, on stores that hold the step
+    before it (``keys``: the setup step keys, in order)."""
+    parent, last = keys[-2], keys[-1]
+    first = _restorer(tmp / "delta", repo)
+    hit = first.probe(parent)
+    assert hit is not None, "the parent step must be published"
+    first.restore(hit)  # the parent's image, flattened (no image is published for it)
+    os.sync()
+    subprocess.run(["cp", "-a", "--sparse=always", str(tmp / "delta"), str(tmp / "full")],
+                   check=True)  # fmt: skip
+    out: dict[str, float] = {}
+    for name, derive in (("delta", True), ("full", False)):
+        restorer = Restorer(
+            Store(tmp / name / "store"),
+            [RegistryRepository(RegistryClient(RegistryConfig()), parse_image_ref(repo))],
+            derive=derive,
+        )
+        os.sync()
+        began, cpu = time.perf_counter(), _cpu()
+        found = restorer.probe(last)
+        assert found is not None
+        restorer.restore(found)
+        out[f"{name}Seconds"] = time.perf_counter() - began
+        out[f"{name}Cpu"] = _cpu() - cpu
+        out[f"{name}Bytes"] = float(restorer.stats.bytes)
+        out[f"{name}Blobs"] = float(restorer.stats.blobs)
+        out[f"{name}Derived"] = float(len(restorer.stats.derived))
+        out[f"{name}Images"] = float(restorer.stats.images)
+        rootfs = restorer.store.entry_path(f"rootfs/{last[7:]}.ext4")
+        check_image(rootfs, "rootfs image")
+        out[f"{name}Allocated"] = float(rootfs.stat().st_blocks * 512)
+    found = _restorer(tmp / "delta", repo).probe(last)
+    assert found is not None and found.step.rootfs_image is not None
+    out["layer"] = float(found.step.layers[-1].size)
+    out["imageBlob"] = float(found.step.rootfs_image.blob_size)
+    return out
+
+
 def _download_only(source: Any, blob: str) -> float:
     """Seconds to read the image blob from the registry and drop it (no hash, no decode)."""
     began = time.perf_counter()
@@ -211,6 +254,8 @@ def main() -> None:
         local_s, _ = cli(env_b, "create", "-f", spec, "--name", "again")
         assert hit["setupBoots"] == 0 and hit["rootfsKey"] == cold["rootfsKey"], hit
         parts = breakdown(tmp, repo, cold["rootfsKey"])
+        keys = [str(s["key"]) for s in pushed["steps"] if s["kind"] == "setup"]
+        delta = delta_hit(tmp, repo, keys) if len(keys) >= 2 else None
     _report(
         args.base,
         kit_s,
@@ -220,6 +265,22 @@ def main() -> None:
         local_s=local_s,
         parts=parts,
     )
+    if delta is not None:
+        _report_delta(delta)
+
+
+def _report_delta(d: dict[str, float]) -> None:
+    print(
+        f"delta hit of the last setup step (its layer {d['layer'] / 1e3:.1f} kB, its image's "
+        f"blob {d['imageBlob'] / 1e6:.1f} MB), on a store holding the step before it:"
+    )
+    for name, label in (("delta", "derived from the local parent"), ("full", "rootfs image")):
+        print(
+            f"   {label:32s} {d[name + 'Seconds']:6.2f} s  ({d[name + 'Cpu']:.2f} s CPU)  "
+            f"{d[name + 'Blobs']:.0f} blobs, {d[name + 'Bytes'] / 1e6:8.3f} MB fetched  "
+            f"(derived {d[name + 'Derived']:.0f}, images {d[name + 'Images']:.0f}; "
+            f"{d[name + 'Allocated'] / 1e6:.0f} MB allocated)"
+        )
 
 
 def _report(

@@ -8,6 +8,10 @@ publish the chain again and to read the image environment, without flattening an
 twice. Layers are flattened in order as soon as each download finishes, while the later ones
 are still downloading.
 
+A hit whose chain reaches a step this store holds with its image (and whose layers after it
+are small) is a delta hit (``delta``): only those layers are fetched, and the hit's image is
+derived from the local one.
+
 Integrity: every record is verified against its key before anything is downloaded (see
 ``records``), the chain is verified back to a local step or to the base image's own
 documents, every blob against its digest as it is stored, every layer against its diff_id as
@@ -35,6 +39,14 @@ from microagent.errors import IntegrityError, MicroagentError, NotFoundError, Re
 from microagent.ext4.packed import MEDIA_TYPES as ROOTFS_MEDIA_TYPES
 from microagent.oci import documents as oci
 from microagent.progress import Meter, TaskKind, megabytes, rate
+from microagent.remotecache.delta import (
+    Delta,
+    TooLarge,
+    check_names,
+    decompress_layer,
+    find_delta,
+    worth_it,
+)
 from microagent.remotecache.records import (
     PublishedStep,
     parse_rootfs_manifest,
@@ -82,6 +94,7 @@ class RestoreStats:
     seconds: float = 0.0
     ext4_seconds: float = 0.0
     images: int = 0  # rootfs images used instead of a flatten
+    derived: list[dict[str, Any]] = field(default_factory=list)  # delta hits (see ``delta``)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -91,6 +104,7 @@ class RestoreStats:
             "seconds": round(self.seconds, 3),
             "ext4Seconds": round(self.ext4_seconds, 3),
             "rootfsImages": self.images,
+            "derived": list(self.derived),
         }
 
 
@@ -110,7 +124,8 @@ class Restorer:
     """Looks steps up in remote caches (first hit wins) and restores them into the store.
 
     ``ram`` lets flattening stage in RAM; ``packed_images`` lets a setup step's published
-    rootfs image stand in for a flatten (``Settings.ram_stage`` / ``cache_rootfs``).
+    rootfs image stand in for a flatten (``Settings.ram_stage`` / ``cache_rootfs``);
+    ``derive`` lets a hit whose chain reaches a local image be derived from it (``delta``).
     """
 
     def __init__(
@@ -121,12 +136,14 @@ class Restorer:
         *,
         ram: bool = True,
         packed_images: bool = True,
+        derive: bool = True,
     ) -> None:
         self.store = store
         self.sources = tuple(sources)
         self.say: Say = say or (lambda _m: None)
         self.ram = ram
         self.packed_images = packed_images
+        self.derive = derive
         self.warnings: list[str] = []
         self.stats = RestoreStats()
         self._hits: dict[str, Hit | None] = {}
@@ -195,7 +212,7 @@ class Restorer:
         entry = rootfs_entry(hit.step.key)
         existed = self.store.has_entry(entry)
         try:
-            how = self._materialise(hit, base)
+            how = self._materialise(hit, base, chain)
         except BaseException:
             if not existed:  # e.g. the image unpacked but a layer was refused
                 self.store.remove(entry)
@@ -207,14 +224,19 @@ class Restorer:
                 self._record_step(step, hit.source.where)
         self._done(hit, how, time.monotonic() - began)
 
-    def _materialise(self, hit: Hit, base: PublishedStep | None) -> str:
+    def _materialise(
+        self, hit: Hit, base: PublishedStep | None, chain: Sequence[PublishedStep]
+    ) -> str:
         """Fetch every missing blob (in parallel) and make the hit's rootfs; say how."""
         how = "records only"
+        delta = self._delta(hit, chain)
         with ThreadPoolExecutor(FETCH_WORKERS) as pool:
             # the base's documents first: small, and checked before any record is written
             documents = pool.submit(self._fetch_base_documents, hit.source, base) if base else None
             pending = self._fetch_layers(pool, hit)
-            if hit.step.kind.in_rootfs:
+            if delta is not None and self._derive(hit, delta, pending):
+                how = f"derived from local {delta.ancestor[7:19]} + {len(delta.steps)} layers"
+            elif hit.step.kind.in_rootfs:
                 how = "rootfs image" if self._unpack_image(hit) else "flattened"
                 if how == "flattened":
                     self._build_rootfs(hit.step.key, hit.step.layers, pending)
@@ -243,7 +265,7 @@ class Restorer:
             assert step.parent is not None
             local = read_record(self.store, step.parent)
             if local is not None and local.kind.in_rootfs:
-                verify_chain(step, local.layers)
+                self._check_local_parent(hit, step, local.layers)
                 break
             parent = self._parent_in(hit.source, step.parent)
             if parent is None or not parent.step.kind.in_rootfs:
@@ -259,6 +281,20 @@ class Restorer:
                 raise _corrupt(exc, "base step", hit.source.where) from exc
         chain.reverse()
         return chain
+
+    def _check_local_parent(
+        self, hit: Hit, step: PublishedStep, layers: Sequence[LayerRef]
+    ) -> None:
+        """A published step built on other layers of its parent than this store's (setup
+        steps are not byte-reproducible: the parent was built here) is a miss, not an error:
+        taking it would record a chain the local parent's image does not hold."""
+        try:
+            verify_chain(step, layers)
+        except IntegrityError as exc:
+            raise BrokenChainError(
+                f"{hit.source.where} has step {step.key[:19]}… built on other layers of its "
+                f"parent {str(step.parent)[:19]}… than this machine's; building it here"
+            ) from exc
 
     def _parent_in(self, source: Repository, key: str) -> Hit | None:
         """A parent step from ``source``: the hit planning already verified, else a probe."""
@@ -342,6 +378,73 @@ class Restorer:
             self.stats.bytes += image.blob_size
             self.stats.images += 1
         return True
+
+    # -- delta hits (see ``delta``) -----------------------------------------------------------
+
+    def _delta(self, hit: Hit, chain: Sequence[PublishedStep]) -> Delta | None:
+        """The local ancestor to derive the hit from, if there is one and the rule holds."""
+        if not self.derive or not chain or not hit.step.kind.in_rootfs:
+            return None
+        found = find_delta(self.store, chain)
+        if found is None or not worth_it(found, hit.step, images=self.packed_images):
+            return None
+        return found
+
+    def _derive(self, hit: Hit, delta: Delta, pending: Mapping[str, Future[None]]) -> bool:
+        """Apply the delta's layers in order onto a copy of the ancestor's image; False (the
+        caller falls back) when a layer is not derivable or the derive failed. A layer that
+        does not match its diff_id or that the extractor refuses is an error."""
+        began = time.monotonic()
+        image, made = delta.image, []
+        try:
+            for key, layer in delta.steps:
+                if layer.digest in pending:
+                    pending[layer.digest].result()
+                existed = self.store.has_entry(rootfs_entry(key))
+                derived = self._derive_one(hit, key, layer, image)
+                if derived is None:
+                    return False
+                if not existed and key != hit.step.key:
+                    made.append(rootfs_entry(key))  # an intermediate image: temporary
+                image = derived
+        finally:
+            for entry in made:
+                self.store.remove(entry)
+        seconds = time.monotonic() - began
+        with self._lock:
+            self.stats.ext4_seconds += seconds
+            self.stats.derived.append(
+                {"key": hit.step.key, "from": delta.ancestor, "layers": len(delta.steps),
+                 "seconds": round(seconds, 3)}
+            )  # fmt: skip
+        return True
+
+    def _derive_one(self, hit: Hit, key: str, layer: LayerRef, parent: Path) -> Path | None:
+        """``rootfs/<key>.ext4`` as ``parent`` plus ``layer``; None if not derived."""
+        # deferred: deriving (debugfs, zstd) happens only on a delta hit
+        from microagent.ext4.derive import MAX_CHANGE_FRACTION
+        from microagent.ext4.rootfs import derive_rootfs
+
+        where, what = hit.source.where, f"layer {layer.digest[:19]}…"
+        with self.store.scratch_dir() as work:
+            tar = work / "layer.tar"
+            try:
+                limit = int(MAX_CHANGE_FRACTION * parent.stat().st_size)  # derive's own bound
+                decompress_layer(self.store.blob_path(layer.digest), layer, tar, limit=limit)
+                check_names(tar)
+                done = derive_rootfs(self.store, key, parent, tar, ram=self.ram)
+            except TooLarge as exc:
+                self.say(f"  {key[7:19]}: not derived ({exc}); taking the full hit")
+                return None
+            except IntegrityError as exc:
+                raise _corrupt(exc, what, where) from exc
+            except (MicroagentError, OSError) as exc:  # debugfs or the disk failed
+                why = exc.message if isinstance(exc, MicroagentError) else str(exc)
+                self._warn(f"deriving {key[:19]}… failed ({why}); taking the full hit")
+                return None
+        if done.path is None:
+            self.say(f"  {key[7:19]}: not derived ({done.reason}); taking the full hit")
+        return done.path
 
     def _usable_image(self, hit: Hit) -> PackedImage | None:
         """The image the verified step record names, if its ``rootfs-<hex>`` artifact is
