@@ -21,7 +21,6 @@ from microagent.compiler.spec import Spec
 from microagent.errors import InvalidInputError
 from microagent.ext4.mkfs import make_state_disk
 from microagent.fsutil import write_json_atomic
-from microagent.runtime.backend import Forward
 from microagent.runtime.rundir import State
 from microagent.store.content import Store
 from microagent.store.retention import builds_in_flight
@@ -36,6 +35,7 @@ from microagent.workspace.records import (
 )
 
 if TYPE_CHECKING:
+    from microagent.runtime.backend import Forward
     from microagent.workspace.templates import WarmReport
 
 HostForwards = tuple[tuple[int, int], ...]

@@ -22,16 +22,20 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from microagent.compiler.files import hash_file
 from microagent.compiler.spec import Disk, DiskMode, Spec
 from microagent.digests import canonical_json, key_hex, sha256_digest
 from microagent.errors import Diagnostic, IntegrityError, InvalidInputError, SpecError
-from microagent.ext4.images import archive_to_ext4, copy_checked, copy_sparse
 from microagent.fsutil import write_json_atomic
-from microagent.runtime.boot import MAX_EXTRA_DISKS, ExtraDisk
 from microagent.store.content import Store
 from microagent.workspace.records import AttachedDisk, Record, Workspace
+
+# A spec without disks or bundles (most creates) needs neither the image tools (tarfile, the
+# layer extractor) nor the boot code: they load where a disk is captured or attached.
+if TYPE_CHECKING:
+    from microagent.runtime.boot import ExtraDisk
 
 IMAGE_FORMAT = 1  # bump when how a stored disk or bundle image is made changes
 IMAGE_FILE = "disk.ext4"
@@ -43,6 +47,10 @@ def capture_disks(store: Store, spec: Spec, ws: Workspace) -> tuple[AttachedDisk
     """Check and capture every disk and bundle of ``spec`` for ``ws`` (the workspace folder
     being made); SpecError, located at the spec field, for a bad one."""
     wanted = [(d, "disk") for d in spec.disks] + [(b, "bundle") for b in spec.bundles]
+    if not wanted:
+        return ()
+    from microagent.runtime.boot import MAX_EXTRA_DISKS  # deferred: see the imports
+
     if len(wanted) > MAX_EXTRA_DISKS:
         extra = wanted[MAX_EXTRA_DISKS][0]
         raise _located(
@@ -83,6 +91,8 @@ def _attached(disk: Disk, kind: str, digest: str, entry: str = "") -> AttachedDi
 
 def _own_disk(ws: Workspace, disk: Disk) -> AttachedDisk:
     """A rw disk: the workspace's own checked copy."""
+    from microagent.ext4.images import copy_checked  # deferred: see the imports
+
     target = ws.disk_copy(disk.name)
     target.parent.mkdir(mode=0o700, exist_ok=True)
     digest = copy_checked(disk.path, target, what=f"disk {disk.name!r}")
@@ -91,6 +101,8 @@ def _own_disk(ws: Workspace, disk: Disk) -> AttachedDisk:
 
 def _shared_disk(store: Store, disk: Disk) -> AttachedDisk:
     """A ro disk: the store's copy for its content, made (and checked) once."""
+    from microagent.ext4.images import copy_checked  # deferred: see the imports
+
     _, digest = hash_file(disk.path)
     entry = f"disks/{_image_key('disk', digest)}"
 
@@ -106,6 +118,8 @@ def _shared_disk(store: Store, disk: Disk) -> AttachedDisk:
 def _bundle(store: Store, ws: Workspace, disk: Disk) -> AttachedDisk:
     """A bundle: the store's image for its archive's content, built once; a rw bundle is
     copied into the workspace."""
+    from microagent.ext4.images import copy_sparse  # deferred: see the imports
+
     _, digest = hash_file(disk.path)
     key = _image_key("bundle", digest)
     entry = f"bundles/{key}"
@@ -119,6 +133,8 @@ def _bundle(store: Store, ws: Workspace, disk: Disk) -> AttachedDisk:
 
 
 def _bundle_builder(disk: Disk, key: str, digest: str) -> Callable[[Path], None]:
+    from microagent.ext4.images import archive_to_ext4  # deferred: see the imports
+
     def build(tmp: Path) -> None:
         tmp.mkdir(mode=0o700)
         made = archive_to_ext4(disk.path, tmp / IMAGE_FILE, key=key, name=disk.name)
@@ -197,6 +213,8 @@ def store_entries(record: Record) -> set[str]:
 
 def boot_disks(store: Store, ws: Workspace, record: Record) -> tuple[ExtraDisk, ...]:
     """The workspace's disks as a boot attaches them, in the spec's order."""
+    from microagent.runtime.boot import ExtraDisk  # deferred: see the imports
+
     out = []
     for disk in record.disks:
         if disk.entry:
