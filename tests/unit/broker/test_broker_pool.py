@@ -191,9 +191,19 @@ def broker(sockdir: Path, upstream: RawUpstream) -> Iterator[Running]:
 
 
 def get(broker: Running, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    """One request, returned once the broker is done with it (see :func:`ended`)."""
     method = "POST" if body is not None else "GET"
+    before = len(broker.audit())
     status, _headers, data = request(broker.socket, method, path, body)
+    ended(broker, before + 1)
     return status, data
+
+
+def ended(broker: Running, count: int) -> None:
+    """Until ``count`` exchanges are audited. The broker gives an upstream connection back
+    to its pool after the guest has the whole answer, and audits the exchange after that: a
+    guest's next request may come before the connection is back (it would open another)."""
+    assert len(broker.wait_audit(count, WAIT)) >= count, "the broker never ended the exchange"
 
 
 def pool(broker: Running) -> ConnectionPool:
@@ -282,6 +292,7 @@ def test_a_chunked_request_body_goes_on_a_new_connection(
         assert (response.status, response.read()) == (200, b"/streamed")
     finally:
         conn.close()
+    ended(broker, 2)
     assert upstream.accepted == 2
     assert get(broker, "/len") == (200, b"/len")  # one of the two idle ones
     assert upstream.accepted == 2
@@ -302,6 +313,7 @@ def test_concurrent_requests_never_share_a_connection_and_the_idle_pool_is_bound
     for thread in threads:
         thread.join(WAIT * 2)
     assert results == [(200, b"/hold")] * 6
+    ended(broker, 6)
     assert upstream.accepted == 6
     assert not upstream.overlapped
     assert pool(broker).idle == 4
@@ -401,8 +413,9 @@ def test_tls_connections_are_reused(sockdir: Path, tmp_path: Path) -> None:
         with run_gateway(
             sockdir, (credential(sockdir, tls_server.url),), cafile=authority.ca
         ) as running:
-            for _ in range(4):
+            for count in range(1, 5):
                 assert request(running.socket, "GET", "/len")[0] == 200
+                ended(running, count)
             assert tls_server.accepted == 1
     finally:
         tls_server.stop()
