@@ -243,6 +243,8 @@ def test_the_supervisor_records_a_gateway_restart_and_the_workspace_keeps_its_br
     until(lambda: _listening(port), f"the service port {port} listening")
     assert _post(port).startswith(b"HTTP/1.1 200")
     log = runtime / "gateway.log"
+    # the keeper logs its worker after the fork, while the worker may already serve
+    until(lambda: WORKER.search(log.read_text()), f"a worker serving, in {log}")
     first = int(WORKER.findall(log.read_text())[0])
     os.kill(first, signal.SIGKILL)
 
