@@ -445,6 +445,7 @@ def test_error_messages_carrying_guest_text_are_neutralised_on_a_terminal(
     whether progress is plain lines (a CI job) or the live view (a terminal outside CI)."""
     monkeypatch.setenv("MICROAGENT_FAKE", json.dumps({"exitCode": 1, "stderr": f"x{OSC52}"}))
     monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.delenv("MICROAGENT_PROGRESS", raising=False)  # auto: CI and TERM decide
     if live:
         monkeypatch.delenv("CI", raising=False)
     else:
