@@ -110,6 +110,7 @@ def test_the_audit_log_has_one_entry_per_request_and_never_a_key_or_query(
     request(
         broker.socket, "POST", "/v1/messages?key=query-secret", b'{"body-secret":1}', GUEST_AUTH
     )
+    broker.wait_audit(1)  # audited after its answer: else the next one's entry may come first
     request(broker.socket, "GET", "/v1/models", None, GUEST_AUTH)
     entries = broker.wait_audit(2)
     first = entries[0]
@@ -290,7 +291,10 @@ def test_the_concurrency_cap_answers_429(sockdir: Path, upstream: Upstream) -> N
 def test_the_rate_cap_answers_429_with_retry_after(sockdir: Path, upstream: Upstream) -> None:
     limits = Limits(rate_per_minute=2)
     with run_gateway(sockdir, (credential(sockdir, upstream.url),), limits=limits) as running:
-        statuses = [request(running.socket, "GET", "/v1")[0] for _ in range(2)]
+        statuses: list[int] = []
+        for count in (1, 2):  # each audited (after its answer) before the next is sent
+            statuses.append(request(running.socket, "GET", "/v1")[0])
+            running.wait_audit(count)
         status, headers, body = request(running.socket, "GET", "/v1")
         entries = running.wait_audit(3)
     assert statuses == [200, 200]
