@@ -30,7 +30,7 @@ from microagent.remotecache.refs import (
     parse_cache_ref,
     remote_sources,
 )
-from microagent.runtime.backend import Accel, Backend
+from microagent.runtime.machine import Accel
 from microagent.settings import Settings
 from microagent.store.content import Store
 from microagent.store.records import rootfs_ready
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from microagent.oci.registry import RegistryClient
     from microagent.oci.transport import Repository
     from microagent.remotecache.restore import Restorer
+    from microagent.runtime.backend import Backend
 
 Say = Callable[[str], None]
 Sink = Callable[[bytes], None]

@@ -26,7 +26,7 @@ from microagent.digests import key_hex
 from microagent.errors import BuildError
 from microagent.fsutil import flocked
 from microagent.progress import Meter, TaskKind, report_cached
-from microagent.runtime.backend import Accel, Backend, GuestResult, NetworkConfig
+from microagent.runtime.machine import Accel
 from microagent.store.content import Store
 from microagent.store.records import (
     LayerRef,
@@ -39,6 +39,7 @@ from microagent.store.records import (
 
 if TYPE_CHECKING:
     from microagent.kit.guestkit import GuestKit
+    from microagent.runtime.backend import Backend, GuestResult
 
 SETUP_DISK_MIB = 16384
 SETUP_MEMORY_MIB = 2048
@@ -192,6 +193,7 @@ def run_setup_vm(
     """Boot once with the step's command; the writes land in the state disk ``upper``."""
     # deferred: booting, ext4 and layer tools load only when a step is built, not on a hit
     from microagent.ext4.mkfs import make_state_disk
+    from microagent.runtime.backend import NetworkConfig
     from microagent.runtime.boot import SETUP_BOOT, RunRequest, run_once
     from microagent.runtime.configdisk import NetworkMode
 
