@@ -57,6 +57,7 @@ from typing import Any
 from microagent.errors import InvalidInputError, VMError
 from microagent.runtime.agentproto import (
     GUEST_CHANNEL_BASE,
+    HEADER,
     MAX_PAYLOAD,
     PROTOCOL,
     WINDOW,
@@ -82,6 +83,13 @@ READ_SIZE = MAX_PAYLOAD
 GUEST_BUFFER_HIGH = 1 << 20  # clients and targets are not read while this much waits
 GUEST_BUFFER_MAX = 4 << 20  # ... and the guest is not read either (its replies would pile up)
 PEER_BUFFER_MAX = WINDOW + 4 * MAX_PAYLOAD  # a window plus control frames; more breaks the rules
+# Sent before the HELLO to a restored guest. A snapshot can catch the guest agent with part of
+# the previous host's frame read (a frame crosses virtio buffers); the restored agent never
+# notices the new host (its port stayed open), so it would read the new HELLO as the rest of
+# that frame and wait for bytes that never come. These bytes complete any partial frame (at
+# most a header and MAX_PAYLOAD), and as a header they are malformed (length > MAX_PAYLOAD,
+# unknown type), so the agent drops input until the HELLO that follows and answers it.
+RESYNC_PREAMBLE = b"\xff" * (HEADER.size + MAX_PAYLOAD)
 HELLO_FIELD_MAX = 64  # agent name and version kept from the guest's HELLO
 HOLD_MAX = 4  # held mediation connections at once (a serve-mode agent keeps one)
 HOLD_BYTES_MAX = 64 << 10  # bytes a held connection may send (counted, dropped)
@@ -230,8 +238,10 @@ class AgentLink:
         on_lost: OnLost = _ignore,
         on_held: OnHeld = _ignore,
         max_clients: int = MAX_CLIENTS,
+        restored: bool = False,
     ) -> None:
         self.agent_socket = agent_socket
+        self._restored = restored  # the first connection is to a restored guest: resync it
         self.exec_socket = exec_socket
         self.max_clients = max_clients
         self._routes, self._default_route = _routes(mediation, services)
@@ -423,6 +433,9 @@ class AgentLink:
         sock.setblocking(False)
         self._guest = _Peer(sock)
         self._guest_reader = FrameReader()
+        if self._restored:  # see RESYNC_PREAMBLE
+            self._restored = False
+            self._to_guest(RESYNC_PREAMBLE)
         self._to_guest(encode_json(0, FrameType.HELLO, {"protocol": PROTOCOL}))
 
     def _to_guest(self, data: bytes) -> None:

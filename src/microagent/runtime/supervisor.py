@@ -199,6 +199,7 @@ def _start_link(run: RunDir, config: BootConfig, *, resync: bool = False) -> Age
         on_ready=ready,
         on_lost=lost,
         on_held=held,
+        restored=resync,
     )
     try:
         link.start()

@@ -25,6 +25,7 @@ from microagent.runtime.agentlink import (
     CLIENT_CHANNEL,
     HOLD_BYTES_MAX,
     HOLD_MAX,
+    RESYNC_PREAMBLE,
     AgentHello,
     AgentLink,
     MediationTarget,
@@ -169,6 +170,31 @@ def test_hello_makes_the_link_ready(harness: Harness) -> None:
     assert harness.link.exec_socket.stat().st_mode & 0o777 == 0o600
     guest.send(encode(0, FrameType.PONG, b"x"))  # ignored
     assert guest.silent()
+
+
+def test_a_restored_guest_gets_the_resync_preamble_before_the_first_hello_only(
+    vm_dir: Path,
+) -> None:
+    h = Harness(vm_dir, restored=True)
+    try:
+        conn, _ = h.vmm.listener.accept()
+        conn.settimeout(TIMEOUT)
+        first = b""
+        while len(first) < len(RESYNC_PREAMBLE):
+            chunk = conn.recv(len(RESYNC_PREAMBLE) - len(first))
+            assert chunk, "the link closed before its preamble"
+            first += chunk
+        assert first == RESYNC_PREAMBLE
+        guest = Peer(conn)
+        assert guest.expect(FrameType.HELLO).json() == {"protocol": 1}
+        guest.send(HELLO)
+        assert h.link.wait_ready(TIMEOUT)
+        conn.close()  # the guest side goes away; the link connects again: no preamble now
+        wait_for(lambda: "lost" in " ".join(h.readiness))
+        again = h.vmm.guest()  # asserts that the first bytes are a HELLO frame
+        assert h.link.wait_ready(TIMEOUT) and again.silent()
+    finally:
+        h.link.stop()
 
 
 def test_two_clients_get_their_own_channels(harness: Harness) -> None:

@@ -28,6 +28,7 @@ import pytest
 from microagent.errors import ToolError
 from microagent.kit import agentbin, guestkit
 from microagent.runner import find_tool, run
+from microagent.runtime.agentlink import RESYNC_PREAMBLE
 from microagent.runtime.agentproto import (
     GUEST_CHANNEL_BASE,
     MAX_PAYLOAD,
@@ -211,6 +212,26 @@ def test_hello_ping_pong(link: Link) -> None:
     assert link.next(0).payload == b"abc"
     link.send(0, T.PING, b"x" * 100)
     assert link.next(0).payload == b"x" * 64  # PING carries at most 64 bytes
+
+
+@pytest.mark.parametrize("cut", [3, 9, 9 + 40, 9 + 5000], ids=["header", "payload0", "json", "big"])
+def test_a_frame_cut_off_by_a_restore_is_resynchronised_by_the_preamble(
+    link: Link, cut: int
+) -> None:
+    """A snapshot can catch the agent with part of the old host's frame read; the restored
+    agent never learns that the host changed. A bare HELLO from the new host is then read as
+    the rest of that frame (no answer: exec never ready); the link's RESYNC_PREAMBLE before
+    the HELLO completes any cut frame and is itself malformed, so the HELLO is answered."""
+    old = encode(7, T.STDIN, b"x" * 6000)  # the old host's frame (channel 7: never opened)
+    link.sock.sendall(old[:cut])
+    assert link.quiet(0, 0.3)
+    hello = encode_json(0, T.HELLO, {"protocol": PROTOCOL})
+    if cut >= 9:  # a whole header: a bare HELLO vanishes into the cut frame's payload
+        link.sock.sendall(hello)
+        assert link.quiet(0, 1.0), "the HELLO was answered: the frame was not cut"
+    link.sock.sendall(RESYNC_PREAMBLE + hello)
+    assert link.next(0).type is T.HELLO
+    assert link.run(1, "echo", "ok").stdout == b"ok\n"
 
 
 def test_garbage_frames_do_not_kill_the_agent(link: Link) -> None:
