@@ -1723,8 +1723,10 @@ static void parse_frames(void)
 
 /* The host went away: with a socket the agent's job is over; with a port, its channels
  * are orphaned (their commands killed), and the agent waits for the next host. What the old
- * host left unread is dropped, and the next host is listened to from its HELLO on (it sends
- * one first), so a frame cut in half by the disconnect cannot swallow the new host's. */
+ * host left is dropped and input is skipped until a HELLO (the next host sends one first), so
+ * a frame cut in half by the disconnect cannot swallow the new host's. Nothing is drained from
+ * the port here: the next host may already be connected (a restored VM's port reports the old
+ * host gone and the new one there at once), and its HELLO may already be waiting in it. */
 static void link_lost(void)
 {
     if (!link_is_port) {
@@ -1736,8 +1738,6 @@ static void link_lost(void)
         logmsg("the host disconnected; dropping its channels");
         drop_all_channels();
         outq.off = outq.len = 0;
-        while (read(link_fd, linbuf, sizeof linbuf) > 0)
-            ;
         linlen = 0;
         resyncing = 1;
     }
