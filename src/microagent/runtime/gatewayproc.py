@@ -20,13 +20,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from microagent import runner
-from microagent.broker.gateway import GatewayConfig
+from microagent.broker.gateway import STOP_WAIT, GatewayConfig
 from microagent.errors import VMError
 from microagent.fsutil import write_json_atomic
 from microagent.runtime.control import tail_text
 
 READY_TIMEOUT = 15.0
-STOP_GRACE = 3.0
+# Longer than the keeper gives its worker (broker.gateway.STOP_WAIT), so a slow worker is
+# ended by its keeper, which then removes the sockets, rather than orphaned by a SIGKILL.
+STOP_GRACE = float(STOP_WAIT + 2)
 WATCH_POLL = 0.5  # seconds between looks at the gateway's log and process
 WATCH_READ = 64 << 10  # bytes of new log read at a time
 RESTART_PREFIX = "gateway: worker restart "
