@@ -1745,7 +1745,10 @@ static void link_lost(void)
     fcntl(link_fd, F_SETFL, fcntl(link_fd, F_GETFL) | O_ASYNC);   /* SIGIO on connect */
 }
 
-/* A port without a host polls POLLHUP; once that clears a host is there. */
+/* A port without a host polls POLLHUP; once that clears a host is there, and is told HELLO
+ * (what was queued for the previous host went with it). A restored VM's port can report its
+ * host gone and back after the agent already answered the new host's HELLO (the answer was
+ * dropped with the old host's queue): this HELLO is then the one the host waits for. */
 static void link_check(void)
 {
     struct pollfd p = {.fd = link_fd, .events = POLLIN};
@@ -1754,6 +1757,7 @@ static void link_check(void)
     link_up = 1;
     fcntl(link_fd, F_SETFL, fcntl(link_fd, F_GETFL) & ~O_ASYNC);
     logmsg("a host connected");
+    queue_hello();
 }
 
 static void link_read(void)
@@ -2069,6 +2073,7 @@ int main(int argc, char **argv)
         med_listen(&listeners[i]);
     logmsg("version %s serving %s (root %s, listening on %d of %d ports)", AGENT_VERSION,
            port ? port : "an inherited fd", root_dir, listening(), nlisteners);
-    queue_hello();
+    if (!link_is_port)
+        queue_hello();   /* a port's HELLO is queued when its host is there (link_check) */
     loop();
 }
