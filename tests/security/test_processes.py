@@ -13,6 +13,8 @@ real ``sleep`` stands in for a VMM process where one is needed.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -239,6 +241,37 @@ def test_force_delete_leaves_no_vmm(
     assert gone(vmm), "delete --force left the VMM running"
 
 
+PTRACE_ATTACH, PTRACE_DETACH = 16, 17
+
+
+@contextlib.contextmanager
+def traced(pid: int) -> Iterator[None]:
+    """``pid`` held in a ptrace stop (state ``t``): no signal but SIGKILL moves it on."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    if libc.ptrace(PTRACE_ATTACH, pid, None, None) != 0:
+        err = ctypes.get_errno()
+        if err == errno.EPERM and os.geteuid() != 0:
+            pytest.skip("attaching a tracer needs root or CAP_SYS_PTRACE here")
+        raise OSError(err, os.strerror(err))
+    try:
+        deadline = time.monotonic() + 30
+        while _sched_state(pid) != "t":
+            assert time.monotonic() < deadline, "the tracee never stopped"
+            time.sleep(0.01)
+        yield
+    finally:
+        if _sched_state(pid) not in ("", "Z", "X"):
+            libc.ptrace(PTRACE_DETACH, pid, None, None)
+
+
+def _sched_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 def test_halt_escalation_kills_the_vmm(
     project: Path,
     capsys: pytest.CaptureFixture[str],
@@ -249,9 +282,10 @@ def test_halt_escalation_kills_the_vmm(
     run = start_hanging(capsys, monkeypatch)
     vmm = stand_in(stand_ins)
     record_vmm(run, vmm)
-    os.kill(run.runtime()["supervisorPid"], signal.SIGSTOP)  # deaf to the graceful request
-    assert cli(capsys, "halt", "ws", "--timeout", "1")["state"] == "halted"
-    assert gone(vmm), "halt escalation left the VMM running"
+    # deaf to the graceful request: stopped by a tracer (halt resumes a plainly stopped one)
+    with traced(run.runtime()["supervisorPid"]):
+        assert cli(capsys, "halt", "ws", "--timeout", "1")["state"] == "halted"
+        assert gone(vmm), "halt escalation left the VMM running"
     src = project / "microagent.yaml"
     cli(capsys, "cp", str(src), "ws:/tmp/spec.yaml")
 
