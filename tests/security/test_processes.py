@@ -33,6 +33,7 @@ from microagent.errors import VMError
 from microagent.runtime import boot
 from microagent.runtime.rundir import RunDir
 from testenv.clitools import cli_json as cli
+from testenv.prereq import require_root
 
 SECRET = "sk-security-secret-4711"
 
@@ -251,8 +252,8 @@ def traced(pid: int) -> Iterator[None]:
     libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
     if libc.ptrace(PTRACE_ATTACH, pid, None, None) != 0:
         err = ctypes.get_errno()
-        if err == errno.EPERM and os.geteuid() != 0:
-            pytest.skip("attaching a tracer needs root or CAP_SYS_PTRACE here")
+        if err == errno.EPERM:
+            require_root("attaching a tracer to the supervisor")
         raise OSError(err, os.strerror(err))
     try:
         deadline = time.monotonic() + 30
