@@ -262,6 +262,7 @@ class AgentLink:
         self._next_channel = 1
         self._stopping = threading.Event()
         self.ready = threading.Event()
+        self.connected = threading.Event()  # the VMM's agent socket took a connection (once)
         self.hello: AgentHello | None = None
         self._thread = threading.Thread(target=self._main, name="agent-link", daemon=True)
 
@@ -283,6 +284,14 @@ class AgentLink:
 
     def wait_ready(self, timeout: float) -> bool:
         return self.ready.wait(timeout)
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait until the link has connected to the VMM's agent socket (its HELLO queued).
+        A restore calls this between loading the state and running the guest: a host
+        connected by then is the host the guest's port was saved with, so QEMU tells the guest
+        of no change (connect after the guest runs, and the guest sees its host leave and come
+        back, which ends the channels opened meanwhile)."""
+        return self.connected.wait(timeout)
 
     def run(
         self, request: ExecRequest, timeout: float | None = None, *, stdin: bytes | None = None
@@ -437,6 +446,7 @@ class AgentLink:
             self._restored = False
             self._to_guest(RESYNC_PREAMBLE)
         self._to_guest(encode_json(0, FrameType.HELLO, {"protocol": PROTOCOL}))
+        self.connected.set()
 
     def _to_guest(self, data: bytes) -> None:
         if self._guest is not None:

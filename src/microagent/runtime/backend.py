@@ -471,6 +471,8 @@ class GuestTimeout(VMError):
 
 
 OutputSink = Callable[[bytes], None]
+# called by a restore between loading the saved state and running the guest
+BeforeRun = Callable[[], None]
 
 
 @runtime_checkable

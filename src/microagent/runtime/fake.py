@@ -56,6 +56,7 @@ from microagent.errors import MicroagentError, VMError
 from microagent.ext4 import overlay
 from microagent.runtime.backend import (
     Availability,
+    BeforeRun,
     BootConfig,
     GuestResult,
     GuestTimeout,
@@ -274,8 +275,11 @@ class FakeMachine:
         shape = {"argv": list(fake_argv(self.config)), "paused": self.paused}
         return FAKE_STATE_MAGIC + json.dumps(shape).encode() + b"\n"
 
-    def restore(self, state: Path, timeout: float = 600.0) -> None:
-        """Take a state ``migrate`` wrote (VMError for anything else) and run on."""
+    def restore(
+        self, state: Path, timeout: float = 600.0, *, before_run: BeforeRun | None = None
+    ) -> None:
+        """Take a state ``migrate`` wrote (VMError for anything else) and run on; ``before_run``
+        is called before it runs on, as QEMU's restore does."""
         try:
             data = state.read_bytes()
         except OSError as exc:
@@ -283,6 +287,8 @@ class FakeMachine:
         if not data.startswith(FAKE_STATE_MAGIC):
             self.shutdown()
             raise VMError("cannot restore the VM: load of migration failed: not a VM state")
+        if before_run is not None:
+            before_run()
         self.restored = True
         self.paused = False
 

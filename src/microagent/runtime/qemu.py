@@ -33,6 +33,7 @@ from microagent.runtime.agentproto import PORT_NAME as AGENT_PORT_NAME
 from microagent.runtime.backend import (
     Accel,
     Availability,
+    BeforeRun,
     BootConfig,
     Disk,
     Forward,
@@ -374,13 +375,26 @@ class QemuMachine:
     def argv(self) -> Sequence[str]:
         return self._argv
 
-    def restore(self, state: Path, timeout: float = 600.0) -> None:
+    def restore(
+        self, state: Path, timeout: float = 600.0, *, before_run: BeforeRun | None = None
+    ) -> None:
         """Load the saved state ``state`` into this VMM (started with ``incoming``) and run
-        it; the guest booted long ago, so the boot deadline no longer applies."""
+        it; the guest booted long ago, so the boot deadline no longer applies.
+
+        The host ends of the guest's ports are connected before the guest runs: the control
+        port here, the agent port by ``before_run`` (the supervisor's agent link). A port's
+        saved state says its host was connected; QEMU compares that with the port's host once
+        the guest runs and, when they differ, tells the guest its host left, and later that it
+        came back, which the guest agent takes for a new host (its channels end)."""
         fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
         try:
             with qmp.connect(self.config.state_dir, wait=30.0) as session:
                 qmp.load_state(session, fd, timeout)
+                with self._lock:
+                    if not self._channel.connected:
+                        self._channel.try_connect()
+                if before_run is not None:
+                    before_run()
                 session.execute("cont")
         except VMError as exc:
             self.shutdown(grace=0.0)

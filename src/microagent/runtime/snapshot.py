@@ -52,7 +52,7 @@ from microagent.errors import (
 from microagent.fsutil import fsync_dir, fsync_tree, load_json_bounded, remove_any
 from microagent.runtime import stamps
 from microagent.runtime.agentproto import ExecRequest
-from microagent.runtime.backend import BootConfig, Machine
+from microagent.runtime.backend import BeforeRun, BootConfig, Machine
 
 SNAPSHOTS_DIR = "snapshots"
 MANIFEST = "manifest.json"
@@ -480,7 +480,9 @@ def remove(root: Path, tag: str) -> bool:
 class RestoringMachine(Machine, Protocol):
     """A machine that can load a saved state (started with ``incoming``)."""
 
-    def restore(self, state: Path, timeout: float = 600.0) -> None: ...
+    def restore(
+        self, state: Path, timeout: float = 600.0, *, before_run: BeforeRun | None = None
+    ) -> None: ...
 
 
 class RestoringBackend(Protocol):

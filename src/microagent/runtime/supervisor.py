@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 SHUTDOWN_GRACE = 15.0
 HOSTNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}")  # what a restore may set
 EVENT_POLL = 0.5
+LINK_CONNECT_WAIT = 10.0  # seconds a restore waits for the agent link before the guest runs
 BACKOFF_CAP = 30.0  # seconds: the longest wait before a restart
 STABLE_RUN = 60.0  # seconds: a run at least this long starts the back-off over
 
@@ -393,11 +394,23 @@ class Supervisor:
         return restoring(backend).boot(config, incoming=True)
 
     def _restore(self, machine: Machine, restore: Path) -> None:
+        """Load the saved state; the agent link starts first and is connected before the
+        guest runs (see QemuMachine.restore), so the restored guest sees no host change."""
         began = time.monotonic()
         restoring_machine = getattr(machine, "restore", None)
         if restoring_machine is None:
             raise MicroagentError("this machine cannot load a saved state")
-        restoring_machine(restore)
+        link = self.link = _start_link(self.run_dir, machine.config, resync=True)
+
+        def connect_link() -> None:
+            if link is None or not machine.config.agent_socket.exists():
+                return  # (a machine without an agent port: nothing to connect)
+            if not link.wait_connected(LINK_CONNECT_WAIT):
+                self.run_dir.event(
+                    "exec-late", "the agent link was not connected before the guest ran"
+                )
+
+        restoring_machine(restore, before_run=connect_link)
         self.restored = True
         seconds = round(time.monotonic() - began, 3)
         self.run_dir.event("restored", f"VM state loaded in {seconds}s", seconds=seconds)
@@ -421,6 +434,7 @@ class Supervisor:
         except Exception as exc:  # the supervisor must always leave a final state
             return self._no_report(f"supervisor error: {exc!r}", began)
         finally:  # the VMM is gone: the environment it was given leaves the disk too
+            self._end_link()
             self.machine = None
             self.run_dir.config_disk.unlink(missing_ok=True)
         write_json_atomic(self.run_dir.result_path, {"observedAt": now(), **result.to_json()})
@@ -445,20 +459,24 @@ class Supervisor:
     def _started(self, machine: Machine) -> None:
         pid = machine.pid
         vmm = runner.process_identity(pid) if pid is not None else None
-        ready = {"guestReadyAt": now(), "commandStartedAt": now()} if self.restored else {}
+        ready: dict[str, str | None] = (
+            {"guestReadyAt": now(), "commandStartedAt": now()} if self.restored else {}
+        )
+        if self.link is None:  # a killed run's supervisor never cleared it: this link's says
+            ready["execReadyAt"] = None  # (a restore's link started already and may have)
         self.run_dir.set_state(
             State.RUNNING,
             "vm restored from a snapshot" if self.restored else "vm started",
             vmmArgv=list(machine.argv()),
             vmm=vmm.to_json() if vmm else None,
-            execReadyAt=None,  # a killed run's supervisor never cleared it: this link's says
             **ready,
         )
 
     def _wait(self, machine: Machine) -> GuestResult:
         watcher = _Watcher(self.run_dir, machine)
         watcher.start()
-        self.link = _start_link(self.run_dir, machine.config, resync=self.restored)
+        if self.link is None:  # (a restore started it before the guest ran)
+            self.link = _start_link(self.run_dir, machine.config)
         prober = _start_health(self.run_dir, self.link, self.health)
         try:
             return machine.wait(timeout=None)
@@ -468,11 +486,15 @@ class Supervisor:
             if prober is not None:
                 prober.stop()
                 self.run_dir.update(health=None)
-            if self.link is not None:
-                self.link.stop()
-                _report_held(self.run_dir, self.link)
-                self.link = None
-                self.run_dir.update(execReadyAt=None)
+            self._end_link()
+
+    def _end_link(self) -> None:
+        """Stop the agent link (if one runs): exec ends with the machine."""
+        link, self.link = self.link, None
+        if link is not None:
+            link.stop()
+            _report_held(self.run_dir, link)
+            self.run_dir.update(execReadyAt=None)
 
     def _suspended(self, ended: Ended) -> int:
         """The VMM quit after a ``suspend`` saved it: the run ends ``suspended``."""
