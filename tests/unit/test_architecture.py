@@ -26,6 +26,7 @@ SRC = Path(microagent.__file__).parent
 # name anything; nothing may import it except for __version__.
 LAYERS = (
     "errors",
+    "backoff",
     "digests",
     "fsutil",
     "progress",

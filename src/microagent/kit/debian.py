@@ -20,14 +20,11 @@ have been.
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import http.client
 import io
 import lzma
 import platform
-import random
-import re
 import socket
 import ssl
 import tarfile
@@ -37,10 +34,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, TypeVar, cast
 
+from microagent.backoff import RETRY_STATUSES, next_pause, parse_retry_after, retry_note
 from microagent.digests import Digest
 from microagent.errors import BuildError, IntegrityError
 from microagent.progress import Meter, Say, TaskKind
@@ -59,7 +56,6 @@ _SIGNATURE_END = b"-----END PGP SIGNATURE-----"
 _ARCHES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 _AR_MAGIC = b"!<arch>\n"
 _AR_HEADER = 60
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 READ_CHUNK = 1 << 16
 MIRROR_HINT = (
     "check the network or set $MICROAGENT_DEBIAN_MIRROR (or --mirror) to a reachable mirror"
@@ -186,13 +182,15 @@ class Retry:
     sleep: Callable[[float], None] = time.sleep
 
     def pause(self, tries: int, retry_after: float | None = None) -> float | None:
-        """Seconds to wait after ``tries`` failed tries before the next one; None: give up."""
-        if tries >= self.attempts:
-            return None
-        if retry_after is not None:
-            return retry_after if retry_after <= self.max_pause else None
-        doubled: float = self.backoff * 2.0 ** (tries - 1)
-        return min(doubled, self.max_pause) * random.uniform(0.5, 1.0)
+        """Seconds to wait after ``tries`` failed tries before the next one; None: give up
+        (see :func:`~microagent.backoff.next_pause`)."""
+        return next_pause(
+            tries,
+            attempts=self.attempts,
+            backoff=self.backoff,
+            max_pause=self.max_pause,
+            retry_after=retry_after,
+        )
 
 
 RETRY = Retry()
@@ -205,21 +203,6 @@ class _Transient(Exception):
         super().__init__(cause)
         self.cause = cause
         self.retry_after = retry_after
-
-
-def _retry_after(value: str | None) -> float | None:
-    """A Retry-After header in seconds (delta-seconds or an HTTP date); None when absent or
-    unreadable (the usual back-off applies)."""
-    value = (value or "").strip()
-    if re.fullmatch(r"\d{1,9}", value):
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
 
 
 def _is_transient(reason: object) -> bool:
@@ -244,7 +227,7 @@ def _open_url(url: str) -> BinaryIO:
         status = f"HTTP {exc.code} {exc.reason}"
         exc.close()
         if exc.code in RETRY_STATUSES:
-            raise _Transient(status, _retry_after(exc.headers.get("Retry-After"))) from exc
+            raise _Transient(status, parse_retry_after(exc.headers.get("Retry-After"))) from exc
         raise BuildError(f"cannot download {url}: {status}", hint=MIRROR_HINT) from exc
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", None) or exc
@@ -296,7 +279,7 @@ def fetch(
             if pause is None:
                 raise _gave_up(url, exc, tries, retry) from exc
             if say is not None:
-                after = f"retrying in {pause:.2g} s (attempt {tries + 1}/{retry.attempts})"
+                after = retry_note(pause, tries, retry.attempts)
                 say(f"download of {url} failed: {exc.cause}; {after}")
             retry.sleep(pause)
 

@@ -15,22 +15,19 @@ such as ``registry 127.0.0.1:5000: HTTP 503 Service Unavailable; retrying in 1.2
 
 from __future__ import annotations
 
-import email.utils
 import http.client
 import io
-import random
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from microagent import settings as defaults
+from microagent.backoff import RETRY_STATUSES, next_pause, parse_retry_after, retry_note
 from microagent.errors import RegistryError
 from microagent.settings import Settings
 
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 BROKEN_HINT = (
     "the registry or the network kept failing; running the command again is safe "
     "(`microagent config show` lists the registry.* retry settings)"
@@ -75,16 +72,17 @@ class RetryPolicy:
         return (self.connect_timeout, self.read_timeout)
 
     def pause(self, tries: int, elapsed: float, retry_after: float | None = None) -> float | None:
-        """Seconds to wait after ``tries`` failed tries before the next one; None: give up."""
-        if tries >= self.attempts:
-            return None
-        if retry_after is not None:
-            if retry_after > self.max_pause:
-                return None
-            wait = retry_after
-        else:
-            wait = min(self.backoff * 2 ** (tries - 1), self.max_pause) * random.uniform(0.5, 1)
-        return wait if elapsed + wait <= self.deadline else None
+        """Seconds to wait after ``tries`` failed tries before the next one, ``elapsed``
+        seconds after the first began; None: give up (see :func:`~microagent.backoff.next_pause`;
+        and no try starts after the ``deadline``)."""
+        wait = next_pause(
+            tries,
+            attempts=self.attempts,
+            backoff=self.backoff,
+            max_pause=self.max_pause,
+            retry_after=retry_after,
+        )
+        return wait if wait is not None and elapsed + wait <= self.deadline else None
 
 
 class Transient(Exception):
@@ -116,8 +114,7 @@ def retry_line(
     """What the user sees before a retry: ``registry HOST: CAUSE; retrying in 1.2 s
     (attempt 2/4)`` (``tries``: those that failed so far)."""
     source = f"registry {host}" if host else "registry"
-    after = f"{verb} in {pause:.2g} s (attempt {tries + 1}/{policy.attempts})"
-    return f"{source}: {cause}; {after}"
+    return f"{source}: {cause}; {retry_note(pause, tries, policy.attempts, verb=verb)}"
 
 
 def retrying(
@@ -144,29 +141,14 @@ def retrying(
             sleep(pause)
 
 
-def retry_after(value: str | None) -> float | None:
-    """A Retry-After header in seconds (delta-seconds, fractions allowed, or an HTTP date);
-    None when absent or unreadable (the usual back-off applies)."""
-    value = (value or "").strip()
-    if re.fullmatch(r"\d{1,9}(\.\d{1,6})?", value):
-        return float(value)
-    if not value:
-        return None
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
-
-
 def status_failure(response: Any, what: str) -> Transient | None:
     """A transient HTTP answer (429, 5xx) as :class:`Transient`, else None."""
     if response.status_code not in RETRY_STATUSES:
         return None
     status = f"HTTP {response.status_code} {response.reason}"
-    return Transient(f"{what}: {status}", retry_after(response.headers.get("Retry-After")), status)
+    return Transient(
+        f"{what}: {status}", parse_retry_after(response.headers.get("Retry-After")), status
+    )
 
 
 def is_transient(exc: BaseException) -> bool:

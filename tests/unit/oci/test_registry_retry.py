@@ -4,9 +4,9 @@ it waits, how a broken blob download resumes, and the checks on small documents.
 
 from __future__ import annotations
 
-import email.utils
-import time
+import random
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -22,9 +22,9 @@ from microagent.oci._retry import (
     Transient,
     Watch,
     is_transient,
-    retry_after,
     retrying,
     short,
+    status_failure,
 )
 from microagent.oci.endpoints import Endpoint
 from microagent.oci.registry import _bearer_challenge, _token_of, _verified, read_capped
@@ -34,7 +34,7 @@ NO_JITTER = 1.0
 
 @pytest.fixture
 def no_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_retry.random, "uniform", lambda _a, b: b * NO_JITTER)
+    monkeypatch.setattr(random, "uniform", lambda _a, b: b * NO_JITTER)
 
 
 # -- the policy --------------------------------------------------------------------------------
@@ -66,18 +66,25 @@ def test_no_try_starts_after_the_deadline(no_jitter: None) -> None:
 
 
 @pytest.mark.parametrize(
-    ("header", "seconds"),
-    [("5", 5.0), (" 120 ", 120.0), ("0.25", 0.25), ("0", 0.0), ("", None), (None, None),
-     ("-1", None), ("soon", None), ("1e3", None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)],
+    ("status", "header", "after"),
+    [(503, "0.25", 0.25), (429, "3600", 3600.0), (502, None, None), (500, "soon", None),
+     (504, "1" * 400, None)],
 )  # fmt: skip
-def test_retry_after_header(header: str | None, seconds: float | None) -> None:
-    assert retry_after(header) == seconds
+def test_a_transient_status_carries_its_retry_after(
+    status: int, header: str | None, after: float | None
+) -> None:
+    """(How the header is read: tests/unit/test_backoff.py.)"""
+    headers = {} if header is None else {"Retry-After": header}
+    response = SimpleNamespace(status_code=status, reason="Nope", headers=headers)
+    failure = status_failure(response, "GET /v2/x")
+    assert failure is not None and failure.retry_after == after
+    assert failure.message == f"GET /v2/x: HTTP {status} Nope"
 
 
-def test_retry_after_as_a_date_in_the_future() -> None:
-    later = email.utils.formatdate(time.time() + 30, usegmt=True)
-    got = retry_after(later)
-    assert got is not None and 28 <= got <= 30
+def test_other_statuses_are_not_transient() -> None:
+    for status in (200, 401, 404, 416):
+        response = SimpleNamespace(status_code=status, reason="", headers={"Retry-After": "1"})
+        assert status_failure(response, "GET /v2/x") is None
 
 
 def test_retrying_pauses_between_tries_and_gives_up_with_a_count(no_jitter: None) -> None:

@@ -6,6 +6,7 @@ test mirror and plays the faults; the back-off is made tiny, never slept in full
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
 import struct
 import threading
@@ -198,3 +199,42 @@ def test_a_refused_connection_is_retried_then_reported(tmp_path: Path) -> None:
     with pytest.raises(BuildError, match=r"refused.*\(gave up after 2 tries\)"):
         debian.fetch_release(mirror, retry=debian.Retry(attempts=2, backoff=0.001), say=said.append)
     assert len(retries(said)) == 1 and "(attempt 2/2)" in said[0]
+
+
+@pytest.mark.parametrize(
+    ("header", "pause"),
+    [("0.01", "0.01"), ("0", "0"), ("Wed, 21 Oct 2015 07:28:00 GMT", "0"), ("nan", None),
+     ("-1", None), ("soon", None), ("9" * 1000, None)],
+)  # fmt: skip
+def test_a_short_or_unreadable_retry_after_is_retried(
+    served: tuple[Mirror, debian.Mirror], header: str, pause: str | None
+) -> None:
+    """A Retry-After within the cap (fractions and dates too) is waited for as asked; an
+    unreadable one (shared parser: tests/unit/test_backoff.py) leaves the usual back-off."""
+    server, mirror = served
+    server.faults = {RELEASE: [f"503:{header}"]}
+    said: list[str] = []
+    debian.fetch_release(mirror, retry=FAST, say=said.append)
+    assert server.hits[RELEASE] == 2 and len(retries(said)) == 1, said
+    if pause is not None:
+        assert said[0].endswith(
+            f"HTTP 503 Service Unavailable; retrying in {pause} s (attempt 2/4)"
+        )
+
+
+def test_a_huge_retry_after_is_bounded_and_not_waited_for(
+    served: tuple[Mirror, debian.Mirror],
+) -> None:
+    server, mirror = served
+    server.faults = {RELEASE: ["429:" + "9" * 40]}
+    with pytest.raises(BuildError, match=r"the mirror asks to retry after 1e\+09 s"):
+        debian.fetch_release(mirror, retry=FAST)
+    assert server.hits[RELEASE] == 1
+
+
+def test_the_default_kit_retry_keeps_its_own_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(random, "uniform", lambda _a, b: b)  # no jitter
+    retry = debian.Retry()
+    assert (retry.attempts, retry.backoff, retry.max_pause) == (4, 0.5, 8.0)
+    assert [retry.pause(n) for n in range(1, 5)] == [0.5, 1.0, 2.0, None]
+    assert retry.pause(1, retry_after=8.0) == 8.0 and retry.pause(1, retry_after=8.5) is None
