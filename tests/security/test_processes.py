@@ -3,6 +3,8 @@
 - the supervisor never imports code from the caller's directory or ``PYTHON*`` variables;
 - no VMM outlives its supervisor unnoticed: ``delete --force`` and ``halt`` kill it, and
   ``start`` / ``cp`` refuse to touch the disks while it runs; a reused pid is never killed;
+- ``halt`` ends in a bounded time even when the run dir's lock is held by a supervisor that
+  is stopped (resumed first) or traced (killed), or by a stranger (a conflict that names it);
 - the VMM's socket directory is private even when it falls back to a shared temp directory;
 - the per-boot config disk (it carries ``--env`` values) is gone once the boot is over.
 
@@ -15,14 +17,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -289,6 +293,112 @@ def test_halt_escalation_kills_the_vmm(
         assert gone(vmm), "halt escalation left the VMM running"
     src = project / "microagent.yaml"
     cli(capsys, "cp", str(src), "ws:/tmp/spec.yaml")
+
+
+class LockHolder:
+    """Holds the run dir's writers' lock from this process (an open file of its own: flock
+    locks of two opens conflict even within one process) as a supervisor holds it mid-write,
+    and lets go once ``lets_go()`` says that supervisor would have: it runs again, or is gone.
+    After ``bound`` seconds it lets go anyway (``gave_up``), so a halt that waits for the lock
+    fails the test instead of hanging it."""
+
+    def __init__(self, run: RunDir, lets_go: Callable[[], bool], bound: float = 30.0) -> None:
+        self.fd = os.open(run.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.lets_go, self.bound = lets_go, bound
+        self.gave_up = False
+        self.thread = threading.Thread(target=self._hold, daemon=True)
+        self.thread.start()
+
+    def _hold(self) -> None:
+        deadline = time.monotonic() + self.bound
+        while not self.lets_go():
+            if time.monotonic() > deadline:
+                self.gave_up = True
+                break
+            time.sleep(0.01)
+        os.close(self.fd)
+
+    def __enter__(self) -> LockHolder:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.thread.join()
+
+
+def timed_halt(
+    capsys: pytest.CaptureFixture[str], *args: str, code: int = 0
+) -> tuple[dict[str, Any], float]:
+    began = time.monotonic()
+    out = cli(capsys, "halt", "ws", *args, code=code)
+    return out, time.monotonic() - began
+
+
+def test_halt_resumes_a_supervisor_stopped_while_it_holds_the_lock(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(project)
+    run = start_hanging(capsys, monkeypatch)
+    pid = run.runtime()["supervisorPid"]
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        wait_for("the supervisor to stop", lambda: _sched_state(pid) == "T")
+        with LockHolder(run, lets_go=lambda: _sched_state(pid) != "T") as holder:
+            out, took = timed_halt(capsys, "--timeout", "20")
+        assert not holder.gave_up, f"halt waited for the lock of a stopped supervisor: {out}"
+        assert out["state"] == "halted", out
+        assert took < 20, f"halt took {took:.1f}s"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    event = cli(capsys, "status", "ws")["event"]
+    assert (event["state"], event["detail"]) == ("halted", "halted on request"), event
+    seen = [e["event"] for e in cli(capsys, "events", "ws")["events"]]
+    assert "supervisor-resumed" in seen
+    assert not running(pid)
+
+
+def test_halt_kills_a_traced_supervisor_that_holds_the_lock(
+    project: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    stand_ins: list[subprocess.Popen[bytes]],
+) -> None:
+    monkeypatch.chdir(project)
+    run = start_hanging(capsys, monkeypatch)
+    vmm = stand_in(stand_ins)
+    record_vmm(run, vmm)
+    pid = run.runtime()["supervisorPid"]
+    with traced(pid), LockHolder(run, lets_go=lambda: not running(pid)) as holder:
+        out, took = timed_halt(capsys, "--timeout", "1")  # SIGCONT moves no tracee on
+    assert not holder.gave_up, f"halt waited for the lock of a traced supervisor: {out}"
+    assert out["state"] == "halted", out
+    assert took < 15, f"halt took {took:.1f}s"  # 1 s for the lock, then the kill
+    assert gone(vmm), "halt left the VMM running"
+    detail = cli(capsys, "status", "ws")["event"]["detail"]
+    assert detail == (
+        f"killed: its supervisor (pid {pid}) was traced and held the run dir's lock for 1s"
+    )
+    assert run.runtime()["stateDiskDirty"] == "a halt that had to kill the VM"
+
+
+def test_halt_names_a_stranger_that_holds_the_lock(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(project)
+    run = start_hanging(capsys, monkeypatch)
+    with LockHolder(run, lets_go=lambda: False, bound=5) as holder:
+        out, took = timed_halt(capsys, "--timeout", "1", code=1)
+    assert holder.gave_up  # nothing of the workspace ever lets go of a stranger's lock
+    assert took < holder.bound, f"halt took {took:.1f}s"
+    error = out["error"]
+    assert error["kind"] == "conflict", out
+    assert error["message"] == (
+        f"cannot halt workspace 'ws': another process held {run.lock_path} for 1s"
+    )
+    assert error["hint"].startswith(f"`fuser -v {run.lock_path}` names the process")
+    assert cli(capsys, "status", "ws")["supervisor"]["responsive"] is True  # untouched
+    assert cli(capsys, "halt", "ws")["state"] == "halted"
 
 
 def test_orphaned_vmm_blocks_cp_start_and_delete_until_halted(

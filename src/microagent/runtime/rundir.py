@@ -20,7 +20,8 @@ States: prepared -> starting -> running -> stopping -> stopped | halted | failed
 paused (pause/resume, a snapshot); running -> suspended (suspend) -> running (start).
 Writers hold a lock on ``.lock`` so the supervisor and the CLI never interleave updates; it is
 a ``flock``, so the kernel drops it with its holder and a writer killed mid-update never
-blocks the next one.
+blocks the next one; one that is stopped (SIGSTOP, a debugger) while it holds it does, so a
+writer that must not wait for ever gives a bound (``lock_wait``: :class:`LockBusy` after it).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from microagent import runner
+from microagent.errors import ConflictError
 from microagent.fsutil import read_json, write_json_atomic
 from microagent.runner import ProcessIdentity
 
@@ -72,8 +74,18 @@ class State(Enum):
 
 
 CORRUPT_RUNTIME = "runtime.json.corrupt"
+LOCK_NAME = ".lock"
+LOCK_POLL = 0.02  # seconds between tries of a bounded wait for the lock
 SUPERVISOR_MARK = "microagent.runtime.supervisor"  # in the supervisor's command line
 GATEWAY_MARK = "microagent.broker.gateway"  # in the gateway's
+
+
+class LockBusy(ConflictError):
+    """The run directory's lock stayed held by another process for the whole bounded wait."""
+
+    def __init__(self, lock: Path, waited: float) -> None:
+        super().__init__(f"another process held {lock} for {waited:g}s")
+        self.lock = lock
 
 
 def _runs(argv: tuple[str, ...], mark: str, last: str) -> bool:
@@ -360,16 +372,30 @@ class RunDir:
         except ValueError:
             return State.FAILED
 
+    @property
+    def lock_path(self) -> Path:
+        return self.path / LOCK_NAME
+
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, wait: float | None = None) -> Iterator[None]:
+        """Hold the writers' lock; with ``wait``, :class:`LockBusy` once that many seconds
+        passed without it (else the wait is as long as the holder holds it)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        with (self.path / ".lock").open("a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+        with self.lock_path.open("a") as fh:
+            if wait is None:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            elif not _flock_within(fh.fileno(), wait):
+                raise LockBusy(self.lock_path, wait)
             yield
 
-    def set_state(self, state: State, detail: str = "", **extra: Any) -> dict[str, Any]:
-        """Record a transition in runtime.json and append it to events.jsonl."""
-        written = self.set_state_if(lambda _current: True, state, detail, **extra)
+    def set_state(
+        self, state: State, detail: str = "", *, lock_wait: float | None = None, **extra: Any
+    ) -> dict[str, Any]:
+        """Record a transition in runtime.json and append it to events.jsonl (``lock_wait``:
+        see :meth:`_locked`)."""
+        written = self.set_state_if(
+            lambda _current: True, state, detail, lock_wait=lock_wait, **extra
+        )
         assert written is not None
         return written
 
@@ -378,11 +404,13 @@ class RunDir:
         only_if: Callable[[Mapping[str, Any]], bool],
         state: State,
         detail: str = "",
+        *,
+        lock_wait: float | None = None,
         **extra: Any,
     ) -> dict[str, Any] | None:
         """:meth:`set_state`, only when ``only_if`` holds for runtime.json as it is under the
         lock; None when it does not (somebody else moved the state meanwhile)."""
-        with self._locked():
+        with self._locked(lock_wait):
             current = self._current()
             if not only_if(current):
                 return None
@@ -417,3 +445,17 @@ class RunDir:
             except ValueError:
                 continue
         return out
+
+
+def _flock_within(fd: int, wait: float) -> bool:
+    """Take an exclusive ``flock`` on ``fd``, trying until ``wait`` seconds passed."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(LOCK_POLL)
+        else:
+            return True

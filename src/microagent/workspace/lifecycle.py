@@ -54,7 +54,7 @@ from microagent.runtime.configdisk import GuestFile, NetworkMode, Output
 from microagent.runtime.control import parse_output
 from microagent.runtime.health import HealthCheck
 from microagent.runtime.probe import tcp_reachable
-from microagent.runtime.rundir import BootDocument, RunDir, State, now
+from microagent.runtime.rundir import BootDocument, LockBusy, RunDir, State, now
 from microagent.runtime.snapshot import Manifest
 from microagent.runtime.snapshot import remove as snapshot_remove
 from microagent.runtime.snapshot import tags as snapshot_tags
@@ -501,7 +501,9 @@ def _signal_group(pid: int, sig: int) -> None:
 def halt(ws: Workspace, *, timeout: float = HALT_TIMEOUT) -> State:
     """Graceful stop (guest shutdown over the control port), then escalate. Disk is kept.
 
-    A VMM left running by a supervisor that died is killed.
+    A VMM left running by a supervisor that died is killed. A stopped supervisor is resumed
+    first (it may hold the run dir's lock, which the halt takes); the lock is waited for at
+    most ``timeout`` seconds (see :func:`_halt_without_lock`), so no halt waits for ever.
     """
     state = reconcile(ws)
     if not state.live:
@@ -510,32 +512,68 @@ def halt(ws: Workspace, *, timeout: float = HALT_TIMEOUT) -> State:
             ws.run.update(stateDiskDirty="a kill of a VM its supervisor left")
         return state
     supervisor = running_supervisor(ws.run)
+    _resume_if_stopped(ws)  # before the lock: stopped while holding it, it never lets go
     if state is State.PAUSED:  # a guest with its vCPUs stopped cannot shut down
         snapshots.thaw(ws)
-    ws.run.set_state(State.STOPPING, "halt requested")
+    try:
+        ws.run.set_state(State.STOPPING, "halt requested", lock_wait=timeout)
+    except LockBusy as busy:
+        return _halt_without_lock(ws, busy, timeout)
     if supervisor is not None:
         _signal_group(supervisor.pid, signal.SIGTERM)
-        _resume_if_stopped(ws)
+        _resume_if_stopped(ws)  # stopped again meanwhile: SIGCONT after the SIGTERM
     try:
         state = wait(ws, timeout)
     except VMError:
-        _kill(ws)
-        detail = f"killed after {timeout:.0f}s without a clean shutdown"
-        ws.run.set_state(State.HALTED, detail, stateDiskDirty="a halt that had to kill the VM")
-        return State.HALTED
+        return _escalate(ws, f"killed after {timeout:g}s without a clean shutdown")
     _await_dead(supervisor, EXIT_GRACE)  # it stops its gateway after the final state
     return state
 
 
 def _resume_if_stopped(ws: Workspace) -> None:
-    """A stopped supervisor cannot act on the halt's SIGTERM: it gets a SIGCONT after it (as
-    systemd does), so the halt is a clean one, not a kill once the timeout has passed. (A
+    """A stopped supervisor can neither act on the halt's SIGTERM nor let go of the run dir's
+    lock it may hold: it gets a SIGCONT (the recorded identity is checked first, so a reused
+    pid is never signalled), and the halt is a clean one, not a kill after the timeout. (A
     traced one stays with its debugger: that halt ends in the kill.)"""
     supervisor = supervisor_state(ws.name, ws.run)
     if supervisor is not None and supervisor.state == "stopped":
         _signal_group(supervisor.pid, signal.SIGCONT)
         why = f"the supervisor (pid {supervisor.pid}) was stopped: SIGCONT so it can halt"
         ws.run.event("supervisor-resumed", why)
+
+
+def _halt_without_lock(ws: Workspace, busy: LockBusy, timeout: float) -> State:
+    """The run dir's lock stayed busy for the halt's ``timeout``. A supervisor that does not
+    run (traced, or stopped again) is the holder nothing else frees: it is killed, which
+    drops the lock, as a halt it cannot answer ends anyway. A running one waits for that
+    lock too: its holder is no process of the workspace, and the halt gives up (conflict)."""
+    supervisor = supervisor_state(ws.name, ws.run)
+    if supervisor is None or supervisor.responsive:
+        raise ConflictError(
+            f"cannot halt workspace {ws.name!r}: {busy.message}",
+            hint=(
+                f"`fuser -v {busy.lock}` names the process that holds it (a stopped "
+                "microagent command?); resume or end it, then halt again"
+            ),
+        )
+    why = f"its supervisor (pid {supervisor.pid}) was {supervisor.state}"
+    return _escalate(ws, f"killed: {why} and held the run dir's lock for {timeout:g}s")
+
+
+def _escalate(ws: Workspace, detail: str) -> State:
+    """Kill the supervisor and its VMM and record ``halted`` (the lock a killed supervisor
+    held is dropped once it is gone: waited for that long, and no longer)."""
+    _kill(ws)
+    dirty = "a halt that had to kill the VM"
+    try:
+        ws.run.set_state(State.HALTED, detail, lock_wait=EXIT_GRACE, stateDiskDirty=dirty)
+    except LockBusy as busy:
+        raise ConflictError(
+            f"workspace {ws.name!r} was killed, but its state could not be recorded: "
+            f"{busy.message}",
+            hint=f"`fuser -v {busy.lock}` names the process that holds it; resume or end it",
+        ) from busy
+    return State.HALTED
 
 
 def kill(ws: Workspace) -> bool:
