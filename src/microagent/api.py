@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from microagent.build.base import BaseImage
     from microagent.build.pipeline import Pipeline
     from microagent.compiler.cachecontrol import CacheControl
+    from microagent.compiler.credentials import Credential
     from microagent.compiler.overrides import Overrides, RuntimeEnv
     from microagent.compiler.plan import StepCache
     from microagent.compiler.reports import LockReport, PlanReport
@@ -358,9 +359,7 @@ class Microagent:
         declared = load_spec(path)
         confirm_credentials(declared, overrides)  # what the spec asks for, before the flags
         spec = apply_overrides(declared, overrides) if overrides else declared
-        for cred in spec.credentials:  # say where each key goes that is not a stock preset's
-            if cred.needs_confirmation:
-                self.say(f"credential {cred.name}: {cred.source} -> {cred.upstream}")
+        self._say_where(spec.credentials)
         env = env or RuntimeEnv()
         warm = warm or spec.warm
         if not warm:
@@ -373,6 +372,12 @@ class Microagent:
         made = templates.warm(self._runtime(), report.workspace, say=self.notice)
         seconds = report.seconds + made.seconds
         return replace(report, warm=made, seconds=seconds)
+
+    def _say_where(self, credentials: Sequence[Credential]) -> None:
+        """Say where each key goes that is not a stock preset's."""
+        for cred in credentials:
+            if cred.needs_confirmation:
+                self.say(f"credential {cred.name}: {cred.source} -> {cred.upstream}")
 
     # -- workspaces -------------------------------------------------------------------------
 
@@ -658,13 +663,24 @@ class Microagent:
         return one_shot_request(job, rootfs, self.settings)
 
     def run(self, job: OneShot) -> GuestResult:
-        """Run a command in a fresh microVM (an image's rootfs, or an ext4 file)."""
+        """Run a command in a fresh microVM (an image's rootfs, or an ext4 file); the job's
+        credentials are brokered by a gateway on the host for the run's length."""
         # deferred: see the module docstring
-        from microagent.runtime.boot import run_once
+        from microagent.workspace.run import read_secrets, run_brokered
 
         kit = self.one_shot_kit(job)
+        self._say_where(job.credentials)
+        secrets = read_secrets(job)  # a missing value fails before the pull
         request = self._one_shot(job)
-        return run_once(request, backend=self.backend(), kit=kit, on_output=self.output)
+        return run_brokered(
+            request,
+            job,
+            secrets,
+            settings=self.settings,
+            backend=self.backend(),
+            kit=kit,
+            on_output=self.output,
+        )
 
     def run_command(self, job: OneShot) -> list[str]:
         """The VMM argv ``run`` would use (``--print-command``)."""

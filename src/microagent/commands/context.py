@@ -213,6 +213,28 @@ publish_option = click.option(
 )
 
 
+def credential_option(names: str) -> Callable[[F], F]:
+    """``--credential NAME[=SOURCE]``: ``names`` says what NAME may be."""
+    return click.option(
+        "--credential",
+        "credentials",
+        multiple=True,
+        metavar="NAME[=SOURCE]",
+        help=f"Broker this API key (repeatable): {names}; SOURCE (env:VAR or file:PATH) "
+        "replaces where the host reads the key. The guest never gets it.",
+    )
+
+
+credential_upstream_option = click.option(
+    "--credential-upstream",
+    "credential_upstreams",
+    multiple=True,
+    metavar="NAME=URL",
+    help="Send credential NAME's calls to URL instead (https, or http to a loopback "
+    "host; repeatable).",
+)
+
+
 def override_options(func: F) -> F:
     """Flags that override the spec: the same on validate, plan, build and create."""
     options = [
@@ -240,23 +262,11 @@ def override_options(func: F) -> F:
             help="Mediation channel: guest 127.0.0.1:PORT reaches host HOST:PORT (required: "
             "start fails while the target is unreachable).",
         ),
-        click.option(
-            "--credential",
-            "credentials",
-            multiple=True,
-            metavar="NAME[=SOURCE]",
-            help="Broker this API key (repeatable): a preset (anthropic, openai, gemini) or "
-            "a credential of the spec, which this also confirms; SOURCE (env:VAR or "
-            "file:PATH) replaces where the host reads the key. The guest never gets it.",
+        credential_option(
+            "a preset (anthropic, openai, gemini) or a credential of the spec, which this "
+            "also confirms"
         ),
-        click.option(
-            "--credential-upstream",
-            "credential_upstreams",
-            multiple=True,
-            metavar="NAME=URL",
-            help="Send credential NAME's calls to URL instead (https, or http to a loopback "
-            "host; repeatable).",
-        ),
+        credential_upstream_option,
         click.option(
             "--allow",
             "allow",

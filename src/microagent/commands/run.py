@@ -12,10 +12,13 @@ import click
 
 from microagent.commands.context import (
     Ctx,
+    credential_option,
+    credential_upstream_option,
     pass_ctx,
     publish_option,
     seconds_option,
     stream_to_stdout,
+    warn_key_env,
 )
 from microagent.errors import UsageError, VMError
 
@@ -51,6 +54,8 @@ class _RunCommand(click.Command):
     multiple=True,
     help="Variable NAME=VALUE (or NAME from this shell) for the command.",
 )
+@credential_option("a preset (anthropic, openai, gemini)")
+@credential_upstream_option
 @seconds_option("Stop the VM after this many seconds (more than 0).")
 @click.option(
     "--memory",
@@ -108,11 +113,17 @@ def run(ctx: Ctx, /, command: tuple[str, ...], **opts: Any) -> None:
     Writes go to a throwaway state disk; the image itself is never modified. On a terminal the
     output streams live (stdout and stderr interleaved, from the serial console); otherwise
     the captured stdout and stderr (last 64 KiB each) go to the matching streams at the end.
+
+    With --credential, a broker on the host holds the API key while the command runs: the
+    guest gets the broker's address in the preset's base-URL variable (ANTHROPIC_BASE_URL,
+    OPENAI_BASE_URL, GOOGLE_GEMINI_BASE_URL) and a placeholder in its key variable, never the
+    key.
     """
     stream = not ctx.json and sys.stdout.isatty()
     api = ctx.api(output=stream_to_stdout if stream else None)
     raw = click.get_current_context().meta.get(RAW_ARGS, ())
     job = _job(command, opts, raw)
+    warn_key_env(job.env)
     if opts["print_command"]:
         argv = api.run_command(job)
         ctx.emit({"ok": True, "argv": argv}, shlex.join(argv))
@@ -153,7 +164,7 @@ def _split(words: tuple[str, ...], raw: tuple[str, ...], rootfs: bool) -> tuple[
 def _job(words: tuple[str, ...], opts: dict[str, Any], raw: tuple[str, ...] = ()) -> Any:
     """The one-shot run the flags describe (``IMAGE [--] CMD...`` without --rootfs)."""
     # deferred: the library stays off the path of --help and usage errors
-    from microagent.compiler.overrides import parse_env, parse_publishes
+    from microagent.compiler.overrides import credentials_with_flags, parse_env, parse_publishes
     from microagent.runtime.backend import Accel, Forward, MachineType, NetworkConfig
     from microagent.runtime.configdisk import NetworkMode
     from microagent.workspace.records import published_ports
@@ -164,6 +175,9 @@ def _job(words: tuple[str, ...], opts: dict[str, Any], raw: tuple[str, ...] = ()
     forwards += [Forward.parse(f, flag="--forward", sep=":") for f in opts["forward"]]
     published = published_ports(parse_publishes(opts["publish"]))
     mode = NetworkMode.parse(opts["network"])
+    creds = credentials_with_flags(
+        (), opts["credentials"], opts["credential_upstreams"], spec=False
+    )
     return OneShot(
         command=command,
         image=image,
@@ -179,6 +193,7 @@ def _job(words: tuple[str, ...], opts: dict[str, Any], raw: tuple[str, ...] = ()
         accel=Accel.parse(opts["accel"]) if opts["accel"] else None,
         kernel=opts["kernel"],
         initrd=opts["initrd"],
+        credentials=creds,
     )
 
 

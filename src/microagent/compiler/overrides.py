@@ -163,9 +163,9 @@ def apply_overrides(spec: Spec, o: Overrides) -> Spec:
     return dataclasses.replace(spec, **changes)  # type: ignore[arg-type]
 
 
-def _credential_flags(o: Overrides) -> dict[str, str | None]:
+def _credential_flags(texts: Iterable[str]) -> dict[str, str | None]:
     flags: dict[str, str | None] = {}
-    for text in o.credentials:
+    for text in texts:
         name, source = parse_credential_flag(text)
         if name in flags:
             raise InvalidInputError(f"--credential {name} is given twice")
@@ -174,37 +174,79 @@ def _credential_flags(o: Overrides) -> dict[str, str | None]:
 
 
 def _credentials(spec: Spec, o: Overrides) -> tuple[Credential, ...]:
-    """The spec's credentials with ``--credential`` (a new source; a preset not in the spec
-    is added, with its default source unless one is given) and ``--credential-upstream``
-    applied, checked as a whole again (count, guest variables)."""
-    creds = {c.name: c for c in spec.credentials}
-    for name, source in _credential_flags(o).items():
+    """The spec's credentials with the flags applied (see :func:`credentials_with_flags`)."""
+    return credentials_with_flags(
+        spec.credentials, o.credentials, o.credential_upstreams, spec.env, spec=True
+    )
+
+
+def credentials_with_flags(
+    declared: Iterable[Credential],
+    credentials: Iterable[str],
+    upstreams: Iterable[str],
+    env: Iterable[str] = (),
+    *,
+    spec: bool,
+) -> tuple[Credential, ...]:
+    """``declared`` (a spec's credentials; none for ``run``) with ``--credential`` (a new
+    source; a preset not declared is added, with its default source unless one is given) and
+    ``--credential-upstream`` applied, checked as a whole again (count, and the guest
+    variables against each other and ``env``, the spec's variables). ``spec`` says whether
+    there is a spec that could declare a credential (``run`` takes presets only)."""
+    creds = {c.name: c for c in declared}
+    for name, source in _credential_flags(credentials).items():
         cred = creds.get(name) or PRESETS.get(name)
         if cred is None:
-            raise InvalidInputError(
-                f"--credential {name}: not a preset ({PRESET_LIST}) and not in the spec",
-                hint=f"declare {name!r} under `credentials:` with its upstream, header, "
-                "baseUrlEnv and keyEnv",
-            )
+            raise _not_a_credential(name, spec=spec)
         creds[name] = cred if source is None else dataclasses.replace(cred, source=source)
-    upstreams: set[str] = set()
-    for text in o.credential_upstreams:
+    seen: set[str] = set()
+    for text in upstreams:
         name, url = parse_upstream_flag(text)
         if name not in creds:
             raise InvalidInputError(
                 f"--credential-upstream {name}: no such credential",
-                hint=f"declare it in the spec or pass --credential {name}",
+                hint=f"declare it in the spec or pass --credential {name}"
+                if spec
+                else f"pass --credential {name} too",
             )
-        if name in upstreams:
+        if name in seen:
             raise InvalidInputError(f"--credential-upstream {name} is given twice")
-        upstreams.add(name)
+        seen.add(name)
         creds[name] = dataclasses.replace(creds[name], upstream=url)
     out = tuple(creds.values())
     if len(out) > MAX_CREDENTIALS:
         raise InvalidInputError(f"at most {MAX_CREDENTIALS} credentials (got {len(out)})")
-    for index, _key, message in env_clashes(out, spec.env):
+    for index, _key, message in env_clashes(out, env):
         raise InvalidInputError(f"credential {out[index].name!r}: {message}")
     return out
+
+
+def _not_a_credential(name: str, *, spec: bool) -> InvalidInputError:
+    if spec:
+        return InvalidInputError(
+            f"--credential {name}: not a preset ({PRESET_LIST}) and not in the spec",
+            hint=f"declare {name!r} under `credentials:` with its upstream, header, "
+            "baseUrlEnv and keyEnv",
+        )
+    return InvalidInputError(
+        f"--credential {name}: not a preset ({PRESET_LIST})",
+        hint="run brokers a preset (=SOURCE and --credential-upstream change where its key "
+        "comes from and goes); another API needs a spec that declares it (create)",
+    )
+
+
+def check_runtime_env(credentials: Iterable[Credential], names: Iterable[str]) -> None:
+    """``--env`` may not set a variable a credential sets: the guest would get the value
+    given there instead of the broker's address or the placeholder."""
+    given = set(names)
+    for cred in credentials:
+        for var in (cred.base_url_env, cred.key_env):
+            if var in given:
+                raise InvalidInputError(
+                    f"--env {var}: credential {cred.name!r} sets it (the broker holds the key; "
+                    "the guest gets its address and a placeholder)",
+                    hint=f"drop --env {var}",
+                )
 
 
 def confirm_credentials(spec: Spec, o: Overrides | None) -> None:
@@ -212,7 +254,7 @@ def confirm_credentials(spec: Spec, o: Overrides | None) -> None:
     :attr:`Credential.needs_confirmation`) unless ``--credential NAME`` names them.
 
     ``spec`` is the spec as loaded, before the flags: what a cloned repository asks for."""
-    named = set(_credential_flags(o or Overrides()))
+    named = set(_credential_flags((o or Overrides()).credentials))
     pending = [c for c in spec.credentials if c.needs_confirmation and c.name not in named]
     if not pending:
         return

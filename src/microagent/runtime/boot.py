@@ -20,7 +20,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -276,16 +276,40 @@ def run_once(
     backend: Backend,
     kit: BootFiles,
     on_output: OutputSink | None = None,
+    vm_dir: Path | None = None,
 ) -> GuestResult:
-    """Boot, run the command, power off; the guest's result (VMError on failure)."""
+    """Boot, run the command, power off; the guest's result (VMError on failure). The VM's
+    files go to ``vm_dir`` (default: a scratch directory removed afterwards). With service
+    channels, the host side of the guest agent carries them while the VM runs."""
     began = time.monotonic()
-    with scratch_vm_dir() as tmp:
-        config = prepare(request, kit, Path(tmp))
-        with backend.boot(config) as machine:
-            prepared = time.monotonic() - began
-            result = machine.wait(on_output=on_output)
+    with contextlib.ExitStack() as stack:
+        if vm_dir is None:
+            vm_dir = Path(stack.enter_context(scratch_vm_dir()))
+        config = prepare(request, kit, vm_dir)
+        machine = stack.enter_context(backend.boot(config))
+        if config.services:
+            stack.enter_context(_service_link(config))
+        prepared = time.monotonic() - began
+        result = machine.wait(on_output=on_output)
     timings = {"host.prepare": round(prepared, 3), **result.timings}
     return dataclasses.replace(result, timings=timings)
+
+
+@contextlib.contextmanager
+def _service_link(config: BootConfig) -> Iterator[None]:
+    """The host side of the guest agent for a boot without a supervisor: it carries the
+    service channels' connections to their sockets (and serves exec.sock beside them)."""
+    # deferred: the agent link, only for a boot with service channels
+    from microagent.runtime.agentlink import AgentLink, exec_socket_path
+
+    link = AgentLink(
+        config.agent_socket, exec_socket_path(config.state_dir), services=config.services
+    )
+    link.start()
+    try:
+        yield
+    finally:
+        link.stop()
 
 
 def print_command(request: RunRequest, *, backend: Backend, kit: BootFiles) -> list[str]:

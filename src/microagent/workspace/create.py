@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from microagent.build.pipeline import Pipeline
 from microagent.build.setup import BuiltRootfs
 from microagent.compiler.keys import StepKind
-from microagent.compiler.overrides import RuntimeEnv
+from microagent.compiler.overrides import RuntimeEnv, check_runtime_env
 from microagent.compiler.plan import BuildPlan
 from microagent.compiler.spec import Spec
 from microagent.errors import InvalidInputError
@@ -145,19 +145,6 @@ def _record(
     )
 
 
-def _check_runtime_env(spec: Spec, env: RuntimeEnv) -> None:
-    """``--env`` may not set a variable a credential sets: the guest would get the value
-    given here instead of the broker's address or the placeholder."""
-    for cred in spec.credentials:
-        for var in (cred.base_url_env, cred.key_env):
-            if var in env.values:
-                raise InvalidInputError(
-                    f"--env {var}: credential {cred.name!r} sets it (the broker holds the key; "
-                    "the guest gets its address and a placeholder)",
-                    hint=f"drop --env {var}",
-                )
-
-
 def create(
     pipeline: Pipeline, spaces: Workspaces, spec: Spec, env: RuntimeEnv, forwards: HostForwards
 ) -> CreateReport:
@@ -170,7 +157,7 @@ def create(
             "--host-forward needs a network, but the workspace is isolated",
             hint="drop --host-forward or use --network user",
         )
-    _check_runtime_env(spec, env)
+    check_runtime_env(spec.credentials, env.values)
     with builds_in_flight(pipeline.store):  # a concurrent prune waits until it is recorded
         return _create(pipeline, spaces, spec, env, forwards, name=spec.name, began=began)
 

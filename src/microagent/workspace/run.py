@@ -2,20 +2,38 @@
 
 The image's root filesystem (pulled or reused like a spec's base) is attached read-only, a
 throwaway state disk takes the writes, and the VM is gone when the command ends.
+
+With ``--credential``, the run gets what a workspace's start gets (docs/broker.md): each key is
+read on the host before anything is pulled, a credential gateway (started here, as a
+workspace's supervisor starts it) holds the values, which reach it through a pipe only, and the
+guest gets each broker's address and a placeholder key in the credential's variables. The
+gateway's files (its configuration without a secret, its log, the audit log) live in the run's
+scratch directory and go with it; the gateway stops when the run ends (and dies with this
+process).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from microagent.compiler.credentials import Credential
 from microagent.compiler.files import has_ext_superblock
-from microagent.compiler.overrides import check_flag, check_seconds
+from microagent.compiler.overrides import check_flag, check_runtime_env, check_seconds
 from microagent.errors import InvalidInputError
-from microagent.runtime.backend import Accel, MachineType, NetworkConfig
-from microagent.runtime.boot import RunRequest
+from microagent.runtime.backend import (
+    Accel,
+    Backend,
+    GuestResult,
+    MachineType,
+    NetworkConfig,
+    OutputSink,
+)
+from microagent.runtime.boot import BootFiles, RunRequest, run_once, scratch_vm_dir
 from microagent.runtime.configdisk import NetworkMode
 from microagent.settings import Settings
 
@@ -38,6 +56,7 @@ class OneShot:
     accel: Accel | None = None  # None: the settings' accelerator
     kernel: Path | None = None
     initrd: Path | None = None
+    credentials: tuple[Credential, ...] = ()  # brokered: references only, never a value
 
     def __post_init__(self) -> None:
         if (self.image is None) == (self.rootfs is None) or not self.command:
@@ -62,6 +81,7 @@ class OneShot:
             check_seconds("--timeout", self.timeout)
         if self.rootfs is not None:
             check_rootfs(self.rootfs)
+        check_runtime_env(self.credentials, self.env)
 
 
 def check_rootfs(path: Path) -> None:
@@ -104,3 +124,57 @@ def one_shot_request(job: OneShot, rootfs: Path, settings: Settings) -> RunReque
         accel=job.accel or Accel.parse(settings.accel),
         die_with_parent=True,
     )
+
+
+def read_secrets(job: OneShot) -> dict[str, str]:
+    """Each credential's value, read on the host now (before anything is pulled or booted);
+    InvalidInputError names a missing reference, never a value."""
+    if not job.credentials:
+        return {}
+    # deferred: the broker's modules, only for a run with credentials
+    from microagent.workspace.services import resolve_secrets
+
+    return resolve_secrets(job.credentials)
+
+
+def run_brokered(
+    request: RunRequest,
+    job: OneShot,
+    secrets: Mapping[str, str],
+    *,
+    settings: Settings,
+    backend: Backend,
+    kit: BootFiles,
+    on_output: OutputSink | None = None,
+) -> GuestResult:
+    """Run ``request`` with ``job``'s credentials brokered (see the module docstring)."""
+    if not job.credentials:
+        return run_once(request, backend=backend, kit=kit, on_output=on_output)
+    # deferred: the broker's modules (TLS, HTTP), only for a run with credentials
+    from microagent.runtime.gatewayproc import GatewayProcess
+    from microagent.workspace.services import plan_services, secrets_pipe
+
+    with scratch_vm_dir() as tmp:
+        vm_dir = Path(tmp)
+        services = plan_services(
+            job.credentials,
+            (),
+            vm_dir=vm_dir,
+            run_dir=vm_dir,
+            port_base=settings.service_port_base,
+            cafile=settings.extra_ca_file(),
+        )
+        assert services.gateway is not None  # there are credentials
+        request = dataclasses.replace(
+            request, env={**request.env, **services.env}, services=services.channels
+        )
+        gateway = GatewayProcess(services.gateway, vm_dir)
+        try:
+            stdin = secrets_pipe(secrets)
+            try:
+                gateway.start(stdin=stdin)
+            finally:
+                os.close(stdin)
+            return run_once(request, backend=backend, kit=kit, on_output=on_output, vm_dir=vm_dir)
+        finally:
+            gateway.stop()

@@ -1,0 +1,309 @@
+"""`run --credential/--credential-upstream` with the fake backend: a one-shot command reaches
+the model API through a host-side broker, as a workspace's does, and the key never enters the
+guest, its files or a log; bad flags are refused (exit 2) before anything is pulled or booted.
+
+The fake guest's "command" is played here: while the machine runs, it calls the base URL its
+environment names (the guest agent's stand-in listens there on the host and carries the
+connection over the agent port, as ``ma-agent`` does in a VM).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from microagent.cli import main
+from microagent.compiler.files import EXT_MAGIC, EXT_MAGIC_OFFSET
+from microagent.runtime import backends
+from microagent.runtime.backend import Backend, BootConfig, GuestResult, OutputSink
+from microagent.runtime.fake import FakeBackend, FakeMachine, FakeOutcome
+from microagent.workspace.services import PLACEHOLDER
+from testenv.agent_standin import standin_argv
+from testenv.clitools import cli_json as cli
+from testenv.ports import free_port
+from testenv.upstream import Upstream
+
+SENTINEL = "sk-ant-run-" + secrets.token_hex(12)
+
+
+@dataclass
+class Seen:
+    """What the fake guest's command saw and did while its machine ran."""
+
+    env: dict[str, str] = field(default_factory=dict)
+    reply: bytes = b""
+    vm_dir: Path | None = None
+    files: dict[str, bytes] = field(default_factory=dict)  # the run's files, by name
+    argv_leaks: list[str] = field(default_factory=list)  # command lines naming the key
+
+
+class CallingMachine:
+    """A fake machine whose command calls the model (``ANTHROPIC_BASE_URL``) before it exits."""
+
+    def __init__(self, machine: FakeMachine, seen: Seen) -> None:
+        self.machine, self.seen = machine, seen
+
+    def __enter__(self) -> CallingMachine:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.machine.shutdown()
+
+    def wait(
+        self, timeout: float | None = None, on_output: OutputSink | None = None
+    ) -> GuestResult:
+        env = dict(self.machine.run_config.env)
+        self.seen.env, self.seen.vm_dir = env, self.machine.config.state_dir
+        url = env.get("ANTHROPIC_BASE_URL")
+        if url:
+            port = urlsplit(url).port
+            assert port is not None, url
+            self.seen.reply = post(port, "/v1/messages", env.get("ANTHROPIC_API_KEY", ""))
+            audit = self.machine.config.state_dir / "audit.jsonl"
+            until(lambda: audit.is_file() and audit.read_bytes().endswith(b"\n"))
+        self.seen.argv_leaks = processes_naming(SENTINEL)  # the gateway's among them
+        files = [p for p in self.machine.config.state_dir.iterdir() if p.is_file()]
+        # the throwaway state disk is sparse and large (the guest's writes); not read here
+        self.seen.files = {p.name: p.read_bytes() for p in files if p.name != "state.ext4"}
+        return self.machine.wait(timeout, on_output)
+
+
+class CallingGuest(FakeBackend):
+    def __init__(self, seen: Seen) -> None:
+        super().__init__(lambda _run: FakeOutcome(stdout="called\n", agent=tuple(standin_argv())))
+        self.seen = seen
+
+    def boot(self, config: BootConfig, *, incoming: bool = False) -> Any:
+        return CallingMachine(super().boot(config, incoming=incoming), self.seen)
+
+
+def until(done: Any, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() > deadline:
+            pytest.fail("gave up waiting")
+        time.sleep(0.02)
+
+
+def post(port: int, path: str, key: str) -> bytes:
+    """A model SDK's call: the placeholder key in its header, to the guest's loopback port."""
+
+    def listening() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    until(listening)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nx-api-key: {key}\r\n"
+            "Content-Length: 2\r\nConnection: close\r\n\r\nhi".encode()
+        )
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+@pytest.fixture
+def home(fake_backend: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MICROAGENT_HOME", str(tmp_path / "home"))
+    port = next(p for p in iter(free_port, None) if p <= 65519)  # a service port base
+    monkeypatch.setenv("MICROAGENT_SERVICE_PORT_BASE", str(port))  # the broker's guest port
+    monkeypatch.setenv("ANTHROPIC_API_KEY", SENTINEL)
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def rootfs(tmp_path: Path) -> Path:
+    """The smallest file that passes run's ext4 check (the fake backend boots nothing)."""
+    data = bytearray(4096)
+    data[EXT_MAGIC_OFFSET : EXT_MAGIC_OFFSET + len(EXT_MAGIC)] = EXT_MAGIC
+    path = tmp_path / "root.ext4"
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.fixture
+def seen(home: Path, monkeypatch: pytest.MonkeyPatch) -> Seen:
+    """The fake backend's guest calls the model; what it saw is returned."""
+    seen = Seen()
+
+    def factory(_probes: Path | None, _outcome: str | None) -> Backend:
+        return CallingGuest(seen)
+
+    monkeypatch.setitem(backends.BACKENDS, "fake", factory)
+    return seen
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    with Upstream(reply=b'{"type":"message"}') as server:
+        yield server
+
+
+def processes_naming(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            words = cmdline.read_bytes()
+        except OSError:
+            continue
+        if text.encode() in words:
+            found.append(words.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+def run_args(rootfs: Path, *flags: str) -> list[str]:
+    return ["run", *flags, "--rootfs", str(rootfs), "--", "python3", "agent.py"]
+
+
+def test_the_command_reaches_the_model_through_the_broker_and_never_holds_the_key(
+    seen: Seen,
+    upstream: Upstream,
+    rootfs: Path,
+    home: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    target = f"anthropic=http://127.0.0.1:{upstream.port}/api"
+    flags = ("--credential", "anthropic", "--credential-upstream", target)
+    done = cli(capsys, *run_args(rootfs, *flags, "-e", "MODE=test"))
+    assert (done["ok"], done["result"]["exitCode"], done["result"]["stdout"]) == (
+        True,
+        0,
+        "called\n",
+    )
+    port = os.environ["MICROAGENT_SERVICE_PORT_BASE"]
+    assert urlsplit(seen.env["ANTHROPIC_BASE_URL"]).netloc == f"127.0.0.1:{port}"
+    assert seen.env["ANTHROPIC_API_KEY"] == PLACEHOLDER and seen.env["MODE"] == "test"
+    assert SENTINEL not in json.dumps(seen.env)
+    assert seen.reply.startswith(b"HTTP/1.1 200") and seen.reply.endswith(b'{"type":"message"}')
+    (request,) = upstream.requests
+    assert (request.path, request.headers["x-api-key"]) == ("/api/v1/messages", SENTINEL)
+    entry = json.loads(seen.files["audit.jsonl"].splitlines()[0])
+    assert (entry["credential"], entry["path"], entry["status"]) == (
+        "anthropic",
+        "/api/v1/messages",
+        200,
+    )
+    assert seen.argv_leaks == []
+    for name, data in seen.files.items():  # config disk, gateway config and log, audit, ...
+        assert SENTINEL.encode() not in data, name
+    assert {"gateway.json", "gateway.log", "config.tar"} <= set(seen.files)
+    assert seen.vm_dir is not None and not seen.vm_dir.exists()  # the scratch dir went
+    assert processes_naming(str(seen.vm_dir)) == []  # and so did the gateway
+    leaks = [p for p in home.rglob("*") if p.is_file() and SENTINEL.encode() in p.read_bytes()]
+    assert leaks == []
+
+
+def test_without_credentials_the_guest_gets_no_broker(
+    seen: Seen, rootfs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cli(capsys, *run_args(rootfs))
+    assert "ANTHROPIC_BASE_URL" not in seen.env and "gateway.json" not in seen.files
+    assert seen.env.get("ANTHROPIC_API_KEY") is None  # nothing of the host's shell either
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--credential", f"anthropic={SENTINEL}"], ("not the key itself", "env:VAR")),
+        (
+            ["--credential", "nobody"],
+            (
+                "--credential nobody: not a preset (anthropic, openai, gemini)",
+                "run brokers a preset",
+            ),
+        ),
+        (["--credential", "Bad Name"], ("invalid credential name", "lowercase letters")),
+        (["--credential", "openai", "--credential", "openai"], ("given twice", "")),
+        (
+            ["--credential-upstream", "anthropic=https://example.com"],
+            (
+                "--credential-upstream anthropic: no such credential",
+                "pass --credential anthropic too",
+            ),
+        ),
+        (
+            ["--credential", "anthropic", "--credential-upstream", "anthropic=http://example.com"],
+            ("plain http is only for a loopback host", "use https"),
+        ),
+        (["--credential-upstream", "anthropic"], ("expected NAME=URL", "")),
+        (
+            ["--credential", "anthropic", "-e", "ANTHROPIC_BASE_URL=http://x"],
+            ("--env ANTHROPIC_BASE_URL: credential 'anthropic' sets it", "drop --env"),
+        ),
+        (
+            ["--credential", "anthropic", "-e", "ANTHROPIC_API_KEY"],
+            ("--env ANTHROPIC_API_KEY: credential 'anthropic' sets it", ""),
+        ),
+    ],
+    ids=lambda v: " ".join(v).replace(SENTINEL, "KEY") if isinstance(v, list) else "",
+)
+def test_bad_credential_flags_are_refused_before_anything_runs(
+    seen: Seen,
+    rootfs: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    expected: tuple[str, str],
+) -> None:
+    failed = cli(capsys, *run_args(rootfs, *flags), code=2)
+    error, (message, hint) = failed["error"], expected
+    assert message in error["message"] and hint in (error.get("hint") or "")
+    assert SENTINEL not in json.dumps(failed)
+    home = Path(os.environ["MICROAGENT_HOME"])
+    assert seen.env == {} and not home.exists()  # nothing booted, nothing pulled or stored
+
+
+def test_a_missing_key_fails_before_the_image_is_pulled(
+    seen: Seen, home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    failed = cli(
+        capsys, "run", "--credential", "anthropic", "oci:nowhere:latest", "--", "x", code=2
+    )
+    assert "credential 'anthropic'" in failed["error"]["message"]
+    assert "env:ANTHROPIC_API_KEY" in failed["error"]["message"]
+    assert seen.env == {}  # never booted; and the pull's own error did not come first
+
+
+def test_a_changed_destination_is_said_and_print_command_reads_no_key(
+    seen: Seen,
+    rootfs: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Like create: where a key that is not a stock preset's goes is said on stderr."""
+    flags: tuple[str, ...] = ("--credential", "anthropic=env:MA_NO_SUCH_KEY")
+    flags += ("--credential-upstream", "anthropic=http://127.0.0.1:9")
+    capsys.readouterr()
+    assert main(run_args(rootfs, *flags)) == 2
+    err = capsys.readouterr().err
+    assert "credential anthropic: env:MA_NO_SUCH_KEY -> http://127.0.0.1:9" in err
+    assert "error: credential 'anthropic': credential source env:MA_NO_SUCH_KEY" in err
+    shown = cli(capsys, "run", *flags, "--print-command", "--rootfs", str(rootfs), "--", "x")
+    assert shown["ok"] is True and seen.env == {}
+
+
+def test_env_with_an_sdk_key_warns(
+    seen: Seen, rootfs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    assert main(["--json", *run_args(rootfs, "-e", "OPENAI_API_KEY=sk-x")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --env OPENAI_API_KEY puts the key inside the guest" in err
+    assert "--credential openai" in err and "sk-x" not in err
+    assert seen.env["OPENAI_API_KEY"] == "sk-x"  # still given: a warning, as on create
