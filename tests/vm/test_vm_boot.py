@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import secrets
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from microagent.runtime.boot import RunRequest, prepare
 from microagent.runtime.configdisk import GuestFile, Output
 from microagent.runtime.qemu import QemuBackend
 from microagent.store.content import Store
+from testenv.upstream import Upstream
 
 pytestmark = pytest.mark.vm
 
@@ -214,3 +216,36 @@ def test_background_children_do_not_hold_the_run_open(run_vm: RunVM) -> None:
     result = run_vm("sh", "-c", "sleep 300 & echo started-bg")
     assert result.exit_code == 0 and result.stdout == "started-bg\n"
     assert time.monotonic() - began < 30
+
+
+def test_cli_run_with_a_credential_reaches_the_upstream_through_the_broker(
+    rootfs: Path,
+    runtime_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`run --credential`: the guest's command calls its base URL (busybox wget, over the
+    guest agent's service channel to the gateway the CLI started), the upstream gets the key,
+    the guest sees only the placeholder."""
+    secret = "sk-ant-" + secrets.token_hex(16)
+    monkeypatch.setenv("MICROAGENT_HOME", str(runtime_home))
+    monkeypatch.setenv("ANTHROPIC_API_KEY", secret)
+    script = (
+        'echo "key=$ANTHROPIC_API_KEY"; '
+        'wget -q -O - --header "x-api-key: $ANTHROPIC_API_KEY" '
+        '--post-data "{\\"ping\\":1}" "$ANTHROPIC_BASE_URL/v1/messages"'
+    )
+    with Upstream(reply=b'{"type":"message","from":"upstream"}') as upstream:
+        code = main(
+            ["run", "--rootfs", str(rootfs), "--network", "isolated",
+             "--credential", "anthropic",
+             "--credential-upstream", f"anthropic=http://127.0.0.1:{upstream.port}",
+             "--", "sh", "-c", script]
+        )  # fmt: skip
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert '"from":"upstream"' in out
+        assert secret not in out and "key=" in out
+        assert [r.path for r in upstream.requests] == ["/v1/messages"]
+        assert upstream.requests[0].headers["x-api-key"] == secret
+        assert upstream.requests[0].body == b'{"ping":1}'
