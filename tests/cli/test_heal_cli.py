@@ -7,11 +7,9 @@ is half-written, with every process of it. Real supervisors, fake backend.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +24,8 @@ from microagent.runner import ProcessIdentity
 from microagent.workspace.lifecycle import leftovers
 from microagent.workspace.records import Workspace
 from testenv.clitools import cli_json as cli
+from testenv.ports import free_port_pair
+from testenv.supervised import end_leftovers
 
 HANG_WITH_VMM = {"hang": True, "process": ["sleep", "600"]}
 
@@ -44,37 +44,18 @@ def text(capsys: pytest.CaptureFixture[str], *args: str, code: int = 0) -> str:
     return capsys.readouterr().out
 
 
-def _free_port_base() -> int:
-    """Two free consecutive loopback ports for the gateway's service channels."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        if base > 65000:
-            continue
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", base))
-                b.bind(("127.0.0.1", base + 1))
-            return base
-        except OSError:
-            continue
-    pytest.fail("no two free consecutive loopback ports in 50 tries")
-
-
 @pytest.fixture
 def project(
     busybox_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Path]:
     monkeypatch.setenv("MICROAGENT_FAKE", json.dumps(HANG_WITH_VMM))
-    monkeypatch.setenv("MICROAGENT_SERVICE_PORT_BASE", str(_free_port_base()))
+    base = free_port_pair()
+    if base is None:
+        pytest.fail("no two free consecutive loopback ports in 50 tries")
+    monkeypatch.setenv("MICROAGENT_SERVICE_PORT_BASE", str(base))
     monkeypatch.setenv("MA_HEAL_SECRET", "sk-heal-not-a-real-key")
     yield busybox_project
-    for path in (tmp_path / "home").glob("workspaces/*"):
-        for process in leftovers(Workspace(path)):
-            with contextlib.suppress(Exception):
-                os.kill(process.pid, signal.SIGCONT)
-                runner.kill_process(process)
+    end_leftovers(tmp_path / "home")
 
 
 def workspace(name: str) -> Workspace:

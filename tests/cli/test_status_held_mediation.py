@@ -6,10 +6,7 @@ is asked at the moment the template's boot is ready (before its snapshot)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,26 +14,21 @@ from typing import Any
 
 import pytest
 
-from microagent import runner
 from microagent.api import Microagent
 from microagent.settings import Settings
 from microagent.workspace import templates
-from microagent.workspace.lifecycle import HELD_DETAIL, leftovers
+from microagent.workspace.lifecycle import HELD_DETAIL
 from microagent.workspace.records import Workspace
 from testenv.agent_standin import standin_argv
 from testenv.clitools import cli_json as cli
 from testenv.ports import free_ports
+from testenv.supervised import end_leftovers
 
 
 @pytest.fixture
 def project(busybox_project: Path, tmp_path: Path) -> Iterator[Path]:
     yield busybox_project
-    home = tmp_path / "home" / "workspaces"
-    for root in home.iterdir() if home.is_dir() else ():
-        for process in leftovers(Workspace(root)):
-            with contextlib.suppress(Exception):
-                os.kill(process.pid, signal.SIGCONT)
-                runner.kill_process(process)
+    end_leftovers(tmp_path / "home")
 
 
 def test_status_says_the_mediation_is_held_while_a_template_is_made(

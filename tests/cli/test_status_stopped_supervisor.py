@@ -19,10 +19,10 @@ import pytest
 from microagent import runner
 from microagent.cli import main
 from microagent.runner import ProcessIdentity
-from microagent.workspace.lifecycle import leftovers
 from microagent.workspace.records import Workspace
 from testenv.agent_standin import standin_argv
 from testenv.clitools import cli_json as cli
+from testenv.supervised import end_leftovers
 
 
 @pytest.fixture
@@ -31,12 +31,7 @@ def project(
 ) -> Iterator[Path]:
     monkeypatch.setenv("MICROAGENT_FAKE", json.dumps({"hang": True, "agent": standin_argv()}))
     yield busybox_project
-    home = tmp_path / "home" / "workspaces"
-    for root in home.iterdir() if home.is_dir() else ():
-        for process in leftovers(Workspace(root)):
-            with contextlib.suppress(Exception):
-                os.kill(process.pid, signal.SIGCONT)
-                runner.kill_process(process)
+    end_leftovers(tmp_path / "home")
 
 
 def until(check: Callable[[], bool], what: str, timeout: float = 30) -> None:

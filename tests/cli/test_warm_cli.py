@@ -10,10 +10,8 @@ corrupt or mismatched template: a visible notice and a cold boot; ``--env`` with
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import socket
 import sys
 import time
@@ -23,14 +21,13 @@ from typing import Any
 
 import pytest
 
-from microagent import runner
 from microagent.fsutil import flocked
 from microagent.store.content import Store
-from microagent.workspace.lifecycle import leftovers
 from microagent.workspace.records import Workspace
 from testenv.agent_standin import standin_argv
 from testenv.clitools import cli_json as cli
 from testenv.ports import free_ports
+from testenv.supervised import end_leftovers
 
 SPEC = "name: {name}\nimage: oci:layout:latest\nentrypoint: sleep 600\n{extra}"
 
@@ -41,12 +38,7 @@ def project(
 ) -> Iterator[Path]:
     monkeypatch.setenv("MICROAGENT_FAKE", json.dumps({"hang": True, "agent": standin_argv()}))
     yield busybox_project
-    home = tmp_path / "home" / "workspaces"
-    for root in home.iterdir() if home.is_dir() else ():
-        for process in leftovers(Workspace(root)):
-            with contextlib.suppress(Exception):
-                os.kill(process.pid, signal.SIGCONT)
-                runner.kill_process(process)
+    end_leftovers(tmp_path / "home")
 
 
 def spec(project: Path, name: str, extra: str = "") -> str:

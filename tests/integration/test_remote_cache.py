@@ -8,16 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from microagent.build.base import pull_base
-from microagent.cli import main
 from microagent.compiler.refs import parse_image_ref
 from microagent.errors import RegistryError
 from microagent.oci.endpoints import RegistryConfig
@@ -25,6 +21,7 @@ from microagent.oci.registry import RegistryClient
 from microagent.remotecache.records import rootfs_tag, step_tag
 from microagent.runner import run as run_tool
 from microagent.store.content import Store
+from testenv.clitools import TwoHomes
 from testenv.fakeguest import rootfs_image, setup_markers, step_layer_files
 from testenv.prereq import require_tools
 from testenv.registry import RegistryHandle, start_registry
@@ -36,27 +33,9 @@ SPEC_ENV_VALUE = "spec-only-value-5521"
 SETUP = ["mkdir -p /workspace", "echo one > /workspace/one", "echo two > /workspace/two"]
 
 
-@dataclass
-class Machines:
-    """Two homes on one host, and the project both check out."""
-
-    a: Path
-    b: Path
-    project: Path
-    monkeypatch: pytest.MonkeyPatch
-    capsys: pytest.CaptureFixture[str]
-
-    @property
-    def spec(self) -> str:
-        return str(self.project / "microagent.yaml")
-
-    def cli(self, home: Path, *args: str, code: int = 0) -> dict[str, Any]:
-        self.monkeypatch.setenv("MICROAGENT_HOME", str(home))
-        self.capsys.readouterr()
-        got = main(["--json", *args])
-        captured = self.capsys.readouterr()
-        assert got == code, captured.out + captured.err
-        return json.loads(captured.out) if captured.out.strip() else {}
+class Machines(TwoHomes):
+    """Two homes on one host, and the project both check out (its spec has a file, an env
+    value and outputs besides the setup)."""
 
     def write_spec(self, setup: list[str]) -> None:
         (self.project / "microagent.yaml").write_text(
@@ -87,16 +66,6 @@ def machines(
 def _repo(registry: RegistryHandle, request: pytest.FixtureRequest) -> str:
     name = request.node.name.lower().replace("_", "-").strip("-")[:60]
     return f"{registry.host}/team/{name}"
-
-
-def _wait_stopped(machines: Machines, home: Path, name: str) -> str:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        state = str(machines.cli(home, "status", name)["event"]["state"])
-        if state in ("stopped", "failed"):
-            return state
-        time.sleep(0.1)
-    pytest.fail(f"{name} never stopped")
 
 
 def _blob_data(registry: RegistryHandle, digest: str) -> Path:
@@ -137,7 +106,7 @@ def test_machine_b_creates_from_machine_a_push_without_setup_boots(
 
     assert setup_markers(rootfs_image(machines.b, created["rootfsKey"])) == sorted(SETUP)
     machines.cli(machines.b, "start", "ws")
-    assert _wait_stopped(machines, machines.b, "ws") == "stopped"
+    assert machines.wait_stopped(machines.b, "ws", timeout=20) == "stopped"
 
     again = machines.cli(machines.b, "create", "-f", machines.spec, "--name", "ws2")
     assert (again["setupBoots"], again["rootfsKey"]) == (0, built["rootfsKey"])

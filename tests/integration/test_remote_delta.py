@@ -16,15 +16,11 @@ import io
 import json
 import re
 import tarfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import zstandard
 
-from microagent.cli import main
 from microagent.compiler.refs import parse_image_ref
 from microagent.ext4.rootfs import build_rootfs
 from microagent.layers.apply import stored_layers
@@ -33,6 +29,7 @@ from microagent.oci.registry import RegistryClient
 from microagent.remotecache.records import STEP_ANNOTATION, step_tag
 from microagent.store.content import Store
 from microagent.store.records import read_record
+from testenv.clitools import TwoHomes
 from testenv.fakeguest import rootfs_image, setup_markers
 from testenv.faultproxy import FaultProxy
 from testenv.registry import RegistryHandle
@@ -44,26 +41,7 @@ SETUP = ["mkdir -p /workspace", "echo two > /workspace/two"]
 ZSTD_LAYER = "application/vnd.oci.image.layer.v1.tar+zstd"
 
 
-@dataclass
-class Homes:
-    a: Path
-    b: Path
-    project: Path
-    monkeypatch: pytest.MonkeyPatch
-    capsys: pytest.CaptureFixture[str]
-
-    @property
-    def spec(self) -> str:
-        return str(self.project / "microagent.yaml")
-
-    def cli(self, home: Path, *args: str, code: int = 0) -> dict[str, Any]:
-        self.monkeypatch.setenv("MICROAGENT_HOME", str(home))
-        self.capsys.readouterr()
-        got = main(["--json", *args])
-        captured = self.capsys.readouterr()
-        assert got == code, captured.out + captured.err
-        return json.loads(captured.out) if captured.out.strip() else {}
-
+class Homes(TwoHomes):
     def write_spec(self, setup: list[str]) -> None:
         (self.project / "microagent.yaml").write_text(
             f"name: ws\nimage: oci:layout:latest\nsetup: {json.dumps(setup)}\nentrypoint: echo hi\n"
@@ -120,16 +98,6 @@ def _flattened_tree(home: Path, key: str, tmp_path: Path) -> dict[str, tuple[obj
     return image_tree(path)
 
 
-def _wait_stopped(homes: Homes, home: Path, name: str) -> str:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        state = str(homes.cli(home, "status", name)["event"]["state"])
-        if state in ("stopped", "failed"):
-            return state
-        time.sleep(0.1)
-    pytest.fail(f"{name} never stopped")
-
-
 def test_delta_hit_fetches_only_the_missing_layer_and_derives(
     homes: Homes,
     registry: RegistryHandle,
@@ -165,7 +133,7 @@ def test_delta_hit_fetches_only_the_missing_layer_and_derives(
     verified = homes.cli(homes.b, "cache", "verify")
     assert verified["problems"] == [], verified
     homes.cli(homes.b, "start", "ws")
-    assert _wait_stopped(homes, homes.b, "ws") == "stopped"
+    assert homes.wait_stopped(homes.b, "ws", timeout=30) == "stopped"
 
 
 def _tar(members: list[tuple[str, bytes, bytes]]) -> bytes:

@@ -28,12 +28,11 @@ from microagent.runtime.agentlink import (
 from microagent.runtime.agentproto import (
     GUEST_CHANNEL_BASE,
     ExecRequest,
-    Frame,
-    FrameReader,
     FrameType,
     encode,
     encode_json,
 )
+from testenv.framepeer import FramePeer, VmmSocket, exec_client
 
 TIMEOUT = 10.0
 MED = GUEST_CHANNEL_BASE + 100
@@ -41,49 +40,11 @@ GUEST_PORT = 2048
 HELLO = encode_json(0, FrameType.HELLO, {"protocol": 1, "agent": "hostile", "version": "1"})
 
 
-class Peer:
-    """One end of a frame connection, read with a deadline."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.sock.settimeout(TIMEOUT)
-        self.reader = FrameReader()
-        self.frames: list[Frame] = []
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def next(self) -> Frame:
-        while not self.frames:
-            data = self.sock.recv(1 << 16)
-            if not data:
-                raise EOFError("the peer closed the connection")
-            self.frames += self.reader.feed(data)
-        return self.frames.pop(0)
-
-    def expect(self, kind: FrameType) -> Frame:
-        frame = self.next()
-        assert frame.type is kind, frame
-        return frame
-
-    def silent(self, seconds: float = 0.3) -> bool:
-        self.sock.settimeout(seconds)
-        try:
-            return not self.frames and not self.sock.recv(1 << 16, socket.MSG_PEEK)
-        except TimeoutError:
-            return True
-        finally:
-            self.sock.settimeout(TIMEOUT)
-
-
 class Guest:
     """The VMM's agent socket and the link that connects to it (held mediation target)."""
 
     def __init__(self, vm_dir: Path) -> None:
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(vm_dir / "agent.sock"))
-        self.listener.listen(1)
-        self.listener.settimeout(TIMEOUT)
+        self.vmm = VmmSocket(vm_dir / "agent.sock", TIMEOUT)
         self.ready: list[str] = []
         self.held: list[int] = []
         self.link = AgentLink(
@@ -94,22 +55,17 @@ class Guest:
             on_held=self.held.append,
         ).start()
 
-    def accept(self) -> Peer:
-        conn, _ = self.listener.accept()
-        peer = Peer(conn)
-        assert peer.expect(FrameType.HELLO).json() == {"protocol": 1}
-        return peer
+    def accept(self) -> FramePeer:
+        return self.vmm.accept()
 
-    def exec_works(self, guest: Peer) -> None:
+    def exec_works(self, guest: FramePeer) -> None:
         """An exec client still reaches the guest and gets its output back."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(str(self.link.exec_socket))
-        client = Peer(sock)
+        client = exec_client(self.link.exec_socket, TIMEOUT)
         client.send(encode_json(CLIENT_CHANNEL, FrameType.EXEC, ExecRequest(("x",)).to_json()))
         channel = guest.expect(FrameType.EXEC).channel
         guest.send(encode(channel, FrameType.STDOUT, b"still here"))
         assert client.expect(FrameType.STDOUT).payload == b"still here"
-        sock.close()
+        client.sock.close()
 
 
 @pytest.fixture

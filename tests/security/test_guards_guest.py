@@ -28,6 +28,7 @@ from microagent.cli import main
 from microagent.runtime import control
 from microagent.runtime.control import BEGIN_MARKER, END_MARKER, ControlChannel, SerialStream
 from testenv.clitools import cli_json as cli
+from testenv.clitools import run_fake_guest
 
 MiB = 1 << 20
 
@@ -50,13 +51,7 @@ def run_guest(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, project: Path, **fake: Any
 ) -> None:
     """Create ``ws`` and run it once with the fake guest reporting ``fake``; wait for the end."""
-    cli(capsys, "create", "-f", str(project / "microagent.yaml"))
-    monkeypatch.setenv("MICROAGENT_FAKE", json.dumps(fake))
-    cli(capsys, "start", "ws")
-    deadline = time.monotonic() + 30
-    while cli(capsys, "status", "ws")["event"]["state"] not in ("stopped", "failed"):
-        assert time.monotonic() < deadline, "the workspace never stopped"
-        time.sleep(0.1)
+    run_fake_guest(capsys, monkeypatch, project / "microagent.yaml", fake, timeout=30)
 
 
 def text(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:

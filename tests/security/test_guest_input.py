@@ -50,6 +50,7 @@ from microagent.runtime.control import (
 from microagent.runtime.qemu import QemuMachine, build_argv
 from microagent.runtime.rundir import RunDir
 from testenv.clitools import cli_json as cli
+from testenv.clitools import run_fake_guest
 
 PINNED = "python:3.13-slim@sha256:" + "12" * 32
 DEEP = "[" * 100_000
@@ -92,13 +93,7 @@ def run_guest(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, project: Path, **fake: Any
 ) -> None:
     """Create ``ws`` and run it once with the fake guest doing ``fake``; wait for the end."""
-    cli(capsys, "create", "-f", str(project / "microagent.yaml"))
-    monkeypatch.setenv("MICROAGENT_FAKE", json.dumps(fake))
-    cli(capsys, "start", "ws")
-    deadline = time.monotonic() + 20
-    while cli(capsys, "status", "ws")["event"]["state"] not in ("stopped", "failed"):
-        assert time.monotonic() < deadline, "the workspace never stopped"
-        time.sleep(0.1)
+    run_fake_guest(capsys, monkeypatch, project / "microagent.yaml", fake, timeout=20)
 
 
 # -- 1. whole-string names -----------------------------------------------------------------------

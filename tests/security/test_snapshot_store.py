@@ -11,22 +11,18 @@ a fake state; ``cp`` writes the real ext4 state disk with debugfs), as tests/cli
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from microagent import runner
 from microagent.runtime import snapshot
-from microagent.workspace.lifecycle import leftovers
-from microagent.workspace.records import Workspace
 from testenv.agent_standin import standin_argv
 from testenv.clitools import cli_json as cli
+from testenv.supervised import end_leftovers
 
 
 @pytest.fixture
@@ -36,12 +32,7 @@ def home(busybox_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         "name: maker\nimage: oci:layout:latest\nentrypoint: sleep 600\n"
     )
     yield tmp_path / "home"
-    spaces = tmp_path / "home" / "workspaces"
-    for root in spaces.iterdir() if spaces.is_dir() else ():
-        for process in leftovers(Workspace(root)):
-            with contextlib.suppress(Exception):
-                os.kill(process.pid, signal.SIGCONT)
-                runner.kill_process(process)
+    end_leftovers(tmp_path / "home")
 
 
 def published(folder: Path) -> dict[str, tuple[int, int, int, str]]:

@@ -20,11 +20,9 @@ from broker_fakes import KEY, Upstream, credential, request, serve_upstream
 
 from microagent import runner
 from microagent.broker.gateway import MAX_RESTARTS, GatewayConfig
-from microagent.cli import main
 from microagent.runtime.gatewayproc import GatewayProcess
-from testenv.agent_standin import standin_argv
 from testenv.clitools import cli_json as cli
-from testenv.prereq import unavailable
+from testenv.supervised import standin_home
 
 WAIT = 30.0  # generous: the machine may be loaded
 WORKER = re.compile(r"^gateway: worker (\d+) serving$", re.MULTILINE)
@@ -170,35 +168,11 @@ def test_a_worker_that_keeps_dying_makes_the_gateway_give_up(gateway: Watched) -
 WORKSPACE = "regateway"
 
 
-def _free_port_base() -> int:
-    """Two free consecutive loopback ports (the stand-in agent listens on the host)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        if base > 65000:
-            continue
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", base))
-                b.bind(("127.0.0.1", base + 1))
-            return base
-        except OSError:
-            continue
-    return unavailable("no two free consecutive loopback ports in 50 tries")
-
-
 @pytest.fixture
 def home(busybox_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    home = tmp_path / "home"
-    monkeypatch.setenv("MICROAGENT_SERVICE_PORT_BASE", str(_free_port_base()))
-    monkeypatch.setenv("MICROAGENT_FAKE", json.dumps({"hang": True, "agent": standin_argv()}))
     monkeypatch.setenv("MA_UNIT_REGATEWAY", KEY)
-    yield home
-    for path in home.glob("workspaces/*/runtime/runtime.json"):
-        pid = json.loads(path.read_text()).get("supervisorPid")
-        if isinstance(pid, int) and runner.pid_alive(pid):
-            main(["halt", WORKSPACE])
+    with standin_home(tmp_path / "home", monkeypatch, halt=WORKSPACE) as home:
+        yield home
 
 
 def _post(port: int) -> bytes:

@@ -36,7 +36,6 @@ from microagent.runtime.agentproto import (
     WINDOW,
     ExecRequest,
     Frame,
-    FrameReader,
     FrameType,
     encode,
     encode_json,
@@ -46,6 +45,7 @@ from microagent.runtime.backend import ServiceChannel
 from microagent.runtime.boot import RunRequest, prepare
 from microagent.runtime.fake import FakeBackend, FakeOutcome
 from microagent.store.content import Store
+from testenv.framepeer import FramePeer, VmmSocket, exec_client
 from testenv.ports import free_ports
 from testenv.prereq import tool_missing
 
@@ -53,66 +53,12 @@ TIMEOUT = 5.0
 HELLO = encode_json(0, FrameType.HELLO, {"protocol": 1, "agent": "scripted", "version": "1"})
 
 
-class Peer:
-    """One end of a frame connection, read with a deadline."""
+class Vmm(VmmSocket):
+    """The VMM's side of the agent port, answering as the scripted guest."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.sock.settimeout(TIMEOUT)
-        self.reader = FrameReader()
-        self.frames: list[Frame] = []
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def next(self) -> Frame:
-        while not self.frames:
-            data = self.sock.recv(1 << 16)
-            if not data:
-                raise EOFError("the peer closed the connection")
-            self.frames += self.reader.feed(data)
-        return self.frames.pop(0)
-
-    def expect(self, kind: FrameType) -> Frame:
-        frame = self.next()
-        assert frame.type is kind, frame
-        return frame
-
-    def closed(self) -> bool:
-        """Whether the peer closes the connection (nothing else arrives first)."""
-        try:
-            frame = self.next()
-        except EOFError:
-            return True
-        raise AssertionError(f"unexpected {frame}")
-
-    def silent(self, seconds: float = 0.3) -> bool:
-        self.sock.settimeout(seconds)
-        try:
-            return not self.frames and not self.sock.recv(1 << 16, socket.MSG_PEEK)
-        except TimeoutError:
-            return True
-        finally:
-            self.sock.settimeout(TIMEOUT)
-
-
-class Vmm:
-    """The VMM's side of the agent port: a unix socket the link connects to."""
-
-    def __init__(self, path: Path) -> None:
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(path))
-        self.listener.listen(1)
-        self.listener.settimeout(TIMEOUT)
-
-    def guest(self, *, hello: bool = True) -> Peer:
+    def guest(self, *, hello: bool = True) -> FramePeer:
         """Accept the link's connection; read its HELLO and (by default) answer it."""
-        conn, _ = self.listener.accept()
-        guest = Peer(conn)
-        assert guest.expect(FrameType.HELLO).json() == {"protocol": 1}
-        if hello:
-            guest.send(HELLO)
-        return guest
+        return self.accept(HELLO if hello else None)
 
 
 @pytest.fixture
@@ -134,12 +80,10 @@ class Harness:
             **kwargs,  # type: ignore[arg-type]
         ).start()
 
-    def client(self) -> Peer:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(str(self.link.exec_socket))
-        return Peer(sock)
+    def client(self) -> FramePeer:
+        return exec_client(self.link.exec_socket)
 
-    def exec(self, guest: Peer, *argv: str) -> tuple[Peer, int]:
+    def exec(self, guest: FramePeer, *argv: str) -> tuple[FramePeer, int]:
         """A client whose EXEC reached the guest; (client, guest channel)."""
         client = self.client()
         client.send(encode_json(CLIENT_CHANNEL, FrameType.EXEC, ExecRequest(argv).to_json()))
@@ -185,7 +129,7 @@ def test_a_restored_guest_gets_the_resync_preamble_before_the_first_hello_only(
             assert chunk, "the link closed before its preamble"
             first += chunk
         assert first == RESYNC_PREAMBLE
-        guest = Peer(conn)
+        guest = FramePeer(conn)
         assert guest.expect(FrameType.HELLO).json() == {"protocol": 1}
         guest.send(HELLO)
         assert h.link.wait_ready(TIMEOUT)
@@ -371,7 +315,7 @@ class Target:
 MED = GUEST_CHANNEL_BASE + 3
 
 
-def mediated(vm_dir: Path, port: int) -> tuple[Harness, Peer]:
+def mediated(vm_dir: Path, port: int) -> tuple[Harness, FramePeer]:
     h = Harness(vm_dir, mediation=MediationTarget("127.0.0.1", port))
     guest = h.vmm.guest()
     assert h.link.wait_ready(TIMEOUT)
@@ -541,7 +485,7 @@ class UnixService:
         self.server.close()
 
 
-def frames_by_channel(guest: Peer, count: int) -> dict[int, list[Frame]]:
+def frames_by_channel(guest: FramePeer, count: int) -> dict[int, list[Frame]]:
     got: dict[int, list[Frame]] = {}
     for _ in range(count):
         frame = guest.next()
@@ -549,7 +493,7 @@ def frames_by_channel(guest: Peer, count: int) -> dict[int, list[Frame]]:
     return got
 
 
-def drain_reply(guest: Peer, channel: int) -> bytes:
+def drain_reply(guest: FramePeer, channel: int) -> bytes:
     """DATA of ``channel`` up to its empty DATA (other frames of it skipped)."""
     data = bytearray()
     while True:
