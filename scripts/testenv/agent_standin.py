@@ -28,8 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from microagent.errors import InvalidInputError
 from microagent.runtime.agentproto import (
     GUEST_CHANNEL_BASE,
+    HEADER,
     MAX_PAYLOAD,
     PROTOCOL,
     WINDOW,
@@ -259,6 +261,22 @@ class Mediation:
                 self.conn.shutdown(socket.SHUT_RDWR)
 
 
+HELLO_MAX = 4096  # a HELLO larger than this is not taken for one while resynchronising
+
+
+def hello_at(data: bytes) -> int | None:
+    """Where the first complete-looking HELLO header starts in ``data`` (channel 0, type
+    HELLO, a length of at most HELLO_MAX), or None."""
+    marker = bytes(4) + bytes([FrameType.HELLO])
+    at = data.find(marker, 4)
+    while at >= 0:
+        head = at - 4
+        if int.from_bytes(data[head:at], "big") <= HELLO_MAX:
+            return head
+        at = data.find(marker, at + 1)
+    return None
+
+
 class Agent:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -277,9 +295,28 @@ class Agent:
 
     def serve(self) -> None:
         self.hello()
-        reader = FrameReader()
+        reader: FrameReader | None = FrameReader()
+        skipped = b""  # while resynchronising: the input not yet searched for a HELLO
         while data := self.sock.recv(1 << 16):
-            for frame in reader.feed(data):
+            if reader is None:  # as ma-agent: a malformed frame drops input up to a HELLO
+                skipped += data
+                found = hello_at(skipped)
+                if found is None:
+                    skipped = skipped[-HEADER.size :]
+                    continue
+                data, skipped, reader = skipped[found:], b"", FrameReader()
+            try:
+                frames = reader.feed(data)
+            except InvalidInputError:  # (a restored guest's host starts with a preamble)
+                reader, skipped = None, data[1:]
+                found = hello_at(skipped)
+                if found is not None:
+                    reader = FrameReader()
+                    frames = reader.feed(skipped[found:])
+                    skipped = b""
+                else:
+                    continue
+            for frame in frames:
                 self.dispatch(frame)
         for ex in list(self.execs.values()):
             ex.kill(signal.SIGKILL)
