@@ -118,7 +118,8 @@ class _Watcher(threading.Thread):
                 kind = str(event.get("event", ""))
                 if kind in ("booted", "started") and kind not in self.seen:
                     self.seen.add(kind)
-                    field = {"guestReadyAt" if kind == "booted" else "commandStartedAt": now()}
+                    stamp = "guestReadyAt" if kind == "booted" else "commandStartedAt"
+                    field: dict[str, Any] = {stamp: now()}
                     if (
                         self.run_dir.set_state_if(
                             _not_paused, State.RUNNING, f"guest {kind}", **field
@@ -459,7 +460,7 @@ class Supervisor:
     def _started(self, machine: Machine) -> None:
         pid = machine.pid
         vmm = runner.process_identity(pid) if pid is not None else None
-        ready: dict[str, str | None] = (
+        ready: dict[str, Any] = (
             {"guestReadyAt": now(), "commandStartedAt": now()} if self.restored else {}
         )
         if self.link is None:  # a killed run's supervisor never cleared it: this link's says
