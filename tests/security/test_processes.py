@@ -36,6 +36,7 @@ from microagent.cli import main
 from microagent.errors import VMError
 from microagent.runtime import boot
 from microagent.runtime.rundir import RunDir
+from microagent.workspace import lifecycle
 from testenv.clitools import cli_json as cli
 from testenv.prereq import require_root
 
@@ -399,6 +400,29 @@ def test_halt_names_a_stranger_that_holds_the_lock(
     assert error["hint"].startswith(f"`fuser -v {run.lock_path}` names the process")
     assert cli(capsys, "status", "ws")["supervisor"]["responsive"] is True  # untouched
     assert cli(capsys, "halt", "ws")["state"] == "halted"
+
+
+def test_kill_does_not_wait_for_ever_on_a_stranger_s_lock(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kill` ends the processes at once and then records ``stopped``; a lock held by no
+    process of the workspace is waited for a bounded time, then named in a conflict."""
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(lifecycle, "EXIT_GRACE", 1.0)
+    run = start_hanging(capsys, monkeypatch)
+    pid = run.runtime()["supervisorPid"]
+    began = time.monotonic()
+    with LockHolder(run, lets_go=lambda: False, bound=6):
+        error = cli(capsys, "kill", "ws", code=1)["error"]
+        took = time.monotonic() - began
+    assert took < 5, f"kill took {took:.1f}s"  # the grace (1 s) and the kill, not the holder
+    assert error["kind"] == "conflict", error
+    assert "was killed, but its state could not be recorded" in error["message"]
+    assert error["hint"].startswith(f"`fuser -v {run.lock_path}` names the process")
+    wait_for("the killed supervisor to be gone", lambda: not running(pid), 5)
+    # once the lock is free, the death is recorded and the state disk marked for a check
+    assert cli(capsys, "status", "ws", code=None)["event"]["state"] == "failed"
+    assert run.runtime()["stateDiskDirty"]
 
 
 def test_orphaned_vmm_blocks_cp_start_and_delete_until_halted(

@@ -564,16 +564,22 @@ def _escalate(ws: Workspace, detail: str) -> State:
     """Kill the supervisor and its VMM and record ``halted`` (the lock a killed supervisor
     held is dropped once it is gone: waited for that long, and no longer)."""
     _kill(ws)
-    dirty = "a halt that had to kill the VM"
+    _record_killed(ws, State.HALTED, detail, "a halt that had to kill the VM")
+    return State.HALTED
+
+
+def _record_killed(ws: Workspace, state: State, detail: str, dirty: str) -> None:
+    """Record ``state`` after a kill (the lock a killed supervisor held is dropped once it
+    is gone: waited for that long, and no longer; a holder that is no process of the
+    workspace is a conflict, the kill itself done)."""
     try:
-        ws.run.set_state(State.HALTED, detail, lock_wait=EXIT_GRACE, stateDiskDirty=dirty)
+        ws.run.set_state(state, detail, lock_wait=EXIT_GRACE, stateDiskDirty=dirty)
     except LockBusy as busy:
         raise ConflictError(
             f"workspace {ws.name!r} was killed, but its state could not be recorded: "
             f"{busy.message}",
             hint=f"`fuser -v {busy.lock}` names the process that holds it; resume or end it",
         ) from busy
-    return State.HALTED
 
 
 def kill(ws: Workspace) -> bool:
@@ -593,7 +599,7 @@ def kill(ws: Workspace) -> bool:
     ws.run.event(
         "killed", f"SIGKILL while {state.value}", supervisorPid=pid, vmm=runtime.get("vmm")
     )
-    ws.run.set_state(State.STOPPED, "killed", stateDiskDirty="a kill")
+    _record_killed(ws, State.STOPPED, "killed", "a kill")
     return True
 
 
