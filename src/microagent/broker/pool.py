@@ -8,7 +8,8 @@ that nobody uses, each for at most ``idle_timeout`` seconds (below the keep-aliv
 servers); a connection in use is in no list, so two requests never share one. The proxy
 decides whether a connection may come back (:meth:`release` with ``reusable``); the pool
 only checks, when it hands one out again, that the server has not closed it or sent
-anything unasked in the meantime.
+anything unasked in the meantime. A timer closes connections that outstay ``idle_timeout``
+while no request comes (armed while any connection is idle: no thread otherwise).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class ConnectionPool:
         self._idle: list[_Idle] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._reaper: threading.Timer | None = None  # armed while a connection is idle
         self.opened = 0  # connections made, for tests and figures
 
     @property
@@ -82,6 +84,7 @@ class ConnectionPool:
                 self._expire()
                 if not self._closed and len(self._idle) < self.max_idle:
                     self._idle.append(_Idle(sock, self._clock()))
+                    self._arm()
                     return
         _close(sock)
 
@@ -90,6 +93,9 @@ class ConnectionPool:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+            reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            reaper.cancel()
         for item in idle:
             _close(item.sock)
 
@@ -97,6 +103,23 @@ class ConnectionPool:
         with self._lock:
             self._expire()
             return self._idle.pop().sock if self._idle else None
+
+    def _arm(self) -> None:
+        """Start the timer for the oldest idle connection's expiry (lock held)."""
+        if self._reaper is not None or self._closed or not self._idle:
+            return
+        oldest = min(item.since for item in self._idle)
+        delay = max(0.05, oldest + self.idle_timeout - self._clock())
+        self._reaper = threading.Timer(delay, self._reap)
+        self._reaper.daemon = True
+        self._reaper.start()
+
+    def _reap(self) -> None:
+        """The timer: close what expired, and wait for the next expiry if any is left."""
+        with self._lock:
+            self._reaper = None
+            self._expire()
+            self._arm()
 
     def _expire(self) -> None:
         """Close the connections idle for longer than ``idle_timeout`` (lock held)."""

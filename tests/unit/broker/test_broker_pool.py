@@ -375,6 +375,33 @@ def test_an_idle_connection_past_its_lifetime_is_closed_not_reused() -> None:
                 sock.close()
 
 
+def test_an_idle_connection_is_closed_when_it_expires_without_another_request() -> None:
+    """No request need come for an expired connection to close (the server sees its end);
+    the timer is re-armed for connections released later and stops with the pool."""
+    made: list[tuple[socket.socket, socket.socket]] = []
+
+    def connect() -> socket.socket:
+        made.append(socket.socketpair())
+        return made[-1][0]
+
+    kept = ConnectionPool(connect, max_idle=2, idle_timeout=0.3)
+    try:
+        for _round in range(2):
+            sock, _reused = kept.acquire()
+            kept.release(sock, reusable=True)
+            assert kept.idle == 1
+            server = made[-1][1]
+            server.settimeout(WAIT)
+            assert server.recv(1) == b""  # closed by the pool, no request in between
+            assert kept.idle == 0 and sock.fileno() == -1
+        assert kept.opened == 2
+    finally:
+        kept.close()
+        for pair in made:
+            for end in pair:
+                end.close()
+
+
 def test_a_connection_with_unasked_data_is_not_reused_and_release_respects_the_bound() -> None:
     made: list[tuple[socket.socket, socket.socket]] = []
 
