@@ -162,7 +162,10 @@ _LS_LINE = re.compile(r"/(\d+)/(\d+)/(\d+)/(\d+)/([^/]*)/(\d*)/")
 
 
 def parse_ls(output: str, where: str) -> dict[str, DirEntry]:
-    """Entries (without ``.`` and ``..``) of an ``ls -p`` listing of directory ``where``."""
+    """Entries (without ``.`` and ``..``) of an ``ls -p`` listing of directory ``where``.
+    A line with inode 0 is no entry: debugfs lists the unused record at the start of a
+    directory block too, and a name deleted there keeps its text (ext4 clears only the
+    inode number of a block's first record)."""
     out: dict[str, DirEntry] = {}
     for line in output.split("\n"):
         if not line:
@@ -174,7 +177,7 @@ def parse_ls(output: str, where: str) -> dict[str, DirEntry]:
                 hint="a name with a newline or control character cannot be read by debugfs",
             )
         ino, mode, uid, gid, name, size = m.groups()
-        if name not in (".", ".."):
+        if name not in (".", "..") and int(ino) != 0:
             out[name] = DirEntry(name, int(ino), int(mode, 8), int(uid), int(gid), int(size or 0))
     return out
 
