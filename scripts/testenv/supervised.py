@@ -52,3 +52,16 @@ def end_leftovers(home: Path) -> None:
             with contextlib.suppress(Exception):
                 os.kill(process.pid, signal.SIGCONT)
                 runner.kill_process(process)
+
+
+def processes_naming(text: str) -> list[str]:
+    """The command lines (NULs as spaces) of every process whose argv contains ``text``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            words = cmdline.read_bytes()
+        except OSError:
+            continue
+        if text.encode() in words:
+            found.append(words.replace(b"\0", b" ").decode(errors="replace"))
+    return found

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -75,3 +76,17 @@ class Upstream:
         _tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def post_and_read(port: int, path: str, header: str, timeout: float = 20.0) -> bytes:
+    """POST ``hi`` to 127.0.0.1:``port`` with one extra ``header`` line (``Name: value``),
+    ``Connection: close``; all the server sent until it closed (status line included)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\n{header}\r\n"
+            "Content-Length: 2\r\nConnection: close\r\n\r\nhi".encode()
+        )
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data

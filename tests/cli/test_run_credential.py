@@ -32,7 +32,8 @@ from microagent.workspace.services import PLACEHOLDER
 from testenv.agent_standin import standin_argv
 from testenv.clitools import cli_json as cli
 from testenv.ports import free_port
-from testenv.upstream import Upstream
+from testenv.supervised import processes_naming
+from testenv.upstream import Upstream, post_and_read
 
 SENTINEL = "sk-ant-run-" + secrets.token_hex(12)
 
@@ -106,15 +107,7 @@ def post(port: int, path: str, key: str) -> bytes:
             return s.connect_ex(("127.0.0.1", port)) == 0
 
     until(listening)
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
-        sock.sendall(
-            f"POST {path} HTTP/1.1\r\nHost: x\r\nx-api-key: {key}\r\n"
-            "Content-Length: 2\r\nConnection: close\r\n\r\nhi".encode()
-        )
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    return data
+    return post_and_read(port, path, f"x-api-key: {key}")
 
 
 @pytest.fixture
@@ -152,18 +145,6 @@ def seen(home: Path, monkeypatch: pytest.MonkeyPatch) -> Seen:
 def upstream() -> Iterator[Upstream]:
     with Upstream(reply=b'{"type":"message"}') as server:
         yield server
-
-
-def processes_naming(text: str) -> list[str]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            words = cmdline.read_bytes()
-        except OSError:
-            continue
-        if text.encode() in words:
-            found.append(words.replace(b"\0", b" ").decode(errors="replace"))
-    return found
 
 
 def run_args(rootfs: Path, *flags: str) -> list[str]:

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from testenv.clitools import cli_json as cli
-from testenv.supervised import standin_home
-from testenv.upstream import Upstream
+from testenv.supervised import processes_naming, standin_home
+from testenv.upstream import Upstream, post_and_read
 
 NAME = "brokered"
 
@@ -53,18 +53,6 @@ def _spec(folder: Path, port: int, *, allow: bool = False) -> Path:
     return spec
 
 
-def _request(port: int, path: str) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
-        sock.sendall(
-            f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer guest\r\n"
-            "Content-Length: 2\r\nConnection: close\r\n\r\nhi".encode()
-        )
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    return data
-
-
 def _until_listening(port: int) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -73,18 +61,6 @@ def _until_listening(port: int) -> None:
                 return
         time.sleep(0.05)
     pytest.fail(f"nothing listens on the service port {port}")
-
-
-def _processes_naming(home: Path) -> list[str]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            words = cmdline.read_bytes()
-        except OSError:
-            continue
-        if str(home).encode() in words:
-            found.append(words.replace(b"\0", b" ").decode(errors="replace"))
-    return found
 
 
 def test_the_broker_adds_the_key_and_the_guest_never_gets_it(
@@ -102,7 +78,7 @@ def test_the_broker_adds_the_key_and_the_guest_never_gets_it(
     port = int(json.loads((home / "workspaces" / NAME / "runtime" / "boot.json").read_text())[
         "services"][0]["guestPort"])  # fmt: skip
     _until_listening(port)
-    reply = _request(port, "/v1/echo?secret=no")
+    reply = post_and_read(port, "/v1/echo?secret=no", "Authorization: Bearer guest")
     assert reply.startswith(b"HTTP/1.1 200"), reply
     assert upstream.requests[-1].headers["authorization"] == f"Bearer {sentinel}"
     status = cli(capsys, "status", NAME)
@@ -114,7 +90,7 @@ def test_the_broker_adds_the_key_and_the_guest_never_gets_it(
     ]
     cli(capsys, "halt", NAME)
     assert cli(capsys, "status", NAME)["readiness"]["brokerReady"]["ready"] is False
-    assert _processes_naming(home) == []  # the gateway ended with its supervisor
+    assert processes_naming(str(home)) == []  # the gateway ended with its supervisor
     leaks = [p for p in home.rglob("*") if p.is_file() and sentinel.encode() in p.read_bytes()]
     assert leaks == []
 

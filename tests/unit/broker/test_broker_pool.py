@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from broker_fakes import (
@@ -344,16 +345,43 @@ class Clock:
         return self.now
 
 
-def test_an_idle_connection_past_its_lifetime_is_closed_not_reused() -> None:
-    made: list[tuple[socket.socket, socket.socket]] = []
+class Pairs:
+    """A pool's ``connect`` that makes socket pairs: the pool gets one end, the test keeps
+    the other as the server's (``server(i)``)."""
 
-    def connect() -> socket.socket:
-        made.append(socket.socketpair())
-        return made[-1][0]
+    def __init__(self) -> None:
+        self.made: list[tuple[socket.socket, socket.socket]] = []
 
-    clock = Clock()
-    kept = ConnectionPool(connect, max_idle=2, idle_timeout=30.0, clock=clock)
+    def connect(self) -> socket.socket:
+        self.made.append(socket.socketpair())
+        return self.made[-1][0]
+
+    def server(self, index: int) -> socket.socket:
+        return self.made[index][1]
+
+
+@pytest.fixture
+def pairs() -> Iterator[Pairs]:
+    made = Pairs()
+    yield made
+    for pair in made.made:
+        for end in pair:
+            end.close()
+
+
+@contextlib.contextmanager
+def pool_of(pairs: Pairs, **options: Any) -> Iterator[ConnectionPool]:
+    """A pool over ``pairs``, closed afterwards whatever the test did."""
+    kept = ConnectionPool(pairs.connect, **options)
     try:
+        yield kept
+    finally:
+        kept.close()
+
+
+def test_an_idle_connection_past_its_lifetime_is_closed_not_reused(pairs: Pairs) -> None:
+    clock = Clock()
+    with pool_of(pairs, max_idle=2, idle_timeout=30.0, clock=clock) as kept:
         first, reused = kept.acquire()
         assert not reused
         kept.release(first, reusable=True)
@@ -368,55 +396,35 @@ def test_an_idle_connection_past_its_lifetime_is_closed_not_reused() -> None:
         kept.release(other, reusable=False)
         assert other.fileno() == -1
         assert kept.opened == 2
-    finally:
-        kept.close()
-        for pair in made:
-            for sock in pair:
-                sock.close()
 
 
-def test_an_idle_connection_is_closed_when_it_expires_without_another_request() -> None:
+def test_an_idle_connection_is_closed_when_it_expires_without_another_request(
+    pairs: Pairs,
+) -> None:
     """No request need come for an expired connection to close (the server sees its end);
     the timer is re-armed for connections released later and stops with the pool."""
-    made: list[tuple[socket.socket, socket.socket]] = []
-
-    def connect() -> socket.socket:
-        made.append(socket.socketpair())
-        return made[-1][0]
-
-    kept = ConnectionPool(connect, max_idle=2, idle_timeout=0.3)
-    try:
-        for _round in range(2):
+    with pool_of(pairs, max_idle=2, idle_timeout=0.3) as kept:
+        for index in range(2):
             sock, _reused = kept.acquire()
             kept.release(sock, reusable=True)
             assert kept.idle == 1
-            server = made[-1][1]
+            server = pairs.server(index)
             server.settimeout(WAIT)
             assert server.recv(1) == b""  # closed by the pool, no request in between
             assert kept.idle == 0 and sock.fileno() == -1
         assert kept.opened == 2
-    finally:
-        kept.close()
-        for pair in made:
-            for end in pair:
-                end.close()
 
 
-def test_a_connection_with_unasked_data_is_not_reused_and_release_respects_the_bound() -> None:
-    made: list[tuple[socket.socket, socket.socket]] = []
-
-    def connect() -> socket.socket:
-        made.append(socket.socketpair())
-        return made[-1][0]
-
-    kept = ConnectionPool(connect, max_idle=1)
-    try:
+def test_a_connection_with_unasked_data_is_not_reused_and_release_respects_the_bound(
+    pairs: Pairs,
+) -> None:
+    with pool_of(pairs, max_idle=1) as kept:
         one, _ = kept.acquire()
         two, _ = kept.acquire()
         kept.release(one, reusable=True)
         kept.release(two, reusable=True)  # over the bound: closed
         assert kept.idle == 1 and two.fileno() == -1
-        made[0][1].sendall(b"HTTP/1.1 200 OK\r\n")  # the server spoke unasked
+        pairs.server(0).sendall(b"HTTP/1.1 200 OK\r\n")  # the server spoke unasked
         three, reused = kept.acquire()
         assert not reused and one.fileno() == -1
         kept.release(three, reusable=True)
@@ -425,11 +433,6 @@ def test_a_connection_with_unasked_data_is_not_reused_and_release_respects_the_b
         four, _ = kept.acquire()
         kept.release(four, reusable=True)  # closed pool: closed
         assert four.fileno() == -1
-    finally:
-        kept.close()
-        for pair in made:
-            for sock in pair:
-                sock.close()
 
 
 def test_tls_connections_are_reused(sockdir: Path, tmp_path: Path) -> None:
