@@ -31,6 +31,7 @@ from microagent.runtime.fake import FakeBackend, FakeMachine, FakeOutcome
 from microagent.workspace.services import PLACEHOLDER
 from testenv.agent_standin import standin_argv
 from testenv.clitools import cli_json as cli
+from testenv.leaks import files_holding
 from testenv.ports import free_port
 from testenv.supervised import processes_naming
 from testenv.upstream import Upstream, post_and_read
@@ -185,8 +186,7 @@ def test_the_command_reaches_the_model_through_the_broker_and_never_holds_the_ke
     assert {"gateway.json", "gateway.log", "config.tar"} <= set(seen.files)
     assert seen.vm_dir is not None and not seen.vm_dir.exists()  # the scratch dir went
     assert processes_naming(str(seen.vm_dir)) == []  # and so did the gateway
-    leaks = [p for p in home.rglob("*") if p.is_file() and SENTINEL.encode() in p.read_bytes()]
-    assert leaks == []
+    assert files_holding(home, SENTINEL) == []
 
 
 def test_without_credentials_the_guest_gets_no_broker(

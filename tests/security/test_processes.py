@@ -38,6 +38,7 @@ from microagent.runtime import boot
 from microagent.runtime.rundir import RunDir
 from microagent.workspace import lifecycle
 from testenv.clitools import cli_json as cli
+from testenv.leaks import files_holding
 from testenv.prereq import require_root
 
 SECRET = "sk-security-secret-4711"
@@ -611,33 +612,6 @@ def test_scratch_vm_dir_is_private(temp_root: Path) -> None:
 
 
 # -- 4. the config disk (it carries --env values) does not outlive the boot --------------------
-
-
-def holds(path: Path, needle: bytes) -> bool:
-    """Whether ``needle`` is in the file, reading only its data (disks are sparse)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size, offset = os.fstat(fd).st_size, 0
-        while offset < size:
-            try:
-                start = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError:  # no data after offset
-                return False
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            if needle in os.pread(fd, end - start + len(needle), max(start - len(needle), 0)):
-                return True
-            offset = end
-        return False
-    finally:
-        os.close(fd)
-
-
-def files_holding(root: Path, needle: str) -> list[str]:
-    return sorted(
-        str(p.relative_to(root))
-        for p in root.rglob("*")
-        if p.is_file() and not p.is_symlink() and holds(p, needle.encode())
-    )
 
 
 def test_config_disk_is_gone_after_the_boot(

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from testenv.clitools import cli_json as cli
+from testenv.leaks import files_holding
 from testenv.supervised import processes_naming, standin_home
 from testenv.upstream import Upstream, post_and_read
 
@@ -91,8 +92,7 @@ def test_the_broker_adds_the_key_and_the_guest_never_gets_it(
     cli(capsys, "halt", NAME)
     assert cli(capsys, "status", NAME)["readiness"]["brokerReady"]["ready"] is False
     assert processes_naming(str(home)) == []  # the gateway ended with its supervisor
-    leaks = [p for p in home.rglob("*") if p.is_file() and sentinel.encode() in p.read_bytes()]
-    assert leaks == []
+    assert files_holding(home, sentinel) == []
 
 
 def test_a_missing_value_fails_the_start_naming_the_reference(

@@ -16,6 +16,7 @@ from microagent.compiler.credentials import PRESETS, Credential
 from microagent.errors import InvalidInputError
 from microagent.workspace.records import Record
 from testenv.clitools import cli_json as cli
+from testenv.leaks import files_holding
 
 SENTINEL = "sk-ant-sentinel-7f3a9c0e11"
 HEAD = "image: oci:layout:latest\nentrypoint: 'true'\n"
@@ -61,9 +62,7 @@ def test_create_records_references_never_values(
     ]
     assert data["egress_allow"] == ["pypi.org", ".pythonhosted.org"]
     home = Path(os.environ["MICROAGENT_HOME"])
-    for path in home.rglob("*"):
-        if path.is_file():
-            assert SENTINEL.encode() not in path.read_bytes(), path
+    assert files_holding(home, SENTINEL) == []
     record = Record.from_json(data)
     assert record.credentials[0].upstream == "http://127.0.0.1:9"
     assert Record.from_json(record.to_json()) == record

@@ -17,6 +17,7 @@ import pytest
 
 from microagent.cli import main
 from testenv.clitools import cli_json as cli
+from testenv.leaks import files_holding
 
 SECRET = "sk-unit-secret-0042"
 
@@ -60,8 +61,7 @@ def test_create_start_result_delete(
     record = home / "workspaces" / "ws" / "workspace.json"
     assert record.stat().st_mode & 0o777 == 0o600
     assert SECRET in record.read_text()
-    for path in (home / "store").rglob("*"):
-        assert not path.is_file() or SECRET.encode() not in path.read_bytes(), path
+    assert files_holding(home / "store", SECRET) == []
 
     result = {"request_id": "r1", "status": "completed"}
     outcome(

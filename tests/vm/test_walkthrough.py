@@ -24,6 +24,7 @@ import pytest
 
 from microagent.cli import main
 from testenv.clitools import cli_json as cli
+from testenv.leaks import files_holding
 from testenv.scripted_model import ScriptedModel
 
 pytestmark = pytest.mark.vm
@@ -107,11 +108,8 @@ def test_walkthrough(
 def _assert_secret_kept_out(home: Path, secret: str) -> None:
     """The key is in no file microagent wrote: store, records, disks, logs, audit (the guest
     never had it; tests/vm/test_vm_broker.py also searches the guest's memory)."""
-    needle = secret.encode()
     for root in (home / "store", home / "workspaces"):
-        for path in root.rglob("*"):
-            if path.is_file() and not path.is_symlink():
-                assert needle not in path.read_bytes(), f"secret leaked into {path}"
+        assert files_holding(root, secret) == [], f"secret leaked below {root}"
 
 
 def test_run_an_image_reference(env: Path, capfd: pytest.CaptureFixture[str]) -> None:
