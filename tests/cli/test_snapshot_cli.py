@@ -25,6 +25,7 @@ import pytest
 
 from microagent import runner
 from microagent.runtime import snapshot, stamps
+from microagent.workspace import snapshots
 from microagent.workspace.lifecycle import leftovers
 from microagent.workspace.records import Workspace
 from testenv.clitools import cli_json as cli
@@ -49,6 +50,9 @@ def ws(
     capsys: pytest.CaptureFixture[str],
 ) -> Iterator[Workspace]:
     monkeypatch.setenv("MICROAGENT_FAKE", json.dumps(HANG))
+    # The fake has no guest agent: each resume and snapshot would wait 5 s for one to set
+    # the clock (the outcome, "not set", is what the tests see either way).
+    monkeypatch.setattr(snapshots, "CLOCK_WAIT", 0.3)
     spec = busybox_project / "microagent.yaml"
     spec.write_text(f"name: {NAME}\nimage: oci:layout:latest\nentrypoint: sleep 600\n")
     cli(capsys, "create", "-f", str(spec))
