@@ -8,6 +8,6 @@ cd "$(dirname "$0")/.."
 if [ "${CI_VM_AS_USER:-}" != 1 ] || [ "$(id -u)" != 0 ]; then
   exec .venv/bin/pytest -q tests
 fi
-.venv/bin/pytest -q tests --ignore=tests/vm
+.venv/bin/pytest -q --durations=12 tests --ignore=tests/vm
 .venv/bin/pytest -q tests/vm/test_vm_network.py tests/vm/test_vm_heal.py
 bash scripts/ci/vm_as_user.sh

@@ -8,13 +8,13 @@
 # nothing but what a normal user has.
 #
 #   CI_VM_USER   the user (default microagent-ci; created when missing)
-#   CI_VM_ARGS   pytest arguments (default: -q tests/vm)
+#   CI_VM_ARGS   pytest arguments (default: -q --durations=12 tests/vm)
 #   CI_VM_NICE   niceness of the test run (default 0)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$(pwd)
 user=${CI_VM_USER:-microagent-ci}
-args=${CI_VM_ARGS:--q tests/vm}
+args=${CI_VM_ARGS:--q --durations=12 tests/vm}
 nice=${CI_VM_NICE:-0}
 root_vm_home=${MICROAGENT_VM_HOME:-/var/cache/microagent-test-home}
 
