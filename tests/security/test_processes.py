@@ -384,6 +384,33 @@ def test_halt_kills_a_traced_supervisor_that_holds_the_lock(
     assert run.runtime()["stateDiskDirty"] == "a halt that had to kill the VM"
 
 
+def test_the_lock_wait_and_the_shutdown_share_the_halt_timeout(
+    project: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    stand_ins: list[subprocess.Popen[bytes]],
+) -> None:
+    """`--timeout` bounds the whole halt: a stranger holds the run dir's lock for most of it
+    and the supervisor never shuts down (traced), so what is left after the lock is all the
+    guest gets before the kill; the halt does not take the lock's wait plus a full timeout."""
+    monkeypatch.chdir(project)
+    run = start_hanging(capsys, monkeypatch)
+    vmm = stand_in(stand_ins)
+    record_vmm(run, vmm)
+    held = time.monotonic() + 4.0
+    with (
+        traced(run.runtime()["supervisorPid"]),
+        LockHolder(run, lets_go=lambda: time.monotonic() > held, bound=10) as holder,
+    ):
+        out, took = timed_halt(capsys, "--timeout", "5")
+    assert not holder.gave_up
+    assert out["state"] == "halted", out
+    assert took < 8, f"halt took {took:.1f}s: lock wait (4 s) plus a whole timeout (5 s)?"
+    assert gone(vmm), "halt left the VMM running"
+    detail = cli(capsys, "status", "ws")["event"]["detail"]
+    assert detail == "killed after 5s without a clean shutdown"
+
+
 def test_halt_names_a_stranger_that_holds_the_lock(
     project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

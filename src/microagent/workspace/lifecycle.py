@@ -502,9 +502,12 @@ def halt(ws: Workspace, *, timeout: float = HALT_TIMEOUT) -> State:
     """Graceful stop (guest shutdown over the control port), then escalate. Disk is kept.
 
     A VMM left running by a supervisor that died is killed. A stopped supervisor is resumed
-    first (it may hold the run dir's lock, which the halt takes); the lock is waited for at
-    most ``timeout`` seconds (see :func:`_halt_without_lock`), so no halt waits for ever.
+    first (it may hold the run dir's lock, which the halt takes). ``timeout`` bounds the
+    whole halt: the wait for that lock (see :func:`_halt_without_lock`) and the guest's
+    clean shutdown share it, and what is left of it after the lock is the shutdown's; then
+    the kill (its own bounded wait to record the state).
     """
+    deadline = time.monotonic() + timeout
     state = reconcile(ws)
     if not state.live:
         if _kill_vmm(ws):
@@ -516,14 +519,15 @@ def halt(ws: Workspace, *, timeout: float = HALT_TIMEOUT) -> State:
     if state is State.PAUSED:  # a guest with its vCPUs stopped cannot shut down
         snapshots.thaw(ws)
     try:
-        ws.run.set_state(State.STOPPING, "halt requested", lock_wait=timeout)
+        remaining = round(max(deadline - time.monotonic(), 0.0), 1)  # said in a refusal
+        ws.run.set_state(State.STOPPING, "halt requested", lock_wait=remaining)
     except LockBusy as busy:
         return _halt_without_lock(ws, busy, timeout)
     if supervisor is not None:
         _signal_group(supervisor.pid, signal.SIGTERM)
         _resume_if_stopped(ws)  # stopped again meanwhile: SIGCONT after the SIGTERM
     try:
-        state = wait(ws, timeout)
+        state = wait(ws, max(deadline - time.monotonic(), 0.0))
     except VMError:
         return _escalate(ws, f"killed after {timeout:g}s without a clean shutdown")
     _await_dead(supervisor, EXIT_GRACE)  # it stops its gateway after the final state
