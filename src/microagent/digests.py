@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Protocol, TypeGuard
 
 from microagent.errors import IntegrityError, InvalidInputError
+from microagent.frozen import FrozenOrdered
 
 if TYPE_CHECKING:
     from hashlib import _Hash
@@ -50,8 +51,8 @@ def check_digest(text: str, what: str = "digest") -> str:
     return text
 
 
-@dataclass(frozen=True, order=True)
-class Digest:
+@dataclass(frozen=True, eq=False, repr=False)
+class Digest(FrozenOrdered):
     """A content digest such as ``sha256:<64 hex>``."""
 
     algorithm: str

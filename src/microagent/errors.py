@@ -10,13 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from microagent.frozen import Frozen, FrozenOrdered
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INVALID = 2
 
 
-@dataclass(frozen=True, order=True)
-class Location:
+@dataclass(frozen=True, eq=False, repr=False)
+class Location(FrozenOrdered):
     """Where in an input file something is: 1-based line and column."""
 
     file: str
@@ -32,8 +34,8 @@ class Location:
         return {"file": self.file, "line": self.line, "column": self.column}
 
 
-@dataclass(frozen=True)
-class Diagnostic:
+@dataclass(frozen=True, eq=False, repr=False)
+class Diagnostic(Frozen):
     """One problem found in an input, with where it is and an optional hint."""
 
     message: str

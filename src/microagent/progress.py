@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import BinaryIO, Protocol, runtime_checkable
 
+from microagent.frozen import Frozen
+
 Say = Callable[[str], None]
 ADVANCE_EVERY = 0.1  # seconds between two ADVANCE events of one task (the last one always goes)
 
@@ -40,8 +42,8 @@ class Phase(Enum):
     CACHED = "cached"
 
 
-@dataclass(frozen=True)
-class ProgressEvent:
+@dataclass(frozen=True, eq=False, repr=False)
+class ProgressEvent(Frozen):
     """One thing that happened to a task. ``done``/``total`` are bytes (``total`` None: not
     known, or not counted in bytes); ``elapsed`` seconds since the task started; ``line`` the
     text a caller that takes only lines gets ("" for ``ADVANCE``: nothing to say)."""

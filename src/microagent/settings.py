@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from microagent.errors import ConfigError, Diagnostic, InvalidInputError, Location
+from microagent.frozen import Frozen
 
 HOME_ENV = "MICROAGENT_HOME"
 CONFIG_ENV = "MICROAGENT_CONFIG"
@@ -88,8 +89,8 @@ _OFF = ("0", "no", "false", "off")
 _SECTIONS = ("registries", "cache", "guest", "registry")
 
 
-@dataclass(frozen=True)
-class Settings:
+@dataclass(frozen=True, eq=False, repr=False)
+class Settings(Frozen):
     """Where things live and how to reach the outside world; see the module docstring."""
 
     home: Path
@@ -225,8 +226,8 @@ SOURCE_ENVIRON = "environment"
 SOURCE_FLAG = "flag"
 
 
-@dataclass(frozen=True)
-class Effective:
+@dataclass(frozen=True, eq=False, repr=False)
+class Effective(Frozen):
     """One setting's value and where it came from: ``source`` is default, config file,
     environment or flag; ``origin`` the variable, the file's FILE:LINE:COL, or the flag."""
 
@@ -499,8 +500,8 @@ _YAML_HINT = (
 )
 
 
-@dataclass(frozen=True)
-class UserConfig:
+@dataclass(frozen=True, eq=False, repr=False)
+class UserConfig(Frozen):
     """What the user config file says (empty when there is none).
 
     ``origins``: where each setting was written (``cache.from``,

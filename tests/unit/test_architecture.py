@@ -25,6 +25,7 @@ SRC = Path(microagent.__file__).parent
 # Bottom to top. The package root (microagent/__init__.py) is the lazy public facade and may
 # name anything; nothing may import it except for __version__.
 LAYERS = (
+    "frozen",
     "errors",
     "backoff",
     "digests",

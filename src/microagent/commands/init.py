@@ -32,14 +32,15 @@ from microagent.errors import (
     MicroagentError,
     UsageError,
 )
+from microagent.frozen import Frozen
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # the spec schema's `name`
 NAME_HINT = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 63"
 FALLBACK_NAME = "agent"
 
 
-@dataclass(frozen=True)
-class Provider:
+@dataclass(frozen=True, eq=False, repr=False)
+class Provider(Frozen):
     """What differs between the three example agents."""
 
     name: str  # the credential preset (docs/broker.md)

@@ -16,12 +16,14 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from microagent.frozen import Frozen
+
 GAP = 2  # spaces between columns
 SHRINK_FLOOR = 12  # a shrinkable column keeps this much while others can still give
 
 
-@dataclass(frozen=True)
-class Column:
+@dataclass(frozen=True, eq=False, repr=False)
+class Column(Frozen):
     title: str
     right: bool = False  # right-aligned (numbers, sizes)
     shrink: bool = True  # may be narrowed first (its cells then wrap)

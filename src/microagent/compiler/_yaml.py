@@ -14,14 +14,15 @@ from typing import Any
 import yaml
 
 from microagent.errors import Diagnostic, Location
+from microagent.frozen import Frozen
 
 JsonPath = tuple[str | int, ...]
 MAX_NODES = 50_000
 MAX_DEPTH = 64
 
 
-@dataclass(frozen=True)
-class Marks:
+@dataclass(frozen=True, eq=False, repr=False)
+class Marks(Frozen):
     """Positions of one JSON path: its key (if it is a mapping value) and its value."""
 
     key: Location | None

@@ -15,10 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from microagent.errors import UsageError
+from microagent.frozen import Frozen
 
 
-@dataclass(frozen=True)
-class CacheControl:
+@dataclass(frozen=True, eq=False, repr=False)
+class CacheControl(Frozen):
     no_cache: bool = False
     no_cache_from: int | None = None  # 1-based setup step
     refresh: bool = False

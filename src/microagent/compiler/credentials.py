@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from microagent.errors import InvalidInputError
+from microagent.frozen import Frozen
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")  # fullmatch, never match/search
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
@@ -58,8 +59,8 @@ KEY_ENV_NAMES = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY", "GOOGL
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-@dataclass(frozen=True)
-class Credential:
+@dataclass(frozen=True, eq=False, repr=False)
+class Credential(Frozen):
     """One brokered credential: the host reference ``source`` and where its value goes."""
 
     name: str
@@ -292,8 +293,8 @@ def check_env_name(name: str) -> str:
 # -- spec entries -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Problem:
+@dataclass(frozen=True, eq=False, repr=False)
+class Problem(Frozen):
     """One problem of a spec entry: ``key`` is the entry's key it is about ("" = the entry)."""
 
     key: str

@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from microagent.compiler.spec import FileEntry
 from microagent.digests import canonical_json, sha256_digest
 from microagent.errors import InvalidInputError
+from microagent.frozen import Frozen
 
 CHUNK = 1 << 20
 INSIDE_HINT = (
@@ -69,8 +70,8 @@ def has_ext_superblock(path: Path) -> bool:
         return fh.read(len(EXT_MAGIC)) == EXT_MAGIC
 
 
-@dataclass(frozen=True)
-class FileItem:
+@dataclass(frozen=True, eq=False, repr=False)
+class FileItem(Frozen):
     """One guest entry: a regular file, a folder or a symlink."""
 
     dst: str
@@ -90,8 +91,8 @@ class FileItem:
         return out
 
 
-@dataclass(frozen=True)
-class FileTree:
+@dataclass(frozen=True, eq=False, repr=False)
+class FileTree(Frozen):
     items: tuple[FileItem, ...]
     digest: str
 

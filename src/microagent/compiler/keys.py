@@ -15,6 +15,7 @@ from typing import Any
 
 from microagent.digests import canonical_json, sha256_digest
 from microagent.errors import IntegrityError
+from microagent.frozen import Frozen
 
 PLANNER_VERSION = 1
 SETUP_INTERPRETER = ("/bin/sh", "-eu", "-c")
@@ -54,8 +55,8 @@ def _field(inputs: Mapping[str, Any], name: str, kind: StepKind) -> Any:
         raise IntegrityError(f"{kind.value} step inputs have no {name!r}") from None
 
 
-@dataclass(frozen=True)
-class BaseInputs:
+@dataclass(frozen=True, eq=False, repr=False)
+class BaseInputs(Frozen):
     """A ``base`` step: the image digest (never a tag) and the platform."""
 
     digest: str
@@ -76,8 +77,8 @@ class BaseInputs:
         )
 
 
-@dataclass(frozen=True)
-class SetupInputs:
+@dataclass(frozen=True, eq=False, repr=False)
+class SetupInputs(Frozen):
     """A ``setup`` step: the command and the interpreter that runs it."""
 
     run: str

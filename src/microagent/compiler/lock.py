@@ -34,14 +34,15 @@ from typing import Protocol
 from microagent.compiler.refs import ImageRef, LayoutRef, parse_layout_ref, portable_ref
 from microagent.digests import is_digest
 from microagent.errors import InvalidInputError
+from microagent.frozen import Frozen
 from microagent.fsutil import write_json_atomic
 
 LOCK_NAME = "microagent.lock"
 LOCK_VERSION = 1
 
 
-@dataclass(frozen=True)
-class ResolvedImage:
+@dataclass(frozen=True, eq=False, repr=False)
+class ResolvedImage(Frozen):
     """An image pinned to a digest for one platform."""
 
     reference: str
@@ -64,8 +65,8 @@ class ImageResolver(Protocol):
     def resolve(self, ref: ImageRef | LayoutRef, platform: str) -> ResolvedImage: ...
 
 
-@dataclass(frozen=True)
-class LockEntry:
+@dataclass(frozen=True, eq=False, repr=False)
+class LockEntry(Frozen):
     reference: str
     digest: str
     platforms: Mapping[str, str] = field(default_factory=dict)
@@ -83,8 +84,8 @@ def lock_key(image: str) -> str:
     return portable_ref(image)
 
 
-@dataclass(frozen=True)
-class LockFile:
+@dataclass(frozen=True, eq=False, repr=False)
+class LockFile(Frozen):
     """The parsed lock: image text as written in the spec (see :func:`lock_key`) -> entry.
 
     ``outdated``: read from a lock in the old form (absolute layout paths); writing it again

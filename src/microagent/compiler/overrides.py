@@ -43,6 +43,7 @@ from microagent.compiler.spec import (
     publish_host_problem,
 )
 from microagent.errors import InvalidInputError
+from microagent.frozen import Frozen
 
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: ``$`` accepts "NAME\n"
 PORT_RE = re.compile(r"0|[1-9][0-9]{0,4}")  # ASCII digits only (str.isdigit takes "²" too)
@@ -91,8 +92,8 @@ def check_seconds(flag: str, value: float, *, zero: str = "", hint: str = "") ->
     )
 
 
-@dataclass(frozen=True)
-class Overrides:
+@dataclass(frozen=True, eq=False, repr=False)
+class Overrides(Frozen):
     """Values given on the command line; ``None``/empty means "keep the spec's"."""
 
     name: str | None = None
@@ -387,8 +388,8 @@ def parse_publishes(items: Iterable[str]) -> tuple[Forward, ...]:
     return tuple(out)
 
 
-@dataclass(frozen=True)
-class RuntimeEnv:
+@dataclass(frozen=True, eq=False, repr=False)
+class RuntimeEnv(Frozen):
     """``--env`` variables: secret-safe by construction (``repr`` hides the values)."""
 
     values: Mapping[str, str] = dataclasses.field(default_factory=dict)

@@ -18,10 +18,11 @@ from microagent.compiler.keys import BaseInputs, SetupInputs, StepKind, step_key
 from microagent.compiler.lock import ResolvedImage
 from microagent.compiler.refs import portable_ref
 from microagent.compiler.spec import Spec
+from microagent.frozen import Frozen
 
 
-@dataclass(frozen=True)
-class Step:
+@dataclass(frozen=True, eq=False, repr=False)
+class Step(Frozen):
     kind: StepKind
     key: str
     parent: str | None
@@ -33,8 +34,8 @@ class Step:
         return self.key.removeprefix("sha256:")[:12]
 
 
-@dataclass(frozen=True)
-class BuildPlan:
+@dataclass(frozen=True, eq=False, repr=False)
+class BuildPlan(Frozen):
     image: ResolvedImage
     steps: tuple[Step, ...]
     files: _files.FileTree = field(repr=False)
@@ -142,8 +143,8 @@ def compile_plan(
 # -- cache status ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CachedStep:
+@dataclass(frozen=True, eq=False, repr=False)
+class CachedStep(Frozen):
     """What a cache knows about a built step."""
 
     key: str
@@ -161,8 +162,8 @@ class StepCache(Protocol):
     def children(self, parent: str | None, kind: StepKind) -> Sequence[CachedStep]: ...
 
 
-@dataclass(frozen=True)
-class StepStatus:
+@dataclass(frozen=True, eq=False, repr=False)
+class StepStatus(Frozen):
     step: Step
     cached: bool
     where: str | None

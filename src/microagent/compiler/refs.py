@@ -10,6 +10,7 @@ from pathlib import Path
 
 from microagent.digests import check_digest
 from microagent.errors import InvalidInputError
+from microagent.frozen import Frozen
 
 DEFAULT_REGISTRY = "docker.io"
 # Whole-string patterns: always used with fullmatch (``$`` would accept a trailing newline).
@@ -27,8 +28,8 @@ def host_platform() -> str:
     return f"linux/{_ARCH.get(machine, machine)}"
 
 
-@dataclass(frozen=True)
-class ImageRef:
+@dataclass(frozen=True, eq=False, repr=False)
+class ImageRef(Frozen):
     """A registry image: ``registry/repository[:tag][@digest]``, normalised."""
 
     registry: str
@@ -61,8 +62,8 @@ class ImageRef:
         return str(self.with_digest(digest))
 
 
-@dataclass(frozen=True)
-class LayoutRef:
+@dataclass(frozen=True, eq=False, repr=False)
+class LayoutRef(Frozen):
     """An OCI image layout folder on disk (``oci:PATH[:TAG]``), for air-gapped use."""
 
     path: Path

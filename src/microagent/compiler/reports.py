@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from microagent.compiler.refs import portable_ref
+from microagent.frozen import Frozen
 
 if TYPE_CHECKING:
     from microagent.compiler.lock import LockEntry, LockFile, ResolvedImage
@@ -27,8 +28,8 @@ def image_json(image: ResolvedImage, written: str) -> dict[str, str | None]:
     return out
 
 
-@dataclass(frozen=True)
-class PlanReport:
+@dataclass(frozen=True, eq=False, repr=False)
+class PlanReport(Frozen):
     spec: Spec
     plan: BuildPlan
     status: list[StepStatus]
@@ -61,8 +62,8 @@ class PlanReport:
         return out
 
 
-@dataclass(frozen=True)
-class LockReport:
+@dataclass(frozen=True, eq=False, repr=False)
+class LockReport(Frozen):
     lock: LockFile
     image: str
     changed: bool

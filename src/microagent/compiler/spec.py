@@ -18,6 +18,7 @@ from types import MappingProxyType
 
 from microagent.compiler.credentials import Credential
 from microagent.errors import InvalidInputError, Location
+from microagent.frozen import Frozen
 
 DEFAULT_IMAGE = "python:3.13-slim"
 DEFAULT_SHELL = "/bin/sh"
@@ -44,8 +45,8 @@ RESERVED_DISK_NAMES = frozenset({"rootfs", "state", "config"})
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # fullmatch, never match/search
 
 
-@dataclass(frozen=True)
-class ProfileSize:
+@dataclass(frozen=True, eq=False, repr=False)
+class ProfileSize(Frozen):
     """The resources a profile stands for."""
 
     memory_mib: int
@@ -89,8 +90,8 @@ DEFAULT_MAX_RESTARTS = 5  # plain `on-failure`
 _ON_FAILURE_COUNT = re.compile(r"[1-9][0-9]{0,2}")  # the schema's bound: 1 to 999
 
 
-@dataclass(frozen=True)
-class Restart:
+@dataclass(frozen=True, eq=False, repr=False)
+class Restart(Frozen):
     """``restart``: what the supervisor does when the entrypoint exits and no halt was asked
     for. ``max_restarts`` bounds the restarts of one ``start`` (None: no bound)."""
 
@@ -143,8 +144,8 @@ class DiskMode(Enum):
     RW = "rw"
 
 
-@dataclass(frozen=True)
-class SetupStep:
+@dataclass(frozen=True, eq=False, repr=False)
+class SetupStep(Frozen):
     """One setup command. ``origin`` says where it came from, for messages."""
 
     run: str
@@ -152,8 +153,8 @@ class SetupStep:
     file: Path | None = None
 
 
-@dataclass(frozen=True)
-class FileEntry:
+@dataclass(frozen=True, eq=False, repr=False)
+class FileEntry(Frozen):
     """A host file or folder delivered to ``dst`` in the guest on every boot."""
 
     src: Path
@@ -161,8 +162,8 @@ class FileEntry:
     mode: int | None = None
 
 
-@dataclass(frozen=True)
-class Resources:
+@dataclass(frozen=True, eq=False, repr=False)
+class Resources(Frozen):
     """Explicitly requested resources; ``None`` means "from the profile"."""
 
     memory_mib: int | None = None
@@ -171,8 +172,8 @@ class Resources:
     headroom_mib: int | None = None
 
 
-@dataclass(frozen=True)
-class EffectiveResources:
+@dataclass(frozen=True, eq=False, repr=False)
+class EffectiveResources(Frozen):
     """Resources after applying the profile."""
 
     memory_mib: int
@@ -192,8 +193,8 @@ class EffectiveResources:
 ANY_ADDRESS = "0.0.0.0"
 
 
-@dataclass(frozen=True)
-class Forward:
+@dataclass(frozen=True, eq=False, repr=False)
+class Forward(Frozen):
     """A host TCP port published into the guest."""
 
     host_port: int
@@ -228,8 +229,8 @@ def publish_host_problem(host: str) -> str:
     return ""
 
 
-@dataclass(frozen=True)
-class Network:
+@dataclass(frozen=True, eq=False, repr=False)
+class Network(Frozen):
     """``allow`` (host names, ``.suffix`` for a domain's hosts) makes egress default-deny:
     only those names, through the host's egress proxy."""
 
@@ -283,8 +284,8 @@ def check_allow_entry(entry: str) -> str:
     return text
 
 
-@dataclass(frozen=True)
-class Mediation:
+@dataclass(frozen=True, eq=False, repr=False)
+class Mediation(Frozen):
     """The mediation channel: guest ``127.0.0.1:port`` carried to the host's ``target``."""
 
     port: int
@@ -331,8 +332,8 @@ def parse_target(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-@dataclass(frozen=True)
-class Health:
+@dataclass(frozen=True, eq=False, repr=False)
+class Health(Frozen):
     """A probe run through the guest agent; exit code 0 is healthy."""
 
     exec: tuple[str, ...]
@@ -342,14 +343,14 @@ class Health:
     start_period_seconds: int = 0
 
 
-@dataclass(frozen=True)
-class Output:
+@dataclass(frozen=True, eq=False, repr=False)
+class Output(Frozen):
     name: str
     path: str
 
 
-@dataclass(frozen=True)
-class Disk:
+@dataclass(frozen=True, eq=False, repr=False)
+class Disk(Frozen):
     """An extra disk: an ext4 image (``disks``) or a tar archive made into one (``bundles``)."""
 
     name: str
@@ -364,8 +365,8 @@ def _frozen_env() -> Mapping[str, str]:
     return MappingProxyType({})
 
 
-@dataclass(frozen=True)
-class Spec:
+@dataclass(frozen=True, eq=False, repr=False)
+class Spec(Frozen):
     """A validated ``microagent.yaml``."""
 
     source: Path = field(metadata={"schema": False})

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from microagent.digests import Digest, key_hex
 from microagent.errors import BuildError, IntegrityError, InvalidInputError, NotFoundError
+from microagent.frozen import Frozen
 from microagent.fsutil import (
     TEMP_PREFIX,
     atomic_write,
@@ -55,8 +56,8 @@ _UNLISTED_KINDS = frozenset({"locks", "tmp"})
 SIZE_HINT = "the source sent the wrong number of bytes; nothing was stored (retrying is safe)"
 
 
-@dataclass(frozen=True)
-class Entry:
+@dataclass(frozen=True, eq=False, repr=False)
+class Entry(Frozen):
     """One thing in the store, as listed by :meth:`Store.entries`."""
 
     name: str  # relative to the root: "blobs/sha256/<hex>", "keys/<hex>.json", "rootfs/<k>.ext4"
@@ -71,8 +72,8 @@ class Entry:
         return self.name.split("/", 1)[0]
 
 
-@dataclass(frozen=True)
-class PruneReport:
+@dataclass(frozen=True, eq=False, repr=False)
+class PruneReport(Frozen):
     """What :meth:`Store.prune` removed."""
 
     removed: tuple[Entry, ...]

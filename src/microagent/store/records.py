@@ -19,6 +19,7 @@ from typing import Any
 from microagent.compiler.keys import StepKind
 from microagent.digests import is_digest, key_hex
 from microagent.errors import IntegrityError
+from microagent.frozen import Frozen
 from microagent.store.content import Store
 
 
@@ -49,8 +50,8 @@ def _size(raw: Mapping[str, Any], name: str, what: str) -> int:
     return value
 
 
-@dataclass(frozen=True)
-class LayerRef:
+@dataclass(frozen=True, eq=False, repr=False)
+class LayerRef(Frozen):
     """One layer of a step: the blob (media type, digest, size) and its diff_id."""
 
     media_type: str
@@ -85,8 +86,8 @@ def layers_from_json(raw: object) -> tuple[LayerRef, ...]:
     return tuple(LayerRef.from_json(item) for item in raw)
 
 
-@dataclass(frozen=True)
-class BaseOrigin:
+@dataclass(frozen=True, eq=False, repr=False)
+class BaseOrigin(Frozen):
     """Where a base step's content came from: the image reference and its documents."""
 
     reference: str
@@ -94,8 +95,8 @@ class BaseOrigin:
     config: str  # the image config's digest (a blob in the store)
 
 
-@dataclass(frozen=True)
-class PackedImage:
+@dataclass(frozen=True, eq=False, repr=False)
+class PackedImage(Frozen):
     """A step's built root filesystem as one blob (``blob``) of an image (``digest``).
 
     ``format`` says how the blob and ``digest`` are made (``ext4.packed``): 1, one zstd frame
@@ -130,8 +131,8 @@ class PackedImage:
         )
 
 
-@dataclass(frozen=True)
-class StepRecord:
+@dataclass(frozen=True, eq=False, repr=False)
+class StepRecord(Frozen):
     """A built step: enough to find its content and to recompute its key."""
 
     kind: StepKind

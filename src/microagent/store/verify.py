@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from microagent.digests import Digest, SparseDigest, data_runs
 from microagent.errors import IntegrityError
+from microagent.frozen import Frozen
 from microagent.fsutil import remove_any
 from microagent.store.content import CHUNK, STALE_TEMP_SECONDS, Store
 from microagent.store.records import StepRecord, rootfs_entry, write_record
@@ -61,8 +62,8 @@ _INCOMPAT_64BIT = 0x80
 _REPAIR_ORDER = ("key", "lock", "rootfs", "entry", "blob", "temp")  # "entry": any other kind
 
 
-@dataclass(frozen=True)
-class Problem:
+@dataclass(frozen=True, eq=False, repr=False)
+class Problem(Frozen):
     """One thing wrong: ``kind`` (blob, key, rootfs, disk, bundle, temp, lock), the
     store-relative ``name``, the ``problem`` (corrupt, missing, orphaned, stale), a ``detail``."""
 
@@ -80,8 +81,8 @@ class Problem:
         }
 
 
-@dataclass(frozen=True)
-class VerifyReport:
+@dataclass(frozen=True, eq=False, repr=False)
+class VerifyReport(Frozen):
     """What :func:`verify` checked, found and (with ``repair``) removed."""
 
     checked: Mapping[str, int]
