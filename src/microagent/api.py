@@ -666,21 +666,27 @@ class Microagent:
         """Run a command in a fresh microVM (an image's rootfs, or an ext4 file); the job's
         credentials are brokered by a gateway on the host for the run's length."""
         # deferred: see the module docstring
-        from microagent.workspace.run import read_secrets, run_brokered
+        from microagent.workspace.run import open_audit_log, read_secrets, run_brokered
 
         kit = self.one_shot_kit(job)
         self._say_where(job.credentials)
         secrets = read_secrets(job)  # a missing value fails before the pull
-        request = self._one_shot(job)
-        return run_brokered(
-            request,
-            job,
-            secrets,
-            settings=self.settings,
-            backend=self.backend(),
-            kit=kit,
-            on_output=self.output,
-        )
+        audit_fd = open_audit_log(job.audit_log)  # so does a log that cannot be written
+        try:
+            request = self._one_shot(job)
+            return run_brokered(
+                request,
+                job,
+                secrets,
+                settings=self.settings,
+                backend=self.backend(),
+                kit=kit,
+                on_output=self.output,
+                audit_fd=audit_fd,
+            )
+        finally:
+            if audit_fd is not None:
+                os.close(audit_fd)
 
     def run_command(self, job: OneShot) -> list[str]:
         """The VMM argv ``run`` would use (``--print-command``)."""

@@ -288,3 +288,58 @@ def test_env_with_an_sdk_key_warns(
     assert "warning: --env OPENAI_API_KEY puts the key inside the guest" in err
     assert "--credential openai" in err and "sk-x" not in err
     assert seen.env["OPENAI_API_KEY"] == "sk-x"  # still given: a warning, as on create
+
+
+def test_audit_log_keeps_each_runs_entries_and_never_the_key(
+    seen: Seen, upstream: Upstream, rootfs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "runs" / "audit.jsonl"
+    log.parent.mkdir()
+    target = f"anthropic=http://127.0.0.1:{upstream.port}/api"
+    flags = ("--credential", "anthropic", "--credential-upstream", target, "--audit-log", str(log))
+    for _ in range(2):  # appended: a second run adds its entry after the first's
+        assert cli(capsys, *run_args(rootfs, *flags))["result"]["exitCode"] == 0
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(e["kind"], e["credential"], e["path"], e["status"]) for e in entries] == [
+        ("broker", "anthropic", "/api/v1/messages", 200)
+    ] * 2
+    assert log.stat().st_mode & 0o777 == 0o600
+    assert SENTINEL not in log.read_text()
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def _link(path: Path) -> Path:
+    (path.parent / "victim").write_text("keep\n")
+    path.symlink_to(path.parent / "victim")
+    return path
+
+
+CRED = ("--credential", "anthropic")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (lambda p: p, (), "--audit-log needs --credential"),
+        (_link, CRED, "cannot append to it: a symbolic link"),
+        (_fifo, CRED, "not a regular file"),
+        (lambda p: p / "missing" / "log", CRED, "cannot append to it: No such file"),
+    ],
+    ids=["no credential", "symlink", "fifo", "no directory"],
+)
+def test_an_audit_log_that_cannot_be_kept_is_refused_before_anything_runs(
+    seen: Seen, rootfs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: Any
+) -> None:
+    make, flags, expected = case
+    where = tmp_path / "shared"
+    where.mkdir()
+    log = make(where / "log")
+    failed = cli(capsys, *run_args(rootfs, *flags, "--audit-log", str(log)), code=2)
+    assert expected in failed["error"]["message"], failed
+    assert seen.env == {}  # never booted
+    if (where / "victim").exists():
+        assert (where / "victim").read_text() == "keep\n"

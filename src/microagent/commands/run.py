@@ -56,6 +56,12 @@ class _RunCommand(click.Command):
 )
 @credential_option("a preset (anthropic, openai, gemini)")
 @credential_upstream_option
+@click.option(
+    "--audit-log",
+    "audit_log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Append the run's broker audit entries (JSON lines) to FILE (needs --credential).",
+)
 @seconds_option("Stop the VM after this many seconds (more than 0).")
 @click.option(
     "--memory",
@@ -194,6 +200,7 @@ def _job(words: tuple[str, ...], opts: dict[str, Any], raw: tuple[str, ...] = ()
         kernel=opts["kernel"],
         initrd=opts["initrd"],
         credentials=creds,
+        audit_log=opts["audit_log"],
     )
 
 

@@ -9,12 +9,17 @@ workspace's supervisor starts it) holds the values, which reach it through a pip
 guest gets each broker's address and a placeholder key in the credential's variables. The
 gateway's files (its configuration without a secret, its log, the audit log) live in the run's
 scratch directory and go with it; the gateway stops when the run ends (and dies with this
-process).
+process). ``--audit-log FILE`` keeps the audit: the file is opened for appending before
+anything is pulled (so a path that cannot take it fails first), and when the run ends, however
+it ends, the gateway's entries are appended to it (read as ``audit`` reads a workspace's log:
+bounded lines, JSON objects only).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import json
 import os
 import stat
 from collections.abc import Mapping
@@ -57,6 +62,7 @@ class OneShot:
     kernel: Path | None = None
     initrd: Path | None = None
     credentials: tuple[Credential, ...] = ()  # brokered: references only, never a value
+    audit_log: Path | None = None  # where the broker's audit entries are appended
 
     def __post_init__(self) -> None:
         if (self.image is None) == (self.rootfs is None) or not self.command:
@@ -82,6 +88,11 @@ class OneShot:
         if self.rootfs is not None:
             check_rootfs(self.rootfs)
         check_runtime_env(self.credentials, self.env)
+        if self.audit_log is not None and not self.credentials:
+            raise InvalidInputError(
+                "--audit-log needs --credential: only a brokered run has an audit",
+                hint="add --credential NAME, or drop --audit-log",
+            )
 
 
 def check_rootfs(path: Path) -> None:
@@ -137,6 +148,52 @@ def read_secrets(job: OneShot) -> dict[str, str]:
     return resolve_secrets(job.credentials)
 
 
+def open_audit_log(path: Path | None) -> int | None:
+    """``--audit-log FILE`` opened for appending (created 0600), or None. The last component
+    is not followed (a symlink planted in a shared directory cannot aim the log at another
+    file) and must be a regular file (a FIFO would block the run's end)."""
+    if path is None:
+        return None
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        named = {errno.ELOOP: "a symbolic link", errno.ENXIO: "not a regular file (a FIFO?)"}
+        why = named.get(exc.errno or 0) or exc.strerror or str(exc)
+        raise InvalidInputError(
+            f"--audit-log {path}: cannot append to it: {why}",
+            hint="give a regular file in a directory you can write",
+        ) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidInputError(
+            f"--audit-log {path}: not a regular file", hint="give a regular file's path"
+        )
+    os.set_blocking(fd, True)
+    return fd
+
+
+def keep_audit(fd: int, vm_dir: Path) -> None:
+    """Append the gateway's audit entries (its log and a rotated predecessor, oldest first)
+    to ``fd``; each a bounded JSON object, as ``audit`` reads them."""
+    # deferred: with the broker's modules, only for a run with credentials
+    from microagent.workspace.audit import AUDIT_NAME, entries
+
+    batch: list[bytes] = []
+    for entry in entries(vm_dir / AUDIT_NAME):
+        batch.append(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+        if len(batch) >= 256:
+            _write_all(fd, b"".join(batch))
+            batch.clear()
+    _write_all(fd, b"".join(batch))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def run_brokered(
     request: RunRequest,
     job: OneShot,
@@ -146,8 +203,10 @@ def run_brokered(
     backend: Backend,
     kit: BootFiles,
     on_output: OutputSink | None = None,
+    audit_fd: int | None = None,
 ) -> GuestResult:
-    """Run ``request`` with ``job``'s credentials brokered (see the module docstring)."""
+    """Run ``request`` with ``job``'s credentials brokered (see the module docstring); the
+    audit entries are appended to ``audit_fd`` at the end when it is given."""
     if not job.credentials:
         return run_once(request, backend=backend, kit=kit, on_output=on_output)
     # deferred: the broker's modules (TLS, HTTP), only for a run with credentials
@@ -178,3 +237,5 @@ def run_brokered(
             return run_once(request, backend=backend, kit=kit, on_output=on_output, vm_dir=vm_dir)
         finally:
             gateway.stop()
+            if audit_fd is not None:
+                keep_audit(audit_fd, vm_dir)
