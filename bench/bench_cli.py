@@ -144,8 +144,18 @@ def measure(tmp: Path, registry_url: str) -> dict[str, Timing]:
     return interleaved(cases)
 
 
+def measured_code() -> str:
+    """Where the measured ``microagent`` package is imported from (``PYTHONPATH`` can point the
+    console script at another tree, e.g. an older commit's, for a before/after)."""
+    probe = [sys.executable, "-c", "import microagent; print(microagent.__file__)"]
+    done = subprocess.run(probe, capture_output=True, text=True, check=True)
+    return str(Path(done.stdout.strip()).parent)
+
+
 def main() -> None:
     busybox = standin.build_busybox(None)
+    code = measured_code()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp_text:
         tmp = Path(tmp_text)
         with start_registry(tmp / "registry") as registry:
@@ -154,6 +164,8 @@ def main() -> None:
                 raise SystemExit(f"unexpected stand-in reference {pushed.ref}")
             figures = measure(tmp, registry.url)
     wall, cpu = figures["python -c pass"]
+    print(f"code measured: {code}")
+    print(f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     print(f"median of {RUNS} runs each, in rounds; ratios to `python -c pass` in this run")
     print(f"{'':<26} {'wall':>9} {'ratio':>6} {'CPU':>9} {'ratio':>6}")
     for name, (took, used) in figures.items():
