@@ -145,6 +145,22 @@ def record_vmm(run: RunDir, proc: subprocess.Popen[bytes], *, skew: int = 0) -> 
     run.update(vmm={"pid": proc.pid, "startTime": start_time(proc.pid) + skew})
 
 
+@pytest.fixture
+def hanging_with_vmm(
+    project: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    stand_ins: list[subprocess.Popen[bytes]],
+) -> tuple[RunDir, subprocess.Popen[bytes]]:
+    """``ws`` started with a guest that runs until stopped (in the project's directory), and
+    a stand-in VMM recorded as its VM."""
+    monkeypatch.chdir(project)
+    run = start_hanging(capsys, monkeypatch)
+    vmm = stand_in(stand_ins)
+    record_vmm(run, vmm)
+    return run, vmm
+
+
 def state(capsys: pytest.CaptureFixture[str], name: str = "ws") -> str:
     return str(cli(capsys, "status", name)["event"]["state"])
 
@@ -235,15 +251,10 @@ def test_supervisor_records_its_vmm_which_dies_with_it(
 
 
 def test_force_delete_leaves_no_vmm(
-    project: Path,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-    stand_ins: list[subprocess.Popen[bytes]],
+    hanging_with_vmm: tuple[RunDir, subprocess.Popen[bytes]],
 ) -> None:
-    monkeypatch.chdir(project)
-    run = start_hanging(capsys, monkeypatch)
-    vmm = stand_in(stand_ins)
-    record_vmm(run, vmm)
+    _run, vmm = hanging_with_vmm
     assert cli(capsys, "delete", "-y", "--force", "ws")["results"][0]["deleted"]
     assert gone(vmm), "delete --force left the VMM running"
 
@@ -282,13 +293,9 @@ def _sched_state(pid: int) -> str:
 def test_halt_escalation_kills_the_vmm(
     project: Path,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-    stand_ins: list[subprocess.Popen[bytes]],
+    hanging_with_vmm: tuple[RunDir, subprocess.Popen[bytes]],
 ) -> None:
-    monkeypatch.chdir(project)
-    run = start_hanging(capsys, monkeypatch)
-    vmm = stand_in(stand_ins)
-    record_vmm(run, vmm)
+    run, vmm = hanging_with_vmm
     # deaf to the graceful request: stopped by a tracer (halt resumes a plainly stopped one)
     with traced(run.runtime()["supervisorPid"]):
         assert cli(capsys, "halt", "ws", "--timeout", "1")["state"] == "halted"
@@ -361,15 +368,10 @@ def test_halt_resumes_a_supervisor_stopped_while_it_holds_the_lock(
 
 
 def test_halt_kills_a_traced_supervisor_that_holds_the_lock(
-    project: Path,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-    stand_ins: list[subprocess.Popen[bytes]],
+    hanging_with_vmm: tuple[RunDir, subprocess.Popen[bytes]],
 ) -> None:
-    monkeypatch.chdir(project)
-    run = start_hanging(capsys, monkeypatch)
-    vmm = stand_in(stand_ins)
-    record_vmm(run, vmm)
+    run, vmm = hanging_with_vmm
     pid = run.runtime()["supervisorPid"]
     with traced(pid), LockHolder(run, lets_go=lambda: not running(pid)) as holder:
         out, took = timed_halt(capsys, "--timeout", "1")  # SIGCONT moves no tracee on
@@ -385,18 +387,13 @@ def test_halt_kills_a_traced_supervisor_that_holds_the_lock(
 
 
 def test_the_lock_wait_and_the_shutdown_share_the_halt_timeout(
-    project: Path,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-    stand_ins: list[subprocess.Popen[bytes]],
+    hanging_with_vmm: tuple[RunDir, subprocess.Popen[bytes]],
 ) -> None:
     """`--timeout` bounds the whole halt: a stranger holds the run dir's lock for most of it
     and the supervisor never shuts down (traced), so what is left after the lock is all the
     guest gets before the kill; the halt does not take the lock's wait plus a full timeout."""
-    monkeypatch.chdir(project)
-    run = start_hanging(capsys, monkeypatch)
-    vmm = stand_in(stand_ins)
-    record_vmm(run, vmm)
+    run, vmm = hanging_with_vmm
     held = time.monotonic() + 4.0
     with (
         traced(run.runtime()["supervisorPid"]),
@@ -457,12 +454,9 @@ def test_orphaned_vmm_blocks_cp_start_and_delete_until_halted(
     project: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
-    stand_ins: list[subprocess.Popen[bytes]],
+    hanging_with_vmm: tuple[RunDir, subprocess.Popen[bytes]],
 ) -> None:
-    monkeypatch.chdir(project)
-    run = start_hanging(capsys, monkeypatch)
-    vmm = stand_in(stand_ins)
-    record_vmm(run, vmm)
+    run, vmm = hanging_with_vmm
     os.killpg(run.runtime()["supervisorPid"], signal.SIGKILL)  # the VMM (stand-in) lives on
     wait_for("the workspace to fail", lambda: state(capsys) == "failed")
     src = project / "microagent.yaml"
