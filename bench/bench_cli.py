@@ -16,10 +16,15 @@ its first line runs) and ``import click, yaml`` (what a command that reads a spe
 Workspaces use the fake backend (nothing on the measured paths boots a VM). Bytecode is cached
 (in a temporary ``PYTHONPYCACHEPREFIX``) as in an installed package, after warm-up runs.
 Needs ``docker-registry``, ``skopeo`` and ``busybox-static``. Timings are printed, not judged.
+
+This machine's speed drifts by 10-20 % between runs (shared CPUs), more than a start-up change
+moves the figures: compare two trees with ``--baseline OLD/src``, which times the old tree's
+plan, create and cp in the same rounds, not two runs one after the other.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -42,6 +47,7 @@ DIGEST = "sha256:" + "0" * 64
 SCRIPT = Path(sys.executable).with_name("microagent")
 MA = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "microagent.cli"]
 TARGETS = {"plan --offline": 4.0, "cache-hit create": 8.0, "cp 1 MB": 6.0}
+BASE = "[baseline]"
 
 
 Timing = tuple[float, float]  # wall seconds, CPU seconds (user + system, its children too)
@@ -110,7 +116,7 @@ def pinned_example(tmp: Path) -> Path:
     return project / "microagent.yaml"
 
 
-def measure(tmp: Path, registry_url: str) -> dict[str, Timing]:
+def measure(tmp: Path, registry_url: str, baseline: Path | None) -> dict[str, Timing]:
     env = base_env(tmp)
     env["MICROAGENT_REGISTRY_MIRRORS"] = f"docker.io={registry_url}"
     python = [sys.executable, "-c", "pass"]
@@ -140,6 +146,19 @@ def measure(tmp: Path, registry_url: str) -> dict[str, Timing]:
         "cache-hit create, TTL 0": lambda: create(uncached),
         "cp 1 MB": lambda: seconds(cp, env),
     }
+    if baseline is not None:  # the same commands on the other tree, each beside its twin
+        old = dict(env, PYTHONPATH=str(baseline))
+        twins: dict[str, Callable[[], Timing]] = {
+            "plan --offline": lambda: seconds(plan, old),
+            "cache-hit create": lambda: create(old),
+            "cp 1 MB": lambda: seconds(cp, old),
+        }
+        cases = {
+            label: run
+            for name, case in cases.items()
+            for label, run in ((name, case), (f"{name} {BASE}", twins.get(name)))
+            if run is not None
+        }
     interleaved(cases, runs=2)  # warm-up: bytecode written, caches filled
     return interleaved(cases)
 
@@ -153,6 +172,15 @@ def measured_code() -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a folder holding another microagent package (e.g. `git archive OLD src | tar -x`, "
+        "then OLD/src): its plan, create and cp are timed in the same rounds, the fair "
+        "before/after on a machine whose speed drifts between runs",
+    )
+    baseline = parser.parse_args().baseline
     busybox = standin.build_busybox(None)
     code = measured_code()
     load_before = os.getloadavg()[0]
@@ -162,17 +190,17 @@ def main() -> None:
             pushed = standin.push(busybox, registry.host)
             if pushed.repository != "library/busybox" or pushed.tag != "latest":
                 raise SystemExit(f"unexpected stand-in reference {pushed.ref}")
-            figures = measure(tmp, registry.url)
+            figures = measure(tmp, registry.url, baseline and baseline.resolve())
     wall, cpu = figures["python -c pass"]
-    print(f"code measured: {code}")
+    print(f"code measured: {code}" + (f"; {BASE}: {baseline}" if baseline else ""))
     print(f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     print(f"median of {RUNS} runs each, in rounds; ratios to `python -c pass` in this run")
-    print(f"{'':<26} {'wall':>9} {'ratio':>6} {'CPU':>9} {'ratio':>6}")
+    print(f"{'':<28} {'wall':>9} {'ratio':>6} {'CPU':>9} {'ratio':>6}")
     for name, (took, used) in figures.items():
-        target = TARGETS.get(name)
+        target = TARGETS.get(name.removesuffix(f" {BASE}"))
         goal = f"  (target <= {target:.0f}x)" if target else ""
         print(
-            f"{name:<26} {took * 1000:6.1f} ms {took / wall:5.1f}x "
+            f"{name:<28} {took * 1000:6.1f} ms {took / wall:5.1f}x "
             f"{used * 1000:6.1f} ms {used / cpu:5.1f}x{goal}"
         )
 
