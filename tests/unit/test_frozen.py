@@ -211,3 +211,23 @@ def test_no_frozen_record_lost_its_equality() -> None:
     ]
     assert lost == []
     assert any(issubclass(cls, Frozen) for cls in records)
+
+
+def test_records_of_the_package_copy_and_pickle_as_before() -> None:
+    """Real records (mixin classes at module level) survive copy, deepcopy and pickle equal,
+    with the same hash and repr; a spec (its env a mappingproxy: no pickle) is copied."""
+    import copy
+    import pickle
+    from pathlib import Path
+
+    from microagent.compiler.spec import Forward, Network, Spec
+    from microagent.errors import Location
+
+    network = Network(forwards=(Forward(1, 2),), allow=("pypi.org",))
+    for value in (Location("f", 1, 2), Forward(8080, 80), network):
+        for twin in (copy.copy(value), copy.deepcopy(value), pickle.loads(pickle.dumps(value))):
+            assert twin == value and hash(twin) == hash(value) and repr(twin) == repr(value)
+    spec = Spec(source=Path("/x/microagent.yaml"), name="a", network=network)
+    assert copy.copy(spec) == spec and repr(copy.copy(spec)) == repr(spec)
+    assert spec != dataclasses.replace(spec, name="b")
+    assert Location("f", 1, 2) < Location("f", 2, 0)
