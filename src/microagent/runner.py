@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from microagent.errors import ToolError, VMError
+from microagent.frozen import Frozen
 
 # Which Debian package provides a tool, for the "not installed" hint.
 PACKAGES: Mapping[str, str] = {
@@ -57,8 +58,8 @@ BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STDERR_TAIL_LINES = 20
 
 
-@dataclass(frozen=True)
-class Completed:
+@dataclass(frozen=True, eq=False, repr=False)
+class Completed(Frozen):
     """The outcome of a finished command."""
 
     argv: tuple[str, ...]
@@ -213,8 +214,8 @@ def boot_id() -> str:
         return ""
 
 
-@dataclass(frozen=True)
-class ProcessIdentity:
+@dataclass(frozen=True, eq=False, repr=False)
+class ProcessIdentity(Frozen):
     """A process as the kernel knows it: pid plus start time (clock ticks after boot) and the
     boot it runs in, so a recorded pid is never mistaken for a later process that reuses the
     number, in this boot or after a restart of the host."""

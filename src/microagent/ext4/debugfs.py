@@ -31,6 +31,7 @@ from microagent.errors import (
     InvalidInputError,
     ToolError,
 )
+from microagent.frozen import Frozen
 from microagent.layers.stagemeta import Kind, PathMeta, StageMetadata
 from microagent.runner import run, spawn
 
@@ -73,8 +74,8 @@ def quote(path: str, *, raw_bytes: bool = False) -> str:
     return '"' + path.replace('"', '""') + '"'
 
 
-@dataclass(frozen=True)
-class Script:
+@dataclass(frozen=True, eq=False, repr=False)
+class Script(Frozen):
     """What a batch of debugfs commands printed: one output per command, and stderr."""
 
     outputs: tuple[str, ...]
@@ -141,8 +142,8 @@ def _split_outputs(stdout: str, commands: Sequence[str], image: Path) -> tuple[s
 # -- parsing what debugfs prints -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DirEntry:
+@dataclass(frozen=True, eq=False, repr=False)
+class DirEntry(Frozen):
     """One line of ``ls -p``: a name in a directory and its inode's type, mode and owner."""
 
     name: str
@@ -182,8 +183,8 @@ def parse_ls(output: str, where: str) -> dict[str, DirEntry]:
     return out
 
 
-@dataclass(frozen=True)
-class Inode:
+@dataclass(frozen=True, eq=False, repr=False)
+class Inode(Frozen):
     """What ``stat`` says about one inode."""
 
     ino: int

@@ -54,6 +54,7 @@ from microagent.ext4.debugfs import (
     run_debugfs,
 )
 from microagent.ext4.mkfs import UPPER
+from microagent.frozen import Frozen
 from microagent.fsutil import free_bytes, no_space, says_no_space
 from microagent.layers.stagemeta import Kind, PathMeta
 
@@ -74,16 +75,16 @@ class Layer(enum.Enum):
     LOWER = "lower"
 
 
-@dataclass(frozen=True)
-class _Hit:
+@dataclass(frozen=True, eq=False, repr=False)
+class _Hit(Frozen):
     """An entry of the merged view: its layer and its inode there."""
 
     layer: Layer
     inode: Inode
 
 
-@dataclass(frozen=True)
-class _Probe:
+@dataclass(frozen=True, eq=False, repr=False)
+class _Probe(Frozen):
     """``stat`` of every prefix of a path (index 0 is the root) in both layers."""
 
     upper: tuple[Inode | None, ...]
@@ -91,8 +92,8 @@ class _Probe:
     lower: tuple[Inode | None, ...]
 
 
-@dataclass(frozen=True)
-class _View:
+@dataclass(frozen=True, eq=False, repr=False)
+class _View(Frozen):
     """A guest path resolved in the merged view (symlinks in its parents followed)."""
 
     parts: tuple[str, ...]
@@ -103,8 +104,8 @@ class _View:
     parent_missing: bool = False  # broken because an ancestor does not exist
 
 
-@dataclass(frozen=True)
-class _Symlink:
+@dataclass(frozen=True, eq=False, repr=False)
+class _Symlink(Frozen):
     """The walk met a symlink at component ``index`` (1-based) that must be followed."""
 
     index: int
@@ -208,8 +209,8 @@ def exists(state_image: Path, rootfs_image: Path, guest_path: str) -> bool:
 # -- the two disks ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Disks:
+@dataclass(frozen=True, eq=False, repr=False)
+class _Disks(Frozen):
     state: Path
     rootfs: Path
 

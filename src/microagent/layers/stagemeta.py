@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from microagent.frozen import Frozen
+
 
 class Kind(enum.Enum):
     """File types a layer may contain, with their ``st_mode`` type bits."""
@@ -46,8 +48,8 @@ _TYPE_BITS = {
 }
 
 
-@dataclass(frozen=True)
-class PathMeta:
+@dataclass(frozen=True, eq=False, repr=False)
+class PathMeta(Frozen):
     """What one path in the image should be: type, permission bits, owner, mtime."""
 
     kind: Kind

@@ -9,6 +9,7 @@ from typing import Any
 
 from microagent.digests import is_digest
 from microagent.errors import IntegrityError, RegistryError
+from microagent.frozen import Frozen
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -28,8 +29,8 @@ ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
 MAX_DOCUMENT_BYTES = 4 << 20
 
 
-@dataclass(frozen=True)
-class Descriptor:
+@dataclass(frozen=True, eq=False, repr=False)
+class Descriptor(Frozen):
     media_type: str
     digest: str
     size: int
@@ -47,8 +48,8 @@ class Descriptor:
         return out
 
 
-@dataclass(frozen=True)
-class Fetched:
+@dataclass(frozen=True, eq=False, repr=False)
+class Fetched(Frozen):
     """A manifest or index exactly as its source sent it, with its verified digest."""
 
     data: bytes
@@ -64,8 +65,8 @@ class Fetched:
         return media_type_of(self.document(), self.media_type or None)
 
 
-@dataclass(frozen=True)
-class Manifest:
+@dataclass(frozen=True, eq=False, repr=False)
+class Manifest(Frozen):
     """A single-platform image manifest."""
 
     media_type: str
@@ -73,8 +74,8 @@ class Manifest:
     layers: tuple[Descriptor, ...]
 
 
-@dataclass(frozen=True)
-class Index:
+@dataclass(frozen=True, eq=False, repr=False)
+class Index(Frozen):
     """A multi-platform index (OCI index or Docker manifest list)."""
 
     media_type: str

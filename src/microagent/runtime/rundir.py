@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from microagent import runner
 from microagent.errors import ConflictError
+from microagent.frozen import Frozen
 from microagent.fsutil import read_json, write_json_atomic
 from microagent.runner import ProcessIdentity
 
@@ -104,8 +105,8 @@ def _no_restart() -> Restart:
     return Restart()
 
 
-@dataclass(frozen=True)
-class BootDocument:
+@dataclass(frozen=True, eq=False, repr=False)
+class BootDocument(Frozen):
     """``boot.json``: the VM the supervisor boots and the backend it boots it with."""
 
     config: BootConfig
@@ -240,8 +241,8 @@ def _config_from_json(data: Mapping[str, Any]) -> BootConfig:
     )
 
 
-@dataclass(frozen=True)
-class RunDir:
+@dataclass(frozen=True, eq=False, repr=False)
+class RunDir(Frozen):
     """Paths and state of one run directory."""
 
     path: Path

@@ -8,9 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from microagent.frozen import Frozen
 
-@dataclass(frozen=True)
-class CopyReport:
+
+@dataclass(frozen=True, eq=False, repr=False)
+class CopyReport(Frozen):
     workspace: str
     direction: str  # "to-workspace" | "from-workspace"
     source: str

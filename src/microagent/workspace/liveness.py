@@ -32,6 +32,7 @@ from typing import Any
 
 from microagent import runner
 from microagent.errors import VMError
+from microagent.frozen import Frozen
 from microagent.runner import ProcessIdentity
 from microagent.runtime.rundir import RunDir, State
 from microagent.workspace.records import Workspace
@@ -189,8 +190,8 @@ def seconds_since(stamp: object) -> int | None:
 # -- a supervisor that runs but does not answer -------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SupervisorState:
+@dataclass(frozen=True, eq=False, repr=False)
+class SupervisorState(Frozen):
     """The supervisor of a live workspace: its pid and how it runs (``running``: as usual,
     ``stopped``: by SIGSTOP or SIGTSTP, ``traced``: stopped by a debugger). ``detail`` says
     what an unresponsive one means and how to go on; '' for one that answers."""

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from microagent.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError
+from microagent.frozen import Frozen
 from microagent.fsutil import read_json
 from microagent.runtime.rundir import RunDir, now
 
@@ -43,8 +44,8 @@ RECORD_VERSION = 1
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # fullmatch: ``$`` accepts "x\n"
 
 
-@dataclass(frozen=True)
-class DeclaredFile:
+@dataclass(frozen=True, eq=False, repr=False)
+class DeclaredFile(Frozen):
     """A file delivered on every boot; its content is a blob in the store."""
 
     path: str
@@ -54,8 +55,8 @@ class DeclaredFile:
     target: str = ""
 
 
-@dataclass(frozen=True)
-class AttachedDisk:
+@dataclass(frozen=True, eq=False, repr=False)
+class AttachedDisk(Frozen):
     """A spec disk or bundle as the workspace keeps it.
 
     ``entry`` names the shared, read-only image in the store (a ro disk or bundle, reused by
@@ -76,8 +77,8 @@ class AttachedDisk:
         return self.mode == "ro"
 
 
-@dataclass(frozen=True)
-class Record:
+@dataclass(frozen=True, eq=False, repr=False)
+class Record(Frozen):
     """Everything ``start`` needs, captured at create time."""
 
     name: str
@@ -204,8 +205,8 @@ def check_name(name: str) -> str:
     return name
 
 
-@dataclass(frozen=True)
-class Workspace:
+@dataclass(frozen=True, eq=False, repr=False)
+class Workspace(Frozen):
     """Paths of one workspace directory; its run state lives in :attr:`run`."""
 
     root: Path
