@@ -19,6 +19,7 @@ from microagent.compiler.plan import BuildPlan
 from microagent.compiler.refs import host_platform, parse_any_ref
 from microagent.digests import key_hex
 from microagent.errors import IntegrityError, MicroagentError, NotFoundError
+from microagent.frozen import Frozen
 from microagent.oci import documents as oci
 from microagent.progress import Meter, TaskKind
 from microagent.store.content import Store
@@ -40,8 +41,8 @@ if TYPE_CHECKING:
 Progress = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class BaseImage:
+@dataclass(frozen=True, eq=False, repr=False)
+class BaseImage(Frozen):
     key: str
     reference: str
     digest: str

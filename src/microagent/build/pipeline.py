@@ -22,6 +22,7 @@ from microagent.compiler.plan import BuildPlan, compile_plan
 from microagent.compiler.refs import host_platform, portable_ref
 from microagent.compiler.spec import Spec
 from microagent.errors import BuildError
+from microagent.frozen import Frozen
 from microagent.oci.resolve import Resolutions, resolve_image
 from microagent.remotecache.refs import (
     CacheRef,
@@ -46,8 +47,8 @@ Say = Callable[[str], None]
 Sink = Callable[[bytes], None]
 
 
-@dataclass(frozen=True)
-class BuildOutcome:
+@dataclass(frozen=True, eq=False, repr=False)
+class BuildOutcome(Frozen):
     """What building a plan did: the plan, its rootfs, setup boots, and remote cache use."""
 
     plan: BuildPlan

@@ -24,6 +24,7 @@ from microagent.compiler.keys import SetupInputs, StepKind
 from microagent.compiler.plan import BuildPlan, Step
 from microagent.digests import key_hex
 from microagent.errors import BuildError
+from microagent.frozen import Frozen
 from microagent.fsutil import flocked
 from microagent.progress import Meter, TaskKind, report_cached
 from microagent.runtime.machine import Accel
@@ -118,8 +119,8 @@ class _Clock:
         self.last = now
 
 
-@dataclass(frozen=True)
-class BuiltRootfs:
+@dataclass(frozen=True, eq=False, repr=False)
+class BuiltRootfs(Frozen):
     key: str
     path: Path
     layers: tuple[LayerRef, ...]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from microagent.errors import BuildError, ConflictError, InvalidInputError, ToolError
 from microagent.ext4.debugfs import fix_ownership_script, quote, run_debugfs
+from microagent.frozen import Frozen
 from microagent.fsutil import no_space, says_no_space
 from microagent.layers.stagemeta import StageMetadata
 from microagent.runner import run
@@ -29,8 +30,8 @@ DEFAULT_HEADROOM_MIB = 64
 FIXED_TIME = 1577836800  # 2020-01-01: the build "now" (e2fsprogs treats 0 as unset)
 
 
-@dataclass(frozen=True)
-class RootfsInfo:
+@dataclass(frozen=True, eq=False, repr=False)
+class RootfsInfo(Frozen):
     path: Path
     size_bytes: int
     content_bytes: int

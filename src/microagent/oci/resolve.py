@@ -20,6 +20,7 @@ from microagent.compiler.refs import ImageRef, LayoutRef, host_platform, parse_a
 from microagent.compiler.spec import Spec
 from microagent.digests import canonical_json, is_digest, sha256_digest
 from microagent.errors import HostIOError, InvalidInputError
+from microagent.frozen import Frozen
 from microagent.fsutil import read_json, write_json_atomic
 from microagent.settings import Settings
 
@@ -27,8 +28,8 @@ if TYPE_CHECKING:
     from microagent.oci.registry import RegistryClient
 
 
-@dataclass(frozen=True)
-class Resolutions:
+@dataclass(frozen=True, eq=False, repr=False)
+class Resolutions(Frozen):
     """Recent answers of registries to "which digest is this tag?" (see the module docstring),
     one small JSON file each under ``directory``, keyed by the reference, the platform and
     where the registry is reached (its mirrors, plain HTTP or not)."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from microagent.compiler.refs import ImageRef, LayoutRef, parse_image_ref, parse_layout_ref
 from microagent.errors import InvalidInputError
+from microagent.frozen import Frozen
 from microagent.settings import Settings, split_list
 
 if TYPE_CHECKING:
@@ -26,8 +27,8 @@ if TYPE_CHECKING:
 DEFAULT_TAG = "latest"
 
 
-@dataclass(frozen=True)
-class CacheRef:
+@dataclass(frozen=True, eq=False, repr=False)
+class CacheRef(Frozen):
     """A registry repository or a layout folder holding published steps."""
 
     image: ImageRef | None = None

@@ -20,6 +20,7 @@ from microagent.compiler.plan import BuildPlan
 from microagent.compiler.spec import Spec
 from microagent.errors import InvalidInputError
 from microagent.ext4.mkfs import make_state_disk
+from microagent.frozen import Frozen
 from microagent.fsutil import write_json_atomic
 from microagent.runtime.rundir import State
 from microagent.store.content import Store
@@ -41,8 +42,8 @@ if TYPE_CHECKING:
 HostForwards = tuple[tuple[int, int], ...]
 
 
-@dataclass(frozen=True)
-class CreateReport:
+@dataclass(frozen=True, eq=False, repr=False)
+class CreateReport(Frozen):
     workspace: Workspace
     plan: BuildPlan
     rootfs: BuiltRootfs
