@@ -683,6 +683,7 @@ class Microagent:
                 kit=kit,
                 on_output=self.output,
                 audit_fd=audit_fd,
+                say=self.say,
             )
         finally:
             if audit_fd is not None:

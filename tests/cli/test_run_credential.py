@@ -9,6 +9,7 @@ connection over the agent port, as ``ma-agent`` does in a VM).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -28,6 +29,7 @@ from microagent.compiler.files import EXT_MAGIC, EXT_MAGIC_OFFSET
 from microagent.runtime import backends
 from microagent.runtime.backend import Backend, BootConfig, GuestResult, OutputSink
 from microagent.runtime.fake import FakeBackend, FakeMachine, FakeOutcome
+from microagent.workspace import run as oneshot
 from microagent.workspace.services import PLACEHOLDER
 from testenv.agent_standin import standin_argv
 from testenv.clitools import cli_json as cli
@@ -343,3 +345,27 @@ def test_an_audit_log_that_cannot_be_kept_is_refused_before_anything_runs(
     assert seen.env == {}  # never booted
     if (where / "victim").exists():
         assert (where / "victim").read_text() == "keep\n"
+
+
+@pytest.mark.usefixtures("seen")  # the fake guest that calls the model
+def test_an_audit_log_that_fills_up_is_a_warning_after_the_runs_own_result(
+    upstream: Upstream,
+    rootfs: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    target = f"anthropic=http://127.0.0.1:{upstream.port}/api"
+    flags = ("--credential", "anthropic", "--credential-upstream", target)
+    code = main(["run", *flags, "--audit-log", "/dev/full", *run_args(rootfs)[1:]])
+    assert code == 2 and "not a regular file" in capsys.readouterr().err  # a device: refused
+
+    def full(_fd: int, _data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(oneshot, "_write_all", full)  # the disk fills as the entries go in
+    log = tmp_path / "audit.jsonl"
+    code = main(["run", *flags, "--audit-log", str(log), *run_args(rootfs)[1:]])
+    err = capsys.readouterr().err
+    assert code == 0, err  # the command's own exit code, not the audit's trouble
+    assert f"warning: the run's audit was not all appended to {log}: No space left" in err, err

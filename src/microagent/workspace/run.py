@@ -22,7 +22,7 @@ import errno
 import json
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,19 +173,24 @@ def open_audit_log(path: Path | None) -> int | None:
     return fd
 
 
-def keep_audit(fd: int, vm_dir: Path) -> None:
+def keep_audit(fd: int, vm_dir: Path) -> str | None:
     """Append the gateway's audit entries (its log and a rotated predecessor, oldest first)
-    to ``fd``; each a bounded JSON object, as ``audit`` reads them."""
+    to ``fd``; each a bounded JSON object, as ``audit`` reads them. What went wrong, if the
+    entries could not all be written (said, never raised: the run's own outcome comes first)."""
     # deferred: with the broker's modules, only for a run with credentials
     from microagent.workspace.audit import AUDIT_NAME, entries
 
     batch: list[bytes] = []
-    for entry in entries(vm_dir / AUDIT_NAME):
-        batch.append(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
-        if len(batch) >= 256:
-            _write_all(fd, b"".join(batch))
-            batch.clear()
-    _write_all(fd, b"".join(batch))
+    try:
+        for entry in entries(vm_dir / AUDIT_NAME):
+            batch.append(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+            if len(batch) >= 256:
+                _write_all(fd, b"".join(batch))
+                batch.clear()
+        _write_all(fd, b"".join(batch))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -204,9 +209,11 @@ def run_brokered(
     kit: BootFiles,
     on_output: OutputSink | None = None,
     audit_fd: int | None = None,
+    say: Callable[[str], None] = lambda _message: None,
 ) -> GuestResult:
     """Run ``request`` with ``job``'s credentials brokered (see the module docstring); the
-    audit entries are appended to ``audit_fd`` at the end when it is given."""
+    audit entries are appended to ``audit_fd`` at the end when it is given (``say`` tells
+    when they could not be)."""
     if not job.credentials:
         return run_once(request, backend=backend, kit=kit, on_output=on_output)
     # deferred: the broker's modules (TLS, HTTP), only for a run with credentials
@@ -237,5 +244,6 @@ def run_brokered(
             return run_once(request, backend=backend, kit=kit, on_output=on_output, vm_dir=vm_dir)
         finally:
             gateway.stop()
-            if audit_fd is not None:
-                keep_audit(audit_fd, vm_dir)
+            problem = None if audit_fd is None else keep_audit(audit_fd, vm_dir)
+            if problem is not None:
+                say(f"warning: the run's audit was not all appended to {job.audit_log}: {problem}")
