@@ -464,7 +464,10 @@ def test_orphaned_vmm_blocks_cp_start_and_delete_until_halted(
     assert copy["kind"] == "conflict" and "halt ws" in copy["hint"]
     assert "still running" in copy["message"]
     assert cli(capsys, "start", "ws", code=1)["error"]["kind"] == "conflict"
+    began = time.monotonic()
     assert cli(capsys, "delete", "-y", "ws", code=1)["error"]["kind"] == "conflict"
+    took = time.monotonic() - began  # no supervisor is left to stop the VMM: no 10 s wait
+    assert took < lifecycle.EXIT_GRACE / 2, f"the refusal took {took:.1f}s"
     assert vmm.poll() is None
     assert cli(capsys, "halt", "ws")["state"] == "failed"
     assert gone(vmm), "halt left the orphaned VMM running"

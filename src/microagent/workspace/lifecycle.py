@@ -88,6 +88,7 @@ START_LOCK = ".start.lock"
 START_TIMEOUT = 60.0
 HALT_TIMEOUT = 30.0
 EXIT_GRACE = 10.0  # seconds a supervisor may take to exit after writing its final state
+ORPHAN_GRACE = 2.0  # seconds a dead supervisor's processes get to follow it
 POLL = 0.2
 START_POLL = 0.05  # a start's wait for the supervisor to report running (a restore: ~1 s)
 
@@ -685,11 +686,16 @@ def _works_in(pid: int, root: Path) -> bool:
 
 
 def _exited(ws: Workspace, timeout: float) -> list[ProcessIdentity]:
-    """The processes of a workspace in a final state, after waiting up to ``timeout`` for
-    them to end (a supervisor stops its gateway after writing the final state)."""
+    """The processes of a workspace in a final state, after waiting for them to end: up to
+    ``timeout`` while a supervisor of it runs (it stops its gateway after writing the final
+    state), and :data:`ORPHAN_GRACE` once none does (a dead supervisor's VMM and gateway
+    follow it by their parent-death signal at once; what is still there after that stays,
+    and waiting longer would only delay the refusal)."""
     deadline = time.monotonic() + timeout
     running = leftovers(ws)
     while running and time.monotonic() < deadline:
+        if next(ws.run.processes(gateways=False), None) is None:
+            deadline = min(deadline, time.monotonic() + ORPHAN_GRACE)
         time.sleep(POLL / 4)
         running = leftovers(ws)
     return running
