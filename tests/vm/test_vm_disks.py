@@ -104,6 +104,9 @@ def test_rw_disk_persists_across_halt_and_start_and_ro_disk_refuses_writes(
     report = api.start("disks-vm", wait=True, timeout=BOOT_TIMEOUT)
     second = api.result("disks-vm")["stdout"]
     assert report.exit_code == 0, second
+    console = b"".join(api.logs("disks-vm")).decode(errors="replace")
+    # the guest powered off after the command, not into a panic ("poweroff: not found")
+    assert "not found" not in console and "Kernel panic" not in console, console[-3000:]
     assert "boot=2 ro=refused ref=reference" in second, second
     # the workspace wrote its own copy, never the spec's image
     assert (project.parent / "data.ext4").read_bytes() == source
