@@ -396,3 +396,36 @@ def test_boot_document_carries_the_policy(tmp_path: Path) -> None:
     assert (back.restart, back.restart_backoff) == (Restart.parse("on-failure:3"), 0.5)
     old = {k: v for k, v in doc.to_json().items() if k not in ("restart", "restartBackoff")}
     assert BootDocument.from_json(old).restart == Restart()  # a boot.json from before
+
+
+# -- a boot that stalls before the guest's first event ------------------------------------------
+
+
+def test_a_stalled_boot_is_booted_again_without_counting_a_restart(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    create(capsys, project, "ws", "never")
+    outcome(monkeypatch, stalls=1, stdout="hi\n")
+    cli(capsys, "start", "ws")
+    assert cli(capsys, "wait", "ws")["state"] == "stopped"
+    stalls = events(capsys, "ws", "boot-stall")
+    assert [e["attempt"] for e in stalls] == [1]
+    assert stalls[0]["detail"].startswith("the guest did not boot within 120s")
+    assert stalls[0]["detail"].endswith("; booting again")
+    assert [e["detail"] for e in events(capsys, "ws", "fsck")] == [
+        "state disk checked after a VM that stopped without a clean shutdown: clean"
+    ], "the killed VM's disk is checked before the second boot"
+    status = cli(capsys, "status", "ws")
+    assert (status["restarts"], state_of(status)) == (0, "stopped")
+
+
+def test_a_second_stall_fails_the_start_with_the_reason(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    create(capsys, project, "ws", "never")
+    outcome(monkeypatch, stalls=2)
+    cli(capsys, "start", "ws")
+    assert cli(capsys, "wait", "ws", code=1)["state"] == "failed"
+    assert len(events(capsys, "ws", "boot-stall")) == 1
+    detail = cli(capsys, "status", "ws")["event"]["detail"]
+    assert detail.startswith("the guest did not boot within 120s"), detail

@@ -9,6 +9,7 @@ import secrets
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import RunVM
@@ -17,8 +18,9 @@ from microagent.cli import main
 from microagent.errors import InvalidInputError, VMError
 from microagent.kit import guestkit
 from microagent.kit.guestkit import GuestKit
-from microagent.runtime.backend import MachineType
-from microagent.runtime.boot import RunRequest, prepare
+from microagent.runtime import qemu
+from microagent.runtime.backend import BootConfig, BootStalled, MachineType
+from microagent.runtime.boot import RunRequest, prepare, run_once
 from microagent.runtime.configdisk import GuestFile, Output
 from microagent.runtime.qemu import QemuBackend
 from microagent.store.content import Store
@@ -157,6 +159,40 @@ def test_kernel_panic_is_reported(
         with pytest.raises(VMError, match="panicked"), backend.boot(config) as machine:
             machine.wait()
     assert time.monotonic() - began < 30
+
+
+@pytest.fixture
+def stalling(
+    backend: QemuBackend, monkeypatch: pytest.MonkeyPatch, no_leftovers: None
+) -> list[Path]:
+    """A boot deadline shorter than any boot (every boot stalls); the VM directory of each
+    boot ``backend`` makes in the test."""
+    monkeypatch.setattr(qemu, "BOOT_TIMEOUT", 0.2)
+    seen: list[Path] = []
+    real_boot = backend.boot
+
+    def counted(config: BootConfig, **kw: Any) -> Any:
+        seen.append(config.state_dir)
+        return real_boot(config, **kw)
+
+    monkeypatch.setattr(backend, "boot", counted)
+    return seen
+
+
+def test_a_boot_that_stalls_is_tried_once_more_and_says_where_the_vcpu_was(
+    kit: GuestKit, rootfs: Path, backend: QemuBackend, stalling: list[Path], tmp_path: Path
+) -> None:
+    """Each stalled boot saves the vCPUs' registers (QMP) and is stopped; run_once boots once
+    more before it gives up, and no QEMU is left behind (``no_leftovers``)."""
+    request = RunRequest(rootfs=rootfs, command=("true",), state_size_mib=64, timeout=60)
+    with pytest.raises(BootStalled) as raised:
+        run_once(request, backend=backend, kit=kit, vm_dir=tmp_path)
+    assert len(stalling) == 2
+    assert raised.value.message.startswith("the guest did not boot within 0.2s (VMM running")
+    assert "RIP=" in raised.value.message
+    assert raised.value.diagnosis == tmp_path / qemu.STALL_FILE
+    dump = raised.value.diagnosis.read_text()
+    assert dump.startswith("run state: running") and "RIP=" in dump and "CR3=" in dump
 
 
 def test_bad_kernel_path_and_garbage_kernel(

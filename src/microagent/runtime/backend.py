@@ -457,6 +457,20 @@ def _output_entry_ok(entry: Any) -> bool:
     return all(k not in entry or isinstance(entry[k], t) for k, t in kinds.items())
 
 
+class BootStalled(VMError):
+    """The guest never said it booted: the kernel or the init stopped before the guest's
+    first event. Nothing of the guest's command ran, so booting again is safe; callers try
+    once more (:data:`BOOT_ATTEMPTS`). ``diagnosis`` names the file holding the vCPUs'
+    state at the stall, when the VMM could give it."""
+
+    def __init__(self, message: str, *, hint: str = "", diagnosis: Path | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.diagnosis = diagnosis
+
+
+BOOT_ATTEMPTS = 2  # boots tried when the guest stalls before its first event
+
+
 class GuestTimeout(VMError):
     """The guest command did not finish in time; the VM was stopped.
 

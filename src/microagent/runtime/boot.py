@@ -26,11 +26,14 @@ from pathlib import Path
 from typing import Protocol
 
 from microagent.errors import InvalidInputError, VMError
+from microagent.ext4.debugfs import repair_image
 from microagent.ext4.mkfs import make_state_disk
 from microagent.runtime.backend import (
+    BOOT_ATTEMPTS,
     Accel,
     Backend,
     BootConfig,
+    BootStalled,
     Disk,
     GuestResult,
     MachineType,
@@ -50,6 +53,7 @@ from microagent.runtime.configdisk import (
 )
 
 DEFAULT_STATE_MIB = 4096
+THROWAWAY_STATE = "state.ext4"  # a one-shot run's state disk, in its VM directory
 SETUP_BOOT = "setup"  # the name of a setup step's boot (RunRequest.name)
 SOCKET_PATH_MAX = 100  # unix socket paths are limited to ~107 bytes
 SYSTEM_DISKS = 3  # rootfs, state, config: /dev/vda, /dev/vdb, /dev/vdc
@@ -169,7 +173,7 @@ def prepare(
     work = work_dir or vm_dir
     state = request.state_disk
     if state is None:
-        state = make_state_disk(work / "state.ext4", request.state_size_mib, journal=False)
+        state = make_state_disk(work / THROWAWAY_STATE, request.state_size_mib, journal=False)
     config_disk = work / "config.tar"
     config_disk.unlink(missing_ok=True)
     write_config_disk(config_disk, request.run_config(), request.files, request.extra_ca)
@@ -280,7 +284,47 @@ def run_once(
 ) -> GuestResult:
     """Boot, run the command, power off; the guest's result (VMError on failure). The VM's
     files go to ``vm_dir`` (default: a scratch directory removed afterwards). With service
-    channels, the host side of the guest agent carries them while the VM runs."""
+    channels, the host side of the guest agent carries them while the VM runs.
+
+    A boot that stalls before the guest's first event (:class:`BootStalled`: nothing of the
+    command ran) is tried once more, after a repairing check of a state disk the caller
+    gave (the stalled VM was killed); the result's timings then count ``host.bootStalls``."""
+    stalls = 0
+    while True:
+        try:
+            result = _boot_and_wait(request, backend, kit, on_output, vm_dir)
+        except BootStalled:
+            stalls += 1
+            if stalls >= BOOT_ATTEMPTS:
+                raise
+            _repair_after_stall(request, vm_dir)
+            continue
+        if not stalls:
+            return result
+        timings = {**result.timings, "host.bootStalls": float(stalls)}
+        return dataclasses.replace(result, timings=timings)
+
+
+def _repair_after_stall(request: RunRequest, vm_dir: Path | None) -> None:
+    """The disks a stalled (killed) VM may have written get a repairing check before the next
+    boot: the caller's state disk and the writable extra disks (a throwaway state disk is
+    made afresh)."""
+    if request.state_disk is not None:
+        repair_image(request.state_disk, "state disk")
+    elif vm_dir is not None:
+        (vm_dir / THROWAWAY_STATE).unlink(missing_ok=True)
+    for disk in request.disks:
+        if not disk.readonly:
+            repair_image(disk.path, f"disk {disk.name or disk.mountpoint}")
+
+
+def _boot_and_wait(
+    request: RunRequest,
+    backend: Backend,
+    kit: BootFiles,
+    on_output: OutputSink | None,
+    vm_dir: Path | None,
+) -> GuestResult:
     began = time.monotonic()
     with contextlib.ExitStack() as stack:
         if vm_dir is None:

@@ -5,7 +5,9 @@ For fast tests of everything above the VMM (CLI, lifecycle, supervisor); it need
 does is decided by a handler ``RunConfig -> FakeOutcome``; :func:`outcome_handler` answers
 with one outcome given as JSON (``$MICROAGENT_FAKE``: the :class:`FakeOutcome` fields in
 camelCase), or exits 0 echoing the argv.
-A hanging outcome stops only when the machine is shut down or the timeout passes. An outcome
+A hanging outcome stops only when the machine is shut down or the timeout passes; an
+outcome's ``stalls`` makes the backend's first N boots stall before the guest's first event
+(:class:`BootStalled`, as QEMU's machine reports a boot that passes its deadline). An outcome
 with a ``process`` runs that argv as a stand-in VMM process, started like QEMU (own session,
 the parent-death signal when the boot asks for it) and stopped with the machine, so process
 ownership (pids recorded, nothing outliving its supervisor) is testable without a VM. An
@@ -58,6 +60,7 @@ from microagent.runtime.backend import (
     Availability,
     BeforeRun,
     BootConfig,
+    BootStalled,
     GuestResult,
     GuestTimeout,
     OutputSink,
@@ -72,7 +75,7 @@ from microagent.runtime.configdisk import (
     RunConfig,
 )
 from microagent.runtime.control import EventLines, EventLog
-from microagent.runtime.qemu import parent_death_prefix
+from microagent.runtime.qemu import BOOT_TIMEOUT, parent_death_prefix
 
 ROOTFS_DISK_INDEX, STATE_DISK_INDEX, CONFIG_DISK_INDEX = 0, 1, 2
 SETUP_MARKER_DIR = "/etc/microagent-fake-setup"
@@ -112,6 +115,7 @@ class FakeOutcome:
     writes: Mapping[str, str] = field(default_factory=dict)  # guest path -> text, in the upper
     events: tuple[str, ...] = ()  # raw control-channel lines sent after "started"
     save_seconds: float = 0.0  # how long a QMP ``migrate`` (a snapshot's save) takes
+    stalls: int = 0  # the backend's first N boots stall before the guest's first event
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> FakeOutcome:
@@ -128,6 +132,7 @@ class FakeOutcome:
             writes={str(k): str(v) for k, v in dict(data.get("writes") or {}).items()},
             events=tuple(_raw_line(line) for line in data.get("events") or ()),
             save_seconds=float(data.get("saveSeconds", 0.0)),
+            stalls=int(data.get("stalls", 0)),
         )
 
 
@@ -240,9 +245,12 @@ class FakeMachine:
         outcome: FakeOutcome,
         run: RunConfig,
         process: subprocess.Popen[bytes] | None = None,
+        *,
+        stall: bool = False,
     ) -> None:
         self.config = config
         self.outcome = outcome
+        self.stall = stall  # this boot never gets to the guest's first event
         self.run_config = run
         self._process = process
         self._agent = agent_port(config, outcome.agent, run.env) if outcome.agent else None
@@ -315,6 +323,9 @@ class FakeMachine:
         out = self.outcome
         if out.crash:
             raise VMError(f"the VM exited before the guest booted: {out.crash}")
+        if self.stall:
+            self.shutdown()
+            raise BootStalled(f"the guest did not boot within {BOOT_TIMEOUT:g}s (fake stall)")
         self._emit({"event": "booted", "uptime": 0.01, "kernel": "fake"})
         started = _now()
         self._emit({"event": "started", "at": started, "uptime": 0.02})
@@ -579,6 +590,7 @@ class FakeBackend:
     def __init__(self, handler: Handler = echo_handler) -> None:
         self.handler = handler
         self.machines: list[FakeMachine] = []
+        self.stalled = 0  # boots that stalled (an outcome's ``stalls``)
 
     def available(self) -> Availability:
         return Availability(True, "fake backend (no VM is booted)")
@@ -600,6 +612,9 @@ class FakeBackend:
         run = read_run_config(config.disks[CONFIG_DISK_INDEX].path)
         check_mounts(config, run)
         outcome = self.handler(run)
-        machine = FakeMachine(config, outcome, run, _spawn_stand_in(config, outcome.process))
+        stall = self.stalled < outcome.stalls
+        self.stalled += stall
+        process = _spawn_stand_in(config, outcome.process)
+        machine = FakeMachine(config, outcome, run, process, stall=stall)
         self.machines.append(machine)
         return machine

@@ -35,6 +35,7 @@ from microagent.runtime.backend import (
     Availability,
     BeforeRun,
     BootConfig,
+    BootStalled,
     Disk,
     Forward,
     GuestResult,
@@ -80,6 +81,9 @@ TCG_CLOCK_CMDLINE = ("tsc=reliable",)
 # Under KVM the guest runs on the real CPU: they stay on.
 TCG_CMDLINE = ("mitigations=off",)
 BOOT_TIMEOUT = 120.0
+STALL_FILE = "boot-stall.txt"  # the vCPUs' registers when a boot stalled (VM directory)
+STALL_REGISTERS_MAX = 64 << 10  # bytes of QEMU's register dump kept
+STALL_QMP_TIMEOUT = 5.0
 POWEROFF_GRACE = 15.0
 KVM_PROBE_TIMEOUT = 10.0
 PROBE_MEMORY_MIB = 256
@@ -356,6 +360,7 @@ class QemuMachine:
         self._arrivals: dict[str, float] = {}  # first arrival of each kept event's kind
         self._result: GuestResult | None = None
         self._malformed: VMError | None = None  # the guest's exited event did not parse
+        self._stall_summary = ""  # where the vCPUs were when the boot stalled
         self._closed = False
         self._lock = threading.RLock()  # channel reads and the event list
         self._stopping = threading.Lock()  # one shutdown at a time
@@ -472,8 +477,38 @@ class QemuMachine:
                 result=self._result,
             )
         if "booted" not in self._arrivals and elapsed > BOOT_TIMEOUT:
+            diagnosis = self._stall_diagnosis()
+            hint = self._log_hint()
             self.shutdown()
-            raise VMError(f"the guest did not boot within {BOOT_TIMEOUT:g}s", hint=self._log_hint())
+            where = f" ({self._stall_summary})" if self._stall_summary else ""
+            raise BootStalled(
+                f"the guest did not boot within {BOOT_TIMEOUT:g}s{where}",
+                hint=hint,
+                diagnosis=diagnosis,
+            )
+
+    def _stall_diagnosis(self) -> Path | None:
+        """Where the vCPUs are at a boot stall: QEMU's ``info registers -a`` (over QMP) and
+        its run state, written to :data:`STALL_FILE` in the VM directory (bounded), so a hang
+        that does not repeat still says whether the guest spun, waited or halted."""
+        try:
+            with qmp.connect(self.config.state_dir, wait=2.0) as session:
+                status = qmp.run_status(session)
+                registers = qmp.monitor_command(session, "info registers -a", STALL_QMP_TIMEOUT)
+        except VMError:
+            return None
+        text = f"run state: {status}\n{registers[:STALL_REGISTERS_MAX]}"
+        target = self.config.state_dir / STALL_FILE
+        rips = [word for word in text.split() if word.startswith("RIP=")][:4]
+        self._stall_summary = f"VMM {status}, vCPU {' '.join(rips) or 'RIP unknown'}"
+        with contextlib.suppress(OSError):
+            target.unlink(missing_ok=True)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as out:
+                out.write(text)
+            self._stall_summary += f"; registers in {target}"
+            return target
+        return None
 
     def _await_exit(self) -> None:
         # The command is over; if the guest does not power off, skip asking and signal QEMU.

@@ -126,6 +126,13 @@ def run_status(qmp: QMPClient) -> str:
     return str(reply.get("status", "")) if isinstance(reply, dict) else ""
 
 
+def monitor_command(qmp: QMPClient, command_line: str, timeout: float = TIMEOUT) -> str:
+    """The text a human-monitor command prints (``human-monitor-command``), e.g. ``info
+    registers -a``; QEMU bounds it, the caller bounds what it keeps."""
+    arguments: dict[str, Any] = {"command-line": command_line}
+    return str(qmp.execute("human-monitor-command", timeout, **arguments))
+
+
 def stop(state_dir: Path) -> None:
     """Freeze the vCPUs (a no-op on a stopped VM)."""
     with QMPClient(state_dir / QMP_SOCKET) as qmp:

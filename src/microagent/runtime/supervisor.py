@@ -26,6 +26,7 @@ the host's (event ``clock``). A VMM that ends while runtime.json says ``suspendi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import signal
@@ -38,13 +39,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from microagent import runner
-from microagent.compiler.spec import RestartPolicy
 from microagent.errors import MicroagentError
 from microagent.ext4.debugfs import repair_image
 from microagent.fsutil import atomic_write, write_json_atomic
 from microagent.runtime.agentlink import AgentHello, AgentLink, MediationTarget, exec_socket_path
 from microagent.runtime.agentproto import ExecRequest
-from microagent.runtime.backend import Backend, BootConfig, GuestResult, Machine
+from microagent.runtime.backend import (
+    BOOT_ATTEMPTS,
+    Backend,
+    BootConfig,
+    BootStalled,
+    GuestResult,
+    Machine,
+)
 from microagent.runtime.backends import get_backend
 from microagent.runtime.health import HealthCheck, HealthProber, ProbeOutcome
 from microagent.runtime.rundir import BootDocument, RunDir, State, now
@@ -85,6 +92,7 @@ class Ended:
     result: GuestResult | None
     error: str = ""
     seconds: float = 0.0
+    stalled: bool = False  # the guest never booted (BootStalled): nothing of it ran
 
     @property
     def failed(self) -> bool:
@@ -330,7 +338,7 @@ class Supervisor:
     def _boot_loop(self, boot: BootDocument, backend: Backend) -> int:
         config_disk = self._keep_config_disk(boot)
         backoff = Backoff(boot.restart_backoff)
-        restarts = 0
+        restarts = stalls = 0
         restore = boot.restore  # the first boot only: a restart boots the guest afresh
         while True:
             ended = self._boot_once(backend, boot.config, restore)
@@ -339,16 +347,28 @@ class Supervisor:
                 return self._suspended(ended)
             if self.halt_requested.is_set():
                 return self._halted(ended)
+            stalls = stalls + 1 if ended.stalled else 0
+            if ended.stalled and stalls < BOOT_ATTEMPTS:
+                self.run_dir.event("boot-stall", f"{ended.error}; booting again", attempt=stalls)
+                problem = self._boot_again(boot, config_disk)
+                if problem:
+                    return self._finished(Ended(None, problem), restarts)
+                continue
             if not boot.restart.allows(failed=ended.failed, restarts=restarts):
                 return self._finished(ended, restarts)
             restarts += 1
             if not self._back_off(ended, restarts, backoff.after(ended.seconds)):
                 return self._halted(ended, "during the restart back-off")
-            if config_disk is not None and not self._restore_config_disk(config_disk):
-                return self._finished(Ended(None, "cannot write the config disk again"), restarts)
-            problem = self._repair_disks(boot.config)
+            problem = self._boot_again(boot, config_disk)
             if problem:
                 return self._finished(Ended(None, problem), restarts)
+
+    def _boot_again(self, boot: BootDocument, config_disk: bytes | None) -> str:
+        """Before another boot: the config disk back, the disks a killed VM wrote checked;
+        what stops the boot, else ''."""
+        if config_disk is not None and not self._restore_config_disk(config_disk):
+            return "cannot write the config disk again"
+        return self._repair_disks(boot.config)
 
     def _repair_disks(self, config: BootConfig) -> str:
         """Before a restart after a VMM that died: the disks it wrote get the repairing check
@@ -371,9 +391,8 @@ class Supervisor:
         return ""
 
     def _keep_config_disk(self, boot: BootDocument) -> bytes | None:
-        """The config disk's bytes, for restarts (None when the policy never restarts)."""
-        if boot.restart.policy is RestartPolicy.NEVER:
-            return None
+        """The config disk's bytes, for restarts and a boot tried again after a stall (held
+        in memory only; the file goes when each boot ends)."""
         try:
             return self.run_dir.config_disk.read_bytes()
         except OSError:
@@ -430,6 +449,8 @@ class Supervisor:
                     self._restore(machine, restore)
                 self._started(machine)
                 result = self._wait(machine)
+        except BootStalled as exc:
+            return dataclasses.replace(self._no_report(exc.message, began), stalled=True)
         except MicroagentError as exc:
             return self._no_report(exc.message, began)
         except Exception as exc:  # the supervisor must always leave a final state

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from microagent.ext4.upper import export_upper_image
 from microagent.kit.guestkit import GuestKit
 from microagent.runner import run
 from microagent.runtime import control
-from microagent.runtime.backend import GuestResult
+from microagent.runtime.backend import BootStalled, GuestResult
 from microagent.runtime.boot import SETUP_BOOT, RunRequest, run_once
 from microagent.runtime.fake import FakeBackend, FakeOutcome, outcome_handler, setup_marker
 from testenv.clitools import cli_json as cli
@@ -222,14 +223,27 @@ def test_an_event_flood_is_counted_not_kept(kit: GuestKit, rootfs: Path) -> None
 BAD_EXIT = {"event": "exited", "exit_code": "x", "outputs": []}
 
 
-def test_run_reports_a_malformed_event_as_an_error(
-    rootfs: Path, kit: GuestKit, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def fake_run(rootfs: Path, kit: GuestKit, monkeypatch: pytest.MonkeyPatch) -> FakeRun:
+    """``microagent run`` boots the fake backend with the kit above; call it with an outcome."""
     monkeypatch.setenv("MICROAGENT_HOME", str(rootfs.parent / "home"))
     monkeypatch.setenv("MICROAGENT_KERNEL", str(kit.kernel))
     monkeypatch.setenv("MICROAGENT_INITRD", str(kit.initrd))
     monkeypatch.setenv("MICROAGENT_BACKEND", "fake")
-    monkeypatch.setenv("MICROAGENT_FAKE", json.dumps({"events": ["{oops", BAD_EXIT]}))
+
+    def outcome(fields: dict[str, Any]) -> None:
+        monkeypatch.setenv("MICROAGENT_FAKE", json.dumps(fields))
+
+    return outcome
+
+
+FakeRun = Callable[[dict[str, Any]], None]
+
+
+def test_run_reports_a_malformed_event_as_an_error(
+    rootfs: Path, fake_run: FakeRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_run({"events": ["{oops", BAD_EXIT]})
     got = cli(capsys, "run", "--rootfs", str(rootfs), "--", "true", code=1)
     assert got["error"]["kind"] == "vm"
     assert got["error"]["message"] == (
@@ -262,3 +276,40 @@ def test_a_workspace_whose_guest_sends_a_malformed_event_fails_with_the_reason(
     assert "exited event is malformed: exit_code" in status["event"]["detail"]
     log = tmp_path / "home" / "workspaces" / "ws" / "runtime" / "supervisor.log"
     assert "Traceback" not in (log.read_text() if log.exists() else "")
+
+
+# -- a boot that stalls before the guest's first event ------------------------------------------
+
+
+def test_a_stalled_boot_is_tried_once_more_on_the_same_state_disk(
+    kit: GuestKit, rootfs: Path
+) -> None:
+    result, state = boot(kit, rootfs, FakeOutcome(stalls=1, writes={"/etc/built": "yes\n"}))
+    assert result.exit_code == 0
+    assert result.timings["host.bootStalls"] == 1.0
+    assert layer(state)["etc/built"][1] == b"yes\n", "the second boot did the step's work"
+
+
+def test_a_boot_that_stalls_every_time_is_an_error_after_two_boots(
+    kit: GuestKit, rootfs: Path
+) -> None:
+    backend = FakeBackend(lambda _c: FakeOutcome(stalls=5))
+    state = make_state_disk(rootfs.parent / "state.ext4", 64)
+    request = RunRequest(rootfs=rootfs, command=("true",), state_disk=state)
+    with pytest.raises(BootStalled, match=r"the guest did not boot within 120s"):
+        run_once(request, backend=backend, kit=kit)
+    assert len(backend.machines) == 2, "one boot more, not a loop"
+
+
+@pytest.mark.parametrize(("stalls", "code"), [(1, 0), (2, 1)])
+def test_run_boots_again_after_a_stall_and_reports_a_second_one(
+    rootfs: Path, fake_run: FakeRun, capsys: pytest.CaptureFixture[str], stalls: int, code: int
+) -> None:
+    fake_run({"stalls": stalls, "stdout": "done\n"})
+    got = cli(capsys, "run", "--rootfs", str(rootfs), "--", "true", code=code)
+    if code == 0:
+        assert got["result"]["exitCode"] == 0 and got["result"]["stdout"] == "done\n"
+        assert got["result"]["timings"]["host.bootStalls"] == 1.0
+    else:
+        assert got["error"]["kind"] == "vm"
+        assert got["error"]["message"].startswith("the guest did not boot within 120s")
