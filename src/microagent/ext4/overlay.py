@@ -1,15 +1,20 @@
 """Copy files between the host and a stopped workspace's disks, without booting it.
 
-The guest sees an overlay: the shared, read-only ROOTFS image as lower and the directory
+The guest sees an overlay: shared, read-only root images as lowers (one flattened ROOTFS
+image, or a stack of layer disks, top first: ``ext4.layerdisk``) and the directory
 ``/upper`` of its own STATE image as upper (``/work`` is overlayfs' workdir). This module
-reads and writes that merged view offline with debugfs, by overlay's rules: a whiteout
-(character device 0/0) hides the lower path, an opaque directory hides everything below
-it in the lower, a non-directory in the upper hides the lower entirely, and writes land in
-the upper only, after copying missing parent directories up from the lower (owner, mode
-and mtime kept). Symlinks along the way are followed inside the merged view.
+reads and writes that merged view offline with debugfs, by overlay's rules, in every layer
+from the upper down: a whiteout (character device 0/0) hides the path in the layers below
+it, an opaque directory hides everything below it in the layers below, a non-directory
+hides the layers below entirely, a directory continues below only into directories, and an
+entry is read from the topmost layer holding it. Writes land in the upper only, after
+copying missing parent directories up from whichever lower holds them (owner, mode and mtime
+kept). Symlinks along the way are followed inside the merged view.
 
 The caller guarantees no VM is using the disks; a per-image ``flock`` keeps two copies
-from racing each other. The rootfs image is only ever opened read-only.
+from racing each other. The root images are only ever opened read-only, and read with the
+same bounds as the state disk (they come from the store, not the guest, but their names and
+links are still not trusted).
 
 The state disk is the guest's: a root process in it can write any bytes, leave the file
 system marked clean, and plant symlinks meant to steer this code. So the state disk is
@@ -17,13 +22,13 @@ checked by ``e2fsck`` before every copy (a repairing one before writes, a read-o
 before reads); symlinks are followed with the kernel's bounds (:data:`PATH_MAX` bytes per
 path, :data:`NAME_MAX` per component, :data:`MAX_SYMLINKS` links, targets within a block);
 and debugfs is driven one directory at a time (``cd``, then one name per command, or
-``<inode>``), so no command line grows with the path.
+``<inode>``), so no command line grows with the path. A layer is only read when the walk
+reaches it (one debugfs run per layer and lookup).
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import fcntl
 import os
 import secrets
@@ -58,38 +63,54 @@ from microagent.frozen import Frozen
 from microagent.fsutil import free_bytes, no_space, says_no_space
 from microagent.layers.stagemeta import Kind, PathMeta
 
-__all__ = ["copy_in", "copy_out", "exists", "guest_parts", "make_dirs", "read_bytes"]
+__all__ = [
+    "Found",
+    "Lowers",
+    "copy_in",
+    "copy_out",
+    "exists",
+    "guest_parts",
+    "lookup",
+    "make_dirs",
+    "read_bytes",
+]
 
 MAX_SYMLINKS = 40  # links followed in one lookup, as Linux (ELOOP beyond)
 PATH_MAX = 4096  # a path has fewer bytes than this, as on Linux (ENAMETOOLONG)
 NAME_MAX = 255  # bytes per component
+MAX_LOWERS = 500  # overlayfs' own limit on stacked layers (OVL_MAX_STACK)
 READ_LIMIT = 16 << 20
 NEW_FILE_MODE = 0o644
 _TMP_PREFIX = ".microagent-cp-"
 
 
-class Layer(enum.Enum):
-    """Which disk a merged-view entry comes from."""
-
-    UPPER = "upper"
-    LOWER = "lower"
+Lowers = Path | Sequence[Path]  # one root image, or a stack of them (top first)
+UPPER_LAYER = 0  # layer numbers: the upper, then the lowers from the top (1, 2, ...)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class _Hit(Frozen):
-    """An entry of the merged view: its layer and its inode there."""
+    """An entry of the merged view: its layer's number and its inode there."""
 
-    layer: Layer
+    layer: int
     inode: Inode
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class _Probe(Frozen):
-    """``stat`` of every prefix of a path (index 0 is the root) in both layers."""
+class Found(Frozen):
+    """An entry of the merged view (:func:`lookup`): the image and inode it is read from."""
 
-    upper: tuple[Inode | None, ...]
+    layer: int  # 0: the state disk's upper; 1...: the lowers, from the top
+    image: Path
+    inode: Inode
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class _Level(Frozen):
+    """``stat`` of every prefix of a path in one layer (index 0: the layer's root)."""
+
+    inodes: tuple[Inode | None, ...]
     opaque: tuple[bool, ...]
-    lower: tuple[Inode | None, ...]
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -115,14 +136,14 @@ class _Symlink(Frozen):
 # -- public API ------------------------------------------------------------------------------
 
 
-def copy_in(state_image: Path, rootfs_image: Path, host_src: Path, guest_path: str) -> int:
+def copy_in(state_image: Path, rootfs_image: Lowers, host_src: Path, guest_path: str) -> int:
     """Write the host file ``host_src`` to ``guest_path`` in the merged view; return its size.
 
     The parent must exist in the merged view; an existing file is replaced keeping its
     owner and mode (new files: root, 0644); a whiteout at the name is removed.
     """
     size = _host_source(host_src)
-    disks = _Disks(state_image, rootfs_image)
+    disks = _Disks.of(state_image, rootfs_image)
     with disks.locked(write=True):
         view = disks.resolve(guest_path, follow_last=True)
         _check_writable(view, guest_path)
@@ -130,13 +151,13 @@ def copy_in(state_image: Path, rootfs_image: Path, host_src: Path, guest_path: s
     return size
 
 
-def make_dirs(state_image: Path, rootfs_image: Path, guest_path: str) -> None:
+def make_dirs(state_image: Path, rootfs_image: Lowers, guest_path: str) -> None:
     """Make the directory ``guest_path`` exist in the merged view, like ``mkdir -p`` in the
     guest: each missing one is created in the upper (root, 0755) after copying up the parents
     only the lower has; one made where a whiteout hid the lower's is opaque, as overlayfs
     makes it."""
     parts = guest_parts(guest_path)
-    disks = _Disks(state_image, rootfs_image)
+    disks = _Disks.of(state_image, rootfs_image)
     with disks.locked(write=True):
         for depth in range(1, len(parts) + 1):
             view = disks.resolve(_guest_path(parts[:depth]), follow_last=True)
@@ -161,10 +182,10 @@ def _mkdir_upper(state: Path, view: _View) -> None:
         raise ToolError(f"could not create {_guest_path(view.parts)} in {state}: {done.errors[0]}")
 
 
-def copy_out(state_image: Path, rootfs_image: Path, guest_path: str, host_dst: Path) -> int:
+def copy_out(state_image: Path, rootfs_image: Lowers, guest_path: str, host_dst: Path) -> int:
     """Copy the guest file ``guest_path`` to ``host_dst`` (a file, or a directory to put it
     in under the same name); return its size. The file appears atomically."""
-    disks = _Disks(state_image, rootfs_image)
+    disks = _Disks.of(state_image, rootfs_image)
     with disks.locked(write=False):
         hit = _regular_file(disks.resolve(guest_path, follow_last=True), guest_path)
         dst = _host_destination(host_dst, guest_path)
@@ -184,10 +205,10 @@ def copy_out(state_image: Path, rootfs_image: Path, guest_path: str, host_dst: P
 
 
 def read_bytes(
-    state_image: Path, rootfs_image: Path, guest_path: str, *, limit: int = READ_LIMIT
+    state_image: Path, rootfs_image: Lowers, guest_path: str, *, limit: int = READ_LIMIT
 ) -> bytes:
     """The content of the guest file ``guest_path`` (at most ``limit`` bytes, else an error)."""
-    disks = _Disks(state_image, rootfs_image)
+    disks = _Disks.of(state_image, rootfs_image)
     with disks.locked(write=False):
         hit = _regular_file(disks.resolve(guest_path, follow_last=True), guest_path)
         if hit.inode.size > limit:
@@ -198,30 +219,61 @@ def read_bytes(
             return stream.read_exact(hit.inode.size, guest_path)
 
 
-def exists(state_image: Path, rootfs_image: Path, guest_path: str) -> bool:
+def exists(state_image: Path, rootfs_image: Lowers, guest_path: str) -> bool:
     """Whether ``guest_path`` exists in the merged view (symlinks followed)."""
-    disks = _Disks(state_image, rootfs_image)
+    disks = _Disks.of(state_image, rootfs_image)
     with disks.locked(write=False):
         view = disks.resolve(guest_path, follow_last=True)
     return not view.broken and view.target is not None
 
 
-# -- the two disks ---------------------------------------------------------------------------
+def lookup(
+    state_image: Path, rootfs_image: Lowers, guest_path: str, *, follow_last: bool = False
+) -> Found | None:
+    """The entry at ``guest_path`` in the merged view (symlinks in its parents followed, the
+    last one too with ``follow_last``), or None when there is none: where it is read from."""
+    disks = _Disks.of(state_image, rootfs_image)
+    with disks.locked(write=False):
+        view = disks.resolve(guest_path, follow_last=follow_last)
+    if view.broken or view.target is None:
+        return None
+    return Found(view.target.layer, disks.image_of(view.target.layer), view.target.inode)
+
+
+# -- the disks -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class _Disks(Frozen):
     state: Path
-    rootfs: Path
+    lowers: tuple[Path, ...]  # top first
 
-    def image_of(self, layer: Layer) -> Path:
-        return self.state if layer is Layer.UPPER else self.rootfs
+    @classmethod
+    def of(cls, state: Path, rootfs: Lowers) -> _Disks:
+        """The state disk over one root image or a stack of them (top first)."""
+        lowers = (rootfs,) if isinstance(rootfs, (str, os.PathLike)) else tuple(rootfs)
+        if not lowers:
+            raise InvalidInputError("no root filesystem image to read the workspace from")
+        if len(lowers) > MAX_LOWERS:
+            raise InvalidInputError(
+                f"{len(lowers)} root images stacked; overlayfs takes at most {MAX_LOWERS}"
+            )
+        return cls(state, tuple(Path(p) for p in lowers))
+
+    @property
+    def layers(self) -> int:
+        """The upper and the lowers."""
+        return 1 + len(self.lowers)
+
+    def image_of(self, layer: int) -> Path:
+        return self.state if layer == UPPER_LAYER else self.lowers[layer - 1]
 
     @contextlib.contextmanager
     def locked(self, *, write: bool) -> Iterator[None]:
         """Hold a lock on the state image and check it: before a write (or when a journal is
         pending) a repairing ``e2fsck -fp``, before a read of a clean one ``e2fsck -fn``."""
-        for image, what in ((self.state, "state disk"), (self.rootfs, "root filesystem")):
+        roots = [(image, "root filesystem") for image in self.lowers]
+        for image, what in ((self.state, "state disk"), *roots):
             if not image.is_file():
                 raise NotFoundError(f"workspace {what} {image} does not exist")
         fd = os.open(self.state, os.O_RDONLY | os.O_CLOEXEC)
@@ -241,24 +293,24 @@ class _Disks(Frozen):
         (and within the same bounds: path and name lengths, number of links)."""
         parts = guest_parts(guest_path)
         for _hop in range(MAX_SYMLINKS + 1):
-            step = _walk(parts, self.probe(parts), follow_last=follow_last)
+            step = _walk(parts, _Probe(self, parts), follow_last=follow_last)
             if isinstance(step, _View):
                 return step
             parts = _follow(parts, step.index, self.link_target(step.hit))
             _check_bounds(parts, f"{guest_path}: following symbolic links")
         raise InvalidInputError(f"{guest_path}: too many levels of symbolic links")
 
-    def probe(self, parts: tuple[str, ...]) -> _Probe:
-        """``stat`` every prefix of ``parts`` in the upper dir and in the rootfs."""
-        up = self._stats(self.state, UPPER, parts)
-        low = self._stats(self.rootfs, "/", parts)
-        top = up[0][0]
-        if top is None or top.kind is not Kind.DIR:
+    def level(self, layer: int, parts: tuple[str, ...]) -> _Level:
+        """``stat`` every prefix of ``parts`` in one layer: the upper dir or a lower image."""
+        top = UPPER if layer == UPPER_LAYER else "/"
+        found = self._stats(self.image_of(layer), top, parts)
+        root = found[0][0]
+        if layer == UPPER_LAYER and (root is None or root.kind is not Kind.DIR):
             raise IntegrityError(
                 f"{self.state} has no {UPPER} directory; it is not a workspace state disk"
             )
-        opaque = tuple(overlay_xattr(x, "opaque") == '"y"' for _, x in up)
-        return _Probe(tuple(i for i, _ in up), opaque, tuple(i for i, _ in low))
+        opaque = tuple(overlay_xattr(x, "opaque") == '"y"' for _, x in found)
+        return _Level(tuple(i for i, _ in found), opaque)
 
     def _stats(
         self, image: Path, top: str, parts: tuple[str, ...]
@@ -282,6 +334,21 @@ class _Disks(Frozen):
     def link_target(self, hit: _Hit) -> str:
         """The destination of a symlink inode (long ones are stored in a data block)."""
         return link_targets(self.image_of(hit.layer), [hit.inode])[hit.inode.ino]
+
+
+class _Probe:
+    """The layers' ``stat`` of every prefix of one path, each layer read when first needed."""
+
+    def __init__(self, disks: _Disks, parts: tuple[str, ...]) -> None:
+        self._disks = disks
+        self._parts = parts
+        self._levels: dict[int, _Level] = {}
+        self.layers = disks.layers
+
+    def level(self, layer: int) -> _Level:
+        if layer not in self._levels:
+            self._levels[layer] = self._disks.level(layer, self._parts)
+        return self._levels[layer]
 
 
 # -- walking the merged view -------------------------------------------------------------------
@@ -313,14 +380,13 @@ def _check_bounds(parts: tuple[str, ...], what: str) -> None:
 
 
 def _walk(parts: tuple[str, ...], probe: _Probe, *, follow_last: bool) -> _View | _Symlink:
-    """Merge the two layers component by component, as overlayfs' lookup does."""
-    upper_ok = lower_ok = True
+    """Merge the layers component by component, as overlayfs' lookup does."""
+    active = tuple(range(probe.layers))  # the layers the path goes on in (all at the root)
     parents: list[_Hit] = []
     for i in range(1, len(parts) + 1):
         last = i == len(parts)
-        up = probe.upper[i] if upper_ok else None
-        low = probe.lower[i] if lower_ok else None
-        hit, upper_ok, lower_ok = _merge(up, low, opaque=probe.opaque[i])
+        up = probe.level(UPPER_LAYER).inodes[i] if UPPER_LAYER in active else None
+        hit, active = _merge(probe, active, i)
         if hit is None:
             if last:
                 return _View(parts, tuple(parents), None, up)
@@ -335,20 +401,32 @@ def _walk(parts: tuple[str, ...], probe: _Probe, *, follow_last: bool) -> _View 
                 parts, tuple(parents), broken=f"{_guest_path(parts[:i])} is not a directory"
             )
         parents.append(hit)
-    return _View(parts, (), _Hit(Layer.UPPER, probe.upper[0]) if probe.upper[0] else None)
+    root = probe.level(UPPER_LAYER).inodes[0]
+    return _View(parts, (), _Hit(UPPER_LAYER, root) if root else None)
 
 
-def _merge(up: Inode | None, low: Inode | None, *, opaque: bool) -> tuple[_Hit | None, bool, bool]:
-    """The merged entry for one name, and whether each layer continues below it."""
-    if up is not None and up.whiteout:
-        return None, False, False
-    if up is not None:
-        is_dir = up.kind is Kind.DIR
-        below = is_dir and not opaque and low is not None and low.kind is Kind.DIR
-        return _Hit(Layer.UPPER, up), is_dir, below
-    if low is not None:
-        return _Hit(Layer.LOWER, low), False, low.kind is Kind.DIR
-    return None, False, False
+def _merge(probe: _Probe, active: Sequence[int], i: int) -> tuple[_Hit | None, tuple[int, ...]]:
+    """The merged entry for component ``i`` (read from the topmost layer holding it) and the
+    layers its directory continues in: from the top, a whiteout hides the layers below, a
+    non-directory hides them too (below a directory it ends the stack there), and a
+    directory goes on into the directories below it unless it is opaque."""
+    hit: _Hit | None = None
+    below: list[int] = []
+    for layer in active:
+        level = probe.level(layer)
+        entry = level.inodes[i]
+        if entry is None:
+            continue
+        if entry.whiteout:
+            break
+        if hit is None:
+            hit = _Hit(layer, entry)
+        if entry.kind is not Kind.DIR:  # below a directory: not merged, and the end of it
+            break
+        below.append(layer)
+        if level.opaque[i]:
+            break
+    return hit, tuple(below)
 
 
 def _follow(parts: tuple[str, ...], index: int, target: str) -> tuple[str, ...]:
@@ -464,7 +542,7 @@ def _enter_parent(view: _View, *, copy_up: bool) -> list[str]:
     lower has are created first, like overlay's copy-up (owner, mode and mtime kept)."""
     cmds = [f"cd {quote(UPPER)}"]
     for name, hit in zip(view.parts, view.parents, strict=False):
-        if hit.layer is Layer.UPPER:
+        if hit.layer == UPPER_LAYER:
             cmds.append(f"cd <{hit.inode.ino}>")
             continue
         q = _here(name)

@@ -16,6 +16,12 @@ Ownership, modes and device nodes are recorded in a :class:`StageMetadata` (kept
 the stage) because an unprivileged user cannot apply them; see ``ext4.debugfs``.
 As root, owners and modes are applied to the stage too. Device nodes are never created on
 the host: they are recorded (or refused, with ``Limits(allow_devices=False)``).
+
+A layer applied alone onto an empty stage with :class:`OverlayMarks` (a layer disk, see
+``ext4.layerdisk``) keeps its whiteouts in overlayfs form instead: ``.wh.<name>`` is recorded
+as a character device 0/0 named ``<name>`` (owner, mode and mtime from the tar) and
+``.wh..wh..opq`` as its directory's path in :attr:`OverlayMarks.opaque`; every check is the
+same.
 """
 
 from __future__ import annotations
@@ -42,7 +48,15 @@ from microagent.layers.stagemeta import Kind, PathMeta, StageMetadata
 from microagent.store.content import Store
 from microagent.store.records import LayerRef
 
-__all__ = ["LayerSource", "Limits", "apply_layer", "finish_stage", "flatten", "stored_layers"]
+__all__ = [
+    "LayerSource",
+    "Limits",
+    "OverlayMarks",
+    "apply_layer",
+    "finish_stage",
+    "flatten",
+    "stored_layers",
+]
 
 CHUNK = 1 << 20
 # tarfile's stream mode copies what it has buffered on every read (a 512-byte header too):
@@ -95,6 +109,18 @@ class LayerSource:
         return cls.from_path(store.blob_path(layer.digest), name, Digest.parse(layer.diff_id))
 
 
+@dataclass
+class OverlayMarks:
+    """What one layer's whiteouts say, kept in overlayfs form rather than applied: the paths
+    its ``.wh.<name>`` entries hide (recorded in the metadata as character devices 0/0) and
+    the directories its ``.wh..wh..opq`` markers make opaque. A path in :attr:`hidden` that
+    the same layer then made a directory hides the lower one's children (it is opaque too);
+    one it made anything else hides the lower entry by itself."""
+
+    hidden: set[str] = field(default_factory=set)
+    opaque: set[str] = field(default_factory=set)
+
+
 def stored_layers(store: Store, layers: Sequence[LayerRef]) -> list[LayerSource]:
     """A step's layer chain, in order, from the store."""
     return [LayerSource.stored(store, layer, i) for i, layer in enumerate(layers)]
@@ -145,11 +171,21 @@ def apply_layer(
     meta: StageMetadata,
     limits: Limits = Limits(),
     diff_id: Digest | None = None,
+    marks: OverlayMarks | None = None,
 ) -> None:
-    """Apply one layer (plain, gzip or zstd tar, detected by magic bytes) onto ``stage``."""
+    """Apply one layer (plain, gzip or zstd tar, detected by magic bytes) onto ``stage``;
+    with ``marks`` (an empty stage only) its whiteouts are kept in overlayfs form."""
     reader = _LayerReader.opening(lambda: fileobj, diff_id, close=False)
     try:
-        _apply_read(stage, reader, layer_name=layer_name, meta=meta, limits=limits, diff_id=diff_id)
+        _apply_read(
+            stage,
+            reader,
+            layer_name=layer_name,
+            meta=meta,
+            limits=limits,
+            diff_id=diff_id,
+            marks=marks,
+        )
     finally:
         reader.close()
 
@@ -162,10 +198,11 @@ def _apply_read(
     meta: StageMetadata,
     limits: Limits,
     diff_id: Digest | None,
+    marks: OverlayMarks | None = None,
 ) -> None:
     root_fd = os.open(stage, _DIR_FLAGS)
     try:
-        applier = _Applier(root_fd, layer_name, meta, limits)
+        applier = _Applier(root_fd, layer_name, meta, limits, marks=marks)
         try:
             _apply_members(reader, applier)
         finally:
@@ -378,6 +415,7 @@ class _Applier:
     content_bytes: int = 0
     dirs: list[tuple[str, int]] = field(default_factory=list)  # cached walk: (name, fd)
     as_root: bool = field(default_factory=lambda: os.geteuid() == 0)
+    marks: OverlayMarks | None = None  # whiteouts kept in overlayfs form (a layer disk)
 
     def refuse(self, entry: str, reason: str) -> NoReturn:
         raise IntegrityError(
@@ -392,7 +430,7 @@ class _Applier:
         parts = self.split(member.name, member.name)
         try:
             if parts and parts[-1].startswith(WHITEOUT):
-                self.whiteout(member.name, parts)
+                self.whiteout(member, parts)
             else:
                 self.apply_entry(member, parts, tf)
         except OSError as exc:
@@ -618,6 +656,9 @@ class _Applier:
         self, tfd: int, member: tarfile.TarInfo, parts: tuple[str, ...], target: tuple[str, ...]
     ) -> None:
         tmeta = self.meta.get(_path(target))
+        whiteout = tmeta is not None and tmeta.kind is Kind.CHAR
+        if self.marks is not None and _path(target) in self.marks.hidden and whiteout:
+            self.refuse(member.name, f"hard link target {member.linkname!r} does not exist")
         try:
             st = os.stat(target[-1], dir_fd=tfd, follow_symlinks=False)
         except FileNotFoundError:
@@ -640,8 +681,8 @@ class _Applier:
             self.meta.set(_path(parts), tmeta)
         self.touch(parts)
 
-    def whiteout(self, entry: str, parts: tuple[str, ...]) -> None:
-        base, parent = parts[-1], parts[:-1]
+    def whiteout(self, member: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
+        entry, base, parent = member.name, parts[-1], parts[:-1]
         if base == OPAQUE:
             self.opaque(entry, parent)
             return
@@ -651,7 +692,7 @@ class _Applier:
         if name in ("", ".", ".."):
             self.refuse(entry, "whiteout of an invalid name")
         path = _path((*parent, name))
-        pfd = self.open_dir(entry, parent, create=False)
+        pfd = self.open_dir(entry, parent, create=self.marks is not None)
         if pfd is None or path in self.touched:
             if pfd is not None:
                 os.close(pfd)
@@ -660,10 +701,19 @@ class _Applier:
             self.clear(pfd, name, path, keep_dir=False)
         finally:
             os.close(pfd)
+        if self.marks is not None:  # kept as overlayfs keeps it: a char device 0/0
+            kept = self.meta_of(member, Kind.FILE)
+            self.meta.set(path, PathMeta(Kind.CHAR, kept.mode, kept.uid, kept.gid, kept.mtime))
+            self.marks.hidden.add(path)
 
     def opaque(self, entry: str, parent: tuple[str, ...]) -> None:
         dfd = self.open_dir(entry, parent, create=True)
         assert dfd is not None
+        if self.marks is not None:  # nothing of a lower layer is here to remove
+            os.close(dfd)
+            self.marks.opaque.add(_path(parent))
+            self.touch(parent)
+            return
         try:
             self.remove_untouched(dfd, _path(parent))
         finally:
