@@ -5,7 +5,8 @@ Every boot has three disks in this order: the shared root filesystem read-only (
 lower), a state disk (overlay upper: the workspace's own, a setup step's scratch, or a
 throwaway one made here) and the per-boot config disk (command, env, files, certificates);
 then any extra disks (a spec's ``disks`` and ``bundles``) as /dev/vdd, /dev/vde, ..., which
-the guest init mounts as run.sh's ``MA_MOUNTS`` says.
+the guest init mounts as run.sh's ``MA_MOUNTS`` says, and last the read-only layer disks
+stacked over the root filesystem (``RunRequest.layers``, run.sh's ``MA_LAYERS``).
 Setup steps, one-shot runs and workspace starts all go through :func:`prepare`;
 :func:`run_once` boots, waits for the command and stops the VM.
 """
@@ -60,7 +61,7 @@ SYSTEM_DISKS = 3  # rootfs, state, config: /dev/vda, /dev/vdb, /dev/vdc
 # QEMU's microvm machine has 24 virtio-mmio transports (7.2, measured: the 25th device is
 # refused). The system disks, the control port and the NIC take 5; 16 extra disks
 # (/dev/vdd../dev/vds) leave room for a few more devices.
-MAX_EXTRA_DISKS = 16
+MAX_EXTRA_DISKS = 16  # extra disks and layer disks together
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,9 @@ class RunRequest:
     disks: tuple[ExtraDisk, ...] = ()
     mediation: Mediation | None = None
     services: tuple[ServiceChannel, ...] = ()  # more guest ports carried to host sockets
+    # Read-only ext4 images in overlayfs form (a whiteout is a 0/0 character device, an opaque
+    # directory has trusted.overlay.opaque=y), stacked over the rootfs, bottom first.
+    layers: tuple[Path, ...] = ()
 
     def run_config(self) -> RunConfig:
         return RunConfig(
@@ -127,7 +131,12 @@ class RunRequest:
             mounts=self.mounts(),
             mediation_port=self.mediation.guest_port if self.mediation else None,
             service_ports=tuple(s.guest_port for s in self.services),
+            layers=self.layer_devices(),
         )
+
+    def layer_devices(self) -> tuple[str, ...]:
+        """The guest's names of the layer disks (bottom first): after the extra disks."""
+        return tuple(extra_device(len(self.disks) + i) for i in range(len(self.layers)))
 
     def mounts(self) -> tuple[ExtraMount, ...]:
         """The extra disks' mounts, a parent folder's before what is mounted inside it."""
@@ -138,21 +147,45 @@ class RunRequest:
         return tuple(sorted(mounts, key=lambda m: m.path.rstrip("/").count("/")))
 
     def extra_disks(self) -> tuple[Disk, ...]:
-        """The extra disks as the VMM attaches them; InvalidInputError when there are more
-        than fit or one is missing."""
-        if len(self.disks) > MAX_EXTRA_DISKS:
-            raise InvalidInputError(
-                f"{len(self.disks)} extra disks, but a VM takes at most {MAX_EXTRA_DISKS}",
-                hint="merge some disks or bundles into one",
-            )
+        """The extra disks and then the layer disks (bottom first, read-only) as the VMM
+        attaches them; InvalidInputError when there are more than fit or one is missing."""
+        self._check_disk_count()
         for disk in self.disks:
             if not disk.path.is_file():
                 raise InvalidInputError(
                     f"disk {disk.name or disk.mountpoint}: image {disk.path} does not exist",
                     hint="recreate the workspace to rebuild its disks",
                 )
+        for number, layer in enumerate(self.layers, 1):
+            if not layer.is_file():
+                raise InvalidInputError(
+                    f"layer {number}: image {layer} does not exist or is not a regular file",
+                    hint="give read-only ext4 layer images, bottom first",
+                )
         serials = (f"disk-{d.name}"[:20] for d in self.disks)  # virtio-blk serials: 20 bytes
-        return tuple(Disk(d.path, d.readonly, s) for d, s in zip(self.disks, serials, strict=True))
+        disks = [Disk(d.path, d.readonly, s) for d, s in zip(self.disks, serials, strict=True)]
+        disks += [
+            Disk(path.resolve(), readonly=True, serial=f"layer-{number}")
+            for number, path in enumerate(self.layers, 1)
+        ]
+        return tuple(disks)
+
+    def _check_disk_count(self) -> None:
+        count = len(self.disks) + len(self.layers)
+        if count <= MAX_EXTRA_DISKS:
+            return
+        if not self.layers:
+            raise InvalidInputError(
+                f"{count} extra disks, but a VM takes at most {MAX_EXTRA_DISKS}",
+                hint="merge some disks or bundles into one",
+            )
+        room = MAX_EXTRA_DISKS - len(self.disks)
+        raise InvalidInputError(
+            f"{len(self.layers)} layers and {len(self.disks)} extra disks, but a VM takes at "
+            f"most {MAX_EXTRA_DISKS} disks besides its rootfs, state and config disks "
+            f"(room for {max(room, 0)} layers here)",
+            hint="merge layers into one image (or merge disks or bundles)",
+        )
 
 
 def prepare(

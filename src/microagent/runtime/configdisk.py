@@ -125,6 +125,7 @@ class RunConfig:
     mode: str = "run"
     mediation_port: int | None = None  # the guest agent listens on 127.0.0.1:PORT
     service_ports: tuple[int, ...] = ()  # ... and on these (service channels, --listen)
+    layers: tuple[str, ...] = ()  # read-only layer disks over /dev/vda, bottom first
 
     def to_json(self, extra_ca: bool = False) -> dict[str, Any]:
         return {
@@ -140,6 +141,7 @@ class RunConfig:
             "mounts": [m.to_json() for m in self.mounts],
             "mediationPort": self.mediation_port,
             "servicePorts": list(self.service_ports),
+            "layers": list(self.layers),
         }
 
 
@@ -166,9 +168,22 @@ def validate(config: RunConfig, files: Sequence[GuestFile] = ()) -> None:
         _absolute(mount.path, "mount path")
         if not _DEVICE.fullmatch(mount.device):
             raise InvalidInputError(f"extra disk device {mount.device!r} must be vdd..vdz")
+    _check_layers(config)
     for item in files:
         if _absolute(item.path, "file destination") == "/":
             raise InvalidInputError("a file cannot be placed at /")
+
+
+def _check_layers(config: RunConfig) -> None:
+    """Layer devices are vdd..vdz, each used once, none also an extra disk's."""
+    for device in config.layers:
+        if not _DEVICE.fullmatch(device):
+            raise InvalidInputError(f"layer device {device!r} must be vdd..vdz")
+    taken = [m.device for m in config.mounts]
+    for device in config.layers:
+        if device in taken:
+            raise InvalidInputError(f"device {device!r} is given twice (layers, extra disks)")
+        taken.append(device)
 
 
 def _words(values: Sequence[str]) -> str:
@@ -192,6 +207,7 @@ def render_run_sh(config: RunConfig, extra_ca: bool = False) -> str:
         "MA_NET_DNS": net.dns,
         "MA_OUTPUTS": _words([v for o in config.outputs for v in (o.name, o.path)]),
         "MA_MOUNTS": _words(mounts),
+        "MA_LAYERS": _words(config.layers),
         "MA_CA": EXTRA_CA_MEMBER if extra_ca else "",
         "MA_MEDIATION_PORT": str(config.mediation_port or ""),
         "MA_SERVICE_PORTS": " ".join(str(port) for port in config.service_ports),

@@ -85,6 +85,7 @@ def test_run_json_contract() -> None:
         "mounts": [{"device": "vdd", "path": "/data", "fstype": "ext4", "readonly": True}],
         "mediationPort": None,
         "servicePorts": [],
+        "layers": [],
     }
 
 
