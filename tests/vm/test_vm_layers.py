@@ -3,8 +3,8 @@
 Three layer images (bottom, middle, top) in overlayfs form are built here with mke2fs -d and
 debugfs -w (a whiteout is a character device 0/0, an opaque directory has
 trusted.overlay.opaque=y), then the busybox rootfs boots with the stack: once through
-RunRequest.layers (reading the state disk's upper afterwards) and once with a layer that is
-not a file system.
+RunRequest.layers (reading the state disk's upper afterwards), once through
+`microagent run --rootfs ... --layer ...`, and once with a layer that is not a file system.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import RunVM
 
+from microagent.cli import main
 from microagent.ext4.debugfs import check_guest_image, quote, run_debugfs
 from microagent.ext4.mkfs import make_state_disk
 from microagent.runner import run
@@ -110,6 +111,24 @@ def test_a_stack_of_layers_is_the_guests_root(
     )
     assert [o.strip() for o in upper.outputs[:2]] == ["written", "new"], upper.outputs
     assert "Type: character special" in upper.outputs[2]  # the guest's rm: a whiteout
+
+
+def test_run_layer_flags_boot_the_stack(
+    rootfs: Path,
+    layers: tuple[Path, ...],
+    runtime_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("MICROAGENT_HOME", str(runtime_home))
+    before = [sha256(p) for p in (rootfs, *layers)]
+    flags = [w for p in layers for w in ("--layer", str(p))]
+    argv = ["run", "--rootfs", str(rootfs), *flags, "--network", "isolated"]
+    code = main([*argv, "--", "sh", "-c", PROBE])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert out.out.splitlines() == EXPECTED, out.out
+    assert [sha256(p) for p in (rootfs, *layers)] == before
 
 
 def test_a_layer_that_cannot_be_mounted_fails_clearly(

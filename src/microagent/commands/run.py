@@ -41,6 +41,16 @@ class _RunCommand(click.Command):
     help="Boot this root file system image (ext4) instead of an image reference.",
 )
 @click.option(
+    "--layer",
+    "layers",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    metavar="IMAGE",
+    help="With --rootfs: stack this read-only ext4 layer image over it (repeatable, bottom "
+    "first; overlayfs form: a whiteout is a character device 0/0, an opaque directory has "
+    "trusted.overlay.opaque=y).",
+)
+@click.option(
     "--network",
     type=click.Choice(["user", "isolated"]),
     default="user",
@@ -113,8 +123,9 @@ def run(ctx: Ctx, /, command: tuple[str, ...], **opts: Any) -> None:
     """Run a command in a fresh microVM: `run IMAGE -- CMD...` or `run --rootfs FILE -- CMD...`.
 
     IMAGE is pulled (or reused from the cache) like a spec's base image; FILE must be an ext4
-    image. Options go before IMAGE; a word after it that starts with `-` needs the `--`
-    separator. The guest command's exit code is the exit code.
+    image, and --layer stacks read-only ext4 layers over it (the top one given last), as
+    overlayfs lowers in the guest. Options go before IMAGE; a word after it that starts with
+    `-` needs the `--` separator. The guest command's exit code is the exit code.
 
     Writes go to a throwaway state disk; the image itself is never modified. On a terminal the
     output streams live (stdout and stderr interleaved, from the serial console); otherwise
@@ -201,6 +212,7 @@ def _job(words: tuple[str, ...], opts: dict[str, Any], raw: tuple[str, ...] = ()
         initrd=opts["initrd"],
         credentials=creds,
         audit_log=opts["audit_log"],
+        layers=tuple(opts["layers"]),
     )
 
 

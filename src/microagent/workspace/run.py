@@ -1,7 +1,9 @@
 """One-shot runs: ``microagent run IMAGE -- CMD`` (or ``--rootfs FILE``) in a fresh microVM.
 
 The image's root filesystem (pulled or reused like a spec's base) is attached read-only, a
-throwaway state disk takes the writes, and the VM is gone when the command ends.
+throwaway state disk takes the writes, and the VM is gone when the command ends. With
+``--rootfs FILE``, ``--layer LAYER`` (repeatable, bottom first) stacks read-only ext4 layer
+images over it as overlay lowers.
 
 With ``--credential``, the run gets what a workspace's start gets (docs/broker.md): each key is
 read on the host before anything is pulled, a credential gateway (started here, as a
@@ -38,7 +40,13 @@ from microagent.runtime.backend import (
     NetworkConfig,
     OutputSink,
 )
-from microagent.runtime.boot import BootFiles, RunRequest, run_once, scratch_vm_dir
+from microagent.runtime.boot import (
+    MAX_EXTRA_DISKS,
+    BootFiles,
+    RunRequest,
+    run_once,
+    scratch_vm_dir,
+)
 from microagent.runtime.configdisk import NetworkMode
 from microagent.settings import Settings
 
@@ -63,6 +71,7 @@ class OneShot:
     initrd: Path | None = None
     credentials: tuple[Credential, ...] = ()  # brokered: references only, never a value
     audit_log: Path | None = None  # where the broker's audit entries are appended
+    layers: tuple[Path, ...] = ()  # read-only ext4 layers over --rootfs, bottom first
 
     def __post_init__(self) -> None:
         if (self.image is None) == (self.rootfs is None) or not self.command:
@@ -87,6 +96,7 @@ class OneShot:
             check_seconds("--timeout", self.timeout)
         if self.rootfs is not None:
             check_rootfs(self.rootfs)
+        check_layers(self.layers, rootfs=self.rootfs is not None)
         check_runtime_env(self.credentials, self.env)
         if self.audit_log is not None and not self.credentials:
             raise InvalidInputError(
@@ -98,24 +108,54 @@ class OneShot:
 def check_rootfs(path: Path) -> None:
     """``--rootfs FILE`` must be a readable regular file holding an ext2/3/4 file system
     (its superblock magic), checked before anything is pulled or booted."""
+    _check_ext4_image(
+        path,
+        "--rootfs",
+        hint="make one with `mke2fs -t ext4 -d DIR IMAGE 1G`, or run an image: "
+        "microagent run IMAGE -- CMD",
+    )
+
+
+def check_layers(layers: tuple[Path, ...], *, rootfs: bool) -> None:
+    """``--layer FILE`` (repeatable) goes with ``--rootfs``; the layers fit beside the VM's
+    other disks and each is an ext4 image, checked before anything boots."""
+    if not layers:
+        return
+    if not rootfs:
+        raise InvalidInputError(
+            "--layer needs --rootfs: layers stack over an ext4 root file system image",
+            hint="microagent run --rootfs ROOT.ext4 --layer LAYER.ext4 -- CMD",
+        )
+    if len(layers) > MAX_EXTRA_DISKS:
+        raise InvalidInputError(
+            f"{len(layers)} layers, but a VM takes at most {MAX_EXTRA_DISKS}",
+            hint="merge layers into one image (e.g. the lower ones into the rootfs)",
+        )
+    for layer in layers:
+        _check_ext4_image(
+            layer,
+            "--layer",
+            hint="a layer is an ext4 image in overlayfs form: `mke2fs -t ext4 -d DIR IMAGE 64M`",
+        )
+
+
+def _check_ext4_image(path: Path, flag: str, *, hint: str) -> None:
     try:
         info = path.stat()
         if not stat.S_ISREG(info.st_mode):
             raise InvalidInputError(
-                f"--rootfs {path}: not a regular file", hint="give an ext4 image file"
+                f"{flag} {path}: not a regular file", hint="give an ext4 image file"
             )
         is_ext = has_ext_superblock(path)
     except FileNotFoundError:
         raise InvalidInputError(
-            f"--rootfs {path}: no such file", hint="give the path of an ext4 image file"
+            f"{flag} {path}: no such file", hint="give the path of an ext4 image file"
         ) from None
     except OSError as exc:
-        raise InvalidInputError(f"--rootfs {path}: cannot read it: {exc.strerror or exc}") from None
+        raise InvalidInputError(f"{flag} {path}: cannot read it: {exc.strerror or exc}") from None
     if not is_ext:
         raise InvalidInputError(
-            f"--rootfs {path}: not an ext4 file system image (no ext2/3/4 superblock)",
-            hint="make one with `mke2fs -t ext4 -d DIR IMAGE 1G`, or run an image: "
-            "microagent run IMAGE -- CMD",
+            f"{flag} {path}: not an ext4 file system image (no ext2/3/4 superblock)", hint=hint
         )
 
 
@@ -134,6 +174,7 @@ def one_shot_request(job: OneShot, rootfs: Path, settings: Settings) -> RunReque
         machine=job.machine,
         accel=job.accel or Accel.parse(settings.accel),
         die_with_parent=True,
+        layers=job.layers,
     )
 
 
