@@ -169,16 +169,17 @@ def _make_image(stage: Path, layer: Unpacked, out: Path, *, key: str) -> _Image:
         if says_no_space(exc.message):
             raise no_space(out.parent, size * MIB) from exc
         raise BuildError(f"mke2fs could not build the layer disk: {exc.message}") from exc
-    _finish(out, layer)
+    _finish(out, layer, stage)
     return _Image(size * MIB, data, fs_uuid)
 
 
-def finish_script(layer: Unpacked) -> list[str]:
+def finish_script(layer: Unpacked, stage: Path | None = None) -> list[str]:
     """debugfs commands giving an ``mke2fs -d`` image of the stage its whiteouts and devices,
     owners and modes, opaque xattrs and every inode's four times (last: making a node or an
-    xattr may touch its directory's). The same script whoever built the stage (root's stage
-    has the owners already), so the image is byte for byte the same too."""
-    lines = fix_ownership_script(layer.meta).removesuffix("\n").split("\n")
+    xattr may touch its directory's). With ``stage``, owners and modes the stage has already
+    (unpacked as root) are not set again: the tree is the same, only the superblock's count
+    of bytes written differs from an image built by another user."""
+    lines = fix_ownership_script(layer.meta, stage=stage).removesuffix("\n").split("\n")
     for path in sorted(layer.opaque):
         lines.append(f"ea_set {quote(path, raw_bytes=True)} {OPAQUE_XATTR} y")
     for path, m in layer.meta:
@@ -190,9 +191,9 @@ def finish_script(layer: Unpacked) -> list[str]:
     return [line for line in lines if line]
 
 
-def _finish(image: Path, layer: Unpacked) -> None:
+def _finish(image: Path, layer: Unpacked, stage: Path) -> None:
     # Lines end at "\n" only: splitlines() would also break a name at U+0085 or U+2028.
-    done = run_debugfs(image, finish_script(layer), write=True, env=ENV, split=False)
+    done = run_debugfs(image, finish_script(layer, stage), write=True, env=ENV, split=False)
     if any(says_no_space(e) for e in done.errors):
         raise no_space(image.parent)
     if done.errors:
