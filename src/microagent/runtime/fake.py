@@ -183,18 +183,40 @@ def read_run_config(path: Path) -> RunConfig:
             ExtraMount(m["device"], m["path"], m.get("fstype", "ext4"), bool(m["readonly"]))
             for m in data.get("mounts") or []
         ),
+        layers=tuple(str(d) for d in data.get("layers") or ()),
     )
 
 
 def check_mounts(config: BootConfig, run: RunConfig) -> None:
-    """Fail like the guest init would when a mount names a disk that is not attached (disks
-    are named vda, vdb, ... in attach order), or would write a disk the VMM made read-only."""
+    """Fail like the guest init would when a mount or a layer names a disk that is not
+    attached (disks are named vda, vdb, ... in attach order), when a mount would write a disk
+    the VMM made read-only, or when a layer disk is writable (the host always attaches them
+    read-only)."""
     for mount in run.mounts:
-        index = ord(mount.device[-1]) - ord("a")
-        if not 0 <= index < len(config.disks):
-            raise VMError(f"fake guest: cannot mount /dev/{mount.device} on {mount.path}")
+        index = _disk_index(
+            config, mount.device, f"cannot mount /dev/{mount.device} on {mount.path}"
+        )
         if config.disks[index].readonly and not mount.readonly:
             raise VMError(f"fake guest: /dev/{mount.device} is read-only, mounted rw")
+    for number, device in enumerate(run.layers, start=1):
+        index = _disk_index(config, device, f"cannot mount layer {number} (/dev/{device})")
+        if not config.disks[index].readonly:
+            raise VMError(f"fake guest: layer {number} (/dev/{device}) is attached writable")
+
+
+def _disk_index(config: BootConfig, device: str, why: str) -> int:
+    """The attached disk ``device`` names (vda, vdb, ... in attach order), or VMError."""
+    index = ord(device[-1]) - ord("a")
+    if not 0 <= index < len(config.disks):
+        raise VMError(f"fake guest: {why}")
+    return index
+
+
+def root_stack(config: BootConfig, run: RunConfig) -> list[Path]:
+    """The read-only root images as the guest stacks them, top first: the layer disks (given
+    bottom first), then the rootfs."""
+    layers = [config.disks[ord(d[-1]) - ord("a")].path for d in reversed(run.layers)]
+    return [*layers, config.disks[ROOTFS_DISK_INDEX].path]
 
 
 def _now() -> str:
@@ -218,11 +240,12 @@ def guest_writes(config: BootConfig, run: RunConfig, outcome: FakeOutcome) -> di
     return files
 
 
-def write_guest_files(config: BootConfig, files: Mapping[str, str]) -> None:
-    """Write ``files`` into the overlay upper of the state disk (the rootfs as the lower),
-    making missing parent directories, as a command in the guest would."""
+def write_guest_files(config: BootConfig, files: Mapping[str, str], run: RunConfig) -> None:
+    """Write ``files`` into the overlay upper of the state disk (the rootfs and the layer
+    disks over it as the lowers), making missing parent directories, as a command in the
+    guest would."""
     state = config.disks[STATE_DISK_INDEX].path
-    rootfs = config.disks[ROOTFS_DISK_INDEX].path
+    rootfs = root_stack(config, run)
     with tempfile.TemporaryDirectory(prefix="microagent-fake-") as tmp:
         for index, (path, text) in enumerate(sorted(files.items())):
             try:
@@ -330,7 +353,8 @@ class FakeMachine:
         started = _now()
         self._emit({"event": "started", "at": started, "uptime": 0.02})
         if not out.error:
-            write_guest_files(self.config, guest_writes(self.config, self.run_config, out))
+            writes = guest_writes(self.config, self.run_config, out)
+            write_guest_files(self.config, writes, self.run_config)
         if on_output and not out.error:
             on_output((out.stdout + out.stderr).encode())
         lines = EventLines()

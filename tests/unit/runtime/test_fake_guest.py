@@ -313,3 +313,31 @@ def test_run_boots_again_after_a_stall_and_reports_a_second_one(
     else:
         assert got["error"]["kind"] == "vm"
         assert got["error"]["message"].startswith("the guest did not boot within 120s")
+
+
+# -- layer disks over the rootfs ------------------------------------------------------------------
+
+
+def test_writes_copy_parents_up_from_the_layer_disk_that_holds_them(
+    kit: GuestKit, rootfs: Path, tmp_path: Path
+) -> None:
+    """The fake guest stacks layer disks as the init does: a parent only a layer has is copied
+    up from that layer (its mode kept), the topmost layer first."""
+    images = []
+    for name, mode in (("bottom", 0o750), ("top", 0o700)):
+        tree = tmp_path / f"tree-{name}"
+        (tree / "opt" / "pkg").mkdir(parents=True)
+        (tree / "opt" / "pkg").chmod(mode)
+        image = tmp_path / f"{name}.ext4"
+        with image.open("wb") as fh:
+            fh.truncate(8 << 20)
+        run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tree), str(image)])
+        images.append(image)
+    state = make_state_disk(tmp_path / "state-layers.ext4", 64)
+    request = RunRequest(rootfs=rootfs, command=("true",), state_disk=state, layers=tuple(images))
+    outcome = FakeOutcome(writes={"/opt/pkg/new": "x\n"})
+    result = run_once(request, backend=FakeBackend(lambda _c: outcome), kit=kit)
+    assert result.exit_code == 0
+    got = layer(state)
+    assert got["opt/pkg/new"][1] == b"x\n"
+    assert got["opt/pkg"][0].mode == 0o700, "copied up from the top layer"
