@@ -683,7 +683,7 @@ class Microagent:
                 kit=kit,
                 on_output=self.output,
                 audit_fd=audit_fd,
-                say=self.say,
+                notice=self.notice,  # a warning: shown even with --json
             )
         finally:
             if audit_fd is not None:

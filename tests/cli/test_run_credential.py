@@ -369,3 +369,9 @@ def test_an_audit_log_that_fills_up_is_a_warning_after_the_runs_own_result(
     err = capsys.readouterr().err
     assert code == 0, err  # the command's own exit code, not the audit's trouble
     assert f"warning: the run's audit was not all appended to {log}: No space left" in err, err
+
+    code = main(["--json", "run", *flags, "--audit-log", str(log), *run_args(rootfs)[1:]])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out)["result"]["exitCode"] == 0, "stdout is the JSON document alone"
+    assert f"warning: the run's audit was not all appended to {log}: No space left" in err, err

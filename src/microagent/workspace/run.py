@@ -250,11 +250,11 @@ def run_brokered(
     kit: BootFiles,
     on_output: OutputSink | None = None,
     audit_fd: int | None = None,
-    say: Callable[[str], None] = lambda _message: None,
+    notice: Callable[[str], None] = lambda _message: None,
 ) -> GuestResult:
     """Run ``request`` with ``job``'s credentials brokered (see the module docstring); the
-    audit entries are appended to ``audit_fd`` at the end when it is given (``say`` tells
-    when they could not be)."""
+    audit entries are appended to ``audit_fd`` at the end when it is given (``notice`` tells
+    when they could not be, even with --json)."""
     if not job.credentials:
         return run_once(request, backend=backend, kit=kit, on_output=on_output)
     # deferred: the broker's modules (TLS, HTTP), only for a run with credentials
@@ -287,4 +287,6 @@ def run_brokered(
             gateway.stop()
             problem = None if audit_fd is None else keep_audit(audit_fd, vm_dir)
             if problem is not None:
-                say(f"warning: the run's audit was not all appended to {job.audit_log}: {problem}")
+                notice(
+                    f"warning: the run's audit was not all appended to {job.audit_log}: {problem}"
+                )
