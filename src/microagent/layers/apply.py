@@ -112,10 +112,12 @@ class LayerSource:
 @dataclass
 class OverlayMarks:
     """What one layer's whiteouts say, kept in overlayfs form rather than applied: the paths
-    its ``.wh.<name>`` entries hide (recorded in the metadata as character devices 0/0) and
-    the directories its ``.wh..wh..opq`` markers make opaque. A path in :attr:`hidden` that
-    the same layer then made a directory hides the lower one's children (it is opaque too);
-    one it made anything else hides the lower entry by itself."""
+    whose lower entry the layer removes (its ``.wh.<name>`` entries, recorded in the metadata
+    as character devices 0/0, and names it wrote twice, the first entry replaced: a flatten
+    removes the lower entry with it) and the directories its ``.wh..wh..opq`` markers make
+    opaque. A path in :attr:`hidden` that the layer leaves a directory hides the lower one's
+    children (it is opaque too); one it leaves anything else hides the lower entry by
+    itself."""
 
     hidden: set[str] = field(default_factory=set)
     opaque: set[str] = field(default_factory=set)
@@ -602,6 +604,8 @@ class _Applier:
             self.meta.remove_tree(path)
         else:
             self.meta.discard(path)
+        if self.marks is not None:  # a flatten would have removed the lower entry with it
+            self.marks.hidden.add(path)
         return False
 
     def write_file(

@@ -66,9 +66,13 @@ def same(row: Row) -> Row:
 
 def stack_view(state: Path, lowers: list[Path], trees: list[dict[str, Row]]) -> dict[str, Row]:
     """Every name any layer disk holds, as the merged view shows it (hidden ones left out),
-    with the (layer, inode) it is read from in place of the link bookkeeping."""
+    with the (layer, inode) it is read from in place of the link bookkeeping. A name is
+    looked up only below a directory of the view (so no symlink is followed on the way)."""
     out: dict[str, Row] = {}
-    for path in sorted(set().union(*trees) - {"/"}):
+    for path in sorted(set().union(*trees) - {"/"}):  # parents first
+        parent = path.rpartition("/")[0]
+        if parent and (parent not in out or out[parent][0] is not Kind.DIR):
+            continue
         found = lookup(state, lowers, path)
         if found is not None:
             row = trees[len(trees) - found.layer][path]  # lowers are top first
@@ -261,3 +265,37 @@ def test_a_big_directory_and_many_small_files_fit(tmp_path: Path) -> None:
     disk = build_layer_disk(hostile(tmp_path, entries), tmp_path / "many.ext4")
     check_image(disk.path, "layer disk")
     assert disk.entries == 3002
+
+
+# -- one layer naming a path twice ---------------------------------------------------------------
+
+LOWER = [
+    (tar_info("a", tarfile.DIRTYPE, 0o755), None),
+    regular("a/b", b"lower"),
+]
+TWICE = {  # what the flatten does, by the order of the members: the layer disk must agree
+    "file-then-dir": [regular("a", b"f"), (tar_info("a", tarfile.DIRTYPE, 0o700), None)],
+    "dir-then-whiteout": [(tar_info("a", tarfile.DIRTYPE, 0o700), None), regular(".wh.a", b"")],
+    "whiteout-then-dir": [regular(".wh.a", b""), (tar_info("a", tarfile.DIRTYPE, 0o700), None)],
+    "dir-file-dir": [
+        (tar_info("a", tarfile.DIRTYPE, 0o700), None),
+        regular("a", b"f"),
+        (tar_info("a", tarfile.DIRTYPE, 0o711), None),
+    ],
+    "whiteout-then-child": [regular(".wh.a", b""), regular("a/new", b"n")],
+}
+
+
+@pytest.mark.parametrize("case", sorted(TWICE))
+def test_a_path_named_twice_in_one_layer_stacks_as_it_flattens(tmp_path: Path, case: str) -> None:
+    layers = [
+        source(tmp_path / "lower.tar", tar_of(LOWER)),
+        source(tmp_path / "upper.tar", tar_of(TWICE[case])),
+    ]
+    disks = disks_of(layers, tmp_path / "disks")
+    state = make_state_disk(tmp_path / "state.ext4", 16)
+    view = stack_view(state, disks[::-1], [image_tree(d) for d in disks])
+    flat = image_tree(flattened(tmp_path, layers))
+    want = {p: same(r) for p, r in flat.items() if p != "/"}
+    assert {p: r[:9] for p, r in view.items()} == want
+    assert ("/a/b" in view) == (case == "dir-then-whiteout")
