@@ -40,7 +40,15 @@ from microagent.layers.apply import LayerSource, Limits, OverlayMarks, apply_lay
 from microagent.layers.stagemeta import Kind, PathMeta, StageMetadata
 from microagent.runner import run
 
-__all__ = ["OPAQUE_XATTR", "LayerDisk", "NotLayerable", "build_layer_disk", "unpack_layer"]
+__all__ = [
+    "OPAQUE_XATTR",
+    "LayerDisk",
+    "NotLayerable",
+    "Unpacked",
+    "allocated_bytes",
+    "build_layer_disk",
+    "unpack_layer",
+]
 
 OPAQUE_XATTR = "trusted.overlay.opaque"
 INODE_SIZE = 256
