@@ -10,7 +10,9 @@ large synthetic step layer on top of it and a trivial one (``mkdir -p /x``):
     ``trusted.overlay.opaque``: made here as root (see the printed probe for what a normal
     user can make);
 (c) the flatten of the whole chain (``ext4.rootfs.build_rootfs``), as every step's rootfs is
-    built when it is not derived: the baseline.
+    built when it is not derived: the baseline;
+(d) ``cp`` out of a stack (``ext4.overlay.copy_out`` of a 1 MB file in the bottom layer, every
+    layer holding ``/usr/lib``): 1, 4 and 16 lowers, median of 3, in-process.
 
 Stages go to RAM (``/dev/shm``) for all three, as the flatten does when there is room.
 Prints per-layer figures and the ratios; no pass/fail.
@@ -28,6 +30,7 @@ import os
 import platform
 import shutil
 import stat
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -48,6 +51,8 @@ from microagent.ext4.layerdisk import (  # noqa: E402
     build_layer_disk,
     unpack_layer,
 )
+from microagent.ext4.mkfs import make_state_disk  # noqa: E402
+from microagent.ext4.overlay import copy_out  # noqa: E402
 from microagent.ext4.rootfs import build_rootfs  # noqa: E402
 from microagent.layers.apply import LayerSource, finish_stage  # noqa: E402
 from microagent.store.content import Store  # noqa: E402
@@ -198,6 +203,34 @@ def flatten(layers: list[LayerSource], tmp: Path, key: str) -> dict[str, Any]:
     return row
 
 
+def cp_through_stacks(tmp: Path, depths: tuple[int, ...] = (1, 4, 16)) -> dict[str, float]:
+    """Median seconds of ``copy_out`` of a bottom-layer file through stacks of layer disks."""
+    disks = []
+    for i in range(max(depths)):
+        path = tmp / f"cp{i}.tar"
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+            for name in ("usr", "usr/lib", f"usr/lib/p{i}"):
+                tf.addfile(_dir(name))
+            data = os.urandom(1 << 20) if i == 0 else b"x"
+            info = _file("usr/lib/target.bin" if i == 0 else f"usr/lib/p{i}/f")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        source = LayerSource.from_path(path, f"cp {i}", Digest.of_bytes(path.read_bytes()))
+        disks.append(build_layer_disk(source, tmp / f"cp{i}.ext4").path)
+    state = make_state_disk(tmp / "cp-state.ext4", 16)
+    out: dict[str, float] = {}
+    for depth in depths:
+        stack = disks[:depth][::-1]  # top first; the bottom (index 0) holds the file
+        runs = []
+        for _ in range(3):
+            target = tmp / "cp-out.bin"
+            secs, _ = timed(partial(copy_out, state, stack, "/usr/lib/target.bin", target))
+            runs.append(secs)
+            target.unlink()
+        out[str(depth)] = statistics.median(runs)
+    return out
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 
@@ -272,6 +305,10 @@ def main() -> None:
                 f"  {name:<22} {row['seconds']:6.2f} s (flatten {row['flatten']:.2f} s + ext4 "
                 f"{row['ext4']:.2f} s) {mb(row['bytes'])} apparent {mb(row['allocated'])} on disk"
             )
+        figures["cp"] = cp_through_stacks(tmp)
+        print("cp out of a stack (copy_out of 1 MB from the bottom layer; median of 3)")
+        for depth, secs in figures["cp"].items():
+            print(f"  {depth:>2} lower(s)              {secs:6.3f} s")
     figures["unprivileged"] = unprivileged_probe()
     ratios(figures, [s.name for s in base])
     if args.json:
@@ -301,6 +338,9 @@ def ratios(figures: dict[str, Any], base: list[str]) -> None:
                 )
     else:
         print("  erofs: mkfs.erofs not installed (or not root): not measured")
+    cp = figures["cp"]
+    print(f"  cp: 4 lowers / 1 lower                  {cp['4'] / cp['1']:6.2f}x time")
+    print(f"  cp: 16 lowers / 1 lower                 {cp['16'] / cp['1']:6.2f}x time")
     print(f"  unprivileged EROFS stage (as nobody):   {figures['unprivileged']}")
 
 
