@@ -22,6 +22,12 @@ root) raises :class:`NotLayerable`; a hard link to a file of a lower layer is re
 extractor (its target is not in the layer). A directory the layer needs but does not name (a
 parent of one of its entries) is made as the extractor makes it (root, 0755, time 0) and, in
 a stack, its attributes hide the lower directory's; image builders name every parent.
+
+A whiteout below an opaque directory hides nothing and is left out: the kernel lists a
+directory that merges with no lower one as it is, whiteouts included (``ls`` would show a
+name that cannot be opened). One whose directory merges with nothing for another reason (the
+lower layers hold no directory there) cannot be known from the layer alone and is kept;
+builders write whiteouts only for names the lower layers hold.
 """
 
 from __future__ import annotations
@@ -124,15 +130,30 @@ def unpack_layer(source: LayerSource, stage: Path, *, limits: Limits = DEFAULT_L
             marks=marks,
         )
     finish_stage(stage, meta)
-    whiteouts = frozenset(p for p in marks.hidden if _is_whiteout(meta.get(p)))
     opaque = frozenset(p for p in marks.opaque | marks.hidden if _is_dir(meta.get(p)))
+    whiteouts = set()
+    for path in sorted(p for p in marks.hidden if _is_whiteout(meta.get(p))):
+        if _below(path, opaque):  # nothing of a lower layer is there to hide
+            meta.discard(path)
+        else:
+            whiteouts.add(path)
     if "/" in opaque:
         raise NotLayerable(
             f"layer {source.name}: an opaque marker at the root hides every lower layer; "
             "overlayfs ignores it on a layer's root",
             hint="build the root from this layer's chain flattened instead",
         )
-    return Unpacked(meta, whiteouts, opaque)
+    return Unpacked(meta, frozenset(whiteouts), opaque)
+
+
+def _below(path: str, dirs: frozenset[str]) -> bool:
+    """Whether one of ``dirs`` is an ancestor of ``path``."""
+    parent = path.rpartition("/")[0]
+    while parent:
+        if parent in dirs:
+            return True
+        parent = parent.rpartition("/")[0]
+    return False
 
 
 def _is_whiteout(m: PathMeta | None) -> bool:

@@ -299,3 +299,27 @@ def test_a_path_named_twice_in_one_layer_stacks_as_it_flattens(tmp_path: Path, c
     want = {p: same(r) for p, r in flat.items() if p != "/"}
     assert {p: r[:9] for p, r in view.items()} == want
     assert ("/a/b" in view) == (case == "dir-then-whiteout")
+
+
+def test_a_whiteout_below_an_opaque_directory_is_left_out(tmp_path: Path) -> None:
+    """It hides nothing, and the kernel would list it (a directory merging with nothing below
+    is listed as it is): ``ls`` would show a name that cannot be opened."""
+    layer = hostile(
+        tmp_path,
+        [
+            (tar_info("d", tarfile.DIRTYPE, 0o755), None),
+            regular("d/.wh..wh..opq", b""),
+            (tar_info("d/e", tarfile.DIRTYPE, 0o755), None),
+            regular("d/e/.wh.x", b""),
+            regular("d/.wh.y", b""),
+            regular(".wh.f", b""),
+            (tar_info("f", tarfile.DIRTYPE, 0o755), None),
+            regular("f/.wh.z", b""),
+            regular(".wh.kept", b""),
+        ],
+    )
+    disk = build_layer_disk(layer, tmp_path / "layer.ext4")
+    tree = image_tree(disk.path)
+    assert "/d/e/x" not in tree and "/d/y" not in tree and "/f/z" not in tree
+    assert tree["/kept"][0] is Kind.CHAR and (disk.whiteouts, disk.opaque_dirs) == (1, 2)
+    check_image(disk.path, "layer disk")
