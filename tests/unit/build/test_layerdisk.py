@@ -12,11 +12,8 @@ deleted it.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tarfile
-import tempfile
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,6 +29,7 @@ from microagent.ext4.rootfs import build_rootfs
 from microagent.layers.apply import LayerSource, Limits
 from microagent.layers.stagemeta import Kind
 from microagent.store.content import Store
+from testenv import nobody
 from testenv.tree_kit import image_tree
 
 pytestmark = pytest.mark.tools("mke2fs", "debugfs", "e2fsck")
@@ -216,33 +214,8 @@ def test_an_opaque_root_cannot_be_a_layer_disk(tmp_path: Path) -> None:
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
     """A directory nobody can write (pytest's tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="microagent-layerdisk-"))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path)
-
-
-def as_nobody(fn: Callable[[], object]) -> None:
-    """Run ``fn`` in a forked child that dropped root for nobody; re-raise its failure."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through the pipe
-        os.close(read_fd)
-        code = 0
-        try:
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            fn()
-        except BaseException:
-            os.write(write_fd, traceback.format_exc().encode())
-            code = 1
-        os._exit(code)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as fh:
-        report = fh.read().decode()
-    _, status = os.waitpid(pid, 0)
-    assert status == 0 and not report, report
+    with nobody.shared_dir("microagent-layerdisk-") as path:
+        yield path
 
 
 @pytest.mark.root("dropping to nobody")
@@ -253,7 +226,7 @@ def test_a_layer_disk_built_without_root_is_the_same(
     shutil.copyfile(tmp_path / "layer1.tar", step)  # (chain() wrote it there)
     step.chmod(0o644)
     layer = LayerSource.from_path(step, "step", layers[1].diff_id)
-    as_nobody(lambda: build_layer_disk(layer, shared_dir / "nobody.ext4"))
+    nobody.as_nobody(lambda: build_layer_disk(layer, shared_dir / "nobody.ext4"))
     built = build_layer_disk(layer, shared_dir / "root.ext4").path
     assert (shared_dir / "nobody.ext4").stat().st_uid == 65534
     assert image_tree(shared_dir / "nobody.ext4") == image_tree(built)

@@ -6,8 +6,6 @@ import io
 import multiprocessing
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from microagent.ext4.debugfs import quote as debugfs_quote
 from microagent.layers.apply import LayerSource, flatten
 from microagent.layers.stagemeta import Kind, PathMeta, StageMetadata
 from microagent.runner import run
+from testenv import nobody
 
 pytestmark = pytest.mark.tools("mke2fs", "debugfs", "e2fsck")
 
@@ -98,10 +97,8 @@ def test_image_from_root_flatten(tmp_path: Path) -> None:
 @pytest.fixture
 def shared_tmp() -> Iterator[Path]:
     """A temp dir an unprivileged user can reach (pytest's tmp_path is root-only)."""
-    path = Path(tempfile.mkdtemp(prefix="microagent-test-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path)
+    with nobody.shared_dir("microagent-test-", mode=0o755) as path:
+        yield path
 
 
 def _flatten_as_nobody(stage: str, meta_path: str) -> None:

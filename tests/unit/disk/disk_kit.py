@@ -7,8 +7,6 @@ import os
 import re
 import stat
 import subprocess
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 MTIME = 1_600_000_000
@@ -157,26 +155,3 @@ def build_state(root: Path) -> Path:
     os.link(up / "workspace/old1", up / "workspace/old2")  # kernels share one whiteout inode
     mkdir(root / "work")
     return root
-
-
-def as_nobody(fn: Callable[[], object]) -> None:
-    """Run ``fn`` in a forked child that dropped root for nobody; re-raise its failure."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through the pipe
-        os.close(read_fd)
-        code = 0
-        try:
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            fn()
-        except BaseException:
-            os.write(write_fd, traceback.format_exc().encode())
-            code = 1
-        os._exit(code)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as fh:
-        report = fh.read().decode()
-    _, status = os.waitpid(pid, 0)
-    assert status == 0 and not report, report

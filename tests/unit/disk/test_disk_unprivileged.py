@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import shutil
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from disk_kit import as_nobody, inode_of
+from disk_kit import inode_of
 
 from microagent.ext4.mkfs import make_state_disk
 from microagent.ext4.overlay import copy_in, copy_out, read_bytes
 from microagent.ext4.upper import export_upper_image
+from testenv import nobody
 
 
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
     """A directory nobody can write (pytest's tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="microagent-nobody-"))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path)
+    with nobody.shared_dir() as path:
+        yield path
 
 
 def test_state_disk_copy_and_export_as_nobody(shared_dir: Path, rootfs: Path, state: Path) -> None:
@@ -42,7 +40,7 @@ def test_state_disk_copy_and_export_as_nobody(shared_dir: Path, rootfs: Path, st
         export_upper_image(disk, shared_dir / "state.tar")
         export_upper_image(upper, shared_dir / "upper-nobody.tar")
 
-    as_nobody(work)
+    nobody.as_nobody(work)
     for d in ("/upper", "/work"):
         got = inode_of(disk, d)
         assert got is not None and (got["uid"], got["gid"]) == (0, 0)
@@ -51,5 +49,5 @@ def test_state_disk_copy_and_export_as_nobody(shared_dir: Path, rootfs: Path, st
         assert (deep.uid, deep.gid, deep.mode) == (1000, 1001, 0o700)
     assert (shared_dir / "input.json").read_bytes() == b'{"n": 1}'
     export_upper_image(state, shared_dir / "upper-root.tar")
-    nobody = (shared_dir / "upper-nobody.tar").read_bytes()
-    assert nobody == (shared_dir / "upper-root.tar").read_bytes()
+    as_nobody_tar = (shared_dir / "upper-nobody.tar").read_bytes()
+    assert as_nobody_tar == (shared_dir / "upper-root.tar").read_bytes()
