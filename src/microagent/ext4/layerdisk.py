@@ -37,14 +37,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from microagent.errors import BuildError, InvalidInputError, ToolError
+from microagent.errors import BuildError, InvalidInputError
 from microagent.ext4.debugfs import fix_ownership_script, quote, run_debugfs
-from microagent.ext4.mkfs import BLOCK, FIXED_TIME, MIB, content_bytes, key_uuid
+from microagent.ext4.mkfs import BLOCK, FIXED_TIME, MIB, content_bytes, key_uuid, run_mke2fs
 from microagent.frozen import Frozen
 from microagent.fsutil import no_space, says_no_space
 from microagent.layers.apply import LayerSource, Limits, OverlayMarks, apply_layer, finish_stage
 from microagent.layers.stagemeta import Kind, PathMeta, StageMetadata
-from microagent.runner import run
 
 __all__ = [
     "OPAQUE_XATTR",
@@ -192,12 +191,7 @@ def _make_image(stage: Path, layer: Unpacked, out: Path, *, key: str) -> _Image:
         "-O", "^has_journal", "-m", "0", "-N", str(inodes), "-I", str(INODE_SIZE),
         "-d", str(stage), str(out), f"{size}M",
     ]  # fmt: skip
-    try:
-        run(argv, env=ENV)
-    except ToolError as exc:
-        if says_no_space(exc.message):
-            raise no_space(out.parent, size * MIB) from exc
-        raise BuildError(f"mke2fs could not build the layer disk: {exc.message}") from exc
+    run_mke2fs(argv, ENV, out, size, "the layer disk")
     _finish(out, layer, stage)
     return _Image(size * MIB, data, fs_uuid)
 

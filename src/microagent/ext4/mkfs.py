@@ -132,12 +132,7 @@ def build_ext4(
         str(out),
         f"{size}M",
     ]
-    try:
-        run(argv, env=env)
-    except ToolError as exc:
-        if says_no_space(exc.message):
-            raise no_space(out.parent, size * MIB) from exc
-        raise BuildError(f"mke2fs could not build the root filesystem: {exc.message}") from exc
+    run_mke2fs(argv, env, out, size, "the root filesystem")
     _debugfs(out, fix_ownership_script(meta, stage=stage) + _times_script(meta), env)
     return RootfsInfo(out, size * MIB, data, fs_uuid)
 
@@ -194,3 +189,14 @@ def _chown_skeleton(image: Path) -> None:
     done = run_debugfs(image, cmds, write=True)
     if done.errors:
         raise ToolError(f"could not set owners in {image}: {done.errors[0]}")
+
+
+def run_mke2fs(argv: list[str], env: dict[str, str], out: Path, size_mib: int, what: str) -> None:
+    """Run ``mke2fs`` (``argv``) making ``out``: a full disk is the no-space error (with the
+    ``size_mib`` it needed), any other failure a BuildError naming ``what``."""
+    try:
+        run(argv, env=env)
+    except ToolError as exc:
+        if says_no_space(exc.message):
+            raise no_space(out.parent, size_mib * MIB) from exc
+        raise BuildError(f"mke2fs could not build {what}: {exc.message}") from exc
