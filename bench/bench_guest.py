@@ -20,11 +20,19 @@ time mostly measures how long the vCPU thread waited for a CPU) and the guest's 
 ``--variant`` changes the product's QEMU argv in this process (kernel command line, disk
 options, CPU model, network) to measure what each setting costs; ``--bare-variant bare-overlay``
 gives the bare guest the product's overlay root (upper on a tmpfs) to price the overlay alone.
+``--variant layers-N`` (N of 1..15) boots the same rootfs with N small read-only layer disks
+stacked over it as overlay lowers (``RunRequest.layers``), in the worst shape for lookups: each
+holds the image's package directory (``/usr/local/lib/python3.13/dist-packages``, parents
+root 0755) with one small package of its own, so every lookup there (and in its parents)
+consults every layer. The disks are built once per bench run (``mke2fs -d``, 4 MiB each).
+``--workload lookups`` times that worst case alone (20,000 names missing there).
 ``--pyc`` counts stale .pyc files on sys.path in both guests and starts a workspace of the image
 twice, counting the modules its import took from a .pyc and those it compiled again.
 
     .venv/bin/python bench/bench_guest.py [--runs 3] [--workload import,pip] [--variant V]...
         [--bare-variant bare-overlay] [--pyc] [--command SHELL]
+    .venv/bin/python bench/bench_guest.py --workload import,lookups --variant as-is \
+        --variant layers-4 --variant layers-15
     .venv/bin/python bench/bench_guest.py --list-variants
 
 Uses the store of $MICROAGENT_HOME (the setup steps are built once; they need PyPI, through
@@ -97,6 +105,15 @@ WORKLOADS = {
         "        p = os.path.join(d, n); os.stat(p)\n"
         "        if n.endswith('.pyc'): open(p, 'rb').read()\n"
     ),
+    # the worst case of stacked lowers: 20,000 lookups of distinct names that do not exist in
+    # the packages directory (each one asks every layer that holds the directory)
+    "lookups": "python3 -c "
+    + shlex.quote(
+        "import os\n"
+        "for i in range(20000):\n"
+        "    try: os.stat(f'/usr/local/lib/python3.13/dist-packages/missing_{i}')\n"
+        "    except FileNotFoundError: pass\n"
+    ),
 }
 # Counts the .pyc files of the standard library and the installed packages: valid for their
 # source (timestamp or hash based), stale (Python would compile the source again on every fresh
@@ -126,6 +143,12 @@ for root in roots:
                 stale += 1
 print("PYC ok=%d stale=%d missing=%d" % (ok, stale, missing))
 """
+# The installed packages' directory in the image (the stand-in's Debian python3 with pip: the
+# setup steps install into dist-packages, not site-packages); each bench layer disk holds it.
+PACKAGES_DIR = "usr/local/lib/python3.13/dist-packages"
+LAYERS_VARIANT = re.compile(r"layers-(\d+)")
+MAX_LAYERS = 15
+LAYER_MIB = 4
 BEGIN, END = "MA-BENCH-BEGIN", "MA-BENCH-END"
 END_LINE = re.compile(END + r" (\d+) ([0-9.]+) ([0-9.]+)")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -302,6 +325,45 @@ VARIANTS: dict[str, Patch] = {
 }
 
 
+def layer_count(variant: str) -> int | None:
+    """N of a ``layers-N`` variant (None for the others); SystemExit outside 1..MAX_LAYERS."""
+    match = LAYERS_VARIANT.fullmatch(variant)
+    if match is None:
+        return None
+    count = int(match.group(1))
+    if not 1 <= count <= MAX_LAYERS:
+        raise SystemExit(f"{variant}: layers-N takes N of 1..{MAX_LAYERS}")
+    return count
+
+
+def variant_patch(variant: str) -> Patch:
+    """The argv change of a variant (a ``layers-N`` variant changes only the request)."""
+    return _nothing if layer_count(variant) else VARIANTS[variant]
+
+
+def build_layers(count: int, work: Path) -> tuple[Path, ...]:
+    """``count`` layer disks, bottom first: each the packages directory (parents root 0755)
+    with one small package of its own (``ma_bench_layer_I/__init__.py``)."""
+    disks = []
+    for index in range(1, count + 1):
+        tree = work / f"layer-{index}"
+        package = tree / PACKAGES_DIR / f"ma_bench_layer_{index}"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(f"LAYER = {index}\n")
+        for directory in [tree, *(p for p in package.parents if tree in p.parents), package]:
+            directory.chmod(0o755)
+        image = work / f"layer-{index}.ext4"
+        runner.run(
+            [
+                *("mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0"),
+                *("-O", "^has_journal", "-E", "root_owner=0:0", "-d", tree, image),
+                f"{LAYER_MIB}M",
+            ]
+        )
+        disks.append(image)
+    return tuple(disks)
+
+
 # -- the two guests ---------------------------------------------------------------------------
 
 
@@ -323,6 +385,7 @@ class Guest:
     backend: PidBackend
     kit: guestkit.GuestKit
     tsc_khz: int | None  # the host TSC rate both guests are told (runtime/hostclock)
+    layers: tuple[Path, ...] = ()  # bench layer disks, bottom first (layers-N takes N of them)
 
 
 def run_product(guest: Guest, rootfs: Path, script: str, variant: str, accel: Accel) -> Sample:
@@ -335,9 +398,10 @@ def run_product(guest: Guest, rootfs: Path, script: str, variant: str, accel: Ac
         cpus=CPUS,
         timeout=RUN_TIMEOUT,
         accel=accel,
+        layers=guest.layers[: layer_count(variant) or 0],
     )
     marks = Marks(lambda: guest.backend.pid)
-    with VARIANTS[variant]():
+    with variant_patch(variant)():
         result = run_once(
             request,
             backend=guest.backend,
@@ -554,7 +618,7 @@ def main() -> None:
     parser.add_argument("--list-variants", action="store_true")
     args = parser.parse_args()
     if args.list_variants:
-        print("\n".join(VARIANTS))
+        print("\n".join([*VARIANTS, f"layers-N (N of 1..{MAX_LAYERS})"]))
         return
     args.workload = args.workload.split(",")
     if args.command:
@@ -562,15 +626,17 @@ def main() -> None:
         args.workload = ["custom"]
     args.variant = args.variant or ["as-is"]
     for name in args.variant:
-        if name not in VARIANTS:
+        if name not in VARIANTS and layer_count(name) is None:
             raise SystemExit(f"unknown variant {name!r}; see --list-variants")
+    layers = max((layer_count(name) or 0 for name in args.variant), default=0)
     os.environ.setdefault("MICROAGENT_EXTRA_CA", "host")  # the setup steps reach PyPI
     api = Microagent(Settings.from_environ())
     with tempfile.TemporaryDirectory(prefix="bench-guest-") as tmp:
         work = Path(tmp)
         rootfs = build_image(api, work)
         tsc = hostclock.tsc_khz(api.settings.probes_dir)
-        guest = Guest(PidBackend(cache_dir=api.settings.probes_dir), api.kit(), tsc)
+        backend = PidBackend(cache_dir=api.settings.probes_dir)
+        guest = Guest(backend, api.kit(), tsc, build_layers(layers, work))
         print(f"rootfs {rootfs} ({rootfs.stat().st_size >> 20} MiB)", flush=True)
         if args.pyc:
             bare, product = pyc_check(guest, rootfs, work, Accel(args.accel))
