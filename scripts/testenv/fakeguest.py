@@ -15,6 +15,7 @@ from pathlib import Path
 
 import zstandard
 
+from microagent.compiler.files import EXT_MAGIC, EXT_MAGIC_OFFSET
 from microagent.ext4.debugfs import parse_ls, quote, run_debugfs
 from microagent.runtime.fake import SETUP_MARKER_DIR
 from microagent.store.content import Store
@@ -62,3 +63,12 @@ def step_layer_files(home: Path, key: str) -> dict[str, bytes]:
 def rootfs_image(home: Path, key: str) -> Path:
     """Where ``home``'s store keeps the root filesystem image of ``key``."""
     return Store(home / "store").entry_path(rootfs_entry(key))
+
+
+def ext4_like(path: Path) -> Path:
+    """The smallest file that passes the CLI's ext4 check (a superblock magic, 4 KiB): a
+    rootfs, layer or disk for the fake backend, which boots nothing."""
+    data = bytearray(4096)
+    data[EXT_MAGIC_OFFSET : EXT_MAGIC_OFFSET + len(EXT_MAGIC)] = EXT_MAGIC
+    path.write_bytes(bytes(data))
+    return path

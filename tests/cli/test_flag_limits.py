@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 
 from microagent.cli import main
-from microagent.compiler.files import EXT_MAGIC, EXT_MAGIC_OFFSET
 from microagent.compiler.overrides import MAX_SECONDS, Overrides
 from microagent.compiler.schema import field_range
 from microagent.errors import InvalidInputError
 from testenv import standin
+from testenv.fakeguest import ext4_like
 
 DIGEST = "sha256:" + "12" * 32
 
@@ -45,14 +45,6 @@ def spec(home: Path, tmp_path: Path) -> Path:
     path = tmp_path / "proj" / "microagent.yaml"
     path.parent.mkdir()
     path.write_text(f"name: lim\nimage: python:3.13-slim@{DIGEST}\nsetup: [echo hi]\n")
-    return path
-
-
-def ext4_image(path: Path) -> Path:
-    """The smallest file that passes the superblock check (the fake backend boots nothing)."""
-    data = bytearray(4096)
-    data[EXT_MAGIC_OFFSET : EXT_MAGIC_OFFSET + len(EXT_MAGIC)] = EXT_MAGIC
-    path.write_bytes(bytes(data))
     return path
 
 
@@ -185,7 +177,7 @@ def test_bad_timeouts_are_refused_before_anything_runs(
 ) -> None:
     """Also before a workspace is looked up: ``ws`` does not exist, yet the flag is what is
     reported (exit 2, not 1)."""
-    rootfs = ext4_image(tmp_path / "root.ext4")
+    rootfs = ext4_like(tmp_path / "root.ext4")
     given = [{"SPEC": str(spec), "ROOTFS": str(rootfs)}.get(a, a) for a in args]
     error = refused(capsys, tmp_path, given)
     text = f"{error['message']} {error['hint']}"
@@ -232,7 +224,7 @@ def test_run_flags_are_refused_before_the_vm(
     message: str,
 ) -> None:
     """Nothing reaches a VMM: ``--memory -5`` was handed to QEMU as ``-m -5``."""
-    rootfs = ext4_image(tmp_path / "root.ext4")
+    rootfs = ext4_like(tmp_path / "root.ext4")
     args = ["run", "--rootfs", str(rootfs), *flags, "--print-command", "--", "true"]
     assert message in refused(capsys, tmp_path, args)["message"]
 
@@ -241,7 +233,7 @@ def test_run_accepts_the_bounds(
     home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MICROAGENT_FAKE", json.dumps({"exitCode": 0, "stdout": "ok\n"}))
-    rootfs = ext4_image(tmp_path / "root.ext4")
+    rootfs = ext4_like(tmp_path / "root.ext4")
     args = ["run", "--rootfs", str(rootfs), "--memory", "64", "--cpus", "64", "--timeout", "5"]
     assert main(["--json", *args, "--", "true"]) == 0
     assert json.loads(capsys.readouterr().out)["result"]["stdout"] == "ok\n"
@@ -262,7 +254,7 @@ def test_run_refuses_option_like_words_without_a_separator(
 ) -> None:
     """``run IMAGE /bin/echo hi --print-command`` booted a VM running ``hi --print-command``;
     now nothing is pulled or booted (IMAGE is a layout that would be pulled)."""
-    rootfs = ext4_image(tmp_path / "root.ext4")
+    rootfs = ext4_like(tmp_path / "root.ext4")
     given = [{"IMAGE": "oci:nowhere", "ROOTFS": str(rootfs)}.get(w, w) for w in words]
     error = refused(capsys, tmp_path, ["run", *given], kind="usage")
     assert "looks like an option" in error["message"]
@@ -281,7 +273,7 @@ def test_run_refuses_option_like_words_without_a_separator(
 def test_run_takes_option_like_words_after_the_separator(
     home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], words: list[str]
 ) -> None:
-    rootfs = ext4_image(tmp_path / "root.ext4")
+    rootfs = ext4_like(tmp_path / "root.ext4")
     given = [{"ROOTFS": str(rootfs)}.get(w, w) for w in words]
     assert main(["--json", "run", "--print-command", *given]) == 0
     argv = json.loads(capsys.readouterr().out)["argv"]

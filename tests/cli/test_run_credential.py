@@ -25,7 +25,6 @@ from urllib.parse import urlsplit
 import pytest
 
 from microagent.cli import main
-from microagent.compiler.files import EXT_MAGIC, EXT_MAGIC_OFFSET
 from microagent.runtime import backends
 from microagent.runtime.backend import Backend, BootConfig, GuestResult, OutputSink
 from microagent.runtime.fake import FakeBackend, FakeMachine, FakeOutcome
@@ -33,6 +32,7 @@ from microagent.workspace import run as oneshot
 from microagent.workspace.services import PLACEHOLDER
 from testenv.agent_standin import standin_argv
 from testenv.clitools import cli_json as cli
+from testenv.fakeguest import ext4_like
 from testenv.leaks import files_holding
 from testenv.ports import free_port
 from testenv.supervised import processes_naming
@@ -125,11 +125,7 @@ def home(fake_backend: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 @pytest.fixture
 def rootfs(tmp_path: Path) -> Path:
     """The smallest file that passes run's ext4 check (the fake backend boots nothing)."""
-    data = bytearray(4096)
-    data[EXT_MAGIC_OFFSET : EXT_MAGIC_OFFSET + len(EXT_MAGIC)] = EXT_MAGIC
-    path = tmp_path / "root.ext4"
-    path.write_bytes(bytes(data))
-    return path
+    return ext4_like(tmp_path / "root.ext4")
 
 
 @pytest.fixture

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from microagent import Microagent, Settings
-from microagent.compiler.files import EXT_MAGIC, EXT_MAGIC_OFFSET
 from microagent.compiler.overrides import Overrides, RuntimeEnv
 from microagent.errors import InvalidInputError
 from microagent.runtime.configdisk import RunConfig
 from microagent.runtime.fake import FakeBackend, FakeOutcome
 from microagent.workspace.run import OneShot
 from testenv import standin
+from testenv.fakeguest import ext4_like
 
 
 @pytest.fixture
@@ -59,9 +59,7 @@ def test_build_plan_and_create_through_the_library(
 
 
 def test_one_shot_run_uses_the_injected_backend(api: Microagent, tmp_path: Path) -> None:
-    root = bytearray(4096)
-    root[EXT_MAGIC_OFFSET : EXT_MAGIC_OFFSET + 2] = EXT_MAGIC  # run checks for an ext4 image
-    (tmp_path / "root.ext4").write_bytes(bytes(root))
+    ext4_like(tmp_path / "root.ext4")  # run checks for an ext4 image
     result = api.run(OneShot(command=("echo", "x"), rootfs=tmp_path / "root.ext4"))
     assert (result.exit_code, result.stdout) == (0, "ran\n")
     with pytest.raises(InvalidInputError, match="give an image and a command"):

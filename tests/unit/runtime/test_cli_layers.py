@@ -10,16 +10,8 @@ from pathlib import Path
 import pytest
 
 from microagent.cli import main
-from microagent.compiler.files import EXT_MAGIC, EXT_MAGIC_OFFSET
 from microagent.runtime.boot import MAX_EXTRA_DISKS
-
-
-def ext4_like(path: Path) -> Path:
-    """A file with an ext4 superblock magic (what `run` checks before booting)."""
-    data = bytearray(4096)
-    data[EXT_MAGIC_OFFSET : EXT_MAGIC_OFFSET + 2] = EXT_MAGIC
-    path.write_bytes(bytes(data))
-    return path
+from testenv.fakeguest import ext4_like
 
 
 @pytest.fixture

@@ -9,18 +9,16 @@ from pathlib import Path
 import pytest
 
 from microagent.cli import main
-from microagent.compiler.files import EXT_MAGIC, EXT_MAGIC_OFFSET
 from microagent.workspace import doctor
 from microagent.workspace.doctor import Check, Status
+from testenv.fakeguest import ext4_like
 
 
 @pytest.fixture
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "vmlinuz").write_bytes(b"k")
     (tmp_path / "initrd").write_bytes(b"i")
-    root = bytearray(4096)
-    root[EXT_MAGIC_OFFSET : EXT_MAGIC_OFFSET + 2] = EXT_MAGIC  # run checks for an ext4 image
-    (tmp_path / "root.ext4").write_bytes(bytes(root))
+    ext4_like(tmp_path / "root.ext4")  # run checks for an ext4 image
     monkeypatch.setenv("MICROAGENT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MICROAGENT_KERNEL", str(tmp_path / "vmlinuz"))
     monkeypatch.setenv("MICROAGENT_INITRD", str(tmp_path / "initrd"))

@@ -12,25 +12,17 @@ from typing import Any
 
 import pytest
 
-from microagent.compiler.files import EXT_MAGIC, EXT_MAGIC_OFFSET
 from microagent.errors import InvalidInputError
 from microagent.runner import run
 from microagent.runtime.boot import MAX_EXTRA_DISKS, ExtraDisk, RunRequest, prepare
 from microagent.runtime.configdisk import ExtraMount, RunConfig, build_archive, render_run_sh
+from testenv.fakeguest import ext4_like
 
 
 @dataclass(frozen=True)
 class Kit:
     kernel: Path
     initrd: Path
-
-
-def ext4_like(path: Path) -> Path:
-    """A file with an ext4 superblock magic (what `run` checks before booting)."""
-    data = bytearray(4096)
-    data[EXT_MAGIC_OFFSET : EXT_MAGIC_OFFSET + 2] = EXT_MAGIC
-    path.write_bytes(bytes(data))
-    return path
 
 
 @pytest.fixture
