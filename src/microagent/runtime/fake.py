@@ -215,8 +215,8 @@ def _disk_index(config: BootConfig, device: str, why: str) -> int:
 def root_stack(config: BootConfig, run: RunConfig) -> list[Path]:
     """The read-only root images as the guest stacks them, top first: the layer disks (given
     bottom first), then the rootfs."""
-    layers = [config.disks[ord(d[-1]) - ord("a")].path for d in reversed(run.layers)]
-    return [*layers, config.disks[ROOTFS_DISK_INDEX].path]
+    layers = [config.disks[_disk_index(config, d, f"no layer disk /dev/{d}")] for d in run.layers]
+    return [*(disk.path for disk in reversed(layers)), config.disks[ROOTFS_DISK_INDEX].path]
 
 
 def _now() -> str:
