@@ -2,18 +2,24 @@
 
 ``keys/<hex>.json`` holds one :class:`StepRecord` per step key: the step's kind, parent and
 inputs (so the key can be recomputed), its layer chain, and for ``base``/``setup`` steps the
-name of the built root filesystem (``rootfs/<hex>.ext4``). Every writer (pull, setup build,
-remote restore, files layer) and every reader goes through this module; a record that does not
-parse is a cache miss, never a crash.
+name of the built root filesystem (``rootfs/<hex>.ext4``), or for a setup step its root as a
+stack (:class:`RootStack`: an ancestor's image under layer disks, ``layerdisks/<hex>.ext4``
+keyed by each layer's diff_id). A stacked record has no ``rootfs`` field, so a version that
+does not know stacks sees the step as not built and builds it again.
+
+Every writer (pull, setup build, remote restore, files layer) and every reader goes through
+this module; a record that does not parse is a cache miss, never a crash.
 
 A record is written last, after everything it names exists, so its presence means "built".
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from microagent.compiler.keys import StepKind
@@ -21,6 +27,11 @@ from microagent.digests import is_digest, key_hex
 from microagent.errors import IntegrityError
 from microagent.frozen import Frozen
 from microagent.store.content import Store
+
+LAYER_DISK_KIND = "layerdisks"
+MAX_STACK = 8  # layer disks in a stacked root; leaves the VM room for a spec's disks
+_ROOTFS_NAME = re.compile(r"rootfs/[0-9a-f]{64}\.ext4")
+_LAYER_DISK_NAME = re.compile(LAYER_DISK_KIND + r"/[0-9a-f]{64}\.ext4")
 
 
 def now() -> str:
@@ -30,6 +41,11 @@ def now() -> str:
 def rootfs_entry(key: str) -> str:
     """The store entry name of a step's built root filesystem."""
     return f"rootfs/{key_hex(key)}.ext4"
+
+
+def layer_disk_entry(diff_id: str) -> str:
+    """The store entry name of a layer's disk (``ext4.layerdisk``), keyed by its diff_id."""
+    return f"{LAYER_DISK_KIND}/{key_hex(diff_id)}.ext4"
 
 
 def _bad(what: str) -> IntegrityError:
@@ -132,6 +148,40 @@ class PackedImage(Frozen):
 
 
 @dataclass(frozen=True, eq=False, repr=False)
+class RootStack(Frozen):
+    """A setup step's root as a stack: layer disks (bottom first) over the image of an
+    ancestor step (the base's rootfs, or a step whose chain was merged into one image)."""
+
+    image: str  # store entry of the bottom image (rootfs/<hex>.ext4)
+    layers: tuple[str, ...]  # store entries of the layer disks, bottom first
+
+    @property
+    def entries(self) -> tuple[str, ...]:
+        return (self.image, *self.layers)
+
+    def on(self, layer_disk: str) -> RootStack:
+        """This stack with one more layer disk on top."""
+        return RootStack(self.image, (*self.layers, layer_disk))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"image": self.image, "layers": list(self.layers)}
+
+    @classmethod
+    def from_json(cls, raw: object) -> RootStack:
+        if not isinstance(raw, Mapping):
+            raise _bad("`rootStack` is not an object")
+        image, layers = raw.get("image"), raw.get("layers")
+        if not isinstance(image, str) or not _ROOTFS_NAME.fullmatch(image):
+            raise _bad(f"rootStack: bad image {str(image)[:80]!r}")
+        if not isinstance(layers, list) or not 1 <= len(layers) <= MAX_STACK:
+            raise _bad(f"rootStack: `layers` is not a list of 1 to {MAX_STACK} layer disks")
+        for name in layers:
+            if not isinstance(name, str) or not _LAYER_DISK_NAME.fullmatch(name):
+                raise _bad(f"rootStack: bad layer disk {str(name)[:80]!r}")
+        return cls(image, tuple(layers))
+
+
+@dataclass(frozen=True, eq=False, repr=False)
 class StepRecord(Frozen):
     """A built step: enough to find its content and to recompute its key."""
 
@@ -141,6 +191,7 @@ class StepRecord(Frozen):
     inputs: Mapping[str, Any]
     layers: tuple[LayerRef, ...] = ()
     rootfs: str | None = None  # store entry of the built ext4 (base and setup steps)
+    stack: RootStack | None = None  # setup steps: the root as layer disks over an image
     origin: BaseOrigin | None = None  # base steps
     packed: PackedImage | None = None  # setup steps whose rootfs was packed for publishing
     created_at: str = field(default_factory=now)
@@ -151,8 +202,19 @@ class StepRecord(Frozen):
         """The layer this step added (setup and files steps), else None."""
         return self.layers[-1] if self.kind.adds_layer and self.layers else None
 
+    @property
+    def root_entries(self) -> tuple[str, ...]:
+        """The store entries the step's root is made of: its one image, else its stack."""
+        if self.rootfs is not None:
+            return (self.rootfs,)
+        return self.stack.entries if self.stack is not None else ()
+
     def with_packed(self, packed: PackedImage) -> StepRecord:
         return replace(self, packed=packed)
+
+    def with_rootfs(self, rootfs: str) -> StepRecord:
+        """The record once its chain is also built as one image (the stack is kept)."""
+        return replace(self, rootfs=rootfs)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -168,6 +230,8 @@ class StepRecord(Frozen):
             out["layer"] = self.layer.to_json() if self.layer else None
         if self.rootfs is not None:
             out["rootfs"] = self.rootfs
+        if self.stack is not None:
+            out["rootStack"] = self.stack.to_json()
         if self.origin is not None:
             out.update(
                 reference=self.origin.reference,
@@ -193,7 +257,9 @@ class StepRecord(Frozen):
             raise _bad("`inputs` is not an object")
         if rootfs is not None and not isinstance(rootfs, str):
             raise _bad("`rootfs` is not a string")
-        packed = raw.get("rootfsImage")
+        packed, stack = raw.get("rootfsImage"), raw.get("rootStack")
+        if stack is not None and kind is not StepKind.SETUP:
+            raise _bad(f"a {kind.value} step has no rootStack")
         return cls(
             kind=kind,
             key=_digest(raw, "key", "record"),
@@ -201,6 +267,7 @@ class StepRecord(Frozen):
             inputs=dict(inputs),
             layers=layers_from_json(raw.get("layers")),
             rootfs=rootfs,
+            stack=RootStack.from_json(stack) if stack is not None else None,
             origin=_origin(raw) if kind is StepKind.BASE else None,
             packed=PackedImage.from_json(packed) if isinstance(packed, Mapping) else None,
             created_at=str(raw.get("createdAt", "")),
@@ -248,11 +315,36 @@ def all_records(store: Store) -> Iterator[StepRecord]:
 def rootfs_ready(
     store: Store, key: str, kinds: Sequence[StepKind] = (StepKind.BASE, StepKind.SETUP)
 ) -> StepRecord | None:
-    """The record of a base/setup step (of ``kinds``) whose root filesystem exists."""
+    """The record of a base/setup step (of ``kinds``) whose root filesystem exists (its one
+    image, or every entry of its stack)."""
     record = read_record(store, key)
-    if record is None or record.kind not in kinds or record.rootfs is None:
+    if record is None or record.kind not in kinds:
         return None
-    return record if store.has_entry(record.rootfs) else None
+    return record if root_of(store, record) is not None else None
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Root(Frozen):
+    """A built root on disk: one image, with layer disks (bottom first) stacked over it."""
+
+    image: Path
+    layers: tuple[Path, ...] = ()
+
+    @property
+    def top_first(self) -> tuple[Path, ...]:
+        """The lowers in overlayfs' order (what ``ext4.overlay`` takes)."""
+        return (*reversed(self.layers), self.image)
+
+
+def root_of(store: Store, record: StepRecord) -> Root | None:
+    """Where the step's root is: its one image if it exists, else its stack if every entry
+    exists; None when neither is whole."""
+    if record.rootfs is not None and store.has_entry(record.rootfs):
+        return Root(store.entry_path(record.rootfs))
+    stack = record.stack
+    if stack is None or not all(store.has_entry(name) for name in stack.entries):
+        return None
+    return Root(store.entry_path(stack.image), tuple(map(store.entry_path, stack.layers)))
 
 
 def layers_stored(store: Store, record: StepRecord) -> bool:
@@ -261,8 +353,8 @@ def layers_stored(store: Store, record: StepRecord) -> bool:
 
 
 def usable(store: Store, record: StepRecord) -> bool:
-    """Whether a record counts as built: it has no rootfs (files and config steps), or its
-    rootfs exists, or it can be flattened from stored layers (no VM)."""
-    if record.rootfs is None or store.has_entry(record.rootfs):
+    """Whether a record counts as built: it has no root (files and config steps), or its
+    root exists, or it can be flattened from stored layers (no VM)."""
+    if not record.root_entries or root_of(store, record) is not None:
         return True
     return layers_stored(store, record)
