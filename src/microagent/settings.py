@@ -64,6 +64,7 @@ DEBIAN_SUITE_ENV = "MICROAGENT_DEBIAN_SUITE"
 DEBIAN_KEYRING_ENV = "MICROAGENT_DEBIAN_KEYRING"
 RAM_STAGE_ENV = "MICROAGENT_RAM_STAGE"
 CACHE_ROOTFS_ENV = "MICROAGENT_CACHE_ROOTFS"
+LAYER_DISKS_ENV = "MICROAGENT_LAYER_DISKS"
 FAKE_ENV = "MICROAGENT_FAKE"
 RESTART_BACKOFF_ENV = "MICROAGENT_RESTART_BACKOFF"
 SERVICE_PORT_BASE_ENV = "MICROAGENT_SERVICE_PORT_BASE"
@@ -110,6 +111,7 @@ class Settings(Frozen):
     debian_keyring: Path | None = None  # keys the mirror's InRelease must be signed by
     ram_stage: bool = True  # flatten layers in /dev/shm when there is room
     cache_rootfs: bool = True  # publish and use packed rootfs images in remote caches
+    layer_disks: bool = True  # a setup step's root as its parent's + its own layer disk
     fake_outcome: str | None = None  # tests: what the fake backend's guest does (JSON)
     restart_backoff: float = 1.0  # seconds before the first automatic restart (doubling)
     # The first guest loopback port of the host services (credential brokers, egress proxy).
@@ -180,6 +182,7 @@ class Settings(Frozen):
             debian_keyring=_path(env.get(DEBIAN_KEYRING_ENV)),
             ram_stage=_flag(env.get(RAM_STAGE_ENV)),
             cache_rootfs=_flag(env.get(CACHE_ROOTFS_ENV)),
+            layer_disks=_flag(env.get(LAYER_DISKS_ENV)),
             fake_outcome=env.get(FAKE_ENV) or None,
             restart_backoff=_seconds(RESTART_BACKOFF_ENV, env.get(RESTART_BACKOFF_ENV), 1.0),
             service_port_base=_port_base(env.get(SERVICE_PORT_BASE_ENV)),
@@ -201,6 +204,7 @@ _ENV_ONLY: tuple[tuple[str, str, str], ...] = (
     ("debianKeyring", "debian_keyring", DEBIAN_KEYRING_ENV),
     ("ramStage", "ram_stage", RAM_STAGE_ENV),
     ("cacheRootfs", "cache_rootfs", CACHE_ROOTFS_ENV),
+    ("layerDisks", "layer_disks", LAYER_DISKS_ENV),
     ("fakeOutcome", "fake_outcome", FAKE_ENV),
     ("restartBackoff", "restart_backoff", RESTART_BACKOFF_ENV),
     ("servicePortBase", "service_port_base", SERVICE_PORT_BASE_ENV),

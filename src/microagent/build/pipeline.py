@@ -103,6 +103,7 @@ class Pipeline:
             Accel.parse(self.settings.accel),
             self.settings.ram_stage,
             rebuild_from=rebuild_from,
+            layered=self.settings.layer_disks,
         )
         built = ensure_rootfs(ctx, plan, base)
         return BuildOutcome(plan, built, ctx.boots, base, remote)

@@ -1,12 +1,15 @@
 """Setup steps: run the missing ones in VMs and cache what each one changed as a layer.
 
-Each missing ``setup`` step boots the previous step's root filesystem read-only as the overlay
-lower with an empty writable disk as the upper, runs the command as ``sh -eu`` with network,
-and turns the upper directory into an ordinary OCI layer (zstd, stored by digest). The step's
-root filesystem, cached under the step key, is its parent's image with that layer applied in
-place (``ext4.derive``: the cost of the change, not of the image), or, when the layer is not
-of the exporter's shape or the change is larger than the image, the flattened base + setup
-layers as one ext4 (``ext4.rootfs.build_rootfs``); both hold the same tree.
+Each missing ``setup`` step boots the previous step's root read-only as the overlay lower
+with an empty writable disk as the upper, runs the command as ``sh -eu`` with network, and
+turns the upper directory into an ordinary OCI layer (zstd, stored by digest). The step's
+root is then its parent's root with that layer's disk stacked on top (``ext4.layerdisk``,
+one read-only ext4 per layer, keyed by its diff_id): a step costs its boot and its own
+change, never the image. A stack is at most :data:`~microagent.store.records.MAX_STACK`
+layer disks deep; the step that would pass it gets its whole chain as one image (flattened,
+``ext4.rootfs.build_rootfs``), and the steps after it stack on that. With layer disks off
+(``BuildContext.layered``), or for a layer a disk of its own cannot say, the step's image is
+its parent's image with the layer applied in place (``ext4.derive``) or the flattened chain.
 A step that fails leaves nothing in the cache; the next build resumes from the last good step.
 """
 
@@ -30,9 +33,14 @@ from microagent.progress import Meter, TaskKind, report_cached
 from microagent.runtime.machine import Accel
 from microagent.store.content import Store
 from microagent.store.records import (
+    MAX_STACK,
     LayerRef,
+    Root,
+    RootStack,
     StepRecord,
+    layer_disk_entry,
     read_record,
+    root_of,
     rootfs_entry,
     rootfs_ready,
     write_record,
@@ -70,6 +78,7 @@ class BuildContext:
     rebuild_from: int | None = None
     timings: list[StepTimings] = field(default_factory=list)  # one per step built
     derive: bool = True  # a step's rootfs from its parent's image when it can (see below)
+    layered: bool = True  # a step's root as its parent's root + its own layer disk
 
     @cached_property
     def kit(self) -> GuestKit:
@@ -89,8 +98,8 @@ class StepTimings:
     check: float = 0.0  # e2fsck of the guest's disk, drop the runtime files
     export: float = 0.0  # the upper dir as a layer tar
     store: float = 0.0  # zstd + store the blob
-    rootfs: float = 0.0  # the step's root filesystem image
-    how: str = ""  # how the rootfs was made
+    rootfs: float = 0.0  # the step's root: its layer disk, or its image
+    how: str = ""  # how the root was made
 
     @property
     def total(self) -> float:
@@ -122,11 +131,16 @@ class _Clock:
 @dataclass(frozen=True, eq=False, repr=False)
 class BuiltRootfs(Frozen):
     key: str
-    path: Path
+    root: Root
     layers: tuple[LayerRef, ...]
     built: int
     cached: int
     timings: tuple[StepTimings, ...] = ()  # of the steps built
+
+    @property
+    def path(self) -> Path:
+        """The root's bottom image (the whole root when no layer disks are stacked on it)."""
+        return self.root.image
 
 
 def image_env(base: BaseImage) -> dict[str, str]:
@@ -158,9 +172,9 @@ def _resume_point(store: Store, steps: Sequence[Step]) -> int:
 
 def ensure_rootfs(ctx: BuildContext, plan: BuildPlan, base: BaseImage) -> BuiltRootfs:
     """The plan's root filesystem, building the setup steps after the deepest cached one."""
-    base_record = read_record(ctx.store, base.key)
-    layers = base_record.layers if base_record is not None else ()
-    rootfs, built = base.rootfs, 0
+    parent = read_record(ctx.store, base.key)
+    layers = parent.layers if parent is not None else ()
+    root, built = Root(base.rootfs), 0
     steps = plan.of_kind(StepKind.SETUP)
     env = image_env(base)
     rebuild = len(steps) + 1 if ctx.rebuild_from is None else ctx.rebuild_from
@@ -176,20 +190,20 @@ def ensure_rootfs(ctx: BuildContext, plan: BuildPlan, base: BaseImage) -> BuiltR
             if record is None:
                 note = "  (rebuilt: cache not used)" if forced else ""
                 meter = Meter(ctx.say, step.key, TaskKind.STEP, label, line=label + note)
-                record = build_setup_step(ctx, step, rootfs, layers, env, replace=forced)
+                record = build_setup_step(ctx, step, root, parent, env, replace=forced)
                 meter.finish(f"{label}  DONE {meter.elapsed:.1f}s")
                 built += 1
             else:
                 report_cached(ctx.say, step.key, TaskKind.STEP, label, f"{label}  CACHED")
-        assert record.rootfs is not None
-        layers = record.layers
-        rootfs = ctx.store.entry_path(record.rootfs)
+        found = root_of(ctx.store, record)
+        assert found is not None
+        root, parent, layers = found, record, record.layers
     key = steps[-1].key if steps else base.key
-    return BuiltRootfs(key, rootfs, layers, built, cached, tuple(ctx.timings))
+    return BuiltRootfs(key, root, layers, built, cached, tuple(ctx.timings))
 
 
 def run_setup_vm(
-    ctx: BuildContext, step: Step, rootfs: Path, upper: Path, env: Mapping[str, str]
+    ctx: BuildContext, step: Step, root: Root, upper: Path, env: Mapping[str, str]
 ) -> GuestResult:
     """Boot once with the step's command; the writes land in the state disk ``upper``."""
     # deferred: booting, ext4 and layer tools load only when a step is built, not on a hit
@@ -200,7 +214,8 @@ def run_setup_vm(
 
     make_state_disk(upper, SETUP_DISK_MIB)
     request = RunRequest(
-        rootfs=rootfs,
+        rootfs=root.image,
+        layers=root.layers,
         command=SetupInputs.of(step.inputs).argv,
         env=dict(env),
         network=NetworkConfig(NetworkMode.USER),
@@ -247,16 +262,54 @@ def _store_layer(store: Store, work: Path, clock: _Clock) -> LayerRef:
     return LayerRef(OCI_LAYER_ZSTD, str(digest), packed.size, str(exported.diff_id))
 
 
-def _derive(ctx: BuildContext, step: Step, parent: Path, layer_tar: Path, replace: bool) -> str:
+def _below(store: Store, parent: StepRecord | None) -> RootStack | None:
+    """The parent's root as the bottom of the step's stack (its one image when it has one),
+    None when it has no whole root in the store."""
+    if parent is None:
+        return None
+    if parent.rootfs is not None and store.has_entry(parent.rootfs):
+        return RootStack(parent.rootfs, ())
+    stack = parent.stack
+    if stack is None or not all(store.has_entry(name) for name in stack.entries):
+        return None
+    return stack
+
+
+def _stack(
+    ctx: BuildContext, parent: StepRecord | None, layer_tar: Path, layer: LayerRef
+) -> tuple[RootStack | None, str]:
+    """The step's root as its parent's root with the step's layer disk on top, and how;
+    None (and why) when the step gets an image of its own instead."""
+    # deferred: as in run_setup_vm
+    from microagent.digests import Digest
+    from microagent.ext4.layerdisk import NotLayerable
+    from microagent.ext4.rootfs import ensure_layer_disk
+    from microagent.layers.apply import LayerSource
+
+    below = _below(ctx.store, parent)
+    if not ctx.layered or below is None:
+        return None, "layer disks off" if not ctx.layered else "no parent root"
+    if len(below.layers) >= MAX_STACK:
+        return None, f"merged: {MAX_STACK} layer disks deep"
+    source = LayerSource.from_path(layer_tar, "the step's layer", Digest.parse(layer.diff_id))
+    try:
+        ensure_layer_disk(ctx.store, source, size_hint=layer_tar.stat().st_size, ram=ctx.ram)
+    except NotLayerable as exc:
+        return None, f"not layerable: {exc.message}"
+    return below.on(layer_disk_entry(layer.diff_id)), f"layer disk ({len(below.layers) + 1} deep)"
+
+
+def _derive(ctx: BuildContext, step: Step, parent: Root, layer_tar: Path, replace: bool) -> str:
     """Build the step's rootfs from its parent's image and its own layer when that is
     possible (see ``ext4.derive``); how it went, or why the caller must flatten."""
     from microagent.ext4.rootfs import derive_rootfs  # deferred: as in run_setup_vm
 
     if not ctx.derive:
         return "flatten (derive off)"
-    if not parent.is_file():
+    if parent.layers or not parent.image.is_file():
         return "flatten (no parent image)"
-    done = derive_rootfs(ctx.store, step.key, parent, layer_tar, ram=ctx.ram, replace=replace)
+    image = parent.image
+    done = derive_rootfs(ctx.store, step.key, image, layer_tar, ram=ctx.ram, replace=replace)
     if done.path is None:
         return f"flatten ({done.reason})"
     return f"derived ({done.commands} commands{', grown' if done.grew else ''})"
@@ -265,17 +318,19 @@ def _derive(ctx: BuildContext, step: Step, parent: Path, layer_tar: Path, replac
 def build_setup_step(
     ctx: BuildContext,
     step: Step,
-    rootfs: Path,
-    layers: Sequence[LayerRef],
+    root: Root,
+    parent: StepRecord | None,
     env: Mapping[str, str],
     *,
     replace: bool = False,
 ) -> StepRecord:
-    """Boot the step, store its layer, build its root filesystem and write its record last.
+    """Boot the step over ``root`` (the root of ``parent``, the step before it), store its
+    layer, build its layer disk (or its image) and write its record last.
 
     With ``replace`` (a forced rebuild) the root filesystem and the record already cached under
     the key are each replaced atomically: a reader sees the old pair or the new one's parts,
-    never a missing file, and the record (written last) names the new layer chain.
+    never a missing file, and the record (written last) names the new layer chain. Layer
+    disks are named by content, so a rebuilt step's disk never replaces another's.
     """
     # deferred: as in run_setup_vm
     from microagent.ext4.rootfs import build_rootfs
@@ -284,16 +339,18 @@ def build_setup_step(
     timings = StepTimings(step.key)
     clock = _Clock(timings)
     with ctx.store.scratch_dir() as work:
-        result = run_setup_vm(ctx, step, rootfs, work / "upper.ext4", env)
+        result = run_setup_vm(ctx, step, root, work / "upper.ext4", env)
         clock.lap("boot")
         if result.exit_code != 0 or result.error:
             raise _failure(step, result)
         _drop_runtime_files(work / "upper.ext4")
         clock.lap("check")
         layer = _store_layer(ctx.store, work, clock)
-        timings.how = _derive(ctx, step, rootfs, work / "layer.tar", replace)
-    chain = (*layers, layer)
-    if not timings.how.startswith("derived"):
+        stack, timings.how = _stack(ctx, parent, work / "layer.tar", layer)
+        if stack is None:
+            timings.how = f"{_derive(ctx, step, root, work / 'layer.tar', replace)}; {timings.how}"
+    chain = (*(parent.layers if parent is not None else ()), layer)
+    if stack is None and not timings.how.startswith("derived"):
         build_rootfs(
             ctx.store,
             step.key,
@@ -304,8 +361,9 @@ def build_setup_step(
         )
     clock.lap("rootfs")
     ctx.timings.append(timings)
+    rootfs = None if stack is not None else rootfs_entry(step.key)
     record = StepRecord(
-        StepKind.SETUP, step.key, step.parent, step.inputs, chain, rootfs=rootfs_entry(step.key)
+        StepKind.SETUP, step.key, step.parent, step.inputs, chain, rootfs=rootfs, stack=stack
     )
     write_record(ctx.store, record)
     return record

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from microagent.errors import BuildError, ToolError
+from microagent.errors import BuildError, InvalidInputError, ToolError
+from microagent.ext4.layerdisk import build_layer_disk
 from microagent.ext4.mkfs import build_ext4
 from microagent.ext4.ramstage import stage_dir
-from microagent.layers.apply import LayerSource, flatten
+from microagent.layers.apply import LayerSource, flatten, stored_layers
 from microagent.progress import Meter, TaskKind
 from microagent.store.content import Store
-from microagent.store.records import rootfs_entry
+from microagent.store.records import StepRecord, layer_disk_entry, rootfs_entry, write_record
 
 Say = Callable[[str], None]
 
@@ -63,6 +64,39 @@ def build_rootfs(
             meter.finish("")
 
     return store.build_once(rootfs_entry(key), build, replace=replace), timings
+
+
+def ensure_layer_disk(
+    store: Store, source: LayerSource, *, size_hint: int, ram: bool = True
+) -> Path:
+    """``layerdisks/<diff_id>.ext4``: the layer ``source`` alone as a read-only disk in
+    overlayfs form (``ext4.layerdisk``), built unless it exists. ``size_hint``: the bytes of
+    ``source`` as stored, for choosing where to stage it."""
+    if source.diff_id is None:
+        raise InvalidInputError(f"{source.name}: a layer disk is keyed by its diff_id")
+
+    def build(tmp: Path) -> None:
+        with stage_dir(store, size_hint, ram=ram) as work:
+            work.mkdir()
+            build_layer_disk(source, tmp, work=work)
+
+    return store.build_once(layer_disk_entry(str(source.diff_id)), build)
+
+
+def materialise(
+    store: Store, record: StepRecord, *, ram: bool = True, say: Say | None = None
+) -> StepRecord:
+    """The step's whole chain as one image too (``rootfs/<key>.ext4``, flattened from its
+    stored layers), named in its record; the record as it is when the image exists. For a
+    stack too deep for a VM's disks, and for publishing the image remote hits take."""
+    if record.rootfs is not None and store.has_entry(record.rootfs):
+        return record
+    compressed = sum(layer.size for layer in record.layers)
+    layers = stored_layers(store, record.layers)
+    build_rootfs(store, record.key, layers, compressed_bytes=compressed, ram=ram, say=say)
+    merged = record.with_rootfs(rootfs_entry(record.key))
+    write_record(store, merged)
+    return merged
 
 
 def _counted(source: LayerSource, meter: Meter) -> Callable[[], BinaryIO]:

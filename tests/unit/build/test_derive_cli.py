@@ -42,6 +42,7 @@ def test_setup_steps_derive_their_rootfs(
         "setup:\n  - echo one\n  - echo two\n  - echo three\nentrypoint: sh\n"
     )
     monkeypatch.setenv("MICROAGENT_FAKE", json.dumps({"writes": WRITES}))
+    monkeypatch.setenv("MICROAGENT_LAYER_DISKS", "0")  # each step gets an image of its own
     built = cli_json(capsys, "build", "-f", str(spec))
     assert built["ok"]
     store = Store(busybox_project.parent / "home" / "store")
