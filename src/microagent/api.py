@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -599,12 +599,12 @@ class Microagent:
             check_host_target(target)
         ws = self.workspace(name)
         record = offline.ensure_offline(ws, "copy files", writing=dst is not None)
-        rootfs = Path(record.rootfs)
+        root = record.root_images
         if dst is not None:
-            size = overlay.copy_in(ws.state_disk, rootfs, Path(source), dst[1])
+            size = overlay.copy_in(ws.state_disk, root, Path(source), dst[1])
             return CopyReport(name, "to-workspace", source, target, dst[1], size)
         assert src is not None
-        size = overlay.copy_out(ws.state_disk, rootfs, src[1], Path(target))
+        size = overlay.copy_out(ws.state_disk, root, src[1], Path(target))
         return CopyReport(name, "from-workspace", source, target, src[1], size)
 
     def exec(
@@ -816,7 +816,13 @@ class Microagent:
             keys.append(record.rootfs_key)
             blobs += [f.blob for f in record.files]
             entries |= store_entries(record) | {rootfs_entry(record.rootfs_key)}
+            entries |= self._store_names(record.root_images)
         return names_in_use(self.store, keys, blobs) | entries
+
+    def _store_names(self, paths: Iterable[Path]) -> set[str]:
+        """The store entry names of ``paths`` that are in the store (a root's images)."""
+        root = self.store.root
+        return {str(p.relative_to(root)) for p in paths if p.is_relative_to(root)}
 
     def cache_verify(self, *, repair: bool = False) -> VerifyReport:
         """Check every blob, step record, root filesystem and shared disk or bundle image

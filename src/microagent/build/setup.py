@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -200,6 +200,22 @@ def ensure_rootfs(ctx: BuildContext, plan: BuildPlan, base: BaseImage) -> BuiltR
         root, parent, layers = found, record, record.layers
     key = steps[-1].key if steps else base.key
     return BuiltRootfs(key, root, layers, built, cached, tuple(ctx.timings))
+
+
+def fit_root(store: Store, built: BuiltRootfs, room: int, *, ram: bool, say: Say) -> BuiltRootfs:
+    """``built`` as a VM with ``room`` disks to spare can boot it: a stacked root with more
+    layer disks than that becomes one image (its chain flattened once, named in its record)."""
+    if len(built.root.layers) <= room:
+        return built
+    from microagent.ext4.rootfs import materialise  # deferred: as in run_setup_vm
+
+    record = read_record(store, built.key)
+    if record is None:
+        raise BuildError(f"the record of {built.key[:19]}… is gone", hint="run create again")
+    say(f"[rootfs] {len(built.root.layers)} layer disks leave too few disks: one image")
+    merged = materialise(store, record, ram=ram, say=say)
+    assert merged.rootfs is not None
+    return replace(built, root=Root(store.entry_path(merged.rootfs)))
 
 
 def run_setup_vm(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from microagent.build.pipeline import Pipeline
-from microagent.build.setup import BuiltRootfs
+from microagent.build.setup import BuiltRootfs, fit_root
 from microagent.compiler.keys import StepKind
 from microagent.compiler.overrides import RuntimeEnv, check_runtime_env
 from microagent.compiler.plan import BuildPlan
@@ -22,6 +22,7 @@ from microagent.errors import InvalidInputError
 from microagent.ext4.mkfs import make_state_disk
 from microagent.frozen import Frozen
 from microagent.fsutil import write_json_atomic
+from microagent.runtime.boot import MAX_EXTRA_DISKS
 from microagent.runtime.rundir import State
 from microagent.store.content import Store
 from microagent.store.retention import builds_in_flight
@@ -65,6 +66,7 @@ class CreateReport(Frozen):
             "state": self.workspace.run.state().value,
             "rootfsKey": self.rootfs.key,
             "rootfs": str(self.rootfs.path),
+            "rootfsLayers": [str(p) for p in self.rootfs.root.layers],
             "stepsBuilt": self.rootfs.built,
             "stepsCached": self.rootfs.cached,
             "setupBoots": self.boots,
@@ -115,6 +117,7 @@ def _record(
     return Record(
         name=spec.name or "",
         rootfs=str(built.path),
+        rootfs_layers=tuple(str(p) for p in built.root.layers),
         rootfs_key=built.key,
         image={
             "reference": plan.image.reference,
@@ -177,13 +180,15 @@ def _create(
     try:
         disks = capture_disks(pipeline.store, spec, Workspace(tmp))  # a bad one fails fast
         outcome = pipeline.build(spec, env)
+        room, ram = MAX_EXTRA_DISKS - len(disks), pipeline.settings.ram_stage
+        built = fit_root(pipeline.store, outcome.built, room, ram=ram, say=pipeline.say)
         published = pipeline.publish(outcome.plan)
         files = _capture_files(pipeline.store, outcome.plan)
         base_env = outcome.base.env_map()
         record = _record(
             spec,
             plan=outcome.plan,
-            built=outcome.built,
+            built=built,
             files=files,
             base_env=base_env,
             env=env,
@@ -198,7 +203,7 @@ def _create(
         raise
     seconds = time.monotonic() - began
     return CreateReport(
-        ws, outcome.plan, outcome.built, seconds, outcome.boots, outcome.remote, tuple(published)
+        ws, outcome.plan, built, seconds, outcome.boots, outcome.remote, tuple(published)
     )
 
 

@@ -170,6 +170,7 @@ def run_request(
     direct = not record.egress_allow
     return RunRequest(
         rootfs=Path(record.rootfs),
+        layers=tuple(Path(p) for p in record.rootfs_layers),
         command=record.command,
         env={**record.env, **record.runtime_env, **services.env},
         network=NetworkConfig(mode, forwards, published, direct_egress=direct),
@@ -281,7 +282,7 @@ def _start(
     network.check_published(record.published)  # a taken host port: refused before boot
     if not hold_mediation:
         _check_mediation(record)
-    if not Path(record.rootfs).is_file():
+    if not all(path.is_file() for path in record.root_images):
         raise NotFoundError(
             f"the root filesystem of {ws.name!r} is gone from the cache",
             hint="create the workspace again (a `cache prune` removed it)",

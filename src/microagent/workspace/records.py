@@ -31,6 +31,7 @@ from microagent.errors import ConflictError, IntegrityError, InvalidInputError, 
 from microagent.frozen import Frozen
 from microagent.fsutil import read_json
 from microagent.runtime.rundir import RunDir, now
+from microagent.store.records import MAX_STACK
 
 # The spec's, the credentials' and the backend's types are loaded where a record holds them
 # (or one is made, at create): `cp`, `status`, `list` and `logs` of a workspace without
@@ -82,7 +83,7 @@ class Record(Frozen):
     """Everything ``start`` needs, captured at create time."""
 
     name: str
-    rootfs: str
+    rootfs: str  # the root's image (its bottom one when layer disks are stacked on it)
     rootfs_key: str
     image: Mapping[str, str]
     command: tuple[str, ...]
@@ -109,6 +110,7 @@ class Record(Frozen):
     credentials: tuple[Credential, ...] = ()  # references only: never a value
     egress_allow: tuple[str, ...] = ()  # network.allow: default-deny egress when set
     template: str = ""  # the warm template (key) this workspace was made from or made
+    rootfs_layers: tuple[str, ...] = ()  # layer disks stacked on ``rootfs``, bottom first
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -143,7 +145,13 @@ class Record(Frozen):
                 values["health"] = Health(**{**health, "exec": tuple(health["exec"])})
         values["credentials"] = _credentials(data.get("credentials") or [])
         values["egress_allow"] = _egress_allow(data.get("egress_allow") or [])
+        values["rootfs_layers"] = _rootfs_layers(data.get("rootfs_layers") or [])
         return cls(**values)
+
+    @property
+    def root_images(self) -> tuple[Path, ...]:
+        """The root's images: its layer disks top first, then its bottom image."""
+        return (*(Path(p) for p in reversed(self.rootfs_layers)), Path(self.rootfs))
 
     def __repr__(self) -> str:  # never show runtime env values
         return f"Record(name={self.name!r}, rootfs_key={self.rootfs_key!r})"
@@ -171,6 +179,16 @@ def _credentials(items: object) -> tuple[Credential, ...]:
     if len({c.name for c in creds}) != len(creds):
         raise InvalidInputError("record: a credential name is used twice")
     return creds
+
+
+def _rootfs_layers(items: object) -> tuple[str, ...]:
+    if items == []:
+        return ()
+    if not isinstance(items, list) or len(items) > MAX_STACK:
+        raise InvalidInputError(f"record: rootfs_layers must be a list of at most {MAX_STACK}")
+    if not all(isinstance(item, str) and item.startswith("/") for item in items):
+        raise InvalidInputError("record: rootfs_layers must hold absolute paths")
+    return tuple(items)
 
 
 def _egress_allow(items: object) -> tuple[str, ...]:

@@ -80,7 +80,7 @@ POLL = 0.2
 # record fields that never reach the guest (host paths, names, policy, the secrets)
 HOST_ONLY = (
     "name", "rootfs", "image", "spec", "created_at", "runtime_env", "published", "restart",
-    "template", "version",
+    "template", "version", "rootfs_layers",
     "config_key", "files_key",  # step keys: the name (hostname) is in them; their inputs are here
 )  # fmt: skip
 Say = Callable[[str], None]
@@ -132,6 +132,8 @@ def key_inputs(
         "kernel": file_sha256(kernel, book),
         "initrd": file_sha256(initrd, book),
         "rootfsKey": record.rootfs_key,
+        # how the root is laid out: the guest's memory holds its disks' caches
+        "rootfsImages": [Path(p).name for p in (record.rootfs, *record.rootfs_layers)],
         "servicePortBase": settings.service_port_base,
         "extraCa": hashlib.sha256(ca).hexdigest() if ca else None,
         "guest": guest_config(record),
