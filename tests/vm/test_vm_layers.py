@@ -5,20 +5,26 @@ debugfs -w (a whiteout is a character device 0/0, an opaque directory has
 trusted.overlay.opaque=y), then the busybox rootfs boots with the stack: once through
 RunRequest.layers (reading the state disk's upper afterwards), once through
 `microagent run --rootfs ... --layer ...`, and once with a layer that is not a file system.
+Then the product's own: setup steps whose roots are stacks of the layer disks their exported
+uppers became, and a workspace booting and copying through that stack.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import pytest
 from conftest import RunVM
 
+from microagent import Microagent, Settings
 from microagent.cli import main
 from microagent.ext4.debugfs import check_guest_image, quote, run_debugfs
 from microagent.ext4.mkfs import make_state_disk
+from microagent.kit.guestkit import GuestKit
 from microagent.runner import run
+from testenv import standin
 
 pytestmark = pytest.mark.vm
 
@@ -140,3 +146,47 @@ def test_a_layer_that_cannot_be_mounted_fails_clearly(
     assert result.exit_code == 127
     assert result.error is not None
     assert "cannot mount layer 2 (/dev/vde, a read-only ext4 image)" in result.error
+
+
+STEPS = (
+    "mkdir -p /app/dir && echo one >/app/one && echo a >/app/dir/a && echo b >/app/dir/b",
+    "cat /app/one >/app/two && rm /app/dir/a /etc/passwd",  # whiteouts: a layer's, the base's
+)
+REPORT = r"""
+echo "one=$(cat /app/one) two=$(cat /app/two) dir=$(ls /app/dir | tr '\n' ' ')"
+if [ -e /etc/passwd ]; then echo "seen /etc/passwd"; else echo "hidden /etc/passwd"; fi
+echo "lowers=$(sed -n 's|^overlay / overlay .*lowerdir=\([^,]*\),.*|\1|p' /proc/mounts)"
+"""
+
+
+def test_setup_steps_stack_their_layer_disks(
+    kit: GuestKit, busybox_layout: standin.BuiltImage, tmp_path: Path, no_leftovers: None
+) -> None:
+    project = tmp_path / "proj"
+    project.mkdir()
+    shutil.copytree(busybox_layout.layout, project / "layout")
+    steps = "".join(f"  - {step!r}\n" for step in STEPS)
+    entry = "".join(f"  {line}\n" for line in REPORT.strip().splitlines())
+    (project / "microagent.yaml").write_text(
+        "name: stacked\nimage: oci:layout:latest\nprofile: tiny\n"
+        f"network: {{mode: isolated}}\nsetup:\n{steps}entrypoint: |\n{entry}"
+    )
+    api = Microagent(Settings(home=tmp_path / "home", kernel=kit.kernel, initrd=kit.initrd))
+    made = api.create(project / "microagent.yaml")
+    assert made.boots == 2
+    layers = made.rootfs.root.layers
+    assert len(layers) == 2 and made.rootfs.path.name.endswith(".ext4")
+    before = [sha256(p) for p in (made.rootfs.path, *layers)]
+    report = api.start("stacked", wait=True, timeout=300)
+    result = api.result("stacked")
+    assert report.exit_code == 0, result
+    assert result["stdout"].splitlines() == [
+        "one=one two=one dir=b ",
+        "hidden /etc/passwd",
+        "lowers=/layers/vde:/layers/vdd:/lower",  # the step's own layer disk on top
+    ], result
+    assert [sha256(p) for p in (made.rootfs.path, *layers)] == before
+    out = tmp_path / "two"
+    api.cp("stacked:/app/two", str(out))
+    assert out.read_text() == "one\n"
+    api.delete(["stacked"])
