@@ -7,11 +7,13 @@ stand-in (an OCI layout; no registry, no network):
 1. ``build`` of a spec whose first setup step is large (it copies /usr: the image doubles, as
    the demo's ``pip install`` makes it grow) and whose second is ``mkdir -p /x``: each step's
    time and where it went (boot, e2fsck of the guest's disk, export of the upper, zstd and
-   store, root filesystem), as the product builds it by default;
-2. the trivial step again, forced (``--no-cache-from 2``), with the root filesystem flattened
-   from every layer (the way every step was built before the derived path), for comparison;
-3. ``microagent run --rootfs <the large step's rootfs> -- true`` as a CLI process (median of
-   ``--boots``): the same image booted for nothing.
+   store, its root: a layer disk stacked on its parent's root), as the product builds it;
+2. the trivial step again, forced (``--no-cache-from 2``), twice, for comparison: with its
+   own image derived from its parent's (``ext4.derive``, the default before layer disks; the
+   large step's chain is first made one image for it), and flattened from every layer (the
+   way every step was built before that);
+3. ``microagent run --rootfs <base image> --layer <the large step's layer disk> -- true`` as a
+   CLI process (median of ``--boots``): the root the trivial step boots, booted for nothing.
 
 It boots real VMs (KVM when it works, TCG otherwise) and needs the guest kit (``kernel
 install`` fetches it once; an existing one under ``~/.cache/microagent`` is copied in).
@@ -43,8 +45,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from microagent.api import Microagent  # noqa: E402
 from microagent.build.setup import BuildContext, StepTimings, ensure_rootfs  # noqa: E402
+from microagent.ext4.rootfs import materialise  # noqa: E402
 from microagent.runtime.backend import Accel  # noqa: E402
 from microagent.settings import Settings  # noqa: E402
+from microagent.store.records import read_record, root_of  # noqa: E402
 from testenv import standin  # noqa: E402
 
 MA = [sys.executable, "-m", "microagent.cli"]
@@ -109,6 +113,23 @@ def demo(env: dict[str, str], tmp: Path) -> None:
     print(f"cold build of the demo's setup    {total:8.2f} s")
 
 
+def rebuild_trivial(api: Microagent, report: Any, accel: str, *, derive: bool) -> StepTimings:
+    """The trivial step built again (``--no-cache-from 2``) with an image of its own."""
+    ctx = BuildContext(
+        api.store,
+        api.kit,
+        api.backend,
+        accel=Accel.parse(accel),
+        ram=api.settings.ram_stage,
+        rebuild_from=2,
+        derive=derive,
+        layered=False,
+    )
+    ensure_rootfs(ctx, report.outcome.plan, report.outcome.base)
+    (timings,) = ctx.timings
+    return timings
+
+
 def row(label: str, t: StepTimings) -> str:
     parts = "  ".join(f"{name} {getattr(t, name):6.2f}" for name in FIELDS)
     return f"{label:<28} {t.total:7.2f} s   ({parts})  rootfs: {t.how}"
@@ -141,30 +162,31 @@ def main() -> None:
         report = api.build(spec)
         build_s = time.perf_counter() - began
         large, trivial = report.outcome.built.timings
-        ctx = BuildContext(
-            api.store,
-            api.kit,
-            api.backend,
-            accel=Accel.parse(args.accel),
-            ram=api.settings.ram_stage,
-            rebuild_from=2,
-            derive=False,
-        )
-        ensure_rootfs(ctx, report.outcome.plan, report.outcome.base)
-        (flat,) = ctx.timings
-        parent = api.store.root / "rootfs" / f"{large.key.removeprefix('sha256:')}.ext4"
-        size = parent.stat().st_size
+        record = read_record(api.store, large.key)
+        root = root_of(api.store, record) if record is not None else None
+        assert record is not None and root is not None and root.layers, "not a stacked root"
+        flags = [w for layer in root.layers for w in ("--layer", str(layer))]
         runs = [
-            cli(env, "run", "--rootfs", str(parent), "--", "true")[0] for _ in range(args.boots)
+            cli(env, "run", "--rootfs", str(root.image), *flags, "--", "true")[0]
+            for _ in range(args.boots)
         ]
         run_s = statistics.median(runs)
+        began = time.perf_counter()
+        merged = materialise(api.store, record)  # what the derive starts from
+        merge_s = time.perf_counter() - began
+        size = api.store.entry_path(str(merged.rootfs)).stat().st_size
+        derived = rebuild_trivial(api, report, args.accel, derive=True)
+        flat = rebuild_trivial(api, report, args.accel, derive=False)
     print(f"image after the large step     {size / 1e6:8.0f} MB (ext4, apparent size)")
     print(f"build (base + 2 steps)         {build_s:8.2f} s")
     print(row("large step", large))
     print(row("trivial step", trivial))
+    print(row("trivial step, derived", derived))
     print(row("trivial step, flattened", flat))
-    print(f"run --rootfs IMAGE -- true     {run_s:8.2f} s   (median of {args.boots})")
+    print(f"large step's chain as one image {merge_s:7.2f} s   (what the derive needs first)")
+    print(f"run --rootfs BASE --layer L -- true {run_s:5.2f} s   (median of {args.boots})")
     print(f"trivial step / run             {trivial.total / run_s:8.2f}x   target {TARGET}x")
+    print(f"derived step / run             {derived.total / run_s:8.2f}x")
     print(f"flattened step / run           {flat.total / run_s:8.2f}x")
     if args.json:
         figures = {
@@ -172,9 +194,11 @@ def main() -> None:
             "build": round(build_s, 3),
             "large": large.to_json(),
             "trivial": trivial.to_json(),
+            "trivialDerived": derived.to_json(),
             "trivialFlattened": flat.to_json(),
             "run": round(run_s, 3),
             "ratio": round(trivial.total / run_s, 3),
+            "ratioDerived": round(derived.total / run_s, 3),
             "ratioFlattened": round(flat.total / run_s, 3),
         }
         print(json.dumps(figures, indent=2))

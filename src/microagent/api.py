@@ -746,7 +746,7 @@ class Microagent:
         # deferred: see the module docstring
         from microagent.build.base import remove_base
 
-        return remove_base(self.store, what, dry_run=dry_run)
+        return remove_base(self.store, what, dry_run=dry_run, in_use=self.cache_in_use())
 
     def cache_entries(self) -> list[Entry]:
         return self.store.entries()

@@ -8,7 +8,7 @@ at verified blobs and at ``rootfs/<base key>.ext4``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +18,7 @@ from microagent.compiler.lock import ResolvedImage
 from microagent.compiler.plan import BuildPlan
 from microagent.compiler.refs import host_platform, parse_any_ref
 from microagent.digests import key_hex
-from microagent.errors import IntegrityError, MicroagentError, NotFoundError
+from microagent.errors import ConflictError, IntegrityError, MicroagentError, NotFoundError
 from microagent.frozen import Frozen
 from microagent.oci import documents as oci
 from microagent.progress import Meter, TaskKind
@@ -221,10 +221,14 @@ def list_bases(store: Store) -> list[StepRecord]:
     ]
 
 
-def remove_base(store: Store, what: str, *, dry_run: bool = False) -> list[str]:
+def remove_base(
+    store: Store, what: str, *, dry_run: bool = False, in_use: Container[str] = ()
+) -> list[str]:
     """Forget base images matching a key, digest or reference; return their keys
-    (``dry_run``: only return them)."""
-    removed = []
+    (``dry_run``: only return them). One whose image is in ``in_use`` (store entry names a
+    workspace boots from: the bottom of a stacked root, or a root without setup steps) is
+    refused: nothing is removed."""
+    removed: list[StepRecord] = []
     wanted = {what, _normalised(what)}
     for record in list_bases(store):
         assert record.origin is not None and record.rootfs is not None
@@ -238,13 +242,18 @@ def remove_base(store: Store, what: str, *, dry_run: bool = False) -> list[str]:
         short = len(what) >= 6 and record.key.removeprefix("sha256:").startswith(what)
         if not (wanted & names or short):
             continue
-        if not dry_run:
-            store.remove(f"keys/{key_hex(record.key)}.json")
-            store.remove(record.rootfs)
-        removed.append(record.key)
+        if record.rootfs in in_use:
+            raise ConflictError(
+                f"image {reference} is the root (or its bottom image) of a workspace",
+                hint="delete the workspaces made from it first (`microagent list`)",
+            )
+        removed.append(record)
     if not removed:
         raise NotFoundError(f"no pulled image matches {what!r}", hint="see `microagent image ls`")
-    return removed
+    for record in removed if not dry_run else ():
+        store.remove(f"keys/{key_hex(record.key)}.json")
+        store.remove(str(record.rootfs))
+    return [record.key for record in removed]
 
 
 def _normalised(text: str) -> str:

@@ -162,3 +162,18 @@ def test_a_workspace_whose_disks_leave_no_room_gets_one_image(
     cli_json(capsys, "wait", "layered")
     booted = _workspace(busybox_project, "layered").run.read_boot().config.disks
     assert len(booted) == 3 + 15 and not any(d.serial.startswith("layer-") for d in booted)
+
+
+def test_image_rm_refuses_the_bottom_of_a_workspaces_stack(
+    busybox_project: Path, store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    made = cli_json(capsys, "create", "-f", str(_spec(busybox_project, 1)))
+    (base,) = [r for r in all_records(store) if r.kind is StepKind.BASE]
+    assert base.rootfs is not None and made["rootfs"] == str(store.entry_path(base.rootfs))
+    refused = cli_json(capsys, "image", "rm", "-y", base.key, code=None)
+    assert refused["error"]["kind"] == "conflict", refused
+    assert "of a workspace" in refused["error"]["message"]
+    assert store.has_entry(base.rootfs)
+    cli_json(capsys, "delete", "-y", "layered")
+    assert cli_json(capsys, "image", "rm", "-y", base.key)["ok"]
+    assert not store.has_entry(base.rootfs)
