@@ -4,7 +4,8 @@ A team changes one late setup step, CI pushes, and a developer who built (or too
 before it takes the hit. Downloading the hit's whole packed image (or flattening every layer)
 costs the size of the image; this costs the size of the change. When the verified chain of a
 hit reaches a step this store holds with its root filesystem (the step the chain stopped at, or
-an ancestor of it whose image is there), the layers published after that ancestor are fetched
+an ancestor of it whose image is there; a step whose root is a stack of layer disks is passed
+over for the one below it), the layers published after that ancestor are fetched
 (verified against their digests as ever) and applied in order onto a copy of the ancestor's
 image with ``ext4.rootfs.derive_rootfs`` — the same in-place derive a locally built step gets.
 Intermediate images are temporary: only the hit's root filesystem is kept.
@@ -37,7 +38,7 @@ from microagent.digests import Digest
 from microagent.errors import IntegrityError
 from microagent.remotecache.records import PublishedStep
 from microagent.store.content import Store
-from microagent.store.records import LayerRef, read_record, rootfs_ready
+from microagent.store.records import LayerRef, read_record, root_of, rootfs_ready
 
 __all__ = [
     "DELTA_FRACTION",
@@ -89,10 +90,12 @@ def find_delta(store: Store, chain: Sequence[PublishedStep]) -> Delta | None:
     key: str | None = first.parent
     while key is not None and len(steps) <= MAX_DELTA_LAYERS:
         ready = rootfs_ready(store, key)
-        if ready is not None and ready.rootfs is not None:
-            delta = Delta(key, store.entry_path(ready.rootfs), tuple(steps))
+        root = None if ready is None else root_of(store, ready)
+        if ready is not None and root is not None and not root.layers:  # one image
+            delta = Delta(key, root.image, tuple(steps))
             return delta if _extends(ready.layers, delta, hit.layers) else None
-        record = read_record(store, key)  # a step recorded without its image (an earlier hit's)
+        # a step recorded without its image (an earlier hit's), or whose root is a stack
+        record = read_record(store, key)
         if record is None or record.kind is not StepKind.SETUP or not record.layers:
             return None
         steps.insert(0, (record.key, record.layers[-1]))

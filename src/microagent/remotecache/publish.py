@@ -182,17 +182,22 @@ def prepare(
     image_tag: str | None = None,
     client: RegistryClient | None = None,
     packed_images: bool = True,
+    ram: bool = True,
 ) -> Publication:
     """Manifests for every step from the base down to ``leaf``; with ``image_tag`` (and a
     ``config`` leaf) the image as well, otherwise the leaf's own manifest under that tag.
 
     ``client`` fetches a base image document the store lacks (an index); ``packed_images``
-    adds the packed rootfs of the last setup step (see ``ext4.packed``)."""
+    adds the packed rootfs of the last setup step (see ``ext4.packed``), flattened first
+    when the step's root is a stack (``ram``: the flatten may stage in RAM)."""
     chain = local_chain(store, leaf)
     pub = Publication(store)
     builder = _ManifestBuilder(pub, _base_config(store, chain[0]), client or RegistryClient())
-    rootfs = [r for r in chain if r.kind.in_rootfs][-1]
-    image = ensure_rootfs_image(store, rootfs) if packed_images else None
+    at = max(i for i, r in enumerate(chain) if r.kind.in_rootfs)
+    image: PackedImage | None = None
+    if packed_images:  # the chain then holds the step's record as packing left it
+        chain[at], image = _with_rootfs_image(store, chain[at], ram=ram)
+    rootfs = chain[at]
     for record in chain:  # the step record names the image it is published with
         builder.add_step(record, image if record.key == rootfs.key else None)
     if image is not None:
@@ -206,28 +211,49 @@ def prepare(
     return pub
 
 
-def ensure_rootfs_image(store: Store, record: StepRecord) -> PackedImage | None:
+def ensure_rootfs_image(
+    store: Store, record: StepRecord, *, ram: bool = True
+) -> PackedImage | None:
     """The zstd image of a setup step's built rootfs (made once, kept as a blob).
+
+    A step whose root is a stack (no image of its own) gets its chain flattened into one
+    image first (``ext4.rootfs.materialise``), so remote hits take the image instead of each
+    flattening the layers. None when the step's layers are not all stored.
 
     None for a step restored from a remote cache (``source`` set): its rootfs may be the
     image another publisher pushed, and passing that on would let one cache's pusher choose
     what boots from every cache this machine publishes to. Its layers are published as
     usual, so consumers flatten them (verified against their digests and diff_ids).
     """
+    return _with_rootfs_image(store, record, ram=ram)[1]
+
+
+def _with_rootfs_image(
+    store: Store, record: StepRecord, *, ram: bool
+) -> tuple[StepRecord, PackedImage | None]:
+    """``ensure_rootfs_image``, and the step's record as it is now in the store (its image
+    named, its packed image recorded)."""
     if record.kind is not StepKind.SETUP or record.source is not None:
-        return None
+        return record, None
     packed = record.packed
     if packed is not None and packed.format in packing.MEDIA_TYPES and store.has_blob(packed.blob):
-        return packed  # packed once (a format this version cannot publish is packed anew)
+        return record, packed  # packed once (a format this version cannot publish is packed anew)
     if record.rootfs is None or not store.has_entry(record.rootfs):
-        return None
+        if not layers_stored(store, record):
+            return record, None
+        # deferred: flattening (layers, mke2fs) runs only to publish a stacked step's image
+        from microagent.ext4.rootfs import materialise
+
+        record = materialise(store, record, ram=ram)
+    assert record.rootfs is not None  # materialise names the image it built
     with store.scratch_dir() as work:
         path = work / "rootfs.ext4.zst"
         with path.open("wb") as fh:
             image = packing.pack(store.entry_path(record.rootfs), fh)
         store.put_blob_file(path, image.blob, expected_size=image.blob_size)
-    write_record(store, record.with_packed(image))
-    return image
+    record = record.with_packed(image)
+    write_record(store, record)
+    return record, image
 
 
 def _base_config(store: Store, record: StepRecord) -> dict[str, Any]:

@@ -62,8 +62,11 @@ from microagent.store.records import (
     BaseOrigin,
     LayerRef,
     PackedImage,
+    StepRecord,
+    layer_disk_entry,
     layers_stored,
     read_record,
+    root_of,
     rootfs_entry,
     rootfs_ready,
     write_record,
@@ -185,7 +188,8 @@ class Restorer:
         """Make the deepest base/setup step of ``plan`` that any cache has local.
 
         A step recorded locally whose layers are all stored (an intermediate step of an
-        earlier hit, or a root filesystem that was pruned) is flattened without a download.
+        earlier hit, or a root filesystem or layer disk that was pruned) is rebuilt without
+        a download: a stack's missing layer disks, else its chain flattened.
         """
         steps = [s for s in plan.steps if s.kind.in_rootfs]
         for step in reversed(steps):
@@ -475,15 +479,45 @@ class Restorer:
         return step.rootfs_image
 
     def _rebuild_local(self, key: str) -> bool:
-        """Flatten a recorded step from stored layers; False if something is missing."""
+        """Make a recorded step's root again from its stored layers, no VM: a stack's missing
+        layer disks when its bottom image is there, else the flattened chain as one image
+        (named in the record); False if a layer is missing."""
         record = read_record(self.store, key)
         if record is None or not record.kind.in_rootfs or not layers_stored(self.store, record):
             return False
         began = time.monotonic()
-        self._build_rootfs(key, record.layers, {})
-        self.say(f"[{record.kind.value}] {key[7:19]}  rebuilt from stored layers "
+        stacked = self._rebuild_stack(record)
+        if not stacked:
+            self._build_rootfs(key, record.layers, {})
+            if record.rootfs != rootfs_entry(key):  # a stack: the record names its image now
+                write_record(self.store, record.with_rootfs(rootfs_entry(key)))
+        how = "layer disks rebuilt" if stacked else "rebuilt"
+        self.say(f"[{record.kind.value}] {key[7:19]}  {how} from stored layers "
                  f"in {time.monotonic() - began:.2f}s (no setup VM)")  # fmt: skip
         return True
+
+    def _rebuild_stack(self, record: StepRecord) -> bool:
+        """Build the missing layer disks of a stacked record whose bottom image is there;
+        False (flatten instead) when it has no stack, its image is missing, or a layer does
+        not make a disk."""
+        stack = record.stack
+        if stack is None or not self.store.has_entry(stack.image):
+            return False
+        # deferred: building a layer disk (mke2fs) runs only when one was pruned
+        from microagent.ext4.layerdisk import NotLayerable
+        from microagent.ext4.rootfs import ensure_layer_disk
+        from microagent.layers.apply import LayerSource
+
+        for i, layer in enumerate(record.layers):
+            entry = layer_disk_entry(layer.diff_id)
+            if entry not in stack.layers or self.store.has_entry(entry):
+                continue
+            source = LayerSource.stored(self.store, layer, i)
+            try:
+                ensure_layer_disk(self.store, source, size_hint=layer.size, ram=self.ram)
+            except NotLayerable:
+                return False
+        return root_of(self.store, record) is not None
 
     def _build_rootfs(
         self, key: str, layers: Sequence[LayerRef], pending: Mapping[str, Future[None]]
