@@ -28,6 +28,7 @@ from microagent.store.records import (
     write_record,
 )
 from testenv.fakeguest import rootfs_image, setup_markers
+from testenv.registry import RegistryHandle
 
 pytestmark = pytest.mark.tools("mke2fs", "debugfs", "e2fsck")
 
@@ -109,6 +110,22 @@ def test_a_stacked_step_is_published_with_its_image_and_a_fresh_store_takes_it(
     image = rootfs_image(tmp_path / "b", last.key)
     assert image.read_bytes() == rootfs_image(a, last.key).read_bytes(), "the image, not a flatten"
     assert setup_markers(image) == sorted(SETUP)
+
+
+def test_a_stacked_build_pushed_to_a_registry_carries_its_image(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], registry: RegistryHandle,
+) -> None:  # fmt: skip
+    """``build --cache-to`` publishes right after the build: the stacked last step goes out
+    with its image, and another machine's create takes it."""
+    spec, repo = str(project / "microagent.yaml"), f"{registry.host}/team/stacked"
+    built = cli(monkeypatch, capsys, tmp_path / "a", "build", "-f", spec, "--cache-to", repo)
+    assert built["setupBoots"] == len(SETUP)
+    (record,) = setup_records(tmp_path / "a", [built["rootfsKey"]])
+    assert record.stack is not None and record.packed is not None
+    created = cli(monkeypatch, capsys, tmp_path / "b", "create", "-f", spec, "--cache-from", repo)
+    assert (created["setupBoots"], created["remote"]["rootfsImages"]) == (0, 1)
+    assert setup_markers(rootfs_image(tmp_path / "b", built["rootfsKey"])) == sorted(SETUP)
 
 
 def test_without_packed_images_a_stacked_step_is_published_as_layers_only(
