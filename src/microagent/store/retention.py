@@ -46,8 +46,10 @@ def _blob_name(digest: str) -> str:
 
 
 def names_in_use(store: Store, rootfs_keys: Iterable[str], blobs: Iterable[str]) -> set[str]:
-    """Store entry names behind ``rootfs_keys`` (the step chain, its layers, its rootfs) and
-    the given blob digests (e.g. captured workspace files)."""
+    """Store entry names behind ``rootfs_keys`` (the step chain, its layers, each step's root:
+    its rootfs and its stack's image and layer disks) and the given blob digests (e.g.
+    captured workspace files). A step whose stack was also merged into one image keeps both:
+    a workspace made before the merge boots from the stack."""
     keep = {_blob_name(b) for b in blobs if b}
     for key in rootfs_keys:
         current: str | None = key
@@ -56,13 +58,18 @@ def names_in_use(store: Store, rootfs_keys: Iterable[str], blobs: Iterable[str])
             record = read_record(store, current)
             if record is None:
                 break
-            if record.rootfs:
-                keep.add(record.rootfs)
+            keep.update(_root_names(record))
             keep.update(_blob_name(layer.digest) for layer in record.layers)
             if record.origin is not None:
                 keep.update(_blob_name(d) for d in (record.origin.manifest, record.origin.config))
             current = record.parent
     return keep
+
+
+def _root_names(record: StepRecord) -> tuple[str, ...]:
+    """Every store entry the record's root is or was made of (its image, its stack)."""
+    stacked = record.stack.entries if record.stack is not None else ()
+    return (record.rootfs, *stacked) if record.rootfs else stacked
 
 
 def keeper(names: set[str]) -> Callable[[str], bool]:
@@ -75,20 +82,29 @@ def left_incomplete(store: Store, gone: set[str], keep: Callable[[str], bool]) -
 
     Such a record would still count as built, yet its step could never be published or
     flattened again (``cache verify`` reports it ``missing``), so ``cache prune`` takes it
-    with the blob. Entries ``keep`` protects stay; unreadable records are ``cache verify``'s
-    business. Records are read without marking them used."""
-    names: list[str] = []
+    with the blob. Entries ``keep`` protects stay, and so does a rootfs that a staying
+    record's stack stands on (a base's, when only its image config went). Layer disks are
+    shared by content and named by no record of their own: they stay, for the LRU pass of a
+    later prune. Unreadable records are ``cache verify``'s business. Records are read without
+    marking them used."""
+    going: list[tuple[str, StepRecord]] = []
+    stacked: set[str] = set()  # what the stacks of the records that stay stand on
     keys = store.root / "keys"
     for path in sorted(keys.glob("*.json")) if keys.is_dir() else []:
         name = f"keys/{path.name}"
-        if name in gone or keep(name):
-            continue
         record = _peek_record(path)
-        if record is None or not _lacks_blob(store, record, gone):
+        if name in gone or record is None:
             continue
+        if not keep(name) and _lacks_blob(store, record, gone):
+            going.append((name, record))
+        elif record.stack is not None:
+            stacked.update(record.stack.entries)
+    names: list[str] = []
+    for name, record in going:
         names.append(name)
-        if record.rootfs and record.rootfs not in gone and not keep(record.rootfs):
-            names.append(record.rootfs)
+        rootfs = record.rootfs
+        if rootfs and rootfs not in gone and not keep(rootfs) and rootfs not in stacked:
+            names.append(rootfs)
     return names
 
 

@@ -5,14 +5,21 @@ What each kind of entry is checked against (``docs/cli.md``, "cache verify"):
 - ``blobs/<alg>/<hex>``: a regular file whose content hashes to its name. Anything else in
   ``blobs/`` (an unknown algorithm, a name that is no digest) is orphaned: nothing can name it.
 - ``keys/<hex>.json``: parses as a :class:`~microagent.store.records.StepRecord` for the key its
-  name says, naming its own ``rootfs/<hex>.ext4`` if any; every layer blob of its chain (and a
-  base step's image config) is in the store, sound. A record missing one is ``missing``: the
-  build would take it as built, yet it could never be published or rebuilt from its layers.
+  name says, naming its own ``rootfs/<hex>.ext4`` if any and, in a root stack, only the layer
+  disks of its own layers over the rootfs of a step up its chain; every layer blob of its
+  chain (and a base step's image config) is in the store, sound. A record missing one is
+  ``missing``: the build would take it as built, yet it could never be published or rebuilt
+  from its layers. A root that is not there (a pruned rootfs, image or layer disk of a stack)
+  is no problem: the step counts as not built and its root is made again from its layers.
 - ``rootfs/<hex>.ext4``: a regular ext4 image at least as long as its superblock says; the
   size and sha256 its record states (a packed image's) when it states them; ``e2fsck -fn``
-  clean when a checker is given (the CLI gives one). A rootfs that no sound record names and
-  no workspace uses is orphaned once older than ``grace`` (a build writes the record just
-  after it), or at once when its own record is broken.
+  clean when a checker is given (the CLI gives one). A rootfs that no sound record names (as
+  its image or its stack's) and no workspace uses is orphaned once older than ``grace`` (a
+  build writes the record just after it), or at once when its own record is broken.
+- ``layerdisks/<hex>.ext4`` (a layer's disk, keyed by its diff_id): the same image checks. Shared
+  by content, it has no record of its own: one that no sound record's stack names and no
+  workspace uses is orphaned once older than ``grace``. A removed one is built again from its
+  layer; until then the steps stacked on it count as not built.
 - other built entries (``disks/``, ``bundles/``, ``kits/``): checked by the ``checks`` the
   caller gives per kind (the packages above the store know their insides; the CLI checks a
   shared disk's or bundle's image against its manifest), else only counted.
@@ -23,8 +30,9 @@ What each kind of entry is checked against (``docs/cli.md``, "cache verify"):
 
 ``repair`` removes what is wrong, records first (so no record claims what is going), each
 entry by an atomic rename (:meth:`Store.remove`, which skips an entry whose build lock is
-held), and a rootfs whose record is removed goes too unless a workspace uses it, so the next
-build rebuilds the step. Nothing is touched when ``repair`` is false, not even last-use times.
+held), and a rootfs whose record is removed goes too unless a workspace uses it or a sound
+record's stack stands on it, so the next build rebuilds the step. Nothing is touched when
+``repair`` is false, not even last-use times.
 """
 
 from __future__ import annotations
@@ -41,12 +49,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from microagent.digests import Digest, SparseDigest, data_runs
+from microagent.digests import Digest, SparseDigest, data_runs, key_hex
 from microagent.errors import IntegrityError
 from microagent.frozen import Frozen
 from microagent.fsutil import remove_any
 from microagent.store.content import CHUNK, STALE_TEMP_SECONDS, Store
-from microagent.store.records import StepRecord, rootfs_entry, write_record
+from microagent.store.records import (
+    LAYER_DISK_KIND,
+    StepRecord,
+    layer_disk_entry,
+    rootfs_entry,
+    write_record,
+)
 
 if TYPE_CHECKING:
     from hashlib import _Hash
@@ -56,15 +70,16 @@ Fsck = Callable[[Path], None]  # raises IntegrityError for an unsound file syste
 EntryCheck = Callable[[Path], "tuple[str, str] | None"]
 
 _KEY_NAME = re.compile(r"[0-9a-f]{64}\.json")
-_ROOTFS_NAME = re.compile(r"[0-9a-f]{64}\.ext4")
+_IMAGE_NAME = re.compile(r"[0-9a-f]{64}\.ext4")
 _EXT4_MAGIC = 0xEF53
 _INCOMPAT_64BIT = 0x80
-_REPAIR_ORDER = ("key", "lock", "rootfs", "entry", "blob", "temp")  # "entry": any other kind
+_REPAIR_ORDER = ("key", "lock", "rootfs", "layerdisk", "entry", "blob", "temp")  # entry: others
+_LAYER_DISK = LAYER_DISK_KIND.removesuffix("s")  # the kind of its problems
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Problem(Frozen):
-    """One thing wrong: ``kind`` (blob, key, rootfs, disk, bundle, temp, lock), the
+    """One thing wrong: ``kind`` (blob, key, rootfs, layerdisk, disk, bundle, temp, lock), the
     store-relative ``name``, the ``problem`` (corrupt, missing, orphaned, stale), a ``detail``."""
 
     kind: str
@@ -119,6 +134,7 @@ class _Scan:
     problems: list[Problem] = field(default_factory=list)
     bad_blobs: dict[str, str] = field(default_factory=dict)  # digest -> why it is unusable
     records: dict[str, StepRecord] = field(default_factory=dict)  # rootfs name -> sound record
+    stacked: set[str] = field(default_factory=set)  # entries in sound records' root stacks
     broken_keys: set[str] = field(default_factory=set)  # hex of key records that are going
 
     def add(self, kind: str, name: str, problem: str, detail: str) -> None:
@@ -147,6 +163,7 @@ def verify(
     _check_blobs(scan)
     _check_keys(scan)
     _check_rootfs(scan)
+    _check_layer_disks(scan)
     _check_other_entries(scan)
     _check_locks(scan)
     for path in store.stale_temps():
@@ -209,6 +226,7 @@ def _hash_file(path: Path, hasher: _Hash) -> int:
 
 
 def _check_keys(scan: _Scan) -> None:
+    parsed: dict[str, StepRecord] = {}  # key -> every record that parses, sound or not
     for path in _children(scan.store.root / "keys"):
         scan.checked["keys"] += 1
         name = f"keys/{path.name}"
@@ -217,17 +235,50 @@ def _check_keys(scan: _Scan) -> None:
             continue
         hexkey = path.name.removesuffix(".json")
         try:
-            record = _parse_record(path, "sha256:" + hexkey)
+            parsed["sha256:" + hexkey] = _parse_record(path, "sha256:" + hexkey)
         except IntegrityError as exc:
             scan.broken_keys.add(hexkey)
             scan.add("key", name, "corrupt", exc.message)
-            continue
-        lacking = _lacking(scan, record)
-        if lacking:
-            scan.broken_keys.add(hexkey)
-            scan.add("key", name, "missing", lacking)
-        elif record.rootfs is not None:
-            scan.records[record.rootfs] = record
+    for record in parsed.values():
+        _judge_record(scan, record, parsed)
+
+
+def _judge_record(scan: _Scan, record: StepRecord, parsed: Mapping[str, StepRecord]) -> None:
+    """Report a record that parses yet names a foreign image or lacks a blob; else note what
+    its root is made of."""
+    hexkey = key_hex(record.key)
+    name = f"keys/{hexkey}.json"
+    foreign = _foreign_image(record, parsed)
+    if foreign:
+        scan.broken_keys.add(hexkey)
+        scan.add("key", name, "corrupt", foreign)
+        return
+    lacking = _lacking(scan, record)
+    if lacking:
+        scan.broken_keys.add(hexkey)
+        scan.add("key", name, "missing", lacking)
+        return
+    if record.rootfs is not None:
+        scan.records[record.rootfs] = record
+    if record.stack is not None:
+        scan.stacked.update(record.stack.entries)
+
+
+def _foreign_image(record: StepRecord, parsed: Mapping[str, StepRecord]) -> str:
+    """Why the image under the record's stack is not an ancestor's rootfs ("" when it is, or
+    when a missing record leaves the chain unknown above it)."""
+    if record.stack is None:
+        return ""
+    image, current, seen = record.stack.image, record.parent, {record.key}
+    while current is not None and current not in seen:
+        if image == rootfs_entry(current):
+            return ""
+        ancestor = parsed.get(current)
+        if ancestor is None:
+            return ""  # the chain above is unknown: the image may be of a step up there
+        seen.add(current)
+        current = ancestor.parent
+    return f"its root stack stands on {image!r}, the rootfs of no step of its chain"
 
 
 def _parse_record(path: Path, key: str) -> StepRecord:
@@ -245,6 +296,11 @@ def _parse_record(path: Path, key: str) -> StepRecord:
         raise IntegrityError(f"it is the record of {record.key}, not of {key}")
     if record.rootfs is not None and record.rootfs != rootfs_entry(key):
         raise IntegrityError(f"names a foreign rootfs {record.rootfs!r}")
+    if record.stack is not None:
+        own = {layer_disk_entry(layer.diff_id) for layer in record.layers}
+        for disk in record.stack.layers:
+            if disk not in own:
+                raise IntegrityError(f"names a foreign layer disk {disk!r} (not of its layers)")
     return record
 
 
@@ -274,17 +330,12 @@ def _check_rootfs(scan: _Scan) -> None:
 
 
 def _rootfs_problem(scan: _Scan, name: str, path: Path) -> tuple[str, str] | None:
-    if not _ROOTFS_NAME.fullmatch(path.name):
+    if not _IMAGE_NAME.fullmatch(path.name):
         return None if name in scan.in_use else ("orphaned", "not a <64 hex>.ext4 name")
-    corrupt = _image_problem(scan, scan.records.get(name), path)
+    corrupt = _corrupt_image(scan, name, scan.records.get(name), path)
     if corrupt:
-        used = " (a workspace boots from it: create that workspace again)"
-        return "corrupt", corrupt + (used if name in scan.in_use else "")
-    return _orphan(scan, name, path)
-
-
-def _orphan(scan: _Scan, name: str, path: Path) -> tuple[str, str] | None:
-    if name in scan.records or name in scan.in_use:
+        return "corrupt", corrupt
+    if name in scan.records or name in scan.stacked or name in scan.in_use:
         return None
     hexkey = path.name.removesuffix(".ext4")
     if hexkey in scan.broken_keys:
@@ -292,6 +343,34 @@ def _orphan(scan: _Scan, name: str, path: Path) -> tuple[str, str] | None:
     if _last_used(path) < scan.cutoff:
         return "orphaned", f"no step record names it (keys/{hexkey}.json)"
     return None
+
+
+def _corrupt_image(scan: _Scan, name: str, record: StepRecord | None, path: Path) -> str:
+    """What is wrong with the image at ``path`` ("" when nothing), saying if a workspace uses it."""
+    corrupt = _image_problem(scan, record, path)
+    if corrupt and name in scan.in_use:
+        corrupt += " (a workspace boots from it: create that workspace again)"
+    return corrupt
+
+
+def _check_layer_disks(scan: _Scan) -> None:
+    for path in _children(scan.store.root / LAYER_DISK_KIND):
+        scan.checked["entries"] += 1
+        name = f"{LAYER_DISK_KIND}/{path.name}"
+        problem = _layer_disk_problem(scan, name, path)
+        if problem is not None:
+            scan.add(_LAYER_DISK, name, *problem)
+
+
+def _layer_disk_problem(scan: _Scan, name: str, path: Path) -> tuple[str, str] | None:
+    if not _IMAGE_NAME.fullmatch(path.name):
+        return None if name in scan.in_use else ("orphaned", "not a <64 hex>.ext4 name")
+    corrupt = _corrupt_image(scan, name, None, path)
+    if corrupt:
+        return "corrupt", corrupt
+    if name in scan.stacked or name in scan.in_use or _last_used(path) >= scan.cutoff:
+        return None
+    return "orphaned", "no step record's root stack names it"
 
 
 def _image_problem(scan: _Scan, record: StepRecord | None, path: Path) -> str:
@@ -363,7 +442,7 @@ def _sparse_digest_mismatch(path: Path, digest: str, size: int) -> str:
 
 def _check_other_entries(scan: _Scan) -> None:
     for kind in _children(scan.store.root):
-        if kind.name in {"blobs", "keys", "rootfs", "locks", "tmp"}:
+        if kind.name in {"blobs", "keys", "rootfs", LAYER_DISK_KIND, "locks", "tmp"}:
             continue
         check = scan.checks.get(kind.name)
         for path in _children(kind):

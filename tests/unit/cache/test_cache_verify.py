@@ -68,7 +68,17 @@ class Made:
 
 
 @pytest.fixture
-def made(busybox_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Made:
+def one_image_roots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every setup step gets a rootfs image of its own, as this file's damage is aimed at
+    (stacked roots: ``test_layer_disks_store.py``)."""
+    monkeypatch.setenv("MICROAGENT_LAYER_DISKS", "0")
+
+
+@pytest.fixture
+def made(
+    one_image_roots: None, busybox_project: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> Made:  # fmt: skip
     (busybox_project / "microagent.yaml").write_text(SPEC)
     cli_json(capsys, "create", "-f", str(busybox_project / "microagent.yaml"))
     store = Store(tmp_path / "home" / "store")
@@ -404,8 +414,9 @@ DISK_SPEC = SPEC + (
 
 @pytest.fixture
 def with_disks(
-    busybox_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> tuple[Made, Path, Path]:
+    one_image_roots: None, busybox_project: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> tuple[Made, Path, Path]:  # fmt: skip
     """`create` of a spec with a ro disk and a ro bundle: the store's disk and bundle folders."""
     tree = tmp_path / "tree"
     tree.mkdir()
