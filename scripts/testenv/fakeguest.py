@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import shlex
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import zstandard
@@ -19,7 +20,7 @@ from microagent.compiler.files import EXT_MAGIC, EXT_MAGIC_OFFSET
 from microagent.ext4.debugfs import parse_ls, quote, run_debugfs
 from microagent.runtime.fake import SETUP_MARKER_DIR
 from microagent.store.content import Store
-from microagent.store.records import read_record, rootfs_entry
+from microagent.store.records import read_record, root_of, rootfs_entry
 
 
 def read_file(image: Path, path: str) -> bytes | None:
@@ -30,8 +31,12 @@ def read_file(image: Path, path: str) -> bytes | None:
     return done.outputs[1].encode("utf-8", "surrogateescape")
 
 
-def setup_markers(image: Path) -> list[str]:
-    """The commands (``run`` strings) of the setup steps whose marker ``image`` holds, sorted."""
+def setup_markers(image: Path | Sequence[Path]) -> list[str]:
+    """The commands (``run`` strings) of the setup steps whose marker ``image`` holds, sorted;
+    for a stack of images (see :func:`root_images`) the markers of them all (setup steps only
+    add markers)."""
+    if not isinstance(image, Path):
+        return sorted({mark for one in image for mark in setup_markers(one)})
     done = run_debugfs(image, [f"ls -p {quote(SETUP_MARKER_DIR)}"])
     if done.errors:
         return []
@@ -58,6 +63,18 @@ def step_layer_files(home: Path, key: str) -> dict[str, bytes]:
     record = read_record(store, key)
     assert record is not None and record.layers, f"no layers recorded for {key}"
     return layer_files(store, record.layers[-1].digest)
+
+
+def root_images(home: Path, key: str) -> list[Path]:
+    """The images ``home``'s store holds (or would hold) the root of step ``key`` in: its layer
+    disks top first and the image below them, or its one image (which may be missing)."""
+    store = Store(home / "store")
+    record = read_record(store, key)
+    found = root_of(store, record) if record is not None else None
+    if found is not None:
+        return list(found.top_first)
+    names = record.root_entries if record is not None else ()
+    return [store.entry_path(name) for name in names or (rootfs_entry(key),)]
 
 
 def rootfs_image(home: Path, key: str) -> Path:

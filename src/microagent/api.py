@@ -882,6 +882,7 @@ class Microagent:
             image_tag=tag,
             client=self.client,
             packed_images=self.settings.cache_rootfs,
+            ram=self.settings.ram_stage,
         )
         target = open_cache(parse_cache_ref(f"oci:{directory.resolve()}"), self.client, write=True)
         return full, publish(publication, target, self.say)

@@ -21,7 +21,7 @@ import pytest
 from faultkit import Cli, Done, Process, stop_strays, stray_processes, verify_store
 
 from testenv.agent_standin import standin_argv
-from testenv.fakeguest import rootfs_image, setup_markers
+from testenv.fakeguest import root_images, setup_markers
 
 pytestmark = pytest.mark.tools("mke2fs", "debugfs", "e2fsck")
 
@@ -147,7 +147,7 @@ def eight_creates(cli: Cli, found: Findings, tmp: Path) -> None:
     if len(keys) != 1:
         found.fail("corrupt", f"8 creates of one spec gave rootfs keys {keys}")
     for key in keys:
-        if setup_markers(rootfs_image(cli.home, key)) != sorted(SETUP):
+        if setup_markers(root_images(cli.home, key)) != sorted(SETUP):
             found.fail("corrupt", f"the rootfs of {key} lacks the setup content")
     found.check_store(cli, "after 8 creates")  # usable: 4 start next, 4 take cp traffic
 
@@ -232,8 +232,8 @@ def test_prune_racing_create_never_removes_what_create_uses(
     found.tally.faults = prunes
     found.check_store(cli, "after the races")
     read_all(cli, kept, tmp_path, "kept", found)
-    image = rootfs_image(cli.home, cli.ok("status", "bystander")["event"]["identity"]["rootfsKey"])
-    if not image.is_file():
+    images = root_images(cli.home, cli.ok("status", "bystander")["event"]["identity"]["rootfsKey"])
+    if not all(image.is_file() for image in images):
         found.fail("lost", "prune removed the rootfs of the bystander workspace")
     found.tally.notes = f"{rounds} races (cold build and cache hit alternating), {prunes} prunes"
     found.done(cli)
@@ -253,9 +253,9 @@ def race(cli: Cli, found: Findings, what: str, tmp: Path) -> int:
     if created.code != 0:
         found.fail("lost", f"{what}: create failed while prune ran: {created.describe()}")
         return prunes
-    key = created.json()["rootfsKey"]
-    image = rootfs_image(cli.home, key)
-    if not image.is_file() or setup_markers(image) != sorted(SETUP):
+    got = created.json()
+    images = [Path(p) for p in (got["rootfs"], *got["rootfsLayers"])]  # what the workspace boots
+    if not all(image.is_file() for image in images) or setup_markers(images) != sorted(SETUP):
         found.fail("lost", f"{what}: prune removed the rootfs the new workspace uses")
         return prunes
     tag = f"race{time.monotonic_ns()}"

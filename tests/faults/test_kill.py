@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 from faultkit import Cli, Findings, kill_when, stop_strays, stray_processes, verify_store
 
-from testenv.fakeguest import rootfs_image, setup_markers
+from testenv.fakeguest import root_images, setup_markers
 from testenv.registry import RegistryHandle
 
 pytestmark = pytest.mark.tools("docker-registry", "skopeo", "mke2fs", "debugfs", "e2fsck")
@@ -198,7 +198,7 @@ def check_created(
         kills.lost(f"{what}: rootfs key {got['rootfsKey']} != {ref_key}")
     if boots is not None and got["setupBoots"] != boots:
         kills.lost(f"{what}: {got['setupBoots']} setup boots, expected {boots}")
-    markers = setup_markers(rootfs_image(cli.home, ref_key))
+    markers = setup_markers(root_images(cli.home, ref_key))
     if markers != sorted(SETUP):
         kills.lost(f"{what}: the rootfs holds setup markers {markers}")
 

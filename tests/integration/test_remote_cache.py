@@ -22,7 +22,7 @@ from microagent.remotecache.records import rootfs_tag, step_tag
 from microagent.runner import run as run_tool
 from microagent.store.content import Store
 from testenv.clitools import TwoHomes
-from testenv.fakeguest import rootfs_image, setup_markers, step_layer_files
+from testenv.fakeguest import root_images, setup_markers, step_layer_files
 from testenv.prereq import require_tools
 from testenv.registry import RegistryHandle, start_registry
 
@@ -104,7 +104,7 @@ def test_machine_b_creates_from_machine_a_push_without_setup_boots(
     base_key = built["steps"][0]["key"].removeprefix("sha256:")
     assert not (store_b / "rootfs" / f"{base_key}.ext4").exists(), "base rootfs is not needed"
 
-    assert setup_markers(rootfs_image(machines.b, created["rootfsKey"])) == sorted(SETUP)
+    assert setup_markers(root_images(machines.b, created["rootfsKey"])) == sorted(SETUP)
     machines.cli(machines.b, "start", "ws")
     assert machines.wait_stopped(machines.b, "ws", timeout=20) == "stopped"
 
@@ -138,7 +138,7 @@ def test_changed_setup_step_rebuilds_from_that_step_only(
     restored = step_layer_files(machines.b, planned["steps"][1]["key"])
     assert [v.decode() for v in restored.values()] == [f"/bin/sh -eu -c '{SETUP[0]}'\n"]
     changed = [SETUP[0], "echo changed > /workspace/one", SETUP[2]]
-    assert setup_markers(rootfs_image(machines.b, created["rootfsKey"])) == sorted(changed)
+    assert setup_markers(root_images(machines.b, created["rootfsKey"])) == sorted(changed)
 
 
 def test_push_is_idempotent_and_a_normal_oci_image(
@@ -289,7 +289,7 @@ def test_export_import_round_trip_and_layout_as_base(machines: Machines, tmp_pat
     assert len(imported["restored"]) == 5 and len(imported["skipped"]) == 1
     created = machines.cli(machines.b, "create", "-f", machines.spec)
     assert created["setupBoots"] == 0
-    assert setup_markers(rootfs_image(machines.b, created["rootfsKey"])) == sorted(SETUP)
+    assert setup_markers(root_images(machines.b, created["rootfsKey"])) == sorted(SETUP)
 
     third = tmp_path / "c"
     via_layout = machines.cli(third, "create", "-f", machines.spec, "--cache-from",

@@ -177,6 +177,7 @@ class Pipeline:
                 image_tag=tag,
                 client=self.client,
                 packed_images=self.settings.cache_rootfs,
+                ram=self.settings.ram_stage,
             )
             target = open_cache(ref, self.client, write=True)
             reports.append(publish(publication, target, self.say).to_json())

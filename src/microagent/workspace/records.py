@@ -31,7 +31,6 @@ from microagent.errors import ConflictError, IntegrityError, InvalidInputError, 
 from microagent.frozen import Frozen
 from microagent.fsutil import read_json
 from microagent.runtime.rundir import RunDir, now
-from microagent.store.records import MAX_STACK
 
 # The spec's, the credentials' and the backend's types are loaded where a record holds them
 # (or one is made, at create): `cp`, `status`, `list` and `logs` of a workspace without
@@ -42,6 +41,9 @@ if TYPE_CHECKING:
     from microagent.runtime.backend import PublishedPort
 
 RECORD_VERSION = 1
+# layer disks a root may stack: no more than a VM's extra disks (runtime.boot.MAX_EXTRA_DISKS;
+# not imported: `cp` reads records and loads no store or boot modules)
+MAX_ROOT_LAYERS = 16
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # fullmatch: ``$`` accepts "x\n"
 
 
@@ -184,8 +186,10 @@ def _credentials(items: object) -> tuple[Credential, ...]:
 def _rootfs_layers(items: object) -> tuple[str, ...]:
     if items == []:
         return ()
-    if not isinstance(items, list) or len(items) > MAX_STACK:
-        raise InvalidInputError(f"record: rootfs_layers must be a list of at most {MAX_STACK}")
+    if not isinstance(items, list) or len(items) > MAX_ROOT_LAYERS:
+        raise InvalidInputError(
+            f"record: rootfs_layers must be a list of at most {MAX_ROOT_LAYERS}"
+        )
     if not all(isinstance(item, str) and item.startswith("/") for item in items):
         raise InvalidInputError("record: rootfs_layers must hold absolute paths")
     return tuple(items)
