@@ -196,7 +196,8 @@ def ensure_rootfs(ctx: BuildContext, plan: BuildPlan, base: BaseImage) -> BuiltR
             else:
                 report_cached(ctx.say, step.key, TaskKind.STEP, label, f"{label}  CACHED")
         found = root_of(ctx.store, record)
-        assert found is not None
+        if found is None:  # removed since it was looked up (outside microagent: prune waits)
+            raise BuildError(f"the root of {step.label} is gone", hint="run the command again")
         root, parent, layers = found, record, record.layers
     key = steps[-1].key if steps else base.key
     return BuiltRootfs(key, root, layers, built, cached, tuple(ctx.timings))
