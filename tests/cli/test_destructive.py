@@ -219,6 +219,7 @@ def test_image_rm_and_kernel_prune_with_yes(
 ) -> None:
     monkeypatch.chdir(created)
     keys = [i["key"] for i in cli(capsys, "image", "ls")["images"]]
+    cli(capsys, "delete", "-y", "ws")  # a workspace's base image is refused (its root's bottom)
     assert cli(capsys, "image", "rm", "-y", "oci:layout:latest")["removed"] == keys
     assert cli(capsys, "image", "ls")["images"] == []
     assert cli(capsys, "kernel", "prune", "-y")["removed"] == []
