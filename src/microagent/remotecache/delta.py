@@ -10,6 +10,12 @@ over for the one below it), the layers published after that ancestor are fetched
 image with ``ext4.rootfs.derive_rootfs`` — the same in-place derive a locally built step gets.
 Intermediate images are temporary: only the hit's root filesystem is kept.
 
+With layer disks on, the nearest ancestor with a whole root (one image, or a stack of layer
+disks) is taken instead, and the hit's root becomes that root with the missing layers' disks
+stacked on it (:func:`find_delta` with ``stacked``; the restorer builds the disks in parallel
+and falls back to the derive when the stack would be deeper than
+:data:`~microagent.store.records.MAX_STACK`).
+
 The rule (:func:`worth_it`): at most :data:`MAX_DELTA_LAYERS` layers, whose compressed sizes
 sum to at most :data:`DELTA_FRACTION` of what the full hit would read — the packed image's
 blob when the step record names one (and images are taken), else every layer of the chain
@@ -38,7 +44,14 @@ from microagent.digests import Digest
 from microagent.errors import IntegrityError
 from microagent.remotecache.records import PublishedStep
 from microagent.store.content import Store
-from microagent.store.records import LayerRef, read_record, root_of, rootfs_ready
+from microagent.store.records import (
+    MAX_STACK,
+    LayerRef,
+    RootStack,
+    StepRecord,
+    read_record,
+    rootfs_ready,
+)
 
 __all__ = [
     "DELTA_FRACTION",
@@ -48,6 +61,7 @@ __all__ = [
     "check_names",
     "decompress_layer",
     "find_delta",
+    "root_below",
     "worth_it",
 ]
 
@@ -60,16 +74,33 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 @dataclass(frozen=True)
 class Delta:
-    """A local step whose image is present, and the steps after it (each with the layer it
+    """A local step whose root is present (``image``: its bottom image, the whole root when
+    ``below`` stacks no layer disks on it), and the steps after it (each with the layer it
     added), in order; the last one is the hit."""
 
     ancestor: str
     image: Path
     steps: tuple[tuple[str, LayerRef], ...]
+    below: RootStack | None = None  # the ancestor's root as store entries
 
     @property
     def layers(self) -> tuple[LayerRef, ...]:
         return tuple(layer for _key, layer in self.steps)
+
+    @property
+    def stack_depth(self) -> int:
+        """How many layer disks the hit's root would stack: the ancestor's and the delta's."""
+        return len(self.below.layers if self.below is not None else ()) + len(self.steps)
+
+    def stacks(self, disks: Sequence[str]) -> tuple[tuple[str, RootStack], ...]:
+        """Each step's root as the ancestor's with ``disks`` (the delta's layer disks, in
+        order) stacked on it up to its own."""
+        below = self.below
+        assert below is not None, "a delta from find_delta names the ancestor's root"
+        return tuple(
+            (key, RootStack(below.image, (*below.layers, *disks[: i + 1])))
+            for i, (key, _layer) in enumerate(self.steps)
+        )
 
     @property
     def compressed_bytes(self) -> int:
@@ -80,27 +111,42 @@ class TooLarge(Exception):
     """A layer decompresses to more than a derive would take: the hit is not derived."""
 
 
-def find_delta(store: Store, chain: Sequence[PublishedStep]) -> Delta | None:
+def find_delta(
+    store: Store, chain: Sequence[PublishedStep], *, stacked: bool = False
+) -> Delta | None:
     """The delta for a verified ``chain`` (first missing published step .. the hit), or None
-    when no local ancestor within :data:`MAX_DELTA_LAYERS` steps has its image."""
+    when no local ancestor within :data:`MAX_DELTA_LAYERS` steps has its image (with
+    ``stacked``: its whole root, one image or a stack, within :data:`MAX_STACK` steps)."""
     first, hit = chain[0], chain[-1]
     if first.kind is not StepKind.SETUP or first.parent is None or hit.kind is not StepKind.SETUP:
         return None
     steps = [(step.key, step.layers[-1]) for step in chain]
     key: str | None = first.parent
-    while key is not None and len(steps) <= MAX_DELTA_LAYERS:
+    most = min(MAX_DELTA_LAYERS, MAX_STACK) if stacked else MAX_DELTA_LAYERS
+    while key is not None and len(steps) <= most:
         ready = rootfs_ready(store, key)
-        root = None if ready is None else root_of(store, ready)
-        if ready is not None and root is not None and not root.layers:  # one image
-            delta = Delta(key, root.image, tuple(steps))
+        below = None if ready is None else root_below(store, ready)
+        if ready is not None and below is not None and (stacked or not below.layers):
+            delta = Delta(key, store.entry_path(below.image), tuple(steps), below)
             return delta if _extends(ready.layers, delta, hit.layers) else None
-        # a step recorded without its image (an earlier hit's), or whose root is a stack
+        # a step recorded without its root (an earlier hit's), or whose root is a stack
         record = read_record(store, key)
         if record is None or record.kind is not StepKind.SETUP or not record.layers:
             return None
         steps.insert(0, (record.key, record.layers[-1]))
         key = record.parent
     return None
+
+
+def root_below(store: Store, record: StepRecord) -> RootStack | None:
+    """A step's root as the bottom of a stack over it: its one image when that exists, else
+    its stack when whole (no layer disks over the image for the former); None otherwise."""
+    if record.rootfs is not None and store.has_entry(record.rootfs):
+        return RootStack(record.rootfs, ())
+    stack = record.stack
+    if stack is None or not all(store.has_entry(name) for name in stack.entries):
+        return None
+    return stack
 
 
 def _extends(ancestor: Sequence[LayerRef], delta: Delta, layers: Sequence[LayerRef]) -> bool:

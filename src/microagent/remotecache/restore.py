@@ -5,12 +5,15 @@ No setup VM boots for a remote hit. Only the deepest hit is materialised: for a 
 last setup step is published, the store ends up with that step's record and root filesystem,
 and the records (not the root filesystems) of the steps before it, base included — enough to
 publish the chain again and to read the image environment, without flattening anything
-twice. Layers are flattened in order as soon as each download finishes, while the later ones
-are still downloading.
+twice (a hit stacked on a local root gives the steps before it their stacks too: they cost
+nothing more). Layers are flattened in order as soon as each download finishes, while the
+later ones are still downloading.
 
-A hit whose chain reaches a step this store holds with its image (and whose layers after it
-are small) is a delta hit (``delta``): only those layers are fetched, and the hit's image is
-derived from the local one.
+A hit whose chain reaches a step this store holds with its root (and whose layers after it
+are small) is a delta hit (``delta``): only those layers are fetched. With layer disks on,
+each one becomes its layer disk (in parallel) and the hit's root is the local root with them
+stacked on it — no image of its own; otherwise (a stack that would be too deep, a layer that
+makes no disk) the hit's image is derived from a local one as before.
 
 Integrity: every record is verified against its key before anything is downloaded (see
 ``records``), the chain is verified back to a local step or to the base image's own
@@ -24,11 +27,12 @@ are written last, so an interrupted or refused restore leaves nothing that count
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -59,9 +63,11 @@ from microagent.remotecache.records import (
 )
 from microagent.store.content import Store
 from microagent.store.records import (
+    MAX_STACK,
     BaseOrigin,
     LayerRef,
     PackedImage,
+    RootStack,
     StepRecord,
     layer_disk_entry,
     layers_stored,
@@ -77,6 +83,7 @@ if TYPE_CHECKING:
 
 Say = Callable[[str], None]
 FETCH_WORKERS = 4
+DISK_WORKERS = min(4, max(2, os.cpu_count() or 2))  # layer disks built at once (mke2fs)
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,7 @@ class RestoreStats:
     ext4_seconds: float = 0.0
     images: int = 0  # rootfs images used instead of a flatten
     derived: list[dict[str, Any]] = field(default_factory=list)  # delta hits (see ``delta``)
+    stacked: list[dict[str, Any]] = field(default_factory=list)  # delta hits as layer disks
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -108,6 +116,7 @@ class RestoreStats:
             "ext4Seconds": round(self.ext4_seconds, 3),
             "rootfsImages": self.images,
             "derived": list(self.derived),
+            "stacked": list(self.stacked),
         }
 
 
@@ -128,7 +137,9 @@ class Restorer:
 
     ``ram`` lets flattening stage in RAM; ``packed_images`` lets a setup step's published
     rootfs image stand in for a flatten (``Settings.ram_stage`` / ``cache_rootfs``);
-    ``derive`` lets a hit whose chain reaches a local image be derived from it (``delta``).
+    ``derive`` lets a hit whose chain reaches a local image be derived from it (``delta``);
+    ``layered`` lets such a hit's root be the local root with the missing layers' disks
+    stacked on it instead (``Settings.layer_disks``).
     """
 
     def __init__(
@@ -140,6 +151,7 @@ class Restorer:
         ram: bool = True,
         packed_images: bool = True,
         derive: bool = True,
+        layered: bool = True,
     ) -> None:
         self.store = store
         self.sources = tuple(sources)
@@ -147,6 +159,7 @@ class Restorer:
         self.ram = ram
         self.packed_images = packed_images
         self.derive = derive
+        self.layered = layered
         self.warnings: list[str] = []
         self.stats = RestoreStats()
         self._hits: dict[str, Hit | None] = {}
@@ -178,9 +191,11 @@ class Restorer:
             return None
 
     def _warn(self, message: str) -> None:
-        if message not in self.warnings:
+        with self._lock:  # layer disks are built in worker threads
+            if message in self.warnings:
+                return
             self.warnings.append(message)
-            self.say(f"warning: {message}")
+        self.say(f"warning: {message}")
 
     # -- restoring ----------------------------------------------------------------------------
 
@@ -216,7 +231,7 @@ class Restorer:
         entry = rootfs_entry(hit.step.key)
         existed = self.store.has_entry(entry)
         try:
-            how = self._materialise(hit, base, chain)
+            how, stacks = self._materialise(hit, base, chain)
         except BaseException:
             if not existed:  # e.g. the image unpacked but a layer was refused
                 self.store.remove(entry)
@@ -225,20 +240,27 @@ class Restorer:
             self._record_base(base, hit.source.where)
         for step in chain:  # intermediate steps too (verified; no rootfs of their own)
             if step.kind is not StepKind.BASE:
-                self._record_step(step, hit.source.where)
+                self._record_step(step, hit.source.where, stacks.get(step.key))
         self._done(hit, how, time.monotonic() - began)
 
     def _materialise(
         self, hit: Hit, base: PublishedStep | None, chain: Sequence[PublishedStep]
-    ) -> str:
-        """Fetch every missing blob (in parallel) and make the hit's rootfs; say how."""
-        how = "records only"
-        delta = self._delta(hit, chain)
+    ) -> tuple[str, Mapping[str, RootStack]]:
+        """Fetch every missing blob (in parallel) and make the hit's root; say how, and the
+        stacks of the steps whose root is stacked on a local one."""
+        how, stacks = "records only", {}
+        over = self._delta(hit, chain, stacked=True)
         with ThreadPoolExecutor(FETCH_WORKERS) as pool:
             # the base's documents first: small, and checked before any record is written
             documents = pool.submit(self._fetch_base_documents, hit.source, base) if base else None
             pending = self._fetch_layers(pool, hit)
-            if delta is not None and self._derive(hit, delta, pending):
+            if over is not None:
+                stacks = self._stack(hit, over, pending)
+            delta = None if stacks else self._delta(hit, chain)
+            if stacks:
+                assert over is not None
+                how = f"stacked on local {over.ancestor[7:19]} + {len(over.steps)} layer disks"
+            elif delta is not None and self._derive(hit, delta, pending):
                 how = f"derived from local {delta.ancestor[7:19]} + {len(delta.steps)} layers"
             elif hit.step.kind.in_rootfs:
                 how = "rootfs image" if self._unpack_image(hit) else "flattened"
@@ -247,7 +269,7 @@ class Restorer:
             for future in [documents, *pending.values()]:
                 if future is not None:
                     future.result()
-        return how
+        return how, stacks
 
     def _done(self, hit: Hit, how: str, seconds: float) -> None:
         self.stats.seconds += seconds
@@ -385,14 +407,69 @@ class Restorer:
 
     # -- delta hits (see ``delta``) -----------------------------------------------------------
 
-    def _delta(self, hit: Hit, chain: Sequence[PublishedStep]) -> Delta | None:
-        """The local ancestor to derive the hit from, if there is one and the rule holds."""
-        if not self.derive or not chain or not hit.step.kind.in_rootfs:
+    def _delta(
+        self, hit: Hit, chain: Sequence[PublishedStep], *, stacked: bool = False
+    ) -> Delta | None:
+        """The local ancestor to derive the hit from (with ``stacked``: to stack the missing
+        layers' disks on, within :data:`MAX_STACK`), if there is one and the rule holds."""
+        if not (self.layered if stacked else self.derive) or not chain:
             return None
-        found = find_delta(self.store, chain)
+        if not hit.step.kind.in_rootfs:
+            return None
+        found = find_delta(self.store, chain, stacked=stacked)
         if found is None or not worth_it(found, hit.step, images=self.packed_images):
             return None
-        return found
+        return None if stacked and found.stack_depth > MAX_STACK else found
+
+    def _stack(
+        self, hit: Hit, delta: Delta, pending: Mapping[str, Future[None]]
+    ) -> dict[str, RootStack]:
+        """Build the delta's layer disks (in parallel, each once its download is done); each
+        step's root as the ancestor's with them stacked on it, or nothing (the caller falls
+        back) when a layer makes no disk or building one failed."""
+        began, layers = time.monotonic(), delta.layers
+        first = len(hit.step.layers) - len(layers)  # the index of the delta's first layer
+        with ThreadPoolExecutor(min(DISK_WORKERS, len(layers))) as pool:
+            jobs = [pool.submit(self._layer_disk, layer, first + i, pending)
+                    for i, layer in enumerate(layers)]  # fmt: skip
+            failed = [why for why in (job.result() for job in jobs) if why is not None]
+        below = delta.below
+        if failed or below is None or not all(map(self.store.has_entry, below.entries)):
+            why = failed[0] if failed else "the local root is gone"
+            self.say(f"  {hit.step.key[7:19]}: not stacked ({why}); taking the hit as before")
+            return {}
+        seconds = time.monotonic() - began
+        with self._lock:
+            self.stats.ext4_seconds += seconds
+            self.stats.stacked.append(
+                {"key": hit.step.key, "from": delta.ancestor, "layers": len(layers),
+                 "seconds": round(seconds, 3)}
+            )  # fmt: skip
+        return dict(delta.stacks([layer_disk_entry(layer.diff_id) for layer in layers]))
+
+    def _layer_disk(
+        self, layer: LayerRef, index: int, pending: Mapping[str, Future[None]]
+    ) -> str | None:
+        """Build ``layer``'s disk unless it exists; why not, when it makes none. A download
+        that failed is an error. A layer the disk's extractor refuses is not (the full hit
+        checks it as ever): a flatten also takes a hard link into a lower layer."""
+        # deferred: building layer disks (mke2fs, debugfs) runs only on a delta hit
+        from microagent.ext4.layerdisk import NotLayerable
+        from microagent.ext4.rootfs import ensure_layer_disk
+        from microagent.layers.apply import LayerSource
+
+        if layer.digest in pending:
+            pending[layer.digest].result()
+        source = LayerSource.stored(self.store, layer, index)
+        try:
+            ensure_layer_disk(self.store, source, size_hint=layer.size, ram=self.ram)
+        except (NotLayerable, IntegrityError) as exc:
+            return exc.message
+        except (MicroagentError, OSError) as exc:  # mke2fs, debugfs or the disk failed
+            why = exc.message if isinstance(exc, MicroagentError) else str(exc)
+            self._warn(f"building the layer disk of {layer.digest[:19]}… failed ({why})")
+            return why
+        return None
 
     def _derive(self, hit: Hit, delta: Delta, pending: Mapping[str, Future[None]]) -> bool:
         """Apply the delta's layers in order onto a copy of the ancestor's image; False (the
@@ -558,8 +635,12 @@ class Restorer:
         origin = BaseOrigin(base.base.reference, base.base.manifest, base.base.config)
         write_record(self.store, base.to_local(where, origin=origin))
 
-    def _record_step(self, step: PublishedStep, where: str) -> None:
-        write_record(self.store, step.to_local(where))
+    def _record_step(self, step: PublishedStep, where: str, stack: RootStack | None) -> None:
+        """The step's local record; with ``stack``, its root is that stack (no image)."""
+        record = step.to_local(where)
+        if stack is not None:
+            record = replace(record, rootfs=None, stack=stack)
+        write_record(self.store, record)
 
 
 # -- planning with remote caches ---------------------------------------------------------------

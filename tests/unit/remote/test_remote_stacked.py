@@ -1,9 +1,10 @@
 """Setup steps whose root is a stack (layer disks over an ancestor's image, no image of their
 own) and the remote cache: publishing flattens the last one into an image so remote hits take
 it, a pruned layer disk is rebuilt from its blob without a VM (a missing bottom image: the
-chain is flattened and the record names it), and a delta hit derives only from an ancestor
-whose root is one image. Fake backend (``setupBoots`` counts the VMs a create booted); each
-setup step leaves a marker the restored images are checked for."""
+chain is flattened and the record names it), and a delta hit stacks its layer disks on the
+nearest local root, or (too deep) derives only from an ancestor whose root is one image.
+Fake backend (``setupBoots`` counts the VMs a create booted); each setup step leaves a marker
+the restored images are checked for."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ import pytest
 
 from microagent.cli import main
 from microagent.compiler.keys import StepKind
+from microagent.remotecache import restore
 from microagent.remotecache.delta import find_delta
 from microagent.remotecache.records import PublishedStep, rootfs_tag
 from microagent.store.content import Store
 from microagent.store.records import (
+    MAX_STACK,
     LayerRef,
     RootStack,
     StepRecord,
@@ -27,7 +30,7 @@ from microagent.store.records import (
     rootfs_entry,
     write_record,
 )
-from testenv.fakeguest import rootfs_image, setup_markers
+from testenv.fakeguest import root_images, rootfs_image, setup_markers
 from testenv.registry import RegistryHandle
 
 pytestmark = pytest.mark.tools("mke2fs", "debugfs", "e2fsck")
@@ -190,13 +193,16 @@ def test_a_stack_whose_bottom_image_is_gone_is_flattened_and_named_in_its_record
 # -- delta hits ---------------------------------------------------------------------------------
 
 
-def test_a_delta_hit_derives_from_the_base_image_past_local_stacked_steps(
+@pytest.mark.parametrize("room", [MAX_STACK, 2], ids=["stacked", "too-deep"])
+def test_a_delta_hit_over_a_local_stack_stacks_on_it_else_derives_from_the_base_image(
     project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], room: int,
 ) -> None:  # fmt: skip
     """The machine published all three steps, its second one also as an image (published on
     its own first) that was pruned since, and lost the third step: the hit's chain reaches the
-    second step, whose root is now its stack; the delta goes from the base's image."""
+    second step, whose root is now its stack. The hit's layer disk is stacked on it; when that
+    is deeper than a stack may be (``room``), the delta goes from the base's image."""
+    monkeypatch.setattr(restore, "MAX_STACK", room)
     home, cache = tmp_path / "a", tmp_path / "cache"
     records = built_stacked(monkeypatch, capsys, project, home)
     second, third = records[1], records[2]
@@ -217,11 +223,20 @@ def test_a_delta_hit_derives_from_the_base_image_past_local_stacked_steps(
     remote = created["remote"]
     assert (created["setupBoots"], created["rootfsKey"]) == (0, third.key)
     assert remote["warnings"] == []
+    assert not store.has_entry(rootfs_entry(second.key)), "intermediate images are temporary"
+    if room == MAX_STACK:
+        assert [(d["key"], d["from"], d["layers"]) for d in remote["stacked"]] == [
+            (third.key, second.key, 1)
+        ]
+        (hit,) = setup_records(home, [third.key])
+        assert (hit.rootfs, hit.stack) == (None, third.stack), "the disks it was built with"
+        assert setup_markers(root_images(home, third.key)) == sorted(SETUP)
+        return
     assert [(d["key"], d["from"], d["layers"]) for d in remote["derived"]] == [
         (third.key, base.key, 3)
     ]
+    assert remote["stacked"] == []
     assert setup_markers(rootfs_image(home, third.key)) == sorted(SETUP)
-    assert not store.has_entry(rootfs_entry(second.key)), "intermediate images are temporary"
 
 
 ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
@@ -260,8 +275,14 @@ def test_find_delta_takes_only_an_ancestor_whose_root_is_one_image(tmp_path: Pat
     assert delta is not None
     assert (delta.ancestor, [k for k, _ in delta.steps]) == (_key(1), [_key(2), _key(3), _key(4)])
     assert delta.image == store.entry_path(rootfs_entry(_key(1)))
+    over = find_delta(store, [hit], stacked=True)  # the nearest whole root: step 3's stack
+    assert over is not None and (over.ancestor, over.stack_depth) == (_key(3), 3)
+    assert over.below == RootStack(rootfs_entry(_key(1)), disks[1:3])
+    assert over.stacks([disks[3]]) == ((_key(4), RootStack(rootfs_entry(_key(1)), disks[1:])),)
 
     _entry(store, rootfs_entry(_key(3)))  # step 3's image is there now: the nearest
     delta = find_delta(store, [hit])
     assert delta is not None and (delta.ancestor, len(delta.steps)) == (_key(3), 1)
     assert delta.image == store.entry_path(rootfs_entry(_key(3)))
+    over = find_delta(store, [hit], stacked=True)  # its image is preferred to its stack
+    assert over is not None and over.below == RootStack(rootfs_entry(_key(3)), ())
