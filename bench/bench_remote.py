@@ -46,6 +46,7 @@ from microagent.oci.endpoints import RegistryConfig  # noqa: E402
 from microagent.oci.registry import RegistryClient, RegistryRepository  # noqa: E402
 from microagent.remotecache.restore import Restorer  # noqa: E402
 from microagent.store.content import Store  # noqa: E402
+from microagent.store.records import read_record, root_of  # noqa: E402
 from testenv import standin  # noqa: E402
 from testenv.registry import start_registry  # noqa: E402
 
@@ -191,14 +192,18 @@ def delta_hit(tmp: Path, repo: str, keys: list[str]) -> dict[str, float]:
     assert hit is not None, "the parent step must be published"
     first.restore(hit)  # the parent's image, flattened (no image is published for it)
     os.sync()
-    subprocess.run(["cp", "-a", "--sparse=always", str(tmp / "delta"), str(tmp / "full")],
-                   check=True)  # fmt: skip
+    for copy in ("full", "stacked"):
+        subprocess.run(["cp", "-a", "--sparse=always", str(tmp / "delta"), str(tmp / copy)],
+                       check=True)  # fmt: skip
     out: dict[str, float] = {}
-    for name, derive in (("delta", True), ("full", False)):
+    for name, derive, layered in (
+        ("delta", True, False), ("full", False, False), ("stacked", True, True)
+    ):  # fmt: skip
         restorer = Restorer(
             Store(tmp / name / "store"),
             [RegistryRepository(RegistryClient(RegistryConfig()), parse_image_ref(repo))],
             derive=derive,
+            layered=layered,
         )
         os.sync()
         began, cpu = time.perf_counter(), _cpu()
@@ -211,9 +216,14 @@ def delta_hit(tmp: Path, repo: str, keys: list[str]) -> dict[str, float]:
         out[f"{name}Blobs"] = float(restorer.stats.blobs)
         out[f"{name}Derived"] = float(len(restorer.stats.derived))
         out[f"{name}Images"] = float(restorer.stats.images)
-        rootfs = restorer.store.entry_path(f"rootfs/{last[7:]}.ext4")
-        check_image(rootfs, "rootfs image")
-        out[f"{name}Allocated"] = float(rootfs.stat().st_blocks * 512)
+        record = read_record(restorer.store, last)
+        root = root_of(restorer.store, record) if record is not None else None
+        assert root is not None, f"{name}: the hit's root is not whole"
+        made = root.layers[-1:] if layered else (root.image,)  # what this hit wrote
+        assert made, f"{name}: the hit was not stacked"
+        for image in made:
+            check_image(image, "the hit's root")
+        out[f"{name}Allocated"] = float(sum(image.stat().st_blocks * 512 for image in made))
     found = _restorer(tmp / "delta", repo).probe(last)
     assert found is not None and found.step.rootfs_image is not None
     out["layer"] = float(found.step.layers[-1].size)
@@ -274,7 +284,11 @@ def _report_delta(d: dict[str, float]) -> None:
         f"delta hit of the last setup step (its layer {d['layer'] / 1e3:.1f} kB, its image's "
         f"blob {d['imageBlob'] / 1e6:.1f} MB), on a store holding the step before it:"
     )
-    for name, label in (("delta", "derived from the local parent"), ("full", "rootfs image")):
+    for name, label in (
+        ("delta", "derived from the local parent"),
+        ("full", "rootfs image"),
+        ("stacked", "layer disk on the local parent"),
+    ):
         print(
             f"   {label:32s} {d[name + 'Seconds']:6.2f} s  ({d[name + 'Cpu']:.2f} s CPU)  "
             f"{d[name + 'Blobs']:.0f} blobs, {d[name + 'Bytes'] / 1e6:8.3f} MB fetched  "

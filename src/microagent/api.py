@@ -907,7 +907,10 @@ class Microagent:
         # deferred: see the module docstring
         from microagent.remotecache.exchange import import_layout
 
-        return import_layout(self.store, directory, self.say, ram=self.settings.ram_stage)
+        settings = self.settings
+        return import_layout(
+            self.store, directory, self.say, ram=settings.ram_stage, layered=settings.layer_disks
+        )
 
     def kernel_list(self) -> list[GuestKit]:
         # deferred: see the module docstring

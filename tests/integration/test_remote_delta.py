@@ -57,6 +57,7 @@ def homes(
 ) -> Homes:
     monkeypatch.delenv("MICROAGENT_CACHE_FROM", raising=False)
     monkeypatch.delenv("MICROAGENT_CACHE_ROOTFS", raising=False)
+    monkeypatch.setenv("MICROAGENT_LAYER_DISKS", "0")  # derives (stacked delta hits: unit/remote)
     return Homes(tmp_path / "a", tmp_path / "b", busybox_project, monkeypatch, capsys)
 
 

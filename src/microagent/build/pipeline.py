@@ -121,6 +121,7 @@ class Pipeline:
             self.say,
             ram=self.settings.ram_stage,
             packed_images=self.settings.cache_rootfs,
+            layered=self.settings.layer_disks,
         )
 
     def _restore(self, store: Store, plan: BuildPlan) -> dict[str, object] | None:

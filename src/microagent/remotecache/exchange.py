@@ -57,7 +57,7 @@ def _published_steps(layout: Layout) -> list[PublishedStep]:
 
 
 def import_layout(
-    store: Store, path: Path, say: Say | None = None, *, ram: bool = True
+    store: Store, path: Path, say: Say | None = None, *, ram: bool = True, layered: bool = True
 ) -> ImportReport:
     """Load every published step of a layout into the store, verified like a remote hit.
 
@@ -71,7 +71,7 @@ def import_layout(
             f"{path} holds no published steps (no step-<key> tags)",
             hint="create one with `microagent cache export --file SPEC DIR`",
         )
-    restorer = Restorer(store, [layout], say, ram=ram)
+    restorer = Restorer(store, [layout], say, ram=ram, layered=layered)
     restored, present, skipped = [], [], []
     for step in sorted(steps, key=_depth):
         if step.kind is StepKind.CONFIG:
