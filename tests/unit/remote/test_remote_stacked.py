@@ -8,13 +8,11 @@ the restored images are checked for."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import pytest
+from stacked_kit import SETUP, cli, setup_records, stacked_project, write_spec
 
-from microagent.cli import main
 from microagent.compiler.keys import StepKind
 from microagent.remotecache import restore
 from microagent.remotecache.delta import find_delta
@@ -26,7 +24,6 @@ from microagent.store.records import (
     RootStack,
     StepRecord,
     layer_disk_entry,
-    read_record,
     rootfs_entry,
     write_record,
 )
@@ -35,46 +32,10 @@ from testenv.registry import RegistryHandle
 
 pytestmark = pytest.mark.tools("mke2fs", "debugfs", "e2fsck")
 
-SETUP = ["mkdir -p /w", "touch /w/x", "echo three > /w/three"]
-
 
 @pytest.fixture
 def project(busybox_project: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv("MICROAGENT_LAYER_DISKS", raising=False)  # on: setup steps stack
-    monkeypatch.delenv("MICROAGENT_CACHE_ROOTFS", raising=False)
-    monkeypatch.delenv("MICROAGENT_CACHE_FROM", raising=False)
-    write_spec(busybox_project, SETUP)
-    return busybox_project
-
-
-def write_spec(project: Path, setup: list[str]) -> str:
-    spec = project / "microagent.yaml"
-    spec.write_text(
-        f"name: ws\nimage: oci:layout:latest\nsetup: {json.dumps(setup)}\nentrypoint: sh\n"
-    )
-    return str(spec)
-
-
-def cli(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    home: Path,
-    *args: str,
-) -> dict[str, Any]:
-    monkeypatch.setenv("MICROAGENT_HOME", str(home))
-    capsys.readouterr()
-    got = main(["--json", *args])
-    out = capsys.readouterr().out
-    assert got == 0, out
-    data: dict[str, Any] = json.loads(out)
-    return data
-
-
-def setup_records(home: Path, keys: list[str]) -> list[StepRecord]:
-    store = Store(home / "store")
-    records = [read_record(store, key) for key in keys]
-    assert all(r is not None for r in records)
-    return [r for r in records if r is not None]
+    return stacked_project(busybox_project, monkeypatch)
 
 
 def built_stacked(

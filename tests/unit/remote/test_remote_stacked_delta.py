@@ -7,14 +7,13 @@ booted); each setup step leaves a marker the restored roots are checked for."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+from stacked_kit import SETUP, cli, stacked_project, write_spec
 
-from microagent.cli import main
 from microagent.remotecache.records import step_tag
 from microagent.store.content import Store
 from microagent.store.records import (
@@ -30,34 +29,10 @@ from testenv.fakeguest import root_images, rootfs_image, setup_markers
 
 pytestmark = pytest.mark.tools("mke2fs", "debugfs", "e2fsck")
 
-SETUP = ["mkdir -p /w", "touch /w/x", "echo three > /w/three"]
-
 
 @pytest.fixture
 def project(busybox_project: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name in ("MICROAGENT_LAYER_DISKS", "MICROAGENT_CACHE_ROOTFS", "MICROAGENT_CACHE_FROM"):
-        monkeypatch.delenv(name, raising=False)  # layer disks on: setup steps stack
-    return busybox_project
-
-
-def write_spec(project: Path, setup: list[str]) -> str:
-    spec = project / "microagent.yaml"
-    spec.write_text(
-        f"name: ws\nimage: oci:layout:latest\nsetup: {json.dumps(setup)}\nentrypoint: sh\n"
-    )
-    return str(spec)
-
-
-def cli(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], home: Path, *args: str
-) -> dict[str, Any]:
-    monkeypatch.setenv("MICROAGENT_HOME", str(home))
-    capsys.readouterr()
-    got = main(["--json", *args])
-    out = capsys.readouterr().out
-    assert got == 0, out
-    data: dict[str, Any] = json.loads(out)
-    return data
+    return stacked_project(busybox_project, monkeypatch)
 
 
 def record(home: Path, key: str) -> StepRecord:
