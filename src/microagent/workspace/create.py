@@ -22,7 +22,6 @@ from microagent.errors import InvalidInputError
 from microagent.ext4.mkfs import make_state_disk
 from microagent.frozen import Frozen
 from microagent.fsutil import write_json_atomic
-from microagent.runtime.boot import MAX_EXTRA_DISKS
 from microagent.runtime.rundir import State
 from microagent.store.content import Store
 from microagent.store.retention import builds_in_flight
@@ -180,8 +179,7 @@ def _create(
     try:
         disks = capture_disks(pipeline.store, spec, Workspace(tmp))  # a bad one fails fast
         outcome = pipeline.build(spec, env)
-        room, ram = MAX_EXTRA_DISKS - len(disks), pipeline.settings.ram_stage
-        built = fit_root(pipeline.store, outcome.built, room, ram=ram, say=pipeline.say)
+        built = _fit_root(pipeline, outcome.built, disks)
         published = pipeline.publish(outcome.plan)
         files = _capture_files(pipeline.store, outcome.plan)
         base_env = outcome.base.env_map()
@@ -205,6 +203,19 @@ def _create(
     return CreateReport(
         ws, outcome.plan, built, seconds, outcome.boots, outcome.remote, tuple(published)
     )
+
+
+def _fit_root(
+    pipeline: Pipeline, built: BuiltRootfs, disks: tuple[AttachedDisk, ...]
+) -> BuiltRootfs:
+    """``built`` as the workspace's VM can attach it beside its ``disks``: a stack with more
+    layer disks than the devices left becomes one image."""
+    if not disks or not built.root.layers:
+        return built
+    from microagent.runtime.boot import MAX_EXTRA_DISKS  # deferred: as in workspace.disks
+
+    room, ram = MAX_EXTRA_DISKS - len(disks), pipeline.settings.ram_stage
+    return fit_root(pipeline.store, built, room, ram=ram, say=pipeline.say)
 
 
 def _write_workspace(ws: Workspace, record: Record) -> None:
