@@ -13,8 +13,9 @@ Two machines (two MICROAGENT_HOMEs) and a real local registry standing in for Do
    target >= 200 MB/s (issue 15);
 4. a delta hit (``remotecache/delta.py``), in-process: a store that took the first setup step
    (its image flattened from the layers) takes the last setup step once derived from it (only
-   the last step's layer fetched) and once, in a copy of that store, through the published
-   rootfs image (the layer and the image fetched); bytes fetched and wall time of each.
+   the last step's layer fetched), once, in a copy of that store, through the published
+   rootfs image (the layer and the image fetched), and once with the layer's disk stacked on
+   the local image (what ``create`` does with layer disks on); bytes fetched and wall time.
 
 Times in (1) and (2) are whole CLI processes. ``--base busybox`` swaps in the busybox stand-in
 and trivial setup steps (no network in the guest) when PyPI is out of reach.
