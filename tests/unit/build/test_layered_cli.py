@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -177,3 +178,33 @@ def test_image_rm_refuses_the_bottom_of_a_workspaces_stack(
     cli_json(capsys, "delete", "-y", "layered")
     assert cli_json(capsys, "image", "rm", "-y", base.key)["ok"]
     assert not store.has_entry(base.rootfs)
+
+
+@pytest.mark.parametrize(
+    "stack",
+    [
+        {"image": "rootfs/../../../etc/passwd", "layers": []},
+        {"image": "IMAGE", "layers": ["layerdisks/../../x.ext4"]},
+        {"image": "IMAGE", "layers": ["LAYER"] * (MAX_STACK + 1)},
+        {"image": "IMAGE", "layers": "LAYER"},
+    ],
+    ids=["image-outside", "disk-outside", "too-deep", "not-a-list"],
+)
+def test_a_tampered_stack_is_a_miss_never_a_path(
+    busybox_project: Path, store: Store, capsys: pytest.CaptureFixture[str], stack: dict[str, Any]
+) -> None:
+    spec = str(_spec(busybox_project, 1))
+    (record,) = _setup_records(store, cli_json(capsys, "build", "-f", spec))
+    assert record.stack is not None
+    raw = json.loads(store.key_path(record.key).read_text())
+    image, layer = record.stack.image, record.stack.layers[0]
+    text = json.dumps(stack).replace("IMAGE", image).replace("LAYER", layer)
+    raw["rootStack"] = json.loads(text)
+    store.key_path(record.key).write_text(json.dumps(raw))
+    assert read_record(store, record.key) is None  # refused when read: a miss
+    again = cli_json(capsys, "build", "-f", spec)
+    assert again["setupBoots"] == 1  # built again, from its parent
+    rebuilt = read_record(store, record.key)
+    assert rebuilt is not None and rebuilt.stack is not None
+    assert rebuilt.stack.image == image and len(rebuilt.stack.layers) == 1
+    assert root_of(store, rebuilt) is not None
