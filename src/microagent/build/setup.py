@@ -43,6 +43,7 @@ from microagent.store.records import (
     root_of,
     rootfs_entry,
     rootfs_ready,
+    whole_root,
     write_record,
 )
 
@@ -279,19 +280,6 @@ def _store_layer(store: Store, work: Path, clock: _Clock) -> LayerRef:
     return LayerRef(OCI_LAYER_ZSTD, str(digest), packed.size, str(exported.diff_id))
 
 
-def _below(store: Store, parent: StepRecord | None) -> RootStack | None:
-    """The parent's root as the bottom of the step's stack (its one image when it has one),
-    None when it has no whole root in the store."""
-    if parent is None:
-        return None
-    if parent.rootfs is not None and store.has_entry(parent.rootfs):
-        return RootStack(parent.rootfs, ())
-    stack = parent.stack
-    if stack is None or not all(store.has_entry(name) for name in stack.entries):
-        return None
-    return stack
-
-
 def _stack(
     ctx: BuildContext, parent: StepRecord | None, layer_tar: Path, layer: LayerRef
 ) -> tuple[RootStack | None, str]:
@@ -303,7 +291,7 @@ def _stack(
     from microagent.ext4.rootfs import ensure_layer_disk
     from microagent.layers.apply import LayerSource
 
-    below = _below(ctx.store, parent)
+    below = whole_root(ctx.store, parent) if parent is not None else None
     if not ctx.layered or below is None:
         return None, "layer disks off" if not ctx.layered else "no parent root"
     if len(below.layers) >= MAX_STACK:

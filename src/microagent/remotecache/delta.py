@@ -48,9 +48,9 @@ from microagent.store.records import (
     MAX_STACK,
     LayerRef,
     RootStack,
-    StepRecord,
     read_record,
     rootfs_ready,
+    whole_root,
 )
 
 __all__ = [
@@ -61,7 +61,6 @@ __all__ = [
     "check_names",
     "decompress_layer",
     "find_delta",
-    "root_below",
     "worth_it",
 ]
 
@@ -125,7 +124,7 @@ def find_delta(
     most = min(MAX_DELTA_LAYERS, MAX_STACK) if stacked else MAX_DELTA_LAYERS
     while key is not None and len(steps) <= most:
         ready = rootfs_ready(store, key)
-        below = None if ready is None else root_below(store, ready)
+        below = None if ready is None else whole_root(store, ready)
         if ready is not None and below is not None and (stacked or not below.layers):
             delta = Delta(key, store.entry_path(below.image), tuple(steps), below)
             return delta if _extends(ready.layers, delta, hit.layers) else None
@@ -136,17 +135,6 @@ def find_delta(
         steps.insert(0, (record.key, record.layers[-1]))
         key = record.parent
     return None
-
-
-def root_below(store: Store, record: StepRecord) -> RootStack | None:
-    """A step's root as the bottom of a stack over it: its one image when that exists, else
-    its stack when whole (no layer disks over the image for the former); None otherwise."""
-    if record.rootfs is not None and store.has_entry(record.rootfs):
-        return RootStack(record.rootfs, ())
-    stack = record.stack
-    if stack is None or not all(store.has_entry(name) for name in stack.entries):
-        return None
-    return stack
 
 
 def _extends(ancestor: Sequence[LayerRef], delta: Delta, layers: Sequence[LayerRef]) -> bool:

@@ -336,15 +336,24 @@ class Root(Frozen):
         return (*reversed(self.layers), self.image)
 
 
-def root_of(store: Store, record: StepRecord) -> Root | None:
-    """Where the step's root is: its one image if it exists, else its stack if every entry
-    exists; None when neither is whole."""
+def whole_root(store: Store, record: StepRecord) -> RootStack | None:
+    """The step's root as store entries: its one image if it exists (no layer disks), else
+    its stack if every entry exists; None when neither is whole. What a stack over the step
+    starts from."""
     if record.rootfs is not None and store.has_entry(record.rootfs):
-        return Root(store.entry_path(record.rootfs))
+        return RootStack(record.rootfs, ())
     stack = record.stack
     if stack is None or not all(store.has_entry(name) for name in stack.entries):
         return None
-    return Root(store.entry_path(stack.image), tuple(map(store.entry_path, stack.layers)))
+    return stack
+
+
+def root_of(store: Store, record: StepRecord) -> Root | None:
+    """Where the step's root is on disk (see :func:`whole_root`); None when it is not whole."""
+    found = whole_root(store, record)
+    if found is None:
+        return None
+    return Root(store.entry_path(found.image), tuple(map(store.entry_path, found.layers)))
 
 
 def layers_stored(store: Store, record: StepRecord) -> bool:
