@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from microagent.compiler.keys import StepKind
@@ -557,8 +557,8 @@ class Restorer:
 
     def _rebuild_local(self, key: str) -> bool:
         """Make a recorded step's root again from its stored layers, no VM: a stack's missing
-        layer disks when its bottom image is there, else the flattened chain as one image
-        (named in the record); False if a layer is missing."""
+        entries at their own paths when it can (see :meth:`_rebuild_stack`), else the
+        flattened chain as one image (named in the record); False if a layer is missing."""
         record = read_record(self.store, key)
         if record is None or not record.kind.in_rootfs or not layers_stored(self.store, record):
             return False
@@ -568,17 +568,20 @@ class Restorer:
             self._build_rootfs(key, record.layers, {})
             if record.rootfs != rootfs_entry(key):  # a stack: the record names its image now
                 write_record(self.store, record.with_rootfs(rootfs_entry(key)))
-        how = "layer disks rebuilt" if stacked else "rebuilt"
+        how = "stack rebuilt in place" if stacked else "rebuilt"
         self.say(f"[{record.kind.value}] {key[7:19]}  {how} from stored layers "
                  f"in {time.monotonic() - began:.2f}s (no setup VM)")  # fmt: skip
         return True
 
     def _rebuild_stack(self, record: StepRecord) -> bool:
-        """Build the missing layer disks of a stacked record whose bottom image is there;
-        False (flatten instead) when it has no stack, its image is missing, or a layer does
-        not make a disk."""
+        """Build the missing entries of a stacked record at their own paths (a workspace may
+        boot from them): its bottom image (see :meth:`_rebuild_image`), then its layer disks;
+        False (flatten instead) when it has no stack, its image cannot be put back, or a
+        layer does not make a disk."""
         stack = record.stack
-        if stack is None or not self.store.has_entry(stack.image):
+        if stack is None:
+            return False
+        if not self.store.has_entry(stack.image) and not self._rebuild_image(stack.image, record):
             return False
         # deferred: building a layer disk (mke2fs) runs only when one was pruned
         from microagent.ext4.layerdisk import NotLayerable
@@ -595,6 +598,18 @@ class Restorer:
             except NotLayerable:
                 return False
         return root_of(self.store, record) is not None
+
+    def _rebuild_image(self, entry: str, record: StepRecord) -> bool:
+        """Put a stack's missing bottom image back where it was: it is the image of a step up
+        the chain (the base, or a step whose chain was merged), named by that step's key and
+        flattened again from that step's layers, which begin ``record``'s (all stored)."""
+        below = read_record(self.store, "sha256:" + PurePosixPath(entry).stem)
+        if below is None or below.rootfs != entry or not below.kind.in_rootfs:
+            return False
+        if below.layers != record.layers[: len(below.layers)]:
+            return False
+        self._build_rootfs(below.key, below.layers, {})
+        return self.store.has_entry(entry)
 
     def _build_rootfs(
         self, key: str, layers: Sequence[LayerRef], pending: Mapping[str, Future[None]]

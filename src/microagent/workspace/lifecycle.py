@@ -267,6 +267,20 @@ def start(
         return _start(rt, ws, timeout, from_tag, hold_mediation)
 
 
+def _check_root(name: str, record: Record) -> None:
+    """Every image of the workspace's root is in the cache, or a hint that keeps its disk."""
+    gone = [path for path in record.root_images if not path.is_file()]
+    if not gone:
+        return
+    spec = f" -f {record.spec}" if record.spec else ""
+    raise NotFoundError(
+        f"the root filesystem of {name!r} is incomplete: {gone[0]} is gone from the cache"
+        + (f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""),
+        hint=f"`microagent build{spec}` puts it back at the same path (from the cached layers "
+        f"when they are there; the workspace's own disk is kept), then start {name!r} again",
+    )
+
+
 def _start(
     rt: Runtime, ws: Workspace, timeout: float, from_tag: str | None, hold_mediation: bool
 ) -> dict[str, Any]:
@@ -282,11 +296,7 @@ def _start(
     network.check_published(record.published)  # a taken host port: refused before boot
     if not hold_mediation:
         _check_mediation(record)
-    if not all(path.is_file() for path in record.root_images):
-        raise NotFoundError(
-            f"the root filesystem of {ws.name!r} is gone from the cache",
-            hint="create the workspace again (a `cache prune` removed it)",
-        )
+    _check_root(ws.name, record)
     restart = _restart_policy(ws, record)
     secrets = resolve_secrets(record.credentials)  # a missing value fails before anything
     tag = snapshots.restore_tag(ws, state, from_tag)

@@ -208,3 +208,38 @@ def test_a_tampered_stack_is_a_miss_never_a_path(
     assert rebuilt is not None and rebuilt.stack is not None
     assert rebuilt.stack.image == image and len(rebuilt.stack.layers) == 1
     assert root_of(store, rebuilt) is not None
+
+
+@pytest.mark.parametrize("damaged", ["top layer disk", "bottom image"])
+def test_a_root_image_repaired_away_comes_back_and_the_workspace_keeps_its_disk(
+    damaged: str,
+    busybox_project: Path,
+    store: Store,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """``cache verify --repair`` removes a damaged image even when a workspace boots from it;
+    ``start`` then says which and how to get it back without losing the workspace's disk, and
+    ``build`` of the spec puts it back at the same path (from the cached layers, no VM)."""
+    spec = str(_spec(busybox_project, 2))
+    made = cli_json(capsys, "create", "-f", spec)
+    src = tmp_path / "work.txt"
+    src.write_text("the agent's work\n")
+    cli_json(capsys, "cp", str(src), "layered:/tmp/work.txt")
+    image = Path(made["rootfsLayers"][-1] if damaged == "top layer disk" else made["rootfs"])
+    with image.open("r+b") as disk:  # its superblock overwritten
+        disk.seek(1024)
+        disk.write(b"\xff" * 1024)
+    cli_json(capsys, "cache", "verify", "--repair", "-y", code=None)
+    assert not image.exists()
+    refused = cli_json(capsys, "start", "layered", code=None)["error"]
+    assert refused["kind"] == "not_found" and str(image) in refused["message"]
+    assert f"microagent build -f {spec}" in refused["hint"]
+    rebuilt = cli_json(capsys, "build", "-f", spec)
+    assert rebuilt["setupBoots"] == 0, "put back from the cached layers, not built again"
+    assert image.is_file()
+    cli_json(capsys, "start", "layered")
+    cli_json(capsys, "wait", "layered")
+    back = tmp_path / "back.txt"
+    cli_json(capsys, "cp", "layered:/tmp/work.txt", str(back))
+    assert back.read_text() == "the agent's work\n"

@@ -23,6 +23,7 @@ from microagent.store.records import (
     LayerRef,
     RootStack,
     StepRecord,
+    all_records,
     layer_disk_entry,
     rootfs_entry,
     write_record,
@@ -132,20 +133,34 @@ def test_a_pruned_layer_disk_is_rebuilt_from_its_blob_without_a_vm(
     assert not store.has_entry(rootfs_entry(last.key)), "nothing flattened"
 
 
-def test_a_stack_whose_bottom_image_is_gone_is_flattened_and_named_in_its_record(
+@pytest.mark.parametrize("base_record", ["kept", "gone"])
+def test_a_stack_whose_bottom_image_is_gone_gets_it_back_else_is_flattened_and_named(
     project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], base_record: str,
 ) -> None:  # fmt: skip
+    """The bottom image is the base's: with the base's record it is flattened again at the
+    same path and the stack stays as it was (a workspace may boot from those paths); without
+    it the whole chain becomes one image, named in the step's record."""
     home = tmp_path / "a"
     last = built_stacked(monkeypatch, capsys, project, home)[-1]
     assert last.stack is not None
     store = Store(home / "store")
     assert store.remove(last.stack.image) and store.remove(last.stack.layers[-1])
+    if base_record == "gone":
+        (base,) = [r for r in all_records(store) if r.kind is StepKind.BASE]
+        assert base.rootfs == last.stack.image
+        store.key_path(base.key).unlink()
     created = cli(monkeypatch, capsys, home, "create", "-f", str(project / "microagent.yaml"))
     assert (created["setupBoots"], created["rootfsKey"]) == (0, last.key)
     (record,) = setup_records(home, [last.key])
-    assert (record.rootfs, record.stack) == (rootfs_entry(last.key), last.stack)
-    assert setup_markers(rootfs_image(home, last.key)) == sorted(SETUP)
+    if base_record == "kept":
+        assert (record.rootfs, record.stack) == (None, last.stack)
+        assert all(store.has_entry(name) for name in last.stack.entries)
+        assert not store.has_entry(rootfs_entry(last.key))
+        assert setup_markers(root_images(home, last.key)) == sorted(SETUP)
+    else:
+        assert (record.rootfs, record.stack) == (rootfs_entry(last.key), last.stack)
+        assert setup_markers(rootfs_image(home, last.key)) == sorted(SETUP)
     again = cli(monkeypatch, capsys, home, "create", "-f", str(project / "microagent.yaml"),
                 "--name", "ws2")  # fmt: skip
     assert again["setupBoots"] == 0
