@@ -21,9 +21,13 @@ Everything lives in a temporary MICROAGENT_HOME, removed at the end.
 
     .venv/bin/python bench/bench_setup.py [--boots 3] [--accel auto|kvm|tcg] [--json]
 
-``--demo`` instead builds the README demo's setup (examples/minimal-agent: ``pip install``
-from PyPI, then ``mkdir``) on the stand-in from an empty store and prints the cold build's
-time and each step's; run it on two commits to compare them side by side (target: >= 2x).
+``--demo`` instead times cold builds of the README demo's setup (examples/minimal-agent:
+``pip install`` from PyPI, then ``mkdir``) on the stand-in, each from an empty store (the
+guest kit installed first, untimed), as ``microagent build`` processes. With ``--baseline
+OLD/src`` (e.g. ``git worktree add /tmp/old COMMIT``, then ``/tmp/old/src``) the old tree's
+build runs in the same rounds, alternating with this tree's, and the ratio is printed (target:
+>= 2x); ``--rounds`` sets how many pairs. The guest needs PyPI: set ``MICROAGENT_EXTRA_CA=host``
+where the host's CA bundle is what reaches it.
 """
 
 from __future__ import annotations
@@ -89,28 +93,69 @@ def write_project(tmp: Path) -> Path:
     return spec
 
 
-def demo(env: dict[str, str], tmp: Path) -> None:
-    """A cold build of the demo's setup steps on the stand-in (needs PyPI)."""
-    project = tmp / "demo"
-    project.mkdir()
-    shutil.copytree(standin.build_python(None).layout, project / "layout")
-    spec = project / "microagent.yaml"
-    spec.write_text(
-        "name: bench-demo\nimage: oci:layout:3.13-slim\nsetup:\n"
-        '  - pip install --no-cache-dir "pydantic>=2,<3" "anthropic>=0.40"\n'
-        "  - mkdir -p /app /agent /workspace\n"
-        'entrypoint: "true"\n'
-    )
-    lines: list[str] = []
-    api = Microagent(Settings.from_environ(env), say=lines.append)
-    began = time.perf_counter()
-    report = api.build(spec)
-    total = time.perf_counter() - began
-    for line in lines:
-        print(f"  {line.strip()}")
-    for index, t in enumerate(getattr(report.outcome.built, "timings", ()), start=1):
-        print(row(f"setup step {index}", t))
-    print(f"cold build of the demo's setup    {total:8.2f} s")
+DEMO_SPEC = (
+    "name: bench-demo\nimage: oci:layout:3.13-slim\nsetup:\n"
+    '  - pip install --no-cache-dir "pydantic>=2,<3" "anthropic>=0.40"\n'
+    "  - mkdir -p /app /agent /workspace\n"
+    'entrypoint: "true"\n'
+)
+
+
+def cold_demo(tmp: Path, accel: str, src: Path | None) -> tuple[float, list[str]]:
+    """One cold ``build`` of the demo's setup from an empty home: (seconds, its step lines).
+    ``src`` puts another tree's package first on ``PYTHONPATH`` (the baseline)."""
+    work = Path(tempfile.mkdtemp(prefix="demo-", dir=tmp))
+    try:
+        home = work / "home"
+        seed_kits(home)
+        project = work / "project"
+        project.mkdir()
+        shutil.copytree(standin.build_python(None).layout, project / "layout")
+        spec = project / "microagent.yaml"
+        spec.write_text(DEMO_SPEC)
+        env = dict(
+            os.environ,
+            MICROAGENT_HOME=str(home),
+            MICROAGENT_CONFIG=str(work / "none.yaml"),
+            MICROAGENT_ACCEL=accel,
+        )
+        if src is not None:
+            env["PYTHONPATH"] = str(src)
+        run = [*MA, "kernel", "install"]
+        subprocess.run(run, env=env, capture_output=True, check=True)  # untimed, once per home
+        began = time.perf_counter()
+        done = subprocess.run(
+            [*MA, "build", "-f", str(spec)], env=env, capture_output=True, text=True, check=False
+        )
+        seconds = time.perf_counter() - began
+        if done.returncode != 0:
+            raise SystemExit(f"cold build failed ({src or 'this tree'}):\n{done.stderr}")
+        steps = [line.strip() for line in done.stderr.splitlines() if "DONE" in line]
+        return seconds, steps
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def demo(tmp: Path, accel: str, baseline: Path | None, rounds: int) -> None:
+    """Cold builds of the demo's setup, this tree's alternating with the baseline's."""
+    trees: dict[str, Path | None] = {"this tree": None}
+    if baseline is not None:
+        trees["baseline"] = baseline
+    times: dict[str, list[float]] = {name: [] for name in trees}
+    for index in range(1, rounds + 1):
+        for name, src in reversed(trees.items()):  # the baseline first in each round
+            took, steps = cold_demo(tmp, accel, src)
+            times[name].append(took)
+            load = os.getloadavg()[0]
+            print(f"round {index}: {name:<10} cold build {took:8.2f} s  (load {load:.2f})")
+            for line in steps:
+                print(f"    {line}")
+    medians = {name: statistics.median(got) for name, got in times.items()}
+    for name, took in medians.items():
+        print(f"median cold build, {name:<10} {took:8.2f} s")
+    if baseline is not None:
+        ratio = medians["baseline"] / medians["this tree"]
+        print(f"baseline / this tree           {ratio:8.2f}x   target >= 2x  ({baseline})")
 
 
 def rebuild_trivial(api: Microagent, report: Any, accel: str, *, derive: bool) -> StepTimings:
@@ -140,7 +185,11 @@ def main() -> None:
     parser.add_argument("--boots", type=int, default=3, help="`run -- true` boots (median)")
     parser.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
-    parser.add_argument("--demo", action="store_true", help="time a cold build of the demo")
+    parser.add_argument("--demo", action="store_true", help="time cold builds of the demo")
+    parser.add_argument(
+        "--baseline", type=Path, help="with --demo: another tree's src folder, timed alternately"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="with --demo: pairs of builds")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ma-bench-setup-") as tmp_text:
         tmp = Path(tmp_text)
@@ -152,10 +201,10 @@ def main() -> None:
             MICROAGENT_CONFIG=str(tmp / "none.yaml"),
             MICROAGENT_ACCEL=args.accel,
         )
-        cli(env, "kernel", "install")
         if args.demo:
-            demo(env, tmp)
+            demo(tmp, args.accel, args.baseline and args.baseline.resolve(), args.rounds)
             return
+        cli(env, "kernel", "install")
         spec = write_project(tmp)
         api = Microagent(Settings.from_environ(env))
         began = time.perf_counter()
