@@ -5,13 +5,15 @@ The image is the python:3.13-slim stand-in plus two setup steps built by the pro
 into /opt/wheels, so the pip workload needs no network inside the timed run). Each workload
 runs in:
 
-* ``product``: ``run_once`` (what ``microagent run --rootfs ROOTFS -- CMD`` does): the kit's
-  init, a throwaway state disk as overlay upper over the read-only rootfs, the config disk, the
-  control port, the guest agent beside the command, the network the flags ask for;
+* ``product``: ``run_once`` (what ``microagent run --rootfs ROOTFS --layer L... -- CMD``
+  does) on the step's root as a workspace boots it: the kit's init, the base image read-only
+  with each setup step's layer disk stacked on it, a throwaway state disk as overlay upper, the
+  config disk, the control port, the guest agent beside the command, the network the flags ask
+  for (``--variant one-image`` boots the chain flattened into one image instead);
 * ``bare``: plain QEMU with the same kernel, machine, accelerator, memory and vCPU count, one
-  plain virtio-blk disk (a fresh copy of the same ext4 rootfs, mounted read-write, no overlay)
-  and a 20-line init appended to the kit's initramfs (it loads the same virtio modules, mounts
-  the disk and chroots into it).
+  plain virtio-blk disk (a fresh copy of the same root as one ext4 image, its chain flattened,
+  mounted read-write, no overlay) and a 20-line init appended to the kit's initramfs (it loads
+  the same virtio modules, mounts the disk and chroots into it).
 
 Runs alternate (bare, product, bare, product, ...) so both see the same host load. A workload
 is timed between two console lines the guest prints right before and after it: the host's wall
@@ -20,7 +22,7 @@ time mostly measures how long the vCPU thread waited for a CPU) and the guest's 
 ``--variant`` changes the product's QEMU argv in this process (kernel command line, disk
 options, CPU model, network) to measure what each setting costs; ``--bare-variant bare-overlay``
 gives the bare guest the product's overlay root (upper on a tmpfs) to price the overlay alone.
-``--variant layers-N`` (N of 1..15) boots the same rootfs with N small read-only layer disks
+``--variant layers-N`` (N of 1..13) boots the same root with N more small read-only layer disks
 stacked over it as overlay lowers (``RunRequest.layers``), in the worst shape for lookups: each
 holds the image's package directory (``/usr/local/lib/python3.13/dist-packages``, parents
 root 0755) with one small package of its own, so every lookup there (and in its parents)
@@ -63,6 +65,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from microagent import runner  # noqa: E402
 from microagent.api import Microagent  # noqa: E402
+from microagent.ext4.rootfs import materialise  # noqa: E402
 from microagent.kit import guestkit  # noqa: E402
 from microagent.kit.initramfs import CpioEntry, with_parents, write_cpio  # noqa: E402
 from microagent.runtime import hostclock, qemu  # noqa: E402
@@ -77,6 +80,7 @@ from microagent.runtime.boot import RunRequest, run_once  # noqa: E402
 from microagent.runtime.configdisk import NetworkMode  # noqa: E402
 from microagent.runtime.qemu import QemuBackend, QemuMachine  # noqa: E402
 from microagent.settings import Settings  # noqa: E402
+from microagent.store.records import Root, read_record  # noqa: E402
 from testenv import standin  # noqa: E402
 
 MEMORY_MIB = 1024
@@ -147,7 +151,7 @@ print("PYC ok=%d stale=%d missing=%d" % (ok, stale, missing))
 # setup steps install into dist-packages, not site-packages); each bench layer disk holds it.
 PACKAGES_DIR = "usr/local/lib/python3.13/dist-packages"
 LAYERS_VARIANT = re.compile(r"layers-(\d+)")
-MAX_LAYERS = 15
+MAX_LAYERS = 13  # on top of the root's own two layer disks (16 disks at most)
 LAYER_MIB = 4
 BEGIN, END = "MA-BENCH-BEGIN", "MA-BENCH-END"
 END_LINE = re.compile(END + r" (\d+) ([0-9.]+) ([0-9.]+)")
@@ -322,6 +326,7 @@ VARIANTS: dict[str, Patch] = {
     "aio-io_uring": _drive_options("aio=io_uring"),
     "cpu-qemu64": _cpu("qemu64"),
     "isolated": _nothing,  # network isolated instead of user (see run_product)
+    "one-image": _nothing,  # the root's chain flattened into one image (see run_product)
 }
 
 
@@ -385,20 +390,23 @@ class Guest:
     backend: PidBackend
     kit: guestkit.GuestKit
     tsc_khz: int | None  # the host TSC rate both guests are told (runtime/hostclock)
+    root: Root  # the setup steps' root as workspaces boot it: base image + layer disks
+    flat: Path  # the same root as one image (its chain flattened): what the bare guest boots
     layers: tuple[Path, ...] = ()  # bench layer disks, bottom first (layers-N takes N of them)
 
 
-def run_product(guest: Guest, rootfs: Path, script: str, variant: str, accel: Accel) -> Sample:
+def run_product(guest: Guest, script: str, variant: str, accel: Accel) -> Sample:
     network = NetworkMode.ISOLATED if variant == "isolated" else NetworkMode.USER
+    root = Root(guest.flat) if variant == "one-image" else guest.root
     request = RunRequest(
-        rootfs=rootfs,
+        rootfs=root.image,
         command=("sh", "-c", script),
         network=NetworkConfig(network),
         memory_mib=MEMORY_MIB,
         cpus=CPUS,
         timeout=RUN_TIMEOUT,
         accel=accel,
-        layers=guest.layers[: layer_count(variant) or 0],
+        layers=(*root.layers, *guest.layers[: layer_count(variant) or 0]),
     )
     marks = Marks(lambda: guest.backend.pid)
     with variant_patch(variant)():
@@ -480,21 +488,33 @@ def run_bare(
 # -- the image --------------------------------------------------------------------------------
 
 
-def build_image(api: Microagent, work: Path) -> Path:
-    """The stand-in + the setup steps, built (or reused) by the product: its rootfs path."""
+def build_image(api: Microagent, work: Path) -> tuple[Root, Path]:
+    """The stand-in + the setup steps, built (or reused) by the product: the last step's root
+    as a workspace boots it (its stack, kept in the record) and the same root as one image."""
     image = standin.build_python(None)
     spec = work / "microagent.yaml"
     steps = "".join(f"  - {json.dumps(step)}\n" for step in SETUP)
     spec.write_text(f"name: bench-guest\nimage: {image.oci_ref}\nsetup:\n{steps}")
     report = api.build(spec)
-    return report.outcome.built.path
+    record = read_record(api.store, report.outcome.built.key)
+    assert record is not None
+    if record.rootfs is None:  # a stack: flatten it once into one image beside it
+        record = materialise(api.store, record)
+    assert record.rootfs is not None
+    flat = api.store.entry_path(record.rootfs)
+    stack = record.stack
+    if stack is None:  # layer disks off: both guests boot the one image
+        return Root(flat), flat
+    return Root(
+        api.store.entry_path(stack.image), tuple(map(api.store.entry_path, stack.layers))
+    ), flat
 
 
 # -- main -------------------------------------------------------------------------------------
 
 
 def measure(
-    args: argparse.Namespace, guest: Guest, rootfs: Path, work: Path
+    args: argparse.Namespace, guest: Guest, work: Path
 ) -> dict[tuple[str, str], list[Sample]]:
     accel = Accel(args.accel)
     samples: dict[tuple[str, str], list[Sample]] = {}
@@ -506,9 +526,9 @@ def measure(
                 time.sleep(SETTLE_SECONDS)
                 if side == "bare" or side in args.bare_variant:
                     overlay = side == "bare-overlay"
-                    sample = run_bare(guest, rootfs, script, work, accel, overlay=overlay)
+                    sample = run_bare(guest, guest.flat, script, work, accel, overlay=overlay)
                 else:
-                    sample = run_product(guest, rootfs, script, side, accel)
+                    sample = run_product(guest, script, side, accel)
                 samples.setdefault((workload, side), []).append(sample)
                 if workload == "custom":
                     print(sample.output[sample.output.find(BEGIN) :], flush=True)
@@ -521,11 +541,11 @@ def measure(
     return samples
 
 
-def pyc_check(guest: Guest, rootfs: Path, work: Path, accel: Accel) -> tuple[str, str]:
+def pyc_check(guest: Guest, work: Path, accel: Accel) -> tuple[str, str]:
     """The .pyc census in the bare guest and in the product's guest."""
     script = timed_script(f"python3 -c {shlex.quote(PYC_CHECK)}")
-    bare = run_bare(guest, rootfs, script, work, accel, overlay=False).output
-    product = run_product(guest, rootfs, script, "as-is", accel).output
+    bare = run_bare(guest, guest.flat, script, work, accel, overlay=False).output
+    product = run_product(guest, script, "as-is", accel).output
     census = re.compile(r"PYC ok=\d+ stale=\d+ missing=\d+")
 
     def found(text: str) -> str:
@@ -633,17 +653,18 @@ def main() -> None:
     api = Microagent(Settings.from_environ())
     with tempfile.TemporaryDirectory(prefix="bench-guest-") as tmp:
         work = Path(tmp)
-        rootfs = build_image(api, work)
+        root, flat = build_image(api, work)
         tsc = hostclock.tsc_khz(api.settings.probes_dir)
         backend = PidBackend(cache_dir=api.settings.probes_dir)
-        guest = Guest(backend, api.kit(), tsc, build_layers(layers, work))
-        print(f"rootfs {rootfs} ({rootfs.stat().st_size >> 20} MiB)", flush=True)
+        guest = Guest(backend, api.kit(), tsc, root, flat, build_layers(layers, work))
+        print(f"product's root: {root.image.name} + {len(root.layers)} layer disk(s)", flush=True)
+        print(f"bare guest's root: {flat} ({flat.stat().st_size >> 20} MiB)", flush=True)
         if args.pyc:
-            bare, product = pyc_check(guest, rootfs, work, Accel(args.accel))
+            bare, product = pyc_check(guest, work, Accel(args.accel))
             print(f".pyc files on sys.path: bare {bare}; product {product}")
             for index, line in enumerate(workspace_pyc(work), start=1):
                 print(f"workspace start {index}: import anthropic, pydantic: {line}", flush=True)
-        samples = measure(args, guest, rootfs, work)
+        samples = measure(args, guest, work)
     report(samples, args)
 
 
