@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -272,12 +273,13 @@ def _check_root(name: str, record: Record) -> None:
     gone = [path for path in record.root_images if not path.is_file()]
     if not gone:
         return
-    spec = f" -f {record.spec}" if record.spec else ""
+    spec = f" -f {shlex.quote(record.spec)}" if record.spec else ""
     raise NotFoundError(
         f"the root filesystem of {name!r} is incomplete: {gone[0]} is gone from the cache"
         + (f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""),
-        hint=f"`microagent build{spec}` puts it back at the same path (from the cached layers "
-        f"when they are there; the workspace's own disk is kept), then start {name!r} again",
+        hint=f"`microagent build{spec}` puts it back at the same path while the spec is as it "
+        "was (from the cached layers when they are there; the workspace's own disk is kept), "
+        f"then start {name!r} again",
     )
 
 
